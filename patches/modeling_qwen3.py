@@ -1,0 +1,215 @@
+"""Patched Qwen3 for deployment: the reference's `modeling_qwen3.py` changes, as a small export-friendly module.
+
+What differs from Hugging Face's Qwen3 (and why):
+- eager attention only, no KV cache (`use_cache` off): one static graph per `[batch, SEQ]`;
+- the causal + padding mask is built from `attention_mask` with plain tensor ops (Transformers 5's mask helpers do
+  not import into TVM), and masked scores use a large finite negative so fully padded rows never produce NaN;
+- `insert_slice`: the strided slice that keeps only the last token before the final norm (left padding puts every
+  sequence's last real token at position SEQ-1), so the graph outputs `[batch, hidden]`;
+- heads: the embedding model drops lm_head entirely; the reranker keeps only the "no"/"yes" rows of the (tied)
+  lm_head, so it outputs `[batch, 2]` logits instead of `[batch, seq, 151669]`;
+- fp16 storage, fp32 compute: weights may be stored in fp16 but every linear layer upcasts them, so matmuls
+  accumulate in fp32, and the residual stream, RMSNorm statistics and softmax stay fp32. Real Qwen3 checkpoints carry
+  residual activations in the thousands; fp16 activations are how ollama/llama.cpp produced all-NaN embeddings.
+
+Weights load unchanged from an ordinary Hugging Face Qwen3 checkpoint (keys with or without the `model.` prefix).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TASKS = ("embedding", "reranker")
+NO_TOKEN_ID, YES_TOKEN_ID = 2152, 9693
+MASKED_SCORE = -1e9  # finite, so an all-masked (padding) row softmaxes to uniform instead of NaN
+
+
+@dataclass(frozen=True)
+class Qwen3Shape:
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    attention_bias: bool = False
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "Qwen3Shape":
+        if cfg.get("model_type") != "qwen3":
+            raise ValueError(f"expected a Qwen3 checkpoint (model_type 'qwen3'), got {cfg.get('model_type')!r}")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ValueError(f"rope scaling {rope!r} is not supported by the patched model")
+        return cls(
+            hidden_size=cfg["hidden_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=cfg["num_attention_heads"],
+            num_key_value_heads=cfg["num_key_value_heads"],
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+            intermediate_size=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"],
+            rms_norm_eps=cfg["rms_norm_eps"],
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 1e6))),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+        )
+
+
+class Linear(nn.Module):
+    """y = x @ W^T (+ b) with W stored in any dtype and upcast to the activation dtype (fp32 accumulation)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return x * torch.rsqrt(variance + self.eps) * self.weight.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, s: Qwen3Shape):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = s.num_attention_heads, s.num_key_value_heads, s.head_dim
+        self.q_proj = Linear(s.hidden_size, s.num_attention_heads * s.head_dim, s.attention_bias)
+        self.k_proj = Linear(s.hidden_size, s.num_key_value_heads * s.head_dim, s.attention_bias)
+        self.v_proj = Linear(s.hidden_size, s.num_key_value_heads * s.head_dim, s.attention_bias)
+        self.o_proj = Linear(s.num_attention_heads * s.head_dim, s.hidden_size, s.attention_bias)
+        self.q_norm = RMSNorm(s.head_dim, s.rms_norm_eps)
+        self.k_norm = RMSNorm(s.head_dim, s.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask):
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        groups = self.heads // self.kv_heads
+        if groups > 1:  # grouped-query attention: each kv head serves `groups` query heads
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(q, k.transpose(2, 3)) * (1.0 / math.sqrt(self.head_dim)) + mask
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.matmul(probs, v).transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, s: Qwen3Shape):
+        super().__init__()
+        self.gate_proj = Linear(s.hidden_size, s.intermediate_size, False)
+        self.up_proj = Linear(s.hidden_size, s.intermediate_size, False)
+        self.down_proj = Linear(s.intermediate_size, s.hidden_size, False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, s: Qwen3Shape):
+        super().__init__()
+        self.self_attn = Attention(s)
+        self.mlp = MLP(s)
+        self.input_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3ForDeployment(nn.Module):
+    """`forward(input_ids [B,T] int64, attention_mask [B,T] int64)` → embeddings `[B, hidden]` (un-normalised, last
+    token) for the embedding task, or `[B, 2]` ("no", "yes") logits at the last token for the reranker task.
+    Inputs must be left-padded, as the Qwen3-Embedding/Reranker tokenizers do."""
+
+    def __init__(self, shape: Qwen3Shape, task: str, insert_slice: bool = True):
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        self.shape, self.task, self.insert_slice = shape, task, insert_slice
+        self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(shape) for _ in range(shape.num_hidden_layers))
+        self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        if task == "reranker":
+            self.yes_no_head = nn.Parameter(torch.empty(2, shape.hidden_size), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        b, t = input_ids.shape
+        x = self.embed_tokens(input_ids).float()
+        # Positions 0..T-1 as Hugging Face uses without position_ids; RoPE is relative, so the left-pad offset cancels.
+        s = self.shape
+        inv_freq = 1.0 / (s.rope_theta ** (torch.arange(0, s.head_dim, 2, dtype=torch.float32) / s.head_dim))
+        freqs = torch.arange(t, dtype=torch.float32).unsqueeze(1) * inv_freq.unsqueeze(0)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
+        mask = torch.where(allowed, 0.0, MASKED_SCORE).to(torch.float32)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        if self.insert_slice:
+            x = x[:, -1:, :]  # the strided slice: only the last (left-padded) position survives to the norm/head
+        x = self.norm(x)[:, -1, :]
+        if self.task == "embedding":
+            return x
+        return F.linear(x, self.yes_no_head.to(x.dtype))
+
+    # ---- loading ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir: str | Path, task: str, dtype: torch.dtype = torch.float32,
+                        insert_slice: bool = True) -> "Qwen3ForDeployment":
+        """Build from a local Hugging Face Qwen3 checkpoint directory (config.json + *.safetensors)."""
+        from safetensors.torch import load_file
+
+        checkpoint_dir = Path(checkpoint_dir)
+        hf_config = json.loads((checkpoint_dir / "config.json").read_text())
+        model = cls(Qwen3Shape.from_hf_config(hf_config), task, insert_slice)
+        files = sorted(checkpoint_dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors weights in {checkpoint_dir}")
+        state = {}
+        for f in files:
+            for k, v in load_file(str(f)).items():
+                state[k.removeprefix("model.")] = v
+        if task == "reranker":
+            # lm_head is tied to embed_tokens in 0.6B/4B (absent from the file) and separate in 8B.
+            head = state.pop("lm_head.weight", None)
+            if head is None:
+                head = state["embed_tokens.weight"]
+            state["yes_no_head"] = head[[NO_TOKEN_ID, YES_TOKEN_ID]].clone()
+        else:
+            state.pop("lm_head.weight", None)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {checkpoint_dir} does not match Qwen3: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        return model.to(dtype).eval()

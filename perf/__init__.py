@@ -1,0 +1,1 @@
+"""Performance tools: `perf run`, `perf compare`, bucket benchmark."""

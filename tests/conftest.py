@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny synthetic Qwen3 checkpoints (real tokenizer, random weights) and artifacts built once."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from toolkit.config import BuildConfig  # noqa: E402
+
+TASKS = ("embedding", "reranker")
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    from toolkit.synth import write_synthetic_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {task: write_synthetic_checkpoint(root / task, task, "tiny") for task in TASKS}
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory):
+    return tmp_path_factory.mktemp("workspace")
+
+
+def build(checkpoints, workspace, task, backends=("onnx",), seq_lens=(32, 64), batch=2, dtype="fp16"):
+    from toolkit.compile import compile_config
+
+    cfg = BuildConfig(name=f"{task}-{dtype}-b{batch}", task=task, checkpoint=str(checkpoints[task]),
+                      seq_lens=seq_lens, batch=batch, backends=backends, dtype=dtype, workspace=workspace)
+    return compile_config(cfg, log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def onnx_artifacts(checkpoints, workspace):
+    """{task: [seq32 dir, seq64 dir]} fp16 ONNX artifacts, batch 2."""
+    return {task: build(checkpoints, workspace, task) for task in TASKS}
+
+
+@pytest.fixture(scope="session")
+def tokenizers(checkpoints):
+    from toolkit.checkpoint import load_tokenizer
+
+    return {task: load_tokenizer(checkpoints[task]) for task in TASKS}

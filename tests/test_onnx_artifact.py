@@ -1,0 +1,97 @@
+"""fp16 ONNX artifacts against the unpatched Hugging Face model in fp32, and artifact integrity."""
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from toolkit.artifact import load_manifest, open_backend
+from toolkit.backends import TorchReference
+from toolkit.cli import main
+from toolkit.errors import ToolkitError
+from toolkit.parity import compare
+from toolkit.text import left_pad
+from toolkit.tokenizer import ENDOFTEXT_ID
+
+TEXTS = ["a", "What is the capital of China?", "Gravity is a force that attracts two bodies towards each other.",
+         "北京是中国的首都。", "Qwen3 " * 40]
+
+
+def run_pairs(backend, reference, tokenizer):
+    rows = [tokenizer(t, add_special_tokens=False).input_ids[: backend.seq_len - 1] + [ENDOFTEXT_ID] for t in TEXTS]
+    outs, refs = [], []
+    for i in range(0, len(rows), backend.batch):
+        ids, mask = left_pad(rows[i:i + backend.batch], backend.seq_len, ENDOFTEXT_ID, backend.batch)
+        n = len(rows[i:i + backend.batch])
+        outs.append(backend.run(ids, mask)[:n])
+        refs.append(reference.run(ids[:n], mask[:n]))
+    return np.concatenate(refs), np.concatenate(outs)
+
+
+@pytest.mark.parametrize("task", ["embedding", "reranker"])
+def test_fp16_onnx_matches_hf_fp32(onnx_artifacts, checkpoints, tokenizers, task):
+    reference = TorchReference(checkpoints[task], task)
+    for artifact in onnx_artifacts[task]:
+        manifest = load_manifest(artifact)
+        assert manifest["dtype"] == "fp16" and manifest["validation"]["passed"]
+        stats = compare(task, *run_pairs(open_backend(artifact), reference, tokenizers[task]))
+        assert stats["nonfinite"] == 0
+        if task == "embedding":
+            assert stats["min_cosine"] >= 0.999
+        else:
+            assert stats["max_prob_diff"] <= 1e-2
+
+
+def test_artifact_weights_are_stored_fp16(onnx_artifacts):
+    import onnx
+
+    model = onnx.load(str(onnx_artifacts["embedding"][0] / "model.onnx"))
+    float_inits = [i for i in model.graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+                   and np.prod(i.dims) > 1000]
+    assert float_inits and all(i.data_type == onnx.TensorProto.FLOAT16 for i in float_inits)
+
+
+def test_corrupted_artifact_is_refused(onnx_artifacts, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(onnx_artifacts["reranker"][0], broken)
+    data = bytearray((broken / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (broken / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ToolkitError, match="does not match its manifest"):
+        open_backend(broken)
+    result = CliRunner().invoke(main, ["inspect", str(broken)])
+    assert result.exit_code == 1 and "sha256 mismatch" in result.output
+    ok = CliRunner().invoke(main, ["inspect", str(onnx_artifacts["reranker"][0])])
+    assert ok.exit_code == 0 and "0 mismatched" in ok.output and "reranker" in ok.output
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(ToolkitError, match="corrupt"):
+        open_backend(broken)
+
+
+def test_fp16_artifact_survives_residuals_beyond_fp16_range(checkpoints, tmp_path):
+    """Real Qwen3 checkpoints carry huge residual activations; here layer 0's MLP pushes them past 65504 (fp16 max).
+    A plain `.half()` Hugging Face model turns all-NaN (the ollama / llama.cpp failure); our fp16 artifact must not."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from conftest import build
+    from toolkit.checkpoint import load_hf_model
+
+    ckpt = tmp_path / "massive"
+    shutil.copytree(checkpoints["embedding"], ckpt)
+    weights = load_file(str(ckpt / "model.safetensors"))
+    for k in ("layers.0.mlp.up_proj.weight", "layers.0.mlp.down_proj.weight"):
+        weights[k] = weights[k] * 800  # still representable in fp16 (|w| < 200)
+    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+
+    ids, mask = left_pad([[ENDOFTEXT_ID], [9707, 1879, ENDOFTEXT_ID]], 32, ENDOFTEXT_ID)
+    hf = load_hf_model(ckpt, "embedding")
+    with torch.no_grad():
+        hidden = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), output_hidden_states=True)
+        assert max(h.abs().max().item() for h in hidden.hidden_states) > 65504
+        naive = hf.half()(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
+        assert not torch.isfinite(naive).all()
+
+    [artifact] = build({"embedding": ckpt}, tmp_path / "ws", "embedding", seq_lens=(32,), batch=1)
+    validation = load_manifest(artifact)["validation"]
+    assert validation["nonfinite"] == 0 and validation["min_cosine"] >= 0.999

@@ -1,0 +1,54 @@
+import pytest
+
+from toolkit.checkpoint import resolve_checkpoint
+from toolkit.config import load_build_config, parse_seq_lens
+from toolkit.errors import ToolkitError
+from toolkit.tokenizer import ENDOFTEXT_ID, NO_TOKEN_ID, YES_TOKEN_ID, build_qwen3_tokenizer
+
+
+def test_tokenizer_matches_qwen3_ids():
+    tok = build_qwen3_tokenizer("reranker")
+    assert tok("yes", add_special_tokens=False).input_ids == [YES_TOKEN_ID] == [9693]
+    assert tok("no", add_special_tokens=False).input_ids == [NO_TOKEN_ID] == [2152]
+    assert tok("Hello world", add_special_tokens=False).input_ids == [9707, 1879]
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]) == [
+        151643, 151644, 151645, 151667, 151668]
+    assert len(tok) == 151669 and tok.padding_side == "left"
+    # special tokens inside text are recognised as single tokens, as the reranker template needs
+    assert tok("<|im_start|>user\n", add_special_tokens=False).input_ids[0] == 151644
+
+
+def test_embedding_tokenizer_appends_endoftext():
+    tok = build_qwen3_tokenizer("embedding")
+    assert tok("Hello world").input_ids == [9707, 1879, ENDOFTEXT_ID]
+
+
+def test_reference_style_config(tmp_path):
+    cfg = load_build_config("build_configs/embedding_config_fp16.yaml")
+    assert cfg.task == "embedding" and cfg.seq_lens == (512,) and cfg.dtype == "fp16" and cfg.backends == ("onnx",)
+    assert load_build_config("build_configs/reranker_config_fp16.yaml").task == "reranker"
+    assert parse_seq_lens("512,128") == (128, 512) and parse_seq_lens([[64], []]) == (64,)
+    assert cfg.with_overrides(seq_lens=(64, 128), dtype=None).seq_lens == (64, 128)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("task: classify\nfrontend: {checkpoint: x, seq: 8}\n", "task must be one of"),
+    ("task: embedding\nfrontend: {checkpoint: x, seq: [0]}\n", "sequence lengths"),
+    ("task: embedding\nfrontend: {checkpoint: x}\n", "input_ids"),
+    ("task: embedding\nfrontend: {checkpoint: x, seq: 8}\nbackend: {dtype: int4}\n", "dtype must be"),
+    ("task: embedding\nfrontend: {checkpoint: x, seq: 8}\nbogus: 1\n", "unknown keys"),
+])
+def test_bad_config_is_refused_with_a_clear_message(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ToolkitError, match=message):
+        load_build_config(path)
+
+
+def test_unreachable_checkpoint_says_how_to_fix(tmp_path):
+    with pytest.raises(ToolkitError, match="toolkit synth"):
+        resolve_checkpoint("Qwen/Qwen3-Embedding-0.6B")  # HF_HUB_OFFLINE=1 in conftest
+    with pytest.raises(ToolkitError, match="not a hub id"):
+        resolve_checkpoint(str(tmp_path / "missing" / "dir"))
+    with pytest.raises(ToolkitError, match="no config.json"):
+        resolve_checkpoint(tmp_path)

@@ -1,0 +1,58 @@
+"""Synthetic Qwen3 checkpoints with random weights, for tests and the quickstart (no hub access needed).
+
+They are ordinary Hugging Face checkpoints (config.json, model.safetensors in bf16 like the real ones, tokenizer
+files) with the real Qwen3 tokenizer and vocabulary, so prompts, padding and yes/no scoring are exercised for real;
+only the weights are random, so every metric computed with them is meaningless (parity is what they test).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .tokenizer import VOCAB_SIZE, build_qwen3_tokenizer
+
+SHAPES = {
+    # hidden, layers, heads, kv heads, head_dim, ffn
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 intermediate_size=128),
+    "0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                 intermediate_size=3072),
+}
+
+
+def write_synthetic_checkpoint(out_dir: str | Path, task: str, shape: str = "tiny", seed: int = 0) -> Path:
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        **SHAPES[shape], vocab_size=VOCAB_SIZE, max_position_embeddings=32768, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, tie_word_embeddings=True,
+        # A wider init than Qwen's 0.02 so random outputs spread (reranker probabilities far from 0.5).
+        initializer_range=0.05, bos_token_id=151643, eos_token_id=151643 if task == "embedding" else 151645,
+        pad_token_id=151643,
+    )
+    model = (Qwen3Model if task == "embedding" else Qwen3ForCausalLM)(config).to(torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):  # norms at 1.0 make random activations too uniform; vary them
+                p.uniform_(0.5, 1.5)
+        # HF zero-inits the pad row; in real Qwen3 <|endoftext|> is a trained token (and ends every embedding input).
+        model.get_input_embeddings().weight[config.pad_token_id].normal_(0.0, config.initializer_range)
+    model.save_pretrained(out_dir)
+    config_path = out_dir / "config.json"
+    cfg = json.loads(config_path.read_text())
+    cfg["synthetic"] = {"task": task, "shape": shape, "seed": seed,
+                        "note": "RANDOM WEIGHTS - for testing the toolkit only; metrics on it are meaningless"}
+    config_path.write_text(json.dumps(cfg, indent=2))
+    build_qwen3_tokenizer(task).save_pretrained(out_dir)
+    (out_dir / "README.md").write_text(
+        f"# Synthetic Qwen3-{task} checkpoint ({shape} shape)\n\nRandom weights (seed {seed}) written by "
+        "`toolkit synth`. The tokenizer is the real Qwen3 one. Use it to test compile/run/eval plumbing; "
+        "accuracy metrics computed with it mean nothing.\n")
+    return out_dir
