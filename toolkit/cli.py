@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -14,6 +15,7 @@ class ToolkitGroup(click.Group):
     """Turns ToolkitError (a mistake the user can fix) into one clear line and exit code 2, not a traceback."""
 
     def invoke(self, ctx):
+        warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
         try:
             return super().invoke(ctx)
         except ToolkitError as e:
@@ -98,6 +100,26 @@ def format_manifest(m: dict) -> str:
     ]
     return "\n".join(lines)
 
+
+@main.command()
+@click.option("--task", type=click.Choice(["embedding", "reranker"]), required=True)
+@click.option("--artifact", type=click.Path(exists=True, file_okay=False),
+              help="artifact or bucket-set directory (default: the quickstart's)")
+@click.option("--checkpoint", help="torch reference checkpoint (default: the one the artifact was built from)")
+def demo(task, artifact, checkpoint):
+    """The reference demo through torch and the artifact side by side; exit 1 if parity is off tolerance."""
+    from .demo import run_demo
+
+    sys.exit(0 if run_demo(task, artifact, checkpoint, echo=click.echo) else 1)
+
+
+def _add_perf_group():
+    from .perf.cli import perf
+
+    main.add_command(perf, "perf")
+
+
+_add_perf_group()
 
 if __name__ == "__main__":
     main()

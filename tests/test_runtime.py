@@ -1,0 +1,136 @@
+"""Engine (instances, async queue), buckets, text formats and truncation."""
+import threading
+import warnings
+
+import numpy as np
+import pytest
+
+from toolkit.api import RERANK_PREFIX, RERANK_SUFFIX, Embedder, Reranker, find_artifacts
+from toolkit.backends import Backend
+from toolkit.errors import ToolkitError
+from toolkit.runtime import Engine, EngineClosedError, QueueFullError
+from toolkit.text import left_pad
+from toolkit.tokenizer import ENDOFTEXT_ID
+
+
+def test_2000_async_requests_over_3_instances_return_to_their_callers(onnx_artifacts):
+    artifact = onnx_artifacts["embedding"][0]  # batch 2, seq 32
+    rng = np.random.default_rng(0)
+    inputs = []
+    for _ in range(2000):
+        rows = [list(rng.integers(0, 151643, rng.integers(1, 32))) for _ in range(2)]
+        inputs.append(left_pad(rows, 32, ENDOFTEXT_ID))
+    with Engine.from_artifact(artifact, instances=1) as single:
+        expected = [single.run_sync(*x) for x in inputs]
+    with Engine.from_artifact(artifact, instances=3, queue_size=16) as engine:
+        futures = [engine.run_async(*x) for x in inputs]
+        results = [f.result() for f in futures]
+        workers_used = {t.name for t in threading.enumerate() if t.name.startswith("engine-")}
+    assert len(workers_used) == 3
+    for got, want in zip(results, expected):
+        assert np.array_equal(got, want)  # bit-identical, and each result belongs to its own request
+
+
+class BlockingBackend(Backend):
+    name, task, seq_len, batch = "blocking", "embedding", 4, 1
+
+    def __init__(self, release: threading.Event):
+        self.release = release
+
+    def run(self, input_ids, attention_mask):
+        self.release.wait()
+        return np.zeros((1, 2), np.float32)
+
+
+def test_queue_full_closed_engine_and_wrong_shape_are_clear_errors():
+    release = threading.Event()
+    engine = Engine(lambda i, dev: BlockingBackend(release), instances=1, queue_size=1)
+    ids, mask = np.ones((1, 4), np.int64), np.ones((1, 4), np.int64)
+    first = engine.run_async(ids, mask)  # taken by the worker, which blocks
+    while first.running() is False:
+        pass
+    engine.run_async(ids, mask)  # fills the queue
+    with pytest.raises(QueueFullError, match="queue is full"):
+        engine.run_async(ids, mask, block=False)
+    with pytest.raises(ToolkitError, match=r"does not match the artifact's \[batch, seq\] = \[1, 4\]"):
+        engine.run_async(np.ones((1, 5), np.int64), np.ones((1, 5), np.int64))
+    with pytest.raises(ToolkitError, match="integer"):
+        engine.run_async(ids.astype(np.float32), mask)
+    release.set()
+    engine.close()
+    assert first.result().shape == (1, 2)
+    with pytest.raises(EngineClosedError, match="closed"):
+        engine.run_async(ids, mask)
+
+
+def test_bucket_choice_is_the_smallest_that_fits(onnx_artifacts):
+    path = onnx_artifacts["embedding"][0].parent  # seq32 + seq64
+    assert [p.name for p in find_artifacts(path)] == ["seq32", "seq64"]
+    with Embedder.from_artifacts(path) as emb:
+        assert [emb.runner.bucket_for(n).seq_len for n in (1, 32, 33, 64)] == [32, 32, 64, 64]
+        with pytest.raises(ToolkitError, match="do not fit"):
+            emb.runner.bucket_for(65)
+
+
+def test_bucketed_results_match_a_single_bucket_and_torch(onnx_artifacts, checkpoints):
+    texts = ["short", "a somewhat longer sentence " * 4, "medium length text here", "x " * 50]
+    path = onnx_artifacts["embedding"][0].parent
+    with Embedder.from_artifacts(path) as both, Embedder.from_artifacts(path / "seq64") as one, \
+            Embedder.from_checkpoint(checkpoints["embedding"], max_length=64) as ref:
+        a, b, c = both.encode(texts), one.encode(texts), ref.encode(texts)
+        assert {both.runner.bucket_for(len(r)).seq_len for r in both.tokenize(texts)} == {32, 64}
+    assert np.min(np.sum(a * b, -1)) > 0.99999 and np.min(np.sum(a * c, -1)) > 0.999
+    assert np.allclose(np.linalg.norm(a, axis=-1), 1.0, atol=1e-5)
+
+
+def test_endoftext_is_appended_exactly_once(onnx_artifacts, tokenizers, tmp_path):
+    from toolkit.tokenizer import build_qwen3_tokenizer
+
+    with Embedder.from_artifacts(onnx_artifacts["embedding"][1]) as emb:
+        for tok in (build_qwen3_tokenizer("embedding", append_eos=True),
+                    build_qwen3_tokenizer("embedding", append_eos=False)):
+            emb.tokenizer = tok
+            [row] = emb.tokenize(["Hello world"])
+            assert row == [9707, 1879, ENDOFTEXT_ID]
+
+
+def test_query_instruction_and_mrl_dim(onnx_artifacts):
+    with Embedder.from_artifacts(onnx_artifacts["embedding"][1]) as emb:
+        q = emb.encode(["capital of China"], instruction="Find the city")
+        assert emb.tokenizer.decode(emb.tokenize(["Instruct: Find the city\nQuery:capital of China"])[0]) \
+            == "Instruct: Find the city\nQuery:capital of China<|endoftext|>"
+        assert not np.allclose(q, emb.encode(["capital of China"]))
+        cut = emb.encode(["capital of China"], dim=16)
+        assert cut.shape == (1, 16) and np.isclose(np.linalg.norm(cut), 1.0)
+        full = emb.encode(["capital of China"], normalize=False)
+        assert np.allclose(cut, full[:, :16] / np.linalg.norm(full[:, :16]), atol=1e-6)
+
+
+def test_truncation_policy(onnx_artifacts):
+    long_text = "word " * 200
+    with Embedder.from_artifacts(onnx_artifacts["embedding"][0].parent) as emb:
+        with pytest.raises(ToolkitError, match="largest artifact takes 64"):
+            emb.encode([long_text])
+    with Embedder.from_artifacts(onnx_artifacts["embedding"][0].parent, truncation="truncate") as emb:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            [row] = emb.tokenize([long_text])
+        assert len(row) == 64 and row[-1] == ENDOFTEXT_ID and "truncated" in str(caught[0].message)
+    with Reranker.from_artifacts(onnx_artifacts["reranker"][0], truncation="truncate") as rr:
+        [row] = rr.tokenize([("q", long_text)])
+        prefix = rr.tokenizer(RERANK_PREFIX, add_special_tokens=False).input_ids
+        suffix = rr.tokenizer(RERANK_SUFFIX, add_special_tokens=False).input_ids
+        assert len(row) == 64 and row[:len(prefix)] == prefix and row[-len(suffix):] == suffix
+
+
+def test_reranker_template_and_batch_rerank(onnx_artifacts, checkpoints):
+    docs = ["Beijing.", "Gravity pulls.", "Paris is in France."]
+    with Reranker.from_artifacts(onnx_artifacts["reranker"][1]) as rr, \
+            Reranker.from_checkpoint(checkpoints["reranker"], max_length=128) as ref:
+        text = rr.tokenizer.decode(rr.tokenize([("Q?", "D.")], instruction="Judge")[0])
+        assert text == (RERANK_PREFIX + "<Instruct>: Judge\n<Query>: Q?\n<Document>: D." + RERANK_SUFFIX)
+        scores = rr.rerank("capital", docs, instruction="Judge")
+        assert scores.shape == (3,) and np.all((scores > 0) & (scores < 1))
+        assert np.abs(scores - ref.rerank("capital", docs, instruction="Judge")).max() <= 1e-2
+    with pytest.raises(ToolkitError, match="use Embedder"):
+        Reranker.from_artifacts(onnx_artifacts["embedding"][0])

@@ -1,0 +1,31 @@
+"""Results are printed as aligned tables and written as JSON."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def format_table(headers: list[str], rows: list[list], title: str | None = None) -> str:
+    cells = [[fmt(c) for c in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h)) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[i], (int, float)) for row in rows) for i in range(len(headers))]
+    line = lambda vals: "  ".join(str(v).rjust(w) if num else str(v).ljust(w)  # noqa: E731
+                                  for v, w, num in zip(vals, widths, numeric))
+    out = ([title] if title else []) + [line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells]
+    return "\n".join(out)
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if value == 0 or 1e-3 <= abs(value) < 1e5:
+            return f"{value:.4f}"
+        return f"{value:.2e}"
+    return str(value)
+
+
+def write_json(path: str | Path | None, payload: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2, ensure_ascii=False))
