@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..cli import ToolkitGroup
+from ..cli_base import ToolkitGroup
 from ..report import format_table, write_json
 
 

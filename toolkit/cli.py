@@ -3,24 +3,11 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import click
 
-from .errors import ToolkitError
-
-
-class ToolkitGroup(click.Group):
-    """Turns ToolkitError (a mistake the user can fix) into one clear line and exit code 2, not a traceback."""
-
-    def invoke(self, ctx):
-        warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
-        try:
-            return super().invoke(ctx)
-        except ToolkitError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(2)
+from .cli_base import ToolkitGroup
 
 
 @click.group(cls=ToolkitGroup)
@@ -49,14 +36,15 @@ def synth(task, shape, seed, out_dir):
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), help="overrides the config")
 @click.option("--batch", type=int, help="static batch size (overrides the config)")
 @click.option("--workspace", type=click.Path(file_okay=False), help="overrides the config")
-def compile(config, seq, checkpoint, backend, dtype, target, batch, workspace):
+@click.option("--name", help="artifact set name under the workspace (overrides the config)")
+def compile(config, seq, checkpoint, backend, dtype, target, batch, workspace, name):
     """Compile CONFIG into one artifact directory per (backend, seq); prints their paths."""
     from .compile import compile_config
     from .config import load_build_config, parse_seq_lens
 
     cfg = load_build_config(config).with_overrides(
         seq_lens=parse_seq_lens(seq) if seq else None, checkpoint=checkpoint, dtype=dtype, target=target,
-        batch=batch, workspace=Path(workspace) if workspace else None,
+        batch=batch, workspace=Path(workspace) if workspace else None, name=name,
         backends={"all": ("onnx", "tvm")}.get(backend, (backend,)) if backend else None)
     for path in compile_config(cfg, log=lambda msg: click.echo(msg, err=True)):
         click.echo(path)
@@ -113,13 +101,47 @@ def demo(task, artifact, checkpoint):
     sys.exit(0 if run_demo(task, artifact, checkpoint, echo=click.echo) else 1)
 
 
-def _add_perf_group():
-    from .perf.cli import perf
+@main.command("eval")
+@click.option("--task", type=click.Choice(["embedding", "reranker"]), required=True)
+@click.option("--dataset", required=True, help="sts12 | bq | msmarco | sts12-sample | bq-sample | msmarco-sample | PATH")
+@click.option("--artifact", type=click.Path(exists=True, file_okay=False), help="artifact or bucket-set directory")
+@click.option("--checkpoint", help="torch reference checkpoint (default: the one the artifact was built from)")
+@click.option("--engine", type=click.Choice(["both", "torch", "artifact"]), default="both", show_default=True)
+@click.option("--limit", type=int, help="first N examples")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="where `toolkit data download` wrote the JSONL")
+@click.option("--max-drop", type=float, default=0.01, show_default=True,
+              help="fail if the artifact trails torch by more than this on any metric")
+@click.option("--instance", "instances", type=int, default=1, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+def eval_cmd(task, dataset, artifact, checkpoint, engine, limit, data_dir, max_drop, instances, json_out):
+    """Evaluate torch and the artifact on the same data: metrics, deltas, parity; exit 1 on a metric drop."""
+    from .eval.run import eval_tables, evaluate
+    from .report import write_json
 
-    main.add_command(perf, "perf")
+    result = evaluate(task, dataset, artifact, checkpoint, engine, limit, data_dir, max_drop, instances)
+    click.echo(eval_tables(result))
+    write_json(json_out, result)
+    sys.exit(0 if result.get("passed", True) else 1)
 
 
-_add_perf_group()
+@main.group()
+def data():
+    """Evaluation datasets."""
+
+
+@data.command("download")
+@click.option("--out", "out_dir", default="data", show_default=True, type=click.Path(file_okay=False))
+def data_download(out_dir):
+    """Fetch STS12, C-MTEB/BQ and MS MARCO dev from the hub into JSONL files (needs the network)."""
+    from .eval.datasets import download
+
+    for path in download(out_dir):
+        click.echo(path)
+
+
+from .perf.cli import perf  # noqa: E402  (`toolkit perf ...` is the same group as the `perf` command)
+
+main.add_command(perf, "perf")
 
 if __name__ == "__main__":
     main()

@@ -19,11 +19,11 @@ DOCUMENTS = [
     "北京是中华人民共和国的首都，也是全国的政治和文化中心。",
     "万有引力是物体之间相互吸引的力，它使行星围绕太阳运动。",
 ]
-QUICKSTART_ARTIFACTS = Path("quickstart/artifacts")
+QUICKSTART_ARTIFACTS = Path("quickstart/artifacts")  # where `make quickstart` puts them (see the Makefile)
 
 
 def default_artifact(task: str) -> Path:
-    path = QUICKSTART_ARTIFACTS / f"qwen3-{task}-0.6b-fp16" / "onnx"
+    path = QUICKSTART_ARTIFACTS / f"quickstart-{task}" / "onnx"
     if not path.exists():
         raise ToolkitError(f"no quickstart artifact at {path}: run `make quickstart` or pass --artifact DIR")
     return path

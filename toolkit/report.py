@@ -19,7 +19,11 @@ def fmt(value) -> str:
     if isinstance(value, float):
         if value != value:
             return "nan"
-        if value == 0 or 1e-3 <= abs(value) < 1e5:
+        if abs(value) >= 1e3:
+            return f"{value:,.0f}"
+        if abs(value) >= 1:
+            return f"{value:.3f}"
+        if value == 0 or abs(value) >= 1e-3:
             return f"{value:.4f}"
         return f"{value:.2e}"
     return str(value)
