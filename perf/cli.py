@@ -59,3 +59,26 @@ def buckets_cmd(fixed, buckets, data, limit, json_out):
                                   f"max {r['token_lengths']['max']})"))
     click.echo(f"bucket speed-up: {r['speedup']:.2f}x   (min cosine fixed vs buckets {r['min_cosine_fixed_vs_buckets']:.6f})")
     write_json(json_out, r)
+
+
+@perf.command("compare")
+@click.option("--checkpoint", required=True, help="the checkpoint the artifacts were built from (torch eager runs it)")
+@click.option("--artifact", "artifacts", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
+              help="repeat for each artifact (same task, seq and batch)")
+@click.option("--iterations", type=int, default=10, show_default=True)
+@click.option("--no-torch", is_flag=True, help="skip torch eager (e.g. to compare artifacts only)")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+def compare_cmd(checkpoint, artifacts, iterations, no_torch, json_out):
+    """torch eager vs ONNX Runtime vs TVM on the same inputs: latency, throughput, ratios, GFLOP/s."""
+    from .compare import run_compare
+
+    r = run_compare(checkpoint, list(artifacts), iterations, torch_eager=not no_torch)
+    rows = [[e["engine"], e["latency_ms_median"], e["latency_ms_min"], e["sequences_per_s"], e["gflops"],
+             e["fraction_of_matmul_peak"], e["speedup_vs_first"]] for e in r["engines"]]
+    click.echo(format_table(["engine", "median ms", "min ms", "seq/s", "GFLOP/s", "of peak", "speed-up"], rows,
+                            title=f"{r['task']} batch {r['batch']} x seq {r['seq_len']}: "
+                                  f"{r['gflop_per_forward']:.1f} GFLOP per forward, fp32 matmul peak "
+                                  f"{r['matmul_peak_gflops']:.0f} GFLOP/s (numpy, same machine)"))
+    if "tvm_vs_onnxruntime" in r:
+        click.echo(f"TVM vs ONNX Runtime: {r['tvm_vs_onnxruntime']:.2f}x")
+    write_json(json_out, r)

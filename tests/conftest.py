@@ -45,3 +45,10 @@ def tokenizers(checkpoints):
     from toolkit.checkpoint import load_tokenizer
 
     return {task: load_tokenizer(checkpoints[task]) for task in TASKS}
+
+
+@pytest.fixture(scope="session")
+def tvm_artifacts(checkpoints, workspace):
+    """fp16 TVM (llvm, host CPU) artifacts, batch 2, one SEQ per task."""
+    return {task: build(checkpoints, workspace, task, backends=("tvm",), seq_lens=SEQ_LENS[task][1:])
+            for task in TASKS}

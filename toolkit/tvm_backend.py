@@ -1,0 +1,33 @@
+"""Runs a TVM artifact: the compiled Relax VM plus its fp16 weights, transformed once at load."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .backends import Backend
+from .tvm_compile import check_host
+
+
+class TvmBackend(Backend):
+    name = "tvm"
+
+    def __init__(self, artifact_dir: Path, manifest: dict, threads: int | None = None, device_id: int = 0):
+        import tvm
+        from tvm import relax
+
+        check_host(manifest["target"]["tvm_target"])
+        self.task, self.seq_len, self.batch = manifest["task"], manifest["seq_len"], manifest["batch"]
+        self.device = tvm.cpu() if manifest["target"]["device"] == "cpu" else tvm.cuda(device_id)
+        executable = tvm.runtime.load_module(str(artifact_dir / manifest["model_file"]))
+        self.vm = relax.VirtualMachine(executable, self.device)
+        with np.load(artifact_dir / manifest["tvm"]["params_file"]) as npz:
+            weights = [tvm.runtime.tensor(npz[f"arr_{i}"], self.device) for i in range(len(npz.files))]
+        # fp16 → fp32 casts and weight transposes, lifted out of `main` at compile time, run here once.
+        self.params = self.vm["main_transform_params"](weights)
+        self._tensor = tvm.runtime.tensor
+
+    def run(self, input_ids, attention_mask):
+        ids = self._tensor(np.ascontiguousarray(input_ids, dtype=np.int64), self.device)
+        mask = self._tensor(np.ascontiguousarray(attention_mask, dtype=np.int64), self.device)
+        return self.vm["main"](ids, mask, *self.params).numpy()

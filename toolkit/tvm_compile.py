@@ -1,0 +1,123 @@
+"""ONNX export → Apache TVM (Relax) → a compiled library plus fp16 weights.
+
+Why import from the ONNX export rather than torch.export: it is the very graph ONNX Runtime validates, so both
+backends run the same patched model, and Relax's ONNX frontend takes it without custom converters (torch.export's
+Relax frontend needs every aten op of the exporter's decompositions to be mapped).
+
+Flow: from_onnx (weights stay function inputs) → LegalizeOps → FuseOps/FuseTIR → LiftTransformParams (the fp16→fp32
+casts and weight transposes move into `main_transform_params`, run once when the artifact loads) → schedules
+(our CPU rules, or dlight's GPU rules) → build. The artifact holds `model.so` and `params.npz` (fp16, as exported).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ToolkitError
+
+LIBRARY = "model.so"
+PARAMS = "params.npz"
+
+
+def host_target() -> dict:
+    from tvm.target import codegen
+
+    return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1}
+
+
+def cuda_target(arch: str | None = None) -> dict:
+    return {"kind": "cuda", "arch": arch or os.environ.get("QWEN3_DEPLOY_CUDA_ARCH", "sm_90")}
+
+
+def normalize_constants(model) -> None:
+    """The dynamo exporter writes Constant(value_int[s]/value_float[s]); Relax's importer only reads `value`."""
+    from onnx import helper, numpy_helper
+
+    converters = {"value_int": lambda a: np.array(a.i, np.int64),
+                  "value_ints": lambda a: np.array(list(a.ints), np.int64),
+                  "value_float": lambda a: np.array(a.f, np.float32),
+                  "value_floats": lambda a: np.array(list(a.floats), np.float32)}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name in converters:
+            value = converters[node.attribute[0].name](node.attribute[0])
+            del node.attribute[:]
+            node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value)))
+
+
+def import_onnx(onnx_path: Path):
+    """Returns (Relax module whose `main` takes input_ids, attention_mask, *weights; the weights as numpy)."""
+    import onnx
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    model = onnx.load(str(onnx_path))
+    normalize_constants(model)
+    mod = from_onnx(model, keep_params_in_input=True)
+    mod, params = relax.frontend.detach_params(mod)
+    return mod, [p.numpy() for p in params["main"]]
+
+
+def lower(mod, target):
+    """Relax-level lowering, then a schedule for every PrimFunc."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import dlight as dl
+
+    from .tvm_schedules import cpu_rules
+
+    mod = tvm.transform.Sequential([
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.LiftTransformParams(),
+        relax.transform.DeadCodeElimination(),
+    ])(mod)
+    if target.kind.name == "llvm":
+        rules = cpu_rules()
+    else:
+        rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    with target:
+        return dl.ApplyDefaultSchedule(*rules)(mod)
+
+
+def compile_tvm(onnx_path: Path, out_dir: Path, device: str, log=print) -> dict:
+    """Compile the exported ONNX graph into `out_dir`; returns the manifest's engine fields."""
+    import tvm
+    from tvm import relax
+
+    from .tvm_schedules import unscheduled
+
+    target_spec = host_target() if device == "cpu" else cuda_target()
+    target = tvm.target.Target(target_spec)
+    started = time.perf_counter()
+    mod, params = import_onnx(onnx_path)
+    mod = lower(mod, target)
+    missing = unscheduled(mod)
+    if missing:
+        log(f"warning: {len(missing)} PrimFunc(s) left unscheduled: {', '.join(missing)}")
+    primfuncs = sum(isinstance(f, tvm.tirx.PrimFunc) for f in mod.functions.values())
+    executable = tvm.compile(mod, target=target, relax_pipeline=relax.get_pipeline("default_build"))
+    executable.export_library(str(out_dir / LIBRARY))
+    np.savez(out_dir / PARAMS, *params)
+    return {"backend": "tvm", "model_file": LIBRARY,
+            "target": {"device": device, "tvm_target": target_spec},
+            "tvm": {"params_file": PARAMS, "primfuncs": primfuncs, "unscheduled": missing,
+                    "compile_seconds": round(time.perf_counter() - started, 2)}}
+
+
+def check_host(target_spec: dict) -> None:
+    """An llvm artifact is built for one CPU family; refuse to run it where its instructions may be missing."""
+    from tvm.target import codegen
+
+    if target_spec.get("kind") != "llvm":
+        return
+    host = codegen.llvm_get_system_cpu()
+    if target_spec.get("mcpu") not in (None, host):
+        raise ToolkitError(f"this TVM artifact was compiled for CPU {target_spec['mcpu']!r}, this host is {host!r}; "
+                           "recompile it here with `toolkit compile ... --backend tvm`")
