@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tvm
 
 from .errors import ToolkitError
 
@@ -60,14 +61,49 @@ def import_onnx(onnx_path: Path):
     return mod, [p.numpy() for p in params["main"]]
 
 
+PANEL = 64  # columns per packed weight panel: the matmul rule's register tile width (4 AVX-512 vectors)
+
+
+def pack_linear_weights(mod):
+    """Rewrite `matmul(x, permute_dims(astype(W)))` (every nn.Linear of the export, W a weight input) so W is used as
+    contiguous `[N/64, K, 64]` panels: `y = reshape(permute(matmul(x[:, None], panels)))`. The packing depends on W
+    only, so LiftTransformParams moves it to load time; the micro-kernel then streams each panel linearly instead of
+    reading 64 columns out of rows N floats apart (TLB- and prefetch-hostile for N in the thousands)."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    x, w = wildcard(), wildcard()
+    pattern = is_op("relax.matmul")(x, is_op("relax.permute_dims")(is_op("relax.astype")(w)))
+
+    def rewriter(expr, matches):
+        weight, act = matches[w], matches[x]
+        if isinstance(weight, relax.Call) or len(weight.ty.shape) != 2:  # only weights (function inputs)
+            return expr
+        n, k = (int(d) for d in weight.ty.shape)
+        dims = [int(d) for d in act.ty.shape]
+        if n % PANEL:
+            return expr
+        op = relax.op
+        panels = op.permute_dims(op.reshape(op.astype(weight, "float32"), (n // PANEL, PANEL, k)), [0, 2, 1])
+        out = op.matmul(op.expand_dims(act, len(dims) - 2), panels)  # [..., N/64, M, 64]
+        rank = len(dims) + 1
+        out = op.permute_dims(out, list(range(rank - 3)) + [rank - 2, rank - 3, rank - 1])  # [..., M, N/64, 64]
+        return op.reshape(out, dims[:-1] + [n])
+
+    return tvm.IRModule({gv: rewrite_call(pattern, rewriter, f) if isinstance(f, relax.Function) else f
+                         for gv, f in mod.functions.items()})
+
+
 def lower(mod, target):
     """Relax-level lowering, then a schedule for every PrimFunc."""
-    import tvm
+
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
     from .tvm_schedules import cpu_rules
 
+    if target.kind.name == "llvm":
+        mod = pack_linear_weights(mod)
     mod = tvm.transform.Sequential([
         relax.transform.DecomposeOpsForInference(),
         relax.transform.LegalizeOps(),
@@ -88,7 +124,7 @@ def lower(mod, target):
 
 def compile_tvm(onnx_path: Path, out_dir: Path, device: str, log=print) -> dict:
     """Compile the exported ONNX graph into `out_dir`; returns the manifest's engine fields."""
-    import tvm
+
     from tvm import relax
 
     from .tvm_schedules import unscheduled
