@@ -7,13 +7,17 @@ CHECKPOINT_EMB ?=
 CHECKPOINT_RERANK ?=
 QS := quickstart
 
+STAMP := build/.installed-$(notdir $(PY))
+
 .PHONY: install test compile quickstart eval clean
 
-install:
+# torch first and pinned: it resolves to the local CPU wheel (an unpinned torch pulls GBs of CUDA wheels).
+install $(STAMP): pyproject.toml
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e .[dev]
+	@mkdir -p build && touch $(STAMP)
 
-test:
+test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # Both tasks at SEQ (comma-separated list for bucket sets). Without CHECKPOINT_* the configs' hub ids are used;
@@ -27,7 +31,7 @@ compile:
 # End to end on tiny synthetic checkpoints and the bundled data samples:
 # synth -> compile (a bucket set of SEQs per task) -> inspect -> demo -> eval (3 datasets) -> perf.
 QS_ART := $(QS)/artifacts
-quickstart:
+quickstart: $(STAMP)
 	toolkit synth --task embedding --shape tiny $(QS)/checkpoints/embedding
 	toolkit synth --task reranker --shape tiny $(QS)/checkpoints/reranker
 	toolkit compile build_configs/embedding_config_fp16.yaml --name quickstart-embedding --seq 64,128,256 \

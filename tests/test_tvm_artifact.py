@@ -1,6 +1,7 @@
 """TVM (Relax, llvm) fp16 artifacts: parity with Hugging Face fp32, every PrimFunc scheduled, reload in a fresh
 process."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -60,3 +61,21 @@ def test_tvm_artifact_reloads_in_a_fresh_process_with_identical_outputs(tvm_arti
                          capture_output=True, text=True, check=True)
     there = np.array(json.loads(out.stdout.strip().splitlines()[-1]), dtype=np.float32)
     assert np.array_equal(here, there)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="building CUDA kernels needs nvcc (running them needs a GPU)")
+def test_cuda_artifact_builds_and_says_it_is_unvalidated_without_a_gpu(checkpoints, tmp_path):
+    """CI has no GPU: the CUDA build (dlight GPU rules + nvcc) is exercised; running it needs the GPU host."""
+    import tvm
+
+    from toolkit.compile import compile_config
+    from toolkit.config import BuildConfig
+
+    cfg = BuildConfig(name="cuda", task="embedding", checkpoint=str(checkpoints["embedding"]), seq_lens=(32,),
+                      backends=("tvm",), target="cuda", workspace=tmp_path)
+    [artifact] = compile_config(cfg, log=lambda m: None)
+    manifest = load_manifest(artifact)
+    assert manifest["target"]["tvm_target"]["kind"] == "cuda" and manifest["tvm"]["unscheduled"] == []
+    assert (artifact / "model.so").stat().st_size > 0
+    if not tvm.cuda(0).exist:
+        assert manifest["validation"]["passed"] is None and "no CUDA device" in manifest["validation"]["skipped"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ToolkitError
 from .tokenizer import NO_TOKEN_ID, YES_TOKEN_ID
 
 
@@ -45,9 +46,10 @@ class TorchReference(Backend):
 
         with torch.inference_mode():
             ids, mask = torch.from_numpy(np.asarray(input_ids)), torch.from_numpy(np.asarray(attention_mask))
-            out = self.model(input_ids=ids, attention_mask=mask)
             if self.task == "embedding":
-                return out.last_hidden_state[:, -1].float().numpy()
+                return self.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1].float().numpy()
+            # logits_to_keep=1: only the last position's [vocab] logits, not [batch, seq, 151669]
+            out = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
             return out.logits[:, -1, [NO_TOKEN_ID, YES_TOKEN_ID]].float().numpy()
 
 
@@ -65,6 +67,9 @@ class OnnxRuntimeBackend(Backend):
         providers = (["CPUExecutionProvider"] if device == "cpu" else
                      [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"])
         self.session = ort.InferenceSession(str(model_path), opts, providers=providers)
+        if device != "cpu" and "CUDAExecutionProvider" not in self.session.get_providers():
+            raise ToolkitError("this artifact targets CUDA but ONNX Runtime has no usable CUDA provider here "
+                               f"(available: {ort.get_available_providers()}); install onnxruntime-gpu on a GPU host")
         self.task, self.seq_len, self.batch = task, seq_len, batch
         self.output_name = self.session.get_outputs()[0].name
 

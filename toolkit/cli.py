@@ -51,6 +51,20 @@ def compile(config, seq, checkpoint, backend, dtype, target, batch, workspace, n
 
 
 @main.command()
+@click.argument("artifact_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--checkpoint", help="reference checkpoint (default: the one recorded in the manifest)")
+def validate(artifact_dir, checkpoint):
+    """Re-run an artifact's validation against the fp32 Hugging Face model (e.g. a CUDA build on its GPU host)."""
+    from .compile import format_validation, validate_artifact
+    from .artifact import read_manifest
+
+    stats = validate_artifact(Path(artifact_dir), checkpoint)
+    click.echo(f"{artifact_dir}: {format_validation(read_manifest(artifact_dir)['task'], stats)}: "
+               f"{'OK' if stats['passed'] else 'FAIL'}")
+    sys.exit(0 if stats["passed"] else 1)
+
+
+@main.command()
 @click.argument("artifact_dir", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="print the raw manifest")
 def inspect(artifact_dir, as_json):

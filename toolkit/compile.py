@@ -93,17 +93,46 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
                 **engine, **spec,
                 "model": {"checkpoint": cfg.checkpoint, "resolved": str(checkpoint), **checkpoint_info(checkpoint)},
             })
-            stats = validate(open_backend(out), reference, tokenizer, cfg.task, cfg.dtype)
+            if cfg.target == "cuda" and not cuda_available(backend):
+                stats = {"skipped": "no CUDA device on the build machine; run `toolkit validate "
+                                    f"{out} --checkpoint CKPT` on the GPU host", "passed": None}
+                log(f"warning: {out}: built but not validated ({stats['skipped']})")
+            else:
+                stats = validate(open_backend(out), reference, tokenizer, cfg.task, cfg.dtype)
             build = {"config": str(cfg.source) if cfg.source else None,
                      "seconds": round(time.perf_counter() - started, 2),
                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
             update_manifest(out, validation=stats, build=build)
-            log(f"{out}: {format_validation(cfg.task, stats)} ({build['seconds']} s, peak RSS {build['peak_rss_mb']} MB)")
-            if not stats["passed"]:
+            if stats["passed"] is not None:
+                log(f"{out}: {format_validation(cfg.task, stats)} ({build['seconds']} s, "
+                    f"peak RSS {build['peak_rss_mb']} MB)")
+            if stats["passed"] is False:
                 raise ToolkitError(f"validation failed for {out}: {format_validation(cfg.task, stats)} is outside "
                                    f"the {cfg.dtype} tolerance {TOLERANCES[cfg.dtype]}")
             built.append(out)
     return built
+
+
+def cuda_available(backend: str) -> bool:
+    if backend == "tvm":
+        import tvm
+
+        return bool(tvm.cuda(0).exist)
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def validate_artifact(artifact: Path, checkpoint: str | None = None) -> dict:
+    """Re-run an artifact's validation (e.g. on the GPU host for a CUDA build) and record it in the manifest."""
+    from .artifact import load_manifest
+
+    manifest = load_manifest(artifact)
+    ckpt = resolve_checkpoint(checkpoint or manifest["model"]["resolved"])
+    stats = validate(open_backend(artifact), TorchReference(ckpt, manifest["task"]),
+                     load_tokenizer(artifact / "tokenizer"), manifest["task"], manifest["dtype"])
+    update_manifest(artifact, validation=stats)
+    return stats
 
 
 def format_validation(task: str, stats: dict) -> str:

@@ -7,7 +7,8 @@ PrimFunc gets one of these, tried in order:
   register-blocked micro-kernel (MR rows x NR columns of accumulators in a local buffer that LLVM keeps in vector
   registers), the reduction axis outside the micro-tile, NR vectorised with AVX-512, parallel over output tiles;
   elementwise epilogues (residual add, SiLU*up, scaling) are fused into the tile's write-back.
-- dlight's `cpu.Reduction`: softmax / RMSNorm shaped functions (parallel rows, vectorised inner loops).
+- `RowReduction`: softmax / RMSNorm shaped functions: row reductions split into 16 vector lanes (rfactor), all
+  blocks per row under one parallel loop; dlight's `cpu.Reduction` takes rows whose length is not a multiple of 16.
 - `Elementwise`: everything else (casts, RoPE, masks, gathers): fuse all loops, parallel outer, vectorise inner.
 """
 from __future__ import annotations
@@ -37,17 +38,24 @@ def _largest_divisor(n: int | None, candidates) -> int:
     return 1
 
 
+def _analyze(func):
+    """(schedule, block infos) for a PrimFunc dlight can normalise, else None."""
+    if not isinstance(func, tirx.PrimFunc):
+        return None
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    return None if infos is None else (sch, infos)
+
+
 class Matmul(dl.ScheduleRule):
     def __init__(self, mr: int = 4, nr: int = 64, kc: int = 256):
         self.mr, self.nr, self.kc = mr, nr, kc
 
     def apply(self, func, target: Target, _):
-        if not isinstance(func, tirx.PrimFunc):
+        analyzed = _analyze(func)
+        if analyzed is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
+        sch, infos = analyzed
         reductions = [b for b in infos if not b.is_injective()]
         if len(reductions) != 1:
             return None
@@ -63,8 +71,8 @@ class Matmul(dl.ScheduleRule):
         for b in reversed(infos[:index]):
             try:
                 sch.compute_inline(b.block_rv)
-            except Exception:  # noqa: BLE001  (not inlinable: it stays a separate loop nest, scheduled below)
-                self._parallel_vectorize(sch, b.block_rv)
+            except Exception:  # noqa: BLE001  (not inlinable: it stays a separate, parallel loop nest)
+                Elementwise.schedule_block(sch, b.block_rv)
         epilogue = [b.block_rv for b in infos[index + 1:]]
 
         *spatial, k = sch.get_loops(block)
@@ -107,21 +115,61 @@ class Matmul(dl.ScheduleRule):
             _, v = sch.split(inner, [None, lanes])
             sch.vectorize(v)
 
-    @staticmethod
-    def _parallel_vectorize(sch, block):
-        Elementwise.schedule_block(sch, block)
+
+class RowReduction(dl.ScheduleRule):
+    """Softmax / RMSNorm: reductions along the last axis of each row, then elementwise work on the row.
+
+    dlight's cpu.Reduction leaves each row reduction a serial scalar chain (one add's latency per element: the
+    slowest part of attention at SEQ 512). Here every reduction is first split into 16 vector lanes with rfactor
+    (`partial[row, lane]`, vectorised), the 16 partials are combined per row, and all blocks are computed per row
+    under one parallel loop."""
+
+    def apply(self, func, target: Target, _):
+        analyzed = _analyze(func)
+        if analyzed is None:
+            return None
+        sch, infos = analyzed
+        if len(infos) < 2 or not infos[-1].is_injective() or all(b.is_injective() for b in infos):
+            return None
+        kinds = [b.dom_kind() for b in infos]
+        if any(not k or k[0] != "S" for k in kinds) or any(k.count("R") > 1 or (
+                "R" in k and not k.endswith("R")) for k in kinds):
+            return None
+        lead = min(len(k) - len(k.lstrip("S")) for k in kinds)
+        partials = []
+        for b in infos:
+            if b.is_injective():
+                continue
+            k = sch.get_loops(b.block_rv)[-1]
+            if (_extent(sch, k) or 0) % VECTOR_LANES or _extent(sch, k) < 2 * VECTOR_LANES:
+                return None
+            _, lane = sch.split(k, [None, VECTOR_LANES])
+            partials.append(sch.rfactor(lane, factor_axis=len(b.dom_kind()) - 1))
+        loops = sch.get_loops(infos[-1].block_rv)
+        rows = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
+        sch.parallel(rows)
+        producers = [b for b in sch.get_child_blocks(sch.get_sblock("root"))][:-1]
+        for block in reversed(producers):
+            sch.compute_at(block, rows, preserve_unit_loops=True)
+        partial_names = {sch.get(p).name_hint for p in partials}
+        for block in sch.get_child_blocks(rows):
+            if sch.get(block).name_hint in partial_names:
+                lane, chunk = sch.get_loops(block)[-2:]  # compute_at regenerated them in iter-var order
+                sch.reorder(chunk, lane)
+                sch.vectorize(lane)
+            elif all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars):
+                Matmul._vectorize_innermost(sch, block)
+        return sch
 
 
 class Elementwise(dl.ScheduleRule):
     """Fallback for injective functions: each block's loops fused, split, parallel outer, vectorised inner."""
 
     def apply(self, func, target: Target, _):
-        if not isinstance(func, tirx.PrimFunc):
+        analyzed = _analyze(func)
+        if analyzed is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return None
+        sch, infos = analyzed
         for b in infos:
             self.schedule_block(sch, b.block_rv)
         return sch
@@ -131,15 +179,11 @@ class Elementwise(dl.ScheduleRule):
         loops = sch.get_loops(block)
         if not loops:
             return
-        iter_types = [iv.iter_type for iv in sch.get(block).iter_vars]
-        if any(t != tirx.IterVar.DataPar for t in iter_types):
-            # a reduction nobody else scheduled: parallelise its spatial loops only
-            spatial = [lp for lp, t in zip(loops, iter_types) if t == tirx.IterVar.DataPar]
-            if spatial and len(spatial) == len(loops) - sum(t != tirx.IterVar.DataPar for t in iter_types):
-                try:
-                    sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
-                except Exception:  # noqa: BLE001
-                    pass
+        spatial = [iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars]
+        if not all(spatial):  # a reduction no other rule took: parallel over its leading spatial loops only
+            lead = spatial.index(False)
+            if lead:
+                sch.parallel(sch.fuse(*loops[:lead]) if lead > 1 else loops[0])
             return
         fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
         ext = _extent(sch, fused)
@@ -153,7 +197,7 @@ class Elementwise(dl.ScheduleRule):
 
 
 def cpu_rules():
-    return [Matmul(), dl.cpu.Reduction(), Elementwise()]
+    return [Matmul(), RowReduction(), dl.cpu.Reduction(), Elementwise()]
 
 
 def unscheduled(mod) -> list[str]:
