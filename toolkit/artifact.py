@@ -110,6 +110,9 @@ def open_backend(artifact_dir: str | Path, threads: int | None = None, device_id
 
     artifact_dir = Path(artifact_dir)
     m = load_manifest(artifact_dir, verify=verify)
+    if (m.get("validation") or {}).get("passed") is False:
+        raise ToolkitError(f"artifact {artifact_dir} failed validation against the Hugging Face model "
+                           f"({m['validation']}); do not deploy it: fix the cause and recompile")
     device = m["target"]["device"]
     if m["backend"] == "onnxruntime":
         return OnnxRuntimeBackend(artifact_dir / m["model_file"], m["task"], m["seq_len"], m["batch"], threads,

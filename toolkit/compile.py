@@ -12,6 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .artifact import open_backend, update_manifest, write_manifest
@@ -50,8 +51,6 @@ def validate(backend, reference, tokenizer, task: str, dtype: str) -> dict:
         ids, mask = left_pad(chunk, backend.seq_len, ENDOFTEXT_ID, backend.batch)
         outs.append(backend.run(ids, mask)[: len(chunk)])
         refs.append(reference.run(ids[: len(chunk)], mask[: len(chunk)]))
-    import numpy as np
-
     stats = compare(task, np.concatenate(refs), np.concatenate(outs))
     stats["lengths"] = [len(r) for r in rows]
     stats["tolerance"] = TOLERANCES[dtype]
@@ -69,30 +68,8 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
     built = []
     for backend in cfg.backends:
         for seq_len in cfg.seq_lens:
-            out = artifact_dir(cfg, backend, seq_len)
-            if out.exists():
-                shutil.rmtree(out)
-            out.mkdir(parents=True)
             started = time.perf_counter()
-            with tempfile.TemporaryDirectory() as tmp:
-                onnx_path = (out if backend == "onnx" else Path(tmp)) / "model.onnx"
-                spec = export_onnx(model, onnx_path, seq_len, cfg.batch)
-                if backend == "onnx":
-                    engine = {"backend": "onnxruntime", "target": {"device": cfg.target, "provider":
-                              "CPUExecutionProvider" if cfg.target == "cpu" else "CUDAExecutionProvider"}}
-                else:
-                    from .tvm_compile import compile_tvm
-
-                    engine = compile_tvm(onnx_path, out, cfg.target, log=log)
-                    spec["model_file"] = engine.pop("model_file")
-            tokenizer.save_pretrained(out / "tokenizer")
-            write_manifest(out, {
-                "name": cfg.name, "task": cfg.task, "seq_len": seq_len, "batch": cfg.batch, "dtype": cfg.dtype,
-                "precision": {"weights": str(TORCH_DTYPES[cfg.dtype]).removeprefix("torch."),
-                              "compute": "float32", "accumulation": "float32"},
-                **engine, **spec,
-                "model": {"checkpoint": cfg.checkpoint, "resolved": str(checkpoint), **checkpoint_info(checkpoint)},
-            })
+            out = build_artifact(cfg, backend, seq_len, model, tokenizer, checkpoint, log)
             if cfg.target == "cuda" and not cuda_available(backend):
                 stats = {"skipped": "no CUDA device on the build machine; run `toolkit validate "
                                     f"{out} --checkpoint CKPT` on the GPU host", "passed": None}
@@ -111,6 +88,34 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
                                    f"the {cfg.dtype} tolerance {TOLERANCES[cfg.dtype]}")
             built.append(out)
     return built
+
+
+def build_artifact(cfg: BuildConfig, backend: str, seq_len: int, model, tokenizer, checkpoint: Path, log) -> Path:
+    """Export (and for TVM, compile) one artifact directory with its tokenizer and manifest (not yet validated)."""
+    out = artifact_dir(cfg, backend, seq_len)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = (out if backend == "onnx" else Path(tmp)) / "model.onnx"
+        spec = export_onnx(model, onnx_path, seq_len, cfg.batch)
+        if backend == "onnx":
+            engine = {"backend": "onnxruntime", "target": {"device": cfg.target, "provider":
+                      "CPUExecutionProvider" if cfg.target == "cpu" else "CUDAExecutionProvider"}}
+        else:
+            from .tvm_compile import compile_tvm
+
+            engine = compile_tvm(onnx_path, out, cfg.target, log=log)
+            spec["model_file"] = engine.pop("model_file")
+    tokenizer.save_pretrained(out / "tokenizer")
+    write_manifest(out, {
+        "name": cfg.name, "task": cfg.task, "seq_len": seq_len, "batch": cfg.batch, "dtype": cfg.dtype,
+        "precision": {"weights": str(TORCH_DTYPES[cfg.dtype]).removeprefix("torch."),
+                      "compute": "float32", "accumulation": "float32"},
+        **engine, **spec,
+        "model": {"checkpoint": cfg.checkpoint, "resolved": str(checkpoint), **checkpoint_info(checkpoint)},
+    })
+    return out
 
 
 def cuda_available(backend: str) -> bool:

@@ -110,8 +110,8 @@ def _fast_sigmoid(bb, call):
 FAST_LEGALIZATION = {"relax.nn.softmax": _fast_softmax, "relax.sigmoid": _fast_sigmoid}
 
 
-def lower(mod, target):
-    """Relax-level lowering, then a schedule for every PrimFunc."""
+def lower(mod, target, schedule: bool = True):
+    """Relax-level lowering, then (unless `schedule=False`, for checking) a schedule for every PrimFunc."""
 
     from tvm import relax
     from tvm.s_tir import dlight as dl
@@ -130,6 +130,8 @@ def lower(mod, target):
         relax.transform.LiftTransformParams(),
         relax.transform.DeadCodeElimination(),
     ])(mod)
+    if not schedule:
+        return mod
     if target.kind.name == "llvm":
         rules = cpu_rules()
     else:

@@ -67,13 +67,22 @@ class Matmul(dl.ScheduleRule):
         if len(sch.get(block).reads) != 2:
             return None
         index = [b.block_rv for b in infos].index(block)
-        # Prologue (casts, transposes of activations) is inlined into the matmul's loads.
+        # Prologue (casts, transposes of activations) is inlined into the matmul's loads. One that cannot be (a
+        # fused mask construction in a 1-layer graph) made the tiled kernel wrong: leave such functions to others.
         for b in reversed(infos[:index]):
             try:
                 sch.compute_inline(b.block_rv)
-            except Exception:  # noqa: BLE001  (not inlinable: it stays a separate, parallel loop nest)
-                Elementwise.schedule_block(sch, b.block_rv)
+            except Exception:  # noqa: BLE001
+                return None
         epilogue = [b.block_rv for b in infos[index + 1:]]
+        # Epilogues are computed per output tile, so each must consume the tile (directly or through an earlier
+        # epilogue). A block that does not (a fused mask build) would be computed whole inside every tile, and what
+        # follows it would read rows of other tiles before they exist: decline such functions.
+        produced = {w.source.name for w in sch.get(block).writes}
+        for e in epilogue:
+            if not {r.source.name for r in sch.get(e).reads} & produced:
+                return None
+            produced |= {w.source.name for w in sch.get(e).writes}
 
         *spatial, k = sch.get_loops(block)
         i, j = spatial[-2], spatial[-1]
@@ -131,11 +140,12 @@ class RowReduction(dl.ScheduleRule):
         sch, infos = analyzed
         if len(infos) < 2 or not infos[-1].is_injective() or all(b.is_injective() for b in infos):
             return None
-        kinds = [b.dom_kind() for b in infos]
-        if any(not k or k[0] != "S" for k in kinds) or any(k.count("R") > 1 or (
-                "R" in k and not k.endswith("R")) for k in kinds):
+        # Only the plain shape: every block has the rank of the output, reductions over its last axis alone.
+        # (Mixed ranks, e.g. a keep-dims reduction next to a 1-D weight cast, broke the row mapping: those go to dlight.)
+        rank = len(infos[-1].dom_kind())
+        if any(b.dom_kind() not in ("S" * rank, "S" * (rank - 1) + "R") for b in infos):
             return None
-        lead = min(len(k) - len(k.lstrip("S")) for k in kinds)
+        lead = rank - 1
         partials = []
         for b in infos:
             if b.is_injective():
@@ -196,8 +206,18 @@ class Elementwise(dl.ScheduleRule):
             sch.vectorize(v_inner)
 
 
+class DlightReduction(dl.cpu.Reduction):
+    """dlight's CPU reduction rule, minus functions that store bools (it would vectorise those stores)."""
+
+    def apply(self, func, target: Target, tunable):
+        analyzed = _analyze(func)
+        if analyzed is None or not all(_vectorizable(analyzed[0], b.block_rv) for b in analyzed[1]):
+            return None
+        return super().apply(func, target, tunable)
+
+
 def cpu_rules():
-    return [Matmul(), RowReduction(), dl.cpu.Reduction(), Elementwise()]
+    return [Matmul(), RowReduction(), DlightReduction(), Elementwise()]
 
 
 def unscheduled(mod) -> list[str]:
