@@ -130,8 +130,9 @@ def eval_tables(result: dict) -> str:
     out = format_table(headers, rows, title=title)
     out += "\nwall time: " + ", ".join(f"{n} {runs[n]['seconds']:.2f} s" for n in names)
     if "parity" in result:
-        out += "\n\n" + format_table(["parity (torch vs artifact)", "value"],
-                                     [[k, v] for k, v in result["parity"].items()])
+        out += "\n\n" + format_table(["parity (torch vs artifact)", "value"],  # cosines near 1: show the digits
+                                     [[k, (f"{v:.7f}" if abs(v) >= 1e-3 else f"{v:.2e}") if isinstance(v, float) else v]
+                                      for k, v in result["parity"].items()])
         verdict = "OK" if result["passed"] else f"FAIL (drops over {result['max_drop']}: {result['failures']})"
         out += f"\n\nartifact vs torch: {verdict}"
     return out
