@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..api import Embedder, Reranker, find_artifacts
-from ..demo import reference_checkpoint
+from ..artifact import source_checkpoint
 from ..errors import ToolkitError
 from ..report import format_table
 from .datasets import load_dataset
@@ -90,7 +90,7 @@ def evaluate(task: str, dataset: str, artifact: str | Path | None = None, checkp
     compiled = cls.from_artifacts(artifact, instances=instances, truncation="truncate") if artifact else None
     try:
         if engine in ("both", "torch"):
-            ckpt = reference_checkpoint(find_artifacts(artifact), checkpoint) if artifact else checkpoint
+            ckpt = checkpoint or (source_checkpoint(find_artifacts(artifact)[0]) if artifact else None)
             if not ckpt:
                 raise ToolkitError("--checkpoint is required for the torch engine")
             with cls.from_checkpoint(ckpt, max_length=compiled.max_length if compiled else 8192,

@@ -104,6 +104,14 @@ def load_manifest(artifact_dir: str | Path, verify: bool = True) -> dict:
     return manifest
 
 
+def source_checkpoint(artifact_dir: str | Path) -> str:
+    """The checkpoint an artifact was built from (the torch reference for demo/eval): the resolved local directory if
+    it still exists, else what the build config named (e.g. a hub id)."""
+    model = read_manifest(artifact_dir).get("model", {})
+    resolved = model.get("resolved")
+    return resolved if resolved and Path(resolved).exists() else model.get("checkpoint") or ""
+
+
 def open_backend(artifact_dir: str | Path, threads: int | None = None, device_id: int = 0, verify: bool = True):
     """Load an artifact with the backend its manifest names."""
     from .backends import OnnxRuntimeBackend

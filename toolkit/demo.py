@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from .api import WEB_SEARCH_INSTRUCTION, Embedder, Reranker, find_artifacts
-from .artifact import read_manifest
+from .artifact import read_manifest, source_checkpoint
 from .errors import ToolkitError
 from .parity import TOLERANCES
 from .report import format_table
@@ -29,16 +29,6 @@ def default_artifact(task: str) -> Path:
     return path
 
 
-def reference_checkpoint(artifact_dirs: list[Path], checkpoint: str | None) -> str:
-    if checkpoint:
-        return checkpoint
-    model = read_manifest(artifact_dirs[0]).get("model", {})
-    resolved = model.get("resolved")
-    if resolved and Path(resolved).exists():
-        return resolved
-    return model.get("checkpoint") or ""
-
-
 def run_demo(task: str, artifact: str | Path | None, checkpoint: str | None, echo=print) -> bool:
     """Print the side-by-side tables; return True when the artifact is within tolerance of torch."""
     dirs = find_artifacts(artifact or default_artifact(task))
@@ -46,7 +36,7 @@ def run_demo(task: str, artifact: str | Path | None, checkpoint: str | None, ech
     tol = TOLERANCES[manifest["dtype"]]
     cls = Embedder if task == "embedding" else Reranker
     with cls.from_artifacts(artifact or dirs[0].parent, truncation="truncate") as compiled, \
-            cls.from_checkpoint(reference_checkpoint(dirs, checkpoint), max_length=compiled.max_length,
+            cls.from_checkpoint(checkpoint or source_checkpoint(dirs[0]), max_length=compiled.max_length,
                                 truncation="truncate") as torch_ref:
         echo(f"{task} demo: torch (unpatched Hugging Face, fp32) vs {manifest['backend']} artifact "
              f"({manifest['dtype']}, SEQ {[read_manifest(d)['seq_len'] for d in dirs]})\n")
