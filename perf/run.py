@@ -6,7 +6,6 @@ with run_async; latency then includes queueing, and throughput is what a saturat
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -17,28 +16,18 @@ from tqdm.auto import tqdm
 from ..artifact import load_manifest
 from ..checkpoint import load_tokenizer
 from ..errors import ToolkitError
+from ..eval.datasets import load_dataset
 from ..runtime import Engine
 from ..text import left_pad
 from ..tokenizer import ENDOFTEXT_ID
 
-TEXT_FIELDS = ("sentence1", "sentence2", "query", "text")
-
-
 def dataset_texts(path: Path, limit: int | None = None) -> list[str]:
-    """Texts from a JSONL dataset (STS/BQ sentence pairs, MS MARCO queries and passages)."""
+    """Texts of an evaluation-format JSONL file (STS/BQ sentence pairs, MS MARCO queries and passages), read with the
+    evaluation loaders so malformed rows get the same line-numbered errors."""
+    _, spec, examples = load_dataset(str(path), limit)  # each example gives at least one text
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ToolkitError(f"{path}:{line_no}: not valid JSON ({e})") from None
-            texts += [row[k] for k in TEXT_FIELDS if isinstance(row.get(k), str)]
-            texts += [p["text"] for k in ("positive_passages", "negative_passages") for p in row.get(k, [])]
-            if limit and len(texts) >= limit:
-                break
-    if not texts:
-        raise ToolkitError(f"{path} has no text fields ({', '.join(TEXT_FIELDS)})")
+    for e in examples:
+        texts += [e.sentence1, e.sentence2] if spec.kind == "pairs" else [e.query, *e.passages]
     return texts[:limit] if limit else texts
 
 

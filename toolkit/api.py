@@ -40,11 +40,11 @@ def find_artifacts(path: str | Path) -> list[Path]:
     found = sorted({p.parent for p in path.glob("*/" + MANIFEST)} | {p.parent for p in path.glob("*/*/" + MANIFEST)})
     if not found:
         raise ToolkitError(f"no artifact under {path}; compile one with `toolkit compile` (or `make quickstart`)")
-    manifests = [read_manifest(p) for p in found]
-    kinds = {(m["task"], m["backend"], m["batch"]) for m in manifests}
+    manifests = {p: read_manifest(p) for p in found}
+    kinds = {(m["task"], m["backend"], m["batch"]) for m in manifests.values()}
     if len(kinds) > 1:
         raise ToolkitError(f"{path} mixes artifacts of different task/backend/batch {sorted(kinds)}; point at one set")
-    return sorted(found, key=lambda p: read_manifest(p)["seq_len"])
+    return sorted(found, key=lambda p: manifests[p]["seq_len"])
 
 
 class BucketedRunner:
@@ -126,7 +126,7 @@ class _TextModel:
             return body
         if self.truncation == "error":
             raise ToolkitError(f"input #{i} has {len(body) + fixed} tokens but the largest artifact takes "
-                               f"{self.max_length}; pass truncation='truncate' (CLI: --truncate) or compile a larger SEQ")
+                               f"{self.max_length}; pass truncation='truncate' or compile a larger SEQ")
         counter[0] += 1
         return body[:room]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifact import open_backend, update_manifest, write_manifest
+from .artifact import load_manifest, open_backend, source_checkpoint, update_manifest, write_manifest
 from .backends import TorchReference
 from .checkpoint import checkpoint_info, load_tokenizer, resolve_checkpoint
 from .config import BuildConfig
@@ -130,10 +130,8 @@ def cuda_available(backend: str) -> bool:
 
 def validate_artifact(artifact: Path, checkpoint: str | None = None) -> dict:
     """Re-run an artifact's validation (e.g. on the GPU host for a CUDA build) and record it in the manifest."""
-    from .artifact import load_manifest
-
     manifest = load_manifest(artifact)
-    ckpt = resolve_checkpoint(checkpoint or manifest["model"]["resolved"])
+    ckpt = resolve_checkpoint(checkpoint or source_checkpoint(artifact))
     stats = validate(open_backend(artifact), TorchReference(ckpt, manifest["task"]),
                      load_tokenizer(artifact / "tokenizer"), manifest["task"], manifest["dtype"])
     update_manifest(artifact, validation=stats)

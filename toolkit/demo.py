@@ -31,11 +31,12 @@ def default_artifact(task: str) -> Path:
 
 def run_demo(task: str, artifact: str | Path | None, checkpoint: str | None, echo=print) -> bool:
     """Print the side-by-side tables; return True when the artifact is within tolerance of torch."""
-    dirs = find_artifacts(artifact or default_artifact(task))
+    source = artifact or default_artifact(task)
+    dirs = find_artifacts(source)
     manifest = read_manifest(dirs[0])
     tol = TOLERANCES[manifest["dtype"]]
     cls = Embedder if task == "embedding" else Reranker
-    with cls.from_artifacts(artifact or dirs[0].parent, truncation="truncate") as compiled, \
+    with cls.from_artifacts(source, truncation="truncate") as compiled, \
             cls.from_checkpoint(checkpoint or source_checkpoint(dirs[0]), max_length=compiled.max_length,
                                 truncation="truncate") as torch_ref:
         echo(f"{task} demo: torch (unpatched Hugging Face, fp32) vs {manifest['backend']} artifact "

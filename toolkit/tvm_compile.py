@@ -112,7 +112,6 @@ FAST_LEGALIZATION = {"relax.nn.softmax": _fast_softmax, "relax.sigmoid": _fast_s
 
 def lower(mod, target, schedule: bool = True):
     """Relax-level lowering, then (unless `schedule=False`, for checking) a schedule for every PrimFunc."""
-
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
@@ -142,7 +141,6 @@ def lower(mod, target, schedule: bool = True):
 
 def compile_tvm(onnx_path: Path, out_dir: Path, device: str, log=print) -> dict:
     """Compile the exported ONNX graph into `out_dir`; returns the manifest's engine fields."""
-
     from tvm import relax
 
     from .tvm_schedules import unscheduled
