@@ -18,6 +18,7 @@ install $(STAMP): pyproject.toml
 	@mkdir -p build && touch $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 # Both tasks at SEQ (comma-separated list for bucket sets). Without CHECKPOINT_* the configs' hub ids are used;

@@ -4,20 +4,29 @@
 - C-MTEB BQ (C-MTEB/BQ, test):        {"sentence1", "sentence2", "score": 0|1}
 - MS MARCO (zyznull/msmarco-passage-ranking, dev):
       {"query_id", "query", "positive_passages": [{"docid", "title", "text"}], "negative_passages": [...]}
+
+Instructions follow Qwen3-Embedding's own evaluation harness: STS12 and BQ use `SIMILARITY_INSTRUCTION` on both
+sentences, MS MARCO the web-search instruction on queries (passages bare). Passages are `title + " " + text` with
+surrounding whitespace stripped, as MTEB builds them.
 """
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ToolkitError
+from toolkit.errors import ToolkitError
+from toolkit.tasks import SIMILARITY_INSTRUCTION, WEB_SEARCH_INSTRUCTION
 
 SAMPLES = Path(__file__).parent / "samples"
+KINDS = ("pairs", "reranking")
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
+    """What a reference dataset is: its kind, where it lives, its gold range and the instruction its queries get."""
+
     kind: str  # "pairs" | "reranking"
     hub_id: str | None
     split: str | None
@@ -26,11 +35,9 @@ class DatasetSpec:
     file_name: str
 
 
-STS_INSTRUCTION = "Retrieve semantically similar text."
-WEB_SEARCH_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 DATASETS = {
-    "sts12": DatasetSpec("pairs", "mteb/sts12-sts", "test", (0.0, 5.0), STS_INSTRUCTION, "sts12_test.jsonl"),
-    "bq": DatasetSpec("pairs", "C-MTEB/BQ", "test", (0.0, 1.0), STS_INSTRUCTION, "bq_test.jsonl"),
+    "sts12": DatasetSpec("pairs", "mteb/sts12-sts", "test", (0.0, 5.0), SIMILARITY_INSTRUCTION, "sts12_test.jsonl"),
+    "bq": DatasetSpec("pairs", "C-MTEB/BQ", "test", (0.0, 1.0), SIMILARITY_INSTRUCTION, "bq_test.jsonl"),
     "msmarco": DatasetSpec("reranking", "zyznull/msmarco-passage-ranking", "dev", None, WEB_SEARCH_INSTRUCTION,
                            "msmarco_dev.jsonl"),
 }
@@ -39,6 +46,8 @@ SAMPLE_FILES = {f"{name}-sample": (name, SAMPLES / f"{name}_sample.jsonl") for n
 
 @dataclass
 class PairExample:
+    """One STS / BQ row: two sentences and their gold similarity."""
+
     sentence1: str
     sentence2: str
     score: float
@@ -46,10 +55,18 @@ class PairExample:
 
 @dataclass
 class RerankingExample:
+    """One MS MARCO query with its candidate passages (positives first, as the files list them)."""
+
     query_id: str
     query: str
     passages: list[str]
     labels: list[int]  # 1 = positive
+
+
+def names_of_kind(kind: str) -> list[str]:
+    """The dataset names (full and bundled samples) of one kind, e.g. for error messages."""
+    return [n for n, s in DATASETS.items() if s.kind == kind] + [
+        sample for sample, (n, _) in SAMPLE_FILES.items() if DATASETS[n].kind == kind]
 
 
 def _require(row: dict, key: str, kind, where: str):
@@ -60,8 +77,13 @@ def _require(row: dict, key: str, kind, where: str):
     return value
 
 
+def passage_text(title: str | None, text: str) -> str:
+    """A passage as MTEB builds it: `(title + " " + text).strip()`."""
+    return f"{title or ''} {text}".strip()
+
+
 def parse_row(row, kind: str, where: str, score_range=None):
-    """Validate one row; errors name the file and line."""
+    """Validate one row of a `kind` dataset into a PairExample or RerankingExample; errors name the file and line."""
     if not isinstance(row, dict):
         raise ToolkitError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if kind == "pairs":
@@ -72,11 +94,13 @@ def parse_row(row, kind: str, where: str, score_range=None):
     passages, labels = [], []
     for key, label in (("positive_passages", 1), ("negative_passages", 0)):
         for j, p in enumerate(_require(row, key, list, where) if key in row else []):
-            text = _require(p, "text", str, f"{where} {key}[{j}]") if isinstance(p, dict) else None
-            if text is None:
+            if not isinstance(p, dict):
                 raise ToolkitError(f"{where}: {key}[{j}] must be an object with a 'text' field")
-            title = p.get("title") or ""
-            passages.append(f"{title} {text}".strip() if title else text)
+            text = _require(p, "text", str, f"{where} {key}[{j}]")
+            title = p.get("title")
+            if title is not None and not isinstance(title, str):
+                raise ToolkitError(f"{where} {key}[{j}]: field 'title' must be a string, got {title!r}")
+            passages.append(passage_text(title, text))
             labels.append(label)
     if not passages:
         raise ToolkitError(f"{where}: no positive_passages or negative_passages")
@@ -92,55 +116,101 @@ def detect(first_row: dict, path: Path) -> tuple[str, DatasetSpec]:
     return name, DATASETS[name]
 
 
-def read_jsonl(path: Path, limit: int | None = None, spec: DatasetSpec | None = None):
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
+def _lines(path: Path):
+    """(line number, text) of each non-blank line; a line that is not UTF-8 is an error naming the file and line."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ToolkitError(f"cannot read {path}: {e.strerror or e}") from None
+    with f:
+        for line_no, raw in enumerate(f, 1):
+            if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ToolkitError(f"{where}: not valid JSON ({e.msg})") from None
-            if spec is None:
-                _, spec = detect(row if isinstance(row, dict) else {}, path)
-            examples.append(parse_row(row, spec.kind, where, spec.score_range))
-            if limit and len(examples) >= limit:
-                break
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ToolkitError(f"{path}:{line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                   f"{e.start + 1}); re-save the file as UTF-8") from None
+            if line.strip():
+                yield line_no, line
+
+
+def _json_row(path: Path, line_no: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ToolkitError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+
+
+def check_limit(limit) -> int | None:
+    """`limit` as given when it is None or a positive integer; anything else is an error."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ToolkitError(f"limit must be a positive number of examples, got {limit!r}; leave it out to use all")
+    return limit
+
+
+def read_jsonl(path: Path, limit: int | None = None, spec: DatasetSpec | None = None) -> list:
+    """The first `limit` examples (all when None) of a local JSONL file, in `spec`'s format (detected from the first
+    row when None)."""
+    check_limit(limit)
+    path = Path(path)
+    examples = []
+    for line_no, line in _lines(path):
+        row = _json_row(path, line_no, line)
+        if spec is None:
+            _, spec = detect(row if isinstance(row, dict) else {}, path)
+        examples.append(parse_row(row, spec.kind, f"{path}:{line_no}", spec.score_range))
+        if limit and len(examples) >= limit:
+            break
     if not examples:
         raise ToolkitError(f"{path} has no rows")
     return examples
 
 
-def load_dataset(name_or_path: str, limit: int | None = None, data_dir: str | Path | None = None):
-    """Returns (name, spec, examples). Looks for, in order: a JSONL path; a bundled sample (`sts12-sample`, ...);
-    `DATA_DIR/<file>` (as written by `toolkit data download`); the hub."""
+def resolve_dataset(name_or_path: str, data_dir: str | Path | None = None) -> tuple[str, DatasetSpec, Path | None]:
+    """`(name, spec, local file or None for the hub)` without reading the examples. Looks for, in order: a JSONL
+    path; a bundled sample (`sts12-sample`, ...); `DATA_DIR/<file>` (as written by `toolkit data download`); the
+    hub."""
     path = Path(name_or_path)
     if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            first = f.readline()
-        try:
-            name, spec = detect(json.loads(first), path)
-        except (json.JSONDecodeError, AttributeError, TypeError):
-            raise ToolkitError(f"{path}:1: not a JSON object") from None
-        return name, spec, read_jsonl(path, limit, spec)
+        for line_no, line in _lines(path):
+            row = _json_row(path, line_no, line)
+            if not isinstance(row, dict):
+                raise ToolkitError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+            name, spec = detect(row, path)
+            return name, spec, path
+        raise ToolkitError(f"{path} has no rows")
     if name_or_path in SAMPLE_FILES:
         name, sample = SAMPLE_FILES[name_or_path]
-        return name, DATASETS[name], read_jsonl(sample, limit, DATASETS[name])
+        return name, DATASETS[name], sample
     if name_or_path not in DATASETS:
         raise ToolkitError(f"unknown dataset {name_or_path!r}: use {sorted(DATASETS)}, "
                            f"{sorted(SAMPLE_FILES)} or a JSONL path")
     spec = DATASETS[name_or_path]
     if data_dir and (Path(data_dir) / spec.file_name).is_file():
-        return name_or_path, spec, read_jsonl(Path(data_dir) / spec.file_name, limit, spec)
-    rows = hub_rows(name_or_path)
-    examples = [parse_row(r, spec.kind, f"{spec.hub_id} row {i}", spec.score_range) for i, r in enumerate(rows, 1)
-                if not limit or i <= limit]
-    return name_or_path, spec, examples
+        return name_or_path, spec, Path(data_dir) / spec.file_name
+    return name_or_path, spec, None
+
+
+def read_examples(name: str, spec: DatasetSpec, source: Path | None, limit: int | None = None) -> list:
+    """The examples of a dataset resolved by `resolve_dataset` (from its file, or the hub when `source` is None)."""
+    check_limit(limit)
+    if source is not None:
+        return read_jsonl(source, limit, spec)
+    rows = hub_rows(name)
+    return [parse_row(r, spec.kind, f"{spec.hub_id} row {i}", spec.score_range) for i, r in enumerate(rows, 1)
+            if not limit or i <= limit]
+
+
+def load_dataset(name_or_path: str, limit: int | None = None, data_dir: str | Path | None = None):
+    """Returns (name, spec, examples); see `resolve_dataset` for where it looks."""
+    check_limit(limit)
+    name, spec, source = resolve_dataset(name_or_path, data_dir)
+    return name, spec, read_examples(name, spec, source, limit)
 
 
 def hub_rows(name: str) -> list[dict]:
+    """All rows of a reference dataset's split from the Hugging Face hub (an error naming the offline options)."""
     spec = DATASETS[name]
     try:
         import datasets

@@ -1,138 +1,235 @@
 """`toolkit eval`: the torch reference and the compiled artifact on the same inputs, metrics side by side, the deltas,
-and how closely the two engines' outputs agree item by item."""
+and how closely the two engines' outputs agree item by item (the task's own agreement measure).
+
+    result = evaluate(EvalOptions(task="embedding", dataset="sts12-sample", artifact="workspace/.../onnx"))
+    print(eval_tables(result))
+
+Everything task-specific comes from the `Task` (`toolkit.tasks`): which datasets it takes, how it ranks passages,
+which class runs it and how two engines' outputs are compared. Nothing here branches on the task's name.
+"""
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..api import Embedder, Reranker, find_artifacts
-from ..artifact import source_checkpoint
-from ..errors import ToolkitError
-from ..report import format_table
-from .datasets import load_dataset
-from .metrics import ranking_agreement, reranking_metrics, sts_correlations
+from toolkit.api import REFERENCE_MAX_LENGTH, model_class
+from toolkit.artifact import find_artifacts
+from toolkit.errors import ToolkitError
+from toolkit.eval.datasets import DatasetSpec, check_limit, names_of_kind, read_examples, resolve_dataset
+from toolkit.eval.metrics import ranking_agreement, reranking_metrics, sts_correlations
+from toolkit.report import format_table
+from toolkit.tasks import Task, get_task
 
-ENGINES = ("both", "torch", "artifact")
+RUNS = ("both", "torch", "artifact")
 DEFAULT_MAX_DROP = 0.01  # the artifact may trail torch by at most this much on any metric (0..1 scale)
 
 
-def _embed_pairs(model: Embedder, examples, instruction: str):
+@dataclass(frozen=True)
+class EvalOptions:
+    """What `evaluate` runs. `task`: "embedding" | "reranker"; `dataset`: a name (`sts12`, `bq`, `msmarco`), a bundled
+    sample (`sts12-sample`, ...) or a JSONL path; `artifact`: an artifact or bucket-set directory (needed unless
+    `run="torch"`); `checkpoint`: the torch reference (default: the one the artifact was built from); `run`: "both" |
+    "torch" | "artifact"; `limit`: the first N examples; `data_dir`: where `toolkit data download` wrote the JSONL;
+    `max_drop`: how far the artifact may trail torch on any metric; `instances`: engine instances per artifact;
+    `instruction`: overrides the dataset's instruction ("" means no instruction prefix at all)."""
+
+    task: str
+    dataset: str
+    artifact: str | Path | None = None
+    checkpoint: str | Path | None = None
+    run: str = "both"
+    limit: int | None = None
+    data_dir: str | Path | None = None
+    max_drop: float = DEFAULT_MAX_DROP
+    instances: int = 1
+    instruction: str | None = None
+
+    @property
+    def sides(self) -> tuple[str, ...]:
+        """The runs to do, in order: ("torch", "artifact"), ("torch",) or ("artifact",)."""
+        return ("torch", "artifact") if self.run == "both" else (self.run,)
+
+    def check(self) -> "EvalOptions":
+        """Validate every option before anything is loaded; a bad one is a ToolkitError naming the fix."""
+        get_task(self.task)
+        if not isinstance(self.dataset, (str, Path)) or not str(self.dataset):
+            raise ToolkitError(f"dataset must be a name or a JSONL path, got {self.dataset!r}")
+        if self.run not in RUNS:
+            raise ToolkitError(f"run must be one of {', '.join(RUNS)}, got {self.run!r}")
+        check_limit(self.limit)
+        if isinstance(self.max_drop, bool) or not isinstance(self.max_drop, (int, float)) \
+                or not math.isfinite(self.max_drop) or self.max_drop < 0:
+            raise ToolkitError(f"max_drop must be a finite number >= 0 (e.g. {DEFAULT_MAX_DROP}), "
+                               f"got {self.max_drop!r}")
+        if isinstance(self.instances, bool) or not isinstance(self.instances, int) or self.instances < 1:
+            raise ToolkitError(f"instances must be an integer >= 1, got {self.instances!r}")
+        if self.instruction is not None and not isinstance(self.instruction, str):
+            raise ToolkitError(f"instruction must be a text (\"\" for none), got {type(self.instruction).__name__}")
+        if self.artifact is None and "artifact" in self.sides:
+            raise ToolkitError("--artifact DIR is required unless --run torch (with --checkpoint)")
+        if self.artifact is None and self.checkpoint is None:
+            raise ToolkitError("the torch run needs --checkpoint (or --artifact, whose manifest names its checkpoint)")
+        return self
+
+
+def embed_pairs(model, examples: list, instruction: str) -> tuple[np.ndarray, np.ndarray]:
+    """Embed every distinct sentence once (a symmetric task: the instruction on both sides) and return
+    `(embeddings, cosine of each pair)`."""
     texts = sorted({t for e in examples for t in (e.sentence1, e.sentence2)})
     index = {t: i for i, t in enumerate(texts)}
-    vectors = model.encode(texts, instruction=instruction, progress=True)  # symmetric task: instruction on both sides
+    vectors = model.encode(texts, instruction=instruction, progress=True)
     a = vectors[[index[e.sentence1] for e in examples]]
     b = vectors[[index[e.sentence2] for e in examples]]
     return vectors, np.sum(a * b, axis=-1)
 
 
-def _embed_reranking(model: Embedder, examples, instruction: str):
-    queries = model.encode_queries([e.query for e in examples], instruction=instruction, progress=True)
-    passages = model.encode_documents([p for e in examples for p in e.passages], progress=True)
-    scores, start = [], 0
-    for q, e in zip(queries, examples):
-        scores.append(passages[start:start + len(e.passages)] @ q)
-        start += len(e.passages)
-    return np.concatenate([queries, passages]), scores
-
-
-def _rerank(model: Reranker, examples, instruction: str):
-    flat = model.score([(e.query, p) for e in examples for p in e.passages], instruction, progress=True)
-    scores, start = [], 0
-    for e in examples:
-        scores.append(flat[start:start + len(e.passages)])
-        start += len(e.passages)
-    return flat, scores
-
-
-def run_engine(model, task: str, spec, examples) -> dict:
-    """Outputs (`items`: embeddings or scores, one per text/pair) and metrics of one engine."""
+def run_model(model, task: Task, spec: DatasetSpec, examples: list, instruction: str) -> dict:
+    """One engine on the dataset: `items` (the finished outputs compared between engines: embeddings or P(yes)),
+    `per_query` scores (ranking data), `metrics`, `seconds` and the count of non-finite output values."""
     started = time.perf_counter()
     if spec.kind == "pairs":
-        items, sims = _embed_pairs(model, examples, spec.instruction)
-        metrics = sts_correlations(sims, np.array([e.score for e in examples]), spec.score_range)
+        items, similarity = embed_pairs(model, examples, instruction)
+        metrics = sts_correlations(similarity, np.array([e.score for e in examples]), spec.score_range)
         per_query = None
     else:
-        items, per_query = (_embed_reranking if task == "embedding" else _rerank)(model, examples, spec.instruction)
+        items, per_query = task.rank_passages(model, [e.query for e in examples], [e.passages for e in examples],
+                                              instruction)
         metrics = reranking_metrics(per_query, [e.labels for e in examples])
+    items = np.asarray(items)
     return {"items": items, "per_query": per_query, "metrics": metrics,
             "seconds": time.perf_counter() - started, "nonfinite": int((~np.isfinite(items)).sum())}
 
 
-def parity(task: str, spec, torch_run: dict, artifact_run: dict) -> dict:
-    a, b = torch_run["items"], artifact_run["items"]
-    out = {"nonfinite_torch": torch_run["nonfinite"], "nonfinite_artifact": artifact_run["nonfinite"]}
-    if task == "embedding":
-        cos = np.sum(a * b, axis=-1)
-        out.update(cosine_min=float(cos.min()), cosine_p1=float(np.percentile(cos, 1)), cosine_mean=float(cos.mean()))
-    else:
-        diff = np.abs(a - b)
-        out.update(score_abs_diff_max=float(diff.max()), score_abs_diff_mean=float(diff.mean()))
+def parity(task: Task, torch_run: dict, artifact_run: dict) -> dict:
+    """Item-by-item agreement of the two engines (the task's measure), their non-finite counts and, on ranking data,
+    Kendall tau between their per-query rankings."""
+    out = {**task.agreement(torch_run["items"], artifact_run["items"]),
+           "nonfinite_torch": torch_run["nonfinite"], "nonfinite_artifact": artifact_run["nonfinite"]}
     if torch_run["per_query"] is not None:
         out.update(ranking_agreement(torch_run["per_query"], artifact_run["per_query"]))
     return out
 
 
-def evaluate(task: str, dataset: str, artifact: str | Path | None = None, checkpoint: str | None = None,
-             engine: str = "both", limit: int | None = None, data_dir: str | Path | None = None,
-             max_drop: float = DEFAULT_MAX_DROP, instances: int = 1) -> dict:
-    if engine not in ENGINES:
-        raise ToolkitError(f"engine must be one of {ENGINES}")
-    name, spec, examples = load_dataset(dataset, limit, data_dir)
-    if task == "reranker" and spec.kind != "reranking":
-        raise ToolkitError(f"{name} is a sentence-pair dataset; the reranker is evaluated on msmarco")
-    if artifact is None and engine != "torch":
-        raise ToolkitError("--artifact is required unless --engine torch")
-    cls = Embedder if task == "embedding" else Reranker
-    result = {"task": task, "dataset": name, "source": dataset, "examples": len(examples), "runs": {}}
+def metric_keys(metrics: dict) -> list[str]:
+    """The metric values (floats; counts such as `queries` are not metrics)."""
+    return [k for k, v in metrics.items() if isinstance(v, float)]
+
+
+def metric_deltas(torch_metrics: dict, artifact_metrics: dict) -> dict:
+    """artifact - torch for every metric (NaN when either side is NaN)."""
+    return {k: artifact_metrics[k] - torch_metrics[k] for k in metric_keys(torch_metrics) if k in artifact_metrics}
+
+
+def gate(artifact_metrics: dict, delta: dict | None, max_drop: float, nonfinite_artifact: int = 0) -> dict:
+    """Why the artifact fails, `{what: reason}` (empty: it passes). It fails on non-finite outputs, on any metric that
+    is not finite, on any delta that is missing or not finite (with `delta=None`, i.e. no torch run, deltas are not
+    checked), and on any metric more than `max_drop` below torch."""
+    failures = {}
+    if nonfinite_artifact:
+        failures["outputs"] = f"{nonfinite_artifact} non-finite values in the artifact's outputs"
+    keys = metric_keys(artifact_metrics) + [k for k in (delta or {}) if k not in artifact_metrics]
+    for k in keys:
+        value = artifact_metrics.get(k)
+        if not isinstance(value, float) or not math.isfinite(value):
+            failures[k] = f"artifact value is {value}"
+        elif delta is None:
+            continue
+        elif not isinstance(delta.get(k), float) or not math.isfinite(delta[k]):
+            failures[k] = f"delta is {delta.get(k)} (the torch value is not finite)"
+        elif -delta[k] > max_drop:
+            failures[k] = f"{-delta[k]:.4f} below torch (max drop {max_drop})"
+    return failures
+
+
+def _check_kind(task: Task, name: str, spec: DatasetSpec) -> None:
+    if spec.kind not in task.dataset_kinds:
+        usable = [n for kind in task.dataset_kinds for n in names_of_kind(kind)]
+        raise ToolkitError(f"the {task.name} task cannot be evaluated on {name} (a {spec.kind} dataset); use "
+                           f"{', '.join(usable)} or a JSONL file in one of those formats")
+
+
+def evaluate(options: EvalOptions) -> dict:
+    """Run torch and/or the artifact on the dataset; returns the result record: metrics and wall time per run, the
+    instruction used, and with both runs the deltas, the parity and the verdict (`passed`, `failures`)."""
+    if not isinstance(options, EvalOptions):
+        raise ToolkitError(f"evaluate takes an EvalOptions, got {type(options).__name__}")
+    options.check()
+    task = get_task(options.task)
+    name, spec, source = resolve_dataset(str(options.dataset), options.data_dir)
+    _check_kind(task, name, spec)
+    manifests = find_artifacts(options.artifact) if options.artifact is not None else None
+    if manifests and manifests[0].task != task.name:
+        raise ToolkitError(f"{options.artifact} holds {manifests[0].task} artifacts; pass --task {manifests[0].task} "
+                           f"or a {task.name} artifact")
+    examples = read_examples(name, spec, source, options.limit)
+    instruction = spec.instruction if options.instruction is None else options.instruction
+    cls = model_class(task)
+    result = {"task": task.name, "dataset": name, "source": str(options.dataset), "examples": len(examples),
+              "instruction": instruction, "runs": {}}
     runs = {}
-    compiled = cls.from_artifacts(artifact, instances=instances, truncation="truncate") if artifact else None
+    compiled = None
+    if "artifact" in options.sides:
+        compiled = cls.from_artifacts(options.artifact, instances=options.instances, truncation="truncate")
     try:
-        if engine in ("both", "torch"):
-            ckpt = checkpoint or (source_checkpoint(find_artifacts(artifact)[0]) if artifact else None)
-            if not ckpt:
-                raise ToolkitError("--checkpoint is required for the torch engine")
-            with cls.from_checkpoint(ckpt, max_length=compiled.max_length if compiled else 8192,
-                                     truncation="truncate") as ref:
-                runs["torch"] = run_engine(ref, task, spec, examples)
-        if engine in ("both", "artifact"):
-            runs["artifact"] = run_engine(compiled, task, spec, examples)
-            result["artifact"] = str(artifact)
+        if "torch" in options.sides:
+            checkpoint = options.checkpoint or manifests[0].reference_checkpoint()
+            # the artifact's truncation: the same token rows for both engines
+            max_length = max(m.seq_len for m in manifests) if manifests else REFERENCE_MAX_LENGTH
+            with cls.from_checkpoint(checkpoint, max_length=max_length, truncation="truncate") as reference:
+                runs["torch"] = run_model(reference, task, spec, examples, instruction)
+        if compiled is not None:
+            runs["artifact"] = run_model(compiled, task, spec, examples, instruction)
+            result["artifact"] = str(options.artifact)
     finally:
-        if compiled:
+        if compiled is not None:
             compiled.close()
     for k, r in runs.items():
         result["runs"][k] = {"metrics": r["metrics"], "seconds": r["seconds"], "nonfinite": r["nonfinite"]}
+    delta = None
     if len(runs) == 2:
-        t, a = runs["torch"]["metrics"], runs["artifact"]["metrics"]
-        result["delta"] = {k: a[k] - t[k] for k in t if isinstance(t[k], float)}
-        result["parity"] = parity(task, spec, runs["torch"], runs["artifact"])
-        drops = {k: -d for k, d in result["delta"].items() if -d > max_drop}
-        result["max_drop"] = max_drop
-        result["passed"] = not drops and runs["artifact"]["nonfinite"] == 0
-        result["failures"] = drops
+        delta = result["delta"] = metric_deltas(runs["torch"]["metrics"], runs["artifact"]["metrics"])
+        result["parity"] = parity(task, runs["torch"], runs["artifact"])
+    if "artifact" in runs:
+        failures = gate(runs["artifact"]["metrics"], delta, options.max_drop, runs["artifact"]["nonfinite"])
+        result.update(max_drop=options.max_drop, passed=not failures, failures=failures)
     return result
 
 
+def _parity_value(v):
+    # cosines near 1 and P(yes) differences near 0: show the digits that matter
+    if isinstance(v, float):
+        return f"{v:.7f}" if abs(v) >= 1e-3 else f"{v:.2e}"
+    return v
+
+
 def eval_tables(result: dict) -> str:
+    """The printed report: the metric table (with deltas), wall times, the parity table and the verdict line."""
     runs = result["runs"]
     names = list(runs)
-    metric_keys = [k for k, v in runs[names[0]]["metrics"].items() if isinstance(v, float)]
     rows = []
-    for k in metric_keys:
+    for k in metric_keys(runs[names[0]]["metrics"]):
         row = [k] + [runs[n]["metrics"][k] for n in names]
         if "delta" in result:
-            row.append(result["delta"][k])
+            row.append(result["delta"].get(k, float("nan")))
         rows.append(row)
     headers = ["metric"] + names + (["delta"] if "delta" in result else [])
-    title = f"{result['task']} on {result['dataset']} ({result['examples']} examples from {result['source']})"
+    title = (f"{result['task']} on {result['dataset']} ({result['examples']} examples from {result['source']}), "
+             f"instruction {result['instruction']!r}")
     out = format_table(headers, rows, title=title)
     out += "\nwall time: " + ", ".join(f"{n} {runs[n]['seconds']:.2f} s" for n in names)
+    skipped = runs[names[0]]["metrics"].get("queries_without_positive")
+    if skipped:
+        out += f"\n{skipped} queries without a positive passage left out of the means"
     if "parity" in result:
-        out += "\n\n" + format_table(["parity (torch vs artifact)", "value"],  # cosines near 1: show the digits
-                                     [[k, (f"{v:.7f}" if abs(v) >= 1e-3 else f"{v:.2e}") if isinstance(v, float) else v]
-                                      for k, v in result["parity"].items()])
-        verdict = "OK" if result["passed"] else f"FAIL (drops over {result['max_drop']}: {result['failures']})"
-        out += f"\n\nartifact vs torch: {verdict}"
+        out += "\n\n" + format_table(["parity (torch vs artifact)", "value"],
+                                     [[k, _parity_value(v)] for k, v in result["parity"].items()])
+    if "passed" in result:
+        what = "artifact vs torch" if "delta" in result else "artifact"
+        verdict = "OK" if result["passed"] else "FAIL (" + "; ".join(
+            f"{k}: {why}" for k, why in result["failures"].items()) + ")"
+        out += f"\n\n{what}: {verdict}"
     return out

@@ -24,14 +24,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import override
 
-TASKS = ("embedding", "reranker")
-NO_TOKEN_ID, YES_TOKEN_ID = 2152, 9693
+from toolkit.errors import ToolkitError
+from toolkit.tokenizer import NO_TOKEN_ID, YES_TOKEN_ID
+
+HEADS = ("last_hidden", "yes_no_logits")  # the graph outputs of the two tasks (Task.output_name)
 MASKED_SCORE = -1e9  # finite, so an all-masked (padding) row softmaxes to uniform instead of NaN
 
 
 @dataclass(frozen=True)
 class Qwen3Shape:
+    """The architecture numbers of a Qwen3 checkpoint."""
+
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
@@ -45,11 +50,12 @@ class Qwen3Shape:
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "Qwen3Shape":
+        """The shape in a Hugging Face config.json; refuses what the patched model does not implement."""
         if cfg.get("model_type") != "qwen3":
-            raise ValueError(f"expected a Qwen3 checkpoint (model_type 'qwen3'), got {cfg.get('model_type')!r}")
+            raise ToolkitError(f"expected a Qwen3 checkpoint (model_type 'qwen3'), got {cfg.get('model_type')!r}")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise ValueError(f"rope scaling {rope!r} is not supported by the patched model")
+            raise ToolkitError(f"rope scaling {rope!r} is not supported by the patched model")
         return cls(
             hidden_size=cfg["hidden_size"],
             num_hidden_layers=cfg["num_hidden_layers"],
@@ -72,28 +78,35 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square norm, statistics in the activation dtype (fp32)."""
+
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
         self.eps = eps
 
+    @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         variance = x.pow(2).mean(-1, keepdim=True)
         return x * torch.rsqrt(variance + self.eps) * self.weight.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """RoPE's rotation: (x1, x2) → (-x2, x1) over the two halves of the head dimension."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class Attention(nn.Module):
+    """Grouped-query self-attention with q/k RMSNorm and RoPE, explicit additive mask."""
+
     def __init__(self, s: Qwen3Shape):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = s.num_attention_heads, s.num_key_value_heads, s.head_dim
@@ -104,6 +117,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(s.head_dim, s.rms_norm_eps)
         self.k_norm = RMSNorm(s.head_dim, s.rms_norm_eps)
 
+    @override
     def forward(self, x, cos, sin, mask):
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)).transpose(1, 2)
@@ -122,17 +136,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
     def __init__(self, s: Qwen3Shape):
         super().__init__()
         self.gate_proj = Linear(s.hidden_size, s.intermediate_size, False)
         self.up_proj = Linear(s.hidden_size, s.intermediate_size, False)
         self.down_proj = Linear(s.intermediate_size, s.hidden_size, False)
 
+    @override
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer: attention and MLP, each with a residual."""
+
     def __init__(self, s: Qwen3Shape):
         super().__init__()
         self.self_attn = Attention(s)
@@ -140,28 +159,30 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
 
+    @override
     def forward(self, x, cos, sin, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Qwen3ForDeployment(nn.Module):
-    """`forward(input_ids [B,T] int64, attention_mask [B,T] int64)` → embeddings `[B, hidden]` (un-normalised, last
-    token) for the embedding task, or `[B, 2]` ("no", "yes") logits at the last token for the reranker task.
-    Inputs must be left-padded, as the Qwen3-Embedding/Reranker tokenizers do."""
+    """`forward(input_ids [B,T] int64, attention_mask [B,T] int64)` → with head `last_hidden`, `[B, hidden]` (the
+    un-normalised last-token state: embeddings); with head `yes_no_logits`, `[B, 2]` ("no", "yes") logits at the last
+    token (reranker). Inputs must be left-padded, as the Qwen3-Embedding/Reranker tokenizers do."""
 
-    def __init__(self, shape: Qwen3Shape, task: str, insert_slice: bool = True):
+    def __init__(self, shape: Qwen3Shape, head: str, insert_slice: bool = True):
         super().__init__()
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        self.shape, self.task, self.insert_slice = shape, task, insert_slice
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        self.shape, self.head, self.insert_slice = shape, head, insert_slice
         self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(shape) for _ in range(shape.num_hidden_layers))
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
-        if task == "reranker":
+        if head == "yes_no_logits":
             self.yes_no_head = nn.Parameter(torch.empty(2, shape.hidden_size), requires_grad=False)
 
+    @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         b, t = input_ids.shape
         x = self.embed_tokens(input_ids).float()
@@ -179,28 +200,33 @@ class Qwen3ForDeployment(nn.Module):
         if self.insert_slice:
             x = x[:, -1:, :]  # the strided slice: only the last (left-padded) position survives to the norm/head
         x = self.norm(x)[:, -1, :]
-        if self.task == "embedding":
+        if self.head == "last_hidden":
             return x
         return F.linear(x, self.yes_no_head.to(x.dtype))
 
     # ---- loading ---------------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, checkpoint_dir: str | Path, task: str, dtype: torch.dtype = torch.float32,
+    def from_pretrained(cls, checkpoint_dir: str | Path, head: str, dtype: torch.dtype = torch.float32,
                         insert_slice: bool = True) -> "Qwen3ForDeployment":
         """Build from a local Hugging Face Qwen3 checkpoint directory (config.json + *.safetensors)."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         checkpoint_dir = Path(checkpoint_dir)
         hf_config = json.loads((checkpoint_dir / "config.json").read_text())
-        model = cls(Qwen3Shape.from_hf_config(hf_config), task, insert_slice)
+        model = cls(Qwen3Shape.from_hf_config(hf_config), head, insert_slice)
         files = sorted(checkpoint_dir.glob("*.safetensors"))
         if not files:
-            raise FileNotFoundError(f"no *.safetensors weights in {checkpoint_dir}")
+            raise ToolkitError(f"no *.safetensors weights in {checkpoint_dir}; re-download the checkpoint")
         state = {}
         for f in files:
-            for k, v in load_file(str(f)).items():
+            try:
+                tensors = load_file(str(f))
+            except (SafetensorError, OSError) as e:
+                raise ToolkitError(f"{f} is unreadable ({e}); it is truncated or corrupt: re-download it") from None
+            for k, v in tensors.items():
                 state[k.removeprefix("model.")] = v
-        if task == "reranker":
+        if head == "yes_no_logits":
             # lm_head is tied to embed_tokens in 0.6B/4B (absent from the file) and separate in 8B.
             head = state.pop("lm_head.weight", None)
             if head is None:
@@ -210,6 +236,6 @@ class Qwen3ForDeployment(nn.Module):
             state.pop("lm_head.weight", None)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"checkpoint {checkpoint_dir} does not match Qwen3: missing {missing[:5]}, "
+            raise ToolkitError(f"checkpoint {checkpoint_dir} does not match Qwen3: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
         return model.to(dtype).eval()

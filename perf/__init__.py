@@ -1,1 +1,7 @@
-"""Performance tools: `perf run`, `perf compare`, bucket benchmark."""
+"""Performance tools (`toolkit.perf`), each an options dataclass checked before any model loads, a run function
+returning a JSON-ready dict, and a report function; `perf/cli.py` wires them to the `perf` command:
+
+- `perf run` (`run.PerfRunOptions`, `run.run_perf`): throughput and latency percentiles of one artifact.
+- `perf compare` (`compare.CompareOptions`, `compare.run_compare`): torch eager vs ONNX Runtime vs TVM.
+- `perf buckets` (`buckets.BucketOptions`, `buckets.run_bucket_benchmark`): fixed SEQ vs a bucket set.
+"""

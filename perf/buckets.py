@@ -1,26 +1,87 @@
-"""What sequence buckets buy: one dataset embedded with a single fixed-SEQ artifact vs a bucket set, same backend,
-same process, side by side."""
+"""`perf buckets`, what sequence buckets buy: one dataset embedded with a single fixed-SEQ artifact vs a bucket set,
+same backend, same process, side by side.
+
+    result = run_bucket_benchmark(BucketOptions(fixed="ws/.../onnx/seq512", buckets="ws/.../onnx", data="sts12-sample"))
+"""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
-from ..api import Embedder
-from .run import dataset_texts
+from toolkit.api import Embedder
+from toolkit.artifact import find_artifacts
+from toolkit.errors import ToolkitError
+from toolkit.perf.run import check_int, dataset_texts
+from toolkit.report import format_table
+from toolkit.text import left_pad
+from toolkit.tokenizer import ENDOFTEXT_ID
 
 
-def run_bucket_benchmark(fixed: str | Path, buckets: str | Path, data: str | Path, limit: int | None = None,
-                         instances: int = 1) -> dict:
-    texts = dataset_texts(Path(data), limit)
-    result = {"data": str(data), "texts": len(texts)}
-    outputs = {}
-    for name, path in (("fixed", fixed), ("buckets", buckets)):
-        with Embedder.from_artifacts(path, instances=instances, truncation="truncate") as model:
-            model.encode(texts[: 2 * (model.runner.engines[0].batch or 1)])  # warm-up
+@dataclass(frozen=True)
+class BucketOptions:
+    """What `perf buckets` compares. `check()` validates every field before a model is loaded.
+
+    - `fixed`: one embedding artifact at a large SEQ.
+    - `buckets`: a bucket set (directory of embedding artifacts at several SEQs), same backend.
+    - `data`: a dataset, as a JSONL path or a name the eval loaders know (e.g. `sts12-sample`).
+    - `limit`: use the first N texts; `instances`: engine instances per artifact.
+    """
+
+    FLAGS: ClassVar[dict] = {"fixed": "--fixed", "buckets": "--buckets", "data": "--data", "limit": "--limit",
+                             "instances": "--instance"}
+
+    fixed: str | Path
+    buckets: str | Path
+    data: str | Path
+    limit: int | None = None
+    instances: int = 1
+
+    def check(self) -> "BucketOptions":
+        """Raise ToolkitError (naming the command-line option) for the first invalid field; return self."""
+        if self.limit is not None:
+            check_int(self.limit, self.FLAGS["limit"], 1)
+        check_int(self.instances, self.FLAGS["instances"], 1)
+        for name in ("fixed", "buckets", "data"):
+            value = getattr(self, name)
+            if not isinstance(value, (str, Path)) or not str(value).strip():
+                raise ToolkitError(f"{self.FLAGS[name]} is required, got {value!r}")
+        return self
+
+
+def check_artifacts(options: BucketOptions) -> None:
+    """Before any model loads: `fixed` is one artifact and both sides hold embedding artifacts of one backend."""
+    fixed, buckets = find_artifacts(options.fixed), find_artifacts(options.buckets)
+    if len(fixed) != 1:
+        raise ToolkitError(f"--fixed must be one artifact directory (e.g. .../onnx/seq512), {options.fixed} holds "
+                           f"{len(fixed)}; pass the set as --buckets")
+    for flag, manifests in (("--fixed", fixed), ("--buckets", buckets)):
+        if manifests[0].task != "embedding":
+            raise ToolkitError(f"{flag} holds {manifests[0].task} artifacts; perf buckets embeds texts, pass "
+                               "embedding artifacts")
+    if fixed[0].backend != buckets[0].backend:
+        raise ToolkitError(f"--fixed is a {fixed[0].backend} artifact but --buckets holds {buckets[0].backend} "
+                           "artifacts; compare one backend at a time")
+
+
+def run_bucket_benchmark(options: BucketOptions, progress: bool = False) -> dict:
+    """Embed the dataset's texts with the fixed artifact, then with the bucket set (texts longer than the largest SEQ
+    are truncated on both sides). Returns per side the SEQs, texts per bucket, seconds and texts/s, plus `speedup`
+    (fixed seconds / bucket seconds), `min_cosine_fixed_vs_buckets` and the texts' token lengths."""
+    options.check()
+    check_artifacts(options)
+    texts = dataset_texts(options.data, options.limit)
+    result = {"data": str(options.data), "texts": len(texts)}
+    outputs, lengths = {}, []
+    for name, path in (("fixed", options.fixed), ("buckets", options.buckets)):
+        with Embedder.from_artifacts(path, instances=options.instances, truncation="truncate") as model:
+            for engine in model.runner.engines:  # warm-up: one batch through every bucket
+                engine.run_sync(*left_pad([[ENDOFTEXT_ID]], engine.seq_len, ENDOFTEXT_ID, engine.batch))
             started = time.perf_counter()
-            outputs[name] = model.encode(texts, progress=True)
+            outputs[name] = model.encode(texts, progress=progress)
             seconds = time.perf_counter() - started
             lengths = [len(r) for r in model.tokenize(texts)]
             used = {e.seq_len: 0 for e in model.runner.engines}
@@ -33,3 +94,15 @@ def run_bucket_benchmark(fixed: str | Path, buckets: str | Path, data: str | Pat
     result["token_lengths"] = {"mean": float(np.mean(lengths)), "p50": float(np.median(lengths)),
                                "max": int(np.max(lengths))}
     return result
+
+
+def bucket_report(result: dict) -> str:
+    """The `run_bucket_benchmark` result as a table and the speed-up line."""
+    rows = [[name, str(result[name]["seq_lens"]), str(result[name]["rows_per_bucket"]), result[name]["seconds"],
+             result[name]["texts_per_s"]] for name in ("fixed", "buckets")]
+    lengths = result["token_lengths"]
+    table = format_table(["run", "SEQs", "texts per bucket", "seconds", "texts/s"], rows,
+                         title=f"{result['texts']} texts from {result['data']} (tokens mean {lengths['mean']:.1f}, "
+                               f"max {lengths['max']})")
+    return (f"{table}\nbucket speed-up: {result['speedup']:.2f}x   (min cosine fixed vs buckets "
+            f"{result['min_cosine_fixed_vs_buckets']:.6f})")

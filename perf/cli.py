@@ -1,14 +1,26 @@
-"""The `perf` command (also `toolkit perf`)."""
+"""The `perf` command (also `toolkit perf`): thin shells that build an options dataclass by keyword, run it, print
+the table and write the JSON. Heavy imports wait until a command runs."""
 from __future__ import annotations
 
 import click
 
-from ..cli_base import ToolkitGroup
-from ..report import format_table, write_json
+from toolkit.cli_base import ToolkitGroup
+from toolkit.errors import ToolkitError
+from toolkit.report import write_json
 
 
-def int_list(value: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in value.split(",") if v.strip())
+def number_list(value: str, flag: str, kind=float) -> tuple:
+    """`"50,90,99"` → `(50.0, 90.0, 99.0)` (or ints with `kind=int`). Empty items are skipped; an unparsable item or
+    an empty list is a ToolkitError naming `flag`. The values' ranges are the options' `check()`'s business."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        if items:
+            return tuple(kind(v) for v in items)
+    except ValueError:
+        pass
+    example = "0 or 0,1" if kind is int else "50,90,99"
+    raise ToolkitError(f"{flag} must be a comma-separated list of {'integers' if kind is int else 'numbers'} "
+                       f"such as {example}, got {value!r}")
 
 
 @click.group(cls=ToolkitGroup)
@@ -18,23 +30,27 @@ def perf():
 
 @perf.command("run")
 @click.option("--artifact", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--percentiles", default="50,90,99", show_default=True)
+@click.option("--percentiles", default="50,90,99", show_default=True, help="latency percentiles, each in 0..100")
 @click.option("--instance", "instances", type=int, default=1, show_default=True)
 @click.option("--batch-size", type=int, help="must equal the artifact's static batch (default: that batch)")
 @click.option("--iterations", type=int, default=100, show_default=True)
 @click.option("--queue-size", type=int, default=0, show_default=True,
               help="0 = latency mode (one request in flight per instance); Q > 0 = throughput mode")
-@click.option("--device-ids", default="0", show_default=True)
-@click.option("--input", "source", default="random", show_default=True, help="random | PATH to a JSONL dataset")
-@click.option("--warmup", type=int, default=3, show_default=True)
+@click.option("--device-ids", default="0", show_default=True, help="comma-separated, e.g. 0,1")
+@click.option("--input", "source", default="random", show_default=True,
+              help="random | a dataset: JSONL PATH or a name such as sts12-sample (real token lengths)")
+@click.option("--warmup", type=int, default=3, show_default=True, help="untimed batches per instance first")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
 def run_cmd(artifact, percentiles, instances, batch_size, iterations, queue_size, device_ids, source, warmup,
             json_out):
     """Throughput (sequences/s, tokens/s) and latency avg/min/max/percentiles of one artifact."""
-    from .run import perf_table, run_perf
+    from toolkit.perf.run import PerfRunOptions, perf_table, run_perf
 
-    result = run_perf(artifact, instances, batch_size, iterations, queue_size,
-                      tuple(float(p) for p in percentiles.split(",")), int_list(device_ids), source, warmup)
+    options = PerfRunOptions(artifact=artifact, instances=instances, batch_size=batch_size, iterations=iterations,
+                             queue_size=queue_size, percentiles=number_list(percentiles, "--percentiles"),
+                             device_ids=number_list(device_ids, "--device-ids", int), source=source,
+                             warmup=warmup).check()
+    result = run_perf(options, progress=True)
     click.echo(perf_table(result))
     write_json(json_out, result)
 
@@ -44,41 +60,35 @@ def run_cmd(artifact, percentiles, instances, batch_size, iterations, queue_size
               help="one embedding artifact at a large SEQ (e.g. .../onnx/seq512)")
 @click.option("--buckets", required=True, type=click.Path(exists=True, file_okay=False),
               help="a bucket set: directory of embedding artifacts at several SEQs")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="JSONL, e.g. sts12_test.jsonl")
+@click.option("--data", required=True,
+              help="a dataset: JSONL PATH (e.g. sts12_test.jsonl) or a name such as sts12-sample")
 @click.option("--limit", type=int, help="first N texts")
+@click.option("--instance", "instances", type=int, default=1, show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
-def buckets_cmd(fixed, buckets, data, limit, json_out):
+def buckets_cmd(fixed, buckets, data, limit, instances, json_out):
     """Embed a dataset with a fixed-SEQ artifact and with a bucket set; print times and the ratio."""
-    from .buckets import run_bucket_benchmark
+    from toolkit.perf.buckets import BucketOptions, bucket_report, run_bucket_benchmark
 
-    r = run_bucket_benchmark(fixed, buckets, data, limit)
-    rows = [[name, str(r[name]["seq_lens"]), str(r[name]["rows_per_bucket"]), r[name]["seconds"],
-             r[name]["texts_per_s"]] for name in ("fixed", "buckets")]
-    click.echo(format_table(["run", "SEQs", "texts per bucket", "seconds", "texts/s"], rows,
-                            title=f"{r['texts']} texts from {r['data']} (tokens mean {r['token_lengths']['mean']:.1f}, "
-                                  f"max {r['token_lengths']['max']})"))
-    click.echo(f"bucket speed-up: {r['speedup']:.2f}x   (min cosine fixed vs buckets {r['min_cosine_fixed_vs_buckets']:.6f})")
-    write_json(json_out, r)
+    options = BucketOptions(fixed=fixed, buckets=buckets, data=data, limit=limit, instances=instances).check()
+    result = run_bucket_benchmark(options, progress=True)
+    click.echo(bucket_report(result))
+    write_json(json_out, result)
 
 
 @perf.command("compare")
-@click.option("--checkpoint", required=True, help="the checkpoint the artifacts were built from (torch eager runs it)")
+@click.option("--checkpoint", help="what torch eager runs (default: the checkpoint the first artifact was built from)")
 @click.option("--artifact", "artifacts", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
               help="repeat for each artifact (same task, seq and batch)")
 @click.option("--iterations", type=int, default=10, show_default=True)
+@click.option("--warmup", type=int, default=2, show_default=True, help="untimed forwards per run first")
 @click.option("--no-torch", is_flag=True, help="skip torch eager (e.g. to compare artifacts only)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
-def compare_cmd(checkpoint, artifacts, iterations, no_torch, json_out):
-    """torch eager vs ONNX Runtime vs TVM on the same inputs: latency, throughput, ratios, GFLOP/s."""
-    from .compare import run_compare
+def compare_cmd(checkpoint, artifacts, iterations, warmup, no_torch, json_out):
+    """torch eager vs ONNX Runtime vs TVM on the same inputs: latency, throughput, ratios, GFLOP/s, agreement."""
+    from toolkit.perf.compare import CompareOptions, compare_report, run_compare
 
-    r = run_compare(checkpoint, list(artifacts), iterations, torch_eager=not no_torch)
-    rows = [[e["engine"], e["latency_ms_median"], e["latency_ms_min"], e["sequences_per_s"], e["gflops"],
-             e["fraction_of_matmul_peak"], e["speedup_vs_first"]] for e in r["engines"]]
-    click.echo(format_table(["engine", "median ms", "min ms", "seq/s", "GFLOP/s", "of peak", "speed-up"], rows,
-                            title=f"{r['task']} batch {r['batch']} x seq {r['seq_len']}: "
-                                  f"{r['gflop_per_forward']:.1f} GFLOP per forward, fp32 matmul peak "
-                                  f"{r['matmul_peak_gflops']:.0f} GFLOP/s (numpy, same machine)"))
-    if "tvm_vs_onnxruntime" in r:
-        click.echo(f"TVM vs ONNX Runtime: {r['tvm_vs_onnxruntime']:.2f}x")
-    write_json(json_out, r)
+    options = CompareOptions(artifacts=tuple(artifacts), checkpoint=checkpoint, iterations=iterations, warmup=warmup,
+                             torch_eager=not no_torch).check()
+    result = run_compare(options)
+    click.echo(compare_report(result))
+    write_json(json_out, result)

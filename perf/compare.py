@@ -1,21 +1,63 @@
 """`perf compare`: torch eager (the unpatched Hugging Face model, what users run today) against compiled artifacts,
 same inputs, one process, run one after another; prints latency, throughput, the ratios and achieved GFLOP/s
-against this machine's measured fp32 matmul peak (numpy/OpenBLAS on all cores)."""
+against this machine's measured fp32 matmul peak (numpy/OpenBLAS on all cores).
+
+Each measured model is a "run" (`result["runs"]`, each with a `name` and a `backend`: torch | onnx | tvm); "engine"
+is kept for `toolkit.runtime.Engine`. Every run after the first carries its agreement with the first
+(`Task.agreement` on finished outputs: normalised embeddings or P(yes)).
+
+    result = run_compare(CompareOptions(artifacts=("ws/.../onnx/seq128", "ws/.../tvm/seq128"), iterations=10))
+"""
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
-from ..artifact import load_manifest, open_backend
-from ..backends import TorchReference
-from ..checkpoint import resolve_checkpoint
-from ..errors import ToolkitError
-from ..parity import compare
-from ..text import left_pad
-from ..tokenizer import ENDOFTEXT_ID
+from toolkit.artifact import Manifest
+from toolkit.backends import TorchReference, open_backend
+from toolkit.checkpoint import read_hf_config, resolve_checkpoint
+from toolkit.errors import ToolkitError
+from toolkit.perf.run import RANDOM_ID_LIMIT, check_int
+from toolkit.report import format_table
+from toolkit.tasks import get_task
+from toolkit.text import left_pad
+from toolkit.tokenizer import ENDOFTEXT_ID
+
+TORCH_RUN = "torch eager (HF, fp32)"
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """What `perf compare` runs. `check()` validates every field before a model is loaded.
+
+    - `artifacts`: artifact directories of the same task, SEQ and batch (e.g. the onnx and tvm builds).
+    - `checkpoint`: what torch eager runs (hub id or directory); None: the one the first artifact was built from.
+    - `iterations`: timed forwards per run; `warmup`: untimed forwards first.
+    - `torch_eager`: include the torch reference (first, so the artifacts' agreement is measured against it).
+    """
+
+    FLAGS: ClassVar[dict] = {"artifacts": "--artifact", "checkpoint": "--checkpoint", "iterations": "--iterations",
+                             "warmup": "--warmup"}
+
+    artifacts: tuple[str | Path, ...]
+    checkpoint: str | Path | None = None
+    iterations: int = 10
+    warmup: int = 2
+    torch_eager: bool = True
+
+    def check(self) -> "CompareOptions":
+        """Raise ToolkitError (naming the command-line option) for the first invalid field; return self."""
+        if isinstance(self.artifacts, (str, Path)) or not isinstance(self.artifacts, (tuple, list)) \
+                or not self.artifacts:
+            raise ToolkitError(f"{self.FLAGS['artifacts']}: pass at least one artifact directory, got "
+                               f"{self.artifacts!r}")
+        check_int(self.iterations, self.FLAGS["iterations"], 1)
+        check_int(self.warmup, self.FLAGS["warmup"], 0)
+        return self
 
 
 def forward_flops(config: dict, seq_len: int, batch: int) -> float:
@@ -29,6 +71,7 @@ def forward_flops(config: dict, seq_len: int, batch: int) -> float:
 
 
 def matmul_peak_gflops(size=(512, 1024, 3072), repeats: int = 5) -> float:
+    """This machine's fp32 matmul rate (numpy/BLAS, best of `repeats`), the yardstick for achieved GFLOP/s."""
     m, k, n = size
     a, b = np.random.rand(m, k).astype(np.float32), np.random.rand(k, n).astype(np.float32)
     a @ b
@@ -42,44 +85,96 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def run_compare(checkpoint: str, artifacts: list[str | Path], iterations: int = 10, warmup: int = 2,
-                torch_eager: bool = True) -> dict:
-    manifests = [load_manifest(a) for a in artifacts]
-    shapes = {(m["task"], m["seq_len"], m["batch"]) for m in manifests}
+def load_manifests(artifacts) -> list[Manifest]:
+    """The artifacts' manifests (hash-checked, deployable), which must share task, SEQ and batch."""
+    manifests = [Manifest.load(a).require_deployable() for a in artifacts]
+    shapes = {(m.task, m.seq_len, m.batch) for m in manifests}
     if len(shapes) != 1:
-        raise ToolkitError(f"artifacts must share task, seq and batch to be compared, got {sorted(shapes)}")
-    task, seq_len, batch = shapes.pop()
-    ckpt = resolve_checkpoint(checkpoint)
-    config = json.loads((ckpt / "config.json").read_text())
+        listed = ", ".join(f"{m.path}: {m.task} seq {m.seq_len} batch {m.batch}" for m in manifests)
+        raise ToolkitError(f"artifacts must share task, seq and batch to be compared ({listed}); pass artifacts "
+                           "built with the same --seq and --batch")
+    return manifests
+
+
+def run_compare(options: CompareOptions) -> dict:
+    """Time torch eager (unless `torch_eager` is off) and each artifact on the same random full-length batch.
+
+    Returns `{"task", "seq_len", "batch", "gflop_per_forward", "matmul_peak_gflops", "reference", "runs": [...]}`
+    plus `tvm_vs_onnx` (ONNX Runtime median latency / TVM median latency) when both backends ran. Each run has
+    `name`, `backend`, `dtype`, latency/throughput/GFLOP/s, `speedup_vs_first` and, after the first,
+    `parity_vs_first` (the task's agreement, with `tolerance` and `passed` for the run's dtype)."""
+    options.check()
+    manifests = load_manifests(options.artifacts)
+    first = manifests[0]
+    task = get_task(first.task)
+    seq_len, batch = first.seq_len, first.batch
+    ckpt = resolve_checkpoint(options.checkpoint or first.reference_checkpoint())
+    flops = forward_flops(read_hf_config(ckpt), seq_len, batch)
     rng = np.random.default_rng(0)
-    rows = [list(rng.integers(0, 151643, seq_len - 1)) + [ENDOFTEXT_ID] for _ in range(batch)]
+    rows = [list(rng.integers(0, RANDOM_ID_LIMIT, seq_len - 1)) + [ENDOFTEXT_ID] for _ in range(batch)]
     ids, mask = left_pad(rows, seq_len, ENDOFTEXT_ID, batch)
-    flops = forward_flops(config, seq_len, batch)
-    engines = ([("torch eager (HF, fp32)", lambda: TorchReference(ckpt, task))] if torch_eager else []) + [
-        (f"{m['backend']} artifact ({m['dtype']})", lambda a=a: open_backend(a)) for a, m in zip(artifacts, manifests)]
-    result = {"task": task, "seq_len": seq_len, "batch": batch, "gflop_per_forward": flops / 1e9,
-              "matmul_peak_gflops": matmul_peak_gflops(), "engines": []}
-    reference_out = None
-    for name, make in engines:
+
+    candidates = [(TORCH_RUN, "torch", "fp32", lambda: TorchReference(ckpt, task))] if options.torch_eager else []
+    candidates += [(f"{m.backend} artifact ({m.dtype})", m.backend, m.dtype, lambda m=m: open_backend(m))
+                   for m in manifests]
+    result = {"task": task.name, "seq_len": seq_len, "batch": batch, "checkpoint": str(ckpt),
+              "artifacts": [str(m.path) for m in manifests], "gflop_per_forward": flops / 1e9,
+              "matmul_peak_gflops": matmul_peak_gflops(), "iterations": options.iterations,
+              "reference": candidates[0][0], "runs": []}
+    reference = None
+    for name, backend_name, dtype, make in candidates:
         backend = make()
-        for _ in range(warmup):
-            out = backend.run(ids, mask)
-        times = np.array([_timed(lambda: backend.run(ids, mask)) for _ in range(iterations)])
-        backend.close()
-        entry = {"engine": name, "latency_ms_median": float(np.median(times) * 1e3),
-                 "latency_ms_min": float(times.min() * 1e3), "sequences_per_s": batch / float(np.median(times)),
-                 "gflops": flops / float(np.median(times)) / 1e9}
-        entry["fraction_of_matmul_peak"] = entry["gflops"] / result["matmul_peak_gflops"]
-        if reference_out is None:
-            reference_out = out
+        try:
+            out = backend.run(ids, mask)  # untimed too: its output is the one compared
+            for _ in range(options.warmup):
+                backend.run(ids, mask)
+            times = np.array([_timed(lambda b=backend: b.run(ids, mask)) for _ in range(options.iterations)])
+        finally:
+            backend.close()
+        median = float(np.median(times))
+        run = {"name": name, "backend": backend_name, "dtype": dtype, "latency_ms_median": median * 1e3,
+               "latency_ms_min": float(times.min() * 1e3), "sequences_per_s": batch / median,
+               "gflops": flops / median / 1e9}
+        run["fraction_of_matmul_peak"] = run["gflops"] / result["matmul_peak_gflops"]
+        finished = task.finish(out)
+        if reference is None:
+            reference = finished
         else:
-            entry["parity_vs_first"] = compare(task, reference_out, out)
-        result["engines"].append(entry)
+            stats = task.agreement(reference, finished)
+            stats["tolerance"] = task.tolerance_text(dtype)
+            stats["passed"] = task.within_tolerance(stats, dtype)
+            run["parity_vs_first"] = stats
+        result["runs"].append(run)
         del backend
-    base = result["engines"][0]["latency_ms_median"]
-    for e in result["engines"]:
-        e["speedup_vs_first"] = base / e["latency_ms_median"]
-    by_name = {e["engine"].split(" ")[0]: e for e in result["engines"]}
-    if "tvm" in by_name and "onnxruntime" in by_name:
-        result["tvm_vs_onnxruntime"] = by_name["onnxruntime"]["latency_ms_median"] / by_name["tvm"]["latency_ms_median"]
+    base = result["runs"][0]["latency_ms_median"]
+    for run in result["runs"]:
+        run["speedup_vs_first"] = base / run["latency_ms_median"]
+    by_backend = {}
+    for run in result["runs"]:
+        by_backend.setdefault(run["backend"], run)
+    if "tvm" in by_backend and "onnx" in by_backend:
+        result["tvm_vs_onnx"] = by_backend["onnx"]["latency_ms_median"] / by_backend["tvm"]["latency_ms_median"]
     return result
+
+
+def compare_report(result: dict) -> str:
+    """The `run_compare` result as a table, the TVM vs ONNX Runtime ratio and a line per run off tolerance."""
+    task = get_task(result["task"])
+    key = task.gate_key
+    rows = [[r["name"], r["latency_ms_median"], r["latency_ms_min"], r["sequences_per_s"], r["gflops"],
+             r["fraction_of_matmul_peak"], r["speedup_vs_first"],
+             r["parity_vs_first"][key] if "parity_vs_first" in r else "-"] for r in result["runs"]]
+    lines = [format_table(["run", "median ms", "min ms", "seq/s", "GFLOP/s", "of peak", "speed-up",
+                           f"{key} vs first"], rows,
+                          title=f"{result['task']} batch {result['batch']} x seq {result['seq_len']}: "
+                                f"{result['gflop_per_forward']:.3g} GFLOP per forward, fp32 matmul peak "
+                                f"{result['matmul_peak_gflops']:.0f} GFLOP/s (numpy, same machine); "
+                                f"first run: {result['reference']}")]
+    if "tvm_vs_onnx" in result:
+        lines.append(f"TVM vs ONNX Runtime: {result['tvm_vs_onnx']:.2f}x")
+    for r in result["runs"]:
+        stats = r.get("parity_vs_first")
+        if stats and not stats["passed"]:
+            lines.append(f"warning: {r['name']} is off tolerance vs {result['reference']} ({stats['tolerance']}): "
+                         f"{task.format_agreement(stats)}")
+    return "\n".join(lines)

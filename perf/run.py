@@ -3,111 +3,224 @@
 Latency mode (`queue_size=0`): each instance has exactly one request in flight (one client thread per instance calling
 run_sync), so latency is pure compute. Throughput mode (`queue_size=Q>0`): one producer keeps the bounded queue full
 with run_async; latency then includes queueing, and throughput is what a saturated service gets.
+
+Options are a frozen dataclass checked before anything is loaded or run:
+
+    result = run_perf(PerfRunOptions(artifact="workspace/.../onnx/seq128", instances=2, queue_size=8))
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..artifact import load_manifest
-from ..checkpoint import load_tokenizer
-from ..errors import ToolkitError
-from ..eval.datasets import load_dataset
-from ..runtime import Engine
-from ..text import left_pad
-from ..tokenizer import ENDOFTEXT_ID
+from toolkit.artifact import Manifest
+from toolkit.checkpoint import load_tokenizer
+from toolkit.errors import ToolkitError
+from toolkit.eval.datasets import load_dataset
+from toolkit.report import format_table
+from toolkit.runtime import Engine
+from toolkit.tasks import get_task
+from toolkit.text import left_pad
+from toolkit.tokenizer import ENDOFTEXT_ID
 
-def dataset_texts(path: Path, limit: int | None = None) -> list[str]:
-    """Texts of an evaluation-format JSONL file (STS/BQ sentence pairs, MS MARCO queries and passages), read with the
-    evaluation loaders so malformed rows get the same line-numbered errors."""
-    _, spec, examples = load_dataset(str(path), limit)  # each example gives at least one text
+RANDOM_ID_LIMIT = 151643  # random inputs draw ids below <|endoftext|> (ordinary vocabulary tokens)
+
+
+# ---- option checks shared by perf run / compare / buckets ------------------------------------------------------------
+def is_int(value) -> bool:
+    """An integer that is not a bool (True would otherwise pass as 1)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_int(value, flag: str, minimum: int) -> None:
+    """Raise ToolkitError naming the command-line `flag` unless `value` is an integer >= `minimum`."""
+    if not is_int(value) or value < minimum:
+        raise ToolkitError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PerfRunOptions:
+    """What `perf run` measures and how. `check()` validates every field before a model is loaded.
+
+    - `artifact`: one artifact directory.
+    - `instances`: engine instances (latency mode runs one client thread per instance).
+    - `batch_size`: must equal the artifact's static batch (None: that batch).
+    - `iterations`: measured batches; `warmup`: batches per instance run first, not measured.
+    - `queue_size`: 0 = latency mode, Q > 0 = throughput mode with a queue of Q waiting batches.
+    - `percentiles`: latency percentiles to report, each in [0, 100].
+    - `device_ids`: devices the instances go round-robin over (non-negative integers).
+    - `source`: "random" (full-length random ids), or a dataset (JSONL path or name such as `sts12-sample`) whose
+      real token lengths are used.
+    """
+
+    FLAGS: ClassVar[dict] = {"instances": "--instance", "batch_size": "--batch-size", "iterations": "--iterations",
+                             "queue_size": "--queue-size", "percentiles": "--percentiles",
+                             "device_ids": "--device-ids", "source": "--input", "warmup": "--warmup"}
+
+    artifact: str | Path
+    instances: int = 1
+    batch_size: int | None = None
+    iterations: int = 100
+    queue_size: int = 0
+    percentiles: tuple[float, ...] = (50, 90, 99)
+    device_ids: tuple[int, ...] = (0,)
+    source: str = "random"
+    warmup: int = 3
+
+    def check(self) -> "PerfRunOptions":
+        """Raise ToolkitError (naming the command-line option) for the first invalid field; return self."""
+        flag = self.FLAGS
+        check_int(self.instances, flag["instances"], 1)
+        if self.batch_size is not None:
+            check_int(self.batch_size, flag["batch_size"], 1)
+        check_int(self.iterations, flag["iterations"], 1)
+        check_int(self.queue_size, flag["queue_size"], 0)
+        check_int(self.warmup, flag["warmup"], 0)
+        check_percentiles(self.percentiles, flag["percentiles"])
+        check_device_ids(self.device_ids, flag["device_ids"])
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ToolkitError(f"{flag['source']} must be 'random' or a dataset (JSONL path or name such as "
+                               f"sts12-sample), got {self.source!r}")
+        return self
+
+    @property
+    def mode(self) -> str:
+        """The mode name: "latency" (queue_size 0) or "throughput"."""
+        return "latency" if self.queue_size == 0 else "throughput"
+
+
+def check_percentiles(percentiles, flag: str = "--percentiles") -> None:
+    """Raise ToolkitError unless `percentiles` is a non-empty sequence of numbers in [0, 100]."""
+    if isinstance(percentiles, (str, bytes)) or not isinstance(percentiles, (tuple, list)) or not percentiles:
+        raise ToolkitError(f"{flag} must be a non-empty list of numbers in 0..100 such as 50,90,99, "
+                           f"got {percentiles!r}")
+    for p in percentiles:
+        if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or not math.isfinite(p) \
+                or not 0 <= p <= 100:
+            shown = f"{p:g}" if isinstance(p, (int, float, np.integer, np.floating)) else repr(p)
+            raise ToolkitError(f"{flag}: each percentile must be a number in 0..100, got {shown}")
+
+
+def check_device_ids(device_ids, flag: str = "--device-ids") -> None:
+    """Raise ToolkitError unless `device_ids` is a non-empty sequence of non-negative integers."""
+    if isinstance(device_ids, (str, bytes)) or not isinstance(device_ids, (tuple, list)) or not device_ids \
+            or not all(is_int(d) and d >= 0 for d in device_ids):
+        raise ToolkitError(f"{flag} must be a non-empty list of device numbers such as 0 or 0,1, got {device_ids!r}")
+
+
+# ---- inputs ----------------------------------------------------------------------------------------------------------
+def dataset_texts(name_or_path: str | Path, limit: int | None = None) -> list[str]:
+    """Texts of an evaluation dataset (a JSONL path, or a name the eval loaders know such as `sts12-sample`): both
+    sentences of STS/BQ pairs, MS MARCO queries and their passages. Read with the evaluation loaders, so malformed rows
+    get the same line-numbered errors. `limit` caps the number of texts."""
+    _, spec, examples = load_dataset(str(name_or_path), limit)  # each example gives at least one text
     texts = []
     for e in examples:
         texts += [e.sentence1, e.sentence2] if spec.kind == "pairs" else [e.query, *e.passages]
     return texts[:limit] if limit else texts
 
 
-def make_inputs(manifest: dict, artifact_dir: Path, source: str, count: int, seed: int = 0):
-    """`count` padded batches: random full-length ids, or real token lengths from a JSONL file."""
-    batch, seq = manifest["batch"], manifest["seq_len"]
-    rng = np.random.default_rng(seed)
+def make_inputs(manifest: Manifest, source: str, count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`count` left-padded `(input_ids, attention_mask)` batches of the artifact's shape: random full-length ids, or
+    the real token lengths of a dataset's texts (in the task's prompt layout, cut to fit)."""
+    batch, seq = manifest.batch, manifest.seq_len
     if source == "random":
-        rows = [list(rng.integers(0, 151643, seq - 1)) + [ENDOFTEXT_ID] for _ in range(batch * count)]
+        rng = np.random.default_rng(seed)
+        rows = [list(rng.integers(0, RANDOM_ID_LIMIT, seq - 1)) + [ENDOFTEXT_ID] for _ in range(batch * count)]
     else:
-        tokenizer = load_tokenizer(artifact_dir / "tokenizer")
-        texts = dataset_texts(Path(source), limit=batch * count)
+        texts = dataset_texts(source, limit=batch * count)
+        tokenizer = load_tokenizer(manifest.path / "tokenizer")
+        layout = get_task(manifest.task).prompt(tokenizer)
+        room = max(seq - layout.fixed, 1)
         encoded = tokenizer(texts, add_special_tokens=False).input_ids
-        rows = [ids[: seq - 1] + [ENDOFTEXT_ID] for ids in encoded]
+        rows = [(layout.prefix + ids[:room] + layout.suffix)[-seq:] for ids in encoded]
         rows = [rows[i % len(rows)] for i in range(batch * count)]
     return [left_pad(rows[i:i + batch], seq, ENDOFTEXT_ID, batch) for i in range(0, len(rows), batch)]
 
 
-def run_perf(artifact_dir: str | Path, instances: int = 1, batch_size: int | None = None, iterations: int = 100,
-             queue_size: int = 0, percentiles=(50, 90, 99), device_ids=(0,), source: str = "random",
-             warmup: int = 3, progress: bool = True) -> dict:
-    artifact_dir = Path(artifact_dir)
-    manifest = load_manifest(artifact_dir)
-    if batch_size is not None and batch_size != manifest["batch"]:
-        raise ToolkitError(f"{artifact_dir} was compiled for batch {manifest['batch']}, not {batch_size}; "
-                           f"recompile with `toolkit compile ... --batch {batch_size}`")
-    inputs = make_inputs(manifest, artifact_dir, source, min(iterations, 64))
-    engine = Engine.from_artifact(artifact_dir, instances, tuple(device_ids), queue_size=max(queue_size, 1))
-    try:
-        for i in range(warmup * instances):
-            engine.run_sync(*inputs[i % len(inputs)])
-        latencies = np.zeros(iterations)
+# ---- the benchmark ---------------------------------------------------------------------------------------------------
+def run_perf(options: PerfRunOptions, progress: bool = False) -> dict:
+    """Measure one artifact as `options` says; returns the result dict (`perf_table` prints it).
+
+    `runs_per_instance` counts the measured batches each engine instance ran (warm-up excluded); they sum to
+    `iterations`."""
+    options.check()
+    manifest = Manifest.load(options.artifact, verify=False).require_deployable()
+    if options.batch_size is not None and options.batch_size != manifest.batch:
+        raise ToolkitError(f"{manifest.path} was compiled for batch {manifest.batch}, not {options.batch_size}; "
+                           f"drop --batch-size or recompile with `toolkit compile ... --batch {options.batch_size}`")
+    inputs = make_inputs(manifest, options.source, min(options.iterations, 64))
+    instances, iterations = options.instances, options.iterations
+    latencies = np.zeros(iterations)
+    with Engine.from_artifact(manifest, instances, tuple(options.device_ids),
+                              queue_size=max(options.queue_size, 1)) as engine:
+        # warm-up: one client per instance, so every instance (and its thread pool) runs before the clock starts
+        _latency_mode(engine, inputs, np.zeros(options.warmup * instances), instances, None)
+        before = list(engine.runs_per_instance)
         bar = tqdm(total=iterations, desc="perf", disable=not progress, leave=False)
         started = time.perf_counter()
-        if queue_size == 0:
+        if options.queue_size == 0:
             _latency_mode(engine, inputs, latencies, instances, bar)
         else:
             _throughput_mode(engine, inputs, latencies, bar)
         wall = time.perf_counter() - started
         bar.close()
-    finally:
-        engine.close()
+        runs = [after - b for after, b in zip(engine.runs_per_instance, before)]
     tokens = sum(int(inputs[i % len(inputs)][1].sum()) for i in range(iterations))
-    sequences = iterations * manifest["batch"]
+    sequences = iterations * manifest.batch
     ms = latencies * 1e3
     return {
-        "artifact": str(artifact_dir), "backend": manifest["backend"], "task": manifest["task"],
-        "seq_len": manifest["seq_len"], "batch": manifest["batch"], "instances": instances,
-        "queue_size": queue_size, "mode": "latency" if queue_size == 0 else "throughput", "input": source,
-        "iterations": iterations, "wall_s": wall,
+        "artifact": str(manifest.path), "backend": manifest.backend, "task": manifest.task,
+        "seq_len": manifest.seq_len, "batch": manifest.batch, "dtype": manifest.dtype, "instances": instances,
+        "device_ids": list(options.device_ids), "queue_size": options.queue_size, "mode": options.mode,
+        "input": options.source, "iterations": iterations, "warmup": options.warmup, "wall_s": wall,
+        "runs_per_instance": runs,
         "throughput": {"sequences_per_s": sequences / wall, "tokens_per_s": tokens / wall,
                        "batches_per_s": iterations / wall},
         "latency_ms": {"avg": float(ms.mean()), "min": float(ms.min()), "max": float(ms.max()),
-                       **{f"p{p:g}": float(np.percentile(ms, p)) for p in percentiles}},
+                       **{f"p{p:g}": float(np.percentile(ms, p)) for p in options.percentiles}},
     }
 
 
-def _latency_mode(engine: Engine, inputs, latencies, instances: int, bar) -> None:
+def _latency_mode(engine: Engine, inputs, latencies: np.ndarray, clients: int, bar) -> None:
+    """`clients` threads, each with one request in flight, run `len(latencies)` batches; fills in their latencies."""
     next_index = iter(range(len(latencies)))
     lock = threading.Lock()
+    errors: list[BaseException] = []
 
     def client():
-        while True:
-            with lock:
-                i = next(next_index, None)
-            if i is None:
-                return
-            t0 = time.perf_counter()
-            engine.run_sync(*inputs[i % len(inputs)])
-            latencies[i] = time.perf_counter() - t0
-            bar.update(1)
+        try:
+            while not errors:
+                with lock:
+                    i = next(next_index, None)
+                if i is None:
+                    return
+                t0 = time.perf_counter()
+                engine.run_sync(*inputs[i % len(inputs)])
+                latencies[i] = time.perf_counter() - t0
+                if bar is not None:
+                    bar.update(1)
+        except BaseException as e:  # re-raised in the caller's thread, not lost in this one
+            errors.append(e)
 
-    threads = [threading.Thread(target=client) for _ in range(instances)]
+    threads = [threading.Thread(target=client, name=f"perf-client-{k}") for k in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        raise errors[0]
 
 
-def _throughput_mode(engine: Engine, inputs, latencies, bar) -> None:
+def _throughput_mode(engine: Engine, inputs, latencies: np.ndarray, bar) -> None:
+    """One producer keeps the engine's bounded queue full; latency runs from submission to result."""
     futures = []
     for i in range(len(latencies)):
         t0 = time.perf_counter()
@@ -124,12 +237,12 @@ def _throughput_mode(engine: Engine, inputs, latencies, bar) -> None:
 
 
 def perf_table(result: dict) -> str:
-    from ..report import format_table
-
+    """The `run_perf` result as an aligned table (throughput, latency statistics) with a one-line summary title."""
     lat, thr = result["latency_ms"], result["throughput"]
     rows = [["sequences/s", thr["sequences_per_s"]], ["tokens/s", thr["tokens_per_s"]]]
     rows += [[f"latency {k} (ms)", v] for k, v in lat.items()]
     title = (f"{result['backend']} {result['task']} batch {result['batch']} x seq {result['seq_len']}, "
              f"{result['instances']} instance(s), {result['mode']} mode (queue {result['queue_size']}), "
              f"{result['iterations']} iterations, input {result['input']}")
-    return format_table(["metric", "value"], rows, title=title)
+    per_instance = ", ".join(str(n) for n in result["runs_per_instance"])
+    return format_table(["metric", "value"], rows, title=title) + f"\nbatches per instance: {per_instance}"

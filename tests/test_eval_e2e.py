@@ -4,27 +4,40 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from toolkit.api import Embedder
 from toolkit.cli import main
-from toolkit.eval.run import evaluate
+from toolkit.errors import ToolkitError
+from toolkit.eval.datasets import load_dataset
+from toolkit.eval.run import EvalOptions, evaluate
+from toolkit.tasks import SIMILARITY_INSTRUCTION, TASKS, WEB_SEARCH_INSTRUCTION
+
+RANKING_METRICS = {"map", "mrr@10", "ndcg@10", "recall@1", "recall@5", "recall@10"}
 
 
 @pytest.mark.parametrize("task, dataset", [("embedding", "sts12-sample"), ("embedding", "bq-sample"),
                                            ("embedding", "msmarco-sample"), ("reranker", "msmarco-sample")])
 def test_eval_torch_vs_artifact_parity(onnx_artifacts, task, dataset):
-    result = evaluate(task, dataset, onnx_artifacts[task][0].parent, limit=20 if "msmarco" not in dataset else 3)
-    assert set(result["runs"]) == {"torch", "artifact"} and result["passed"]
+    options = EvalOptions(task=task, dataset=dataset, artifact=onnx_artifacts[task][0].parent,
+                          limit=20 if "msmarco" not in dataset else 3)
+    result = evaluate(options)
+    assert set(result["runs"]) == {"torch", "artifact"} and result["passed"], result["failures"]
     p = result["parity"]
     assert p["nonfinite_torch"] == 0 and p["nonfinite_artifact"] == 0
+    assert TASKS[task].within_tolerance(p, "fp16")  # the task's own agreement keys and fp16 tolerance
     if task == "embedding":
-        assert p["cosine_min"] >= 0.999
+        assert p["min_cosine"] >= 0.999 and {"p1_cosine", "mean_cosine", "max_abs_diff"} <= set(p)
     else:
-        assert p["score_abs_diff_max"] <= 1e-2
+        assert p["max_abs_diff"] <= 1e-2 and "mean_abs_diff" in p
     if "msmarco" in dataset:
         assert p["kendall_tau_min"] > 0.9
-        assert set(result["runs"]["torch"]["metrics"]) >= {"map", "mrr@10", "ndcg@10"}
+        for run in ("torch", "artifact"):
+            assert set(result["runs"][run]["metrics"]) >= RANKING_METRICS
+        assert set(result["delta"]) == RANKING_METRICS
+        assert result["instruction"] == WEB_SEARCH_INSTRUCTION
     else:
         assert set(result["delta"]) == {"spearman", "pearson"}
         assert all(abs(d) < 1e-3 for d in result["delta"].values())
+        assert result["instruction"] == SIMILARITY_INSTRUCTION
 
 
 def test_eval_cli_prints_table_writes_json_and_rejects_bad_combinations(onnx_artifacts, tmp_path):
@@ -32,27 +45,90 @@ def test_eval_cli_prints_table_writes_json_and_rejects_bad_combinations(onnx_art
     r = CliRunner().invoke(main, ["eval", "--task", "embedding", "--dataset", "sts12-sample", "--limit", "10",
                                   "--artifact", str(onnx_artifacts["embedding"][1]), "--json", str(out)])
     assert r.exit_code == 0, r.output
-    assert "spearman" in r.output and "cosine_min" in r.output and "artifact vs torch: OK" in r.output
-    assert json.loads(out.read_text())["examples"] == 10
+    assert "spearman" in r.output and "min_cosine" in r.output and "wall time" in r.output
+    assert "artifact vs torch: OK" in r.output
+    written = json.loads(out.read_text())
+    assert written["examples"] == 10 and written["instruction"] == SIMILARITY_INSTRUCTION and written["passed"]
     bad = CliRunner().invoke(main, ["eval", "--task", "reranker", "--dataset", "sts12-sample",
                                     "--artifact", str(onnx_artifacts["reranker"][1])])
-    assert bad.exit_code == 2 and "sentence-pair dataset" in bad.output
+    assert bad.exit_code == 2 and "reranker task cannot be evaluated on sts12" in bad.output
+    assert "msmarco" in bad.output and "Traceback" not in bad.output
+    wrong = CliRunner().invoke(main, ["eval", "--task", "reranker", "--dataset", "msmarco-sample",
+                                      "--artifact", str(onnx_artifacts["embedding"][1])])
+    assert wrong.exit_code == 2 and "holds embedding artifacts; pass --task embedding" in wrong.output
 
 
-def test_demo_and_perf_cli(onnx_artifacts, tmp_path):
+@pytest.mark.parametrize("args, message", [
+    (["--limit", "0"], "limit must be a positive number"),
+    (["--limit", "-3"], "limit must be a positive number"),
+    (["--max-drop", "-1"], "max_drop must be a finite number >= 0"),
+    (["--max-drop", "nan"], "max_drop must be a finite number >= 0"),
+    (["--instance", "0"], "instances must be an integer >= 1"),
+    (["--run", "artifact"], "--artifact DIR is required"),
+    (["--engine", "torch"], "No such option"),  # --engine was renamed to --run
+])
+def test_eval_cli_rejects_bad_options_with_one_line(args, message):
+    r = CliRunner().invoke(main, ["eval", "--task", "embedding", "--dataset", "sts12-sample", *args])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+
+
+def test_nan_metric_fails_the_gate(onnx_artifacts):
+    # one pair: Spearman and Pearson are undefined (NaN) for both engines, so nothing can vouch for the artifact
+    r = CliRunner().invoke(main, ["eval", "--task", "embedding", "--dataset", "sts12-sample", "--limit", "1",
+                                  "--artifact", str(onnx_artifacts["embedding"][1])])
+    assert r.exit_code == 1, r.output
+    assert "artifact vs torch: FAIL (" in r.output and "spearman: artifact value is nan" in r.output
+
+
+@pytest.fixture
+def embedded_texts(monkeypatch):
+    """Every text the Embedder tokenises (after query formatting), in order."""
+    seen = []
+    tokenize = Embedder.tokenize
+    monkeypatch.setattr(Embedder, "tokenize", lambda self, texts: seen.extend(texts) or tokenize(self, texts))
+    return seen
+
+
+def test_sts_instruction_and_override(checkpoints, embedded_texts, tmp_path):
+    ckpt = str(checkpoints["embedding"])
+    result = evaluate(EvalOptions(task="embedding", dataset="sts12-sample", run="torch", checkpoint=ckpt, limit=3))
+    assert result["instruction"] == SIMILARITY_INSTRUCTION and "passed" not in result
+    prefix = "Instruct: Retrieve semantically similar text\nQuery:"  # no period before the newline
+    assert embedded_texts and all(t.startswith(prefix) for t in embedded_texts)
+
+    embedded_texts.clear()
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["eval", "--task", "embedding", "--dataset", "sts12-sample", "--limit", "3",
+                                  "--run", "torch", "--checkpoint", ckpt, "--instruction", "", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["instruction"] == "" and "instruction ''" in r.output
+    _, _, rows = load_dataset("sts12-sample", 3)
+    assert sorted(embedded_texts) == sorted({t for e in rows for t in (e.sentence1, e.sentence2)})  # bare texts
+
+    embedded_texts.clear()
+    result = evaluate(EvalOptions(task="embedding", dataset="sts12-sample", run="torch", checkpoint=ckpt, limit=3,
+                                  instruction="Find paraphrases"))
+    assert result["instruction"] == "Find paraphrases"
+    assert all(t.startswith("Instruct: Find paraphrases\nQuery:") for t in embedded_texts)
+
+
+def test_embedding_on_msmarco_queries_get_the_instruction_passages_stay_bare(checkpoints, embedded_texts):
+    result = evaluate(EvalOptions(task="embedding", dataset="msmarco-sample", run="torch",
+                                  checkpoint=str(checkpoints["embedding"]), limit=2))
+    assert set(result["runs"]["torch"]["metrics"]) >= RANKING_METRICS
+    _, _, rows = load_dataset("msmarco-sample", 2)
+    queries = [f"Instruct: {WEB_SEARCH_INSTRUCTION}\nQuery:{e.query}" for e in rows]
+    assert embedded_texts == queries + [p for e in rows for p in e.passages]
+
+
+def test_evaluate_takes_options_only():
+    with pytest.raises(ToolkitError, match="evaluate takes an EvalOptions"):
+        evaluate("embedding")
+
+
+def test_demo_cli(onnx_artifacts):
     r = CliRunner().invoke(main, ["demo", "--task", "reranker", "--artifact", str(onnx_artifacts["reranker"][1])])
     assert r.exit_code == 0, r.output
     assert "torch P(yes)" in r.output and "OK" in r.output
     r = CliRunner().invoke(main, ["demo", "--task", "embedding", "--artifact", str(onnx_artifacts["embedding"][1])])
     assert r.exit_code == 0 and "cos(torch, artifact)" in r.output
-    out = tmp_path / "perf.json"
-    for queue in ("0", "8"):
-        r = CliRunner().invoke(main, ["perf", "run", "--artifact", str(onnx_artifacts["embedding"][0]),
-                                      "--percentiles", "50,90,99", "--iterations", "20", "--instance", "2",
-                                      "--queue-size", queue, "--json", str(out)])
-        assert r.exit_code == 0, r.output
-        assert "latency p99 (ms)" in r.output and "sequences/s" in r.output
-        result = json.loads(out.read_text())
-        assert result["mode"] == ("latency" if queue == "0" else "throughput") and result["latency_ms"]["p50"] > 0
-    r = CliRunner().invoke(main, ["perf", "run", "--artifact", str(onnx_artifacts["embedding"][0]), "--batch-size", "4"])
-    assert r.exit_code == 2 and "compiled for batch 2" in r.output

@@ -1,4 +1,5 @@
-"""Metric functions against hand-computed cases, and loaders against malformed rows."""
+"""Metric functions against hand-computed cases, the pass/fail gate, the options' validation, and loaders against
+malformed rows."""
 import json
 import math
 
@@ -6,9 +7,18 @@ import numpy as np
 import pytest
 
 from toolkit.errors import ToolkitError
-from toolkit.eval.datasets import load_dataset
-from toolkit.eval.metrics import (average_precision, ndcg, ranking_agreement, reciprocal_rank, reranking_metrics,
-                                  sts_correlations)
+from toolkit.eval.datasets import DATASETS, load_dataset
+from toolkit.eval.metrics import (
+    average_precision,
+    ndcg,
+    ranking_agreement,
+    recall_at_k,
+    reciprocal_rank,
+    reranking_metrics,
+    sts_correlations,
+)
+from toolkit.eval.run import DEFAULT_MAX_DROP, EvalOptions, gate
+from toolkit.tasks import SIMILARITY_INSTRUCTION, WEB_SEARCH_INSTRUCTION
 
 
 def test_average_precision_hand_computed():
@@ -36,9 +46,37 @@ def test_ndcg_and_mrr_cutoff():
     assert ndcg([3, 2, 1], [1, 0, 1]) == pytest.approx((1 + 0.5) / (1 + 1 / math.log2(3)))
 
 
+def test_recall_at_k_hand_computed():
+    # ranking: pos, neg, pos, neg -> 1 of 2 positives in the top 1 and top 2, both in the top 3
+    scores, labels = [0.9, 0.8, 0.7, 0.1], [1, 0, 1, 0]
+    assert [recall_at_k(scores, labels, k) for k in (1, 2, 3, 10)] == [0.5, 0.5, 1.0, 1.0]
+    # single positive at rank 3 of 3
+    assert [recall_at_k([0.3, 0.9, 0.8], [1, 0, 0], k) for k in (1, 2, 3)] == [0.0, 0.0, 1.0]
+    assert math.isnan(recall_at_k([0.3, 0.9], [0, 0], 1))
+
+
+def test_recall_at_k_ties_are_pessimistic():
+    # all-equal scores: the positive (listed first) is ranked after all 3 negatives
+    assert [recall_at_k([0.5] * 4, [1, 0, 0, 0], k) for k in (1, 3, 4)] == [0.0, 0.0, 1.0]
+    # the positive tied with one negative: rank 2
+    assert [recall_at_k([0.9, 0.9, 0.1], [1, 0, 0], k) for k in (1, 2)] == [0.0, 1.0]
+    # two positives tied with two negatives at the top: both after the negatives
+    assert recall_at_k([0.7, 0.7, 0.7, 0.7, 0.1], [1, 1, 0, 0, 0], 2) == 0.0
+    assert recall_at_k([0.7, 0.7, 0.7, 0.7, 0.1], [1, 1, 0, 0, 0], 3) == 0.5
+
+
+def test_reranking_metrics_include_recall_averaged_over_queries_with_a_positive():
+    # q1: pos at rank 1 (of 2 positives: other at rank 3); q2: pos at rank 2; q3: no positive (left out)
+    m = reranking_metrics([[0.9, 0.8, 0.7], [0.1, 0.9], [0.5, 0.4]], [[1, 0, 1], [1, 0], [0, 0]])
+    assert m["recall@1"] == pytest.approx((0.5 + 0.0) / 2)
+    assert m["recall@5"] == 1.0 and m["recall@10"] == 1.0
+    assert m["queries"] == 2 and m["queries_without_positive"] == 1
+
+
 def test_query_without_positive_is_left_out_and_counted():
     m = reranking_metrics([[0.9, 0.1], [0.2, 0.8]], [[1, 0], [0, 0]])
     assert m["map"] == 1.0 and m["mrr@10"] == 1.0 and m["queries"] == 1 and m["queries_without_positive"] == 1
+    assert all(math.isnan(v) for k, v in reranking_metrics([[0.2, 0.8]], [[0, 0]]).items() if isinstance(v, float))
 
 
 def test_sts_correlations():
@@ -52,6 +90,92 @@ def test_sts_correlations():
 def test_ranking_agreement():
     assert ranking_agreement([[0.1, 0.5, 0.9]], [[0.2, 0.6, 0.7]])["kendall_tau_min"] == 1.0
     assert ranking_agreement([[0.1, 0.5, 0.9]], [[0.9, 0.5, 0.1]])["kendall_tau_min"] == -1.0
+
+
+def test_gate_passes_small_drops_and_names_each_failure():
+    artifact = {"spearman": 0.80, "pearson": 0.70}
+    assert gate(artifact, {"spearman": -0.005, "pearson": 0.01}, DEFAULT_MAX_DROP) == {}
+    failures = gate(artifact, {"spearman": -0.02, "pearson": 0.0}, DEFAULT_MAX_DROP)
+    assert list(failures) == ["spearman"] and "0.0200 below torch" in failures["spearman"]
+    # counts are not metrics
+    assert gate({**artifact, "queries": 3}, {"spearman": 0.0, "pearson": 0.0}, 0.01) == {}
+
+
+@pytest.mark.parametrize("artifact, delta, failed", [
+    ({"spearman": 0.8, "pearson": 0.7}, {"spearman": float("nan"), "pearson": 0.0}, "spearman"),  # torch NaN
+    ({"spearman": float("nan"), "pearson": 0.7}, {"spearman": float("nan"), "pearson": 0.0}, "spearman"),
+    ({"spearman": 0.8, "pearson": float("inf")}, {"spearman": 0.0, "pearson": float("inf")}, "pearson"),
+    ({"spearman": 0.8, "pearson": 0.7}, {"spearman": 0.0}, "pearson"),  # the delta cannot be computed
+    ({"spearman": float("nan"), "pearson": 0.7}, None, "spearman"),  # artifact alone: its metrics still count
+])
+def test_gate_fails_on_non_finite_metrics_and_deltas(artifact, delta, failed):
+    failures = gate(artifact, delta, DEFAULT_MAX_DROP)
+    assert list(failures) == [failed]
+
+
+def test_gate_fails_on_non_finite_outputs():
+    failures = gate({"map": 1.0}, {"map": 0.0}, 0.01, nonfinite_artifact=4)
+    assert "4 non-finite" in failures["outputs"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"limit": 0}, "limit must be a positive"), ({"limit": -3}, "limit must be a positive"),
+    ({"limit": True}, "limit must be a positive"), ({"limit": 2.5}, "limit must be a positive"),
+    ({"max_drop": -0.1}, "max_drop must be a finite number >= 0"), ({"max_drop": float("nan")}, "max_drop"),
+    ({"max_drop": float("inf")}, "max_drop"), ({"instances": 0}, "instances must be an integer >= 1"),
+    ({"run": "engine"}, "run must be one of both, torch, artifact"), ({"task": "nope"}, "task must be one of"),
+    ({"artifact": None}, "--artifact DIR is required"), ({"instruction": 3}, "instruction must be a text"),
+    ({"artifact": None, "run": "torch"}, "needs --checkpoint"),
+])
+def test_options_are_checked_up_front(bad, message):
+    options = {"task": "embedding", "dataset": "sts12-sample", "artifact": "somewhere", **bad}
+    with pytest.raises(ToolkitError, match=message):
+        EvalOptions(**options).check()
+    assert EvalOptions(task="embedding", dataset="x", run="torch", checkpoint="c", limit=1).check().engines == (
+        "torch",)
+
+
+def test_limit_is_checked_by_the_loader_too():
+    for limit in (0, -3):
+        with pytest.raises(ToolkitError, match="limit must be a positive"):
+            load_dataset("sts12-sample", limit)
+    assert len(load_dataset("sts12-sample", 2)[2]) == 2
+
+
+def test_instructions_follow_qwens_harness():
+    # Qwen3-Embedding's evaluation/task_prompts.json: no trailing period for STS / pair tasks
+    assert SIMILARITY_INSTRUCTION == "Retrieve semantically similar text"
+    assert DATASETS["sts12"].instruction == DATASETS["bq"].instruction == SIMILARITY_INSTRUCTION
+    assert DATASETS["msmarco"].instruction == WEB_SEARCH_INSTRUCTION
+
+
+def test_msmarco_passages_are_title_plus_text_stripped(tmp_path):
+    path = tmp_path / "ms.jsonl"
+    row = {"query_id": 1, "query": "q",
+           "positive_passages": [{"docid": "1", "title": "", "text": "  padded text \n"}],
+           "negative_passages": [{"docid": "2", "title": "Title", "text": " body "}, {"docid": "3", "text": "\tx"}]}
+    path.write_text(json.dumps(row) + "\n")
+    (example,) = load_dataset(str(path))[2]
+    # exactly MTEB's (title + " " + text).strip(): only the ends are stripped
+    assert example.passages == ["padded text", "Title  body", "x"] and example.labels == [1, 0, 0]
+    assert example.query_id == "1"
+    _, _, sample = load_dataset("msmarco-sample")
+    assert all(p == p.strip() for e in sample for p in e.passages)
+    assert sample[0].passages[0].endswith("Weegy: TRUE. [")  # the file has a trailing space
+
+
+def test_non_utf8_file_names_the_line(tmp_path):
+    path = tmp_path / "sts12_latin1.jsonl"
+    good = json.dumps({"sentence1": "a", "sentence2": "b", "score": 3.0}).encode()
+    latin1 = '{"sentence1": "caf\u00e9", "sentence2": "b", "score": 1}'.encode("latin-1")
+    path.write_bytes(good + b"\n" + latin1 + b"\n")
+    with pytest.raises(ToolkitError, match=r"sts12_latin1.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        load_dataset(str(path))
+    path.write_bytes(b"\xff\xfe" + good + b"\n")  # e.g. UTF-16 byte order mark
+    with pytest.raises(ToolkitError, match=r"sts12_latin1.jsonl:1: not UTF-8"):
+        load_dataset(str(path))
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\n")  # a UTF-8 byte order mark is fine
+    assert load_dataset(str(path))[2][0].sentence1 == "a"
 
 
 def test_bundled_samples_load():

@@ -5,16 +5,24 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from toolkit.artifact import load_manifest, open_backend
-from toolkit.backends import TorchReference
+from toolkit.artifact import Manifest
+from toolkit.backends import TorchReference, open_backend
 from toolkit.cli import main
 from toolkit.errors import ToolkitError
-from toolkit.parity import compare
+from toolkit.tasks import TASKS
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
 
 TEXTS = ["a", "What is the capital of China?", "Gravity is a force that attracts two bodies towards each other.",
          "北京是中国的首都。", "Qwen3 " * 40]
+
+
+def open_artifact(path):
+    return open_backend(Manifest.load(path))
+
+
+def agreement(task, reference_raw, candidate_raw):
+    return task.agreement(task.finish(reference_raw), task.finish(candidate_raw))
 
 
 def run_pairs(backend, reference, tokenizer):
@@ -28,26 +36,23 @@ def run_pairs(backend, reference, tokenizer):
     return np.concatenate(refs), np.concatenate(outs)
 
 
-@pytest.mark.parametrize("task", ["embedding", "reranker"])
-def test_fp16_onnx_matches_hf_fp32(onnx_artifacts, checkpoints, tokenizers, task):
-    reference = TorchReference(checkpoints[task], task)
-    for artifact in onnx_artifacts[task]:
-        manifest = load_manifest(artifact)
-        assert manifest["dtype"] == "fp16" and manifest["validation"]["passed"]
-        stats = compare(task, *run_pairs(open_backend(artifact), reference, tokenizers[task]))
-        assert stats["nonfinite"] == 0
-        if task == "embedding":
-            assert stats["min_cosine"] >= 0.999
-        else:
-            assert stats["max_prob_diff"] <= 1e-2
+@pytest.mark.parametrize("name", ["embedding", "reranker"])
+def test_fp16_onnx_matches_hf_fp32(onnx_artifacts, checkpoints, tokenizers, name):
+    task = TASKS[name]
+    reference = TorchReference(checkpoints[name], task)
+    for artifact in onnx_artifacts[name]:
+        manifest = Manifest.load(artifact)
+        assert manifest.dtype == "fp16" and manifest.validation["passed"]
+        stats = agreement(task, *run_pairs(open_artifact(artifact), reference, tokenizers[name]))
+        assert stats["nonfinite"] == 0 and task.within_tolerance(stats, "fp16")
 
 
 def test_artifact_weights_are_stored_fp16(onnx_artifacts):
     import onnx
 
     model = onnx.load(str(onnx_artifacts["embedding"][0] / "model.onnx"))
-    float_inits = [i for i in model.graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-                   and np.prod(i.dims) > 1000]
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    float_inits = [i for i in model.graph.initializer if i.data_type in floats and np.prod(i.dims) > 1000]
     assert float_inits and all(i.data_type == onnx.TensorProto.FLOAT16 for i in float_inits)
 
 
@@ -58,14 +63,14 @@ def test_corrupted_artifact_is_refused(onnx_artifacts, tmp_path):
     data[len(data) // 2] ^= 0xFF
     (broken / "model.onnx").write_bytes(bytes(data))
     with pytest.raises(ToolkitError, match="does not match its manifest"):
-        open_backend(broken)
+        open_artifact(broken)
     result = CliRunner().invoke(main, ["inspect", str(broken)])
     assert result.exit_code == 1 and "sha256 mismatch" in result.output
     ok = CliRunner().invoke(main, ["inspect", str(onnx_artifacts["reranker"][0])])
     assert ok.exit_code == 0 and "0 mismatched" in ok.output and "reranker" in ok.output
     (broken / "manifest.json").write_text("{not json")
-    with pytest.raises(ToolkitError, match="corrupt"):
-        open_backend(broken)
+    with pytest.raises(ToolkitError, match="not a valid .* manifest"):
+        open_artifact(broken)
 
 
 def test_fp16_artifact_survives_residuals_beyond_fp16_range(checkpoints, tmp_path):
@@ -74,8 +79,9 @@ def test_fp16_artifact_survives_residuals_beyond_fp16_range(checkpoints, tmp_pat
     import torch
     from safetensors.torch import load_file, save_file
 
-    from conftest import build
     from toolkit.checkpoint import load_hf_model
+
+    from conftest import build
 
     ckpt = tmp_path / "massive"
     shutil.copytree(checkpoints["embedding"], ckpt)
@@ -85,7 +91,7 @@ def test_fp16_artifact_survives_residuals_beyond_fp16_range(checkpoints, tmp_pat
     save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
 
     ids, mask = left_pad([[ENDOFTEXT_ID], [9707, 1879, ENDOFTEXT_ID]], 32, ENDOFTEXT_ID)
-    hf = load_hf_model(ckpt, "embedding")
+    hf = load_hf_model(ckpt, TASKS["embedding"])
     with torch.no_grad():
         hidden = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), output_hidden_states=True)
         assert max(h.abs().max().item() for h in hidden.hidden_states) > 65504
@@ -93,5 +99,5 @@ def test_fp16_artifact_survives_residuals_beyond_fp16_range(checkpoints, tmp_pat
         assert not torch.isfinite(naive).all()
 
     [artifact] = build({"embedding": ckpt}, tmp_path / "ws", "embedding", seq_lens=(32,), batch=1)
-    validation = load_manifest(artifact)["validation"]
+    validation = Manifest.load(artifact).validation
     assert validation["nonfinite"] == 0 and validation["min_cosine"] >= 0.999

@@ -1,16 +1,22 @@
-"""Engine (instances, async queue), buckets, text formats and truncation."""
+"""Engine (instances, async queue, closing), buckets, text formats, truncation and input errors."""
 import threading
+import time
 import warnings
+from concurrent.futures import wait
 
 import numpy as np
 import pytest
 
-from toolkit.api import RERANK_PREFIX, RERANK_SUFFIX, Embedder, Reranker, find_artifacts
+from toolkit.api import Embedder, Reranker
+from toolkit.artifact import find_artifacts
 from toolkit.backends import Backend
 from toolkit.errors import ToolkitError
 from toolkit.runtime import Engine, EngineClosedError, QueueFullError
+from toolkit.tasks import EMBEDDING, RERANK_PREFIX, RERANK_SUFFIX
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
+
+TIMEOUT = 60  # seconds: every wait in these tests is bounded
 
 
 def test_2000_async_requests_over_3_instances_return_to_their_callers(onnx_artifacts):
@@ -24,21 +30,28 @@ def test_2000_async_requests_over_3_instances_return_to_their_callers(onnx_artif
         expected = [single.run_sync(*x) for x in inputs]
     with Engine.from_artifact(artifact, instances=3, queue_size=16) as engine:
         futures = [engine.run_async(*x) for x in inputs]
-        results = [f.result() for f in futures]
-        workers_used = {t.name for t in threading.enumerate() if t.name.startswith("engine-")}
-    assert len(workers_used) == 3
+        results = [f.result(timeout=TIMEOUT) for f in futures]
+        work = list(engine.runs_per_instance)
+    assert sum(work) == 2000 and min(work) > 0, work  # every instance ran batches
     for got, want in zip(results, expected):
         assert np.array_equal(got, want)  # bit-identical, and each result belongs to its own request
 
 
 class BlockingBackend(Backend):
-    name, task, seq_len, batch = "blocking", "embedding", 4, 1
+    name, task, seq_len, batch = "blocking", EMBEDDING, 4, 1
 
     def __init__(self, release: threading.Event):
         self.release = release
 
     def run(self, input_ids, attention_mask):
-        self.release.wait()
+        self.release.wait(TIMEOUT)
+        return np.zeros((1, 2), np.float32)
+
+
+class InstantBackend(Backend):
+    name, task, seq_len, batch = "instant", EMBEDDING, 4, 1
+
+    def run(self, input_ids, attention_mask):
         return np.zeros((1, 2), np.float32)
 
 
@@ -47,8 +60,10 @@ def test_queue_full_closed_engine_and_wrong_shape_are_clear_errors():
     engine = Engine(lambda i, dev: BlockingBackend(release), instances=1, queue_size=1)
     ids, mask = np.ones((1, 4), np.int64), np.ones((1, 4), np.int64)
     first = engine.run_async(ids, mask)  # taken by the worker, which blocks
-    while first.running() is False:
-        pass
+    deadline = time.monotonic() + TIMEOUT
+    while not first.running():
+        assert time.monotonic() < deadline, "the worker never took the first request"
+        time.sleep(0.001)
     engine.run_async(ids, mask)  # fills the queue
     with pytest.raises(QueueFullError, match="queue is full"):
         engine.run_async(ids, mask, block=False)
@@ -58,14 +73,14 @@ def test_queue_full_closed_engine_and_wrong_shape_are_clear_errors():
         engine.run_async(ids.astype(np.float32), mask)
     release.set()
     engine.close()
-    assert first.result().shape == (1, 2)
+    assert first.result(timeout=TIMEOUT).shape == (1, 2)
     with pytest.raises(EngineClosedError, match="closed"):
         engine.run_async(ids, mask)
 
 
 def test_bucket_choice_is_the_smallest_that_fits(onnx_artifacts):
     path = onnx_artifacts["embedding"][0].parent  # seq32 + seq64
-    assert [p.name for p in find_artifacts(path)] == ["seq32", "seq64"]
+    assert [m.path.name for m in find_artifacts(path)] == ["seq32", "seq64"]
     with Embedder.from_artifacts(path) as emb:
         assert [emb.runner.bucket_for(n).seq_len for n in (1, 32, 33, 64)] == [32, 32, 64, 64]
         with pytest.raises(ToolkitError, match="do not fit"):
@@ -87,8 +102,7 @@ def test_endoftext_is_appended_exactly_once(onnx_artifacts, tokenizers, tmp_path
     from toolkit.tokenizer import build_qwen3_tokenizer
 
     with Embedder.from_artifacts(onnx_artifacts["embedding"][1]) as emb:
-        for tok in (build_qwen3_tokenizer("embedding", append_eos=True),
-                    build_qwen3_tokenizer("embedding", append_eos=False)):
+        for tok in (build_qwen3_tokenizer(append_eos=True), build_qwen3_tokenizer(append_eos=False)):
             emb.tokenizer = tok
             [row] = emb.tokenize(["Hello world"])
             assert row == [9707, 1879, ENDOFTEXT_ID]
@@ -129,8 +143,96 @@ def test_reranker_template_and_batch_rerank(onnx_artifacts, checkpoints):
             Reranker.from_checkpoint(checkpoints["reranker"], max_length=128) as ref:
         text = rr.tokenizer.decode(rr.tokenize([("Q?", "D.")], instruction="Judge")[0])
         assert text == (RERANK_PREFIX + "<Instruct>: Judge\n<Query>: Q?\n<Document>: D." + RERANK_SUFFIX)
-        scores = rr.rerank("capital", docs, instruction="Judge")
+        pairs = [("capital", d) for d in docs]
+        scores = rr.score(pairs, instruction="Judge")  # input order
         assert scores.shape == (3,) and np.all((scores > 0) & (scores < 1))
-        assert np.abs(scores - ref.rerank("capital", docs, instruction="Judge")).max() <= 1e-2
+        assert np.abs(scores - ref.score(pairs, instruction="Judge")).max() <= 1e-2
+        ranked = rr.rerank("capital", docs, instruction="Judge", return_documents=True)
+        assert [r["corpus_id"] for r in ranked] == list(np.argsort(-scores, kind="stable"))
+        assert [r["score"] for r in ranked] == sorted(scores.tolist(), reverse=True)
+        assert all(r["text"] == docs[r["corpus_id"]] for r in ranked)
+        top = rr.rerank("capital", docs, top_n=2, instruction="Judge")
+        assert top == [{k: r[k] for k in ("corpus_id", "score")} for r in ranked[:2]]
     with pytest.raises(ToolkitError, match="use Embedder"):
         Reranker.from_artifacts(onnx_artifacts["embedding"][0])
+
+
+def test_close_racing_submitters_leaves_no_request_pending():
+    """close() from one thread while 4 threads submit: every future resolves (run, or refused with
+    EngineClosedError at submission), none is stranded. Failed before the fix in about a third of trials."""
+    for trial in range(50):
+        engine = Engine(lambda i, dev: InstantBackend(), instances=2, queue_size=4)
+        futures, lock, start = [], threading.Lock(), threading.Barrier(5)
+        ids = np.ones((1, 4), np.int64)
+
+        def submit():
+            start.wait(TIMEOUT)
+            while True:
+                try:
+                    future = engine.run_async(ids, ids)
+                except EngineClosedError:
+                    return
+                with lock:
+                    futures.append(future)
+
+        threads = [threading.Thread(target=submit) for _ in range(4)]
+        for t in threads:
+            t.start()
+        start.wait(TIMEOUT)
+        time.sleep(0.002 * (trial % 5))
+        engine.close()
+        for t in threads:
+            t.join(TIMEOUT)
+            assert not t.is_alive()
+        done, pending = wait(futures, timeout=TIMEOUT)
+        assert not pending, f"trial {trial}: {len(pending)} of {len(futures)} accepted requests never resolved"
+        assert all(f.exception() is None for f in done)
+
+
+def test_bad_inputs_are_one_line_errors(onnx_artifacts):
+    with Embedder.from_artifacts(onnx_artifacts["embedding"][0]) as emb:
+        for bad, message in (([], "empty list"), ("one text", "list of texts"), ([1], "item #0")):
+            with pytest.raises(ToolkitError, match=message):
+                emb.encode(bad)
+        for dim in (True, 0, 1000, 2.5):
+            with pytest.raises(ToolkitError, match="dim must be"):
+                emb.encode(["text"], dim=dim)
+    with Reranker.from_artifacts(onnx_artifacts["reranker"][0]) as rr:
+        with pytest.raises(ToolkitError, match="list of texts"):
+            rr.rerank("query", "a bare document string")
+        with pytest.raises(ToolkitError, match="pairs"):
+            rr.score("qd")
+        with pytest.raises(ToolkitError, match="item #0 must be a \\(query, document\\) pair"):
+            rr.score(["qd"])
+        with pytest.raises(ToolkitError, match="empty list"):
+            rr.score([])
+        with pytest.raises(ToolkitError, match="top_n"):
+            rr.rerank("q", ["d"], top_n=0)
+    for kwargs in ({"instances": 0}, {"queue_size": -1}, {"device_ids": ()}):
+        with pytest.raises(ToolkitError, match="must be"):
+            Embedder.from_artifacts(onnx_artifacts["embedding"][0], **kwargs)
+        with pytest.raises(ToolkitError, match="must be"):
+            Engine.from_artifact(onnx_artifacts["embedding"][0], **kwargs)
+
+
+def test_huge_text_is_cut_before_tokenizing(onnx_artifacts):
+    """A text far longer than the largest bucket is cut (in characters) before it reaches the tokenizer: a 50 MB text
+    used to be tokenised whole (7 GB, 61 s) to keep 64 tokens."""
+    huge = "tokens and more tokens " * 200_000  # 4.6 MB
+    with Embedder.from_artifacts(onnx_artifacts["embedding"][0].parent, truncation="truncate") as emb:
+        seen = []
+        tokenizer = emb.tokenizer
+
+        def recording(texts, **kw):
+            seen.extend(len(t) for t in texts)
+            return tokenizer(texts, **kw)
+
+        emb.tokenizer = recording
+        emb.tokenizer.get_vocab = tokenizer.get_vocab
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            [row] = emb.tokenize([huge])
+        emb.tokenizer = tokenizer
+        expected = tokenizer(huge[:5000], add_special_tokens=False).input_ids[:63] + [ENDOFTEXT_ID]
+    assert max(seen) <= 65 * 128 < len(huge)
+    assert row == expected

@@ -7,7 +7,7 @@ from toolkit.tokenizer import ENDOFTEXT_ID, NO_TOKEN_ID, YES_TOKEN_ID, build_qwe
 
 
 def test_tokenizer_matches_qwen3_ids():
-    tok = build_qwen3_tokenizer("reranker")
+    tok = build_qwen3_tokenizer("<|im_end|>", append_eos=False)
     assert tok("yes", add_special_tokens=False).input_ids == [YES_TOKEN_ID] == [9693]
     assert tok("no", add_special_tokens=False).input_ids == [NO_TOKEN_ID] == [2152]
     assert tok("Hello world", add_special_tokens=False).input_ids == [9707, 1879]
@@ -19,7 +19,7 @@ def test_tokenizer_matches_qwen3_ids():
 
 
 def test_embedding_tokenizer_appends_endoftext():
-    tok = build_qwen3_tokenizer("embedding")
+    tok = build_qwen3_tokenizer()
     assert tok("Hello world").input_ids == [9707, 1879, ENDOFTEXT_ID]
 
 
@@ -36,7 +36,14 @@ def test_reference_style_config(tmp_path):
     ("task: embedding\nfrontend: {checkpoint: x, seq: [0]}\n", "sequence lengths"),
     ("task: embedding\nfrontend: {checkpoint: x}\n", "input_ids"),
     ("task: embedding\nfrontend: {checkpoint: x, seq: 8}\nbackend: {dtype: int4}\n", "dtype must be"),
-    ("task: embedding\nfrontend: {checkpoint: x, seq: 8}\nbogus: 1\n", "unknown keys"),
+    ("task: embedding\nfrontend: {checkpoint: x, seq: 8}\nbogus: 1\n", "unknown key 'bogus'"),
+    ("task: embedding\nfrontend: {checkpoint: x, seq: 8, batchsize: 4}\n", "unknown key 'frontend.batchsize'"),
+    ("task: embedding\nfrontend: {checkpoint: x, seq: 8}\nbackend: {dtpye: fp32}\n", "unknown key 'backend.dtpye'"),
+    ("task: embedding\nfrontend: [1, 2]\n", "frontend must be a mapping"),
+    ("task: embedding\nfrontend: {checkpoint: x, seq: [true]}\n", "sequence lengths must be integers"),
+    ("task: embedding\nfrontend: {checkpoint: x, seq: 8, batch: true}\n", "frontend.batch must be of type int"),
+    ("task: embedding\nfrontend: {checkpoint: x, seq: 8, batch: 0}\n", "batch must be a positive integer"),
+    ("- a list\n", "the file must be a mapping"),
 ])
 def test_bad_config_is_refused_with_a_clear_message(tmp_path, text, message):
     path = tmp_path / "c.yaml"

@@ -8,26 +8,24 @@ import sys
 import numpy as np
 import pytest
 
-from toolkit.artifact import load_manifest, open_backend
+from toolkit.artifact import Manifest
 from toolkit.backends import TorchReference
-from toolkit.parity import compare
+from toolkit.tasks import TASKS
 
-from test_onnx_artifact import run_pairs
+from test_onnx_artifact import agreement, open_artifact, run_pairs
 
 
-@pytest.mark.parametrize("task", ["embedding", "reranker"])
-def test_tvm_fp16_matches_hf_fp32(tvm_artifacts, checkpoints, tokenizers, task):
-    [artifact] = tvm_artifacts[task]
-    manifest = load_manifest(artifact)
-    assert manifest["backend"] == "tvm" and manifest["dtype"] == "fp16" and manifest["validation"]["passed"]
-    assert manifest["tvm"]["unscheduled"] == [] and manifest["tvm"]["primfuncs"] > 10
-    assert manifest["target"]["tvm_target"]["kind"] == "llvm"
-    stats = compare(task, *run_pairs(open_backend(artifact), TorchReference(checkpoints[task], task), tokenizers[task]))
-    assert stats["nonfinite"] == 0
-    if task == "embedding":
-        assert stats["min_cosine"] >= 0.999
-    else:
-        assert stats["max_prob_diff"] <= 1e-2
+@pytest.mark.parametrize("name", ["embedding", "reranker"])
+def test_tvm_fp16_matches_hf_fp32(tvm_artifacts, checkpoints, tokenizers, name):
+    task = TASKS[name]
+    [artifact] = tvm_artifacts[name]
+    manifest = Manifest.load(artifact)
+    assert manifest.backend == "tvm" and manifest.dtype == "fp16" and manifest.validation["passed"]
+    assert manifest.backend_details["unscheduled"] == [] and manifest.backend_details["primfuncs"] > 10
+    assert manifest.target.tvm_target["kind"] == "llvm"
+    stats = agreement(task, *run_pairs(open_artifact(artifact), TorchReference(checkpoints[name], task),
+                                       tokenizers[name]))
+    assert stats["nonfinite"] == 0 and task.within_tolerance(stats, "fp16")
 
 
 def test_every_primfunc_gets_a_schedule(checkpoints, tmp_path):
@@ -40,8 +38,8 @@ def test_every_primfunc_gets_a_schedule(checkpoints, tmp_path):
     from toolkit.tvm_compile import host_target, import_onnx, lower
     from toolkit.tvm_schedules import unscheduled
 
-    model = Qwen3ForDeployment.from_pretrained(checkpoints["reranker"], "reranker", TORCH_DTYPES["fp16"])
-    export_onnx(model, tmp_path / "m.onnx", 16, 1)
+    model = Qwen3ForDeployment.from_pretrained(checkpoints["reranker"], "yes_no_logits", TORCH_DTYPES["fp16"])
+    export_onnx(model, TASKS["reranker"], tmp_path / "m.onnx", 16, 1)
     mod, params = import_onnx(tmp_path / "m.onnx")
     assert all(p.dtype == np.float16 for p in params if p.ndim == 2)  # weights stay fp16 in the artifact
     lowered = lower(mod, tvm.target.Target(host_target()))
@@ -49,7 +47,7 @@ def test_every_primfunc_gets_a_schedule(checkpoints, tmp_path):
     assert "main_transform_params" in [gv.name_hint for gv in lowered.functions]
 
 
-@pytest.mark.parametrize("task", ["embedding", "reranker"])
+@pytest.mark.parametrize("task", TASKS.values(), ids=list(TASKS))
 def test_every_scheduled_kernel_matches_its_unscheduled_twin(tmp_path, task):
     """Each PrimFunc, as scheduled by our rules, against the same PrimFunc left unscheduled, on the same inputs
     (positive, since RMSNorm kernels take a mean of squares). One layer at the real Qwen3-0.6B widths (a bug in the
@@ -63,11 +61,11 @@ def test_every_scheduled_kernel_matches_its_unscheduled_twin(tmp_path, task):
 
     shape = Qwen3Shape(hidden_size=1024, num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=8,
                        head_dim=128, intermediate_size=3072, vocab_size=10000, rms_norm_eps=1e-6, rope_theta=1e6)
-    model = Qwen3ForDeployment(shape, task)
+    model = Qwen3ForDeployment(shape, task.output_name)
     torch.manual_seed(0)
     for p in model.parameters():
         p.data.normal_(0, 0.05)
-    export_onnx(model.half(), tmp_path / "m.onnx", 64, 1)
+    export_onnx(model.half(), task, tmp_path / "m.onnx", 64, 1)
     mod, _ = import_onnx(tmp_path / "m.onnx")
     target = tvm.target.Target(host_target())
     scheduled, plain = lower(mod, target), lower(mod, target, schedule=False)
@@ -95,10 +93,10 @@ def test_tvm_artifact_reloads_in_a_fresh_process_with_identical_outputs(tvm_arti
     [artifact] = tvm_artifacts["embedding"]
     ids = np.random.default_rng(1).integers(0, 151643, (2, 64))
     mask = np.ones_like(ids)
-    here = open_backend(artifact).run(ids, mask)
-    code = ("import json, sys, numpy as np; from toolkit.artifact import open_backend; "
-            "ids = np.array(json.loads(sys.argv[2])); "
-            "print(json.dumps(open_backend(sys.argv[1]).run(ids, np.ones_like(ids)).tolist()))")
+    here = open_artifact(artifact).run(ids, mask)
+    code = ("import json, sys, numpy as np; from toolkit.artifact import Manifest; "
+            "from toolkit.backends import open_backend; ids = np.array(json.loads(sys.argv[2])); "
+            "print(json.dumps(open_backend(Manifest.load(sys.argv[1])).run(ids, np.ones_like(ids)).tolist()))")
     out = subprocess.run([sys.executable, "-c", code, str(artifact), json.dumps(ids.tolist())],
                          capture_output=True, text=True, check=True)
     there = np.array(json.loads(out.stdout.strip().splitlines()[-1]), dtype=np.float32)
@@ -116,8 +114,8 @@ def test_cuda_artifact_builds_and_says_it_is_unvalidated_without_a_gpu(checkpoin
     cfg = BuildConfig(name="cuda", task="embedding", checkpoint=str(checkpoints["embedding"]), seq_lens=(32,),
                       backends=("tvm",), target="cuda", workspace=tmp_path)
     [artifact] = compile_config(cfg, log=lambda m: None)
-    manifest = load_manifest(artifact)
-    assert manifest["target"]["tvm_target"]["kind"] == "cuda" and manifest["tvm"]["unscheduled"] == []
+    manifest = Manifest.load(artifact)
+    assert manifest.target.tvm_target["kind"] == "cuda" and manifest.backend_details["unscheduled"] == []
     assert (artifact / "model.so").stat().st_size > 0
     if not tvm.cuda(0).exist:
-        assert manifest["validation"]["passed"] is None and "no CUDA device" in manifest["validation"]["skipped"]
+        assert manifest.validation["passed"] is None and "no CUDA device" in manifest.validation["skipped"]

@@ -7,15 +7,15 @@ __all__ = ["Embedder", "Reranker", "Engine", "ToolkitError"]
 
 def __getattr__(name):  # lazy: `import toolkit` stays cheap (no torch / onnxruntime / tvm until used)
     if name in ("Embedder", "Reranker"):
-        from . import api
+        from toolkit import api
 
         return getattr(api, name)
     if name == "Engine":
-        from .runtime import Engine
+        from toolkit.runtime import Engine
 
         return Engine
     if name == "ToolkitError":
-        from .errors import ToolkitError
+        from toolkit.errors import ToolkitError
 
         return ToolkitError
     raise AttributeError(name)

@@ -5,46 +5,28 @@ a bucket set of artifacts (several SEQs), or the torch reference.
     q = emb.encode_queries(["What is the capital of China?"])                  # Instruct: ...\nQuery:...
     d = emb.encode_documents(["The capital of China is Beijing."])
     rr = Reranker.from_artifacts("workspace/qwen3-reranker-0.6b-fp16/onnx")
-    rr.rerank("What is the capital of China?", ["Beijing is ...", "Gravity is ..."])  # P(yes) per document
+    rr.rerank("What is the capital of China?", ["Beijing is ...", "Gravity is ..."])  # sorted, with corpus_id
+    rr.score([("What is the capital of China?", "Beijing is ...")])                # P(yes), input order
 """
 from __future__ import annotations
 
 import warnings
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .artifact import MANIFEST, read_manifest
-from .checkpoint import load_tokenizer, resolve_checkpoint
-from .errors import ToolkitError
-from .parity import l2_normalize, yes_probability
-from .runtime import Engine
-from .text import left_pad
-from .tokenizer import ENDOFTEXT_ID
+from toolkit.artifact import find_artifacts
+from toolkit.checkpoint import load_tokenizer, resolve_checkpoint
+from toolkit.errors import ToolkitError
+from toolkit.runtime import Engine, check_engine_options
+from toolkit.tasks import EMBEDDING, RERANKER, TASKS, WEB_SEARCH_INSTRUCTION, Task
+from toolkit.text import left_pad
+from toolkit.tokenizer import ENDOFTEXT_ID
 
-WEB_SEARCH_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
-QUERY_TEMPLATE = "Instruct: {instruction}\nQuery:{query}"
-RERANK_PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
-                 "Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n")
-RERANK_BODY = "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
-RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+REFERENCE_MAX_LENGTH = 8192  # what the torch reference accepts by default (Qwen3-Embedding/Reranker's usual cap)
 TRUNCATION = ("error", "truncate")
-
-
-def find_artifacts(path: str | Path) -> list[Path]:
-    """One artifact directory, or a directory of them (a bucket set: same task/backend/batch, several SEQs)."""
-    path = Path(path)
-    if (path / MANIFEST).is_file():
-        return [path]
-    found = sorted({p.parent for p in path.glob("*/" + MANIFEST)} | {p.parent for p in path.glob("*/*/" + MANIFEST)})
-    if not found:
-        raise ToolkitError(f"no artifact under {path}; compile one with `toolkit compile` (or `make quickstart`)")
-    manifests = {p: read_manifest(p) for p in found}
-    kinds = {(m["task"], m["backend"], m["batch"]) for m in manifests.values()}
-    if len(kinds) > 1:
-        raise ToolkitError(f"{path} mixes artifacts of different task/backend/batch {sorted(kinds)}; point at one set")
-    return sorted(found, key=lambda p: manifests[p]["seq_len"])
 
 
 class BucketedRunner:
@@ -58,12 +40,14 @@ class BucketedRunner:
         self.max_length = max_length or self.engines[-1].seq_len
 
     def bucket_for(self, length: int) -> Engine:
+        """The smallest engine that takes a row of `length` tokens."""
         for engine in self.engines:
             if engine.seq_len is None or length <= engine.seq_len:
                 return engine
         raise ToolkitError(f"{length} tokens do not fit the largest artifact (SEQ {self.engines[-1].seq_len})")
 
     def run(self, rows: list[list[int]], progress: bool = False) -> np.ndarray:
+        """Raw outputs for token rows, in input order."""
         by_engine: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             by_engine.setdefault(id(self.bucket_for(len(row))), []).append(i)
@@ -82,59 +66,95 @@ class BucketedRunner:
             out = future.result()
             for k, i in enumerate(idx):
                 results[i] = out[k]
-        return np.stack(results) if results else np.zeros((0, 0), np.float32)
+        return np.stack(results)
 
     def close(self):
+        """Close every engine."""
         for e in self.engines:
             e.close()
 
 
 class _TextModel:
-    task: str
+    """What Embedder and Reranker share: construction, tokenisation with the truncation policy, lifetime."""
+
+    task: Task
 
     def __init__(self, runner: BucketedRunner, tokenizer, truncation: str = "error"):
         if truncation not in TRUNCATION:
             raise ToolkitError(f"truncation must be one of {TRUNCATION}, got {truncation!r}")
         self.runner, self.tokenizer, self.truncation = runner, tokenizer, truncation
+        shortest = self.task.min_seq_len(tokenizer)
+        if self.max_length < shortest:
+            raise ToolkitError(f"the largest SEQ here is {self.max_length}, but a {self.task.name} input needs at "
+                               f"least {shortest} tokens; compile with --seq {shortest} or more")
 
     @classmethod
     def from_artifacts(cls, path: str | Path, instances: int = 1, device_ids: tuple[int, ...] = (0,),
                        queue_size: int = 64, truncation: str = "error"):
-        dirs = find_artifacts(path)
-        task = read_manifest(dirs[0])["task"]
-        if task != cls.task:
-            raise ToolkitError(f"{path} holds {task} artifacts; use {'Embedder' if task == 'embedding' else 'Reranker'}")
-        engines = [Engine.from_artifact(d, instances, device_ids, queue_size) for d in dirs]
-        return cls(BucketedRunner(engines), load_tokenizer(dirs[0] / "tokenizer"), truncation)
+        """Run on one artifact or a bucket set (a directory of artifacts at several SEQs)."""
+        check_engine_options(instances, tuple(device_ids), queue_size)
+        manifests = find_artifacts(path)
+        if manifests[0].task != cls.task.name:
+            raise ToolkitError(f"{path} holds {manifests[0].task} artifacts; use "
+                               f"{TASKS[manifests[0].task].api_class}")
+        tokenizer = load_tokenizer(manifests[0].path / "tokenizer")
+        engines = []
+        try:
+            for m in manifests:
+                engines.append(Engine.from_artifact(m, instances, device_ids, queue_size))
+            return cls(BucketedRunner(engines), tokenizer, truncation)
+        except BaseException:
+            for e in engines:
+                e.close()
+            raise
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path, max_length: int = 8192, batch_size: int = 8,
+    def from_checkpoint(cls, checkpoint: str | Path, max_length: int = REFERENCE_MAX_LENGTH, batch_size: int = 8,
                         truncation: str = "error"):
         """The torch reference: the unpatched Hugging Face model, same formats and truncation as the artifacts."""
         path = resolve_checkpoint(checkpoint)
+        tokenizer = load_tokenizer(path)
         engine = Engine.from_checkpoint(path, cls.task)
-        return cls(BucketedRunner([engine], batch_size, max_length), load_tokenizer(path), truncation)
+        return cls(BucketedRunner([engine], batch_size, max_length), tokenizer, truncation)
 
     @property
     def max_length(self) -> int:
+        """The longest input (in tokens, prompt included) this model takes."""
         return self.runner.max_length
 
-    def _fit(self, body: list[int], fixed: int, i: int, counter: list) -> list[int]:
-        """Apply the truncation policy to a row whose non-truncatable parts take `fixed` tokens."""
-        room = self.max_length - fixed
-        if len(body) <= room:
-            return body
-        if self.truncation == "error":
-            raise ToolkitError(f"input #{i} has {len(body) + fixed} tokens but the largest artifact takes "
-                               f"{self.max_length}; pass truncation='truncate' or compile a larger SEQ")
-        counter[0] += 1
-        return body[:room]
+    @cached_property
+    def _layout(self):
+        return self.task.prompt(self.tokenizer)
 
-    def _warn_truncated(self, counter: list) -> None:
-        if counter[0]:
-            warnings.warn(f"{counter[0]} input(s) truncated to {self.max_length} tokens", stacklevel=3)
+    @cached_property
+    def _max_chars_per_token(self) -> int:
+        # byte-level BPE: a token's string has one character per byte, so this bounds the text one token can cover
+        return max(map(len, self.tokenizer.get_vocab()))
+
+    def _rows(self, bodies: list[str]) -> list[list[int]]:
+        """prefix + body + suffix token rows under the truncation policy. A body longer than the largest bucket can
+        use is cut (in characters, with the longest token's length as the bound) before it is tokenised, so a huge
+        text costs what the bucket can hold, not its size."""
+        layout = self._layout
+        room = self.max_length - layout.fixed
+        cut = (room + 1) * self._max_chars_per_token
+        encoded = self.tokenizer([b[:cut] for b in bodies], add_special_tokens=False).input_ids
+        rows, truncated = [], 0
+        for i, ids in enumerate(encoded):
+            if len(ids) > room:
+                if self.truncation == "error":
+                    raise ToolkitError(f"input #{i} has more than {room + layout.fixed} tokens but the largest "
+                                       f"artifact takes {self.max_length}; pass truncation='truncate' or compile a "
+                                       "larger SEQ")
+                truncated += 1
+                ids = ids[:room]
+            rows.append(layout.prefix + ids + layout.suffix)
+        if truncated:
+            warnings.warn(f"{truncated} input(s) truncated to {self.max_length} tokens", stacklevel=3)
+        return rows
 
     def close(self):
+        """Stop the engines."""
         self.runner.close()
 
     def __enter__(self):
@@ -144,58 +164,82 @@ class _TextModel:
         self.close()
 
 
+def _check_texts(texts, what: str) -> list[str]:
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+        raise ToolkitError(f"{what} takes a list of texts, got {type(texts).__name__}; wrap a single text in a list")
+    if not texts:
+        raise ToolkitError(f"{what} got an empty list; pass at least one text")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise ToolkitError(f"{what}: item #{i} is a {type(t).__name__}, not a text")
+    return list(texts)
+
+
 class Embedder(_TextModel):
-    task = "embedding"
+    """Qwen3-Embedding: texts → L2-normalised vectors (queries with an instruction, documents bare)."""
+
+    task = EMBEDDING
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids ending in exactly one <|endoftext|>, whatever the tokenizer's own post-processing does."""
-        counter = [0]
-        encoded = self.tokenizer(list(texts), add_special_tokens=False).input_ids
-        rows = [self._fit(ids, 1, i, counter) + [ENDOFTEXT_ID] for i, ids in enumerate(encoded)]
-        self._warn_truncated(counter)
-        return rows
+        return self._rows(_check_texts(texts, "tokenize"))
 
     def encode(self, texts: list[str], instruction: str | None = None, dim: int | None = None,
                normalize: bool = True, progress: bool = False) -> np.ndarray:
-        """Embed texts; with `instruction` they are formatted as queries. `dim` cuts (MRL) before normalising."""
-        if isinstance(texts, str):
-            raise ToolkitError("encode takes a list of texts")
-        if instruction is not None:
-            texts = [QUERY_TEMPLATE.format(instruction=instruction, query=t) for t in texts]
-        hidden = self.runner.run(self.tokenize(texts), progress)
-        if dim is not None:
-            if not 0 < dim <= hidden.shape[-1]:
-                raise ToolkitError(f"dim must be in 1..{hidden.shape[-1]}, got {dim}")
-            hidden = hidden[:, :dim]
-        return l2_normalize(hidden) if normalize else hidden
+        """Embed texts `[n, dim]`; with an `instruction` they are formatted as queries. `dim` cuts (MRL) before
+        normalising."""
+        texts = [self.task.format_query(t, instruction) for t in _check_texts(texts, "encode")]
+        return self.task.finish(self.runner.run(self.tokenize(texts), progress), dim=dim, normalize=normalize)
 
-    def encode_queries(self, queries, instruction: str = WEB_SEARCH_INSTRUCTION, **kw) -> np.ndarray:
+    def encode_queries(self, queries: list[str], instruction: str = WEB_SEARCH_INSTRUCTION, **kw) -> np.ndarray:
+        """Embed search queries with the instruction (web search by default)."""
         return self.encode(queries, instruction=instruction, **kw)
 
-    def encode_documents(self, documents, **kw) -> np.ndarray:
+    def encode_documents(self, documents: list[str], **kw) -> np.ndarray:
+        """Embed documents (no instruction, as Qwen3-Embedding expects)."""
         return self.encode(documents, instruction=None, **kw)
 
 
 class Reranker(_TextModel):
-    task = "reranker"
+    """Qwen3-Reranker: (query, document) pairs → P(yes)."""
+
+    task = RERANKER
 
     def tokenize(self, pairs: list[tuple[str, str]], instruction: str | None = None) -> list[list[int]]:
         """prefix + body + suffix; only the body (instruction, query, document) is ever truncated."""
-        prefix = self.tokenizer(RERANK_PREFIX, add_special_tokens=False).input_ids
-        suffix = self.tokenizer(RERANK_SUFFIX, add_special_tokens=False).input_ids
-        bodies = [RERANK_BODY.format(instruction=instruction or WEB_SEARCH_INSTRUCTION, query=q, document=d)
-                  for q, d in pairs]
-        counter = [0]
-        encoded = self.tokenizer(bodies, add_special_tokens=False).input_ids
-        rows = [prefix + self._fit(ids, len(prefix) + len(suffix), i, counter) + suffix
-                for i, ids in enumerate(encoded)]
-        self._warn_truncated(counter)
-        return rows
+        return self._rows([self.task.format_body(q, d, instruction) for q, d in _check_pairs(pairs)])
 
     def score(self, pairs: list[tuple[str, str]], instruction: str | None = None, progress: bool = False) -> np.ndarray:
-        """P(yes) for each (query, document) pair."""
-        return yes_probability(self.runner.run(self.tokenize(pairs, instruction), progress))
+        """P(yes) for each (query, document) pair, in input order."""
+        return self.task.finish(self.runner.run(self.tokenize(pairs, instruction), progress))
 
-    def rerank(self, query: str, documents: list[str], instruction: str | None = None) -> np.ndarray:
-        """P(yes) of each document for one query (one call, batched)."""
-        return self.score([(query, d) for d in documents], instruction)
+    def rerank(self, query: str, documents: list[str], top_n: int | None = None, instruction: str | None = None,
+               return_documents: bool = False) -> list[dict]:
+        """Documents sorted by P(yes) for one query, as sentence-transformers' `CrossEncoder.rank`:
+        `[{"corpus_id": index in documents, "score": P(yes)[, "text": document]}, ...]`, best first, `top_n` kept."""
+        if not isinstance(query, str):
+            raise ToolkitError(f"rerank takes one query text, got {type(query).__name__}")
+        documents = _check_texts(documents, "rerank")
+        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
+            raise ToolkitError(f"top_n must be a positive integer, got {top_n!r}")
+        scores = self.score([(query, d) for d in documents], instruction)
+        order = sorted(range(len(documents)), key=lambda i: -scores[i])[:top_n]
+        return [{"corpus_id": i, "score": float(scores[i]), **({"text": documents[i]} if return_documents else {})}
+                for i in order]
+
+
+def _check_pairs(pairs) -> list[tuple[str, str]]:
+    if isinstance(pairs, str) or not isinstance(pairs, (list, tuple)):
+        raise ToolkitError(f"score takes a list of (query, document) pairs, got {type(pairs).__name__}")
+    if not pairs:
+        raise ToolkitError("score got an empty list; pass at least one (query, document) pair")
+    for i, p in enumerate(pairs):
+        if isinstance(p, str) or not isinstance(p, (list, tuple)) or len(p) != 2 \
+                or not all(isinstance(x, str) for x in p):
+            raise ToolkitError(f"score: item #{i} must be a (query, document) pair of texts, got {p!r:.60}")
+    return [tuple(p) for p in pairs]
+
+
+def model_class(task: Task) -> type[_TextModel]:
+    """The high-level class that runs `task`: Embedder or Reranker."""
+    return {cls.task.name: cls for cls in (Embedder, Reranker)}[task.name]

@@ -1,26 +1,32 @@
-"""The artifact directory and its manifest: the contract between compile and everything that runs artifacts.
+"""The artifact directory and its typed manifest: the contract between compile and everything that runs artifacts.
 
-    ARTIFACT/manifest.json      task, model, seq_len, batch, dtype, backend, target, inputs, outputs,
-                                files (sha256), tools (versions), validation
+    ARTIFACT/manifest.json      `Manifest`: task, model, seq_len, batch, dtype, backend, target, inputs, outputs,
+                                files (sha256), tools (versions), validation, build
     ARTIFACT/model.onnx[.data]  (onnx backend) or model.so + params.npz (tvm backend)
     ARTIFACT/tokenizer/         the checkpoint's tokenizer files: an artifact runs without the checkpoint
+
+`Manifest.save` is the only writer of manifest.json. This module depends on nothing above it in the pipeline.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import platform
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from .errors import ToolkitError
+from toolkit.errors import ToolkitError
 
 MANIFEST = "manifest.json"
-FORMAT = "qwen3-deploy-artifact/1"
-REQUIRED_KEYS = ("format", "task", "seq_len", "batch", "dtype", "backend", "target", "inputs", "outputs", "files")
+FORMAT = "qwen3-deploy-artifact/2"
+BACKENDS = ("onnx", "tvm")  # one name per backend, everywhere: configs, CLI, manifests, directories
+DEVICES = ("cpu", "cuda")
 
 
 def sha256(path: Path) -> str:
+    """Hex digest of a file, read in 4 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -29,6 +35,7 @@ def sha256(path: Path) -> str:
 
 
 def tool_versions() -> dict:
+    """Versions of the packages an artifact's behaviour depends on."""
     versions = {"python": platform.python_version()}
     for pkg in ("torch", "transformers", "onnx", "onnxruntime", "apache-tvm", "numpy"):
         try:
@@ -38,95 +45,168 @@ def tool_versions() -> dict:
     return versions
 
 
-def io_spec(task: str, seq_len: int, batch: int, hidden_size: int) -> tuple[list, list]:
-    inputs = [{"name": n, "shape": [batch, seq_len], "dtype": "int64"} for n in ("input_ids", "attention_mask")]
-    out = ({"name": "last_hidden", "shape": [batch, hidden_size], "dtype": "float32"} if task == "embedding" else
-           {"name": "yes_no_logits", "shape": [batch, 2], "dtype": "float32"})
-    return inputs, [out]
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output."""
+
+    name: str
+    shape: list[int]
+    dtype: str
 
 
-def write_manifest(artifact_dir: Path, manifest: dict) -> dict:
-    """Hash every file in the directory (except the manifest itself) and write manifest.json."""
-    files = sorted(p for p in artifact_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {"format": FORMAT, **manifest,
-                "files": {str(p.relative_to(artifact_dir)): {"sha256": sha256(p), "bytes": p.stat().st_size}
-                          for p in files},
-                "tools": tool_versions()}
-    (artifact_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return manifest
+@dataclass(frozen=True)
+class ModelSource:
+    """The checkpoint an artifact was built from."""
+
+    checkpoint: str  # as the build config named it (hub id or path)
+    resolved: str  # the local directory it resolved to
+    model_type: str
+    synthetic: bool
+    hidden_size: int
+    num_hidden_layers: int
+    vocab_size: int
 
 
-def update_manifest(artifact_dir: Path, **fields) -> dict:
-    """Add fields (e.g. validation numbers) without rehashing: the manifest is not among the hashed files."""
-    manifest = read_manifest(artifact_dir)
-    manifest.update(fields)
-    (artifact_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return manifest
+@dataclass(frozen=True)
+class Target:
+    """Where the artifact runs: `device` cpu|cuda; for TVM also the exact compile target."""
+
+    device: str
+    tvm_target: dict | None = None
 
 
-def read_manifest(artifact_dir: str | Path) -> dict:
-    artifact_dir = Path(artifact_dir)
-    path = artifact_dir / MANIFEST
-    if not path.is_file():
-        raise ToolkitError(f"{artifact_dir} is not an artifact (no {MANIFEST}); build one with `toolkit compile`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ToolkitError(f"{path} is corrupt ({e}); recompile the artifact") from None
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing or manifest.get("format") != FORMAT:
-        raise ToolkitError(f"{path} is not a {FORMAT} manifest (missing {missing}); recompile the artifact")
-    return manifest
+@dataclass
+class Manifest:
+    """manifest.json as a type. `path` (the artifact directory) is set by `load`/`save` and not serialised."""
+
+    name: str
+    task: str
+    seq_len: int
+    batch: int
+    dtype: str
+    backend: str
+    target: Target
+    model: ModelSource
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    model_file: str
+    precision: dict
+    backend_details: dict = field(default_factory=dict)  # onnx: external_data; tvm: params_file, primfuncs, ...
+    validation: dict | None = None  # None: not validated (never loadable); {"skipped": ...}: CUDA without a GPU
+    build: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
+    tools: dict = field(default_factory=dict)
+    format: str = FORMAT
+    path: Path | None = field(default=None, compare=False, repr=False)
+
+    # ---- writing: the only writer ----------------------------------------------------------------------------------
+    def save(self, directory: str | Path, hash_files: bool = True) -> "Manifest":
+        """Write manifest.json into `directory`. With `hash_files`, record the sha256 and size of every other file
+        first (once, after the files are written); without, keep the recorded hashes (e.g. adding validation)."""
+        directory = Path(directory)
+        if hash_files:
+            self.files = {str(p.relative_to(directory)): {"sha256": sha256(p), "bytes": p.stat().st_size}
+                          for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+            self.tools = tool_versions()
+        payload = {k: v for k, v in dataclasses.asdict(self).items() if k != "path"}
+        (directory / MANIFEST).write_text(json.dumps(payload, indent=2))
+        self.path = directory
+        return self
+
+    # ---- reading ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, directory: str | Path, verify: bool = True) -> "Manifest":
+        """Read and type-check manifest.json; with `verify`, also check every file's size and sha256."""
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not path.is_file():
+            raise ToolkitError(f"{directory} is not an artifact (no {MANIFEST}); build one with `toolkit compile`")
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format") != FORMAT:
+                raise ValueError(f"format {raw.get('format')!r}, expected {FORMAT!r}")
+            manifest = cls(**{**raw, "target": Target(**raw["target"]), "model": ModelSource(**raw["model"]),
+                              "inputs": [TensorSpec(**t) for t in raw["inputs"]],
+                              "outputs": [TensorSpec(**t) for t in raw["outputs"]]})
+            manifest.check_fields()
+        except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as e:
+            raise ToolkitError(f"{path} is not a valid {FORMAT} manifest ({type(e).__name__}: {e}); "
+                               "recompile the artifact with `toolkit compile`") from None
+        manifest.path = directory
+        if verify:
+            problems = manifest.verify_files()
+            if problems:
+                raise ToolkitError(f"artifact {directory} does not match its manifest ({'; '.join(problems[:3])}); "
+                                   "it was modified or corrupted: recompile it with `toolkit compile`")
+        return manifest
+
+    def check_fields(self) -> None:
+        """Raise ValueError when a field has a value no writer produces."""
+        if self.backend not in BACKENDS or self.target.device not in DEVICES:
+            raise ValueError(f"backend {self.backend!r} / device {self.target.device!r}")
+        if not (isinstance(self.seq_len, int) and self.seq_len > 0 and isinstance(self.batch, int) and self.batch > 0):
+            raise ValueError(f"seq_len {self.seq_len!r} / batch {self.batch!r}")
+        if not isinstance(self.files, dict) or not self.files:
+            raise ValueError("no files recorded")
+
+    def verify_files(self) -> list[str]:
+        """Problems (missing / size / hash mismatches); empty when the artifact is intact."""
+        problems = []
+        for rel, info in self.files.items():
+            p = self.path / rel
+            if not p.is_file():
+                problems.append(f"{rel}: missing")
+            elif p.stat().st_size != info["bytes"]:
+                problems.append(f"{rel}: size {p.stat().st_size} != {info['bytes']}")
+            elif sha256(p) != info["sha256"]:
+                problems.append(f"{rel}: sha256 mismatch")
+        return problems
+
+    def deployment_problem(self) -> str | None:
+        """Why this artifact must not be run, or None. Only artifacts whose validation passed (or was explicitly
+        skipped for a CUDA build made without a GPU) are runnable."""
+        v = self.validation
+        if not v:
+            return (f"artifact {self.path} has no validation result: its compile did not finish; recompile it with "
+                    "`toolkit compile`")
+        if v.get("passed") is False:
+            return (f"artifact {self.path} failed validation against the Hugging Face model ({v}); do not deploy "
+                    "it: fix the cause and recompile")
+        if v.get("passed") is None and not v.get("skipped"):
+            return f"artifact {self.path} has an incomplete validation record; recompile it"
+        return None
+
+    def require_deployable(self) -> "Manifest":
+        """Raise ToolkitError unless the artifact may be run."""
+        problem = self.deployment_problem()
+        if problem:
+            raise ToolkitError(problem)
+        return self
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of all files (weights dominate)."""
+        return sum(f["bytes"] for f in self.files.values())
+
+    def reference_checkpoint(self) -> str:
+        """The checkpoint to compare against (demo/eval): the resolved local directory if it still exists, else what
+        the build config named (e.g. a hub id)."""
+        resolved = self.model.resolved
+        return resolved if resolved and Path(resolved).exists() else self.model.checkpoint
 
 
-def verify_files(artifact_dir: str | Path, manifest: dict) -> list[str]:
-    """Return a list of problems (missing / size / hash mismatches); empty when the artifact is intact."""
-    artifact_dir = Path(artifact_dir)
-    problems = []
-    for rel, info in manifest["files"].items():
-        p = artifact_dir / rel
-        if not p.is_file():
-            problems.append(f"{rel}: missing")
-        elif p.stat().st_size != info["bytes"]:
-            problems.append(f"{rel}: size {p.stat().st_size} != {info['bytes']}")
-        elif sha256(p) != info["sha256"]:
-            problems.append(f"{rel}: sha256 mismatch")
-    return problems
-
-
-def load_manifest(artifact_dir: str | Path, verify: bool = True) -> dict:
-    manifest = read_manifest(artifact_dir)
-    if verify:
-        problems = verify_files(artifact_dir, manifest)
-        if problems:
-            raise ToolkitError(f"artifact {artifact_dir} does not match its manifest ({'; '.join(problems[:3])}); "
-                               "it was modified or corrupted: recompile it with `toolkit compile`")
-    return manifest
-
-
-def source_checkpoint(artifact_dir: str | Path) -> str:
-    """The checkpoint an artifact was built from (the torch reference for demo/eval): the resolved local directory if
-    it still exists, else what the build config named (e.g. a hub id)."""
-    model = read_manifest(artifact_dir).get("model", {})
-    resolved = model.get("resolved")
-    return resolved if resolved and Path(resolved).exists() else model.get("checkpoint") or ""
-
-
-def open_backend(artifact_dir: str | Path, threads: int | None = None, device_id: int = 0, verify: bool = True):
-    """Load an artifact with the backend its manifest names."""
-    from .backends import OnnxRuntimeBackend
-
-    artifact_dir = Path(artifact_dir)
-    m = load_manifest(artifact_dir, verify=verify)
-    if (m.get("validation") or {}).get("passed") is False:
-        raise ToolkitError(f"artifact {artifact_dir} failed validation against the Hugging Face model "
-                           f"({m['validation']}); do not deploy it: fix the cause and recompile")
-    device = m["target"]["device"]
-    if m["backend"] == "onnxruntime":
-        return OnnxRuntimeBackend(artifact_dir / m["model_file"], m["task"], m["seq_len"], m["batch"], threads,
-                                  device, device_id)
-    if m["backend"] == "tvm":
-        from .tvm_backend import TvmBackend
-
-        return TvmBackend(artifact_dir, m, threads, device_id)
-    raise ToolkitError(f"artifact {artifact_dir} names unknown backend {m['backend']!r}")
+def find_artifacts(path: str | Path) -> list[Manifest]:
+    """One artifact directory, or a directory of them (a bucket set: same task, backend and batch, several SEQs),
+    as manifests sorted by SEQ. Staging directories of unfinished compiles (dot-prefixed) are not artifacts."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return [Manifest.load(path, verify=False)]
+    found = sorted({p.parent for pattern in ("*/" + MANIFEST, "*/*/" + MANIFEST) for p in path.glob(pattern)
+                    if not any(part.startswith(".") for part in p.relative_to(path).parts)})
+    if not found:
+        raise ToolkitError(f"no artifact under {path}; compile one with `toolkit compile` (or `make quickstart`)")
+    manifests = [Manifest.load(p, verify=False) for p in found]
+    kinds = {(m.task, m.backend, m.batch) for m in manifests}
+    if len(kinds) > 1:
+        raise ToolkitError(f"{path} mixes artifacts of different task/backend/batch {sorted(kinds)}; point at one set")
+    return sorted(manifests, key=lambda m: m.seq_len)

@@ -1,10 +1,15 @@
-"""Find a checkpoint (local directory or hub id) and load its tokenizer / the unpatched Hugging Face model."""
+"""Find a checkpoint (local directory or hub id), check it is a Qwen3 checkpoint, and load its tokenizer or the
+unpatched Hugging Face model."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .errors import ToolkitError
+from toolkit.artifact import ModelSource
+from toolkit.errors import ToolkitError
+from toolkit.tokenizer import ENDOFTEXT_ID
+
+MIN_VOCABULARY = 1000  # a real Qwen3 tokenizer has 151,669 entries; an empty or stub one has a handful
 
 
 def resolve_checkpoint(path_or_hub_id: str | Path) -> Path:
@@ -16,7 +21,8 @@ def resolve_checkpoint(path_or_hub_id: str | Path) -> Path:
         return local
     hub_id = str(path_or_hub_id)
     if hub_id.startswith((".", "/", "~")) or hub_id.count("/") != 1:
-        raise ToolkitError(f"checkpoint {hub_id!r} does not exist locally and is not a hub id like 'Qwen/Qwen3-Embedding-0.6B'")
+        raise ToolkitError(f"checkpoint {hub_id!r} does not exist locally and is not a hub id like "
+                           "'Qwen/Qwen3-Embedding-0.6B'")
     try:
         from huggingface_hub import snapshot_download
 
@@ -29,28 +35,53 @@ def resolve_checkpoint(path_or_hub_id: str | Path) -> Path:
             f"toolkit synth --task embedding|reranker --shape tiny|0.6b OUT_DIR") from None
 
 
-def checkpoint_info(checkpoint_dir: Path) -> dict:
-    cfg = json.loads((checkpoint_dir / "config.json").read_text())
-    return {"model_type": cfg.get("model_type"), "synthetic": "synthetic" in cfg,
-            "hidden_size": cfg.get("hidden_size"), "num_hidden_layers": cfg.get("num_hidden_layers"),
-            "vocab_size": cfg.get("vocab_size")}
+def read_hf_config(checkpoint_dir: Path) -> dict:
+    """config.json of a Qwen3 checkpoint; anything else is refused with the reason."""
+    path = Path(checkpoint_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ToolkitError(f"{path} is not readable JSON ({e}); re-download the checkpoint") from None
+    if not isinstance(cfg, dict) or cfg.get("model_type") != "qwen3":
+        found = cfg.get("model_type") if isinstance(cfg, dict) else None
+        raise ToolkitError(f"{checkpoint_dir} is a {found!r} checkpoint; this toolkit deploys Qwen3 "
+                           "(model_type 'qwen3': Qwen3-Embedding / Qwen3-Reranker)")
+    return cfg
+
+
+def model_source(named: str, checkpoint_dir: Path) -> ModelSource:
+    """What the manifest records about the checkpoint an artifact is built from."""
+    cfg = read_hf_config(checkpoint_dir)
+    return ModelSource(checkpoint=str(named), resolved=str(Path(checkpoint_dir).resolve()),
+                       model_type=cfg["model_type"], synthetic="synthetic" in cfg, hidden_size=cfg.get("hidden_size"),
+                       num_hidden_layers=cfg.get("num_hidden_layers"), vocab_size=cfg.get("vocab_size"))
 
 
 def load_tokenizer(tokenizer_dir: str | Path):
+    """The Hugging Face fast tokenizer in `tokenizer_dir`, checked to be a real (non-empty) Qwen3 tokenizer."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     except Exception as e:
         raise ToolkitError(f"cannot load a tokenizer from {tokenizer_dir}: {e}") from None
+    if len(tokenizer) < MIN_VOCABULARY or tokenizer.convert_ids_to_tokens(ENDOFTEXT_ID) != "<|endoftext|>" \
+            or not tokenizer("Hello world", add_special_tokens=False).input_ids:
+        raise ToolkitError(f"{tokenizer_dir} has no usable Qwen3 tokenizer ({len(tokenizer)} entries, no "
+                           "<|endoftext|> at 151643): copy tokenizer.json and tokenizer_config.json from the original "
+                           "checkpoint into it")
+    return tokenizer
 
 
-def load_hf_model(checkpoint_dir: Path, task: str):
-    """The unpatched Hugging Face model in fp32, as users run it today (AutoModel / AutoModelForCausalLM)."""
+def load_hf_model(checkpoint_dir: Path, task):
+    """The unpatched Hugging Face model in fp32, as users run it today (the task's auto class)."""
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    read_hf_config(checkpoint_dir)
     hf_logging.disable_progress_bar()
-    cls = AutoModel if task == "embedding" else AutoModelForCausalLM
-    return cls.from_pretrained(str(checkpoint_dir), dtype=torch.float32).eval()
+    try:
+        return task.hf_model_class().from_pretrained(str(checkpoint_dir), dtype=torch.float32).eval()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ToolkitError(f"cannot load the Hugging Face model from {checkpoint_dir} ({type(e).__name__}: "
+                           f"{str(e)[:200]}); re-download or rebuild the checkpoint") from None

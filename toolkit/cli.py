@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from .cli_base import ToolkitGroup
+from toolkit.cli_base import ToolkitGroup
+from toolkit.tasks import TASKS
 
 
 @click.group(cls=ToolkitGroup)
@@ -16,13 +17,13 @@ def main():
 
 
 @main.command()
-@click.option("--task", type=click.Choice(["embedding", "reranker"]), required=True)
+@click.option("--task", type=click.Choice(sorted(TASKS)), required=True)
 @click.option("--shape", type=click.Choice(["tiny", "0.6b"]), default="tiny", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.argument("out_dir", type=click.Path(file_okay=False))
 def synth(task, shape, seed, out_dir):
     """Write a synthetic (random-weight) Qwen3 checkpoint with the real Qwen3 tokenizer."""
-    from .synth import write_synthetic_checkpoint
+    from toolkit.synth import write_synthetic_checkpoint
 
     click.echo(write_synthetic_checkpoint(out_dir, task, shape, seed))
 
@@ -39,8 +40,8 @@ def synth(task, shape, seed, out_dir):
 @click.option("--name", help="artifact set name under the workspace (overrides the config)")
 def compile(config, seq, checkpoint, backend, dtype, target, batch, workspace, name):
     """Compile CONFIG into one artifact directory per (backend, seq); prints their paths."""
-    from .compile import compile_config
-    from .config import load_build_config, parse_seq_lens
+    from toolkit.compile import compile_config
+    from toolkit.config import load_build_config, parse_seq_lens
 
     cfg = load_build_config(config).with_overrides(
         seq_lens=parse_seq_lens(seq) if seq else None, checkpoint=checkpoint, dtype=dtype, target=target,
@@ -55,11 +56,12 @@ def compile(config, seq, checkpoint, backend, dtype, target, batch, workspace, n
 @click.option("--checkpoint", help="reference checkpoint (default: the one recorded in the manifest)")
 def validate(artifact_dir, checkpoint):
     """Re-run an artifact's validation against the fp32 Hugging Face model (e.g. a CUDA build on its GPU host)."""
-    from .compile import format_validation, validate_artifact
-    from .artifact import read_manifest
+    from toolkit.artifact import Manifest
+    from toolkit.validation import revalidate
 
-    stats = validate_artifact(Path(artifact_dir), checkpoint)
-    click.echo(f"{artifact_dir}: {format_validation(read_manifest(artifact_dir)['task'], stats)}: "
+    stats = revalidate(artifact_dir, checkpoint)
+    task = TASKS[Manifest.load(artifact_dir, verify=False).task]
+    click.echo(f"{artifact_dir}: vs HF fp32: {task.format_agreement(stats)} ({stats['tolerance']}): "
                f"{'OK' if stats['passed'] else 'FAIL'}")
     sys.exit(0 if stats["passed"] else 1)
 
@@ -68,74 +70,52 @@ def validate(artifact_dir, checkpoint):
 @click.argument("artifact_dir", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="print the raw manifest")
 def inspect(artifact_dir, as_json):
-    """Summarise an artifact's manifest and verify its file hashes (exit 1 on a mismatch)."""
-    from .artifact import read_manifest, verify_files
+    """Summarise an artifact's manifest, verify its file hashes and its validation (exit 1 if either fails)."""
+    from toolkit.artifact import MANIFEST, Manifest
 
-    m = read_manifest(artifact_dir)
-    if as_json:
-        click.echo(json.dumps(m, indent=2))
-    else:
-        click.echo(format_manifest(m))
-    problems = verify_files(artifact_dir, m)
+    m = Manifest.load(artifact_dir, verify=False)
+    click.echo((Path(artifact_dir) / MANIFEST).read_text() if as_json else format_manifest(m))
+    problems = m.verify_files()
     for p in problems:
         click.secho(f"MISMATCH {p}", fg="red")
-    click.echo(f"files: {len(m['files'])} checked, {len(problems)} mismatched")
-    sys.exit(1 if problems else 0)
+    click.echo(f"files: {len(m.files)} checked, {len(problems)} mismatched")
+    unusable = m.deployment_problem()
+    if unusable:
+        click.secho(f"NOT DEPLOYABLE: {unusable}", fg="red")
+    sys.exit(1 if problems or unusable else 0)
 
 
-def format_manifest(m: dict) -> str:
-    total = sum(f["bytes"] for f in m["files"].values())
-    io = lambda specs: ", ".join(f"{s['name']} {s['dtype']}{s['shape']}" for s in specs)  # noqa: E731
-    v = m.get("validation") or {}
+def format_manifest(m) -> str:
+    """The manifest as an aligned, readable summary."""
+    io = lambda specs: ", ".join(f"{s.name} {s.dtype}{s.shape}" for s in specs)  # noqa: E731
+    v = m.validation or {}
+    target = m.target.device + (f" ({json.dumps(m.target.tvm_target)})" if m.target.tvm_target else "")
     lines = [
-        f"name        {m.get('name')}",
-        f"task        {m['task']}",
-        f"model       {m.get('model', {}).get('checkpoint')}" + (" (synthetic)" if m.get("model", {}).get("synthetic") else ""),
-        f"backend     {m['backend']}  target {json.dumps(m['target'])}",
-        f"shape       batch {m['batch']} x seq {m['seq_len']}   dtype {m['dtype']} {json.dumps(m.get('precision', {}))}",
-        f"inputs      {io(m['inputs'])}",
-        f"outputs     {io(m['outputs'])}",
-        f"size        {total / 1e6:.1f} MB in {len(m['files'])} files",
-        f"validation  " + ", ".join(f"{k}={v[k]}" for k in v if k not in ("tolerance", "lengths")),
-        f"build       {json.dumps(m.get('build', {}))}",
-        f"tools       " + ", ".join(f"{k} {v}" for k, v in m.get("tools", {}).items()),
+        f"name        {m.name}",
+        f"task        {m.task}",
+        f"model       {m.model.checkpoint}" + (" (synthetic)" if m.model.synthetic else ""),
+        f"backend     {m.backend}  target {target}",
+        f"shape       batch {m.batch} x seq {m.seq_len}   dtype {m.dtype} {json.dumps(m.precision)}",
+        f"inputs      {io(m.inputs)}",
+        f"outputs     {io(m.outputs)}",
+        f"size        {m.weight_bytes / 1e6:.1f} MB in {len(m.files)} files",
+        "validation  " + (", ".join(f"{k}={v[k]}" for k in v if k != "lengths") or "none"),
+        f"build       {json.dumps(m.build)}",
+        "tools       " + ", ".join(f"{k} {ver}" for k, ver in m.tools.items()),
     ]
     return "\n".join(lines)
 
 
 @main.command()
-@click.option("--task", type=click.Choice(["embedding", "reranker"]), required=True)
+@click.option("--task", type=click.Choice(sorted(TASKS)), required=True)
 @click.option("--artifact", type=click.Path(exists=True, file_okay=False),
               help="artifact or bucket-set directory (default: the quickstart's)")
 @click.option("--checkpoint", help="torch reference checkpoint (default: the one the artifact was built from)")
 def demo(task, artifact, checkpoint):
     """The reference demo through torch and the artifact side by side; exit 1 if parity is off tolerance."""
-    from .demo import run_demo
+    from toolkit.demo import run_demo
 
-    sys.exit(0 if run_demo(task, artifact, checkpoint, echo=click.echo) else 1)
-
-
-@main.command("eval")
-@click.option("--task", type=click.Choice(["embedding", "reranker"]), required=True)
-@click.option("--dataset", required=True, help="sts12 | bq | msmarco | sts12-sample | bq-sample | msmarco-sample | PATH")
-@click.option("--artifact", type=click.Path(exists=True, file_okay=False), help="artifact or bucket-set directory")
-@click.option("--checkpoint", help="torch reference checkpoint (default: the one the artifact was built from)")
-@click.option("--engine", type=click.Choice(["both", "torch", "artifact"]), default="both", show_default=True)
-@click.option("--limit", type=int, help="first N examples")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="where `toolkit data download` wrote the JSONL")
-@click.option("--max-drop", type=float, default=0.01, show_default=True,
-              help="fail if the artifact trails torch by more than this on any metric")
-@click.option("--instance", "instances", type=int, default=1, show_default=True)
-@click.option("--json", "json_out", type=click.Path(dir_okay=False))
-def eval_cmd(task, dataset, artifact, checkpoint, engine, limit, data_dir, max_drop, instances, json_out):
-    """Evaluate torch and the artifact on the same data: metrics, deltas, parity; exit 1 on a metric drop."""
-    from .eval.run import eval_tables, evaluate
-    from .report import write_json
-
-    result = evaluate(task, dataset, artifact, checkpoint, engine, limit, data_dir, max_drop, instances)
-    click.echo(eval_tables(result))
-    write_json(json_out, result)
-    sys.exit(0 if result.get("passed", True) else 1)
+    sys.exit(0 if run_demo(TASKS[task], artifact, checkpoint, echo=click.echo) else 1)
 
 
 @main.group()
@@ -147,14 +127,17 @@ def data():
 @click.option("--out", "out_dir", default="data", show_default=True, type=click.Path(file_okay=False))
 def data_download(out_dir):
     """Fetch STS12, C-MTEB/BQ and MS MARCO dev from the hub into JSONL files (needs the network)."""
-    from .eval.datasets import download
+    from toolkit.eval.datasets import download
 
     for path in download(out_dir):
         click.echo(path)
 
 
-from .perf.cli import perf  # noqa: E402  (`toolkit perf ...` is the same group as the `perf` command)
+# `toolkit eval ...` and `toolkit perf ...` (also the `perf` command) live beside their modules
+from toolkit.eval.cli import eval_cmd  # noqa: E402
+from toolkit.perf.cli import perf  # noqa: E402
 
+main.add_command(eval_cmd, "eval")
 main.add_command(perf, "perf")
 
 if __name__ == "__main__":

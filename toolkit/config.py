@@ -1,4 +1,4 @@
-"""Build configs (YAML), validated on load. One file per model, in the spirit of the reference's build configs:
+"""Build configs (YAML), checked strictly on load. One file per model, in the spirit of the reference's build configs:
 
     name: qwen3-embedding-0.6b-fp16
     task: embedding                      # embedding | reranker
@@ -11,6 +11,8 @@
       dtype: fp16                        # fp16 | fp32 (weights; compute and accumulation stay fp32)
       target: cpu                        # cpu | cuda
     workspace: ./workspace
+
+Unknown or mistyped keys at any level are refused with the key's path (a typo must not silently build defaults).
 """
 from __future__ import annotations
 
@@ -19,16 +21,21 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ToolkitError
+from toolkit.artifact import BACKENDS, DEVICES
+from toolkit.errors import ToolkitError
+from toolkit.tasks import TASKS
 
-TASKS = ("embedding", "reranker")
-BACKENDS = ("onnx", "tvm")
 DTYPES = ("fp16", "fp32")
-TARGETS = ("cpu", "cuda")
+MAX_SEQ_LEN = 32768
+SCHEMA = {"name": str, "task": str, "workspace": str,
+          "frontend": {"checkpoint": str, "input_ids": list, "seq": (list, int), "batch": int},
+          "backend": {"kind": (str, list), "dtype": str, "target": str}}
 
 
 @dataclass(frozen=True)
 class BuildConfig:
+    """What to compile: one model, one task, its sequence lengths, batch, backends, weight dtype and target."""
+
     name: str
     task: str
     checkpoint: str
@@ -41,55 +48,79 @@ class BuildConfig:
     source: Path | None = None  # the YAML file it came from
 
     def with_overrides(self, **overrides) -> "BuildConfig":
-        """Apply CLI overrides (None means "keep the config's value") and re-validate."""
+        """Apply CLI overrides (None means "keep the config's value") and check the result."""
         cfg = replace(self, **{k: v for k, v in overrides.items() if v is not None})
-        cfg.validate()
+        cfg.check()
         return cfg
 
-    def validate(self) -> None:
+    def check(self) -> None:
+        """Raise ToolkitError naming the first field with a value outside its domain."""
         where = f" in {self.source}" if self.source else ""
         if self.task not in TASKS:
-            raise ToolkitError(f"task must be one of {TASKS}, got {self.task!r}{where}")
-        if not self.seq_lens or any(not isinstance(s, int) or s < 1 or s > 32768 for s in self.seq_lens):
-            raise ToolkitError(f"sequence lengths must be integers in 1..32768, got {list(self.seq_lens)}{where}")
-        if not isinstance(self.batch, int) or self.batch < 1:
+            raise ToolkitError(f"task must be one of {sorted(TASKS)}, got {self.task!r}{where}")
+        if not self.seq_lens or any(not _is_int(s) or not 1 <= s <= MAX_SEQ_LEN for s in self.seq_lens):
+            raise ToolkitError(f"sequence lengths must be integers in 1..{MAX_SEQ_LEN}, got {list(self.seq_lens)}"
+                               f"{where}")
+        if not _is_int(self.batch) or self.batch < 1:
             raise ToolkitError(f"batch must be a positive integer, got {self.batch!r}{where}")
         for b in self.backends:
             if b not in BACKENDS:
                 raise ToolkitError(f"backend must be one of {BACKENDS}, got {b!r}{where}")
         if self.dtype not in DTYPES:
             raise ToolkitError(f"dtype must be one of {DTYPES}, got {self.dtype!r}{where}")
-        if self.target not in TARGETS:
-            raise ToolkitError(f"target must be one of {TARGETS}, got {self.target!r}{where}")
+        if self.target not in DEVICES:
+            raise ToolkitError(f"target must be one of {DEVICES}, got {self.target!r}{where}")
         if not self.checkpoint:
             raise ToolkitError(f"frontend.checkpoint is empty{where}: give a hub id or a local path")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def parse_seq_lens(value) -> tuple[int, ...]:
-    """Accept 512, "128,512", [128, 512] or the reference's [[512], []]."""
+    """Accept 512, "128,512", [128, 512] or the reference's [[512], []]; anything else is an error."""
     if isinstance(value, str):
         try:
             value = [int(v) for v in value.split(",") if v.strip()]
         except ValueError:
             raise ToolkitError(f"sequence lengths must be comma-separated integers, got {value!r}") from None
-    if isinstance(value, int):
+    if _is_int(value):
         value = [value]
     if isinstance(value, list) and value and isinstance(value[0], list):
         value = value[0]  # [[SEQ, ...], []]: the second list names dynamic dims, and we have none
-    return tuple(sorted(set(value))) if isinstance(value, list) else ()
+    if not isinstance(value, list) or not value or not all(_is_int(v) and 1 <= v <= MAX_SEQ_LEN for v in value):
+        raise ToolkitError(f"sequence lengths must be integers in 1..{MAX_SEQ_LEN} (e.g. 512, 128,512 or "
+                           f"[[512], []]), got {value!r}")
+    return tuple(sorted(set(value)))
+
+
+def check_schema(raw, schema: dict, path: str, where: Path) -> None:
+    """Unknown keys and wrong types, at any level, named by their dotted path."""
+    if not isinstance(raw, dict):
+        raise ToolkitError(f"{where}: {path or 'the file'} must be a mapping of keys, got {type(raw).__name__}")
+    for key, value in raw.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if key not in schema:
+            raise ToolkitError(f"{where}: unknown key {key_path!r}; allowed here: {sorted(schema)}")
+        expected = schema[key]
+        if isinstance(expected, dict):
+            check_schema(value, expected, key_path, where)
+        elif value is not None and (not isinstance(value, expected) or isinstance(value, bool)):
+            names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+            raise ToolkitError(f"{where}: {key_path} must be of type {names}, got {value!r}")
 
 
 def load_build_config(path: str | Path) -> BuildConfig:
+    """Read and check a YAML build config."""
     path = Path(path)
     if not path.is_file():
         raise ToolkitError(f"build config {path} not found; the bundled ones are in build_configs/")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ToolkitError(f"{path} is not valid YAML: {e}") from None
-    unknown = set(raw) - {"name", "task", "frontend", "backend", "workspace"}
-    if unknown:
-        raise ToolkitError(f"unknown keys {sorted(unknown)} in {path}")
+    check_schema(raw, SCHEMA, "", path)
     front, back = raw.get("frontend") or {}, raw.get("backend") or {}
     seq = front.get("seq", front.get("input_ids"))
     if seq is None:
@@ -107,5 +138,5 @@ def load_build_config(path: str | Path) -> BuildConfig:
         workspace=Path(raw.get("workspace") or "workspace"),
         source=path,
     )
-    cfg.validate()
+    cfg.check()
     return cfg

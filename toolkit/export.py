@@ -3,18 +3,30 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .artifact import io_spec
+from toolkit.artifact import TensorSpec
 
 ONNX_OPSET = 18
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # stay clear of protobuf's 2 GiB cap: above it, weights go external
+INPUT_NAMES = ("input_ids", "attention_mask")
 
 
-def export_onnx(model, path: Path, seq_len: int, batch: int) -> dict:
-    """Export `model` (a Qwen3ForDeployment) and check it. Returns the I/O spec for the manifest.
+@dataclass(frozen=True)
+class OnnxExport:
+    """What one export produced, for the manifest."""
+
+    model_file: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    external_data: bool
+
+
+def export_onnx(model, task, path: Path, seq_len: int, batch: int) -> OnnxExport:
+    """Export `model` (a Qwen3ForDeployment for `task`) to `path` and check it.
 
     The dynamo exporter runs with `optimize=False`: its optimizer constant-folds `Cast(fp16 weight)` into fp32
     initializers, which would silently double the artifact and drop the fp16 storage we asked for."""
@@ -22,15 +34,16 @@ def export_onnx(model, path: Path, seq_len: int, batch: int) -> dict:
 
     ids = torch.zeros(batch, seq_len, dtype=torch.int64)
     mask = torch.ones(batch, seq_len, dtype=torch.int64)
-    inputs, outputs = io_spec(model.task, seq_len, batch, model.shape.hidden_size)
+    inputs = [TensorSpec(name, [batch, seq_len], "int64") for name in INPUT_NAMES]
+    outputs = [TensorSpec(**task.output_spec(batch, model.shape.hidden_size))]
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = weight_bytes > PROTOBUF_LIMIT
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # torchvision-missing notices are noise here
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (ids, mask), dynamo=True, optimize=False, verbose=False, opset_version=ONNX_OPSET,
-                                    input_names=[i["name"] for i in inputs],
-                                    output_names=[o["name"] for o in outputs], external_data=external)
+        program = torch.onnx.export(model, (ids, mask), dynamo=True, optimize=False, verbose=False,
+                                    opset_version=ONNX_OPSET, input_names=list(INPUT_NAMES),
+                                    output_names=[o.name for o in outputs], external_data=external)
     program.save(str(path), external_data=external)
     onnx.checker.check_model(str(path), full_check=True)  # path-based: works above 2 GiB; full_check infers shapes
-    return {"inputs": inputs, "outputs": outputs, "model_file": path.name, "external_data": external}
+    return OnnxExport(model_file=path.name, inputs=inputs, outputs=outputs, external_data=external)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 
 def format_table(headers: list[str], rows: list[list], title: str | None = None) -> str:
+    """An aligned text table; numeric columns right-aligned."""
     cells = [[fmt(c) for c in row] for row in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h)) for i, h in enumerate(headers)]
     numeric = [all(isinstance(row[i], (int, float)) for row in rows) for i in range(len(headers))]
@@ -16,6 +17,7 @@ def format_table(headers: list[str], rows: list[list], title: str | None = None)
 
 
 def fmt(value) -> str:
+    """A cell: floats with the digits that matter at their magnitude."""
     if isinstance(value, float):
         if value != value:
             return "nan"
@@ -30,6 +32,7 @@ def fmt(value) -> str:
 
 
 def write_json(path: str | Path | None, payload: dict) -> None:
+    """Write `payload` as indented UTF-8 JSON when a path is given."""
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2, ensure_ascii=False))

@@ -3,6 +3,9 @@
 An `Engine` holds `instances` copies of one backend (an artifact, or the torch reference), each owned by one worker
 thread that drains a shared bounded queue. `run_async` returns a `Future` bound to that request, so results always go
 back to the caller that sent them; `run_sync` is `run_async(...).result()`.
+
+Closing is race-free: a request is either accepted (and then run before the workers stop) or refused with
+`EngineClosedError`; `close()` waits for submissions already past the closed check before it queues the stop markers.
 """
 from __future__ import annotations
 
@@ -15,16 +18,18 @@ from typing import Callable
 
 import numpy as np
 
-from .backends import Backend, TorchReference
-from .errors import ToolkitError
+from toolkit.artifact import Manifest
+from toolkit.backends import Backend, TorchReference, open_backend
+from toolkit.errors import ToolkitError
+from toolkit.tasks import Task
 
 
 class QueueFullError(ToolkitError):
-    pass
+    """The bounded request queue is full and the caller asked not to wait."""
 
 
 class EngineClosedError(ToolkitError):
-    pass
+    """The engine was closed before the request was accepted."""
 
 
 _STOP = object()
@@ -35,41 +40,54 @@ def threads_per_instance(instances: int) -> int:
     return max(1, (os.cpu_count() or 1) // instances)
 
 
+def check_engine_options(instances, device_ids, queue_size) -> None:
+    """One-line errors for engine options a user can get wrong."""
+    for name, value in (("instances", instances), ("queue_size", queue_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ToolkitError(f"{name} must be an integer >= 1, got {value!r}")
+    if not device_ids or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in device_ids):
+        raise ToolkitError(f"device_ids must be a non-empty list of device numbers like 0 or 0,1, got {device_ids!r}")
+
+
 class Engine:
+    """`instances` copies of one backend behind a bounded queue; `run_async` → Future, `run_sync` → outputs."""
+
     def __init__(self, make_backend: Callable[[int, int], Backend], instances: int = 1,
                  device_ids: tuple[int, ...] = (0,), queue_size: int = 64):
         """`make_backend(instance_index, device_id)` builds one backend copy; instances go round-robin over
         `device_ids`. `queue_size` bounds the requests waiting (not counting those being run)."""
-        if instances < 1 or queue_size < 1:
-            raise ToolkitError("instances and queue_size must be >= 1")
+        check_engine_options(instances, tuple(device_ids), queue_size)
         self.backends = [make_backend(i, device_ids[i % len(device_ids)]) for i in range(instances)]
         first = self.backends[0]
         self.task, self.seq_len, self.batch = first.task, first.seq_len, first.batch
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._closed = False
-        self._lock = threading.Lock()
-        self._workers = [threading.Thread(target=self._work, args=(b,), daemon=True, name=f"engine-{i}")
-                         for i, b in enumerate(self.backends)]
+        self._submitting = 0  # submissions past the closed check, not yet queued
+        self._state = threading.Condition()
+        self.runs_per_instance = [0] * instances  # batches each instance has run (observability, tests)
+        self._workers = [threading.Thread(target=self._work, args=(i,), daemon=True, name=f"engine-{i}")
+                         for i in range(instances)]
         for w in self._workers:
             w.start()
 
     @classmethod
-    def from_artifact(cls, artifact_dir: str | Path, instances: int = 1, device_ids: tuple[int, ...] = (0,),
+    def from_artifact(cls, artifact: str | Path | Manifest, instances: int = 1, device_ids: tuple[int, ...] = (0,),
                       queue_size: int = 64, threads: int | None = None) -> "Engine":
-        from .artifact import load_manifest, open_backend
-
-        load_manifest(artifact_dir, verify=True)  # hash once, not once per instance
+        """An engine over one artifact (a directory, or its manifest); files are hash-checked once here."""
+        check_engine_options(instances, tuple(device_ids), queue_size)
+        directory = artifact.path if isinstance(artifact, Manifest) else artifact
+        manifest = Manifest.load(directory, verify=True).require_deployable()
         threads = threads or threads_per_instance(instances)
-        return cls(lambda i, dev: open_backend(artifact_dir, threads, dev, verify=False), instances, device_ids,
-                   queue_size)
+        return cls(lambda i, dev: open_backend(manifest, threads, dev), instances, device_ids, queue_size)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str | Path, task: str, queue_size: int = 64) -> "Engine":
+    def from_checkpoint(cls, checkpoint_dir: str | Path, task: Task, queue_size: int = 64) -> "Engine":
         """The torch reference (unpatched Hugging Face model) behind the same interface; one instance."""
         return cls(lambda i, dev: TorchReference(Path(checkpoint_dir), task), 1, (0,), queue_size)
 
     # ---- requests ---------------------------------------------------------------------------------------------------
     def check_inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
+        """Raise ToolkitError unless the arrays are integer `[batch, seq]` of this engine's shape."""
         ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
         if ids.ndim != 2 or ids.shape != mask.shape:
             raise ToolkitError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be the same 2-D shape")
@@ -84,20 +102,28 @@ class Engine:
         """Queue one batch. With `block=False` (or after `timeout`) a full queue raises QueueFullError."""
         self.check_inputs(input_ids, attention_mask)
         future: Future = Future()
-        with self._lock:
+        with self._state:
             if self._closed:
                 raise EngineClosedError("the engine is closed; create a new one")
+            self._submitting += 1
         try:
             self._queue.put((input_ids, attention_mask, future), block=block, timeout=timeout)
         except queue.Full:
             raise QueueFullError(f"request queue is full ({self._queue.maxsize} waiting); wait for results, "
                                  "raise queue_size, or submit with block=True") from None
+        finally:
+            with self._state:
+                self._submitting -= 1
+                self._state.notify_all()
         return future
 
     def run_sync(self, input_ids, attention_mask) -> np.ndarray:
+        """Run one batch and wait for its outputs."""
         return self.run_async(input_ids, attention_mask).result()
 
-    def _work(self, backend: Backend) -> None:
+    def _work(self, index: int) -> None:
+        """Worker loop: run queued requests on this instance's backend until the stop marker."""
+        backend = self.backends[index]
         while True:
             item = self._queue.get()
             if item is _STOP:
@@ -106,16 +132,20 @@ class Engine:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(backend.run(ids, mask))
+                output = backend.run(ids, mask)
+                self.runs_per_instance[index] += 1
+                future.set_result(output)
             except BaseException as e:  # delivered to the caller that sent this request
                 future.set_exception(e)
 
     def close(self) -> None:
-        """Finish queued requests, stop the workers and release the backends. Idempotent."""
-        with self._lock:
+        """Refuse new requests, finish every accepted one, stop the workers and release the backends. Idempotent."""
+        with self._state:
             if self._closed:
                 return
             self._closed = True
+            # workers keep draining meanwhile, so a submission blocked on a full queue gets in and is run
+            self._state.wait_for(lambda: self._submitting == 0)
         for _ in self._workers:
             self._queue.put(_STOP)
         for w in self._workers:

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .tokenizer import VOCAB_SIZE, build_qwen3_tokenizer
+from toolkit.errors import ToolkitError
+from toolkit.tasks import get_task
+from toolkit.tokenizer import ENDOFTEXT_ID, VOCAB_SIZE, build_qwen3_tokenizer
 
 SHAPES = {
     # hidden, layers, heads, kv heads, head_dim, ffn
@@ -22,11 +24,13 @@ SHAPES = {
 }
 
 
-def write_synthetic_checkpoint(out_dir: str | Path, task: str, shape: str = "tiny", seed: int = 0) -> Path:
-    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+def write_synthetic_checkpoint(out_dir: str | Path, task_name: str, shape: str = "tiny", seed: int = 0) -> Path:
+    """Write a random-weight checkpoint of `shape` for the task called `task_name` into `out_dir`."""
+    from transformers import Qwen3Config
 
+    task = get_task(task_name)
     if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
+        raise ToolkitError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -34,10 +38,11 @@ def write_synthetic_checkpoint(out_dir: str | Path, task: str, shape: str = "tin
         **SHAPES[shape], vocab_size=VOCAB_SIZE, max_position_embeddings=32768, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, tie_word_embeddings=True,
         # A wider init than Qwen's 0.02 so random outputs spread (reranker probabilities far from 0.5).
-        initializer_range=0.05, bos_token_id=151643, eos_token_id=151643 if task == "embedding" else 151645,
-        pad_token_id=151643,
+        initializer_range=0.05, bos_token_id=ENDOFTEXT_ID, pad_token_id=ENDOFTEXT_ID,
     )
-    model = (Qwen3Model if task == "embedding" else Qwen3ForCausalLM)(config).to(torch.bfloat16)
+    tokenizer = build_qwen3_tokenizer(task.eos_token, task.tokenizer_appends_eos)
+    config.eos_token_id = tokenizer.eos_token_id
+    model = task.hf_model_class().from_config(config).to(torch.bfloat16)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):  # norms at 1.0 make random activations too uniform; vary them
@@ -47,12 +52,12 @@ def write_synthetic_checkpoint(out_dir: str | Path, task: str, shape: str = "tin
     model.save_pretrained(out_dir)
     config_path = out_dir / "config.json"
     cfg = json.loads(config_path.read_text())
-    cfg["synthetic"] = {"task": task, "shape": shape, "seed": seed,
+    cfg["synthetic"] = {"task": task.name, "shape": shape, "seed": seed,
                         "note": "RANDOM WEIGHTS - for testing the toolkit only; metrics on it are meaningless"}
     config_path.write_text(json.dumps(cfg, indent=2))
-    build_qwen3_tokenizer(task).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
     (out_dir / "README.md").write_text(
-        f"# Synthetic Qwen3-{task} checkpoint ({shape} shape)\n\nRandom weights (seed {seed}) written by "
+        f"# Synthetic Qwen3-{task.name} checkpoint ({shape} shape)\n\nRandom weights (seed {seed}) written by "
         "`toolkit synth`. The tokenizer is the real Qwen3 one. Use it to test compile/run/eval plumbing; "
         "accuracy metrics computed with it mean nothing.\n")
     return out_dir

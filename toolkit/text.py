@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import ToolkitError
+from toolkit.errors import ToolkitError
 
 
 def left_pad(rows: list[list[int]], seq_len: int, pad_id: int, batch: int | None = None):

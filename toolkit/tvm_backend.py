@@ -2,35 +2,52 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
+from typing_extensions import override
 
-from .backends import Backend
-from .tvm_compile import check_host
+from toolkit.artifact import Manifest
+from toolkit.backends import Backend
+from toolkit.errors import ToolkitError
+from toolkit.tasks import get_task
+
+
+def check_host(tvm_target: dict) -> None:
+    """An llvm artifact is built for one CPU family; refuse to run it where its instructions may be missing."""
+    from tvm.target import codegen
+
+    if tvm_target.get("kind") != "llvm":
+        return
+    host = codegen.llvm_get_system_cpu()
+    if tvm_target.get("mcpu") not in (None, host):
+        raise ToolkitError(f"this TVM artifact was compiled for CPU {tvm_target['mcpu']!r}, this host is {host!r}; "
+                           "recompile it here with `toolkit compile ... --backend tvm`")
 
 
 class TvmBackend(Backend):
+    """A `tvm` artifact on the Relax VM (llvm CPU or CUDA)."""
+
     name = "tvm"
 
-    def __init__(self, artifact_dir: Path, manifest: dict, threads: int | None = None, device_id: int = 0):
+    def __init__(self, manifest: Manifest, threads: int | None = None, device_id: int = 0):
         # TVM sizes its CPU thread pool from TVM_NUM_THREADS when a thread first runs a kernel, and otherwise used a
         # single core on these VMs (kernels ran 2x slower). Engine sizes `threads` so instances share the cores.
         os.environ.setdefault("TVM_NUM_THREADS", str(threads or os.cpu_count() or 1))
         import tvm
         from tvm import relax
 
-        check_host(manifest["target"]["tvm_target"])
-        self.task, self.seq_len, self.batch = manifest["task"], manifest["seq_len"], manifest["batch"]
-        self.device = tvm.cpu() if manifest["target"]["device"] == "cpu" else tvm.cuda(device_id)
-        executable = tvm.runtime.load_module(str(artifact_dir / manifest["model_file"]))
+        check_host(manifest.target.tvm_target or {})
+        self.task, self.seq_len, self.batch = get_task(manifest.task), manifest.seq_len, manifest.batch
+        self.device = tvm.cpu() if manifest.target.device == "cpu" else tvm.cuda(device_id)
+        executable = tvm.runtime.load_module(str(manifest.path / manifest.model_file))
         self.vm = relax.VirtualMachine(executable, self.device)
-        with np.load(artifact_dir / manifest["tvm"]["params_file"]) as npz:
+        with np.load(manifest.path / manifest.backend_details["params_file"]) as npz:
             weights = [tvm.runtime.tensor(npz[f"arr_{i}"], self.device) for i in range(len(npz.files))]
         # fp16 → fp32 casts and weight transposes, lifted out of `main` at compile time, run here once.
         self.params = self.vm["main_transform_params"](weights)
         self._tensor = tvm.runtime.tensor
 
+    @override
     def run(self, input_ids, attention_mask):
         ids = self._tensor(np.ascontiguousarray(input_ids, dtype=np.int64), self.device)
         mask = self._tensor(np.ascontiguousarray(attention_mask, dtype=np.int64), self.device)

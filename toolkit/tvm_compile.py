@@ -12,24 +12,25 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tvm
-
-from .errors import ToolkitError
 
 LIBRARY = "model.so"
 PARAMS = "params.npz"
 
 
 def host_target() -> dict:
+    """The llvm target of this CPU (its exact mcpu: the artifact is tied to it)."""
     from tvm.target import codegen
 
     return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1}
 
 
 def cuda_target(arch: str | None = None) -> dict:
+    """The CUDA target (sm_90 unless QWEN3_DEPLOY_CUDA_ARCH says otherwise)."""
     return {"kind": "cuda", "arch": arch or os.environ.get("QWEN3_DEPLOY_CUDA_ARCH", "sm_90")}
 
 
@@ -115,7 +116,7 @@ def lower(mod, target, schedule: bool = True):
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
-    from .tvm_schedules import cpu_rules
+    from toolkit.tvm_schedules import cpu_rules
 
     if target.kind.name == "llvm":
         mod = pack_linear_weights(mod)
@@ -139,11 +140,23 @@ def lower(mod, target, schedule: bool = True):
         return dl.ApplyDefaultSchedule(*rules)(mod)
 
 
-def compile_tvm(onnx_path: Path, out_dir: Path, device: str, log=print) -> dict:
-    """Compile the exported ONNX graph into `out_dir`; returns the manifest's engine fields."""
+@dataclass(frozen=True)
+class TvmBuild:
+    """What one TVM compile produced, for the manifest."""
+
+    model_file: str
+    params_file: str
+    tvm_target: dict
+    primfuncs: int
+    unscheduled: list[str]
+    compile_seconds: float
+
+
+def compile_tvm(onnx_path: Path, out_dir: Path, device: str, log=print) -> TvmBuild:
+    """Compile the exported ONNX graph into `out_dir` (`model.so` + `params.npz`)."""
     from tvm import relax
 
-    from .tvm_schedules import unscheduled
+    from toolkit.tvm_schedules import unscheduled
 
     target_spec = host_target() if device == "cpu" else cuda_target()
     target = tvm.target.Target(target_spec)
@@ -157,19 +170,5 @@ def compile_tvm(onnx_path: Path, out_dir: Path, device: str, log=print) -> dict:
     executable = tvm.compile(mod, target=target, relax_pipeline=relax.get_pipeline("default_build"))
     executable.export_library(str(out_dir / LIBRARY))
     np.savez(out_dir / PARAMS, *params)
-    return {"backend": "tvm", "model_file": LIBRARY,
-            "target": {"device": device, "tvm_target": target_spec},
-            "tvm": {"params_file": PARAMS, "primfuncs": primfuncs, "unscheduled": missing,
-                    "compile_seconds": round(time.perf_counter() - started, 2)}}
-
-
-def check_host(target_spec: dict) -> None:
-    """An llvm artifact is built for one CPU family; refuse to run it where its instructions may be missing."""
-    from tvm.target import codegen
-
-    if target_spec.get("kind") != "llvm":
-        return
-    host = codegen.llvm_get_system_cpu()
-    if target_spec.get("mcpu") not in (None, host):
-        raise ToolkitError(f"this TVM artifact was compiled for CPU {target_spec['mcpu']!r}, this host is {host!r}; "
-                           "recompile it here with `toolkit compile ... --backend tvm`")
+    return TvmBuild(model_file=LIBRARY, params_file=PARAMS, tvm_target=target_spec, primfuncs=primfuncs,
+                    unscheduled=missing, compile_seconds=round(time.perf_counter() - started, 2))

@@ -17,6 +17,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.target import Target
+from typing_extensions import override
 
 VECTOR_LANES = 16  # fp32 lanes of an AVX-512 register
 
@@ -48,9 +49,12 @@ def _analyze(func):
 
 
 class Matmul(dl.ScheduleRule):
+    """Register-blocked matmul micro-kernel with fused epilogues (see the module docstring)."""
+
     def __init__(self, mr: int = 4, nr: int = 64, kc: int = 256):
         self.mr, self.nr, self.kc = mr, nr, kc
 
+    @override
     def apply(self, func, target: Target, _):
         analyzed = _analyze(func)
         if analyzed is None:
@@ -133,6 +137,7 @@ class RowReduction(dl.ScheduleRule):
     (`partial[row, lane]`, vectorised), the 16 partials are combined per row, and all blocks are computed per row
     under one parallel loop."""
 
+    @override
     def apply(self, func, target: Target, _):
         analyzed = _analyze(func)
         if analyzed is None:
@@ -141,7 +146,8 @@ class RowReduction(dl.ScheduleRule):
         if len(infos) < 2 or not infos[-1].is_injective() or all(b.is_injective() for b in infos):
             return None
         # Only the plain shape: every block has the rank of the output, reductions over its last axis alone.
-        # (Mixed ranks, e.g. a keep-dims reduction next to a 1-D weight cast, broke the row mapping: those go to dlight.)
+        # (Mixed ranks, e.g. a keep-dims reduction next to a 1-D weight cast, broke the row mapping: dlight takes
+        # those.)
         rank = len(infos[-1].dom_kind())
         if any(b.dom_kind() not in ("S" * rank, "S" * (rank - 1) + "R") for b in infos):
             return None
@@ -175,6 +181,7 @@ class RowReduction(dl.ScheduleRule):
 class Elementwise(dl.ScheduleRule):
     """Fallback for injective functions: each block's loops fused, split, parallel outer, vectorised inner."""
 
+    @override
     def apply(self, func, target: Target, _):
         analyzed = _analyze(func)
         if analyzed is None:
@@ -186,6 +193,7 @@ class Elementwise(dl.ScheduleRule):
 
     @staticmethod
     def schedule_block(sch, block):
+        """Fuse the block's loops, parallelise the outer part and vectorise the inner lanes."""
         loops = sch.get_loops(block)
         if not loops:
             return
@@ -209,6 +217,7 @@ class Elementwise(dl.ScheduleRule):
 class DlightReduction(dl.cpu.Reduction):
     """dlight's CPU reduction rule, minus functions that store bools (it would vectorise those stores)."""
 
+    @override
     def apply(self, func, target: Target, tunable):
         analyzed = _analyze(func)
         if analyzed is None or not all(_vectorizable(analyzed[0], b.block_rv) for b in analyzed[1]):
@@ -217,6 +226,7 @@ class DlightReduction(dl.cpu.Reduction):
 
 
 def cpu_rules():
+    """Our CPU rules, in the order they are tried."""
     return [Matmul(), RowReduction(), DlightReduction(), Elementwise()]
 
 

@@ -1,0 +1,177 @@
+"""`perf run`, `perf compare` and `perf buckets` through the CLI on the tiny synthetic artifacts: tables printed, JSON
+written, per-instance work, agreement between backends, and every bad option refused (exit 2) before anything runs."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from toolkit.cli import main
+from toolkit.errors import ToolkitError
+
+
+def invoke(*args):
+    """Run `toolkit perf ARGS`; stderr is part of `output` (click 8.2+)."""
+    return CliRunner().invoke(main, ["perf", *map(str, args)])
+
+
+def read(path):
+    return json.loads(path.read_text())
+
+
+# ---- perf run --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("queue, mode", [(0, "latency"), (8, "throughput")])
+def test_perf_run_modes_use_both_instances(onnx_artifacts, tmp_path, queue, mode):
+    out = tmp_path / "perf.json"
+    r = invoke("run", "--artifact", onnx_artifacts["embedding"][0], "--percentiles", "50,90,99.9", "--iterations", 16,
+               "--warmup", 1, "--instance", 2, "--queue-size", queue, "--json", out)
+    assert r.exit_code == 0, r.output
+    assert f"{mode} mode (queue {queue})" in r.output
+    for row in ("sequences/s", "tokens/s", "latency avg (ms)", "latency p50 (ms)", "latency p99.9 (ms)"):
+        assert row in r.output
+    result = read(out)
+    assert result["mode"] == mode and result["instances"] == 2 and result["iterations"] == 16
+    assert result["backend"] == "onnx" and result["seq_len"] == 32 and result["batch"] == 2
+    lat = result["latency_ms"]
+    assert set(lat) == {"avg", "min", "max", "p50", "p90", "p99.9"}
+    assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99.9"] <= lat["max"]
+    assert result["throughput"]["sequences_per_s"] > 0
+    assert result["throughput"]["tokens_per_s"] == pytest.approx(32 * result["throughput"]["sequences_per_s"])
+    runs = result["runs_per_instance"]  # measured batches only (warm-up excluded)
+    assert len(runs) == 2 and sum(runs) == 16
+    if mode == "latency":  # two client threads, one request each in flight: both instances must have worked
+        assert min(runs) > 0, runs
+    assert "batches per instance:" in r.output
+
+
+def test_perf_run_on_dataset_lengths(onnx_artifacts, tmp_path):
+    out = tmp_path / "perf.json"
+    r = invoke("run", "--artifact", onnx_artifacts["embedding"][1], "--input", "sts12-sample", "--iterations", 3,
+               "--warmup", 0, "--json", out)
+    assert r.exit_code == 0, r.output
+    result = read(out)
+    assert result["input"] == "sts12-sample" and result["seq_len"] == 64
+    tokens_per_sequence = result["throughput"]["tokens_per_s"] / result["throughput"]["sequences_per_s"]
+    assert 1 < tokens_per_sequence < 64  # real sentence lengths, not full-length random rows
+
+
+BAD_RUN_OPTIONS = [
+    (["--iterations", "0"], "--iterations"),
+    (["--warmup", "-1"], "--warmup"),
+    (["--queue-size", "-1"], "--queue-size"),
+    (["--instance", "0"], "--instance"),
+    (["--percentiles", "101"], "--percentiles"),
+    (["--percentiles", "50,-1"], "--percentiles"),
+    (["--percentiles", "a,b"], "--percentiles"),
+    (["--percentiles", ""], "--percentiles"),
+    (["--device-ids", ""], "--device-ids"),
+    (["--device-ids", ","], "--device-ids"),
+    (["--device-ids", "x"], "--device-ids"),
+    (["--device-ids", "0,-1"], "--device-ids"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "4"], "compiled for batch 2"),
+    (["--input", "no-such-dataset"], "unknown dataset"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_RUN_OPTIONS, ids=[" ".join(a) for a, _ in BAD_RUN_OPTIONS])
+def test_perf_run_refuses_bad_options_before_running(onnx_artifacts, monkeypatch, args, message):
+    import toolkit.perf.run
+
+    def no_engine(*a, **kw):
+        raise AssertionError("an engine was started despite a bad option")
+
+    monkeypatch.setattr(toolkit.perf.run.Engine, "from_artifact", no_engine)
+    r = invoke("run", "--artifact", onnx_artifacts["embedding"][0], "--iterations", 2, *args)
+    assert r.exit_code == 2, r.output
+    assert message in r.output and "error:" in r.output and "Traceback" not in r.output
+
+
+def test_perf_run_options_check_without_the_cli(onnx_artifacts):
+    from toolkit.perf.run import PerfRunOptions, run_perf
+
+    good = PerfRunOptions(artifact=onnx_artifacts["embedding"][0])
+    assert good.check() is good and good.mode == "latency"
+    for bad in (dict(percentiles=(101,)), dict(percentiles=(float("nan"),)), dict(device_ids=()),
+                dict(device_ids=(True,)), dict(iterations=1.5), dict(queue_size=-1), dict(instances=True)):
+        with pytest.raises(ToolkitError):
+            run_perf(PerfRunOptions(artifact=onnx_artifacts["embedding"][0], **bad))
+
+
+def test_standalone_perf_command_reports_errors_cleanly(onnx_artifacts):
+    from toolkit.perf.cli import perf
+
+    r = CliRunner().invoke(perf, ["run", "--artifact", str(onnx_artifacts["embedding"][0]), "--iterations", "0"])
+    assert r.exit_code == 2 and "--iterations must be an integer >= 1, got 0" in r.output
+
+
+# ---- perf compare ----------------------------------------------------------------------------------------------------
+def test_perf_compare_torch_onnx_tvm(onnx_artifacts, tvm_artifacts, checkpoints, tmp_path):
+    onnx64, [tvm64] = onnx_artifacts["embedding"][1], tvm_artifacts["embedding"]
+    out = tmp_path / "compare.json"
+    r = invoke("compare", "--checkpoint", checkpoints["embedding"], "--artifact", onnx64, "--artifact", tvm64,
+               "--iterations", 2, "--warmup", 1, "--json", out)
+    assert r.exit_code == 0, r.output
+    assert "median ms" in r.output and "min_cosine vs first" in r.output and "TVM vs ONNX Runtime:" in r.output
+    assert "warning" not in r.output
+    result = read(out)
+    assert (result["task"], result["seq_len"], result["batch"]) == ("embedding", 64, 2)
+    assert [run["backend"] for run in result["runs"]] == ["torch", "onnx", "tvm"]
+    assert result["reference"] == result["runs"][0]["name"] and "parity_vs_first" not in result["runs"][0]
+    assert result["runs"][0]["speedup_vs_first"] == 1.0
+    for run in result["runs"]:
+        assert run["latency_ms_median"] > 0 and run["gflops"] > 0 and run["name"] in r.output
+    for run in result["runs"][1:]:
+        parity = run["parity_vs_first"]
+        assert parity["nonfinite"] == 0 and parity["items"] == 2
+        assert parity["min_cosine"] >= 0.999 and parity["passed"]
+    onnx_ms, tvm_ms = (result["runs"][i]["latency_ms_median"] for i in (1, 2))
+    assert result["tvm_vs_onnx"] == pytest.approx(onnx_ms / tvm_ms)
+    assert "engines" not in result and "tvm_vs_onnxruntime" not in result
+    r = invoke("compare", "--no-torch", "--artifact", onnx64, "--artifact", tvm64, "--iterations", 1, "--json", out)
+    assert r.exit_code == 0, r.output
+    result = read(out)
+    assert [run["backend"] for run in result["runs"]] == ["onnx", "tvm"] and "tvm_vs_onnx" in result
+    assert result["runs"][1]["parity_vs_first"]["min_cosine"] >= 0.999
+
+
+def test_perf_compare_refuses_mismatched_artifacts_and_bad_options(onnx_artifacts, tvm_artifacts, checkpoints):
+    onnx32, [tvm64] = onnx_artifacts["embedding"][0], tvm_artifacts["embedding"]
+    r = invoke("compare", "--checkpoint", checkpoints["embedding"], "--artifact", onnx32, "--artifact", tvm64)
+    assert r.exit_code == 2, r.output
+    assert "must share task, seq and batch" in r.output and "seq 32" in r.output and "seq 64" in r.output
+    r = invoke("compare", "--artifact", onnx32, "--artifact", onnx_artifacts["reranker"][0])
+    assert r.exit_code == 2 and "must share task, seq and batch" in r.output
+    for args, flag in ((["--iterations", "0"], "--iterations"), (["--warmup", "-1"], "--warmup")):
+        r = invoke("compare", "--artifact", onnx32, *args)
+        assert r.exit_code == 2 and flag in r.output, r.output
+
+
+# ---- perf buckets ----------------------------------------------------------------------------------------------------
+def test_perf_buckets_fixed_vs_bucket_set(onnx_artifacts, tmp_path):
+    seq32, seq64 = onnx_artifacts["embedding"]
+    out = tmp_path / "buckets.json"
+    r = invoke("buckets", "--fixed", seq64, "--buckets", seq32.parent, "--data", "sts12-sample", "--limit", 10,
+               "--json", out)
+    assert r.exit_code == 0, r.output
+    assert "bucket speed-up:" in r.output and "texts per bucket" in r.output
+    result = read(out)
+    assert result["texts"] == 10 and result["speedup"] > 0
+    assert result["min_cosine_fixed_vs_buckets"] >= 0.9999
+    assert result["fixed"]["seq_lens"] == [64] and result["buckets"]["seq_lens"] == [32, 64]
+    for side in ("fixed", "buckets"):
+        assert sum(result[side]["rows_per_bucket"].values()) == 10
+    assert result["buckets"]["rows_per_bucket"]["32"] > 0  # short sentences really went to the small bucket
+
+
+def test_perf_buckets_refuses_bad_options(onnx_artifacts):
+    seq32, seq64 = onnx_artifacts["embedding"]
+    cases = [
+        (["--fixed", seq64, "--buckets", seq32.parent, "--data", "sts12-sample", "--limit", "0"], "--limit"),
+        (["--fixed", seq32.parent, "--buckets", seq32.parent, "--data", "sts12-sample"], "--fixed must be one"),
+        (["--fixed", onnx_artifacts["reranker"][1], "--buckets", seq32.parent, "--data", "sts12-sample"],
+         "embedding artifacts"),
+        (["--fixed", seq64, "--buckets", seq32.parent, "--data", "no-such-dataset"], "unknown dataset"),
+    ]
+    for args, message in cases:
+        r = invoke("buckets", *args)
+        assert r.exit_code == 2 and message in r.output, r.output

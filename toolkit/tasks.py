@@ -1,0 +1,257 @@
+"""Everything that differs between the two tasks, in one place.
+
+A `Task` knows, for Qwen3-Embedding or Qwen3-Reranker: the Hugging Face class of the reference model and how to read
+its output, what the compiled graph outputs, the output head (MRL cut + L2 normalisation, or P(yes)), the prompt
+layout and default instructions, the one agreement measure between a reference and a candidate (with its tolerances
+per dtype), and how the task ranks passages for a query. Callers ask `TASKS[name]`; nothing else branches on the task.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from typing_extensions import override
+
+from toolkit.errors import ToolkitError
+from toolkit.tokenizer import ENDOFTEXT_ID, NO_TOKEN_ID, YES_TOKEN_ID
+
+WEB_SEARCH_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+# Qwen's own harness (Qwen3-Embedding evaluation/task_prompts.json) for STS and pair tasks: no trailing period.
+SIMILARITY_INSTRUCTION = "Retrieve semantically similar text"
+QUERY_TEMPLATE = "Instruct: {instruction}\nQuery:{query}"
+RERANK_PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+                 "Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n")
+RERANK_BODY = "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
+RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (a zero row stays zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def yes_probability(logits: np.ndarray) -> np.ndarray:
+    """softmax over ("no", "yes") logits → P(yes), one per row."""
+    logits = np.asarray(logits, dtype=np.float64).reshape(-1, 2)
+    return (1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))).astype(np.float32)
+
+
+def split_groups(flat: np.ndarray, groups: list[list]) -> list[np.ndarray]:
+    """Cut a flat array of per-item results back into the groups (e.g. each query's passages) it came from."""
+    bounds = np.cumsum([len(g) for g in groups])[:-1]
+    return np.split(flat, bounds)
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """Token ids around a truncatable body: `prefix + body + suffix`; only the body is ever cut."""
+
+    prefix: list[int]
+    suffix: list[int]
+
+    @property
+    def fixed(self) -> int:
+        """Tokens that are always there, whatever the body."""
+        return len(self.prefix) + len(self.suffix)
+
+
+class Task:
+    """One task's knowledge. Instances: `EMBEDDING`, `RERANKER` (look them up with `TASKS[name]`)."""
+
+    name: str
+    api_class: str  # the high-level class that runs it (Embedder / Reranker)
+    output_name: str  # the compiled graph's output, also the patched model's head
+    dataset_kinds: tuple[str, ...]  # evaluation data it can be scored on
+    eos_token: str  # the checkpoint tokenizer's eos (what Qwen ships for this model)
+    tokenizer_appends_eos: bool  # whether that tokenizer's post-processor appends <|endoftext|>
+    gate_key: str  # the agreement key the tolerance applies to
+    tolerances: dict[str, float]  # per weight dtype, against the fp32 Hugging Face model
+
+    def output_spec(self, batch: int, hidden_size: int) -> dict:
+        """The compiled graph's output tensor (name, shape, dtype)."""
+        raise NotImplementedError
+
+    def hf_model_class(self):
+        """The Hugging Face auto class users load this model with."""
+        raise NotImplementedError
+
+    def reference_forward(self, model, input_ids, attention_mask) -> np.ndarray:
+        """Run the unpatched Hugging Face model; returns what the compiled graph returns (raw, before the head)."""
+        raise NotImplementedError
+
+    def finish(self, raw: np.ndarray, **options) -> np.ndarray:
+        """The output head applied to raw graph outputs: what users receive."""
+        raise NotImplementedError
+
+    def prompt(self, tokenizer) -> PromptLayout:
+        """The fixed tokens around every body."""
+        raise NotImplementedError
+
+    def min_seq_len(self, tokenizer) -> int:
+        """The shortest SEQ an artifact of this task can be useful at."""
+        return self.prompt(tokenizer).fixed + 1
+
+    # ---- agreement: one measure, one set of keys -------------------------------------------------------------------
+    def agreement(self, reference: np.ndarray, candidate: np.ndarray) -> dict:
+        """Item-by-item agreement of two engines' finished outputs (normalised embeddings or P(yes))."""
+        raise NotImplementedError
+
+    def within_tolerance(self, stats: dict, dtype: str) -> bool:
+        """Whether an agreement measured against the fp32 reference meets the dtype's tolerance (NaN never does)."""
+        value, bound = stats[self.gate_key], self.tolerances[dtype]
+        if stats["nonfinite"] or not np.isfinite(value):
+            return False
+        return value >= bound if self.gate_key == "min_cosine" else value <= bound
+
+    def tolerance_text(self, dtype: str) -> str:
+        """The tolerance as a readable bound, e.g. `min_cosine >= 0.999`."""
+        op = ">=" if self.gate_key == "min_cosine" else "<="
+        return f"{self.gate_key} {op} {self.tolerances[dtype]}"
+
+    def format_agreement(self, stats: dict) -> str:
+        """One line for logs and reports."""
+        raise NotImplementedError
+
+    def rank_passages(self, model, queries: list[str], passages: list[list[str]], instruction: str):
+        """Score each query's passages with this task's model: `(items, per-query score arrays)`; `items` are the
+        finished outputs compared between engines."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"Task({self.name})"
+
+
+class EmbeddingTask(Task):
+    """Qwen3-Embedding: last token's final hidden state, L2-normalised (after an optional MRL cut)."""
+
+    name, api_class, output_name = "embedding", "Embedder", "last_hidden"
+    dataset_kinds = ("pairs", "reranking")
+    eos_token, tokenizer_appends_eos = "<|endoftext|>", True
+    gate_key = "min_cosine"
+    tolerances = {"fp16": 0.999, "fp32": 0.99999}
+
+    @override
+    def output_spec(self, batch, hidden_size):
+        return {"name": self.output_name, "shape": [batch, hidden_size], "dtype": "float32"}
+
+    @override
+    def hf_model_class(self):
+        from transformers import AutoModel
+
+        return AutoModel
+
+    @override
+    def reference_forward(self, model, input_ids, attention_mask):
+        return model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, -1].float().numpy()
+
+    @override
+    def finish(self, raw, dim: int | None = None, normalize: bool = True):
+        raw = np.asarray(raw, dtype=np.float32)
+        if dim is not None:
+            if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 0 < dim <= raw.shape[-1]:
+                raise ToolkitError(f"dim must be an integer in 1..{raw.shape[-1]}, got {dim!r}")
+            raw = raw[:, :dim]  # Matryoshka (MRL): cut first, then normalise
+        return l2_normalize(raw) if normalize else raw
+
+    @override
+    def prompt(self, tokenizer):
+        return PromptLayout(prefix=[], suffix=[ENDOFTEXT_ID])
+
+    def format_query(self, text: str, instruction: str | None) -> str:
+        """Qwen3-Embedding's query format; an empty or missing instruction means no prefix at all (as in Qwen's
+        harness and MTEB)."""
+        return QUERY_TEMPLATE.format(instruction=instruction, query=text) if instruction else text
+
+    @override
+    def agreement(self, reference, candidate):
+        cos = np.sum(np.asarray(reference, np.float64) * np.asarray(candidate, np.float64), axis=-1)
+        return {"items": int(len(cos)), "nonfinite": int((~np.isfinite(candidate)).sum()),
+                "min_cosine": float(np.min(cos)), "p1_cosine": float(np.percentile(cos, 1)),
+                "mean_cosine": float(np.mean(cos)),
+                "max_abs_diff": float(np.max(np.abs(np.asarray(reference) - np.asarray(candidate))))}
+
+    @override
+    def format_agreement(self, stats):
+        return (f"min cosine {stats['min_cosine']:.6f}, max |Δ| normalised {stats['max_abs_diff']:.2e}, "
+                f"non-finite {stats['nonfinite']} ({stats['items']} items)")
+
+    @override
+    def rank_passages(self, model, queries, passages, instruction):
+        q = model.encode_queries(queries, instruction=instruction, progress=True)
+        flat = model.encode_documents([p for ps in passages for p in ps], progress=True)
+        return np.concatenate([q, flat]), [group @ vector for vector, group in zip(q, split_groups(flat, passages))]
+
+
+class RerankerTask(Task):
+    """Qwen3-Reranker: P(yes) from the "no"/"yes" logits at the last position of the chat prompt."""
+
+    name, api_class, output_name = "reranker", "Reranker", "yes_no_logits"
+    dataset_kinds = ("reranking",)
+    eos_token, tokenizer_appends_eos = "<|im_end|>", False
+    gate_key = "max_abs_diff"
+    tolerances = {"fp16": 1e-2, "fp32": 1e-4}
+
+    @override
+    def output_spec(self, batch, hidden_size):
+        return {"name": self.output_name, "shape": [batch, 2], "dtype": "float32"}
+
+    @override
+    def hf_model_class(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
+    @override
+    def reference_forward(self, model, input_ids, attention_mask):
+        # logits_to_keep=1: only the last position's [vocab] logits, not [batch, seq, 151669]
+        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
+        return out.logits[:, -1, [NO_TOKEN_ID, YES_TOKEN_ID]].float().numpy()
+
+    @override
+    def finish(self, raw, **options):
+        return yes_probability(raw)
+
+    @override
+    def prompt(self, tokenizer):
+        encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
+        return PromptLayout(prefix=encode(RERANK_PREFIX), suffix=encode(RERANK_SUFFIX))
+
+    @override
+    def min_seq_len(self, tokenizer):
+        # the prompt, the body's own template (with a one-token instruction), one token each of query and document
+        empty_body = RERANK_BODY.format(instruction="", query="", document="")
+        return self.prompt(tokenizer).fixed + len(tokenizer(empty_body, add_special_tokens=False).input_ids) + 3
+
+    def format_body(self, query: str, document: str, instruction: str | None) -> str:
+        """The user turn of Qwen3-Reranker's prompt (the web-search instruction when none is given)."""
+        instruction = WEB_SEARCH_INSTRUCTION if instruction is None else instruction
+        return RERANK_BODY.format(instruction=instruction, query=query, document=document)
+
+    @override
+    def agreement(self, reference, candidate):
+        diff = np.abs(np.asarray(reference, np.float64) - np.asarray(candidate, np.float64))
+        return {"items": int(len(diff)), "nonfinite": int((~np.isfinite(candidate)).sum()),
+                "max_abs_diff": float(np.max(diff)), "mean_abs_diff": float(np.mean(diff))}
+
+    @override
+    def format_agreement(self, stats):
+        return (f"max |Δ P(yes)| {stats['max_abs_diff']:.2e}, mean {stats['mean_abs_diff']:.2e}, "
+                f"non-finite {stats['nonfinite']} ({stats['items']} items)")
+
+    @override
+    def rank_passages(self, model, queries, passages, instruction):
+        flat = model.score([(q, p) for q, ps in zip(queries, passages) for p in ps], instruction, progress=True)
+        return flat, split_groups(flat, passages)
+
+
+EMBEDDING, RERANKER = EmbeddingTask(), RerankerTask()
+TASKS: dict[str, Task] = {t.name: t for t in (EMBEDDING, RERANKER)}
+
+
+def get_task(name: str) -> Task:
+    """The task called `name`, or an error listing the known ones."""
+    try:
+        return TASKS[name]
+    except (KeyError, TypeError):
+        raise ToolkitError(f"task must be one of {sorted(TASKS)}, got {name!r}") from None

@@ -1,0 +1,56 @@
+"""Validation: an artifact against the unpatched Hugging Face model in fp32, on left-padded edge cases.
+
+Used by compile (before an artifact is moved into place), by `toolkit validate` (e.g. a CUDA build on its GPU host)
+and by the tests. The measure and its tolerances are the task's (`Task.agreement`, `Task.tolerances`).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.artifact import Manifest
+from toolkit.backends import Backend, TorchReference, load_backend
+from toolkit.checkpoint import load_tokenizer, resolve_checkpoint
+from toolkit.tasks import get_task
+from toolkit.text import left_pad
+from toolkit.tokenizer import ENDOFTEXT_ID
+
+VALIDATION_TEXT = ("The quick brown fox jumps over the lazy dog near the riverbank. "
+                   "敏捷的棕色狐狸跳过了河边的懒狗。 Qwen3 embeddings, ranked & compiled: 1,024 dims!")
+
+
+def validation_rows(tokenizer, seq_len: int) -> list[list[int]]:
+    """Left-padding edge cases: a single token, a typical sentence, and exactly SEQ tokens."""
+    typical = tokenizer(VALIDATION_TEXT, add_special_tokens=False).input_ids
+    long = (typical * math.ceil(seq_len / len(typical)))[: seq_len - 1]
+    return [[ENDOFTEXT_ID], typical[: seq_len - 1] + [ENDOFTEXT_ID], long + [ENDOFTEXT_ID]]
+
+
+def measure(backend: Backend, reference: TorchReference, tokenizer, dtype: str) -> dict:
+    """Run the artifact and the reference on the validation rows; the task's agreement, tolerance and verdict."""
+    task = backend.task
+    rows = validation_rows(tokenizer, backend.seq_len)
+    outs, refs = [], []
+    for start in range(0, len(rows), backend.batch):
+        chunk = rows[start:start + backend.batch]
+        ids, mask = left_pad(chunk, backend.seq_len, ENDOFTEXT_ID, backend.batch)
+        outs.append(backend.run(ids, mask)[: len(chunk)])
+        refs.append(reference.run(ids[: len(chunk)], mask[: len(chunk)]))
+    stats = task.agreement(task.finish(np.concatenate(refs)), task.finish(np.concatenate(outs)))
+    stats["lengths"] = [len(r) for r in rows]
+    stats["tolerance"] = task.tolerance_text(dtype)
+    stats["passed"] = task.within_tolerance(stats, dtype)
+    return stats
+
+
+def revalidate(artifact: str | Path, checkpoint: str | None = None) -> dict:
+    """Re-run an artifact's validation (e.g. on the GPU host for a CUDA build) and record it in its manifest."""
+    manifest = Manifest.load(artifact)
+    task = get_task(manifest.task)
+    reference = TorchReference(resolve_checkpoint(checkpoint or manifest.reference_checkpoint()), task)
+    stats = measure(load_backend(manifest), reference, load_tokenizer(manifest.path / "tokenizer"), manifest.dtype)
+    manifest.validation = stats
+    manifest.save(manifest.path, hash_files=False)
+    return stats
