@@ -131,7 +131,7 @@ def test_options_are_checked_up_front(bad, message):
     options = {"task": "embedding", "dataset": "sts12-sample", "artifact": "somewhere", **bad}
     with pytest.raises(ToolkitError, match=message):
         EvalOptions(**options).check()
-    assert EvalOptions(task="embedding", dataset="x", run="torch", checkpoint="c", limit=1).check().engines == (
+    assert EvalOptions(task="embedding", dataset="x", run="torch", checkpoint="c", limit=1).check().sides == (
         "torch",)
 
 
