@@ -92,3 +92,25 @@ def compare_cmd(checkpoint, artifacts, iterations, warmup, no_torch, json_out):
     result = run_compare(options)
     click.echo(compare_report(result))
     write_json(json_out, result)
+
+
+@perf.command("traffic")
+@click.option("--data", required=True, help="evaluation JSONL path or name (sts12, bq, msmarco, *-sample)")
+@click.option("--artifact", "artifacts", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
+              help="artifact set (repeat to compare several)")
+@click.option("--checkpoint", help="torch reference (default: the one the first artifact was built from)")
+@click.option("--torch-batch", default="8,32", show_default=True, help="torch eager dynamic batch sizes")
+@click.option("--limit", type=int, default=256, show_default=True, help="first N requests")
+@click.option("--instance", "instances", type=int, default=1, show_default=True)
+@click.option("--threads", type=int, help="compute threads for the whole process (default: all cores)")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+def traffic_cmd(data, artifacts, checkpoint, torch_batch, limit, instances, threads, json_out):
+    """Real requests through torch eager and artifact sets: throughput, padding, GFLOP/s vs peak, agreement."""
+    from toolkit.perf.traffic import TrafficOptions, run_traffic, traffic_report
+
+    options = TrafficOptions(data=data, artifacts=tuple(artifacts), checkpoint=checkpoint,
+                             torch_batches=number_list(torch_batch, "--torch-batch", int), limit=limit,
+                             instances=instances, threads=threads).check()
+    result = run_traffic(options)
+    click.echo(traffic_report(result))
+    write_json(json_out, result)

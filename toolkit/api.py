@@ -11,6 +11,7 @@ a bucket set of artifacts (several SEQs), or the torch reference.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -29,6 +30,26 @@ REFERENCE_MAX_LENGTH = 8192  # what the torch reference accepts by default (Qwen
 TRUNCATION = ("error", "truncate")
 
 
+@dataclass
+class RunnerStats:
+    """What a runner has computed so far: real tokens, the token slots run (padding included), batches per SEQ."""
+
+    real_tokens: int = 0
+    computed_tokens: int = 0
+    batches_per_seq: dict = field(default_factory=dict)
+
+    def add(self, real: int, computed: int, seq: int) -> None:
+        """Count one submitted batch."""
+        self.real_tokens += real
+        self.computed_tokens += computed
+        self.batches_per_seq[seq] = self.batches_per_seq.get(seq, 0) + 1
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the computed token slots that were padding (0 when nothing ran)."""
+        return 1 - self.real_tokens / self.computed_tokens if self.computed_tokens else 0.0
+
+
 class BucketedRunner:
     """Routes each token row to the smallest engine whose SEQ fits, pads to that engine's [batch, SEQ], submits every
     batch asynchronously and returns the outputs in input order. An engine with no fixed SEQ (torch reference) gets
@@ -38,6 +59,7 @@ class BucketedRunner:
         self.engines = sorted(engines, key=lambda e: e.seq_len or 0)
         self.dynamic_batch = dynamic_batch
         self.max_length = max_length or self.engines[-1].seq_len
+        self.stats = RunnerStats()
 
     def bucket_for(self, length: int) -> Engine:
         """The smallest engine that takes a row of `length` tokens."""
@@ -59,7 +81,8 @@ class BucketedRunner:
                 idx = order[start:start + step]
                 chunk = [rows[i] for i in idx]
                 seq = engine.seq_len or max(map(len, chunk))
-                ids, mask = left_pad(chunk, seq, ENDOFTEXT_ID, engine.batch)
+                ids, mask = left_pad(chunk, seq, ENDOFTEXT_ID, None if engine.dynamic_batch else engine.batch)
+                self.stats.add(sum(map(len, chunk)), ids.size, seq)
                 jobs.append((idx, engine.run_async(ids, mask)))
         results: list = [None] * len(rows)
         for idx, future in tqdm(jobs, desc="batches", disable=not progress, leave=False):

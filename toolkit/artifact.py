@@ -91,6 +91,7 @@ class Manifest:
     outputs: list[TensorSpec]
     model_file: str
     precision: dict
+    dynamic_batch: bool = False  # True: any 1..batch rows per run (no padding rows); False: exactly batch rows
     backend_details: dict = field(default_factory=dict)  # onnx: external_data; tvm: params_file, primfuncs, ...
     validation: dict | None = None  # None: not validated (never loadable); {"skipped": ...}: CUDA without a GPU
     build: dict = field(default_factory=dict)
@@ -196,8 +197,9 @@ class Manifest:
 
 
 def find_artifacts(path: str | Path) -> list[Manifest]:
-    """One artifact directory, or a directory of them (a bucket set: same task, backend and batch, several SEQs),
-    as manifests sorted by SEQ. Staging directories of unfinished compiles (dot-prefixed) are not artifacts."""
+    """One artifact directory, or a directory of them (a bucket set: same task, backend and dtype, several SEQs, each
+    with its own batch), as manifests sorted by SEQ. Staging directories of unfinished compiles (dot-prefixed) are not
+    artifacts."""
     path = Path(path)
     if (path / MANIFEST).is_file():
         return [Manifest.load(path, verify=False)]
@@ -206,7 +208,10 @@ def find_artifacts(path: str | Path) -> list[Manifest]:
     if not found:
         raise ToolkitError(f"no artifact under {path}; compile one with `toolkit compile` (or `make quickstart`)")
     manifests = [Manifest.load(p, verify=False) for p in found]
-    kinds = {(m.task, m.backend, m.batch) for m in manifests}
+    kinds = {(m.task, m.backend, m.dtype) for m in manifests}
     if len(kinds) > 1:
-        raise ToolkitError(f"{path} mixes artifacts of different task/backend/batch {sorted(kinds)}; point at one set")
+        raise ToolkitError(f"{path} mixes artifacts of different task/backend/dtype {sorted(kinds)}; point at one set")
+    seq_lens = [m.seq_len for m in manifests]
+    if len(set(seq_lens)) < len(seq_lens):
+        raise ToolkitError(f"{path} holds several artifacts for one SEQ ({sorted(seq_lens)}); point at one set")
     return sorted(manifests, key=lambda m: m.seq_len)

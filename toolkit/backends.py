@@ -18,12 +18,14 @@ from toolkit.tasks import Task
 
 
 class Backend:
-    """One loaded model. `seq_len`/`batch` are the fixed input shape, or None where any size runs."""
+    """One loaded model. `seq_len`/`batch` are the fixed input shape, or None where any size runs; with
+    `dynamic_batch`, `batch` is the most rows per run and fewer are fine."""
 
     name: str
     task: Task
     seq_len: int | None
     batch: int | None
+    dynamic_batch: bool = False
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Raw outputs for one left-padded batch."""
@@ -80,6 +82,7 @@ class OnnxRuntimeBackend(Backend):
             raise ToolkitError("this artifact targets CUDA but ONNX Runtime has no usable CUDA provider here "
                                f"(available: {ort.get_available_providers()}); install onnxruntime-gpu on a GPU host")
         self.task, self.seq_len, self.batch = get_task(manifest.task), manifest.seq_len, manifest.batch
+        self.dynamic_batch = manifest.dynamic_batch
         self.output_name = self.session.get_outputs()[0].name
 
     @override

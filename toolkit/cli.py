@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from toolkit.cli_base import ToolkitGroup
+from toolkit.errors import ToolkitError
 from toolkit.tasks import TASKS
 
 
@@ -30,7 +31,16 @@ def synth(task, shape, seed, out_dir):
 
 @main.command()
 @click.argument("config", type=click.Path())
-@click.option("--seq", help="sequence length(s), e.g. 512 or 64,128,256,512 (overrides the config)")
+@click.option("--seq", help="sequence length(s), e.g. 512 or 64,128,256,512, or `auto` with --lengths (overrides "
+              "the config)")
+@click.option("--lengths", "lengths_data", help="with --seq auto: a dataset (JSONL path or name) whose token lengths "
+              "choose the bucket set")
+@click.option("--buckets", "bucket_count", type=int, default=6, show_default=True,
+              help="with --seq auto: how many SEQs")
+@click.option("--bucket-step", type=int, default=8, show_default=True,
+              help="with --seq auto: SEQs are multiples of this")
+@click.option("--batch-tokens", type=int, help="token budget per batch: each SEQ's batch is this // SEQ "
+              "(overrides --batch and the config)")
 @click.option("--checkpoint", help="hub id or local checkpoint directory (overrides the config)")
 @click.option("--backend", type=click.Choice(["onnx", "tvm", "all"]), help="overrides the config")
 @click.option("--dtype", type=click.Choice(["fp16", "fp32"]), help="overrides the config")
@@ -38,15 +48,24 @@ def synth(task, shape, seed, out_dir):
 @click.option("--batch", type=int, help="static batch size (overrides the config)")
 @click.option("--workspace", type=click.Path(file_okay=False), help="overrides the config")
 @click.option("--name", help="artifact set name under the workspace (overrides the config)")
-def compile(config, seq, checkpoint, backend, dtype, target, batch, workspace, name):
+def compile(config, seq, lengths_data, bucket_count, bucket_step, batch_tokens, checkpoint, backend, dtype, target,
+            batch, workspace, name):
     """Compile CONFIG into one artifact directory per (backend, seq); prints their paths."""
     from toolkit.compile import compile_config
     from toolkit.config import load_build_config, parse_seq_lens
 
     cfg = load_build_config(config).with_overrides(
-        seq_lens=parse_seq_lens(seq) if seq else None, checkpoint=checkpoint, dtype=dtype, target=target,
-        batch=batch, workspace=Path(workspace) if workspace else None, name=name,
-        backends={"all": ("onnx", "tvm")}.get(backend, (backend,)) if backend else None)
+        seq_lens=parse_seq_lens(seq) if seq and seq != "auto" else None, checkpoint=checkpoint, dtype=dtype,
+        target=target, batch=batch, batch_tokens=batch_tokens, workspace=Path(workspace) if workspace else None,
+        name=name, backends={"all": ("onnx", "tvm")}.get(backend, (backend,)) if backend else None)
+    if (seq == "auto") != bool(lengths_data):
+        raise ToolkitError("--seq auto and --lengths DATA go together: the dataset's token lengths choose the SEQs")
+    if lengths_data:
+        from toolkit.buckets import suggest_for_dataset
+
+        cfg = cfg.with_overrides(seq_lens=suggest_for_dataset(cfg.task, cfg.checkpoint, lengths_data, bucket_count,
+                                                                 bucket_step))
+        click.echo(f"buckets chosen from {lengths_data}: --seq {','.join(map(str, cfg.seq_lens))}", err=True)
     for path in compile_config(cfg, log=lambda msg: click.echo(msg, err=True)):
         click.echo(path)
 

@@ -93,10 +93,13 @@ def build_artifact(cfg: BuildConfig, task: Task, backend: str, seq_len: int, mod
 
 def write_artifact(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model, tokenizer, source: ModelSource,
                    out: Path, log) -> Manifest:
-    """Export (and for TVM, compile) into `out` with the tokenizer; write its manifest, not yet validated."""
+    """Export (and for TVM, compile) into `out` with the tokenizer; write its manifest, not yet validated.
+    ONNX artifacts get a dynamic batch (ONNX Runtime takes any shape: a partial batch computes no padding rows); TVM
+    artifacts a static one (our schedules are built for fixed shapes)."""
+    dynamic_batch = backend == "onnx"
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_onnx(model, task, (out if backend == "onnx" else Path(tmp)) / "model.onnx", seq_len,
-                               cfg.batch)
+                               cfg.batch_for(seq_len), dynamic_batch)
         model_file, target, details = exported.model_file, Target(cfg.target), {"external_data": exported.external_data}
         if backend == "tvm":
             from toolkit.tvm_compile import compile_tvm
@@ -107,8 +110,9 @@ def write_artifact(cfg: BuildConfig, task: Task, backend: str, seq_len: int, mod
                        "unscheduled": built.unscheduled, "compile_seconds": built.compile_seconds}
     tokenizer.save_pretrained(out / "tokenizer")
     return Manifest(
-        name=cfg.name, task=task.name, seq_len=seq_len, batch=cfg.batch, dtype=cfg.dtype, backend=backend,
-        target=target, model=source, inputs=exported.inputs, outputs=exported.outputs, model_file=model_file,
+        name=cfg.name, task=task.name, seq_len=seq_len, batch=cfg.batch_for(seq_len), dynamic_batch=dynamic_batch,
+        dtype=cfg.dtype, backend=backend, target=target, model=source, inputs=exported.inputs,
+        outputs=exported.outputs, model_file=model_file,
         precision={"weights": str(TORCH_DTYPES[cfg.dtype]).removeprefix("torch."), "compute": "float32",
                    "accumulation": "float32"},
         backend_details=details,

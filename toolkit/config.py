@@ -28,7 +28,7 @@ from toolkit.tasks import TASKS
 DTYPES = ("fp16", "fp32")
 MAX_SEQ_LEN = 32768
 SCHEMA = {"name": str, "task": str, "workspace": str,
-          "frontend": {"checkpoint": str, "input_ids": list, "seq": (list, int), "batch": int},
+          "frontend": {"checkpoint": str, "input_ids": list, "seq": (list, int), "batch": int, "batch_tokens": int},
           "backend": {"kind": (str, list), "dtype": str, "target": str}}
 
 
@@ -41,6 +41,7 @@ class BuildConfig:
     checkpoint: str
     seq_lens: tuple[int, ...]
     batch: int = 1
+    batch_tokens: int | None = None  # if set, each SEQ's batch is batch_tokens // SEQ (a token budget, as TEI's)
     backends: tuple[str, ...] = ("onnx",)
     dtype: str = "fp16"
     target: str = "cpu"
@@ -53,6 +54,10 @@ class BuildConfig:
         cfg.check()
         return cfg
 
+    def batch_for(self, seq_len: int) -> int:
+        """The static batch of the SEQ artifact: from the token budget when one is set, else `batch`."""
+        return max(1, self.batch_tokens // seq_len) if self.batch_tokens else self.batch
+
     def check(self) -> None:
         """Raise ToolkitError naming the first field with a value outside its domain."""
         where = f" in {self.source}" if self.source else ""
@@ -63,6 +68,8 @@ class BuildConfig:
                                f"{where}")
         if not _is_int(self.batch) or self.batch < 1:
             raise ToolkitError(f"batch must be a positive integer, got {self.batch!r}{where}")
+        if self.batch_tokens is not None and (not _is_int(self.batch_tokens) or self.batch_tokens < 1):
+            raise ToolkitError(f"batch_tokens must be a positive integer, got {self.batch_tokens!r}{where}")
         for b in self.backends:
             if b not in BACKENDS:
                 raise ToolkitError(f"backend must be one of {BACKENDS}, got {b!r}{where}")
@@ -132,6 +139,7 @@ def load_build_config(path: str | Path) -> BuildConfig:
         checkpoint=str(front.get("checkpoint") or ""),
         seq_lens=parse_seq_lens(seq),
         batch=front.get("batch", 1),
+        batch_tokens=front.get("batch_tokens"),
         backends=tuple(kinds) if isinstance(kinds, list) else (kinds,),
         dtype=back.get("dtype", "fp16"),
         target=back.get("target", "cpu"),

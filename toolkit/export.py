@@ -1,4 +1,5 @@
-"""Patched model → ONNX at a fixed `[batch, SEQ]`, with fp16 weights kept fp16 in the file."""
+"""Patched model → ONNX at a fixed SEQ and a fixed or dynamic batch (up to `batch`), with fp16 weights kept fp16 in
+the file."""
 from __future__ import annotations
 
 import logging
@@ -25,8 +26,9 @@ class OnnxExport:
     external_data: bool
 
 
-def export_onnx(model, task, path: Path, seq_len: int, batch: int) -> OnnxExport:
-    """Export `model` (a Qwen3ForDeployment for `task`) to `path` and check it.
+def export_onnx(model, task, path: Path, seq_len: int, batch: int, dynamic_batch: bool = False) -> OnnxExport:
+    """Export `model` (a Qwen3ForDeployment for `task`) to `path` and check it. With `dynamic_batch` the batch axis is
+    symbolic (`batch` is then the most rows a caller should send at once), so a partial batch is not padded with rows.
 
     The dynamo exporter runs with `optimize=False`: its optimizer constant-folds `Cast(fp16 weight)` into fp32
     initializers, which would silently double the artifact and drop the fp16 storage we asked for."""
@@ -41,9 +43,11 @@ def export_onnx(model, task, path: Path, seq_len: int, batch: int) -> OnnxExport
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # torchvision-missing notices are noise here
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
+        rows = torch.export.Dim("batch", min=1, max=max(batch, 2) * 64) if dynamic_batch else None
         program = torch.onnx.export(model, (ids, mask), dynamo=True, optimize=False, verbose=False,
                                     opset_version=ONNX_OPSET, input_names=list(INPUT_NAMES),
-                                    output_names=[o.name for o in outputs], external_data=external)
+                                    output_names=[o.name for o in outputs], external_data=external,
+                                    dynamic_shapes={name: {0: rows} for name in INPUT_NAMES} if rows else None)
     program.save(str(path), external_data=external)
     onnx.checker.check_model(str(path), full_check=True)  # path-based: works above 2 GiB; full_check infers shapes
     return OnnxExport(model_file=path.name, inputs=inputs, outputs=outputs, external_data=external)

@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -35,9 +36,46 @@ class EngineClosedError(ToolkitError):
 _STOP = object()
 
 
+class ComputeBudget:
+    """The compute threads that may be busy at once in this process (default: the cores). Every engine worker holds
+    its backend's thread count from the budget while it runs a batch, so however many buckets, engines and instances
+    a process has, their thread pools never run more threads than cores (they spin: oversubscribed, they crawl)."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self.busy = 0
+        self.peak = 0  # the most threads ever busy at once (observability, tests)
+        self._state = threading.Condition()
+
+    @contextmanager
+    def use(self, threads: int):
+        """Hold `threads` (at most the whole budget) for the duration of the block; waits until they are free."""
+        threads = min(threads, self.threads)
+        with self._state:
+            self._state.wait_for(lambda: self.busy + threads <= self.threads)
+            self.busy += threads
+            self.peak = max(self.peak, self.busy)
+        try:
+            yield
+        finally:
+            with self._state:
+                self.busy -= threads
+                self._state.notify_all()
+
+
+CPU_BUDGET = ComputeBudget(os.cpu_count() or 1)
+
+
+def set_cpu_threads(threads: int) -> None:
+    """Pin the process's compute budget (e.g. `--threads`); engines created afterwards split it between instances."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ToolkitError(f"threads must be an integer >= 1, got {threads!r}")
+    CPU_BUDGET.threads = threads
+
+
 def threads_per_instance(instances: int) -> int:
-    """Split the cores between instances so they do not oversubscribe the CPU."""
-    return max(1, (os.cpu_count() or 1) // instances)
+    """Split the budget between instances so they do not oversubscribe the CPU."""
+    return max(1, CPU_BUDGET.threads // instances)
 
 
 def check_engine_options(instances, device_ids, queue_size) -> None:
@@ -53,13 +91,17 @@ class Engine:
     """`instances` copies of one backend behind a bounded queue; `run_async` → Future, `run_sync` → outputs."""
 
     def __init__(self, make_backend: Callable[[int, int], Backend], instances: int = 1,
-                 device_ids: tuple[int, ...] = (0,), queue_size: int = 64):
+                 device_ids: tuple[int, ...] = (0,), queue_size: int = 64, threads: int = 1,
+                 budget: ComputeBudget = CPU_BUDGET):
         """`make_backend(instance_index, device_id)` builds one backend copy; instances go round-robin over
-        `device_ids`. `queue_size` bounds the requests waiting (not counting those being run)."""
+        `device_ids`. `queue_size` bounds the requests waiting (not counting those being run). Each run holds
+        `threads` (the backend's compute threads) from `budget`."""
         check_engine_options(instances, tuple(device_ids), queue_size)
+        self.threads, self.budget = threads, budget
         self.backends = [make_backend(i, device_ids[i % len(device_ids)]) for i in range(instances)]
         first = self.backends[0]
         self.task, self.seq_len, self.batch = first.task, first.seq_len, first.batch
+        self.dynamic_batch = first.dynamic_batch
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._closed = False
         self._submitting = 0  # submissions past the closed check, not yet queued
@@ -78,12 +120,14 @@ class Engine:
         directory = artifact.path if isinstance(artifact, Manifest) else artifact
         manifest = Manifest.load(directory, verify=True).require_deployable()
         threads = threads or threads_per_instance(instances)
-        return cls(lambda i, dev: open_backend(manifest, threads, dev), instances, device_ids, queue_size)
+        return cls(lambda i, dev: open_backend(manifest, threads, dev), instances, device_ids, queue_size, threads)
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, task: Task, queue_size: int = 64) -> "Engine":
-        """The torch reference (unpatched Hugging Face model) behind the same interface; one instance."""
-        return cls(lambda i, dev: TorchReference(Path(checkpoint_dir), task), 1, (0,), queue_size)
+        """The torch reference (unpatched Hugging Face model) behind the same interface; one instance using the
+        whole budget."""
+        threads = CPU_BUDGET.threads
+        return cls(lambda i, dev: TorchReference(Path(checkpoint_dir), task, threads), 1, (0,), queue_size, threads)
 
     # ---- requests ---------------------------------------------------------------------------------------------------
     def check_inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
@@ -93,7 +137,8 @@ class Engine:
             raise ToolkitError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be the same 2-D shape")
         if not np.issubdtype(ids.dtype, np.integer) or not np.issubdtype(mask.dtype, np.integer):
             raise ToolkitError(f"inputs must be integer arrays, got {ids.dtype} / {mask.dtype}")
-        expected = (self.batch or ids.shape[0], self.seq_len or ids.shape[1])
+        rows_ok = self.dynamic_batch and 1 <= ids.shape[0] <= self.batch
+        expected = (ids.shape[0] if rows_ok else self.batch or ids.shape[0], self.seq_len or ids.shape[1])
         if ids.shape != expected:
             raise ToolkitError(f"input shape {ids.shape} does not match the artifact's [batch, seq] = {list(expected)};"
                                " pad the batch and left-pad to the sequence length (Embedder/Reranker do this)")
@@ -132,7 +177,8 @@ class Engine:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                output = backend.run(ids, mask)
+                with self.budget.use(self.threads):
+                    output = backend.run(ids, mask)
                 self.runs_per_instance[index] += 1
                 future.set_result(output)
             except BaseException as e:  # delivered to the caller that sent this request
@@ -152,6 +198,7 @@ class Engine:
             w.join()
         for b in self.backends:
             b.close()
+        self.backends = []  # the sessions and weights go with the last reference (GBs per bucket at 0.6B)
 
     def __enter__(self):
         return self

@@ -118,6 +118,19 @@ class Task:
         finished outputs compared between engines."""
         raise NotImplementedError
 
+    # ---- traffic: what a service of this task receives, replayed from evaluation data ------------------------------
+    def traffic(self, examples: list) -> list:
+        """The requests an evaluation set holds for this task: texts to embed, or (query, passage) pairs to score."""
+        raise NotImplementedError
+
+    def body(self, request) -> str:
+        """The truncatable text of one request (what goes between the prompt's prefix and suffix)."""
+        raise NotImplementedError
+
+    def serve(self, model, requests: list, progress: bool = False) -> np.ndarray:
+        """Run requests through this task's high-level model (Embedder / Reranker): the finished outputs."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"Task({self.name})"
 
@@ -182,6 +195,21 @@ class EmbeddingTask(Task):
         flat = model.encode_documents([p for ps in passages for p in ps], progress=True)
         return np.concatenate([q, flat]), [group @ vector for vector, group in zip(q, split_groups(flat, passages))]
 
+    @override
+    def traffic(self, examples):
+        texts = []
+        for e in examples:  # sentence pairs, or a query and its candidate passages
+            texts += [e.sentence1, e.sentence2] if hasattr(e, "sentence1") else [e.query, *e.passages]
+        return texts
+
+    @override
+    def body(self, request):
+        return request
+
+    @override
+    def serve(self, model, requests, progress=False):
+        return model.encode_documents(requests, progress=progress)
+
 
 class RerankerTask(Task):
     """Qwen3-Reranker: P(yes) from the "no"/"yes" logits at the last position of the chat prompt."""
@@ -243,6 +271,18 @@ class RerankerTask(Task):
     def rank_passages(self, model, queries, passages, instruction):
         flat = model.score([(q, p) for q, ps in zip(queries, passages) for p in ps], instruction, progress=True)
         return flat, split_groups(flat, passages)
+
+    @override
+    def traffic(self, examples):
+        return [(e.query, p) for e in examples for p in e.passages]
+
+    @override
+    def body(self, request):
+        return self.format_body(*request, None)
+
+    @override
+    def serve(self, model, requests, progress=False):
+        return model.score(requests, progress=progress)
 
 
 EMBEDDING, RERANKER = EmbeddingTask(), RerankerTask()

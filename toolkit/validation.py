@@ -35,7 +35,7 @@ def measure(backend: Backend, reference: TorchReference, tokenizer, dtype: str) 
     outs, refs = [], []
     for start in range(0, len(rows), backend.batch):
         chunk = rows[start:start + backend.batch]
-        ids, mask = left_pad(chunk, backend.seq_len, ENDOFTEXT_ID, backend.batch)
+        ids, mask = left_pad(chunk, backend.seq_len, ENDOFTEXT_ID, None if backend.dynamic_batch else backend.batch)
         outs.append(backend.run(ids, mask)[: len(chunk)])
         refs.append(reference.run(ids[: len(chunk)], mask[: len(chunk)]))
     stats = task.agreement(task.finish(np.concatenate(refs)), task.finish(np.concatenate(outs)))

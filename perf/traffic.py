@@ -1,0 +1,127 @@
+"""`perf traffic`: real requests from an evaluation set replayed through the public API (what users call), torch
+eager against artifact sets, side by side in one process.
+
+For each run: requests/s, real tokens/s, the share of computed token slots that were padding, the effective GFLOP/s
+on real tokens (FLOPs of each row at its real length) against this machine's measured fp32 matmul peak, the ratio to
+the best torch run, and the agreement with torch (the task's measure: min cosine / max |ΔP(yes)|).
+
+    result = run_traffic(TrafficOptions(data="../shared/data/sts12_test.jsonl", artifacts=("ws/emb/tvm",)))
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from toolkit.api import RunnerStats, model_class
+from toolkit.artifact import find_artifacts
+from toolkit.buckets import token_lengths
+from toolkit.checkpoint import read_hf_config, resolve_checkpoint
+from toolkit.errors import ToolkitError
+from toolkit.eval.datasets import load_dataset
+from toolkit.perf.compare import forward_flops, matmul_peak_gflops
+from toolkit.perf.run import check_int
+from toolkit.report import format_table
+from toolkit.runtime import set_cpu_threads
+from toolkit.tasks import get_task
+
+WARMUP_REQUESTS = 48  # spread over the length range, so every bucket has run before the clock starts
+
+
+@dataclass(frozen=True)
+class TrafficOptions:
+    """What `perf traffic` replays. `data`: an evaluation JSONL path or name; `artifacts`: artifact-set directories
+    (same task); `checkpoint`: the torch reference (default: the one the first artifact was built from);
+    `torch_batches`: torch eager's dynamic batch sizes; `limit`: the first N requests; `instances`: engine instances
+    per artifact; `threads`: the process's compute-thread budget (default: all cores)."""
+
+    data: str
+    artifacts: tuple[str | Path, ...] = ()
+    checkpoint: str | None = None
+    torch_batches: tuple[int, ...] = (8, 32)
+    limit: int | None = 256
+    instances: int = 1
+    threads: int | None = None
+
+    def check(self) -> "TrafficOptions":
+        """Raise ToolkitError (naming the option) for the first invalid field; return self."""
+        if not self.artifacts:
+            raise ToolkitError("give at least one --artifact SET (torch eager runs beside it)")
+        for b in self.torch_batches:
+            check_int(b, "--torch-batch", 1)
+        if self.limit is not None:
+            check_int(self.limit, "--limit", 1)
+        check_int(self.instances, "--instance", 1)
+        if self.threads is not None:
+            check_int(self.threads, "--threads", 1)
+        return self
+
+
+def run_traffic(options: TrafficOptions, progress: bool = True) -> dict:
+    """Replay the requests through every run; returns the result dict (`traffic_report` prints it)."""
+    options.check()
+    if options.threads:
+        set_cpu_threads(options.threads)
+    sets = [find_artifacts(a) for a in options.artifacts]
+    tasks = {s[0].task for s in sets}
+    if len(tasks) > 1:
+        raise ToolkitError(f"the artifact sets hold different tasks {sorted(tasks)}; compare one task at a time")
+    checkpoint = resolve_checkpoint(options.checkpoint or sets[0][0].reference_checkpoint())
+    config = read_hf_config(checkpoint)
+    task = get_task(tasks.pop())
+    _, _, examples = load_dataset(options.data)
+    requests = task.traffic(examples)[: options.limit]
+    max_length = max(s[-1].seq_len for s in sets)  # torch truncates where the artifacts do: the same inputs
+    cls = model_class(task)
+    runs = [(f"torch eager fp32, batch {b}",
+             lambda b=b: cls.from_checkpoint(checkpoint, max_length=max_length, batch_size=b, truncation="truncate"))
+            for b in options.torch_batches]
+    runs += [(f"{s[0].backend} {s[0].dtype} SEQ {','.join(str(m.seq_len) for m in s)}",
+              lambda path=path: cls.from_artifacts(path, instances=options.instances, truncation="truncate"))
+             for path, s in zip(options.artifacts, sets)]
+    result = {"task": task.name, "data": str(options.data), "requests": len(requests), "checkpoint": str(checkpoint),
+              "matmul_peak_gflops": matmul_peak_gflops(), "runs": []}
+    reference = None
+    for name, make in runs:
+        with make() as model:
+            lengths = token_lengths(task, model.tokenizer, requests).clip(max=model.max_length)
+            by_length = sorted(range(len(requests)), key=lambda i: lengths[i])
+            step = max(1, len(requests) // WARMUP_REQUESTS)
+            task.serve(model, [requests[i] for i in by_length[::step]])
+            model.runner.stats = RunnerStats()
+            started = time.perf_counter()
+            outputs = task.serve(model, requests, progress=progress)
+            seconds = time.perf_counter() - started
+            stats = model.runner.stats
+        del model  # one run's weights in memory at a time
+        gc.collect()
+        flops = sum(forward_flops(config, int(n), 1) for n in lengths)
+        run = {"name": name, "seconds": seconds, "requests_per_s": len(requests) / seconds,
+               "real_tokens_per_s": stats.real_tokens / seconds, "padding": stats.padding_fraction,
+               "batches_per_seq": stats.batches_per_seq, "gflops": flops / seconds / 1e9}
+        run["fraction_of_peak"] = run["gflops"] / result["matmul_peak_gflops"]
+        if reference is None:
+            reference = outputs
+        else:
+            run["agreement_vs_first"] = task.agreement(reference, outputs)
+        result["runs"].append(run)
+    torch_runs = [r for r in result["runs"] if r["name"].startswith("torch")]
+    best_torch = max((r["requests_per_s"] for r in torch_runs), default=None)
+    for r in result["runs"]:
+        r["vs_best_torch"] = r["requests_per_s"] / best_torch if best_torch else None
+    result["gate_key"] = task.gate_key
+    return result
+
+
+def traffic_report(result: dict) -> str:
+    """The side-by-side table."""
+    key = result["gate_key"]
+    rows = [[r["name"], r["requests_per_s"], r["real_tokens_per_s"], f"{100 * r['padding']:.1f}%", r["gflops"],
+             f"{100 * r['fraction_of_peak']:.0f}%", r["vs_best_torch"] if r["vs_best_torch"] else "-",
+             f"{r['agreement_vs_first'][key]:.6f}" if "agreement_vs_first" in r else "(reference)"]
+            for r in result["runs"]]
+    title = (f"{result['task']}: {result['requests']} requests from {result['data']}; fp32 matmul peak "
+             f"{result['matmul_peak_gflops']:.0f} GFLOP/s (numpy, same machine)")
+    return format_table(["run", "requests/s", "real tokens/s", "padding", "GFLOP/s", "of peak", "vs torch",
+                         f"{key} vs first"], rows, title=title)

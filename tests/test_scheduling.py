@@ -1,0 +1,147 @@
+"""Scheduling real traffic: token-budget batches per SEQ, buckets chosen from data, one CPU budget per process,
+and the traffic benchmark."""
+import itertools
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from toolkit.api import BucketedRunner, Embedder
+from toolkit.artifact import find_artifacts
+from toolkit.backends import Backend
+from toolkit.buckets import padded_tokens, suggest_seq_lens, token_lengths
+from toolkit.cli import main
+from toolkit.errors import ToolkitError
+from toolkit.runtime import ComputeBudget, Engine
+from toolkit.tasks import EMBEDDING, RERANKER
+from toolkit.text import left_pad
+from toolkit.tokenizer import ENDOFTEXT_ID
+
+
+class CountingBackend(Backend):
+    """Records how many compute threads are busy at once across every engine sharing `meter`."""
+
+    name, task, batch = "counting", EMBEDDING, 2
+
+    def __init__(self, seq_len, threads, meter):
+        self.seq_len, self.threads, self.meter = seq_len, threads, meter
+
+    def run(self, input_ids, attention_mask):
+        with self.meter["lock"]:
+            self.meter["busy"] += self.threads
+            self.meter["peak"] = max(self.meter["peak"], self.meter["busy"])
+        time.sleep(0.002)
+        with self.meter["lock"]:
+            self.meter["busy"] -= self.threads
+        return np.zeros((input_ids.shape[0], 4), np.float32)
+
+
+@pytest.mark.parametrize("budget_threads", [2, 3])
+def test_busy_compute_threads_never_exceed_the_budget(budget_threads):
+    """3 buckets x 2 instances, every bucket submitted at once: without a shared budget up to 6 instances (each with
+    its share of the cores) ran together."""
+    meter = {"lock": threading.Lock(), "busy": 0, "peak": 0}
+    budget = ComputeBudget(budget_threads)
+    threads = max(1, budget_threads // 2)
+    engines = [Engine(lambda i, dev, s=s: CountingBackend(s, threads, meter), instances=2, threads=threads,
+                      budget=budget) for s in (8, 16, 32)]
+    runner = BucketedRunner(engines)
+    rng = np.random.default_rng(0)
+    rows = [[1] * int(n) for n in rng.integers(1, 33, 300)]
+    out = runner.run(rows)
+    runner.close()
+    assert out.shape == (300, 4)
+    assert sum(e.runs_per_instance[0] + e.runs_per_instance[1] for e in engines) >= 150  # work really ran
+    assert meter["peak"] <= budget_threads and budget.peak <= budget_threads, (meter["peak"], budget.peak)
+
+
+def test_token_budget_batches_mixed_lengths_come_back_in_order(checkpoints, tmp_path):
+    """SEQ 32 / 48 / 64 with a 128-token budget: batches 4 / 2 / 2, one set; outputs in input order, as torch."""
+    from toolkit.compile import compile_config
+    from toolkit.config import BuildConfig
+
+    cfg = BuildConfig(name="budget", task="embedding", checkpoint=str(checkpoints["embedding"]), seq_lens=(32, 48, 64),
+                      batch_tokens=128, workspace=tmp_path)
+    compile_config(cfg, log=lambda m: None)
+    manifests = find_artifacts(tmp_path / "budget" / "onnx")
+    assert [(m.seq_len, m.batch) for m in manifests] == [(32, 4), (48, 2), (64, 2)]
+    assert all(m.dynamic_batch for m in manifests)  # ONNX: a partial batch runs without padding rows
+    with Engine.from_artifact(manifests[0]) as engine:
+        one = engine.run_sync(*left_pad([[9707, ENDOFTEXT_ID]], 32, ENDOFTEXT_ID))
+        assert one.shape == (1, 64)
+        with pytest.raises(ToolkitError, match="does not match"):
+            engine.run_sync(*left_pad([[ENDOFTEXT_ID]] * 5, 32, ENDOFTEXT_ID))
+    rng = np.random.default_rng(1)
+    words = ["alpha", "beta", "gamma", "delta", "北京", "river"]
+    texts = [" ".join(rng.choice(words, int(n))) for n in rng.integers(1, 40, 23)]
+    with Embedder.from_artifacts(tmp_path / "budget" / "onnx") as emb, \
+            Embedder.from_checkpoint(checkpoints["embedding"], max_length=64, batch_size=5) as ref:
+        ours, theirs = emb.encode(texts), ref.encode(texts)
+        stats = emb.runner.stats
+        assert set(stats.batches_per_seq) == {32, 48, 64}
+        assert 0 < stats.padding_fraction < 1
+        rows = [len(r) for r in emb.tokenize(texts)]
+        bucket = [min(s for s in (32, 48, 64) if s >= n) for n in rows]
+        assert stats.computed_tokens == sum(bucket)  # no filler rows: computed slots are the rows' buckets
+        assert stats.real_tokens == sum(rows)
+    assert np.min(np.sum(ours * theirs, axis=-1)) >= 0.999
+
+
+def test_suggested_buckets_are_the_least_padding_choice():
+    rng = np.random.default_rng(2)
+    lengths = np.concatenate([rng.integers(5, 40, 400), rng.integers(40, 120, 40)])
+    best = suggest_seq_lens(lengths, count=3, multiple=8)
+    assert best[-1] >= lengths.max() and len(best) == 3 and all(s % 8 == 0 for s in best)
+    top = -(-lengths.max() // 8) * 8
+    brute = min((c + (top,) for c in itertools.combinations(range(8, top, 8), 2)),
+                key=lambda seqs: padded_tokens(lengths, seqs))
+    assert padded_tokens(lengths, best) == padded_tokens(lengths, brute)
+    assert padded_tokens(lengths, best) < padded_tokens(lengths, (64, 128))  # finer at the short end pays
+    assert suggest_seq_lens([3, 4, 5], count=4, minimum=63) == (64,)
+
+
+def test_compile_seq_auto_picks_buckets_from_the_data(checkpoints, tokenizers, tmp_path):
+    result = CliRunner().invoke(main, ["compile", "build_configs/reranker_config_fp16.yaml", "--checkpoint",
+                                       str(checkpoints["reranker"]), "--seq", "auto", "--lengths", "msmarco-sample",
+                                       "--buckets", "2", "--batch-tokens", "256", "--workspace", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    manifests = find_artifacts(tmp_path / "qwen3-reranker-0.6b-fp16" / "onnx")
+    from toolkit.eval.datasets import load_dataset
+
+    lengths = token_lengths(RERANKER, tokenizers["reranker"], RERANKER.traffic(load_dataset("msmarco-sample")[2]))
+    assert [m.seq_len for m in manifests] == list(suggest_seq_lens(lengths, 2, minimum=63))
+    assert all(m.batch == max(1, 256 // m.seq_len) for m in manifests)
+    bad = CliRunner().invoke(main, ["compile", "build_configs/reranker_config_fp16.yaml", "--seq", "auto"])
+    assert bad.exit_code == 2 and "--lengths" in bad.output
+
+
+def test_perf_traffic_prints_ratios_padding_and_agreement(onnx_artifacts, tmp_path):
+    out = tmp_path / "traffic.json"
+    result = CliRunner().invoke(main, ["perf", "traffic", "--data", "sts12-sample", "--artifact",
+                                       str(onnx_artifacts["embedding"][0].parent), "--torch-batch", "8",
+                                       "--limit", "24", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "requests/s" in result.output and "padding" in result.output and "of peak" in result.output
+    report = json.loads(out.read_text())
+    torch_run, artifact_run = report["runs"]
+    assert report["requests"] == 24 and torch_run["vs_best_torch"] == 1.0
+    assert artifact_run["agreement_vs_first"]["min_cosine"] >= 0.999
+    assert 0 <= artifact_run["padding"] < 1 and artifact_run["gflops"] > 0
+    seq_rows = sum(artifact_run["batches_per_seq"].values())
+    assert seq_rows >= 24 // 2  # batch-2 artifacts: at least 12 batches ran
+
+
+def test_find_artifacts_accepts_a_batch_per_seq_but_not_two_artifacts_for_one_seq(onnx_artifacts, tmp_path):
+    import shutil
+
+    set_dir = tmp_path / "set"
+    shutil.copytree(onnx_artifacts["embedding"][0], set_dir / "seq32")
+    shutil.copytree(onnx_artifacts["embedding"][0], set_dir / "copy")
+
+    with pytest.raises(ToolkitError, match="several artifacts for one SEQ"):
+        find_artifacts(set_dir)
+    shutil.rmtree(set_dir / "copy")
+    assert [m.seq_len for m in find_artifacts(set_dir)] == [32]

@@ -1,0 +1,82 @@
+"""Bucket sets chosen from data: the SEQs that waste the fewest padded tokens on a dataset's real token lengths.
+
+Rows go to the smallest SEQ that holds them, so a bucket set's waste is the sum over rows of (SEQ - length). With the
+lengths of real traffic sorted, the best `count` SEQs (multiples of `multiple`, the largest covering the longest row)
+are found exactly by dynamic programming; short texts, being the most frequent, get the finest buckets.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from toolkit.errors import ToolkitError
+from toolkit.tasks import Task
+
+
+def token_lengths(task: Task, tokenizer, requests: list) -> np.ndarray:
+    """Full input length of each request in the task's prompt layout (prefix + body + suffix)."""
+    layout = task.prompt(tokenizer)
+    bodies = tokenizer([task.body(r) for r in requests], add_special_tokens=False).input_ids
+    return np.array([layout.fixed + len(b) for b in bodies], dtype=np.int64)
+
+
+def padded_tokens(lengths: np.ndarray, seq_lens) -> int:
+    """Padding slots when each row goes to the smallest SEQ that holds it (rows above the largest are cut to it)."""
+    seq_lens = np.sort(np.asarray(seq_lens))
+    lengths = np.minimum(lengths, seq_lens[-1])
+    return int((seq_lens[np.searchsorted(seq_lens, lengths)] - lengths).sum())
+
+
+def suggest_seq_lens(lengths, count: int = 6, multiple: int = 8, max_seq: int = 32768,
+                     minimum: int = 1) -> tuple[int, ...]:
+    """The `count` SEQs (multiples of `multiple`, from `minimum` to `max_seq`) with the fewest padded tokens on
+    `lengths`."""
+    lengths = np.maximum(np.asarray(lengths, dtype=np.int64), minimum)
+    if lengths.size == 0:
+        raise ToolkitError("no token lengths to choose buckets from (the dataset is empty)")
+    if count < 1 or multiple < 1:
+        raise ToolkitError(f"bucket count and multiple must be >= 1, got {count} and {multiple}")
+    lengths = np.minimum(lengths, max_seq)
+    candidates = np.unique(np.minimum(-(-lengths // multiple) * multiple, max_seq))
+    m = len(candidates)
+    count = min(count, m)
+    # cost[i][j]: padding of the rows with candidates[i-1] < length <= candidates[j], all sent to SEQ candidates[j]
+    sorted_lengths = np.sort(lengths)
+    prefix = np.concatenate([[0], np.cumsum(sorted_lengths)])
+    upto = np.searchsorted(sorted_lengths, candidates, side="right")  # rows with length <= candidate
+
+    def cost(i: int, j: int) -> int:  # rows in (candidates[i-1], candidates[j]] → SEQ candidates[j]; i = 0: from 0
+        lo = upto[i - 1] if i > 0 else 0
+        hi = upto[j]
+        return int(candidates[j] * (hi - lo) - (prefix[hi] - prefix[lo]))
+
+    inf = float("inf")
+    best = [[inf] * m for _ in range(count + 1)]  # best[k][j]: k buckets, the largest candidates[j]
+    choice = [[-1] * m for _ in range(count + 1)]
+    for j in range(m):
+        best[1][j] = cost(0, j)
+    for k in range(2, count + 1):
+        for j in range(m):
+            for i in range(j):
+                value = best[k - 1][i] + cost(i + 1, j)
+                if value < best[k][j]:
+                    best[k][j], choice[k][j] = value, i
+    k, j = min(range(1, count + 1), key=lambda k: (best[k][m - 1], k)), m - 1
+    chosen = []
+    while j >= 0 and k >= 1:
+        chosen.append(int(candidates[j]))
+        j, k = choice[k][j], k - 1
+    return tuple(sorted(chosen))
+
+
+def suggest_for_dataset(task_name: str, checkpoint: str, data: str, count: int = 6,
+                        multiple: int = 8) -> tuple[int, ...]:
+    """The bucket set for a task's traffic in an evaluation dataset, tokenised with the checkpoint's tokenizer."""
+    from toolkit.checkpoint import load_tokenizer, resolve_checkpoint
+    from toolkit.eval.datasets import load_dataset
+    from toolkit.tasks import get_task
+
+    task = get_task(task_name)
+    tokenizer = load_tokenizer(resolve_checkpoint(checkpoint))
+    _, _, examples = load_dataset(data)
+    return suggest_seq_lens(token_lengths(task, tokenizer, task.traffic(examples)), count, multiple,
+                            minimum=task.min_seq_len(tokenizer))
