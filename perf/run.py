@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -20,6 +21,7 @@ from typing import ClassVar
 import numpy as np
 from tqdm.auto import tqdm
 
+from toolkit.api import token_rows
 from toolkit.artifact import Manifest
 from toolkit.checkpoint import load_tokenizer
 from toolkit.errors import ToolkitError
@@ -137,10 +139,9 @@ def make_inputs(manifest: Manifest, source: str, count: int, seed: int = 0) -> l
     else:
         texts = dataset_texts(source, limit=batch * count)
         tokenizer = load_tokenizer(manifest.path / "tokenizer")
-        layout = get_task(manifest.task).prompt(tokenizer)
-        room = max(seq - layout.fixed, 1)
-        encoded = tokenizer(texts, add_special_tokens=False).input_ids
-        rows = [(layout.prefix + ids[:room] + layout.suffix)[-seq:] for ids in encoded]
+        with warnings.catch_warnings():  # cutting long texts to the artifact's SEQ is the point here
+            warnings.simplefilter("ignore")
+            rows = token_rows(get_task(manifest.task).prompt(tokenizer), tokenizer, texts, seq, "truncate")
         rows = [rows[i % len(rows)] for i in range(batch * count)]
     return [left_pad(rows[i:i + batch], seq, ENDOFTEXT_ID, batch) for i in range(0, len(rows), batch)]
 

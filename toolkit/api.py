@@ -22,7 +22,7 @@ from toolkit.artifact import find_artifacts
 from toolkit.checkpoint import load_tokenizer, resolve_checkpoint
 from toolkit.errors import ToolkitError
 from toolkit.runtime import Engine, check_engine_options
-from toolkit.tasks import EMBEDDING, RERANKER, TASKS, WEB_SEARCH_INSTRUCTION, Task
+from toolkit.tasks import EMBEDDING, RERANKER, TASKS, WEB_SEARCH_INSTRUCTION, PromptLayout, Task
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
 
@@ -97,6 +97,33 @@ class BucketedRunner:
             e.close()
 
 
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token covers (byte-level BPE: one character per byte of the token's string)."""
+    return max(map(len, tokenizer.get_vocab()))
+
+
+def token_rows(layout: PromptLayout, tokenizer, bodies: list[str], max_length: int, truncation: str = "error",
+               max_chars: int | None = None) -> list[list[int]]:
+    """prefix + body + suffix token rows of at most `max_length` tokens under the truncation policy. A body longer
+    than a row can use is cut (in characters, with the longest token's length as the bound) before it is tokenised,
+    so a huge text costs what the row can hold, not its size."""
+    room = max_length - layout.fixed
+    cut = (room + 1) * (max_chars or max_token_chars(tokenizer))
+    encoded = tokenizer([b[:cut] for b in bodies], add_special_tokens=False).input_ids
+    rows, truncated = [], 0
+    for i, ids in enumerate(encoded):
+        if len(ids) > room:
+            if truncation == "error":
+                raise ToolkitError(f"input #{i} has more than {max_length} tokens but the largest artifact takes "
+                                   f"{max_length}; pass truncation='truncate' or compile a larger SEQ")
+            truncated += 1
+            ids = ids[:room]
+        rows.append(layout.prefix + ids + layout.suffix)
+    if truncated:
+        warnings.warn(f"{truncated} input(s) truncated to {max_length} tokens", stacklevel=4)
+    return rows
+
+
 class _TextModel:
     """What Embedder and Reranker share: construction, tokenisation with the truncation policy, lifetime."""
 
@@ -151,30 +178,11 @@ class _TextModel:
 
     @cached_property
     def _max_chars_per_token(self) -> int:
-        # byte-level BPE: a token's string has one character per byte, so this bounds the text one token can cover
-        return max(map(len, self.tokenizer.get_vocab()))
+        return max_token_chars(self.tokenizer)
 
     def _rows(self, bodies: list[str]) -> list[list[int]]:
-        """prefix + body + suffix token rows under the truncation policy. A body longer than the largest bucket can
-        use is cut (in characters, with the longest token's length as the bound) before it is tokenised, so a huge
-        text costs what the bucket can hold, not its size."""
-        layout = self._layout
-        room = self.max_length - layout.fixed
-        cut = (room + 1) * self._max_chars_per_token
-        encoded = self.tokenizer([b[:cut] for b in bodies], add_special_tokens=False).input_ids
-        rows, truncated = [], 0
-        for i, ids in enumerate(encoded):
-            if len(ids) > room:
-                if self.truncation == "error":
-                    raise ToolkitError(f"input #{i} has more than {room + layout.fixed} tokens but the largest "
-                                       f"artifact takes {self.max_length}; pass truncation='truncate' or compile a "
-                                       "larger SEQ")
-                truncated += 1
-                ids = ids[:room]
-            rows.append(layout.prefix + ids + layout.suffix)
-        if truncated:
-            warnings.warn(f"{truncated} input(s) truncated to {self.max_length} tokens", stacklevel=3)
-        return rows
+        return token_rows(self._layout, self.tokenizer, bodies, self.max_length, self.truncation,
+                          self._max_chars_per_token)
 
     def close(self):
         """Stop the engines."""
@@ -212,7 +220,7 @@ class Embedder(_TextModel):
         """Embed texts `[n, dim]`; with an `instruction` they are formatted as queries. `dim` cuts (MRL) before
         normalising."""
         texts = [self.task.format_query(t, instruction) for t in _check_texts(texts, "encode")]
-        return self.task.finish(self.runner.run(self.tokenize(texts), progress), dim=dim, normalize=normalize)
+        return self.task.finish(self.runner.run(self._rows(texts), progress), dim=dim, normalize=normalize)
 
     def encode_queries(self, queries: list[str], instruction: str = WEB_SEARCH_INSTRUCTION, **kw) -> np.ndarray:
         """Embed search queries with the instruction (web search by default)."""
