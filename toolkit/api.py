@@ -220,7 +220,7 @@ class Embedder(_TextModel):
         """Embed texts `[n, dim]`; with an `instruction` they are formatted as queries. `dim` cuts (MRL) before
         normalising."""
         texts = [self.task.format_query(t, instruction) for t in _check_texts(texts, "encode")]
-        return self.task.finish(self.runner.run(self._rows(texts), progress), dim=dim, normalize=normalize)
+        return self.task.finish(self.runner.run(self.tokenize(texts), progress), dim=dim, normalize=normalize)
 
     def encode_queries(self, queries: list[str], instruction: str = WEB_SEARCH_INSTRUCTION, **kw) -> np.ndarray:
         """Embed search queries with the instruction (web search by default)."""
