@@ -8,6 +8,8 @@ What differs from Hugging Face's Qwen3 (and why):
   sequence's last real token at position SEQ-1), so the graph outputs `[batch, hidden]`;
 - heads: the embedding model drops lm_head entirely; the reranker keeps only the "no"/"yes" rows of the (tied)
   lm_head, so it outputs `[batch, 2]` logits instead of `[batch, seq, 151669]`;
+- fused projections: q/k/v are one `qkv_proj` and gate/up one `gate_up_proj` (weights concatenated at load), so
+  each group is one larger GEMM that reads its input once;
 - fp16 storage, fp32 compute: weights may be stored in fp16 but every linear layer upcasts them, so matmuls
   accumulate in fp32, and the residual stream, RMSNorm statistics and softmax stay fp32. Real Qwen3 checkpoints carry
   residual activations in the thousands; fp16 activations are how ollama/llama.cpp produced all-NaN embeddings.
@@ -95,7 +97,8 @@ class RMSNorm(nn.Module):
     @override
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         variance = x.pow(2).mean(-1, keepdim=True)
-        return x * torch.rsqrt(variance + self.eps) * self.weight.to(x.dtype)
+        # x / sqrt(...) rather than x * rsqrt(...): ONNX Runtime fuses this form into one SimplifiedLayerNormalization
+        return x / torch.sqrt(variance + self.eps) * self.weight.to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -110,9 +113,8 @@ class Attention(nn.Module):
     def __init__(self, s: Qwen3Shape):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = s.num_attention_heads, s.num_key_value_heads, s.head_dim
-        self.q_proj = Linear(s.hidden_size, s.num_attention_heads * s.head_dim, s.attention_bias)
-        self.k_proj = Linear(s.hidden_size, s.num_key_value_heads * s.head_dim, s.attention_bias)
-        self.v_proj = Linear(s.hidden_size, s.num_key_value_heads * s.head_dim, s.attention_bias)
+        self.qkv_proj = Linear(s.hidden_size, (s.num_attention_heads + 2 * s.num_key_value_heads) * s.head_dim,
+                               s.attention_bias)
         self.o_proj = Linear(s.num_attention_heads * s.head_dim, s.hidden_size, s.attention_bias)
         self.q_norm = RMSNorm(s.head_dim, s.rms_norm_eps)
         self.k_norm = RMSNorm(s.head_dim, s.rms_norm_eps)
@@ -120,9 +122,11 @@ class Attention(nn.Module):
     @override
     def forward(self, x, cos, sin, mask):
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                                          self.kv_heads * self.head_dim], dim=-1)
+        q = self.q_norm(q.reshape(b, t, self.heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(k.reshape(b, t, self.kv_heads, self.head_dim)).transpose(1, 2)
+        v = v.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         groups = self.heads // self.kv_heads
@@ -140,13 +144,13 @@ class MLP(nn.Module):
 
     def __init__(self, s: Qwen3Shape):
         super().__init__()
-        self.gate_proj = Linear(s.hidden_size, s.intermediate_size, False)
-        self.up_proj = Linear(s.hidden_size, s.intermediate_size, False)
+        self.gate_up_proj = Linear(s.hidden_size, 2 * s.intermediate_size, False)
         self.down_proj = Linear(s.intermediate_size, s.hidden_size, False)
 
     @override
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -234,8 +238,24 @@ class Qwen3ForDeployment(nn.Module):
             state["yes_no_head"] = head[[NO_TOKEN_ID, YES_TOKEN_ID]].clone()
         else:
             state.pop("lm_head.weight", None)
+        fuse_projections(state, model.shape.num_hidden_layers)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ToolkitError(f"checkpoint {checkpoint_dir} does not match Qwen3: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
         return model.to(dtype).eval()
+
+
+FUSED_PROJECTIONS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def fuse_projections(state: dict, layers: int) -> None:
+    """Concatenate Hugging Face's q/k/v and gate/up weights (in place) into the fused projections: one GEMM per group
+    reads (and, in int8, quantizes) its input once instead of three or two times."""
+    for i in range(layers):
+        for fused, parts in FUSED_PROJECTIONS.items():
+            for kind in ("weight", "bias"):
+                keys = [f"layers.{i}.{part}.{kind}" for part in parts]
+                if all(k in state for k in keys):
+                    state[f"layers.{i}.{fused}.{kind}"] = torch.cat([state.pop(k) for k in keys])

@@ -4,4 +4,6 @@ returning a JSON-ready dict, and a report function; `perf/cli.py` wires them to 
 - `perf run` (`run.PerfRunOptions`, `run.run_perf`): throughput and latency percentiles of one artifact.
 - `perf compare` (`compare.CompareOptions`, `compare.run_compare`): torch eager vs ONNX Runtime vs TVM.
 - `perf buckets` (`buckets.BucketOptions`, `buckets.run_bucket_benchmark`): fixed SEQ vs a bucket set.
+- `perf serve` (`serve_load.ServeLoadOptions`, `serve_load.run_serve_load`): `toolkit serve` under 64 clients vs the
+  offline API, latency at half load, and on Ray Serve.
 """

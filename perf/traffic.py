@@ -86,9 +86,7 @@ def run_traffic(options: TrafficOptions, progress: bool = True) -> dict:
     for name, make in runs:
         with make() as model:
             lengths = token_lengths(task, model.tokenizer, requests).clip(max=model.max_length)
-            by_length = sorted(range(len(requests)), key=lambda i: lengths[i])
-            step = max(1, len(requests) // WARMUP_REQUESTS)
-            task.serve(model, [requests[i] for i in by_length[::step]])
+            task.serve(model, warmup_subset(requests, lengths))
             model.runner.stats = RunnerStats()
             started = time.perf_counter()
             outputs = task.serve(model, requests, progress=progress)
@@ -112,6 +110,13 @@ def run_traffic(options: TrafficOptions, progress: bool = True) -> dict:
         r["vs_best_torch"] = r["requests_per_s"] / best_torch if best_torch else None
     result["gate_key"] = task.gate_key
     return result
+
+
+def warmup_subset(requests: list, lengths) -> list:
+    """About WARMUP_REQUESTS of the requests, spread over their token lengths: run once before the clock starts,
+    they make every bucket run."""
+    by_length = sorted(range(len(requests)), key=lambda i: lengths[i])
+    return [requests[i] for i in by_length[::max(1, len(requests) // WARMUP_REQUESTS)]]
 
 
 def traffic_report(result: dict) -> str:

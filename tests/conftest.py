@@ -21,15 +21,24 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def outlier_checkpoints(tmp_path_factory):
+    """Tiny checkpoints with realistic activation outliers (`toolkit synth --outliers`): what int8 is gated on."""
+    from toolkit.synth import write_synthetic_checkpoint
+
+    root = tmp_path_factory.mktemp("outlier-checkpoints")
+    return {task: write_synthetic_checkpoint(root / task, task, "tiny", outliers=True) for task in TASKS}
+
+
+@pytest.fixture(scope="session")
 def workspace(tmp_path_factory):
     return tmp_path_factory.mktemp("workspace")
 
 
-def build(checkpoints, workspace, task, backends=("onnx",), seq_lens=(32, 64), batch=2, dtype="fp16"):
+def build(checkpoints, workspace, task, backends=("onnx",), seq_lens=(32, 64), batch=2, dtype="fp16", **options):
     from toolkit.compile import compile_config
 
     cfg = BuildConfig(name=f"{task}-{dtype}-b{batch}", task=task, checkpoint=str(checkpoints[task]),
-                      seq_lens=seq_lens, batch=batch, backends=backends, dtype=dtype, workspace=workspace)
+                      seq_lens=seq_lens, batch=batch, backends=backends, dtype=dtype, workspace=workspace, **options)
     return compile_config(cfg, log=lambda m: None)
 
 

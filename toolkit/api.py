@@ -11,6 +11,7 @@ a bucket set of artifacts (several SEQs), or the torch reference.
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -50,6 +51,18 @@ class RunnerStats:
         return 1 - self.real_tokens / self.computed_tokens if self.computed_tokens else 0.0
 
 
+@dataclass
+class Batch:
+    """One engine run a runner submitted: the positions of its rows in the submitted list, its SEQ, its real and
+    computed token counts, and the future that carries its outputs (one row per position, in that order)."""
+
+    indices: list[int]
+    seq: int
+    real_tokens: int
+    computed_tokens: int
+    future: Future
+
+
 class BucketedRunner:
     """Routes each token row to the smallest engine whose SEQ fits, pads to that engine's [batch, SEQ], submits every
     batch asynchronously and returns the outputs in input order. An engine with no fixed SEQ (torch reference) gets
@@ -68,12 +81,12 @@ class BucketedRunner:
                 return engine
         raise ToolkitError(f"{length} tokens do not fit the largest artifact (SEQ {self.engines[-1].seq_len})")
 
-    def run(self, rows: list[list[int]], progress: bool = False) -> np.ndarray:
-        """Raw outputs for token rows, in input order."""
+    def submit(self, rows: list[list[int]]) -> list[Batch]:
+        """Queue every batch the rows make (sorted by length within each bucket); does not wait for outputs."""
         by_engine: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             by_engine.setdefault(id(self.bucket_for(len(row))), []).append(i)
-        jobs = []  # (row indices, future)
+        batches = []
         for engine in self.engines:
             order = sorted(by_engine.get(id(engine), []), key=lambda i: len(rows[i]))
             step = engine.batch or self.dynamic_batch
@@ -82,12 +95,17 @@ class BucketedRunner:
                 chunk = [rows[i] for i in idx]
                 seq = engine.seq_len or max(map(len, chunk))
                 ids, mask = left_pad(chunk, seq, ENDOFTEXT_ID, None if engine.dynamic_batch else engine.batch)
-                self.stats.add(sum(map(len, chunk)), ids.size, seq)
-                jobs.append((idx, engine.run_async(ids, mask)))
+                real = sum(map(len, chunk))
+                self.stats.add(real, ids.size, seq)
+                batches.append(Batch(idx, seq, real, ids.size, engine.run_async(ids, mask)))
+        return batches
+
+    def run(self, rows: list[list[int]], progress: bool = False) -> np.ndarray:
+        """Raw outputs for token rows, in input order."""
         results: list = [None] * len(rows)
-        for idx, future in tqdm(jobs, desc="batches", disable=not progress, leave=False):
-            out = future.result()
-            for k, i in enumerate(idx):
+        for batch in tqdm(self.submit(rows), desc="batches", disable=not progress, leave=False):
+            out = batch.future.result()
+            for k, i in enumerate(batch.indices):
                 results[i] = out[k]
         return np.stack(results)
 
@@ -102,25 +120,40 @@ def max_token_chars(tokenizer) -> int:
     return max(map(len, tokenizer.get_vocab()))
 
 
+class InputTooLongError(ToolkitError):
+    """An input has more tokens than the model takes, and the truncation policy is "error"."""
+
+    def __init__(self, index: int, max_length: int):
+        super().__init__(f"input #{index} has more than {max_length} tokens but the largest artifact takes "
+                         f"{max_length}; pass truncation='truncate' or compile a larger SEQ")
+        self.index, self.max_length = index, max_length
+
+
 def token_rows(layout: PromptLayout, tokenizer, bodies: list[str], max_length: int, truncation: str = "error",
                max_chars: int | None = None) -> list[list[int]]:
     """prefix + body + suffix token rows of at most `max_length` tokens under the truncation policy. A body longer
     than a row can use is cut (in characters, with the longest token's length as the bound) before it is tokenised,
     so a huge text costs what the row can hold, not its size."""
-    room = max_length - layout.fixed
-    cut = (room + 1) * (max_chars or max_token_chars(tokenizer))
+    cut = (max_length - layout.fixed + 1) * (max_chars or max_token_chars(tokenizer))
     encoded = tokenizer([b[:cut] for b in bodies], add_special_tokens=False).input_ids
+    return frame_rows(layout, encoded, max_length, truncation)
+
+
+def frame_rows(layout: PromptLayout, bodies: list[list[int]], max_length: int,
+               truncation: str = "error") -> list[list[int]]:
+    """prefix + body + suffix rows from bodies already tokenised; a body that does not fit is cut, or refused with
+    InputTooLongError, as `truncation` says."""
+    room = max_length - layout.fixed
     rows, truncated = [], 0
-    for i, ids in enumerate(encoded):
+    for i, ids in enumerate(bodies):
         if len(ids) > room:
             if truncation == "error":
-                raise ToolkitError(f"input #{i} has more than {max_length} tokens but the largest artifact takes "
-                                   f"{max_length}; pass truncation='truncate' or compile a larger SEQ")
+                raise InputTooLongError(i, max_length)
             truncated += 1
             ids = ids[:room]
-        rows.append(layout.prefix + ids + layout.suffix)
+        rows.append(layout.prefix + list(ids) + layout.suffix)
     if truncated:
-        warnings.warn(f"{truncated} input(s) truncated to {max_length} tokens", stacklevel=4)
+        warnings.warn(f"{truncated} input(s) truncated to {max_length} tokens", stacklevel=5)
     return rows
 
 
@@ -128,11 +161,10 @@ class _TextModel:
     """What Embedder and Reranker share: construction, tokenisation with the truncation policy, lifetime."""
 
     task: Task
+    manifests: tuple = ()  # the artifacts it runs, by SEQ (none for the torch reference)
 
     def __init__(self, runner: BucketedRunner, tokenizer, truncation: str = "error"):
-        if truncation not in TRUNCATION:
-            raise ToolkitError(f"truncation must be one of {TRUNCATION}, got {truncation!r}")
-        self.runner, self.tokenizer, self.truncation = runner, tokenizer, truncation
+        self.runner, self.tokenizer, self.truncation = runner, tokenizer, check_truncation(truncation)
         shortest = self.task.min_seq_len(tokenizer)
         if self.max_length < shortest:
             raise ToolkitError(f"the largest SEQ here is {self.max_length}, but a {self.task.name} input needs at "
@@ -140,19 +172,27 @@ class _TextModel:
 
     @classmethod
     def from_artifacts(cls, path: str | Path, instances: int = 1, device_ids: tuple[int, ...] = (0,),
-                       queue_size: int = 64, truncation: str = "error"):
-        """Run on one artifact or a bucket set (a directory of artifacts at several SEQs)."""
+                       queue_size: int = 64, truncation: str = "error", max_length: int | None = None):
+        """Run on one artifact or a bucket set (a directory of artifacts at several SEQs). `max_length` caps the
+        input length (prompt included) below the largest SEQ, e.g. a service's limit."""
         check_engine_options(instances, tuple(device_ids), queue_size)
         manifests = find_artifacts(path)
         if manifests[0].task != cls.task.name:
             raise ToolkitError(f"{path} holds {manifests[0].task} artifacts; use "
                                f"{TASKS[manifests[0].task].api_class}")
+        largest = manifests[-1].seq_len
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or not 1 <= max_length <= largest):
+            raise ToolkitError(f"max_length must be an integer in 1..{largest} (the largest SEQ in {path}), "
+                               f"got {max_length!r}")
         tokenizer = load_tokenizer(manifests[0].path / "tokenizer")
         engines = []
         try:
             for m in manifests:
                 engines.append(Engine.from_artifact(m, instances, device_ids, queue_size))
-            return cls(BucketedRunner(engines), tokenizer, truncation)
+            model = cls(BucketedRunner(engines, max_length=max_length), tokenizer, truncation)
+            model.manifests = tuple(manifests)
+            return model
         except BaseException:
             for e in engines:
                 e.close()
@@ -180,9 +220,9 @@ class _TextModel:
     def _max_chars_per_token(self) -> int:
         return max_token_chars(self.tokenizer)
 
-    def _rows(self, bodies: list[str]) -> list[list[int]]:
-        return token_rows(self._layout, self.tokenizer, bodies, self.max_length, self.truncation,
-                          self._max_chars_per_token)
+    def _rows(self, bodies: list[str], truncation: str | None = None) -> list[list[int]]:
+        return token_rows(self._layout, self.tokenizer, bodies, self.max_length,
+                          check_truncation(truncation or self.truncation), self._max_chars_per_token)
 
     def close(self):
         """Stop the engines."""
@@ -193,6 +233,13 @@ class _TextModel:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def check_truncation(truncation: str) -> str:
+    """The truncation policy, or a ToolkitError naming the valid ones."""
+    if truncation not in TRUNCATION:
+        raise ToolkitError(f"truncation must be one of {TRUNCATION}, got {truncation!r}")
+    return truncation
 
 
 def _check_texts(texts, what: str) -> list[str]:
@@ -211,16 +258,29 @@ class Embedder(_TextModel):
 
     task = EMBEDDING
 
-    def tokenize(self, texts: list[str]) -> list[list[int]]:
-        """Token ids ending in exactly one <|endoftext|>, whatever the tokenizer's own post-processing does."""
-        return self._rows(_check_texts(texts, "tokenize"))
+    def format(self, texts: list[str], instruction: str | None = None) -> list[str]:
+        """The texts as the model reads them: with an `instruction`, in Qwen3-Embedding's query format."""
+        return [self.task.format_query(t, instruction) for t in _check_texts(texts, "encode")]
+
+    def tokenize(self, texts: list[str], truncation: str | None = None) -> list[list[int]]:
+        """Token ids ending in exactly one <|endoftext|>, whatever the tokenizer's own post-processing does.
+        `truncation` overrides the model's policy for this call."""
+        return self._rows(_check_texts(texts, "tokenize"), truncation)
+
+    def tokenize_ids(self, bodies: list[list[int]], truncation: str | None = None) -> list[list[int]]:
+        """Rows for texts already tokenised (e.g. token ids a client sent): what `tokenize` makes of the texts."""
+        vocabulary = len(self.tokenizer)
+        for i, ids in enumerate(bodies):
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocabulary for t in ids):
+                raise ToolkitError(f"input #{i}: token ids must be integers in 0..{vocabulary - 1}")
+        return frame_rows(self._layout, bodies, self.max_length, check_truncation(truncation or self.truncation))
 
     def encode(self, texts: list[str], instruction: str | None = None, dim: int | None = None,
                normalize: bool = True, progress: bool = False) -> np.ndarray:
         """Embed texts `[n, dim]`; with an `instruction` they are formatted as queries. `dim` cuts (MRL) before
         normalising."""
-        texts = [self.task.format_query(t, instruction) for t in _check_texts(texts, "encode")]
-        return self.task.finish(self.runner.run(self.tokenize(texts), progress), dim=dim, normalize=normalize)
+        rows = self.tokenize(self.format(texts, instruction))
+        return self.task.finish(self.runner.run(rows, progress), dim=dim, normalize=normalize)
 
     def encode_queries(self, queries: list[str], instruction: str = WEB_SEARCH_INSTRUCTION, **kw) -> np.ndarray:
         """Embed search queries with the instruction (web search by default)."""
@@ -236,9 +296,11 @@ class Reranker(_TextModel):
 
     task = RERANKER
 
-    def tokenize(self, pairs: list[tuple[str, str]], instruction: str | None = None) -> list[list[int]]:
-        """prefix + body + suffix; only the body (instruction, query, document) is ever truncated."""
-        return self._rows([self.task.format_body(q, d, instruction) for q, d in _check_pairs(pairs)])
+    def tokenize(self, pairs: list[tuple[str, str]], instruction: str | None = None,
+                 truncation: str | None = None) -> list[list[int]]:
+        """prefix + body + suffix; only the body (instruction, query, document) is ever truncated. `truncation`
+        overrides the model's policy for this call."""
+        return self._rows([self.task.format_body(q, d, instruction) for q, d in _check_pairs(pairs)], truncation)
 
     def score(self, pairs: list[tuple[str, str]], instruction: str | None = None, progress: bool = False) -> np.ndarray:
         """P(yes) for each (query, document) pair, in input order."""
@@ -254,9 +316,20 @@ class Reranker(_TextModel):
         if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
             raise ToolkitError(f"top_n must be a positive integer, got {top_n!r}")
         scores = self.score([(query, d) for d in documents], instruction)
-        order = sorted(range(len(documents)), key=lambda i: -scores[i])[:top_n]
         return [{"corpus_id": i, "score": float(scores[i]), **({"text": documents[i]} if return_documents else {})}
-                for i in order]
+                for i in rank_order(scores, top_n)]
+
+    @staticmethod
+    def log_odds(raw: np.ndarray) -> np.ndarray:
+        """log(P(yes) / P(no)) from the graph's ("no", "yes") logits: the score before the softmax squashes it
+        (TEI's `raw_scores`), exact where P(yes) rounds to 0 or 1."""
+        raw = np.asarray(raw, dtype=np.float64).reshape(-1, 2)
+        return (raw[:, 1] - raw[:, 0]).astype(np.float32)
+
+
+def rank_order(scores, top_n: int | None = None) -> list[int]:
+    """Indices of `scores`, best first (ties in input order), the first `top_n` kept."""
+    return sorted(range(len(scores)), key=lambda i: -scores[i])[:top_n]
 
 
 def _check_pairs(pairs) -> list[tuple[str, str]]:

@@ -21,12 +21,14 @@ def main():
 @click.option("--task", type=click.Choice(sorted(TASKS)), required=True)
 @click.option("--shape", type=click.Choice(["tiny", "0.6b"]), default="tiny", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--outliers", is_flag=True, help="inject realistic activation outliers (outlier input channels and "
+              "massive residual activations), as real LLMs carry: what low-precision accuracy gates are tested on")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-def synth(task, shape, seed, out_dir):
+def synth(task, shape, seed, outliers, out_dir):
     """Write a synthetic (random-weight) Qwen3 checkpoint with the real Qwen3 tokenizer."""
     from toolkit.synth import write_synthetic_checkpoint
 
-    click.echo(write_synthetic_checkpoint(out_dir, task, shape, seed))
+    click.echo(write_synthetic_checkpoint(out_dir, task, shape, seed, outliers))
 
 
 @main.command()
@@ -43,21 +45,25 @@ def synth(task, shape, seed, out_dir):
               "(overrides --batch and the config)")
 @click.option("--checkpoint", help="hub id or local checkpoint directory (overrides the config)")
 @click.option("--backend", type=click.Choice(["onnx", "tvm", "all"]), help="overrides the config")
-@click.option("--dtype", type=click.Choice(["fp16", "fp32"]), help="overrides the config")
+@click.option("--dtype", type=click.Choice(["fp16", "fp32", "int8"]), help="weights: fp16/fp32 (fp32 compute), or "
+              "int8 (W8A8, calibrated on the bundled real texts; ONNX backend); overrides the config")
+@click.option("--calibration", type=click.Path(exists=True, dir_okay=False), help="int8: calibration JSONL "
+              "(query, document, split per line) instead of the bundled set")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), help="overrides the config")
 @click.option("--batch", type=int, help="static batch size (overrides the config)")
 @click.option("--workspace", type=click.Path(file_okay=False), help="overrides the config")
 @click.option("--name", help="artifact set name under the workspace (overrides the config)")
-def compile(config, seq, lengths_data, bucket_count, bucket_step, batch_tokens, checkpoint, backend, dtype, target,
-            batch, workspace, name):
+def compile(config, seq, lengths_data, bucket_count, bucket_step, batch_tokens, checkpoint, backend, dtype,
+            calibration, target, batch, workspace, name):
     """Compile CONFIG into one artifact directory per (backend, seq); prints their paths."""
     from toolkit.compile import compile_config
     from toolkit.config import load_build_config, parse_seq_lens
 
     cfg = load_build_config(config).with_overrides(
         seq_lens=parse_seq_lens(seq) if seq and seq != "auto" else None, checkpoint=checkpoint, dtype=dtype,
-        target=target, batch=batch, batch_tokens=batch_tokens, workspace=Path(workspace) if workspace else None,
-        name=name, backends={"all": ("onnx", "tvm")}.get(backend, (backend,)) if backend else None)
+        calibration=calibration, target=target, batch=batch, batch_tokens=batch_tokens,
+        workspace=Path(workspace) if workspace else None, name=name,
+        backends={"all": ("onnx", "tvm")}.get(backend, (backend,)) if backend else None)
     if (seq == "auto") != bool(lengths_data):
         raise ToolkitError("--seq auto and --lengths DATA go together: the dataset's token lengths choose the SEQs")
     if lengths_data:
@@ -104,6 +110,14 @@ def inspect(artifact_dir, as_json):
     sys.exit(1 if problems or unusable else 0)
 
 
+def format_quantization(q: dict) -> str:
+    """An int8 artifact's quantization record in one line."""
+    worst = max(q["worst_linear_errors"].values(), default=0.0)
+    return (f"SmoothQuant alpha {q['smooth_alpha']}, {len(q['keep_fp32'])} linear layers kept fp32 (int8 error > "
+            f"{q['max_linear_error']}), worst int8 layer error {worst:.4f}, calibration "
+            f"{q['calibration']['calibration_records']} records + {q['calibration']['holdout_records']} held out")
+
+
 def format_manifest(m) -> str:
     """The manifest as an aligned, readable summary."""
     io = lambda specs: ", ".join(f"{s.name} {s.dtype}{s.shape}" for s in specs)  # noqa: E731
@@ -114,7 +128,9 @@ def format_manifest(m) -> str:
         f"task        {m.task}",
         f"model       {m.model.checkpoint}" + (" (synthetic)" if m.model.synthetic else ""),
         f"backend     {m.backend}  target {target}",
-        f"shape       batch {m.batch} x seq {m.seq_len}   dtype {m.dtype} {json.dumps(m.precision)}",
+        f"shape       batch {m.batch} x seq {m.seq_len}   dtype {m.dtype}",
+        "precision   " + "; ".join(f"{k}: {m.precision[k]}" for k in ("weights", "compute", "accumulation")),
+        *(["int8        " + format_quantization(m.precision["quantization"])] if "quantization" in m.precision else []),
         f"inputs      {io(m.inputs)}",
         f"outputs     {io(m.outputs)}",
         f"size        {m.weight_bytes / 1e6:.1f} MB in {len(m.files)} files",
@@ -150,6 +166,41 @@ def data_download(out_dir):
 
     for path in download(out_dir):
         click.echo(path)
+
+
+@main.command()
+@click.option("--embedding", "embedding_dir", type=click.Path(), help="embedding bucket set, e.g. WORKSPACE/NAME/onnx")
+@click.option("--reranker", "reranker_dir", type=click.Path(), help="reranker bucket set")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--max-batch-tokens", type=int, default=16384, show_default=True,
+              help="most tokens one batching round takes across requests")
+@click.option("--max-wait-ms", type=float, default=2.0, show_default=True,
+              help="how long a request may wait for others to batch with, when an engine is free")
+@click.option("--max-concurrent-requests", type=int, default=512, show_default=True,
+              help="requests in flight per model; more are answered 429")
+@click.option("--max-client-batch-size", type=int, default=32, show_default=True, help="inputs per request")
+@click.option("--max-input-length", type=int, help="tokens per input, prompt included (default: the largest SEQ)")
+@click.option("--payload-limit", type=int, default=2_000_000, show_default=True, help="request body bytes")
+@click.option("--instances", type=int, default=1, show_default=True, help="engine instances per bucket")
+@click.option("--threads", type=int, help="compute threads of the process (per replica with --ray); "
+              "default: the cores (divided by --replicas)")
+@click.option("--ray", "use_ray", is_flag=True, help="deploy on Ray Serve instead of uvicorn")
+@click.option("--replicas", type=int, default=1, show_default=True, help="with --ray: replicas, each its own engines")
+@click.option("--ray-address", help="with --ray: a running cluster (`ray start --head`); default: a local one")
+def serve(embedding_dir, reranker_dir, host, port, max_batch_tokens, max_wait_ms, max_concurrent_requests,
+          max_client_batch_size, max_input_length, payload_limit, instances, threads, use_ray, replicas, ray_address):
+    """Serve artifacts over HTTP (TEI and OpenAI APIs, cross-request batching, Prometheus metrics)."""
+    from toolkit.serve.server import ServeOptions
+    from toolkit.serve.server import serve as run_server
+    from toolkit.serve.service import Limits
+
+    limits = Limits(max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms,
+                    max_concurrent_requests=max_concurrent_requests, max_client_batch_size=max_client_batch_size,
+                    max_input_length=max_input_length, payload_limit=payload_limit)
+    run_server(ServeOptions(embedding=embedding_dir, reranker=reranker_dir, host=host, port=port, limits=limits,
+                            instances=instances, threads=threads, ray=use_ray, replicas=replicas,
+                            ray_address=ray_address), echo=lambda line: click.echo(line, err=True))
 
 
 # `toolkit eval ...` and `toolkit perf ...` (also the `perf` command) live beside their modules

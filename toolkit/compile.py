@@ -24,10 +24,18 @@ from toolkit.config import BuildConfig
 from toolkit.errors import ToolkitError
 from toolkit.export import export_onnx
 from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
+from toolkit.quantize import CalibrationSet, QuantizationPlan, plan_int8, quantize_onnx
 from toolkit.tasks import Task, get_task
 from toolkit.validation import measure
 
-TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "int8": torch.float32}  # int8 quantizes an fp32 graph
+PRECISION = {
+    "fp16": {"weights": "float16", "compute": "float32", "accumulation": "float32"},
+    "fp32": {"weights": "float32", "compute": "float32", "accumulation": "float32"},
+    "int8": {"weights": "int8 (linear layers, per output channel); embedding table float16", "compute":
+             "int8 x int8 (linear layers, dynamic per-tensor activation scale); float32 elsewhere",
+             "accumulation": "int32"},
+}
 
 
 def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
@@ -39,8 +47,15 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
     check_seq_lens(task, tokenizer, cfg.seq_lens)
     log(f"checkpoint {checkpoint} ({task.name}, {cfg.dtype})")
     model = Qwen3ForDeployment.from_pretrained(checkpoint, task.output_name, TORCH_DTYPES[cfg.dtype])
+    plan, checks = None, None
+    if cfg.dtype == "int8":
+        calibration = CalibrationSet.load(cfg.calibration)
+        plan = plan_int8(model, task, tokenizer, calibration, max(cfg.seq_lens), cfg.smooth_alpha,
+                         cfg.max_linear_error, log)
+        model.embed_tokens.half()  # a gather: fp16 storage costs no accuracy in the arithmetic
+        checks = calibration
     reference = TorchReference(checkpoint, task)
-    return [build_artifact(cfg, task, backend, seq_len, model, tokenizer, source, reference, log)
+    return [build_artifact(cfg, task, backend, seq_len, model, tokenizer, source, reference, log, plan, checks)
             for backend in cfg.backends for seq_len in cfg.seq_lens]
 
 
@@ -59,17 +74,20 @@ def artifact_dir(cfg: BuildConfig, backend: str, seq_len: int) -> Path:
 
 
 def build_artifact(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model, tokenizer, source: ModelSource,
-                   reference: TorchReference, log) -> Path:
-    """Build, validate and install one artifact (atomically: see the module docstring)."""
+                   reference: TorchReference, log, plan: QuantizationPlan | None = None,
+                   holdout: CalibrationSet | None = None) -> Path:
+    """Build, validate and install one artifact (atomically: see the module docstring). An int8 build takes its
+    quantization `plan`, and its validation also covers the `holdout` texts calibration never saw."""
     final = artifact_dir(cfg, backend, seq_len)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; an installed artifact is readable like any compile output
     try:
         started = time.perf_counter()
-        manifest = write_artifact(cfg, task, backend, seq_len, model, tokenizer, source, staging, log)
+        manifest = write_artifact(cfg, task, backend, seq_len, model, tokenizer, source, staging, log, plan)
         if device_available(backend, cfg.target):
-            manifest.validation = measure(load_backend(manifest), reference, tokenizer, cfg.dtype)
+            texts = holdout.rows(task, tokenizer, "holdout", seq_len) if holdout else []
+            manifest.validation = measure(load_backend(manifest), reference, tokenizer, cfg.dtype, texts)
         else:
             manifest.validation = {"skipped": "no CUDA device on the build machine; run `toolkit validate "
                                               f"{final} --checkpoint CKPT` on the GPU host", "passed": None}
@@ -92,15 +110,20 @@ def build_artifact(cfg: BuildConfig, task: Task, backend: str, seq_len: int, mod
 
 
 def write_artifact(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model, tokenizer, source: ModelSource,
-                   out: Path, log) -> Manifest:
-    """Export (and for TVM, compile) into `out` with the tokenizer; write its manifest, not yet validated.
-    ONNX artifacts get a dynamic batch (ONNX Runtime takes any shape: a partial batch computes no padding rows); TVM
-    artifacts a static one (our schedules are built for fixed shapes)."""
+                   out: Path, log, plan: QuantizationPlan | None = None) -> Manifest:
+    """Export (and for TVM, compile; for int8, quantize) into `out` with the tokenizer; write its manifest, not yet
+    validated. ONNX artifacts get a dynamic batch (ONNX Runtime takes any shape: a partial batch computes no padding
+    rows); TVM artifacts a static one (our schedules are built for fixed shapes)."""
     dynamic_batch = backend == "onnx"
+    straight_to_artifact = backend == "onnx" and plan is None
     with tempfile.TemporaryDirectory() as tmp:
-        exported = export_onnx(model, task, (out if backend == "onnx" else Path(tmp)) / "model.onnx", seq_len,
-                               cfg.batch_for(seq_len), dynamic_batch)
+        exported = export_onnx(model, task, (out if straight_to_artifact else Path(tmp)) / "model.onnx", seq_len,
+                               cfg.batch_for(seq_len), dynamic_batch, fold=cfg.dtype != "fp16")
         model_file, target, details = exported.model_file, Target(cfg.target), {"external_data": exported.external_data}
+        precision = dict(PRECISION[cfg.dtype])
+        if plan:
+            quantize_onnx(Path(tmp) / "model.onnx", out / "model.onnx", plan)
+            precision["quantization"] = plan.describe()
         if backend == "tvm":
             from toolkit.tvm_compile import compile_tvm
 
@@ -113,8 +136,7 @@ def write_artifact(cfg: BuildConfig, task: Task, backend: str, seq_len: int, mod
         name=cfg.name, task=task.name, seq_len=seq_len, batch=cfg.batch_for(seq_len), dynamic_batch=dynamic_batch,
         dtype=cfg.dtype, backend=backend, target=target, model=source, inputs=exported.inputs,
         outputs=exported.outputs, model_file=model_file,
-        precision={"weights": str(TORCH_DTYPES[cfg.dtype]).removeprefix("torch."), "compute": "float32",
-                   "accumulation": "float32"},
+        precision=precision,
         backend_details=details,
     ).save(out)
 

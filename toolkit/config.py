@@ -8,7 +8,11 @@
       batch: 1
     backend:
       kind: onnx                         # onnx | tvm (or a list of both)
-      dtype: fp16                        # fp16 | fp32 (weights; compute and accumulation stay fp32)
+      dtype: fp16                        # fp16 | fp32 (weights; compute and accumulation stay fp32) | int8 (W8A8)
+      quantization:                      # int8 only; all optional
+        calibration: FILE                # (query, document, split) JSONL; default: the bundled real-text set
+        smooth_alpha: 0.5                # SmoothQuant migration strength (0 = none)
+        max_linear_error: 0.1            # linear layers whose int8 output error exceeds this stay fp32
       target: cpu                        # cpu | cuda
     workspace: ./workspace
 
@@ -25,11 +29,14 @@ from toolkit.artifact import BACKENDS, DEVICES
 from toolkit.errors import ToolkitError
 from toolkit.tasks import TASKS
 
-DTYPES = ("fp16", "fp32")
+DTYPES = ("fp16", "fp32", "int8")
+INT8_BACKENDS = ("onnx",)  # TVM has no int8 schedules yet
 MAX_SEQ_LEN = 32768
 SCHEMA = {"name": str, "task": str, "workspace": str,
           "frontend": {"checkpoint": str, "input_ids": list, "seq": (list, int), "batch": int, "batch_tokens": int},
-          "backend": {"kind": (str, list), "dtype": str, "target": str}}
+          "backend": {"kind": (str, list), "dtype": str, "target": str,
+                      "quantization": {"calibration": str, "smooth_alpha": (float, int),
+                                       "max_linear_error": (float, int)}}}
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,9 @@ class BuildConfig:
     backends: tuple[str, ...] = ("onnx",)
     dtype: str = "fp16"
     target: str = "cpu"
+    calibration: str | None = None  # int8: calibration JSONL (None: the bundled set)
+    smooth_alpha: float = 0.5
+    max_linear_error: float = 0.1
     workspace: Path = field(default_factory=lambda: Path("workspace"))
     source: Path | None = None  # the YAML file it came from
 
@@ -75,6 +85,13 @@ class BuildConfig:
                 raise ToolkitError(f"backend must be one of {BACKENDS}, got {b!r}{where}")
         if self.dtype not in DTYPES:
             raise ToolkitError(f"dtype must be one of {DTYPES}, got {self.dtype!r}{where}")
+        if self.dtype == "int8" and set(self.backends) - set(INT8_BACKENDS):
+            raise ToolkitError(f"int8 artifacts are built for {INT8_BACKENDS} only (TVM has no int8 schedules yet); "
+                               f"use --backend onnx{where}")
+        if not 0 <= self.smooth_alpha <= 1:
+            raise ToolkitError(f"quantization.smooth_alpha must be in [0, 1], got {self.smooth_alpha!r}{where}")
+        if not self.max_linear_error > 0:
+            raise ToolkitError(f"quantization.max_linear_error must be > 0, got {self.max_linear_error!r}{where}")
         if self.target not in DEVICES:
             raise ToolkitError(f"target must be one of {DEVICES}, got {self.target!r}{where}")
         if not self.checkpoint:
@@ -143,6 +160,7 @@ def load_build_config(path: str | Path) -> BuildConfig:
         backends=tuple(kinds) if isinstance(kinds, list) else (kinds,),
         dtype=back.get("dtype", "fp16"),
         target=back.get("target", "cpu"),
+        **{k: v for k, v in (back.get("quantization") or {}).items() if v is not None},
         workspace=Path(raw.get("workspace") or "workspace"),
         source=path,
     )

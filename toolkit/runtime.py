@@ -97,7 +97,7 @@ class Engine:
         `device_ids`. `queue_size` bounds the requests waiting (not counting those being run). Each run holds
         `threads` (the backend's compute threads) from `budget`."""
         check_engine_options(instances, tuple(device_ids), queue_size)
-        self.threads, self.budget = threads, budget
+        self.threads, self.budget, self.instances = threads, budget, instances
         self.backends = [make_backend(i, device_ids[i % len(device_ids)]) for i in range(instances)]
         first = self.backends[0]
         self.task, self.seq_len, self.batch = first.task, first.seq_len, first.batch

@@ -127,6 +127,10 @@ class Task:
         """The truncatable text of one request (what goes between the prompt's prefix and suffix)."""
         raise NotImplementedError
 
+    def calibration_bodies(self, records: list[tuple[str, str]]) -> list[str]:
+        """The bodies this task's model sees for (query, document) records of real text, in the API's formats."""
+        raise NotImplementedError
+
     def serve(self, model, requests: list, progress: bool = False) -> np.ndarray:
         """Run requests through this task's high-level model (Embedder / Reranker): the finished outputs."""
         raise NotImplementedError
@@ -142,7 +146,7 @@ class EmbeddingTask(Task):
     dataset_kinds = ("pairs", "reranking")
     eos_token, tokenizer_appends_eos = "<|endoftext|>", True
     gate_key = "min_cosine"
-    tolerances = {"fp16": 0.999, "fp32": 0.99999}
+    tolerances = {"fp16": 0.999, "fp32": 0.99999, "int8": 0.99}
 
     @override
     def output_spec(self, batch, hidden_size):
@@ -207,6 +211,10 @@ class EmbeddingTask(Task):
         return request
 
     @override
+    def calibration_bodies(self, records):
+        return [text for q, d in records for text in (self.format_query(q, WEB_SEARCH_INSTRUCTION), d)]
+
+    @override
     def serve(self, model, requests, progress=False):
         return model.encode_documents(requests, progress=progress)
 
@@ -218,7 +226,7 @@ class RerankerTask(Task):
     dataset_kinds = ("reranking",)
     eos_token, tokenizer_appends_eos = "<|im_end|>", False
     gate_key = "max_abs_diff"
-    tolerances = {"fp16": 1e-2, "fp32": 1e-4}
+    tolerances = {"fp16": 1e-2, "fp32": 1e-4, "int8": 2e-2}
 
     @override
     def output_spec(self, batch, hidden_size):
@@ -258,14 +266,20 @@ class RerankerTask(Task):
 
     @override
     def agreement(self, reference, candidate):
+        from scipy.stats import kendalltau
+
         diff = np.abs(np.asarray(reference, np.float64) - np.asarray(candidate, np.float64))
+        tau = kendalltau(reference, candidate).statistic if len(diff) > 1 and np.isfinite(candidate).all() else None
         return {"items": int(len(diff)), "nonfinite": int((~np.isfinite(candidate)).sum()),
-                "max_abs_diff": float(np.max(diff)), "mean_abs_diff": float(np.mean(diff))}
+                "max_abs_diff": float(np.max(diff)), "mean_abs_diff": float(np.mean(diff)),
+                "kendall_tau": None if tau is None or not np.isfinite(tau) else float(tau)}
 
     @override
     def format_agreement(self, stats):
+        tau = stats.get("kendall_tau")
         return (f"max |Δ P(yes)| {stats['max_abs_diff']:.2e}, mean {stats['mean_abs_diff']:.2e}, "
-                f"non-finite {stats['nonfinite']} ({stats['items']} items)")
+                f"Kendall τ {'n/a' if tau is None else f'{tau:.4f}'}, non-finite {stats['nonfinite']} "
+                f"({stats['items']} items)")
 
     @override
     def rank_passages(self, model, queries, passages, instruction):
@@ -279,6 +293,10 @@ class RerankerTask(Task):
     @override
     def body(self, request):
         return self.format_body(*request, None)
+
+    @override
+    def calibration_bodies(self, records):
+        return [self.format_body(q, d, None) for q, d in records]
 
     @override
     def serve(self, model, requests, progress=False):

@@ -1,0 +1,261 @@
+"""`perf serve`: what `toolkit serve` delivers on real sentences, against the offline API on the same artifacts.
+
+1. offline: `Embedder.encode_documents` over every sentence at once (the best batching there is): sentences/s;
+2. served: `toolkit serve` as a child process, `clients` concurrent connections each sending one sentence per request
+   as soon as its last one is answered (closed loop): sentences/s, the ratio to offline, agreement with its vectors;
+3. at half that load: requests arriving at a fixed rate of half the served throughput (open loop): latency p50 / p99;
+4. with `ray_replicas`: 2 and 3 again on `toolkit serve --ray --replicas N` (a local Ray instance).
+
+    result = run_serve_load(ServeLoadOptions(artifact="ws/emb/onnx", data="sts12", limit=256, ray_replicas=2))
+"""
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+from toolkit.api import Embedder
+from toolkit.buckets import token_lengths
+from toolkit.errors import ToolkitError
+from toolkit.eval.datasets import load_dataset
+from toolkit.perf.run import check_int
+from toolkit.perf.traffic import warmup_subset
+from toolkit.report import format_table
+from toolkit.tasks import EMBEDDING
+
+REQUEST_TIMEOUT_S = 600  # per request: at saturation a request waits for `clients` others on a slow model
+STARTUP_TIMEOUT_S = 900  # loading a bucket set of a large model (and starting Ray) takes minutes
+
+
+@dataclass(frozen=True)
+class ServeLoadOptions:
+    """What `perf serve` measures. `artifact`: an embedding bucket set; `data`: an evaluation JSONL path or name whose
+    sentences are the requests; `limit`: the first N sentences; `clients`: concurrent connections at saturation;
+    `instances` / `threads` / `max_wait_ms`: the server's (and the offline run's) engine settings; `ray_replicas`:
+    also measure Ray Serve with that many replicas."""
+
+    artifact: str | Path
+    data: str = "sts12"
+    limit: int | None = 256
+    clients: int = 64
+    instances: int = 1
+    threads: int | None = None
+    max_wait_ms: float = 2.0
+    ray_replicas: int | None = None
+
+    def check(self) -> "ServeLoadOptions":
+        """Raise ToolkitError (naming the option) for the first invalid field; return self."""
+        if self.limit is not None:
+            check_int(self.limit, "--limit", 1)
+        check_int(self.clients, "--clients", 1)
+        check_int(self.instances, "--instance", 1)
+        for flag, value in (("--threads", self.threads), ("--ray-replicas", self.ray_replicas)):
+            if value is not None:
+                check_int(value, flag, 1)
+        if isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float)) \
+                or not self.max_wait_ms >= 0:
+            raise ToolkitError(f"--max-wait-ms must be a number >= 0, got {self.max_wait_ms!r}")
+        return self
+
+
+@dataclass
+class Answer:
+    """One HTTP request's outcome: status, headers (lower-case names) and JSON body, or the client error; seconds from
+    send to answer."""
+
+    seconds: float
+    status: int | None = None
+    headers: dict | None = None
+    body: object = None
+    error: str | None = None
+
+
+# ---- load generators ------------------------------------------------------------------------------------------------
+async def closed_loop(base: str, path: str, bodies: list, clients: int,
+                      timeout: float = REQUEST_TIMEOUT_S) -> tuple[list[Answer], float]:
+    """POST every body from `clients` connections, each sending its next as soon as its last is answered; the answers
+    in order, and the wall seconds."""
+    answers: list = [None] * len(bodies)
+    queue = iter(range(len(bodies)))
+
+    async def client(http: aiohttp.ClientSession):
+        for i in queue:
+            answers[i] = await post(http, path, bodies[i])
+
+    started = time.perf_counter()
+    async with session(base, clients, timeout) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    return answers, time.perf_counter() - started
+
+
+async def open_loop(base: str, path: str, bodies: list, rate: float,
+                    timeout: float = REQUEST_TIMEOUT_S) -> list[Answer]:
+    """POST the bodies at a fixed rate (requests/s) whatever the answers do; the answers in order."""
+    started = time.perf_counter()
+
+    async def scheduled(http: aiohttp.ClientSession, i: int) -> Answer:
+        await asyncio.sleep(max(0.0, started + i / rate - time.perf_counter()))
+        return await post(http, path, bodies[i])
+
+    async with session(base, 0, timeout) as http:
+        return list(await asyncio.gather(*(scheduled(http, i) for i in range(len(bodies)))))
+
+
+def session(base: str, connections: int, timeout: float) -> aiohttp.ClientSession:
+    """A client session to `base` with at most `connections` connections (0: no limit)."""
+    return aiohttp.ClientSession(base, connector=aiohttp.TCPConnector(limit=connections),
+                                 timeout=aiohttp.ClientTimeout(total=timeout))
+
+
+async def post(http: aiohttp.ClientSession, path: str, body) -> Answer:
+    """One request; a client error (refused, reset, timed out) is an Answer with `error`."""
+    started = time.perf_counter()
+    try:
+        async with http.post(path, json=body) as r:
+            payload = await r.json(content_type=None)
+            headers = {k.lower(): v for k, v in r.headers.items()}
+            return Answer(time.perf_counter() - started, r.status, headers, payload)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        return Answer(time.perf_counter() - started, error=f"{type(e).__name__}: {e}")
+
+
+# ---- the server under test ------------------------------------------------------------------------------------------
+class ServerProcess:
+    """`toolkit serve ARGS` as a child process on a free loopback port, its output in a temporary file (a pipe nobody
+    reads fills up with access-log lines and blocks it). Usable as a context manager: entered once `/health` answers
+    200, stopped with SIGTERM on exit."""
+
+    def __init__(self, args: list, startup_timeout: float = STARTUP_TIMEOUT_S):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.base = f"http://127.0.0.1:{port}"
+        self.args = [sys.executable, "-m", "toolkit.cli", "serve", *map(str, args), "--port", str(port)]
+        self.startup_timeout = startup_timeout
+        self.log = tempfile.TemporaryFile("w+")
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> "ServerProcess":
+        self.process = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + self.startup_timeout
+        while not self.healthy():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = "\n".join(self.output().splitlines()[-5:])
+                raise ToolkitError(f"`toolkit serve` did not come up (exit {self.process.returncode}):\n{tail}")
+            time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def healthy(self) -> bool:
+        """Whether `/health` answers 200 now."""
+        try:
+            with urllib.request.urlopen(f"{self.base}/health", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 120) -> int:
+        """SIGTERM (a graceful stop), then kill if it has not exited after `timeout` seconds; the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def output(self) -> str:
+        """Everything the server printed so far."""
+        self.log.seek(0)
+        return self.log.read()
+
+
+# ---- the benchmark --------------------------------------------------------------------------------------------------
+def run_serve_load(options: ServeLoadOptions, progress: bool = True) -> dict:
+    """Offline, then served (and on Ray Serve); returns the result dict (`serve_load_report` prints it)."""
+    options.check()
+    texts = EMBEDDING.traffic(load_dataset(options.data)[2])[: options.limit]
+    with Embedder.from_artifacts(options.artifact, instances=options.instances, truncation="truncate") as model:
+        warmup = warmup_subset(texts, token_lengths(EMBEDDING, model.tokenizer, texts).clip(max=model.max_length))
+        model.encode_documents(warmup)
+        started = time.perf_counter()
+        reference = model.encode_documents(texts, progress=progress)
+        offline_s = time.perf_counter() - started
+    del model  # its weights out of memory before a server loads its own
+    gc.collect()
+    offline = len(texts) / offline_s
+    result = {"data": str(options.data), "sentences": len(texts), "clients": options.clients,
+              "artifact": str(options.artifact), "offline": {"sentences_per_s": offline, "seconds": offline_s},
+              "runs": []}
+    args = ["--embedding", options.artifact, "--max-wait-ms", options.max_wait_ms, "--instances", options.instances]
+    args += ["--threads", options.threads] if options.threads else []
+    modes = [("uvicorn", args, 1)]
+    if options.ray_replicas:
+        modes.append((f"Ray Serve, {options.ray_replicas} replicas",
+                      args + ["--ray", "--replicas", options.ray_replicas], options.ray_replicas))
+    for name, server_args, replicas in modes:
+        with ServerProcess(server_args) as server:
+            result["runs"].append(measure_server(name, server, texts, warmup * replicas, reference, offline,
+                                                 options.clients))
+            result["runs"][-1]["exit_code"] = server.stop()
+    return result
+
+
+def measure_server(name: str, server: ServerProcess, texts: list[str], warmup: list[str], reference: np.ndarray,
+                   offline: float, clients: int) -> dict:
+    """Saturation with `clients` closed-loop clients, then latency at half the throughput it reached."""
+    bodies = [embed_request(t) for t in texts]
+    asyncio.run(closed_loop(server.base, "/embed", [embed_request(t) for t in warmup], clients))
+    answers, seconds = asyncio.run(closed_loop(server.base, "/embed", bodies, clients))
+    ok = [a.status == 200 for a in answers]
+    served = sum(ok) / seconds
+    vectors = np.array([a.body[0] for a in answers if a.status == 200])
+    half = bodies[: max(clients, len(bodies) // 2)]
+    timed = asyncio.run(open_loop(server.base, "/embed", half, served / 2))
+    latency = [a.seconds * 1000 for a in timed if a.status == 200]
+    run = {"name": name, "sentences_per_s": served, "vs_offline": served / offline, "seconds": seconds,
+           "failed": len(answers) - sum(ok), "half_load_rate": served / 2,
+           "half_load_failed": sum(a.status != 200 for a in timed),
+           "latency_ms": {"p50": float(np.percentile(latency, 50)), "p99": float(np.percentile(latency, 99))}
+           if latency else None}
+    if len(vectors) == len(reference):
+        run["agreement"] = EMBEDDING.agreement(reference, vectors)
+    return run
+
+
+def embed_request(text: str) -> dict:
+    """One sentence's `/embed` body, cut to the max input length as the offline run cuts it."""
+    return {"inputs": text, "truncate": True}
+
+
+def serve_load_report(result: dict) -> str:
+    """The side-by-side table."""
+    offline = result["offline"]["sentences_per_s"]
+    rows = [["offline Embedder (all sentences in one call)", offline, 1.0, "-", "-", "-", "(reference)"]]
+    for r in result["runs"]:
+        latency = r["latency_ms"] or {"p50": float("nan"), "p99": float("nan")}
+        agreement = r.get("agreement")
+        rows.append([f"served, {result['clients']} clients ({r['name']})", r["sentences_per_s"], r["vs_offline"],
+                     latency["p50"], latency["p99"], r["failed"] + r["half_load_failed"],
+                     f"{agreement['max_abs_diff']:.2e}" if agreement else "incomplete"])
+    title = (f"{result['sentences']} single-sentence requests from {result['data']} on {result['artifact']}; "
+             "latency at half the served throughput (open loop)")
+    return format_table(["run", "sentences/s", "vs offline", "p50 ms", "p99 ms", "failed", "max |Δ| vs offline"],
+                        rows, title=title)

@@ -1,0 +1,109 @@
+"""int8 artifacts and what they stand on: a folded fp32 export stock tools can quantize, checkpoints with realistic
+outliers, and an accuracy gate that fails a naive quantization of them."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from toolkit.artifact import Manifest
+from toolkit.checkpoint import load_hf_model
+from toolkit.config import BuildConfig
+from toolkit.errors import ToolkitError
+from toolkit.quantize import DEFAULT_CALIBRATION, CalibrationSet
+from toolkit.synth import MASSIVE_CHANNELS, MASSIVE_TOKENS, MASSIVE_VALUE, OUTLIER_CHANNELS
+from toolkit.tasks import TASKS
+
+from conftest import build
+
+
+def linear_count(checkpoint) -> int:
+    layers = json.loads((checkpoint / "config.json").read_text())["num_hidden_layers"]
+    return 4 * layers  # qkv, o, gate_up, down
+
+
+def test_stock_quantize_dynamic_quantizes_every_linear_layer_of_an_fp32_artifact(checkpoints, tmp_path):
+    from onnxruntime.quantization import quantize_dynamic
+
+    [artifact] = build(checkpoints, tmp_path, "embedding", seq_lens=(32,), dtype="fp32")
+    graph = onnx.load(str(artifact / "model.onnx")).graph
+    weights = {init.name for init in graph.initializer}
+    linears = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    assert len(linears) == linear_count(checkpoints["embedding"])
+    assert all(n.name.startswith("layers.") for n in linears)  # named by module, for tools that select layers
+
+    quantize_dynamic(str(artifact / "model.onnx"), str(tmp_path / "int8.onnx"), per_channel=True)
+    quantized = onnx.load(str(tmp_path / "int8.onnx")).graph
+    float_weights = {i.name for i in quantized.initializer
+                     if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2}
+    assert not [n.name for n in quantized.node if n.op_type == "MatMul" and n.input[1] in float_weights]
+    assert sum(n.op_type == "MatMulInteger" for n in quantized.node) >= len(linears)
+
+
+def test_synth_outliers_puts_massive_activations_and_outlier_channels_where_documented(outlier_checkpoints,
+                                                                                       checkpoints):
+    model = load_hf_model(outlier_checkpoints["embedding"], TASKS["embedding"])
+    plain = load_hf_model(checkpoints["embedding"], TASKS["embedding"])
+    ids = torch.tensor([[9707, MASSIVE_TOKENS[0], 1879, MASSIVE_TOKENS[1], 151643]])
+    with torch.no_grad():
+        states = model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states
+        plain_out = plain(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    for h in states[:-1]:  # the residual stream before the final norm, every layer
+        assert h[0, 1, list(MASSIVE_CHANNELS)].abs().min() >= 0.9 * MASSIVE_VALUE
+        assert h[0, 0].abs().max() < 20  # ordinary tokens stay ordinary
+    norm = model.base_model.layers[0].input_layernorm.weight.detach().float()
+    others = np.delete(norm.abs().numpy(), OUTLIER_CHANNELS)
+    assert norm.abs()[list(OUTLIER_CHANNELS)].min() > 20 * others.max()
+    assert plain_out.abs().max() < 100  # the plain checkpoint has none of it
+
+
+def test_int8_gate_fails_naive_quantization_of_an_outlier_checkpoint_and_passes_the_default(outlier_checkpoints,
+                                                                                           tmp_path):
+    with pytest.raises(ToolkitError, match=r"validation failed .* int8 tolerance \(min_cosine >= 0.99\); nothing "
+                                           "was installed"):
+        build(outlier_checkpoints, tmp_path, "embedding", seq_lens=(64,), dtype="int8", smooth_alpha=0.0,
+              max_linear_error=1.0)  # per-tensor activations straight onto 60x channels: what the gate is for
+    assert not list((tmp_path / "embedding-int8-b2" / "onnx").iterdir())
+
+    [artifact] = build(outlier_checkpoints, tmp_path, "embedding", seq_lens=(64,), dtype="int8")
+    manifest = Manifest.load(artifact)
+    assert manifest.dtype == "int8" and manifest.validation["passed"]
+    assert manifest.validation["min_cosine"] >= 0.99
+    assert manifest.validation["real_texts"] == len(CalibrationSet.load().holdout) * 2  # query and document each
+    quantization = manifest.precision["quantization"]
+    assert quantization["smooth_alpha"] == 0.5 and quantization["calibration"]["holdout_records"] > 0
+    graph = onnx.load(str(artifact / "model.onnx")).graph
+    quantized = sum(n.op_type in ("DynamicQuantizeMatMul", "MatMulInteger") for n in graph.node)
+    assert quantized + len(quantization["keep_fp32"]) >= linear_count(outlier_checkpoints["embedding"])
+
+
+def test_int8_falls_back_to_fp32_layers_when_smoothing_is_off(outlier_checkpoints, tmp_path):
+    [artifact] = build(outlier_checkpoints, tmp_path, "embedding", seq_lens=(64,), dtype="int8", smooth_alpha=0.0)
+    manifest = Manifest.load(artifact)
+    assert manifest.precision["quantization"]["keep_fp32"]  # measured too lossy → kept fp32
+    assert manifest.validation["passed"]
+
+
+def test_int8_reranker_on_outliers_reports_kendall_tau(outlier_checkpoints, tmp_path):
+    [artifact] = build(outlier_checkpoints, tmp_path, "reranker", seq_lens=(128,), dtype="int8")
+    validation = Manifest.load(artifact).validation
+    assert validation["passed"] and validation["max_abs_diff"] <= 0.02
+    assert validation["kendall_tau"] is not None and validation["kendall_tau"] > 0.5
+
+
+def test_int8_config_errors_name_the_fix(checkpoints, tmp_path):
+    cfg = BuildConfig(name="x", task="embedding", checkpoint=str(checkpoints["embedding"]), seq_lens=(64,),
+                      dtype="int8", backends=("tvm",), workspace=tmp_path)
+    with pytest.raises(ToolkitError, match="use --backend onnx"):
+        cfg.check()
+    bad = tmp_path / "calibration.jsonl"
+    bad.write_text('{"query": "q", "document": "d", "split": "calibration"}\n{"text": "no query"}\n')
+    with pytest.raises(ToolkitError, match=r"calibration.jsonl:2: expected a JSON object with `query`"):
+        CalibrationSet.load(bad)
+    with pytest.raises(ToolkitError, match="needs both `calibration` and `holdout`"):
+        bad.write_text('{"query": "q", "document": "d", "split": "calibration"}\n')
+        CalibrationSet.load(bad)
+    with pytest.raises(ToolkitError, match="not found"):
+        CalibrationSet.load(tmp_path / "missing.jsonl")
+    assert DEFAULT_CALIBRATION.is_file()

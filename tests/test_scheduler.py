@@ -1,0 +1,116 @@
+"""BatchScheduler: rows of concurrent callers merged into shared engine batches, each caller's outputs in its order,
+failures confined to the requests they hit, rounds dispatched on a full budget or at close, bad arguments refused."""
+import threading
+
+import numpy as np
+import pytest
+
+from toolkit.api import BucketedRunner
+from toolkit.backends import Backend
+from toolkit.errors import ToolkitError
+from toolkit.runtime import Engine, EngineClosedError
+from toolkit.scheduler import BatchScheduler, SchedulerObserver
+from toolkit.tasks import EMBEDDING
+
+TIMEOUT = 60
+POISON = 666  # a row holding this token makes EchoBackend fail
+
+
+class EchoBackend(Backend):
+    """Outputs [last token, real length] per row; waits for `gate` before each run; fails on POISON."""
+
+    name, task, batch, dynamic_batch = "echo", EMBEDDING, 4, True
+
+    def __init__(self, seq_len: int, gate: threading.Event):
+        self.seq_len, self.gate = seq_len, gate
+
+    def run(self, input_ids, attention_mask):
+        self.gate.wait(TIMEOUT)
+        if (input_ids == POISON).any():
+            raise RuntimeError("backend exploded")
+        return np.stack([input_ids[:, -1], attention_mask.sum(-1)], axis=-1).astype(np.float32)
+
+
+class Recorder(SchedulerObserver):
+    def __init__(self):
+        self.batches, self.finished = [], 0
+
+    def batch_submitted(self, batch):
+        self.batches.append(batch)
+
+    def request_finished(self, queued_s, inference_s):
+        assert queued_s >= 0 and inference_s >= 0
+        self.finished += 1
+
+
+@pytest.fixture
+def echo():
+    gate = threading.Event()
+    gate.set()
+    runner = BucketedRunner([Engine(lambda i, dev, s=s: EchoBackend(s, gate)) for s in (8, 16)])
+    yield runner, gate
+    runner.close()
+
+
+def expected(rows):
+    return np.array([[row[-1], len(row)] for row in rows], np.float32)
+
+
+def test_concurrent_callers_share_batches_and_get_their_own_rows_in_order(echo):
+    runner, gate = echo
+    recorder = Recorder()
+    scheduler = BatchScheduler(runner, max_batch_tokens=64, max_wait_ms=0, observer=recorder)
+    gate.clear()  # the first round blocks the only instance: the others' rows wait and merge
+    rng = np.random.default_rng(0)
+    requests = [[[int(t) for t in rng.integers(1, 500, rng.integers(1, 17))] for _ in range(rng.integers(1, 4))]
+                for _ in range(40)]
+    futures = [scheduler.submit(rows) for rows in requests]
+    gate.set()
+    for rows, future in zip(requests, futures):
+        assert np.array_equal(future.result(TIMEOUT), expected(rows))
+    scheduler.close()
+    assert recorder.finished == 40
+    assert sum(len(b.indices) for b in recorder.batches) == sum(map(len, requests))
+    assert len(recorder.batches) < sum(map(len, requests)) / 2  # rows were packed together, across requests
+    assert {b.seq for b in recorder.batches} == {8, 16}
+
+
+def test_a_failing_batch_fails_only_its_requests(echo):
+    runner, _ = echo
+    scheduler = BatchScheduler(runner, max_batch_tokens=16, max_wait_ms=0)
+    bad = scheduler.submit([[1, POISON]])
+    with pytest.raises(RuntimeError, match="exploded"):
+        bad.result(TIMEOUT)
+    good = scheduler.submit([[1, 2, 3], [4]])
+    assert np.array_equal(good.result(TIMEOUT), expected([[1, 2, 3], [4]]))
+    scheduler.close()
+
+
+def test_a_full_budget_goes_at_once_and_close_flushes_what_waits(echo):
+    runner, _ = echo
+    scheduler = BatchScheduler(runner, max_batch_tokens=16, max_wait_ms=600_000)  # waits "forever" for company
+    full = scheduler.submit([[7] * 8, [9] * 8])  # 16 tokens: the budget is full, no need to wait
+    assert np.array_equal(full.result(TIMEOUT), expected([[7] * 8, [9] * 8]))
+    lonely = scheduler.submit([[5]])
+    cancelled = scheduler.submit([[6]])
+    assert cancelled.cancel() and scheduler.pending_rows == 2
+    scheduler.close()  # dispatches the waiting row at once; the cancelled one is dropped
+    assert np.array_equal(lonely.result(TIMEOUT), expected([[5]]))
+    assert scheduler.pending_rows == 0 and not scheduler.alive
+    with pytest.raises(EngineClosedError, match="shutting down"):
+        scheduler.submit([[1]])
+
+
+def test_bad_arguments_are_one_line_errors(echo):
+    runner, _ = echo
+    for kwargs, message in (({"max_batch_tokens": 8}, "max_batch_tokens must be an integer >= the max input length"),
+                            ({"max_batch_tokens": True}, "max_batch_tokens"),
+                            ({"max_wait_ms": -1}, "max_wait_ms must be a number >= 0")):
+        with pytest.raises(ToolkitError, match=message):
+            BatchScheduler(runner, **kwargs)
+    scheduler = BatchScheduler(runner)
+    with pytest.raises(ToolkitError, match="no rows"):
+        scheduler.submit([])
+    with pytest.raises(ToolkitError, match="row 1 has 17 tokens; it must have 1..16"):
+        scheduler.submit([[1], [1] * 17])
+    scheduler.close()

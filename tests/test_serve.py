@@ -1,0 +1,284 @@
+"""`toolkit serve` with real clients on loopback: the official OpenAI client and Hugging Face's InferenceClient get
+what the offline API computes; TEI's and Cohere's routes, tokenisation, health, info and metrics over httpx; every
+bad request answered with its status and a message (never a 500); a backend failure is a 503 for the request it hit
+while the server goes on; SIGTERM finishes the requests in flight and exits 0; bad flags are one-line errors."""
+import base64
+import json
+import signal
+import threading
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from click.testing import CliRunner
+from huggingface_hub import InferenceClient
+from serving import TIMEOUT, bucket_sets, serve_process, served, wait_for
+
+from toolkit.api import BucketedRunner, Embedder, Reranker
+from toolkit.artifact import find_artifacts
+from toolkit.backends import Backend, open_backend
+from toolkit.checkpoint import load_tokenizer
+from toolkit.cli import main
+from toolkit.runtime import Engine
+from toolkit.serve.app import create_app
+from toolkit.serve.service import Limits
+from toolkit.tasks import WEB_SEARCH_INSTRUCTION
+from toolkit.tokenizer import ENDOFTEXT_ID
+
+TEXTS = ["What is the capital of China?", "The capital of China is Beijing.", "北京是中国的首都。", "short",
+         "a somewhat longer sentence " * 4]
+DOCS = ["Beijing is the capital of China.", "Gravity pulls things down.", "Paris is in France."]
+QUERY = "What is the capital of China?"
+
+
+@pytest.fixture(scope="module")
+def sets(onnx_artifacts):
+    return bucket_sets(onnx_artifacts)
+
+
+@pytest.fixture(scope="module")
+def offline(sets):
+    with Embedder.from_artifacts(sets["embedding"]) as emb, Reranker.from_artifacts(sets["reranker"]) as rr:
+        yield {"embedding": emb, "reranker": rr}
+
+
+@pytest.fixture(scope="module")
+def url(sets):
+    app = create_app(Embedder.from_artifacts(sets["embedding"]), Reranker.from_artifacts(sets["reranker"]))
+    with served(app) as base:
+        yield base
+
+
+LIMITS = Limits(max_client_batch_size=2, payload_limit=2000, max_input_length=40)
+
+
+@pytest.fixture(scope="module")
+def limited_url(sets):
+    """Embedding only, with small limits."""
+    app = create_app(Embedder.from_artifacts(sets["embedding"], max_length=LIMITS.max_input_length), limits=LIMITS)
+    with served(app) as base:
+        yield base
+
+
+def max_abs_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def test_openai_client_gets_the_embedder_vectors(url, offline):
+    emb = offline["embedding"]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+    want = emb.encode_documents(TEXTS)
+    for encoding in ({}, {"encoding_format": "float"}):  # the client asks for base64 and decodes it by default
+        got = client.embeddings.create(model="qwen3-embedding", input=TEXTS, **encoding)
+        assert [d.index for d in got.data] == list(range(len(TEXTS))) and got.model == "qwen3-embedding"
+        assert max_abs_diff([d.embedding for d in got.data], want) <= 1e-6
+    encoded = client.embeddings.create(model="m", input=TEXTS, encoding_format="base64")  # left to the caller
+    assert max_abs_diff([np.frombuffer(base64.b64decode(d.embedding), "<f4") for d in encoded.data], want) == 0
+    assert got.usage.prompt_tokens == sum(map(len, emb.tokenize(TEXTS)))
+    cut = client.embeddings.create(model="m", input=TEXTS[0], dimensions=16)
+    assert max_abs_diff([cut.data[0].embedding], emb.encode_documents(TEXTS[:1], dim=16)) <= 1e-6
+    body = emb.tokenize(TEXTS[:1])[0][:-1]  # the text's tokens, without the closing <|endoftext|>
+    by_ids = client.embeddings.create(model="m", input=[body, body[:3]])
+    assert max_abs_diff([by_ids.data[0].embedding], want[:1]) <= 1e-6
+    short = emb.task.finish(emb.runner.run(emb.tokenize_ids([body[:3]])))
+    assert max_abs_diff([by_ids.data[1].embedding], short) <= 1e-6
+    single = client.embeddings.create(model="m", input=body)  # one input as a flat list of ids
+    assert max_abs_diff([single.data[0].embedding], want[:1]) <= 1e-6
+    with pytest.raises(openai.UnprocessableEntityError, match="at least 1 item"):
+        client.embeddings.create(model="m", input=[])
+
+
+def test_hugging_face_inference_client_feature_extraction(url, offline, monkeypatch):
+    import huggingface_hub.constants
+
+    # the tests' offline switch blocks every URL, loopback included; this one is a local server
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    emb = offline["embedding"]
+    client = InferenceClient(base_url=url, timeout=TIMEOUT)
+    assert max_abs_diff(client.feature_extraction(TEXTS[0]), emb.encode_documents(TEXTS[:1])) <= 1e-6
+    queries = client.feature_extraction(TEXTS[:2], prompt_name="query")
+    assert max_abs_diff(queries, emb.encode_queries(TEXTS[:2])) <= 1e-6
+    raw = client.feature_extraction(TEXTS[:2], normalize=False, truncate=True, dimensions=8)
+    assert max_abs_diff(raw, emb.encode_documents(TEXTS[:2], dim=8, normalize=False)) <= 1e-6
+
+
+def test_tei_and_cohere_routes_tokenize_health_info_metrics(url, offline):
+    emb, rr = offline["embedding"], offline["reranker"]
+    with httpx.Client(base_url=url, timeout=TIMEOUT) as http:
+        vectors = http.post("/embed", json={"inputs": TEXTS, "instruction": "Find the city"}).json()
+        assert max_abs_diff(vectors, emb.encode(TEXTS, instruction="Find the city")) <= 1e-6
+        ranked = rr.rerank(QUERY, DOCS, return_documents=True)
+        tei = http.post("/rerank", json={"query": QUERY, "texts": DOCS, "return_text": True}).json()
+        assert [t["index"] for t in tei] == [r["corpus_id"] for r in ranked]
+        assert [t["text"] for t in tei] == [r["text"] for r in ranked]
+        assert max_abs_diff([t["score"] for t in tei], [r["score"] for r in ranked]) <= 1e-6
+        raw = http.post("/rerank", json={"query": QUERY, "texts": DOCS, "raw_scores": True, "top_n": 2}).json()
+        assert [t["index"] for t in raw] == [r["corpus_id"] for r in ranked[:2]] and "text" not in raw[0]
+        assert max_abs_diff(1 / (1 + np.exp(-np.array([t["score"] for t in raw]))),
+                            [r["score"] for r in ranked[:2]]) <= 1e-5  # log-odds: sigmoid gives P(yes) back
+        cohere = http.post("/v1/rerank", json={"query": QUERY, "documents": DOCS, "top_n": 1,
+                                               "return_documents": True}).json()
+        [best] = cohere["results"]
+        assert best["index"] == ranked[0]["corpus_id"] and best["document"] == {"text": ranked[0]["text"]}
+        assert abs(best["relevance_score"] - ranked[0]["score"]) <= 1e-6
+        assert cohere["usage"]["total_tokens"] == sum(map(len, rr.tokenize([(QUERY, d) for d in DOCS])))
+        tokens = http.post("/tokenize", json={"inputs": "Hello world", "prompt_name": "query"}).json()
+        assert [t["id"] for t in tokens[0]] == emb.tokenize(emb.format(["Hello world"], WEB_SEARCH_INSTRUCTION))[0]
+        assert tokens[0][-1] == {"id": ENDOFTEXT_ID, "text": "<|endoftext|>", "special": True}
+        assert "".join(t["text"] for t in tokens[0][:-1]).endswith("Query:Hello world")
+        assert http.get("/health").json() == {"status": "ok"}
+        info = http.get("/info").json()
+        assert info["models"]["embedding"]["buckets"] == [{"seq": 32, "batch": 2}, {"seq": 64, "batch": 2}]
+        assert info["models"]["embedding"]["max_input_length"] == 64 and info["models"]["reranker"]["dtype"] == "fp16"
+        assert info["limits"]["max_client_batch_size"] == Limits().max_client_batch_size
+        metrics = http.get("/metrics").text
+    for line in ('toolkit_http_requests_total{route="/embed",status="200"}',
+                 'toolkit_http_requests_total{route="/v1/rerank",status="200"} 1.0',
+                 'toolkit_stage_seconds_count{model="embedding",stage="tokenize"}',
+                 'toolkit_stage_seconds_count{model="reranker",stage="queue"}',
+                 'toolkit_stage_seconds_count{model="reranker",stage="inference"}',
+                 'toolkit_batch_rows_count{model="embedding"}', 'toolkit_batch_tokens_sum{model="reranker"}',
+                 'toolkit_padded_tokens_total{model="embedding"}', 'toolkit_queue_rows{model="embedding"} 0.0',
+                 'toolkit_requests_in_flight{model="reranker"} 0.0'):
+        assert line in metrics, line
+
+
+def error_message(response) -> str:
+    error = response.json()["error"]
+    return error["message"] if isinstance(error, dict) else error  # OpenAI's shape under /v1, TEI's elsewhere
+
+
+BAD_REQUESTS = [
+    ("/embed", b'{"inputs": ', 422, "body: JSON decode error"),
+    ("/embed", {}, 422, "inputs: Field required"),
+    ("/embed", {"inputs": []}, 422, "inputs: List should have at least 1 item"),
+    ("/embed", {"inputs": 5}, 422, "inputs: Input should be a valid"),
+    ("/embed", {"inputs": ["a", 5]}, 422, "inputs.1: Input should be a valid string"),
+    ("/embed", {"inputs": "a", "normalize": "maybe"}, 422, "normalize: Input should be a valid boolean"),
+    ("/embed", {"inputs": "a", "dimensions": 0}, 422, "dimensions: Input should be greater than or equal to 1"),
+    ("/embed", {"inputs": "a", "dimensions": 10_000}, 422, "dimensions must be at most 64"),
+    ("/embed", {"inputs": "a", "prompt_name": "nope"}, 422, "prompt_name must be one of ['document', 'query']"),
+    ("/embed", {"inputs": "a", "prompt_name": "query", "instruction": "x"}, 422, "prompt_name or instruction"),
+    ("/embed", {"inputs": ["a", "b", "c"]}, 413, "3 inputs in one request is over the max client batch size 2"),
+    ("/embed", {"inputs": "word " * 60}, 413, 'max input length of 40 tokens (prompt included); shorten it or send '
+                                              '"truncate": true'),
+    ("/embed", {"inputs": "x" * 3000}, 413, "larger than the payload limit (2000 bytes)"),
+    ("/tokenize", {"inputs": []}, 422, "at least 1 item"),
+    ("/v1/embeddings", {"input": [[1, 2], []]}, 422, "input"),
+    ("/v1/embeddings", {"input": [[151669]]}, 422, "token ids must be integers in 0..151668"),
+    ("/v1/embeddings", {"input": [-1]}, 422, "input"),
+    ("/v1/embeddings", {"input": "a", "encoding_format": "hex"}, 422, "encoding_format: Input should be 'float'"),
+    ("/v1/embeddings", {"input": "word " * 60}, 413, "max input length of 40 tokens (prompt included); shorten it"),
+    ("/rerank", {"query": "q", "texts": ["d"]}, 404, "no reranker model; start it with --reranker SET_DIR"),
+    ("/v1/rerank", {"query": "q", "documents": ["d"]}, 404, "--reranker SET_DIR"),
+    ("/nowhere", {}, 404, "Not Found"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, message", BAD_REQUESTS,
+                         ids=[f"{p}-{s}-{m[:24]}" for p, _, s, m in BAD_REQUESTS])
+def test_bad_requests_get_their_status_and_a_message(limited_url, path, body, status, message):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{limited_url}{path}", content=content, headers={"content-type": "application/json"},
+                   timeout=TIMEOUT)
+    assert r.status_code == status, r.text
+    assert message in error_message(r)
+
+
+def test_limits_that_need_more_than_a_body(limited_url, sets):
+    def chunks():  # no Content-Length: the limit is found while streaming
+        yield b'{"inputs": "'
+        for _ in range(30):
+            yield b"x" * 100
+        yield b'"}'
+
+    r = httpx.post(f"{limited_url}/embed", content=chunks(), headers={"content-type": "application/json"},
+                   timeout=TIMEOUT)
+    assert r.status_code == 413 and "payload limit" in error_message(r)
+    assert httpx.get(f"{limited_url}/embed", timeout=TIMEOUT).status_code == 405
+    long_text = "word " * 60
+    r = httpx.post(f"{limited_url}/embed", json={"inputs": long_text, "truncate": True}, timeout=TIMEOUT)
+    with Embedder.from_artifacts(sets["embedding"], truncation="truncate", max_length=40) as capped:
+        with pytest.warns(UserWarning, match="truncated to 40 tokens"):
+            want = capped.encode([long_text])
+    assert r.status_code == 200 and max_abs_diff(r.json(), want) <= 1e-6
+    assert httpx.get(f"{limited_url}/health", timeout=TIMEOUT).json() == {"status": "ok"}
+
+
+POISON_ID = 4242  # a row holding this token id makes the backend below fail
+
+
+class FailsOnPoison(Backend):
+    """A real artifact backend that raises where a row holds POISON_ID (a device error, say)."""
+
+    def __init__(self, inner: Backend):
+        self.inner, self.name, self.task = inner, inner.name, inner.task
+        self.seq_len, self.batch, self.dynamic_batch = inner.seq_len, inner.batch, inner.dynamic_batch
+
+    def run(self, input_ids, attention_mask):
+        if (input_ids == POISON_ID).any():
+            raise RuntimeError("device lost\nsecond line of a long backend trace")
+        return self.inner.run(input_ids, attention_mask)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_a_backend_failure_is_a_503_for_its_request_and_the_server_goes_on(sets, offline):
+    manifests = find_artifacts(sets["embedding"])
+    engines = [Engine(lambda i, dev, m=m: FailsOnPoison(open_backend(m, 1))) for m in manifests]
+    flaky = Embedder(BucketedRunner(engines), load_tokenizer(manifests[0].path / "tokenizer"))
+    with served(create_app(flaky)) as base, httpx.Client(base_url=base, timeout=TIMEOUT) as http:
+        for _ in range(2):
+            r = http.post("/v1/embeddings", json={"input": [[1, POISON_ID, 2]]})
+            assert r.status_code == 503 and "backend failed on this request (RuntimeError: device lost)" in \
+                error_message(r)
+            ok = http.post("/embed", json={"inputs": TEXTS})
+            assert ok.status_code == 200 and max_abs_diff(ok.json(), offline["embedding"].encode(TEXTS)) <= 1e-6
+        assert http.get("/health").json() == {"status": "ok"}
+        assert 'route="/v1/embeddings",status="503"} 2.0' in http.get("/metrics").text
+
+
+def test_sigterm_finishes_requests_in_flight_then_exits_0(sets, offline):
+    """A request waits in the batch scheduler (max wait 5 s) when SIGTERM comes: the server stops accepting
+    connections, answers that request, and exits 0."""
+    with serve_process("--embedding", sets["embedding"], "--max-wait-ms", 5000) as (base, server):
+        answer = {}
+        request = threading.Thread(target=lambda: answer.update(
+            r=httpx.post(f"{base}/embed", json={"inputs": TEXTS[:2]}, timeout=TIMEOUT)))
+        request.start()
+        wait_for(lambda: 'toolkit_queue_rows{model="embedding"} 2.0' in httpx.get(f"{base}/metrics").text)
+        server.send_signal(signal.SIGTERM)
+        wait_for(lambda: refuses_connections(base))
+        assert request.is_alive(), "the request was answered before the server stopped accepting (raise max wait)"
+        request.join(TIMEOUT)
+        assert server.wait(TIMEOUT) == 0
+    assert answer["r"].status_code == 200
+    assert max_abs_diff(answer["r"].json(), offline["embedding"].encode(TEXTS[:2])) <= 1e-6
+
+
+def refuses_connections(base: str) -> bool:
+    try:
+        httpx.get(f"{base}/health", timeout=1)
+    except httpx.ConnectError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give at least one model"),
+    (["--embedding", "/no/such/set"], "--embedding /no/such/set: no such directory"),
+    (["--embedding", "SET", "--max-wait-ms", "-1"], "--max-wait-ms must be a number >= 0"),
+    (["--embedding", "SET", "--max-concurrent-requests", "0"], "--max-concurrent-requests must be an integer >= 1"),
+    (["--embedding", "SET", "--replicas", "2"], "--replicas and --ray-address need --ray"),
+    (["--embedding", "SET", "--port", "70000"], "--port must be at most 65535"),
+    (["--embedding", "SET", "--max-input-length", "1000"], "--max-input-length 1000 is more than the largest SEQ (64)"),
+    (["--embedding", "RERANKER_SET"], "holds reranker artifacts; pass it as --reranker"),
+    (["--embedding", "SET", "--max-batch-tokens", "10"], "--max-batch-tokens 10 is below the embedding max input "
+                                                         "length 64"),
+])
+def test_bad_serve_flags_are_one_line_errors(sets, args, message):
+    args = [{"SET": str(sets["embedding"]), "RERANKER_SET": str(sets["reranker"])}.get(a, a) for a in args]
+    result = CliRunner().invoke(main, ["serve", *args])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output

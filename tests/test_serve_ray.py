@@ -1,0 +1,48 @@
+"""`toolkit serve --ray --replicas 2` on a local Ray head that the test starts on loopback (and stops after): both
+replicas serve, each with its own engines, and the answers are the offline API's."""
+import os
+import subprocess
+
+import httpx
+import numpy as np
+import pytest
+from serving import TIMEOUT, bucket_sets, free_port, serve_process
+
+from toolkit.api import Embedder
+
+TEXTS = ["What is the capital of China?", "北京是中国的首都。", "short", "a somewhat longer sentence " * 4]
+RAY_ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A one-node Ray cluster on 127.0.0.1 with 2 CPUs; its address. `ray stop` after."""
+    port = free_port()
+    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+                    "--include-dashboard=false", "--disable-usage-stats"], check=True, env=RAY_ENV,
+                   capture_output=True, timeout=120)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=RAY_ENV, capture_output=True, timeout=120)
+
+
+def test_two_ray_serve_replicas_answer_as_the_offline_api(onnx_artifacts, ray_head):
+    embedding_set = bucket_sets(onnx_artifacts)["embedding"]
+    with Embedder.from_artifacts(embedding_set) as offline:
+        want = offline.encode_documents(TEXTS)
+    with serve_process("--embedding", embedding_set, "--ray", "--replicas", 2, "--ray-address", ray_head,
+                       startup_timeout=240) as (base, server), httpx.Client(base_url=base, timeout=TIMEOUT) as http:
+        infos = [http.get("/info").json() for _ in range(40)]
+        replicas = {(info["process"], info["compute_threads"]) for info in infos}
+        assert len(replicas) == 2, replicas  # two replica processes, each with its own engines
+        assert {threads for _, threads in replicas} == {1}  # and its own share of the two cores
+        for _ in range(8):
+            vectors = http.post("/embed", json={"inputs": TEXTS}).json()
+            assert np.max(np.abs(np.array(vectors) - want)) <= 1e-6
+        data = http.post("/v1/embeddings", json={"input": TEXTS, "model": "m"}).json()["data"]
+        assert np.max(np.abs(np.array([d["embedding"] for d in data]) - want)) <= 1e-6
+        too_many = http.post("/embed", json={"inputs": TEXTS * 10})
+        assert too_many.status_code == 413 and "max client batch size" in too_many.json()["error"]
+        server.terminate()
+        assert server.wait(TIMEOUT) == 0

@@ -1,0 +1,227 @@
+"""int8 artifacts (W8A8, int32 accumulation): calibrate on real text, smooth the outlier channels, keep in fp32 the
+linear layers int8 would still break, then quantize the folded fp32 graph with ONNX Runtime's own tool.
+
+- Weights: int8 per output channel. Activations: int8 with a dynamic per-tensor scale (ONNX Runtime's
+  `DynamicQuantizeLinear`, fused into `DynamicQuantizeMatMul`): VNNI `vpdpbusd` on CPU.
+- Outliers: real LLMs carry 20-100x channels at the inputs of linear layers; a per-tensor activation scale spends its
+  256 levels on them. SmoothQuant (Xiao et al. 2023) moves that range into the weights with a per-input-channel factor
+  `s = max|X|^alpha / max|W|^(1-alpha)`, folded exactly into the preceding RMSNorm weight (q/k/v, gate/up) or into the
+  up projection's rows (down); `o_proj` is left alone (its input channels are shared across grouped-query heads).
+- After smoothing, each linear layer's int8 error is measured on the calibration rows (fake quantization in torch, as
+  ONNX Runtime rounds); layers above `max_linear_error` stay fp32. What was kept and why goes into the manifest.
+- The embedding table is stored fp16 (a gather, no arithmetic) and the reranker's yes/no head stays fp32.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from toolkit.errors import ToolkitError
+from toolkit.patches.modeling_qwen3 import Linear, Qwen3ForDeployment
+from toolkit.tasks import Task
+from toolkit.text import left_pad
+from toolkit.tokenizer import ENDOFTEXT_ID
+
+DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "calibration.jsonl"
+CALIBRATION_BATCH = 16
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """(query, document) records of real text: `calibration` ones set the quantization, `holdout` ones only check it."""
+
+    path: Path
+    calibration: list[tuple[str, str]]
+    holdout: list[tuple[str, str]]
+    sha256: str
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "CalibrationSet":
+        """Read a calibration JSONL (`{"query", "document", "split": "calibration"|"holdout"}` per line)."""
+        path = Path(path) if path else DEFAULT_CALIBRATION
+        if not path.is_file():
+            raise ToolkitError(f"calibration file {path} not found; pass --calibration FILE (JSONL with query, "
+                               "document and split per line) or leave it out for the bundled set")
+        splits: dict[str, list] = {"calibration": [], "holdout": []}
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                splits[row.get("split", "calibration")].append((str(row["query"]), str(row["document"])))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise ToolkitError(f"{path}:{number}: expected a JSON object with `query`, `document` and `split` "
+                                   "(calibration or holdout)") from None
+        if not splits["calibration"] or not splits["holdout"]:
+            raise ToolkitError(f"{path} needs both `calibration` and `holdout` records (the gate checks texts "
+                               "calibration never saw)")
+        return cls(path, splits["calibration"], splits["holdout"], hashlib.sha256(path.read_bytes()).hexdigest())
+
+    def rows(self, task: Task, tokenizer, split: str, max_length: int) -> list[list[int]]:
+        """The split's records as this task's token rows (the API's formats), cut to `max_length`."""
+        from toolkit.api import token_rows
+
+        bodies = task.calibration_bodies(getattr(self, split))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # long passages are cut to the largest SEQ, as the runtime would
+            return token_rows(task.prompt(tokenizer), tokenizer, bodies, max_length, truncation="truncate")
+
+    def describe(self) -> dict:
+        """For the manifest."""
+        return {"file": str(self.path), "sha256": self.sha256, "calibration_records": len(self.calibration),
+                "holdout_records": len(self.holdout)}
+
+
+def _fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
+    """What `DynamicQuantizeLinear` does to a tensor: uint8, one asymmetric scale for the whole tensor."""
+    lo, hi = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
+    scale = torch.clamp((hi - lo) / 255.0, min=1e-12)
+    zero = torch.round(-lo / scale)
+    return (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+def _fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
+    """int8, symmetric, one scale per output channel (row)."""
+    scale = torch.clamp(w.abs().amax(dim=1, keepdim=True) / 127.0, min=1e-12)
+    return torch.clamp(torch.round(w / scale), -127, 127) * scale
+
+
+class _LinearProbe:
+    """Forward hooks on every decoder Linear: per-input-channel max |x| and the int8 error of its output."""
+
+    def __init__(self, model: Qwen3ForDeployment, measure_error: bool):
+        self.linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
+        self.absmax = {name: None for name in self.linears}
+        self.err = {name: 0.0 for name in self.linears}
+        self.ref = {name: 0.0 for name in self.linears}
+        self.measure_error = measure_error
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in self.linears.items()]
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])
+            amax = x.abs().amax(dim=0)
+            self.absmax[name] = amax if self.absmax[name] is None else torch.maximum(self.absmax[name], amax)
+            if self.measure_error:
+                approx = _fake_quant_activation(x) @ _fake_quant_weight(module.weight.float()).T
+                self.err[name] += float((approx - output.reshape(approx.shape)).pow(2).sum())
+                self.ref[name] += float(output.pow(2).sum())
+        return hook
+
+    def errors(self) -> dict[str, float]:
+        """Relative int8 error of each linear's output over the rows seen: ||ŷ - y|| / ||y||."""
+        return {name: (self.err[name] / self.ref[name]) ** 0.5 if self.ref[name] else 0.0 for name in self.linears}
+
+    def close(self):
+        """Remove the hooks."""
+        for h in self.handles:
+            h.remove()
+
+
+def _probe(model: Qwen3ForDeployment, rows: list[list[int]], measure_error: bool, desc: str) -> _LinearProbe:
+    probe = _LinearProbe(model, measure_error)
+    try:
+        ordered = sorted(rows, key=len)  # batches of similar lengths, left-padded as the runtime pads them
+        with torch.no_grad():
+            for start in tqdm(range(0, len(ordered), CALIBRATION_BATCH), desc=desc, leave=False):
+                chunk = ordered[start:start + CALIBRATION_BATCH]
+                ids, mask = left_pad(chunk, max(map(len, chunk)), ENDOFTEXT_ID)
+                model(torch.from_numpy(ids), torch.from_numpy(mask))
+    finally:
+        probe.close()
+    return probe
+
+
+def smooth(model: Qwen3ForDeployment, absmax: dict[str, torch.Tensor], alpha: float) -> None:
+    """SmoothQuant, folded into the weights in place; the fp32 function of the model is unchanged."""
+    def factor(x_max: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        w_max = weight.abs().amax(dim=0).clamp(min=1e-5)
+        return (x_max.clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            for norm, linear, name in ((layer.input_layernorm, layer.self_attn.qkv_proj, "self_attn.qkv_proj"),
+                                       (layer.post_attention_layernorm, layer.mlp.gate_up_proj, "mlp.gate_up_proj")):
+                s = factor(absmax[f"layers.{i}.{name}"], linear.weight)
+                norm.weight.div_(s)
+                linear.weight.mul_(s)
+            down, gate_up = layer.mlp.down_proj, layer.mlp.gate_up_proj
+            s = factor(absmax[f"layers.{i}.mlp.down_proj"], down.weight)
+            gate_up.weight[down.weight.shape[1]:].div_(s[:, None])  # the up half: down's input is silu(gate) * up
+            down.weight.mul_(s)
+
+
+@dataclass(frozen=True)
+class QuantizationPlan:
+    """What calibration decided: the smoothing applied and the linear layers that stay fp32."""
+
+    smooth_alpha: float
+    max_linear_error: float
+    linear_errors: dict[str, float]
+    keep_fp32: list[str]
+    calibration: dict
+
+    def describe(self) -> dict:
+        """For the manifest (the five worst layers' errors, and every layer kept)."""
+        worst = sorted(self.linear_errors.items(), key=lambda kv: -kv[1])[:5]
+        return {"scheme": "W8A8: int8 weights per output channel, int8 activations with a dynamic per-tensor scale, "
+                          "int32 accumulation", "smooth_alpha": self.smooth_alpha,
+                "max_linear_error": self.max_linear_error, "keep_fp32": self.keep_fp32,
+                "worst_linear_errors": {k: round(v, 5) for k, v in worst}, "calibration": self.calibration}
+
+
+def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: CalibrationSet, max_length: int,
+              smooth_alpha: float, max_linear_error: float, log=print) -> QuantizationPlan:
+    """Calibrate `model` (fp32, in place): smooth it, then pick the linear layers that stay fp32."""
+    rows = calibration.rows(task, tokenizer, "calibration", max_length)
+    if smooth_alpha > 0:
+        smooth(model, _probe(model, rows, False, "calibrating").absmax, smooth_alpha)
+    errors = _probe(model, rows, True, "measuring int8 error").errors()
+    keep = sorted((n for n, e in errors.items() if e > max_linear_error), key=lambda n: -errors[n])
+    if len(keep) == len(errors):
+        raise ToolkitError(f"every linear layer's int8 error exceeds max_linear_error {max_linear_error} (the best is "
+                           f"{min(errors.values()):.4f}); int8 would quantize nothing: raise "
+                           "quantization.max_linear_error or build fp16")
+    log(f"int8 calibration on {len(rows)} rows: smoothing alpha {smooth_alpha}, worst linear error "
+        f"{max(errors.values()):.4f}, {len(keep)} of {len(errors)} linear layers kept fp32 (error > "
+        f"{max_linear_error})")
+    return QuantizationPlan(smooth_alpha, max_linear_error, errors, keep, calibration.describe())
+
+
+def quantize_onnx(fp32_model: Path, out: Path, plan: QuantizationPlan) -> None:
+    """Quantize a folded fp32 graph (`export.fold_weights`) with ONNX Runtime's `quantize_dynamic`: every decoder
+    linear layer not kept fp32 (nodes are named by module); nothing else (the yes/no head, attention's own matmuls)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(fp32_model), load_external_data=False).graph
+    matmuls = [n.name for n in graph.node if n.op_type == "MatMul"]
+    chosen = {n for n in matmuls if n.startswith("layers.") and n not in plan.keep_fp32}
+    if not chosen:
+        raise ToolkitError(f"{fp32_model} has no MatMul named by a linear layer; it was not folded by fold_weights")
+    # nodes_to_exclude rather than nodes_to_quantize: ONNX Runtime reads an empty nodes_to_quantize as "all"
+    with _quiet_root_logger():
+        quantize_dynamic(str(fp32_model), str(out), per_channel=True, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=[n for n in matmuls if n not in chosen],
+                         extra_options={"MatMulConstBOnly": True})
+
+
+@contextmanager
+def _quiet_root_logger():
+    """quantize_dynamic logs a pre-processing hint at WARNING on the root logger; our graph is already folded."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+

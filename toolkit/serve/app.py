@@ -1,0 +1,325 @@
+"""The HTTP application: TEI's and OpenAI's routes over the served models, errors as one-line messages, metrics.
+
+    app = create_app(Embedder.from_artifacts("ws/emb/onnx"), Reranker.from_artifacts("ws/rr/onnx"), Limits())
+    uvicorn.run(app)   # what `toolkit serve` does (or Ray Serve, one app per replica)
+
+Nothing a client sends is a 500: a body that does not match its schema is 422, a request over a limit 413, a full
+model 429 (with Retry-After), a route whose model is not loaded 404, a backend failure 503 for the requests it hit.
+The app owns the models it is given: its shutdown runs what is queued, then closes them.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+from contextlib import asynccontextmanager
+
+import numpy as np
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from toolkit.api import Embedder, Reranker
+from toolkit.errors import ToolkitError
+from toolkit.runtime import CPU_BUDGET
+from toolkit.serve.metrics import ServiceMetrics
+from toolkit.serve.schemas import (
+    Document,
+    DocumentsRerankRequest,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    EmbeddingsUsage,
+    EmbedRequest,
+    RankedText,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+    RerankUsage,
+    Token,
+    TokenizeRequest,
+    as_texts,
+)
+from toolkit.serve.service import (
+    EmbeddingService,
+    Limits,
+    ModelNotLoaded,
+    Overloaded,
+    RerankService,
+    ServiceError,
+)
+
+RETRY_AFTER_S = 1
+ERROR_TYPES = {404: "not_found", 413: "payload_too_large", 422: "validation", 429: "overloaded", 503: "unavailable"}
+
+
+class Services:
+    """The models this app serves, by task; asking for one that is absent is a 404 naming the flag that loads it."""
+
+    def __init__(self, embedder: Embedder | None, reranker: Reranker | None, limits: Limits):
+        self.metrics = ServiceMetrics()
+        self.by_task = {}
+        if embedder is not None:
+            self.by_task["embedding"] = EmbeddingService(embedder, limits, self.metrics)
+        if reranker is not None:
+            self.by_task["reranker"] = RerankService(reranker, limits, self.metrics)
+
+    def embedding(self) -> EmbeddingService:
+        """The embedding model's service, or ModelNotLoaded."""
+        return self._get("embedding", "--embedding")
+
+    def reranking(self) -> RerankService:
+        """The reranker's service, or ModelNotLoaded."""
+        return self._get("reranker", "--reranker")
+
+    def _get(self, task: str, flag: str):
+        if task not in self.by_task:
+            raise ModelNotLoaded(f"this server has no {task} model; start it with {flag} SET_DIR")
+        return self.by_task[task]
+
+    def loaded(self) -> list:
+        """The services present."""
+        return list(self.by_task.values())
+
+    def close(self) -> None:
+        """Run what is queued, then stop every model."""
+        for service in self.loaded():
+            service.close()
+
+
+def create_app(embedder: Embedder | None = None, reranker: Reranker | None = None,
+               limits: Limits = Limits()) -> FastAPI:
+    """The ASGI app serving the given models (at least one) under `limits`."""
+    if embedder is None and reranker is None:
+        raise ToolkitError("give the server at least one model: --embedding SET_DIR and/or --reranker SET_DIR")
+    services = Services(embedder, reranker, limits.check())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await asyncio.to_thread(services.close)
+
+    app = FastAPI(title="qwen3-deploy", summary="Qwen3-Embedding / Qwen3-Reranker artifacts over HTTP",
+                  lifespan=lifespan)
+    app.include_router(tei_routes(services))
+    app.include_router(openai_routes(services))
+    app.include_router(ops_routes(services, limits))
+    add_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=limits.payload_limit)
+    app.add_middleware(CountAnswers, metrics=services.metrics)  # outermost: counts what BodyLimit refuses too
+    return app
+
+
+# ---- routes ---------------------------------------------------------------------------------------------------------
+def tei_routes(services: Services) -> APIRouter:
+    """TEI's `/embed` (and `/`, Hugging Face InferenceClient's feature extraction), `/rerank`, `/tokenize`."""
+    router = APIRouter()
+
+    @router.post("/embed")
+    @router.post("/", include_in_schema=False)
+    async def embed(request: EmbedRequest) -> list[list[float]]:
+        """Vectors for `inputs`, in order."""
+        vectors, _ = await services.embedding().embed(as_texts(request.inputs), request.query_instruction(),
+                                                     request.truncate, request.dimensions, request.normalize)
+        return vectors.tolist()
+
+    @router.post("/rerank", response_model_exclude_none=True)
+    async def rerank(request: RerankRequest) -> list[RankedText]:
+        """`texts` ranked for `query`, best first."""
+        order, scores, _ = await services.reranking().rerank(request.query, request.texts, request.instruction,
+                                                            request.truncate, request.raw_scores, request.top_n)
+        return [RankedText(index=i, score=float(scores[i]), text=request.texts[i] if request.return_text else None)
+                for i in order]
+
+    @router.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> list[list[Token]]:
+        """The tokens `/embed` runs for each input (instruction and closing <|endoftext|> included)."""
+        service = services.embedding()
+        rows = await service.tokens(as_texts(request.inputs), request.query_instruction())
+        tokenizer = service.model.tokenizer
+        special = set(tokenizer.all_special_ids)
+        return [[Token(id=t, text=tokenizer.decode([t]), special=t in special) for t in row] for row in rows]
+
+    return router
+
+
+def openai_routes(services: Services) -> APIRouter:
+    """OpenAI's `/v1/embeddings` and Cohere / Jina's `/v1/rerank`."""
+    router = APIRouter(prefix="/v1")
+
+    @router.post("/embeddings")
+    async def embeddings(request: EmbeddingsRequest) -> EmbeddingsResponse:
+        """Vectors for text or token-id inputs; `usage.prompt_tokens` counts every token run."""
+        service, texts = services.embedding(), request.texts()
+        if texts is None:
+            vectors, tokens = await service.embed_ids(request.token_ids(), request.dimensions)
+        else:
+            vectors, tokens = await service.embed(texts, truncate=None, dimensions=request.dimensions)
+        encode = base64_floats if request.encoding_format == "base64" else np.ndarray.tolist
+        return EmbeddingsResponse(data=[{"index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
+                                  model=request.model or service.model_name,
+                                  usage=EmbeddingsUsage(prompt_tokens=tokens, total_tokens=tokens))
+
+    @router.post("/rerank", response_model_exclude_none=True)
+    async def rerank(request: DocumentsRerankRequest) -> RerankResponse:
+        """`documents` ranked for `query`, best first, with `relevance_score` = P(yes)."""
+        service = services.reranking()
+        order, scores, tokens = await service.rerank(request.query, request.documents, request.instruction,
+                                                     request.truncate, top_n=request.top_n)
+        results = [RerankResult(index=i, relevance_score=float(scores[i]),
+                                document=Document(text=request.documents[i]) if request.return_documents else None)
+                   for i in order]
+        return RerankResponse(model=request.model or service.model_name, results=results,
+                              usage=RerankUsage(total_tokens=tokens))
+
+    return router
+
+
+def base64_floats(vector: np.ndarray) -> str:
+    """OpenAI's base64 encoding: the little-endian float32 bytes."""
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+
+
+def ops_routes(services: Services, limits: Limits) -> APIRouter:
+    """`/health`, `/info`, `/metrics`."""
+    router = APIRouter()
+
+    @router.get("/health")
+    async def health() -> JSONResponse:
+        """200 while every model takes and runs requests, else 503."""
+        ok = all(s.healthy() for s in services.loaded())
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+
+    @router.get("/info")
+    async def info() -> dict:
+        """The models (task, source, dtype, backend, buckets, max input length), the server's limits, and this
+        process (a Ray Serve replica's own) with its compute-thread budget."""
+        return {"models": {s.name: s.describe() for s in services.loaded()}, "limits": vars(limits),
+                "process": os.getpid(), "compute_threads": CPU_BUDGET.threads}
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text format."""
+        return Response(services.metrics.render(), media_type=services.metrics.content_type)
+
+    return router
+
+
+# ---- errors ---------------------------------------------------------------------------------------------------------
+def error_response(path: str, status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """An error in the shape the route's clients read: OpenAI's under /v1, TEI's elsewhere."""
+    kind = ERROR_TYPES.get(status, "error")
+    body = ({"error": {"message": message, "type": kind, "code": status}} if path.startswith("/v1/")
+            else {"error": message, "error_type": kind})
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def validation_message(error: RequestValidationError) -> str:
+    """The schema errors as one line, one problem per field: `inputs.0: Input should be a valid string; ...`. Of a
+    union's alternatives, the one that got furthest into the value is reported."""
+    deepest: dict = {}
+    for e in error.errors():
+        loc = e["loc"][1:] if e["type"] != "json_invalid" else ()
+        field = str(loc[0]) if loc else "body"
+        if field not in deepest or len(loc) >= len(deepest[field]["loc"]) - 1:
+            deepest[field] = e
+    parts = []
+    for field, e in deepest.items():
+        path = ".".join(str(p) for p in e["loc"][1:] if not _is_union_tag(p)) or field
+        detail = f" ({e['ctx']['error']})" if e["type"] == "json_invalid" else ""
+        parts.append(f"{'body' if e['type'] == 'json_invalid' else path}: {e['msg']}{detail}")
+    return "; ".join(parts)
+
+
+def _is_union_tag(part) -> bool:
+    """pydantic names a union's alternative in an error's location by its type (`str`, `list[int]`)."""
+    return isinstance(part, str) and (part in ("str", "int", "bool", "float") or "[" in part)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Map every error a request can meet to its status and a one-line message."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, error: RequestValidationError):
+        return error_response(request.url.path, 422, validation_message(error))
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, error: ServiceError):
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if isinstance(error, Overloaded) else None
+        return error_response(request.url.path, error.status, str(error), headers)
+
+    @app.exception_handler(ToolkitError)  # the API refused a value the schema let through (e.g. dimensions)
+    async def invalid_value(request: Request, error: ToolkitError):
+        return error_response(request.url.path, 422, str(error))
+
+    @app.exception_handler(HTTPException)  # unknown route, wrong method
+    async def http_error(request: Request, error: HTTPException):
+        return error_response(request.url.path, error.status_code, str(error.detail), error.headers)
+
+
+# ---- middleware -----------------------------------------------------------------------------------------------------
+class BodyLimit:
+    """Refuse a request body over `limit` bytes with 413, whether it declares its length or streams it."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        """ASGI entry: read and check the body, then hand it on."""
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if delivered:
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send):
+        message = (f"request body is larger than the payload limit ({self.limit} bytes); send fewer or shorter "
+                   "inputs, or raise --payload-limit")
+        await error_response(scope["path"], 413, message)(scope, receive, send)
+
+
+class CountAnswers:
+    """Count every answer by route template and status, and time it."""
+
+    def __init__(self, app, metrics: ServiceMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        """ASGI entry: note the status as the response starts."""
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def noting_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_status)
+        finally:
+            route = scope.get("route")
+            self.metrics.answered(getattr(route, "path", "unmatched"), status[0], time.perf_counter() - started)

@@ -1,0 +1,60 @@
+"""The same app as a Ray Serve deployment: `toolkit serve --ray --replicas N`.
+
+Each replica is a Ray actor that loads its own engines under its own compute budget (`--threads`, default: the
+cores / replicas) and serves the FastAPI app of `toolkit serve` through Ray Serve's HTTP proxy; Ray reserves that
+many CPUs per replica, so on a cluster the replicas spread over the nodes that have them. Without `--ray-address` a
+local Ray instance is started; with it, the replicas go to that cluster (`ray start --head`, then
+`ray start --address HEAD:6379` on every other node).
+"""
+from __future__ import annotations
+
+import signal
+from typing import Callable
+
+import ray
+from ray import serve
+
+from toolkit.errors import ToolkitError
+from toolkit.serve.server import ServeOptions, build_app, exit_on_signals
+from toolkit.serve.service import model_sets
+
+APP_NAME = "toolkit"
+
+
+@serve.deployment
+@serve.ingress()
+class ToolkitReplica:
+    """One replica: its own engines, behind the app `toolkit serve` runs on uvicorn."""
+
+    def __init__(self, options: ServeOptions):
+        self.service_app = build_app(options)
+
+    def __serve_build_asgi_app__(self):
+        """The app Ray Serve routes this replica's HTTP requests to (built in the constructor, with the engines)."""
+        return self.service_app
+
+
+def serve_on_ray(options: ServeOptions, echo: Callable[[str], None] = print) -> None:
+    """Deploy `options.replicas` replicas and serve until SIGTERM or Ctrl-C; then remove them."""
+    model_sets(options.embedding, options.reranker, options.limits)  # a user's mistake fails here, not in a replica
+    ray.init(address=options.ray_address, include_dashboard=False, logging_level="warning")
+    try:
+        serve.start(http_options={"host": options.host, "port": options.port})
+        threads = options.threads_per_engine_set
+        # Ray may send a replica more requests than the app admits, so overload gets the app's 429 (with
+        # Retry-After) instead of waiting in Ray's queue
+        deployment = ToolkitReplica.options(num_replicas=options.replicas,
+                                            max_ongoing_requests=2 * options.limits.max_concurrent_requests,
+                                            ray_actor_options={"num_cpus": threads})
+        try:
+            serve.run(deployment.bind(options), name=APP_NAME, route_prefix="/")
+        except RuntimeError as e:
+            raise ToolkitError(f"Ray Serve could not start the replicas ({e}); the replica errors are above") from None
+        echo(f"serving on http://{options.host}:{options.port} with {options.replicas} Ray Serve replicas of "
+             f"{threads} thread(s) each (SIGTERM: stop)")
+        with exit_on_signals():
+            while True:
+                signal.pause()
+    finally:
+        serve.shutdown()
+        ray.shutdown()

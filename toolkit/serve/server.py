@@ -1,0 +1,110 @@
+"""Running the service: options checked before any model loads, then uvicorn in this process, or Ray Serve replicas.
+
+SIGTERM is a graceful stop: uvicorn stops accepting connections, finishes the requests in flight, the app's shutdown
+runs what is queued and closes the engines, and the process exits 0.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from toolkit.errors import ToolkitError
+from toolkit.serve.service import Limits
+
+GRACEFUL_SHUTDOWN_S = 30  # the longest uvicorn waits for requests in flight after SIGTERM
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What `toolkit serve` runs: bucket-set directories (either may be None), where it listens, its limits, engine
+    instances per bucket, compute threads (per process, or per replica with Ray), and Ray Serve's scale-out."""
+
+    embedding: str | Path | None = None
+    reranker: str | Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    limits: Limits = field(default_factory=Limits)
+    instances: int = 1
+    threads: int | None = None
+    ray: bool = False
+    replicas: int = 1
+    ray_address: str | None = None
+
+    def check(self) -> "ServeOptions":
+        """Raise ToolkitError naming the flag of the first invalid option; return self."""
+        if self.embedding is None and self.reranker is None:
+            raise ToolkitError("give at least one model: --embedding SET_DIR and/or --reranker SET_DIR")
+        for flag, path in (("--embedding", self.embedding), ("--reranker", self.reranker)):
+            if path is not None and not Path(path).is_dir():
+                raise ToolkitError(f"{flag} {path}: no such directory; pass a bucket set such as "
+                                   "WORKSPACE/NAME/onnx (what `toolkit compile` printed, without /seqN)")
+        checks = (("--port", self.port, 0), ("--instances", self.instances, 1), ("--replicas", self.replicas, 1),
+                  ("--threads", 1 if self.threads is None else self.threads, 1))
+        for flag, value, minimum in checks:
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ToolkitError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+        if self.port > 65535:
+            raise ToolkitError(f"--port must be at most 65535, got {self.port}")
+        if not self.ray and (self.replicas != 1 or self.ray_address):
+            raise ToolkitError("--replicas and --ray-address need --ray")
+        self.limits.check()
+        return self
+
+    @property
+    def threads_per_engine_set(self) -> int:
+        """Compute threads of one process's engines (one replica's with Ray): --threads, or its share of the
+        cores."""
+        return self.threads or max(1, (os.cpu_count() or 1) // (self.replicas if self.ray else 1))
+
+
+def build_app(options: ServeOptions):
+    """Load the models (with this process's compute budget) and build the app around them."""
+    from toolkit.runtime import set_cpu_threads
+    from toolkit.serve.app import create_app
+    from toolkit.serve.service import load_models
+
+    set_cpu_threads(options.threads_per_engine_set)
+    models = load_models(options.embedding, options.reranker, options.limits, options.instances)
+    try:
+        return create_app(models.get("embedding"), models.get("reranker"), options.limits)
+    except BaseException:
+        for model in models.values():
+            model.close()
+        raise
+
+
+def serve(options: ServeOptions, echo: Callable[[str], None] = print) -> None:
+    """Serve until SIGTERM or Ctrl-C: on uvicorn here, or (`ray`) as Ray Serve replicas."""
+    options.check()
+    if options.ray:
+        from toolkit.serve.ray_app import serve_on_ray
+
+        return serve_on_ray(options, echo)
+    import uvicorn
+
+    app = build_app(options)
+    echo(f"serving on http://{options.host}:{options.port} (SIGTERM: finish requests in flight, then exit)")
+    server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, log_level="info",
+                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+    # uvicorn drains, then restores these handlers and raises the signal again: exit 0 after SIGTERM, 130 after ^C
+    with exit_on_signals():
+        server.run()
+
+
+@contextmanager
+def exit_on_signals():
+    """Within the block, SIGTERM exits 0 and SIGINT exits 130 (no traceback); the previous handlers come back after."""
+
+    def exit_with_status(signum, frame):
+        raise SystemExit(0 if signum == signal.SIGTERM else 128 + signum)
+
+    previous = {sig: signal.signal(sig, exit_with_status) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,236 @@
+"""The models behind the service: a thin async layer over `Embedder` / `Reranker`.
+
+Each served model keeps its own admission count (`max_concurrent_requests`), tokenises off the event loop with the
+model's own `tokenize`, runs the rows through a `BatchScheduler` (cross-request batching) and finishes them with the
+task's own head, so a served result is what the offline API returns for the same input.
+
+Errors a client causes or meets carry their HTTP status (`ServiceError.status`); the app turns them into responses.
+"""
+from __future__ import annotations
+
+import asyncio
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.api import Embedder, InputTooLongError, Reranker, rank_order
+from toolkit.artifact import find_artifacts
+from toolkit.errors import ToolkitError
+from toolkit.scheduler import BatchScheduler
+from toolkit.serve.metrics import ServiceMetrics
+
+
+class ServiceError(ToolkitError):
+    """A request the service answers with `status` and this message."""
+
+    status = 500
+
+
+class ModelNotLoaded(ServiceError):
+    """The route's model was not given to this server."""
+
+    status = 404
+
+
+class LimitExceeded(ServiceError):
+    """The request is over one of the server's size limits."""
+
+    status = 413
+
+
+class Overloaded(ServiceError):
+    """The model already has its maximum of requests in flight."""
+
+    status = 429
+
+
+class Unavailable(ServiceError):
+    """The backend failed on this request, or the server is shutting down."""
+
+    status = 503
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one server accepts and how it batches (TEI's flags of the same names). `max_input_length` is in tokens,
+    prompt included (None: the largest SEQ); `payload_limit` in bytes per request body."""
+
+    max_batch_tokens: int = 16384
+    max_wait_ms: float = 2.0
+    max_concurrent_requests: int = 512
+    max_client_batch_size: int = 32
+    max_input_length: int | None = None
+    payload_limit: int = 2_000_000
+
+    def check(self) -> "Limits":
+        """Raise ToolkitError naming the flag of the first invalid limit; return self."""
+        for name, value in vars(self).items():
+            if name == "max_input_length" and value is None:
+                continue
+            integral = name != "max_wait_ms"
+            minimum = 0 if name == "max_wait_ms" else 1
+            if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)) or value < minimum:
+                kind = "an integer" if integral else "a number"
+                raise ToolkitError(f"--{name.replace('_', '-')} must be {kind} >= {minimum}, got {value!r}")
+        return self
+
+
+def model_sets(embedding_dir: str | Path | None, reranker_dir: str | Path | None,
+               limits: Limits) -> dict[type, str | Path]:
+    """The bucket sets a server runs, by model class, checked (artifacts of the right task, the max input length
+    within the largest SEQ) without loading them."""
+    sets = {cls: path for cls, path in ((Embedder, embedding_dir), (Reranker, reranker_dir)) if path is not None}
+    for cls, path in sets.items():
+        manifests = find_artifacts(path)
+        if manifests[0].task != cls.task.name:
+            raise ToolkitError(f"{path} holds {manifests[0].task} artifacts; pass it as --{manifests[0].task}")
+        if limits.max_input_length is not None and limits.max_input_length > manifests[-1].seq_len:
+            raise ToolkitError(f"--max-input-length {limits.max_input_length} is more than the largest SEQ "
+                               f"({manifests[-1].seq_len}) in {path}; lower it or compile a larger SEQ")
+    return sets
+
+
+def load_models(embedding_dir: str | Path | None, reranker_dir: str | Path | None, limits: Limits,
+                instances: int = 1) -> dict[str, Embedder | Reranker]:
+    """The models a server runs, by task name, loaded from bucket-set directories (either may be None)."""
+    models = {}
+    try:
+        for cls, path in model_sets(embedding_dir, reranker_dir, limits).items():
+            models[cls.task.name] = cls.from_artifacts(path, instances=instances, max_length=limits.max_input_length)
+    except BaseException:
+        for model in models.values():
+            model.close()
+        raise
+    return models
+
+
+def truncation(truncate: bool) -> str:
+    """The API's truncation policy for a request's `truncate` flag."""
+    return "truncate" if truncate else "error"
+
+
+class ServedModel:
+    """One model behind the service: admission, tokenisation off the event loop, the cross-request scheduler."""
+
+    def __init__(self, model: Embedder | Reranker, limits: Limits, metrics: ServiceMetrics):
+        if limits.max_batch_tokens < model.max_length:
+            raise ToolkitError(f"--max-batch-tokens {limits.max_batch_tokens} is below the {model.task.name} max "
+                               f"input length {model.max_length}; raise it to at least {model.max_length}")
+        self.model, self.limits, self.metrics, self.name = model, limits, metrics, model.task.name
+        self.scheduler = BatchScheduler(model.runner, limits.max_batch_tokens, limits.max_wait_ms,
+                                        metrics.observer(self.name))
+        self.active = 0  # requests admitted and not answered (touched on the event loop only)
+        metrics.track(self.name, lambda: self.scheduler.pending_rows, lambda: self.active)
+
+    @property
+    def model_name(self) -> str:
+        """The artifact set's name (what responses report as `model`)."""
+        return self.model.manifests[0].name if self.model.manifests else self.name
+
+    @contextmanager
+    def admitted(self, inputs: int):
+        """Hold one of the model's concurrent-request places for the block, or refuse the request."""
+        if inputs > self.limits.max_client_batch_size:
+            raise LimitExceeded(f"{inputs} inputs in one request is over the max client batch size "
+                                f"{self.limits.max_client_batch_size}; split the request or raise "
+                                "--max-client-batch-size")
+        if self.active >= self.limits.max_concurrent_requests:
+            raise Overloaded(f"the {self.name} model is at its max concurrent requests "
+                             f"({self.limits.max_concurrent_requests}); retry shortly")
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+    async def rows(self, make_rows, *args, can_truncate: bool = True) -> list[list[int]]:
+        """Token rows from `make_rows(*args)`, built on a worker thread (the tokenize stage)."""
+        try:
+            with self.metrics.stage(self.name, "tokenize"):
+                return await asyncio.to_thread(make_rows, *args)
+        except InputTooLongError as e:
+            fix = 'shorten it or send "truncate": true' if can_truncate else "shorten it"
+            raise LimitExceeded(f"input #{e.index} is longer than the max input length of {e.max_length} tokens "
+                                f"(prompt included); {fix}") from None
+
+    async def run(self, rows: list[list[int]]) -> np.ndarray:
+        """Raw outputs of the rows, batched with other requests'; a backend failure is this request's 503."""
+        try:
+            future = self.scheduler.submit(rows)
+            return await asyncio.wrap_future(future)
+        except Exception as e:
+            first_line = (str(e).strip().splitlines() or [""])[0][:200]
+            raise Unavailable(f"the {self.name} backend failed on this request ({type(e).__name__}: {first_line}); "
+                              "retry it") from e
+
+    def healthy(self) -> bool:
+        """Whether requests are being taken and run."""
+        return self.scheduler.alive
+
+    def describe(self) -> dict:
+        """What `/info` says about this model."""
+        first = self.model.manifests[0] if self.model.manifests else None
+        source = {"checkpoint": first.model.checkpoint, "synthetic": first.model.synthetic,
+                  "dtype": first.dtype, "backend": first.backend, "device": first.target.device} if first else {}
+        return {"task": self.name, "model": self.model_name, **source,
+                "buckets": [{"seq": m.seq_len, "batch": m.batch} for m in self.model.manifests],
+                "max_input_length": self.model.max_length, "instances": self.model.runner.engines[0].instances}
+
+    def close(self) -> None:
+        """Run what is queued, then stop the engines."""
+        self.scheduler.close()
+        self.model.close()
+
+
+class EmbeddingService(ServedModel):
+    """The embedding model: texts or token ids → vectors, as `Embedder.encode`."""
+
+    model: Embedder
+
+    async def embed(self, texts: list[str], instruction: str | None = None, truncate: bool | None = False,
+                    dimensions: int | None = None, normalize: bool = True) -> tuple[np.ndarray, int]:
+        """Vectors for texts and the tokens they took; `truncate=None`: the route has no truncate option (too long
+        is an error)."""
+        with self.admitted(len(texts)):
+            rows = await self.rows(self._text_rows, texts, instruction, bool(truncate),
+                                   can_truncate=truncate is not None)
+            return self._finish(await self.run(rows), dimensions, normalize), sum(map(len, rows))
+
+    async def embed_ids(self, bodies: list[list[int]], dimensions: int | None = None) -> tuple[np.ndarray, int]:
+        """Vectors for inputs sent as token ids (the text's tokens, without the closing <|endoftext|>)."""
+        with self.admitted(len(bodies)):
+            rows = await self.rows(self.model.tokenize_ids, bodies, can_truncate=False)
+            return self._finish(await self.run(rows), dimensions, True), sum(map(len, rows))
+
+    async def tokens(self, texts: list[str], instruction: str | None = None) -> list[list[int]]:
+        """The rows `/embed` would run for these texts."""
+        with self.admitted(len(texts)):
+            return await self.rows(self._text_rows, texts, instruction, False, can_truncate=False)
+
+    def _text_rows(self, texts: list[str], instruction: str | None, truncate: bool) -> list[list[int]]:
+        return self.model.tokenize(self.model.format(texts, instruction), truncation(truncate))
+
+    def _finish(self, raw: np.ndarray, dimensions: int | None, normalize: bool) -> np.ndarray:
+        if dimensions is not None and dimensions > raw.shape[-1]:
+            raise ToolkitError(f"dimensions must be at most {raw.shape[-1]} (the model's embedding size), "
+                               f"got {dimensions}")
+        return self.model.task.finish(raw, dim=dimensions, normalize=normalize)
+
+
+class RerankService(ServedModel):
+    """The reranker: a query and texts → the texts ranked by P(yes), as `Reranker.rerank`."""
+
+    model: Reranker
+
+    async def rerank(self, query: str, texts: list[str], instruction: str | None = None, truncate: bool = False,
+                     raw_scores: bool = False, top_n: int | None = None) -> tuple[list[int], np.ndarray, int]:
+        """(indices best first, scores in input order, tokens run); scores are P(yes), or log-odds with
+        `raw_scores`."""
+        with self.admitted(len(texts)):
+            pairs = [(query, t) for t in texts]
+            rows = await self.rows(self.model.tokenize, pairs, instruction, truncation(truncate))
+            raw = await self.run(rows)
+        scores = self.model.log_odds(raw) if raw_scores else self.model.task.finish(raw)
+        return rank_order(scores, top_n), scores, sum(map(len, rows))
