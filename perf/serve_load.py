@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import asyncio
-import gc
+import multiprocessing
 import os
 import signal
 import socket
@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from toolkit.eval.datasets import load_dataset
 from toolkit.perf.run import check_int
 from toolkit.perf.traffic import warmup_subset
 from toolkit.report import format_table
+from toolkit.runtime import set_cpu_threads
 from toolkit.tasks import EMBEDDING
 
 REQUEST_TIMEOUT_S = 600  # per request: at saturation a request waits for `clients` others on a slow model
@@ -132,15 +134,20 @@ async def post(http: aiohttp.ClientSession, path: str, body) -> Answer:
 
 
 # ---- the server under test ------------------------------------------------------------------------------------------
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class ServerProcess:
     """`toolkit serve ARGS` as a child process on a free loopback port, its output in a temporary file (a pipe nobody
     reads fills up with access-log lines and blocks it). Usable as a context manager: entered once `/health` answers
     200, stopped with SIGTERM on exit."""
 
     def __init__(self, args: list, startup_timeout: float = STARTUP_TIMEOUT_S):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         self.base = f"http://127.0.0.1:{port}"
         self.args = [sys.executable, "-m", "toolkit.cli", "serve", *map(str, args), "--port", str(port)]
         self.startup_timeout = startup_timeout
@@ -154,7 +161,7 @@ class ServerProcess:
         while not self.healthy():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                tail = "\n".join(self.output().splitlines()[-5:])
+                tail = "\n".join(self.output().splitlines()[-20:])
                 raise ToolkitError(f"`toolkit serve` did not come up (exit {self.process.returncode}):\n{tail}")
             time.sleep(0.2)
         return self
@@ -192,14 +199,9 @@ def run_serve_load(options: ServeLoadOptions, progress: bool = True) -> dict:
     """Offline, then served (and on Ray Serve); returns the result dict (`serve_load_report` prints it)."""
     options.check()
     texts = EMBEDDING.traffic(load_dataset(options.data)[2])[: options.limit]
-    with Embedder.from_artifacts(options.artifact, instances=options.instances, truncation="truncate") as model:
-        warmup = warmup_subset(texts, token_lengths(EMBEDDING, model.tokenizer, texts).clip(max=model.max_length))
-        model.encode_documents(warmup)
-        started = time.perf_counter()
-        reference = model.encode_documents(texts, progress=progress)
-        offline_s = time.perf_counter() - started
-    del model  # its weights out of memory before a server loads its own
-    gc.collect()
+    # in a child process: its copy of the weights is gone (all of it) before a server loads its own
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        offline_s, reference, warmup = child.submit(run_offline, options, texts, progress).result()
     offline = len(texts) / offline_s
     result = {"data": str(options.data), "sentences": len(texts), "clients": options.clients,
               "artifact": str(options.artifact), "offline": {"sentences_per_s": offline, "seconds": offline_s},
@@ -216,6 +218,19 @@ def run_serve_load(options: ServeLoadOptions, progress: bool = True) -> dict:
                                                  options.clients))
             result["runs"][-1]["exit_code"] = server.stop()
     return result
+
+
+def run_offline(options: ServeLoadOptions, texts: list[str], progress: bool) -> tuple[float, np.ndarray, list[str]]:
+    """Seconds `Embedder.encode_documents` takes over all the texts at once (after a warm-up), its vectors, and the
+    warm-up texts (spread over the lengths, so every bucket runs)."""
+    if options.threads:
+        set_cpu_threads(options.threads)
+    with Embedder.from_artifacts(options.artifact, instances=options.instances, truncation="truncate") as model:
+        warmup = warmup_subset(texts, token_lengths(EMBEDDING, model.tokenizer, texts).clip(max=model.max_length))
+        model.encode_documents(warmup)
+        started = time.perf_counter()
+        vectors = model.encode_documents(texts, progress=progress)
+        return time.perf_counter() - started, vectors, warmup
 
 
 def measure_server(name: str, server: ServerProcess, texts: list[str], warmup: list[str], reference: np.ndarray,

@@ -38,13 +38,6 @@ def served(app):
         sock.close()
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def serve_process(*args, startup_timeout: float = TIMEOUT):
     """`toolkit serve ARGS` as a process; yields (base URL, process) once /health answers 200; stopped with SIGTERM

@@ -32,6 +32,11 @@ def embedding_set(onnx_artifacts):
     return bucket_sets(onnx_artifacts)["embedding"]
 
 
+async def bounded(load, seconds: float = 600):
+    """The load, failed if it takes longer than `seconds` in all (each request has its own timeout as well)."""
+    return await asyncio.wait_for(load, seconds)
+
+
 def test_5000_requests_from_64_clients_none_lost_none_mismatched(embedding_set):
     texts = sentences(200)
     with Embedder.from_artifacts(embedding_set) as offline:
@@ -41,17 +46,15 @@ def test_5000_requests_from_64_clients_none_lost_none_mismatched(embedding_set):
     bodies = [{"inputs": [texts[i] for i in pick]} for pick in picks]
     # two single-thread instances per bucket: two batches run at once
     with serve_process("--embedding", embedding_set, "--max-wait-ms", 1, "--instances", 2, "--threads", 2) as (base, _):
-        answers, _ = asyncio.run(closed_loop(base, "/embed", bodies, CLIENTS, TIMEOUT))
+        answers, _ = asyncio.run(bounded(closed_loop(base, "/embed", bodies, CLIENTS, TIMEOUT)))
         metrics = httpx.get(f"{base}/metrics", timeout=TIMEOUT).text
     lost = [a for a in answers if a.status != 200]
     assert not lost, f"{len(lost)} lost, e.g. {lost[0]!r}"
     mismatched = [i for i, (a, pick) in enumerate(zip(answers, picks))
                   if np.max(np.abs(np.array(a.body) - expected[pick])) > TOLERANCE]
     assert not mismatched, f"{len(mismatched)} mismatched, e.g. request {mismatched[0]}"
-    rows = sum(map(len, picks))
     batches = float(re.search(r'toolkit_batch_rows_count\{model="embedding"\} (\S+)', metrics).group(1))
-    single = float(re.search(r'toolkit_batch_rows_bucket\{le="1.0",model="embedding"\} (\S+)', metrics).group(1))
-    assert batches < rows and single < batches  # batch-2 artifacts: rows of different requests shared batches
+    assert batches < REQUESTS  # apart, every request would need a batch of its own: requests shared batches
 
 
 def test_overload_is_429_with_retry_after_never_500_and_health_after(embedding_set):
@@ -61,7 +64,7 @@ def test_overload_is_429_with_retry_after_never_500_and_health_after(embedding_s
     # two requests in flight at most, each waiting for company: 64 at once overflow it
     app = create_app(Embedder.from_artifacts(embedding_set), limits=Limits(max_concurrent_requests=2, max_wait_ms=200))
     with served(app) as base:
-        answers, _ = asyncio.run(closed_loop(base, "/embed", [{"inputs": t} for t in texts], CLIENTS, TIMEOUT))
+        answers, _ = asyncio.run(bounded(closed_loop(base, "/embed", [{"inputs": t} for t in texts], CLIENTS, TIMEOUT)))
         statuses = [a.status for a in answers]
         assert set(statuses) == {200, 429}, statuses
         for answer, want in zip(answers, expected):

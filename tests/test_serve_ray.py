@@ -1,14 +1,16 @@
 """`toolkit serve --ray --replicas 2` on a local Ray head that the test starts on loopback (and stops after): both
-replicas serve, each with its own engines, and the answers are the offline API's."""
+replicas serve, each with its own engines and core budget, the answers are the offline API's, SIGTERM exits 0."""
 import os
+import socket
 import subprocess
 
 import httpx
 import numpy as np
 import pytest
-from serving import TIMEOUT, bucket_sets, free_port, serve_process
+from serving import TIMEOUT, bucket_sets, serve_process, wait_for
 
 from toolkit.api import Embedder
+from toolkit.perf.serve_load import free_port
 
 TEXTS = ["What is the capital of China?", "北京是中国的首都。", "short", "a somewhat longer sentence " * 4]
 RAY_ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -16,15 +18,26 @@ RAY_ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """A one-node Ray cluster on 127.0.0.1 with 2 CPUs; its address. `ray stop` after."""
+    """A one-node Ray cluster on 127.0.0.1 with 2 CPUs; its address. Its processes share the fate of the blocking
+    `ray start`, so terminating that stops this cluster only (`ray stop` would stop every cluster on the machine)."""
     port = free_port()
-    subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
-                    "--include-dashboard=false", "--disable-usage-stats"], check=True, env=RAY_ENV,
-                   capture_output=True, timeout=120)
+    log = open(tmp_path / "ray.log", "w")
+    head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"], env=RAY_ENV,
+                            stdout=log, stderr=subprocess.STDOUT)
     try:
+        wait_for(lambda: head.poll() is None and accepts_connections(port), 120)
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=RAY_ENV, capture_output=True, timeout=120)
+        head.terminate()
+        head.wait(TIMEOUT)
+        log.close()
+    wait_for(lambda: not accepts_connections(port))
+
+
+def accepts_connections(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_two_ray_serve_replicas_answer_as_the_offline_api(onnx_artifacts, ray_head):

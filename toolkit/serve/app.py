@@ -20,6 +20,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from typing_extensions import override
 
 from toolkit.api import Embedder, Reranker
 from toolkit.errors import ToolkitError
@@ -259,16 +260,32 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 # ---- middleware -----------------------------------------------------------------------------------------------------
-class BodyLimit:
+class HttpMiddleware:
+    """An ASGI middleware that acts on HTTP requests (`handle`); lifespan events pass through untouched."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        """ASGI entry."""
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        await self.handle(scope, receive, send)
+
+    async def handle(self, scope, receive, send):
+        """One HTTP request."""
+        raise NotImplementedError
+
+
+class BodyLimit(HttpMiddleware):
     """Refuse a request body over `limit` bytes with 413, whether it declares its length or streams it."""
 
     def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+        super().__init__(app)
+        self.limit = limit
 
-    async def __call__(self, scope, receive, send):
-        """ASGI entry: read and check the body, then hand it on."""
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+    @override
+    async def handle(self, scope, receive, send):
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._refuse(scope, receive, send)
@@ -301,16 +318,15 @@ class BodyLimit:
         await error_response(scope["path"], 413, message)(scope, receive, send)
 
 
-class CountAnswers:
+class CountAnswers(HttpMiddleware):
     """Count every answer by route template and status, and time it."""
 
     def __init__(self, app, metrics: ServiceMetrics):
-        self.app, self.metrics = app, metrics
+        super().__init__(app)
+        self.metrics = metrics
 
-    async def __call__(self, scope, receive, send):
-        """ASGI entry: note the status as the response starts."""
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+    @override
+    async def handle(self, scope, receive, send):
         started, status = time.perf_counter(), [500]
 
         async def noting_status(message):
