@@ -37,7 +37,9 @@ class ToolkitReplica:
 def serve_on_ray(options: ServeOptions, echo: Callable[[str], None] = print) -> None:
     """Deploy `options.replicas` replicas and serve until SIGTERM or Ctrl-C; then remove them."""
     model_sets(options.embedding, options.reranker, options.limits)  # a user's mistake fails here, not in a replica
-    ray.init(address=options.ray_address, include_dashboard=False, logging_level="warning")
+    # without an address, a fresh local instance: plain ray.init() would attach to whatever cluster `ray start` last
+    # recorded on this machine, even one that has died since
+    ray.init(address=options.ray_address or "local", include_dashboard=False, logging_level="warning")
     try:
         serve.start(http_options={"host": options.host, "port": options.port})
         threads = options.threads_per_engine_set

@@ -1,0 +1,69 @@
+"""`toolkit serve --ray --replicas 2` on a local Ray head that the test starts on loopback (and stops after): both
+replicas serve, each with its own engines and core budget, the answers are the offline API's, SIGTERM exits 0."""
+import shutil
+import socket
+import subprocess
+import tempfile
+
+import httpx
+import numpy as np
+import pytest
+from serving import TIMEOUT, bucket_sets, serve_process, wait_for
+
+from toolkit.api import Embedder
+from toolkit.perf.serve_load import free_port
+
+TEXTS = ["What is the capital of China?", "北京是中国的首都。", "short", "a somewhat longer sentence " * 4]
+
+
+@pytest.fixture
+def ray_head(tmp_path, monkeypatch):
+    """A one-node Ray cluster on 127.0.0.1 with 2 CPUs; its address. Its processes share the fate of the blocking
+    `ray start`, so terminating that stops this cluster only (`ray stop` would stop every cluster on the machine)."""
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    # a token that another cluster left in ~/.ray would switch this head, but not the server's driver, to token
+    # authentication; the head and the server both inherit this
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    port = free_port()
+    # its own temp dir (short: Ray puts unix sockets in it): the machine's /tmp/ray keeps no record of this cluster,
+    # which a later plain `ray.init()` would try to join after it is gone
+    temp_dir = tempfile.mkdtemp(prefix="ray-test-", dir="/tmp")
+    log = open(tmp_path / "ray.log", "w")
+    head = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+                             f"--temp-dir={temp_dir}"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: head.poll() is None and accepts_connections(port), 120)
+        yield f"127.0.0.1:{port}"
+    finally:
+        head.terminate()
+        head.wait(TIMEOUT)
+        log.close()
+        wait_for(lambda: not accepts_connections(port))
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def accepts_connections(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_two_ray_serve_replicas_answer_as_the_offline_api(onnx_artifacts, ray_head):
+    embedding_set = bucket_sets(onnx_artifacts)["embedding"]
+    with Embedder.from_artifacts(embedding_set) as offline:
+        want = offline.encode_documents(TEXTS)
+    with serve_process("--embedding", embedding_set, "--ray", "--replicas", 2, "--ray-address", ray_head,
+                       startup_timeout=240) as (base, server), httpx.Client(base_url=base, timeout=TIMEOUT) as http:
+        infos = [http.get("/info").json() for _ in range(40)]
+        replicas = {(info["process"], info["compute_threads"]) for info in infos}
+        assert len(replicas) == 2, replicas  # two replica processes, each with its own engines
+        assert {threads for _, threads in replicas} == {1}  # and its own share of the two cores
+        for _ in range(8):
+            vectors = http.post("/embed", json={"inputs": TEXTS}).json()
+            assert np.max(np.abs(np.array(vectors) - want)) <= 1e-6
+        data = http.post("/v1/embeddings", json={"input": TEXTS, "model": "m"}).json()["data"]
+        assert np.max(np.abs(np.array([d["embedding"] for d in data]) - want)) <= 1e-6
+        too_many = http.post("/embed", json={"inputs": TEXTS * 10})
+        assert too_many.status_code == 413 and "max client batch size" in too_many.json()["error"]
+        server.terminate()
+        assert server.wait(TIMEOUT) == 0
