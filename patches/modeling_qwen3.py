@@ -212,38 +212,46 @@ class Qwen3ForDeployment(nn.Module):
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, head: str, dtype: torch.dtype = torch.float32,
                         insert_slice: bool = True) -> "Qwen3ForDeployment":
-        """Build from a local Hugging Face Qwen3 checkpoint directory (config.json + *.safetensors)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        """Build from a local Hugging Face Qwen3 checkpoint directory (config.json + *.safetensors, one or sharded).
+
+        Lean: the module is built on the meta device and each tensor is read lazily from the files and converted to
+        `dtype` on its own, so the peak is the finished model plus one tensor (plus one fused group), never a second
+        full copy in another dtype."""
+        from safetensors import SafetensorError, safe_open
 
         checkpoint_dir = Path(checkpoint_dir)
         hf_config = json.loads((checkpoint_dir / "config.json").read_text())
-        model = cls(Qwen3Shape.from_hf_config(hf_config), head, insert_slice)
+        with torch.device("meta"):
+            model = cls(Qwen3Shape.from_hf_config(hf_config), head, insert_slice)
         files = sorted(checkpoint_dir.glob("*.safetensors"))
         if not files:
             raise ToolkitError(f"no *.safetensors weights in {checkpoint_dir}; re-download the checkpoint")
         state = {}
         for f in files:
             try:
-                tensors = load_file(str(f))
+                with safe_open(str(f), framework="pt") as tensors:
+                    keys = list(tensors.keys())
+                for k in keys:
+                    key = k.removeprefix("model.")
+                    if key == "lm_head.weight" and head == "last_hidden":
+                        continue
+                    # reopened per tensor: the file is memory-mapped, and the pages read stay resident (and counted
+                    # in RSS) until it is closed
+                    with safe_open(str(f), framework="pt") as tensors:
+                        state[key] = tensors.get_tensor(k).to(dtype)
             except (SafetensorError, OSError) as e:
                 raise ToolkitError(f"{f} is unreadable ({e}); it is truncated or corrupt: re-download it") from None
-            for k, v in tensors.items():
-                state[k.removeprefix("model.")] = v
         if head == "yes_no_logits":
             # lm_head is tied to embed_tokens in 0.6B/4B (absent from the file) and separate in 8B.
-            head = state.pop("lm_head.weight", None)
-            if head is None:
-                head = state["embed_tokens.weight"]
-            state["yes_no_head"] = head[[NO_TOKEN_ID, YES_TOKEN_ID]].clone()
-        else:
-            state.pop("lm_head.weight", None)
+            vocab = state.pop("lm_head.weight", None)
+            state["yes_no_head"] = (state["embed_tokens.weight"] if vocab is None else vocab)[
+                [NO_TOKEN_ID, YES_TOKEN_ID]].clone()
         fuse_projections(state, model.shape.num_hidden_layers)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise ToolkitError(f"checkpoint {checkpoint_dir} does not match Qwen3: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-        return model.to(dtype).eval()
+        return model.eval()
 
 
 FUSED_PROJECTIONS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),

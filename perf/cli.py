@@ -103,14 +103,16 @@ def compare_cmd(checkpoint, artifacts, iterations, warmup, no_torch, json_out):
 @click.option("--limit", type=int, default=256, show_default=True, help="first N requests")
 @click.option("--instance", "instances", type=int, default=1, show_default=True)
 @click.option("--threads", type=int, help="compute threads for the whole process (default: all cores)")
+@click.option("--fp16-load", type=click.Choice(["low-peak", "fold"]), default="low-peak", show_default=True,
+              help="ONNX fp16 artifacts: load at half the peak memory, or fold (about 5% faster)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
-def traffic_cmd(data, artifacts, checkpoint, torch_batch, limit, instances, threads, json_out):
+def traffic_cmd(data, artifacts, checkpoint, torch_batch, limit, instances, threads, fp16_load, json_out):
     """Real requests through torch eager and artifact sets: throughput, padding, GFLOP/s vs peak, agreement."""
     from toolkit.perf.traffic import TrafficOptions, run_traffic, traffic_report
 
     options = TrafficOptions(data=data, artifacts=tuple(artifacts), checkpoint=checkpoint,
                              torch_batches=number_list(torch_batch, "--torch-batch", int), limit=limit,
-                             instances=instances, threads=threads).check()
+                             instances=instances, threads=threads, fp16_load=fp16_load).check()
     result = run_traffic(options)
     click.echo(traffic_report(result))
     write_json(json_out, result)

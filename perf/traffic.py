@@ -16,6 +16,7 @@ from pathlib import Path
 
 from toolkit.api import RunnerStats, model_class
 from toolkit.artifact import find_artifacts
+from toolkit.backends import set_fp16_load
 from toolkit.buckets import token_lengths
 from toolkit.checkpoint import read_hf_config, resolve_checkpoint
 from toolkit.errors import ToolkitError
@@ -34,7 +35,8 @@ class TrafficOptions:
     """What `perf traffic` replays. `data`: an evaluation JSONL path or name; `artifacts`: artifact-set directories
     (same task); `checkpoint`: the torch reference (default: the one the first artifact was built from);
     `torch_batches`: torch eager's dynamic batch sizes; `limit`: the first N requests; `instances`: engine instances
-    per artifact; `threads`: the process's compute-thread budget (default: all cores)."""
+    per artifact; `threads`: the process's compute-thread budget (default: all cores); `fp16_load`: how ONNX
+    Runtime loads fp16 artifacts (`backends.set_fp16_load`)."""
 
     data: str
     artifacts: tuple[str | Path, ...] = ()
@@ -43,6 +45,7 @@ class TrafficOptions:
     limit: int | None = 256
     instances: int = 1
     threads: int | None = None
+    fp16_load: str = "low-peak"
 
     def check(self) -> "TrafficOptions":
         """Raise ToolkitError (naming the option) for the first invalid field; return self."""
@@ -63,6 +66,7 @@ def run_traffic(options: TrafficOptions, progress: bool = True) -> dict:
     options.check()
     if options.threads:
         set_cpu_threads(options.threads)
+    set_fp16_load(options.fp16_load)
     sets = [find_artifacts(a) for a in options.artifacts]
     tasks = {s[0].task for s in sets}
     if len(tasks) > 1:

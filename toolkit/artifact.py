@@ -92,7 +92,7 @@ class Manifest:
     model_file: str
     precision: dict
     dynamic_batch: bool = False  # True: any 1..batch rows per run (no padding rows); False: exactly batch rows
-    backend_details: dict = field(default_factory=dict)  # onnx: external_data; tvm: params_file, primfuncs, ...
+    backend_details: dict = field(default_factory=dict)  # tvm: params_file, primfuncs, ...
     validation: dict | None = None  # None: not validated (never loadable); {"skipped": ...}: CUDA without a GPU
     build: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)

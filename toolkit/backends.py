@@ -2,11 +2,15 @@
 
 Outputs are raw graph outputs: `[B, hidden]` last-token hidden states (embedding, before L2 normalisation) or `[B, 2]`
 ("no", "yes") logits (reranker). The artifact backends share one constructor, `(manifest, threads, device_id)`, and
-`open_backend(manifest)` picks the one the manifest names. The torch reference runs the *unpatched* Hugging Face model,
-so every parity check compares the compiled artifact with what users run today.
+`open_backend(manifest)` picks the one the manifest names. The torch references run the *unpatched* Hugging Face model,
+so every parity check compares the compiled artifact with what users run today: `TorchReference` loads it whole,
+`LayerwiseReference` holds one decoder layer's weights at a time (same results, a fraction of the memory).
 """
 from __future__ import annotations
 
+import json
+import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,7 @@ from typing_extensions import override
 
 from toolkit.artifact import Manifest
 from toolkit.errors import ToolkitError
+from toolkit.memory import return_freed_memory
 from toolkit.tasks import Task
 
 
@@ -60,6 +65,196 @@ class TorchReference(Backend):
             return self.task.reference_forward(self.model, ids, mask)
 
 
+UPCAST_BLOCK = 1 << 22  # elements converted to fp32 at a time when loading a tensor
+
+
+class _Safetensors:
+    """A checkpoint's tensors, read on demand. Names drop the `model.` prefix, so a file saved from `AutoModel`
+    (`layers.0...`) and one saved from `AutoModelForCausalLM` (`model.layers.0...`) read alike."""
+
+    def __init__(self, checkpoint_dir: Path, tie_word_embeddings: bool):
+        index = checkpoint_dir / "model.safetensors.index.json"
+        if index.is_file():  # sharded: the files the index names, as from_pretrained reads them
+            try:
+                files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ToolkitError(f"{index} is not a readable safetensors index ({type(e).__name__}: {e}); "
+                                   "re-download the checkpoint") from None
+        else:
+            files = ["model.safetensors"]
+        self.checkpoint_dir = checkpoint_dir
+        self.where: dict[str, tuple[Path, str]] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for file in files:
+            with self.open(checkpoint_dir / file) as f:
+                for key in f.keys():
+                    name = key.removeprefix("model.")
+                    self.where[name] = (checkpoint_dir / file, key)
+                    self.shapes[name] = tuple(f.get_slice(key).get_shape())
+        # from_pretrained ties symmetrically: a tied lm_head without its own tensor reads the embedding, and the
+        # reverse; one that has its own tensor keeps it.
+        self.tied = {"lm_head.weight": "embed_tokens.weight", "embed_tokens.weight": "lm_head.weight"} \
+            if tie_word_embeddings else {}
+
+    def open(self, path: Path):
+        """`safe_open` on one file (lazy, memory-mapped), with a one-line error for a missing or damaged file."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            return safe_open(str(path), framework="pt")
+        except (OSError, SafetensorError) as e:
+            raise ToolkitError(f"cannot read {path} ({e}); re-download or rebuild the checkpoint") from None
+
+    def check(self, name: str, shape: tuple[int, ...]) -> None:
+        """Refuse a checkpoint that lacks the model's parameter `name`, or holds it in another shape."""
+        found = self.shapes.get(self.source(name))
+        if found is None:
+            raise ToolkitError(f"{self.checkpoint_dir} has no tensor {name!r} (nor 'model.{name}'); re-download or "
+                               "rebuild the checkpoint")
+        if found != tuple(shape):
+            raise ToolkitError(f"{self.checkpoint_dir}: tensor {name!r} is {list(found)}, its config.json says "
+                               f"{list(shape)}; the weights and config.json do not belong together")
+
+    def source(self, name: str) -> str:
+        """The stored tensor that parameter `name` is loaded from (its own, or the tied one's)."""
+        return name if name in self.where or name not in self.tied else self.tied[name]
+
+    def load(self, names: list[str], rows: list[int] | None = None) -> dict:
+        """The named tensors (or the given rows of each) in fp32, upcast exactly as
+        `from_pretrained(dtype=torch.float32)` does.
+
+        A tensor is read in blocks of rows, each through its own short-lived mapping of the file: a mapping's pages
+        count as resident while it is open, and a big tensor (a vocabulary-sized head) is then never held twice."""
+        import torch
+
+        out = {}
+        for name in names:
+            path, key = self.where[self.source(name)]
+            if rows is not None:
+                with self.open(path) as f:
+                    stored = f.get_slice(key)
+                    out[name] = torch.cat([stored[i:i + 1] for i in rows]).to(torch.float32)
+                continue
+            shape = self.shapes[self.source(name)]
+            out[name] = torch.empty(shape, dtype=torch.float32)
+            step = max(1, UPCAST_BLOCK // max(1, math.prod(shape[1:])))
+            for start in range(0, shape[0], step):
+                with self.open(path) as f:
+                    out[name][start:start + step] = f.get_slice(key)[start:start + step]
+        return out
+
+
+def _embedding_lookup(weights: _Safetensors, name: str, input_ids):
+    """nn.Embedding's forward reading only the rows the batch uses: a gather, so exactly the same values."""
+    import torch
+
+    ids, inverse = torch.unique(input_ids, return_inverse=True)
+    return weights.load([name], ids.tolist())[name][inverse]
+
+
+class LayerwiseReference(Backend):
+    """The unpatched Hugging Face model in fp32 (any batch, any length) with one decoder layer's weights resident at a
+    time: the same results as `TorchReference`, at a peak of about one layer instead of the whole model.
+
+    The model is built on the meta device from config.json. A forward pre-hook loads each decoder layer's weights
+    from the safetensors files (single or sharded) just before the layer runs, and a forward hook drops them back to
+    meta after it, so the hidden states flow through Hugging Face's own forward unchanged. The embedding reads only
+    the rows a batch uses (a gather: the same values); a causal LM's head is loaded whole for its one matmul, because
+    slicing it over the vocabulary changes BLAS's summation order (up to ~1e-5 on the logits). The final norm and the
+    rotary tables are small and stay loaded."""
+
+    name = "torch-layerwise"
+    seq_len = batch = None
+
+    def __init__(self, checkpoint_dir: Path, task: Task, threads: int | None = None, device_id: int = 0,
+                 progress: bool = False):
+        import torch
+        from transformers import AutoConfig
+
+        from toolkit.checkpoint import read_hf_config
+
+        if threads:
+            torch.set_num_threads(threads)
+        checkpoint_dir = Path(checkpoint_dir)
+        read_hf_config(checkpoint_dir)  # a Qwen3 checkpoint, or a one-line refusal
+        self.task, self.progress, self.bar = task, progress, None
+        try:
+            config = AutoConfig.from_pretrained(str(checkpoint_dir))
+            with torch.device("meta"):  # the architecture without its weights: no memory
+                self.model = task.hf_model_class().from_config(config, dtype=torch.float32).eval()
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise ToolkitError(f"cannot build the Hugging Face model from {checkpoint_dir}/config.json "
+                               f"({type(e).__name__}: {str(e)[:200]})") from None
+        self.weights = _Safetensors(checkpoint_dir, bool(getattr(config, "tie_word_embeddings", False)))
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            self.weights.check(name.removeprefix("model."), param.shape)
+        base = self.model.base_model
+        # inv_freq is computed at init, not loaded: compute it for real (from_pretrained does too)
+        base.rotary_emb = type(base.rotary_emb)(self.model.config)
+        self._load("norm.", base.norm, ())
+        # an instance attribute wins over the class's forward: nn.Embedding's lookup, reading only the rows used
+        base.embed_tokens.forward = partial(_embedding_lookup, self.weights, "embed_tokens.weight")
+        self.layers = list(base.layers)
+        for i, layer in enumerate(self.layers):
+            layer.register_forward_pre_hook(partial(self._load, f"layers.{i}."))
+            layer.register_forward_hook(self._drop)
+        self.heavy = list(self.layers)  # what the hooks load and drop (and the progress bar counts)
+        if hasattr(self.model, "lm_head"):
+            self.model.lm_head.register_forward_pre_hook(partial(self._load, "lm_head."))
+            self.model.lm_head.register_forward_hook(self._drop)
+            self.heavy.append(self.model.lm_head)
+
+    def _load(self, prefix: str, module, args) -> None:
+        """Materialise `module`'s weights (stored under `prefix`) from the checkpoint, in fp32."""
+        import torch
+
+        names = [name for name, _ in module.named_parameters()]
+        # Ordinary parameters (requires_grad, not inference tensors), like from_pretrained's: torch's matmul picks
+        # its kernel path by those flags, and another path sums in another order (~1e-7 on the logits).
+        with torch.inference_mode(False):
+            loaded = self.weights.load([prefix + name for name in names])
+            module.load_state_dict({name: loaded[prefix + name] for name in names}, assign=True)
+
+    def _drop(self, module, args, output) -> None:
+        """Send `module`'s weights back to meta (freeing them) once it has run."""
+        module.to_empty(device="meta")
+        # A layer's tensors are a few MiB each, under glibc's mmap threshold, so they live on the heap, and the holes
+        # they leave stay resident: untrimmed, RSS grows by about half a layer per layer (1.4 GB, not 0.55, at 0.6B).
+        return_freed_memory()
+        if self.bar is not None:
+            self.bar.update()
+
+    @override
+    def run(self, input_ids, attention_mask):
+        import torch
+        from tqdm.auto import tqdm
+
+        ids, mask = torch.from_numpy(np.asarray(input_ids)), torch.from_numpy(np.asarray(attention_mask))
+        try:
+            with torch.inference_mode(), tqdm(total=len(self.heavy), desc="reference layers", leave=False,
+                                              disable=not self.progress) as self.bar:
+                return self.task.reference_forward(self.model, ids, mask)
+        finally:
+            self.bar = None
+            for module in self.heavy:  # a run that failed midway leaves its layer loaded
+                module.to_empty(device="meta")
+
+
+FP16_LOADS = ("low-peak", "fold")
+_fp16_load = ["low-peak"]
+
+
+def set_fp16_load(mode: str) -> None:
+    """How ONNX Runtime loads fp16 artifacts from now on. Its CPU kernels have no fp16 matmul, so either way the
+    linear weights end up in memory as fp32 (its cast insertion upcasts an fp16 weight that only feeds a Cast); the
+    modes differ in the load's peak. "low-peak" (the default) turns constant folding off: 0.6B shape, load peak 2.2 GB
+    (1.9x the fp16 weight bytes; 4B: 15 GB). "fold" is ONNX Runtime's full optimisation: load peak 3.9 GB (3.4x), runs
+    about 5% faster (0-11% measured on a 2-core AVX-512 CPU). Resident once loaded: the same, about 1.5x."""
+    if mode not in FP16_LOADS:
+        raise ToolkitError(f"the fp16 load must be one of {FP16_LOADS}, got {mode!r}")
+    _fp16_load[0] = mode
+
+
 class OnnxRuntimeBackend(Backend):
     """An `onnx` artifact on ONNX Runtime (CPU, or CUDA with onnxruntime-gpu)."""
 
@@ -77,7 +272,11 @@ class OnnxRuntimeBackend(Backend):
         device = manifest.target.device
         providers = (["CPUExecutionProvider"] if device == "cpu" else
                      [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"])
-        self.session = ort.InferenceSession(str(manifest.path / manifest.model_file), opts, providers=providers)
+        # constant folding is what doubles the load's peak (see set_fp16_load)
+        low_peak = manifest.dtype == "fp16" and _fp16_load[0] == "low-peak"
+        self.session = ort.InferenceSession(str(manifest.path / manifest.model_file), opts, providers=providers,
+                                            disabled_optimizers=["ConstantFolding"] if low_peak else None)
+        return_freed_memory()
         if device != "cpu" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise ToolkitError("this artifact targets CUDA but ONNX Runtime has no usable CUDA provider here "
                                f"(available: {ort.get_available_providers()}); install onnxruntime-gpu on a GPU host")

@@ -32,7 +32,7 @@ def resolve_checkpoint(path_or_hub_id: str | Path) -> Path:
             f"cannot fetch checkpoint {hub_id!r} from the hub ({type(e).__name__}). Either download it where the hub "
             f"is reachable and pass the local directory (--checkpoint /path/to/{hub_id.split('/')[-1]}, or "
             f"CHECKPOINT_EMB=/path / CHECKPOINT_RERANK=/path for make), or build a synthetic one to try the toolkit: "
-            f"toolkit synth --task embedding|reranker --shape tiny|0.6b OUT_DIR") from None
+            f"toolkit synth --task embedding|reranker --shape tiny|0.6b|4b|8b OUT_DIR") from None
 
 
 def read_hf_config(checkpoint_dir: Path) -> dict:

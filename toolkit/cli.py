@@ -19,7 +19,8 @@ def main():
 
 @main.command()
 @click.option("--task", type=click.Choice(sorted(TASKS)), required=True)
-@click.option("--shape", type=click.Choice(["tiny", "0.6b"]), default="tiny", show_default=True)
+@click.option("--shape", type=click.Choice(["tiny", "0.6b", "4b", "8b"]), default="tiny", show_default=True,
+              help="the real models' shapes (4b: ~8 GB on disk, 8b: ~16 GB), written one layer at a time")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--outliers", is_flag=True, help="inject realistic activation outliers (outlier input channels and "
               "massive residual activations), as real LLMs carry: what low-precision accuracy gates are tested on")
@@ -28,7 +29,7 @@ def synth(task, shape, seed, outliers, out_dir):
     """Write a synthetic (random-weight) Qwen3 checkpoint with the real Qwen3 tokenizer."""
     from toolkit.synth import write_synthetic_checkpoint
 
-    click.echo(write_synthetic_checkpoint(out_dir, task, shape, seed, outliers))
+    click.echo(write_synthetic_checkpoint(out_dir, task, shape, seed, outliers, progress=True))
 
 
 @main.command()
@@ -188,8 +189,11 @@ def data_download(out_dir):
 @click.option("--ray", "use_ray", is_flag=True, help="deploy on Ray Serve instead of uvicorn")
 @click.option("--replicas", type=int, default=1, show_default=True, help="with --ray: replicas, each its own engines")
 @click.option("--ray-address", help="with --ray: a running cluster (`ray start --head`); default: a local one")
+@click.option("--fp16-load", type=click.Choice(["low-peak", "fold"]), default="low-peak", show_default=True,
+              help="ONNX fp16 artifacts: load at half the peak memory, or fold (about 5% faster)")
 def serve(embedding_dir, reranker_dir, host, port, max_batch_tokens, max_wait_ms, max_concurrent_requests,
-          max_client_batch_size, max_input_length, payload_limit, instances, threads, use_ray, replicas, ray_address):
+          max_client_batch_size, max_input_length, payload_limit, instances, threads, use_ray, replicas, ray_address,
+          fp16_load):
     """Serve artifacts over HTTP (TEI and OpenAI APIs, cross-request batching, Prometheus metrics)."""
     from toolkit.serve.server import ServeOptions
     from toolkit.serve.server import serve as run_server
@@ -200,7 +204,8 @@ def serve(embedding_dir, reranker_dir, host, port, max_batch_tokens, max_wait_ms
                     max_input_length=max_input_length, payload_limit=payload_limit)
     run_server(ServeOptions(embedding=embedding_dir, reranker=reranker_dir, host=host, port=port, limits=limits,
                             instances=instances, threads=threads, ray=use_ray, replicas=replicas,
-                            ray_address=ray_address), echo=lambda line: click.echo(line, err=True))
+                            ray_address=ray_address, fp16_load=fp16_load),
+               echo=lambda line: click.echo(line, err=True))
 
 
 # `toolkit eval ...` and `toolkit perf ...` (also the `perf` command) live beside their modules

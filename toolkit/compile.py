@@ -5,24 +5,30 @@ Each (backend, seq) pair becomes one self-contained artifact directory, `WORKSPA
 staging directory beside its final place and moved there only once validation passed (or was explicitly skipped for a
 CUDA build made without a GPU): a failed or interrupted compile leaves nothing loadable, and the previous artifact at
 that place stays as it was.
+
+Memory: the patched model is needed only to export, so every graph is exported first and the model dropped before
+anything else runs (folding, quantizing, TVM, validation); the fp32 reference runs one layer at a time. The peak RSS
+of each stage goes into the manifest (`build.stage_peak_rss_mb`).
 """
 from __future__ import annotations
 
+import gc
 import os
-import resource
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from toolkit.artifact import Manifest, ModelSource, Target
-from toolkit.backends import TorchReference, device_available, load_backend
+from toolkit.backends import LayerwiseReference, device_available, load_backend
 from toolkit.checkpoint import load_tokenizer, model_source, resolve_checkpoint
 from toolkit.config import BuildConfig
 from toolkit.errors import ToolkitError
-from toolkit.export import export_onnx
+from toolkit.export import OnnxExport, export_onnx, fold_weights
+from toolkit.memory import StagePeaks, return_freed_memory
 from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
 from toolkit.quantize import CalibrationSet, QuantizationPlan, plan_int8, quantize_onnx
 from toolkit.tasks import Task, get_task
@@ -38,6 +44,19 @@ PRECISION = {
 }
 
 
+@dataclass
+class StagedArtifact:
+    """An artifact in the making: its exported graph in a staging directory beside its final place."""
+
+    backend: str
+    seq_len: int
+    final: Path
+    staging: Path
+    graph: Path  # the exported ONNX file: the artifact's model file, or the input of folding/quantizing/TVM
+    exported: OnnxExport
+    export_seconds: float
+
+
 def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
     """Compile every (backend, seq) of `cfg`; returns the artifact directories. Raises if validation fails."""
     task = get_task(cfg.task)
@@ -46,17 +65,31 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
     tokenizer = load_tokenizer(checkpoint)
     check_seq_lens(task, tokenizer, cfg.seq_lens)
     log(f"checkpoint {checkpoint} ({task.name}, {cfg.dtype})")
-    model = Qwen3ForDeployment.from_pretrained(checkpoint, task.output_name, TORCH_DTYPES[cfg.dtype])
-    plan, checks = None, None
-    if cfg.dtype == "int8":
-        calibration = CalibrationSet.load(cfg.calibration)
-        plan = plan_int8(model, task, tokenizer, calibration, max(cfg.seq_lens), cfg.smooth_alpha,
-                         cfg.max_linear_error, log)
-        model.embed_tokens.half()  # a gather: fp16 storage costs no accuracy in the arithmetic
-        checks = calibration
-    reference = TorchReference(checkpoint, task)
-    return [build_artifact(cfg, task, backend, seq_len, model, tokenizer, source, reference, log, plan, checks)
-            for backend in cfg.backends for seq_len in cfg.seq_lens]
+    peaks, staged = StagePeaks(), []
+    try:
+        with peaks.stage("load"):
+            model = Qwen3ForDeployment.from_pretrained(checkpoint, task.output_name, TORCH_DTYPES[cfg.dtype])
+        plan, checks = None, None
+        if cfg.dtype == "int8":
+            checks = CalibrationSet.load(cfg.calibration)
+            with peaks.stage("calibrate"):
+                plan = plan_int8(model, task, tokenizer, checks, max(cfg.seq_lens), cfg.smooth_alpha,
+                                 cfg.max_linear_error, log)
+            model.embed_tokens.half()  # a gather: fp16 storage costs no accuracy in the arithmetic
+        with peaks.stage("export"):
+            for backend in cfg.backends:
+                for seq_len in cfg.seq_lens:
+                    staged.append(stage_export(cfg, task, backend, seq_len, model, log))
+        del model  # from here on everything reads the exported graphs
+        gc.collect()  # the exported program holds reference cycles to the weights
+        return_freed_memory()
+        with peaks.stage("reference"):
+            reference = LayerwiseReference(checkpoint, task)
+        return [finish_artifact(cfg, task, artifact, tokenizer, source, reference, log, plan, checks, peaks.copy())
+                for artifact in staged]
+    finally:
+        for artifact in staged:  # installed ones were moved away; what is left is a failed or interrupted build
+            shutil.rmtree(artifact.staging, ignore_errors=True)
 
 
 def check_seq_lens(task: Task, tokenizer, seq_lens) -> None:
@@ -73,70 +106,93 @@ def artifact_dir(cfg: BuildConfig, backend: str, seq_len: int) -> Path:
     return cfg.workspace / cfg.name / backend / f"seq{seq_len}"
 
 
-def build_artifact(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model, tokenizer, source: ModelSource,
-                   reference: TorchReference, log, plan: QuantizationPlan | None = None,
-                   holdout: CalibrationSet | None = None) -> Path:
-    """Build, validate and install one artifact (atomically: see the module docstring). An int8 build takes its
-    quantization `plan`, and its validation also covers the `holdout` texts calibration never saw."""
+def stage_export(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model, log) -> StagedArtifact:
+    """Export `model` for (backend, seq) into a new staging directory. ONNX artifacts get a dynamic batch (ONNX
+    Runtime takes any shape: a partial batch computes no padding rows); TVM artifacts a static one (our schedules are
+    built for fixed shapes). A graph that is not the artifact's model file (TVM's input, int8's fp32 graph) goes into
+    `graph/`, removed once it is used."""
     final = artifact_dir(cfg, backend, seq_len)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; an installed artifact is readable like any compile output
+    started = time.perf_counter()
+    graph_dir = staging if backend == "onnx" and cfg.dtype != "int8" else staging / "graph"
     try:
-        started = time.perf_counter()
-        manifest = write_artifact(cfg, task, backend, seq_len, model, tokenizer, source, staging, log, plan)
-        if device_available(backend, cfg.target):
-            texts = holdout.rows(task, tokenizer, "holdout", seq_len) if holdout else []
-            manifest.validation = measure(load_backend(manifest), reference, tokenizer, cfg.dtype, texts)
-        else:
-            manifest.validation = {"skipped": "no CUDA device on the build machine; run `toolkit validate "
-                                              f"{final} --checkpoint CKPT` on the GPU host", "passed": None}
-            log(f"warning: {final}: built but not validated ({manifest.validation['skipped']})")
-        manifest.build = {"config": str(cfg.source) if cfg.source else None,
-                          "seconds": round(time.perf_counter() - started, 2),
-                          "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
-        manifest.save(staging, hash_files=False)
-        if manifest.validation["passed"] is False:
-            raise ToolkitError(f"validation failed for {final}: {task.format_agreement(manifest.validation)} is "
-                               f"outside the {cfg.dtype} tolerance ({task.tolerance_text(cfg.dtype)}); nothing was "
-                               "installed")
-        if manifest.validation["passed"]:
-            log(f"{final}: vs HF fp32: {task.format_agreement(manifest.validation)} "
-                f"({manifest.build['seconds']} s, peak RSS {manifest.build['peak_rss_mb']} MB)")
-        install(staging, final)
-    finally:
+        graph_dir.mkdir(exist_ok=True)
+        exported = export_onnx(model, task, graph_dir / "model.onnx", seq_len, cfg.batch_for(seq_len),
+                               dynamic_batch=backend == "onnx")
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"exported {backend} seq {seq_len} ({time.perf_counter() - started:.0f} s)")
+    return StagedArtifact(backend, seq_len, final, staging, graph_dir / "model.onnx", exported,
+                          time.perf_counter() - started)
+
+
+def finish_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, tokenizer, source: ModelSource,
+                    reference: LayerwiseReference, log, plan: QuantizationPlan | None = None,
+                    holdout: CalibrationSet | None = None, peaks: StagePeaks | None = None) -> Path:
+    """Make a staged export an artifact, validate it and install it (atomically: see the module docstring). An int8
+    build takes its quantization `plan`, and its validation also covers the `holdout` texts calibration never saw.
+    `peaks` holds the stages already run for it (loading, calibration, export); the manifest records each stage's
+    peak RSS."""
+    peaks = peaks or StagePeaks()
+    started = time.perf_counter()
+    final, staging = artifact.final, artifact.staging
+    manifest = write_artifact(cfg, task, artifact, tokenizer, source, log, plan, peaks)
+    if device_available(artifact.backend, cfg.target):
+        texts = holdout.rows(task, tokenizer, "holdout", artifact.seq_len) if holdout else []
+        with peaks.stage("validate"):
+            manifest.validation = measure(load_backend(manifest), reference, tokenizer, cfg.dtype, texts)
+    else:
+        manifest.validation = {"skipped": "no CUDA device on the build machine; run `toolkit validate "
+                                          f"{final} --checkpoint CKPT` on the GPU host", "passed": None}
+        log(f"warning: {final}: built but not validated ({manifest.validation['skipped']})")
+    manifest.build = {"config": str(cfg.source) if cfg.source else None,
+                      "seconds": round(artifact.export_seconds + time.perf_counter() - started, 2),
+                      "peak_rss_mb": peaks.peak(), "stage_peak_rss_mb": dict(peaks.mb)}
+    manifest.save(staging, hash_files=False)
+    if manifest.validation["passed"] is False:
+        raise ToolkitError(f"validation failed for {final}: {task.format_agreement(manifest.validation)} is "
+                           f"outside the {cfg.dtype} tolerance ({task.tolerance_text(cfg.dtype)}); nothing was "
+                           "installed")
+    if manifest.validation["passed"]:
+        log(f"{final}: vs HF fp32: {task.format_agreement(manifest.validation)} "
+            f"({manifest.build['seconds']} s, peak RSS {peaks.peak()} MB: "
+            + ", ".join(f"{stage} {mb}" for stage, mb in peaks.mb.items()) + ")")
+    install(staging, final)
     return final
 
 
-def write_artifact(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model, tokenizer, source: ModelSource,
-                   out: Path, log, plan: QuantizationPlan | None = None) -> Manifest:
-    """Export (and for TVM, compile; for int8, quantize) into `out` with the tokenizer; write its manifest, not yet
-    validated. ONNX artifacts get a dynamic batch (ONNX Runtime takes any shape: a partial batch computes no padding
-    rows); TVM artifacts a static one (our schedules are built for fixed shapes)."""
-    dynamic_batch = backend == "onnx"
-    straight_to_artifact = backend == "onnx" and plan is None
-    with tempfile.TemporaryDirectory() as tmp:
-        exported = export_onnx(model, task, (out if straight_to_artifact else Path(tmp)) / "model.onnx", seq_len,
-                               cfg.batch_for(seq_len), dynamic_batch, fold=cfg.dtype != "fp16")
-        model_file, target, details = exported.model_file, Target(cfg.target), {"external_data": exported.external_data}
-        precision = dict(PRECISION[cfg.dtype])
-        if plan:
-            quantize_onnx(Path(tmp) / "model.onnx", out / "model.onnx", plan)
-            precision["quantization"] = plan.describe()
-        if backend == "tvm":
-            from toolkit.tvm_compile import compile_tvm
+def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, tokenizer, source: ModelSource, log,
+                   plan: QuantizationPlan | None = None, peaks: StagePeaks | None = None) -> Manifest:
+    """Turn the staged export into the artifact's files (fp32 weights: folded; int8: quantized; TVM: compiled) with
+    the tokenizer; write its manifest, not yet validated."""
+    peaks = peaks or StagePeaks()
+    out, exported = artifact.staging, artifact.exported
+    model_file, target, details = exported.model_file, Target(cfg.target), {}
+    precision = dict(PRECISION[cfg.dtype])
+    if cfg.dtype != "fp16":
+        with peaks.stage("fold"):
+            fold_weights(artifact.graph)
+    if plan:
+        with peaks.stage("quantize"):
+            quantize_onnx(artifact.graph, out / "model.onnx", plan)
+        precision["quantization"] = plan.describe()
+    if artifact.backend == "tvm":
+        from toolkit.tvm_compile import compile_tvm
 
-            built = compile_tvm(Path(tmp) / "model.onnx", out, cfg.target, log=log)
-            model_file, target = built.model_file, Target(cfg.target, built.tvm_target)
-            details = {"params_file": built.params_file, "primfuncs": built.primfuncs,
-                       "unscheduled": built.unscheduled, "compile_seconds": built.compile_seconds}
+        with peaks.stage("tvm"):
+            built = compile_tvm(artifact.graph, out, cfg.target, log=log)
+        model_file, target = built.model_file, Target(cfg.target, built.tvm_target)
+        details = {"params_file": built.params_file, "primfuncs": built.primfuncs,
+                   "unscheduled": built.unscheduled, "compile_seconds": built.compile_seconds}
+    shutil.rmtree(out / "graph", ignore_errors=True)
     tokenizer.save_pretrained(out / "tokenizer")
     return Manifest(
-        name=cfg.name, task=task.name, seq_len=seq_len, batch=cfg.batch_for(seq_len), dynamic_batch=dynamic_batch,
-        dtype=cfg.dtype, backend=backend, target=target, model=source, inputs=exported.inputs,
-        outputs=exported.outputs, model_file=model_file,
-        precision=precision,
+        name=cfg.name, task=task.name, seq_len=artifact.seq_len, batch=cfg.batch_for(artifact.seq_len),
+        dynamic_batch=artifact.backend == "onnx", dtype=cfg.dtype, backend=artifact.backend, target=target,
+        model=source, inputs=exported.inputs, outputs=exported.outputs, model_file=model_file, precision=precision,
         backend_details=details,
     ).save(out)
 

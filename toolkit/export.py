@@ -14,7 +14,6 @@ import torch
 from toolkit.artifact import TensorSpec
 
 ONNX_OPSET = 18
-PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # stay clear of protobuf's 2 GiB cap: above it, weights go external
 INPUT_NAMES = ("input_ids", "attention_mask")
 
 
@@ -25,14 +24,14 @@ class OnnxExport:
     model_file: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    external_data: bool
 
 
-def export_onnx(model, task, path: Path, seq_len: int, batch: int, dynamic_batch: bool = False,
-                fold: bool = False) -> OnnxExport:
+def export_onnx(model, task, path: Path, seq_len: int, batch: int, dynamic_batch: bool = False) -> OnnxExport:
     """Export `model` (a Qwen3ForDeployment for `task`) to `path` and check it. With `dynamic_batch` the batch axis is
     symbolic (`batch` is then the most rows a caller should send at once), so a partial batch is not padded with rows.
-    `fold` (fp32 linear weights only) runs `fold_weights`.
+
+    Weights always go to `model.onnx.data` beside the graph: saved that way each tensor is streamed to the file, where
+    an embedded protobuf is first built whole in memory (measured on the 0.6B shape: export peak 5.1 GB → 1.6 GB).
 
     The dynamo exporter runs with `optimize=False`: its optimizer constant-folds `Cast(fp16 weight)` into fp32
     initializers, which would silently double the artifact and drop the fp16 storage we asked for."""
@@ -42,21 +41,17 @@ def export_onnx(model, task, path: Path, seq_len: int, batch: int, dynamic_batch
     mask = torch.ones(batch, seq_len, dtype=torch.int64)
     inputs = [TensorSpec(name, [batch, seq_len], "int64") for name in INPUT_NAMES]
     outputs = [TensorSpec(**task.output_spec(batch, model.shape.hidden_size))]
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    external = weight_bytes > PROTOBUF_LIMIT
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # torchvision-missing notices are noise here
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         rows = torch.export.Dim("batch", min=1, max=max(batch, 2) * 64) if dynamic_batch else None
         program = torch.onnx.export(model, (ids, mask), dynamo=True, optimize=False, verbose=False,
                                     opset_version=ONNX_OPSET, input_names=list(INPUT_NAMES),
-                                    output_names=[o.name for o in outputs], external_data=external,
+                                    output_names=[o.name for o in outputs], external_data=True,
                                     dynamic_shapes={name: {0: rows} for name in INPUT_NAMES} if rows else None)
-    program.save(str(path), external_data=external)
-    if fold:
-        fold_weights(path)
+    program.save(str(path), external_data=True)
     onnx.checker.check_model(str(path), full_check=True)  # path-based: works above 2 GiB; full_check infers shapes
-    return OnnxExport(model_file=path.name, inputs=inputs, outputs=outputs, external_data=external)
+    return OnnxExport(model_file=path.name, inputs=inputs, outputs=outputs)
 
 
 def fold_weights(path: Path) -> None:
@@ -75,8 +70,8 @@ def fold_weights(path: Path) -> None:
                        if p.key == "pkg.torch.onnx.name_scopes"), [])
         if node.op_type == "MatMul" and node.input[1] in weights and len(scopes) >= 2 and scopes[-2]:
             node.name = scopes[-2]
-    external = sum(t.ByteSize() for t in model.graph.initializer) > PROTOBUF_LIMIT
     for stale in path.parent.glob(f"{path.name}.data"):
         stale.unlink()  # onnx.save appends to an existing external data file
-    onnx.save(model, str(path), save_as_external_data=external, location=f"{path.name}.data")
+    onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
+    onnx.checker.check_model(str(path), full_check=True)
 

@@ -1,8 +1,11 @@
 """Synthetic Qwen3 checkpoints with random weights, for tests and the quickstart (no hub access needed).
 
-They are ordinary Hugging Face checkpoints (config.json, model.safetensors in bf16 like the real ones, tokenizer
-files) with the real Qwen3 tokenizer and vocabulary, so prompts, padding and yes/no scoring are exercised for real;
-only the weights are random, so every metric computed with them is meaningless (parity is what they test).
+They are ordinary Hugging Face checkpoints (config.json, bf16 safetensors like the real ones: `model.safetensors`, or
+shards of at most `MAX_SHARD_BYTES` with a `model.safetensors.index.json`; tokenizer files) with the real Qwen3
+tokenizer and vocabulary, so prompts, padding and yes/no scoring are exercised for real; only the weights are random,
+so every metric computed with them is meaningless (parity is what they test). Every shape, from `tiny` to `8b`, is
+written tensor by tensor, one decoder layer at a time, so memory holds at most one shard plus one layer (an 8B model
+in bf16 is 16 GB; built whole by `from_config` it would be 32 GB of fp32 first).
 
 Random weights are kind to quantizers; real LLMs are not. `outliers=True` injects the two kinds of outliers that break
 naive int8 (the model's fp32 function stays a valid Qwen3 computation):
@@ -17,6 +20,7 @@ naive int8 (the model's fp32 function stays a valid Qwen3 computation):
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -26,13 +30,19 @@ from toolkit.tasks import get_task
 from toolkit.tokenizer import ENDOFTEXT_ID, VOCAB_SIZE, build_qwen3_tokenizer
 
 SHAPES = {
-    # hidden, layers, heads, kv heads, head_dim, ffn
+    # The Hugging Face configs of Qwen3-Embedding / Qwen3-Reranker at each size (the vocabulary is VOCAB_SIZE for all).
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                 intermediate_size=128),
+                 intermediate_size=128, tie_word_embeddings=True),
     "0.6b": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                 intermediate_size=3072),
+                 intermediate_size=3072, tie_word_embeddings=True),
+    "4b": dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+               intermediate_size=9728, tie_word_embeddings=True),
+    # Untied: the reranker (a causal LM) has its own lm_head.weight; the embedding model has no head at all.
+    "8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+               intermediate_size=12288, tie_word_embeddings=False),
 }
-
+MAX_SHARD_BYTES = 2 * 10**9  # per safetensors file (Hugging Face's "2GB"); a bigger single tensor gets its own
+RANDOM_CHUNK = 1 << 24  # elements drawn in fp32 at a time before the cast to bf16 (64 MB of scratch)
 
 OUTLIER_INIT_RANGE = 0.02  # Qwen3's initializer_range
 OUTLIER_CHANNELS = (5, 37)
@@ -40,61 +50,132 @@ OUTLIER_SCALE = 60.0
 MASSIVE_CHANNELS = (11, 50)
 MASSIVE_VALUE = 600.0
 MASSIVE_TOKENS = (198, 13, 11)  # "\n", ".", "," in the Qwen3 vocabulary
+# Each decoder layer's RMSNorms and the linear layers that read their output.
+NORM_READERS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
 
 
-def inject_outliers(model) -> None:
-    """Give a Hugging Face Qwen3 model realistic activation outliers (see the module docstring), in place."""
-    for layer in model.base_model.layers:
-        for norm, linears in ((layer.input_layernorm, (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                                                       layer.self_attn.v_proj)),
-                              (layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj))):
-            for c in OUTLIER_CHANNELS:
-                norm.weight[c] *= OUTLIER_SCALE
-                for linear in linears:
-                    linear.weight[:, c] /= OUTLIER_SCALE
-    embeddings = model.get_input_embeddings().weight
-    for token in MASSIVE_TOKENS:
-        embeddings[token, list(MASSIVE_CHANNELS)] = MASSIVE_VALUE
+def inject_outliers(weights: dict[str, torch.Tensor]) -> None:
+    """Give Qwen3 weights realistic activation outliers (see the module docstring), in place.
+
+    `weights` maps Hugging Face state-dict names (with or without the causal LM's `model.` prefix) to tensors: a whole
+    state dict (`dict(model.named_parameters())` under `torch.no_grad()`), or any part of one made of whole decoder
+    layers and/or the embedding, which is how the writer calls it, one layer at a time."""
+    for name, weight in weights.items():
+        for norm, readers in NORM_READERS:
+            if name.endswith(f"{norm}.weight"):
+                layer = name[:-len(f"{norm}.weight")]
+                for c in OUTLIER_CHANNELS:
+                    weight[c] *= OUTLIER_SCALE
+                    for reader in readers:
+                        weights[f"{layer}{reader}.weight"][:, c] /= OUTLIER_SCALE
+        if name.endswith("embed_tokens.weight"):
+            for token in MASSIVE_TOKENS:
+                weight[token, list(MASSIVE_CHANNELS)] = MASSIVE_VALUE
+
+
+def _random_weight(name: str, shape: torch.Size, std: float, generator: torch.Generator) -> torch.Tensor:
+    """A bf16 weight as Hugging Face initialises Qwen3's (linear and embedding weights normal(0, std)), except norms:
+    uniform(0.5, 1.5), as norms at 1.0 make random activations too uniform. The embedding's pad row is a normal row
+    like the others (HF zeroes it; in real Qwen3 <|endoftext|> is a trained token that ends every embedding input).
+    Drawn in fp32 chunks of RANDOM_CHUNK elements, so the scratch stays small whatever the tensor."""
+    out = torch.empty(shape, dtype=torch.bfloat16)
+    flat = out.view(-1)
+    for start in range(0, flat.numel(), RANDOM_CHUNK):
+        chunk = torch.empty(min(RANDOM_CHUNK, flat.numel() - start))
+        if name.endswith("norm.weight"):
+            chunk.uniform_(0.5, 1.5, generator=generator)
+        else:
+            chunk.normal_(0.0, std, generator=generator)
+        flat[start:start + chunk.numel()] = chunk
+    return out
+
+
+def _layer_groups(names: list[str]) -> list[list[str]]:
+    """State-dict names in runs of one decoder layer each (the embedding, and the final norm and head, alone)."""
+    groups, keys = [], []
+    for name in names:
+        match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+        key = int(match.group(1)) if match else None
+        if groups and key == keys[-1]:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+            keys.append(key)
+    return groups
 
 
 def write_synthetic_checkpoint(out_dir: str | Path, task_name: str, shape: str = "tiny", seed: int = 0,
-                               outliers: bool = False) -> Path:
+                               outliers: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+                               progress: bool = False) -> Path:
     """Write a random-weight checkpoint of `shape` for the task called `task_name` into `out_dir`; with `outliers`,
-    with realistic activation outliers injected."""
+    with realistic activation outliers injected. Shards hold at most `max_shard_bytes` each; `progress` shows a bar
+    over the layers on stderr (once a write takes more than a second)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+    from tqdm import tqdm
     from transformers import Qwen3Config
 
     task = get_task(task_name)
     if shape not in SHAPES:
-        raise ToolkitError(f"unknown shape {shape!r}; choose one of {sorted(SHAPES)}")
+        raise ToolkitError(f"unknown shape {shape!r}; choose one of {list(SHAPES)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
+    tokenizer = build_qwen3_tokenizer(task.eos_token, task.tokenizer_appends_eos)
     config = Qwen3Config(
         **SHAPES[shape], vocab_size=VOCAB_SIZE, max_position_embeddings=32768, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         # Plain: a wider init than Qwen's 0.02 so random outputs spread (reranker probabilities far from 0.5). With
         # outliers: Qwen's own 0.02, because at 0.05 a 28-layer random network amplifies any perturbation (weight-only
         # int8 alone ends at cosine 0.992 on the 0.6B shape), which would gate the checkpoint, not the quantizer.
         initializer_range=OUTLIER_INIT_RANGE if outliers else 0.05,
-        bos_token_id=ENDOFTEXT_ID, pad_token_id=ENDOFTEXT_ID,
+        bos_token_id=ENDOFTEXT_ID, pad_token_id=ENDOFTEXT_ID, eos_token_id=tokenizer.eos_token_id,
     )
-    tokenizer = build_qwen3_tokenizer(task.eos_token, task.tokenizer_appends_eos)
-    config.eos_token_id = tokenizer.eos_token_id
-    model = task.hf_model_class().from_config(config).to(torch.bfloat16)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):  # norms at 1.0 make random activations too uniform; vary them
-                p.uniform_(0.5, 1.5)
-        # HF zero-inits the pad row; in real Qwen3 <|endoftext|> is a trained token (and ends every embedding input).
-        model.get_input_embeddings().weight[config.pad_token_id].normal_(0.0, config.initializer_range)
+    # The task's HF class on the meta device (no memory): its state dict names every tensor save_pretrained would write
+    # and its shape; tied weights (the head when tie_word_embeddings) are one Parameter, written once, first name kept.
+    with torch.device("meta"):
+        model = task.hf_model_class().from_config(config).to(torch.bfloat16)
+    specs, seen = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            specs[name] = tensor
+    split = split_torch_state_dict_into_shards(specs, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_bytes)
+
+    for stale in [*out_dir.glob("model*.safetensors"), *out_dir.glob("model.safetensors.index.json")]:
+        stale.unlink()  # a previous checkpoint's weights (as save_pretrained does): its index would outlive it
+    generator = torch.Generator().manual_seed(seed)
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # shard file -> its tensors so far
+    for group in tqdm(_layer_groups(list(specs)), desc=f"synth {task.name} {shape}", unit="layer",
+                      disable=not progress, delay=1.0):
+        weights = {name: _random_weight(name, specs[name].shape, config.initializer_range, generator)
+                   for name in group}
         if outliers:
-            inject_outliers(model)
-    model.save_pretrained(out_dir)
+            inject_outliers(weights)
+        for name, weight in weights.items():
+            filename = split.tensor_to_filename[name]
+            shard = pending.setdefault(filename, {})
+            shard[name] = weight
+            if len(shard) == len(split.filename_to_tensors[filename]):
+                save_file(pending.pop(filename), out_dir / filename, metadata={"format": "pt"})
+        del weights
+    assert not pending, f"shards left unwritten: {sorted(pending)}"
+    if split.is_sharded:  # the index save_pretrained writes
+        index = {"metadata": {"total_parameters": sum(t.numel() for t in specs.values()), **split.metadata},
+                 "weight_map": split.tensor_to_filename}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    model.config.architectures = [type(model).__name__]  # what save_pretrained records
+    model.config.dtype = "bfloat16"
+    model.config.save_pretrained(out_dir)
     config_path = out_dir / "config.json"
     cfg = json.loads(config_path.read_text())
     cfg["synthetic"] = {"task": task.name, "shape": shape, "seed": seed, "outliers": outliers,
                         "note": "RANDOM WEIGHTS - for testing the toolkit only; metrics on it are meaningless"}
     config_path.write_text(json.dumps(cfg, indent=2))
+    if model.can_generate():
+        model.generation_config.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     (out_dir / "README.md").write_text(
         f"# Synthetic Qwen3-{task.name} checkpoint ({shape} shape)\n\nRandom weights (seed {seed}) written by "

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.artifact import Manifest
-from toolkit.backends import Backend, TorchReference, load_backend
+from toolkit.backends import Backend, LayerwiseReference, load_backend
 from toolkit.checkpoint import load_tokenizer, resolve_checkpoint
 from toolkit.tasks import get_task
 from toolkit.text import left_pad
@@ -28,7 +28,7 @@ def validation_rows(tokenizer, seq_len: int) -> list[list[int]]:
     return [[ENDOFTEXT_ID], typical[: seq_len - 1] + [ENDOFTEXT_ID], long + [ENDOFTEXT_ID]]
 
 
-def measure(backend: Backend, reference: TorchReference, tokenizer, dtype: str,
+def measure(backend: Backend, reference: Backend, tokenizer, dtype: str,
             texts: list[list[int]] = ()) -> dict:
     """Run the artifact and the reference on the validation rows (and on `texts`, token rows of real text); the task's
     agreement, tolerance and verdict."""
@@ -53,7 +53,7 @@ def revalidate(artifact: str | Path, checkpoint: str | None = None) -> dict:
     """Re-run an artifact's validation (e.g. on the GPU host for a CUDA build) and record it in its manifest."""
     manifest = Manifest.load(artifact)
     task = get_task(manifest.task)
-    reference = TorchReference(resolve_checkpoint(checkpoint or manifest.reference_checkpoint()), task)
+    reference = LayerwiseReference(resolve_checkpoint(checkpoint or manifest.reference_checkpoint()), task)
     stats = measure(load_backend(manifest), reference, load_tokenizer(manifest.path / "tokenizer"), manifest.dtype)
     manifest.validation = stats
     manifest.save(manifest.path, hash_files=False)

@@ -33,6 +33,7 @@ class ServeOptions:
     ray: bool = False
     replicas: int = 1
     ray_address: str | None = None
+    fp16_load: str = "low-peak"
 
     def check(self) -> "ServeOptions":
         """Raise ToolkitError naming the flag of the first invalid option; return self."""
@@ -63,11 +64,13 @@ class ServeOptions:
 
 def build_app(options: ServeOptions):
     """Load the models (with this process's compute budget) and build the app around them."""
+    from toolkit.backends import set_fp16_load
     from toolkit.runtime import set_cpu_threads
     from toolkit.serve.app import create_app
     from toolkit.serve.service import load_models
 
     set_cpu_threads(options.threads_per_engine_set)
+    set_fp16_load(options.fp16_load)
     models = load_models(options.embedding, options.reranker, options.limits, options.instances)
     try:
         return create_app(models.get("embedding"), models.get("reranker"), options.limits)

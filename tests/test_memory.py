@@ -1,0 +1,67 @@
+"""Lean compile and load (issue 12): per-stage peaks in the manifest, the patched model read tensor by tensor from
+sharded checkpoints, weights beside the graph, the fp16 load modes."""
+import numpy as np
+import pytest
+import torch
+
+from toolkit.artifact import Manifest
+from toolkit.backends import open_backend, set_fp16_load
+from toolkit.errors import ToolkitError
+from toolkit.memory import StagePeaks, resident_mb
+from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
+from toolkit.synth import write_synthetic_checkpoint
+from toolkit.text import left_pad
+from toolkit.tokenizer import ENDOFTEXT_ID
+
+
+def test_a_stage_records_its_own_peak_not_the_process_s():
+    peaks = StagePeaks()
+    with peaks.stage("big"):
+        block = np.ones(300 * 2**20 // 8)  # 300 MB, every page touched
+        del block
+    with peaks.stage("small"):
+        pass
+    if peaks.mb["small"] >= peaks.mb["big"]:
+        pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
+    assert peaks.mb["big"] >= resident_mb() + 250
+    assert peaks.peak() == peaks.mb["big"]
+
+
+def test_compile_writes_the_peak_of_every_stage_and_keeps_weights_beside_the_graph(onnx_artifacts):
+    manifest = Manifest.load(onnx_artifacts["embedding"][0])
+    stages = manifest.build["stage_peak_rss_mb"]
+    assert list(stages) == ["load", "export", "reference", "validate"]
+    assert all(isinstance(mb, int) and mb > 0 for mb in stages.values())
+    assert manifest.build["peak_rss_mb"] == max(stages.values())
+    assert {"model.onnx", "model.onnx.data"} <= set(manifest.files)  # the graph and its weights, both hashed
+    assert not (manifest.path / "graph").exists()
+
+
+def test_patched_model_reads_a_sharded_checkpoint_as_the_single_file(checkpoints, tmp_path):
+    sharded = write_synthetic_checkpoint(tmp_path / "sharded", "reranker", "tiny", max_shard_bytes=60_000)
+    assert len(list(sharded.glob("*.safetensors"))) >= 3
+    single = Qwen3ForDeployment.from_pretrained(checkpoints["reranker"], "yes_no_logits", torch.float16)
+    split = Qwen3ForDeployment.from_pretrained(sharded, "yes_no_logits", torch.float16)
+    assert single.state_dict().keys() == split.state_dict().keys()
+    for name, tensor in single.state_dict().items():
+        assert tensor.dtype == torch.float16 and tensor.device.type == "cpu", name
+        assert torch.equal(tensor, split.state_dict()[name]), name
+
+
+def test_both_fp16_loads_give_the_same_outputs(onnx_artifacts, tokenizers):
+    manifest = Manifest.load(onnx_artifacts["embedding"][0])
+    rows = [[ENDOFTEXT_ID], tokenizers["embedding"]("a short sentence").input_ids + [ENDOFTEXT_ID]]
+    ids, mask = left_pad(rows, manifest.seq_len, ENDOFTEXT_ID, None)
+    outputs = {}
+    try:
+        for mode in ("fold", "low-peak"):
+            set_fp16_load(mode)
+            backend = open_backend(manifest)
+            outputs[mode] = backend.run(ids, mask)
+            backend.close()
+    finally:
+        set_fp16_load("low-peak")
+    assert np.max(np.abs(outputs["fold"] - outputs["low-peak"])) <= 1e-5
+    with pytest.raises(ToolkitError, match="low-peak"):
+        set_fp16_load("fp8")
+

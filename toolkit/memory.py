@@ -1,0 +1,74 @@
+"""Peak memory per stage of a long job (compile): how much RSS each stage reached, for the manifest and the log.
+
+On Linux the kernel's high-water mark (`VmHWM`) is reset at the start of each stage (`/proc/self/clear_refs`), so a
+stage's figure is its own peak, not the process's so far. Elsewhere the lifetime peak (`ru_maxrss`) is all there is.
+"""
+from __future__ import annotations
+
+import re
+import resource
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+STATUS, CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+RESET_PEAK = "5"  # proc(5): writing 5 to clear_refs resets the peak RSS to the current RSS
+
+
+def resident_mb(field: str = "VmRSS") -> int:
+    """The current (`VmRSS`) or peak (`VmHWM`) resident set size in MB."""
+    try:
+        return int(re.search(rf"{field}:\s+(\d+) kB", STATUS.read_text()).group(1)) // 1024
+    except (OSError, AttributeError):
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale // 1024**2
+
+
+def reset_peak() -> bool:
+    """Start a new peak at the current RSS; False where the kernel does not allow it."""
+    try:
+        CLEAR_REFS.write_text(RESET_PEAK)
+        return True
+    except OSError:
+        return False
+
+
+class StagePeaks:
+    """`with peaks.stage("export"): ...` records the peak RSS (MB) reached inside each stage; a stage run twice keeps
+    the larger figure."""
+
+    def __init__(self):
+        self.mb: dict[str, int] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        """Measure the block's peak RSS under `name`."""
+        reset_peak()
+        try:
+            yield
+        finally:
+            self.mb[name] = max(self.mb.get(name, 0), resident_mb("VmHWM"))
+
+    def copy(self) -> "StagePeaks":
+        """An independent record starting from this one's stages."""
+        fork = StagePeaks()
+        fork.mb.update(self.mb)
+        return fork
+
+    def peak(self) -> int:
+        """The largest stage peak."""
+        return max(self.mb.values(), default=resident_mb("VmHWM"))
+
+
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's `malloc_trim`). Loading a model frees its file buffers and
+    transient copies, but glibc keeps them mapped and counted in RSS (measured: an int8 0.6B session 1.41x its weight
+    bytes after load, 1.06x after trimming). A no-op without glibc."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(libc).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
