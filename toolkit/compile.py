@@ -84,7 +84,7 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
         gc.collect()  # the exported program holds reference cycles to the weights
         return_freed_memory()
         with peaks.stage("reference"):
-            reference = LayerwiseReference(checkpoint, task)
+            reference = LayerwiseReference(checkpoint, task, progress=True)
         return [finish_artifact(cfg, task, artifact, tokenizer, source, reference, log, plan, checks, peaks.copy())
                 for artifact in staged]
     finally:

@@ -53,7 +53,8 @@ def revalidate(artifact: str | Path, checkpoint: str | None = None) -> dict:
     """Re-run an artifact's validation (e.g. on the GPU host for a CUDA build) and record it in its manifest."""
     manifest = Manifest.load(artifact)
     task = get_task(manifest.task)
-    reference = LayerwiseReference(resolve_checkpoint(checkpoint or manifest.reference_checkpoint()), task)
+    reference = LayerwiseReference(resolve_checkpoint(checkpoint or manifest.reference_checkpoint()), task,
+                                   progress=True)
     stats = measure(load_backend(manifest), reference, load_tokenizer(manifest.path / "tokenizer"), manifest.dtype)
     manifest.validation = stats
     manifest.save(manifest.path, hash_files=False)
