@@ -214,38 +214,21 @@ class Qwen3ForDeployment(nn.Module):
                         insert_slice: bool = True) -> "Qwen3ForDeployment":
         """Build from a local Hugging Face Qwen3 checkpoint directory (config.json + *.safetensors, one or sharded).
 
-        Lean: the module is built on the meta device and each tensor is read lazily from the files and converted to
-        `dtype` on its own, so the peak is the finished model plus one tensor (plus one fused group), never a second
-        full copy in another dtype."""
-        from safetensors import SafetensorError, safe_open
+        Lean: the module is built on the meta device and each tensor is read on demand (`CheckpointTensors`) straight
+        into `dtype`, so the peak is the finished model plus one fused group, never a second full copy in another
+        dtype."""
+        from toolkit.checkpoint import CheckpointTensors
 
         checkpoint_dir = Path(checkpoint_dir)
         hf_config = json.loads((checkpoint_dir / "config.json").read_text())
         with torch.device("meta"):
             model = cls(Qwen3Shape.from_hf_config(hf_config), head, insert_slice)
-        files = sorted(checkpoint_dir.glob("*.safetensors"))
-        if not files:
-            raise ToolkitError(f"no *.safetensors weights in {checkpoint_dir}; re-download the checkpoint")
-        state = {}
-        for f in files:
-            try:
-                with safe_open(str(f), framework="pt") as tensors:
-                    keys = list(tensors.keys())
-                for k in keys:
-                    key = k.removeprefix("model.")
-                    if key == "lm_head.weight" and head == "last_hidden":
-                        continue
-                    # reopened per tensor: the file is memory-mapped, and the pages read stay resident (and counted
-                    # in RSS) until it is closed
-                    with safe_open(str(f), framework="pt") as tensors:
-                        state[key] = tensors.get_tensor(k).to(dtype)
-            except (SafetensorError, OSError) as e:
-                raise ToolkitError(f"{f} is unreadable ({e}); it is truncated or corrupt: re-download it") from None
+        tensors = CheckpointTensors(checkpoint_dir, bool(hf_config.get("tie_word_embeddings")))
+        state = tensors.load([name for name in tensors.where if name != "lm_head.weight"], dtype=dtype)
         if head == "yes_no_logits":
             # lm_head is tied to embed_tokens in 0.6B/4B (absent from the file) and separate in 8B.
-            vocab = state.pop("lm_head.weight", None)
-            state["yes_no_head"] = (state["embed_tokens.weight"] if vocab is None else vocab)[
-                [NO_TOKEN_ID, YES_TOKEN_ID]].clone()
+            vocab = "lm_head.weight" if "lm_head.weight" in tensors.where else "embed_tokens.weight"
+            state["yes_no_head"] = tensors.load([vocab], [NO_TOKEN_ID, YES_TOKEN_ID], dtype)[vocab]
         fuse_projections(state, model.shape.num_hidden_layers)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:

@@ -8,8 +8,6 @@ so every parity check compares the compiled artifact with what users run today: 
 """
 from __future__ import annotations
 
-import json
-import math
 from functools import partial
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import numpy as np
 from typing_extensions import override
 
 from toolkit.artifact import Manifest
+from toolkit.checkpoint import CheckpointTensors
 from toolkit.errors import ToolkitError
 from toolkit.memory import return_freed_memory
 from toolkit.tasks import Task
@@ -65,86 +64,7 @@ class TorchReference(Backend):
             return self.task.reference_forward(self.model, ids, mask)
 
 
-UPCAST_BLOCK = 1 << 22  # elements converted to fp32 at a time when loading a tensor
-
-
-class _Safetensors:
-    """A checkpoint's tensors, read on demand. Names drop the `model.` prefix, so a file saved from `AutoModel`
-    (`layers.0...`) and one saved from `AutoModelForCausalLM` (`model.layers.0...`) read alike."""
-
-    def __init__(self, checkpoint_dir: Path, tie_word_embeddings: bool):
-        index = checkpoint_dir / "model.safetensors.index.json"
-        if index.is_file():  # sharded: the files the index names, as from_pretrained reads them
-            try:
-                files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                raise ToolkitError(f"{index} is not a readable safetensors index ({type(e).__name__}: {e}); "
-                                   "re-download the checkpoint") from None
-        else:
-            files = ["model.safetensors"]
-        self.checkpoint_dir = checkpoint_dir
-        self.where: dict[str, tuple[Path, str]] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        for file in files:
-            with self.open(checkpoint_dir / file) as f:
-                for key in f.keys():
-                    name = key.removeprefix("model.")
-                    self.where[name] = (checkpoint_dir / file, key)
-                    self.shapes[name] = tuple(f.get_slice(key).get_shape())
-        # from_pretrained ties symmetrically: a tied lm_head without its own tensor reads the embedding, and the
-        # reverse; one that has its own tensor keeps it.
-        self.tied = {"lm_head.weight": "embed_tokens.weight", "embed_tokens.weight": "lm_head.weight"} \
-            if tie_word_embeddings else {}
-
-    def open(self, path: Path):
-        """`safe_open` on one file (lazy, memory-mapped), with a one-line error for a missing or damaged file."""
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            return safe_open(str(path), framework="pt")
-        except (OSError, SafetensorError) as e:
-            raise ToolkitError(f"cannot read {path} ({e}); re-download or rebuild the checkpoint") from None
-
-    def check(self, name: str, shape: tuple[int, ...]) -> None:
-        """Refuse a checkpoint that lacks the model's parameter `name`, or holds it in another shape."""
-        found = self.shapes.get(self.source(name))
-        if found is None:
-            raise ToolkitError(f"{self.checkpoint_dir} has no tensor {name!r} (nor 'model.{name}'); re-download or "
-                               "rebuild the checkpoint")
-        if found != tuple(shape):
-            raise ToolkitError(f"{self.checkpoint_dir}: tensor {name!r} is {list(found)}, its config.json says "
-                               f"{list(shape)}; the weights and config.json do not belong together")
-
-    def source(self, name: str) -> str:
-        """The stored tensor that parameter `name` is loaded from (its own, or the tied one's)."""
-        return name if name in self.where or name not in self.tied else self.tied[name]
-
-    def load(self, names: list[str], rows: list[int] | None = None) -> dict:
-        """The named tensors (or the given rows of each) in fp32, upcast exactly as
-        `from_pretrained(dtype=torch.float32)` does.
-
-        A tensor is read in blocks of rows, each through its own short-lived mapping of the file: a mapping's pages
-        count as resident while it is open, and a big tensor (a vocabulary-sized head) is then never held twice."""
-        import torch
-
-        out = {}
-        for name in names:
-            path, key = self.where[self.source(name)]
-            if rows is not None:
-                with self.open(path) as f:
-                    stored = f.get_slice(key)
-                    out[name] = torch.cat([stored[i:i + 1] for i in rows]).to(torch.float32)
-                continue
-            shape = self.shapes[self.source(name)]
-            out[name] = torch.empty(shape, dtype=torch.float32)
-            step = max(1, UPCAST_BLOCK // max(1, math.prod(shape[1:])))
-            for start in range(0, shape[0], step):
-                with self.open(path) as f:
-                    out[name][start:start + step] = f.get_slice(key)[start:start + step]
-        return out
-
-
-def _embedding_lookup(weights: _Safetensors, name: str, input_ids):
+def _embedding_lookup(weights: CheckpointTensors, name: str, input_ids):
     """nn.Embedding's forward reading only the rows the batch uses: a gather, so exactly the same values."""
     import torch
 
@@ -185,7 +105,7 @@ class LayerwiseReference(Backend):
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise ToolkitError(f"cannot build the Hugging Face model from {checkpoint_dir}/config.json "
                                f"({type(e).__name__}: {str(e)[:200]})") from None
-        self.weights = _Safetensors(checkpoint_dir, bool(getattr(config, "tie_word_embeddings", False)))
+        self.weights = CheckpointTensors(checkpoint_dir, bool(getattr(config, "tie_word_embeddings", False)))
         for name, param in self.model.named_parameters(remove_duplicate=False):
             self.weights.check(name.removeprefix("model."), param.shape)
         base = self.model.base_model

@@ -130,13 +130,12 @@ def stage_export(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model
 
 
 def finish_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, tokenizer, source: ModelSource,
-                    reference: LayerwiseReference, log, plan: QuantizationPlan | None = None,
-                    holdout: CalibrationSet | None = None, peaks: StagePeaks | None = None) -> Path:
+                    reference: LayerwiseReference, log, plan: QuantizationPlan | None, holdout: CalibrationSet | None,
+                    peaks: StagePeaks) -> Path:
     """Make a staged export an artifact, validate it and install it (atomically: see the module docstring). An int8
     build takes its quantization `plan`, and its validation also covers the `holdout` texts calibration never saw.
     `peaks` holds the stages already run for it (loading, calibration, export); the manifest records each stage's
     peak RSS."""
-    peaks = peaks or StagePeaks()
     started = time.perf_counter()
     final, staging = artifact.final, artifact.staging
     manifest = write_artifact(cfg, task, artifact, tokenizer, source, log, plan, peaks)
@@ -165,10 +164,9 @@ def finish_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, toke
 
 
 def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, tokenizer, source: ModelSource, log,
-                   plan: QuantizationPlan | None = None, peaks: StagePeaks | None = None) -> Manifest:
+                   plan: QuantizationPlan | None, peaks: StagePeaks) -> Manifest:
     """Turn the staged export into the artifact's files (fp32 weights: folded; int8: quantized; TVM: compiled) with
     the tokenizer; write its manifest, not yet validated."""
-    peaks = peaks or StagePeaks()
     out, exported = artifact.staging, artifact.exported
     model_file, target, details = exported.model_file, Target(cfg.target), {}
     precision = dict(PRECISION[cfg.dtype])

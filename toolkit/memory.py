@@ -24,13 +24,12 @@ def resident_mb(field: str = "VmRSS") -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale // 1024**2
 
 
-def reset_peak() -> bool:
-    """Start a new peak at the current RSS; False where the kernel does not allow it."""
+def reset_peak() -> None:
+    """Start a new peak at the current RSS, where the kernel allows it (elsewhere the peak stays the lifetime's)."""
     try:
         CLEAR_REFS.write_text(RESET_PEAK)
-        return True
     except OSError:
-        return False
+        pass
 
 
 class StagePeaks:
