@@ -122,8 +122,11 @@ class Attention(nn.Module):
     @override
     def forward(self, x, cos, sin, mask):
         b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
-                                          self.kv_heads * self.head_dim], dim=-1)
+        # Slices, not split/chunk: the exporter turns those into SplitToSequence + SequenceAt, which ONNX Runtime runs
+        # as copies through a tensor sequence (7% of a 0.6B forward at [8, 128], `perf profile`).
+        qkv, q_end = self.qkv_proj(x), self.heads * self.head_dim
+        kv_end = q_end + self.kv_heads * self.head_dim
+        q, k, v = qkv[..., :q_end], qkv[..., q_end:kv_end], qkv[..., kv_end:]
         q = self.q_norm(q.reshape(b, t, self.heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(k.reshape(b, t, self.kv_heads, self.head_dim)).transpose(1, 2)
         v = v.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -149,8 +152,9 @@ class MLP(nn.Module):
 
     @override
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        half = gate_up.shape[-1] // 2
+        return self.down_proj(F.silu(gate_up[..., :half]) * gate_up[..., half:])  # slices: see Attention.forward
 
 
 class DecoderLayer(nn.Module):

@@ -55,6 +55,29 @@ def run_cmd(artifact, percentiles, instances, batch_size, iterations, queue_size
     write_json(json_out, result)
 
 
+@perf.command("profile")
+@click.option("--artifact", required=True, type=click.Path(exists=True, file_okay=False),
+              help="one artifact directory (one SEQ), onnx or tvm")
+@click.option("--iterations", type=int, default=10, show_default=True, help="profiled runs")
+@click.option("--warmup", type=int, default=2, show_default=True, help="runs first, not counted")
+@click.option("--top", type=int, default=15, show_default=True, help="kernels and op types listed")
+@click.option("--input", "source", default="random", show_default=True,
+              help="random | a dataset: JSONL PATH or a name such as sts12-sample (real token lengths)")
+@click.option("--threads", type=int, help="compute threads (default: all cores)")
+@click.option("--trace", type=click.Path(dir_okay=False),
+              help="write a Chrome trace here (chrome://tracing, ui.perfetto.dev)")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+def profile_cmd(artifact, iterations, warmup, top, source, threads, trace, json_out):
+    """Time per kernel (ONNX Runtime's profiler, TVM's VM instrument): top kernels and op types, GFLOP/s, trace."""
+    from toolkit.perf.profile import ProfileOptions, profile_report, run_profile
+
+    options = ProfileOptions(artifact=artifact, iterations=iterations, warmup=warmup, top=top, input=source,
+                             threads=threads, trace=trace).check()
+    result = run_profile(options, progress=True)
+    click.echo(profile_report(result))
+    write_json(json_out, result)
+
+
 @perf.command("buckets")
 @click.option("--fixed", required=True, type=click.Path(exists=True, file_okay=False),
               help="one embedding artifact at a large SEQ (e.g. .../onnx/seq512)")

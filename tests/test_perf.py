@@ -1,5 +1,6 @@
-"""`perf run`, `perf compare` and `perf buckets` through the CLI on the tiny synthetic artifacts: tables printed, JSON
-written, per-instance work, agreement between backends, and every bad option refused (exit 2) before anything runs."""
+"""`perf run`, `perf compare`, `perf profile` and `perf buckets` through the CLI on the tiny synthetic artifacts:
+tables printed, JSON written, per-instance work, agreement between backends, per-kernel times and matmul FLOPs,
+and every bad option refused (exit 2) before anything runs."""
 import json
 
 import pytest
@@ -144,6 +145,99 @@ def test_perf_compare_refuses_mismatched_artifacts_and_bad_options(onnx_artifact
     for args, flag in ((["--iterations", "0"], "--iterations"), (["--warmup", "-1"], "--warmup")):
         r = invoke("compare", "--artifact", onnx32, *args)
         assert r.exit_code == 2 and flag in r.output, r.output
+
+
+# ---- perf profile ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["onnx", "tvm"])
+def test_perf_profile_times_kernels_and_counts_matmul_flops(onnx_artifacts, tvm_artifacts, checkpoints, tmp_path,
+                                                             backend):
+    from toolkit.checkpoint import read_hf_config
+    from toolkit.perf.compare import forward_flops
+
+    artifact = onnx_artifacts["embedding"][1] if backend == "onnx" else tvm_artifacts["embedding"][0]
+    out, trace = tmp_path / "profile.json", tmp_path / "trace.json"
+    r = invoke("profile", "--artifact", artifact, "--iterations", 3, "--warmup", 1, "--top", 5, "--trace", trace,
+               "--json", out)
+    assert r.exit_code == 0, r.output
+    for text in ("op types", "kernels", "calls/iter", "ms/iter", "share", "GFLOP/s", "framework overhead",
+                 "GFLOP/s effective", f"trace: {trace}"):
+        assert text in r.output
+    result = read(out)
+    assert (result["backend"], result["task"], result["seq_len"], result["batch"]) == (backend, "embedding", 64, 2)
+    assert result["iterations"] == 3 and result["warmup"] == 1
+    kernels = result["kernels"]
+    assert f"top 5 of {len(kernels)} kernels" in r.output and len(kernels) > 5
+    assert all(k["ms_per_iteration"] > 0 and k["calls_per_iteration"] >= 1 for k in kernels)
+    assert [k["ms_per_iteration"] for k in kernels] == sorted((k["ms_per_iteration"] for k in kernels), reverse=True)
+    kernel_ms = sum(k["ms_per_iteration"] for k in kernels)
+    assert kernel_ms == pytest.approx(result["kernel_ms_per_iteration"])
+    assert kernel_ms == pytest.approx(sum(o["ms_per_iteration"] for o in result["op_types"]))
+    # kernels run one after another inside each timed run: together they cannot take longer than the run
+    assert kernel_ms <= result["wall_ms_per_iteration"] * 1.01 + 0.01
+    assert sum(k["share"] for k in kernels) <= 1.01
+
+    # matmul FLOPs, derived from the shapes each call saw, against the tiny model's config
+    config = read_hf_config(checkpoints["embedding"])
+    batch, seq, hidden, ffn = 2, 64, config["hidden_size"], config["intermediate_size"]
+    heads, head_dim = config["num_attention_heads"], config["head_dim"]
+    matmuls = [k for k in kernels if k["gflop_per_iteration"] is not None]
+    assert matmuls and all(k["gflops"] > 0 for k in matmuls)
+    per_call = {round(k["gflop_per_iteration"] * 1e9 / k["calls_per_iteration"]) for k in matmuls}
+    assert 2 * batch * seq * ffn * hidden in per_call  # MLP down projection: [B*S, F] @ [F, H]
+    assert 2 * batch * heads * seq * seq * head_dim in per_call  # attention scores: Q [S, d] @ K^T [d, S] per head
+    assert result["matmul_gflop_per_iteration"] * 1e9 == pytest.approx(forward_flops(config, seq, batch), rel=1e-9)
+    assert result["model_gflop"] * 1e9 == pytest.approx(forward_flops(config, seq, batch), rel=1e-9)
+    assert result["model_gflops"] > 0
+
+    events = json.loads(trace.read_text())
+    events = events["traceEvents"] if isinstance(events, dict) else events  # TVM: an object; ONNX Runtime: a list
+    timed = [e for e in events if e.get("ph") == "X" and e["dur"] >= 0]
+    assert len(timed) >= 3 * len(kernels)
+    names = {e["name"] for e in timed}
+    suffix = "_kernel_time" if backend == "onnx" else ""
+    assert all(k["name"] + suffix in names for k in kernels)
+
+
+def test_perf_profile_matmul_flops_from_shapes():
+    from toolkit.perf.profile import ort_matmul_flops, tvm_matmul_flops
+
+    assert ort_matmul_flops([[2, 10, 96]], [2, 10, 192]) == 2 * 2 * 10 * 192 * 96  # weight not in the shapes
+    assert ort_matmul_flops([[96, 10], [96, 192]], [10, 192]) == 2 * 10 * 192 * 96  # Gemm with transA
+    assert ort_matmul_flops([[2, 10, 96]], [2, 7, 192]) is None
+    # packed weight panels [N/64, K, 64] times activations [B, 1, M, K] into [B, N/64, M, 64], in either order
+    assert tvm_matmul_flops([(3, 96, 64), (2, 1, 10, 96)], (2, 3, 10, 64)) == 2 * 2 * 3 * 10 * 64 * 96
+    # attention scores with a fused mask epilogue: [B, H, M, d] @ [B, H, d, M]
+    assert tvm_matmul_flops([(2, 4, 10, 16), (2, 4, 16, 10), (2, 1, 10, 10)], (2, 4, 10, 10)) == 2 * 2 * 4 * 100 * 16
+    assert tvm_matmul_flops([(2, 10, 96), (2, 10, 96)], (2, 10, 96)) is None  # elementwise, not a matmul
+
+
+def test_perf_profile_refuses_bad_input_in_one_line(onnx_artifacts, tmp_path):
+    seq32 = onnx_artifacts["embedding"][0]
+    cases = [
+        ([tmp_path], "is not an artifact"),
+        ([seq32.parent], "is an artifact set; profile one SEQ at a time"),
+        ([seq32, "--iterations", 0], "--iterations must be an integer >= 1, got 0"),
+        ([seq32, "--warmup", -1], "--warmup must be an integer >= 0"),
+        ([seq32, "--top", 0], "--top must be an integer >= 1"),
+        ([seq32, "--threads", 0], "--threads must be an integer >= 1"),
+        ([seq32, "--input", "no-such-dataset"], "unknown dataset"),
+    ]
+    for (artifact, *args), message in cases:
+        r = invoke("profile", "--artifact", artifact, *args)
+        assert r.exit_code == 2, r.output
+        lines = r.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.output
+
+
+def test_perf_profile_options_check_without_the_cli(onnx_artifacts):
+    from toolkit.perf.profile import ProfileOptions, run_profile
+
+    good = ProfileOptions(artifact=onnx_artifacts["embedding"][0])
+    assert good.check() is good and (good.iterations, good.warmup, good.top, good.input) == (10, 2, 15, "random")
+    for bad in (dict(iterations=1.5), dict(iterations=True), dict(warmup=-1), dict(top=0), dict(threads=0),
+                dict(input=""), dict(trace=str(onnx_artifacts["embedding"][0]))):
+        with pytest.raises(ToolkitError):
+            run_profile(ProfileOptions(artifact=onnx_artifacts["embedding"][0], **bad), progress=False)
 
 
 # ---- perf buckets ----------------------------------------------------------------------------------------------------

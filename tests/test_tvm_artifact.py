@@ -40,11 +40,15 @@ def test_every_primfunc_gets_a_schedule(checkpoints, tmp_path):
 
     model = Qwen3ForDeployment.from_pretrained(checkpoints["reranker"], "yes_no_logits", TORCH_DTYPES["fp16"])
     export_onnx(model, TASKS["reranker"], tmp_path / "m.onnx", 16, 1)
-    mod, params = import_onnx(tmp_path / "m.onnx")
-    assert all(p.dtype == np.float16 for p in params if p.ndim == 2)  # weights stay fp16 in the artifact
-    lowered = lower(mod, tvm.target.Target(host_target()))
+    graph = import_onnx(tmp_path / "m.onnx")
+    lowered, packed = lower(graph.mod, tvm.target.Target(host_target()))
     assert unscheduled(lowered) == []
-    assert "main_transform_params" in [gv.name_hint for gv in lowered.functions]
+    # every linear layer's weight (4 per decoder layer) is taken as fp16 panels, cast inside its matmul: nothing
+    # makes an fp32 copy of a weight at load, and main reads every weight in its storage dtype
+    assert sum(packed) == 4 * model.shape.num_hidden_layers
+    main = lowered["main"]
+    assert {str(p.ty.dtype) for p in main.params[int(main.attrs["num_input"]):]} == {"float16"}
+    assert len([name for name in map(str, lowered.get_global_vars()) if "cast" in name and "matmul" in name]) >= 4
 
 
 @pytest.mark.parametrize("task", TASKS.values(), ids=list(TASKS))
@@ -66,9 +70,9 @@ def test_every_scheduled_kernel_matches_its_unscheduled_twin(tmp_path, task):
     for p in model.parameters():
         p.data.normal_(0, 0.05)
     export_onnx(model.half(), task, tmp_path / "m.onnx", 64, 1)
-    mod, _ = import_onnx(tmp_path / "m.onnx")
+    mod = import_onnx(tmp_path / "m.onnx").mod
     target = tvm.target.Target(host_target())
-    scheduled, plain = lower(mod, target), lower(mod, target, schedule=False)
+    (scheduled, _), (plain, _) = lower(mod, target), lower(mod, target, schedule=False)
     rng = np.random.default_rng(0)
     checked = 0
     for gv, func in scheduled.functions.items():
@@ -101,6 +105,50 @@ def test_tvm_artifact_reloads_in_a_fresh_process_with_identical_outputs(tvm_arti
                          capture_output=True, text=True, check=True)
     there = np.array(json.loads(out.stdout.strip().splitlines()[-1]), dtype=np.float32)
     assert np.array_equal(here, there)
+
+
+def test_fp32_tvm_artifact_packs_its_weights_and_matches_hf(checkpoints, tmp_path):
+    """fp32 weights reach TVM unfolded (folding is for the ONNX artifact's stock tools) and are packed as fp16 ones
+    are; this build used to fail in the importer on the folded graph."""
+    from toolkit.compile import compile_config
+    from toolkit.config import BuildConfig
+
+    cfg = BuildConfig(name="fp32", task="embedding", checkpoint=str(checkpoints["embedding"]), seq_lens=(32,),
+                      backends=("tvm",), dtype="fp32", workspace=tmp_path)
+    [artifact] = compile_config(cfg, log=lambda m: None)
+    manifest = Manifest.load(artifact)
+    assert manifest.validation["passed"] and manifest.validation["min_cosine"] > 0.99999
+    with np.load(artifact / "params.npz") as params:
+        panels = [params[name] for name in params.files if params[name].ndim == 3]
+    assert len(panels) == 4 * 2 and all(p.dtype == np.float32 and p.shape[-1] == 64 for p in panels)
+
+
+def test_a_bucket_sets_artifacts_share_one_copy_of_their_weights(checkpoints, tvm_artifacts, tmp_path):
+    """Every SEQ of a set is compiled from the same weights: the runtime loads them once, for as long as any of the
+    set's backends is open, and each artifact still computes what it computes alone."""
+    import gc
+
+    from toolkit.compile import compile_config
+    from toolkit.config import BuildConfig
+    from toolkit.tvm_backend import _loaded
+
+    cfg = BuildConfig(name="set", task="embedding", checkpoint=str(checkpoints["embedding"]), seq_lens=(16, 32),
+                      backends=("tvm",), workspace=tmp_path)
+    short, long = (Manifest.load(a) for a in compile_config(cfg, log=lambda m: None))
+    assert short.backend_details["params_sha256"] == long.backend_details["params_sha256"]
+    ids = np.random.default_rng(2).integers(0, 151643, (short.batch, 16))
+    alone = open_artifact(short.path).run(ids, np.ones_like(ids))
+    gc.collect()
+    loaded = {digest for digest, _ in _loaded.keys()}
+    assert short.backend_details["params_sha256"] not in loaded  # a closed backend lets its weights go
+    a, b = open_artifact(short.path), open_artifact(long.path)
+    assert a.weights is b.weights
+    assert np.array_equal(a.run(ids, np.ones_like(ids)), alone)
+    other = open_artifact(tvm_artifacts["reranker"][0])  # other weights: a copy of their own
+    assert other.weights is not a.weights
+    del a, b, other
+    gc.collect()
+    assert short.backend_details["params_sha256"] not in {digest for digest, _ in _loaded.keys()}
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="building CUDA kernels needs nvcc (running them needs a GPU)")

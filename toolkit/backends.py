@@ -180,7 +180,10 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnx"
 
-    def __init__(self, manifest: Manifest, threads: int | None = None, device_id: int = 0):
+    def __init__(self, manifest: Manifest, threads: int | None = None, device_id: int = 0,
+                 profile_prefix: str | Path | None = None):
+        """`profile_prefix`: turn ONNX Runtime's profiler on; `session.end_profiling()` then writes its Chrome trace
+        to a file whose name starts with this prefix (`perf profile`)."""
         import onnxruntime as ort
 
         from toolkit.tasks import get_task
@@ -189,6 +192,9 @@ class OnnxRuntimeBackend(Backend):
         opts.intra_op_num_threads = threads or 0
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if profile_prefix is not None:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(profile_prefix)
         device = manifest.target.device
         providers = (["CPUExecutionProvider"] if device == "cpu" else
                      [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"])

@@ -165,12 +165,12 @@ def finish_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, toke
 
 def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, tokenizer, source: ModelSource, log,
                    plan: QuantizationPlan | None, peaks: StagePeaks) -> Manifest:
-    """Turn the staged export into the artifact's files (fp32 weights: folded; int8: quantized; TVM: compiled) with
+    """Turn the staged export into the artifact's files (fp32 ONNX: folded; int8: quantized; TVM: compiled) with
     the tokenizer; write its manifest, not yet validated."""
     out, exported = artifact.staging, artifact.exported
     model_file, target, details = exported.model_file, Target(cfg.target), {}
     precision = dict(PRECISION[cfg.dtype])
-    if cfg.dtype != "fp16":
+    if cfg.dtype != "fp16" and artifact.backend == "onnx":  # for stock ONNX tools; TVM packs the weights itself
         with peaks.stage("fold"):
             fold_weights(artifact.graph)
     if plan:
@@ -183,7 +183,7 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
         with peaks.stage("tvm"):
             built = compile_tvm(artifact.graph, out, cfg.target, log=log)
         model_file, target = built.model_file, Target(cfg.target, built.tvm_target)
-        details = {"params_file": built.params_file, "primfuncs": built.primfuncs,
+        details = {"params_file": built.params_file, "params_sha256": built.params_sha256, "primfuncs": built.primfuncs,
                    "unscheduled": built.unscheduled, "compile_seconds": built.compile_seconds}
     shutil.rmtree(out / "graph", ignore_errors=True)
     tokenizer.save_pretrained(out / "tokenizer")

@@ -4,14 +4,18 @@ Why import from the ONNX export rather than torch.export: it is the very graph O
 backends run the same patched model, and Relax's ONNX frontend takes it without custom converters (torch.export's
 Relax frontend needs every aten op of the exporter's decompositions to be mapped).
 
-Flow: from_onnx (weights stay function inputs) → LegalizeOps → FuseOps/FuseTIR → LiftTransformParams (the fp16→fp32
-casts and weight transposes move into `main_transform_params`, run once when the artifact loads) → schedules
-(our CPU rules, or dlight's GPU rules) → build. The artifact holds `model.so` and `params.npz` (fp16, as exported).
+Flow: from_onnx without the weights' bytes (they stay function inputs) → on CPU, linear weights taken as packed
+fp16 panels (`pack_linear_weights`) → LegalizeOps → FuseOps/FuseTIR → each panel's cast fused into its matmul
+(`fuse_weight_casts`) → LiftTransformParams (what is left to do once at load, e.g. the fp32 copies dlight's GPU
+rules read) → schedules (our CPU rules, or dlight's GPU rules) → build. The artifact holds `model.so` and
+`params.npz`, fp16 as exported, written tensor by tensor from the export's external data; on CPU they are the
+weights in memory too (0.6B: 1.2 GB, no fp32 copy).
 """
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,50 +53,105 @@ def normalize_constants(model) -> None:
             node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value)))
 
 
-def import_onnx(onnx_path: Path):
-    """Returns (Relax module whose `main` takes input_ids, attention_mask, *weights; the weights as numpy)."""
+@dataclass(frozen=True)
+class ImportedGraph:
+    """The Relax module (`main` takes input_ids, attention_mask, *weights) and, for each weight input in order, its
+    source: the ONNX initializer whose bytes stay in the export's external data file, or a small inline array."""
+
+    mod: tvm.IRModule
+    weights: list
+
+
+def import_onnx(onnx_path: Path) -> ImportedGraph:
+    """Import the export without reading its external data: those weights become inputs of `main` (never Relax
+    constants, of which the importer would hold two more copies), so importing a 4B graph takes megabytes."""
     import onnx
+    from onnx import helper
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    model = onnx.load(str(onnx_path))
+    model = onnx.load(str(onnx_path), load_external_data=False)
     normalize_constants(model)
-    mod = from_onnx(model, keep_params_in_input=True)
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    inline = [t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inline)
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in external)
+    # the importer puts graph inputs first, then the inline initializers as parameters
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Renaming name")  # "a.b.weight" → "a_b_weight", once per weight input
+        mod = from_onnx(model, keep_params_in_input=True)
     mod, params = relax.frontend.detach_params(mod)
-    return mod, [p.numpy() for p in params["main"]]
+    mod["main"] = mod["main"].with_attr("num_input", len(model.graph.input) - len(external))
+    return ImportedGraph(mod, external + [p.numpy() for p in params.get("main", [])])
 
 
 PANEL = 64  # columns per packed weight panel: the matmul rule's register tile width (4 AVX-512 vectors)
 
 
-def pack_linear_weights(mod):
-    """Rewrite `matmul(x, permute_dims(astype(W)))` (every nn.Linear of the export, W a weight input) so W is used as
-    contiguous `[N/64, K, 64]` panels: `y = reshape(permute(matmul(x[:, None], panels)))`. The packing depends on W
-    only, so LiftTransformParams moves it to load time; the micro-kernel then streams each panel linearly instead of
-    reading 64 columns out of rows N floats apart (TLB- and prefetch-hostile for N in the thousands)."""
+def pack_linear_weights(mod) -> tuple[tvm.IRModule, list[bool]]:
+    """Rewrite `matmul(x, permute_dims([astype](W)))` (every nn.Linear of the export, W a weight input of `main`) so
+    that `main` takes W already packed as contiguous `[N/64, K, 64]` panels in its storage dtype, cast inside the
+    matmul: `y = reshape(permute(matmul(x as [1, tokens, K], astype(panels))))`. The micro-kernel then streams each
+    panel linearly instead of reading 64 columns out of rows N floats apart (TLB- and prefetch-hostile for N in the
+    thousands), and the weights stay fp16 in memory (no fp32 copy at load; half the bytes to stream). All tokens of
+    the batch are the GEMM's rows, so a panel is reused across the whole batch while it is in cache: a `[32, 8]`
+    bucket runs the same GEMM as `[1, 256]` (per sequence, SEQ 8 reused each panel for 8 rows only). Returns the
+    module and, per weight input, whether `write_params` must store it as panels."""
     from tvm import relax
     from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
+    main = mod["main"]
+    weights = list(main.params[int(main.attrs["num_input"]):])
+    panels_of = {}
     x, w = wildcard(), wildcard()
-    pattern = is_op("relax.matmul")(x, is_op("relax.permute_dims")(is_op("relax.astype")(w)))
+    pattern = is_op("relax.matmul")(x, is_op("relax.permute_dims")(is_op("relax.astype")(w) | w))  # fp16 | fp32
 
     def rewriter(expr, matches):
         weight, act = matches[w], matches[x]
-        if isinstance(weight, relax.Call) or len(weight.ty.shape) != 2:  # only weights (function inputs)
+        key = next((i for i, v in enumerate(weights) if weight.same_as(v)), None)
+        if key is None or len(weight.ty.shape) != 2 or int(weight.ty.shape[0]) % PANEL:
             return expr
         n, k = (int(d) for d in weight.ty.shape)
-        dims = [int(d) for d in act.ty.shape]
-        if n % PANEL:
-            return expr
-        op = relax.op
-        panels = op.permute_dims(op.reshape(op.astype(weight, "float32"), (n // PANEL, PANEL, k)), [0, 2, 1])
-        out = op.matmul(op.expand_dims(act, len(dims) - 2), panels)  # [..., N/64, M, 64]
-        rank = len(dims) + 1
-        out = op.permute_dims(out, list(range(rank - 3)) + [rank - 2, rank - 3, rank - 1])  # [..., M, N/64, 64]
+        panels = panels_of.setdefault(key, relax.Var(f"{weight.name}_panels",
+                                                     relax.TensorType((n // PANEL, k, PANEL), weight.ty.dtype)))
+        op, dims = relax.op, [int(d) for d in act.ty.shape]
+        rows = int(np.prod(dims[:-1]))  # every token of every sequence: one GEMM whatever the (batch, SEQ) split
+        out = op.matmul(op.reshape(act, (1, rows, k)), op.astype(panels, "float32"))  # [N/64, rows, 64]
+        out = op.permute_dims(out, [1, 0, 2])  # [rows, N/64, 64]
         return op.reshape(out, dims[:-1] + [n])
 
-    return tvm.IRModule({gv: rewrite_call(pattern, rewriter, f) if isinstance(f, relax.Function) else f
-                         for gv, f in mod.functions.items()})
+    rewritten = rewrite_call(pattern, rewriter, main)
+    params = list(rewritten.params)
+    for key, panels in panels_of.items():
+        params[len(params) - len(weights) + key] = panels
+    packed_main = relax.Function(params, rewritten.body, rewritten.ret_ty, rewritten.is_pure, rewritten.attrs)
+    if relax.analysis.free_vars(packed_main):  # a weight also used unpacked elsewhere: keep it whole
+        return mod, [False] * len(weights)
+    return tvm.IRModule({**mod.functions, mod.get_global_var("main"): packed_main}), \
+        [i in panels_of for i in range(len(weights))]
+
+
+def fuse_weight_casts(mod):
+    """Fuse each panel's fp16→fp32 cast (a PrimFunc of its own after FuseOps, which never fuses an elementwise
+    producer into a matmul) into the matmul that reads it, so the cast happens on load into registers and no fp32
+    panel is ever materialised. Done after FuseTIR, as MLC-LLM fuses dequantize into matmul."""
+    from tvm import relax
+    from tvm.relax.dpl import GlobalVarPattern, TuplePattern, is_op, wildcard
+
+    main = mod["main"]
+    weights = list(main.params[int(main.attrs["num_input"]):])
+
+    def is_weight_cast_into_matmul(ctx) -> bool:
+        cast, matmul = ctx.annotated_expr["cast"], ctx.annotated_expr["matmul"]
+        source = cast.args[1].fields[0]
+        return "matmul" in matmul.args[0].name_hint and any(source.same_as(v) for v in weights)
+
+    cast = is_op("relax.call_tir")(GlobalVarPattern(), TuplePattern([wildcard()]), add_constraint=False)
+    matmul = is_op("relax.call_tir")(GlobalVarPattern(), TuplePattern([wildcard(), cast]), add_constraint=False)
+    patterns = [("cast_matmul", matmul, {"cast": cast, "matmul": matmul}, is_weight_cast_into_matmul)]
+    return tvm.transform.Sequential([relax.transform.FuseOpsByPattern(patterns, bind_constants=False),
+                                     relax.transform.FuseTIR()])(mod)
 
 
 def _fast_softmax(bb, call):
@@ -111,33 +170,40 @@ def _fast_sigmoid(bb, call):
 FAST_LEGALIZATION = {"relax.nn.softmax": _fast_softmax, "relax.sigmoid": _fast_sigmoid}
 
 
-def lower(mod, target, schedule: bool = True):
-    """Relax-level lowering, then (unless `schedule=False`, for checking) a schedule for every PrimFunc."""
+def lower(mod, target, schedule: bool = True) -> tuple[tvm.IRModule, list[bool]]:
+    """Relax-level lowering, then (unless `schedule=False`, for checking) a schedule for every PrimFunc. Returns the
+    module and which weight inputs it takes as panels (`pack_linear_weights`)."""
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
     from toolkit.tvm_schedules import cpu_rules
 
-    if target.kind.name == "llvm":
-        mod = pack_linear_weights(mod)
+    cpu = target.kind.name == "llvm"
+    if cpu:
+        mod, packed = pack_linear_weights(mod)
+    else:  # dlight's GPU rules read plain weights; their fp32 copies are made once at load
+        main = mod["main"]
+        packed = [False] * (len(main.params) - int(main.attrs["num_input"]))
     mod = tvm.transform.Sequential([
         relax.transform.DecomposeOpsForInference(),
-        relax.transform.LegalizeOps(FAST_LEGALIZATION if target.kind.name == "llvm" else None),
+        relax.transform.LegalizeOps(FAST_LEGALIZATION if cpu else None),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
-        relax.transform.LiftTransformParams(),
-        relax.transform.DeadCodeElimination(),
     ])(mod)
+    if cpu:
+        mod = fuse_weight_casts(mod)
+    mod = tvm.transform.Sequential([relax.transform.LiftTransformParams(),
+                                    relax.transform.DeadCodeElimination()])(mod)
     if not schedule:
-        return mod
+        return mod, packed
     if target.kind.name == "llvm":
         rules = cpu_rules()
     else:
         rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
     with target:
-        return dl.ApplyDefaultSchedule(*rules)(mod)
+        return dl.ApplyDefaultSchedule(*rules)(mod), packed
 
 
 @dataclass(frozen=True)
@@ -146,6 +212,7 @@ class TvmBuild:
 
     model_file: str
     params_file: str
+    params_sha256: str
     tvm_target: dict
     primfuncs: int
     unscheduled: list[str]
@@ -161,14 +228,47 @@ def compile_tvm(onnx_path: Path, out_dir: Path, device: str, log=print) -> TvmBu
     target_spec = host_target() if device == "cpu" else cuda_target()
     target = tvm.target.Target(target_spec)
     started = time.perf_counter()
-    mod, params = import_onnx(onnx_path)
-    mod = lower(mod, target)
+    graph = import_onnx(onnx_path)
+    mod, packed = lower(graph.mod, target)
     missing = unscheduled(mod)
     if missing:
         log(f"warning: {len(missing)} PrimFunc(s) left unscheduled: {', '.join(missing)}")
     primfuncs = sum(isinstance(f, tvm.tirx.PrimFunc) for f in mod.functions.values())
     executable = tvm.compile(mod, target=target, relax_pipeline=relax.get_pipeline("default_build"))
     executable.export_library(str(out_dir / LIBRARY))
-    np.savez(out_dir / PARAMS, *params)
-    return TvmBuild(model_file=LIBRARY, params_file=PARAMS, tvm_target=target_spec, primfuncs=primfuncs,
-                    unscheduled=missing, compile_seconds=round(time.perf_counter() - started, 2))
+    digest = write_params(out_dir / PARAMS, onnx_path.parent, graph.weights, packed)
+    return TvmBuild(model_file=LIBRARY, params_file=PARAMS, params_sha256=digest, tvm_target=target_spec,
+                    primfuncs=primfuncs, unscheduled=missing,
+                    compile_seconds=round(time.perf_counter() - started, 2))
+
+
+def write_params(path: Path, graph_dir: Path, weights: list, packed: list[bool]) -> str:
+    """`main`'s weights in order, as `np.savez` lays them out (`arr_0.npy`, ...), written one tensor at a time
+    straight from the export's external data; packed ones as `[N/64, K, 64]` panels (`pack_linear_weights`). Returns
+    the digest of what was written (dtypes, shapes, bytes): artifacts of one bucket set share it, and the runtime
+    loads their weights once (`TvmBackend`)."""
+    import hashlib
+    import zipfile
+
+    from onnx.external_data_helper import ExternalDataInfo
+    from onnx.helper import tensor_dtype_to_np_dtype
+    from tqdm import tqdm
+
+    digest = hashlib.sha256()
+    with zipfile.ZipFile(path, "w", allowZip64=True) as archive:
+        for i, (weight, panels) in enumerate(tqdm(list(zip(weights, packed)), desc="writing weights", unit="tensor",
+                                                   leave=False)):
+            if isinstance(weight, np.ndarray):
+                array = weight
+            else:
+                info = ExternalDataInfo(weight)
+                array = np.fromfile(graph_dir / info.location, dtype=tensor_dtype_to_np_dtype(weight.data_type),
+                                    count=int(np.prod(weight.dims)), offset=info.offset).reshape(weight.dims)
+            if panels:
+                n, k = array.shape
+                array = np.ascontiguousarray(array.reshape(n // PANEL, PANEL, k).transpose(0, 2, 1))
+            digest.update(f"{array.dtype.str}{array.shape}".encode())
+            digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+            with archive.open(f"arr_{i}.npy", "w", force_zip64=True) as entry:
+                np.lib.format.write_array(entry, array)
+    return digest.hexdigest()
