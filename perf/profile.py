@@ -31,6 +31,7 @@ from typing import ClassVar
 from tqdm.auto import tqdm
 
 from toolkit.artifact import MANIFEST, Manifest
+from toolkit.checkpoint import read_hf_config
 from toolkit.errors import ToolkitError
 from toolkit.perf.compare import forward_flops
 from toolkit.perf.run import check_int, make_inputs
@@ -285,12 +286,13 @@ def _run(backend, options: ProfileOptions, inputs, bar, on_measured=None, trace_
 def model_gflop(manifest: Manifest) -> float | None:
     """GFLOP of one forward at the artifact's shape (`perf compare`'s count), when the checkpoint it was built from
     is still here to say the model's sizes; None otherwise (nothing is downloaded)."""
-    config_path = Path(manifest.model.resolved or "") / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-        return forward_flops(config, manifest.seq_len, manifest.batch) / 1e9
-    except (OSError, ValueError, KeyError, TypeError):
+    if not manifest.model.resolved:
         return None
+    try:
+        config = read_hf_config(manifest.model.resolved)
+    except ToolkitError:
+        return None
+    return forward_flops(config, manifest.seq_len, manifest.batch) / 1e9
 
 
 def run_profile(options: ProfileOptions, progress: bool = True) -> dict:

@@ -78,11 +78,10 @@ class TvmBackend(Backend):
         executable = tvm.runtime.load_module(str(manifest.path / manifest.model_file))
         self.vm = relax.VirtualMachine(executable, self.device)
         self.weights = load_weights(manifest, self.vm, self.device)  # held: shared while any backend uses them
-        self.params = self.weights.tensors
         self._tensor = tvm.runtime.tensor
 
     @override
     def run(self, input_ids, attention_mask):
         ids = self._tensor(np.ascontiguousarray(input_ids, dtype=np.int64), self.device)
         mask = self._tensor(np.ascontiguousarray(attention_mask, dtype=np.int64), self.device)
-        return self.vm["main"](ids, mask, *self.params).numpy()
+        return self.vm["main"](ids, mask, *self.weights.tensors).numpy()

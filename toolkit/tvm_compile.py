@@ -86,6 +86,12 @@ def import_onnx(onnx_path: Path) -> ImportedGraph:
     return ImportedGraph(mod, external + [p.numpy() for p in params.get("main", [])])
 
 
+def weight_inputs(mod) -> list:
+    """`main`'s weight inputs, in order: its parameters after the `num_input` real inputs."""
+    main = mod["main"]
+    return list(main.params[int(main.attrs["num_input"]):])
+
+
 PANEL = 64  # columns per packed weight panel: the matmul rule's register tile width (4 AVX-512 vectors)
 
 
@@ -101,8 +107,7 @@ def pack_linear_weights(mod) -> tuple[tvm.IRModule, list[bool]]:
     from tvm import relax
     from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-    main = mod["main"]
-    weights = list(main.params[int(main.attrs["num_input"]):])
+    main, weights = mod["main"], weight_inputs(mod)
     panels_of = {}
     x, w = wildcard(), wildcard()
     pattern = is_op("relax.matmul")(x, is_op("relax.permute_dims")(is_op("relax.astype")(w) | w))  # fp16 | fp32
@@ -123,8 +128,9 @@ def pack_linear_weights(mod) -> tuple[tvm.IRModule, list[bool]]:
 
     rewritten = rewrite_call(pattern, rewriter, main)
     params = list(rewritten.params)
+    first_weight = len(params) - len(weights)
     for key, panels in panels_of.items():
-        params[len(params) - len(weights) + key] = panels
+        params[first_weight + key] = panels
     packed_main = relax.Function(params, rewritten.body, rewritten.ret_ty, rewritten.is_pure, rewritten.attrs)
     if relax.analysis.free_vars(packed_main):  # a weight also used unpacked elsewhere: keep it whole
         return mod, [False] * len(weights)
@@ -139,8 +145,7 @@ def fuse_weight_casts(mod):
     from tvm import relax
     from tvm.relax.dpl import GlobalVarPattern, TuplePattern, is_op, wildcard
 
-    main = mod["main"]
-    weights = list(main.params[int(main.attrs["num_input"]):])
+    weights = weight_inputs(mod)
 
     def is_weight_cast_into_matmul(ctx) -> bool:
         cast, matmul = ctx.annotated_expr["cast"], ctx.annotated_expr["matmul"]
@@ -182,8 +187,7 @@ def lower(mod, target, schedule: bool = True) -> tuple[tvm.IRModule, list[bool]]
     if cpu:
         mod, packed = pack_linear_weights(mod)
     else:  # dlight's GPU rules read plain weights; their fp32 copies are made once at load
-        main = mod["main"]
-        packed = [False] * (len(main.params) - int(main.attrs["num_input"]))
+        packed = [False] * len(weight_inputs(mod))
     mod = tvm.transform.Sequential([
         relax.transform.DecomposeOpsForInference(),
         relax.transform.LegalizeOps(FAST_LEGALIZATION if cpu else None),
