@@ -34,10 +34,13 @@ from toolkit.quantize import CalibrationSet, QuantizationPlan, plan_int8, quanti
 from toolkit.tasks import Task, get_task
 from toolkit.validation import measure
 
-TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "int8": torch.float32}  # int8 quantizes an fp32 graph
+# int8 quantizes an fp32 graph; bf16 exports bf16 weights (exact for Qwen3's own bf16 checkpoints)
+TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
 PRECISION = {
     "fp16": {"weights": "float16", "compute": "float32", "accumulation": "float32"},
     "fp32": {"weights": "float32", "compute": "float32", "accumulation": "float32"},
+    "bf16": {"weights": "bfloat16", "compute": "bfloat16 x bfloat16 in the linear layers (AVX512-BF16 vdpbf16ps); "
+             "float32 in attention, norms, softmax, RoPE and the residual stream", "accumulation": "float32"},
     "int8": {"weights": "int8 (linear layers, per output channel); embedding table float16", "compute":
              "int8 x int8 (linear layers, dynamic per-tensor activation scale); float32 elsewhere",
              "accumulation": "int32"},
@@ -64,14 +67,21 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
     source = model_source(cfg.checkpoint, checkpoint)
     tokenizer = load_tokenizer(checkpoint)
     check_seq_lens(task, tokenizer, cfg.seq_lens)
+    if cfg.dtype == "bf16":
+        from toolkit.tvm_bf16 import host_has_bf16
+
+        if not host_has_bf16():
+            raise ToolkitError("this CPU has no AVX512-BF16 (no avx512_bf16 in /proc/cpuinfo): bf16 artifacts are "
+                               "built on and for CPUs that have it; use --dtype fp16 here")
     log(f"checkpoint {checkpoint} ({task.name}, {cfg.dtype})")
     peaks, staged = StagePeaks(), []
     try:
         with peaks.stage("load"):
             model = Qwen3ForDeployment.from_pretrained(checkpoint, task.output_name, TORCH_DTYPES[cfg.dtype])
         plan, checks = None, None
-        if cfg.dtype == "int8":
+        if cfg.dtype in ("bf16", "int8"):  # low precision is also validated on real texts (int8: never calibrated on)
             checks = CalibrationSet.load(cfg.calibration)
+        if cfg.dtype == "int8":
             with peaks.stage("calibrate"):
                 plan = plan_int8(model, task, tokenizer, checks, max(cfg.seq_lens), cfg.smooth_alpha,
                                  cfg.max_linear_error, log)

@@ -9,6 +9,7 @@
     backend:
       kind: onnx                         # onnx | tvm (or a list of both)
       dtype: fp16                        # fp16 | fp32 (weights; compute and accumulation stay fp32) | int8 (W8A8)
+                                         # | bf16 (bf16 linear layers, fp32 accumulation; TVM on AVX512-BF16 CPUs)
       quantization:                      # int8 only; all optional
         calibration: FILE                # (query, document, split) JSONL; default: the bundled real-text set
         smooth_alpha: 0.5                # SmoothQuant migration strength (0 = none)
@@ -29,8 +30,9 @@ from toolkit.artifact import BACKENDS, DEVICES
 from toolkit.errors import ToolkitError
 from toolkit.tasks import TASKS
 
-DTYPES = ("fp16", "fp32", "int8")
-INT8_BACKENDS = ("onnx",)  # TVM has no int8 schedules yet
+DTYPES = ("fp16", "fp32", "bf16", "int8")
+# where each low-precision dtype has kernels: TVM has no int8 schedules yet; ONNX Runtime has no bf16 MatMul on CPU
+DTYPE_BACKENDS = {"int8": ("onnx",), "bf16": ("tvm",)}
 MAX_SEQ_LEN = 32768
 SCHEMA = {"name": str, "task": str, "workspace": str,
           "frontend": {"checkpoint": str, "input_ids": list, "seq": (list, int), "batch": int, "batch_tokens": int},
@@ -85,9 +87,13 @@ class BuildConfig:
                 raise ToolkitError(f"backend must be one of {BACKENDS}, got {b!r}{where}")
         if self.dtype not in DTYPES:
             raise ToolkitError(f"dtype must be one of {DTYPES}, got {self.dtype!r}{where}")
-        if self.dtype == "int8" and set(self.backends) - set(INT8_BACKENDS):
-            raise ToolkitError(f"int8 artifacts are built for {INT8_BACKENDS} only (TVM has no int8 schedules yet); "
-                               f"use --backend onnx{where}")
+        supported = DTYPE_BACKENDS.get(self.dtype, BACKENDS)
+        if set(self.backends) - set(supported):
+            raise ToolkitError(f"{self.dtype} artifacts are built for the {' and '.join(supported)} backend only; use "
+                               f"--backend {supported[0]}{where}")
+        if self.dtype == "bf16" and self.target != "cpu":
+            raise ToolkitError(f"bf16 artifacts are built for CPUs with AVX512-BF16 only; use --target cpu, or "
+                               f"--dtype fp16 for CUDA{where}")
         if not 0 <= self.smooth_alpha <= 1:
             raise ToolkitError(f"quantization.smooth_alpha must be in [0, 1], got {self.smooth_alpha!r}{where}")
         if not self.max_linear_error > 0:

@@ -27,6 +27,13 @@ def check_host(tvm_target: dict) -> None:
                            "recompile it here with `toolkit compile ... --backend tvm`")
 
 
+def as_stored(array: np.ndarray) -> np.ndarray:
+    """numpy writes ml_dtypes' bfloat16 arrays as 2-byte voids (`|V2`); bf16 is the only such dtype we write."""
+    import ml_dtypes
+
+    return array.view(ml_dtypes.bfloat16) if array.dtype == np.dtype("V2") else array
+
+
 class SharedWeights:
     """One artifact's weights on one device, as its VM takes them; shared by every backend loading the same ones."""
 
@@ -49,7 +56,7 @@ def load_weights(manifest: Manifest, vm, device) -> SharedWeights:
         shared = _loaded.get(key) if key[0] else None
         if shared is None:
             with np.load(manifest.path / manifest.backend_details["params_file"]) as npz:
-                weights = [tvm.runtime.tensor(npz[f"arr_{i}"], device) for i in range(len(npz.files))]
+                weights = [tvm.runtime.tensor(as_stored(npz[f"arr_{i}"]), device) for i in range(len(npz.files))]
             # What compile lifted out of `main` runs here once: nothing on CPU (weights stay fp16 panels, cast inside
             # the matmuls: resident 1.0x the weight bytes), fp32 copies for dlight's GPU kernels on CUDA.
             shared = SharedWeights(vm["main_transform_params"](weights))

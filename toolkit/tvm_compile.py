@@ -103,12 +103,24 @@ def pack_linear_weights(mod) -> tuple[tvm.IRModule, list[bool]]:
     thousands), and the weights stay fp16 in memory (no fp32 copy at load; half the bytes to stream). All tokens of
     the batch are the GEMM's rows, so a panel is reused across the whole batch while it is in cache: a `[32, 8]`
     bucket runs the same GEMM as `[1, 256]` (per sequence, SEQ 8 reused each panel for 8 rows only). Returns the
-    module and, per weight input, whether `write_params` must store it as panels."""
+    module and, per weight input, whether `write_params` must store it as panels.
+
+    bf16 weights become bf16 pair panels `[N/64, K/2, 64]` (int32) instead, and the matmul the AVX512-BF16 kernel of
+    `tvm_bf16` on activations rounded to bf16 pairs: `y = pair_matmul(to_pairs(x as [tokens, K]), panels)`."""
     from tvm import relax
     from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
+    from toolkit import tvm_bf16
+
     main, weights = mod["main"], weight_inputs(mod)
-    panels_of = {}
+    panels_of, kernels = {}, {}  # weight index → panels parameter; PrimFunc name → its GlobalVar
+    builder = relax.BlockBuilder(mod)  # holds the bf16 kernels added on the way
+
+    def kernel(name: str, make, *shape):
+        key = f"{name}_{'_'.join(map(str, shape))}"
+        if key not in kernels:
+            kernels[key] = builder.add_func(make(*shape).with_attr("global_symbol", key), key)
+        return kernels[key]
     x, w = wildcard(), wildcard()
     pattern = is_op("relax.matmul")(x, is_op("relax.permute_dims")(is_op("relax.astype")(w) | w))  # fp16 | fp32
 
@@ -118,10 +130,18 @@ def pack_linear_weights(mod) -> tuple[tvm.IRModule, list[bool]]:
         if key is None or len(weight.ty.shape) != 2 or int(weight.ty.shape[0]) % PANEL:
             return expr
         n, k = (int(d) for d in weight.ty.shape)
-        panels = panels_of.setdefault(key, relax.Var(f"{weight.name}_panels",
-                                                     relax.TensorType((n // PANEL, k, PANEL), weight.ty.dtype)))
         op, dims = relax.op, [int(d) for d in act.ty.shape]
         rows = int(np.prod(dims[:-1]))  # every token of every sequence: one GEMM whatever the (batch, SEQ) split
+        if weight.ty.dtype == "bfloat16":
+            panels = panels_of.setdefault(key, relax.Var(f"{weight.name}_pairs",
+                                                         relax.TensorType((n // PANEL, k // 2, PANEL), "int32")))
+            pairs = relax.call_tir(kernel("bf16_pairs", tvm_bf16.to_pairs, rows, k), [op.reshape(act, (rows, k))],
+                                   relax.TensorType((rows, k // 2), "int32"))
+            out = relax.call_tir(kernel("bf16_matmul", tvm_bf16.pair_matmul, rows, k, n), [pairs, panels],
+                                 relax.TensorType((rows, n), "float32"))
+            return op.reshape(out, dims[:-1] + [n])
+        panels = panels_of.setdefault(key, relax.Var(f"{weight.name}_panels",
+                                                     relax.TensorType((n // PANEL, k, PANEL), weight.ty.dtype)))
         out = op.matmul(op.reshape(act, (1, rows, k)), op.astype(panels, "float32"))  # [N/64, rows, 64]
         out = op.permute_dims(out, [1, 0, 2])  # [rows, N/64, 64]
         return op.reshape(out, dims[:-1] + [n])
@@ -134,8 +154,9 @@ def pack_linear_weights(mod) -> tuple[tvm.IRModule, list[bool]]:
     packed_main = relax.Function(params, rewritten.body, rewritten.ret_ty, rewritten.is_pure, rewritten.attrs)
     if relax.analysis.free_vars(packed_main):  # a weight also used unpacked elsewhere: keep it whole
         return mod, [False] * len(weights)
-    return tvm.IRModule({**mod.functions, mod.get_global_var("main"): packed_main}), \
-        [i in panels_of for i in range(len(weights))]
+    packed_mod = builder.get()
+    packed_mod[packed_mod.get_global_var("main")] = packed_main
+    return packed_mod, [i in panels_of for i in range(len(weights))]
 
 
 def fuse_weight_casts(mod):
@@ -248,15 +269,19 @@ def compile_tvm(onnx_path: Path, out_dir: Path, device: str, log=print) -> TvmBu
 
 def write_params(path: Path, graph_dir: Path, weights: list, packed: list[bool]) -> str:
     """`main`'s weights in order, as `np.savez` lays them out (`arr_0.npy`, ...), written one tensor at a time
-    straight from the export's external data; packed ones as `[N/64, K, 64]` panels (`pack_linear_weights`). Returns
+    straight from the export's external data; packed ones as `[N/64, K, 64]` panels, or bf16 pair panels
+    (`pack_linear_weights`); other bf16 tensors as numpy writes them (`|V2`, read back by `TvmBackend`). Returns
     the digest of what was written (dtypes, shapes, bytes): artifacts of one bucket set share it, and the runtime
     loads their weights once (`TvmBackend`)."""
     import hashlib
     import zipfile
 
+    import ml_dtypes
     from onnx.external_data_helper import ExternalDataInfo
     from onnx.helper import tensor_dtype_to_np_dtype
     from tqdm import tqdm
+
+    from toolkit.tvm_bf16 import pack_pairs
 
     digest = hashlib.sha256()
     with zipfile.ZipFile(path, "w", allowZip64=True) as archive:
@@ -268,11 +293,13 @@ def write_params(path: Path, graph_dir: Path, weights: list, packed: list[bool])
                 info = ExternalDataInfo(weight)
                 array = np.fromfile(graph_dir / info.location, dtype=tensor_dtype_to_np_dtype(weight.data_type),
                                     count=int(np.prod(weight.dims)), offset=info.offset).reshape(weight.dims)
-            if panels:
+            if panels and array.dtype == ml_dtypes.bfloat16:
+                array = pack_pairs(array)
+            elif panels:
                 n, k = array.shape
                 array = np.ascontiguousarray(array.reshape(n // PANEL, PANEL, k).transpose(0, 2, 1))
             digest.update(f"{array.dtype.str}{array.shape}".encode())
-            digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+            digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # bytes of any dtype, bf16 too
             with archive.open(f"arr_{i}.npy", "w", force_zip64=True) as entry:
                 np.lib.format.write_array(entry, array)
     return digest.hexdigest()

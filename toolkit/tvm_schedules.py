@@ -6,7 +6,8 @@ PrimFunc gets one of these, tried in order:
 - `Matmul`: any block with one reduction axis reading two buffers (projections, MLP, attention QK^T and PV):
   register-blocked micro-kernel (MR rows x NR columns of accumulators in a local buffer that LLVM keeps in vector
   registers), the reduction axis outside the micro-tile, NR vectorised with AVX-512, parallel over output tiles;
-  elementwise epilogues (residual add, SiLU*up, scaling) are fused into the tile's write-back.
+  elementwise epilogues (residual add, SiLU*up, scaling) are fused into the tile's write-back. The bf16 linear
+  layers' kernel (`tvm_bf16.pair_matmul`) gets the same tiles with one `vdpbf16ps` per 16 columns.
 - `RowReduction`: softmax / RMSNorm shaped functions: row reductions split into 16 vector lanes (rfactor), all
   blocks per row under one parallel loop; dlight's `cpu.Reduction` takes rows whose length is not a multiple of 16.
 - `Elementwise`: everything else (casts, RoPE, masks, gathers): fuse all loops, parallel outer, vectorise inner.
@@ -18,6 +19,8 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.target import Target
 from typing_extensions import override
+
+from toolkit import tvm_bf16
 
 VECTOR_LANES = 16  # fp32 lanes of an AVX-512 register
 
@@ -70,6 +73,7 @@ class Matmul(dl.ScheduleRule):
         block = main.block_rv
         if len(sch.get(block).reads) != 2:
             return None
+        bf16 = sch.get(block).name_hint.startswith(tvm_bf16.MATMUL_NAME)
         index = [b.block_rv for b in infos].index(block)
         # Prologue (casts, transposes of activations) is inlined into the matmul's loads. One that cannot be (a
         # fused mask construction in a 1-layer graph) made the tiled kernel wrong: leave such functions to others.
@@ -105,10 +109,17 @@ class Matmul(dl.ScheduleRule):
         if nr % VECTOR_LANES == 0:
             jv, jl = sch.split(ji, [None, VECTOR_LANES])
             sch.unroll(jv)
-            sch.vectorize(jl)
+            if not bf16:
+                sch.vectorize(jl)
+        elif bf16:  # its panels are 64 columns wide: never reached
+            return None
         else:
             sch.vectorize(ji)
-        sch.decompose_reduction(block, ko)  # zero-init the accumulator tile once, outside the reduction loop
+        init = sch.decompose_reduction(block, ko)  # zero-init the accumulator tile once, outside the reduction loop
+        if bf16:
+            sch.vectorize(sch.get_loops(init)[-1])
+            sch.tensorize(jl, tvm_bf16.DOT_16)
+            sch.annotate(outer, "pragma_import_llvm", tvm_bf16.DPBF16_LLVM)
         # Write-back of the accumulator tile, then the epilogue on that tile while it is still in cache.
         # (reverse_compute_inline would save a store, but breaks when an epilogue input has two readers, SiLU*gate.)
         self._vectorize_innermost(sch, accumulator)

@@ -1,0 +1,125 @@
+"""bf16 linear layers for TVM on AVX512-BF16 CPUs: the kernels `--dtype bf16` puts in place of each nn.Linear.
+
+`vdpbf16ps` multiplies 16 pairs of bf16 values and adds each pair's two products into one fp32 lane: twice the
+multiply-adds of an fp32 FMA per instruction. It wants both operands as 32-bit lanes holding a bf16 pair, so:
+
+- weights are stored as `[N/64, K/2, 64]` int32 panels, each lane the pair (W[n, 2p], W[n, 2p+1]) (`pack_pairs`);
+- activations are rounded to bf16 (round to nearest even, NaN kept NaN) and paired along K (`to_pairs`);
+- the matmul (`pair_matmul`) sums pair products over K/2 into fp32; the schedule (`tvm_schedules.Matmul`) replaces
+  its 16-column inner loop by one `vdpbf16ps` (the `DOT_16` tensor intrinsic).
+
+TIR's own bfloat16 type is not used: TVM legalizes bf16 arithmetic to fp32 before codegen, and its LLVM backend
+cannot pass the `<32 x bfloat>` operands the intrinsic takes. The pairs travel as int32; a four-line LLVM function,
+imported into each kernel with `pragma_import_llvm`, bitcasts them and calls the intrinsic (inlined by LLVM).
+"""
+from __future__ import annotations
+
+import numpy as np
+from tvm import s_tir, te, tirx
+from tvm.script import tirx as T
+
+from toolkit.tvm_compile import PANEL
+
+MATMUL_NAME = "bf16_pair_matmul"  # the compute block's name: how the schedule rule recognises it
+DOT_16 = "qwen3_deploy_bf16_dot_16"
+
+DPBF16_LLVM = """
+define linkonce_odr <16 x float> @qwen3_deploy_dpbf16(<16 x float> %acc, <16 x i32> %a, <16 x i32> %b) alwaysinline {
+  %x = bitcast <16 x i32> %a to <32 x bfloat>
+  %y = bitcast <16 x i32> %b to <32 x bfloat>
+  %r = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %acc, <32 x bfloat> %x, <32 x bfloat> %y)
+  ret <16 x float> %r
+}
+declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
+"""
+
+
+def host_has_bf16() -> bool:
+    """Whether this CPU has AVX512-BF16 (Linux's cpuinfo flag; False where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            return any(line.startswith("flags") and " avx512_bf16" in line for line in cpuinfo)
+    except OSError:
+        return False
+
+
+def pack_pairs(weight: np.ndarray) -> np.ndarray:
+    """[N, K] bf16 weight → [N/64, K/2, 64] int32 panels of (W[n, 2p], W[n, 2p+1]) pairs (low half first)."""
+    n, k = weight.shape
+    pairs = weight.reshape(n // PANEL, PANEL, k // 2, 2).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(pairs).view(np.int32).reshape(n // PANEL, k // 2, PANEL)
+
+
+def _low(pair):
+    return tirx.reinterpret("float32", tirx.shift_left(pair, 16))
+
+
+def _high(pair):
+    return tirx.reinterpret("float32", tirx.bitwise_and(pair, tirx.const(-65536, "int32")))
+
+
+def _pair_product(a, b):
+    return _low(a) * _low(b) + _high(a) * _high(b)
+
+
+def _round_to_bf16(x):
+    """fp32 → its bf16 bits in the low 16 of a uint32: round to nearest even; NaN stays a (quiet) NaN."""
+    bits = tirx.reinterpret("uint32", x)
+    rounded = tirx.shift_right(bits + tirx.const(0x7FFF, "uint32") + tirx.bitwise_and(
+        tirx.shift_right(bits, tirx.const(16, "uint32")), tirx.const(1, "uint32")), tirx.const(16, "uint32"))
+    is_nan = tirx.bitwise_and(bits, tirx.const(0x7FFFFFFF, "uint32")) > tirx.const(0x7F800000, "uint32")
+    return tirx.Select(is_nan, tirx.const(0x7FC0, "uint32"), rounded)
+
+
+def _shape(*dims: int):
+    return tuple(tirx.IntImm("int64", d) for d in dims)  # Relax's own kernels index in int64; FuseTIR wants one kind
+
+
+def to_pairs(rows: int, k: int):
+    """PrimFunc: fp32 activations [rows, K] → bf16 pairs [rows, K/2] (int32)."""
+    act = te.placeholder(_shape(rows, k), "float32", name="act")
+    def pair(r, p):
+        high = tirx.shift_left(_round_to_bf16(act[r, 2 * p + 1]), tirx.const(16, "uint32"))
+        return tirx.reinterpret("int32", _round_to_bf16(act[r, 2 * p]) | high)
+
+    pairs = te.compute(_shape(rows, k // 2), pair, name="bf16_pairs")
+    return te.create_prim_func([act, pairs])
+
+
+def pair_matmul(rows: int, k: int, n: int):
+    """PrimFunc: y[rows, N] = pairs[rows, K/2] · panels[N/64, K/2, 64], bf16 products summed in fp32."""
+    pairs = te.placeholder(_shape(rows, k // 2), "int32", name="pairs")
+    panels = te.placeholder(_shape(n // PANEL, k // 2, PANEL), "int32", name="panels")
+    p = te.reduce_axis(_shape(0, k // 2), name="p")
+    out = te.compute(_shape(rows, n), lambda r, c: te.sum(_pair_product(pairs[r, p], panels[c // PANEL, p, c % PANEL]),
+                                                     axis=p), name=MATMUL_NAME)
+    return te.create_prim_func([pairs, panels, out])
+
+
+@T.prim_func(s_tir=True)
+def _dot_16_desc(a: T.Buffer((1,), "int32", offset_factor=1), b: T.Buffer((16,), "int32", offset_factor=1),
+                 acc: T.Buffer((16,), "float32", offset_factor=1, scope="local")) -> None:
+    with T.sblock("root"):
+        T.reads(acc[0:16], a[0:1], b[0:16])
+        T.writes(acc[0:16])
+        for i in T.serial(0, 16):
+            with T.sblock("update"):
+                vi = T.axis.remap("S", [i])
+                acc[vi] = acc[vi] + (T.reinterpret("float32", T.shift_left(a[0], 16))
+                                     * T.reinterpret("float32", T.shift_left(b[vi], 16))
+                                     + T.reinterpret("float32", T.bitwise_and(a[0], -65536))
+                                     * T.reinterpret("float32", T.bitwise_and(b[vi], -65536)))
+
+
+@T.prim_func(s_tir=True)
+def _dot_16_vdpbf16ps(a: T.Buffer((1,), "int32", offset_factor=1), b: T.Buffer((16,), "int32", offset_factor=1),
+                      acc: T.Buffer((16,), "float32", offset_factor=1, scope="local")) -> None:
+    with T.sblock("root"):
+        T.reads(acc[0:16], a[0:1], b[0:16])
+        T.writes(acc[0:16])
+        acc[T.ramp(T.int32(0), 1, 16)] = T.call_extern("float32x16", "qwen3_deploy_dpbf16",
+                                                        acc.vload([0], "float32x16"), T.broadcast(a[0], 16),
+                                                        b.vload([0], "int32x16"))
+
+
+s_tir.TensorIntrin.register(DOT_16, _dot_16_desc, _dot_16_vdpbf16ps, override=True)
