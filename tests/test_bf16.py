@@ -8,11 +8,12 @@ from toolkit.artifact import Manifest
 from toolkit.config import BuildConfig
 from toolkit.errors import ToolkitError
 from toolkit.quantize import CalibrationSet
-from toolkit.tvm_bf16 import host_has_bf16
+from toolkit.tvm_compile import host_has
 
 from conftest import build
 
-pytestmark = pytest.mark.skipif(not host_has_bf16(), reason="needs a CPU with AVX512-BF16 (CI machines have it)")
+pytestmark = pytest.mark.skipif(not host_has("avx512_bf16"), reason="needs a CPU with AVX512-BF16 (CI machines have "
+                                "it)")
 
 
 def compile_kernels(rows, k, n):

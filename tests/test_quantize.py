@@ -94,8 +94,8 @@ def test_int8_reranker_on_outliers_reports_kendall_tau(outlier_checkpoints, tmp_
 
 def test_int8_config_errors_name_the_fix(checkpoints, tmp_path):
     cfg = BuildConfig(name="x", task="embedding", checkpoint=str(checkpoints["embedding"]), seq_lens=(64,),
-                      dtype="int8", backends=("tvm",), workspace=tmp_path)
-    with pytest.raises(ToolkitError, match="use --backend onnx"):
+                      dtype="int8", backends=("tvm",), target="cuda", workspace=tmp_path)
+    with pytest.raises(ToolkitError, match="use --target cpu, or --backend onnx for CUDA"):
         cfg.check()
     bad = tmp_path / "calibration.jsonl"
     bad.write_text('{"query": "q", "document": "d", "split": "calibration"}\n{"text": "no query"}\n')

@@ -48,7 +48,8 @@ def synth(task, shape, seed, outliers, out_dir):
 @click.option("--backend", type=click.Choice(["onnx", "tvm", "all"]), help="overrides the config")
 @click.option("--dtype", type=click.Choice(["fp16", "fp32", "bf16", "int8"]), help="weights: fp16/fp32 (fp32 "
               "compute), bf16 (bf16 x bf16 linear layers with fp32 accumulation; TVM backend, AVX512-BF16 CPUs) or "
-              "int8 (W8A8, calibrated on the bundled real texts; ONNX backend); overrides the config")
+              "int8 (W8A8, calibrated on the bundled real texts; ONNX Runtime, or TVM on AVX512-VNNI CPUs); overrides the "
+              "config")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False), help="int8: calibration JSONL "
               "(query, document, split per line) instead of the bundled set")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), help="overrides the config")

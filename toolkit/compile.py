@@ -42,7 +42,8 @@ PRECISION = {
     "bf16": {"weights": "bfloat16", "compute": "bfloat16 x bfloat16 in the linear layers (AVX512-BF16 vdpbf16ps); "
              "float32 in attention, norms, softmax, RoPE and the residual stream", "accumulation": "float32"},
     "int8": {"weights": "int8 (linear layers, per output channel); embedding table float16", "compute":
-             "int8 x int8 (linear layers, dynamic per-tensor activation scale); float32 elsewhere",
+             "int8 x int8 (linear layers; dynamic activation scale, per tensor on ONNX Runtime, per token on TVM); "
+             "float32 elsewhere",
              "accumulation": "int32"},
 }
 
@@ -67,12 +68,14 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
     source = model_source(cfg.checkpoint, checkpoint)
     tokenizer = load_tokenizer(checkpoint)
     check_seq_lens(task, tokenizer, cfg.seq_lens)
-    if cfg.dtype == "bf16":
-        from toolkit.tvm_bf16 import host_has_bf16
+    needs = {"bf16": "avx512_bf16", "int8": "avx512_vnni" if "tvm" in cfg.backends else None}.get(cfg.dtype)
+    if needs:
+        from toolkit.tvm_compile import host_has
 
-        if not host_has_bf16():
-            raise ToolkitError("this CPU has no AVX512-BF16 (no avx512_bf16 in /proc/cpuinfo): bf16 artifacts are "
-                               "built on and for CPUs that have it; use --dtype fp16 here")
+        if not host_has(needs):
+            raise ToolkitError(f"this CPU has no {needs} (see /proc/cpuinfo): {cfg.dtype} TVM artifacts are built on "
+                               f"and for CPUs that have it; use --dtype fp16 here"
+                               + (" or --backend onnx" if cfg.dtype == "int8" else ""))
     log(f"checkpoint {checkpoint} ({task.name}, {cfg.dtype})")
     peaks, staged = StagePeaks(), []
     try:
@@ -83,7 +86,9 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
             checks = CalibrationSet.load(cfg.calibration)
         if cfg.dtype == "int8":
             with peaks.stage("calibrate"):
-                plan = plan_int8(model, task, tokenizer, checks, max(cfg.seq_lens), cfg.smooth_alpha,
+                # layer errors are measured for the scheme that will run: per-tensor scales (ONNX Runtime) err more
+                plan = plan_int8(model, task, tokenizer, checks, max(cfg.seq_lens), "onnx" not in cfg.backends,
+                                 cfg.smooth_alpha,
                                  cfg.max_linear_error, log)
             model.embed_tokens.half()  # a gather: fp16 storage costs no accuracy in the arithmetic
         with peaks.stage("export"):
@@ -183,15 +188,17 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
     if cfg.dtype != "fp16" and artifact.backend == "onnx":  # for stock ONNX tools; TVM packs the weights itself
         with peaks.stage("fold"):
             fold_weights(artifact.graph)
-    if plan:
+    if plan and artifact.backend == "onnx":
         with peaks.stage("quantize"):
             quantize_onnx(artifact.graph, out / "model.onnx", plan)
-        precision["quantization"] = plan.describe()
+    if plan:
+        precision["quantization"] = plan.describe(per_token=artifact.backend == "tvm")
     if artifact.backend == "tvm":
         from toolkit.tvm_compile import compile_tvm
 
         with peaks.stage("tvm"):
-            built = compile_tvm(artifact.graph, out, cfg.target, log=log)
+            built = compile_tvm(artifact.graph, out, cfg.target, log=log,
+                                int8_layers=plan.int8_layers() if plan else ())
         model_file, target = built.model_file, Target(cfg.target, built.tvm_target)
         details = {"params_file": built.params_file, "params_sha256": built.params_sha256, "primfuncs": built.primfuncs,
                    "unscheduled": built.unscheduled, "compile_seconds": built.compile_seconds}

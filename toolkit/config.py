@@ -31,8 +31,8 @@ from toolkit.errors import ToolkitError
 from toolkit.tasks import TASKS
 
 DTYPES = ("fp16", "fp32", "bf16", "int8")
-# where each low-precision dtype has kernels: TVM has no int8 schedules yet; ONNX Runtime has no bf16 MatMul on CPU
-DTYPE_BACKENDS = {"int8": ("onnx",), "bf16": ("tvm",)}
+# where each low-precision dtype has kernels (ONNX Runtime has no bf16 MatMul on CPU)
+DTYPE_BACKENDS = {"int8": ("onnx", "tvm"), "bf16": ("tvm",)}
 MAX_SEQ_LEN = 32768
 SCHEMA = {"name": str, "task": str, "workspace": str,
           "frontend": {"checkpoint": str, "input_ids": list, "seq": (list, int), "batch": int, "batch_tokens": int},
@@ -94,6 +94,9 @@ class BuildConfig:
         if self.dtype == "bf16" and self.target != "cpu":
             raise ToolkitError(f"bf16 artifacts are built for CPUs with AVX512-BF16 only; use --target cpu, or "
                                f"--dtype fp16 for CUDA{where}")
+        if self.dtype == "int8" and "tvm" in self.backends and self.target != "cpu":
+            raise ToolkitError(f"TVM int8 artifacts are built for CPUs with AVX512-VNNI only; use --target cpu, or "
+                               f"--backend onnx for CUDA{where}")
         if not 0 <= self.smooth_alpha <= 1:
             raise ToolkitError(f"quantization.smooth_alpha must be in [0, 1], got {self.smooth_alpha!r}{where}")
         if not self.max_linear_error > 0:

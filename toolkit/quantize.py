@@ -1,8 +1,9 @@
 """int8 artifacts (W8A8, int32 accumulation): calibrate on real text, smooth the outlier channels, keep in fp32 the
-linear layers int8 would still break, then quantize the folded fp32 graph with ONNX Runtime's own tool.
+linear layers int8 would still break, then quantize: the folded fp32 graph with ONNX Runtime's own tool, or (TVM) the
+linear weights as `tvm_int8` packs them at compile.
 
-- Weights: int8 per output channel. Activations: int8 with a dynamic per-tensor scale (ONNX Runtime's
-  `DynamicQuantizeLinear`, fused into `DynamicQuantizeMatMul`): VNNI `vpdpbusd` on CPU.
+- Weights: int8 per output channel. Activations: int8 with a dynamic scale, per tensor on ONNX Runtime
+  (`DynamicQuantizeLinear`, fused into `DynamicQuantizeMatMul`), per token on TVM: VNNI `vpdpbusd` on CPU.
 - Outliers: real LLMs carry 20-100x channels at the inputs of linear layers; a per-tensor activation scale spends its
   256 levels on them. SmoothQuant (Xiao et al. 2023) moves that range into the weights with a per-input-channel factor
   `s = max|X|^alpha / max|W|^(1-alpha)`, folded exactly into the preceding RMSNorm weight (q/k/v, gate/up) or into the
@@ -88,6 +89,12 @@ def _fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
     return (torch.clamp(torch.round(x / scale) + zero, 0, 255) - zero) * scale
 
 
+def _fake_quant_activation_per_token(x: torch.Tensor) -> torch.Tensor:
+    """What `tvm_int8.quantize_rows` does: int8, symmetric, one scale per token (row)."""
+    scale = torch.clamp(x.abs().amax(dim=-1, keepdim=True) / 127.0, min=1e-30)
+    return torch.clamp(torch.round(x / scale), -127, 127) * scale
+
+
 def _fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
     """int8, symmetric, one scale per output channel (row)."""
     scale = torch.clamp(w.abs().amax(dim=1, keepdim=True) / 127.0, min=1e-12)
@@ -97,12 +104,13 @@ def _fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
 class _LinearProbe:
     """Forward hooks on every decoder Linear: per-input-channel max |x| and the int8 error of its output."""
 
-    def __init__(self, model: Qwen3ForDeployment, measure_error: bool):
+    def __init__(self, model: Qwen3ForDeployment, measure_error: bool, per_token: bool = False):
         self.linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
         self.absmax = {name: None for name in self.linears}
         self.err = {name: 0.0 for name in self.linears}
         self.ref = {name: 0.0 for name in self.linears}
         self.measure_error = measure_error
+        self.quantize_activation = _fake_quant_activation_per_token if per_token else _fake_quant_activation
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in self.linears.items()]
 
     def _hook(self, name):
@@ -111,7 +119,7 @@ class _LinearProbe:
             amax = x.abs().amax(dim=0)
             self.absmax[name] = amax if self.absmax[name] is None else torch.maximum(self.absmax[name], amax)
             if self.measure_error:
-                approx = _fake_quant_activation(x) @ _fake_quant_weight(module.weight.float()).T
+                approx = self.quantize_activation(x) @ _fake_quant_weight(module.weight.float()).T
                 self.err[name] += float((approx - output.reshape(approx.shape)).pow(2).sum())
                 self.ref[name] += float(output.pow(2).sum())
         return hook
@@ -126,8 +134,9 @@ class _LinearProbe:
             h.remove()
 
 
-def _probe(model: Qwen3ForDeployment, rows: list[list[int]], measure_error: bool, desc: str) -> _LinearProbe:
-    probe = _LinearProbe(model, measure_error)
+def _probe(model: Qwen3ForDeployment, rows: list[list[int]], measure_error: bool, desc: str,
+           per_token: bool = False) -> _LinearProbe:
+    probe = _LinearProbe(model, measure_error, per_token)
     try:
         ordered = sorted(rows, key=len)  # batches of similar lengths, left-padded as the runtime pads them
         with torch.no_grad():
@@ -169,22 +178,28 @@ class QuantizationPlan:
     keep_fp32: list[str]
     calibration: dict
 
-    def describe(self) -> dict:
+    def int8_layers(self) -> list[str]:
+        """The linear layers quantized (module names)."""
+        return [name for name in self.linear_errors if name not in self.keep_fp32]
+
+    def describe(self, per_token: bool) -> dict:
         """For the manifest (the five worst layers' errors, and every layer kept)."""
         worst = sorted(self.linear_errors.items(), key=lambda kv: -kv[1])[:5]
-        return {"scheme": "W8A8: int8 weights per output channel, int8 activations with a dynamic per-tensor scale, "
-                          "int32 accumulation", "smooth_alpha": self.smooth_alpha,
+        return {"scheme": "W8A8: int8 weights per output channel, int8 activations with a dynamic per-"
+                          f"{'token' if per_token else 'tensor'} scale, int32 accumulation",
+                "smooth_alpha": self.smooth_alpha,
                 "max_linear_error": self.max_linear_error, "keep_fp32": self.keep_fp32,
                 "worst_linear_errors": {k: round(v, 5) for k, v in worst}, "calibration": self.calibration}
 
 
 def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: CalibrationSet, max_length: int,
-              smooth_alpha: float, max_linear_error: float, log=print) -> QuantizationPlan:
-    """Calibrate `model` (fp32, in place): smooth it, then pick the linear layers that stay fp32."""
+              per_token: bool, smooth_alpha: float, max_linear_error: float, log=print) -> QuantizationPlan:
+    """Calibrate `model` (fp32, in place): smooth it, then pick the linear layers that stay fp32, measuring each
+    layer's error with per-token (TVM) or per-tensor (ONNX Runtime) activation scales."""
     rows = calibration.rows(task, tokenizer, "calibration", max_length)
     if smooth_alpha > 0:
         smooth(model, _probe(model, rows, False, "calibrating").absmax, smooth_alpha)
-    errors = _probe(model, rows, True, "measuring int8 error").errors()
+    errors = _probe(model, rows, True, "measuring int8 error", per_token).errors()
     keep = sorted((n for n, e in errors.items() if e > max_linear_error), key=lambda n: -errors[n])
     if len(keep) == len(errors):
         raise ToolkitError(f"every linear layer's int8 error exceeds max_linear_error {max_linear_error} (the best is "

@@ -34,15 +34,6 @@ declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloa
 """
 
 
-def host_has_bf16() -> bool:
-    """Whether this CPU has AVX512-BF16 (Linux's cpuinfo flag; False where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            return any(line.startswith("flags") and " avx512_bf16" in line for line in cpuinfo)
-    except OSError:
-        return False
-
-
 def pack_pairs(weight: np.ndarray) -> np.ndarray:
     """[N, K] bf16 weight → [N/64, K/2, 64] int32 panels of (W[n, 2p], W[n, 2p+1]) pairs (low half first)."""
     n, k = weight.shape

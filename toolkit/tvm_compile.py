@@ -33,6 +33,16 @@ def host_target() -> dict:
     return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1}
 
 
+def host_has(flag: str) -> bool:
+    """Whether this CPU has an instruction set extension (Linux's cpuinfo flag, e.g. avx512_bf16; False where it
+    cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            return any(line.startswith("flags") and flag in line.split() for line in cpuinfo)
+    except OSError:
+        return False
+
+
 def cuda_target(arch: str | None = None) -> dict:
     """The CUDA target (sm_90 unless QWEN3_DEPLOY_CUDA_ARCH says otherwise)."""
     return {"kind": "cuda", "arch": arch or os.environ.get("QWEN3_DEPLOY_CUDA_ARCH", "sm_90")}
@@ -95,7 +105,11 @@ def weight_inputs(mod) -> list:
 PANEL = 64  # columns per packed weight panel: the matmul rule's register tile width (4 AVX-512 vectors)
 
 
-def pack_linear_weights(mod) -> tuple[tvm.IRModule, list[bool]]:
+# How `write_params` stores each weight input of `main` (see `pack_linear_weights`)
+PLAIN, PANELS, BF16_PAIRS, INT8_QUADS = "plain", "panels", "bf16_pairs", "int8_quads"
+
+
+def pack_linear_weights(mod, int8: frozenset[int] = frozenset()) -> tuple[tvm.IRModule, list[str]]:
     """Rewrite `matmul(x, permute_dims([astype](W)))` (every nn.Linear of the export, W a weight input of `main`) so
     that `main` takes W already packed as contiguous `[N/64, K, 64]` panels in its storage dtype, cast inside the
     matmul: `y = reshape(permute(matmul(x as [1, tokens, K], astype(panels))))`. The micro-kernel then streams each
@@ -103,18 +117,21 @@ def pack_linear_weights(mod) -> tuple[tvm.IRModule, list[bool]]:
     thousands), and the weights stay fp16 in memory (no fp32 copy at load; half the bytes to stream). All tokens of
     the batch are the GEMM's rows, so a panel is reused across the whole batch while it is in cache: a `[32, 8]`
     bucket runs the same GEMM as `[1, 256]` (per sequence, SEQ 8 reused each panel for 8 rows only). Returns the
-    module and, per weight input, whether `write_params` must store it as panels.
+    module and, per weight input, its layout for `write_params`.
 
     bf16 weights become bf16 pair panels `[N/64, K/2, 64]` (int32) instead, and the matmul the AVX512-BF16 kernel of
-    `tvm_bf16` on activations rounded to bf16 pairs: `y = pair_matmul(to_pairs(x as [tokens, K]), panels)`."""
+    `tvm_bf16` on activations rounded to bf16 pairs: `y = pair_matmul(to_pairs(x as [tokens, K]), panels)`. fp32
+    weights whose index is in `int8` become int8 quad panels plus a scale table (two inputs of `main`), and the
+    matmul the VNNI kernel of `tvm_int8` on activations quantized per token."""
     from tvm import relax
     from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-    from toolkit import tvm_bf16
+    from toolkit import tvm_bf16, tvm_int8
 
     main, weights = mod["main"], weight_inputs(mod)
-    panels_of, kernels = {}, {}  # weight index → panels parameter; PrimFunc name → its GlobalVar
-    builder = relax.BlockBuilder(mod)  # holds the bf16 kernels added on the way
+    panels_of, kernels = {}, {}  # weight index → its new parameter(s); PrimFunc name → its GlobalVar
+    layouts = [PLAIN] * len(weights)
+    builder = relax.BlockBuilder(mod)  # holds the bf16 / int8 kernels added on the way
 
     def kernel(name: str, make, *shape):
         key = f"{name}_{'_'.join(map(str, shape))}"
@@ -132,31 +149,46 @@ def pack_linear_weights(mod) -> tuple[tvm.IRModule, list[bool]]:
         n, k = (int(d) for d in weight.ty.shape)
         op, dims = relax.op, [int(d) for d in act.ty.shape]
         rows = int(np.prod(dims[:-1]))  # every token of every sequence: one GEMM whatever the (batch, SEQ) split
+        flat = op.reshape(act, (rows, k))
         if weight.ty.dtype == "bfloat16":
-            panels = panels_of.setdefault(key, relax.Var(f"{weight.name}_pairs",
-                                                         relax.TensorType((n // PANEL, k // 2, PANEL), "int32")))
-            pairs = relax.call_tir(kernel("bf16_pairs", tvm_bf16.to_pairs, rows, k), [op.reshape(act, (rows, k))],
+            layouts[key] = BF16_PAIRS
+            [panels] = panels_of.setdefault(key, [relax.Var(f"{weight.name}_pairs", relax.TensorType(
+                (n // PANEL, k // 2, PANEL), "int32"))])
+            pairs = relax.call_tir(kernel("bf16_pairs", tvm_bf16.to_pairs, rows, k), [flat],
                                    relax.TensorType((rows, k // 2), "int32"))
             out = relax.call_tir(kernel("bf16_matmul", tvm_bf16.pair_matmul, rows, k, n), [pairs, panels],
                                  relax.TensorType((rows, n), "float32"))
             return op.reshape(out, dims[:-1] + [n])
-        panels = panels_of.setdefault(key, relax.Var(f"{weight.name}_panels",
-                                                     relax.TensorType((n // PANEL, k, PANEL), weight.ty.dtype)))
+        if key in int8 and k % 4 == 0:
+            layouts[key] = INT8_QUADS
+            panels, side = panels_of.setdefault(key, [
+                relax.Var(f"{weight.name}_quads", relax.TensorType((n // PANEL, k // 4, PANEL, 4), "int8")),
+                relax.Var(f"{weight.name}_scales", relax.TensorType((2, n), "float32"))])
+            absmax = relax.call_tir(kernel("int8_absmax", tvm_int8.row_absmax, rows, k), [flat],
+                                    relax.TensorType((rows,), "float32"))
+            quantized = relax.call_tir(kernel("int8_quantize", tvm_int8.quantize_rows, rows, k), [flat, absmax],
+                                       relax.TensorType((rows, k), "uint8"))
+            out = relax.call_tir(kernel("int8_matmul", tvm_int8.quad_matmul, rows, k, n),
+                                 [quantized, panels, side, absmax], relax.TensorType((rows, n), "float32"))
+            return op.reshape(out, dims[:-1] + [n])
+        layouts[key] = PANELS
+        [panels] = panels_of.setdefault(key, [relax.Var(f"{weight.name}_panels", relax.TensorType(
+            (n // PANEL, k, PANEL), weight.ty.dtype))])
         out = op.matmul(op.reshape(act, (1, rows, k)), op.astype(panels, "float32"))  # [N/64, rows, 64]
         out = op.permute_dims(out, [1, 0, 2])  # [rows, N/64, 64]
         return op.reshape(out, dims[:-1] + [n])
 
     rewritten = rewrite_call(pattern, rewriter, main)
-    params = list(rewritten.params)
-    first_weight = len(params) - len(weights)
-    for key, panels in panels_of.items():
-        params[first_weight + key] = panels
+    first_weight = len(rewritten.params) - len(weights)
+    params = list(rewritten.params[:first_weight])
+    for key, weight in enumerate(rewritten.params[first_weight:]):
+        params += panels_of.get(key, [weight])
     packed_main = relax.Function(params, rewritten.body, rewritten.ret_ty, rewritten.is_pure, rewritten.attrs)
     if relax.analysis.free_vars(packed_main):  # a weight also used unpacked elsewhere: keep it whole
-        return mod, [False] * len(weights)
+        return mod, [PLAIN] * len(weights)
     packed_mod = builder.get()
     packed_mod[packed_mod.get_global_var("main")] = packed_main
-    return packed_mod, [i in panels_of for i in range(len(weights))]
+    return packed_mod, layouts
 
 
 def fuse_weight_casts(mod):
@@ -196,9 +228,9 @@ def _fast_sigmoid(bb, call):
 FAST_LEGALIZATION = {"relax.nn.softmax": _fast_softmax, "relax.sigmoid": _fast_sigmoid}
 
 
-def lower(mod, target, schedule: bool = True) -> tuple[tvm.IRModule, list[bool]]:
+def lower(mod, target, schedule: bool = True, int8: frozenset[int] = frozenset()) -> tuple[tvm.IRModule, list[str]]:
     """Relax-level lowering, then (unless `schedule=False`, for checking) a schedule for every PrimFunc. Returns the
-    module and which weight inputs it takes as panels (`pack_linear_weights`)."""
+    module and the layout of each weight input (`pack_linear_weights`, which quantizes the weights in `int8`)."""
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
@@ -206,9 +238,9 @@ def lower(mod, target, schedule: bool = True) -> tuple[tvm.IRModule, list[bool]]
 
     cpu = target.kind.name == "llvm"
     if cpu:
-        mod, packed = pack_linear_weights(mod)
+        mod, packed = pack_linear_weights(mod, int8)
     else:  # dlight's GPU rules read plain weights; their fp32 copies are made once at load
-        packed = [False] * len(weight_inputs(mod))
+        packed = [PLAIN] * len(weight_inputs(mod))
     mod = tvm.transform.Sequential([
         relax.transform.DecomposeOpsForInference(),
         relax.transform.LegalizeOps(FAST_LEGALIZATION if cpu else None),
@@ -244,8 +276,9 @@ class TvmBuild:
     compile_seconds: float
 
 
-def compile_tvm(onnx_path: Path, out_dir: Path, device: str, log=print) -> TvmBuild:
-    """Compile the exported ONNX graph into `out_dir` (`model.so` + `params.npz`)."""
+def compile_tvm(onnx_path: Path, out_dir: Path, device: str, log=print, int8_layers=()) -> TvmBuild:
+    """Compile the exported ONNX graph into `out_dir` (`model.so` + `params.npz`); the linear layers named in
+    `int8_layers` (module names, `layers.3.mlp.down_proj`) run W8A8 on VNNI."""
     from tvm import relax
 
     from toolkit.tvm_schedules import unscheduled
@@ -254,7 +287,9 @@ def compile_tvm(onnx_path: Path, out_dir: Path, device: str, log=print) -> TvmBu
     target = tvm.target.Target(target_spec)
     started = time.perf_counter()
     graph = import_onnx(onnx_path)
-    mod, packed = lower(graph.mod, target)
+    int8 = frozenset(i for i, w in enumerate(graph.weights)
+                     if not isinstance(w, np.ndarray) and w.name.removesuffix(".weight") in set(int8_layers))
+    mod, packed = lower(graph.mod, target, int8=int8)
     missing = unscheduled(mod)
     if missing:
         log(f"warning: {len(missing)} PrimFunc(s) left unscheduled: {', '.join(missing)}")
@@ -267,39 +302,41 @@ def compile_tvm(onnx_path: Path, out_dir: Path, device: str, log=print) -> TvmBu
                     compile_seconds=round(time.perf_counter() - started, 2))
 
 
-def write_params(path: Path, graph_dir: Path, weights: list, packed: list[bool]) -> str:
+def write_params(path: Path, graph_dir: Path, weights: list, layouts: list[str]) -> str:
     """`main`'s weights in order, as `np.savez` lays them out (`arr_0.npy`, ...), written one tensor at a time
-    straight from the export's external data; packed ones as `[N/64, K, 64]` panels, or bf16 pair panels
-    (`pack_linear_weights`); other bf16 tensors as numpy writes them (`|V2`, read back by `TvmBackend`). Returns
+    straight from the export's external data, in their `layouts` (`pack_linear_weights`; an int8 weight is two
+    arrays); other bf16 tensors as numpy writes them (`|V2`, read back by `TvmBackend`). Returns
     the digest of what was written (dtypes, shapes, bytes): artifacts of one bucket set share it, and the runtime
     loads their weights once (`TvmBackend`)."""
     import hashlib
     import zipfile
 
-    import ml_dtypes
     from onnx.external_data_helper import ExternalDataInfo
     from onnx.helper import tensor_dtype_to_np_dtype
     from tqdm import tqdm
 
     from toolkit.tvm_bf16 import pack_pairs
+    from toolkit.tvm_int8 import pack_quads
 
-    digest = hashlib.sha256()
+    def panels(array):
+        n, k = array.shape
+        return np.ascontiguousarray(array.reshape(n // PANEL, PANEL, k).transpose(0, 2, 1))
+
+    packers = {PLAIN: lambda a: [a], PANELS: lambda a: [panels(a)], BF16_PAIRS: lambda a: [pack_pairs(a)],
+               INT8_QUADS: lambda a: list(pack_quads(a.astype(np.float32)))}
+    digest, written = hashlib.sha256(), 0
     with zipfile.ZipFile(path, "w", allowZip64=True) as archive:
-        for i, (weight, panels) in enumerate(tqdm(list(zip(weights, packed)), desc="writing weights", unit="tensor",
-                                                   leave=False)):
+        for weight, layout in tqdm(list(zip(weights, layouts)), desc="writing weights", unit="tensor", leave=False):
             if isinstance(weight, np.ndarray):
                 array = weight
             else:
                 info = ExternalDataInfo(weight)
                 array = np.fromfile(graph_dir / info.location, dtype=tensor_dtype_to_np_dtype(weight.data_type),
                                     count=int(np.prod(weight.dims)), offset=info.offset).reshape(weight.dims)
-            if panels and array.dtype == ml_dtypes.bfloat16:
-                array = pack_pairs(array)
-            elif panels:
-                n, k = array.shape
-                array = np.ascontiguousarray(array.reshape(n // PANEL, PANEL, k).transpose(0, 2, 1))
-            digest.update(f"{array.dtype.str}{array.shape}".encode())
-            digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # bytes of any dtype, bf16 too
-            with archive.open(f"arr_{i}.npy", "w", force_zip64=True) as entry:
-                np.lib.format.write_array(entry, array)
+            for array in packers[layout](array):
+                digest.update(f"{array.dtype.str}{array.shape}".encode())
+                digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # bytes of any dtype, bf16 too
+                with archive.open(f"arr_{written}.npy", "w", force_zip64=True) as entry:
+                    np.lib.format.write_array(entry, array)
+                written += 1
     return digest.hexdigest()

@@ -7,7 +7,8 @@ PrimFunc gets one of these, tried in order:
   register-blocked micro-kernel (MR rows x NR columns of accumulators in a local buffer that LLVM keeps in vector
   registers), the reduction axis outside the micro-tile, NR vectorised with AVX-512, parallel over output tiles;
   elementwise epilogues (residual add, SiLU*up, scaling) are fused into the tile's write-back. The bf16 linear
-  layers' kernel (`tvm_bf16.pair_matmul`) gets the same tiles with one `vdpbf16ps` per 16 columns.
+  layers' kernel (`tvm_bf16.pair_matmul`) gets the same tiles with one `vdpbf16ps` per 16 columns, the int8 one
+  (`tvm_int8.quad_matmul`) one `vpdpbusd` per 16 columns and 4 K values.
 - `RowReduction`: softmax / RMSNorm shaped functions: row reductions split into 16 vector lanes (rfactor), all
   blocks per row under one parallel loop; dlight's `cpu.Reduction` takes rows whose length is not a multiple of 16.
 - `Elementwise`: everything else (casts, RoPE, masks, gathers): fuse all loops, parallel outer, vectorise inner.
@@ -20,7 +21,7 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.target import Target
 from typing_extensions import override
 
-from toolkit import tvm_bf16
+from toolkit import tvm_bf16, tvm_int8
 
 VECTOR_LANES = 16  # fp32 lanes of an AVX-512 register
 
@@ -73,7 +74,8 @@ class Matmul(dl.ScheduleRule):
         block = main.block_rv
         if len(sch.get(block).reads) != 2:
             return None
-        bf16 = sch.get(block).name_hint.startswith(tvm_bf16.MATMUL_NAME)
+        name = sch.get(block).name_hint
+        bf16, int8 = name.startswith(tvm_bf16.MATMUL_NAME), name.startswith(tvm_int8.MATMUL_NAME)
         index = [b.block_rv for b in infos].index(block)
         # Prologue (casts, transposes of activations) is inlined into the matmul's loads. One that cannot be (a
         # fused mask construction in a 1-layer graph) made the tiled kernel wrong: leave such functions to others.
@@ -100,7 +102,11 @@ class Matmul(dl.ScheduleRule):
         io, ii = sch.split(i, [None, mr])
         jo, ji = sch.split(j, [None, nr])
         ko, ki = sch.split(k, [None, kc])
-        sch.reorder(*spatial[:-2], jo, io, ko, ki, ii, ji)
+        inner = []
+        if int8:  # the K quad of each vpdpbusd, innermost
+            ki, kk = sch.split(ki, [None, 4])
+            inner = [kk]
+        sch.reorder(*spatial[:-2], jo, io, ko, ki, ii, ji, *inner)
         outer = sch.fuse(*spatial[:-2], jo, io)
         sch.parallel(outer)
         accumulator = sch.cache_write(block, 0, "local")
@@ -109,17 +115,17 @@ class Matmul(dl.ScheduleRule):
         if nr % VECTOR_LANES == 0:
             jv, jl = sch.split(ji, [None, VECTOR_LANES])
             sch.unroll(jv)
-            if not bf16:
+            if not (bf16 or int8):
                 sch.vectorize(jl)
-        elif bf16:  # its panels are 64 columns wide: never reached
+        elif bf16 or int8:  # their panels are 64 columns wide: never reached
             return None
         else:
             sch.vectorize(ji)
         init = sch.decompose_reduction(block, ko)  # zero-init the accumulator tile once, outside the reduction loop
-        if bf16:
+        if bf16 or int8:
             sch.vectorize(sch.get_loops(init)[-1])
-            sch.tensorize(jl, tvm_bf16.DOT_16)
-            sch.annotate(outer, "pragma_import_llvm", tvm_bf16.DPBF16_LLVM)
+            sch.tensorize(jl, tvm_bf16.DOT_16 if bf16 else tvm_int8.DOT_16x4)
+            sch.annotate(outer, "pragma_import_llvm", tvm_bf16.DPBF16_LLVM if bf16 else tvm_int8.VPDPBUSD_LLVM)
         # Write-back of the accumulator tile, then the epilogue on that tile while it is still in cache.
         # (reverse_compute_inline would save a store, but breaks when an epilogue input has two readers, SiLU*gate.)
         self._vectorize_innermost(sch, accumulator)
