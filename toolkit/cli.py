@@ -47,11 +47,12 @@ def synth(task, shape, seed, outliers, out_dir):
 @click.option("--checkpoint", help="hub id or local checkpoint directory (overrides the config)")
 @click.option("--backend", type=click.Choice(["onnx", "tvm", "all"]), help="overrides the config")
 @click.option("--dtype", type=click.Choice(["fp16", "fp32", "bf16", "int8"]), help="weights: fp16/fp32 (fp32 "
-              "compute), bf16 (bf16 x bf16 linear layers with fp32 accumulation; TVM backend, AVX512-BF16 CPUs) or "
-              "int8 (W8A8, calibrated on the bundled real texts; ONNX Runtime, or TVM on AVX512-VNNI CPUs); overrides the "
-              "config")
+              "compute), bf16 (bf16 x bf16 linear layers, fp32 accumulation; TVM backend, AVX512-BF16 CPUs) or "
+              "int8 (W8A8, calibrated on the bundled real texts; ONNX Runtime, or TVM on AVX512-VNNI CPUs); "
+              "overrides the config")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False), help="int8: calibration JSONL "
-              "(query, document, split per line) instead of the bundled set")
+              "(query, document, split per line) instead of the bundled set; bf16 and int8 gates also check its "
+              "held-out texts")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), help="overrides the config")
 @click.option("--batch", type=int, help="static batch size (overrides the config)")
 @click.option("--workspace", type=click.Path(file_okay=False), help="overrides the config")

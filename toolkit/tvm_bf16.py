@@ -18,20 +18,12 @@ import numpy as np
 from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
-from toolkit.tvm_compile import PANEL
+from toolkit.tvm_compile import PANEL, int64_shape, llvm_dot
 
 MATMUL_NAME = "bf16_pair_matmul"  # the compute block's name: how the schedule rule recognises it
 DOT_16 = "qwen3_deploy_bf16_dot_16"
 
-DPBF16_LLVM = """
-define linkonce_odr <16 x float> @qwen3_deploy_dpbf16(<16 x float> %acc, <16 x i32> %a, <16 x i32> %b) alwaysinline {
-  %x = bitcast <16 x i32> %a to <32 x bfloat>
-  %y = bitcast <16 x i32> %b to <32 x bfloat>
-  %r = call <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float> %acc, <32 x bfloat> %x, <32 x bfloat> %y)
-  ret <16 x float> %r
-}
-declare <16 x float> @llvm.x86.avx512bf16.dpbf16ps.512(<16 x float>, <32 x bfloat>, <32 x bfloat>)
-"""
+DPBF16_LLVM = llvm_dot("qwen3_deploy_dpbf16", "llvm.x86.avx512bf16.dpbf16ps.512", "<16 x float>", "<32 x bfloat>")
 
 
 def pack_pairs(weight: np.ndarray) -> np.ndarray:
@@ -62,28 +54,24 @@ def _round_to_bf16(x):
     return tirx.Select(is_nan, tirx.const(0x7FC0, "uint32"), rounded)
 
 
-def _shape(*dims: int):
-    return tuple(tirx.IntImm("int64", d) for d in dims)  # Relax's own kernels index in int64; FuseTIR wants one kind
-
-
 def to_pairs(rows: int, k: int):
     """PrimFunc: fp32 activations [rows, K] → bf16 pairs [rows, K/2] (int32)."""
-    act = te.placeholder(_shape(rows, k), "float32", name="act")
+    act = te.placeholder(int64_shape(rows, k), "float32", name="act")
     def pair(r, p):
         high = tirx.shift_left(_round_to_bf16(act[r, 2 * p + 1]), tirx.const(16, "uint32"))
         return tirx.reinterpret("int32", _round_to_bf16(act[r, 2 * p]) | high)
 
-    pairs = te.compute(_shape(rows, k // 2), pair, name="bf16_pairs")
+    pairs = te.compute(int64_shape(rows, k // 2), pair, name="bf16_pairs")
     return te.create_prim_func([act, pairs])
 
 
 def pair_matmul(rows: int, k: int, n: int):
     """PrimFunc: y[rows, N] = pairs[rows, K/2] · panels[N/64, K/2, 64], bf16 products summed in fp32."""
-    pairs = te.placeholder(_shape(rows, k // 2), "int32", name="pairs")
-    panels = te.placeholder(_shape(n // PANEL, k // 2, PANEL), "int32", name="panels")
-    p = te.reduce_axis(_shape(0, k // 2), name="p")
-    out = te.compute(_shape(rows, n), lambda r, c: te.sum(_pair_product(pairs[r, p], panels[c // PANEL, p, c % PANEL]),
-                                                     axis=p), name=MATMUL_NAME)
+    pairs = te.placeholder(int64_shape(rows, k // 2), "int32", name="pairs")
+    panels = te.placeholder(int64_shape(n // PANEL, k // 2, PANEL), "int32", name="panels")
+    p = te.reduce_axis(int64_shape(0, k // 2), name="p")
+    out = te.compute(int64_shape(rows, n), lambda r, c: te.sum(
+        _pair_product(pairs[r, p], panels[c // PANEL, p, c % PANEL]), axis=p), name=MATMUL_NAME)
     return te.create_prim_func([pairs, panels, out])
 
 

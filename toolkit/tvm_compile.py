@@ -105,6 +105,28 @@ def weight_inputs(mod) -> list:
 PANEL = 64  # columns per packed weight panel: the matmul rule's register tile width (4 AVX-512 vectors)
 
 
+def int64_shape(*dims: int) -> tuple:
+    """A TE shape as Relax's own kernels have it (int64): FuseTIR refuses to mix int32- and int64-shaped buffers."""
+    from tvm import tirx
+
+    return tuple(tirx.IntImm("int64", d) for d in dims)
+
+
+def llvm_dot(name: str, intrinsic: str, acc: str, operand: str) -> str:
+    """LLVM IR of `acc name(acc, <16 x i32> a, <16 x i32> b)`: a and b bitcast to the intrinsic's `operand` vector
+    type, then `intrinsic` (an x86 dot-product instruction). Kernels import it with `pragma_import_llvm` and LLVM
+    inlines it: TVM's LLVM backend cannot form these operand types itself (see tvm_bf16, tvm_int8)."""
+    return f"""
+define linkonce_odr {acc} @{name}({acc} %acc, <16 x i32> %a, <16 x i32> %b) alwaysinline {{
+  %x = bitcast <16 x i32> %a to {operand}
+  %y = bitcast <16 x i32> %b to {operand}
+  %r = call {acc} @{intrinsic}({acc} %acc, {operand} %x, {operand} %y)
+  ret {acc} %r
+}}
+declare {acc} @{intrinsic}({acc}, {operand}, {operand})
+"""
+
+
 # How `write_params` stores each weight input of `main` (see `pack_linear_weights`)
 PLAIN, PANELS, BF16_PAIRS, INT8_QUADS = "plain", "panels", "bf16_pairs", "int8_quads"
 

@@ -21,21 +21,13 @@ import numpy as np
 from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
-from toolkit.tvm_compile import PANEL
+from toolkit.tvm_compile import PANEL, int64_shape, llvm_dot
 
 MATMUL_NAME = "int8_quad_matmul"  # the reduction block's name: how the schedule rule recognises it
 DOT_16x4 = "qwen3_deploy_vnni_dot_16x4"
 SHIFT = 128  # int8 activations + 128 = the uint8 operand of vpdpbusd
 
-VPDPBUSD_LLVM = """
-define linkonce_odr <16 x i32> @qwen3_deploy_vpdpbusd(<16 x i32> %acc, <16 x i32> %a, <16 x i32> %b) alwaysinline {
-  %x = bitcast <16 x i32> %a to <64 x i8>
-  %y = bitcast <16 x i32> %b to <64 x i8>
-  %r = call <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32> %acc, <64 x i8> %x, <64 x i8> %y)
-  ret <16 x i32> %r
-}
-declare <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32>, <64 x i8>, <64 x i8>)
-"""
+VPDPBUSD_LLVM = llvm_dot("qwen3_deploy_vpdpbusd", "llvm.x86.avx512.vpdpbusd.512", "<16 x i32>", "<64 x i8>")
 
 
 def pack_quads(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -48,22 +40,18 @@ def pack_quads(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return panels, side
 
 
-def _shape(*dims: int):
-    return tuple(tirx.IntImm("int64", d) for d in dims)  # Relax's own kernels index in int64; FuseTIR wants one kind
-
-
 def row_absmax(rows: int, k: int):
     """PrimFunc: each token's max |x| over its K activations (its scale * 127)."""
-    act = te.placeholder(_shape(rows, k), "float32", name="act")
-    j = te.reduce_axis(_shape(0, k), name="j")
-    absmax = te.compute(_shape(rows), lambda r: te.max(tirx.abs(act[r, j]), axis=j), name="int8_row_absmax")
+    act = te.placeholder(int64_shape(rows, k), "float32", name="act")
+    j = te.reduce_axis(int64_shape(0, k), name="j")
+    absmax = te.compute(int64_shape(rows), lambda r: te.max(tirx.abs(act[r, j]), axis=j), name="int8_row_absmax")
     return te.create_prim_func([act, absmax])
 
 
 def quantize_rows(rows: int, k: int):
     """PrimFunc: (x [rows, K], absmax [rows]) → uint8 [rows, K] = round(x * 127 / absmax) + 128."""
-    act = te.placeholder(_shape(rows, k), "float32", name="act")
-    absmax = te.placeholder(_shape(rows), "float32", name="absmax")
+    act = te.placeholder(int64_shape(rows, k), "float32", name="act")
+    absmax = te.placeholder(int64_shape(rows), "float32", name="absmax")
 
     def quantize(r, c):
         inverse = tirx.const(127.0, "float32") / tirx.max(absmax[r], tirx.const(1e-30, "float32"))
@@ -71,20 +59,20 @@ def quantize_rows(rows: int, k: int):
         return (tirx.max(tirx.min(q, tirx.const(127.0, "float32")), tirx.const(-127.0, "float32"))
                 + tirx.const(float(SHIFT), "float32")).astype("uint8")
 
-    return te.create_prim_func([act, absmax, te.compute(_shape(rows, k), quantize, name="int8_quantize")])
+    return te.create_prim_func([act, absmax, te.compute(int64_shape(rows, k), quantize, name="int8_quantize")])
 
 
 def quad_matmul(rows: int, k: int, n: int):
     """PrimFunc: y[rows, N] = (sum_k q[r, k] W_q[n, k] - 128 sum_k W_q[n, k]) * scale_w[n] * absmax[r] / 127."""
-    q = te.placeholder(_shape(rows, k), "uint8", name="q")
-    panels = te.placeholder(_shape(n // PANEL, k // 4, PANEL, 4), "int8", name="panels")
-    side = te.placeholder(_shape(2, n), "float32", name="side")
-    absmax = te.placeholder(_shape(rows), "float32", name="absmax")
-    j = te.reduce_axis(_shape(0, k), name="j")
-    acc = te.compute(_shape(rows, n), lambda r, c: te.sum(
+    q = te.placeholder(int64_shape(rows, k), "uint8", name="q")
+    panels = te.placeholder(int64_shape(n // PANEL, k // 4, PANEL, 4), "int8", name="panels")
+    side = te.placeholder(int64_shape(2, n), "float32", name="side")
+    absmax = te.placeholder(int64_shape(rows), "float32", name="absmax")
+    j = te.reduce_axis(int64_shape(0, k), name="j")
+    acc = te.compute(int64_shape(rows, n), lambda r, c: te.sum(
         q[r, j].astype("int32") * panels[c // PANEL, j // 4, c % PANEL, j % 4].astype("int32"), axis=j),
         name=MATMUL_NAME)
-    out = te.compute(_shape(rows, n), lambda r, c: (acc[r, c].astype("float32") - side[1, c]) * side[0, c]
+    out = te.compute(int64_shape(rows, n), lambda r, c: (acc[r, c].astype("float32") - side[1, c]) * side[0, c]
                      * (absmax[r] * tirx.const(1 / 127.0, "float32")), name="int8_dequantize")
     return te.create_prim_func([q, panels, side, absmax, out])
 
