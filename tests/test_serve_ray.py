@@ -54,8 +54,15 @@ def test_two_ray_serve_replicas_answer_as_the_offline_api(onnx_artifacts, ray_he
         want = offline.encode_documents(TEXTS)
     with serve_process("--embedding", embedding_set, "--ray", "--replicas", 2, "--ray-address", ray_head,
                        startup_timeout=240) as (base, server), httpx.Client(base_url=base, timeout=TIMEOUT) as http:
-        infos = [http.get("/info").json() for _ in range(40)]
-        replicas = {(info["process"], info["compute_threads"]) for info in infos}
+        replicas = set()
+
+        def both_replicas_answered() -> bool:
+            info = http.get("/info").json()
+            replicas.add((info["process"], info["compute_threads"]))
+            return len(replicas) >= 2
+
+        # Serve's proxy learns of a replica shortly after it is up: poll rather than expect it in the first answers
+        wait_for(both_replicas_answered, 120)
         assert len(replicas) == 2, replicas  # two replica processes, each with its own engines
         assert {threads for _, threads in replicas} == {1}  # and its own share of the two cores
         for _ in range(8):
