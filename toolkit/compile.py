@@ -25,7 +25,7 @@ import torch
 from toolkit.artifact import Manifest, ModelSource, Target
 from toolkit.backends import LayerwiseReference, device_available, load_backend
 from toolkit.checkpoint import load_tokenizer, model_source, resolve_checkpoint
-from toolkit.config import BuildConfig
+from toolkit.config import TVM_CPU_KERNELS, BuildConfig
 from toolkit.errors import ToolkitError
 from toolkit.export import OnnxExport, export_onnx, fold_weights
 from toolkit.memory import StagePeaks, return_freed_memory
@@ -68,14 +68,13 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
     source = model_source(cfg.checkpoint, checkpoint)
     tokenizer = load_tokenizer(checkpoint)
     check_seq_lens(task, tokenizer, cfg.seq_lens)
-    needs = {"bf16": "avx512_bf16", "int8": "avx512_vnni" if "tvm" in cfg.backends else None}.get(cfg.dtype)
-    if needs:
+    if cfg.dtype in TVM_CPU_KERNELS and "tvm" in cfg.backends:
         from toolkit.tvm_compile import host_has
 
-        if not host_has(needs):
-            raise ToolkitError(f"this CPU has no {needs} (see /proc/cpuinfo): {cfg.dtype} TVM artifacts are built on "
-                               f"and for CPUs that have it; use --dtype fp16 here"
-                               + (" or --backend onnx" if cfg.dtype == "int8" else ""))
+        feature, instead = TVM_CPU_KERNELS[cfg.dtype]
+        if not host_has(feature):
+            raise ToolkitError(f"this CPU has no {feature} (see /proc/cpuinfo): TVM {cfg.dtype} artifacts are built on "
+                               f"and for CPUs that have it; use {instead} here")
     log(f"checkpoint {checkpoint} ({task.name}, {cfg.dtype})")
     peaks, staged = StagePeaks(), []
     try:

@@ -33,6 +33,8 @@ from toolkit.tasks import TASKS
 DTYPES = ("fp16", "fp32", "bf16", "int8")
 # where each low-precision dtype has kernels (ONNX Runtime has no bf16 MatMul on CPU)
 DTYPE_BACKENDS = {"int8": ("onnx", "tvm"), "bf16": ("tvm",)}
+# TVM's bf16 / int8 kernels are x86 CPU instructions: the cpuinfo flag each needs, and what to build without it
+TVM_CPU_KERNELS = {"bf16": ("avx512_bf16", "--dtype fp16"), "int8": ("avx512_vnni", "--backend onnx")}
 MAX_SEQ_LEN = 32768
 SCHEMA = {"name": str, "task": str, "workspace": str,
           "frontend": {"checkpoint": str, "input_ids": list, "seq": (list, int), "batch": int, "batch_tokens": int},
@@ -91,12 +93,10 @@ class BuildConfig:
         if set(self.backends) - set(supported):
             raise ToolkitError(f"{self.dtype} artifacts are built for the {' and '.join(supported)} backend only; use "
                                f"--backend {supported[0]}{where}")
-        if self.dtype == "bf16" and self.target != "cpu":
-            raise ToolkitError(f"bf16 artifacts are built for CPUs with AVX512-BF16 only; use --target cpu, or "
-                               f"--dtype fp16 for CUDA{where}")
-        if self.dtype == "int8" and "tvm" in self.backends and self.target != "cpu":
-            raise ToolkitError(f"TVM int8 artifacts are built for CPUs with AVX512-VNNI only; use --target cpu, or "
-                               f"--backend onnx for CUDA{where}")
+        if self.dtype in TVM_CPU_KERNELS and "tvm" in self.backends and self.target != "cpu":
+            feature, instead = TVM_CPU_KERNELS[self.dtype]
+            raise ToolkitError(f"TVM {self.dtype} artifacts are built for CPUs with {feature} only; use --target cpu, "
+                               f"or {instead} for CUDA{where}")
         if not 0 <= self.smooth_alpha <= 1:
             raise ToolkitError(f"quantization.smooth_alpha must be in [0, 1], got {self.smooth_alpha!r}{where}")
         if not self.max_linear_error > 0:

@@ -57,6 +57,7 @@ def _round_to_bf16(x):
 def to_pairs(rows: int, k: int):
     """PrimFunc: fp32 activations [rows, K] → bf16 pairs [rows, K/2] (int32)."""
     act = te.placeholder(int64_shape(rows, k), "float32", name="act")
+
     def pair(r, p):
         high = tirx.shift_left(_round_to_bf16(act[r, 2 * p + 1]), tirx.const(16, "uint32"))
         return tirx.reinterpret("int32", _round_to_bf16(act[r, 2 * p]) | high)

@@ -260,9 +260,9 @@ def lower(mod, target, schedule: bool = True, int8: frozenset[int] = frozenset()
 
     cpu = target.kind.name == "llvm"
     if cpu:
-        mod, packed = pack_linear_weights(mod, int8)
+        mod, layouts = pack_linear_weights(mod, int8)
     else:  # dlight's GPU rules read plain weights; their fp32 copies are made once at load
-        packed = [PLAIN] * len(weight_inputs(mod))
+        layouts = [PLAIN] * len(weight_inputs(mod))
     mod = tvm.transform.Sequential([
         relax.transform.DecomposeOpsForInference(),
         relax.transform.LegalizeOps(FAST_LEGALIZATION if cpu else None),
@@ -276,13 +276,13 @@ def lower(mod, target, schedule: bool = True, int8: frozenset[int] = frozenset()
     mod = tvm.transform.Sequential([relax.transform.LiftTransformParams(),
                                     relax.transform.DeadCodeElimination()])(mod)
     if not schedule:
-        return mod, packed
+        return mod, layouts
     if target.kind.name == "llvm":
         rules = cpu_rules()
     else:
         rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
     with target:
-        return dl.ApplyDefaultSchedule(*rules)(mod), packed
+        return dl.ApplyDefaultSchedule(*rules)(mod), layouts
 
 
 @dataclass(frozen=True)
@@ -309,16 +309,17 @@ def compile_tvm(onnx_path: Path, out_dir: Path, device: str, log=print, int8_lay
     target = tvm.target.Target(target_spec)
     started = time.perf_counter()
     graph = import_onnx(onnx_path)
+    int8_layers = set(int8_layers)
     int8 = frozenset(i for i, w in enumerate(graph.weights)
-                     if not isinstance(w, np.ndarray) and w.name.removesuffix(".weight") in set(int8_layers))
-    mod, packed = lower(graph.mod, target, int8=int8)
+                     if not isinstance(w, np.ndarray) and w.name.removesuffix(".weight") in int8_layers)
+    mod, layouts = lower(graph.mod, target, int8=int8)
     missing = unscheduled(mod)
     if missing:
         log(f"warning: {len(missing)} PrimFunc(s) left unscheduled: {', '.join(missing)}")
     primfuncs = sum(isinstance(f, tvm.tirx.PrimFunc) for f in mod.functions.values())
     executable = tvm.compile(mod, target=target, relax_pipeline=relax.get_pipeline("default_build"))
     executable.export_library(str(out_dir / LIBRARY))
-    digest = write_params(out_dir / PARAMS, onnx_path.parent, graph.weights, packed)
+    digest = write_params(out_dir / PARAMS, onnx_path.parent, graph.weights, layouts)
     return TvmBuild(model_file=LIBRARY, params_file=PARAMS, params_sha256=digest, tvm_target=target_spec,
                     primfuncs=primfuncs, unscheduled=missing,
                     compile_seconds=round(time.perf_counter() - started, 2))

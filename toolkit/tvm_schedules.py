@@ -24,6 +24,10 @@ from typing_extensions import override
 from toolkit import tvm_bf16, tvm_int8
 
 VECTOR_LANES = 16  # fp32 lanes of an AVX-512 register
+# Matmul blocks whose 16-column inner loop is one x86 dot-product instruction, by block name:
+# (tensor intrinsic, the LLVM wrapper it calls, K values per lane that the block itself iterates over)
+DOT_KERNELS = {tvm_bf16.MATMUL_NAME: (tvm_bf16.DOT_16, tvm_bf16.DPBF16_LLVM, 1),  # K pairs are already packed
+               tvm_int8.MATMUL_NAME: (tvm_int8.DOT_16x4, tvm_int8.VPDPBUSD_LLVM, 4)}
 
 
 def _extent(sch: s_tir.Schedule, loop) -> int | None:
@@ -75,7 +79,7 @@ class Matmul(dl.ScheduleRule):
         if len(sch.get(block).reads) != 2:
             return None
         name = sch.get(block).name_hint
-        bf16, int8 = name.startswith(tvm_bf16.MATMUL_NAME), name.startswith(tvm_int8.MATMUL_NAME)
+        dot = next((spec for prefix, spec in DOT_KERNELS.items() if name.startswith(prefix)), None)
         index = [b.block_rv for b in infos].index(block)
         # Prologue (casts, transposes of activations) is inlined into the matmul's loads. One that cannot be (a
         # fused mask construction in a 1-layer graph) made the tiled kernel wrong: leave such functions to others.
@@ -99,12 +103,14 @@ class Matmul(dl.ScheduleRule):
         mr = _largest_divisor(_extent(sch, i), (self.mr, 2))
         nr = _largest_divisor(_extent(sch, j), (self.nr, 32, VECTOR_LANES, 8, 4))
         kc = _largest_divisor(_extent(sch, k), (self.kc, 128, 64))
+        if dot and nr % VECTOR_LANES:  # a dot instruction fills whole vectors (our panels are 64 columns wide)
+            return None
         io, ii = sch.split(i, [None, mr])
         jo, ji = sch.split(j, [None, nr])
         ko, ki = sch.split(k, [None, kc])
         inner = []
-        if int8:  # the K quad of each vpdpbusd, innermost
-            ki, kk = sch.split(ki, [None, 4])
+        if dot and dot[2] > 1:  # the K values of one lane of the instruction, innermost
+            ki, kk = sch.split(ki, [None, dot[2]])
             inner = [kk]
         sch.reorder(*spatial[:-2], jo, io, ko, ki, ii, ji, *inner)
         outer = sch.fuse(*spatial[:-2], jo, io)
@@ -115,17 +121,16 @@ class Matmul(dl.ScheduleRule):
         if nr % VECTOR_LANES == 0:
             jv, jl = sch.split(ji, [None, VECTOR_LANES])
             sch.unroll(jv)
-            if not (bf16 or int8):
+            if not dot:
                 sch.vectorize(jl)
-        elif bf16 or int8:  # their panels are 64 columns wide: never reached
-            return None
         else:
             sch.vectorize(ji)
         init = sch.decompose_reduction(block, ko)  # zero-init the accumulator tile once, outside the reduction loop
-        if bf16 or int8:
+        if dot:
+            intrinsic, llvm, _ = dot
             sch.vectorize(sch.get_loops(init)[-1])
-            sch.tensorize(jl, tvm_bf16.DOT_16 if bf16 else tvm_int8.DOT_16x4)
-            sch.annotate(outer, "pragma_import_llvm", tvm_bf16.DPBF16_LLVM if bf16 else tvm_int8.VPDPBUSD_LLVM)
+            sch.tensorize(jl, intrinsic)
+            sch.annotate(outer, "pragma_import_llvm", llvm)
         # Write-back of the accumulator tile, then the epilogue on that tile while it is still in cache.
         # (reverse_compute_inline would save a store, but breaks when an epilogue input has two readers, SiLU*gate.)
         self._vectorize_innermost(sch, accumulator)
