@@ -9,6 +9,7 @@ local Ray instance is started; with it, the replicas go to that cluster (`ray st
 from __future__ import annotations
 
 import signal
+from contextlib import contextmanager
 from typing import Callable
 
 import ray
@@ -37,10 +38,7 @@ class ToolkitReplica:
 def serve_on_ray(options: ServeOptions, echo: Callable[[str], None] = print) -> None:
     """Deploy `options.replicas` replicas and serve until SIGTERM or Ctrl-C; then remove them."""
     model_sets(options.embedding, options.reranker, options.limits)  # a user's mistake fails here, not in a replica
-    # without an address, a fresh local instance: plain ray.init() would attach to whatever cluster `ray start` last
-    # recorded on this machine, even one that has died since
-    ray.init(address=options.ray_address or "local", include_dashboard=False, logging_level="warning")
-    try:
+    with ray_driver(options.ray_address):
         serve.start(http_options={"host": options.host, "port": options.port})
         threads = options.threads_per_engine_set
         # Ray may send a replica more requests than the app admits, so overload gets the app's 429 (with
@@ -54,9 +52,22 @@ def serve_on_ray(options: ServeOptions, echo: Callable[[str], None] = print) -> 
             raise ToolkitError(f"Ray Serve could not start the replicas ({e}); the replica errors are above") from None
         echo(f"serving on http://{options.host}:{options.port} with {options.replicas} Ray Serve replicas of "
              f"{threads} thread(s) each (SIGTERM: stop)")
-        with exit_on_signals():
-            while True:
-                signal.pause()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        while True:
+            signal.pause()
+
+
+@contextmanager
+def ray_driver(address: str | None):
+    """This process as the driver of the Ray cluster at `address` (None: a fresh local instance) until the block ends,
+    by SIGTERM (exit 0), Ctrl-C (exit 130) or an error; then Serve's apps and the driver are shut down."""
+    # without an address, a fresh local instance: plain ray.init() would attach to whatever cluster `ray start` last
+    # recorded on this machine, even one that has died since
+    ray.init(address=address or "local", include_dashboard=False, logging_level="warning")
+    # ray.init leaves SIGTERM to Ray's C++ failure handler, which arms a 3 s alarm that aborts the process (SIGABRT,
+    # exit 134) before forwarding the signal: removing the replicas takes longer. Our handlers replace it.
+    with exit_on_signals():
+        try:
+            yield
+        finally:
+            serve.shutdown()
+            ray.shutdown()
