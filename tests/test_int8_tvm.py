@@ -59,10 +59,18 @@ def test_int8_kernels_match_per_token_fake_quantization_and_run_on_vpdpbusd(tmp_
 
 
 def test_tvm_int8_gate_fails_naive_quantization_and_passes_the_default(outlier_checkpoints, tmp_path):
+    naive = {"smooth_alpha": 0.0, "max_linear_error": 1.0}  # no smoothing, every layer int8
     with pytest.raises(ToolkitError, match=r"validation failed .* int8 tolerance \(min_cosine >= 0.99\); nothing "
                                            "was installed"):
         build(outlier_checkpoints, tmp_path, "embedding", backends=("tvm",), seq_lens=(64,), dtype="int8",
-              smooth_alpha=0.0, max_linear_error=1.0)
+              preflight=False, **naive)
+    # the preflight runs the naive plan in fake int8 before compiling, sees it over budget and keeps the worst layers
+    # (those reading the outlier channels) fp32: the same settings then pass
+    [rescued] = build(outlier_checkpoints, tmp_path, "embedding", backends=("tvm",), seq_lens=(64,), dtype="int8",
+                      **naive)
+    quantization = Manifest.load(rescued).precision["quantization"]
+    assert Manifest.load(rescued).validation["passed"] and len(quantization["keep_fp32"]) == 4
+    assert quantization["preflight"]["rounds"] == 2 and quantization["preflight"]["budget_used"] <= 0.5
     [artifact] = build(outlier_checkpoints, tmp_path, "embedding", backends=("tvm",), seq_lens=(64,), dtype="int8")
     manifest = Manifest.load(artifact)
     validation = manifest.validation

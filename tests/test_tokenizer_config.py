@@ -29,6 +29,10 @@ def test_reference_style_config(tmp_path):
     assert load_build_config("build_configs/reranker_config_fp16.yaml").task == "reranker"
     assert parse_seq_lens("512,128") == (128, 512) and parse_seq_lens([[64], []]) == (64,)
     assert cfg.with_overrides(seq_lens=(64, 128), dtype=None).seq_lens == (64, 128)
+    int8 = tmp_path / "int8.yaml"
+    int8.write_text("task: embedding\nfrontend: {checkpoint: x, seq: 8}\n"
+                    "backend: {dtype: int8, quantization: {preflight: false, smooth_alpha: 0.8}}\n")
+    assert load_build_config(int8).preflight is False and load_build_config(int8).smooth_alpha == 0.8
 
 
 @pytest.mark.parametrize("text, message", [
@@ -43,6 +47,8 @@ def test_reference_style_config(tmp_path):
     ("task: embedding\nfrontend: {checkpoint: x, seq: [true]}\n", "sequence lengths must be integers"),
     ("task: embedding\nfrontend: {checkpoint: x, seq: 8, batch: true}\n", "frontend.batch must be of type int"),
     ("task: embedding\nfrontend: {checkpoint: x, seq: 8, batch: 0}\n", "batch must be a positive integer"),
+    ("task: embedding\nfrontend: {checkpoint: x, seq: 8}\nbackend: {quantization: {preflight: 1}}\n",
+     "backend.quantization.preflight must be of type bool"),
     ("- a list\n", "the file must be a mapping"),
 ])
 def test_bad_config_is_refused_with_a_clear_message(tmp_path, text, message):

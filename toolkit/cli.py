@@ -117,9 +117,12 @@ def inspect(artifact_dir, as_json):
 def format_quantization(q: dict) -> str:
     """An int8 artifact's quantization record in one line."""
     worst = max(q["worst_linear_errors"].values(), default=0.0)
-    return (f"SmoothQuant alpha {q['smooth_alpha']}, {len(q['keep_fp32'])} linear layers kept fp32 (int8 error > "
-            f"{q['max_linear_error']}), worst int8 layer error {worst:.4f}, calibration "
-            f"{q['calibration']['calibration_records']} records + {q['calibration']['holdout_records']} held out")
+    preflight = q.get("preflight")  # absent in artifacts built before the preflight existed
+    checked = (f", whole model in fake int8 on them: {preflight['budget_used']:.0%} of the gate's error budget "
+               f"({preflight['rounds']} round(s))" if preflight else "")
+    return (f"SmoothQuant alpha {q['smooth_alpha']}, {len(q['keep_fp32'])} linear layers kept fp32, worst int8 layer "
+            f"error {worst:.4f}, calibration {q['calibration']['calibration_records']} records"
+            f"{checked} + {q['calibration']['holdout_records']} held out")
 
 
 def format_manifest(m) -> str:

@@ -87,7 +87,7 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
             with peaks.stage("calibrate"):
                 # layer errors are measured for the scheme that will run: per-tensor scales (ONNX Runtime) err more
                 plan = plan_int8(model, task, tokenizer, checks, max(cfg.seq_lens), "onnx" not in cfg.backends,
-                                 cfg.smooth_alpha, cfg.max_linear_error, log)
+                                 cfg.smooth_alpha, cfg.max_linear_error, cfg.preflight, log)
             model.embed_tokens.half()  # a gather: fp16 storage costs no accuracy in the arithmetic
         with peaks.stage("export"):
             for backend in cfg.backends:

@@ -14,6 +14,7 @@
         calibration: FILE                # (query, document, split) JSONL; default: the bundled real-text set
         smooth_alpha: 0.5                # SmoothQuant migration strength (0 = none)
         max_linear_error: 0.1            # linear layers whose int8 output error exceeds this stay fp32
+        preflight: true                  # the whole model in fake int8 first; worst layers fp32 until it has margin
       target: cpu                        # cpu | cuda
     workspace: ./workspace
 
@@ -40,7 +41,7 @@ SCHEMA = {"name": str, "task": str, "workspace": str,
           "frontend": {"checkpoint": str, "input_ids": list, "seq": (list, int), "batch": int, "batch_tokens": int},
           "backend": {"kind": (str, list), "dtype": str, "target": str,
                       "quantization": {"calibration": str, "smooth_alpha": (float, int),
-                                       "max_linear_error": (float, int)}}}
+                                       "max_linear_error": (float, int), "preflight": bool}}}
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class BuildConfig:
     calibration: str | None = None  # int8: calibration JSONL (None: the bundled set)
     smooth_alpha: float = 0.5
     max_linear_error: float = 0.1
+    preflight: bool = True  # int8: check the whole model in fake int8 before compiling (quantize.plan_int8)
     workspace: Path = field(default_factory=lambda: Path("workspace"))
     source: Path | None = None  # the YAML file it came from
 
@@ -139,7 +141,9 @@ def check_schema(raw, schema: dict, path: str, where: Path) -> None:
         expected = schema[key]
         if isinstance(expected, dict):
             check_schema(value, expected, key_path, where)
-        elif value is not None and (not isinstance(value, expected) or isinstance(value, bool)):
+        # a bool is an int to isinstance: accepted only where a bool is expected
+        elif value is not None and (not isinstance(value, expected)
+                                    or isinstance(value, bool) and expected is not bool):
             names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
             raise ToolkitError(f"{where}: {key_path} must be of type {names}, got {value!r}")
 

@@ -9,7 +9,10 @@ linear weights as `tvm_int8` packs them at compile.
   `s = max|X|^alpha / max|W|^(1-alpha)`, folded exactly into the preceding RMSNorm weight (q/k/v, gate/up) or into the
   up projection's rows (down); `o_proj` is left alone (its input channels are shared across grouped-query heads).
 - After smoothing, each linear layer's int8 error is measured on the calibration rows (fake quantization in torch, as
-  ONNX Runtime rounds); layers above `max_linear_error` stay fp32. What was kept and why goes into the manifest.
+  the artifact rounds); layers above `max_linear_error` stay fp32. Errors compound through the depth, so the whole
+  model then runs in fake int8 on those rows: while it uses more than half the int8 gate's error budget, the worst
+  remaining layers stay fp32 too (the gate itself runs on the compiled artifact, on texts calibration never saw).
+  What was kept and why goes into the manifest.
 - The embedding table is stored fp16 (a gather, no arithmetic) and the reranker's yes/no head stays fp32.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -33,6 +37,10 @@ from toolkit.tokenizer import ENDOFTEXT_ID
 
 DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "calibration.jsonl"
 CALIBRATION_BATCH = 16
+# Before compiling, the whole model in fake int8 may use this share of the int8 gate's error budget on the calibration
+# rows (the rest is margin for unseen text); over it, PREFLIGHT_STEP more layers (the worst) stay fp32, at most
+# PREFLIGHT_ROUNDS checks
+PREFLIGHT_BUDGET, PREFLIGHT_STEP, PREFLIGHT_ROUNDS = 0.5, 4, 8
 
 
 @dataclass(frozen=True)
@@ -134,19 +142,45 @@ class _LinearProbe:
             h.remove()
 
 
+def _forward(model: Qwen3ForDeployment, rows: list[list[int]], desc: str) -> np.ndarray:
+    """The model's raw outputs for `rows`, shortest first, in batches of similar lengths left-padded as the runtime
+    pads them."""
+    ordered = sorted(rows, key=len)
+    outputs = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(ordered), CALIBRATION_BATCH), desc=desc, leave=False):
+            chunk = ordered[start:start + CALIBRATION_BATCH]
+            ids, mask = left_pad(chunk, max(map(len, chunk)), ENDOFTEXT_ID)
+            outputs.append(model(torch.from_numpy(ids), torch.from_numpy(mask)).float().numpy())
+    return np.concatenate(outputs)
+
+
 def _probe(model: Qwen3ForDeployment, rows: list[list[int]], measure_error: bool, desc: str,
-           per_token: bool = False) -> _LinearProbe:
+           per_token: bool = False) -> tuple[_LinearProbe, np.ndarray]:
+    """The probe after a pass over `rows`, and the model's outputs."""
     probe = _LinearProbe(model, measure_error, per_token)
     try:
-        ordered = sorted(rows, key=len)  # batches of similar lengths, left-padded as the runtime pads them
-        with torch.no_grad():
-            for start in tqdm(range(0, len(ordered), CALIBRATION_BATCH), desc=desc, leave=False):
-                chunk = ordered[start:start + CALIBRATION_BATCH]
-                ids, mask = left_pad(chunk, max(map(len, chunk)), ENDOFTEXT_ID)
-                model(torch.from_numpy(ids), torch.from_numpy(mask))
+        return probe, _forward(model, rows, desc)
     finally:
         probe.close()
-    return probe
+
+
+@contextmanager
+def _fake_quantized(model: Qwen3ForDeployment, layers: list[str], per_token: bool):
+    """Within the block, the named linear layers compute in fake int8 (weights and activations rounded as the
+    artifact rounds them), so the model's outputs are what the int8 artifact would give."""
+    linears = dict(model.named_modules())
+    quantize_activation = _fake_quant_activation_per_token if per_token else _fake_quant_activation
+
+    def hook(module, inputs, output):  # weights rounded per call: a rounded copy of every weight would double memory
+        return quantize_activation(inputs[0]) @ _fake_quant_weight(module.weight.float()).T
+
+    handles = [linears[name].register_forward_hook(hook) for name in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def smooth(model: Qwen3ForDeployment, absmax: dict[str, torch.Tensor], alpha: float) -> None:
@@ -177,6 +211,7 @@ class QuantizationPlan:
     linear_errors: dict[str, float]
     keep_fp32: list[str]
     calibration: dict
+    preflight: dict | None  # the whole model in fake int8 on the calibration rows with this plan (None: off)
 
     def int8_layers(self) -> list[str]:
         """The linear layers quantized (module names)."""
@@ -189,17 +224,21 @@ class QuantizationPlan:
                           f"{'token' if per_token else 'tensor'} scale, int32 accumulation",
                 "smooth_alpha": self.smooth_alpha,
                 "max_linear_error": self.max_linear_error, "keep_fp32": self.keep_fp32,
-                "worst_linear_errors": {k: round(v, 5) for k, v in worst}, "calibration": self.calibration}
+                "worst_linear_errors": {k: round(v, 5) for k, v in worst}, "calibration": self.calibration,
+                "preflight": self.preflight}
 
 
 def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: CalibrationSet, max_length: int,
-              per_token: bool, smooth_alpha: float, max_linear_error: float, log=print) -> QuantizationPlan:
+              per_token: bool, smooth_alpha: float, max_linear_error: float, preflight: bool = True,
+              log=print) -> QuantizationPlan:
     """Calibrate `model` (fp32, in place): smooth it, then pick the linear layers that stay fp32, measuring each
-    layer's error with per-token (TVM) or per-tensor (ONNX Runtime) activation scales."""
+    layer's error with per-token (TVM) or per-tensor (ONNX Runtime) activation scales; with `preflight`, more of
+    them while the whole model in fake int8 uses over PREFLIGHT_BUDGET of the gate's error budget."""
     rows = calibration.rows(task, tokenizer, "calibration", max_length)
     if smooth_alpha > 0:
-        smooth(model, _probe(model, rows, False, "calibrating").absmax, smooth_alpha)
-    errors = _probe(model, rows, True, "measuring int8 error", per_token).errors()
+        smooth(model, _probe(model, rows, False, "calibrating")[0].absmax, smooth_alpha)
+    probe, reference = _probe(model, rows, True, "measuring int8 error", per_token)
+    errors = probe.errors()
     keep = sorted((n for n, e in errors.items() if e > max_linear_error), key=lambda n: -errors[n])
     if len(keep) == len(errors):
         raise ToolkitError(f"every linear layer's int8 error exceeds max_linear_error {max_linear_error} (the best is "
@@ -208,7 +247,23 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
     log(f"int8 calibration on {len(rows)} rows: smoothing alpha {smooth_alpha}, worst linear error "
         f"{max(errors.values()):.4f}, {len(keep)} of {len(errors)} linear layers kept fp32 (error > "
         f"{max_linear_error})")
-    return QuantizationPlan(smooth_alpha, max_linear_error, errors, keep, calibration.describe())
+    # Per-layer errors compound through the depth: check the whole model in fake int8 before compiling, and keep
+    # the worst remaining layers fp32 until the calibration rows leave the gate a margin for unseen text
+    quantized = sorted((n for n in errors if n not in keep), key=lambda n: -errors[n])
+    if not preflight:
+        return QuantizationPlan(smooth_alpha, max_linear_error, errors, keep, calibration.describe(), None)
+    for attempt in range(1, PREFLIGHT_ROUNDS + 1):
+        with _fake_quantized(model, quantized, per_token):
+            outputs = _forward(model, rows, "checking int8 end to end")
+        agreement = task.agreement(task.finish(reference), task.finish(outputs))
+        used = task.tolerance_used(agreement, "int8")
+        log(f"int8 end to end on the calibration rows, {len(keep)} linear layers fp32: "
+            f"{task.format_agreement(agreement)}: {used:.0%} of the gate's error budget")
+        if used <= PREFLIGHT_BUDGET or attempt == PREFLIGHT_ROUNDS or len(quantized) <= PREFLIGHT_STEP:
+            break
+        keep, quantized = keep + quantized[:PREFLIGHT_STEP], quantized[PREFLIGHT_STEP:]
+    preflight = {"agreement": agreement, "budget_used": round(used, 4), "rounds": attempt}
+    return QuantizationPlan(smooth_alpha, max_linear_error, errors, keep, calibration.describe(), preflight)
 
 
 def quantize_onnx(fp32_model: Path, out: Path, plan: QuantizationPlan) -> None:

@@ -104,6 +104,12 @@ class Task:
             return False
         return value >= bound if self.gate_key == "min_cosine" else value <= bound
 
+    def tolerance_used(self, stats: dict, dtype: str) -> float:
+        """The share of the dtype's error budget an agreement uses: 1.0 at the tolerance (for cosine, 1 - min cosine
+        against 1 - the bound)."""
+        value, bound = stats[self.gate_key], self.tolerances[dtype]
+        return (1 - value) / (1 - bound) if self.gate_key == "min_cosine" else value / bound
+
     def tolerance_text(self, dtype: str) -> str:
         """The tolerance as a readable bound, e.g. `min_cosine >= 0.999`."""
         op = ">=" if self.gate_key == "min_cosine" else "<="
