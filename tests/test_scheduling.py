@@ -128,6 +128,7 @@ def test_perf_traffic_prints_ratios_padding_and_agreement(onnx_artifacts, tmp_pa
     report = json.loads(out.read_text())
     torch_run, artifact_run = report["runs"]
     assert report["requests"] == 24 and torch_run["vs_best_torch"] == 1.0
+    assert artifact_run["name"].endswith("(embedding-fp16-b2)")  # which set, when several share a backend and dtype
     assert artifact_run["agreement_vs_first"]["min_cosine"] >= 0.999
     assert 0 <= artifact_run["padding"] < 1 and artifact_run["gflops"] > 0
     seq_rows = sum(artifact_run["batches_per_seq"].values())
