@@ -58,6 +58,32 @@ def test_busy_compute_threads_never_exceed_the_budget(budget_threads):
     assert meter["peak"] <= budget_threads and budget.peak <= budget_threads, (meter["peak"], budget.peak)
 
 
+class RowLengthBackend(Backend):
+    """A static batch of 4: each row's output is its real length (to check where results land)."""
+
+    name, task, batch, dynamic_batch, threads = "row-length", EMBEDDING, 4, False, 1
+
+    def __init__(self, seq_len):
+        self.seq_len = seq_len
+
+    def run(self, input_ids, attention_mask):
+        assert input_ids.shape == (self.batch, self.seq_len)
+        return attention_mask.sum(axis=1, keepdims=True).astype(np.float32)
+
+
+def test_static_batches_fill_their_padding_rows_with_shorter_rows():
+    """SEQ 32 gets 5 rows: its second batch of 4 has 3 padding rows, computed anyway; the 3 rows of SEQ 16 take
+    them, and no SEQ 16 batch runs. SEQ 8's 3 rows have no smaller bucket to take from: they run padded."""
+    engines = [Engine(lambda i, dev, s=s: RowLengthBackend(s)) for s in (8, 16, 32)]
+    lengths = [20, 30, 12, 25, 31, 5, 10, 17, 3, 9, 7]
+    runner = BucketedRunner(engines)
+    out = runner.run([[1] * n for n in lengths])
+    runner.close()
+    assert out[:, 0].tolist() == lengths  # every row's result in its place
+    assert runner.stats.batches_per_seq == {32: 2, 8: 1}
+    assert runner.stats.computed_tokens == 2 * 4 * 32 + 4 * 8  # without the filling: one more batch of 4 x 16
+
+
 def test_token_budget_batches_mixed_lengths_come_back_in_order(checkpoints, tmp_path):
     """SEQ 32 / 48 / 64 with a 128-token budget: batches 4 / 2 / 2, one set; outputs in input order, as torch."""
     from toolkit.compile import compile_config

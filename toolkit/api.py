@@ -64,8 +64,9 @@ class Batch:
 
 
 class BucketedRunner:
-    """Routes each token row to the smallest engine whose SEQ fits, pads to that engine's [batch, SEQ], submits every
-    batch asynchronously and returns the outputs in input order. An engine with no fixed SEQ (torch reference) gets
+    """Routes each token row to the smallest engine whose SEQ fits (or, to fill a static batch's padding rows, a
+    larger one), pads to that engine's [batch, SEQ], submits every batch asynchronously and returns the outputs in
+    input order. An engine with no fixed SEQ (torch reference) gets
     length-sorted batches of `dynamic_batch` padded to their longest row."""
 
     def __init__(self, engines: list[Engine], dynamic_batch: int = 8, max_length: int | None = None):
@@ -86,6 +87,7 @@ class BucketedRunner:
         by_engine: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             by_engine.setdefault(id(self.bucket_for(len(row))), []).append(i)
+        self._fill_padding_rows(rows, by_engine)
         batches = []
         for engine in self.engines:
             order = sorted(by_engine.get(id(engine), []), key=lambda i: len(rows[i]))
@@ -99,6 +101,22 @@ class BucketedRunner:
                 self.stats.add(real, ids.size, seq)
                 batches.append(Batch(idx, seq, real, ids.size, engine.run_async(ids, mask)))
         return batches
+
+    def _fill_padding_rows(self, rows: list[list[int]], by_engine: dict[int, list[int]]) -> None:
+        """A static batch computes its padding rows as if they were real: fill each bucket's last batch, largest SEQ
+        first, with the longest rows of the smaller buckets (they fit), which may then run a batch fewer."""
+        for k in range(len(self.engines) - 1, 0, -1):
+            engine = self.engines[k]
+            mine = by_engine.get(id(engine), [])
+            if engine.seq_len is None or engine.dynamic_batch or not engine.batch or not mine:
+                continue
+            free = -len(mine) % engine.batch
+            for smaller in reversed(self.engines[:k]):
+                donors = sorted(by_engine.get(id(smaller), []), key=lambda i: len(rows[i]))
+                moved = donors[len(donors) - free:] if free else []
+                mine += moved
+                by_engine[id(smaller)] = donors[:len(donors) - len(moved)]
+                free -= len(moved)
 
     def run(self, rows: list[list[int]], progress: bool = False) -> np.ndarray:
         """Raw outputs for token rows, in input order."""
