@@ -74,14 +74,22 @@ class RowLengthBackend(Backend):
 def test_static_batches_fill_their_padding_rows_with_shorter_rows():
     """SEQ 32 gets 5 rows: its second batch of 4 has 3 padding rows, computed anyway; the 3 rows of SEQ 16 take
     them, and no SEQ 16 batch runs. SEQ 8's 3 rows have no smaller bucket to take from: they run padded."""
-    engines = [Engine(lambda i, dev, s=s: RowLengthBackend(s)) for s in (8, 16, 32)]
+    def make_runner() -> BucketedRunner:
+        return BucketedRunner([Engine(lambda i, dev, s=s: RowLengthBackend(s)) for s in (8, 16, 32)])
+
     lengths = [20, 30, 12, 25, 31, 5, 10, 17, 3, 9, 7]
-    runner = BucketedRunner(engines)
+    runner = make_runner()
     out = runner.run([[1] * n for n in lengths])
     runner.close()
     assert out[:, 0].tolist() == lengths  # every row's result in its place
     assert runner.stats.batches_per_seq == {32: 2, 8: 1}
     assert runner.stats.computed_tokens == 2 * 4 * 32 + 4 * 8  # without the filling: one more batch of 4 x 16
+
+    # fewer donors than free slots: SEQ 32's 3 free slots take both SEQ 16 rows and the SEQ 8 row
+    runner = make_runner()
+    out = runner.run([[1] * n for n in (30, 12, 10, 5)])
+    runner.close()
+    assert out[:, 0].tolist() == [30, 12, 10, 5] and runner.stats.batches_per_seq == {32: 1}
 
 
 def test_token_budget_batches_mixed_lengths_come_back_in_order(checkpoints, tmp_path):

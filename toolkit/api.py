@@ -112,11 +112,13 @@ class BucketedRunner:
                 continue
             free = -len(mine) % engine.batch
             for smaller in reversed(self.engines[:k]):
+                if not free:
+                    break
                 donors = sorted(by_engine.get(id(smaller), []), key=lambda i: len(rows[i]))
-                moved = donors[len(donors) - free:] if free else []
-                mine += moved
-                by_engine[id(smaller)] = donors[:len(donors) - len(moved)]
-                free -= len(moved)
+                kept = max(0, len(donors) - free)
+                mine += donors[kept:]
+                by_engine[id(smaller)] = donors[:kept]
+                free -= len(donors) - kept
 
     def run(self, rows: list[list[int]], progress: bool = False) -> np.ndarray:
         """Raw outputs for token rows, in input order."""

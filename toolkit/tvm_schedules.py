@@ -16,7 +16,8 @@ PrimFunc gets one of these, tried in order:
 """
 from __future__ import annotations
 
-import numpy as np
+import math
+
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -259,7 +260,7 @@ class Elementwise(dl.ScheduleRule):
             chunks, lanes = sch.split(loops[-1], [None, VECTOR_LANES])
             rows = [_extent(sch, loop) or 0 for loop in loops[:-1]]
             # parallel over rows, a row's vectors in a serial loop (index math hoisted), unless rows are too few
-            sch.parallel(sch.fuse(*loops[:-1]) if np.prod(rows) >= 64 else sch.fuse(*loops[:-1], chunks))
+            sch.parallel(sch.fuse(*loops[:-1]) if math.prod(rows) >= 64 else sch.fuse(*loops[:-1], chunks))
             sch.vectorize(lanes)
             return
         fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
