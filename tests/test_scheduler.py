@@ -1,6 +1,8 @@
 """BatchScheduler: rows of concurrent callers merged into shared engine batches, each caller's outputs in its order,
-failures confined to the requests they hit, rounds dispatched on a full budget or at close, bad arguments refused."""
+the fullest batch first and no row passed over more than MAX_PASSED_OVER times, failures confined to the requests they
+hit, a batch dispatched when full, on a full budget or at close, bad arguments refused."""
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from toolkit.api import BucketedRunner
 from toolkit.backends import Backend
 from toolkit.errors import ToolkitError
 from toolkit.runtime import Engine, EngineClosedError
-from toolkit.scheduler import BatchScheduler, SchedulerObserver
+from toolkit.scheduler import MAX_PASSED_OVER, BatchScheduler, SchedulerObserver
 from toolkit.tasks import EMBEDDING
 
 TIMEOUT = 60
@@ -73,6 +75,46 @@ def test_concurrent_callers_share_batches_and_get_their_own_rows_in_order(echo):
     assert sum(len(b.indices) for b in recorder.batches) == sum(map(len, requests))
     assert len(recorder.batches) < sum(map(len, requests)) / 2  # rows were packed together, across requests
     assert {b.seq for b in recorder.batches} == {8, 16}
+
+
+def test_the_fullest_batch_goes_first_and_a_passed_over_row_goes_within_max_passed_over(echo):
+    runner, gate = echo
+    recorder = Recorder()
+    scheduler = BatchScheduler(runner, max_batch_tokens=1024, max_wait_ms=0, observer=recorder)
+    gate.clear()
+    blockers = []
+    for k in (1, 2):  # one runs, one waits on the engine: both slots busy
+        blockers.append(scheduler.submit([[1]]))
+        wait_until(lambda: len(recorder.batches) == k)
+    long_row = scheduler.submit([[2] * 12])  # SEQ 16: 3 short rows fill its batch, 30 of 64 slots real
+    shorts = [scheduler.submit([[3] * 6]) for _ in range(4 * MAX_PASSED_OVER + 4)]  # SEQ 8: 24 of 32 slots real
+    assert scheduler.pending_rows == 4 * MAX_PASSED_OVER + 5
+    gate.set()
+    for future in blockers + shorts:
+        future.result(TIMEOUT)
+    assert np.array_equal(long_row.result(TIMEOUT), expected([[2] * 12]))
+    order = [b.seq for b in recorder.batches[2:]]
+    # fuller SEQ 8 batches go first, until the long row has watched MAX_PASSED_OVER of them go; then its batch
+    assert order == [8] * MAX_PASSED_OVER + [16, 8], order
+    scheduler.close()
+
+
+def test_a_full_batch_goes_at_once_while_a_lone_row_waits(echo):
+    runner, _ = echo
+    scheduler = BatchScheduler(runner, max_batch_tokens=64, max_wait_ms=600_000)  # waits "forever" for company
+    lonely = scheduler.submit([[5] * 8])
+    full = scheduler.submit([[7] * 3] * 4)  # 4 rows: a full SEQ 8 batch
+    assert np.array_equal(full.result(TIMEOUT), expected([[7] * 3] * 4))
+    assert not lonely.done() and scheduler.pending_rows == 1
+    scheduler.close()
+    assert np.array_equal(lonely.result(TIMEOUT), expected([[5] * 8]))
+
+
+def wait_until(condition):
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def test_a_failing_batch_fails_only_its_requests(echo):

@@ -241,21 +241,21 @@ def test_a_backend_failure_is_a_503_for_its_request_and_the_server_goes_on(sets,
 
 
 def test_sigterm_finishes_requests_in_flight_then_exits_0(sets, offline):
-    """A request waits in the batch scheduler (max wait 5 s) when SIGTERM comes: the server stops accepting
-    connections, answers that request, and exits 0."""
+    """A request of one row (a batch takes 2) waits in the batch scheduler (max wait 5 s) when SIGTERM comes: the
+    server stops accepting connections, answers that request, and exits 0."""
     with serve_process("--embedding", sets["embedding"], "--max-wait-ms", 5000) as (base, server):
         answer = {}
         request = threading.Thread(target=lambda: answer.update(
-            r=httpx.post(f"{base}/embed", json={"inputs": TEXTS[:2]}, timeout=TIMEOUT)))
+            r=httpx.post(f"{base}/embed", json={"inputs": TEXTS[:1]}, timeout=TIMEOUT)))
         request.start()
-        wait_for(lambda: 'toolkit_queue_rows{model="embedding"} 2.0' in httpx.get(f"{base}/metrics").text)
+        wait_for(lambda: 'toolkit_queue_rows{model="embedding"} 1.0' in httpx.get(f"{base}/metrics").text)
         server.send_signal(signal.SIGTERM)
         wait_for(lambda: refuses_connections(base))
         assert request.is_alive(), "the request was answered before the server stopped accepting (raise max wait)"
         request.join(TIMEOUT)
         assert server.wait(TIMEOUT) == 0
     assert answer["r"].status_code == 200
-    assert max_abs_diff(answer["r"].json(), offline["embedding"].encode(TEXTS[:2])) <= 1e-6
+    assert max_abs_diff(answer["r"].json(), offline["embedding"].encode(TEXTS[:1])) <= 1e-6
 
 
 def refuses_connections(base: str) -> bool:

@@ -82,25 +82,35 @@ class BucketedRunner:
                 return engine
         raise ToolkitError(f"{length} tokens do not fit the largest artifact (SEQ {self.engines[-1].seq_len})")
 
-    def submit(self, rows: list[list[int]]) -> list[Batch]:
-        """Queue every batch the rows make (sorted by length within each bucket); does not wait for outputs."""
+    def plan(self, rows: list[list[int]]) -> list[tuple[Engine, list[int]]]:
+        """The batches the rows make, smallest SEQ first: (engine, positions of its rows, sorted by length)."""
         by_engine: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             by_engine.setdefault(id(self.bucket_for(len(row))), []).append(i)
         self._fill_padding_rows(rows, by_engine)
-        batches = []
+        planned = []
         for engine in self.engines:
             order = sorted(by_engine.get(id(engine), []), key=lambda i: len(rows[i]))
-            step = engine.batch or self.dynamic_batch
-            for start in range(0, len(order), step):
-                idx = order[start:start + step]
-                chunk = [rows[i] for i in idx]
-                seq = engine.seq_len or max(map(len, chunk))
-                ids, mask = left_pad(chunk, seq, ENDOFTEXT_ID, None if engine.dynamic_batch else engine.batch)
-                real = sum(map(len, chunk))
-                self.stats.add(real, ids.size, seq)
-                batches.append(Batch(idx, seq, real, ids.size, engine.run_async(ids, mask)))
-        return batches
+            step = self.batch_rows(engine)
+            planned += [(engine, order[start:start + step]) for start in range(0, len(order), step)]
+        return planned
+
+    def batch_rows(self, engine: Engine) -> int:
+        """The most rows one batch of `engine` takes (its static batch, or `dynamic_batch`)."""
+        return engine.batch or self.dynamic_batch
+
+    def run_batch(self, engine: Engine, rows: list[list[int]], indices: list[int]) -> Batch:
+        """Queue one batch of `engine` holding `rows[i]` for i in `indices` (as `plan` made it)."""
+        chunk = [rows[i] for i in indices]
+        seq = engine.seq_len or max(map(len, chunk))
+        ids, mask = left_pad(chunk, seq, ENDOFTEXT_ID, None if engine.dynamic_batch else engine.batch)
+        real = sum(map(len, chunk))
+        self.stats.add(real, ids.size, seq)
+        return Batch(indices, seq, real, ids.size, engine.run_async(ids, mask))
+
+    def submit(self, rows: list[list[int]]) -> list[Batch]:
+        """Queue every batch the rows make; does not wait for outputs."""
+        return [self.run_batch(engine, rows, indices) for engine, indices in self.plan(rows)]
 
     def _fill_padding_rows(self, rows: list[list[int]], by_engine: dict[int, list[int]]) -> None:
         """A static batch computes its padding rows as if they were real: fill each bucket's last batch, largest SEQ

@@ -1,13 +1,19 @@
 """Cross-request batching: token rows from concurrent callers merged into the same engine batches.
 
 A service receives many small requests at once (one sentence each, say); run one at a time, each would fill an engine's
-`[batch, SEQ]` with a single row. `BatchScheduler` collects the rows of concurrent callers and hands them, in rounds,
-to a `BucketedRunner`, which packs them by length into its bucket engines' shapes. Each caller's future resolves with
-the outputs of its own rows, in its order, as soon as the batches holding them are done.
+`[batch, SEQ]` with a single row. `BatchScheduler` keeps the rows of concurrent callers in one pool and, each time an
+engine instance is free, runs the one batch of the pool that wastes the fewest token slots, packed by the
+`BucketedRunner`'s buckets. Each caller's future resolves with the outputs of its own rows, in its order, as soon as the
+batches holding them are done.
 
-A round is dispatched when an engine instance is free and either the waiting rows fill the token budget or the oldest
-has waited `max_wait_ms`. While every instance is busy, rows wait here, where they can still join a fuller batch,
-rather than as small batches in the engines' queues.
+One batch at a time, not a round of batches: rows that arrive while a batch runs join the pool and can fill the next
+one, so a closed loop of clients never splits into a full round and its stragglers (measured on 256 STS12 sentences
+from 64 clients: 14% more token slots computed than offline in rounds). A row passed over `MAX_PASSED_OVER` times goes
+in the next batch, so a row of a rare length waits a few batches at most.
+
+A batch goes when an instance is free and either it is full, the pool holds the token budget, or the oldest row has
+waited `max_wait_ms`. While every instance is busy, rows wait here, where they can still join a fuller batch, rather
+than as small batches in the engines' queues.
 
     scheduler = BatchScheduler(embedder.runner, max_batch_tokens=16384, max_wait_ms=2)
     raw = scheduler.submit(embedder.tokenize(texts)).result()   # == embedder.runner.run(...)
@@ -16,9 +22,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,7 +40,10 @@ class SchedulerObserver:
         """One engine batch was queued."""
 
     def request_finished(self, queued_s: float, inference_s: float) -> None:
-        """A request's outputs are all in: seconds it waited for its round, and from then until its last batch."""
+        """A request's outputs are all in: seconds it waited for its first batch, and from then until its last batch."""
+
+
+MAX_PASSED_OVER = 4  # batches a waiting row may watch go without it; then its own batch goes next
 
 
 @dataclass(eq=False)
@@ -43,19 +51,30 @@ class _Request:
     rows: list[list[int]]
     future: Future
     submitted: float
-    tokens: int
-    dispatched: float = 0.0
-    outputs: list = field(default_factory=list)
-    remaining: int = 0  # rows whose outputs have not arrived
+    outputs: list
+    remaining: int  # rows whose outputs have not arrived
+    dispatched: float | None = None  # when its first row went to an engine
     failed: bool = False
 
 
-class BatchScheduler:
-    """Merges the token rows of concurrent `submit` calls into shared rounds on `runner`'s engines.
+@dataclass(eq=False)
+class _Row:
+    request: _Request
+    position: int  # in the request's rows
+    passed_over: int = 0
 
-    `max_batch_tokens`: the most tokens one round takes (at least the runner's `max_length`, so any row fits);
-    `max_wait_ms`: how long the oldest waiting row may wait for others before its round goes, when an instance is
-    free. The runner's engines stay the caller's to close, after this scheduler."""
+    @property
+    def tokens(self) -> list[int]:
+        return self.request.rows[self.position]
+
+
+class BatchScheduler:
+    """Merges the token rows of concurrent `submit` calls into shared batches on `runner`'s engines.
+
+    `max_batch_tokens`: the most tokens of waiting rows (oldest first) one choice of batch looks at, and the pool size
+    at which a batch goes without waiting (at least the runner's `max_length`, so any row fits); `max_wait_ms`: how
+    long the oldest waiting row may wait for a full batch when an instance is free. The runner's engines stay the
+    caller's to close, after this scheduler."""
 
     def __init__(self, runner: BucketedRunner, max_batch_tokens: int = 16384, max_wait_ms: float = 2.0,
                  observer: SchedulerObserver | None = None):
@@ -67,16 +86,21 @@ class BatchScheduler:
             raise ToolkitError(f"max_wait_ms must be a number >= 0, got {max_wait_ms!r}")
         self.runner, self.max_batch_tokens, self.max_wait = runner, max_batch_tokens, max_wait_ms / 1000
         self.observer = observer or SchedulerObserver()
-        # batches that can run at once: every instance holds its share of the CPU budget while it runs
-        self.slots = max(e.instances for e in runner.engines)
-        self._pending: deque[_Request] = deque()
-        self._pending_tokens = 0
-        self.pending_rows = 0  # rows waiting for a round (the queue depth)
+        # batches queued on the engines at once: one per instance running, and one more waiting, so an instance
+        # never idles while this thread picks its next batch (the GIL is busy with HTTP work meanwhile)
+        self.slots = max(e.instances for e in runner.engines) + 1
+        self._pool: list[_Row] = []  # waiting rows, oldest first
+        self._pool_tokens = 0
         self._in_flight = 0  # batches queued on the engines, not finished
         self._closed = False
         self._state = threading.Condition()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="batch-scheduler")
         self._thread.start()
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows waiting for a batch (the queue depth)."""
+        return len(self._pool)
 
     @property
     def alive(self) -> bool:
@@ -91,14 +115,14 @@ class BatchScheduler:
         for i, row in enumerate(rows):
             if not 1 <= len(row) <= self.runner.max_length:
                 raise ToolkitError(f"row {i} has {len(row)} tokens; it must have 1..{self.runner.max_length}")
-        request = _Request(rows, Future(), time.monotonic(), sum(map(len, rows)))
+        request = _Request(rows, Future(), time.monotonic(), [None] * len(rows), len(rows))
         with self._state:
             if self._closed:
                 raise EngineClosedError("the scheduler is closed; the service is shutting down")
-            self._pending.append(request)
-            self._pending_tokens += request.tokens
-            self.pending_rows += len(rows)
-            self._state.notify_all()
+            self._pool += [_Row(request, k) for k in range(len(rows))]
+            self._pool_tokens += sum(map(len, rows))
+            if self._in_flight < self.slots:  # else a finished batch wakes the thread: a wake-up costs compute time
+                self._state.notify_all()
         return request.future
 
     def close(self) -> None:
@@ -112,58 +136,115 @@ class BatchScheduler:
     # ---- the scheduling thread ---------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            requests = self._next_round()
-            if requests is None:
+            chosen = self._next_batches()
+            if chosen is None:
                 return
-            self._dispatch(requests)
+            self._dispatch(*chosen)
 
-    def _next_round(self) -> list[_Request] | None:
-        """Wait until a round is due and take its requests; None once closed with nothing waiting."""
+    def _next_batches(self) -> tuple[list[_Row], list[tuple]] | None:
+        """Wait until a batch is due and take it: (the rows it was chosen from, [(engine, their positions)]); once
+        closed, every waiting row at once; None once closed with nothing waiting."""
         with self._state:
-            while not self._closed:
-                if not self._pending:
+            while True:
+                if self._closed:
+                    self._drop_dead()
+                    if not self._pool:
+                        return None
+                    rows = self._pool
+                    return self._take(rows, self.runner.plan([r.tokens for r in rows]))
+                if not self._pool:
                     self._state.wait()
                     continue
-                free = self._in_flight < self.slots
-                wait = self._pending[0].submitted + self.max_wait - time.monotonic()
-                if free and (self._pending_tokens >= self.max_batch_tokens or wait <= 0):
-                    break
-                self._state.wait(wait if free else None)  # new rows or a finished batch wake it early
-            if not self._pending:
-                return None
-            return self._take()
+                wait = None  # until new rows or a finished batch
+                if self._in_flight < self.slots:
+                    rows = self._window()
+                    planned = self.runner.plan([r.tokens for r in rows])
+                    engine, indices = best = self._choose(rows, planned)
+                    wait = self._pool[0].request.submitted + self.max_wait - time.monotonic()
+                    if len(indices) == self.runner.batch_rows(engine) or wait <= 0 \
+                            or self._pool_tokens >= self.max_batch_tokens:
+                        if self._start(rows, indices):
+                            return self._take(rows, [best])
+                        continue  # a request was cancelled meanwhile: choose again without it
+                self._state.wait(wait)
 
-    def _take(self) -> list[_Request]:
-        """The oldest requests that fit the token budget (at least one); a caller that cancelled is dropped."""
-        taken, tokens = [], 0
-        while self._pending and (not taken or tokens + self._pending[0].tokens <= self.max_batch_tokens):
-            request = self._pending.popleft()
-            tokens += request.tokens
-            self.pending_rows -= len(request.rows)
-            if request.future.set_running_or_notify_cancel():
-                taken.append(request)
-        self._pending_tokens -= tokens
-        return taken
+    def _window(self) -> list[_Row]:
+        """The oldest waiting rows within the token budget (at least one): what one choice looks at."""
+        tokens, end = 0, 0
+        while end < len(self._pool) and (not end or tokens + len(self._pool[end].tokens) <= self.max_batch_tokens):
+            tokens += len(self._pool[end].tokens)
+            end += 1
+        return self._pool[:end]
 
-    def _dispatch(self, requests: list[_Request]) -> None:
-        owners = []  # for each row of the round: (request, position in its rows)
+    def _choose(self, rows: list[_Row], planned: list[tuple]) -> tuple:
+        """The batch holding the oldest row passed over too often, else the one with the fewest padding slots per
+        token slot (ties: the older rows)."""
+        overdue = [b for b in planned if any(rows[i].passed_over >= MAX_PASSED_OVER for i in b[1])]
+        if overdue:
+            return min(overdue, key=lambda b: min(b[1]))
+
+        def fill(batch):
+            engine, indices = batch
+            lengths = [len(rows[i].tokens) for i in indices]
+            return sum(lengths) / (self.runner.batch_rows(engine) * (engine.seq_len or max(lengths))), -min(indices)
+
+        return max(planned, key=fill)
+
+    def _start(self, rows: list[_Row], indices: list[int]) -> bool:
+        """Mark the requests of these rows running; False if one was cancelled (its rows are then dropped)."""
         now = time.monotonic()
-        for request in requests:
-            request.dispatched, request.outputs, request.remaining = now, [None] * len(request.rows), len(request.rows)
-            owners += [(request, k) for k in range(len(request.rows))]
-        try:
-            batches = self.runner.submit([r.rows[k] for r, k in owners])
-        except BaseException as e:  # e.g. the engines closed: this round's callers get the error
-            for request in requests:
-                request.future.set_exception(e)
-            return
-        for batch in batches:
+        for i in indices:
+            request = rows[i].request
+            if request.dispatched is None:
+                if not request.future.set_running_or_notify_cancel():
+                    self._drop_dead()
+                    return False
+                request.dispatched = now
+        return True
+
+    def _take(self, rows: list[_Row], batches: list[tuple]) -> tuple[list[_Row], list[tuple]]:
+        """Remove the batches' rows from the pool; the rest of `rows` were passed over once more."""
+        taken = {id(rows[i]) for _, indices in batches for i in indices}
+        now = time.monotonic()
+        for row in rows:
+            if id(row) in taken:
+                if row.request.dispatched is None:  # at close: its first row goes now
+                    row.request.failed = not row.request.future.set_running_or_notify_cancel()  # just cancelled
+                    row.request.dispatched = now
+            else:
+                row.passed_over += 1
+        self._pool = [r for r in self._pool if id(r) not in taken]
+        self._pool_tokens -= sum(len(rows[i].tokens) for _, indices in batches for i in indices)
+        return rows, batches
+
+    def _drop_dead(self) -> None:
+        """Forget the waiting rows of requests that failed, or that their callers cancelled before any row ran."""
+        if any(r.request.failed or r.request.future.cancelled() for r in self._pool):
+            self._pool = [r for r in self._pool if not (r.request.failed or r.request.future.cancelled())]
+            self._pool_tokens = sum(len(r.tokens) for r in self._pool)
+
+    def _dispatch(self, rows: list[_Row], batches: list[tuple]) -> None:
+        tokens = [r.tokens for r in rows]
+        for engine, indices in batches:
+            try:
+                batch = self.runner.run_batch(engine, tokens, indices)
+            except BaseException as e:  # e.g. the engines closed: these rows' callers get the error
+                self._fail({rows[i].request for i in indices}, e)
+                continue
             with self._state:
                 self._in_flight += 1
             self.observer.batch_submitted(batch)
-            batch.future.add_done_callback(lambda future, batch=batch: self._finished(batch, owners))
+            batch.future.add_done_callback(lambda future, batch=batch: self._finished(batch, rows))
 
-    def _finished(self, batch: Batch, owners: list) -> None:
+    def _fail(self, requests, error: BaseException) -> None:
+        with self._state:
+            failed = [r for r in requests if not r.failed]
+            for request in failed:
+                request.failed = True
+        for request in failed:
+            request.future.set_exception(error)
+
+    def _finished(self, batch: Batch, rows: list[_Row]) -> None:
         """An engine batch is done: hand each row's output to its request; resolve the requests now complete."""
         error = batch.future.exception()
         outputs = None if error else batch.future.result()
@@ -172,17 +253,20 @@ class BatchScheduler:
             self._in_flight -= 1
             self._state.notify_all()
             for k, i in enumerate(batch.indices):
-                request, position = owners[i]
+                row = rows[i]
+                request = row.request
                 if request.failed:
                     continue
                 if error:
                     request.failed = True
                     resolved.append((request, error))
                     continue
-                request.outputs[position] = outputs[k]
+                request.outputs[row.position] = outputs[k]
                 request.remaining -= 1
                 if request.remaining == 0:
                     resolved.append((request, None))
+            if error:
+                self._drop_dead()
         finished = time.monotonic()
         for request, failure in resolved:
             if failure:
