@@ -6,6 +6,9 @@
 3. at half that load: requests arriving at a fixed rate of half the served throughput (open loop): latency p50 / p99;
 4. with `ray_replicas`: 2 and 3 again on `toolkit serve --ray --replicas N` (a local Ray instance).
 
+With `repeat` > 1 the whole sequence runs that many times and each figure is the median; a served run's ratio is to
+the offline run just before it (a shared machine drifts by more than the gap being measured).
+
     result = run_serve_load(ServeLoadOptions(artifact="ws/emb/onnx", data="sts12", limit=256, ray_replicas=2))
 """
 from __future__ import annotations
@@ -46,7 +49,7 @@ class ServeLoadOptions:
     """What `perf serve` measures. `artifact`: an embedding bucket set; `data`: an evaluation JSONL path or name whose
     sentences are the requests; `limit`: the first N sentences; `clients`: concurrent connections at saturation;
     `instances` / `threads` / `max_wait_ms`: the server's (and the offline run's) engine settings; `ray_replicas`:
-    also measure Ray Serve with that many replicas."""
+    also measure Ray Serve with that many replicas; `repeat`: times to run it all (the figures are medians)."""
 
     artifact: str | Path
     data: str = "sts12"
@@ -56,6 +59,7 @@ class ServeLoadOptions:
     threads: int | None = None
     max_wait_ms: float = 2.0
     ray_replicas: int | None = None
+    repeat: int = 1
 
     def check(self) -> "ServeLoadOptions":
         """Raise ToolkitError (naming the option) for the first invalid field; return self."""
@@ -63,6 +67,7 @@ class ServeLoadOptions:
             check_int(self.limit, "--limit", 1)
         check_int(self.clients, "--clients", 1)
         check_int(self.instances, "--instance", 1)
+        check_int(self.repeat, "--repeat", 1)
         for flag, value in (("--threads", self.threads), ("--ray-replicas", self.ray_replicas)):
             if value is not None:
                 check_int(value, flag, 1)
@@ -196,28 +201,52 @@ class ServerProcess:
 
 # ---- the benchmark --------------------------------------------------------------------------------------------------
 def run_serve_load(options: ServeLoadOptions, progress: bool = True) -> dict:
-    """Offline, then served (and on Ray Serve); returns the result dict (`serve_load_report` prints it)."""
+    """Offline, then served (and on Ray Serve), `repeat` times; returns the result dict (`serve_load_report` prints
+    it): medians, and every repeat under `repeats`."""
     options.check()
     texts = EMBEDDING.traffic(load_dataset(options.data)[2])[: options.limit]
-    # in a child process: its copy of the weights is gone (all of it) before a server loads its own
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
-        offline_s, reference, warmup = child.submit(run_offline, options, texts, progress).result()
-    offline = len(texts) / offline_s
-    result = {"data": str(options.data), "sentences": len(texts), "clients": options.clients,
-              "artifact": str(options.artifact), "offline": {"sentences_per_s": offline, "seconds": offline_s},
-              "runs": []}
     args = ["--embedding", options.artifact, "--max-wait-ms", options.max_wait_ms, "--instances", options.instances]
     args += ["--threads", options.threads] if options.threads else []
     modes = [("uvicorn", args, 1)]
     if options.ray_replicas:
         modes.append((f"Ray Serve, {options.ray_replicas} replicas",
                       args + ["--ray", "--replicas", options.ray_replicas], options.ray_replicas))
-    for name, server_args, replicas in modes:
-        with ServerProcess(server_args) as server:
-            result["runs"].append(measure_server(name, server, texts, warmup * replicas, reference, offline,
-                                                 options.clients))
-            result["runs"][-1]["exit_code"] = server.stop()
-    return result
+    repeats = []
+    for _ in range(options.repeat):
+        # in a child process: its copy of the weights is gone (all of it) before a server loads its own
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+            offline_s, reference, warmup = child.submit(run_offline, options, texts, progress).result()
+        offline = len(texts) / offline_s
+        runs = []
+        for name, server_args, replicas in modes:
+            with ServerProcess(server_args) as server:
+                runs.append(measure_server(name, server, texts, warmup * replicas, reference, offline,
+                                           options.clients))
+                runs[-1]["exit_code"] = server.stop()
+        repeats.append({"offline": {"sentences_per_s": offline, "seconds": offline_s}, "runs": runs})
+    return {"data": str(options.data), "sentences": len(texts), "clients": options.clients,
+            "artifact": str(options.artifact), "repeat": options.repeat,
+            "offline": {"sentences_per_s": median(r["offline"]["sentences_per_s"] for r in repeats)},
+            "runs": [median_run([r["runs"][k] for r in repeats]) for k in range(len(modes))], "repeats": repeats}
+
+
+def median(values) -> float:
+    """The median of an iterable of numbers."""
+    return float(np.median(list(values)))
+
+
+def median_run(runs: list[dict]) -> dict:
+    """One mode's repeats as one run: the median of each figure, the worst agreement, every failure counted."""
+    latencies = [r["latency_ms"] for r in runs if r["latency_ms"]]
+    agreements = [r["agreement"] for r in runs if "agreement" in r]
+    run = {"name": runs[0]["name"], **{key: median(r[key] for r in runs) for key in
+                                       ("sentences_per_s", "vs_offline", "seconds", "half_load_rate")},
+           "failed": sum(r["failed"] for r in runs), "half_load_failed": sum(r["half_load_failed"] for r in runs),
+           "latency_ms": {q: median(x[q] for x in latencies) for q in ("p50", "p99")} if latencies else None,
+           "exit_code": max((r["exit_code"] for r in runs), key=abs)}
+    if len(agreements) == len(runs):
+        run["agreement"] = max(agreements, key=lambda a: a["max_abs_diff"])
+    return run
 
 
 def run_offline(options: ServeLoadOptions, texts: list[str], progress: bool) -> tuple[float, np.ndarray, list[str]]:
@@ -271,6 +300,7 @@ def serve_load_report(result: dict) -> str:
                      latency["p50"], latency["p99"], r["failed"] + r["half_load_failed"],
                      f"{agreement['max_abs_diff']:.2e}" if agreement else "incomplete"])
     title = (f"{result['sentences']} single-sentence requests from {result['data']} on {result['artifact']}; "
-             "latency at half the served throughput (open loop)")
+             "latency at half the served throughput (open loop)"
+             + (f"; medians of {result['repeat']} repeats" if result["repeat"] > 1 else ""))
     return format_table(["run", "sentences/s", "vs offline", "p50 ms", "p99 ms", "failed", "max |Δ| vs offline"],
                         rows, title=title)

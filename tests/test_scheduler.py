@@ -82,18 +82,16 @@ def test_the_fullest_batch_goes_first_and_a_passed_over_row_goes_within_max_pass
     recorder = Recorder()
     scheduler = BatchScheduler(runner, max_batch_tokens=1024, max_wait_ms=0, observer=recorder)
     gate.clear()
-    blockers = []
-    for k in (1, 2):  # one runs, one waits on the engine: both slots busy
-        blockers.append(scheduler.submit([[1]]))
-        wait_until(lambda: len(recorder.batches) == k)
+    blocker = scheduler.submit([[1]])  # holds the only instance: what comes next waits in the pool
+    wait_until(lambda: len(recorder.batches) == 1)
     long_row = scheduler.submit([[2] * 12])  # SEQ 16: 3 short rows fill its batch, 30 of 64 slots real
     shorts = [scheduler.submit([[3] * 6]) for _ in range(4 * MAX_PASSED_OVER + 4)]  # SEQ 8: 24 of 32 slots real
     assert scheduler.pending_rows == 4 * MAX_PASSED_OVER + 5
     gate.set()
-    for future in blockers + shorts:
+    for future in [blocker, *shorts]:
         future.result(TIMEOUT)
     assert np.array_equal(long_row.result(TIMEOUT), expected([[2] * 12]))
-    order = [b.seq for b in recorder.batches[2:]]
+    order = [b.seq for b in recorder.batches[1:]]
     # fuller SEQ 8 batches go first, until the long row has watched MAX_PASSED_OVER of them go; then its batch
     assert order == [8] * MAX_PASSED_OVER + [16, 8], order
     scheduler.close()

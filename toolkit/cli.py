@@ -181,9 +181,9 @@ def data_download(out_dir):
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8080, show_default=True)
 @click.option("--max-batch-tokens", type=int, default=16384, show_default=True,
-              help="most tokens one batching round takes across requests")
+              help="tokens of waiting rows (oldest first) the batcher packs from; a pool this full goes at once")
 @click.option("--max-wait-ms", type=float, default=2.0, show_default=True,
-              help="how long a request may wait for others to batch with, when an engine is free")
+              help="how long a request may wait for a full batch, when an engine is free")
 @click.option("--max-concurrent-requests", type=int, default=512, show_default=True,
               help="requests in flight per model; more are answered 429")
 @click.option("--max-client-batch-size", type=int, default=32, show_default=True, help="inputs per request")

@@ -2,11 +2,11 @@
 
 - `toolkit_http_requests_total{route, status}` and `toolkit_http_request_seconds{route}`: every answer, by route
   template (unknown paths count as `unmatched`);
-- `toolkit_stage_seconds{model, stage}`: per request, `tokenize`, `queue` (waiting for its batch round) and
-  `inference` (from its round's dispatch to its last batch done);
+- `toolkit_stage_seconds{model, stage}`: per request, `tokenize`, `queue` (until its first row goes to an engine) and
+  `inference` (from then until its last batch is done);
 - `toolkit_batch_rows{model}`, `toolkit_batch_tokens{model}` (real tokens) and `toolkit_padded_tokens_total{model}`
   per engine batch;
-- `toolkit_queue_rows{model}` (rows waiting for a round) and `toolkit_requests_in_flight{model}`.
+- `toolkit_queue_rows{model}` (rows waiting for a batch) and `toolkit_requests_in_flight{model}`.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class ServiceMetrics:
         self.request_seconds = Histogram("toolkit_http_request_seconds", "Seconds from request to answer, by route",
                                          ["route"], buckets=SECONDS, registry=registry)
         self.stage_seconds = Histogram("toolkit_stage_seconds", "Seconds a request spent in each stage: tokenize, "
-                                       "queue (waiting for its batch round), inference", ["model", "stage"],
+                                       "queue (until its first row runs), inference", ["model", "stage"],
                                        buckets=SECONDS, registry=registry)
         self.batch_rows = Histogram("toolkit_batch_rows", "Rows per engine batch", ["model"],
                                     buckets=POWERS_OF_TWO[:9], registry=registry)
@@ -44,7 +44,7 @@ class ServiceMetrics:
                                       buckets=POWERS_OF_TWO, registry=registry)
         self.padded_tokens = Counter("toolkit_padded_tokens", "Token slots computed as padding", ["model"],
                                      registry=registry)
-        self.queue_rows = Gauge("toolkit_queue_rows", "Rows waiting for a batch round", ["model"], registry=registry)
+        self.queue_rows = Gauge("toolkit_queue_rows", "Rows waiting for a batch", ["model"], registry=registry)
         self.in_flight = Gauge("toolkit_requests_in_flight", "Requests admitted and not yet answered", ["model"],
                                registry=registry)
 
