@@ -66,8 +66,8 @@ class Batch:
 class BucketedRunner:
     """Routes each token row to the smallest engine whose SEQ fits (or, to fill a static batch's padding rows, a
     larger one), pads to that engine's [batch, SEQ], submits every batch asynchronously and returns the outputs in
-    input order. An engine with no fixed SEQ (torch reference) gets
-    length-sorted batches of `dynamic_batch` padded to their longest row."""
+    input order. An engine with no fixed SEQ (torch reference) gets length-sorted batches of `dynamic_batch` padded to
+    their longest row."""
 
     def __init__(self, engines: list[Engine], dynamic_batch: int = 8, max_length: int | None = None):
         self.engines = sorted(engines, key=lambda e: e.seq_len or 0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -147,6 +148,8 @@ class BatchScheduler:
             while True:
                 if self._closed:
                     self._drop_dead()
+                    while self._pool and not self._start(self._pool, range(len(self._pool))):
+                        pass  # a request was cancelled meanwhile: _start dropped its rows
                     if not self._pool:
                         return None
                     rows = self._pool
@@ -193,7 +196,7 @@ class BatchScheduler:
 
         return max(planned, key=fill)
 
-    def _start(self, rows: list[_Row], indices: list[int]) -> bool:
+    def _start(self, rows: list[_Row], indices: Iterable[int]) -> bool:
         """Mark the requests of these rows running; False if one was cancelled (its rows are then dropped)."""
         now = time.monotonic()
         for i in indices:
@@ -208,13 +211,8 @@ class BatchScheduler:
     def _take(self, rows: list[_Row], batches: list[tuple]) -> tuple[list[_Row], list[tuple]]:
         """Remove the batches' rows from the pool; the rest of `rows` were passed over once more."""
         taken = {id(rows[i]) for _, indices in batches for i in indices}
-        now = time.monotonic()
         for row in rows:
-            if id(row) in taken:
-                if row.request.dispatched is None:  # at close: its first row goes now
-                    row.request.failed = not row.request.future.set_running_or_notify_cancel()  # just cancelled
-                    row.request.dispatched = now
-            else:
+            if id(row) not in taken:
                 row.passed_over += 1
         self._pool = [r for r in self._pool if id(r) not in taken]
         self._pool_tokens -= sum(len(rows[i].tokens) for _, indices in batches for i in indices)
@@ -246,6 +244,7 @@ class BatchScheduler:
             failed = [r for r in requests if not r.failed]
             for request in failed:
                 request.failed = True
+            self._drop_dead()
         for request in failed:
             request.future.set_exception(error)
 
