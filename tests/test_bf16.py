@@ -7,13 +7,13 @@ import pytest
 from toolkit.artifact import Manifest
 from toolkit.config import BuildConfig
 from toolkit.errors import ToolkitError
+from toolkit.host import cpu_has
 from toolkit.quantize import CalibrationSet
-from toolkit.tvm_compile import host_has
 
 from conftest import build
 
-pytestmark = pytest.mark.skipif(not host_has("avx512_bf16"), reason="needs a CPU with AVX512-BF16 (CI machines have "
-                                "it)")
+pytestmark = pytest.mark.skipif(not cpu_has("avx512_bf16"),
+                                reason="needs a CPU with AVX512-BF16 (TVM bf16 kernels run on it only)")
 
 
 def compile_kernels(rows, k, n):

@@ -7,14 +7,14 @@ import pytest
 
 from toolkit.artifact import Manifest
 from toolkit.errors import ToolkitError
+from toolkit.host import cpu_has
 from toolkit.quantize import CalibrationSet
-from toolkit.tvm_compile import host_has
 
 from conftest import build
 from test_onnx_artifact import open_artifact
 
-pytestmark = pytest.mark.skipif(not host_has("avx512_vnni"), reason="needs a CPU with AVX512-VNNI (CI machines "
-                                "have it)")
+pytestmark = pytest.mark.skipif(not cpu_has("avx512_vnni"),
+                                reason="needs a CPU with AVX512-VNNI (TVM int8 kernels run on it only)")
 
 
 def test_int8_kernels_match_per_token_fake_quantization_and_run_on_vpdpbusd(tmp_path):

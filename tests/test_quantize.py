@@ -1,6 +1,7 @@
 """int8 artifacts and what they stand on: a folded fp32 export stock tools can quantize, checkpoints with realistic
 outliers, and an accuracy gate that fails a naive quantization of them."""
 import json
+import warnings
 
 import numpy as np
 import onnx
@@ -11,7 +12,7 @@ from toolkit.artifact import Manifest
 from toolkit.checkpoint import load_hf_model
 from toolkit.config import BuildConfig
 from toolkit.errors import ToolkitError
-from toolkit.quantize import DEFAULT_CALIBRATION, CalibrationSet
+from toolkit.quantize import DEFAULT_CALIBRATION, CalibrationSet, int8_scheme
 from toolkit.synth import MASSIVE_CHANNELS, MASSIVE_TOKENS, MASSIVE_VALUE, OUTLIER_CHANNELS
 from toolkit.tasks import TASKS
 
@@ -107,3 +108,56 @@ def test_int8_config_errors_name_the_fix(checkpoints, tmp_path):
     with pytest.raises(ToolkitError, match="not found"):
         CalibrationSet.load(tmp_path / "missing.jsonl")
     assert DEFAULT_CALIBRATION.is_file()
+
+
+@pytest.mark.parametrize("budget_used, rounds", [([0.9, 0.85], 1), ([0.9, 0.6], 2)])
+def test_preflight_keeps_the_last_plan_that_cut_the_error_and_stops_at_the_first_that_did_not(
+        outlier_checkpoints, monkeypatch, budget_used, rounds):
+    # the end-to-end error each round reports is scripted, so the rounds' decisions are known; the model, the
+    # calibration rows and the layers ranked by their measured errors are real
+    from toolkit.checkpoint import load_tokenizer
+    from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
+    from toolkit.quantize import PREFLIGHT_STEP, TVM_INT8, plan_int8
+
+    task, checkpoint = TASKS["embedding"], outlier_checkpoints["embedding"]
+    model = Qwen3ForDeployment.from_pretrained(checkpoint, task.output_name, torch.float32)
+    reported = iter(budget_used)
+    monkeypatch.setattr(task, "tolerance_used", lambda agreement, dtype: next(reported))
+    log = []
+    plan = plan_int8(model, task, load_tokenizer(checkpoint), CalibrationSet.load(), 64, TVM_INT8,
+                     smooth_alpha=0.5, max_linear_error=1.0, log=log.append)
+    assert plan.preflight["rounds"] == rounds and plan.preflight["budget_used"] == budget_used[rounds - 1]
+    # max_linear_error 1.0 keeps nothing on its own: each round kept kept PREFLIGHT_STEP more, the worst first
+    worst = sorted(plan.linear_errors, key=lambda n: -plan.linear_errors[n])
+    assert plan.keep_fp32 == worst[:PREFLIGHT_STEP * (rounds - 1)]
+    assert next(reported, None) is None  # every scripted round was run: none after the stop
+    stopped = any("did not help" in line for line in log)
+    assert stopped == (budget_used[-1] > 0.9 * budget_used[-2])
+
+
+def test_onnx_int8_takes_7_bit_weights_where_onnx_runtime_would_saturate_and_warns_on_a_full_range_one(
+        outlier_checkpoints, tmp_path, monkeypatch):
+    # x86 without VNNI sums u8*s8 pairs in int16 (vpmaddubsw): the build picks the weight range for its own host
+    from toolkit.backends import load_backend
+
+    monkeypatch.setattr("toolkit.host.int8_full_range_exact", lambda: False)
+    [artifact] = build(outlier_checkpoints, tmp_path / "7bit", "embedding", seq_lens=(64,), dtype="int8")
+    manifest = Manifest.load(artifact)
+    assert manifest.precision["quantization"]["weight_max"] == 63 and manifest.validation["passed"]
+    graph = onnx.load(str(artifact / "model.onnx")).graph
+    int8_weights = [onnx.numpy_helper.to_array(i) for i in graph.initializer if i.data_type == onnx.TensorProto.INT8
+                    and len(i.dims) == 2]
+    assert int8_weights and max(int(np.abs(w.astype(np.int32)).max()) for w in int8_weights) <= 64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_backend(manifest).close()  # a 7-bit artifact is exact here
+
+    built_with_vnni = Manifest.load(artifact)  # what a build on a VNNI host records (its gate passed there)
+    built_with_vnni.precision["quantization"]["weight_max"] = 127
+    with pytest.warns(UserWarning, match=r"full-range weights and this CPU has no VNNI.*rebuild it on this machine"):
+        load_backend(built_with_vnni).close()
+    monkeypatch.setattr("toolkit.host.int8_full_range_exact", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_backend(built_with_vnni).close()
+    assert int8_scheme(["onnx"]).weight_max == 127 and int8_scheme(["tvm"]).weight_max == 127

@@ -208,6 +208,7 @@ class OnnxRuntimeBackend(Backend):
                                f"(available: {ort.get_available_providers()}); install onnxruntime-gpu on a GPU host")
         self.task, self.seq_len, self.batch = get_task(manifest.task), manifest.seq_len, manifest.batch
         self.dynamic_batch = manifest.dynamic_batch
+        warn_if_int8_saturates(manifest)
         self.output_name = self.session.get_outputs()[0].name
 
     @override
@@ -215,6 +216,21 @@ class OnnxRuntimeBackend(Backend):
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                  "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
         return self.session.run([self.output_name], feeds)[0]
+
+
+def warn_if_int8_saturates(manifest: Manifest) -> None:
+    """An int8 ONNX artifact with full-range weights (built on a CPU with VNNI) loses accuracy on an x86 CPU without
+    VNNI, where ONNX Runtime's matmul saturates (`host.int8_full_range_exact`): its gate figures do not hold here."""
+    import warnings
+
+    from toolkit.host import int8_full_range_exact
+
+    quantization = manifest.precision.get("quantization") or {}
+    if manifest.dtype == "int8" and quantization.get("weight_max", 127) == 127 and not int8_full_range_exact():
+        warnings.warn(f"{manifest.path}: this int8 artifact has full-range weights and this CPU has no VNNI, so ONNX "
+                      "Runtime's int8 matmul saturates here and its validation figures do not hold (measured: min "
+                      "cosine 0.988 instead of 0.9996); rebuild it on this machine (`toolkit compile ... --dtype "
+                      "int8`), which gives it 7-bit weights, exact on any CPU", stacklevel=3)
 
 
 def open_backend(manifest: Manifest, threads: int | None = None, device_id: int = 0) -> Backend:

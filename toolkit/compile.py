@@ -30,7 +30,7 @@ from toolkit.errors import ToolkitError
 from toolkit.export import OnnxExport, export_onnx, fold_weights
 from toolkit.memory import StagePeaks, return_freed_memory
 from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
-from toolkit.quantize import CalibrationSet, QuantizationPlan, plan_int8, quantize_onnx
+from toolkit.quantize import CalibrationSet, QuantizationPlan, int8_scheme, plan_int8, quantize_onnx
 from toolkit.tasks import Task, get_task
 from toolkit.validation import measure
 
@@ -69,10 +69,10 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
     tokenizer = load_tokenizer(checkpoint)
     check_seq_lens(task, tokenizer, cfg.seq_lens)
     if cfg.dtype in TVM_CPU_KERNELS and "tvm" in cfg.backends:
-        from toolkit.tvm_compile import host_has
+        from toolkit.host import cpu_has
 
         feature, instead = TVM_CPU_KERNELS[cfg.dtype]
-        if not host_has(feature):
+        if not cpu_has(feature):
             raise ToolkitError(f"this CPU has no {feature} (see /proc/cpuinfo): TVM {cfg.dtype} artifacts are built on "
                                f"and for CPUs that have it; use {instead} here")
     log(f"checkpoint {checkpoint} ({task.name}, {cfg.dtype})")
@@ -86,7 +86,7 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
         if cfg.dtype == "int8":
             with peaks.stage("calibrate"):
                 # layer errors are measured for the scheme that will run: per-tensor scales (ONNX Runtime) err more
-                plan = plan_int8(model, task, tokenizer, checks, max(cfg.seq_lens), "onnx" not in cfg.backends,
+                plan = plan_int8(model, task, tokenizer, checks, max(cfg.seq_lens), int8_scheme(cfg.backends),
                                  cfg.smooth_alpha, cfg.max_linear_error, cfg.preflight, log)
             model.embed_tokens.half()  # a gather: fp16 storage costs no accuracy in the arithmetic
         with peaks.stage("export"):
@@ -186,11 +186,12 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
     if cfg.dtype != "fp16" and artifact.backend == "onnx":  # for stock ONNX tools; TVM packs the weights itself
         with peaks.stage("fold"):
             fold_weights(artifact.graph)
+    if plan:
+        scheme = int8_scheme([artifact.backend])
+        precision["quantization"] = plan.describe(scheme)
     if plan and artifact.backend == "onnx":
         with peaks.stage("quantize"):
-            quantize_onnx(artifact.graph, out / "model.onnx", plan)
-    if plan:
-        precision["quantization"] = plan.describe(per_token=artifact.backend == "tvm")
+            quantize_onnx(artifact.graph, out / "model.onnx", plan, scheme)
     if artifact.backend == "tvm":
         from toolkit.tvm_compile import compile_tvm
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,20 +59,38 @@ def fold_weights(path: Path) -> None:
     """Constant-fold an fp32 graph in place so each linear layer's weight reaches its MatMul as an initializer (the
     exporter emits `Transpose(weight)`, which stock tools do not look through), and name each such MatMul after its
     module (`layers.3.mlp.down_proj`) so tools and our quantizer can select layers by name. Not for fp16 weights:
-    folding would turn their `Cast`s into fp32 copies."""
+    folding would turn their `Cast`s into fp32 copies.
+
+    Done on onnx_ir's model, whose initializers stay memory-mapped from the external data until written: through a
+    ModelProto the weights were held three times over (loaded, the optimizer's IR, the proto it gives back)."""
     import onnx
+    import onnx_ir as ir
     import onnxscript
+    from tqdm.auto import tqdm
 
-    model = onnxscript.optimizer.optimize(onnx.load(str(path)))
-    del model.graph.value_info[:]  # the optimizer can leave stale shapes of folded values; inference redoes them
-    weights = {init.name for init in model.graph.initializer}
-    for node in model.graph.node:
-        scopes = next((ast.literal_eval(p.value) for p in node.metadata_props
-                       if p.key == "pkg.torch.onnx.name_scopes"), [])
-        if node.op_type == "MatMul" and node.input[1] in weights and len(scopes) >= 2 and scopes[-2]:
+    model = ir.load(path)
+    onnxscript.optimizer.optimize(model)  # in place on an ir.Model
+    # the optimizer can leave stale shapes of folded values (seen: ONNX Runtime's quantizer then refuses the graph);
+    # shape inference redoes all but the graph's inputs and outputs
+    outputs = set(model.graph.outputs)
+    for value in [*model.graph.initializers.values(), *(v for node in model.graph for v in node.outputs)]:
+        if value not in outputs:
+            value.shape = None
+    for node in model.graph:
+        scopes = ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.name_scopes", "[]"))
+        weight = node.inputs[1] if node.op_type == "MatMul" else None
+        if weight is not None and weight.is_initializer() and len(scopes) >= 2 and scopes[-2]:
             node.name = scopes[-2]
-    for stale in path.parent.glob(f"{path.name}.data"):
-        stale.unlink()  # onnx.save appends to an existing external data file
-    onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
+    # saved beside, then moved over the export: the weights not folded are read from its data file as they are written
+    folded = path.parent / ".folded"
+    folded.mkdir(exist_ok=True)
+    data = f"{path.name}.data"
+    with tqdm(desc="writing folded weights", unit="tensor", leave=False) as bar:
+        def progress(tensor, info):
+            bar.total = info.total
+            bar.update()
+        ir.save(model, folded / path.name, external_data=data, callback=progress)
+    for name in (path.name, data):
+        os.replace(folded / name, path.parent / name)
+    folded.rmdir()
     onnx.checker.check_model(str(path), full_check=True)
-

@@ -3,7 +3,8 @@ linear layers int8 would still break, then quantize: the folded fp32 graph with 
 linear weights as `tvm_int8` packs them at compile.
 
 - Weights: int8 per output channel. Activations: int8 with a dynamic scale, per tensor on ONNX Runtime
-  (`DynamicQuantizeLinear`, fused into `DynamicQuantizeMatMul`), per token on TVM: VNNI `vpdpbusd` on CPU.
+  (`DynamicQuantizeLinear`, fused into `DynamicQuantizeMatMul`), per token on TVM: VNNI `vpdpbusd` on CPU. ONNX
+  Runtime's weights take 7 bits where its matmul would saturate (x86 without VNNI: `host.int8_full_range_exact`).
 - Outliers: real LLMs carry 20-100x channels at the inputs of linear layers; a per-tensor activation scale spends its
   256 levels on them. SmoothQuant (Xiao et al. 2023) moves that range into the weights with a per-input-channel factor
   `s = max|X|^alpha / max|W|^(1-alpha)`, folded exactly into the preceding RMSNorm weight (q/k/v, gate/up) or into the
@@ -105,22 +106,55 @@ def _fake_quant_activation_per_token(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(x / scale), -127, 127) * scale
 
 
-def _fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
-    """int8, symmetric, one scale per output channel (row)."""
-    scale = torch.clamp(w.abs().amax(dim=1, keepdim=True) / 127.0, min=1e-12)
-    return torch.clamp(torch.round(w / scale), -127, 127) * scale
+@dataclass(frozen=True)
+class Int8Scheme:
+    """How a backend's int8 linear layers round: activations with one scale per token (TVM's VNNI kernel) or per
+    tensor (ONNX Runtime's `DynamicQuantizeLinear`); weights symmetric per output channel to +-`weight_max`: 127, or
+    63 (7 bits) where ONNX Runtime's uint8 x int8 matmul would saturate (`host.int8_full_range_exact`)."""
+
+    per_token: bool
+    weight_max: int = 127
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` as the backend rounds it."""
+        return _fake_quant_activation_per_token(x) if self.per_token else _fake_quant_activation(x)
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        """`w` (rows = output channels) as the backend rounds it."""
+        scale = torch.clamp(w.abs().amax(dim=1, keepdim=True) / self.weight_max, min=1e-12)
+        return torch.clamp(torch.round(w / scale), -self.weight_max, self.weight_max) * scale
+
+    def describe(self) -> str:
+        """For the manifest."""
+        bits = "full range" if self.weight_max == 127 else "7 bits (exact on CPUs without VNNI)"
+        return (f"W8A8: int8 weights per output channel ({bits}), int8 activations with a dynamic per-"
+                f"{'token' if self.per_token else 'tensor'} scale, int32 accumulation")
+
+
+TVM_INT8 = Int8Scheme(per_token=True)
+
+
+def int8_scheme(backends) -> Int8Scheme:
+    """The rounding int8 layers are calibrated for: ONNX Runtime's on this machine where an ONNX artifact is built
+    (its per-tensor scales err more, so layers fit for it fit TVM too; the gate runs here, so the artifact is for
+    CPUs like this one), else TVM's."""
+    from toolkit.host import int8_full_range_exact
+
+    if "onnx" not in backends:
+        return TVM_INT8
+    return Int8Scheme(per_token=False, weight_max=127 if int8_full_range_exact() else 63)
 
 
 class _LinearProbe:
     """Forward hooks on every decoder Linear: per-input-channel max |x| and the int8 error of its output."""
 
-    def __init__(self, model: Qwen3ForDeployment, measure_error: bool, per_token: bool = False):
+    def __init__(self, model: Qwen3ForDeployment, measure_error: bool, scheme: Int8Scheme = TVM_INT8):
         self.linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
         self.absmax = {name: None for name in self.linears}
         self.err = {name: 0.0 for name in self.linears}
         self.ref = {name: 0.0 for name in self.linears}
         self.measure_error = measure_error
-        self.quantize_activation = _fake_quant_activation_per_token if per_token else _fake_quant_activation
+        self.scheme = scheme
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in self.linears.items()]
 
     def _hook(self, name):
@@ -129,7 +163,7 @@ class _LinearProbe:
             amax = x.abs().amax(dim=0)
             self.absmax[name] = amax if self.absmax[name] is None else torch.maximum(self.absmax[name], amax)
             if self.measure_error:
-                approx = self.quantize_activation(x) @ _fake_quant_weight(module.weight.float()).T
+                approx = self.scheme.activation(x) @ self.scheme.weight(module.weight.float()).T
                 self.err[name] += float((approx - output.reshape(approx.shape)).pow(2).sum())
                 self.ref[name] += float(output.pow(2).sum())
         return hook
@@ -158,9 +192,9 @@ def _forward(model: Qwen3ForDeployment, rows: list[list[int]], desc: str) -> np.
 
 
 def _probe(model: Qwen3ForDeployment, rows: list[list[int]], measure_error: bool, desc: str,
-           per_token: bool = False) -> tuple[_LinearProbe, np.ndarray]:
+           scheme: Int8Scheme = TVM_INT8) -> tuple[_LinearProbe, np.ndarray]:
     """The probe after a pass over `rows`, and the model's outputs."""
-    probe = _LinearProbe(model, measure_error, per_token)
+    probe = _LinearProbe(model, measure_error, scheme)
     try:
         return probe, _forward(model, rows, desc)
     finally:
@@ -168,14 +202,13 @@ def _probe(model: Qwen3ForDeployment, rows: list[list[int]], measure_error: bool
 
 
 @contextmanager
-def _fake_quantized(model: Qwen3ForDeployment, layers: list[str], per_token: bool):
+def _fake_quantized(model: Qwen3ForDeployment, layers: list[str], scheme: Int8Scheme):
     """Within the block, the named linear layers compute in fake int8 (weights and activations rounded as the
     artifact rounds them), so the model's outputs are what the int8 artifact would give."""
     linears = dict(model.named_modules())
-    quantize_activation = _fake_quant_activation_per_token if per_token else _fake_quant_activation
 
     def hook(module, inputs, output):  # weights rounded per call: a rounded copy of every weight would double memory
-        return quantize_activation(inputs[0]) @ _fake_quant_weight(module.weight.float()).T
+        return scheme.activation(inputs[0]) @ scheme.weight(module.weight.float()).T
 
     handles = [linears[name].register_forward_hook(hook) for name in layers]
     try:
@@ -219,11 +252,11 @@ class QuantizationPlan:
         """The linear layers quantized (module names)."""
         return [name for name in self.linear_errors if name not in self.keep_fp32]
 
-    def describe(self, per_token: bool) -> dict:
-        """For the manifest (the five worst layers' errors, and every layer kept)."""
+    def describe(self, scheme: Int8Scheme) -> dict:
+        """For the manifest of an artifact quantized with `scheme` (the five worst layers' errors, and every layer
+        kept)."""
         worst = sorted(self.linear_errors.items(), key=lambda kv: -kv[1])[:5]
-        return {"scheme": "W8A8: int8 weights per output channel, int8 activations with a dynamic per-"
-                          f"{'token' if per_token else 'tensor'} scale, int32 accumulation",
+        return {"scheme": scheme.describe(), "weight_max": scheme.weight_max,
                 "smooth_alpha": self.smooth_alpha,
                 "max_linear_error": self.max_linear_error, "keep_fp32": self.keep_fp32,
                 "worst_linear_errors": {k: round(v, 5) for k, v in worst}, "calibration": self.calibration,
@@ -231,15 +264,15 @@ class QuantizationPlan:
 
 
 def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: CalibrationSet, max_length: int,
-              per_token: bool, smooth_alpha: float, max_linear_error: float, preflight: bool = True,
+              scheme: Int8Scheme, smooth_alpha: float, max_linear_error: float, preflight: bool = True,
               log=print) -> QuantizationPlan:
     """Calibrate `model` (fp32, in place): smooth it, then pick the linear layers that stay fp32, measuring each
-    layer's error with per-token (TVM) or per-tensor (ONNX Runtime) activation scales; with `preflight`, more of
-    them while the whole model in fake int8 uses over PREFLIGHT_BUDGET of the gate's error budget and that helps."""
+    layer's error as `scheme` rounds; with `preflight`, more of them while the whole model in fake int8 uses over
+    PREFLIGHT_BUDGET of the gate's error budget and that helps."""
     rows = calibration.rows(task, tokenizer, "calibration", max_length)
     if smooth_alpha > 0:
         smooth(model, _probe(model, rows, False, "calibrating")[0].absmax, smooth_alpha)
-    probe, reference = _probe(model, rows, True, "measuring int8 error", per_token)
+    probe, reference = _probe(model, rows, True, "measuring int8 error", scheme)
     errors = probe.errors()
     keep = sorted((n for n, e in errors.items() if e > max_linear_error), key=lambda n: -errors[n])
     if len(keep) == len(errors):
@@ -256,7 +289,7 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
         return QuantizationPlan(smooth_alpha, max_linear_error, errors, keep, calibration.describe(), None)
     best = None  # the plan kept: the first round, or a later one that cut the error enough to be worth its fp32 layers
     for attempt in range(1, PREFLIGHT_ROUNDS + 1):
-        with _fake_quantized(model, quantized, per_token):
+        with _fake_quantized(model, quantized, scheme):
             outputs = _forward(model, rows, "checking int8 end to end")
         agreement = task.agreement(task.finish(reference), task.finish(outputs))
         used = task.tolerance_used(agreement, "int8")
@@ -274,9 +307,10 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
     return QuantizationPlan(smooth_alpha, max_linear_error, errors, keep, calibration.describe(), best)
 
 
-def quantize_onnx(fp32_model: Path, out: Path, plan: QuantizationPlan) -> None:
+def quantize_onnx(fp32_model: Path, out: Path, plan: QuantizationPlan, scheme: Int8Scheme) -> None:
     """Quantize a folded fp32 graph (`export.fold_weights`) with ONNX Runtime's `quantize_dynamic`: every decoder
-    linear layer not kept fp32 (nodes are named by module); nothing else (the yes/no head, attention's own matmuls)."""
+    linear layer not kept fp32 (nodes are named by module); nothing else (the yes/no head, attention's own matmuls).
+    Weights take 7 bits (`reduce_range`) where `scheme` says so."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -288,6 +322,7 @@ def quantize_onnx(fp32_model: Path, out: Path, plan: QuantizationPlan) -> None:
     # nodes_to_exclude rather than nodes_to_quantize: ONNX Runtime reads an empty nodes_to_quantize as "all"
     with _quiet_root_logger():
         quantize_dynamic(str(fp32_model), str(out), per_channel=True, weight_type=QuantType.QInt8,
+                         reduce_range=scheme.weight_max < 127,
                          op_types_to_quantize=["MatMul"], nodes_to_exclude=[n for n in matmuls if n not in chosen],
                          extra_options={"MatMulConstBOnly": True})
 

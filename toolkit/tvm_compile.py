@@ -33,16 +33,6 @@ def host_target() -> dict:
     return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1}
 
 
-def host_has(flag: str) -> bool:
-    """Whether this CPU has an instruction set extension (Linux's cpuinfo flag, e.g. avx512_bf16; False where it
-    cannot be read)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            return any(line.startswith("flags") and flag in line.split() for line in cpuinfo)
-    except OSError:
-        return False
-
-
 def cuda_target(arch: str | None = None) -> dict:
     """The CUDA target (sm_90 unless QWEN3_DEPLOY_CUDA_ARCH says otherwise)."""
     return {"kind": "cuda", "arch": arch or os.environ.get("QWEN3_DEPLOY_CUDA_ARCH", "sm_90")}
