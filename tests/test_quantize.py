@@ -143,7 +143,7 @@ def test_onnx_int8_takes_7_bit_weights_where_onnx_runtime_would_saturate_and_war
     monkeypatch.setattr("toolkit.host.int8_full_range_exact", lambda: False)
     [artifact] = build(outlier_checkpoints, tmp_path / "7bit", "embedding", seq_lens=(64,), dtype="int8")
     manifest = Manifest.load(artifact)
-    assert manifest.precision["quantization"]["weight_max"] == 63 and manifest.validation["passed"]
+    assert manifest.precision["quantization"]["weight_max"] == 64 and manifest.validation["passed"]
     graph = onnx.load(str(artifact / "model.onnx")).graph
     int8_weights = [onnx.numpy_helper.to_array(i) for i in graph.initializer if i.data_type == onnx.TensorProto.INT8
                     and len(i.dims) == 2]
@@ -161,3 +161,55 @@ def test_onnx_int8_takes_7_bit_weights_where_onnx_runtime_would_saturate_and_war
         warnings.simplefilter("error")
         load_backend(built_with_vnni).close()
     assert int8_scheme(["onnx"]).weight_max == 127 and int8_scheme(["tvm"]).weight_max == 127
+
+
+def test_our_int8_graph_is_the_one_quantize_dynamic_writes_with_the_same_weights(checkpoints, tmp_path):
+    # quantize_onnx writes one weight at a time (quantize_dynamic holds the fp32 model three times): same graph, same
+    # int8 weights and scales, same outputs, full range and reduce_range alike; a layer kept fp32 stays a MatMul
+    from collections import Counter
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from toolkit.quantize import Int8Scheme, QuantizationPlan, quantize_onnx
+
+    [artifact] = build(checkpoints, tmp_path, "embedding", seq_lens=(32,), dtype="fp32")
+    fp32 = artifact / "model.onnx"
+    matmuls = [n.name for n in onnx.load(str(fp32), load_external_data=False).graph.node if n.op_type == "MatMul"]
+    kept = "layers.1.mlp.down_proj"
+    plan = QuantizationPlan(0.0, 1.0, {}, [kept], {}, None)
+    ids = np.random.default_rng(0).integers(0, 150000, size=(2, 32)).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for weight_max in (127, 64):
+        stock, ours = tmp_path / f"stock{weight_max}.onnx", tmp_path / f"ours{weight_max}.onnx"
+        quantize_dynamic(str(fp32), str(stock), per_channel=True, weight_type=QuantType.QInt8,
+                         reduce_range=weight_max == 64, op_types_to_quantize=["MatMul"],
+                         nodes_to_exclude=[n for n in matmuls if not n.startswith("layers.") or n == kept],
+                         extra_options={"MatMulConstBOnly": True})
+        quantize_onnx(fp32, ours, plan, Int8Scheme(per_token=False, weight_max=weight_max))
+        graphs = {path: onnx.load(str(path)).graph for path in (stock, ours)}
+        assert Counter(n.op_type for n in graphs[ours].node) == Counter(n.op_type for n in graphs[stock].node)
+        assert kept in {n.name for n in graphs[ours].node if n.op_type == "MatMul"}
+
+        def weights(graph):  # per MatMulInteger: its int8 weight, zero point and the scale multiplied in after it
+            values = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+            consumers = {i: n for n in graph.node for i in n.input}
+            producers = {o: n for n in graph.node for o in n.output}
+            found = {}
+            for node in (n for n in graph.node if n.op_type == "MatMulInteger"):
+                cast = consumers[node.output[0]]
+                output = consumers[cast.output[0]]
+                scales = producers[next(i for i in output.input if i != cast.output[0])]
+                [scale] = [values[i] for i in scales.input if i in values]
+                found[node.name] = (values[node.input[1]], values[node.input[3]], scale)
+            return found
+        stock_weights, our_weights = weights(graphs[stock]), weights(graphs[ours])
+        linears = [n for n in matmuls if n.startswith("layers.") and n != kept]
+        assert len(linears) == linear_count(checkpoints["embedding"]) - 1
+        assert sorted(our_weights) == sorted(stock_weights) == sorted(f"{n}_quant" for n in linears)
+        for name, stock_arrays in stock_weights.items():
+            for ours_array, stock_array in zip(our_weights[name], stock_arrays):
+                assert ours_array.dtype == stock_array.dtype and np.array_equal(ours_array, stock_array), name
+        assert max(int(np.abs(w.astype(int)).max()) for w, _, _ in our_weights.values()) == weight_max
+        outputs = [ort.InferenceSession(str(path)).run(None, feeds)[0] for path in (stock, ours)]
+        np.testing.assert_allclose(outputs[1], outputs[0], rtol=0, atol=1e-6)
