@@ -114,6 +114,27 @@ def test_tvm_artifact_reloads_in_a_fresh_process_with_identical_outputs(tvm_arti
     assert np.array_equal(here, there)
 
 
+def test_a_tvm_artifact_is_refused_with_the_fix_where_its_instructions_are_missing(tvm_artifacts, monkeypatch):
+    # running it anyway would kill the process with SIGILL and no message
+    from dataclasses import replace
+
+    from toolkit.errors import ToolkitError
+    from toolkit.tvm_backend import TvmBackend
+
+    [artifact] = tvm_artifacts["embedding"]
+    manifest = Manifest.load(artifact)
+    other_cpu = replace(manifest, target=replace(manifest.target, tvm_target={**manifest.target.tvm_target,
+                                                                               "mcpu": "not-this-cpu"}))
+    with pytest.raises(ToolkitError, match="compiled for CPU 'not-this-cpu'.*recompile it here"):
+        TvmBackend(other_cpu)
+    monkeypatch.setattr("toolkit.host.cpu_has", lambda flag: False)
+    with pytest.raises(ToolkitError, match=r"TVM int8 artifact needs a CPU with avx512_vnni.*--backend onnx"):
+        TvmBackend(replace(manifest, dtype="int8"))
+    with pytest.raises(ToolkitError, match=r"TVM bf16 artifact needs a CPU with avx512_bf16.*--dtype fp16"):
+        TvmBackend(replace(manifest, dtype="bf16"))
+    TvmBackend(manifest).close()  # an fp16 artifact needs no extension
+
+
 def test_fp32_tvm_artifact_packs_its_weights_and_matches_hf(checkpoints, tmp_path):
     """fp32 weights reach TVM unfolded (folding is for the ONNX artifact's stock tools) and are packed as fp16 ones
     are; this build used to fail in the importer on the folded graph."""

@@ -15,16 +15,25 @@ from toolkit.memory import return_freed_memory
 from toolkit.tasks import get_task
 
 
-def check_host(tvm_target: dict) -> None:
-    """An llvm artifact is built for one CPU family; refuse to run it where its instructions may be missing."""
+def check_host(manifest: Manifest) -> None:
+    """An llvm artifact is built for one CPU family, a bf16 or int8 one also for an instruction set extension; refuse
+    to run it where its instructions may be missing (the process would die of SIGILL, with no message)."""
     from tvm.target import codegen
 
-    if tvm_target.get("kind") != "llvm":
+    from toolkit.config import TVM_CPU_KERNELS
+    from toolkit.host import cpu_has
+
+    target = manifest.target.tvm_target or {}
+    if target.get("kind") != "llvm":
         return
     host = codegen.llvm_get_system_cpu()
-    if tvm_target.get("mcpu") not in (None, host):
-        raise ToolkitError(f"this TVM artifact was compiled for CPU {tvm_target['mcpu']!r}, this host is {host!r}; "
+    if target.get("mcpu") not in (None, host):
+        raise ToolkitError(f"this TVM artifact was compiled for CPU {target['mcpu']!r}, this host is {host!r}; "
                            "recompile it here with `toolkit compile ... --backend tvm`")
+    feature, instead = TVM_CPU_KERNELS.get(manifest.dtype, (None, None))
+    if feature and not cpu_has(feature):
+        raise ToolkitError(f"this TVM {manifest.dtype} artifact needs a CPU with {feature}, which this one lacks (see "
+                           f"/proc/cpuinfo); build one for it with `toolkit compile ... {instead}`")
 
 
 def as_stored(array: np.ndarray) -> np.ndarray:
@@ -79,7 +88,7 @@ class TvmBackend(Backend):
         import tvm
         from tvm import relax
 
-        check_host(manifest.target.tvm_target or {})
+        check_host(manifest)
         self.task, self.seq_len, self.batch = get_task(manifest.task), manifest.seq_len, manifest.batch
         self.device = tvm.cpu() if manifest.target.device == "cpu" else tvm.cuda(device_id)
         executable = tvm.runtime.load_module(str(manifest.path / manifest.model_file))
