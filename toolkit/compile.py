@@ -25,9 +25,10 @@ import torch
 from toolkit.artifact import Manifest, ModelSource, Target
 from toolkit.backends import LayerwiseReference, device_available, load_backend
 from toolkit.checkpoint import load_tokenizer, model_source, resolve_checkpoint
-from toolkit.config import TVM_CPU_KERNELS, BuildConfig
+from toolkit.config import BuildConfig
 from toolkit.errors import ToolkitError
 from toolkit.export import OnnxExport, export_onnx, fold_weights
+from toolkit.host import missing_tvm_extension
 from toolkit.memory import StagePeaks, return_freed_memory
 from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
 from toolkit.quantize import CalibrationSet, QuantizationPlan, int8_scheme, plan_int8, quantize_onnx
@@ -68,13 +69,10 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
     source = model_source(cfg.checkpoint, checkpoint)
     tokenizer = load_tokenizer(checkpoint)
     check_seq_lens(task, tokenizer, cfg.seq_lens)
-    if cfg.dtype in TVM_CPU_KERNELS and "tvm" in cfg.backends:
-        from toolkit.host import cpu_has
-
-        feature, instead = TVM_CPU_KERNELS[cfg.dtype]
-        if not cpu_has(feature):
-            raise ToolkitError(f"this CPU has no {feature} (see /proc/cpuinfo): TVM {cfg.dtype} artifacts are built on "
-                               f"and for CPUs that have it; use {instead} here")
+    if "tvm" in cfg.backends and (missing := missing_tvm_extension(cfg.dtype)):
+        feature, instead = missing
+        raise ToolkitError(f"this CPU has no {feature} (see /proc/cpuinfo): TVM {cfg.dtype} artifacts are built on "
+                           f"and for CPUs that have it; use {instead} here")
     log(f"checkpoint {checkpoint} ({task.name}, {cfg.dtype})")
     peaks, staged = StagePeaks(), []
     try:

@@ -17,6 +17,15 @@ def cpu_has(flag: str) -> bool:
         return False
 
 
+def missing_tvm_extension(dtype: str) -> tuple[str, str] | None:
+    """For TVM `dtype` artifacts: (the extension their kernels need, the build option to use instead) when this CPU
+    lacks it; None when it has it or `dtype` needs none. Compile and load both refuse on it."""
+    from toolkit.config import TVM_CPU_KERNELS
+
+    feature, instead = TVM_CPU_KERNELS.get(dtype, (None, None))
+    return (feature, instead) if feature and not cpu_has(feature) else None
+
+
 def int8_full_range_exact() -> bool:
     """Whether ONNX Runtime's uint8 x int8 matmul is exact here for full-range int8 weights. On x86 without VNNI it
     multiplies with `vpmaddubsw`, which adds pairs of u8*s8 products in int16 and saturates (255*127*2 > 32767); ONNX

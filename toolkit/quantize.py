@@ -320,9 +320,9 @@ def quantize_onnx(fp32_model: Path, out: Path, plan: QuantizationPlan, scheme: I
     import onnx_ir as ir
 
     model = ir.load(fp32_model)
-    linears = [n for n in model.graph if n.op_type == "MatMul" and n.name.startswith("layers.")
-               and n.inputs[1].is_initializer() and n.name not in plan.keep_fp32]
-    if not any(n.op_type == "MatMul" and n.name.startswith("layers.") for n in model.graph):
+    named = [n for n in model.graph if n.op_type == "MatMul" and n.name.startswith("layers.")]
+    linears = [n for n in named if n.inputs[1].is_initializer() and n.name not in plan.keep_fp32]
+    if not named:
         raise ToolkitError(f"{fp32_model} has no MatMul named by a linear layer; it was not folded by fold_weights")
     for node in tqdm(linears, desc="quantizing linear layers", leave=False):
         x, weight = node.inputs

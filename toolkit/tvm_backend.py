@@ -20,8 +20,7 @@ def check_host(manifest: Manifest) -> None:
     to run it where its instructions may be missing (the process would die of SIGILL, with no message)."""
     from tvm.target import codegen
 
-    from toolkit.config import TVM_CPU_KERNELS
-    from toolkit.host import cpu_has
+    from toolkit.host import missing_tvm_extension
 
     target = manifest.target.tvm_target or {}
     if target.get("kind") != "llvm":
@@ -30,8 +29,8 @@ def check_host(manifest: Manifest) -> None:
     if target.get("mcpu") not in (None, host):
         raise ToolkitError(f"this TVM artifact was compiled for CPU {target['mcpu']!r}, this host is {host!r}; "
                            "recompile it here with `toolkit compile ... --backend tvm`")
-    feature, instead = TVM_CPU_KERNELS.get(manifest.dtype, (None, None))
-    if feature and not cpu_has(feature):
+    if missing := missing_tvm_extension(manifest.dtype):
+        feature, instead = missing
         raise ToolkitError(f"this TVM {manifest.dtype} artifact needs a CPU with {feature}, which this one lacks (see "
                            f"/proc/cpuinfo); build one for it with `toolkit compile ... {instead}`")
 
