@@ -192,7 +192,14 @@ class Qwen3ForDeployment(nn.Module):
 
     @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        b, t = input_ids.shape
+        x, cos, sin, mask = self.prepare(input_ids, attention_mask)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.finish(x)
+
+    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What the decoder layers take: the embedded tokens, RoPE's cos and sin, the additive attention mask."""
+        t = input_ids.shape[1]
         x = self.embed_tokens(input_ids).float()
         # Positions 0..T-1 as Hugging Face uses without position_ids; RoPE is relative, so the left-pad offset cancels.
         s = self.shape
@@ -203,8 +210,11 @@ class Qwen3ForDeployment(nn.Module):
         causal = torch.ones(t, t, dtype=torch.bool).tril()
         allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
         mask = torch.where(allowed, 0.0, MASKED_SCORE).to(torch.float32)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+        return x, cos, sin, mask
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """The head on the last decoder layer's output: the final norm of the last position, then (reranker) the
+        yes/no logits."""
         if self.insert_slice:
             x = x[:, -1:, :]  # the strided slice: only the last (left-padded) position survives to the norm/head
         x = self.norm(x)[:, -1, :]

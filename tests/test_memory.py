@@ -27,6 +27,39 @@ def test_a_stage_records_its_own_peak_not_the_process_s():
     assert peaks.peak() == peaks.mb["big"]
 
 
+CHURN = """
+import ctypes, ctypes.util, sys
+from toolkit.memory import map_large_blocks, resident_mb
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.free(libc.malloc(16 << 20))  # freeing a mapped block: glibc's default raises its threshold to 16 MB
+if sys.argv[1] == "mapped":
+    map_large_blocks()
+before, blocks, pins = resident_mb(), [], []
+for _ in range(32):  # a model's per-layer temporaries (8 MB), something smaller and long-lived after each
+    blocks.append(libc.malloc(8 << 20))
+    ctypes.memset(blocks[-1], 1, 8 << 20)
+    pins.append(libc.malloc(512 << 10))
+for block in blocks:
+    libc.free(block)
+print(resident_mb() - before)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc tuning")
+def test_compile_s_large_temporaries_go_back_to_the_os_when_freed():
+    import subprocess
+    import sys
+
+    def retained_mb(mode):
+        return int(subprocess.run([sys.executable, "-c", CHURN, mode], check=True, capture_output=True,
+                                  text=True).stdout)
+    assert retained_mb("default") >= 200  # 256 MB freed but kept by the heap, counted in RSS
+    assert retained_mb("mapped") <= 16
+
+
 def test_compile_writes_the_peak_of_every_stage_and_keeps_weights_beside_the_graph(onnx_artifacts):
     manifest = Manifest.load(onnx_artifacts["embedding"][0])
     stages = manifest.build["stage_peak_rss_mb"]

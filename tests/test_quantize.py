@@ -77,13 +77,21 @@ def test_int8_gate_fails_naive_quantization_of_an_outlier_checkpoint_and_passes_
     graph = onnx.load(str(artifact / "model.onnx")).graph
     quantized = sum(n.op_type in ("DynamicQuantizeMatMul", "MatMulInteger") for n in graph.node)
     assert quantized + len(quantization["keep_fp32"]) >= linear_count(outlier_checkpoints["embedding"])
+    # built from the fp16-weight model, no fp32 copy: what int8 leaves (layers kept, embedding, norms) is fp16
+    weight_types = {i.data_type for i in graph.initializer if len(i.dims) == 2}
+    assert weight_types == {onnx.TensorProto.INT8, onnx.TensorProto.FLOAT16}
 
 
 def test_int8_falls_back_to_fp32_layers_when_smoothing_is_off(outlier_checkpoints, tmp_path):
     [artifact] = build(outlier_checkpoints, tmp_path, "embedding", seq_lens=(64,), dtype="int8", smooth_alpha=0.0)
     manifest = Manifest.load(artifact)
-    assert manifest.precision["quantization"]["keep_fp32"]  # measured too lossy → kept fp32
+    kept = manifest.precision["quantization"]["keep_fp32"]
+    assert kept  # measured too lossy → kept fp32 (compute): a MatMul of its fp16 weight, as in an fp16 artifact
     assert manifest.validation["passed"]
+    graph = onnx.load(str(artifact / "model.onnx")).graph
+    fp16 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
+    assert {f"{name}.weight" for name in kept} <= fp16
+    assert {n.name for n in graph.node if n.op_type == "MatMulInteger"}.isdisjoint(f"{name}_quant" for name in kept)
 
 
 def test_int8_reranker_on_outliers_reports_kendall_tau(outlier_checkpoints, tmp_path):
@@ -108,6 +116,30 @@ def test_int8_config_errors_name_the_fix(checkpoints, tmp_path):
     with pytest.raises(ToolkitError, match="not found"):
         CalibrationSet.load(tmp_path / "missing.jsonl")
     assert DEFAULT_CALIBRATION.is_file()
+
+
+def test_calibration_runs_the_rows_layer_by_layer_to_the_outputs_the_whole_model_gives(checkpoints, tokenizers):
+    # calibration takes every batch through one decoder layer before the next (each weight rounded once per pass)
+    from contextlib import nullcontext
+
+    from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
+    from toolkit.quantize import CALIBRATION_BATCH, _Rows
+    from toolkit.text import left_pad
+    from toolkit.tokenizer import ENDOFTEXT_ID
+
+    task = TASKS["reranker"]
+    model = Qwen3ForDeployment.from_pretrained(checkpoints["reranker"], task.output_name, torch.float16)
+    rows = CalibrationSet.load().rows(task, tokenizers["reranker"], "calibration", 128)
+    visited = []
+    layered = _Rows(model, rows).run("test", lambda prefix, layer, states: visited.append(prefix) or nullcontext())
+    assert visited == [f"layers.{i}." for i in range(len(model.layers))]
+    ordered, whole = sorted(rows, key=len), []
+    with torch.no_grad():
+        for start in range(0, len(ordered), CALIBRATION_BATCH):
+            chunk = ordered[start:start + CALIBRATION_BATCH]
+            ids, mask = left_pad(chunk, max(map(len, chunk)), ENDOFTEXT_ID)
+            whole.append(model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy())
+    np.testing.assert_array_equal(layered, np.concatenate(whole))
 
 
 @pytest.mark.parametrize("budget_used, rounds", [([0.9, 0.85], 1), ([0.9, 0.6], 2)])
@@ -163,9 +195,12 @@ def test_onnx_int8_takes_7_bit_weights_where_onnx_runtime_would_saturate_and_war
     assert int8_scheme(["onnx"]).weight_max == 127 and int8_scheme(["tvm"]).weight_max == 127
 
 
-def test_our_int8_graph_is_the_one_quantize_dynamic_writes_with_the_same_weights(checkpoints, tmp_path):
+def test_our_int8_graph_is_the_one_quantize_dynamic_writes_with_the_same_weights(checkpoints, onnx_artifacts,
+                                                                                tmp_path):
     # quantize_onnx writes one weight at a time (quantize_dynamic holds the fp32 model three times): same graph, same
-    # int8 weights and scales, same outputs, full range and reduce_range alike; a layer kept fp32 stays a MatMul
+    # int8 weights and scales, same outputs, full range and reduce_range alike; a layer kept fp32 stays a MatMul. It
+    # does the same from the unfolded fp16 export compile gives it (weights through Cast and Transpose): the synthetic
+    # weights are bf16 values, which fp16 and fp32 hold exactly
     from collections import Counter
 
     import onnxruntime as ort
@@ -180,16 +215,22 @@ def test_our_int8_graph_is_the_one_quantize_dynamic_writes_with_the_same_weights
     plan = QuantizationPlan(0.0, 1.0, {}, [kept], {}, None)
     ids = np.random.default_rng(0).integers(0, 150000, size=(2, 32)).astype(np.int64)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    fp16 = onnx_artifacts["embedding"][0] / "model.onnx"
+    assert Manifest.load(fp16.parent).seq_len == 32
     for weight_max in (127, 64):
         stock, ours = tmp_path / f"stock{weight_max}.onnx", tmp_path / f"ours{weight_max}.onnx"
+        ours_fp16 = tmp_path / f"ours_fp16_{weight_max}.onnx"
         quantize_dynamic(str(fp32), str(stock), per_channel=True, weight_type=QuantType.QInt8,
                          reduce_range=weight_max == 64, op_types_to_quantize=["MatMul"],
                          nodes_to_exclude=[n for n in matmuls if not n.startswith("layers.") or n == kept],
                          extra_options={"MatMulConstBOnly": True})
         quantize_onnx(fp32, ours, plan, Int8Scheme(per_token=False, weight_max=weight_max))
-        graphs = {path: onnx.load(str(path)).graph for path in (stock, ours)}
+        quantize_onnx(fp16, ours_fp16, plan, Int8Scheme(per_token=False, weight_max=weight_max))
+        graphs = {path: onnx.load(str(path)).graph for path in (stock, ours, ours_fp16)}
         assert Counter(n.op_type for n in graphs[ours].node) == Counter(n.op_type for n in graphs[stock].node)
         assert kept in {n.name for n in graphs[ours].node if n.op_type == "MatMul"}
+        assert not [i.name for i in graphs[ours_fp16].initializer if i.data_type == onnx.TensorProto.FLOAT
+                    and len(i.dims) == 2]  # no fp32 weight: the ones quantized are gone, the rest stay fp16
 
         def weights(graph):  # per MatMulInteger: its int8 weight, zero point and the scale multiplied in after it
             values = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
@@ -204,6 +245,10 @@ def test_our_int8_graph_is_the_one_quantize_dynamic_writes_with_the_same_weights
                 found[node.name] = (values[node.input[1]], values[node.input[3]], scale)
             return found
         stock_weights, our_weights = weights(graphs[stock]), weights(graphs[ours])
+        fp16_weights = weights(graphs[ours_fp16])
+        assert sorted(fp16_weights) == sorted(stock_weights)
+        for name, arrays in fp16_weights.items():
+            assert all(np.array_equal(a, b) for a, b in zip(arrays, stock_weights[name], strict=True)), name
         linears = [n for n in matmuls if n.startswith("layers.") and n != kept]
         assert len(linears) == linear_count(checkpoints["embedding"]) - 1
         assert sorted(our_weights) == sorted(stock_weights) == sorted(f"{n}_quant" for n in linears)
@@ -211,5 +256,6 @@ def test_our_int8_graph_is_the_one_quantize_dynamic_writes_with_the_same_weights
             for ours_array, stock_array in zip(our_weights[name], stock_arrays):
                 assert ours_array.dtype == stock_array.dtype and np.array_equal(ours_array, stock_array), name
         assert max(int(np.abs(w.astype(int)).max()) for w, _, _ in our_weights.values()) == weight_max
-        outputs = [ort.InferenceSession(str(path)).run(None, feeds)[0] for path in (stock, ours)]
+        outputs = [ort.InferenceSession(str(path)).run(None, feeds)[0] for path in (stock, ours, ours_fp16)]
         np.testing.assert_allclose(outputs[1], outputs[0], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(outputs[2], outputs[0], rtol=0, atol=1e-5)

@@ -29,20 +29,23 @@ from toolkit.config import BuildConfig
 from toolkit.errors import ToolkitError
 from toolkit.export import OnnxExport, export_onnx, fold_weights
 from toolkit.host import missing_tvm_extension
-from toolkit.memory import StagePeaks, return_freed_memory
+from toolkit.memory import StagePeaks, map_large_blocks, return_freed_memory
 from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
 from toolkit.quantize import CalibrationSet, QuantizationPlan, int8_scheme, plan_int8, quantize_onnx
 from toolkit.tasks import Task, get_task
 from toolkit.validation import measure
 
-# int8 quantizes an fp32 graph; bf16 exports bf16 weights (exact for Qwen3's own bf16 checkpoints)
-TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
+# bf16 exports bf16 weights (exact for Qwen3's own bf16 checkpoints). int8 calibrates and exports the fp16-weight
+# model (fp32 compute, as an fp16 artifact) and quantizes its graph: an fp32 copy of the model would double the build's
+# peak, and fp16 storage costs int8 nothing (it rounds to 11 bits, int8 to 8)
+TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float16}
 PRECISION = {
     "fp16": {"weights": "float16", "compute": "float32", "accumulation": "float32"},
     "fp32": {"weights": "float32", "compute": "float32", "accumulation": "float32"},
     "bf16": {"weights": "bfloat16", "compute": "bfloat16 x bfloat16 in the linear layers (AVX512-BF16 vdpbf16ps); "
              "float32 in attention, norms, softmax, RoPE and the residual stream", "accumulation": "float32"},
-    "int8": {"weights": "int8 (linear layers, per output channel); embedding table float16", "compute":
+    "int8": {"weights": "int8 (linear layers, per output channel); float16 for the linear layers kept out of int8, "
+                        "the embedding table and the norms", "compute":
              "int8 x int8 (linear layers; dynamic activation scale, per tensor on ONNX Runtime, per token on TVM); "
              "float32 elsewhere",
              "accumulation": "int32"},
@@ -74,6 +77,7 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
         raise ToolkitError(f"this CPU has no {feature} (see /proc/cpuinfo): TVM {cfg.dtype} artifacts are built on "
                            f"and for CPUs that have it; use {instead} here")
     log(f"checkpoint {checkpoint} ({task.name}, {cfg.dtype})")
+    map_large_blocks()  # per-layer temporaries freed back to the OS, not kept by the heap (compile's peak)
     peaks, staged = StagePeaks(), []
     try:
         with peaks.stage("load"):
@@ -86,7 +90,6 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
                 # layer errors are measured for the scheme that will run: per-tensor scales (ONNX Runtime) err more
                 plan = plan_int8(model, task, tokenizer, checks, max(cfg.seq_lens), int8_scheme(cfg.backends),
                                  cfg.smooth_alpha, cfg.max_linear_error, cfg.preflight, log)
-            model.embed_tokens.half()  # a gather: fp16 storage costs no accuracy in the arithmetic
         with peaks.stage("export"):
             for backend in cfg.backends:
                 for seq_len in cfg.seq_lens:
@@ -120,7 +123,7 @@ def artifact_dir(cfg: BuildConfig, backend: str, seq_len: int) -> Path:
 def stage_export(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model, log) -> StagedArtifact:
     """Export `model` for (backend, seq) into a new staging directory. ONNX artifacts get a dynamic batch (ONNX
     Runtime takes any shape: a partial batch computes no padding rows); TVM artifacts a static one (our schedules are
-    built for fixed shapes). A graph that is not the artifact's model file (TVM's input, int8's fp32 graph) goes into
+    built for fixed shapes). A graph that is not the artifact's model file (TVM's input, int8's fp16 graph) goes into
     `graph/`, removed once it is used."""
     final = artifact_dir(cfg, backend, seq_len)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -176,12 +179,12 @@ def finish_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, toke
 
 def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, tokenizer, source: ModelSource, log,
                    plan: QuantizationPlan | None, peaks: StagePeaks) -> Manifest:
-    """Turn the staged export into the artifact's files (fp32 ONNX: folded; int8: quantized; TVM: compiled) with
+    """Turn the staged export into the artifact's files (fp32 ONNX: folded; int8 ONNX: quantized; TVM: compiled) with
     the tokenizer; write its manifest, not yet validated."""
     out, exported = artifact.staging, artifact.exported
     model_file, target, details = exported.model_file, Target(cfg.target), {}
     precision = dict(PRECISION[cfg.dtype])
-    if cfg.dtype != "fp16" and artifact.backend == "onnx":  # for stock ONNX tools; TVM packs the weights itself
+    if cfg.dtype == "fp32" and artifact.backend == "onnx":  # for stock ONNX tools; TVM packs the weights itself
         with peaks.stage("fold"):
             fold_weights(artifact.graph)
     if plan:

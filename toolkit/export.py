@@ -55,6 +55,13 @@ def export_onnx(model, task, path: Path, seq_len: int, batch: int, dynamic_batch
     return OnnxExport(model_file=path.name, inputs=inputs, outputs=outputs)
 
 
+def linear_module(node) -> str | None:
+    """The module an exported node computes in (`layers.3.mlp.down_proj` for a linear layer's MatMul), from the name
+    scopes the exporter records on every node; None when it has none."""
+    scopes = ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.name_scopes", "[]"))
+    return scopes[-2] if len(scopes) >= 2 and scopes[-2] else None
+
+
 def fold_weights(path: Path) -> None:
     """Constant-fold an fp32 graph in place so each linear layer's weight reaches its MatMul as an initializer (the
     exporter emits `Transpose(weight)`, which stock tools do not look through), and name each such MatMul after its
@@ -77,10 +84,8 @@ def fold_weights(path: Path) -> None:
         if value not in outputs:
             value.shape = None
     for node in model.graph:
-        scopes = ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.name_scopes", "[]"))
-        weight = node.inputs[1] if node.op_type == "MatMul" else None
-        if weight is not None and weight.is_initializer() and len(scopes) >= 2 and scopes[-2]:
-            node.name = scopes[-2]
+        if node.op_type == "MatMul" and node.inputs[1].is_initializer() and (module := linear_module(node)):
+            node.name = module
     # saved beside, then moved over the export: the weights not folded are read from its data file as they are written
     folded = path.parent / ".folded"
     folded.mkdir(exist_ok=True)

@@ -59,15 +59,32 @@ class StagePeaks:
         return max(self.mb.values(), default=resident_mb("VmHWM"))
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+LARGE_BLOCK = 1 << 20
+
+
 def return_freed_memory() -> None:
     """Hand the heap's free pages back to the OS (glibc's `malloc_trim`). Loading a model frees its file buffers and
     transient copies, but glibc keeps them mapped and counted in RSS (measured: an int8 0.6B session 1.41x its weight
     bytes after load, 1.06x after trimming). A no-op without glibc."""
+    _glibc("malloc_trim", 0)
+
+
+def map_large_blocks() -> None:
+    """From now on, serve every block of LARGE_BLOCK bytes or more with its own mapping, unmapped when freed (glibc's
+    `M_MMAP_THRESHOLD`). By default glibc raises that threshold, up to 32 MB, each time such a block is freed; a
+    model's per-layer temporaries (fp32 upcasts of fp16 weights: 8-25 MB each at 0.6B) then come from the heap, whose
+    freed pages stay counted in RSS. Measured on a 0.6B int8 compile: peak 2.9 → 1.9 GB, 4% longer. A no-op without
+    glibc."""
+    _glibc("mallopt", M_MMAP_THRESHOLD, LARGE_BLOCK)
+
+
+def _glibc(function: str, *args: int) -> None:
+    """Call a glibc malloc tuning function, where there is one."""
     import ctypes
     import ctypes.util
 
-    libc = ctypes.util.find_library("c")
     try:
-        ctypes.CDLL(libc).malloc_trim(0)
+        getattr(ctypes.CDLL(ctypes.util.find_library("c")), function)(*args)
     except (OSError, AttributeError, TypeError):
         pass

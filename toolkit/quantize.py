@@ -1,21 +1,24 @@
-"""int8 artifacts (W8A8, int32 accumulation): calibrate on real text, smooth the outlier channels, keep in fp32 the
-linear layers int8 would still break, then quantize: the folded fp32 graph with ONNX Runtime's own tool, or (TVM) the
-linear weights as `tvm_int8` packs them at compile.
+"""int8 artifacts (W8A8, int32 accumulation): calibrate on real text, smooth the outlier channels, keep out of int8
+the linear layers int8 would still break, then quantize: the exported graph's linear weights, one at a time, into
+the graph ONNX Runtime's own tool writes, or (TVM) as `tvm_int8` packs them at compile.
 
+- The model calibrated and exported is the fp16-weight one, computing in fp32 as an fp16 artifact does: no fp32 copy
+  of the weights is ever made (the build's peak is about the fp16 model's), and what is not quantized stays as an
+  fp16 artifact has it (fp16 weights, fp32 compute), measured as exact (min cosine 1.000000 against HF fp32).
 - Weights: int8 per output channel. Activations: int8 with a dynamic scale, per tensor on ONNX Runtime
   (`DynamicQuantizeLinear`, fused into `DynamicQuantizeMatMul`), per token on TVM: VNNI `vpdpbusd` on CPU. ONNX
   Runtime's weights take 7 bits where its matmul would saturate (x86 without VNNI: `host.int8_full_range_exact`).
 - Outliers: real LLMs carry 20-100x channels at the inputs of linear layers; a per-tensor activation scale spends its
   256 levels on them. SmoothQuant (Xiao et al. 2023) moves that range into the weights with a per-input-channel factor
-  `s = max|X|^alpha / max|W|^(1-alpha)`, folded exactly into the preceding RMSNorm weight (q/k/v, gate/up) or into the
-  up projection's rows (down); `o_proj` is left alone (its input channels are shared across grouped-query heads).
+  `s = max|X|^alpha / max|W|^(1-alpha)`, folded into the preceding RMSNorm weight (q/k/v, gate/up) or into the up
+  projection's rows (down); `o_proj` is left alone (its input channels are shared across grouped-query heads).
 - After smoothing, each linear layer's int8 error is measured on the calibration rows (fake quantization in torch, as
-  the artifact rounds); layers above `max_linear_error` stay fp32. Errors compound through the depth, so the whole
-  model then runs in fake int8 on those rows: while it uses more than half the int8 gate's error budget, the worst
-  remaining layers stay fp32 too, as long as that cuts the error (the gate itself runs on the compiled artifact, on
-  texts calibration never saw).
+  the artifact rounds); layers above `max_linear_error` are kept (`keep_fp32`: fp32 compute, fp16 weights). Errors
+  compound through the depth, so the whole model then runs in fake int8 on those rows: while it uses more than half
+  the int8 gate's error budget, the worst remaining layers are kept too, as long as that cuts the error (the gate
+  itself runs on the compiled artifact, on texts calibration never saw).
   What was kept and why goes into the manifest.
-- The embedding table is stored fp16 (a gather, no arithmetic) and the reranker's yes/no head stays fp32.
+- The embedding table (a gather, no arithmetic), the norms and the reranker's yes/no head keep fp16 weights.
 """
 from __future__ import annotations
 
@@ -24,10 +27,12 @@ import json
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from toolkit.errors import ToolkitError
@@ -145,96 +150,111 @@ def int8_scheme(backends) -> Int8Scheme:
     return Int8Scheme(per_token=False, weight_max=127 if int8_full_range_exact() else 64)
 
 
+class _Rows:
+    """Calibration rows in batches of similar lengths, left-padded as the runtime pads them, run through the model one
+    decoder layer at a time: every batch through layer i, then through layer i+1. A layer's weights are then upcast
+    and rounded once per pass instead of once per batch, and a layer can be changed (smoothed) between its statistics
+    and its use. Holds every row's hidden states (fp32 rows x length x hidden: 40 MB at 0.6B, 150 MB at 8B)."""
+
+    def __init__(self, model: Qwen3ForDeployment, rows: list[list[int]]):
+        self.model, self.count = model, len(rows)
+        ordered = sorted(rows, key=len)
+        self.inputs = []  # per batch: (embedded tokens, cos, sin, mask)
+        with torch.no_grad():
+            for start in range(0, len(ordered), CALIBRATION_BATCH):
+                chunk = ordered[start:start + CALIBRATION_BATCH]
+                ids, mask = left_pad(chunk, max(map(len, chunk)), ENDOFTEXT_ID)
+                self.inputs.append(model.prepare(torch.from_numpy(ids), torch.from_numpy(mask)))
+
+    def through(self, layer, states: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every batch's hidden `states` through one decoder `layer`."""
+        with torch.no_grad():
+            return [layer(x, cos, sin, mask) for x, (_, cos, sin, mask) in zip(states, self.inputs)]
+
+    def run(self, desc: str, around_layer) -> np.ndarray:
+        """The model's raw outputs for the rows (shortest first). `around_layer(name, layer, states)` is a context
+        entered around each layer's run, `states` being that layer's inputs."""
+        states = [x for x, *_ in self.inputs]
+        for i, layer in enumerate(tqdm(self.model.layers, desc=desc, unit="layer", leave=False)):
+            with around_layer(f"layers.{i}.", layer, states):
+                states = self.through(layer, states)
+        with torch.no_grad():
+            return np.concatenate([self.model.finish(x).float().numpy() for x in states])
+
+
 class _LinearProbe:
-    """Forward hooks on every decoder Linear: per-input-channel max |x| and the int8 error of its output."""
+    """Forward hooks on one decoder layer's Linears at a time: per-input-channel max |x| and the int8 error of their
+    outputs, summed over the rows seen."""
 
-    def __init__(self, model: Qwen3ForDeployment, measure_error: bool, scheme: Int8Scheme = TVM_INT8):
-        self.linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
-        self.absmax = {name: None for name in self.linears}
-        self.err = {name: 0.0 for name in self.linears}
-        self.ref = {name: 0.0 for name in self.linears}
-        self.measure_error = measure_error
+    def __init__(self, scheme: Int8Scheme = TVM_INT8):
         self.scheme = scheme
-        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in self.linears.items()]
+        self.absmax: dict[str, torch.Tensor] = {}
+        self.err: dict[str, float] = {}
+        self.ref: dict[str, float] = {}
 
-    def _hook(self, name):
-        def hook(module, inputs, output):
+    @contextmanager
+    def watching(self, prefix: str, layer, measure_error: bool):
+        """Within the block, record the Linears of `layer` (named `prefix` + their name in it)."""
+        linears = {f"{prefix}{name}": m for name, m in layer.named_modules() if isinstance(m, Linear)}
+        rounded = {name: self.scheme.weight(m.weight.float()) for name, m in linears.items()} if measure_error else {}
+
+        def hook(name, module, inputs, output):
             x = inputs[0].reshape(-1, inputs[0].shape[-1])
             amax = x.abs().amax(dim=0)
-            self.absmax[name] = amax if self.absmax[name] is None else torch.maximum(self.absmax[name], amax)
-            if self.measure_error:
-                approx = self.scheme.activation(x) @ self.scheme.weight(module.weight.float()).T
-                self.err[name] += float((approx - output.reshape(approx.shape)).pow(2).sum())
-                self.ref[name] += float(output.pow(2).sum())
-        return hook
+            self.absmax[name] = torch.maximum(self.absmax[name], amax) if name in self.absmax else amax
+            if measure_error:
+                approx = self.scheme.activation(x) @ rounded[name].T
+                self.err[name] = self.err.get(name, 0.0) + float((approx - output.reshape(approx.shape)).pow(2).sum())
+                self.ref[name] = self.ref.get(name, 0.0) + float(output.pow(2).sum())
+
+        handles = [m.register_forward_hook(partial(hook, name)) for name, m in linears.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def errors(self) -> dict[str, float]:
         """Relative int8 error of each linear's output over the rows seen: ||ŷ - y|| / ||y||."""
-        return {name: (self.err[name] / self.ref[name]) ** 0.5 if self.ref[name] else 0.0 for name in self.linears}
-
-    def close(self):
-        """Remove the hooks."""
-        for h in self.handles:
-            h.remove()
-
-
-def _forward(model: Qwen3ForDeployment, rows: list[list[int]], desc: str) -> np.ndarray:
-    """The model's raw outputs for `rows`, shortest first, in batches of similar lengths left-padded as the runtime
-    pads them."""
-    ordered = sorted(rows, key=len)
-    outputs = []
-    with torch.no_grad():
-        for start in tqdm(range(0, len(ordered), CALIBRATION_BATCH), desc=desc, leave=False):
-            chunk = ordered[start:start + CALIBRATION_BATCH]
-            ids, mask = left_pad(chunk, max(map(len, chunk)), ENDOFTEXT_ID)
-            outputs.append(model(torch.from_numpy(ids), torch.from_numpy(mask)).float().numpy())
-    return np.concatenate(outputs)
-
-
-def _probe(model: Qwen3ForDeployment, rows: list[list[int]], measure_error: bool, desc: str,
-           scheme: Int8Scheme = TVM_INT8) -> tuple[_LinearProbe, np.ndarray]:
-    """The probe after a pass over `rows`, and the model's outputs."""
-    probe = _LinearProbe(model, measure_error, scheme)
-    try:
-        return probe, _forward(model, rows, desc)
-    finally:
-        probe.close()
+        return {name: (self.err[name] / self.ref[name]) ** 0.5 if self.ref[name] else 0.0 for name in self.err}
 
 
 @contextmanager
-def _fake_quantized(model: Qwen3ForDeployment, layers: list[str], scheme: Int8Scheme):
-    """Within the block, the named linear layers compute in fake int8 (weights and activations rounded as the
-    artifact rounds them), so the model's outputs are what the int8 artifact would give."""
-    linears = dict(model.named_modules())
-
-    def hook(module, inputs, output):  # weights rounded per call: a rounded copy of every weight would double memory
-        return scheme.activation(inputs[0]) @ scheme.weight(module.weight.float()).T
-
-    handles = [linears[name].register_forward_hook(hook) for name in layers]
+def _fake_quantized(prefix: str, layer, names: set[str], scheme: Int8Scheme):
+    """Within the block, the Linears of `layer` whose names (`prefix` + their name in it) are in `names` compute in
+    fake int8 (weights and activations rounded as the artifact rounds them), so the model's outputs are what the int8
+    artifact would give. Each weight is rounded once for the block."""
+    replaced = []
+    for name, module in layer.named_modules():
+        if isinstance(module, Linear) and f"{prefix}{name}" in names:
+            weight, bias = scheme.weight(module.weight.float()), module.bias
+            module.forward = partial(lambda x, w, b: F.linear(scheme.activation(x), w, b), w=weight,
+                                     b=None if bias is None else bias.float())
+            replaced.append(module)
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
+        for module in replaced:
+            del module.forward  # the class's forward again
 
 
-def smooth(model: Qwen3ForDeployment, absmax: dict[str, torch.Tensor], alpha: float) -> None:
-    """SmoothQuant, folded into the weights in place; the fp32 function of the model is unchanged."""
+def smooth(prefix: str, layer, absmax: dict[str, torch.Tensor], alpha: float) -> None:
+    """SmoothQuant on one decoder layer (named `prefix`), folded into its weights in place (computed in fp32, stored
+    in the weights' dtype); the layer's function is unchanged but for that storage's rounding."""
     def factor(x_max: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        w_max = weight.abs().amax(dim=0).clamp(min=1e-5)
+        w_max = weight.float().abs().amax(dim=0).clamp(min=1e-5)
         return (x_max.clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
 
     with torch.no_grad():
-        for i, layer in enumerate(model.layers):
-            for norm, linear, name in ((layer.input_layernorm, layer.self_attn.qkv_proj, "self_attn.qkv_proj"),
-                                       (layer.post_attention_layernorm, layer.mlp.gate_up_proj, "mlp.gate_up_proj")):
-                s = factor(absmax[f"layers.{i}.{name}"], linear.weight)
-                norm.weight.div_(s)
-                linear.weight.mul_(s)
-            down, gate_up = layer.mlp.down_proj, layer.mlp.gate_up_proj
-            s = factor(absmax[f"layers.{i}.mlp.down_proj"], down.weight)
-            gate_up.weight[down.weight.shape[1]:].div_(s[:, None])  # the up half: down's input is silu(gate) * up
-            down.weight.mul_(s)
+        for norm, linear, name in ((layer.input_layernorm, layer.self_attn.qkv_proj, "self_attn.qkv_proj"),
+                                   (layer.post_attention_layernorm, layer.mlp.gate_up_proj, "mlp.gate_up_proj")):
+            s = factor(absmax[f"{prefix}{name}"], linear.weight)
+            norm.weight.div_(s)
+            linear.weight.mul_(s)
+        down, gate_up = layer.mlp.down_proj, layer.mlp.gate_up_proj
+        s = factor(absmax[f"{prefix}mlp.down_proj"], down.weight)
+        gate_up.weight[down.weight.shape[1]:].div_(s[:, None])  # the up half: down's input is silu(gate) * up
+        down.weight.mul_(s)
 
 
 @dataclass(frozen=True)
@@ -266,20 +286,28 @@ class QuantizationPlan:
 def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: CalibrationSet, max_length: int,
               scheme: Int8Scheme, smooth_alpha: float, max_linear_error: float, preflight: bool = True,
               log=print) -> QuantizationPlan:
-    """Calibrate `model` (fp32, in place): smooth it, then pick the linear layers that stay fp32, measuring each
-    layer's error as `scheme` rounds; with `preflight`, more of them while the whole model in fake int8 uses over
-    PREFLIGHT_BUDGET of the gate's error budget and that helps."""
-    rows = calibration.rows(task, tokenizer, "calibration", max_length)
-    if smooth_alpha > 0:
-        smooth(model, _probe(model, rows, False, "calibrating")[0].absmax, smooth_alpha)
-    probe, reference = _probe(model, rows, True, "measuring int8 error", scheme)
+    """Calibrate `model` (fp32 compute, weights in any dtype) in place: smooth it, then pick the linear layers kept
+    out of int8, measuring each layer's error as `scheme` rounds; with `preflight`, more of them while the whole model
+    in fake int8 uses over PREFLIGHT_BUDGET of the gate's error budget and that helps."""
+    rows = _Rows(model, calibration.rows(task, tokenizer, "calibration", max_length))
+    probe = _LinearProbe(scheme)
+
+    @contextmanager
+    def calibrate(prefix, layer, states):  # smoothed on its own inputs, then its int8 errors measured
+        if smooth_alpha > 0:
+            with probe.watching(prefix, layer, measure_error=False):
+                rows.through(layer, states)
+            smooth(prefix, layer, probe.absmax, smooth_alpha)
+        with probe.watching(prefix, layer, measure_error=True):
+            yield
+    reference = rows.run("calibrating int8", calibrate)
     errors = probe.errors()
     keep = sorted((n for n, e in errors.items() if e > max_linear_error), key=lambda n: -errors[n])
     if len(keep) == len(errors):
         raise ToolkitError(f"every linear layer's int8 error exceeds max_linear_error {max_linear_error} (the best is "
                            f"{min(errors.values()):.4f}); int8 would quantize nothing: raise "
                            "quantization.max_linear_error or build fp16")
-    log(f"int8 calibration on {len(rows)} rows: smoothing alpha {smooth_alpha}, worst linear error "
+    log(f"int8 calibration on {rows.count} rows: smoothing alpha {smooth_alpha}, worst linear error "
         f"{max(errors.values()):.4f}, {len(keep)} of {len(errors)} linear layers kept fp32 (error > "
         f"{max_linear_error})")
     # Per-layer errors compound through the depth: check the whole model in fake int8 before compiling, and keep
@@ -289,8 +317,9 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
         return QuantizationPlan(smooth_alpha, max_linear_error, errors, keep, calibration.describe(), None)
     best = None  # the plan kept: the first round, or a later one that cut the error enough to be worth its fp32 layers
     for attempt in range(1, PREFLIGHT_ROUNDS + 1):
-        with _fake_quantized(model, quantized, scheme):
-            outputs = _forward(model, rows, "checking int8 end to end")
+        names = set(quantized)
+        outputs = rows.run("checking int8 end to end",
+                           lambda prefix, layer, states: _fake_quantized(prefix, layer, names, scheme))
         agreement = task.agreement(task.finish(reference), task.finish(outputs))
         used = task.tolerance_used(agreement, "int8")
         log(f"int8 end to end on the calibration rows, {len(keep)} linear layers fp32: "
@@ -307,33 +336,41 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
     return QuantizationPlan(smooth_alpha, max_linear_error, errors, keep, calibration.describe(), best)
 
 
-def quantize_onnx(fp32_model: Path, out: Path, plan: QuantizationPlan, scheme: Int8Scheme) -> None:
-    """Quantize a folded fp32 graph (`export.fold_weights`) for ONNX Runtime: every decoder linear layer not kept fp32
-    (MatMul nodes are named by module); nothing else (the yes/no head, attention's own matmuls).
+def quantize_onnx(graph: Path, out: Path, plan: QuantizationPlan, scheme: Int8Scheme) -> None:
+    """Quantize an exported graph for ONNX Runtime: every decoder linear layer not kept out of int8; nothing else (the
+    yes/no head, attention's own matmuls). Its weights may reach their MatMuls as they are exported (fp16, through
+    `Cast` and `Transpose`: what compile gives it) or folded (`export.fold_weights` of an fp32 graph: the form stock
+    tools take). A layer kept keeps its exported weight.
 
     The graph written is the one ONNX Runtime's `quantize_dynamic(per_channel=True, weight_type=QInt8,
     reduce_range=...)` writes, with the same int8 weights (a test checks both): per linear layer
     `DynamicQuantizeLinear(x)` → `MatMulInteger` → `Cast` → `Mul(x_scale * w_scale)`, which ONNX Runtime fuses into
     `DynamicQuantizeMatMul` at load. It is written here one weight at a time, read from the memory-mapped export:
-    `quantize_dynamic` holds the fp32 model three times over (0.6B: 8.6 GB peak for a 2.0 GB graph)."""
+    `quantize_dynamic` holds the fp32 model three times over (0.6B: 8.6 GB peak for a 2.0 GB graph), and needs the
+    graph folded to fp32 first."""
     import onnx
     import onnx_ir as ir
 
-    model = ir.load(fp32_model)
-    named = [n for n in model.graph if n.op_type == "MatMul" and n.name.startswith("layers.")]
-    linears = [n for n in named if n.inputs[1].is_initializer() and n.name not in plan.keep_fp32]
-    if not named:
-        raise ToolkitError(f"{fp32_model} has no MatMul named by a linear layer; it was not folded by fold_weights")
-    for node in tqdm(linears, desc="quantizing linear layers", leave=False):
-        x, weight = node.inputs
-        quantized, scale = _quantize_weight(weight.const_value.numpy(), scheme.weight_max)
-        name, zero = node.name, np.zeros(scale.shape, np.int8)
+    from toolkit.export import linear_module
+
+    model = ir.load(graph)
+    named = [(node, module) for node in model.graph if node.op_type == "MatMul"
+             and (module := linear_module(node) or node.name).startswith("layers.")]
+    linears = [(node, module, source) for node, module in named
+               if module not in plan.keep_fp32 and (source := _linear_weight(node.inputs[1]))]
+    if not linears:
+        raise ToolkitError(f"{graph} has no MatMul of a decoder linear layer with a constant weight; is it an export "
+                           "of this toolkit's patched model?")
+    for node, name, (weight, transposed) in tqdm(linears, desc="quantizing linear layers", leave=False):
+        array = weight.const_value.numpy().astype(np.float32)
+        quantized, scale = _quantize_weight(array.T if transposed else array, scheme.weight_max)
+        zero = np.zeros(scale.shape, np.int8)
         constants = []
-        for suffix, array in (("quantized", quantized), ("scale", scale), ("zero_point", zero)):
-            constants.append(ir.Value(name=f"{weight.name}_{suffix}", const_value=ir.Tensor(array)))
+        for suffix, value in (("quantized", quantized), ("scale", scale), ("zero_point", zero)):
+            constants.append(ir.Value(name=f"{weight.name}_{suffix}", const_value=ir.Tensor(value)))
             model.graph.register_initializer(constants[-1])
         weight_q, weight_scale, weight_zero = constants
-        activation = ir.node("DynamicQuantizeLinear", [x], num_outputs=3, name=f"{name}_input_quantize")
+        activation = ir.node("DynamicQuantizeLinear", [node.inputs[0]], num_outputs=3, name=f"{name}_input_quantize")
         x_q, x_scale, x_zero = activation.outputs
         matmul = ir.node("MatMulInteger", [x_q, weight_q, x_zero, weight_zero], name=f"{name}_quant")
         cast = ir.node("Cast", matmul.outputs, {"to": ir.DataType.FLOAT}, name=f"{name}_quant_cast")
@@ -341,11 +378,36 @@ def quantize_onnx(fp32_model: Path, out: Path, plan: QuantizationPlan, scheme: I
         output = ir.node("Mul", [cast.outputs[0], scales.outputs[0]], name=f"{name}_quant_output")
         model.graph.insert_before(node, [activation, matmul, cast, scales, output])
         node.outputs[0].replace_all_uses_with(output.outputs[0])
-        model.graph.remove(node, safe=True)
-        if not weight.uses():
-            del model.graph.initializers[weight.name]
+        _remove_unused(model.graph, node)
     ir.save(model, out, external_data=f"{out.name}.data")
     onnx.checker.check_model(str(out), full_check=True)
+
+
+def _linear_weight(value) -> tuple | None:
+    """The initializer a MatMul's weight input is computed from by the exporter's `Cast` (fp16 → fp32) and
+    `Transpose` (`x @ W.T`) alone, and whether it is transposed (so `[N, K]`); None if it is computed otherwise."""
+    transposed = False
+    while not value.is_initializer():
+        node = value.producer()
+        if node is None or node.op_type not in ("Cast", "Transpose") or len(node.inputs) != 1:
+            return None
+        transposed ^= node.op_type == "Transpose"
+        value = node.inputs[0]
+    return (value, transposed) if value.const_value is not None and len(value.const_value.shape) == 2 else None
+
+
+def _remove_unused(graph, node) -> None:
+    """Remove `node`, then whatever computed its inputs (the weight's `Transpose`, `Cast`, initializer) that nothing
+    else uses any more."""
+    inputs = [value for value in node.inputs if value is not None]
+    graph.remove(node, safe=True)
+    for value in inputs:
+        if value.uses():
+            continue
+        if value.is_initializer():
+            del graph.initializers[value.name]
+        elif (producer := value.producer()) is not None and producer.graph is graph:
+            _remove_unused(graph, producer)
 
 
 def _quantize_weight(weight: np.ndarray, weight_max: int) -> tuple[np.ndarray, np.ndarray]:

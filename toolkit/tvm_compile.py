@@ -132,8 +132,8 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset()) -> tuple[tvm.IR
     module and, per weight input, its layout for `write_params`.
 
     bf16 weights become bf16 pair panels `[N/64, K/2, 64]` (int32) instead, and the matmul the AVX512-BF16 kernel of
-    `tvm_bf16` on activations rounded to bf16 pairs: `y = pair_matmul(to_pairs(x as [tokens, K]), panels)`. fp32
-    weights whose index is in `int8` become int8 quad panels plus a scale table (two inputs of `main`), and the
+    `tvm_bf16` on activations rounded to bf16 pairs: `y = pair_matmul(to_pairs(x as [tokens, K]), panels)`. fp16 or
+    fp32 weights whose index is in `int8` become int8 quad panels plus a scale table (two inputs of `main`), and the
     matmul the VNNI kernel of `tvm_int8` on activations quantized per token."""
     from tvm import relax
     from tvm.relax.dpl import is_op, rewrite_call, wildcard
