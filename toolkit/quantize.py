@@ -308,7 +308,7 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
                            f"{min(errors.values()):.4f}); int8 would quantize nothing: raise "
                            "quantization.max_linear_error or build fp16")
     log(f"int8 calibration on {rows.count} rows: smoothing alpha {smooth_alpha}, worst linear error "
-        f"{max(errors.values()):.4f}, {len(keep)} of {len(errors)} linear layers kept fp32 (error > "
+        f"{max(errors.values()):.4f}, {len(keep)} of {len(errors)} linear layers kept out of int8 (error > "
         f"{max_linear_error})")
     # Per-layer errors compound through the depth: check the whole model in fake int8 before compiling, and keep
     # the worst remaining layers fp32 until the calibration rows leave the gate a margin for unseen text
@@ -322,11 +322,11 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
                            lambda prefix, layer, states: _fake_quantized(prefix, layer, names, scheme))
         agreement = task.agreement(task.finish(reference), task.finish(outputs))
         used = task.tolerance_used(agreement, "int8")
-        log(f"int8 end to end on the calibration rows, {len(keep)} linear layers fp32: "
+        log(f"int8 end to end on the calibration rows, {len(keep)} linear layers kept out of int8: "
             f"{task.format_agreement(agreement)}: {used:.0%} of the gate's error budget")
         if best is not None and used > PREFLIGHT_GAIN * best["budget_used"]:
-            log("keeping more layers fp32 did not help (the error is spread over the layers, not in the worst ones): "
-                f"the plan of round {best['rounds']} is kept, and the gate decides")
+            log("keeping more layers out of int8 did not help (the error is spread over the layers, not in the worst "
+                f"ones): the plan of round {best['rounds']} is kept, and the gate decides")
             break
         best = {"agreement": agreement, "budget_used": round(used, 4), "rounds": attempt, "keep_fp32": list(keep)}
         if used <= PREFLIGHT_BUDGET or len(quantized) <= PREFLIGHT_STEP:
