@@ -1,5 +1,7 @@
 """Lean compile and load (issue 12): per-stage peaks in the manifest, the patched model read tensor by tensor from
 sharded checkpoints, weights beside the graph, the fp16 load modes."""
+import platform
+
 import numpy as np
 import pytest
 import torch
@@ -48,7 +50,7 @@ print(resident_mb() - before)
 """
 
 
-@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc tuning")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc tuning")
 def test_compile_s_large_temporaries_go_back_to_the_os_when_freed():
     import subprocess
     import sys
