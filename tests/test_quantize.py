@@ -79,7 +79,8 @@ def test_int8_gate_fails_naive_quantization_of_an_outlier_checkpoint_and_passes_
     assert quantized + len(quantization["keep_fp32"]) >= linear_count(outlier_checkpoints["embedding"])
     # built from the fp16-weight model, no fp32 copy: what int8 leaves (layers kept, embedding, norms) is fp16
     weight_types = {i.data_type for i in graph.initializer if len(i.dims) == 2}
-    assert weight_types == {onnx.TensorProto.INT8, onnx.TensorProto.FLOAT16}
+    stored = onnx.TensorProto.UINT8 if int8_scheme(["onnx"]).unsigned_weights else onnx.TensorProto.INT8
+    assert weight_types == {stored, onnx.TensorProto.FLOAT16}
 
 
 def test_int8_falls_back_to_fp32_layers_when_smoothing_is_off(outlier_checkpoints, tmp_path):
@@ -167,40 +168,80 @@ def test_preflight_keeps_the_last_plan_that_cut_the_error_and_stops_at_the_first
     assert stopped == (budget_used[-1] > 0.9 * budget_used[-2])
 
 
-def test_onnx_int8_takes_7_bit_weights_where_onnx_runtime_would_saturate_and_warns_on_a_full_range_one(
+def test_onnx_int8_stores_uint8_weights_where_onnx_runtime_would_saturate_and_warns_on_a_full_range_int8_one(
         outlier_checkpoints, tmp_path, monkeypatch):
-    # x86 without VNNI sums u8*s8 pairs in int16 (vpmaddubsw): the build picks the weight range for its own host
+    # x86 without VNNI sums u8*s8 pairs in int16 (vpmaddubsw): the build picks the weight storage for its own host
     from toolkit.backends import load_backend
 
     monkeypatch.setattr("toolkit.host.int8_full_range_exact", lambda: False)
-    [artifact] = build(outlier_checkpoints, tmp_path / "7bit", "embedding", seq_lens=(64,), dtype="int8")
+    [artifact] = build(outlier_checkpoints, tmp_path / "uint8", "embedding", seq_lens=(64,), dtype="int8")
     manifest = Manifest.load(artifact)
-    assert manifest.precision["quantization"]["weight_max"] == 64 and manifest.validation["passed"]
+    quantization = manifest.precision["quantization"]
+    assert (quantization["weight_type"], quantization["weight_max"]) == ("uint8", 127)
+    assert manifest.validation["passed"]
     graph = onnx.load(str(artifact / "model.onnx")).graph
-    int8_weights = [onnx.numpy_helper.to_array(i) for i in graph.initializer if i.data_type == onnx.TensorProto.INT8
-                    and len(i.dims) == 2]
-    assert int8_weights and max(int(np.abs(w.astype(np.int32)).max()) for w in int8_weights) <= 64
+    values = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    matmuls = [n for n in graph.node if n.op_type == "MatMulInteger"]
+    assert matmuls and all(values[n.input[1]].dtype == np.uint8 and (values[n.input[3]] == 128).all() for n in matmuls)
+    assert max(int(np.abs(values[n.input[1]].astype(np.int32) - 128).max()) for n in matmuls) == 127  # full range
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        load_backend(manifest).close()  # a 7-bit artifact is exact here
+        load_backend(manifest).close()  # uint8 weights are exact here
 
     built_with_vnni = Manifest.load(artifact)  # what a build on a VNNI host records (its gate passed there)
-    built_with_vnni.precision["quantization"]["weight_max"] = 127
+    built_with_vnni.precision["quantization"]["weight_type"] = "int8"
     with pytest.warns(UserWarning, match=r"full-range weights and this CPU has no VNNI.*rebuild it on this machine"):
         load_backend(built_with_vnni).close()
+    built_before = Manifest.load(artifact)  # 7-bit int8 weights (earlier builds on such hosts): exact, no warning
+    built_before.precision["quantization"].update(weight_type="int8", weight_max=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_backend(built_before).close()
     monkeypatch.setattr("toolkit.host.int8_full_range_exact", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_backend(built_with_vnni).close()
-    assert int8_scheme(["onnx"]).weight_max == 127 and int8_scheme(["tvm"]).weight_max == 127
+    assert not int8_scheme(["onnx"]).unsigned_weights and not int8_scheme(["tvm"]).unsigned_weights
+
+
+def test_uint8_weights_compute_exactly_what_the_integer_arithmetic_gives_on_this_cpu(tmp_path):
+    """One linear layer whose int8 product would saturate in int16 (full-range activations and weights, an outlier
+    channel): with uint8 weights ONNX Runtime gives the exact integer result on any CPU, the same values as int8."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from toolkit.quantize import Int8Scheme, QuantizationPlan, _quantize_weight, quantize_onnx
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 256)).astype(np.float32)
+    x[:, 3] *= 40.0
+    w = (rng.standard_normal((256, 96)) * 0.05).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"], name="layers.0.mlp.down_proj"),
+             helper.make_node("Identity", ["xw"], ["y"])]
+    graph = helper.make_graph(nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 256])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 96])],
+                              [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9),
+              str(tmp_path / "linear.onnx"))
+    quantize_onnx(tmp_path / "linear.onnx", tmp_path / "uint8.onnx", QuantizationPlan(0.0, 1.0, {}, [], {}, None),
+                  Int8Scheme(per_token=False, unsigned_weights=True))
+    y = ort.InferenceSession(str(tmp_path / "uint8.onnx")).run(None, {"x": x})[0]
+
+    x_scale = np.float32((max(x.max(), 0) - min(x.min(), 0)) / np.float32(255))  # DynamicQuantizeLinear's arithmetic
+    x_zero = np.clip(np.round(-min(x.min(), 0) / x_scale), 0, 255)
+    x_q = np.clip(np.round(x / x_scale) + x_zero, 0, 255)
+    w_q, w_scale = _quantize_weight(w)
+    exact = ((x_q - x_zero) @ w_q.astype(np.float64)) * (x_scale * w_scale)
+    assert np.abs(x_q - x_zero).max() > 127 and np.abs(w_q).max() == 127  # products that overflow int16 in pairs
+    np.testing.assert_allclose(y, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
 
 
 def test_our_int8_graph_is_the_one_quantize_dynamic_writes_with_the_same_weights(checkpoints, onnx_artifacts,
                                                                                 tmp_path):
     # quantize_onnx writes one weight at a time (quantize_dynamic holds the fp32 model three times): same graph, same
-    # int8 weights and scales, same outputs, full range and reduce_range alike; a layer kept fp32 stays a MatMul. It
-    # does the same from the unfolded fp16 export compile gives it (weights through Cast and Transpose): the synthetic
-    # weights are bf16 values, which fp16 and fp32 hold exactly
+    # int8 weights and scales, same outputs; a layer kept fp32 stays a MatMul. It does the same from the unfolded fp16
+    # export compile gives it (weights through Cast and Transpose): the synthetic weights are bf16 values, which fp16
+    # and fp32 hold exactly. Stored as uint8 (hosts without VNNI), the weights are the same values plus 128
     from collections import Counter
 
     import onnxruntime as ort
@@ -217,15 +258,15 @@ def test_our_int8_graph_is_the_one_quantize_dynamic_writes_with_the_same_weights
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     fp16 = onnx_artifacts["embedding"][0] / "model.onnx"
     assert Manifest.load(fp16.parent).seq_len == 32
-    for weight_max in (127, 64):
-        stock, ours = tmp_path / f"stock{weight_max}.onnx", tmp_path / f"ours{weight_max}.onnx"
-        ours_fp16 = tmp_path / f"ours_fp16_{weight_max}.onnx"
-        quantize_dynamic(str(fp32), str(stock), per_channel=True, weight_type=QuantType.QInt8,
-                         reduce_range=weight_max == 64, op_types_to_quantize=["MatMul"],
-                         nodes_to_exclude=[n for n in matmuls if not n.startswith("layers.") or n == kept],
-                         extra_options={"MatMulConstBOnly": True})
-        quantize_onnx(fp32, ours, plan, Int8Scheme(per_token=False, weight_max=weight_max))
-        quantize_onnx(fp16, ours_fp16, plan, Int8Scheme(per_token=False, weight_max=weight_max))
+    stock = tmp_path / "stock.onnx"
+    quantize_dynamic(str(fp32), str(stock), per_channel=True, weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul"],
+                     nodes_to_exclude=[n for n in matmuls if not n.startswith("layers.") or n == kept],
+                     extra_options={"MatMulConstBOnly": True})
+    for unsigned in (False, True):
+        ours, ours_fp16 = tmp_path / f"ours{unsigned}.onnx", tmp_path / f"ours_fp16_{unsigned}.onnx"
+        quantize_onnx(fp32, ours, plan, Int8Scheme(per_token=False, unsigned_weights=unsigned))
+        quantize_onnx(fp16, ours_fp16, plan, Int8Scheme(per_token=False, unsigned_weights=unsigned))
         graphs = {path: onnx.load(str(path)).graph for path in (stock, ours, ours_fp16)}
         assert Counter(n.op_type for n in graphs[ours].node) == Counter(n.op_type for n in graphs[stock].node)
         assert kept in {n.name for n in graphs[ours].node if n.op_type == "MatMul"}
@@ -246,16 +287,18 @@ def test_our_int8_graph_is_the_one_quantize_dynamic_writes_with_the_same_weights
             return found
         stock_weights, our_weights = weights(graphs[stock]), weights(graphs[ours])
         fp16_weights = weights(graphs[ours_fp16])
-        assert sorted(fp16_weights) == sorted(stock_weights)
-        for name, arrays in fp16_weights.items():
-            assert all(np.array_equal(a, b) for a, b in zip(arrays, stock_weights[name], strict=True)), name
         linears = [n for n in matmuls if n.startswith("layers.") and n != kept]
         assert len(linears) == linear_count(checkpoints["embedding"]) - 1
-        assert sorted(our_weights) == sorted(stock_weights) == sorted(f"{n}_quant" for n in linears)
-        for name, stock_arrays in stock_weights.items():
-            for ours_array, stock_array in zip(our_weights[name], stock_arrays):
-                assert ours_array.dtype == stock_array.dtype and np.array_equal(ours_array, stock_array), name
-        assert max(int(np.abs(w.astype(int)).max()) for w, _, _ in our_weights.values()) == weight_max
+        assert sorted(our_weights) == sorted(fp16_weights) == sorted(stock_weights)
+        assert sorted(stock_weights) == sorted(f"{n}_quant" for n in linears)
+        for name, (weight, zero, scale) in stock_weights.items():
+            if unsigned:  # the same values around zero point 128
+                weight, zero = ((a.astype(np.int16) + 128).astype(np.uint8) for a in (weight, zero))
+            for found in (our_weights[name], fp16_weights[name]):
+                for ours_array, stock_array in zip(found, (weight, zero, scale), strict=True):
+                    assert ours_array.dtype == stock_array.dtype and np.array_equal(ours_array, stock_array), name
+        assert max(int(np.abs(w.astype(int) - 128 * unsigned).max()) for w, _, _ in our_weights.values()) == 127
         outputs = [ort.InferenceSession(str(path)).run(None, feeds)[0] for path in (stock, ours, ours_fp16)]
-        np.testing.assert_allclose(outputs[1], outputs[0], rtol=0, atol=1e-6)
-        np.testing.assert_allclose(outputs[2], outputs[0], rtol=0, atol=1e-5)
+        if not unsigned:  # the stock graph's own arithmetic (saturating or not, the same on both)
+            np.testing.assert_allclose(outputs[1], outputs[0], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(outputs[2], outputs[1], rtol=0, atol=1e-5)

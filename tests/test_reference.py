@@ -114,3 +114,24 @@ def test_errors_are_one_line(checkpoints, tmp_path):
         with pytest.raises(ToolkitError, match=message) as error:
             LayerwiseReference(checkpoint, task)
         assert "\n" not in str(error.value)
+
+
+def test_validation_reference_runs_rows_together(checkpoints, tokenizers, monkeypatch):
+    """Validation runs the reference over many rows per pass (each pass reads every layer from the checkpoint), not
+    once per artifact batch; rows come back in their order, as each row's own run gives them."""
+    from toolkit import validation
+
+    tokenizer = tokenizers["embedding"]
+    sentence = tokenizer(SENTENCE, add_special_tokens=False).input_ids
+    rows = [sentence[:n] + [ENDOFTEXT_ID] for n in (9, 1, 17, 4, 12, 0, 6)]  # mixed lengths, out of order
+    reference = LayerwiseReference(checkpoints["embedding"], TASKS["embedding"])
+    alone = np.concatenate([reference.run(*left_pad([row], len(row), ENDOFTEXT_ID)) for row in rows])
+    passes = []
+    reference.layers[0].register_forward_pre_hook(lambda module, args: passes.append(args[0].shape[0]))
+    # lengths 1, 2, 5, 7 | 10, 13 | 18: with 36 tokens a pass, 4 x 7 fit, then 2 x 13 (3 x 18 would not)
+    for budget, expected in ((2048, [7]), (36, [4, 2, 1])):
+        passes.clear()
+        monkeypatch.setattr(validation, "REFERENCE_TOKENS", budget)
+        together = validation.reference_outputs(reference, rows)
+        assert passes == expected
+        np.testing.assert_allclose(together, alone, rtol=0, atol=1e-5)

@@ -219,18 +219,20 @@ class OnnxRuntimeBackend(Backend):
 
 
 def warn_if_int8_saturates(manifest: Manifest) -> None:
-    """An int8 ONNX artifact with full-range weights (built on a CPU with VNNI) loses accuracy on an x86 CPU without
-    VNNI, where ONNX Runtime's matmul saturates (`host.int8_full_range_exact`): its gate figures do not hold here."""
+    """An int8 ONNX artifact with full-range int8 weights (built on a CPU with VNNI) loses accuracy on an x86 CPU
+    without VNNI, where ONNX Runtime's uint8 x int8 matmul saturates (`host.int8_full_range_exact`): its gate figures
+    do not hold here. uint8 weights and 7-bit ones (`weight_max` 64, earlier builds) are exact everywhere."""
     import warnings
 
     from toolkit.host import int8_full_range_exact
 
     quantization = manifest.precision.get("quantization") or {}
-    if manifest.dtype == "int8" and quantization.get("weight_max", 127) == 127 and not int8_full_range_exact():
+    signed_full_range = quantization.get("weight_max", 127) == 127 and quantization.get("weight_type") != "uint8"
+    if manifest.dtype == "int8" and signed_full_range and not int8_full_range_exact():
         warnings.warn(f"{manifest.path}: this int8 artifact has full-range weights and this CPU has no VNNI, so ONNX "
                       "Runtime's int8 matmul saturates here and its validation figures do not hold (measured: min "
                       "cosine 0.988 instead of 0.9996); rebuild it on this machine (`toolkit compile ... --dtype "
-                      "int8`), which gives it 7-bit weights, exact on any CPU", stacklevel=3)
+                      "int8`), which stores its weights as uint8, exact on any CPU", stacklevel=3)
 
 
 def open_backend(manifest: Manifest, threads: int | None = None, device_id: int = 0) -> Backend:

@@ -165,14 +165,14 @@ def finish_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, toke
                       "seconds": round(artifact.export_seconds + time.perf_counter() - started, 2),
                       "peak_rss_mb": peaks.peak(), "stage_peak_rss_mb": dict(peaks.mb)}
     manifest.save(staging, hash_files=False)
-    if manifest.validation["passed"] is False:
+    cost = (f"{manifest.build['seconds']} s, peak RSS {peaks.peak()} MB: "
+            + ", ".join(f"{stage} {mb}" for stage, mb in peaks.mb.items()))
+    if manifest.validation["passed"] is False:  # the manifest goes with the staging directory: say what it held
         raise ToolkitError(f"validation failed for {final}: {task.format_agreement(manifest.validation)} is "
                            f"outside the {cfg.dtype} tolerance ({task.tolerance_text(cfg.dtype)}); nothing was "
-                           "installed")
+                           f"installed ({cost})")
     if manifest.validation["passed"]:
-        log(f"{final}: vs HF fp32: {task.format_agreement(manifest.validation)} "
-            f"({manifest.build['seconds']} s, peak RSS {peaks.peak()} MB: "
-            + ", ".join(f"{stage} {mb}" for stage, mb in peaks.mb.items()) + ")")
+        log(f"{final}: vs HF fp32: {task.format_agreement(manifest.validation)} ({cost})")
     install(staging, final)
     return final
 

@@ -29,7 +29,8 @@ def missing_tvm_extension(dtype: str) -> tuple[str, str] | None:
 def int8_full_range_exact() -> bool:
     """Whether ONNX Runtime's uint8 x int8 matmul is exact here for full-range int8 weights. On x86 without VNNI it
     multiplies with `vpmaddubsw`, which adds pairs of u8*s8 products in int16 and saturates (255*127*2 > 32767); ONNX
-    Runtime's quantization guide names 7-bit weights (`reduce_range`) as the fix. Measured on an AVX2-only host, tiny
-    outlier embedding checkpoint: min cosine 0.988 with full-range weights, 0.9996 with 7-bit ones."""
+    Runtime's quantization guide names 7-bit weights (`reduce_range`) or uint8 weights (its uint8 x uint8 matmul
+    widens to int16 first) as the fixes, and int8 builds here take uint8. Measured on an AVX2-only host, tiny outlier
+    embedding checkpoint: min cosine 0.988 with full-range int8 weights, 0.9996 with 7-bit ones."""
     x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
     return not x86 or any(cpu_has(flag) for flag in VNNI_FLAGS)

@@ -7,7 +7,8 @@ the graph ONNX Runtime's own tool writes, or (TVM) as `tvm_int8` packs them at c
   fp16 artifact has it (fp16 weights, fp32 compute), measured as exact (min cosine 1.000000 against HF fp32).
 - Weights: int8 per output channel. Activations: int8 with a dynamic scale, per tensor on ONNX Runtime
   (`DynamicQuantizeLinear`, fused into `DynamicQuantizeMatMul`), per token on TVM: VNNI `vpdpbusd` on CPU. ONNX
-  Runtime's weights take 7 bits where its matmul would saturate (x86 without VNNI: `host.int8_full_range_exact`).
+  Runtime's weights are stored as uint8 (zero point 128) where its uint8 x int8 matmul would saturate (x86 without
+  VNNI: `host.int8_full_range_exact`): its uint8 x uint8 matmul is exact there, with the same 255 levels.
 - Outliers: real LLMs carry 20-100x channels at the inputs of linear layers; a per-tensor activation scale spends its
   256 levels on them. SmoothQuant (Xiao et al. 2023) moves that range into the weights with a per-input-channel factor
   `s = max|X|^alpha / max|W|^(1-alpha)`, folded into the preceding RMSNorm weight (q/k/v, gate/up) or into the up
@@ -48,6 +49,7 @@ CALIBRATION_BATCH = 16
 # PREFLIGHT_ROUNDS checks, for as long as each round cuts the share used to PREFLIGHT_GAIN of the best so far (on a
 # 0.6B reranker whose error is spread over all layers, 28 layers kept fp32 left it at 148% of the budget, from 164%)
 PREFLIGHT_BUDGET, PREFLIGHT_STEP, PREFLIGHT_ROUNDS, PREFLIGHT_GAIN = 0.5, 4, 4, 0.9
+WEIGHT_MAX = 127  # int8 weights span [-127, 127]: symmetric, as ONNX Runtime's quantizer and our TVM kernels take them
 
 
 @dataclass(frozen=True)
@@ -113,12 +115,14 @@ def _fake_quant_activation_per_token(x: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Int8Scheme:
     """How a backend's int8 linear layers round: activations with one scale per token (TVM's VNNI kernel) or per
-    tensor (ONNX Runtime's `DynamicQuantizeLinear`); weights symmetric per output channel to +-`weight_max`: 127, or
-    64 (`reduce_range`, about 7 bits) where ONNX Runtime's uint8 x int8 matmul would saturate
-    (`host.int8_full_range_exact`)."""
+    tensor (ONNX Runtime's `DynamicQuantizeLinear`); weights symmetric per output channel to +-WEIGHT_MAX, stored as
+    int8, or (`unsigned_weights`) as uint8 with zero point 128 where ONNX Runtime's uint8 x int8 matmul would saturate
+    (`host.int8_full_range_exact`): the same values, multiplied by its exact uint8 x uint8 matmul. Its other remedy,
+    7-bit weights (`reduce_range`), doubles the weights' rounding error: on the 4B-shape outlier checkpoint the whole
+    model in fake int8 used 132% of the gate's error budget with 7-bit weights, 76% with 8-bit ones."""
 
     per_token: bool
-    weight_max: int = 127
+    unsigned_weights: bool = False
 
     def activation(self, x: torch.Tensor) -> torch.Tensor:
         """`x` as the backend rounds it."""
@@ -126,13 +130,18 @@ class Int8Scheme:
 
     def weight(self, w: torch.Tensor) -> torch.Tensor:
         """`w` (rows = output channels) as the backend rounds it."""
-        scale = torch.clamp(w.abs().amax(dim=1, keepdim=True) / self.weight_max, min=1e-12)
-        return torch.clamp(torch.round(w / scale), -self.weight_max, self.weight_max) * scale
+        scale = torch.clamp(w.abs().amax(dim=1, keepdim=True) / WEIGHT_MAX, min=1e-12)
+        return torch.clamp(torch.round(w / scale), -WEIGHT_MAX, WEIGHT_MAX) * scale
+
+    @property
+    def weight_type(self) -> str:
+        """How the weights are stored (the manifest's `weight_type`)."""
+        return "uint8" if self.unsigned_weights else "int8"
 
     def describe(self) -> str:
         """For the manifest."""
-        bits = "full range" if self.weight_max == 127 else "7 bits (exact on CPUs without VNNI)"
-        return (f"W8A8: int8 weights per output channel ({bits}), int8 activations with a dynamic per-"
+        storage = ", stored as uint8 with zero point 128 (exact on CPUs without VNNI)" if self.unsigned_weights else ""
+        return (f"W8A8: int8 weights per output channel{storage}, int8 activations with a dynamic per-"
                 f"{'token' if self.per_token else 'tensor'} scale, int32 accumulation")
 
 
@@ -147,7 +156,7 @@ def int8_scheme(backends) -> Int8Scheme:
 
     if "onnx" not in backends:
         return TVM_INT8
-    return Int8Scheme(per_token=False, weight_max=127 if int8_full_range_exact() else 64)
+    return Int8Scheme(per_token=False, unsigned_weights=not int8_full_range_exact())
 
 
 class _Rows:
@@ -276,7 +285,7 @@ class QuantizationPlan:
         """For the manifest of an artifact quantized with `scheme` (the five worst layers' errors, and every layer
         kept)."""
         worst = sorted(self.linear_errors.items(), key=lambda kv: -kv[1])[:5]
-        return {"scheme": scheme.describe(), "weight_max": scheme.weight_max,
+        return {"scheme": scheme.describe(), "weight_max": WEIGHT_MAX, "weight_type": scheme.weight_type,
                 "smooth_alpha": self.smooth_alpha,
                 "max_linear_error": self.max_linear_error, "keep_fp32": self.keep_fp32,
                 "worst_linear_errors": {k: round(v, 5) for k, v in worst}, "calibration": self.calibration,
@@ -342,8 +351,8 @@ def quantize_onnx(graph: Path, out: Path, plan: QuantizationPlan, scheme: Int8Sc
     `Cast` and `Transpose`: what compile gives it) or folded (`export.fold_weights` of an fp32 graph: the form stock
     tools take). A layer kept keeps its exported weight.
 
-    The graph written is the one ONNX Runtime's `quantize_dynamic(per_channel=True, weight_type=QInt8,
-    reduce_range=...)` writes, with the same int8 weights (a test checks both): per linear layer
+    The graph written is the one ONNX Runtime's `quantize_dynamic(per_channel=True, weight_type=QInt8)` writes, with
+    the same int8 weights (a test checks both; `scheme.unsigned_weights`: the same plus 128, as uint8): per linear layer
     `DynamicQuantizeLinear(x)` → `MatMulInteger` → `Cast` → `Mul(x_scale * w_scale)`, which ONNX Runtime fuses into
     `DynamicQuantizeMatMul` at load. It is written here one weight at a time, read from the memory-mapped export:
     `quantize_dynamic` holds the fp32 model three times over (0.6B: 8.6 GB peak for a 2.0 GB graph), and needs the
@@ -363,8 +372,12 @@ def quantize_onnx(graph: Path, out: Path, plan: QuantizationPlan, scheme: Int8Sc
                            "of this toolkit's patched model?")
     for node, name, (weight, transposed) in tqdm(linears, desc="quantizing linear layers", leave=False):
         array = weight.const_value.numpy().astype(np.float32)
-        quantized, scale = _quantize_weight(array.T if transposed else array, scheme.weight_max)
+        if isinstance(weight.const_value, ir.ExternalTensor):  # unmapped now: read pages would stay in RSS till the end
+            weight.const_value.release()
+        quantized, scale = _quantize_weight(array.T if transposed else array)
         zero = np.zeros(scale.shape, np.int8)
+        if scheme.unsigned_weights:  # the same values around zero point 128: uint8 x uint8 never saturates
+            quantized, zero = (quantized.astype(np.int16) + 128).astype(np.uint8), zero.astype(np.uint8) + 128
         constants = []
         for suffix, value in (("quantized", quantized), ("scale", scale), ("zero_point", zero)):
             constants.append(ir.Value(name=f"{weight.name}_{suffix}", const_value=ir.Tensor(value)))
@@ -410,12 +423,12 @@ def _remove_unused(graph, node) -> None:
             _remove_unused(graph, producer)
 
 
-def _quantize_weight(weight: np.ndarray, weight_max: int) -> tuple[np.ndarray, np.ndarray]:
-    """A MatMul's `[K, N]` fp32 weight as ONNX Runtime quantizes it per output channel (symmetric int8; `weight_max`
-    127 spans [-127, 127], 64 is `reduce_range`'s [-64, 64]): the int8 weight and the `[N]` scales. Same arithmetic as
+def _quantize_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A MatMul's `[K, N]` fp32 weight as ONNX Runtime quantizes it per output channel (symmetric int8 in
+    [-WEIGHT_MAX, WEIGHT_MAX]): the int8 weight and the `[N]` scales. Same arithmetic as
     its `compute_data_quant_params` and `quantize_nparray`, column by column."""
     absmax = np.maximum(-np.minimum(weight.min(axis=0), 0), np.maximum(weight.max(axis=0), 0))
-    scale = (2 * absmax.astype(np.float64) / (2 * weight_max)).astype(np.float32)  # range over levels, in float64
+    scale = (2 * absmax.astype(np.float64) / (2 * WEIGHT_MAX)).astype(np.float32)  # range over levels, in float64
     scale[scale < np.finfo(np.float32).tiny] = 1.0
     quantized = np.clip(np.round(weight / scale), -128, 127).astype(np.int8)
     return quantized, scale
