@@ -3,7 +3,8 @@ eager against artifact sets, side by side in one process.
 
 For each run: requests/s, real tokens/s, the share of computed token slots that were padding, the effective GFLOP/s
 on real tokens (FLOPs of each row at its real length) against this machine's measured fp32 matmul peak, the ratio to
-the best torch run, and the agreement with torch (the task's measure: min cosine / max |ΔP(yes)|).
+the best torch run, the agreement with torch (the task's measure: min cosine / max |ΔP(yes)|), and the memory the
+run's model holds (resident MB added by loading it and running the warm-up).
 
     result = run_traffic(TrafficOptions(data="../shared/data/sts12_test.jsonl", artifacts=("ws/emb/tvm",)))
 """
@@ -21,6 +22,7 @@ from toolkit.buckets import token_lengths
 from toolkit.checkpoint import read_hf_config, resolve_checkpoint
 from toolkit.errors import ToolkitError
 from toolkit.eval.datasets import load_dataset
+from toolkit.memory import resident_mb, return_freed_memory
 from toolkit.perf.compare import forward_flops, matmul_peak_gflops
 from toolkit.perf.run import check_int
 from toolkit.report import format_table
@@ -88,9 +90,11 @@ def run_traffic(options: TrafficOptions, progress: bool = True) -> dict:
               "matmul_peak_gflops": matmul_peak_gflops(), "runs": []}
     reference = None
     for name, make in runs:
+        before = resident_mb()
         with make() as model:
             lengths = token_lengths(task, model.tokenizer, requests).clip(max=model.max_length)
             task.serve(model, warmup_subset(requests, lengths))
+            held = resident_mb() - before
             model.runner.stats = RunnerStats()
             started = time.perf_counter()
             outputs = task.serve(model, requests, progress=progress)
@@ -98,10 +102,11 @@ def run_traffic(options: TrafficOptions, progress: bool = True) -> dict:
             stats = model.runner.stats
         del model  # one run's weights in memory at a time
         gc.collect()
+        return_freed_memory()
         flops = sum(forward_flops(config, int(n), 1) for n in lengths)
         run = {"name": name, "seconds": seconds, "requests_per_s": len(requests) / seconds,
                "real_tokens_per_s": stats.real_tokens / seconds, "padding": stats.padding_fraction,
-               "batches_per_seq": stats.batches_per_seq, "gflops": flops / seconds / 1e9}
+               "batches_per_seq": stats.batches_per_seq, "gflops": flops / seconds / 1e9, "resident_mb": held}
         run["fraction_of_peak"] = run["gflops"] / result["matmul_peak_gflops"]
         if reference is None:
             reference = outputs
@@ -128,9 +133,10 @@ def traffic_report(result: dict) -> str:
     key = result["gate_key"]
     rows = [[r["name"], r["requests_per_s"], r["real_tokens_per_s"], f"{100 * r['padding']:.1f}%", r["gflops"],
              f"{100 * r['fraction_of_peak']:.0f}%", r["vs_best_torch"] if r["vs_best_torch"] else "-",
-             f"{r['agreement_vs_first'][key]:.6f}" if "agreement_vs_first" in r else "(reference)"]
+             f"{r['agreement_vs_first'][key]:.6f}" if "agreement_vs_first" in r else "(reference)",
+             r["resident_mb"]]
             for r in result["runs"]]
     title = (f"{result['task']}: {result['requests']} requests from {result['data']}; fp32 matmul peak "
              f"{result['matmul_peak_gflops']:.0f} GFLOP/s (numpy, same machine)")
     return format_table(["run", "requests/s", "real tokens/s", "padding", "GFLOP/s", "of peak", "vs torch",
-                         f"{key} vs first"], rows, title=title)
+                         f"{key} vs first", "memory MB"], rows, title=title)

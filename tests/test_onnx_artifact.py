@@ -13,6 +13,8 @@ from toolkit.tasks import TASKS
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
 
+from conftest import SEQ_LENS
+
 TEXTS = ["a", "What is the capital of China?", "Gravity is a force that attracts two bodies towards each other.",
          "北京是中国的首都。", "Qwen3 " * 40]
 
@@ -64,6 +66,36 @@ def test_export_has_no_tensor_sequences(onnx_artifacts, name):
 
     model = onnx.load(str(onnx_artifacts[name][0] / "model.onnx"), load_external_data=False)
     assert not {n.op_type for n in model.graph.node} & {"SplitToSequence", "SequenceAt"}
+
+
+@pytest.mark.parametrize("name", ["embedding", "reranker"])
+def test_bucket_set_is_one_graph_held_once(onnx_artifacts, tokenizers, name):
+    """Every SEQ of an ONNX bucket set is the same graph, with symbolic batch and sequence axes: exported once, the
+    same files in every artifact, and one ONNX Runtime session for all of its buckets and instances at run time.
+    Each SEQ is still validated and served at its own shape, and answers as it did on its own."""
+    import onnx
+
+    from toolkit.api import model_class
+
+    artifacts = onnx_artifacts[name]
+    graph = onnx.load(str(artifacts[0] / "model.onnx"), load_external_data=False).graph
+    assert [[d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input] == [["batch", "seq"]] * 2
+    manifests = [Manifest.load(a) for a in artifacts]
+    for file in ("model.onnx", "model.onnx.data"):
+        assert len({m.files[file]["sha256"] for m in manifests}) == 1
+    assert all(m.validation["passed"] for m in manifests) and tuple(m.seq_len for m in manifests) == SEQ_LENS[name]
+    alone = [open_artifact(a) for a in artifacts]
+    assert alone[0].session is alone[1].session
+    texts = TEXTS if name == "embedding" else [(t, t[::-1]) for t in TEXTS]
+    with model_class(TASKS[name]).from_artifacts(artifacts[0].parent, instances=2, truncation="truncate") as model:
+        sessions = {id(b.session) for e in model.runner.engines for b in e.backends}
+        assert len(model.runner.engines) == 2 and len(sessions) == 1
+        rows = model.tokenize(texts)
+        together = model.runner.run(rows)
+    for i, row in enumerate(rows):
+        bucket = next(b for b in alone if len(row) <= b.seq_len)
+        ids, mask = left_pad([row], bucket.seq_len, ENDOFTEXT_ID)
+        np.testing.assert_allclose(together[i], bucket.run(ids, mask)[0], atol=1e-5)
 
 
 def test_corrupted_artifact_is_refused(onnx_artifacts, tmp_path):

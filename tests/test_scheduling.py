@@ -159,12 +159,14 @@ def test_perf_traffic_prints_ratios_padding_and_agreement(onnx_artifacts, tmp_pa
                                        "--limit", "24", "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert "requests/s" in result.output and "padding" in result.output and "of peak" in result.output
+    assert "memory MB" in result.output
     report = json.loads(out.read_text())
     torch_run, artifact_run = report["runs"]
     assert report["requests"] == 24 and torch_run["vs_best_torch"] == 1.0
     assert artifact_run["name"].endswith("(embedding-fp16-b2)")  # which set, when several share a backend and dtype
     assert artifact_run["agreement_vs_first"]["min_cosine"] >= 0.999
     assert 0 <= artifact_run["padding"] < 1 and artifact_run["gflops"] > 0
+    assert isinstance(artifact_run["resident_mb"], int)
     seq_rows = sum(artifact_run["batches_per_seq"].values())
     assert seq_rows >= 24 // 2  # batch-2 artifacts: at least 12 batches ran
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from toolkit.buckets import DEFAULT_COUNT, DEFAULT_STEP
 from toolkit.cli_base import ToolkitGroup
 from toolkit.errors import ToolkitError
 from toolkit.tasks import TASKS
@@ -38,9 +39,9 @@ def synth(task, shape, seed, outliers, out_dir):
               "the config)")
 @click.option("--lengths", "lengths_data", help="with --seq auto: a dataset (JSONL path or name) whose token lengths "
               "choose the bucket set")
-@click.option("--buckets", "bucket_count", type=int, default=6, show_default=True,
+@click.option("--buckets", "bucket_count", type=int, default=DEFAULT_COUNT, show_default=True,
               help="with --seq auto: how many SEQs")
-@click.option("--bucket-step", type=int, default=8, show_default=True,
+@click.option("--bucket-step", type=int, default=DEFAULT_STEP, show_default=True,
               help="with --seq auto: SEQs are multiples of this")
 @click.option("--batch-tokens", type=int, help="token budget per batch: each SEQ's batch is this // SEQ "
               "(overrides --batch and the config)")

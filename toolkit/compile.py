@@ -27,7 +27,7 @@ from toolkit.backends import LayerwiseReference, device_available, load_backend
 from toolkit.checkpoint import load_tokenizer, model_source, resolve_checkpoint
 from toolkit.config import BuildConfig
 from toolkit.errors import ToolkitError
-from toolkit.export import OnnxExport, export_onnx, fold_weights
+from toolkit.export import OnnxExport, export_onnx, fold_weights, io_specs
 from toolkit.host import missing_tvm_extension
 from toolkit.memory import StagePeaks, map_large_blocks, return_freed_memory
 from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
@@ -60,9 +60,10 @@ class StagedArtifact:
     seq_len: int
     final: Path
     staging: Path
-    graph: Path  # the exported ONNX file: the artifact's model file, or the input of folding/quantizing/TVM
+    graph: Path | None  # the exported ONNX file: the artifact's model file, or the input of folding/quantizing/TVM
     exported: OnnxExport
     export_seconds: float
+    same_model: "StagedArtifact | None" = None  # built earlier from the same graph: its model files are this one's
 
 
 def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
@@ -92,8 +93,11 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
                                  cfg.smooth_alpha, cfg.max_linear_error, cfg.preflight, log)
         with peaks.stage("export"):
             for backend in cfg.backends:
+                first = None
                 for seq_len in cfg.seq_lens:
-                    staged.append(stage_export(cfg, task, backend, seq_len, model, log))
+                    staged.append(stage_export(cfg, task, backend, seq_len, model, log, first))
+                    if backend == "onnx":  # its graph has symbolic axes: one export serves every SEQ
+                        first = first or staged[-1]
         del model  # from here on everything reads the exported graphs
         gc.collect()  # the exported program holds reference cycles to the weights
         return_freed_memory()
@@ -120,21 +124,27 @@ def artifact_dir(cfg: BuildConfig, backend: str, seq_len: int) -> Path:
     return cfg.workspace / cfg.name / backend / f"seq{seq_len}"
 
 
-def stage_export(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model, log) -> StagedArtifact:
-    """Export `model` for (backend, seq) into a new staging directory. ONNX artifacts get a dynamic batch (ONNX
-    Runtime takes any shape: a partial batch computes no padding rows); TVM artifacts a static one (our schedules are
-    built for fixed shapes). A graph that is not the artifact's model file (TVM's input, int8's fp16 graph) goes into
-    `graph/`, removed once it is used."""
+def stage_export(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model, log,
+                 same_model: StagedArtifact | None = None) -> StagedArtifact:
+    """Export `model` for (backend, seq) into a new staging directory. ONNX graphs get symbolic batch and sequence
+    axes (ONNX Runtime takes any shape: a partial batch computes no padding rows), so they are exported once per
+    build: given the artifact of another SEQ (`same_model`), this one takes a copy of that artifact's model files once
+    they are written (folded or quantized too), and the runtime opens one session for both (backends.py). TVM
+    artifacts get static shapes (our schedules are built for them). A graph that is not the artifact's model file
+    (TVM's input, int8's fp16 graph) goes into `graph/`, removed once it is used."""
     final = artifact_dir(cfg, backend, seq_len)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; an installed artifact is readable like any compile output
+    batch = cfg.batch_for(seq_len)
+    if same_model:
+        exported = OnnxExport(same_model.exported.model_file, *io_specs(task, seq_len, batch, model.shape.hidden_size))
+        return StagedArtifact(backend, seq_len, final, staging, None, exported, 0.0, same_model)
     started = time.perf_counter()
     graph_dir = staging if backend == "onnx" and cfg.dtype != "int8" else staging / "graph"
     try:
         graph_dir.mkdir(exist_ok=True)
-        exported = export_onnx(model, task, graph_dir / "model.onnx", seq_len, cfg.batch_for(seq_len),
-                               dynamic_batch=backend == "onnx")
+        exported = export_onnx(model, task, graph_dir / "model.onnx", seq_len, batch, dynamic=backend == "onnx")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -184,13 +194,17 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
     out, exported = artifact.staging, artifact.exported
     model_file, target, details = exported.model_file, Target(cfg.target), {}
     precision = dict(PRECISION[cfg.dtype])
-    if cfg.dtype == "fp32" and artifact.backend == "onnx":  # for stock ONNX tools; TVM packs the weights itself
-        with peaks.stage("fold"):
-            fold_weights(artifact.graph)
     if plan:
         scheme = int8_scheme([artifact.backend])
         precision["quantization"] = plan.describe(scheme)
-    if plan and artifact.backend == "onnx":
+    if artifact.same_model:  # installed by now: its folded / quantized files are this artifact's too
+        for name in (model_file, f"{model_file}.data"):
+            # copies: the onnx package refuses external data with several hard links (a "hardlink attack")
+            shutil.copyfile(artifact.same_model.final / name, out / name)
+    elif cfg.dtype == "fp32" and artifact.backend == "onnx":  # for stock ONNX tools; TVM packs the weights itself
+        with peaks.stage("fold"):
+            fold_weights(artifact.graph)
+    elif plan and artifact.backend == "onnx":
         with peaks.stage("quantize"):
             quantize_onnx(artifact.graph, out / "model.onnx", plan, scheme)
     if artifact.backend == "tvm":
