@@ -152,8 +152,8 @@ def test_fp32_tvm_artifact_packs_its_weights_and_matches_hf(checkpoints, tmp_pat
 
 
 def test_a_bucket_sets_artifacts_share_one_copy_of_their_weights(checkpoints, tvm_artifacts, tmp_path):
-    """Every SEQ of a set is compiled from the same weights: the runtime loads them once, for as long as any of the
-    set's backends is open, and each artifact still computes what it computes alone."""
+    """Every SEQ of a set is compiled from the same weights: one file on disk (hard links), which the runtime loads
+    once, for as long as any of the set's backends is open; each artifact still computes what it computes alone."""
     import gc
 
     from toolkit.compile import compile_config
@@ -164,6 +164,8 @@ def test_a_bucket_sets_artifacts_share_one_copy_of_their_weights(checkpoints, tv
                       backends=("tvm",), workspace=tmp_path)
     short, long = (Manifest.load(a) for a in compile_config(cfg, log=lambda m: None))
     assert short.backend_details["params_sha256"] == long.backend_details["params_sha256"]
+    params = [m.path / m.backend_details["params_file"] for m in (short, long)]
+    assert params[0].stat().st_ino == params[1].stat().st_ino and params[0].stat().st_nlink == 2
     ids = np.random.default_rng(2).integers(0, 151643, (short.batch, 16))
     alone = open_artifact(short.path).run(ids, np.ones_like(ids))
     gc.collect()

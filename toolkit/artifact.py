@@ -25,13 +25,21 @@ BACKENDS = ("onnx", "tvm")  # one name per backend, everywhere: configs, CLI, ma
 DEVICES = ("cpu", "cuda")
 
 
+_digests: dict[tuple, str] = {}  # (device, inode, size, mtime, ctime) → digest
+
+
 def sha256(path: Path) -> str:
-    """Hex digest of a file, read in 4 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """Hex digest of a file, read in 4 MiB chunks; once per process for a file and its hard links (the weights of a
+    TVM bucket set's SEQs are one file)."""
+    stat = path.stat()
+    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if key not in _digests:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _digests[key] = h.hexdigest()
+    return _digests[key]
 
 
 def tool_versions() -> dict:

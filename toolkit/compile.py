@@ -63,7 +63,7 @@ class StagedArtifact:
     graph: Path | None  # the exported ONNX file: the artifact's model file, or the input of folding/quantizing/TVM
     exported: OnnxExport
     export_seconds: float
-    same_model: "StagedArtifact | None" = None  # built earlier from the same graph: its model files are this one's
+    first: "StagedArtifact | None" = None  # its backend's first artifact in this build (ONNX: the same graph)
 
 
 def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
@@ -96,8 +96,7 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
                 first = None
                 for seq_len in cfg.seq_lens:
                     staged.append(stage_export(cfg, task, backend, seq_len, model, log, first))
-                    if backend == "onnx":  # its graph has symbolic axes: one export serves every SEQ
-                        first = first or staged[-1]
+                    first = first or staged[-1]
         del model  # from here on everything reads the exported graphs
         gc.collect()  # the exported program holds reference cycles to the weights
         return_freed_memory()
@@ -125,10 +124,10 @@ def artifact_dir(cfg: BuildConfig, backend: str, seq_len: int) -> Path:
 
 
 def stage_export(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model, log,
-                 same_model: StagedArtifact | None = None) -> StagedArtifact:
+                 first: StagedArtifact | None = None) -> StagedArtifact:
     """Export `model` for (backend, seq) into a new staging directory. ONNX graphs get symbolic batch and sequence
     axes (ONNX Runtime takes any shape: a partial batch computes no padding rows), so they are exported once per
-    build: given the artifact of another SEQ (`same_model`), this one takes a copy of that artifact's model files once
+    build: given the backend's first artifact (`first`), this one takes a copy of that artifact's model files once
     they are written (folded or quantized too), and the runtime opens one session for both (backends.py). TVM
     artifacts get static shapes (our schedules are built for them). A graph that is not the artifact's model file
     (TVM's input, int8's fp16 graph) goes into `graph/`, removed once it is used."""
@@ -137,9 +136,9 @@ def stage_export(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; an installed artifact is readable like any compile output
     batch = cfg.batch_for(seq_len)
-    if same_model:
-        exported = OnnxExport(same_model.exported.model_file, *io_specs(task, seq_len, batch, model.shape.hidden_size))
-        return StagedArtifact(backend, seq_len, final, staging, None, exported, 0.0, same_model)
+    if first and backend == "onnx":
+        exported = OnnxExport(first.exported.model_file, *io_specs(task, seq_len, batch, model.shape.hidden_size))
+        return StagedArtifact(backend, seq_len, final, staging, None, exported, 0.0, first)
     started = time.perf_counter()
     graph_dir = staging if backend == "onnx" and cfg.dtype != "int8" else staging / "graph"
     try:
@@ -150,7 +149,7 @@ def stage_export(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model
         raise
     log(f"exported {backend} seq {seq_len} ({time.perf_counter() - started:.0f} s)")
     return StagedArtifact(backend, seq_len, final, staging, graph_dir / "model.onnx", exported,
-                          time.perf_counter() - started)
+                          time.perf_counter() - started, first)
 
 
 def finish_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, tokenizer, source: ModelSource,
@@ -197,10 +196,10 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
     if plan:
         scheme = int8_scheme([artifact.backend])
         precision["quantization"] = plan.describe(scheme)
-    if artifact.same_model:  # installed by now: its folded / quantized files are this artifact's too
+    if artifact.graph is None:  # the first's graph, installed by now: its folded / quantized files are this one's too
         for name in (model_file, f"{model_file}.data"):
             # copies: the onnx package refuses external data with several hard links (a "hardlink attack")
-            shutil.copyfile(artifact.same_model.final / name, out / name)
+            shutil.copyfile(artifact.first.final / name, out / name)
     elif cfg.dtype == "fp32" and artifact.backend == "onnx":  # for stock ONNX tools; TVM packs the weights itself
         with peaks.stage("fold"):
             fold_weights(artifact.graph)
@@ -214,6 +213,8 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
             built = compile_tvm(artifact.graph, out, cfg.target, log=log,
                                 int8_layers=plan.int8_layers() if plan else ())
         model_file, target = built.model_file, Target(cfg.target, built.tvm_target)
+        if artifact.first:
+            link_same_params(artifact.first.final, out, built.params_file, built.params_sha256)
         details = {"params_file": built.params_file, "params_sha256": built.params_sha256, "primfuncs": built.primfuncs,
                    "unscheduled": built.unscheduled, "compile_seconds": built.compile_seconds}
     # onnx_ir's graphs are reference cycles: uncollected, the quantized weights would still be resident while
@@ -229,6 +230,20 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
         model=source, inputs=exported.inputs, outputs=exported.outputs, model_file=model_file, precision=precision,
         backend_details=details,
     ).save(out)
+
+
+def link_same_params(first: Path, out: Path, params_file: str, digest: str) -> None:
+    """Every SEQ of a TVM bucket set has the same weights: where `first` (an installed artifact of the set) recorded
+    the same params digest, `out`'s params file becomes a hard link to its file (one copy on disk, hashed once per
+    process at load) instead of a copy (15 GB per SEQ at 8B)."""
+    if Manifest.load(first, verify=False).backend_details.get("params_sha256") != digest:
+        return
+    link = out / f".{params_file}.link"
+    try:
+        os.link(first / params_file, link)
+    except OSError:  # a filesystem without hard links: keep the copy
+        return
+    os.replace(link, out / params_file)
 
 
 def install(staging: Path, final: Path) -> None:
