@@ -177,15 +177,30 @@ def set_fp16_load(mode: str) -> None:
     _fp16_load[0] = mode
 
 
-class SharedSession:
-    """One ONNX Runtime session, shared by every backend that loads the same model files with the same settings."""
+class Shared:
+    """What every backend loading the same thing holds (an ONNX Runtime session, a TVM artifact's weights): it lives
+    while any of them does."""
 
-    def __init__(self, session):
-        self.session = session
+    def __init__(self, value):
+        self.value = value
 
 
-_sessions: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # session_key → SharedSession
-_opening = threading.Lock()
+_loading = threading.Lock()
+
+
+def load_shared(cache: weakref.WeakValueDictionary, key, load) -> Shared:
+    """`cache[key]` if a backend still holds it, else `load()`'s result, kept there for the next one (not with a
+    key of None: never shared). One load at a time, so two backends never load the same thing twice."""
+    with _loading:
+        shared = cache.get(key) if key is not None else None
+        if shared is None:
+            shared = Shared(load())
+            if key is not None:
+                cache[key] = shared
+    return shared
+
+
+_sessions: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # session_key → Shared(session)
 
 
 def session_key(manifest: Manifest, *settings) -> tuple:
@@ -224,17 +239,15 @@ class OnnxRuntimeBackend(Backend):
                      [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"])
         # constant folding is what doubles the load's peak (see set_fp16_load)
         low_peak = manifest.dtype == "fp16" and _fp16_load[0] == "low-peak"
+        def open_session():
+            session = ort.InferenceSession(str(manifest.path / manifest.model_file), opts, providers=providers,
+                                           disabled_optimizers=["ConstantFolding"] if low_peak else None)
+            return_freed_memory()
+            return session
+
         key = None if profile_prefix else session_key(manifest, device, device_id, threads, low_peak)
-        with _opening:
-            self.shared = _sessions.get(key) if key else None
-            if self.shared is None:
-                self.shared = SharedSession(ort.InferenceSession(
-                    str(manifest.path / manifest.model_file), opts, providers=providers,
-                    disabled_optimizers=["ConstantFolding"] if low_peak else None))
-                return_freed_memory()
-                if key:
-                    _sessions[key] = self.shared
-        self.session = self.shared.session
+        self.shared = load_shared(_sessions, key, open_session)  # held: shared while any backend uses it
+        self.session = self.shared.value
         if device != "cpu" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise ToolkitError("this artifact targets CUDA but ONNX Runtime has no usable CUDA provider here "
                                f"(available: {ort.get_available_providers()}); install onnxruntime-gpu on a GPU host")

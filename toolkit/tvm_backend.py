@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import os
-import threading
 import weakref
 
 import numpy as np
 from typing_extensions import override
 
 from toolkit.artifact import Manifest
-from toolkit.backends import Backend
+from toolkit.backends import Backend, Shared, load_shared
 from toolkit.errors import ToolkitError
 from toolkit.memory import return_freed_memory
 from toolkit.tasks import get_task
@@ -42,37 +41,27 @@ def as_stored(array: np.ndarray) -> np.ndarray:
     return array.view(ml_dtypes.bfloat16) if array.dtype == np.dtype("V2") else array
 
 
-class SharedWeights:
-    """One artifact's weights on one device, as its VM takes them; shared by every backend loading the same ones."""
-
-    def __init__(self, tensors):
-        self.tensors = tensors
+_loaded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # (params_sha256, device) → Shared(weights)
 
 
-_loaded: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # (params_sha256, device) → SharedWeights
-_loading = threading.Lock()
-
-
-def load_weights(manifest: Manifest, vm, device) -> SharedWeights:
+def load_weights(manifest: Manifest, vm, device) -> Shared:
     """The artifact's weights, transformed for `vm`. Artifacts whose manifests carry the same `params_sha256` (every
     SEQ of a bucket set, every instance of an engine) get the same tensors: loaded once per process while any of them
     is open (a 5-bucket 0.6B set: one 1.2 GB copy, not five)."""
     import tvm
 
-    key = (manifest.backend_details.get("params_sha256"), str(device))
-    with _loading:
-        shared = _loaded.get(key) if key[0] else None
-        if shared is None:
-            with np.load(manifest.path / manifest.backend_details["params_file"]) as npz:
-                weights = [tvm.runtime.tensor(as_stored(npz[f"arr_{i}"]), device) for i in range(len(npz.files))]
-            # What compile lifted out of `main` runs here once: nothing on CPU (weights stay fp16 panels, cast inside
-            # the matmuls: resident 1.0x the weight bytes), fp32 copies for dlight's GPU kernels on CUDA.
-            shared = SharedWeights(vm["main_transform_params"](weights))
-            del weights
-            return_freed_memory()  # numpy's read buffers
-            if key[0]:
-                _loaded[key] = shared
-    return shared
+    def load():
+        with np.load(manifest.path / manifest.backend_details["params_file"]) as npz:
+            weights = [tvm.runtime.tensor(as_stored(npz[f"arr_{i}"]), device) for i in range(len(npz.files))]
+        # What compile lifted out of `main` runs here once: nothing on CPU (weights stay fp16 panels, cast inside
+        # the matmuls: resident 1.0x the weight bytes), fp32 copies for dlight's GPU kernels on CUDA.
+        tensors = vm["main_transform_params"](weights)
+        del weights
+        return_freed_memory()  # numpy's read buffers
+        return tensors
+
+    digest = manifest.backend_details.get("params_sha256")
+    return load_shared(_loaded, (digest, str(device)) if digest else None, load)
 
 
 class TvmBackend(Backend):
@@ -99,4 +88,4 @@ class TvmBackend(Backend):
     def run(self, input_ids, attention_mask):
         ids = self._tensor(np.ascontiguousarray(input_ids, dtype=np.int64), self.device)
         mask = self._tensor(np.ascontiguousarray(attention_mask, dtype=np.int64), self.device)
-        return self.vm["main"](ids, mask, *self.weights.tensors).numpy()
+        return self.vm["main"](ids, mask, *self.weights.value).numpy()
