@@ -34,6 +34,22 @@ def workspace(tmp_path_factory):
     return tmp_path_factory.mktemp("workspace")
 
 
+def model_path(artifact):
+    """An artifact's model file (ONNX bucket sets keep it in the set's shared graph directory)."""
+    from toolkit.artifact import Manifest
+
+    manifest = Manifest.load(artifact, verify=False)
+    return manifest.path / manifest.model_file
+
+
+def copy_artifact(artifact, directory):
+    """A copy of `artifact` under `directory`, with its bucket set (the SEQs of an ONNX set share one graph)."""
+    import shutil
+
+    shutil.copytree(artifact.parent, directory / artifact.parent.name)
+    return directory / artifact.parent.name / artifact.name
+
+
 def build(checkpoints, workspace, task, backends=("onnx",), seq_lens=(32, 64), batch=2, dtype="fp16", **options):
     from toolkit.compile import compile_config
 

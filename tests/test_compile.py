@@ -10,25 +10,35 @@ from toolkit.cli import main
 from toolkit.errors import ToolkitError
 from toolkit.runtime import Engine
 
-from conftest import build
+from conftest import build, copy_artifact
 
 
-def test_crash_after_the_manifest_leaves_nothing_loadable_and_keeps_the_old_artifact(checkpoints, tmp_path,
-                                                                                     monkeypatch):
+def test_crash_after_the_manifest_leaves_nothing_loadable_and_keeps_the_old_artifact(checkpoints, outlier_checkpoints,
+                                                                                     tmp_path, monkeypatch):
+    """A set of two SEQs (one shared ONNX graph). A rebuild from other weights that crashes in validation leaves the
+    old set as it was, without the new graph; one that succeeds replaces the old graph, which is then removed."""
     import toolkit.compile
 
-    [good] = build(checkpoints, tmp_path, "embedding", seq_lens=(32,), batch=1)
-    before = Manifest.load(good)
+    good = build(checkpoints, tmp_path, "embedding", seq_lens=(32, 48), batch=1)
+    set_dir = good[0].parent
+    before = [Manifest.load(a) for a in good]
+    [old_graph] = set_dir.glob("graph-*")
 
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash during validation")
 
-    monkeypatch.setattr(toolkit.compile, "measure", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        build(checkpoints, tmp_path, "embedding", seq_lens=(32,), batch=1)
-    assert sorted(p.name for p in good.parent.iterdir()) == ["seq32"]  # no staging directory left behind
-    after = Manifest.load(good)  # the previous artifact, untouched (hashes verified)
-    assert after.files == before.files and after.validation == before.validation
+    with monkeypatch.context() as patch:
+        patch.setattr(toolkit.compile, "measure", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            build(outlier_checkpoints, tmp_path, "embedding", seq_lens=(32, 48), batch=1)
+    # no staging directory and no new graph left behind
+    assert sorted(p.name for p in set_dir.iterdir()) == sorted([old_graph.name, "seq32", "seq48"])
+    after = [Manifest.load(a) for a in good]  # the previous artifacts, untouched (hashes verified)
+    assert [(m.files, m.validation) for m in after] == [(m.files, m.validation) for m in before]
+
+    build(outlier_checkpoints, tmp_path, "embedding", seq_lens=(32, 48), batch=1)
+    [new_graph] = set_dir.glob("graph-*")
+    assert new_graph != old_graph and {Manifest.load(a).model_file for a in good} == {f"../{new_graph.name}/model.onnx"}
 
 
 def test_checkpoint_without_tokenizer_files_is_refused_before_building(checkpoints, tmp_path):
@@ -45,8 +55,7 @@ def test_checkpoint_without_tokenizer_files_is_refused_before_building(checkpoin
 
 
 def test_unvalidated_artifact_is_refused_by_the_runtime_and_inspect(onnx_artifacts, tmp_path):
-    copy = tmp_path / "unvalidated"
-    shutil.copytree(onnx_artifacts["embedding"][0], copy)
+    copy = copy_artifact(onnx_artifacts["embedding"][0], tmp_path)
     manifest = Manifest.load(copy)
     manifest.validation = None
     manifest.save(copy, hash_files=False)
@@ -81,8 +90,7 @@ def test_reranker_seq_that_cannot_hold_the_prompt_is_refused_at_compile(checkpoi
 
 
 def test_validate_command_rechecks_and_records(onnx_artifacts, tmp_path):
-    copy = tmp_path / "artifact"
-    shutil.copytree(onnx_artifacts["reranker"][0], copy)
+    copy = copy_artifact(onnx_artifacts["reranker"][0], tmp_path)
     manifest = Manifest.load(copy)
     manifest.validation = {"skipped": "pretend it was built without its device", "passed": None}
     manifest.save(copy, hash_files=False)

@@ -68,7 +68,8 @@ def test_compile_writes_the_peak_of_every_stage_and_keeps_weights_beside_the_gra
     assert list(stages) == ["load", "export", "reference", "validate"]
     assert all(isinstance(mb, int) and mb > 0 for mb in stages.values())
     assert manifest.build["peak_rss_mb"] == max(stages.values())
-    assert {"model.onnx", "model.onnx.data"} <= set(manifest.files)  # the graph and its weights, both hashed
+    model = manifest.model_file
+    assert {model, f"{model}.data"} <= set(manifest.files)  # the graph and its weights, both hashed
     assert not (manifest.path / "graph").exists()
 
 

@@ -13,7 +13,7 @@ from toolkit.tasks import TASKS
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
 
-from conftest import SEQ_LENS
+from conftest import SEQ_LENS, copy_artifact, model_path
 
 TEXTS = ["a", "What is the capital of China?", "Gravity is a force that attracts two bodies towards each other.",
          "北京是中国的首都。", "Qwen3 " * 40]
@@ -52,7 +52,7 @@ def test_fp16_onnx_matches_hf_fp32(onnx_artifacts, checkpoints, tokenizers, name
 def test_artifact_weights_are_stored_fp16(onnx_artifacts):
     import onnx
 
-    model = onnx.load(str(onnx_artifacts["embedding"][0] / "model.onnx"))
+    model = onnx.load(str(model_path(onnx_artifacts["embedding"][0])))
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
     float_inits = [i for i in model.graph.initializer if i.data_type in floats and np.prod(i.dims) > 1000]
     assert float_inits and all(i.data_type == onnx.TensorProto.FLOAT16 for i in float_inits)
@@ -64,7 +64,7 @@ def test_export_has_no_tensor_sequences(onnx_artifacts, name):
     SequenceAt, which ONNX Runtime runs as copies through a tensor sequence (7% of a 0.6B forward)."""
     import onnx
 
-    model = onnx.load(str(onnx_artifacts[name][0] / "model.onnx"), load_external_data=False)
+    model = onnx.load(str(model_path(onnx_artifacts[name][0])), load_external_data=False)
     assert not {n.op_type for n in model.graph.node} & {"SplitToSequence", "SequenceAt"}
 
 
@@ -78,11 +78,16 @@ def test_bucket_set_is_one_graph_held_once(onnx_artifacts, tokenizers, name):
     from toolkit.api import model_class
 
     artifacts = onnx_artifacts[name]
-    graph = onnx.load(str(artifacts[0] / "model.onnx"), load_external_data=False).graph
+    graph = onnx.load(str(model_path(artifacts[0])), load_external_data=False).graph
     assert [[d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input] == [["batch", "seq"]] * 2
     manifests = [Manifest.load(a) for a in artifacts]
+    # stored once, beside the SEQs: one graph directory in the set, no model file in any SEQ's own directory
+    [shared] = artifacts[0].parent.glob("graph-*")
+    assert {m.model_file for m in manifests} == {f"../{shared.name}/model.onnx"}
+    assert sorted(p.name for p in shared.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert not [p for a in artifacts for p in a.glob("model.onnx*")]
     for file in ("model.onnx", "model.onnx.data"):
-        assert len({m.files[file]["sha256"] for m in manifests}) == 1
+        assert len({m.files[f"../{shared.name}/{file}"]["sha256"] for m in manifests}) == 1
     assert all(m.validation["passed"] for m in manifests) and tuple(m.seq_len for m in manifests) == SEQ_LENS[name]
     alone = [open_artifact(a) for a in artifacts]
     assert alone[0].session is alone[1].session
@@ -99,11 +104,16 @@ def test_bucket_set_is_one_graph_held_once(onnx_artifacts, tokenizers, name):
 
 
 def test_corrupted_artifact_is_refused(onnx_artifacts, tmp_path):
-    broken = tmp_path / "broken"
-    shutil.copytree(onnx_artifacts["reranker"][0], broken)
-    data = bytearray((broken / "model.onnx").read_bytes())
+    artifact = onnx_artifacts["reranker"][0]
+    alone = tmp_path / "alone"  # one SEQ copied out of its set, without the set's shared graph
+    shutil.copytree(artifact, alone)
+    with pytest.raises(ToolkitError, match="missing .*shared graph: copy or move the whole set directory"):
+        open_artifact(alone)
+    broken = copy_artifact(artifact, tmp_path)
+    model = model_path(broken)
+    data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (broken / "model.onnx").write_bytes(bytes(data))
+    model.write_bytes(bytes(data))
     with pytest.raises(ToolkitError, match="does not match its manifest"):
         open_artifact(broken)
     result = CliRunner().invoke(main, ["inspect", str(broken)])

@@ -16,7 +16,7 @@ from toolkit.quantize import DEFAULT_CALIBRATION, CalibrationSet, int8_scheme
 from toolkit.synth import MASSIVE_CHANNELS, MASSIVE_TOKENS, MASSIVE_VALUE, OUTLIER_CHANNELS
 from toolkit.tasks import TASKS
 
-from conftest import build
+from conftest import build, model_path
 
 
 def linear_count(checkpoint) -> int:
@@ -256,8 +256,8 @@ def test_our_int8_graph_is_the_one_quantize_dynamic_writes_with_the_same_weights
     plan = QuantizationPlan(0.0, 1.0, {}, [kept], {}, None)
     ids = np.random.default_rng(0).integers(0, 150000, size=(2, 32)).astype(np.int64)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    fp16 = onnx_artifacts["embedding"][0] / "model.onnx"
-    assert Manifest.load(fp16.parent).seq_len == 32
+    fp16 = model_path(onnx_artifacts["embedding"][0])
+    assert Manifest.load(onnx_artifacts["embedding"][0]).seq_len == 32
     stock = tmp_path / "stock.onnx"
     quantize_dynamic(str(fp32), str(stock), per_channel=True, weight_type=QuantType.QInt8,
                      op_types_to_quantize=["MatMul"],

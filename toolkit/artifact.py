@@ -2,7 +2,9 @@
 
     ARTIFACT/manifest.json      `Manifest`: task, model, seq_len, batch, dtype, backend, target, inputs, outputs,
                                 files (sha256), tools (versions), validation, build
-    ARTIFACT/model.onnx[.data]  (onnx backend) or model.so + params.npz (tvm backend)
+    ARTIFACT/model.onnx[.data]  (onnx backend) or model.so + params.npz (tvm backend). The ONNX SEQs of one build are
+                                one graph with symbolic axes, stored once beside them: `model_file` is then
+                                `../graph-DIGEST/model.onnx` (see compile.share_graph)
     ARTIFACT/tokenizer/         the checkpoint's tokenizer files: an artifact runs without the checkpoint
 
 `Manifest.save` is the only writer of manifest.json. This module depends on nothing above it in the pipeline.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import platform
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -114,8 +117,8 @@ class Manifest:
         first (once, after the files are written); without, keep the recorded hashes (e.g. adding validation)."""
         directory = Path(directory)
         if hash_files:
-            self.files = {str(p.relative_to(directory)): {"sha256": sha256(p), "bytes": p.stat().st_size}
-                          for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+            self.files = {os.path.relpath(p, directory): {"sha256": sha256(p), "bytes": p.stat().st_size}
+                          for p in self.file_paths(directory)}
             self.tools = tool_versions()
         payload = {k: v for k, v in dataclasses.asdict(self).items() if k != "path"}
         (directory / MANIFEST).write_text(json.dumps(payload, indent=2))
@@ -149,6 +152,13 @@ class Manifest:
                                    "it was modified or corrupted: recompile it with `toolkit compile`")
         return manifest
 
+    def file_paths(self, directory: Path) -> list[Path]:
+        """The artifact's files: those in its directory and, where the model file lies in a bucket set's shared graph
+        directory (`../graph-DIGEST/`), that directory's."""
+        model_dir = (directory / self.model_file).parent
+        shared = sorted(model_dir.iterdir()) if Path(self.model_file).parent != Path(".") else []
+        return [p for p in sorted(directory.rglob("*")) + shared if p.is_file() and p.name != MANIFEST]
+
     def check_fields(self) -> None:
         """Raise ValueError when a field has a value no writer produces."""
         if self.backend not in BACKENDS or self.target.device not in DEVICES:
@@ -164,7 +174,9 @@ class Manifest:
         for rel, info in self.files.items():
             p = self.path / rel
             if not p.is_file():
-                problems.append(f"{rel}: missing")
+                problems.append(f"{rel}: missing" + (" (a file of the bucket set's shared graph: copy or move the "
+                                                     "whole set directory, not one SEQ)" if rel.startswith("..")
+                                                     else ""))
             elif p.stat().st_size != info["bytes"]:
                 problems.append(f"{rel}: size {p.stat().st_size} != {info['bytes']}")
             elif sha256(p) != info["sha256"]:
