@@ -120,6 +120,7 @@ def test_corrupted_artifact_is_refused(onnx_artifacts, tmp_path):
     assert result.exit_code == 1 and "sha256 mismatch" in result.output
     ok = CliRunner().invoke(main, ["inspect", str(onnx_artifacts["reranker"][0])])
     assert ok.exit_code == 0 and "0 mismatched" in ok.output and "reranker" in ok.output
+    assert "the bucket set's shared graph" in ok.output and "(any 1..2 rows)" in ok.output
     (broken / "manifest.json").write_text("{not json")
     with pytest.raises(ToolkitError, match="not a valid .* manifest"):
         open_artifact(broken)

@@ -136,7 +136,9 @@ def format_manifest(m) -> str:
         f"task        {m.task}",
         f"model       {m.model.checkpoint}" + (" (synthetic)" if m.model.synthetic else ""),
         f"backend     {m.backend}  target {target}",
-        f"shape       batch {m.batch} x seq {m.seq_len}   dtype {m.dtype}",
+        f"shape       batch {m.batch}{f' (any 1..{m.batch} rows)' if m.dynamic_batch and m.batch > 1 else ''} x seq "
+        f"{m.seq_len}   dtype {m.dtype}",
+        f"model file  {m.model_file}" + (" (the bucket set's shared graph)" if m.model_file.startswith("..") else ""),
         "precision   " + "; ".join(f"{k}: {m.precision[k]}" for k in ("weights", "compute", "accumulation")),
         *(["int8        " + format_quantization(m.precision["quantization"])] if "quantization" in m.precision else []),
         f"inputs      {io(m.inputs)}",
