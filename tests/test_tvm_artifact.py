@@ -151,6 +151,22 @@ def test_fp32_tvm_artifact_packs_its_weights_and_matches_hf(checkpoints, tmp_pat
     assert len(panels) == 4 * 2 and all(p.dtype == np.float32 and p.shape[-1] == 64 for p in panels)
 
 
+def test_params_become_a_link_only_to_the_same_weights(tmp_path):
+    """A later SEQ's weights are packed and compared, not written, when they match the first's digest; other weights
+    are written."""
+    from toolkit.tvm_compile import PLAIN, write_params
+
+    weights = [np.arange(12, dtype=np.float16).reshape(3, 4), np.ones(5, np.float32)]
+    digest = write_params(tmp_path / "first.npz", tmp_path, weights, [PLAIN, PLAIN])
+    same = write_params(tmp_path / "same.npz", tmp_path, weights, [PLAIN, PLAIN], (tmp_path / "first.npz", digest))
+    assert same == digest and (tmp_path / "same.npz").stat().st_ino == (tmp_path / "first.npz").stat().st_ino
+    other = [weights[0], np.zeros(5, np.float32)]
+    changed = write_params(tmp_path / "other.npz", tmp_path, other, [PLAIN, PLAIN], (tmp_path / "first.npz", digest))
+    assert changed != digest and (tmp_path / "other.npz").stat().st_nlink == 1
+    with np.load(tmp_path / "other.npz") as stored:
+        assert [stored[k].tolist() for k in stored.files] == [a.tolist() for a in other]
+
+
 def test_a_bucket_sets_artifacts_share_one_copy_of_their_weights(checkpoints, tvm_artifacts, tmp_path):
     """Every SEQ of a set is compiled from the same weights: one file on disk (hard links), which the runtime loads
     once, for as long as any of the set's backends is open; each artifact still computes what it computes alone."""

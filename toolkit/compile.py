@@ -216,12 +216,14 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
     if artifact.backend == "tvm":
         from toolkit.tvm_compile import compile_tvm
 
+        same_params = None
+        if artifact.first:  # installed by now: its weights file, which this one's will be a hard link to if the same
+            first = Manifest.load(artifact.first.final, verify=False).backend_details
+            same_params = (artifact.first.final / first["params_file"], first["params_sha256"])
         with peaks.stage("tvm"):
             built = compile_tvm(artifact.graph, out, cfg.target, log=log,
-                                int8_layers=plan.int8_layers() if plan else ())
+                                int8_layers=plan.int8_layers() if plan else (), same_params=same_params)
         model_file, target = built.model_file, Target(cfg.target, built.tvm_target)
-        if artifact.first:
-            link_same_params(artifact.first.final, out, built.params_file, built.params_sha256)
         details = {"params_file": built.params_file, "params_sha256": built.params_sha256, "primfuncs": built.primfuncs,
                    "unscheduled": built.unscheduled, "compile_seconds": built.compile_seconds}
     # onnx_ir's graphs are reference cycles: uncollected, the quantized weights would still be resident while
@@ -275,20 +277,6 @@ def prune_graphs(set_dir: Path) -> None:
     for graph_dir in set_dir.glob("graph-*"):
         if graph_dir.name not in used:
             shutil.rmtree(graph_dir, ignore_errors=True)
-
-
-def link_same_params(first: Path, out: Path, params_file: str, digest: str) -> None:
-    """Every SEQ of a TVM bucket set has the same weights: where `first` (an installed artifact of the set) recorded
-    the same params digest, `out`'s params file becomes a hard link to its file (one copy on disk, hashed once per
-    process at load) instead of a copy (15 GB per SEQ at 8B)."""
-    if Manifest.load(first, verify=False).backend_details.get("params_sha256") != digest:
-        return
-    link = out / f".{params_file}.link"
-    try:
-        os.link(first / params_file, link)
-    except OSError:  # a filesystem without hard links: keep the copy
-        return
-    os.replace(link, out / params_file)
 
 
 def install(staging: Path, final: Path) -> None:

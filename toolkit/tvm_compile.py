@@ -288,9 +288,12 @@ class TvmBuild:
     compile_seconds: float
 
 
-def compile_tvm(onnx_path: Path, out_dir: Path, device: str, log=print, int8_layers=()) -> TvmBuild:
+def compile_tvm(onnx_path: Path, out_dir: Path, device: str, log=print, int8_layers=(),
+                same_params: tuple[Path, str] | None = None) -> TvmBuild:
     """Compile the exported ONNX graph into `out_dir` (`model.so` + `params.npz`); the linear layers named in
-    `int8_layers` (module names, `layers.3.mlp.down_proj`) run W8A8 on VNNI."""
+    `int8_layers` (module names, `layers.3.mlp.down_proj`) run W8A8 on VNNI. `same_params`: another artifact's params
+    file and its digest (a bucket set's first SEQ), which `params.npz` becomes a hard link to when this one's weights
+    are the same (`write_params`)."""
     from tvm import relax
 
     from toolkit.tvm_schedules import unscheduled
@@ -309,18 +312,24 @@ def compile_tvm(onnx_path: Path, out_dir: Path, device: str, log=print, int8_lay
     primfuncs = sum(isinstance(f, tvm.tirx.PrimFunc) for f in mod.functions.values())
     executable = tvm.compile(mod, target=target, relax_pipeline=relax.get_pipeline("default_build"))
     executable.export_library(str(out_dir / LIBRARY))
-    digest = write_params(out_dir / PARAMS, onnx_path.parent, graph.weights, layouts)
+    digest = write_params(out_dir / PARAMS, onnx_path.parent, graph.weights, layouts, same_params)
     return TvmBuild(model_file=LIBRARY, params_file=PARAMS, params_sha256=digest, tvm_target=target_spec,
                     primfuncs=primfuncs, unscheduled=missing,
                     compile_seconds=round(time.perf_counter() - started, 2))
 
 
-def write_params(path: Path, graph_dir: Path, weights: list, layouts: list[str]) -> str:
+def write_params(path: Path, graph_dir: Path, weights: list, layouts: list[str],
+                 same_as: tuple[Path, str] | None = None) -> str:
     """`main`'s weights in order, as `np.savez` lays them out (`arr_0.npy`, ...), written one tensor at a time
     straight from the export's external data, in their `layouts` (`pack_linear_weights`; an int8 weight is two
-    arrays); other bf16 tensors as numpy writes them (`|V2`, read back by `TvmBackend`). Returns
-    the digest of what was written (dtypes, shapes, bytes): artifacts of one bucket set share it, and the runtime
-    loads their weights once (`TvmBackend`)."""
+    arrays); other bf16 tensors as numpy writes them (`|V2`, read back by `TvmBackend`). Returns the digest of what
+    was written (dtypes, shapes, bytes): artifacts of one bucket set share it, and the runtime loads their weights
+    once (`TvmBackend`).
+
+    Given `same_as` (another params file and its digest), the weights are packed and hashed first, without writing:
+    when the digest is the same, `path` becomes a hard link to that file (every SEQ of a TVM bucket set has the same
+    weights: one file on disk, hashed once per process at load, nothing written twice; 15 GB per SEQ at 8B). Else,
+    or on a filesystem without hard links, they are written."""
     import hashlib
     import zipfile
 
@@ -337,9 +346,10 @@ def write_params(path: Path, graph_dir: Path, weights: list, layouts: list[str])
 
     packers = {PLAIN: lambda a: [a], PANELS: lambda a: [panels(a)], BF16_PAIRS: lambda a: [pack_pairs(a)],
                INT8_QUADS: lambda a: list(pack_quads(a.astype(np.float32)))}
-    digest, written = hashlib.sha256(), 0
-    with zipfile.ZipFile(path, "w", allowZip64=True) as archive:
-        for weight, layout in tqdm(list(zip(weights, layouts)), desc="writing weights", unit="tensor", leave=False):
+
+    def packed(digest, desc: str):
+        """Each array to store, in order, with `digest` updated for it."""
+        for weight, layout in tqdm(list(zip(weights, layouts)), desc=desc, unit="tensor", leave=False):
             if isinstance(weight, np.ndarray):
                 array = weight
             else:
@@ -349,7 +359,22 @@ def write_params(path: Path, graph_dir: Path, weights: list, layouts: list[str])
             for array in packers[layout](array):
                 digest.update(f"{array.dtype.str}{array.shape}".encode())
                 digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # bytes of any dtype, bf16 too
-                with archive.open(f"arr_{written}.npy", "w", force_zip64=True) as entry:
-                    np.lib.format.write_array(entry, array)
-                written += 1
+                yield array
+
+    if same_as:
+        source, expected = same_as
+        digest = hashlib.sha256()
+        for _ in packed(digest, "comparing weights"):
+            pass
+        if digest.hexdigest() == expected:
+            try:
+                os.link(source, path)
+                return expected
+            except OSError:  # no hard links here: write a copy
+                pass
+    digest = hashlib.sha256()
+    with zipfile.ZipFile(path, "w", allowZip64=True) as archive:
+        for written, array in enumerate(packed(digest, "writing weights")):
+            with archive.open(f"arr_{written}.npy", "w", force_zip64=True) as entry:
+                np.lib.format.write_array(entry, array)
     return digest.hexdigest()
