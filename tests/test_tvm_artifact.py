@@ -40,7 +40,7 @@ def test_every_primfunc_gets_a_schedule(checkpoints, tmp_path):
 
     model = Qwen3ForDeployment.from_pretrained(checkpoints["reranker"], "yes_no_logits", TORCH_DTYPES["fp16"])
     export_onnx(model, TASKS["reranker"], tmp_path / "m.onnx", 16, 1)
-    graph = import_onnx(tmp_path / "m.onnx")
+    graph = import_onnx(tmp_path / "m.onnx", 1, 16)
     lowered, packed = lower(graph.mod, tvm.target.Target(host_target()))
     assert unscheduled(lowered) == []
     # every linear layer's weight (4 per decoder layer) is taken as fp16 panels, cast inside its matmul: nothing
@@ -77,7 +77,7 @@ def test_every_scheduled_kernel_matches_its_unscheduled_twin(tmp_path, task):
     for p in model.parameters():
         p.data.normal_(0, 0.05)
     export_onnx(model.half(), task, tmp_path / "m.onnx", 64, 1)
-    mod = import_onnx(tmp_path / "m.onnx").mod
+    mod = import_onnx(tmp_path / "m.onnx", 1, 64).mod
     target = tvm.target.Target(host_target())
     (scheduled, _), (plain, _) = lower(mod, target), lower(mod, target, schedule=False)
     rng = np.random.default_rng(0)
@@ -154,20 +154,29 @@ def test_fp32_tvm_artifact_packs_its_weights_and_matches_hf(checkpoints, tmp_pat
 def test_params_become_a_link_only_to_the_same_weights(tmp_path):
     """A later SEQ's weights are packed and compared, not written, when they match the first's digest; other weights
     are written."""
+    import onnx
+    from onnx import helper, numpy_helper
+
     from toolkit.tvm_compile import PLAIN, write_params
 
-    weights = [np.arange(12, dtype=np.float16).reshape(3, 4), np.ones(5, np.float32)]
+    def exported(name, arrays):  # weights as an export holds them: initializers in an external data file
+        graph = helper.make_graph([], "g", [], [], [numpy_helper.from_array(a, f"w{i}") for i, a in enumerate(arrays)])
+        onnx.save(helper.make_model(graph), str(tmp_path / f"{name}.onnx"), save_as_external_data=True,
+                  location=f"{name}.data", size_threshold=0)
+        return list(onnx.load(str(tmp_path / f"{name}.onnx"), load_external_data=False).graph.initializer)
+
+    arrays = [np.arange(12, dtype=np.float16).reshape(3, 4), np.ones(5, np.float32)]
+    weights, other = exported("same", arrays), exported("other", [arrays[0], np.zeros(5, np.float32)])
     digest = write_params(tmp_path / "first.npz", tmp_path, weights, [PLAIN, PLAIN])
     same = write_params(tmp_path / "same.npz", tmp_path, weights, [PLAIN, PLAIN], (tmp_path / "first.npz", digest))
     assert same == digest and (tmp_path / "same.npz").stat().st_ino == (tmp_path / "first.npz").stat().st_ino
-    other = [weights[0], np.zeros(5, np.float32)]
     changed = write_params(tmp_path / "other.npz", tmp_path, other, [PLAIN, PLAIN], (tmp_path / "first.npz", digest))
     assert changed != digest and (tmp_path / "other.npz").stat().st_nlink == 1
     with np.load(tmp_path / "other.npz") as stored:
-        assert [stored[k].tolist() for k in stored.files] == [a.tolist() for a in other]
+        assert [stored[k].tolist() for k in stored.files] == [arrays[0].tolist(), [0.0] * 5]
 
 
-def test_a_bucket_sets_artifacts_share_one_copy_of_their_weights(checkpoints, tvm_artifacts, tmp_path):
+def test_a_bucket_sets_artifacts_share_one_copy_of_their_weights(outlier_checkpoints, tvm_artifacts, tmp_path):
     """Every SEQ of a set is compiled from the same weights: one file on disk (hard links), which the runtime loads
     once, for as long as any of the set's backends is open; each artifact still computes what it computes alone."""
     import gc
@@ -176,12 +185,14 @@ def test_a_bucket_sets_artifacts_share_one_copy_of_their_weights(checkpoints, tv
     from toolkit.config import BuildConfig
     from toolkit.tvm_backend import _loaded
 
-    cfg = BuildConfig(name="set", task="embedding", checkpoint=str(checkpoints["embedding"]), seq_lens=(16, 32),
+    # other weights than the tiny checkpoints' (whose embedding and reranker share their backbone: one seed)
+    cfg = BuildConfig(name="set", task="embedding", checkpoint=str(outlier_checkpoints["embedding"]), seq_lens=(16, 32),
                       backends=("tvm",), workspace=tmp_path)
     short, long = (Manifest.load(a) for a in compile_config(cfg, log=lambda m: None))
     assert short.backend_details["params_sha256"] == long.backend_details["params_sha256"]
     params = [m.path / m.backend_details["params_file"] for m in (short, long)]
     assert params[0].stat().st_ino == params[1].stat().st_ino and params[0].stat().st_nlink == 2
+    assert sorted(p.name for p in short.path.parent.iterdir()) == ["seq16", "seq32"]  # the one export: removed
     ids = np.random.default_rng(2).integers(0, 151643, (short.batch, 16))
     alone = open_artifact(short.path).run(ids, np.ones_like(ids))
     gc.collect()

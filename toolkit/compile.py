@@ -111,6 +111,8 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
     finally:
         for artifact in staged:  # installed ones were moved away; what is left is a failed or interrupted build
             shutil.rmtree(artifact.staging, ignore_errors=True)
+            if artifact.backend == "tvm" and artifact.graph:  # the build's one TVM export
+                shutil.rmtree(artifact.graph.parent, ignore_errors=True)
         for set_dir in {artifact.final.parent for artifact in staged}:
             prune_graphs(set_dir)
 
@@ -131,30 +133,37 @@ def artifact_dir(cfg: BuildConfig, backend: str, seq_len: int) -> Path:
 
 def stage_export(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model, log,
                  first: StagedArtifact | None = None) -> StagedArtifact:
-    """Export `model` for (backend, seq) into a new staging directory. ONNX graphs get symbolic batch and sequence
-    axes (ONNX Runtime takes any shape: a partial batch computes no padding rows), so they are exported once per
-    build: given the backend's first artifact (`first`), this one points at that artifact's model files once they
-    are written (folded or quantized too, and shared: `share_graph`), and the runtime opens one session for both
-    (backends.py). TVM
-    artifacts get static shapes (our schedules are built for them). A graph that is not the artifact's model file
-    (TVM's input, int8's fp16 graph) goes into `graph/`, removed once it is used."""
+    """Export `model` for (backend, seq) into a new staging directory. Graphs get symbolic batch and sequence axes,
+    so each backend exports once per build; given the backend's first artifact (`first`), this one exports nothing:
+    - ONNX (ONNX Runtime takes any shape: a partial batch computes no padding rows): it points at the first's model
+      files once they are written (folded or quantized too, and shared: `share_graph`), and the runtime opens one
+      session for both (backends.py);
+    - TVM: it is compiled from the first's graph at its own static shape (our schedules are built for static
+      shapes), which lies in a dot-prefixed `.export-*` directory beside the set until the build ends.
+    A graph that is not the artifact's model file (int8's fp16 graph) goes into `graph/`, removed once it is used."""
     final = artifact_dir(cfg, backend, seq_len)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; an installed artifact is readable like any compile output
     batch = cfg.batch_for(seq_len)
-    if first and backend == "onnx":
+    if first:
         exported = OnnxExport(first.exported.model_file, *io_specs(task, seq_len, batch, model.shape.hidden_size))
-        return StagedArtifact(backend, seq_len, final, staging, None, exported, 0.0, first)
+        return StagedArtifact(backend, seq_len, final, staging, first.graph if backend == "tvm" else None, exported,
+                              0.0, first)
     started = time.perf_counter()
-    graph_dir = staging if backend == "onnx" and cfg.dtype != "int8" else staging / "graph"
+    if backend == "tvm":
+        graph_dir = Path(tempfile.mkdtemp(prefix=".export-", dir=final.parent))
+    else:
+        graph_dir = staging if cfg.dtype != "int8" else staging / "graph"
     try:
         graph_dir.mkdir(exist_ok=True)
-        exported = export_onnx(model, task, graph_dir / "model.onnx", seq_len, batch, dynamic=backend == "onnx")
+        exported = export_onnx(model, task, graph_dir / "model.onnx", seq_len, batch)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if backend == "tvm":
+            shutil.rmtree(graph_dir, ignore_errors=True)
         raise
-    log(f"exported {backend} seq {seq_len} ({time.perf_counter() - started:.0f} s)")
+    log(f"exported {backend} ({time.perf_counter() - started:.0f} s)")
     return StagedArtifact(backend, seq_len, final, staging, graph_dir / "model.onnx", exported,
                           time.perf_counter() - started, first)
 
@@ -221,8 +230,8 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
             first = Manifest.load(artifact.first.final, verify=False).backend_details
             same_params = (artifact.first.final / first["params_file"], first["params_sha256"])
         with peaks.stage("tvm"):
-            built = compile_tvm(artifact.graph, out, cfg.target, log=log,
-                                int8_layers=plan.int8_layers() if plan else (), same_params=same_params)
+            built = compile_tvm(artifact.graph, out, cfg.target, cfg.batch_for(artifact.seq_len), artifact.seq_len,
+                                log=log, int8_layers=plan.int8_layers() if plan else (), same_params=same_params)
         model_file, target = built.model_file, Target(cfg.target, built.tvm_target)
         details = {"params_file": built.params_file, "params_sha256": built.params_sha256, "primfuncs": built.primfuncs,
                    "unscheduled": built.unscheduled, "compile_seconds": built.compile_seconds}

@@ -1,5 +1,5 @@
-"""Patched model → ONNX: with static axes at a fixed [batch, SEQ] (TVM's input), or with symbolic batch and sequence
-axes (the onnx backend's artifacts: one graph serves every SEQ of a bucket set); fp16 weights kept fp16 in the file;
+"""Patched model → ONNX, with symbolic batch and sequence axes (one export serves every SEQ of a bucket set: ONNX
+Runtime runs it as it is, TVM compiles it at each SEQ's static shape); fp16 weights kept fp16 in the file;
 fp32 graphs folded so the ONNX ecosystem's stock tools (quantize_dynamic, the transformer optimizer, onnxsim) find
 their weights."""
 from __future__ import annotations
@@ -35,11 +35,12 @@ def io_specs(task, seq_len: int, batch: int, hidden_size: int) -> tuple[list[Ten
             [TensorSpec(**task.output_spec(batch, hidden_size))])
 
 
-def export_onnx(model, task, path: Path, seq_len: int, batch: int, dynamic: bool = False) -> OnnxExport:
-    """Export `model` (a Qwen3ForDeployment for `task`) to `path` and check it. With `dynamic` the batch and sequence
-    axes are symbolic: the graph runs any `[rows, seq]`, so a partial batch computes no padding rows and every SEQ of
-    a bucket set can share one graph (`batch` and `seq_len` are then the shape it is served at). Measured on the 0.6B
-    shape: the symbolic graph runs as fast as a fixed-SEQ one (`[4, 64]`, ONNX Runtime) with identical outputs.
+def export_onnx(model, task, path: Path, seq_len: int, batch: int) -> OnnxExport:
+    """Export `model` (a Qwen3ForDeployment for `task`) to `path` and check it. The batch and sequence axes are
+    symbolic: the graph runs any `[rows, seq]`, so a partial batch computes no padding rows on ONNX Runtime, and every
+    SEQ of a bucket set comes from one export (`batch` and `seq_len` are the shape this artifact is served at; TVM
+    compiles the graph at that static shape). Measured on the 0.6B shape: the symbolic graph runs as fast as a
+    fixed-SEQ one (`[4, 64]`, ONNX Runtime) with identical outputs.
 
     Weights always go to `model.onnx.data` beside the graph: saved that way each tensor is streamed to the file, where
     an embedded protobuf is first built whole in memory (measured on the 0.6B shape: export peak 5.1 GB → 1.6 GB).
@@ -51,7 +52,7 @@ def export_onnx(model, task, path: Path, seq_len: int, batch: int, dynamic: bool
     inputs, outputs = io_specs(task, seq_len, batch, model.shape.hidden_size)
     # distinct example sizes: torch.export would otherwise take equal batch and SEQ for one symbol
     example_rows = 2 if seq_len != 2 else 3
-    ids = torch.zeros(example_rows if dynamic else batch, seq_len, dtype=torch.int64)
+    ids = torch.zeros(example_rows, seq_len, dtype=torch.int64)
     mask = torch.ones_like(ids)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # torchvision-missing notices are noise here
     with warnings.catch_warnings(), torch.no_grad():
@@ -61,7 +62,7 @@ def export_onnx(model, task, path: Path, seq_len: int, batch: int, dynamic: bool
         program = torch.onnx.export(model, (ids, mask), dynamo=True, optimize=False, verbose=False,
                                     opset_version=ONNX_OPSET, input_names=list(INPUT_NAMES),
                                     output_names=[o.name for o in outputs], external_data=True,
-                                    dynamic_shapes={name: axes for name in INPUT_NAMES} if dynamic else None)
+                                    dynamic_shapes={name: axes for name in INPUT_NAMES})
     program.save(str(path), external_data=True)
     onnx.checker.check_model(str(path), full_check=True)  # path-based: works above 2 GiB; full_check infers shapes
     return OnnxExport(model_file=path.name, inputs=inputs, outputs=outputs)

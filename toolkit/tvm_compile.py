@@ -4,8 +4,9 @@ Why import from the ONNX export rather than torch.export: it is the very graph O
 backends run the same patched model, and Relax's ONNX frontend takes it without custom converters (torch.export's
 Relax frontend needs every aten op of the exporter's decompositions to be mapped).
 
-Flow: from_onnx without the weights' bytes (they stay function inputs) → on CPU, linear weights taken as packed
-fp16 panels (`pack_linear_weights`) → LegalizeOps → FuseOps/FuseTIR → each panel's cast fused into its matmul
+Flow: the symbolic export made static at the artifact's `[batch, SEQ]` and its shape arithmetic folded
+(`import_onnx`) → from_onnx without the weights' bytes (they stay function inputs) → on CPU, linear weights taken as
+packed fp16 panels (`pack_linear_weights`) → LegalizeOps → FuseOps/FuseTIR → each panel's cast fused into its matmul
 (`fuse_weight_casts`) → LiftTransformParams (what is left to do once at load, e.g. the fp32 copies dlight's GPU
 rules read) → schedules (our CPU rules, or dlight's GPU rules) → build. The artifact holds `model.so` and
 `params.npz`, fp16 as exported, written tensor by tensor from the export's external data; on CPU they are the
@@ -55,35 +56,57 @@ def normalize_constants(model) -> None:
 
 @dataclass(frozen=True)
 class ImportedGraph:
-    """The Relax module (`main` takes input_ids, attention_mask, *weights) and, for each weight input in order, its
-    source: the ONNX initializer whose bytes stay in the export's external data file, or a small inline array."""
+    """The Relax module (`main` takes input_ids, attention_mask, *weights) and, for each weight input in order, the
+    ONNX initializer whose bytes stay in the export's external data file."""
 
     mod: tvm.IRModule
     weights: list
 
 
-def import_onnx(onnx_path: Path) -> ImportedGraph:
-    """Import the export without reading its external data: those weights become inputs of `main` (never Relax
-    constants, of which the importer would hold two more copies), so importing a 4B graph takes megabytes."""
+def import_onnx(onnx_path: Path, batch: int, seq_len: int) -> ImportedGraph:
+    """Import the export (symbolic batch and sequence axes, as the onnx backend's artifacts have) at `[batch,
+    seq_len]`, without reading its external data: those weights become inputs of `main` (never Relax constants, of
+    which the importer would hold two more copies), so importing a 4B graph takes megabytes.
+
+    Relax's importer cannot take the exporter's shape arithmetic (Shape → Gather → Concat → Reshape: "Reshape
+    expects the input data to be a Tensor"), so the graph is first made static and its constants folded by onnxscript
+    (the weights, graph inputs by then, are not folded: their fp16 casts stay). The int64 constants folding makes go
+    back in as `Constant` nodes, as do the small tensors it precomputes for this shape (RoPE tables, the causal mask):
+    the importer reads a Constant's value but makes an initializer a parameter, and then a GQA `Expand` would get a
+    shape known only at run time, and the parameters (the weights file every SEQ of a set shares) would differ per
+    SEQ."""
     import onnx
+    import onnx_ir as ir
+    import onnxscript
     from onnx import helper
-    from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
+    static = {"batch": batch, "seq": seq_len}
+    for value in [*model.graph.input, *model.graph.output]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in static:
+                dim.dim_value = static[dim.dim_param]  # clears dim_param (one of)
+    del model.graph.value_info[:]  # symbolic shapes: inferred again, statically
     normalize_constants(model)
     external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     inline = [t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
     del model.graph.initializer[:]
-    model.graph.initializer.extend(inline)
+    model.graph.initializer.extend(inline)  # small tensors: folded with the rest, then constants of the module
     model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in external)
-    # the importer puts graph inputs first, then the inline initializers as parameters
+    folded = ir.from_proto(model)
+    onnxscript.optimizer.fold_constants(folded)  # 2 s at 0.6B (its full `optimize`: 37 s, per SEQ)
+    onnxscript.optimizer.remove_unused_nodes(folded)
+    model = ir.to_proto(folded)
+    folded_constants = list(model.graph.initializer)
+    del model.graph.initializer[:]
+    for tensor in reversed(folded_constants):
+        model.graph.node.insert(0, helper.make_node("Constant", [], [tensor.name], value=tensor))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Renaming name")  # "a.b.weight" → "a_b_weight", once per weight input
-        mod = from_onnx(model, keep_params_in_input=True)
-    mod, params = relax.frontend.detach_params(mod)
+        mod = from_onnx(model)
     mod["main"] = mod["main"].with_attr("num_input", len(model.graph.input) - len(external))
-    return ImportedGraph(mod, external + [p.numpy() for p in params.get("main", [])])
+    return ImportedGraph(mod, external)
 
 
 def weight_inputs(mod) -> list:
@@ -288,12 +311,12 @@ class TvmBuild:
     compile_seconds: float
 
 
-def compile_tvm(onnx_path: Path, out_dir: Path, device: str, log=print, int8_layers=(),
+def compile_tvm(onnx_path: Path, out_dir: Path, device: str, batch: int, seq_len: int, log=print, int8_layers=(),
                 same_params: tuple[Path, str] | None = None) -> TvmBuild:
-    """Compile the exported ONNX graph into `out_dir` (`model.so` + `params.npz`); the linear layers named in
-    `int8_layers` (module names, `layers.3.mlp.down_proj`) run W8A8 on VNNI. `same_params`: another artifact's params
-    file and its digest (a bucket set's first SEQ), which `params.npz` becomes a hard link to when this one's weights
-    are the same (`write_params`)."""
+    """Compile the exported ONNX graph at `[batch, seq_len]` into `out_dir` (`model.so` + `params.npz`); the linear
+    layers named in `int8_layers` (module names, `layers.3.mlp.down_proj`) run W8A8 on VNNI. `same_params`: another
+    artifact's params file and its digest (a bucket set's first SEQ), which `params.npz` becomes a hard link to when
+    this one's weights are the same (`write_params`)."""
     from tvm import relax
 
     from toolkit.tvm_schedules import unscheduled
@@ -301,10 +324,10 @@ def compile_tvm(onnx_path: Path, out_dir: Path, device: str, log=print, int8_lay
     target_spec = host_target() if device == "cpu" else cuda_target()
     target = tvm.target.Target(target_spec)
     started = time.perf_counter()
-    graph = import_onnx(onnx_path)
+    graph = import_onnx(onnx_path, batch, seq_len)
     int8_layers = set(int8_layers)
     int8 = frozenset(i for i, w in enumerate(graph.weights)
-                     if not isinstance(w, np.ndarray) and w.name.removesuffix(".weight") in int8_layers)
+                     if w.name.removesuffix(".weight") in int8_layers)
     mod, layouts = lower(graph.mod, target, int8=int8)
     missing = unscheduled(mod)
     if missing:
@@ -320,11 +343,11 @@ def compile_tvm(onnx_path: Path, out_dir: Path, device: str, log=print, int8_lay
 
 def write_params(path: Path, graph_dir: Path, weights: list, layouts: list[str],
                  same_as: tuple[Path, str] | None = None) -> str:
-    """`main`'s weights in order, as `np.savez` lays them out (`arr_0.npy`, ...), written one tensor at a time
-    straight from the export's external data, in their `layouts` (`pack_linear_weights`; an int8 weight is two
-    arrays); other bf16 tensors as numpy writes them (`|V2`, read back by `TvmBackend`). Returns the digest of what
-    was written (dtypes, shapes, bytes): artifacts of one bucket set share it, and the runtime loads their weights
-    once (`TvmBackend`).
+    """`main`'s weights (external ONNX initializers, in `graph_dir`'s data file) in order, as `np.savez` lays them out
+    (`arr_0.npy`, ...), written one tensor at a time straight from the export's external data, in their `layouts`
+    (`pack_linear_weights`; an int8 weight is two arrays); other bf16 tensors as numpy writes them (`|V2`, read back
+    by `TvmBackend`). Returns the digest of what was written (dtypes, shapes, bytes): artifacts of one bucket set
+    share it, and the runtime loads their weights once (`TvmBackend`).
 
     Given `same_as` (another params file and its digest), the weights are packed and hashed first, without writing:
     when the digest is the same, `path` becomes a hard link to that file (every SEQ of a TVM bucket set has the same
@@ -350,12 +373,9 @@ def write_params(path: Path, graph_dir: Path, weights: list, layouts: list[str],
     def packed(digest, desc: str):
         """Each array to store, in order, with `digest` updated for it."""
         for weight, layout in tqdm(list(zip(weights, layouts)), desc=desc, unit="tensor", leave=False):
-            if isinstance(weight, np.ndarray):
-                array = weight
-            else:
-                info = ExternalDataInfo(weight)
-                array = np.fromfile(graph_dir / info.location, dtype=tensor_dtype_to_np_dtype(weight.data_type),
-                                    count=int(np.prod(weight.dims)), offset=info.offset).reshape(weight.dims)
+            info = ExternalDataInfo(weight)
+            array = np.fromfile(graph_dir / info.location, dtype=tensor_dtype_to_np_dtype(weight.data_type),
+                                count=int(np.prod(weight.dims)), offset=info.offset).reshape(weight.dims)
             for array in packers[layout](array):
                 digest.update(f"{array.dtype.str}{array.shape}".encode())
                 digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # bytes of any dtype, bf16 too
