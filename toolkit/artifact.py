@@ -45,6 +45,12 @@ def sha256(path: Path) -> str:
     return _digests[key]
 
 
+def in_shared_graph(relative: str) -> bool:
+    """Whether a path of a manifest (`files` key, `model_file`) lies in its bucket set's shared graph directory
+    (`../graph-DIGEST/`, see compile.share_graph) rather than in the artifact's own directory."""
+    return relative.startswith("../")
+
+
 def tool_versions() -> dict:
     """Versions of the packages an artifact's behaviour depends on."""
     versions = {"python": platform.python_version()}
@@ -155,8 +161,7 @@ class Manifest:
     def file_paths(self, directory: Path) -> list[Path]:
         """The artifact's files: those in its directory and, where the model file lies in a bucket set's shared graph
         directory (`../graph-DIGEST/`), that directory's."""
-        model_dir = (directory / self.model_file).parent
-        shared = sorted(model_dir.iterdir()) if Path(self.model_file).parent != Path(".") else []
+        shared = sorted((directory / self.model_file).parent.iterdir()) if in_shared_graph(self.model_file) else []
         return [p for p in sorted(directory.rglob("*")) + shared if p.is_file() and p.name != MANIFEST]
 
     def check_fields(self) -> None:
@@ -175,7 +180,7 @@ class Manifest:
             p = self.path / rel
             if not p.is_file():
                 problems.append(f"{rel}: missing" + (" (a file of the bucket set's shared graph: copy or move the "
-                                                     "whole set directory, not one SEQ)" if rel.startswith("..")
+                                                     "whole set directory, not one SEQ)" if in_shared_graph(rel)
                                                      else ""))
             elif p.stat().st_size != info["bytes"]:
                 problems.append(f"{rel}: size {p.stat().st_size} != {info['bytes']}")

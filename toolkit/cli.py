@@ -128,6 +128,8 @@ def format_quantization(q: dict) -> str:
 
 def format_manifest(m) -> str:
     """The manifest as an aligned, readable summary."""
+    from toolkit.artifact import in_shared_graph
+
     io = lambda specs: ", ".join(f"{s.name} {s.dtype}{s.shape}" for s in specs)  # noqa: E731
     v = m.validation or {}
     target = m.target.device + (f" ({json.dumps(m.target.tvm_target)})" if m.target.tvm_target else "")
@@ -138,7 +140,7 @@ def format_manifest(m) -> str:
         f"backend     {m.backend}  target {target}",
         f"shape       batch {m.batch}{f' (any 1..{m.batch} rows)' if m.dynamic_batch and m.batch > 1 else ''} x seq "
         f"{m.seq_len}   dtype {m.dtype}",
-        f"model file  {m.model_file}" + (" (the bucket set's shared graph)" if m.model_file.startswith("..") else ""),
+        f"model file  {m.model_file}" + (" (the bucket set's shared graph)" if in_shared_graph(m.model_file) else ""),
         "precision   " + "; ".join(f"{k}: {m.precision[k]}" for k in ("weights", "compute", "accumulation")),
         *(["int8        " + format_quantization(m.precision["quantization"])] if "quantization" in m.precision else []),
         f"inputs      {io(m.inputs)}",
