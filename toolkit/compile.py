@@ -253,9 +253,9 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
 def share_graph(out: Path, model_file: str) -> str:
     """Move the ONNX model files out of `out` (a staging artifact) into its set's graph directory, named by their
     digest, which every SEQ of the build points at; returns the model file's path relative to `out`. One copy on disk,
-    hashed once per process at load, where a copy per SEQ took 1.2 GB each at 0.6B, 16 GB at 8B (ONNX Runtime and the
-    onnx package refuse external data that is a hard or symbolic link, or lies outside the model file's directory:
-    the graph and its data move together)."""
+    hashed once per process at load, where a copy per SEQ took 1.2 GB each at 0.6B, 16 GB at 8B (the onnx package
+    refuses external data that is a hard or symbolic link or lies outside the model file's directory, and ONNX Runtime
+    the last two: the graph and its data move together)."""
     set_dir, names = out.parent, (model_file, f"{model_file}.data")
     moving = Path(tempfile.mkdtemp(prefix=".graph-staging-", dir=set_dir))
     moving.chmod(0o755)
