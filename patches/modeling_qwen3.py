@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -183,6 +185,8 @@ class Qwen3ForDeployment(nn.Module):
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.shape, self.head, self.insert_slice = shape, head, insert_slice
+        self.weights: PatchedWeights | None = None  # where `from_pretrained` reads the parameters from
+        self.fakes: dict[str, torch.Tensor] = {}  # a streamed model's parameters when not resident
         self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(shape) for _ in range(shape.num_hidden_layers))
@@ -225,42 +229,111 @@ class Qwen3ForDeployment(nn.Module):
     # ---- loading ---------------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, head: str, dtype: torch.dtype = torch.float32,
-                        insert_slice: bool = True) -> "Qwen3ForDeployment":
+                        insert_slice: bool = True, stream: bool = False) -> "Qwen3ForDeployment":
         """Build from a local Hugging Face Qwen3 checkpoint directory (config.json + *.safetensors, one or sharded).
 
-        Lean: the module is built on the meta device and each tensor is read on demand (`CheckpointTensors`) straight
-        into `dtype`, so the peak is the finished model plus one fused group, never a second full copy in another
-        dtype."""
-        from toolkit.checkpoint import CheckpointTensors
+        The module is built on the meta device and each tensor is read on demand (`PatchedWeights`) straight into
+        `dtype`, never as a second full copy in another dtype. With `stream`, nothing is read: the parameters are fake
+        tensors (shape and dtype only), enough to export the graph (`export.export_onnx` then writes each weight from
+        `model.weights` as it saves it), and `resident(...)` reads a part of the model for a block (calibration runs
+        one decoder layer at a time): the model never holds its weights whole."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
 
         checkpoint_dir = Path(checkpoint_dir)
         hf_config = json.loads((checkpoint_dir / "config.json").read_text())
         with torch.device("meta"):
             model = cls(Qwen3Shape.from_hf_config(hf_config), head, insert_slice)
-        tensors = CheckpointTensors(checkpoint_dir, bool(hf_config.get("tie_word_embeddings")))
-        state = tensors.load([name for name in tensors.where if name != "lm_head.weight"], dtype=dtype)
-        if head == "yes_no_logits":
-            # lm_head is tied to embed_tokens in 0.6B/4B (absent from the file) and separate in 8B.
-            vocab = "lm_head.weight" if "lm_head.weight" in tensors.where else "embed_tokens.weight"
-            state["yes_no_head"] = tensors.load([vocab], [NO_TOKEN_ID, YES_TOKEN_ID], dtype)[vocab]
-        fuse_projections(state, model.shape.num_hidden_layers)
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        model.weights = PatchedWeights(checkpoint_dir, hf_config, model, dtype)
+        names = [name for name, _ in model.named_parameters()]
+        if stream:
+            with FakeTensorMode(allow_non_fake_inputs=True):
+                model.fakes = {name: torch.empty(p.shape, dtype=dtype) for name, p in model.named_parameters()}
+            model.load_state_dict(model.fakes, assign=True)
+        else:
+            model.load_state_dict(model.weights.load(names), assign=True)
+        return model.eval()
+
+    @contextmanager
+    def resident(self, *prefixes: str):
+        """Within the block, the parameters named `prefix...` of a streamed model hold their weights, read from the
+        checkpoint (with the weights' adjustments: `PatchedWeights.adjust`); the embedding table reads only the rows a
+        batch uses (a gather: the same values). Dropped after the block. A model in memory is left as it is."""
+        from toolkit.checkpoint import embedding_lookup
+        from toolkit.memory import return_freed_memory
+
+        if not self.fakes:
+            yield
+            return
+        names = [name for name in self.fakes if name.startswith(prefixes) and name != "embed_tokens.weight"]
+        if "embed_tokens." in prefixes:
+            self.embed_tokens.forward = partial(embedding_lookup, self.weights, "embed_tokens.weight")
+        self.load_state_dict(self.weights.load(names), strict=False, assign=True)
+        try:
+            yield
+        finally:
+            self.load_state_dict({name: self.fakes[name] for name in names}, strict=False, assign=True)
+            self.embed_tokens.__dict__.pop("forward", None)  # the class's lookup again
+            # a layer's tensors are a few MiB each, on the heap: untrimmed, their holes stay resident
+            return_freed_memory()
+
+
+class PatchedWeights:
+    """The patched model's parameters, read from a Hugging Face checkpoint on demand, each in the model's dtype: q/k/v
+    and gate/up concatenated into the fused projections, the reranker's head as the "no"/"yes" rows of the (tied)
+    lm_head (separate in 8B). `adjust` registers a transform of a parameter (SmoothQuant's factors, folded into the
+    weights) applied on every later read: a layer read again, and the weights an export writes, are the adjusted
+    ones."""
+
+    def __init__(self, checkpoint_dir: Path, hf_config: dict, model: "Qwen3ForDeployment", dtype: torch.dtype):
+        from toolkit.checkpoint import CheckpointTensors
+
+        self.dtype = dtype
+        self.tensors = CheckpointTensors(checkpoint_dir, bool(hf_config.get("tie_word_embeddings")))
+        self.adjustments: dict[str, list] = {}
+        self.sources = {name: self._sources(name) for name, _ in model.named_parameters()}
+        used = {source for sources, _ in self.sources.values() for source in sources}
+        unexpected = [name for name in self.tensors.where if name not in used and name != "lm_head.weight"]
+        missing = [source for sources, _ in self.sources.values() for source in sources
+                   if self.tensors.source(source) not in self.tensors.where]
         if missing or unexpected:
             raise ToolkitError(f"checkpoint {checkpoint_dir} does not match Qwen3: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        return model.eval()
+                               f"unexpected {unexpected[:5]}")
+        for name, param in model.named_parameters():
+            sources, taken = self.sources[name]
+            shapes = [self.tensors.shapes[self.tensors.source(source)] for source in sources]
+            rows = len(taken) if taken else sum(shape[0] for shape in shapes)
+            if any(shape[1:] != shapes[0][1:] for shape in shapes) or (rows, *shapes[0][1:]) != tuple(param.shape):
+                raise ToolkitError(f"{checkpoint_dir}: tensors {sources} are {[list(s) for s in shapes]}, its "
+                                   f"config.json makes {name!r} {list(param.shape)}; the weights and config.json do "
+                                   "not belong together")
+
+    def _sources(self, name: str) -> tuple[list[str], list[int] | None]:
+        """The checkpoint tensors parameter `name` is made of (concatenated), and the rows taken (None: all)."""
+        if name == "yes_no_head":
+            vocab = "lm_head.weight" if "lm_head.weight" in self.tensors.where else "embed_tokens.weight"
+            return [vocab], [NO_TOKEN_ID, YES_TOKEN_ID]
+        for fused, parts in FUSED_PROJECTIONS.items():
+            prefix, dot, kind = name.rpartition(f"{fused}.")
+            if dot:
+                return [f"{prefix}{part}.{kind}" for part in parts], None
+        return [name], None
+
+    def load(self, names: list[str], rows: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """The named parameters (or the given rows of each, for a lookup), adjusted."""
+        out = {}
+        for name in names:
+            sources, taken = self.sources[name]
+            parts = self.tensors.load(sources, rows if rows is not None else taken, self.dtype)
+            tensor = parts[sources[0]] if len(sources) == 1 else torch.cat([parts[s] for s in sources])
+            for adjust in self.adjustments.get(name, ()):
+                tensor = adjust(tensor)
+            out[name] = tensor
+        return out
+
+    def adjust(self, name: str, transform) -> None:
+        """Apply `transform` (a tensor → the same shape and dtype) to parameter `name` on every read from now on."""
+        self.adjustments.setdefault(name, []).append(transform)
 
 
 FUSED_PROJECTIONS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                      "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
-
-
-def fuse_projections(state: dict, layers: int) -> None:
-    """Concatenate Hugging Face's q/k/v and gate/up weights (in place) into the fused projections: one GEMM per group
-    reads (and, in int8, quantizes) its input once instead of three or two times."""
-    for i in range(layers):
-        for fused, parts in FUSED_PROJECTIONS.items():
-            for kind in ("weight", "bias"):
-                keys = [f"layers.{i}.{part}.{kind}" for part in parts]
-                if all(k in state for k in keys):
-                    state[f"layers.{i}.{fused}.{kind}"] = torch.cat([state.pop(k) for k in keys])

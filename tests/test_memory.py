@@ -73,6 +73,23 @@ def test_compile_writes_the_peak_of_every_stage_and_keeps_weights_beside_the_gra
     assert not (manifest.path / "graph").exists()
 
 
+def test_validation_runs_the_reference_before_it_loads_the_artifact(onnx_artifacts, checkpoints, tokenizers,
+                                                                   monkeypatch):
+    # the reference and the artifact are never resident together: validation's peak is the larger of the two
+    import toolkit.validation as validation
+    from toolkit.backends import LayerwiseReference
+    from toolkit.tasks import TASKS
+
+    events = []
+    reference = LayerwiseReference(checkpoints["embedding"], TASKS["embedding"])
+    run_reference, load = reference.run, validation.load_backend
+    monkeypatch.setattr(reference, "run", lambda *args: events.append("reference") or run_reference(*args))
+    monkeypatch.setattr(validation, "load_backend", lambda manifest: events.append("load") or load(manifest))
+    stats = validation.measure(Manifest.load(onnx_artifacts["embedding"][0]), reference, tokenizers["embedding"])
+    assert stats["passed"] and stats["min_cosine"] > 0.9999
+    assert events[-1] == "load" and set(events[:-1]) == {"reference"}
+
+
 def test_patched_model_reads_a_sharded_checkpoint_as_the_single_file(checkpoints, tmp_path):
     sharded = write_synthetic_checkpoint(tmp_path / "sharded", "reranker", "tiny", max_shard_bytes=60_000)
     assert len(list(sharded.glob("*.safetensors"))) >= 3
@@ -82,6 +99,25 @@ def test_patched_model_reads_a_sharded_checkpoint_as_the_single_file(checkpoints
     for name, tensor in single.state_dict().items():
         assert tensor.dtype == torch.float16 and tensor.device.type == "cpu", name
         assert torch.equal(tensor, split.state_dict()[name]), name
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_checkpoint_that_does_not_fit_its_config_is_refused_by_name(tmp_path, stream):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = write_synthetic_checkpoint(tmp_path / "ckpt", "embedding", "tiny")
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    with pytest.raises(ToolkitError, match=r"gate_up_proj.weight.*do not belong together"):
+        Qwen3ForDeployment.from_pretrained(checkpoint, "last_hidden", torch.float16, stream=stream)
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    tensors = load_file(checkpoint / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.endswith("layers.1.self_attn.k_proj.weight")},
+              checkpoint / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ToolkitError, match=r"does not match Qwen3: missing \['layers.1.self_attn.k_proj.weight'\]"):
+        Qwen3ForDeployment.from_pretrained(checkpoint, "last_hidden", torch.float16, stream=stream)
 
 
 def test_both_fp16_loads_give_the_same_outputs(onnx_artifacts, tokenizers):

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from toolkit.artifact import Manifest
 from toolkit.checkpoint import load_hf_model
@@ -120,7 +121,8 @@ def test_int8_config_errors_name_the_fix(checkpoints, tmp_path):
 
 
 def test_calibration_runs_the_rows_layer_by_layer_to_the_outputs_the_whole_model_gives(checkpoints, tokenizers):
-    # calibration takes every batch through one decoder layer before the next (each weight rounded once per pass)
+    # calibration takes every batch through one decoder layer before the next (each weight rounded once per pass),
+    # reading only that layer of a streamed model
     from contextlib import nullcontext
 
     from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
@@ -129,11 +131,19 @@ def test_calibration_runs_the_rows_layer_by_layer_to_the_outputs_the_whole_model
     from toolkit.tokenizer import ENDOFTEXT_ID
 
     task = TASKS["reranker"]
+    streamed = Qwen3ForDeployment.from_pretrained(checkpoints["reranker"], task.output_name, torch.float16, stream=True)
     model = Qwen3ForDeployment.from_pretrained(checkpoints["reranker"], task.output_name, torch.float16)
     rows = CalibrationSet.load().rows(task, tokenizers["reranker"], "calibration", 128)
     visited = []
-    layered = _Rows(model, rows).run("test", lambda prefix, layer, states: visited.append(prefix) or nullcontext())
+
+    def visit(prefix, layer, states):  # the layer run is resident; the others hold no weights
+        resident = [name for name, p in streamed.named_parameters() if not isinstance(p, FakeTensor)]
+        visited.append(prefix)
+        assert resident and all(name.startswith(prefix) for name in resident)
+        return nullcontext()
+    layered = _Rows(streamed, rows).run("test", visit)
     assert visited == [f"layers.{i}." for i in range(len(model.layers))]
+    assert all(isinstance(p, FakeTensor) for p in streamed.parameters())
     ordered, whole = sorted(rows, key=len), []
     with torch.no_grad():
         for start in range(0, len(ordered), CALIBRATION_BATCH):
@@ -141,6 +151,29 @@ def test_calibration_runs_the_rows_layer_by_layer_to_the_outputs_the_whole_model
             ids, mask = left_pad(chunk, max(map(len, chunk)), ENDOFTEXT_ID)
             whole.append(model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy())
     np.testing.assert_array_equal(layered, np.concatenate(whole))
+
+
+def test_a_streamed_model_calibrates_and_exports_what_the_whole_model_does(outlier_checkpoints, tmp_path):
+    # compile streams the model (one layer read at a time, weights written as the export saves them): the smoothing it
+    # folds in and the files it writes must be those of the whole model in memory
+    from toolkit.checkpoint import load_tokenizer
+    from toolkit.export import export_onnx
+    from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
+    from toolkit.quantize import TVM_INT8, plan_int8
+
+    task, checkpoint = TASKS["embedding"], outlier_checkpoints["embedding"]
+    plans, files = [], []
+    for stream in (False, True):
+        model = Qwen3ForDeployment.from_pretrained(checkpoint, task.output_name, torch.float16, stream=stream)
+        plans.append(plan_int8(model, task, load_tokenizer(checkpoint), CalibrationSet.load(), 64, TVM_INT8,
+                               smooth_alpha=0.5, max_linear_error=0.02, log=lambda line: None))
+        export_onnx(model, task, tmp_path / f"{stream}.onnx", 64, 2)
+        files.append((tmp_path / f"{stream}.onnx.data").read_bytes())
+    assert plans[0] == plans[1]
+    assert files[0] == files[1]
+    export_onnx(Qwen3ForDeployment.from_pretrained(checkpoint, task.output_name, torch.float16, stream=True), task,
+                tmp_path / "unsmoothed.onnx", 64, 2)
+    assert (tmp_path / "unsmoothed.onnx.data").read_bytes() != files[0]  # the smoothing is in what was written
 
 
 @pytest.mark.parametrize("budget_used, rounds", [([0.9, 0.85], 1), ([0.9, 0.6], 2)])

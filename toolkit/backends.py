@@ -17,7 +17,7 @@ import numpy as np
 from typing_extensions import override
 
 from toolkit.artifact import Manifest
-from toolkit.checkpoint import CheckpointTensors
+from toolkit.checkpoint import CheckpointTensors, embedding_lookup
 from toolkit.errors import ToolkitError
 from toolkit.memory import return_freed_memory
 from toolkit.tasks import Task
@@ -66,14 +66,6 @@ class TorchReference(Backend):
             return self.task.reference_forward(self.model, ids, mask)
 
 
-def _embedding_lookup(weights: CheckpointTensors, name: str, input_ids):
-    """nn.Embedding's forward reading only the rows the batch uses: a gather, so exactly the same values."""
-    import torch
-
-    ids, inverse = torch.unique(input_ids, return_inverse=True)
-    return weights.load([name], ids.tolist())[name][inverse]
-
-
 class LayerwiseReference(Backend):
     """The unpatched Hugging Face model in fp32 (any batch, any length) with one decoder layer's weights resident at a
     time: the same results as `TorchReference`, at a peak of about one layer instead of the whole model.
@@ -115,7 +107,7 @@ class LayerwiseReference(Backend):
         base.rotary_emb = type(base.rotary_emb)(self.model.config)
         self._load("norm.", base.norm, ())
         # an instance attribute wins over the class's forward: nn.Embedding's lookup, reading only the rows used
-        base.embed_tokens.forward = partial(_embedding_lookup, self.weights, "embed_tokens.weight")
+        base.embed_tokens.forward = partial(embedding_lookup, self.weights, "embed_tokens.weight")
         self.layers = list(base.layers)
         for i, layer in enumerate(self.layers):
             layer.register_forward_pre_hook(partial(self._load, f"layers.{i}."))

@@ -132,6 +132,15 @@ class CheckpointTensors:
         return out
 
 
+def embedding_lookup(weights, name: str, input_ids):
+    """nn.Embedding's forward reading only the rows the batch uses from `weights` (`CheckpointTensors`, or the
+    patched model's `PatchedWeights`): a gather, so exactly the same values."""
+    import torch
+
+    ids, inverse = torch.unique(input_ids, return_inverse=True)
+    return weights.load([name], ids.tolist())[name][inverse]
+
+
 def model_source(named: str, checkpoint_dir: Path) -> ModelSource:
     """What the manifest records about the checkpoint an artifact is built from."""
     cfg = read_hf_config(checkpoint_dir)

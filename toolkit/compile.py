@@ -8,9 +8,11 @@ staging directory beside its final place and moved there only once validation pa
 CUDA build made without a GPU): a failed or interrupted compile leaves nothing loadable, and the previous artifact at
 that place stays as it was.
 
-Memory: the patched model is needed only to export, so every graph is exported first and the model dropped before
-anything else runs (folding, quantizing, TVM, validation); the fp32 reference runs one layer at a time. The peak RSS
-of each stage goes into the manifest (`build.stage_peak_rss_mb`).
+Memory: the patched model is never held whole. It is streamed (`from_pretrained(stream=True)`): int8 calibration reads
+one decoder layer at a time from the checkpoint, and the export traces the model without its weights and writes each
+weight as it reads it. Every graph is exported before anything else runs (folding, quantizing, TVM, validation); the
+fp32 reference runs one layer at a time. The peak RSS of each stage goes into the manifest
+(`build.stage_peak_rss_mb`).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 
 from toolkit.artifact import MANIFEST, Manifest, ModelSource, Target, sha256
-from toolkit.backends import LayerwiseReference, device_available, load_backend
+from toolkit.backends import LayerwiseReference, device_available
 from toolkit.checkpoint import load_tokenizer, model_source, resolve_checkpoint
 from toolkit.config import BuildConfig
 from toolkit.errors import ToolkitError
@@ -86,7 +88,8 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
     peaks, staged = StagePeaks(), []
     try:
         with peaks.stage("load"):
-            model = Qwen3ForDeployment.from_pretrained(checkpoint, task.output_name, TORCH_DTYPES[cfg.dtype])
+            model = Qwen3ForDeployment.from_pretrained(checkpoint, task.output_name, TORCH_DTYPES[cfg.dtype],
+                                                       stream=True)
         plan, checks = None, None
         if cfg.dtype in ("bf16", "int8"):  # low precision is also validated on real texts (int8: never calibrated on)
             checks = CalibrationSet.load(cfg.calibration)
@@ -181,7 +184,7 @@ def finish_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, toke
     if device_available(artifact.backend, cfg.target):
         texts = holdout.rows(task, tokenizer, "holdout", artifact.seq_len) if holdout else []
         with peaks.stage("validate"):
-            manifest.validation = measure(load_backend(manifest), reference, tokenizer, cfg.dtype, texts)
+            manifest.validation = measure(manifest, reference, tokenizer, texts)
     else:
         manifest.validation = {"skipped": "no CUDA device on the build machine; run `toolkit validate "
                                           f"{final} --checkpoint CKPT` on the GPU host", "passed": None}

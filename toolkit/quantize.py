@@ -161,7 +161,8 @@ def int8_scheme(backends) -> Int8Scheme:
 
 class _Rows:
     """Calibration rows in batches of similar lengths, left-padded as the runtime pads them, run through the model one
-    decoder layer at a time: every batch through layer i, then through layer i+1. A layer's weights are then upcast
+    decoder layer at a time: every batch through layer i, then through layer i+1. Only that layer's weights are
+    resident (a streamed model reads them from the checkpoint for it: the model is never held whole); they are upcast
     and rounded once per pass instead of once per batch, and a layer can be changed (smoothed) between its statistics
     and its use. Holds every row's hidden states (fp32 rows x length x hidden: 40 MB at 0.6B, 150 MB at 8B)."""
 
@@ -169,7 +170,7 @@ class _Rows:
         self.model, self.count = model, len(rows)
         ordered = sorted(rows, key=len)
         self.inputs = []  # per batch: (embedded tokens, cos, sin, mask)
-        with torch.no_grad():
+        with torch.no_grad(), model.resident("embed_tokens."):
             for start in range(0, len(ordered), CALIBRATION_BATCH):
                 chunk = ordered[start:start + CALIBRATION_BATCH]
                 ids, mask = left_pad(chunk, max(map(len, chunk)), ENDOFTEXT_ID)
@@ -185,9 +186,9 @@ class _Rows:
         entered around each layer's run, `states` being that layer's inputs."""
         states = [x for x, *_ in self.inputs]
         for i, layer in enumerate(tqdm(self.model.layers, desc=desc, unit="layer", leave=False)):
-            with around_layer(f"layers.{i}.", layer, states):
+            with self.model.resident(f"layers.{i}."), around_layer(f"layers.{i}.", layer, states):
                 states = self.through(layer, states)
-        with torch.no_grad():
+        with torch.no_grad(), self.model.resident("norm.", "yes_no_head"):
             return np.concatenate([self.model.finish(x).float().numpy() for x in states])
 
 
@@ -247,23 +248,36 @@ def _fake_quantized(prefix: str, layer, names: set[str], scheme: Int8Scheme):
             del module.forward  # the class's forward again
 
 
-def smooth(prefix: str, layer, absmax: dict[str, torch.Tensor], alpha: float) -> None:
-    """SmoothQuant on one decoder layer (named `prefix`), folded into its weights in place (computed in fp32, stored
-    in the weights' dtype); the layer's function is unchanged but for that storage's rounding."""
+def smooth(prefix: str, layer, absmax: dict[str, torch.Tensor], alpha: float, weights) -> None:
+    """SmoothQuant on one resident decoder layer (named `prefix`): its factors folded into its weights (computed in
+    fp32, stored in the weights' dtype), in place and as adjustments of `weights` (`PatchedWeights`), so every later
+    read of the layer, and the export, is smoothed. The layer's function is unchanged but for that storage's
+    rounding."""
     def factor(x_max: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         w_max = weight.float().abs().amax(dim=0).clamp(min=1e-5)
         return (x_max.clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
 
+    def divided(s, first_row=0):  # rows from `first_row` on, each divided by its s (a norm's weight: one row)
+        return lambda w: torch.cat([w[:first_row], (w[first_row:].float() / s).to(w.dtype)])
+
+    def multiplied(s):  # input channels (columns) times s
+        return lambda w: (w.float() * s).to(w.dtype)
+
+    down = layer.mlp.down_proj.weight
+    s_qkv = factor(absmax[f"{prefix}self_attn.qkv_proj"], layer.self_attn.qkv_proj.weight)
+    s_gate_up = factor(absmax[f"{prefix}mlp.gate_up_proj"], layer.mlp.gate_up_proj.weight)
+    s_down = factor(absmax[f"{prefix}mlp.down_proj"], down)
+    adjustments = [("input_layernorm.weight", divided(s_qkv)), ("self_attn.qkv_proj.weight", multiplied(s_qkv)),
+                   ("post_attention_layernorm.weight", divided(s_gate_up)),
+                   ("mlp.gate_up_proj.weight", multiplied(s_gate_up)),
+                   # the up half: down's input is silu(gate) * up
+                   ("mlp.gate_up_proj.weight", divided(s_down[:, None], first_row=down.shape[1])),
+                   ("mlp.down_proj.weight", multiplied(s_down))]
     with torch.no_grad():
-        for norm, linear, name in ((layer.input_layernorm, layer.self_attn.qkv_proj, "self_attn.qkv_proj"),
-                                   (layer.post_attention_layernorm, layer.mlp.gate_up_proj, "mlp.gate_up_proj")):
-            s = factor(absmax[f"{prefix}{name}"], linear.weight)
-            norm.weight.div_(s)
-            linear.weight.mul_(s)
-        down, gate_up = layer.mlp.down_proj, layer.mlp.gate_up_proj
-        s = factor(absmax[f"{prefix}mlp.down_proj"], down.weight)
-        gate_up.weight[down.weight.shape[1]:].div_(s[:, None])  # the up half: down's input is silu(gate) * up
-        down.weight.mul_(s)
+        for name, adjust in adjustments:
+            weights.adjust(f"{prefix}{name}", adjust)
+            param = layer.get_parameter(name)
+            param.data = adjust(param.data)
 
 
 @dataclass(frozen=True)
@@ -295,9 +309,10 @@ class QuantizationPlan:
 def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: CalibrationSet, max_length: int,
               scheme: Int8Scheme, smooth_alpha: float, max_linear_error: float, preflight: bool = True,
               log=print) -> QuantizationPlan:
-    """Calibrate `model` (fp32 compute, weights in any dtype) in place: smooth it, then pick the linear layers kept
-    out of int8, measuring each layer's error as `scheme` rounds; with `preflight`, more of them while the whole model
-    in fake int8 uses over PREFLIGHT_BUDGET of the gate's error budget and that helps."""
+    """Calibrate `model` (fp32 compute, weights in any dtype; streamed or whole) in place: smooth it (adjusting its
+    weights), then pick the linear layers kept out of int8, measuring each layer's error as `scheme` rounds; with
+    `preflight`, more of them while the whole model in fake int8 uses over PREFLIGHT_BUDGET of the gate's error budget
+    and that helps."""
     rows = _Rows(model, calibration.rows(task, tokenizer, "calibration", max_length))
     probe = _LinearProbe(scheme)
 
@@ -306,7 +321,7 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
         if smooth_alpha > 0:
             with probe.watching(prefix, layer, measure_error=False):
                 rows.through(layer, states)
-            smooth(prefix, layer, probe.absmax, smooth_alpha)
+            smooth(prefix, layer, probe.absmax, smooth_alpha, model.weights)
         with probe.watching(prefix, layer, measure_error=True):
             yield
     reference = rows.run("calibrating int8", calibrate)
@@ -354,13 +369,13 @@ def quantize_onnx(graph: Path, out: Path, plan: QuantizationPlan, scheme: Int8Sc
     The graph written is the one ONNX Runtime's `quantize_dynamic(per_channel=True, weight_type=QInt8)` writes, with
     the same int8 weights (a test checks both; `scheme.unsigned_weights`: the same plus 128, as uint8): per linear layer
     `DynamicQuantizeLinear(x)` → `MatMulInteger` → `Cast` → `Mul(x_scale * w_scale)`, which ONNX Runtime fuses into
-    `DynamicQuantizeMatMul` at load. It is written here one weight at a time, read from the memory-mapped export:
-    `quantize_dynamic` holds the fp32 model three times over (0.6B: 8.6 GB peak for a 2.0 GB graph), and needs the
-    graph folded to fp32 first."""
+    `DynamicQuantizeMatMul` at load. Each weight is read from the memory-mapped export and quantized as the graph is
+    written, so the int8 weights are never held together. (`quantize_dynamic` holds the fp32 model three times over,
+    0.6B: 8.6 GB peak for a 2.0 GB graph, and needs the graph folded to fp32 first.)"""
     import onnx
     import onnx_ir as ir
 
-    from toolkit.export import linear_module
+    from toolkit.export import linear_module, save_graph
 
     model = ir.load(graph)
     named = [(node, module) for node in model.graph if node.op_type == "MatMul"
@@ -370,17 +385,16 @@ def quantize_onnx(graph: Path, out: Path, plan: QuantizationPlan, scheme: Int8Sc
     if not linears:
         raise ToolkitError(f"{graph} has no MatMul of a decoder linear layer with a constant weight; is it an export "
                            "of this toolkit's patched model?")
-    for node, name, (weight, transposed) in tqdm(linears, desc="quantizing linear layers", leave=False):
-        array = weight.const_value.numpy().astype(np.float32)
-        if isinstance(weight.const_value, ir.ExternalTensor):  # unmapped now: read pages would stay in RSS till the end
-            weight.const_value.release()
-        quantized, scale = _quantize_weight(array.T if transposed else array)
-        zero = np.zeros(scale.shape, np.int8)
-        if scheme.unsigned_weights:  # the same values around zero point 128: uint8 x uint8 never saturates
-            quantized, zero = (quantized.astype(np.int16) + 128).astype(np.uint8), zero.astype(np.uint8) + 128
+    for node, name, (weight, transposed) in tqdm(linears, desc="scaling linear layers", leave=False):
+        _, scale = _quantize_weight(_read_weight(weight.const_value, transposed))
+        unsigned = scheme.unsigned_weights  # the same values around zero point 128: uint8 x uint8 never saturates
+        zero = np.full(scale.shape, 128 if unsigned else 0, np.uint8 if unsigned else np.int8)
+        quantized = ir.LazyTensor(partial(_quantized_weight, weight.const_value, transposed, unsigned),
+                                  ir.DataType.UINT8 if unsigned else ir.DataType.INT8,
+                                  ir.Shape(list(weight.const_value.shape)[::-1 if transposed else 1]))
         constants = []
-        for suffix, value in (("quantized", quantized), ("scale", scale), ("zero_point", zero)):
-            constants.append(ir.Value(name=f"{weight.name}_{suffix}", const_value=ir.Tensor(value)))
+        for suffix, value in (("quantized", quantized), ("scale", ir.Tensor(scale)), ("zero_point", ir.Tensor(zero))):
+            constants.append(ir.Value(name=f"{weight.name}_{suffix}", const_value=value))
             model.graph.register_initializer(constants[-1])
         weight_q, weight_scale, weight_zero = constants
         activation = ir.node("DynamicQuantizeLinear", [node.inputs[0]], num_outputs=3, name=f"{name}_input_quantize")
@@ -392,8 +406,27 @@ def quantize_onnx(graph: Path, out: Path, plan: QuantizationPlan, scheme: Int8Sc
         model.graph.insert_before(node, [activation, matmul, cast, scales, output])
         node.outputs[0].replace_all_uses_with(output.outputs[0])
         _remove_unused(model.graph, node)
-    ir.save(model, out, external_data=f"{out.name}.data")
+    save_graph(model, out, "writing int8 weights")
     onnx.checker.check_model(str(out), full_check=True)
+
+
+def _read_weight(tensor, transposed: bool) -> np.ndarray:
+    """A MatMul's weight as fp32 `[K, N]` (`[N, K]` transposed if `transposed`); memory-mapped, it is unmapped after
+    reading (read pages stay in RSS while mapped)."""
+    import onnx_ir as ir
+
+    array = tensor.numpy().astype(np.float32)
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor.release()
+    return array.T if transposed else array
+
+
+def _quantized_weight(tensor, transposed: bool, unsigned: bool):
+    """The int8 weight of `tensor` (a MatMul's weight, as `_read_weight` reads it), or uint8 around zero point 128."""
+    import onnx_ir as ir
+
+    quantized, _ = _quantize_weight(_read_weight(tensor, transposed))
+    return ir.Tensor((quantized.astype(np.int16) + 128).astype(np.uint8) if unsigned else quantized)
 
 
 def _linear_weight(value) -> tuple | None:

@@ -30,23 +30,24 @@ def validation_rows(tokenizer, seq_len: int) -> list[list[int]]:
     return [[ENDOFTEXT_ID], typical[: seq_len - 1] + [ENDOFTEXT_ID], long + [ENDOFTEXT_ID]]
 
 
-def measure(backend: Backend, reference: Backend, tokenizer, dtype: str,
-            texts: list[list[int]] = ()) -> dict:
-    """Run the artifact and the reference on the validation rows (and on `texts`, token rows of real text); the task's
-    agreement, tolerance and verdict."""
-    task = backend.task
-    rows = validation_rows(tokenizer, backend.seq_len) + list(texts)
+def measure(manifest: Manifest, reference: Backend, tokenizer, texts: list[list[int]] = ()) -> dict:
+    """Run the artifact of `manifest` and the reference on the validation rows (and on `texts`, token rows of real
+    text); the task's agreement, tolerance and verdict. The reference runs first, and the artifact is loaded after it:
+    the two are never resident together (0.6B int8, from a 498 MB process: a 954 MB peak, 1,111 MB with both)."""
+    task = get_task(manifest.task)
+    rows = validation_rows(tokenizer, manifest.seq_len) + list(texts)
+    refs = reference_outputs(reference, rows)
+    backend = load_backend(manifest)
     outs = []
     for start in range(0, len(rows), backend.batch):
         chunk = rows[start:start + backend.batch]
         ids, mask = left_pad(chunk, backend.seq_len, ENDOFTEXT_ID, None if backend.dynamic_batch else backend.batch)
         outs.append(backend.run(ids, mask)[: len(chunk)])
-    refs = reference_outputs(reference, rows)
     stats = task.agreement(task.finish(refs), task.finish(np.concatenate(outs)))
     stats["lengths"] = [len(r) for r in rows[:3]]
     stats["real_texts"] = len(texts)
-    stats["tolerance"] = task.tolerance_text(dtype)
-    stats["passed"] = task.within_tolerance(stats, dtype)
+    stats["tolerance"] = task.tolerance_text(manifest.dtype)
+    stats["passed"] = task.within_tolerance(stats, manifest.dtype)
     return stats
 
 
@@ -75,7 +76,7 @@ def revalidate(artifact: str | Path, checkpoint: str | None = None) -> dict:
     task = get_task(manifest.task)
     reference = LayerwiseReference(resolve_checkpoint(checkpoint or manifest.reference_checkpoint()), task,
                                    progress=True)
-    stats = measure(load_backend(manifest), reference, load_tokenizer(manifest.path / "tokenizer"), manifest.dtype)
+    stats = measure(manifest, reference, load_tokenizer(manifest.path / "tokenizer"))
     manifest.validation = stats
     manifest.save(manifest.path, hash_files=False)
     return stats
