@@ -244,13 +244,12 @@ class Qwen3ForDeployment(nn.Module):
         with torch.device("meta"):
             model = cls(Qwen3Shape.from_hf_config(hf_config), head, insert_slice)
         model.weights = PatchedWeights(checkpoint_dir, hf_config, model, dtype)
-        names = [name for name, _ in model.named_parameters()]
         if stream:
             with FakeTensorMode(allow_non_fake_inputs=True):
                 model.fakes = {name: torch.empty(p.shape, dtype=dtype) for name, p in model.named_parameters()}
             model.load_state_dict(model.fakes, assign=True)
         else:
-            model.load_state_dict(model.weights.load(names), assign=True)
+            model.load_state_dict(model.weights.load(list(model.weights.sources)), assign=True)
         return model.eval()
 
     @contextmanager

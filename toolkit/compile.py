@@ -105,7 +105,7 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
                     staged.append(stage_export(cfg, task, backend, seq_len, model, log, first))
                     first = first or staged[-1]
         del model  # from here on everything reads the exported graphs
-        gc.collect()  # the exported program holds reference cycles to the weights
+        gc.collect()  # the exported programs and their graphs are reference cycles
         return_freed_memory()
         with peaks.stage("reference"):
             reference = LayerwiseReference(checkpoint, task, progress=True)

@@ -386,10 +386,10 @@ def quantize_onnx(graph: Path, out: Path, plan: QuantizationPlan, scheme: Int8Sc
         raise ToolkitError(f"{graph} has no MatMul of a decoder linear layer with a constant weight; is it an export "
                            "of this toolkit's patched model?")
     for node, name, (weight, transposed) in tqdm(linears, desc="scaling linear layers", leave=False):
-        _, scale = _quantize_weight(_read_weight(weight.const_value, transposed))
+        scale = _weight_scale(_read_weight(weight.const_value, transposed))
         unsigned = scheme.unsigned_weights  # the same values around zero point 128: uint8 x uint8 never saturates
         zero = np.full(scale.shape, 128 if unsigned else 0, np.uint8 if unsigned else np.int8)
-        quantized = ir.LazyTensor(partial(_quantized_weight, weight.const_value, transposed, unsigned),
+        quantized = ir.LazyTensor(partial(_quantized_weight, weight.const_value, transposed, scale, unsigned),
                                   ir.DataType.UINT8 if unsigned else ir.DataType.INT8,
                                   ir.Shape(list(weight.const_value.shape)[::-1 if transposed else 1]))
         constants = []
@@ -421,11 +421,12 @@ def _read_weight(tensor, transposed: bool) -> np.ndarray:
     return array.T if transposed else array
 
 
-def _quantized_weight(tensor, transposed: bool, unsigned: bool):
-    """The int8 weight of `tensor` (a MatMul's weight, as `_read_weight` reads it), or uint8 around zero point 128."""
+def _quantized_weight(tensor, transposed: bool, scale: np.ndarray, unsigned: bool):
+    """The int8 weight of `tensor` (a MatMul's weight, as `_read_weight` reads it) at its `scale`, or uint8 around
+    zero point 128."""
     import onnx_ir as ir
 
-    quantized, _ = _quantize_weight(_read_weight(tensor, transposed))
+    quantized, _ = _quantize_weight(_read_weight(tensor, transposed), scale)
     return ir.Tensor((quantized.astype(np.int16) + 128).astype(np.uint8) if unsigned else quantized)
 
 
@@ -456,12 +457,18 @@ def _remove_unused(graph, node) -> None:
             _remove_unused(graph, producer)
 
 
-def _quantize_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _quantize_weight(weight: np.ndarray, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A MatMul's `[K, N]` fp32 weight as ONNX Runtime quantizes it per output channel (symmetric int8 in
-    [-WEIGHT_MAX, WEIGHT_MAX]): the int8 weight and the `[N]` scales. Same arithmetic as
-    its `compute_data_quant_params` and `quantize_nparray`, column by column."""
+    [-WEIGHT_MAX, WEIGHT_MAX]): the int8 weight and the `[N]` scales (`_weight_scale`, unless given). Same arithmetic
+    as its `compute_data_quant_params` and `quantize_nparray`, column by column."""
+    scale = _weight_scale(weight) if scale is None else scale
+    quantized = np.clip(np.round(weight / scale), -128, 127).astype(np.int8)
+    return quantized, scale
+
+
+def _weight_scale(weight: np.ndarray) -> np.ndarray:
+    """The `[N]` per-output-channel scales of a `[K, N]` weight (`_quantize_weight`)."""
     absmax = np.maximum(-np.minimum(weight.min(axis=0), 0), np.maximum(weight.max(axis=0), 0))
     scale = (2 * absmax.astype(np.float64) / (2 * WEIGHT_MAX)).astype(np.float32)  # range over levels, in float64
     scale[scale < np.finfo(np.float32).tiny] = 1.0
-    quantized = np.clip(np.round(weight / scale), -128, 127).astype(np.int8)
-    return quantized, scale
+    return scale
