@@ -206,10 +206,14 @@ class Qwen3ForDeployment(nn.Module):
     @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         x, cos, sin, mask = self.prepare(input_ids, attention_mask)
-        *body, last = self.layers
-        for layer in body:
-            x = layer(x, cos, sin, mask)
-        return self.finish(last(x, cos, sin, mask, last_only=self.insert_slice))
+        for layer in self.layers:
+            x = self.run_layer(layer, x, cos, sin, mask)
+        return self.finish(x)
+
+    def run_layer(self, layer: "DecoderLayer", x, cos, sin, mask) -> torch.Tensor:
+        """One decoder layer as the model runs it (calibration runs them one at a time too): with `insert_slice`, the
+        last layer at the last position alone."""
+        return layer(x, cos, sin, mask, last_only=self.insert_slice and layer is self.layers[-1])
 
     def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """What the decoder layers take: the embedded tokens, RoPE's cos and sin, the additive attention mask."""
@@ -227,10 +231,8 @@ class Qwen3ForDeployment(nn.Module):
         return x, cos, sin, mask
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
-        """The head on the last decoder layer's output: the final norm of the last position, then (reranker) the
-        yes/no logits."""
-        if self.insert_slice:
-            x = x[:, -1:, :]  # the strided slice: only the last (left-padded) position survives to the norm/head
+        """The head on the last decoder layer's output (`run_layer`'s): the final norm of the last position, then
+        (reranker) the yes/no logits."""
         x = self.norm(x)[:, -1, :]
         if self.head == "last_hidden":
             return x

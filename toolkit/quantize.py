@@ -177,11 +177,11 @@ class _Rows:
                 self.inputs.append(model.prepare(torch.from_numpy(ids), torch.from_numpy(mask)))
 
     def through(self, layer, states: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Every batch's hidden `states` through one decoder `layer`; the last one, as the model runs it, at the last
-        position alone (so its linear layers are calibrated on the rows the artifact computes)."""
-        last_only = self.model.insert_slice and layer is self.model.layers[-1]
+        """Every batch's hidden `states` through one decoder `layer`, as the model runs it (`run_layer`: the last one at
+        the last position alone, so its linear layers are calibrated on the rows the artifact computes)."""
         with torch.no_grad():
-            return [layer(x, cos, sin, mask, last_only) for x, (_, cos, sin, mask) in zip(states, self.inputs)]
+            return [self.model.run_layer(layer, x, cos, sin, mask)
+                    for x, (_, cos, sin, mask) in zip(states, self.inputs)]
 
     def run(self, desc: str, around_layer) -> np.ndarray:
         """The model's raw outputs for the rows (shortest first). `around_layer(name, layer, states)` is a context
