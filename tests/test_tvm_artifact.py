@@ -58,11 +58,14 @@ def test_every_primfunc_gets_a_schedule(checkpoints, tmp_path):
     assert [intermediates[n] for n in silu] == [0, 0] and sorted(intermediates[n] for n in rope) == [0, 0, 1]
 
 
-@pytest.mark.parametrize("task", TASKS.values(), ids=list(TASKS))
-def test_every_scheduled_kernel_matches_its_unscheduled_twin(tmp_path, task):
+@pytest.mark.parametrize("task,batch,seq", [(TASKS["embedding"], 1, 64), (TASKS["reranker"], 2, 44),
+                                            (TASKS["embedding"], 3, 20)], ids=["embedding-64", "reranker-44",
+                                                                               "embedding-20"])
+def test_every_scheduled_kernel_matches_its_unscheduled_twin(tmp_path, task, batch, seq):
     """Each PrimFunc, as scheduled by our rules, against the same PrimFunc left unscheduled, on the same inputs
     (positive, since RMSNorm kernels take a mean of squares). One layer at the real Qwen3-0.6B widths (a bug in the
-    row-reduction rule only showed at hidden 1024), small vocabulary: weights do not matter for this check."""
+    row-reduction rule only showed at hidden 1024), small vocabulary: weights do not matter for this check. SEQ 44
+    and 20 are not whole vectors: attention's QK^T pads its columns (to 48 and 24)."""
     import torch
     import tvm
 
@@ -77,9 +80,12 @@ def test_every_scheduled_kernel_matches_its_unscheduled_twin(tmp_path, task):
     for p in model.parameters():
         p.data.normal_(0, 0.05)
     export_onnx(model.half(), task, tmp_path / "m.onnx", 64, 1)
-    mod = import_onnx(tmp_path / "m.onnx", 1, 64).mod
+    mod = import_onnx(tmp_path / "m.onnx", batch, seq).mod
     target = tvm.target.Target(host_target())
     (scheduled, _), (plain, _) = lower(mod, target), lower(mod, target, schedule=False)
+    if seq % 16:
+        assert any("_pad" in scheduled[gv].script() for gv in scheduled.get_global_vars()
+                   if gv.name_hint.startswith("fused_matmul"))
     rng = np.random.default_rng(0)
     checked = 0
     for gv, func in scheduled.functions.items():

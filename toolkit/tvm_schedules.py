@@ -8,9 +8,12 @@ PrimFunc gets one of these, tried in order:
   registers), the reduction axis outside the micro-tile, NR vectorised with AVX-512, parallel over output tiles;
   elementwise epilogues (residual add, SiLU*up, scaling) are fused into the tile's write-back. The bf16 linear
   layers' kernel (`tvm_bf16.pair_matmul`) gets the same tiles with one `vdpbf16ps` per 16 columns, the int8 one
-  (`tvm_int8.quad_matmul`) one `vpdpbusd` per 16 columns and 4 K values.
-- `RowReduction`: softmax / RMSNorm shaped functions: row reductions split into 16 vector lanes (rfactor), all
-  blocks per row under one parallel loop; dlight's `cpu.Reduction` takes rows whose length is not a multiple of 16.
+  (`tvm_int8.quad_matmul`) one `vpdpbusd` per 16 columns and 4 K values. Batched matmuls (attention, per sequence
+  and head) run in parallel over the batch, their tiles in turn; QK^T's columns (SEQ: 60, 44, 28...) are padded to
+  whole vectors, else its tiles were 4 columns wide (40 GFLOP/s, a tenth of the time at SEQ 60).
+- `RowReduction`: softmax / RMSNorm shaped functions, and int8's per-token max |x|: row reductions split into 16
+  vector lanes (rfactor), all blocks per row under one parallel loop; dlight's `cpu.Reduction` takes rows whose
+  length is not a multiple of 16.
 - `Elementwise`: everything else (casts, RoPE, SiLU*up, masks, gathers): the function's ops inlined into one loop
   nest (one pass over memory), 16 vector lanes along the innermost axis, parallel over rows.
 """
@@ -116,10 +119,20 @@ class Matmul(dl.ScheduleRule):
                 return None
             produced |= {w.source.name for w in sch.get(e).writes}
 
+        batched = not dot and len(sch.get_loops(block)) > 3 and self._batched(sch, block)
+        padding = self._pad_columns(sch, block) if batched else []
+        if padding:  # new blocks: the padded operand's copy before the matmul, the output's crop after it
+            block = sch.get_sblock(name)
+            blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+            epilogue = blocks[[sch.get(b).name_hint for b in blocks].index(name) + 1:]
         *spatial, k = sch.get_loops(block)
         i, j = spatial[-2], spatial[-1]
+        columns = _extent(sch, j)
         mr = _largest_divisor(_extent(sch, i), (self.mr, 2))
-        nr = _largest_divisor(_extent(sch, j), (self.nr, 32, VECTOR_LANES, 8, 4))
+        if batched and columns <= 32 and columns % 8 == 0:  # one tile spans the row (8-lane vectors if need be)
+            nr = columns
+        else:
+            nr = _largest_divisor(columns, (self.nr, 32, VECTOR_LANES, 8, 4))
         kc = _largest_divisor(_extent(sch, k), (self.kc, 128, 64))
         if dot and nr % VECTOR_LANES:  # a dot instruction fills whole vectors (our panels are 64 columns wide)
             return None
@@ -131,13 +144,21 @@ class Matmul(dl.ScheduleRule):
             ki, kk = sch.split(ki, [None, dot[2]])
             inner = [kk]
         sch.reorder(*spatial[:-2], jo, io, ko, ki, ii, ji, *inner)
-        outer = sch.fuse(*spatial[:-2], jo, io)
+        if batched:  # parallel over (sequence, head); a padded operand is copied once per head, not per tile
+            outer = sch.fuse(*spatial[:-2])
+            tile = io
+            for pad in padding:
+                sch.compute_at(pad, outer)
+                self._vectorize_innermost(sch, pad)
+        else:
+            outer = tile = sch.fuse(*spatial[:-2], jo, io)
         sch.parallel(outer)
         accumulator = sch.cache_write(block, 0, "local")
-        sch.reverse_compute_at(accumulator, outer)
+        sch.reverse_compute_at(accumulator, tile)
         sch.unroll(ii)
-        if nr % VECTOR_LANES == 0:
-            jv, jl = sch.split(ji, [None, VECTOR_LANES])
+        lanes = _largest_divisor(nr, (VECTOR_LANES, 8))
+        if lanes > 1:
+            jv, jl = sch.split(ji, [None, lanes])
             sch.unroll(jv)
             if not dot:
                 sch.vectorize(jl)
@@ -153,9 +174,40 @@ class Matmul(dl.ScheduleRule):
         # (reverse_compute_inline would save a store, but breaks when an epilogue input has two readers, SiLU*gate.)
         self._vectorize_innermost(sch, accumulator)
         for e in epilogue:
-            sch.reverse_compute_at(e, outer)
+            sch.reverse_compute_at(e, tile)
             self._vectorize_innermost(sch, e)
         return sch
+
+    @staticmethod
+    def _batched(sch, block) -> bool:
+        """Whether the matmul is one per batch index (attention: both operands have the output's leading axes), not
+        one weight panel per leading index applied to shared rows (an fp16 linear layer)."""
+        out = sch.get(block).writes[0].source.shape
+        lead = len(out) - 2
+        return lead > 0 and all(len(r.source.shape) == len(out) and
+                                all(int(a) == int(b) for a, b in zip(r.source.shape[:lead], out[:lead]))
+                                for r in sch.get(block).reads)
+
+    @staticmethod
+    def _pad_columns(sch, block) -> list:
+        """Pad a batched matmul's columns to whole vectors (8 lanes up to 32 columns, where a 16-lane vector would
+        be mostly padding, else 16) with `pad_einsum`; returns the blocks copying its operands into padded buffers
+        (none if the columns already fit, or if TVM cannot pad this block)."""
+        *spatial, _ = sch.get_loops(block)
+        columns = _extent(sch, spatial[-1]) or 0
+        lanes = 8 if columns <= 32 else VECTOR_LANES
+        if not columns or columns % lanes == 0:
+            return []
+        name = sch.get(block).name_hint
+        before = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+        try:
+            sch.pad_einsum(block, [1] * (len(spatial) - 1) + [lanes, 1])
+        except Exception:  # noqa: BLE001  (TVM's own checks: e.g. an operand read through an inlined prologue)
+            return []
+        blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
+        names = [sch.get(b).name_hint for b in blocks]
+        position = names.index(name)  # pad_einsum keeps the block's name
+        return [b for b, n in zip(blocks[:position], names[:position]) if n not in before]
 
     @staticmethod
     def _vectorize_innermost(sch, block):
@@ -170,12 +222,13 @@ class Matmul(dl.ScheduleRule):
 
 
 class RowReduction(dl.ScheduleRule):
-    """Softmax / RMSNorm: reductions along the last axis of each row, then elementwise work on the row.
+    """Softmax / RMSNorm: reductions along the last axis of each row, then elementwise work on the row; or a row
+    reduction alone (int8's per-token max |x|).
 
     dlight's cpu.Reduction leaves each row reduction a serial scalar chain (one add's latency per element: the
-    slowest part of attention at SEQ 512). Here every reduction is first split into 16 vector lanes with rfactor
-    (`partial[row, lane]`, vectorised), the 16 partials are combined per row, and all blocks are computed per row
-    under one parallel loop."""
+    slowest part of attention at SEQ 512; int8's max |x| ran at 11 GB/s). Here every reduction is first split into
+    16 vector lanes with rfactor (`partial[row, lane]`, vectorised), the 16 partials are combined per row, and all
+    blocks are computed per row under one parallel loop."""
 
     @override
     def apply(self, func, target: Target, _):
@@ -183,6 +236,8 @@ class RowReduction(dl.ScheduleRule):
         if analyzed is None:
             return None
         sch, infos = analyzed
+        if len(infos) == 1 and not infos[0].is_injective():
+            return self._reduction_alone(sch, infos[0])
         if len(infos) < 2 or not infos[-1].is_injective() or all(b.is_injective() for b in infos):
             return None
         # Only the plain shape: every block has the rank of the output, reductions over its last axis alone.
@@ -215,6 +270,24 @@ class RowReduction(dl.ScheduleRule):
                 sch.vectorize(lane)
             elif all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars):
                 Matmul._vectorize_innermost(sch, block)
+        return sch
+
+    @staticmethod
+    def _reduction_alone(sch, info):
+        """One reduction over the last axis of each row, written as 16 vectorised partials per row, then combined."""
+        kinds = info.dom_kind()
+        if kinds != "S" * (len(kinds) - 1) + "R" or len(kinds) < 2:
+            return None
+        *rows, k = sch.get_loops(info.block_rv)
+        if (_extent(sch, k) or 0) % VECTOR_LANES or _extent(sch, k) < 2 * VECTOR_LANES:
+            return None
+        _, lane = sch.split(k, [None, VECTOR_LANES])
+        partial = sch.rfactor(lane, factor_axis=len(rows))
+        *partial_rows, _, partial_lane = sch.get_loops(partial)
+        row = sch.fuse(*partial_rows) if len(partial_rows) > 1 else partial_rows[0]
+        sch.parallel(row)
+        sch.vectorize(partial_lane)
+        sch.reverse_compute_at(info.block_rv, row)
         return sch
 
 
