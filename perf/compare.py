@@ -103,9 +103,10 @@ def run_compare(options: CompareOptions) -> dict:
     """Time torch eager (unless `torch_eager` is off) and each artifact on the same random full-length batch.
 
     Returns `{"task", "seq_len", "batch", "gflop_per_forward", "matmul_peak_gflops", "reference", "runs": [...]}`
-    plus `tvm_vs_onnx` (ONNX Runtime median latency / TVM median latency) when both backends ran. Each run has
-    `name`, `backend`, `dtype`, latency/throughput/GFLOP/s, `speedup_vs_first` and, after the first,
-    `parity_vs_first` (the task's agreement, with `tolerance` and `passed` for the run's dtype)."""
+    plus `tvm_vs_onnx` (ONNX Runtime median latency / TVM median latency, the first run of each: named in
+    `tvm_vs_onnx_runs`) when both backends ran. Each run has `name` (backend, dtype, artifact set), `backend`,
+    `dtype`, latency/throughput/GFLOP/s, `speedup_vs_first` and, after the first, `parity_vs_first` (the task's
+    agreement, with `tolerance` and `passed` for the run's dtype)."""
     options.check()
     manifests = load_manifests(options.artifacts)
     first = manifests[0]
@@ -118,7 +119,8 @@ def run_compare(options: CompareOptions) -> dict:
     ids, mask = left_pad(rows, seq_len, ENDOFTEXT_ID, batch)
 
     candidates = [(TORCH_RUN, "torch", "fp32", lambda: TorchReference(ckpt, task))] if options.torch_eager else []
-    candidates += [(f"{m.backend} artifact ({m.dtype})", m.backend, m.dtype, lambda m=m: open_backend(m))
+    # named by their set too: two artifacts of one backend and dtype (before and after a change) stay apart
+    candidates += [(f"{m.backend} {m.dtype} ({m.name})", m.backend, m.dtype, lambda m=m: open_backend(m))
                    for m in manifests]
     result = {"task": task.name, "seq_len": seq_len, "batch": batch, "checkpoint": str(ckpt),
               "artifacts": [str(m.path) for m in manifests], "gflop_per_forward": flops / 1e9,
@@ -157,6 +159,7 @@ def run_compare(options: CompareOptions) -> dict:
         by_backend.setdefault(run["backend"], run)
     if "tvm" in by_backend and "onnx" in by_backend:
         result["tvm_vs_onnx"] = by_backend["onnx"]["latency_ms_median"] / by_backend["tvm"]["latency_ms_median"]
+        result["tvm_vs_onnx_runs"] = [by_backend["tvm"]["name"], by_backend["onnx"]["name"]]
     return result
 
 
@@ -174,7 +177,8 @@ def compare_report(result: dict) -> str:
                                 f"{result['matmul_peak_gflops']:.0f} GFLOP/s (numpy, same machine); "
                                 f"first run: {result['reference']}")]
     if "tvm_vs_onnx" in result:
-        lines.append(f"TVM vs ONNX Runtime: {result['tvm_vs_onnx']:.2f}x")
+        tvm_run, onnx_run = result["tvm_vs_onnx_runs"]
+        lines.append(f"TVM vs ONNX Runtime: {result['tvm_vs_onnx']:.2f}x ({tvm_run} against {onnx_run})")
     for r in result["runs"]:
         stats = r.get("parity_vs_first")
         if stats and not stats["passed"]:

@@ -127,6 +127,8 @@ def test_perf_compare_torch_onnx_tvm(onnx_artifacts, tvm_artifacts, checkpoints,
         assert parity["min_cosine"] >= 0.999 and parity["passed"]
     onnx_ms, tvm_ms = (result["runs"][i]["latency_ms_median"] for i in (1, 2))
     assert result["tvm_vs_onnx"] == pytest.approx(onnx_ms / tvm_ms)
+    assert result["tvm_vs_onnx_runs"] == [result["runs"][2]["name"], result["runs"][1]["name"]]
+    assert result["runs"][1]["name"].startswith("onnx fp16 (") and result["runs"][2]["name"].startswith("tvm fp16 (")
     assert "engines" not in result and "tvm_vs_onnxruntime" not in result
     r = invoke("compare", "--no-torch", "--artifact", onnx64, "--artifact", tvm64, "--iterations", 1, "--json", out)
     assert r.exit_code == 0, r.output
