@@ -31,6 +31,7 @@ from typing_extensions import override
 from toolkit import tvm_bf16, tvm_int8
 
 VECTOR_LANES = 16  # fp32 lanes of an AVX-512 register
+ROW_TILE_COLUMNS = 32  # attention rows up to this wide are one tile (in 8-lane vectors where 16 would be padding)
 # Matmul blocks whose 16-column inner loop is one x86 dot-product instruction, by block name:
 # (tensor intrinsic, the LLVM wrapper it calls, K values per lane that the block itself iterates over)
 DOT_KERNELS = {tvm_bf16.MATMUL_NAME: (tvm_bf16.DOT_16, tvm_bf16.DPBF16_LLVM, 1),  # K pairs are already packed
@@ -66,6 +67,18 @@ def _read_along_innermost_axis(sch: s_tir.Schedule, block) -> bool:
                     v.same_as(innermost) for v in undefined_vars(read.region[-1].min)):
                 return False
     return True
+
+
+def _lane_partials(sch: s_tir.Schedule, block, factor_axis: int):
+    """Split the block's reduction over its innermost loop into VECTOR_LANES partial results (rfactor: a new block
+    writing `partial[..., lane]` at `factor_axis`, which the block then combines); None, before any change, unless
+    that loop is whole vectors and at least two of them."""
+    k = sch.get_loops(block)[-1]
+    extent = _extent(sch, k) or 0
+    if extent % VECTOR_LANES or extent < 2 * VECTOR_LANES:
+        return None
+    _, lane = sch.split(k, [None, VECTOR_LANES])
+    return sch.rfactor(lane, factor_axis=factor_axis)
 
 
 def _analyze(func):
@@ -120,16 +133,16 @@ class Matmul(dl.ScheduleRule):
             produced |= {w.source.name for w in sch.get(e).writes}
 
         batched = not dot and len(sch.get_loops(block)) > 3 and self._batched(sch, block)
-        padding = self._pad_columns(sch, block) if batched else []
-        if padding:  # new blocks: the padded operand's copy before the matmul, the output's crop after it
-            block = sch.get_sblock(name)
-            blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
-            epilogue = blocks[[sch.get(b).name_hint for b in blocks].index(name) + 1:]
+        padding = []  # blocks copying an operand into its padded buffer
+        padded = self._pad_columns(sch, block) if batched else None
+        if padded:  # the epilogue now starts with the crop of the padded output
+            block = sch.get_sblock(name)  # pad_einsum keeps the block's name
+            padding, epilogue = padded
         *spatial, k = sch.get_loops(block)
         i, j = spatial[-2], spatial[-1]
         columns = _extent(sch, j)
         mr = _largest_divisor(_extent(sch, i), (self.mr, 2))
-        if batched and columns <= 32 and columns % 8 == 0:  # one tile spans the row (8-lane vectors if need be)
+        if batched and columns <= ROW_TILE_COLUMNS and columns % 8 == 0:  # one tile spans the row
             nr = columns
         else:
             nr = _largest_divisor(columns, (self.nr, 32, VECTOR_LANES, 8, 4))
@@ -189,25 +202,27 @@ class Matmul(dl.ScheduleRule):
                                 for r in sch.get(block).reads)
 
     @staticmethod
-    def _pad_columns(sch, block) -> list:
-        """Pad a batched matmul's columns to whole vectors (8 lanes up to 32 columns, where a 16-lane vector would
-        be mostly padding, else 16) with `pad_einsum`; returns the blocks copying its operands into padded buffers
-        (none if the columns already fit, or if TVM cannot pad this block)."""
+    def _pad_columns(sch, block) -> tuple[list, list] | None:
+        """Pad a batched matmul's columns to whole vectors (8 lanes up to ROW_TILE_COLUMNS, where a 16-lane vector
+        would be mostly padding, else 16) with `pad_einsum`. Returns (the new blocks copying its operands into padded
+        buffers, every block after the matmul: its epilogue, starting with the crop of the padded output); None if
+        the columns already fit, or if TVM cannot pad this block."""
         *spatial, _ = sch.get_loops(block)
         columns = _extent(sch, spatial[-1]) or 0
-        lanes = 8 if columns <= 32 else VECTOR_LANES
+        lanes = 8 if columns <= ROW_TILE_COLUMNS else VECTOR_LANES
         if not columns or columns % lanes == 0:
-            return []
+            return None
         name = sch.get(block).name_hint
         before = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
         try:
             sch.pad_einsum(block, [1] * (len(spatial) - 1) + [lanes, 1])
         except Exception:  # noqa: BLE001  (TVM's own checks: e.g. an operand read through an inlined prologue)
-            return []
+            return None
         blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
         names = [sch.get(b).name_hint for b in blocks]
         position = names.index(name)  # pad_einsum keeps the block's name
-        return [b for b, n in zip(blocks[:position], names[:position]) if n not in before]
+        copies = [b for b, n in zip(blocks[:position], names[:position]) if n not in before]
+        return copies, blocks[position + 1:]
 
     @staticmethod
     def _vectorize_innermost(sch, block):
@@ -251,11 +266,10 @@ class RowReduction(dl.ScheduleRule):
         for b in infos:
             if b.is_injective():
                 continue
-            k = sch.get_loops(b.block_rv)[-1]
-            if (_extent(sch, k) or 0) % VECTOR_LANES or _extent(sch, k) < 2 * VECTOR_LANES:
+            partial = _lane_partials(sch, b.block_rv, factor_axis=len(b.dom_kind()) - 1)
+            if partial is None:
                 return None
-            _, lane = sch.split(k, [None, VECTOR_LANES])
-            partials.append(sch.rfactor(lane, factor_axis=len(b.dom_kind()) - 1))
+            partials.append(partial)
         loops = sch.get_loops(infos[-1].block_rv)
         rows = sch.fuse(*loops[:lead]) if lead > 1 else loops[0]
         sch.parallel(rows)
@@ -278,11 +292,9 @@ class RowReduction(dl.ScheduleRule):
         kinds = info.dom_kind()
         if kinds != "S" * (len(kinds) - 1) + "R" or len(kinds) < 2:
             return None
-        *rows, k = sch.get_loops(info.block_rv)
-        if (_extent(sch, k) or 0) % VECTOR_LANES or _extent(sch, k) < 2 * VECTOR_LANES:
+        partial = _lane_partials(sch, info.block_rv, factor_axis=len(kinds) - 1)
+        if partial is None:
             return None
-        _, lane = sch.split(k, [None, VECTOR_LANES])
-        partial = sch.rfactor(lane, factor_axis=len(rows))
         *partial_rows, _, partial_lane = sch.get_loops(partial)
         row = sch.fuse(*partial_rows) if len(partial_rows) > 1 else partial_rows[0]
         sch.parallel(row)
