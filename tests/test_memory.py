@@ -137,3 +137,25 @@ def test_both_fp16_loads_give_the_same_outputs(onnx_artifacts, tokenizers):
     with pytest.raises(ToolkitError, match="low-peak"):
         set_fp16_load("fp8")
 
+
+
+RUNS_ARTIFACTS_ONLY = """
+import sys
+import numpy as np
+from toolkit.api import Embedder
+rows = ["The capital of China is Beijing.", "Gravity pulls things toward each other."]
+outputs = [Embedder.from_artifacts(path).encode_documents(rows) for path in sys.argv[1:]]
+assert "torch" not in sys.modules, "running artifacts imported PyTorch"
+import torch  # still importable, and the artifacts still run beside it
+for path, before in zip(sys.argv[1:], outputs):
+    np.testing.assert_array_equal(Embedder.from_artifacts(path).encode_documents(rows), before)
+"""
+
+
+def test_a_process_that_only_runs_artifacts_never_imports_pytorch(tvm_artifacts, onnx_artifacts):
+    # 250 MB resident for nothing: tvm_ffi imports torch when it is installed, and so does AutoTokenizer
+    import subprocess
+    import sys
+
+    artifacts = [str(tvm_artifacts["embedding"][0]), str(onnx_artifacts["embedding"][0])]
+    subprocess.run([sys.executable, "-c", RUNS_ARTIFACTS_ONLY, *artifacts], check=True, timeout=600)

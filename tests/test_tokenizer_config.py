@@ -65,3 +65,28 @@ def test_unreachable_checkpoint_says_how_to_fix(tmp_path):
         resolve_checkpoint(str(tmp_path / "missing" / "dir"))
     with pytest.raises(ToolkitError, match="no config.json"):
         resolve_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_s_tokenizer_json_gives_the_ids_autotokenizer_does(checkpoints, tmp_path):
+    # load_tokenizer reads tokenizer.json itself (AutoTokenizer imports PyTorch); a hub checkpoint names
+    # Qwen2Tokenizer, which AutoTokenizer rebuilds from the vocabulary: both must tokenise alike
+    import json
+    import shutil
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from toolkit.checkpoint import load_tokenizer
+
+    hub_style = Path(shutil.copytree(checkpoints["embedding"], tmp_path / "hub",
+                                     ignore=shutil.ignore_patterns("*.safetensors")))
+    config = json.loads((hub_style / "tokenizer_config.json").read_text())
+    (hub_style / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "Qwen2Tokenizer"}))
+    calibration = Path(__file__).parents[1] / "toolkit" / "data" / "calibration.jsonl"
+    texts = [text for line in calibration.read_text().splitlines() for text in json.loads(line).values()]
+    texts += ["为什么我无法看到额度", "Instruct: x\nQuery:  héllo\t\r\n wörld 123456", "<|im_start|>user <think>ok"]
+    auto = AutoTokenizer.from_pretrained(hub_style)
+    assert type(auto).__name__ == "Qwen2Tokenizer"
+    lean = load_tokenizer(hub_style)
+    assert lean(texts, add_special_tokens=False).input_ids == auto(texts, add_special_tokens=False).input_ids
+    assert lean.all_special_ids == auto.all_special_ids and lean.padding_side == "left"

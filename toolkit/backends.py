@@ -291,9 +291,9 @@ def device_available(backend: str, device: str) -> bool:
     if device == "cpu":
         return True
     if backend == "tvm":
-        import tvm
+        from toolkit.tvm_backend import import_tvm
 
-        return bool(tvm.cuda(0).exist)
+        return bool(import_tvm().cuda(0).exist)
     import onnxruntime
 
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()

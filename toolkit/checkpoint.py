@@ -150,11 +150,17 @@ def model_source(named: str, checkpoint_dir: Path) -> ModelSource:
 
 
 def load_tokenizer(tokenizer_dir: str | Path):
-    """The Hugging Face fast tokenizer in `tokenizer_dir`, checked to be a real (non-empty) Qwen3 tokenizer."""
-    from transformers import AutoTokenizer
+    """The Hugging Face fast tokenizer in `tokenizer_dir`, checked to be a real (non-empty) Qwen3 tokenizer.
 
+    Read from its `tokenizer.json` where there is one (every artifact and Qwen3 checkpoint): the same pipeline as
+    `AutoTokenizer`'s (ids equal on every text of ../shared/data), without the config machinery that imports PyTorch,
+    which a process that only runs artifacts never needs (250 MB resident)."""
+    if (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast as loader
+    else:
+        from transformers import AutoTokenizer as loader
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tokenizer = loader.from_pretrained(str(tokenizer_dir))
     except Exception as e:
         raise ToolkitError(f"cannot load a tokenizer from {tokenizer_dir}: {e}") from None
     if len(tokenizer) < MIN_VOCABULARY or tokenizer.convert_ids_to_tokens(ENDOFTEXT_ID) != "<|endoftext|>" \

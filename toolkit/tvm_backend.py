@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import weakref
 
 import numpy as np
@@ -12,6 +14,23 @@ from toolkit.backends import Backend, Shared, load_shared
 from toolkit.errors import ToolkitError
 from toolkit.memory import return_freed_memory
 from toolkit.tasks import get_task
+
+_importing = threading.Lock()
+
+
+def import_tvm():
+    """`tvm`, imported without PyTorch where nothing has imported it yet. `tvm_ffi` imports torch whenever it is
+    installed, for tensor exchange that a runtime passing numpy arrays never uses: 200 MB resident in a process that
+    only runs artifacts. torch stays importable afterwards (the parity checks import it next to a loaded artifact)."""
+    with _importing:
+        if "tvm_ffi" not in sys.modules and "torch" not in sys.modules:
+            sys.modules["torch"] = None  # `import torch` raises ImportError, which tvm_ffi takes as "not installed"
+            try:
+                import tvm
+            finally:
+                del sys.modules["torch"]
+    import tvm
+    return tvm
 
 
 def check_host(manifest: Manifest) -> None:
@@ -73,7 +92,7 @@ class TvmBackend(Backend):
         # TVM sizes its CPU thread pool from TVM_NUM_THREADS when a thread first runs a kernel, and otherwise used a
         # single core on these VMs (kernels ran 2x slower). Engine sizes `threads` so instances share the cores.
         os.environ.setdefault("TVM_NUM_THREADS", str(threads or os.cpu_count() or 1))
-        import tvm
+        tvm = import_tvm()
         from tvm import relax
 
         check_host(manifest)
