@@ -53,6 +53,12 @@ def test_every_primfunc_gets_a_schedule(checkpoints, tmp_path):
     # [tokens, 3072]); RoPE keeps one intermediate where its output is transposed for K^T. Each comes twice: for
     # every position, and for the last position alone in the last layer
     intermediates = {gv.name_hint: lowered[gv].script().count("alloc_buffer") for gv in lowered.get_global_vars()}
+    # each RMSNorm (hidden states; q and k per head) is one kernel: x^2 is no pass of its own, 1/sqrt one per row
+    assert not [n for n in intermediates if "power" in n or "sqrt" in n]
+    rms_norms = [n for n in intermediates if n.startswith("rms_norm")]  # hidden, q, k; all positions, then the last
+    shapes = {n: [int(d) for d in n.split("_")[2:]] for n in rms_norms}
+    assert len(rms_norms) >= 3 and all("_rf" in lowered[n].script() for n, (*rows, width) in shapes.items()
+                                        if np.prod(rows) > 1 and width >= 32)  # rows of 2+ vectors: sums in lanes
     silu = [n for n in intermediates if "<lambda>" in n]
     rope = [n for n in intermediates if "concatenate" in n]
     assert [intermediates[n] for n in silu] == [0, 0] and sorted(intermediates[n] for n in rope) == [0, 0, 1]

@@ -69,16 +69,18 @@ def _read_along_innermost_axis(sch: s_tir.Schedule, block) -> bool:
     return True
 
 
-def _lane_partials(sch: s_tir.Schedule, block, factor_axis: int):
+def _lane_partials(sch: s_tir.Schedule, block):
     """Split the block's reduction over its innermost loop into VECTOR_LANES partial results (rfactor: a new block
-    writing `partial[..., lane]` at `factor_axis`, which the block then combines); None, before any change, unless
+    writing `partial[..., lane]`, lanes contiguous, which the block then combines); None, before any change, unless
     that loop is whole vectors and at least two of them."""
     k = sch.get_loops(block)[-1]
     extent = _extent(sch, k) or 0
     if extent % VECTOR_LANES or extent < 2 * VECTOR_LANES:
         return None
     _, lane = sch.split(k, [None, VECTOR_LANES])
-    return sch.rfactor(lane, factor_axis=factor_axis)
+    # the lane axis goes last in the partials' buffer (block iterators drop unit axes: counting those put it
+    # before the rows at batch 1, and the vector stores scattered)
+    return sch.rfactor(lane, factor_axis=len(sch.get(block).writes[0].source.shape))
 
 
 def _analyze(func):
@@ -259,14 +261,15 @@ class RowReduction(dl.ScheduleRule):
         # (Mixed ranks, e.g. a keep-dims reduction next to a 1-D weight cast, broke the row mapping: dlight takes
         # those.)
         rank = len(infos[-1].dom_kind())
-        if any(b.dom_kind() not in ("S" * rank, "S" * (rank - 1) + "R") for b in infos):
+        row_value = "S" * (rank - 1)  # one value per row (RMSNorm's 1/sqrt), computed once under the row loop
+        if any(b.dom_kind() not in ("S" * rank, row_value + "R", row_value) for b in infos):
             return None
         lead = rank - 1
         partials = []
         for b in infos:
             if b.is_injective():
                 continue
-            partial = _lane_partials(sch, b.block_rv, factor_axis=len(b.dom_kind()) - 1)
+            partial = _lane_partials(sch, b.block_rv)
             if partial is None:
                 return None
             partials.append(partial)
@@ -279,10 +282,12 @@ class RowReduction(dl.ScheduleRule):
         partial_names = {sch.get(p).name_hint for p in partials}
         for block in sch.get_child_blocks(rows):
             if sch.get(block).name_hint in partial_names:
-                lane, chunk = sch.get_loops(block)[-2:]  # compute_at regenerated them in iter-var order
+                # compute_at regenerated them in iter-var order, with unit loops for the row's own axes
+                lane, chunk = [loop for loop in sch.get_loops(block) if _extent(sch, loop) != 1][-2:]
                 sch.reorder(chunk, lane)
                 sch.vectorize(lane)
-            elif all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars):
+            elif all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars) \
+                    and len(sch.get(block).iter_vars) == rank:
                 Matmul._vectorize_innermost(sch, block)
         return sch
 
@@ -292,7 +297,7 @@ class RowReduction(dl.ScheduleRule):
         kinds = info.dom_kind()
         if kinds != "S" * (len(kinds) - 1) + "R" or len(kinds) < 2:
             return None
-        partial = _lane_partials(sch, info.block_rv, factor_axis=len(kinds) - 1)
+        partial = _lane_partials(sch, info.block_rv)
         if partial is None:
             return None
         *partial_rows, _, partial_lane = sch.get_loops(partial)
