@@ -105,13 +105,15 @@ def buckets_cmd(fixed, buckets, data, limit, instances, json_out):
 @click.option("--iterations", type=int, default=10, show_default=True)
 @click.option("--warmup", type=int, default=2, show_default=True, help="untimed forwards per run first")
 @click.option("--no-torch", is_flag=True, help="skip torch eager (e.g. to compare artifacts only)")
+@click.option("--interleave", is_flag=True,
+              help="load every run at once and time them in alternating rounds (robust to a drifting machine)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
-def compare_cmd(checkpoint, artifacts, iterations, warmup, no_torch, json_out):
+def compare_cmd(checkpoint, artifacts, iterations, warmup, no_torch, interleave, json_out):
     """torch eager vs ONNX Runtime vs TVM on the same inputs: latency, throughput, ratios, GFLOP/s, agreement."""
     from toolkit.perf.compare import CompareOptions, compare_report, run_compare
 
     options = CompareOptions(artifacts=tuple(artifacts), checkpoint=checkpoint, iterations=iterations, warmup=warmup,
-                             torch_eager=not no_torch).check()
+                             torch_eager=not no_torch, interleave=interleave).check()
     result = run_compare(options)
     click.echo(compare_report(result))
     write_json(json_out, result)

@@ -1,6 +1,7 @@
 """`perf compare`: torch eager (the unpatched Hugging Face model, what users run today) against compiled artifacts,
-same inputs, one process, run one after another; prints latency, throughput, the ratios and achieved GFLOP/s
-against this machine's measured fp32 matmul peak (numpy/OpenBLAS on all cores).
+same inputs, one process, run one after another or in alternating rounds (`--interleave`); prints latency,
+throughput, the ratios and achieved GFLOP/s against this machine's measured fp32 matmul peak (numpy/OpenBLAS on all
+cores).
 
 Each measured model is a "run" (`result["runs"]`, each with a `name` and a `backend`: torch | onnx | tvm); "engine"
 is kept for `toolkit.runtime.Engine`. Every run after the first carries its agreement with the first
@@ -38,6 +39,9 @@ class CompareOptions:
     - `checkpoint`: what torch eager runs (hub id or directory); None: the one the first artifact was built from.
     - `iterations`: timed forwards per run; `warmup`: untimed forwards first.
     - `torch_eager`: include the torch reference (first, so the artifacts' agreement is measured against it).
+    - `interleave`: load every run at once and time them in alternating rounds (A B, B A, ...), so a machine whose
+      speed drifts during the comparison (a shared VM: 10-20% within minutes) moves every run alike. Needs all the
+      models' memory at once; one after another (the default) needs one at a time.
     """
 
     FLAGS: ClassVar[dict] = {"artifacts": "--artifact", "checkpoint": "--checkpoint", "iterations": "--iterations",
@@ -48,6 +52,7 @@ class CompareOptions:
     iterations: int = 10
     warmup: int = 2
     torch_eager: bool = True
+    interleave: bool = False
 
     def check(self) -> "CompareOptions":
         """Raise ToolkitError (naming the command-line option) for the first invalid field; return self."""
@@ -125,17 +130,11 @@ def run_compare(options: CompareOptions) -> dict:
     result = {"task": task.name, "seq_len": seq_len, "batch": batch, "checkpoint": str(ckpt),
               "artifacts": [str(m.path) for m in manifests], "gflop_per_forward": flops / 1e9,
               "matmul_peak_gflops": matmul_peak_gflops(), "iterations": options.iterations,
-              "reference": candidates[0][0], "runs": []}
+              "interleaved": options.interleave, "reference": candidates[0][0], "runs": []}
+    measured = (_measure_interleaved if options.interleave else _measure_in_turn)(
+        [make for *_, make in candidates], ids, mask, options)
     reference = None
-    for name, backend_name, dtype, make in candidates:
-        backend = make()
-        try:
-            out = backend.run(ids, mask)  # untimed too: its output is the one compared
-            for _ in range(options.warmup):
-                backend.run(ids, mask)
-            times = np.array([_timed(lambda b=backend: b.run(ids, mask)) for _ in range(options.iterations)])
-        finally:
-            backend.close()
+    for (name, backend_name, dtype, _), (out, times) in zip(candidates, measured):
         median = float(np.median(times))
         run = {"name": name, "backend": backend_name, "dtype": dtype, "latency_ms_median": median * 1e3,
                "latency_ms_min": float(times.min() * 1e3), "sequences_per_s": batch / median,
@@ -150,7 +149,6 @@ def run_compare(options: CompareOptions) -> dict:
             stats["passed"] = task.within_tolerance(stats, dtype)
             run["parity_vs_first"] = stats
         result["runs"].append(run)
-        del backend
     base = result["runs"][0]["latency_ms_median"]
     for run in result["runs"]:
         run["speedup_vs_first"] = base / run["latency_ms_median"]
@@ -161,6 +159,44 @@ def run_compare(options: CompareOptions) -> dict:
         result["tvm_vs_onnx"] = by_backend["onnx"]["latency_ms_median"] / by_backend["tvm"]["latency_ms_median"]
         result["tvm_vs_onnx_runs"] = [by_backend["tvm"]["name"], by_backend["onnx"]["name"]]
     return result
+
+
+def _measure_in_turn(makers, ids, mask, options) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(output, forward times) per run, each loaded, timed and closed before the next is loaded."""
+    measured = []
+    for make in makers:
+        backend = make()
+        try:
+            out = backend.run(ids, mask)  # untimed too: its output is the one compared
+            for _ in range(options.warmup):
+                backend.run(ids, mask)
+            measured.append((out, np.array([_timed(lambda: backend.run(ids, mask))
+                                            for _ in range(options.iterations)])))
+        finally:
+            backend.close()
+    return measured
+
+
+def _measure_interleaved(makers, ids, mask, options) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(output, forward times) per run, all loaded at once and timed in rounds, every other round in reverse order
+    (no run always goes first)."""
+    backends = []
+    try:
+        for make in makers:
+            backends.append(make())
+        outs = [b.run(ids, mask) for b in backends]
+        for _ in range(options.warmup):
+            for b in backends:
+                b.run(ids, mask)
+        times: list[list[float]] = [[] for _ in backends]
+        for round_ in range(options.iterations):
+            order = range(len(backends)) if round_ % 2 == 0 else reversed(range(len(backends)))
+            for k in order:
+                times[k].append(_timed(lambda b=backends[k]: b.run(ids, mask)))
+        return [(out, np.array(t)) for out, t in zip(outs, times)]
+    finally:
+        for b in backends:
+            b.close()
 
 
 def compare_report(result: dict) -> str:
@@ -175,7 +211,8 @@ def compare_report(result: dict) -> str:
                           title=f"{result['task']} batch {result['batch']} x seq {result['seq_len']}: "
                                 f"{result['gflop_per_forward']:.3g} GFLOP per forward, fp32 matmul peak "
                                 f"{result['matmul_peak_gflops']:.0f} GFLOP/s (numpy, same machine); "
-                                f"first run: {result['reference']}")]
+                                f"first run: {result['reference']}; "
+                                + ("timed in alternating rounds" if result["interleaved"] else "timed in turn"))]
     if "tvm_vs_onnx" in result:
         tvm_run, onnx_run = result["tvm_vs_onnx_runs"]
         lines.append(f"TVM vs ONNX Runtime: {result['tvm_vs_onnx']:.2f}x ({tvm_run} against {onnx_run})")

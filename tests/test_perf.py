@@ -137,6 +137,36 @@ def test_perf_compare_torch_onnx_tvm(onnx_artifacts, tvm_artifacts, checkpoints,
     assert result["runs"][1]["parity_vs_first"]["min_cosine"] >= 0.999
 
 
+def test_perf_compare_interleaved_times_every_run_in_alternating_rounds(onnx_artifacts, tvm_artifacts, tmp_path,
+                                                                        monkeypatch):
+    import toolkit.perf.compare as compare
+
+    onnx64, [tvm64] = onnx_artifacts["embedding"][1], tvm_artifacts["embedding"]
+    calls = []  # the backend of every forward, in order
+    real_open = compare.open_backend
+
+    def open_recording(manifest):
+        backend = real_open(manifest)
+        real_run = backend.run
+
+        def run(ids, mask):
+            calls.append(backend.name)
+            return real_run(ids, mask)
+        backend.run = run
+        return backend
+    monkeypatch.setattr(compare, "open_backend", open_recording)
+    out = tmp_path / "compare.json"
+    r = invoke("compare", "--no-torch", "--interleave", "--artifact", onnx64, "--artifact", tvm64,
+               "--iterations", 4, "--warmup", 0, "--json", out)
+    assert r.exit_code == 0, r.output
+    assert "timed in alternating rounds" in r.output
+    # both loaded, each one's compared output, then 4 timed rounds, every other one reversed
+    assert calls == ["onnx", "tvm"] + ["onnx", "tvm", "tvm", "onnx"] * 2
+    result = read(out)
+    assert result["interleaved"] and [run["backend"] for run in result["runs"]] == ["onnx", "tvm"]
+    assert result["runs"][1]["parity_vs_first"]["min_cosine"] >= 0.999 and "tvm_vs_onnx" in result
+
+
 def test_perf_compare_refuses_mismatched_artifacts_and_bad_options(onnx_artifacts, tvm_artifacts, checkpoints):
     onnx32, [tvm64] = onnx_artifacts["embedding"][0], tvm_artifacts["embedding"]
     r = invoke("compare", "--checkpoint", checkpoints["embedding"], "--artifact", onnx32, "--artifact", tvm64)
