@@ -63,7 +63,8 @@ def test_synth_outliers_puts_massive_activations_and_outlier_channels_where_docu
 def test_int8_gate_fails_naive_quantization_of_an_outlier_checkpoint_and_passes_the_default(outlier_checkpoints,
                                                                                            tmp_path):
     with pytest.raises(ToolkitError, match=r"validation failed .* int8 tolerance \(min_cosine >= 0.99\); nothing "
-                                           "was installed"):
+                                           r"was installed \(.*\)\. Turn quantization.preflight on .* or build "
+                                           "--dtype bf16"):
         build(outlier_checkpoints, tmp_path, "embedding", seq_lens=(64,), dtype="int8", smooth_alpha=0.0,
               max_linear_error=1.0, preflight=False)  # per-tensor activations straight onto 60x channels
     assert not list((tmp_path / "embedding-int8-b2" / "onnx").iterdir())
@@ -335,3 +336,19 @@ def test_our_int8_graph_is_the_one_quantize_dynamic_writes_with_the_same_weights
         if not unsigned:  # the stock graph's own arithmetic (saturating or not, the same on both)
             np.testing.assert_allclose(outputs[1], outputs[0], rtol=0, atol=1e-6)
         np.testing.assert_allclose(outputs[2], outputs[1], rtol=0, atol=1e-5)
+
+
+def test_a_failed_low_precision_gate_names_what_to_do():
+    from toolkit.compile import precision_fix
+    from toolkit.quantize import QuantizationPlan
+
+    errors = {f"layers.{i}.mlp.down_proj": 0.02 for i in range(112)}
+    plan = QuantizationPlan(0.5, 0.1, errors, list(errors)[:4], {}, {"budget_used": 0.99, "rounds": 2})
+    # what the 0.6B reranker's int8 build at SEQ 204 said: the preflight could not bring it under the gate
+    assert precision_fix("int8", plan) == (
+        ". Its preflight kept 4 of 112 linear layers out of int8 and left 99% of the gate's error budget used on the "
+        "calibration rows: int8 is at its limit on this model. Build --dtype bf16, or keep more layers out of int8 (a "
+        "lower quantization.max_linear_error in the build config)")
+    assert "preflight on" in precision_fix("int8", QuantizationPlan(0.0, 1.0, errors, [], {}, None))
+    assert precision_fix("bf16", None) == ". Build --dtype fp16 (fp32 compute) for this model"
+    assert precision_fix("fp16", None) == ""

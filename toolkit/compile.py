@@ -198,11 +198,27 @@ def finish_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, toke
     if manifest.validation["passed"] is False:  # the manifest goes with the staging directory: say what it held
         raise ToolkitError(f"validation failed for {final}: {task.format_agreement(manifest.validation)} is "
                            f"outside the {cfg.dtype} tolerance ({task.tolerance_text(cfg.dtype)}); nothing was "
-                           f"installed ({cost})")
+                           f"installed ({cost}){precision_fix(cfg.dtype, plan)}")
     if manifest.validation["passed"]:
         log(f"{final}: vs HF fp32: {task.format_agreement(manifest.validation)} ({cost})")
     install(staging, final)
     return final
+
+
+def precision_fix(dtype: str, plan: QuantizationPlan | None) -> str:
+    """What a user can do when a low-precision build fails its gate (nothing for fp16/fp32: they should not)."""
+    if dtype == "bf16":
+        return ". Build --dtype fp16 (fp32 compute) for this model"
+    if dtype != "int8" or plan is None:
+        return ""
+    if plan.preflight is None:
+        return (". Turn quantization.preflight on in the build config (it keeps the worst linear layers out of int8 "
+                "until the model in fake int8 fits the gate), or build --dtype bf16")
+    kept, total = len(plan.keep_fp32), len(plan.linear_errors)
+    return (f". Its preflight kept {kept} of {total} linear layers out of int8 and left "
+            f"{plan.preflight['budget_used']:.0%} of the gate's error budget used on the calibration rows: int8 is at "
+            "its limit on this model. Build --dtype bf16, or keep more layers out of int8 (a lower "
+            "quantization.max_linear_error in the build config)")
 
 
 def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, tokenizer, source: ModelSource, log,
