@@ -131,8 +131,9 @@ def run_compare(options: CompareOptions) -> dict:
               "artifacts": [str(m.path) for m in manifests], "gflop_per_forward": flops / 1e9,
               "matmul_peak_gflops": matmul_peak_gflops(), "iterations": options.iterations,
               "interleaved": options.interleave, "reference": candidates[0][0], "runs": []}
-    measured = (_measure_interleaved if options.interleave else _measure_in_turn)(
-        [make for *_, make in candidates], ids, mask, options)
+    makers = [make for *_, make in candidates]
+    measured = (_measure(makers, ids, mask, options) if options.interleave  # one at a time: each alone, in turn
+                else [m for make in makers for m in _measure([make], ids, mask, options)])
     reference = None
     for (name, backend_name, dtype, _), (out, times) in zip(candidates, measured):
         median = float(np.median(times))
@@ -161,25 +162,9 @@ def run_compare(options: CompareOptions) -> dict:
     return result
 
 
-def _measure_in_turn(makers, ids, mask, options) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(output, forward times) per run, each loaded, timed and closed before the next is loaded."""
-    measured = []
-    for make in makers:
-        backend = make()
-        try:
-            out = backend.run(ids, mask)  # untimed too: its output is the one compared
-            for _ in range(options.warmup):
-                backend.run(ids, mask)
-            measured.append((out, np.array([_timed(lambda: backend.run(ids, mask))
-                                            for _ in range(options.iterations)])))
-        finally:
-            backend.close()
-    return measured
-
-
-def _measure_interleaved(makers, ids, mask, options) -> list[tuple[np.ndarray, np.ndarray]]:
+def _measure(makers, ids, mask, options) -> list[tuple[np.ndarray, np.ndarray]]:
     """(output, forward times) per run, all loaded at once and timed in rounds, every other round in reverse order
-    (no run always goes first)."""
+    (no run always goes first). The first, untimed forward of each gives the output compared."""
     backends = []
     try:
         for make in makers:
