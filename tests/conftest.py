@@ -3,6 +3,9 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# this process compiles and runs artifacts in any order: TVM with its compiler library, whatever is imported first
+# (the runtime-only import of a process that only runs artifacts is tested in a subprocess, test_memory.py)
+os.environ.setdefault("TVM_USE_RUNTIME_LIB", "0")
 
 import pytest  # noqa: E402
 

@@ -122,7 +122,7 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_refused_by_name(tmp_path, 
 
 def test_both_fp16_loads_give_the_same_outputs(onnx_artifacts, tokenizers):
     manifest = Manifest.load(onnx_artifacts["embedding"][0])
-    rows = [[ENDOFTEXT_ID], tokenizers["embedding"]("a short sentence").input_ids + [ENDOFTEXT_ID]]
+    rows = [[ENDOFTEXT_ID], tokenizers["embedding"].encode_one("a short sentence") + [ENDOFTEXT_ID]]
     ids, mask = left_pad(rows, manifest.seq_len, ENDOFTEXT_ID, None)
     outputs = {}
     try:
@@ -143,19 +143,38 @@ RUNS_ARTIFACTS_ONLY = """
 import sys
 import numpy as np
 from toolkit.api import Embedder
+from toolkit.errors import ToolkitError
+out, paths = sys.argv[1], sys.argv[2:]
 rows = ["The capital of China is Beijing.", "Gravity pulls things toward each other."]
-outputs = [Embedder.from_artifacts(path).encode_documents(rows) for path in sys.argv[1:]]
+outputs = [Embedder.from_artifacts(path).encode_documents(rows) for path in paths]
 assert "torch" not in sys.modules, "running artifacts imported PyTorch"
+assert "transformers" not in sys.modules, "running artifacts imported transformers"
+assert not any("libtvm_compiler" in line for line in open("/proc/self/maps")), "TVM's compiler library was loaded"
+np.save(out, np.stack(outputs))
+try:
+    import toolkit.tvm_compile
+    raise AssertionError("compiling after running an artifact was not refused")
+except ToolkitError as e:
+    assert "TVM_USE_RUNTIME_LIB=0" in str(e), e
 import torch  # still importable, and the artifacts still run beside it
-for path, before in zip(sys.argv[1:], outputs):
+for path, before in zip(paths, outputs):
     np.testing.assert_array_equal(Embedder.from_artifacts(path).encode_documents(rows), before)
 """
 
 
-def test_a_process_that_only_runs_artifacts_never_imports_pytorch(tvm_artifacts, onnx_artifacts):
-    # 250 MB resident for nothing: tvm_ffi imports torch when it is installed, and so does AutoTokenizer
+def test_a_process_that_only_runs_artifacts_imports_only_what_running_takes(tvm_artifacts, onnx_artifacts, tmp_path):
+    # unused and resident: PyTorch (250 MB: tvm_ffi imports it when it is installed, and so does AutoTokenizer),
+    # transformers (40 MB) and TVM's compiler library (110 MB, LLVM included)
+    import os
     import subprocess
     import sys
 
+    from toolkit.api import Embedder
+
     artifacts = [str(tvm_artifacts["embedding"][0]), str(onnx_artifacts["embedding"][0])]
-    subprocess.run([sys.executable, "-c", RUNS_ARTIFACTS_ONLY, *artifacts], check=True, timeout=600)
+    env = {k: v for k, v in os.environ.items() if k != "TVM_USE_RUNTIME_LIB"}  # conftest's, for this process
+    subprocess.run([sys.executable, "-c", RUNS_ARTIFACTS_ONLY, tmp_path / "out.npy", *artifacts], check=True,
+                   timeout=600, env=env)
+    rows = ["The capital of China is Beijing.", "Gravity pulls things toward each other."]
+    here = np.stack([Embedder.from_artifacts(path).encode_documents(rows) for path in artifacts])  # full TVM library
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), here)

@@ -28,7 +28,7 @@ def agreement(task, reference_raw, candidate_raw):
 
 
 def run_pairs(backend, reference, tokenizer):
-    rows = [tokenizer(t, add_special_tokens=False).input_ids[: backend.seq_len - 1] + [ENDOFTEXT_ID] for t in TEXTS]
+    rows = [tokenizer.encode_one(t)[: backend.seq_len - 1] + [ENDOFTEXT_ID] for t in TEXTS]
     outs, refs = [], []
     for i in range(0, len(rows), backend.batch):
         ids, mask = left_pad(rows[i:i + backend.batch], backend.seq_len, ENDOFTEXT_ID, backend.batch)

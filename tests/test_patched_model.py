@@ -14,7 +14,7 @@ SEQ = 48
 
 def mixed_rows(tokenizer):
     text = "Left padding keeps the last real token at the end: 左填充。"
-    typical = tokenizer(text, add_special_tokens=False).input_ids
+    typical = tokenizer.encode_one(text)
     exact = (typical * 10)[: SEQ - 1]
     return [[ENDOFTEXT_ID], typical + [ENDOFTEXT_ID], exact + [ENDOFTEXT_ID]]
 

@@ -20,7 +20,7 @@ SENTENCE = "The quick brown fox jumps over the lazy dog, then naps in the warm a
 
 def batch(tokenizer):
     """Left-padded edge cases: one real token in a row of padding, a sentence, and a row with no padding at all."""
-    sentence = tokenizer(SENTENCE, add_special_tokens=False).input_ids
+    sentence = tokenizer.encode_one(SENTENCE)
     full = (sentence * SEQ)[: SEQ - 1]
     return left_pad([[ENDOFTEXT_ID], sentence + [ENDOFTEXT_ID], full + [ENDOFTEXT_ID]], SEQ, ENDOFTEXT_ID)
 
@@ -122,7 +122,7 @@ def test_validation_reference_runs_rows_together(checkpoints, tokenizers, monkey
     from toolkit import validation
 
     tokenizer = tokenizers["embedding"]
-    sentence = tokenizer(SENTENCE, add_special_tokens=False).input_ids
+    sentence = tokenizer.encode_one(SENTENCE)
     rows = [sentence[:n] + [ENDOFTEXT_ID] for n in (9, 1, 17, 4, 12, 0, 6)]  # mixed lengths, out of order
     reference = LayerwiseReference(checkpoints["embedding"], TASKS["embedding"])
     alone = np.concatenate([reference.run(*left_pad([row], len(row), ENDOFTEXT_ID)) for row in rows])

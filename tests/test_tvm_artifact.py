@@ -131,14 +131,21 @@ def test_a_tvm_artifact_is_refused_with_the_fix_where_its_instructions_are_missi
     from dataclasses import replace
 
     from toolkit.errors import ToolkitError
+    from toolkit.host import isa_flags
     from toolkit.tvm_backend import TvmBackend
 
     [artifact] = tvm_artifacts["embedding"]
     manifest = Manifest.load(artifact)
-    other_cpu = replace(manifest, target=replace(manifest.target, tvm_target={**manifest.target.tvm_target,
-                                                                               "mcpu": "not-this-cpu"}))
+    assert set(manifest.target.cpu_flags) <= set(isa_flags()) and "sse2" in manifest.target.cpu_flags
+    richer_cpu = replace(manifest, target=replace(manifest.target, cpu_flags=[*manifest.target.cpu_flags, "amx_tile9"]))
+    with pytest.raises(ToolkitError, match=r"compiled on a CPU \(.*\) with amx_tile9, which this one lacks.*recompile"):
+        TvmBackend(richer_cpu)
+    # an artifact from before manifests recorded the flags is held to LLVM's name for its CPU
+    other_cpu = replace(manifest, target=replace(manifest.target, cpu_flags=None, tvm_target={
+        **manifest.target.tvm_target, "mcpu": "not-this-cpu"}))
     with pytest.raises(ToolkitError, match="compiled for CPU 'not-this-cpu'.*recompile it here"):
         TvmBackend(other_cpu)
+    TvmBackend(replace(manifest, target=replace(manifest.target, cpu_flags=None))).close()
     monkeypatch.setattr("toolkit.host.cpu_has", lambda flag: False)
     with pytest.raises(ToolkitError, match=r"TVM int8 artifact needs a CPU with avx512_vnni.*--backend onnx"):
         TvmBackend(replace(manifest, dtype="int8"))

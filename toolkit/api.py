@@ -147,7 +147,7 @@ class BucketedRunner:
 
 def max_token_chars(tokenizer) -> int:
     """The most characters one token covers (byte-level BPE: one character per byte of the token's string)."""
-    return max(map(len, tokenizer.get_vocab()))
+    return max(map(len, tokenizer.vocabulary()))
 
 
 class InputTooLongError(ToolkitError):
@@ -165,7 +165,7 @@ def token_rows(layout: PromptLayout, tokenizer, bodies: list[str], max_length: i
     than a row can use is cut (in characters, with the longest token's length as the bound) before it is tokenised,
     so a huge text costs what the row can hold, not its size."""
     cut = (max_length - layout.fixed + 1) * (max_chars or max_token_chars(tokenizer))
-    encoded = tokenizer([b[:cut] for b in bodies], add_special_tokens=False).input_ids
+    encoded = tokenizer.encode([b[:cut] for b in bodies])
     return frame_rows(layout, encoded, max_length, truncation)
 
 

@@ -86,10 +86,12 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class Target:
-    """Where the artifact runs: `device` cpu|cuda; for TVM also the exact compile target."""
+    """Where the artifact runs: `device` cpu|cuda; for TVM also the exact compile target and, on CPU, the instruction
+    set extensions of the CPU it was built on (`host.isa_flags`), which a host must have to run it."""
 
     device: str
     tvm_target: dict | None = None
+    cpu_flags: list[str] | None = None
 
 
 @dataclass

@@ -21,7 +21,7 @@ DEFAULT_STEP = 4
 def token_lengths(task: Task, tokenizer, requests: list) -> np.ndarray:
     """Full input length of each request in the task's prompt layout (prefix + body + suffix)."""
     layout = task.prompt(tokenizer)
-    bodies = tokenizer([task.body(r) for r in requests], add_special_tokens=False).input_ids
+    bodies = tokenizer.encode([task.body(r) for r in requests])
     return np.array([layout.fixed + len(b) for b in bodies], dtype=np.int64)
 
 

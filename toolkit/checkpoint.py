@@ -8,7 +8,7 @@ from pathlib import Path
 
 from toolkit.artifact import ModelSource
 from toolkit.errors import ToolkitError
-from toolkit.tokenizer import ENDOFTEXT_ID
+from toolkit.tokenizer import ENDOFTEXT_ID, Tokenizer
 
 MIN_VOCABULARY = 1000  # a real Qwen3 tokenizer has 151,669 entries; an empty or stub one has a handful
 
@@ -149,22 +149,14 @@ def model_source(named: str, checkpoint_dir: Path) -> ModelSource:
                        num_hidden_layers=cfg.get("num_hidden_layers"), vocab_size=cfg.get("vocab_size"))
 
 
-def load_tokenizer(tokenizer_dir: str | Path):
-    """The Hugging Face fast tokenizer in `tokenizer_dir`, checked to be a real (non-empty) Qwen3 tokenizer.
-
-    Read from its `tokenizer.json` where there is one (every artifact and Qwen3 checkpoint): the same pipeline as
-    `AutoTokenizer`'s (ids equal on every text of ../shared/data), without the config machinery that imports PyTorch,
-    which a process that only runs artifacts never needs (250 MB resident)."""
-    if (Path(tokenizer_dir) / "tokenizer.json").is_file():
-        from transformers import PreTrainedTokenizerFast as loader
-    else:
-        from transformers import AutoTokenizer as loader
+def load_tokenizer(tokenizer_dir: str | Path) -> Tokenizer:
+    """The tokenizer in `tokenizer_dir`, checked to be a real (non-empty) Qwen3 tokenizer."""
     try:
-        tokenizer = loader.from_pretrained(str(tokenizer_dir))
+        tokenizer = Tokenizer.load(tokenizer_dir)
     except Exception as e:
         raise ToolkitError(f"cannot load a tokenizer from {tokenizer_dir}: {e}") from None
-    if len(tokenizer) < MIN_VOCABULARY or tokenizer.convert_ids_to_tokens(ENDOFTEXT_ID) != "<|endoftext|>" \
-            or not tokenizer("Hello world", add_special_tokens=False).input_ids:
+    if len(tokenizer) < MIN_VOCABULARY or tokenizer.token(ENDOFTEXT_ID) != "<|endoftext|>" \
+            or not tokenizer.encode_one("Hello world"):
         raise ToolkitError(f"{tokenizer_dir} has no usable Qwen3 tokenizer ({len(tokenizer)} entries, no "
                            "<|endoftext|> at 151643): copy tokenizer.json and tokenizer_config.json from the original "
                            "checkpoint into it")

@@ -34,7 +34,7 @@ from toolkit.checkpoint import load_tokenizer, model_source, resolve_checkpoint
 from toolkit.config import BuildConfig
 from toolkit.errors import ToolkitError
 from toolkit.export import OnnxExport, export_onnx, fold_weights, io_specs
-from toolkit.host import missing_tvm_extension
+from toolkit.host import isa_flags, missing_tvm_extension
 from toolkit.memory import StagePeaks, map_large_blocks, return_freed_memory
 from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
 from toolkit.quantize import CalibrationSet, QuantizationPlan, int8_scheme, plan_int8, quantize_onnx
@@ -251,7 +251,8 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
         with peaks.stage("tvm"):
             built = compile_tvm(artifact.graph, out, cfg.target, cfg.batch_for(artifact.seq_len), artifact.seq_len,
                                 log=log, int8_layers=plan.int8_layers() if plan else (), same_params=same_params)
-        model_file, target = built.model_file, Target(cfg.target, built.tvm_target)
+        model_file = built.model_file
+        target = Target(cfg.target, built.tvm_target, isa_flags() if built.tvm_target["kind"] == "llvm" else None)
         details = {"params_file": built.params_file, "params_sha256": built.params_sha256, "primfuncs": built.primfuncs,
                    "unscheduled": built.unscheduled, "compile_seconds": built.compile_seconds}
     # onnx_ir's graphs are reference cycles: uncollected, the quantized weights would still be resident while
@@ -260,7 +261,7 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
     gc.collect()
     return_freed_memory()
     shutil.rmtree(out / "graph", ignore_errors=True)
-    tokenizer.save_pretrained(out / "tokenizer")
+    tokenizer.save(out / "tokenizer")
     return Manifest(
         name=cfg.name, task=task.name, seq_len=artifact.seq_len, batch=cfg.batch_for(artifact.seq_len),
         dynamic_batch=artifact.backend == "onnx", dtype=cfg.dtype, backend=artifact.backend, target=target,

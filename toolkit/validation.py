@@ -25,7 +25,7 @@ VALIDATION_TEXT = ("The quick brown fox jumps over the lazy dog near the riverba
 
 def validation_rows(tokenizer, seq_len: int) -> list[list[int]]:
     """Left-padding edge cases: a single token, a typical sentence, and exactly SEQ tokens."""
-    typical = tokenizer(VALIDATION_TEXT, add_special_tokens=False).input_ids
+    typical = tokenizer.encode_one(VALIDATION_TEXT)
     long = (typical * math.ceil(seq_len / len(typical)))[: seq_len - 1]
     return [[ENDOFTEXT_ID], typical[: seq_len - 1] + [ENDOFTEXT_ID], long + [ENDOFTEXT_ID]]
 

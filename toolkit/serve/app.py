@@ -139,8 +139,8 @@ def tei_routes(services: Services) -> APIRouter:
         service = services.embedding()
         rows = await service.tokens(as_texts(request.inputs), request.query_instruction())
         tokenizer = service.model.tokenizer
-        special = set(tokenizer.all_special_ids)
-        return [[Token(id=t, text=tokenizer.decode([t]), special=t in special) for t in row] for row in rows]
+        return [[Token(id=t, text=tokenizer.decode([t]), special=t in tokenizer.special_ids) for t in row]
+                for row in rows]
 
     return router
 
