@@ -13,6 +13,7 @@ import numpy as np
 from toolkit.artifact import Manifest
 from toolkit.backends import Backend, LayerwiseReference, load_backend
 from toolkit.checkpoint import load_tokenizer, resolve_checkpoint
+from toolkit.memory import return_freed_memory
 from toolkit.tasks import get_task
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
@@ -37,6 +38,7 @@ def measure(manifest: Manifest, reference: Backend, tokenizer, texts: list[list[
     task = get_task(manifest.task)
     rows = validation_rows(tokenizer, manifest.seq_len) + list(texts)
     refs = reference_outputs(reference, rows)
+    return_freed_memory()  # the reference's layers and activations, before the artifact's weights arrive (~100 MB)
     backend = load_backend(manifest)
     outs = []
     for start in range(0, len(rows), backend.batch):
