@@ -255,13 +255,13 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
         target = Target(cfg.target, built.tvm_target, isa_flags() if built.tvm_target["kind"] == "llvm" else None)
         details = {"params_file": built.params_file, "params_sha256": built.params_sha256, "primfuncs": built.primfuncs,
                    "unscheduled": built.unscheduled, "compile_seconds": built.compile_seconds}
-    shutil.rmtree(out / "graph", ignore_errors=True)
-    tokenizer.save(out / "tokenizer")  # serialising the vocabulary frees ~100 MB into the heap (trimmed below)
     # onnx_ir's graphs are reference cycles: uncollected, the quantized weights would still be resident while
     # validation loads the artifact (0.6B: 737 MB held after quantizing, 286 MB once collected; 4B: validation peaked
     # at 9.2 GB for a 4.3 GB artifact that loads at 4.1 GB)
     gc.collect()
     return_freed_memory()
+    shutil.rmtree(out / "graph", ignore_errors=True)
+    tokenizer.save(out / "tokenizer")
     return Manifest(
         name=cfg.name, task=task.name, seq_len=artifact.seq_len, batch=cfg.batch_for(artifact.seq_len),
         dynamic_batch=artifact.backend == "onnx", dtype=cfg.dtype, backend=artifact.backend, target=target,

@@ -60,7 +60,7 @@ def check_host(manifest: Manifest) -> None:
     target = manifest.target
     if (target.tvm_target or {}).get("kind") != "llvm":
         return
-    if not flags_decide_host(manifest):
+    if host_check_needs_compiler(manifest):
         from tvm.target import codegen
 
         host = codegen.llvm_get_system_cpu()
@@ -77,9 +77,11 @@ def check_host(manifest: Manifest) -> None:
                            f"/proc/cpuinfo); build one for it with `toolkit compile ... {instead}`")
 
 
-def flags_decide_host(manifest: Manifest) -> bool:
-    """Whether the host check of an llvm artifact compares cpuinfo flags (no compiler library needed)."""
-    return manifest.target.cpu_flags is not None and isa_flags() is not None
+def host_check_needs_compiler(manifest: Manifest) -> bool:
+    """Whether `check_host` asks LLVM for this CPU's name (TVM's compiler library): an llvm artifact without recorded
+    flags, or a host whose flags cannot be read."""
+    llvm = (manifest.target.tvm_target or {}).get("kind") == "llvm"
+    return llvm and (manifest.target.cpu_flags is None or isa_flags() is None)
 
 
 def as_stored(array: np.ndarray) -> np.ndarray:
@@ -121,8 +123,7 @@ class TvmBackend(Backend):
         # TVM sizes its CPU thread pool from TVM_NUM_THREADS when a thread first runs a kernel, and otherwise used a
         # single core on these VMs (kernels ran 2x slower). Engine sizes `threads` so instances share the cores.
         os.environ.setdefault("TVM_NUM_THREADS", str(threads or os.cpu_count() or 1))
-        llvm = (manifest.target.tvm_target or {}).get("kind") == "llvm"
-        tvm = import_tvm(compiler=llvm and not flags_decide_host(manifest))
+        tvm = import_tvm(compiler=host_check_needs_compiler(manifest))
         from tvm.runtime.vm import VirtualMachine
 
         check_host(manifest)
