@@ -41,6 +41,15 @@ def test_crash_after_the_manifest_leaves_nothing_loadable_and_keeps_the_old_arti
     assert new_graph != old_graph and {Manifest.load(a).model_file for a in good} == {f"../{new_graph.name}/model.onnx"}
 
 
+def test_a_tvm_build_killed_for_memory_is_reported_and_leaves_nothing(checkpoints, tmp_path, monkeypatch):
+    import toolkit.compile
+
+    monkeypatch.setattr(toolkit.compile, "TVM_BUILD_PROCESS", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    with pytest.raises(ToolkitError, match=r"seq32 was killed by SIGKILL \(the kernel's out-of-memory killer"):
+        build(checkpoints, tmp_path, "embedding", backends=("tvm",), seq_lens=(32,), batch=1)
+    assert list((tmp_path / "embedding-fp16-b1" / "tvm").iterdir()) == []  # no staging, no export left
+
+
 def test_checkpoint_without_tokenizer_files_is_refused_before_building(checkpoints, tmp_path):
     """It used to build an artifact whose empty tokenizer mapped every text to [151643], then crash in validation
     with ZeroDivisionError, leaving an unvalidated artifact that loaded and ran."""

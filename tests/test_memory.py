@@ -178,3 +178,32 @@ def test_a_process_that_only_runs_artifacts_imports_only_what_running_takes(tvm_
     rows = ["The capital of China is Beijing.", "Gravity pulls things toward each other."]
     here = np.stack([Embedder.from_artifacts(path).encode_documents(rows) for path in artifacts])  # full TVM library
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), here)
+
+
+COMPILES_TVM = """
+import sys
+from pathlib import Path
+from toolkit.artifact import Manifest
+from toolkit.compile import compile_config
+from toolkit.config import BuildConfig
+from toolkit.memory import resident_mb
+cfg = BuildConfig(name="lean", task="embedding", checkpoint=sys.argv[1], seq_lens=(32,), batch=1, backends=("tvm",),
+                  workspace=Path(sys.argv[2]))
+[artifact] = compile_config(cfg, log=lambda m: None)
+assert not any("libtvm_compiler" in line for line in open("/proc/self/maps")), "compiling loaded TVM's compiler here"
+manifest = Manifest.load(artifact)
+assert manifest.validation["passed"], manifest.validation
+# the stage counts its build process (TVM's compiler alone is ~190 MB resident) on top of this process
+assert manifest.build["stage_peak_rss_mb"]["tvm"] > resident_mb() + 100, (manifest.build, resident_mb())
+"""
+
+
+def test_compile_builds_tvm_in_a_process_of_its_own_and_counts_it(checkpoints, tmp_path):
+    # what TVM's compiler leaves resident would otherwise sit under validation's load of the artifact
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TVM_USE_RUNTIME_LIB"}  # conftest's, for this process
+    subprocess.run([sys.executable, "-c", COMPILES_TVM, str(checkpoints["embedding"]), str(tmp_path)], check=True,
+                   timeout=600, env=env)

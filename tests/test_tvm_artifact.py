@@ -170,13 +170,16 @@ def test_fp32_tvm_artifact_packs_its_weights_and_matches_hf(checkpoints, tmp_pat
     assert len(panels) == 4 * 2 and all(p.dtype == np.float32 and p.shape[-1] == 64 for p in panels)
 
 
-def test_params_become_a_link_only_to_the_same_weights(tmp_path):
+def test_params_become_a_link_only_to_the_same_weights(tmp_path, monkeypatch):
     """A later SEQ's weights are packed and compared, not written, when they match the first's digest; other weights
-    are written."""
+    are written (a plain tensor in chunks: here of 7 bytes, which split its elements)."""
     import onnx
     from onnx import helper, numpy_helper
 
+    import toolkit.tvm_compile
     from toolkit.tvm_compile import PLAIN, write_params
+
+    monkeypatch.setattr(toolkit.tvm_compile, "PLAIN_CHUNK", 7)
 
     def exported(name, arrays):  # weights as an export holds them: initializers in an external data file
         graph = helper.make_graph([], "g", [], [], [numpy_helper.from_array(a, f"w{i}") for i, a in enumerate(arrays)])
@@ -220,6 +223,10 @@ def test_a_bucket_sets_artifacts_share_one_copy_of_their_weights(outlier_checkpo
     a, b = open_artifact(short.path), open_artifact(long.path)
     assert a.weights is b.weights
     assert np.array_equal(a.run(ids, np.ones_like(ids)), alone)
+    long_ids = np.random.default_rng(3).integers(0, 151643, (long.batch, 32))
+    before = b.run(long_ids, np.ones_like(long_ids))
+    a.close()  # hands TVM's pooled buffers back, b's too: b allocates its own again, with the shared weights kept
+    assert np.array_equal(b.run(long_ids, np.ones_like(long_ids)), before)
     other = open_artifact(tvm_artifacts["reranker"][0])  # other weights: a copy of their own
     assert other.weights is not a.weights
     del a, b, other

@@ -10,9 +10,9 @@ that place stays as it was.
 
 Memory: the patched model is never held whole. It is streamed (`from_pretrained(stream=True)`): int8 calibration reads
 one decoder layer at a time from the checkpoint, and the export traces the model without its weights and writes each
-weight as it reads it. Every graph is exported before anything else runs (folding, quantizing, TVM, validation); the
-fp32 reference runs one layer at a time. The peak RSS of each stage goes into the manifest
-(`build.stage_peak_rss_mb`).
+weight as it reads it. Every graph is exported before anything else runs (folding, quantizing, TVM, validation); TVM
+compiles in a process of its own (`compile_tvm_process`); the fp32 reference runs one layer at a time. The peak RSS of
+each stage goes into the manifest (`build.stage_peak_rss_mb`).
 """
 from __future__ import annotations
 
@@ -242,19 +242,22 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
     if artifact.backend == "onnx" and artifact.graph and len(cfg.seq_lens) > 1:
         model_file = share_graph(out, model_file)
     if artifact.backend == "tvm":
-        from toolkit.tvm_compile import compile_tvm
-
         same_params = None
         if artifact.first:  # installed by now: its weights file, which this one's will be a hard link to if the same
             first = Manifest.load(artifact.first.final, verify=False).backend_details
-            same_params = (artifact.first.final / first["params_file"], first["params_sha256"])
-        with peaks.stage("tvm"):
-            built = compile_tvm(artifact.graph, out, cfg.target, cfg.batch_for(artifact.seq_len), artifact.seq_len,
-                                log=log, int8_layers=plan.int8_layers() if plan else (), same_params=same_params)
-        model_file = built.model_file
-        target = Target(cfg.target, built.tvm_target, isa_flags() if built.tvm_target["kind"] == "llvm" else None)
-        details = {"params_file": built.params_file, "params_sha256": built.params_sha256, "primfuncs": built.primfuncs,
-                   "unscheduled": built.unscheduled, "compile_seconds": built.compile_seconds}
+            same_params = (str(artifact.first.final / first["params_file"]), first["params_sha256"])
+        with peaks.stage("tvm") as stage:
+            built, stage.child_mb = compile_tvm_process(
+                artifact.final, onnx_path=str(artifact.graph), out_dir=str(out), device=cfg.target,
+                batch=cfg.batch_for(artifact.seq_len), seq_len=artifact.seq_len,
+                int8_layers=sorted(plan.int8_layers()) if plan else [], same_params=same_params)
+        if built["unscheduled"]:
+            log(f"warning: {len(built['unscheduled'])} PrimFunc(s) left unscheduled: "
+                + ", ".join(built["unscheduled"]))
+        model_file = built["model_file"]
+        target = Target(cfg.target, built["tvm_target"], isa_flags() if built["tvm_target"]["kind"] == "llvm" else None)
+        details = {key: built[key] for key in ("params_file", "params_sha256", "primfuncs", "unscheduled",
+                                               "compile_seconds")}
     # onnx_ir's graphs are reference cycles: uncollected, the quantized weights would still be resident while
     # validation loads the artifact (0.6B: 737 MB held after quantizing, 286 MB once collected; 4B: validation peaked
     # at 9.2 GB for a 4.3 GB artifact that loads at 4.1 GB)
@@ -268,6 +271,40 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
         model=source, inputs=exported.inputs, outputs=exported.outputs, model_file=model_file, precision=precision,
         backend_details=details,
     ).save(out)
+
+
+TVM_BUILD_PROCESS = ("import sys; sys.path[0] = sys.argv[2]\n"  # this toolkit, not one in the working directory
+                     "from toolkit.tvm_compile import build_process_main; build_process_main(sys.argv[1])")
+
+
+def compile_tvm_process(final: Path, **request) -> tuple[dict, int]:
+    """`tvm_compile.compile_tvm(**request)` (JSON arguments) run in a process of its own, for the artifact that will
+    be `final`; returns its build (the fields of `TvmBuild`) and that process's peak RSS in MB.
+
+    Why a process: what TVM's compiler leaves behind would otherwise stay resident under the validation that loads the
+    artifact next: its library (137 MB with LLVM) and Python objects that neither gc nor malloc_trim hand back (0.6B
+    int8, one SEQ: validation peaked at 1,556 MB after an in-process build, 1,400 MB after this one). This process
+    then never loads TVM's compiler and validates on its runtime library alone, as a serving process runs; and a build
+    the kernel kills for memory is reported, not this process killed."""
+    import signal
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="toolkit-tvm-build-") as scratch:
+        request_file = Path(scratch) / "request.json"
+        request_file.write_text(json.dumps(request))
+        package_root = str(Path(__file__).resolve().parent.parent)
+        status = subprocess.run([sys.executable, "-c", TVM_BUILD_PROCESS, str(request_file), package_root]).returncode
+        result_file = request_file.with_name("result.json")
+        if status < 0:
+            killer = " (the kernel's out-of-memory killer sends it)" if status == -signal.SIGKILL else ""
+            raise ToolkitError(f"TVM's build of {final} was killed by {signal.Signals(-status).name}"
+                               f"{killer}: free memory, or compile on a machine with more, and run it again")
+        if status or not result_file.is_file():
+            raise ToolkitError(f"TVM's build of {final} failed (its process ended with status {status}; "
+                               "its error is printed above)")
+        result = json.loads(result_file.read_text())
+    return result["build"], result["peak_rss_mb"]
 
 
 def share_graph(out: Path, model_file: str) -> str:

@@ -9,6 +9,7 @@ import re
 import resource
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 STATUS, CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
@@ -32,6 +33,14 @@ def reset_peak() -> None:
         pass
 
 
+@dataclass
+class Stage:
+    """A stage being measured; a stage that runs a child process adds the child's peak (`child_mb`) to its own: an
+    upper bound of the two together, as each peaks at its own moment."""
+
+    child_mb: int = 0
+
+
 class StagePeaks:
     """`with peaks.stage("export"): ...` records the peak RSS (MB) reached inside each stage; a stage run twice keeps
     the larger figure."""
@@ -43,10 +52,11 @@ class StagePeaks:
     def stage(self, name: str):
         """Measure the block's peak RSS under `name`."""
         reset_peak()
+        stage = Stage()
         try:
-            yield
+            yield stage
         finally:
-            self.mb[name] = max(self.mb.get(name, 0), resident_mb("VmHWM"))
+            self.mb[name] = max(self.mb.get(name, 0), resident_mb("VmHWM") + stage.child_mb)
 
     def copy(self) -> "StagePeaks":
         """An independent record starting from this one's stages."""

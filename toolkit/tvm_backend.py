@@ -139,3 +139,14 @@ class TvmBackend(Backend):
         ids = self._tensor(np.ascontiguousarray(input_ids, dtype=np.int64), self.device)
         mask = self._tensor(np.ascontiguousarray(attention_mask, dtype=np.int64), self.device)
         return self.vm["main"](ids, mask, *self.weights.value).numpy()
+
+    @override
+    def close(self) -> None:
+        """Let the VM and the weights go, and hand TVM's pooled buffers back to the OS: its allocator keeps every
+        buffer a VM has freed, for any VM of the process, as long as the process lives (0.6B int8, one forward of
+        each of 10 SEQs: 63 MB once all were closed). Backends still open allocate theirs again on their next run."""
+        import tvm_ffi
+
+        self.vm = self.weights = None
+        tvm_ffi.get_global_func("vm.builtin.memory_manager.clear")()
+        return_freed_memory()

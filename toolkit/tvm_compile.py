@@ -14,6 +14,7 @@ export's external data; on CPU they are the weights in memory too (0.6B: 1.2 GB,
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -145,6 +146,7 @@ declare {acc} @{intrinsic}({acc}, {operand}, {operand})
 
 # How `write_params` stores each weight input of `main` (see `pack_linear_weights`)
 PLAIN, PANELS, BF16_PAIRS, INT8_QUADS = "plain", "panels", "bf16_pairs", "int8_quads"
+PLAIN_CHUNK = 16 << 20
 
 
 def pack_linear_weights(mod, int8: frozenset[int] = frozenset()) -> tuple[tvm.IRModule, list[str]]:
@@ -367,7 +369,7 @@ class TvmBuild:
     compile_seconds: float
 
 
-def compile_tvm(onnx_path: Path, out_dir: Path, device: str, batch: int, seq_len: int, log=print, int8_layers=(),
+def compile_tvm(onnx_path: Path, out_dir: Path, device: str, batch: int, seq_len: int, int8_layers=(),
                 same_params: tuple[Path, str] | None = None) -> TvmBuild:
     """Compile the exported ONNX graph at `[batch, seq_len]` into `out_dir` (`model.so` + `params.npz`); the linear
     layers named in `int8_layers` (module names, `layers.3.mlp.down_proj`) run W8A8 on VNNI. `same_params`: another
@@ -386,8 +388,6 @@ def compile_tvm(onnx_path: Path, out_dir: Path, device: str, batch: int, seq_len
                      if w.name.removesuffix(".weight") in int8_layers)
     mod, layouts = lower(graph.mod, target, int8=int8)
     missing = unscheduled(mod)
-    if missing:
-        log(f"warning: {len(missing)} PrimFunc(s) left unscheduled: {', '.join(missing)}")
     primfuncs = sum(isinstance(f, tvm.tirx.PrimFunc) for f in mod.functions.values())
     executable = tvm.compile(mod, target=target, relax_pipeline=relax.get_pipeline("default_build"))
     executable.export_library(str(out_dir / LIBRARY))
@@ -397,13 +397,33 @@ def compile_tvm(onnx_path: Path, out_dir: Path, device: str, batch: int, seq_len
                     compile_seconds=round(time.perf_counter() - started, 2))
 
 
+def build_process_main(request_file: str) -> None:
+    """The process `toolkit compile` builds each TVM artifact in (compile.py's `compile_tvm_process`): runs
+    `compile_tvm` on the JSON arguments in `request_file` and writes the build and this process's peak RSS beside it,
+    in `result.json`."""
+    import json
+
+    from toolkit.memory import map_large_blocks, resident_mb
+
+    map_large_blocks()
+    request_path = Path(request_file)
+    request = json.loads(request_path.read_text())
+    same_params = request["same_params"]
+    built = compile_tvm(Path(request["onnx_path"]), Path(request["out_dir"]), request["device"], request["batch"],
+                        request["seq_len"], request["int8_layers"],
+                        (Path(same_params[0]), same_params[1]) if same_params else None)
+    result = {"build": dataclasses.asdict(built), "peak_rss_mb": resident_mb("VmHWM")}
+    request_path.with_name("result.json").write_text(json.dumps(result))
+
+
 def write_params(path: Path, graph_dir: Path, weights: list, layouts: list[str],
                  same_as: tuple[Path, str] | None = None) -> str:
     """`main`'s weights (external ONNX initializers, in `graph_dir`'s data file) in order, as `np.savez` lays them out
     (`arr_0.npy`, ...), written one tensor at a time straight from the export's external data, in their `layouts`
     (`pack_linear_weights`; an int8 weight is two arrays); other bf16 tensors as numpy writes them (`|V2`, read back
-    by `TvmBackend`). Returns the digest of what was written (dtypes, shapes, bytes): artifacts of one bucket set
-    share it, and the runtime loads their weights once (`TvmBackend`).
+    by `TvmBackend`). A tensor kept as it is (`PLAIN`: the embedding table, 310 MB at 0.6B and 1.2 GB at 8B) is
+    copied PLAIN_CHUNK bytes at a time, never held whole. Returns the digest of what was written (dtypes, shapes,
+    bytes): artifacts of one bucket set share it, and the runtime loads their weights once (`TvmBackend`).
 
     Given `same_as` (another params file and its digest), the weights are packed and hashed first, without writing:
     when the digest is the same, `path` becomes a hard link to that file (every SEQ of a TVM bucket set has the same
@@ -423,25 +443,42 @@ def write_params(path: Path, graph_dir: Path, weights: list, layouts: list[str],
         n, k = array.shape
         return np.ascontiguousarray(array.reshape(n // PANEL, PANEL, k).transpose(0, 2, 1))
 
-    packers = {PLAIN: lambda a: [a], PANELS: lambda a: [panels(a)], BF16_PAIRS: lambda a: [pack_pairs(a)],
+    packers = {PANELS: lambda a: [panels(a)], BF16_PAIRS: lambda a: [pack_pairs(a)],
                INT8_QUADS: lambda a: list(pack_quads(a.astype(np.float32)))}
 
-    def packed(digest, desc: str):
-        """Each array to store, in order, with `digest` updated for it."""
+    def file_chunks(file: Path, offset: int, size: int):
+        with open(file, "rb") as stream:
+            stream.seek(offset)
+            while size:
+                chunk = stream.read(min(PLAIN_CHUNK, size))
+                size -= len(chunk)
+                yield chunk
+
+    def stored(desc: str):
+        """Each array to store, in order: its dtype, shape and bytes (in chunks)."""
         for weight, layout in tqdm(list(zip(weights, layouts)), desc=desc, unit="tensor", leave=False):
             info = ExternalDataInfo(weight)
-            array = np.fromfile(graph_dir / info.location, dtype=tensor_dtype_to_np_dtype(weight.data_type),
-                                count=int(np.prod(weight.dims)), offset=info.offset).reshape(weight.dims)
+            dtype, shape = np.dtype(tensor_dtype_to_np_dtype(weight.data_type)), tuple(int(d) for d in weight.dims)
+            count, file = int(np.prod(shape)), graph_dir / info.location
+            if layout == PLAIN:
+                yield dtype, shape, file_chunks(file, info.offset, count * dtype.itemsize)
+                continue
+            array = np.fromfile(file, dtype=dtype, count=count, offset=info.offset).reshape(shape)
             for array in packers[layout](array):
-                digest.update(f"{array.dtype.str}{array.shape}".encode())
-                digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # bytes of any dtype, bf16 too
-                yield array
+                yield array.dtype, array.shape, [np.ascontiguousarray(array).reshape(-1).view(np.uint8)]  # any dtype
+
+    def hashed(digest, dtype, shape, chunks):
+        digest.update(f"{dtype.str}{shape}".encode())
+        for chunk in chunks:
+            digest.update(chunk)
+            yield chunk
 
     if same_as:
         source, expected = same_as
         digest = hashlib.sha256()
-        for _ in packed(digest, "comparing weights"):
-            pass
+        for dtype, shape, chunks in stored("comparing weights"):
+            for _ in hashed(digest, dtype, shape, chunks):
+                pass
         if digest.hexdigest() == expected:
             try:
                 os.link(source, path)
@@ -450,7 +487,10 @@ def write_params(path: Path, graph_dir: Path, weights: list, layouts: list[str],
                 pass
     digest = hashlib.sha256()
     with zipfile.ZipFile(path, "w", allowZip64=True) as archive:
-        for written, array in enumerate(packed(digest, "writing weights")):
+        for written, (dtype, shape, chunks) in enumerate(stored("writing weights")):
             with archive.open(f"arr_{written}.npy", "w", force_zip64=True) as entry:
-                np.lib.format.write_array(entry, array)
+                np.lib.format.write_array_header_1_0(
+                    entry, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+                for chunk in hashed(digest, dtype, shape, chunks):
+                    entry.write(chunk)
     return digest.hexdigest()
