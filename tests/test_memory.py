@@ -165,16 +165,10 @@ for path, before in zip(paths, outputs):
 def test_a_process_that_only_runs_artifacts_imports_only_what_running_takes(tvm_artifacts, onnx_artifacts, tmp_path):
     # unused and resident: PyTorch (250 MB: tvm_ffi imports it when it is installed, and so does AutoTokenizer),
     # transformers (40 MB) and TVM's compiler library (110 MB, LLVM included)
-    import os
-    import subprocess
-    import sys
-
     from toolkit.api import Embedder
 
     artifacts = [str(tvm_artifacts["embedding"][0]), str(onnx_artifacts["embedding"][0])]
-    env = {k: v for k, v in os.environ.items() if k != "TVM_USE_RUNTIME_LIB"}  # conftest's, for this process
-    subprocess.run([sys.executable, "-c", RUNS_ARTIFACTS_ONLY, tmp_path / "out.npy", *artifacts], check=True,
-                   timeout=600, env=env)
+    run_as_a_user_would(RUNS_ARTIFACTS_ONLY, tmp_path / "out.npy", *artifacts)
     rows = ["The capital of China is Beijing.", "Gravity pulls things toward each other."]
     here = np.stack([Embedder.from_artifacts(path).encode_documents(rows) for path in artifacts])  # full TVM library
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), here)
@@ -200,10 +194,15 @@ assert manifest.build["stage_peak_rss_mb"]["tvm"] > resident_mb() + 100, (manife
 
 def test_compile_builds_tvm_in_a_process_of_its_own_and_counts_it(checkpoints, tmp_path):
     # what TVM's compiler leaves resident would otherwise sit under validation's load of the artifact
+    run_as_a_user_would(COMPILES_TVM, checkpoints["embedding"], tmp_path)
+
+
+def run_as_a_user_would(script: str, *args) -> None:
+    """Run `script` in a new Python process where TVM's library is left to the toolkit (conftest fixes it for this
+    process)."""
     import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "TVM_USE_RUNTIME_LIB"}  # conftest's, for this process
-    subprocess.run([sys.executable, "-c", COMPILES_TVM, str(checkpoints["embedding"]), str(tmp_path)], check=True,
-                   timeout=600, env=env)
+    env = {k: v for k, v in os.environ.items() if k != "TVM_USE_RUNTIME_LIB"}
+    subprocess.run([sys.executable, "-c", script, *map(str, args)], check=True, timeout=600, env=env)

@@ -250,7 +250,7 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
             built, stage.child_mb = compile_tvm_process(
                 artifact.final, onnx_path=str(artifact.graph), out_dir=str(out), device=cfg.target,
                 batch=cfg.batch_for(artifact.seq_len), seq_len=artifact.seq_len,
-                int8_layers=sorted(plan.int8_layers()) if plan else [], same_params=same_params)
+                int8_layers=plan.int8_layers() if plan else [], same_params=same_params)
         if built["unscheduled"]:
             log(f"warning: {len(built['unscheduled'])} PrimFunc(s) left unscheduled: "
                 + ", ".join(built["unscheduled"]))
