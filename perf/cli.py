@@ -130,14 +130,16 @@ def compare_cmd(checkpoint, artifacts, iterations, warmup, no_torch, interleave,
 @click.option("--threads", type=int, help="compute threads for the whole process (default: all cores)")
 @click.option("--fp16-load", type=click.Choice(["low-peak", "fold"]), default="low-peak", show_default=True,
               help="ONNX fp16 artifacts: load at half the peak memory, or fold (about 5% faster)")
+@click.option("--rounds", type=int, default=1, show_default=True,
+              help="run everything N times, the order reversed each round; medians, ratios within each round")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
-def traffic_cmd(data, artifacts, checkpoint, torch_batch, limit, instances, threads, fp16_load, json_out):
+def traffic_cmd(data, artifacts, checkpoint, torch_batch, limit, instances, threads, fp16_load, rounds, json_out):
     """Real requests through torch eager and artifact sets: throughput, padding, GFLOP/s vs peak, agreement."""
     from toolkit.perf.traffic import TrafficOptions, run_traffic, traffic_report
 
     options = TrafficOptions(data=data, artifacts=tuple(artifacts), checkpoint=checkpoint,
                              torch_batches=number_list(torch_batch, "--torch-batch", int), limit=limit,
-                             instances=instances, threads=threads, fp16_load=fp16_load).check()
+                             instances=instances, threads=threads, fp16_load=fp16_load, rounds=rounds).check()
     result = run_traffic(options)
     click.echo(traffic_report(result))
     write_json(json_out, result)
@@ -154,7 +156,7 @@ def traffic_cmd(data, artifacts, checkpoint, torch_batch, limit, instances, thre
 @click.option("--max-wait-ms", type=float, default=2.0, show_default=True, help="the server's batching wait")
 @click.option("--ray-replicas", type=int, help="also measure Ray Serve with this many replicas")
 @click.option("--repeat", type=int, default=1, show_default=True,
-              help="run it all N times and report medians (each served run against the offline run before it)")
+              help="run it all N times and report medians (each served run against the offline runs around it)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
 def serve_cmd(artifact, data, limit, clients, instances, threads, max_wait_ms, ray_replicas, repeat, json_out):
     """Served throughput (single-sentence requests) vs the offline Embedder, and latency at half that load."""

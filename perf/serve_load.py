@@ -6,8 +6,9 @@
 3. at half that load: requests arriving at a fixed rate of half the served throughput (open loop): latency p50 / p99;
 4. with `ray_replicas`: 2 and 3 again on `toolkit serve --ray --replicas N` (a local Ray instance).
 
-With `repeat` > 1 the whole sequence runs that many times and each figure is the median; a served run's ratio is to
-the offline run just before it (a shared machine drifts by more than the gap being measured).
+An offline run goes before and after each served run, and a served run's ratio is to the mean of those two (a shared
+machine drifts by more than the gap being measured). With `repeat` > 1 the whole sequence runs that many times and
+each figure is the median.
 
     result = run_serve_load(ServeLoadOptions(artifact="ws/emb/onnx", data="sts12", limit=256, ray_replicas=2))
 """
@@ -213,21 +214,30 @@ def run_serve_load(options: ServeLoadOptions, progress: bool = True) -> dict:
                       args + ["--ray", "--replicas", options.ray_replicas], options.ray_replicas))
     repeats = []
     for _ in range(options.repeat):
-        # in a child process: its copy of the weights is gone (all of it) before a server loads its own
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
-            offline_s, reference, warmup = child.submit(run_offline, options, texts, progress).result()
-        offline = len(texts) / offline_s
+        offline_s, reference, warmup = offline_in_child(options, texts, progress)
+        offline = [len(texts) / offline_s]
         runs = []
         for name, server_args, replicas in modes:
             with ServerProcess(server_args) as server:
-                runs.append(measure_server(name, server, texts, warmup * replicas, reference, offline,
-                                           options.clients))
+                runs.append(measure_server(name, server, texts, warmup * replicas, reference, options.clients))
                 runs[-1]["exit_code"] = server.stop()
-        repeats.append({"offline": {"sentences_per_s": offline, "seconds": offline_s}, "runs": runs})
+            offline.append(len(texts) / offline_in_child(options, texts, progress)[0])
+            # against the offline runs just before and just after it: the machine drifts from run to run by more
+            # than the gap being measured
+            runs[-1]["offline_around"] = offline[-2:]
+            runs[-1]["vs_offline"] = runs[-1]["sentences_per_s"] / float(np.mean(offline[-2:]))
+        repeats.append({"offline": {"sentences_per_s": median(offline), "runs": offline}, "runs": runs})
     return {"data": str(options.data), "sentences": len(texts), "clients": options.clients,
             "artifact": str(options.artifact), "repeat": options.repeat,
             "offline": {"sentences_per_s": median(r["offline"]["sentences_per_s"] for r in repeats)},
             "runs": [median_run([r["runs"][k] for r in repeats]) for k in range(len(modes))], "repeats": repeats}
+
+
+def offline_in_child(options: ServeLoadOptions, texts: list[str],
+                     progress: bool) -> tuple[float, np.ndarray, list[str]]:
+    """`run_offline` in a child process: its copy of the weights is gone (all of it) before a server loads its own."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
+        return child.submit(run_offline, options, texts, progress).result()
 
 
 def median(values) -> float:
@@ -263,7 +273,7 @@ def run_offline(options: ServeLoadOptions, texts: list[str], progress: bool) -> 
 
 
 def measure_server(name: str, server: ServerProcess, texts: list[str], warmup: list[str], reference: np.ndarray,
-                   offline: float, clients: int) -> dict:
+                   clients: int) -> dict:
     """Saturation with `clients` closed-loop clients, then latency at half the throughput it reached."""
     bodies = [embed_request(t) for t in texts]
     asyncio.run(closed_loop(server.base, "/embed", [embed_request(t) for t in warmup], clients))
@@ -274,7 +284,7 @@ def measure_server(name: str, server: ServerProcess, texts: list[str], warmup: l
     half = bodies[: max(clients, len(bodies) // 2)]
     timed = asyncio.run(open_loop(server.base, "/embed", half, served / 2))
     latency = [a.seconds * 1000 for a in timed if a.status == 200]
-    run = {"name": name, "sentences_per_s": served, "vs_offline": served / offline, "seconds": seconds,
+    run = {"name": name, "sentences_per_s": served, "seconds": seconds,
            "failed": len(answers) - sum(ok), "half_load_rate": served / 2,
            "half_load_failed": sum(a.status != 200 for a in timed),
            "latency_ms": {"p50": float(np.percentile(latency, 50)), "p99": float(np.percentile(latency, 99))}

@@ -6,7 +6,11 @@ on real tokens (FLOPs of each row at its real length) against this machine's mea
 the best torch run, the agreement with torch (the task's measure: min cosine / max |ΔP(yes)|), and the memory the
 run's model holds (resident MB added by loading it and running the warm-up).
 
-    result = run_traffic(TrafficOptions(data="../shared/data/sts12_test.jsonl", artifacts=("ws/emb/tvm",)))
+With `rounds` > 1 every run goes that many times, the order reversed each round, and each figure is the median; a
+run's ratio to torch is taken within each round (runs minutes apart on a shared machine drift by 10-20%, more than the
+gaps being measured) and the table shows the median with the range over the rounds.
+
+    result = run_traffic(TrafficOptions(data="../shared/data/sts12_test.jsonl", artifacts=("ws/emb/tvm",), rounds=3))
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from toolkit.api import RunnerStats, model_class
 from toolkit.artifact import find_artifacts
@@ -38,7 +44,8 @@ class TrafficOptions:
     (same task); `checkpoint`: the torch reference (default: the one the first artifact was built from);
     `torch_batches`: torch eager's dynamic batch sizes; `limit`: the first N requests; `instances`: engine instances
     per artifact; `threads`: the process's compute-thread budget (default: all cores); `fp16_load`: how ONNX
-    Runtime loads fp16 artifacts (`backends.set_fp16_load`)."""
+    Runtime loads fp16 artifacts (`backends.set_fp16_load`); `rounds`: times every run goes (the figures are
+    medians)."""
 
     data: str
     artifacts: tuple[str | Path, ...] = ()
@@ -48,6 +55,7 @@ class TrafficOptions:
     instances: int = 1
     threads: int | None = None
     fp16_load: str = "low-peak"
+    rounds: int = 1
 
     def check(self) -> "TrafficOptions":
         """Raise ToolkitError (naming the option) for the first invalid field; return self."""
@@ -58,6 +66,7 @@ class TrafficOptions:
         if self.limit is not None:
             check_int(self.limit, "--limit", 1)
         check_int(self.instances, "--instance", 1)
+        check_int(self.rounds, "--rounds", 1)
         if self.threads is not None:
             check_int(self.threads, "--threads", 1)
         return self
@@ -87,38 +96,68 @@ def run_traffic(options: TrafficOptions, progress: bool = True) -> dict:
               lambda path=path: cls.from_artifacts(path, instances=options.instances, truncation="truncate"))
              for path, s in zip(options.artifacts, sets)]
     result = {"task": task.name, "data": str(options.data), "requests": len(requests), "checkpoint": str(checkpoint),
-              "matmul_peak_gflops": matmul_peak_gflops(), "runs": []}
-    reference = None
-    for name, make in runs:
-        before = resident_mb()
-        with make() as model:
-            lengths = token_lengths(task, model.tokenizer, requests).clip(max=model.max_length)
-            task.serve(model, warmup_subset(requests, lengths))
-            held = resident_mb() - before
-            model.runner.stats = RunnerStats()
-            started = time.perf_counter()
-            outputs = task.serve(model, requests, progress=progress)
-            seconds = time.perf_counter() - started
-            stats = model.runner.stats
-        del model  # one run's weights in memory at a time
-        gc.collect()
-        return_freed_memory()
-        flops = sum(forward_flops(config, int(n), 1) for n in lengths)
-        run = {"name": name, "seconds": seconds, "requests_per_s": len(requests) / seconds,
-               "real_tokens_per_s": stats.real_tokens / seconds, "padding": stats.padding_fraction,
-               "batches_per_seq": stats.batches_per_seq, "gflops": flops / seconds / 1e9, "resident_mb": held}
-        run["fraction_of_peak"] = run["gflops"] / result["matmul_peak_gflops"]
-        if reference is None:
-            reference = outputs
-        else:
-            run["agreement_vs_first"] = task.agreement(reference, outputs)
-        result["runs"].append(run)
-    torch_runs = [r for r in result["runs"] if r["name"].startswith("torch")]
-    best_torch = max((r["requests_per_s"] for r in torch_runs), default=None)
-    for r in result["runs"]:
-        r["vs_best_torch"] = r["requests_per_s"] / best_torch if best_torch else None
+              "matmul_peak_gflops": matmul_peak_gflops(), "rounds": options.rounds}
+    rounds = []
+    for k in range(options.rounds):
+        # reversed every other round: on a machine that drifts during the run, no run is always first
+        order = list(range(len(runs)))[:: 1 if k % 2 == 0 else -1]
+        timed = {i: time_run(task, *runs[i], requests, config, progress) for i in order}
+        rounds.append(round_figures([timed[i] for i in range(len(runs))], task, result["matmul_peak_gflops"]))
+    result["runs"] = [median_over_rounds([r[i] for r in rounds]) for i in range(len(runs))]
     result["gate_key"] = task.gate_key
     return result
+
+
+def time_run(task, name: str, make, requests: list, config: dict, progress: bool) -> tuple[dict, list]:
+    """Load one run's model, warm it up, replay the requests, unload it; its figures and its outputs."""
+    before = resident_mb()
+    with make() as model:
+        lengths = token_lengths(task, model.tokenizer, requests).clip(max=model.max_length)
+        task.serve(model, warmup_subset(requests, lengths))
+        held = resident_mb() - before
+        model.runner.stats = RunnerStats()
+        started = time.perf_counter()
+        outputs = task.serve(model, requests, progress=progress)
+        seconds = time.perf_counter() - started
+        stats = model.runner.stats
+    del model  # one run's weights in memory at a time
+    gc.collect()
+    return_freed_memory()
+    flops = sum(forward_flops(config, int(n), 1) for n in lengths)
+    return {"name": name, "seconds": seconds, "requests_per_s": len(requests) / seconds,
+            "real_tokens_per_s": stats.real_tokens / seconds, "padding": stats.padding_fraction,
+            "batches_per_seq": stats.batches_per_seq, "gflops": flops / seconds / 1e9, "resident_mb": held}, outputs
+
+
+def round_figures(timed: list[tuple[dict, list]], task, peak_gflops: float) -> list[dict]:
+    """One round's runs (in run order) with their share of the peak, their ratio to the round's best torch run and
+    their agreement with the round's first run."""
+    runs = [run for run, _ in timed]
+    best_torch = max((r["requests_per_s"] for r in runs if r["name"].startswith("torch")), default=None)
+    reference = timed[0][1]
+    for k, (run, outputs) in enumerate(timed):
+        run["fraction_of_peak"] = run["gflops"] / peak_gflops
+        run["vs_best_torch"] = run["requests_per_s"] / best_torch if best_torch else None
+        if k:
+            run["agreement_vs_first"] = task.agreement(reference, outputs)
+    return runs
+
+
+MEDIAN_FIGURES = ("seconds", "requests_per_s", "real_tokens_per_s", "gflops", "fraction_of_peak", "resident_mb")
+
+
+def median_over_rounds(runs: list[dict]) -> dict:
+    """One run's rounds as one: the median of each timed figure and of the ratio to torch, the ratio's range, and
+    the first round's padding and agreement (every round computes the same batches)."""
+    run = {**runs[0], **{key: float(np.median([r[key] for r in runs])) for key in MEDIAN_FIGURES}}
+    run["resident_mb"] = int(run["resident_mb"])
+    if run["vs_best_torch"] is not None:
+        ratios = [r["vs_best_torch"] for r in runs]
+        run["vs_best_torch"] = float(np.median(ratios))
+        run["vs_best_torch_range"] = [min(ratios), max(ratios)]
+    if len(runs) > 1:
+        run["per_round"] = [{key: r[key] for key in ("requests_per_s", "vs_best_torch")} for r in runs]
+    return run
 
 
 def warmup_subset(requests: list, lengths) -> list:
@@ -132,11 +171,21 @@ def traffic_report(result: dict) -> str:
     """The side-by-side table."""
     key = result["gate_key"]
     rows = [[r["name"], r["requests_per_s"], r["real_tokens_per_s"], f"{100 * r['padding']:.1f}%", r["gflops"],
-             f"{100 * r['fraction_of_peak']:.0f}%", r["vs_best_torch"] if r["vs_best_torch"] else "-",
+             f"{100 * r['fraction_of_peak']:.0f}%", ratio_cell(r),
              f"{r['agreement_vs_first'][key]:.6f}" if "agreement_vs_first" in r else "(reference)",
              r["resident_mb"]]
             for r in result["runs"]]
     title = (f"{result['task']}: {result['requests']} requests from {result['data']}; fp32 matmul peak "
-             f"{result['matmul_peak_gflops']:.0f} GFLOP/s (numpy, same machine)")
+             f"{result['matmul_peak_gflops']:.0f} GFLOP/s (numpy, same machine)"
+             + (f"; medians of {result['rounds']} rounds, ratio range in brackets" if result["rounds"] > 1 else ""))
     return format_table(["run", "requests/s", "real tokens/s", "padding", "GFLOP/s", "of peak", "vs torch",
                          f"{key} vs first", "memory MB"], rows, title=title)
+
+
+def ratio_cell(run: dict) -> str:
+    """The ratio to torch, with its range over the rounds where there were several."""
+    if run["vs_best_torch"] is None:
+        return "-"
+    low, high = run.get("vs_best_torch_range", (None, None))
+    spread = f" ({low:.2f}-{high:.2f})" if "per_round" in run else ""
+    return f"{run['vs_best_torch']:.3f}{spread}"

@@ -171,6 +171,35 @@ def test_perf_traffic_prints_ratios_padding_and_agreement(onnx_artifacts, tmp_pa
     assert seq_rows >= 24 // 2  # batch-2 artifacts: at least 12 batches ran
 
 
+def test_perf_traffic_rounds_alternate_the_order_and_take_each_ratio_within_its_round(onnx_artifacts, monkeypatch):
+    from toolkit.perf import traffic
+
+    order = []
+
+    def recording_time_run(task, name, *args):
+        order.append(name)
+        return real_time_run(task, name, *args)
+
+    real_time_run = traffic.time_run
+    monkeypatch.setattr(traffic, "time_run", recording_time_run)
+    result = traffic.run_traffic(traffic.TrafficOptions(
+        data="sts12-sample", artifacts=(str(onnx_artifacts["embedding"][0].parent),), torch_batches=(8,), limit=8,
+        rounds=3), progress=False)
+    torch_name, artifact_name = (r["name"] for r in result["runs"])
+    assert order == [torch_name, artifact_name, artifact_name, torch_name, torch_name, artifact_name]
+    torch_run, artifact_run = result["runs"]
+    assert [r["vs_best_torch"] for r in torch_run["per_round"]] == [1.0, 1.0, 1.0]
+    ratios = [r["vs_best_torch"] for r in artifact_run["per_round"]]
+    assert artifact_run["vs_best_torch"] == float(np.median(ratios))
+    assert artifact_run["vs_best_torch_range"] == [min(ratios), max(ratios)]
+    rates = [r["requests_per_s"] for r in artifact_run["per_round"]]
+    assert artifact_run["requests_per_s"] == float(np.median(rates))
+    assert artifact_run["agreement_vs_first"]["min_cosine"] >= 0.999
+    assert "medians of 3 rounds" in traffic.traffic_report(result)
+    with pytest.raises(ToolkitError, match="--rounds"):
+        traffic.TrafficOptions(data="sts12-sample", artifacts=("x",), rounds=0).check()
+
+
 def test_find_artifacts_accepts_a_batch_per_seq_but_not_two_artifacts_for_one_seq(onnx_artifacts, tmp_path):
     import shutil
 

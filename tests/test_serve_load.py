@@ -13,7 +13,7 @@ import pytest
 from serving import TIMEOUT, bucket_sets, serve_process, served
 
 from toolkit.api import Embedder
-from toolkit.perf.serve_load import closed_loop
+from toolkit.perf.serve_load import ServeLoadOptions, closed_loop, run_serve_load, serve_load_report
 from toolkit.serve.app import create_app
 from toolkit.serve.service import Limits
 
@@ -76,3 +76,15 @@ def test_overload_is_429_with_retry_after_never_500_and_health_after(embedding_s
         assert httpx.get(f"{base}/health", timeout=TIMEOUT).json() == {"status": "ok"}
         after = httpx.post(f"{base}/embed", json={"inputs": texts[0]}, timeout=TIMEOUT)
         assert after.status_code == 200 and np.max(np.abs(np.array(after.json()[0]) - expected[0])) <= TOLERANCE
+
+
+def test_perf_serve_rates_each_served_run_against_the_offline_runs_around_it(embedding_set):
+    result = run_serve_load(ServeLoadOptions(artifact=embedding_set, data="sts12-sample", limit=16, clients=4),
+                            progress=False)
+    (served,), offline_runs = result["repeats"][0]["runs"], result["repeats"][0]["offline"]["runs"]
+    assert len(offline_runs) == 2 and served["offline_around"] == offline_runs
+    assert served["vs_offline"] == pytest.approx(served["sentences_per_s"] / np.mean(offline_runs))
+    assert served["failed"] == served["half_load_failed"] == 0 and served["exit_code"] == 0
+    assert served["agreement"]["max_abs_diff"] <= TOLERANCE
+    assert result["runs"][0]["vs_offline"] == served["vs_offline"]  # one repeat: its figures are the medians
+    assert "served, 4 clients (uvicorn)" in serve_load_report(result)
