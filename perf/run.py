@@ -98,6 +98,11 @@ class PerfRunOptions:
         return "latency" if self.queue_size == 0 else "throughput"
 
 
+def median(values) -> float:
+    """The median of an iterable of numbers."""
+    return float(np.median(list(values)))
+
+
 def check_percentiles(percentiles, flag: str = "--percentiles") -> None:
     """Raise ToolkitError unless `percentiles` is a non-empty sequence of numbers in [0, 100]."""
     if isinstance(percentiles, (str, bytes)) or not isinstance(percentiles, (tuple, list)) or not percentiles:

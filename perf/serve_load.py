@@ -35,7 +35,7 @@ from toolkit.api import Embedder
 from toolkit.buckets import token_lengths
 from toolkit.errors import ToolkitError
 from toolkit.eval.datasets import load_dataset
-from toolkit.perf.run import check_int
+from toolkit.perf.run import check_int, median
 from toolkit.perf.traffic import warmup_subset
 from toolkit.report import format_table
 from toolkit.runtime import set_cpu_threads
@@ -238,11 +238,6 @@ def offline_in_child(options: ServeLoadOptions, texts: list[str],
     """`run_offline` in a child process: its copy of the weights is gone (all of it) before a server loads its own."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
         return child.submit(run_offline, options, texts, progress).result()
-
-
-def median(values) -> float:
-    """The median of an iterable of numbers."""
-    return float(np.median(list(values)))
 
 
 def median_run(runs: list[dict]) -> dict:

@@ -19,8 +19,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from toolkit.api import RunnerStats, model_class
 from toolkit.artifact import find_artifacts
 from toolkit.backends import set_fp16_load
@@ -30,7 +28,7 @@ from toolkit.errors import ToolkitError
 from toolkit.eval.datasets import load_dataset
 from toolkit.memory import resident_mb, return_freed_memory
 from toolkit.perf.compare import forward_flops, matmul_peak_gflops
-from toolkit.perf.run import check_int
+from toolkit.perf.run import check_int, median
 from toolkit.report import format_table
 from toolkit.runtime import set_cpu_threads
 from toolkit.tasks import get_task
@@ -149,11 +147,11 @@ MEDIAN_FIGURES = ("seconds", "requests_per_s", "real_tokens_per_s", "gflops", "f
 def median_over_rounds(runs: list[dict]) -> dict:
     """One run's rounds as one: the median of each timed figure and of the ratio to torch, the ratio's range, and
     the first round's padding and agreement (every round computes the same batches)."""
-    run = {**runs[0], **{key: float(np.median([r[key] for r in runs])) for key in MEDIAN_FIGURES}}
+    run = {**runs[0], **{key: median(r[key] for r in runs) for key in MEDIAN_FIGURES}}
     run["resident_mb"] = int(run["resident_mb"])
     if run["vs_best_torch"] is not None:
         ratios = [r["vs_best_torch"] for r in runs]
-        run["vs_best_torch"] = float(np.median(ratios))
+        run["vs_best_torch"] = median(ratios)
         run["vs_best_torch_range"] = [min(ratios), max(ratios)]
     if len(runs) > 1:
         run["per_round"] = [{key: r[key] for key in ("requests_per_s", "vs_best_torch")} for r in runs]
@@ -186,6 +184,7 @@ def ratio_cell(run: dict) -> str:
     """The ratio to torch, with its range over the rounds where there were several."""
     if run["vs_best_torch"] is None:
         return "-"
-    low, high = run.get("vs_best_torch_range", (None, None))
-    spread = f" ({low:.2f}-{high:.2f})" if "per_round" in run else ""
-    return f"{run['vs_best_torch']:.3f}{spread}"
+    if "per_round" not in run:
+        return f"{run['vs_best_torch']:.3f}"
+    low, high = run["vs_best_torch_range"]
+    return f"{run['vs_best_torch']:.3f} ({low:.2f}-{high:.2f})"
