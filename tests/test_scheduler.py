@@ -21,10 +21,10 @@ POISON = 666  # a row holding this token makes EchoBackend fail
 class EchoBackend(Backend):
     """Outputs [last token, real length] per row; waits for `gate` before each run; fails on POISON."""
 
-    name, task, batch, dynamic_batch = "echo", EMBEDDING, 4, True
+    name, task, batch = "echo", EMBEDDING, 4
 
-    def __init__(self, seq_len: int, gate: threading.Event):
-        self.seq_len, self.gate = seq_len, gate
+    def __init__(self, seq_len: int, gate: threading.Event, dynamic_batch: bool = True):
+        self.seq_len, self.gate, self.dynamic_batch = seq_len, gate, dynamic_batch
 
     def run(self, input_ids, attention_mask):
         self.gate.wait(TIMEOUT)
@@ -45,11 +45,16 @@ class Recorder(SchedulerObserver):
         self.finished += 1
 
 
-@pytest.fixture
-def echo():
+def echo_runner(dynamic_batch: bool = True) -> tuple[BucketedRunner, threading.Event]:
+    """Engines at SEQ 8 and 16, batch 4, that run while the returned gate is set (it is)."""
     gate = threading.Event()
     gate.set()
-    runner = BucketedRunner([Engine(lambda i, dev, s=s: EchoBackend(s, gate)) for s in (8, 16)])
+    return BucketedRunner([Engine(lambda i, dev, s=s: EchoBackend(s, gate, dynamic_batch)) for s in (8, 16)]), gate
+
+
+@pytest.fixture
+def echo():
+    runner, gate = echo_runner()
     yield runner, gate
     runner.close()
 
@@ -97,15 +102,38 @@ def test_the_fullest_batch_goes_first_and_a_passed_over_row_goes_within_max_pass
     scheduler.close()
 
 
+@pytest.mark.parametrize("dynamic_batch", [False, True])
+def test_a_batch_takes_the_longest_rows_it_can(dynamic_batch):
+    runner, gate = echo_runner(dynamic_batch)
+    recorder = Recorder()
+    scheduler = BatchScheduler(runner, max_batch_tokens=1024, max_wait_ms=0, observer=recorder)
+    gate.clear()
+    blocker = scheduler.submit([[1]])  # holds the only instance: what comes next waits in the pool
+    wait_until(lambda: len(recorder.batches) == 1)
+    lengths = [9, 16, 10, 14, 15, 3]
+    futures = [scheduler.submit([[4] * n]) for n in lengths]
+    gate.set()
+    blocker.result(TIMEOUT)
+    for n, future in zip(lengths, futures):
+        assert np.array_equal(future.result(TIMEOUT), expected([[4] * n]))
+    scheduler.close()
+    runner.close()
+    # SEQ 16, 4 rows: 16, 15, 14 and 10 (55 real tokens), not the 4 shortest of its bucket (48). Then a static batch
+    # takes the 3-token row among its padding rows; a dynamic one would compute it as a row of 16 slots: SEQ 8 alone
+    rest = [(16, 2, 12)] if not dynamic_batch else [(16, 1, 9), (8, 1, 3)]
+    assert [(b.seq, len(b.indices), b.real_tokens) for b in recorder.batches[1:]] == [(16, 4, 55), *rest]
+
+
 def test_a_full_batch_goes_at_once_while_a_lone_row_waits(echo):
     runner, _ = echo
     scheduler = BatchScheduler(runner, max_batch_tokens=64, max_wait_ms=600_000)  # waits "forever" for company
-    lonely = scheduler.submit([[5] * 8])
-    full = scheduler.submit([[7] * 3] * 4)  # 4 rows: a full SEQ 8 batch
+    lonely = scheduler.submit([[5] * 12])  # SEQ 16
+    full = scheduler.submit([[7] * 3] * 4)  # 4 rows: a full SEQ 8 batch (12 of 32 slots real; with the lone row, at
+    # SEQ 16, 21 of 64)
     assert np.array_equal(full.result(TIMEOUT), expected([[7] * 3] * 4))
     assert not lonely.done() and scheduler.pending_rows == 1
     scheduler.close()
-    assert np.array_equal(lonely.result(TIMEOUT), expected([[5] * 8]))
+    assert np.array_equal(lonely.result(TIMEOUT), expected([[5] * 12]))
 
 
 def wait_until(condition):
