@@ -92,6 +92,9 @@ def test_every_scheduled_kernel_matches_its_unscheduled_twin(tmp_path, task, bat
     if seq % 16:
         assert any("_pad" in scheduled[gv].script() for gv in scheduled.get_global_vars()
                    if gv.name_hint.startswith("fused_matmul"))
+    # q's RoPE: a head's 8 vectors unrolled, so rotate-half's `64 <= d` is decided per vector, not per lane
+    assert any("T.unroll" in scheduled[gv].script() for gv in scheduled.get_global_vars()
+               if "concatenate" in gv.name_hint)
     rng = np.random.default_rng(0)
     checked = 0
     for gv, func in scheduled.functions.items():
