@@ -2,7 +2,9 @@
 
 1. offline: `Embedder.encode_documents` over every sentence at once (the best batching there is): sentences/s;
 2. served: `toolkit serve` as a child process, `clients` concurrent connections each sending one sentence per request
-   as soon as its last one is answered (closed loop): sentences/s, the ratio to offline, agreement with its vectors;
+   as soon as its last one is answered (closed loop): sentences/s, the ratio to offline, agreement with its vectors,
+   and the token slots its batches computed (from `/metrics`) against offline's: how much the service loses to
+   packing, a figure the machine's drift does not move;
 3. at half that load: requests arriving at a fixed rate of half the served throughput (open loop): latency p50 / p99;
 4. with `ray_replicas`: 2 and 3 again on `toolkit serve --ray --replicas N` (a local Ray instance).
 
@@ -214,27 +216,32 @@ def run_serve_load(options: ServeLoadOptions, progress: bool = True) -> dict:
                       args + ["--ray", "--replicas", options.ray_replicas], options.ray_replicas))
     repeats = []
     for _ in range(options.repeat):
-        offline_s, reference, warmup = offline_in_child(options, texts, progress)
+        offline_s, reference, warmup, offline_slots = offline_in_child(options, texts, progress)
         offline = [len(texts) / offline_s]
         runs = []
         for name, server_args, replicas in modes:
             with ServerProcess(server_args) as server:
-                runs.append(measure_server(name, server, texts, warmup * replicas, reference, options.clients))
+                runs.append(measure_server(name, server, texts, warmup * replicas, reference, options.clients,
+                                           replicas))
                 runs[-1]["exit_code"] = server.stop()
             offline.append(len(texts) / offline_in_child(options, texts, progress)[0])
             # against the offline runs just before and just after it: the machine drifts from run to run by more
             # than the gap being measured
             runs[-1]["offline_around"] = offline[-2:]
             runs[-1]["vs_offline"] = runs[-1]["sentences_per_s"] / float(np.mean(offline[-2:]))
-        repeats.append({"offline": {"sentences_per_s": median(offline), "runs": offline}, "runs": runs})
+            if runs[-1]["token_slots"] is not None:
+                runs[-1]["token_slots_vs_offline"] = runs[-1]["token_slots"] / offline_slots
+        repeats.append({"offline": {"sentences_per_s": median(offline), "runs": offline, "token_slots": offline_slots},
+                        "runs": runs})
     return {"data": str(options.data), "sentences": len(texts), "clients": options.clients,
             "artifact": str(options.artifact), "repeat": options.repeat,
-            "offline": {"sentences_per_s": median(r["offline"]["sentences_per_s"] for r in repeats)},
+            "offline": {"sentences_per_s": median(r["offline"]["sentences_per_s"] for r in repeats),
+                        "token_slots": repeats[0]["offline"]["token_slots"]},
             "runs": [median_run([r["runs"][k] for r in repeats]) for k in range(len(modes))], "repeats": repeats}
 
 
 def offline_in_child(options: ServeLoadOptions, texts: list[str],
-                     progress: bool) -> tuple[float, np.ndarray, list[str]]:
+                     progress: bool) -> tuple[float, np.ndarray, list[str], int]:
     """`run_offline` in a child process: its copy of the weights is gone (all of it) before a server loads its own."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
         return child.submit(run_offline, options, texts, progress).result()
@@ -244,8 +251,10 @@ def median_run(runs: list[dict]) -> dict:
     """One mode's repeats as one run: the median of each figure, the worst agreement, every failure counted."""
     latencies = [r["latency_ms"] for r in runs if r["latency_ms"]]
     agreements = [r["agreement"] for r in runs if "agreement" in r]
-    run = {"name": runs[0]["name"], **{key: median(r[key] for r in runs) for key in
-                                       ("sentences_per_s", "vs_offline", "seconds", "half_load_rate")},
+    slots = ("token_slots", "token_slots_vs_offline") if all(r["token_slots"] is not None for r in runs) else ()
+    run = {"name": runs[0]["name"], "token_slots": None,
+           **{key: median(r[key] for r in runs) for key in
+              ("sentences_per_s", "vs_offline", "seconds", "half_load_rate", *slots)},
            "failed": sum(r["failed"] for r in runs), "half_load_failed": sum(r["half_load_failed"] for r in runs),
            "latency_ms": {q: median(x[q] for x in latencies) for q in ("p50", "p99")} if latencies else None,
            "exit_code": max((r["exit_code"] for r in runs), key=abs)}
@@ -254,32 +263,37 @@ def median_run(runs: list[dict]) -> dict:
     return run
 
 
-def run_offline(options: ServeLoadOptions, texts: list[str], progress: bool) -> tuple[float, np.ndarray, list[str]]:
-    """Seconds `Embedder.encode_documents` takes over all the texts at once (after a warm-up), its vectors, and the
-    warm-up texts (spread over the lengths, so every bucket runs)."""
+def run_offline(options: ServeLoadOptions, texts: list[str],
+                progress: bool) -> tuple[float, np.ndarray, list[str], int]:
+    """Seconds `Embedder.encode_documents` takes over all the texts at once (after a warm-up), its vectors, the
+    warm-up texts (spread over the lengths, so every bucket runs) and the token slots it computed (padding
+    included)."""
     if options.threads:
         set_cpu_threads(options.threads)
     with Embedder.from_artifacts(options.artifact, instances=options.instances, truncation="truncate") as model:
         warmup = warmup_subset(texts, token_lengths(EMBEDDING, model.tokenizer, texts).clip(max=model.max_length))
         model.encode_documents(warmup)
-        started = time.perf_counter()
+        slots_before, started = model.runner.stats.computed_tokens, time.perf_counter()
         vectors = model.encode_documents(texts, progress=progress)
-        return time.perf_counter() - started, vectors, warmup
+        return time.perf_counter() - started, vectors, warmup, model.runner.stats.computed_tokens - slots_before
 
 
 def measure_server(name: str, server: ServerProcess, texts: list[str], warmup: list[str], reference: np.ndarray,
-                   clients: int) -> dict:
-    """Saturation with `clients` closed-loop clients, then latency at half the throughput it reached."""
+                   clients: int, replicas: int = 1) -> dict:
+    """Saturation with `clients` closed-loop clients, then latency at half the throughput it reached. The token slots
+    the saturated run computed are read from the server's `/metrics` (None on Ray: each replica counts its own)."""
     bodies = [embed_request(t) for t in texts]
     asyncio.run(closed_loop(server.base, "/embed", [embed_request(t) for t in warmup], clients))
+    slots_before = computed_slots(server.base) if replicas == 1 else None
     answers, seconds = asyncio.run(closed_loop(server.base, "/embed", bodies, clients))
+    slots = None if slots_before is None else computed_slots(server.base) - slots_before
     ok = [a.status == 200 for a in answers]
     served = sum(ok) / seconds
     vectors = np.array([a.body[0] for a in answers if a.status == 200])
     half = bodies[: max(clients, len(bodies) // 2)]
     timed = asyncio.run(open_loop(server.base, "/embed", half, served / 2))
     latency = [a.seconds * 1000 for a in timed if a.status == 200]
-    run = {"name": name, "sentences_per_s": served, "seconds": seconds,
+    run = {"name": name, "sentences_per_s": served, "seconds": seconds, "token_slots": slots,
            "failed": len(answers) - sum(ok), "half_load_rate": served / 2,
            "half_load_failed": sum(a.status != 200 for a in timed),
            "latency_ms": {"p50": float(np.percentile(latency, 50)), "p99": float(np.percentile(latency, 99))}
@@ -287,6 +301,19 @@ def measure_server(name: str, server: ServerProcess, texts: list[str], warmup: l
     if len(vectors) == len(reference):
         run["agreement"] = EMBEDDING.agreement(reference, vectors)
     return run
+
+
+def computed_slots(base: str) -> int | None:
+    """Token slots the server's embedding batches have computed so far (real tokens plus padding), from `/metrics`;
+    None if it does not report them."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{base}/metrics", timeout=REQUEST_TIMEOUT_S) as response:
+        text = response.read().decode()
+    wanted = {"toolkit_batch_tokens_sum", "toolkit_padded_tokens_total"}
+    found = [sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+             if sample.name in wanted and sample.labels.get("model") == "embedding"]
+    return int(sum(found)) if len(found) == len(wanted) else None
 
 
 def embed_request(text: str) -> dict:
@@ -297,15 +324,18 @@ def embed_request(text: str) -> dict:
 def serve_load_report(result: dict) -> str:
     """The side-by-side table."""
     offline = result["offline"]["sentences_per_s"]
-    rows = [["offline Embedder (all sentences in one call)", offline, 1.0, "-", "-", "-", "(reference)"]]
+    rows = [["offline Embedder (all sentences in one call)", offline, 1.0, f"{result['offline']['token_slots']:,}",
+             "-", "-", "-", "(reference)"]]
     for r in result["runs"]:
         latency = r["latency_ms"] or {"p50": float("nan"), "p99": float("nan")}
         agreement = r.get("agreement")
+        slots = f"{r['token_slots_vs_offline']:.3f}" if r.get("token_slots_vs_offline") else "-"
         rows.append([f"served, {result['clients']} clients ({r['name']})", r["sentences_per_s"], r["vs_offline"],
-                     latency["p50"], latency["p99"], r["failed"] + r["half_load_failed"],
+                     slots, latency["p50"], latency["p99"], r["failed"] + r["half_load_failed"],
                      f"{agreement['max_abs_diff']:.2e}" if agreement else "incomplete"])
     title = (f"{result['sentences']} single-sentence requests from {result['data']} on {result['artifact']}; "
              "latency at half the served throughput (open loop)"
              + (f"; medians of {result['repeat']} repeats" if result["repeat"] > 1 else ""))
-    return format_table(["run", "sentences/s", "vs offline", "p50 ms", "p99 ms", "failed", "max |Δ| vs offline"],
+    return format_table(["run", "sentences/s", "vs offline", "token slots (vs offline)", "p50 ms", "p99 ms", "failed",
+                         "max |Δ| vs offline"],
                         rows, title=title)
