@@ -190,13 +190,17 @@ class BatchScheduler:
         one). A static batch takes any row that fits its SEQ (its padding rows are computed anyway), a dynamic one only
         the rows of its own bucket (a row it adds costs SEQ slots). Ties: the smaller SEQ, then the older rows."""
         overdue = next((i for i, r in enumerate(rows) if r.passed_over >= MAX_PASSED_OVER), None)
-        longest_first = sorted(range(len(rows)), key=lambda i: (-len(rows[i].tokens), i))
+        lengths = [len(r.tokens) for r in rows]
+        longest_first = sorted(range(len(rows)), key=lambda i: (-lengths[i], i))
+        # each row's own bucket, once per choice (not once per engine: a window holds hundreds of rows)
+        home = [self.runner.bucket_for(n) for n in lengths] if any(e.dynamic_batch for e in self.runner.engines) \
+            else None
         best, best_fill = None, -1.0
         for engine in self.runner.engines:
             if engine.dynamic_batch:
-                fits = [i for i in longest_first if self.runner.bucket_for(len(rows[i].tokens)) is engine]
+                fits = [i for i in longest_first if home[i] is engine]
             else:
-                fits = [i for i in longest_first if engine.seq_len is None or len(rows[i].tokens) <= engine.seq_len]
+                fits = [i for i in longest_first if engine.seq_len is None or lengths[i] <= engine.seq_len]
             if overdue is not None:
                 if overdue not in fits:
                     continue
@@ -205,8 +209,8 @@ class BatchScheduler:
             chosen = fits[:self.runner.batch_rows(engine)]
             if not chosen:
                 continue
-            lengths = [len(rows[i].tokens) for i in chosen]
-            fill = sum(lengths) / (self.runner.batch_rows(engine) * (engine.seq_len or max(lengths)))
+            chosen_lengths = [lengths[i] for i in chosen]
+            fill = sum(chosen_lengths) / (self.runner.batch_rows(engine) * (engine.seq_len or max(chosen_lengths)))
             if fill > best_fill:
                 best, best_fill = (engine, sorted(chosen)), fill
         return best
