@@ -92,7 +92,7 @@ def test_every_scheduled_kernel_matches_its_unscheduled_twin(tmp_path, task, bat
     if seq % 16:
         assert any("_pad" in scheduled[gv].script() for gv in scheduled.get_global_vars()
                    if gv.name_hint.startswith("fused_matmul"))
-    # q's RoPE: a head's 8 vectors unrolled, so rotate-half's `64 <= d` is decided per vector, not per lane
+    # q's RoPE: a head's 8 vectors unrolled, so rotate-half's `64 <= d` is decided per vector and the loop vectorises
     assert any("T.unroll" in scheduled[gv].script() for gv in scheduled.get_global_vars()
                if "concatenate" in gv.name_hint)
     rng = np.random.default_rng(0)
