@@ -56,7 +56,7 @@ def test_every_primfunc_gets_a_schedule(checkpoints, tmp_path):
     # each RMSNorm (hidden states; q and k per head) is one kernel: x^2 is no pass of its own, 1/sqrt one per row
     assert not [n for n in intermediates if "power" in n or "sqrt" in n]
     rms_norms = [n for n in intermediates if n.startswith("rms_norm")]  # hidden, q, k; all positions, then the last
-    shapes = {n: [int(d) for d in n.split("_")[2:]] for n in rms_norms}
+    shapes = {n: [int(d) for d in n.split("_")[2:] if d != "batch"] for n in rms_norms}  # batch 1 of 1
     assert len(rms_norms) >= 3 and all("_rf" in lowered[n].script() for n, (*rows, width) in shapes.items()
                                         if np.prod(rows) > 1 and width >= 32)  # rows of 2+ vectors: sums in lanes
     silu = [n for n in intermediates if "<lambda>" in n]
@@ -71,13 +71,15 @@ def test_every_scheduled_kernel_matches_its_unscheduled_twin(tmp_path, task, bat
     """Each PrimFunc, as scheduled by our rules, against the same PrimFunc left unscheduled, on the same inputs
     (positive, since RMSNorm kernels take a mean of squares). One layer at the real Qwen3-0.6B widths (a bug in the
     row-reduction rule only showed at hidden 1024), small vocabulary: weights do not matter for this check. SEQ 44
-    and 20 are not whole vectors: attention's QK^T pads its columns (to 48 and 24)."""
+    and 20 are not whole vectors: attention's QK^T pads its columns (to 48 and 24), K^T's rows are 4-lane vectors.
+    The batch is symbolic, as compile makes it, and run at `batch` rows."""
     import torch
     import tvm
+    from tvm.sym.analyzer import Analyzer
 
     from toolkit.export import export_onnx
     from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment, Qwen3Shape
-    from toolkit.tvm_compile import host_target, import_onnx, lower
+    from toolkit.tvm_compile import BATCH_VAR, host_target, import_onnx, lower
 
     shape = Qwen3Shape(hidden_size=1024, num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=8,
                        head_dim=128, intermediate_size=3072, vocab_size=10000, rms_norm_eps=1e-6, rope_theta=1e6)
@@ -86,7 +88,7 @@ def test_every_scheduled_kernel_matches_its_unscheduled_twin(tmp_path, task, bat
     for p in model.parameters():
         p.data.normal_(0, 0.05)
     export_onnx(model.half(), task, tmp_path / "m.onnx", 64, 1)
-    mod = import_onnx(tmp_path / "m.onnx", batch, seq).mod
+    mod = import_onnx(tmp_path / "m.onnx", 4, seq).mod
     target = tvm.target.Target(host_target())
     (scheduled, _), (plain, _) = lower(mod, target), lower(mod, target, schedule=False)
     if seq % 16:
@@ -100,19 +102,48 @@ def test_every_scheduled_kernel_matches_its_unscheduled_twin(tmp_path, task, bat
     for gv, func in scheduled.functions.items():
         if not isinstance(func, tvm.tirx.PrimFunc):
             continue
-        inputs = [rng.uniform(0.5, 1.5, [int(d) for d in p.ty.shape]).astype(str(p.ty.dtype))
-                  if "float" in str(p.ty.dtype) else np.zeros([int(d) for d in p.ty.shape], str(p.ty.dtype))
-                  for p in func.params]
+        at_batch = Analyzer()
+        for p in func.params:
+            for d in getattr(p.ty, "shape", [p]):
+                for v in tvm.tirx.analysis.undefined_vars(d):
+                    assert v.name == BATCH_VAR, gv.name_hint  # the batch is the only symbolic dimension
+                    at_batch.bind(v, batch)
+        shape = lambda p: [int(at_batch.simplify(d)) for d in p.ty.shape]  # noqa: E731
+        inputs = [batch if not isinstance(p.ty, tvm.tirx.BufferType)
+                  else rng.uniform(0.5, 1.5, shape(p)).astype(str(p.ty.dtype)) if "float" in str(p.ty.dtype)
+                  else np.zeros(shape(p), str(p.ty.dtype)) for p in func.params]
         outputs = []
         for m in (scheduled, plain):
             lib = tvm.compile(tvm.IRModule({"main": m[gv.name_hint].with_attr("global_symbol", "main")}), target)
-            args = [tvm.runtime.tensor(a.copy()) for a in inputs]
+            args = [a if isinstance(a, int) else tvm.runtime.tensor(a.copy()) for a in inputs]
             lib["main"](*args)
             outputs.append(args[-1].numpy().astype(np.float64))
         scale = max(1.0, np.abs(outputs[1]).max())
         assert np.abs(outputs[0] - outputs[1]).max() <= 1e-4 * scale, gv.name_hint
         checked += 1
     assert checked > 20
+
+
+def test_a_tvm_artifact_runs_any_batch_up_to_its_own_and_each_row_as_it_would_alone(tvm_artifacts):
+    """The batch is symbolic: a request of one row computes one row (a static batch computed all of them), and a
+    row's result does not depend on the rows beside it. More rows than the artifact's batch are refused."""
+    from toolkit.errors import ToolkitError
+    from toolkit.runtime import Engine
+
+    [artifact] = tvm_artifacts["embedding"]
+    manifest = Manifest.load(artifact)
+    assert manifest.dynamic_batch and manifest.batch == 2
+    backend = open_artifact(artifact)
+    ids = np.random.default_rng(4).integers(0, 151643, (2, 64))
+    both = backend.run(ids, np.ones_like(ids))
+    alone = np.concatenate([backend.run(ids[i:i + 1], np.ones_like(ids[i:i + 1])) for i in range(2)])
+    assert both.shape == alone.shape and len(both) == 2 and np.abs(both - alone).max() <= 1e-6
+    engine = Engine.from_artifact(artifact)
+    try:
+        with pytest.raises(ToolkitError, match=r"does not match the artifact's \[batch, seq\] = \[2, 64\]"):
+            engine.run_async(np.zeros((3, 64), np.int64), np.ones((3, 64), np.int64))
+    finally:
+        engine.close()
 
 
 def test_tvm_artifact_reloads_in_a_fresh_process_with_identical_outputs(tvm_artifacts):

@@ -267,7 +267,7 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
     tokenizer.save(out / "tokenizer")
     return Manifest(
         name=cfg.name, task=task.name, seq_len=artifact.seq_len, batch=cfg.batch_for(artifact.seq_len),
-        dynamic_batch=artifact.backend == "onnx", dtype=cfg.dtype, backend=artifact.backend, target=target,
+        dynamic_batch=True, dtype=cfg.dtype, backend=artifact.backend, target=target,
         model=source, inputs=exported.inputs, outputs=exported.outputs, model_file=model_file, precision=precision,
         backend_details=details,
     ).save(out)
@@ -296,10 +296,12 @@ def compile_tvm_process(final: Path, **request) -> tuple[dict, int]:
         package_root = str(Path(__file__).resolve().parent.parent)
         status = subprocess.run([sys.executable, "-c", TVM_BUILD_PROCESS, str(request_file), package_root]).returncode
         result_file = request_file.with_name("result.json")
-        if status < 0:
-            killer = " (the kernel's out-of-memory killer sends it)" if status == -signal.SIGKILL else ""
-            raise ToolkitError(f"TVM's build of {final} was killed by {signal.Signals(-status).name}"
-                               f"{killer}: free memory, or compile on a machine with more, and run it again")
+        if status == -signal.SIGKILL:
+            raise ToolkitError(f"TVM's build of {final} was killed by SIGKILL (the kernel's out-of-memory killer sends "
+                               "it): free memory, or compile on a machine with more, and run it again")
+        if status < 0:  # SIGABRT: LLVM or TVM aborted, their message is printed above
+            raise ToolkitError(f"TVM's build of {final} was killed by {signal.Signals(-status).name} (its error is "
+                               "printed above): please report it with that message")
         if status or not result_file.is_file():
             raise ToolkitError(f"TVM's build of {final} failed (its process ended with status {status}; "
                                "its error is printed above)")

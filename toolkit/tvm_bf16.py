@@ -18,7 +18,7 @@ import numpy as np
 from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
-from toolkit.tvm_compile import PANEL, int64_shape, llvm_dot
+from toolkit.tvm_compile import PANEL, int64_shape, kernel_func, llvm_dot
 
 MATMUL_NAME = "bf16_pair_matmul"  # the compute block's name: how the schedule rule recognises it
 DOT_16 = "qwen3_deploy_bf16_dot_16"
@@ -54,7 +54,7 @@ def _round_to_bf16(x):
     return tirx.Select(is_nan, tirx.const(0x7FC0, "uint32"), rounded)
 
 
-def to_pairs(rows: int, k: int):
+def to_pairs(rows, k: int):
     """PrimFunc: fp32 activations [rows, K] → bf16 pairs [rows, K/2] (int32)."""
     act = te.placeholder(int64_shape(rows, k), "float32", name="act")
 
@@ -63,17 +63,17 @@ def to_pairs(rows: int, k: int):
         return tirx.reinterpret("int32", _round_to_bf16(act[r, 2 * p]) | high)
 
     pairs = te.compute(int64_shape(rows, k // 2), pair, name="bf16_pairs")
-    return te.create_prim_func([act, pairs])
+    return kernel_func(act, pairs)
 
 
-def pair_matmul(rows: int, k: int, n: int):
+def pair_matmul(rows, k: int, n: int):
     """PrimFunc: y[rows, N] = pairs[rows, K/2] · panels[N/64, K/2, 64], bf16 products summed in fp32."""
     pairs = te.placeholder(int64_shape(rows, k // 2), "int32", name="pairs")
     panels = te.placeholder(int64_shape(n // PANEL, k // 2, PANEL), "int32", name="panels")
     p = te.reduce_axis(int64_shape(0, k // 2), name="p")
     out = te.compute(int64_shape(rows, n), lambda r, c: te.sum(
         _pair_product(pairs[r, p], panels[c // PANEL, p, c % PANEL]), axis=p), name=MATMUL_NAME)
-    return te.create_prim_func([pairs, panels, out])
+    return kernel_func(pairs, panels, out)
 
 
 @T.prim_func(s_tir=True)

@@ -4,8 +4,8 @@ Why import from the ONNX export rather than torch.export: it is the very graph O
 backends run the same patched model, and Relax's ONNX frontend takes it without custom converters (torch.export's
 Relax frontend needs every aten op of the exporter's decompositions to be mapped).
 
-Flow: the symbolic export made static at the artifact's `[batch, SEQ]` and its shape arithmetic folded
-(`import_onnx`) → from_onnx without the weights' bytes (they stay function inputs) → on CPU, linear weights taken as
+Flow: the symbolic export made static at the artifact's SEQ and its shape arithmetic folded, its batch symbolic
+(`import_onnx`: an artifact runs any batch up to its own, computing only the rows it is given) → from_onnx without the weights' bytes (they stay function inputs) → on CPU, linear weights taken as
 packed fp16 panels (`pack_linear_weights`) and each RMSNorm made one kernel (`rms_norm_kernels`) → LegalizeOps →
 FuseOps/FuseTIR → each panel's cast fused into its matmul (`fuse_weight_casts`) → LiftTransformParams (what is
 left to do once at load, e.g. the fp32 copies dlight's GPU rules read) → schedules (our CPU rules, or dlight's GPU
@@ -15,6 +15,8 @@ export's external data; on CPU they are the weights in memory too (0.6B: 1.2 GB,
 from __future__ import annotations
 
 import dataclasses
+import functools
+import operator
 import os
 import time
 import warnings
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from toolkit.errors import ToolkitError
+from toolkit.host import cpu_has
 from toolkit.tvm_backend import import_tvm
 
 tvm = import_tvm(compiler=True)
@@ -31,11 +35,21 @@ LIBRARY = "model.so"
 PARAMS = "params.npz"
 
 
+# The extensions our kernels call directly, as Linux names them (/proc/cpuinfo) and as LLVM does
+KERNEL_FEATURES = {"avx512_bf16": "avx512bf16", "avx512_vnni": "avx512vnni"}
+
+
 def host_target() -> dict:
-    """The llvm target of this CPU (its exact mcpu: the artifact is tied to it)."""
+    """The llvm target of this CPU: its exact mcpu (the artifact is tied to it), plus those of our kernels' extensions
+    that it has and LLVM's model of that mcpu lacks. A hypervisor may report a CPU model older than the CPU: a Xeon
+    with AMX and avx512_bf16 here reports model 167, which LLVM names rocketlake (no avx512bf16), and the bf16
+    kernels' `vdpbf16ps` then aborted LLVM ("Do not know how to split this operator's operand")."""
     from tvm.target import codegen
 
-    return {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": os.cpu_count() or 1}
+    mcpu = codegen.llvm_get_system_cpu()
+    modelled = set(codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": mcpu})))
+    missing = [f"+{llvm}" for flag, llvm in KERNEL_FEATURES.items() if cpu_has(flag) and llvm not in modelled]
+    return {"kind": "llvm", "mcpu": mcpu, "num-cores": os.cpu_count() or 1, **({"mattr": missing} if missing else {})}
 
 
 def cuda_target(arch: str | None = None) -> dict:
@@ -67,13 +81,15 @@ class ImportedGraph:
     weights: list
 
 
-def import_onnx(onnx_path: Path, batch: int, seq_len: int) -> ImportedGraph:
-    """Import the export (symbolic batch and sequence axes, as the onnx backend's artifacts have) at `[batch,
-    seq_len]`, without reading its external data: those weights become inputs of `main` (never Relax constants, of
-    which the importer would hold two more copies), so importing a 4B graph takes megabytes.
+def import_onnx(onnx_path: Path, max_batch: int, seq_len: int) -> ImportedGraph:
+    """Import the export (symbolic batch and sequence axes, as the onnx backend's artifacts have) at SEQ `seq_len`
+    with a symbolic batch of 1..`max_batch` rows (`symbolic_batch`), without reading its external data: those weights
+    become inputs of `main` (never Relax constants, of which the importer would hold two more copies), so importing a
+    4B graph takes megabytes.
 
     Relax's importer cannot take the exporter's shape arithmetic (Shape → Gather → Concat → Reshape: "Reshape
-    expects the input data to be a Tensor"), so the graph is first made static and its constants folded by onnxscript
+    expects the input data to be a Tensor"), so the graph is first made static (at SENTINEL_BATCH rows, made symbolic
+    again after import) and its constants folded by onnxscript
     (the weights, graph inputs by then, are not folded: their fp16 casts stay). The int64 constants folding makes go
     back in as `Constant` nodes, as do the small tensors it precomputes for this shape (RoPE tables, the causal mask):
     the importer reads a Constant's value but makes an initializer a parameter, and then a GQA `Expand` would get a
@@ -86,7 +102,7 @@ def import_onnx(onnx_path: Path, batch: int, seq_len: int) -> ImportedGraph:
     from tvm.relax.frontend.onnx import from_onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    static = {"batch": batch, "seq": seq_len}
+    static = {"batch": SENTINEL_BATCH, "seq": seq_len}
     for value in [*model.graph.input, *model.graph.output]:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in static:
@@ -110,7 +126,57 @@ def import_onnx(onnx_path: Path, batch: int, seq_len: int) -> ImportedGraph:
         warnings.filterwarnings("ignore", "Renaming name")  # "a.b.weight" → "a_b_weight", once per weight input
         mod = from_onnx(model)
     mod["main"] = mod["main"].with_attr("num_input", len(model.graph.input) - len(external))
-    return ImportedGraph(mod, external)
+    return ImportedGraph(symbolic_batch(mod, max_batch), external)
+
+
+BATCH_VAR = "batch"
+SENTINEL_BATCH = 7919  # the batch a graph is imported at before it is made symbolic: a prime no model dimension is
+
+
+def symbolic_batch(mod, max_batch: int) -> tvm.IRModule:
+    """`main` imported at batch SENTINEL_BATCH, with that batch made a symbolic dimension `batch` (1..max_batch).
+
+    Why this way: Relax's ONNX importer cannot take the export's shape arithmetic with a symbolic batch (see
+    `import_onnx`), and folding it needs a number; a prime that no other dimension equals marks, after import, every
+    shape the batch is in (the inputs' types and the shapes Reshape and Expand were folded to), and only those.
+    Everything downstream is inferred again from the new inputs. `max_batch` bounds the VM's memory plan."""
+    from tvm import relax, tirx
+    from tvm.relax.expr_functor import PyExprMutator, PyExprVisitor, mutator, visitor
+
+    batch = tirx.Var(BATCH_VAR, "int64")
+
+    def is_sentinel(dim) -> bool:
+        return isinstance(dim, tirx.IntImm) and int(dim) == SENTINEL_BATCH
+
+    def dims(shape):
+        return [batch if is_sentinel(d) else d for d in shape]
+
+    @mutator
+    class MakeBatchSymbolic(PyExprMutator):
+        def visit_shape_expr_(self, op):
+            return relax.ShapeExpr(dims(op.values))
+
+        def visit_var_def_(self, var):
+            ty = var.ty
+            if isinstance(ty, relax.TensorType) and ty.shape is not None and any(map(is_sentinel, ty.shape.values)):
+                return relax.Var(var.name, relax.TensorType(dims(ty.shape.values), ty.dtype))
+            return var
+
+    @visitor
+    class FindSentinel(PyExprVisitor):
+        """Raise where a shape still holds the sentinel: a place the batch hides that the mutator does not reach."""
+
+        def visit_var_binding_(self, binding):
+            ty = binding.var.ty
+            if isinstance(ty, relax.TensorType) and ty.shape is not None and any(map(is_sentinel, ty.shape.values)):
+                raise ToolkitError(f"TVM's import left the batch fixed at {binding.var.name} ({ty}): this graph "
+                                   "cannot be compiled with a batch of any size; please report it")
+            self.visit_expr(binding.value)
+
+    main = MakeBatchSymbolic(mod).visit_expr(mod["main"])
+    FindSentinel().visit_expr(main)
+    mod["main"] = main.with_attr("tir_var_upper_bound", {BATCH_VAR: max_batch})
+    return mod
 
 
 def weight_inputs(mod) -> list:
@@ -122,11 +188,46 @@ def weight_inputs(mod) -> list:
 PANEL = 64  # columns per packed weight panel: the matmul rule's register tile width (4 AVX-512 vectors)
 
 
-def int64_shape(*dims: int) -> tuple:
-    """A TE shape as Relax's own kernels have it (int64): FuseTIR refuses to mix int32- and int64-shaped buffers."""
+def int64_shape(*dims) -> tuple:
+    """A TE shape as Relax's own kernels have it (int64): FuseTIR refuses to mix int32- and int64-shaped buffers.
+    A dimension may be symbolic (an int64 expression of `batch`)."""
     from tvm import tirx
 
-    return tuple(tirx.IntImm("int64", d) for d in dims)
+    return tuple(tirx.IntImm("int64", d) if isinstance(d, int) else d for d in dims)
+
+
+def kernel_func(*tensors):
+    """`te.create_prim_func` of the inputs and the output (the last tensor), taking as scalar parameters, between them,
+    the symbolic variables that the buffers' shapes hold only inside expressions (`batch` in `batch * 28` rows): a
+    buffer binds a dimension that is a variable by itself, and nothing else would (`kernel_call` passes them)."""
+    from tvm import te, tirx
+    from tvm.tirx.analysis import undefined_vars
+
+    dims = [d for t in tensors for d in t.shape]
+    plain = [d for d in dims if isinstance(d, tirx.Var)]
+    loose = {}
+    for d in dims:
+        for v in undefined_vars(d):
+            if not any(v.same_as(p) for p in plain):
+                loose[v.name] = v
+    *inputs, output = tensors
+    return te.create_prim_func([*inputs, *(loose[n] for n in sorted(loose)), output])
+
+
+def kernel_call(gv, func, args: list, out_ty):
+    """`call_tir` of the PrimFunc `func` (added as `gv`), passing the symbolic variables it takes (`kernel_func`)."""
+    from tvm import relax, tirx
+
+    scalars = [p for p in func.params if not isinstance(p.ty, tirx.BufferType)]
+    return relax.call_tir(gv, [*args, *scalars], out_ty)
+
+
+def dims_name(*dims) -> str:
+    """A kernel name's shape part: `8_28_1024`, or `batchx28_1024` where the batch is symbolic."""
+    from tvm import tirx
+
+    return "_".join(str(int(d)) if isinstance(d, tirx.IntImm | int) else
+                    str(d).replace(" * ", "x").replace("T.int64(", "").replace(")", "") for d in dims)
 
 
 def llvm_dot(name: str, intrinsic: str, acc: str, operand: str) -> str:
@@ -165,19 +266,21 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset()) -> tuple[tvm.IR
     matmul the VNNI kernel of `tvm_int8` on activations quantized per token."""
     from tvm import relax
     from tvm.relax.dpl import is_op, rewrite_call, wildcard
+    from tvm.sym.analyzer import Analyzer
 
     from toolkit import tvm_bf16, tvm_int8
 
     main, weights = mod["main"], weight_inputs(mod)
-    panels_of, kernels = {}, {}  # weight index → its new parameter(s); PrimFunc name → its GlobalVar
+    panels_of, kernels = {}, {}  # weight index → its new parameter(s); PrimFunc name → (its GlobalVar, PrimFunc)
     layouts = [PLAIN] * len(weights)
     builder = relax.BlockBuilder(mod)  # holds the bf16 / int8 kernels added on the way
 
-    def kernel(name: str, make, *shape):
-        key = f"{name}_{'_'.join(map(str, shape))}"
+    def call(name: str, make, shape: tuple, args: list, out_ty):
+        key = f"{name}_{dims_name(*shape)}"
         if key not in kernels:
-            kernels[key] = builder.add_func(make(*shape).with_attr("global_symbol", key), key)
-        return kernels[key]
+            func = make(*shape).with_attr("global_symbol", key)
+            kernels[key] = builder.add_func(func, key), func
+        return kernel_call(*kernels[key], args, out_ty)
     x, w = wildcard(), wildcard()
     pattern = is_op("relax.matmul")(x, is_op("relax.permute_dims")(is_op("relax.astype")(w) | w))  # fp16 | fp32
 
@@ -187,29 +290,28 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset()) -> tuple[tvm.IR
         if key is None or len(weight.ty.shape) != 2 or int(weight.ty.shape[0]) % PANEL:
             return expr
         n, k = (int(d) for d in weight.ty.shape)
-        op, dims = relax.op, [int(d) for d in act.ty.shape]
-        rows = int(np.prod(dims[:-1]))  # every token of every sequence: one GEMM whatever the (batch, SEQ) split
+        op, dims = relax.op, list(act.ty.shape.values)
+        # every token of every sequence: one GEMM whatever the (batch, SEQ) split (batch * SEQ, the batch symbolic)
+        rows = Analyzer().simplify(functools.reduce(operator.mul, dims[:-1]))
         flat = op.reshape(act, (rows, k))
         if weight.ty.dtype == "bfloat16":
             layouts[key] = BF16_PAIRS
             [panels] = panels_of.setdefault(key, [relax.Var(f"{weight.name}_pairs", relax.TensorType(
                 (n // PANEL, k // 2, PANEL), "int32"))])
-            pairs = relax.call_tir(kernel("bf16_pairs", tvm_bf16.to_pairs, rows, k), [flat],
-                                   relax.TensorType((rows, k // 2), "int32"))
-            out = relax.call_tir(kernel("bf16_matmul", tvm_bf16.pair_matmul, rows, k, n), [pairs, panels],
-                                 relax.TensorType((rows, n), "float32"))
+            pairs = call("bf16_pairs", tvm_bf16.to_pairs, (rows, k), [flat], relax.TensorType((rows, k // 2), "int32"))
+            out = call("bf16_matmul", tvm_bf16.pair_matmul, (rows, k, n), [pairs, panels],
+                       relax.TensorType((rows, n), "float32"))
             return op.reshape(out, dims[:-1] + [n])
         if key in int8 and k % 4 == 0:
             layouts[key] = INT8_QUADS
             panels, side = panels_of.setdefault(key, [
                 relax.Var(f"{weight.name}_quads", relax.TensorType((n // PANEL, k // 4, PANEL, 4), "int8")),
                 relax.Var(f"{weight.name}_scales", relax.TensorType((2, n), "float32"))])
-            absmax = relax.call_tir(kernel("int8_absmax", tvm_int8.row_absmax, rows, k), [flat],
-                                    relax.TensorType((rows,), "float32"))
-            quantized = relax.call_tir(kernel("int8_quantize", tvm_int8.quantize_rows, rows, k), [flat, absmax],
-                                       relax.TensorType((rows, k), "uint8"))
-            out = relax.call_tir(kernel("int8_matmul", tvm_int8.quad_matmul, rows, k, n),
-                                 [quantized, panels, side, absmax], relax.TensorType((rows, n), "float32"))
+            absmax = call("int8_absmax", tvm_int8.row_absmax, (rows, k), [flat], relax.TensorType((rows,), "float32"))
+            quantized = call("int8_quantize", tvm_int8.quantize_rows, (rows, k), [flat, absmax],
+                             relax.TensorType((rows, k), "uint8"))
+            out = call("int8_matmul", tvm_int8.quad_matmul, (rows, k, n), [quantized, panels, side, absmax],
+                       relax.TensorType((rows, n), "float32"))
             return op.reshape(out, dims[:-1] + [n])
         layouts[key] = PANELS
         [panels] = panels_of.setdefault(key, [relax.Var(f"{weight.name}_panels", relax.TensorType(
@@ -248,16 +350,16 @@ def rms_norm_kernels(mod):
 
     def rewriter(expr, matches):
         data, weight, reduce = matches[x], matches[w], matches[mean]
-        shape = [int(d) for d in data.ty.shape]
+        shape = list(data.ty.shape.values)
         if (data.ty.dtype != "float32" or float(matches[two].value.numpy()) != 2.0 or not reduce.attrs.keepdims
                 or [int(a) % len(shape) for a in reduce.attrs.axis] != [len(shape) - 1]
-                or [int(d) for d in weight.ty.shape] != shape[-1:]):
+                or [int(d) for d in weight.ty.shape] != [int(shape[-1])]):
             return expr
-        key = (tuple(shape), weight.ty.dtype, float(matches[eps].value.numpy()))
-        if key not in kernels:
-            name = f"rms_norm_{'_'.join(map(str, shape))}"
-            kernels[key] = builder.add_func(rms_norm(*key).with_attr("global_symbol", name), name)
-        return relax.call_tir(kernels[key], [data, weight], relax.TensorType(shape, "float32"))
+        name = f"rms_norm_{dims_name(*shape)}"
+        if name not in kernels:
+            func = rms_norm(shape, weight.ty.dtype, float(matches[eps].value.numpy())).with_attr("global_symbol", name)
+            kernels[name] = builder.add_func(func, name), func
+        return kernel_call(*kernels[name], [data, weight], relax.TensorType(shape, "float32"))
 
     main = rewrite_call(norm, rewriter, mod["main"])
     rewritten = builder.get()
@@ -265,11 +367,12 @@ def rms_norm_kernels(mod):
     return rewritten
 
 
-def rms_norm(shape: tuple, weight_dtype: str, eps: float):
+def rms_norm(shape: list, weight_dtype: str, eps: float):
     """PrimFunc: `x * (1 / sqrt(mean(x^2 over the last axis) + eps)) * float32(w)`, x fp32 of `shape`."""
     from tvm import te, tirx
 
     *rows, n = shape
+    n = int(n)
     f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
     x = te.placeholder(int64_shape(*shape), "float32", name="x")
     w = te.placeholder(int64_shape(n), weight_dtype, name="weight")
@@ -280,7 +383,7 @@ def rms_norm(shape: tuple, weight_dtype: str, eps: float):
                          name="rms_inverse")
     out = te.compute(int64_shape(*shape), lambda *i: x[i] * inverse[i[:-1]] * w[i[-1]].astype("float32"),
                      name="rms_norm")
-    return te.create_prim_func([x, w, out])
+    return kernel_func(x, w, out)
 
 
 def fuse_weight_casts(mod):
@@ -298,8 +401,11 @@ def fuse_weight_casts(mod):
         return "matmul" in matmul.args[0].name_hint and any(source.same_as(v) for v in weights)
 
     cast = is_op("relax.call_tir")(GlobalVarPattern(), TuplePattern([wildcard()]), add_constraint=False)
-    matmul = is_op("relax.call_tir")(GlobalVarPattern(), TuplePattern([wildcard(), cast]), add_constraint=False)
-    patterns = [("cast_matmul", matmul, {"cast": cast, "matmul": matmul}, is_weight_cast_into_matmul)]
+    patterns = []
+    for scalars in ([], [wildcard()]):  # the matmul also takes the batch where its rows are `batch * SEQ`
+        matmul = is_op("relax.call_tir")(GlobalVarPattern(), TuplePattern([wildcard(), cast, *scalars]),
+                                         add_constraint=False)
+        patterns.append(("cast_matmul", matmul, {"cast": cast, "matmul": matmul}, is_weight_cast_into_matmul))
     return tvm.transform.Sequential([relax.transform.FuseOpsByPattern(patterns, bind_constants=False),
                                      relax.transform.FuseTIR()])(mod)
 
@@ -316,8 +422,35 @@ def _fast_sigmoid(bb, call):
     return bb.call_te(lambda x: topi.divide(1.0, topi.add(1.0, topi.fast_exp(topi.negative(x)))), call.args[0])
 
 
+def _reshape(bb, call):
+    """Reshape that unravels the flat index with no modulo by the outermost input dimension (the flat index is below
+    the size: the quotient is the index). TOPI's takes it modulo every dimension; `% batch` of a symbolic batch is
+    one the analyser cannot remove, and FuseOps then takes the reshape for opaque and fuses nothing across it (the
+    symbolic int8 forward at [9, 28] ran 6% slower: K's transpose alone a kernel, 18 ms)."""
+    from tvm import te
+
+    data = call.args[0]
+    in_shape, out_shape = list(data.ty.shape.values), list(call.ty.shape.values)
+
+    def reshape(x):
+        def element(*index):
+            flat = index[0]
+            for dim, i in zip(out_shape[1:], index[1:]):
+                flat = flat * dim + i
+            source = []
+            for dim in reversed(in_shape[1:]):
+                source.append(flat % dim)
+                flat = flat // dim
+            return x(flat, *reversed(source))
+
+        return te.compute(out_shape, element, name="T_reshape")
+
+    return bb.call_te(reshape, data, primfunc_name_hint="reshape")
+
+
 # exp through libm is a scalar call per element; TOPI's fast_exp is a vectorisable polynomial (rel. error ~1e-7).
 FAST_LEGALIZATION = {"relax.nn.softmax": _fast_softmax, "relax.sigmoid": _fast_sigmoid}
+SHAPE_LEGALIZATION = {"relax.reshape": _reshape}
 
 
 def lower(mod, target, schedule: bool = True, int8: frozenset[int] = frozenset()) -> tuple[tvm.IRModule, list[str]]:
@@ -336,7 +469,7 @@ def lower(mod, target, schedule: bool = True, int8: frozenset[int] = frozenset()
         layouts = [PLAIN] * len(weight_inputs(mod))
     mod = tvm.transform.Sequential([
         relax.transform.DecomposeOpsForInference(),
-        relax.transform.LegalizeOps(FAST_LEGALIZATION if cpu else None),
+        relax.transform.LegalizeOps({**SHAPE_LEGALIZATION, **(FAST_LEGALIZATION if cpu else {})}),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),

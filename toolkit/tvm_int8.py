@@ -21,7 +21,7 @@ import numpy as np
 from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
-from toolkit.tvm_compile import PANEL, int64_shape, llvm_dot
+from toolkit.tvm_compile import PANEL, int64_shape, kernel_func, llvm_dot
 
 MATMUL_NAME = "int8_quad_matmul"  # the reduction block's name: how the schedule rule recognises it
 DOT_16x4 = "qwen3_deploy_vnni_dot_16x4"
@@ -40,15 +40,15 @@ def pack_quads(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return panels, side
 
 
-def row_absmax(rows: int, k: int):
+def row_absmax(rows, k: int):
     """PrimFunc: each token's max |x| over its K activations (its scale * 127)."""
     act = te.placeholder(int64_shape(rows, k), "float32", name="act")
     j = te.reduce_axis(int64_shape(0, k), name="j")
     absmax = te.compute(int64_shape(rows), lambda r: te.max(tirx.abs(act[r, j]), axis=j), name="int8_row_absmax")
-    return te.create_prim_func([act, absmax])
+    return kernel_func(act, absmax)
 
 
-def quantize_rows(rows: int, k: int):
+def quantize_rows(rows, k: int):
     """PrimFunc: (x [rows, K], absmax [rows]) → uint8 [rows, K] = round(x * 127 / absmax) + 128."""
     act = te.placeholder(int64_shape(rows, k), "float32", name="act")
     absmax = te.placeholder(int64_shape(rows), "float32", name="absmax")
@@ -59,10 +59,10 @@ def quantize_rows(rows: int, k: int):
         return (tirx.max(tirx.min(q, tirx.const(127.0, "float32")), tirx.const(-127.0, "float32"))
                 + tirx.const(float(SHIFT), "float32")).astype("uint8")
 
-    return te.create_prim_func([act, absmax, te.compute(int64_shape(rows, k), quantize, name="int8_quantize")])
+    return kernel_func(act, absmax, te.compute(int64_shape(rows, k), quantize, name="int8_quantize"))
 
 
-def quad_matmul(rows: int, k: int, n: int):
+def quad_matmul(rows, k: int, n: int):
     """PrimFunc: y[rows, N] = (sum_k q[r, k] W_q[n, k] - 128 sum_k W_q[n, k]) * scale_w[n] * absmax[r] / 127."""
     q = te.placeholder(int64_shape(rows, k), "uint8", name="q")
     panels = te.placeholder(int64_shape(n // PANEL, k // 4, PANEL, 4), "int8", name="panels")
@@ -74,7 +74,7 @@ def quad_matmul(rows: int, k: int, n: int):
         name=MATMUL_NAME)
     out = te.compute(int64_shape(rows, n), lambda r, c: (acc[r, c].astype("float32") - side[1, c]) * side[0, c]
                      * (absmax[r] * tirx.const(1 / 127.0, "float32")), name="int8_dequantize")
-    return te.create_prim_func([q, panels, side, absmax, out])
+    return kernel_func(q, panels, side, absmax, out)
 
 
 @T.prim_func(s_tir=True)

@@ -26,6 +26,7 @@ import math
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.sym.analyzer import Analyzer
 from tvm.target import Target
 from tvm.tirx.analysis import undefined_vars
 from typing_extensions import override
@@ -42,6 +43,7 @@ DOT_KERNELS = {tvm_bf16.MATMUL_NAME: (tvm_bf16.DOT_16, tvm_bf16.DPBF16_LLVM, 1),
 
 
 def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    """The loop's extent; None where it is symbolic (rows of `batch * SEQ` tokens)."""
     ext = sch.get(loop).extent
     return int(ext) if isinstance(ext, tirx.IntImm) else None
 
@@ -51,9 +53,17 @@ def _vectorizable(sch: s_tir.Schedule, block) -> bool:
     return all(w.source.dtype != "bool" for w in sch.get(block).writes)
 
 
-def _largest_divisor(n: int | None, candidates) -> int:
+def _reads_bf16(sch: s_tir.Schedule, block) -> bool:
+    """Whether the block loads bf16 values: unrolled, their vector casts abort LLVM's instruction selection ("Do not
+    know how to split this operator's operand", a 64-wide embedding row of bf16 weights)."""
+    return any(r.source.dtype == "bfloat16" for r in sch.get(block).reads)
+
+
+def _largest_divisor(n, candidates) -> int:
+    """The first candidate that divides `n`: an int, or a symbolic extent whose divisors are known (`batch * 28`
+    rows: 4, 2); 1 if none does (None: unknown)."""
     for c in candidates:
-        if n is not None and n % c == 0:
+        if n is not None and (n % c == 0 if isinstance(n, int) else Analyzer().can_prove(tirx.floormod(n, c) == 0)):
             return c
     return 1
 
@@ -66,7 +76,7 @@ def _read_along_innermost_axis(sch: s_tir.Schedule, block) -> bool:
         stmt = sch.get(consumer)
         innermost = stmt.iter_vars[-1].var
         for read in stmt.reads:
-            if any(read.source.same_as(o) for o in outputs) and not any(
+            if any(read.source.same_as(o) for o in outputs) and read.region and not any(
                     v.same_as(innermost) for v in undefined_vars(read.region[-1].min)):
                 return False
     return True
@@ -146,7 +156,7 @@ class Matmul(dl.ScheduleRule):
         *spatial, k = sch.get_loops(block)
         i, j = spatial[-2], spatial[-1]
         columns = _extent(sch, j)
-        mr = _largest_divisor(_extent(sch, i), (self.mr, 2))
+        mr = _largest_divisor(sch.get(i).extent, (self.mr, 2))
         if batched and columns <= ROW_TILE_COLUMNS and columns % 8 == 0:  # one tile spans the row
             nr = columns
         else:
@@ -203,7 +213,7 @@ class Matmul(dl.ScheduleRule):
         out = sch.get(block).writes[0].source.shape
         lead = len(out) - 2
         return lead > 0 and all(len(r.source.shape) == len(out) and
-                                all(int(a) == int(b) for a, b in zip(r.source.shape[:lead], out[:lead]))
+                                all(Analyzer().can_prove_equal(a, b) for a, b in zip(r.source.shape[:lead], out[:lead]))
                                 for r in sch.get(block).reads)
 
     @staticmethod
@@ -347,15 +357,18 @@ class Elementwise(dl.ScheduleRule):
                 sch.parallel(sch.fuse(*loops[:lead]) if lead > 1 else loops[0])
             return
         innermost = _extent(sch, loops[-1])
-        if innermost and innermost % VECTOR_LANES == 0 and _vectorizable(sch, block):
+        width = _largest_divisor(innermost, (VECTOR_LANES, 8, 4))
+        if width > 1 and _vectorizable(sch, block):
             # vector lanes along the innermost axis alone: every access is a plain vector load, where lanes of a
-            # fused index went through div/mod and could gather (RoPE's rotate-half reads)
-            chunks, lanes = sch.split(loops[-1], [None, VECTOR_LANES])
-            rows = [_extent(sch, loop) or 0 for loop in loops[:-1]]
+            # fused index went through div/mod and could gather (RoPE's rotate-half reads); narrower vectors where
+            # the axis is not whole 16-lane ones (K^T's SEQ columns: 28)
+            chunks, lanes = sch.split(loops[-1], [None, width])
+            rows = [_extent(sch, loop) for loop in loops[:-1]]
             # parallel over rows, a row's vectors in a serial loop (index math hoisted), unless rows are too few
-            if math.prod(rows) >= 64:
+            # (symbolic rows, batch * SEQ tokens, are taken to be many)
+            if None in rows or math.prod(rows) >= 64:
                 sch.parallel(sch.fuse(*loops[:-1]))
-                if (_extent(sch, chunks) or 0) <= UNROLLED_CHUNKS:
+                if (_extent(sch, chunks) or 0) <= UNROLLED_CHUNKS and not _reads_bf16(sch, block):
                     # unrolled, a condition on the innermost index at a multiple of 16 (rotate-half's `64 <= d`)
                     # is one constant per vector; rolled, it varied by lane and TVM's vectorizer left the whole
                     # loop scalar (RoPE's LLVM IR: 16 scalar float loads, against 32 `<16 x float>` unrolled)
