@@ -5,12 +5,13 @@ backends run the same patched model, and Relax's ONNX frontend takes it without 
 Relax frontend needs every aten op of the exporter's decompositions to be mapped).
 
 Flow: the symbolic export made static at the artifact's SEQ and its shape arithmetic folded, its batch symbolic
-(`import_onnx`: an artifact runs any batch up to its own, computing only the rows it is given) → from_onnx without the weights' bytes (they stay function inputs) → on CPU, linear weights taken as
-packed fp16 panels (`pack_linear_weights`) and each RMSNorm made one kernel (`rms_norm_kernels`) → LegalizeOps →
-FuseOps/FuseTIR → each panel's cast fused into its matmul (`fuse_weight_casts`) → LiftTransformParams (what is
-left to do once at load, e.g. the fp32 copies dlight's GPU rules read) → schedules (our CPU rules, or dlight's GPU
-rules) → build. The artifact holds `model.so` and `params.npz`, fp16 as exported, written tensor by tensor from the
-export's external data; on CPU they are the weights in memory too (0.6B: 1.2 GB, no fp32 copy).
+(`import_onnx`: an artifact runs any batch up to its own, computing only the rows it is given) → from_onnx without
+the weights' bytes (they stay function inputs) → on CPU, linear weights taken as packed fp16 panels
+(`pack_linear_weights`) and each RMSNorm made one kernel (`rms_norm_kernels`) → LegalizeOps → FuseOps/FuseTIR → each
+panel's cast fused into its matmul (`fuse_weight_casts`) → LiftTransformParams (what is left to do once at load,
+e.g. the fp32 copies dlight's GPU rules read) → schedules (our CPU rules, or dlight's GPU rules) → build. The
+artifact holds `model.so` and `params.npz`, fp16 as exported, written tensor by tensor from the export's external
+data; on CPU they are the weights in memory too (0.6B: 1.2 GB, no fp32 copy).
 """
 from __future__ import annotations
 
