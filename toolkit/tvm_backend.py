@@ -128,6 +128,7 @@ class TvmBackend(Backend):
 
         check_host(manifest)
         self.task, self.seq_len, self.batch = get_task(manifest.task), manifest.seq_len, manifest.batch
+        self.dynamic_batch = manifest.dynamic_batch  # built before the symbolic batch: exactly `batch` rows
         self.device = tvm.cpu() if manifest.target.device == "cpu" else tvm.cuda(device_id)
         executable = tvm.runtime.load_module(str(manifest.path / manifest.model_file))
         self.vm = VirtualMachine(executable, self.device)
