@@ -152,15 +152,17 @@ def symbolic_batch(mod, max_batch: int) -> tvm.IRModule:
     def dims(shape):
         return [batch if is_sentinel(d) else d for d in shape]
 
+    def holds_sentinel(ty) -> bool:
+        return isinstance(ty, relax.TensorType) and ty.shape is not None and any(map(is_sentinel, ty.shape.values))
+
     @mutator
     class MakeBatchSymbolic(PyExprMutator):
         def visit_shape_expr_(self, op):
             return relax.ShapeExpr(dims(op.values))
 
         def visit_var_def_(self, var):
-            ty = var.ty
-            if isinstance(ty, relax.TensorType) and ty.shape is not None and any(map(is_sentinel, ty.shape.values)):
-                return relax.Var(var.name, relax.TensorType(dims(ty.shape.values), ty.dtype))
+            if holds_sentinel(var.ty):
+                return relax.Var(var.name, relax.TensorType(dims(var.ty.shape.values), var.ty.dtype))
             return var
 
     @visitor
@@ -168,10 +170,10 @@ def symbolic_batch(mod, max_batch: int) -> tvm.IRModule:
         """Raise where a shape still holds the sentinel: a place the batch hides that the mutator does not reach."""
 
         def visit_var_binding_(self, binding):
-            ty = binding.var.ty
-            if isinstance(ty, relax.TensorType) and ty.shape is not None and any(map(is_sentinel, ty.shape.values)):
-                raise ToolkitError(f"TVM's import left the batch fixed at {binding.var.name} ({ty}): this graph "
-                                   "cannot be compiled with a batch of any size; please report it")
+            var = binding.var
+            if holds_sentinel(var.ty):
+                raise ToolkitError(f"TVM's import left the batch fixed at {var.name} ({var.ty}): this graph cannot be "
+                                   "compiled with a batch of any size; please report it")
             self.visit_expr(binding.value)
 
     main = MakeBatchSymbolic(mod).visit_expr(mod["main"])
@@ -200,7 +202,7 @@ def int64_shape(*dims) -> tuple:
 def kernel_func(*tensors):
     """`te.create_prim_func` of the inputs and the output (the last tensor), taking as scalar parameters, between them,
     the symbolic variables that the buffers' shapes hold only inside expressions (`batch` in `batch * 28` rows): a
-    buffer binds a dimension that is a variable by itself, and nothing else would (`kernel_call` passes them)."""
+    buffer binds a dimension that is a variable by itself, and nothing else would (`KernelCalls` passes them)."""
     from tvm import te, tirx
     from tvm.tirx.analysis import undefined_vars
 
@@ -215,12 +217,28 @@ def kernel_func(*tensors):
     return te.create_prim_func([*inputs, *(loose[n] for n in sorted(loose)), output])
 
 
-def kernel_call(gv, func, args: list, out_ty):
-    """`call_tir` of the PrimFunc `func` (added as `gv`), passing the symbolic variables it takes (`kernel_func`)."""
-    from tvm import relax, tirx
+class KernelCalls:
+    """Calls of our own TE kernels in a module being rewritten: each kernel added to `builder` once, the first time it
+    is called, under its name."""
 
-    scalars = [p for p in func.params if not isinstance(p.ty, tirx.BufferType)]
-    return relax.call_tir(gv, [*args, *scalars], out_ty)
+    def __init__(self, mod):
+        from tvm import relax
+
+        self.builder = relax.BlockBuilder(mod)
+        self._added = {}  # key → (GlobalVar, PrimFunc)
+
+    def call(self, name: str, make, args: list, out_ty, key=None):
+        """`call_tir` of the kernel `make()` (added as `name`; `key`, default `name`, says which calls share it),
+        passing the symbolic variables it takes (`kernel_func`)."""
+        from tvm import relax, tirx
+
+        key = name if key is None else key
+        if key not in self._added:
+            func = make().with_attr("global_symbol", name)
+            self._added[key] = self.builder.add_func(func, name), func
+        gv, func = self._added[key]
+        scalars = [p for p in func.params if not isinstance(p.ty, tirx.BufferType)]
+        return relax.call_tir(gv, [*args, *scalars], out_ty)
 
 
 def dims_name(*dims) -> str:
@@ -272,16 +290,12 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset()) -> tuple[tvm.IR
     from toolkit import tvm_bf16, tvm_int8
 
     main, weights = mod["main"], weight_inputs(mod)
-    panels_of, kernels = {}, {}  # weight index → its new parameter(s); PrimFunc name → (its GlobalVar, PrimFunc)
+    panels_of = {}  # weight index → its new parameter(s)
     layouts = [PLAIN] * len(weights)
-    builder = relax.BlockBuilder(mod)  # holds the bf16 / int8 kernels added on the way
+    kernels = KernelCalls(mod)  # the bf16 / int8 kernels added on the way
 
     def call(name: str, make, shape: tuple, args: list, out_ty):
-        key = f"{name}_{dims_name(*shape)}"
-        if key not in kernels:
-            func = make(*shape).with_attr("global_symbol", key)
-            kernels[key] = builder.add_func(func, key), func
-        return kernel_call(*kernels[key], args, out_ty)
+        return kernels.call(f"{name}_{dims_name(*shape)}", lambda: make(*shape), args, out_ty)
     x, w = wildcard(), wildcard()
     pattern = is_op("relax.matmul")(x, is_op("relax.permute_dims")(is_op("relax.astype")(w) | w))  # fp16 | fp32
 
@@ -329,7 +343,7 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset()) -> tuple[tvm.IR
     packed_main = relax.Function(params, rewritten.body, rewritten.ret_ty, rewritten.is_pure, rewritten.attrs)
     if relax.analysis.free_vars(packed_main):  # a weight also used unpacked elsewhere: keep it whole
         return mod, [PLAIN] * len(weights)
-    packed_mod = builder.get()
+    packed_mod = kernels.builder.get()
     packed_mod[packed_mod.get_global_var("main")] = packed_main
     return packed_mod, layouts
 
@@ -347,7 +361,7 @@ def rms_norm_kernels(mod):
     mean = is_op("relax.mean")(is_op("relax.power")(x, two))
     norm = is_op("relax.multiply")(is_op("relax.divide")(x, is_op("relax.sqrt")(is_op("relax.add")(mean, eps))),
                                    is_op("relax.astype")(w) | w)
-    builder, kernels = relax.BlockBuilder(mod), {}
+    kernels = KernelCalls(mod)
 
     def rewriter(expr, matches):
         data, weight, reduce = matches[x], matches[w], matches[mean]
@@ -356,14 +370,13 @@ def rms_norm_kernels(mod):
                 or [int(a) % len(shape) for a in reduce.attrs.axis] != [len(shape) - 1]
                 or [int(d) for d in weight.ty.shape] != [int(shape[-1])]):
             return expr
-        name = f"rms_norm_{dims_name(*shape)}"
-        if name not in kernels:
-            func = rms_norm(shape, weight.ty.dtype, float(matches[eps].value.numpy())).with_attr("global_symbol", name)
-            kernels[name] = builder.add_func(func, name), func
-        return kernel_call(*kernels[name], [data, weight], relax.TensorType(shape, "float32"))
+        epsilon = float(matches[eps].value.numpy())
+        return kernels.call(f"rms_norm_{dims_name(*shape)}", lambda: rms_norm(shape, weight.ty.dtype, epsilon),
+                            [data, weight], relax.TensorType(shape, "float32"),
+                            key=(dims_name(*shape), weight.ty.dtype, epsilon))
 
     main = rewrite_call(norm, rewriter, mod["main"])
-    rewritten = builder.get()
+    rewritten = kernels.builder.get()
     rewritten[rewritten.get_global_var("main")] = main
     return rewritten
 
