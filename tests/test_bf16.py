@@ -4,6 +4,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from toolkit import tvm_amx
 from toolkit.artifact import Manifest
 from toolkit.config import BuildConfig
 from toolkit.errors import ToolkitError
@@ -88,6 +89,7 @@ def test_bf16_artifacts_pass_the_gate_on_outlier_checkpoints(outlier_checkpoints
     else:
         assert validation["max_abs_diff"] <= 5e-3 and validation["kendall_tau"] is not None
     assert manifest.precision["weights"] == "bfloat16" and "vdpbf16ps" in manifest.precision["compute"]
+    assert manifest.backend_details["amx_kernels"] == sorted(tvm_amx.kinds_to_build() & {"bf16"})
     with np.load(artifact / manifest.backend_details["params_file"]) as params:
         dtypes = {params[name].dtype.str for name in params.files}
     assert {"<i4", "|V2"} <= dtypes and "<f2" not in dtypes  # linear layers as bf16 pairs, the rest bf16

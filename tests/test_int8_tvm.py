@@ -5,6 +5,7 @@ import subprocess
 import numpy as np
 import pytest
 
+from toolkit import tvm_amx
 from toolkit.artifact import Manifest
 from toolkit.errors import ToolkitError
 from toolkit.host import cpu_has
@@ -77,6 +78,7 @@ def test_tvm_int8_gate_fails_naive_quantization_and_passes_the_default(outlier_c
     assert validation["passed"] and 0.99 <= validation["min_cosine"] < 1.0
     assert validation["real_texts"] == len(CalibrationSet.load().holdout) * 2
     assert "per-token" in manifest.precision["quantization"]["scheme"]
+    assert manifest.backend_details["amx_kernels"] == sorted(tvm_amx.kinds_to_build() & {"int8"})
     with np.load(artifact / manifest.backend_details["params_file"]) as params:
         dtypes = [params[name].dtype.str for name in params.files]
     assert dtypes.count("|i1") == 4 * 2  # every linear layer of the 2-layer model as int8 quad panels

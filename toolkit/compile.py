@@ -48,8 +48,9 @@ TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bflo
 PRECISION = {
     "fp16": {"weights": "float16", "compute": "float32", "accumulation": "float32"},
     "fp32": {"weights": "float32", "compute": "float32", "accumulation": "float32"},
-    "bf16": {"weights": "bfloat16", "compute": "bfloat16 x bfloat16 in the linear layers (AVX512-BF16 vdpbf16ps); "
-             "float32 in attention, norms, softmax, RoPE and the residual stream", "accumulation": "float32"},
+    "bf16": {"weights": "bfloat16", "compute": "bfloat16 x bfloat16 in the linear layers (AVX512-BF16 vdpbf16ps, or "
+             "AMX tdpbf16ps where backend_details.amx_kernels lists bf16); float32 in attention, norms, softmax, RoPE "
+             "and the residual stream", "accumulation": "float32"},
     "int8": {"weights": "int8 (linear layers, per output channel); float16 for the linear layers kept out of int8, "
                         "the embedding table and the norms", "compute":
              "int8 x int8 (linear layers; dynamic activation scale, per tensor on ONNX Runtime, per token on TVM); "
@@ -257,7 +258,7 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
         model_file = built["model_file"]
         target = Target(cfg.target, built["tvm_target"], isa_flags() if built["tvm_target"]["kind"] == "llvm" else None)
         details = {key: built[key] for key in ("params_file", "params_sha256", "primfuncs", "unscheduled",
-                                               "compile_seconds")}
+                                               "amx_kernels", "compile_seconds")}
     # onnx_ir's graphs are reference cycles: uncollected, the quantized weights would still be resident while
     # validation loads the artifact (0.6B: 737 MB held after quantizing, 286 MB once collected; 4B: validation peaked
     # at 9.2 GB for a 4.3 GB artifact that loads at 4.1 GB)

@@ -6,9 +6,10 @@ the graph ONNX Runtime's own tool writes, or (TVM) as `tvm_int8` packs them at c
   of the weights is ever made (the build's peak is about the fp16 model's), and what is not quantized stays as an
   fp16 artifact has it (fp16 weights, fp32 compute), measured as exact (min cosine 1.000000 against HF fp32).
 - Weights: int8 per output channel. Activations: int8 with a dynamic scale, per tensor on ONNX Runtime
-  (`DynamicQuantizeLinear`, fused into `DynamicQuantizeMatMul`), per token on TVM: VNNI `vpdpbusd` on CPU. ONNX
-  Runtime's weights are stored as uint8 (zero point 128) where its uint8 x int8 matmul would saturate (x86 without
-  VNNI: `host.int8_full_range_exact`): its uint8 x uint8 matmul is exact there, with the same 255 levels.
+  (`DynamicQuantizeLinear`, fused into `DynamicQuantizeMatMul`), per token on TVM: VNNI `vpdpbusd` (or AMX `tdpbusd`)
+  on CPU. ONNX Runtime's weights are stored as uint8 (zero point 128) where its uint8 x int8 matmul would saturate
+  (x86 without VNNI: `host.int8_full_range_exact`): its uint8 x uint8 matmul is exact there, with the same 255
+  levels.
 - Outliers: real LLMs carry 20-100x channels at the inputs of linear layers; a per-tensor activation scale spends its
   256 levels on them. SmoothQuant (Xiao et al. 2023) moves that range into the weights with a per-input-channel factor
   `s = max|X|^alpha / max|W|^(1-alpha)`, folded into the preceding RMSNorm weight (q/k/v, gate/up) or into the up

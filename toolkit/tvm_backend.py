@@ -15,6 +15,7 @@ from toolkit.errors import ToolkitError
 from toolkit.host import isa_flags, missing_tvm_extension
 from toolkit.memory import return_freed_memory
 from toolkit.tasks import get_task
+from toolkit.tvm_amx import request_tiles
 
 _importing = threading.Lock()
 RUNTIME_LIB = "TVM_USE_RUNTIME_LIB"  # TVM's switch: "1" loads libtvm_runtime alone, without the compiler library
@@ -127,6 +128,8 @@ class TvmBackend(Backend):
         from tvm.runtime.vm import VirtualMachine
 
         check_host(manifest)
+        if manifest.backend_details.get("amx_kernels"):
+            request_tiles()
         self.task, self.seq_len, self.batch = get_task(manifest.task), manifest.seq_len, manifest.batch
         self.dynamic_batch = manifest.dynamic_batch  # built before the symbolic batch: exactly `batch` rows
         self.device = tvm.cpu() if manifest.target.device == "cpu" else tvm.cuda(device_id)

@@ -11,6 +11,8 @@ multiply-adds of an fp32 FMA per instruction. It wants both operands as 32-bit l
 TIR's own bfloat16 type is not used: TVM legalizes bf16 arithmetic to fp32 before codegen, and its LLVM backend
 cannot pass the `<32 x bfloat>` operands the intrinsic takes. The pairs travel as int32; a four-line LLVM function,
 imported into each kernel with `pragma_import_llvm`, bitcasts them and calls the intrinsic (inlined by LLVM).
+
+On CPUs with AMX, the same panels feed AMX's `tdpbf16ps` instead (`pair_matmul(amx=True)`, `tvm_amx`).
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import numpy as np
 from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
+from toolkit import tvm_amx
 from toolkit.tvm_compile import PANEL, int64_shape, kernel_func, llvm_dot
 
-MATMUL_NAME = "bf16_pair_matmul"  # the compute block's name: how the schedule rule recognises it
+MATMUL_NAME = "bf16_pair_matmul"  # the compute blocks' names: how the schedule rule recognises them
+AMX_MATMUL_NAME = "bf16_amx_matmul"
 DOT_16 = "qwen3_deploy_bf16_dot_16"
 
 DPBF16_LLVM = llvm_dot("qwen3_deploy_dpbf16", "llvm.x86.avx512bf16.dpbf16ps.512", "<16 x float>", "<32 x bfloat>")
@@ -41,7 +45,8 @@ def _high(pair):
     return tirx.reinterpret("float32", tirx.bitwise_and(pair, tirx.const(-65536, "int32")))
 
 
-def _pair_product(a, b):
+def pair_product(a, b):
+    """The sum of the products of two bf16 pairs, in fp32 (what `vdpbf16ps` / `tdpbf16ps` compute per lane)."""
     return _low(a) * _low(b) + _high(a) * _high(b)
 
 
@@ -54,25 +59,32 @@ def _round_to_bf16(x):
     return tirx.Select(is_nan, tirx.const(0x7FC0, "uint32"), rounded)
 
 
-def to_pairs(rows, k: int):
-    """PrimFunc: fp32 activations [rows, K] → bf16 pairs [rows, K/2] (int32)."""
+def to_pairs(rows, k: int, amx: bool = False):
+    """PrimFunc: fp32 activations [rows, K] → bf16 pairs [rows, K/2] (int32). With `amx`, rows are padded to whole
+    tiles (`tvm_amx.padded_rows`) of zeros."""
     act = te.placeholder(int64_shape(rows, k), "float32", name="act")
 
     def pair(r, p):
         high = tirx.shift_left(_round_to_bf16(act[r, 2 * p + 1]), tirx.const(16, "uint32"))
-        return tirx.reinterpret("int32", _round_to_bf16(act[r, 2 * p]) | high)
+        bits = tirx.reinterpret("int32", _round_to_bf16(act[r, 2 * p]) | high)
+        return tirx.if_then_else(r < rows, bits, tirx.const(0, "int32")) if amx else bits
 
-    pairs = te.compute(int64_shape(rows, k // 2), pair, name="bf16_pairs")
+    pairs = te.compute(int64_shape(tvm_amx.padded_rows(rows) if amx else rows, k // 2), pair, name="bf16_pairs")
     return kernel_func(act, pairs)
 
 
-def pair_matmul(rows, k: int, n: int):
-    """PrimFunc: y[rows, N] = pairs[rows, K/2] · panels[N/64, K/2, 64], bf16 products summed in fp32."""
-    pairs = te.placeholder(int64_shape(rows, k // 2), "int32", name="pairs")
+def pair_matmul(rows, k: int, n: int, amx: bool = False):
+    """PrimFunc: y[rows, N] = pairs[rows, K/2] · panels[N/64, K/2, 64], bf16 products summed in fp32. With `amx`, the
+    pairs have whole tiles of rows (`tvm_amx.padded_rows`) and the product is the AMX kernel's."""
+    pair_rows = tvm_amx.padded_rows(rows) if amx else rows
+    pairs = te.placeholder(int64_shape(pair_rows, k // 2), "int32", name="pairs")
     panels = te.placeholder(int64_shape(n // PANEL, k // 2, PANEL), "int32", name="panels")
     p = te.reduce_axis(int64_shape(0, k // 2), name="p")
-    out = te.compute(int64_shape(rows, n), lambda r, c: te.sum(
-        _pair_product(pairs[r, p], panels[c // PANEL, p, c % PANEL]), axis=p), name=MATMUL_NAME)
+    out = te.compute(int64_shape(pair_rows, n), lambda r, c: te.sum(
+        pair_product(pairs[r, p], panels[c // PANEL, p, c % PANEL]), axis=p),
+        name=AMX_MATMUL_NAME if amx else MATMUL_NAME)
+    if amx:  # the rows asked for, out of whole tiles (an epilogue of the tiles)
+        out = te.compute(int64_shape(rows, n), lambda r, c: out[r, c], name="bf16_amx_rows")
     return kernel_func(pairs, panels, out)
 
 

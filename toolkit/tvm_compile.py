@@ -37,7 +37,8 @@ PARAMS = "params.npz"
 
 
 # The extensions our kernels call directly, as Linux names them (/proc/cpuinfo) and as LLVM does
-KERNEL_FEATURES = {"avx512_bf16": "avx512bf16", "avx512_vnni": "avx512vnni"}
+KERNEL_FEATURES = {"avx512_bf16": "avx512bf16", "avx512_vnni": "avx512vnni", "amx_tile": "amx-tile",
+                   "amx_int8": "amx-int8", "amx_bf16": "amx-bf16"}
 
 
 def host_target() -> dict:
@@ -269,7 +270,8 @@ PLAIN, PANELS, BF16_PAIRS, INT8_QUADS = "plain", "panels", "bf16_pairs", "int8_q
 PLAIN_CHUNK = 16 << 20
 
 
-def pack_linear_weights(mod, int8: frozenset[int] = frozenset()) -> tuple[tvm.IRModule, list[str]]:
+def pack_linear_weights(mod, int8: frozenset[int] = frozenset(), amx: frozenset[str] = frozenset()
+                        ) -> tuple[tvm.IRModule, list[str]]:
     """Rewrite `matmul(x, permute_dims([astype](W)))` (every nn.Linear of the export, W a weight input of `main`) so
     that `main` takes W already packed as contiguous `[N/64, K, 64]` panels in its storage dtype, cast inside the
     matmul: `y = reshape(permute(matmul(x as [1, tokens, K], astype(panels))))`. The micro-kernel then streams each
@@ -282,20 +284,28 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset()) -> tuple[tvm.IR
     bf16 weights become bf16 pair panels `[N/64, K/2, 64]` (int32) instead, and the matmul the AVX512-BF16 kernel of
     `tvm_bf16` on activations rounded to bf16 pairs: `y = pair_matmul(to_pairs(x as [tokens, K]), panels)`. fp16 or
     fp32 weights whose index is in `int8` become int8 quad panels plus a scale table (two inputs of `main`), and the
-    matmul the VNNI kernel of `tvm_int8` on activations quantized per token."""
+    matmul the VNNI kernel of `tvm_int8` on activations quantized per token. Kinds ("int8", "bf16") in `amx` take
+    the AMX tile kernels of `tvm_amx` instead (wherever K fills whole tiles: every Qwen3 shape), their activations
+    padded to whole tiles of rows."""
     from tvm import relax
     from tvm.relax.dpl import is_op, rewrite_call, wildcard
     from tvm.sym.analyzer import Analyzer
 
-    from toolkit import tvm_bf16, tvm_int8
+    from toolkit import tvm_amx, tvm_bf16, tvm_int8
 
     main, weights = mod["main"], weight_inputs(mod)
     panels_of = {}  # weight index → its new parameter(s)
     layouts = [PLAIN] * len(weights)
     kernels = KernelCalls(mod)  # the bf16 / int8 kernels added on the way
 
-    def call(name: str, make, shape: tuple, args: list, out_ty):
+    def call(name: str, make, shape: tuple, args: list, out_ty, tiles: bool = False):  # tiles: its AMX version
+        if tiles:
+            return kernels.call(f"{name}_amx_{dims_name(*shape)}", lambda: make(*shape, amx=True), args, out_ty)
         return kernels.call(f"{name}_{dims_name(*shape)}", lambda: make(*shape), args, out_ty)
+
+    def tile_rows(rows, tiles: bool):  # the rows of an AMX kernel's activations: whole tiles
+        return tvm_amx.padded_rows(rows) if tiles else rows
+
     x, w = wildcard(), wildcard()
     pattern = is_op("relax.matmul")(x, is_op("relax.permute_dims")(is_op("relax.astype")(w) | w))  # fp16 | fp32
 
@@ -313,20 +323,23 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset()) -> tuple[tvm.IR
             layouts[key] = BF16_PAIRS
             [panels] = panels_of.setdefault(key, [relax.Var(f"{weight.name}_pairs", relax.TensorType(
                 (n // PANEL, k // 2, PANEL), "int32"))])
-            pairs = call("bf16_pairs", tvm_bf16.to_pairs, (rows, k), [flat], relax.TensorType((rows, k // 2), "int32"))
+            tiles = "bf16" in amx and (2 * k) % tvm_amx.TILE_BYTES == 0
+            pairs = call("bf16_pairs", tvm_bf16.to_pairs, (rows, k), [flat], relax.TensorType(
+                (tile_rows(rows, tiles), k // 2), "int32"), tiles)
             out = call("bf16_matmul", tvm_bf16.pair_matmul, (rows, k, n), [pairs, panels],
-                       relax.TensorType((rows, n), "float32"))
+                       relax.TensorType((rows, n), "float32"), tiles)
             return op.reshape(out, dims[:-1] + [n])
         if key in int8 and k % 4 == 0:
             layouts[key] = INT8_QUADS
             panels, side = panels_of.setdefault(key, [
                 relax.Var(f"{weight.name}_quads", relax.TensorType((n // PANEL, k // 4, PANEL, 4), "int8")),
                 relax.Var(f"{weight.name}_scales", relax.TensorType((2, n), "float32"))])
+            tiles = "int8" in amx and k % tvm_amx.TILE_BYTES == 0
             absmax = call("int8_absmax", tvm_int8.row_absmax, (rows, k), [flat], relax.TensorType((rows,), "float32"))
             quantized = call("int8_quantize", tvm_int8.quantize_rows, (rows, k), [flat, absmax],
-                             relax.TensorType((rows, k), "uint8"))
+                             relax.TensorType((tile_rows(rows, tiles), k), "uint8"), tiles)
             out = call("int8_matmul", tvm_int8.quad_matmul, (rows, k, n), [quantized, panels, side, absmax],
-                       relax.TensorType((rows, n), "float32"))
+                       relax.TensorType((rows, n), "float32"), tiles)
             return op.reshape(out, dims[:-1] + [n])
         layouts[key] = PANELS
         [panels] = panels_of.setdefault(key, [relax.Var(f"{weight.name}_panels", relax.TensorType(
@@ -467,9 +480,11 @@ FAST_LEGALIZATION = {"relax.nn.softmax": _fast_softmax, "relax.sigmoid": _fast_s
 SHAPE_LEGALIZATION = {"relax.reshape": _reshape}
 
 
-def lower(mod, target, schedule: bool = True, int8: frozenset[int] = frozenset()) -> tuple[tvm.IRModule, list[str]]:
+def lower(mod, target, schedule: bool = True, int8: frozenset[int] = frozenset(), amx: frozenset[str] = frozenset()
+          ) -> tuple[tvm.IRModule, list[str]]:
     """Relax-level lowering, then (unless `schedule=False`, for checking) a schedule for every PrimFunc. Returns the
-    module and the layout of each weight input (`pack_linear_weights`, which quantizes the weights in `int8`)."""
+    module and the layout of each weight input (`pack_linear_weights`, which quantizes the weights in `int8` and
+    gives the kinds in `amx` AMX kernels)."""
     from tvm import relax
     from tvm.s_tir import dlight as dl
 
@@ -477,7 +492,7 @@ def lower(mod, target, schedule: bool = True, int8: frozenset[int] = frozenset()
 
     cpu = target.kind.name == "llvm"
     if cpu:
-        mod, layouts = pack_linear_weights(mod, int8)
+        mod, layouts = pack_linear_weights(mod, int8, amx)
         mod = rms_norm_kernels(mod)
     else:  # dlight's GPU rules read plain weights; their fp32 copies are made once at load
         layouts = [PLAIN] * len(weight_inputs(mod))
@@ -513,6 +528,7 @@ class TvmBuild:
     tvm_target: dict
     primfuncs: int
     unscheduled: list[str]
+    amx_kernels: list[str]  # the kinds of linear layers ("int8", "bf16") that run on AMX tiles
     compile_seconds: float
 
 
@@ -524,6 +540,7 @@ def compile_tvm(onnx_path: Path, out_dir: Path, device: str, batch: int, seq_len
     this one's weights are the same (`write_params`)."""
     from tvm import relax
 
+    from toolkit import tvm_amx
     from toolkit.tvm_schedules import unscheduled
 
     target_spec = host_target() if device == "cpu" else cuda_target()
@@ -533,14 +550,16 @@ def compile_tvm(onnx_path: Path, out_dir: Path, device: str, batch: int, seq_len
     int8_layers = set(int8_layers)
     int8 = frozenset(i for i, w in enumerate(graph.weights)
                      if w.name.removesuffix(".weight") in int8_layers)
-    mod, layouts = lower(graph.mod, target, int8=int8)
+    amx = tvm_amx.kinds_to_build() if device == "cpu" else frozenset()
+    mod, layouts = lower(graph.mod, target, int8=int8, amx=amx)
+    amx_used = amx & {kind for kind, layout in (("int8", INT8_QUADS), ("bf16", BF16_PAIRS)) if layout in layouts}
     missing = unscheduled(mod)
     primfuncs = sum(isinstance(f, tvm.tirx.PrimFunc) for f in mod.functions.values())
     executable = tvm.compile(mod, target=target, relax_pipeline=relax.get_pipeline("default_build"))
     executable.export_library(str(out_dir / LIBRARY))
     digest = write_params(out_dir / PARAMS, onnx_path.parent, graph.weights, layouts, same_params)
     return TvmBuild(model_file=LIBRARY, params_file=PARAMS, params_sha256=digest, tvm_target=target_spec,
-                    primfuncs=primfuncs, unscheduled=missing,
+                    primfuncs=primfuncs, unscheduled=missing, amx_kernels=sorted(amx_used),
                     compile_seconds=round(time.perf_counter() - started, 2))
 
 

@@ -8,9 +8,10 @@ PrimFunc gets one of these, tried in order:
   registers), the reduction axis outside the micro-tile, NR vectorised with AVX-512, parallel over output tiles;
   elementwise epilogues (residual add, SiLU*up, scaling) are fused into the tile's write-back. The bf16 linear
   layers' kernel (`tvm_bf16.pair_matmul`) gets the same tiles with one `vdpbf16ps` per 16 columns, the int8 one
-  (`tvm_int8.quad_matmul`) one `vpdpbusd` per 16 columns and 4 K values. Batched matmuls (attention, per sequence
-  and head) run in parallel over the batch, their tiles in turn; QK^T's columns (SEQ: 60, 44, 28...) are padded to
-  whole vectors, else its tiles were 4 columns wide (40 GFLOP/s, a tenth of the time at SEQ 60).
+  (`tvm_int8.quad_matmul`) one `vpdpbusd` per 16 columns and 4 K values; on CPUs with AMX, both instead call an
+  AMX tile micro-kernel per 16 rows x 64-256 columns over the whole K (`tvm_amx`). Batched matmuls (attention, per
+  sequence and head) run in parallel over the batch, their tiles in turn; QK^T's columns (SEQ: 60, 44, 28...) are
+  padded to whole vectors, else its tiles were 4 columns wide (40 GFLOP/s, a tenth of the time at SEQ 60).
 - `RowReduction`: softmax / RMSNorm shaped functions, and int8's per-token max |x|: row reductions split into 16
   vector lanes (rfactor), all blocks per row under one parallel loop; dlight's `cpu.Reduction` takes rows whose
   length is not a multiple of 16.
@@ -31,7 +32,8 @@ from tvm.target import Target
 from tvm.tirx.analysis import undefined_vars
 from typing_extensions import override
 
-from toolkit import tvm_bf16, tvm_int8
+from toolkit import tvm_amx, tvm_bf16, tvm_int8
+from toolkit.tvm_compile import PANEL
 
 VECTOR_LANES = 16  # fp32 lanes of an AVX-512 register
 UNROLLED_CHUNKS = 8  # a row of at most this many vectors (a head of 128) is unrolled
@@ -40,6 +42,8 @@ ROW_TILE_COLUMNS = 32  # attention rows up to this wide are one tile (in 8-lane 
 # (tensor intrinsic, the LLVM wrapper it calls, K values per lane that the block itself iterates over)
 DOT_KERNELS = {tvm_bf16.MATMUL_NAME: (tvm_bf16.DOT_16, tvm_bf16.DPBF16_LLVM, 1),  # K pairs are already packed
                tvm_int8.MATMUL_NAME: (tvm_int8.DOT_16x4, tvm_int8.VPDPBUSD_LLVM, 4)}
+# Matmul blocks that run on AMX tiles, by block name: (kernel kind, K values per element of the block's reduction)
+AMX_KERNELS = {tvm_int8.AMX_MATMUL_NAME: ("int8", 1), tvm_bf16.AMX_MATMUL_NAME: ("bf16", 2)}
 
 
 def _extent(sch: s_tir.Schedule, loop) -> int | None:
@@ -130,13 +134,6 @@ class Matmul(dl.ScheduleRule):
         name = sch.get(block).name_hint
         dot = next((spec for prefix, spec in DOT_KERNELS.items() if name.startswith(prefix)), None)
         index = [b.block_rv for b in infos].index(block)
-        # Prologue (casts, transposes of activations) is inlined into the matmul's loads. One that cannot be (a
-        # fused mask construction in a 1-layer graph) made the tiled kernel wrong: leave such functions to others.
-        for b in reversed(infos[:index]):
-            try:
-                sch.compute_inline(b.block_rv)
-            except Exception:  # noqa: BLE001
-                return None
         epilogue = [b.block_rv for b in infos[index + 1:]]
         # Epilogues are computed per output tile, so each must consume the tile (directly or through an earlier
         # epilogue). A block that does not (a fused mask build) would be computed whole inside every tile, and what
@@ -146,6 +143,16 @@ class Matmul(dl.ScheduleRule):
             if not {r.source.name for r in sch.get(e).reads} & produced:
                 return None
             produced |= {w.source.name for w in sch.get(e).writes}
+        amx = next((spec for prefix, spec in AMX_KERNELS.items() if name.startswith(prefix)), None)
+        if amx:  # its operands come straight from the function's inputs: no prologue
+            return None if index else self._amx_tiles(func, name, [sch.get(e).name_hint for e in epilogue], *amx)
+        # Prologue (casts, transposes of activations) is inlined into the matmul's loads. One that cannot be (a
+        # fused mask construction in a 1-layer graph) made the tiled kernel wrong: leave such functions to others.
+        for b in reversed(infos[:index]):
+            try:
+                sch.compute_inline(b.block_rv)
+            except Exception:  # noqa: BLE001
+                return None
 
         batched = not dot and len(sch.get_loops(block)) > 3 and self._batched(sch, block)
         padding = []  # blocks copying an operand into its padded buffer
@@ -204,6 +211,34 @@ class Matmul(dl.ScheduleRule):
         for e in epilogue:
             sch.reverse_compute_at(e, tile)
             self._vectorize_innermost(sch, e)
+        return sch
+
+    @staticmethod
+    def _amx_tiles(func, name: str, epilogue: list[str], kind: str, k_per_element: int):
+        """One AMX micro-kernel call per tile of 16 rows x a few weight panels (`tvm_amx.panels_per_call`) over the
+        whole K, parallel over tiles (a panel group's row tiles in turn, its panels in cache), each tile's epilogue
+        right after it.
+
+        The schedule runs without TVM's checks: they require the whole tiles of rows the matmul computes to cover
+        the rows its epilogue reads, which they do, but which TVM cannot prove for a symbolic batch (its region
+        analysis gives up on `(batch * SEQ + 15) // 16 * 16`)."""
+        sch = s_tir.Schedule(func, enable_check=False)
+        block = sch.get_sblock(name)
+        *spatial, k = sch.get_loops(block)
+        if len(spatial) != 2 or _largest_divisor(sch.get(spatial[0]).extent, (tvm_amx.TILE_ROWS,)) == 1 \
+                or (_extent(sch, spatial[1]) or 0) % PANEL:
+            return None
+        panels = tvm_amx.panels_per_call(_extent(sch, spatial[1]) // PANEL, _extent(sch, k) * k_per_element, kind)
+        rows = sch.split(spatial[0], [None, tvm_amx.TILE_ROWS])
+        columns = sch.split(spatial[1], [None, PANEL * panels])
+        sch.reorder(columns[0], rows[0], rows[1], columns[1], k)
+        tile = sch.fuse(columns[0], rows[0])
+        sch.parallel(tile)
+        for e in epilogue:
+            sch.reverse_compute_at(sch.get_sblock(e), tile)
+            Matmul._vectorize_innermost(sch, sch.get_sblock(e))
+        sch.tensorize(rows[1], tvm_amx.register(kind, _extent(sch, k) * k_per_element, panels))
+        sch.annotate(tile, "pragma_import_llvm", tvm_amx.micro_kernel_llvm(kind))
         return sch
 
     @staticmethod

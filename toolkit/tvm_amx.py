@@ -1,0 +1,215 @@
+"""AMX tile kernels for TVM's int8 and bf16 linear layers, on CPUs with Intel AMX (Sapphire Rapids and later).
+
+One AMX instruction multiplies a 16 x 64-byte tile of activations by a 64-byte x 16-column tile of weights into a
+16 x 16 tile of int32 (`tdpbusd`, uint8 x int8) or fp32 (`tdpbf16ps`, bf16 pairs) accumulators: 16 AVX-512 dot
+products' worth of work per instruction. The weight panels `tvm_int8` and `tvm_bf16` already pack (`[N/64, K/4, 64,
+4]` int8 quads, `[N/64, K/2, 64]` bf16 pairs) are exactly AMX's weight-tile layout: 16 panel rows, 256 bytes apart,
+hold a 64-byte x 16-column tile, so the same panels serve both kernels.
+
+The micro-kernel (`micro_kernel_llvm`, LLVM IR imported with `pragma_import_llvm`) computes a block of 16 rows x
+one to four panels over the whole K: per panel, four accumulator tiles stay in tile registers while each 64-byte step
+of K loads one activation tile and four weight tiles. The schedule (`tvm_schedules.Matmul`) tensorizes the matmul's
+`[16, 64 * panels, K]` loop nest with it (`register`); rows are padded to a multiple of 16 by the kernel feeding the
+matmul (`padded_rows`), since a tile always holds 16 rows. A padded row costs no time: an AMX product takes as long
+for 1 row as for 16.
+
+Linux hands tile registers to a process only once it asks (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, else SIGILL): a TVM
+backend asks before loading an AMX artifact (`request_tiles`)."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+from toolkit.host import cpu_has
+
+TILE_ROWS = 16  # activation rows per tile
+TILE_BYTES = 64  # bytes of a tile row: K values per step (64 int8 or 32 bf16)
+PANEL_ROW_BYTES = 256  # a weight panel row: 64 columns x 4 bytes (an int8 quad or a bf16 pair)
+PANEL_GROUP_BYTES = 512 << 10  # the most weight bytes one micro-kernel call covers (see `panels_per_call`)
+# per kernel kind: (the cpuinfo flag, the tile instruction's LLVM intrinsic)
+KINDS = {"int8": ("amx_int8", "tdpbusd"), "bf16": ("amx_bf16", "tdpbf16ps")}
+ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, SYS_ARCH_PRCTL = 0x1023, 18, 158
+SWITCH = "QWEN3_DEPLOY_TVM_AMX"  # "0": AVX-512 kernels even where the CPU has AMX
+
+
+def kinds_to_build() -> frozenset[str]:
+    """The linear-layer kernels ("int8", "bf16") that CPU builds give AMX tiles: those this CPU has, none where the
+    environment sets QWEN3_DEPLOY_TVM_AMX=0 (the AVX-512 kernels, to compare the two)."""
+    if os.environ.get(SWITCH) == "0" or not cpu_has("amx_tile"):
+        return frozenset()
+    return frozenset(kind for kind, (flag, _) in KINDS.items() if cpu_has(flag))
+
+
+def padded_rows(rows):
+    """Rows rounded up to whole tiles: an int, or a simplified expression of the symbolic batch (the kernels' buffers
+    and Relax's tensor types must spell it alike)."""
+    padded = (rows + TILE_ROWS - 1) // TILE_ROWS * TILE_ROWS
+    if isinstance(rows, int):
+        return padded
+    from tvm.sym.analyzer import Analyzer
+
+    return Analyzer().simplify(padded)
+
+
+@functools.cache
+def request_tiles() -> None:
+    """Ask Linux for the tile registers (once per process; every thread may then use them)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0:
+        from toolkit.errors import ToolkitError
+
+        raise ToolkitError(f"Linux refused this process AMX tile registers (arch_prctl errno {ctypes.get_errno()}; "
+                           "kernels before 5.16 lack AMX support): run this artifact on a newer kernel, or rebuild it "
+                           "with QWEN3_DEPLOY_TVM_AMX=0 for AVX-512 kernels")
+
+
+def panels_per_call(panels: int, k: int, kind: str) -> int:
+    """How many of a matmul's `panels` weight panels (of K values each) one micro-kernel call covers: 4, 2 or 1,
+    dividing `panels`, their bytes within PANEL_GROUP_BYTES. A group's row tiles run in turn with its panels in L2
+    (2 MB a core here); more panels a call spread the tile configuration's cost (int8 `[252, 1024] x [1024, 6144]`:
+    2,655 GOPS with 4, 2,344 with 1), but bf16 `[252, 3072] x [3072, 1024]` with 4 of its 384 KB panels ran at 1,168
+    GFLOP/s against 1,640 with 1."""
+    panel_bytes = k * PANEL_ROW_BYTES // (4 if kind == "int8" else 2)
+    return next(p for p in (4, 2, 1) if panels % p == 0 and (p == 1 or p * panel_bytes <= PANEL_GROUP_BYTES))
+
+
+def kernel_name(kind: str) -> str:
+    """The micro-kernel's LLVM function name."""
+    return f"qwen3_deploy_amx_{kind}"
+
+
+def micro_kernel_llvm(kind: str) -> str:
+    """LLVM IR of `void kernel(acc, act, panel, act_row_bytes, steps, panels)`: for each of `panels` consecutive
+    weight panels p, acc[16, 64p:64p+64] (acc row-major, `panels` * 256 bytes a row) = act[16, steps * 64 bytes] ·
+    panel p [steps * 16 rows of 256 bytes]. Tiles 0-3 are the accumulators, 4 the activations and 5/6 the weights
+    (alternating, so a weight load overlaps the previous product).
+
+    The tile configuration is loaded on every call: no cheaper way tells whether another library on this thread
+    (ONNX Runtime's, oneDNN's AMX kernels) changed it, and `sttilecfg` costs as much as `ldtilecfg` here (about 300
+    ns each, measured): a call covers several panels to spread it (`panels_per_call`)."""
+    config = [0] * 64  # ldtilecfg's palette 1: every tile 16 rows of 64 bytes
+    config[0] = 1
+    for tile in range(8):
+        config[16 + 2 * tile], config[48 + tile] = TILE_BYTES, TILE_ROWS
+    instruction = KINDS[kind][1]
+    step_bytes = TILE_ROWS * PANEL_ROW_BYTES
+    zero = "\n".join(f"  call void @llvm.x86.tilezero(i8 {g})" for g in range(4))
+    products = "\n".join(
+        f"  %w{g} = getelementptr i8, ptr %panel_step, i64 {TILE_BYTES * g}\n"
+        f"  call void @llvm.x86.tileloadd64(i8 {5 + g % 2}, ptr %w{g}, i64 {PANEL_ROW_BYTES})\n"
+        f"  call void @llvm.x86.{instruction}(i8 {g}, i8 4, i8 {5 + g % 2})" for g in range(4))
+    stores = "\n".join(f"  %acc{g} = getelementptr i8, ptr %acc_panel, i64 {TILE_BYTES * g}\n"
+                       f"  call void @llvm.x86.tilestored64(i8 {g}, ptr %acc{g}, i64 %acc_row_bytes)"
+                       for g in range(4))
+    return f"""
+define linkonce_odr void @{kernel_name(kind)}(ptr %acc, ptr %act, ptr %panel, i64 %act_row_bytes, i64 %steps,
+                                            i64 %panels) {{
+entry:
+  %config = alloca <64 x i8>, align 64
+  store <64 x i8> <{", ".join(f"i8 {byte}" for byte in config)}>, ptr %config, align 64
+  call void @llvm.x86.ldtilecfg(ptr %config)
+  %acc_row_bytes = mul i64 %panels, {PANEL_ROW_BYTES}
+  %panel_bytes = mul i64 %steps, {step_bytes}
+  br label %panel_start
+panel_start:
+  %p = phi i64 [0, %entry], [%p_next, %panel_end]
+  %panel_offset = mul i64 %p, %panel_bytes
+  %panel_p = getelementptr i8, ptr %panel, i64 %panel_offset
+{zero}
+  br label %step
+step:
+  %i = phi i64 [0, %panel_start], [%next, %step]
+  %act_offset = mul i64 %i, {TILE_BYTES}
+  %act_step = getelementptr i8, ptr %act, i64 %act_offset
+  call void @llvm.x86.tileloadd64(i8 4, ptr %act_step, i64 %act_row_bytes)
+  %step_offset = mul i64 %i, {step_bytes}
+  %panel_step = getelementptr i8, ptr %panel_p, i64 %step_offset
+{products}
+  %next = add i64 %i, 1
+  %done = icmp eq i64 %next, %steps
+  br i1 %done, label %panel_end, label %step
+panel_end:
+  %acc_offset = mul i64 %p, {PANEL_ROW_BYTES}
+  %acc_panel = getelementptr i8, ptr %acc, i64 %acc_offset
+{stores}
+  %p_next = add i64 %p, 1
+  %all = icmp eq i64 %p_next, %panels
+  br i1 %all, label %exit, label %panel_start
+exit:
+  ret void
+}}
+declare void @llvm.x86.ldtilecfg(ptr)
+declare void @llvm.x86.tilezero(i8)
+declare void @llvm.x86.tileloadd64(i8, ptr, i64)
+declare void @llvm.x86.tilestored64(i8, ptr, i64)
+declare void @llvm.x86.{instruction}(i8, i8, i8)
+"""
+
+
+@functools.cache
+def register(kind: str, k: int, panels: int) -> str:
+    """Register (once) the tensor intrinsic that replaces a `[16 rows, 64 * panels columns, K]` block of the `kind`
+    matmul (`tvm_int8.quad_matmul` / `tvm_bf16.pair_matmul` with AMX rows) by one micro-kernel call; returns its
+    name."""
+    from tvm import s_tir
+    from tvm.script import tirx as T
+
+    from toolkit import tvm_bf16
+
+    name = f"qwen3_deploy_amx_{kind}_16x{64 * panels}x{k}"
+    cols = 64 * panels
+    if kind == "int8":
+        @T.prim_func(s_tir=True)
+        def desc(a: T.Buffer((16, k), "uint8", offset_factor=1), b: T.Buffer((panels, k // 4, 64, 4), "int8",
+                 offset_factor=1), c: T.Buffer((16, cols), "int32", offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(a[0:16, 0:k], b[0:panels, 0:k // 4, 0:64, 0:4])
+                T.writes(c[0:16, 0:cols])
+                for i, j, r in T.grid(16, cols, k):
+                    with T.sblock("update"):
+                        vi, vj, vr = T.axis.remap("SSR", [i, j, r])
+                        T.reads(c[vi, vj], a[vi, vr], b[vj // 64, vr // 4, vj % 64, vr % 4])
+                        T.writes(c[vi, vj])
+                        with T.init():
+                            c[vi, vj] = 0
+                        c[vi, vj] = c[vi, vj] + T.Cast("int32", a[vi, vr]) * T.Cast(
+                            "int32", b[vj // 64, vr // 4, vj % 64, vr % 4])
+
+        @T.prim_func(s_tir=True)
+        def impl(a: T.Buffer((16, k), "uint8", offset_factor=1), b: T.Buffer((panels, k // 4, 64, 4), "int8",
+                 offset_factor=1), c: T.Buffer((16, cols), "int32", offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(a[0:16, 0:k], b[0:panels, 0:k // 4, 0:64, 0:4])
+                T.writes(c[0:16, 0:cols])
+                T.evaluate(T.call_extern("int32", kernel_name(kind), c.access_ptr("w"), a.access_ptr("r"),
+                                         b.access_ptr("r"), T.int64(k), T.int64(k // TILE_BYTES), T.int64(panels)))
+    else:
+        pairs = k // 2
+
+        @T.prim_func(s_tir=True)
+        def desc(a: T.Buffer((16, pairs), "int32", offset_factor=1), b: T.Buffer((panels, pairs, 64), "int32",
+                 offset_factor=1), c: T.Buffer((16, cols), "float32", offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(a[0:16, 0:pairs], b[0:panels, 0:pairs, 0:64])
+                T.writes(c[0:16, 0:cols])
+                for i, j, p in T.grid(16, cols, pairs):
+                    with T.sblock("update"):
+                        vi, vj, vp = T.axis.remap("SSR", [i, j, p])
+                        T.reads(c[vi, vj], a[vi, vp], b[vj // 64, vp, vj % 64])
+                        T.writes(c[vi, vj])
+                        with T.init():
+                            c[vi, vj] = T.float32(0)
+                        c[vi, vj] = c[vi, vj] + tvm_bf16.pair_product(a[vi, vp], b[vj // 64, vp, vj % 64])
+
+        @T.prim_func(s_tir=True)
+        def impl(a: T.Buffer((16, pairs), "int32", offset_factor=1), b: T.Buffer((panels, pairs, 64), "int32",
+                 offset_factor=1), c: T.Buffer((16, cols), "float32", offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(a[0:16, 0:pairs], b[0:panels, 0:pairs, 0:64])
+                T.writes(c[0:16, 0:cols])
+                T.evaluate(T.call_extern("int32", kernel_name(kind), c.access_ptr("w"), a.access_ptr("r"),
+                                         b.access_ptr("r"), T.int64(2 * k), T.int64(2 * k // TILE_BYTES),
+                                         T.int64(panels)))
+    s_tir.TensorIntrin.register(name, desc, impl, override=True)
+    return name
