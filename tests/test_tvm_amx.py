@@ -84,3 +84,12 @@ def test_amx_kernels_match_numpy_at_any_batch(kind, tmp_path):
             expected = act.astype(ml_dtypes.bfloat16).astype(np.float64) @ bf16_weight.astype(np.float64).T
         error = np.abs(out.numpy() - expected) / np.abs(expected).max(axis=1, keepdims=True)
         assert error.max() <= 1e-5, (batch, error.max())  # every row right, the massive one's scale its own
+
+
+def test_where_linux_refuses_tiles_builds_use_avx512_and_amx_artifacts_name_the_fix(monkeypatch):
+    from toolkit.errors import ToolkitError
+
+    monkeypatch.setattr(tvm_amx, "tiles_refused", lambda: 22)  # EINVAL: a kernel before 5.16
+    assert tvm_amx.kinds_to_build() == frozenset()
+    with pytest.raises(ToolkitError, match=r"errno 22; .* run this artifact on a newer Linux kernel, or rebuild it"):
+        tvm_amx.request_tiles()

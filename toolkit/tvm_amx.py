@@ -34,9 +34,10 @@ SWITCH = "QWEN3_DEPLOY_TVM_AMX"  # "0": AVX-512 kernels even where the CPU has A
 
 
 def kinds_to_build() -> frozenset[str]:
-    """The linear-layer kernels ("int8", "bf16") that CPU builds give AMX tiles: those this CPU has, none where the
-    environment sets QWEN3_DEPLOY_TVM_AMX=0 (the AVX-512 kernels, to compare the two)."""
-    if os.environ.get(SWITCH) == "0" or not cpu_has("amx_tile"):
+    """The linear-layer kernels ("int8", "bf16") that CPU builds give AMX tiles: those this CPU has, if Linux lets
+    this process use them; none where the environment sets QWEN3_DEPLOY_TVM_AMX=0 (the AVX-512 kernels, to compare
+    the two)."""
+    if os.environ.get(SWITCH) == "0" or not cpu_has("amx_tile") or tiles_refused():
         return frozenset()
     return frozenset(kind for kind, (flag, _) in KINDS.items() if cpu_has(flag))
 
@@ -53,15 +54,21 @@ def padded_rows(rows):
 
 
 @functools.cache
-def request_tiles() -> None:
-    """Ask Linux for the tile registers (once per process; every thread may then use them)."""
+def tiles_refused() -> int:
+    """0 once Linux has given this process the tile registers (asked once: every thread may then use them), else the
+    errno of its refusal (kernels before 5.16 have no AMX support)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) != 0:
+    return 0 if libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 else ctypes.get_errno()
+
+
+def request_tiles() -> None:
+    """Make sure this process may use the tile registers, which an artifact with AMX kernels needs."""
+    if errno := tiles_refused():
         from toolkit.errors import ToolkitError
 
-        raise ToolkitError(f"Linux refused this process AMX tile registers (arch_prctl errno {ctypes.get_errno()}; "
-                           "kernels before 5.16 lack AMX support): run this artifact on a newer kernel, or rebuild it "
-                           "with QWEN3_DEPLOY_TVM_AMX=0 for AVX-512 kernels")
+        raise ToolkitError(f"Linux refused this process AMX tile registers (arch_prctl errno {errno}; kernels before "
+                           "5.16 have no AMX support): run this artifact on a newer Linux kernel, or rebuild it on "
+                           "this one, which builds AVX-512 kernels instead")
 
 
 def panels_per_call(panels: int, k: int, kind: str) -> int:
