@@ -159,12 +159,11 @@ def register(kind: str, k: int, panels: int) -> str:
     """Register (once) the tensor intrinsic that replaces a `[16 rows, 64 * panels columns, K]` block of the `kind`
     matmul (`tvm_int8.quad_matmul` / `tvm_bf16.pair_matmul` with AMX rows) by one micro-kernel call; returns its
     name."""
-    from tvm import s_tir
+    from tvm import s_tir, tirx
     from tvm.script import tirx as T
 
     from toolkit import tvm_bf16
 
-    name = f"qwen3_deploy_amx_{kind}_16x{64 * panels}x{k}"
     cols = 64 * panels
     if kind == "int8":
         @T.prim_func(s_tir=True)
@@ -182,25 +181,14 @@ def register(kind: str, k: int, panels: int) -> str:
                             c[vi, vj] = 0
                         c[vi, vj] = c[vi, vj] + T.Cast("int32", a[vi, vr]) * T.Cast(
                             "int32", b[vj // 64, vr // 4, vj % 64, vr % 4])
-
-        @T.prim_func(s_tir=True)
-        def impl(a: T.Buffer((16, k), "uint8", offset_factor=1), b: T.Buffer((panels, k // 4, 64, 4), "int8",
-                 offset_factor=1), c: T.Buffer((16, cols), "int32", offset_factor=1)) -> None:
-            with T.sblock("root"):
-                T.reads(a[0:16, 0:k], b[0:panels, 0:k // 4, 0:64, 0:4])
-                T.writes(c[0:16, 0:cols])
-                T.evaluate(T.call_extern("int32", kernel_name(kind), c.access_ptr("w"), a.access_ptr("r"),
-                                         b.access_ptr("r"), T.int64(k), T.int64(k // TILE_BYTES), T.int64(panels)))
     else:
-        pairs = k // 2
-
         @T.prim_func(s_tir=True)
-        def desc(a: T.Buffer((16, pairs), "int32", offset_factor=1), b: T.Buffer((panels, pairs, 64), "int32",
+        def desc(a: T.Buffer((16, k // 2), "int32", offset_factor=1), b: T.Buffer((panels, k // 2, 64), "int32",
                  offset_factor=1), c: T.Buffer((16, cols), "float32", offset_factor=1)) -> None:
             with T.sblock("root"):
-                T.reads(a[0:16, 0:pairs], b[0:panels, 0:pairs, 0:64])
+                T.reads(a[0:16, 0:k // 2], b[0:panels, 0:k // 2, 0:64])
                 T.writes(c[0:16, 0:cols])
-                for i, j, p in T.grid(16, cols, pairs):
+                for i, j, p in T.grid(16, cols, k // 2):
                     with T.sblock("update"):
                         vi, vj, vp = T.axis.remap("SSR", [i, j, p])
                         T.reads(c[vi, vj], a[vi, vp], b[vj // 64, vp, vj % 64])
@@ -208,15 +196,15 @@ def register(kind: str, k: int, panels: int) -> str:
                         with T.init():
                             c[vi, vj] = T.float32(0)
                         c[vi, vj] = c[vi, vj] + tvm_bf16.pair_product(a[vi, vp], b[vj // 64, vp, vj % 64])
-
-        @T.prim_func(s_tir=True)
-        def impl(a: T.Buffer((16, pairs), "int32", offset_factor=1), b: T.Buffer((panels, pairs, 64), "int32",
-                 offset_factor=1), c: T.Buffer((16, cols), "float32", offset_factor=1)) -> None:
-            with T.sblock("root"):
-                T.reads(a[0:16, 0:pairs], b[0:panels, 0:pairs, 0:64])
-                T.writes(c[0:16, 0:cols])
-                T.evaluate(T.call_extern("int32", kernel_name(kind), c.access_ptr("w"), a.access_ptr("r"),
-                                         b.access_ptr("r"), T.int64(2 * k), T.int64(2 * k // TILE_BYTES),
-                                         T.int64(panels)))
+    # the implementation: the description's buffers and regions, its body one call of the micro-kernel
+    a, b, c = desc.params  # buffers
+    act_row_bytes = k if kind == "int8" else 2 * k
+    call = tirx.call_extern("int32", kernel_name(kind), c.access_ptr("w"), a.access_ptr("r"), b.access_ptr("r"),
+                            tirx.IntImm("int64", act_row_bytes), tirx.IntImm("int64", act_row_bytes // TILE_BYTES),
+                            tirx.IntImm("int64", panels))
+    root = desc.body.block
+    impl = desc.with_body(s_tir.SBlockRealize([], True, s_tir.SBlock([], root.reads, root.writes, root.name_hint,
+                                                                     tirx.Evaluate(call))))
+    name = f"qwen3_deploy_amx_{kind}_16x{cols}x{k}"
     s_tir.TensorIntrin.register(name, desc, impl, override=True)
     return name
