@@ -54,20 +54,21 @@ def test_amx_kernels_match_numpy_at_any_batch(kind, tmp_path):
 
     lib = compile_kernels(kind, tmp_path)
     if lib is None:
-        pytest.skip(f"built only: no AMX {kind} kernels here (this CPU lacks amx_tile or {tvm_amx.KINDS[kind][0]}, or "
-                    f"{tvm_amx.SWITCH}=0)")
+        pytest.skip(f"built only: no AMX {kind} kernels here (this CPU lacks amx_tile or "
+                    f"{tvm_amx.KINDS[kind].flag}, or {tvm_amx.SWITCH}=0)")
     tvm_amx.request_tiles()
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((N, K)).astype(np.float32)
     tensor = tvm.runtime.tensor
     for batch in (1, 3, 4):  # 12, 36 and 48 rows: one partial tile, three with padding, three whole
         rows = batch * SEQ
+        padded = tvm_amx.activation_rows(rows, amx=True)
         act = rng.standard_normal((rows, K)).astype(np.float32)
         act[rows // 2] *= 1000.0  # a massive-activation token
         out = tensor(np.full((rows, N), np.nan, np.float32))
         if kind == "int8":
             panels, side = tvm_int8.pack_quads(weight)
-            absmax, q = tensor(np.zeros(rows, np.float32)), tensor(np.zeros((tvm_amx.padded_rows(rows), K), np.uint8))
+            absmax, q = tensor(np.zeros(rows, np.float32)), tensor(np.zeros((padded, K), np.uint8))
             lib["absmax"](tensor(act), batch, absmax)
             lib["pack"](tensor(act), absmax, batch, q)
             lib["matmul"](q, tensor(panels), tensor(side), absmax, batch, out)
@@ -78,7 +79,7 @@ def test_amx_kernels_match_numpy_at_any_batch(kind, tmp_path):
             assert np.all(q.numpy()[rows:] == tvm_int8.SHIFT)  # padding rows are zeros
         else:
             bf16_weight = weight.astype(ml_dtypes.bfloat16)
-            pairs = tensor(np.zeros((tvm_amx.padded_rows(rows), K // 2), np.int32))
+            pairs = tensor(np.zeros((padded, K // 2), np.int32))
             lib["pack"](tensor(act), batch, pairs)
             lib["matmul"](pairs, tensor(tvm_bf16.pack_pairs(bf16_weight)), batch, out)
             expected = act.astype(ml_dtypes.bfloat16).astype(np.float64) @ bf16_weight.astype(np.float64).T

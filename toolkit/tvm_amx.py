@@ -10,7 +10,7 @@ The micro-kernel (`micro_kernel_llvm`, LLVM IR imported with `pragma_import_llvm
 one to four panels over the whole K: per panel, four accumulator tiles stay in tile registers while each 64-byte step
 of K loads one activation tile and four weight tiles. The schedule (`tvm_schedules.Matmul`) tensorizes the matmul's
 `[16, 64 * panels, K]` loop nest with it (`register`); rows are padded to a multiple of 16 by the kernel feeding the
-matmul (`padded_rows`), since a tile always holds 16 rows. A padded row costs no time: an AMX product takes as long
+matmul (`activation_rows`), since a tile always holds 16 rows. A padded row costs no time: an AMX product takes as long
 for 1 row as for 16.
 
 Linux hands tile registers to a process only once it asks (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, else SIGILL): a TVM
@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from typing import NamedTuple
 
 from toolkit.host import cpu_has
 
@@ -27,8 +28,17 @@ TILE_ROWS = 16  # activation rows per tile
 TILE_BYTES = 64  # bytes of a tile row: K values per step (64 int8 or 32 bf16)
 PANEL_ROW_BYTES = 256  # a weight panel row: 64 columns x 4 bytes (an int8 quad or a bf16 pair)
 PANEL_GROUP_BYTES = 512 << 10  # the most weight bytes one micro-kernel call covers (see `panels_per_call`)
-# per kernel kind: (the cpuinfo flag, the tile instruction's LLVM intrinsic)
-KINDS = {"int8": ("amx_int8", "tdpbusd"), "bf16": ("amx_bf16", "tdpbf16ps")}
+
+
+class Kind(NamedTuple):
+    """A kind of AMX kernel."""
+
+    flag: str  # the cpuinfo flag of its instruction
+    instruction: str  # the tile instruction (its LLVM intrinsic's name)
+    value_bytes: int  # bytes of one K value in its activation rows and weight panels
+
+
+KINDS = {"int8": Kind("amx_int8", "tdpbusd", 1), "bf16": Kind("amx_bf16", "tdpbf16ps", 2)}
 ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, SYS_ARCH_PRCTL = 0x1023, 18, 158
 SWITCH = "QWEN3_DEPLOY_TVM_AMX"  # "0": AVX-512 kernels even where the CPU has AMX
 
@@ -39,12 +49,25 @@ def kinds_to_build() -> frozenset[str]:
     the two)."""
     if os.environ.get(SWITCH) == "0" or not cpu_has("amx_tile") or tiles_refused():
         return frozenset()
-    return frozenset(kind for kind, (flag, _) in KINDS.items() if cpu_has(flag))
+    return frozenset(name for name, kind in KINDS.items() if cpu_has(kind.flag))
 
 
-def padded_rows(rows):
-    """Rows rounded up to whole tiles: an int, or a simplified expression of the symbolic batch (the kernels' buffers
-    and Relax's tensor types must spell it alike)."""
+def activation_row_bytes(kind: str, k: int) -> int:
+    """Bytes of an activation row of K values (the stride between a tile's rows)."""
+    return k * KINDS[kind].value_bytes
+
+
+def fits(kind: str, k: int) -> bool:
+    """Whether K values make whole 64-byte steps, as the micro-kernel takes them (every Qwen3 shape)."""
+    return activation_row_bytes(kind, k) % TILE_BYTES == 0
+
+
+def activation_rows(rows, amx: bool):
+    """The rows of the activations a linear kernel reads: `rows`, or with `amx` those rounded up to whole tiles (an
+    int, or a simplified expression of the symbolic batch: the kernels' buffers and Relax's tensor types must spell
+    it alike)."""
+    if not amx:
+        return rows
     padded = (rows + TILE_ROWS - 1) // TILE_ROWS * TILE_ROWS
     if isinstance(rows, int):
         return padded
@@ -77,7 +100,7 @@ def panels_per_call(panels: int, k: int, kind: str) -> int:
     (2 MB a core here); more panels a call spread the tile configuration's cost (int8 `[252, 1024] x [1024, 6144]`:
     2,655 GOPS with 4, 2,344 with 1), but bf16 `[252, 3072] x [3072, 1024]` with 4 of its 384 KB panels ran at 1,168
     GFLOP/s against 1,640 with 1."""
-    panel_bytes = k * PANEL_ROW_BYTES // (4 if kind == "int8" else 2)
+    panel_bytes = activation_row_bytes(kind, k) * (PANEL_ROW_BYTES // 4)  # K values x 64 columns
     return next(p for p in (4, 2, 1) if panels % p == 0 and (p == 1 or p * panel_bytes <= PANEL_GROUP_BYTES))
 
 
@@ -99,7 +122,7 @@ def micro_kernel_llvm(kind: str) -> str:
     config[0] = 1
     for tile in range(8):
         config[16 + 2 * tile], config[48 + tile] = TILE_BYTES, TILE_ROWS
-    instruction = KINDS[kind][1]
+    instruction = KINDS[kind].instruction
     step_bytes = TILE_ROWS * PANEL_ROW_BYTES
     zero = "\n".join(f"  call void @llvm.x86.tilezero(i8 {g})" for g in range(4))
     products = "\n".join(
@@ -198,7 +221,7 @@ def register(kind: str, k: int, panels: int) -> str:
                         c[vi, vj] = c[vi, vj] + tvm_bf16.pair_product(a[vi, vp], b[vj // 64, vp, vj % 64])
     # the implementation: the description's buffers and regions, its body one call of the micro-kernel
     a, b, c = desc.params  # buffers
-    act_row_bytes = k if kind == "int8" else 2 * k
+    act_row_bytes = activation_row_bytes(kind, k)
     call = tirx.call_extern("int32", kernel_name(kind), c.access_ptr("w"), a.access_ptr("r"), b.access_ptr("r"),
                             tirx.IntImm("int64", act_row_bytes), tirx.IntImm("int64", act_row_bytes // TILE_BYTES),
                             tirx.IntImm("int64", panels))

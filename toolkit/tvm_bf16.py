@@ -61,7 +61,7 @@ def _round_to_bf16(x):
 
 def to_pairs(rows, k: int, amx: bool = False):
     """PrimFunc: fp32 activations [rows, K] → bf16 pairs [rows, K/2] (int32). With `amx`, rows are padded to whole
-    tiles (`tvm_amx.padded_rows`) of zeros."""
+    tiles (`tvm_amx.activation_rows`) of zeros."""
     act = te.placeholder(int64_shape(rows, k), "float32", name="act")
 
     def pair(r, p):
@@ -69,14 +69,14 @@ def to_pairs(rows, k: int, amx: bool = False):
         bits = tirx.reinterpret("int32", _round_to_bf16(act[r, 2 * p]) | high)
         return tirx.if_then_else(r < rows, bits, tirx.const(0, "int32")) if amx else bits
 
-    pairs = te.compute(int64_shape(tvm_amx.padded_rows(rows) if amx else rows, k // 2), pair, name="bf16_pairs")
+    pairs = te.compute(int64_shape(tvm_amx.activation_rows(rows, amx), k // 2), pair, name="bf16_pairs")
     return kernel_func(act, pairs)
 
 
 def pair_matmul(rows, k: int, n: int, amx: bool = False):
     """PrimFunc: y[rows, N] = pairs[rows, K/2] · panels[N/64, K/2, 64], bf16 products summed in fp32. With `amx`, the
-    pairs have whole tiles of rows (`tvm_amx.padded_rows`) and the product is the AMX kernel's."""
-    pair_rows = tvm_amx.padded_rows(rows) if amx else rows
+    pairs have whole tiles of rows (`tvm_amx.activation_rows`) and the product is the AMX kernel's."""
+    pair_rows = tvm_amx.activation_rows(rows, amx)
     pairs = te.placeholder(int64_shape(pair_rows, k // 2), "int32", name="pairs")
     panels = te.placeholder(int64_shape(n // PANEL, k // 2, PANEL), "int32", name="panels")
     p = te.reduce_axis(int64_shape(0, k // 2), name="p")

@@ -303,9 +303,6 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset(), amx: frozenset[
             return kernels.call(f"{name}_amx_{dims_name(*shape)}", lambda: make(*shape, amx=True), args, out_ty)
         return kernels.call(f"{name}_{dims_name(*shape)}", lambda: make(*shape), args, out_ty)
 
-    def tile_rows(rows, tiles: bool):  # the rows of an AMX kernel's activations: whole tiles
-        return tvm_amx.padded_rows(rows) if tiles else rows
-
     x, w = wildcard(), wildcard()
     pattern = is_op("relax.matmul")(x, is_op("relax.permute_dims")(is_op("relax.astype")(w) | w))  # fp16 | fp32
 
@@ -323,9 +320,9 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset(), amx: frozenset[
             layouts[key] = BF16_PAIRS
             [panels] = panels_of.setdefault(key, [relax.Var(f"{weight.name}_pairs", relax.TensorType(
                 (n // PANEL, k // 2, PANEL), "int32"))])
-            tiles = "bf16" in amx and (2 * k) % tvm_amx.TILE_BYTES == 0
+            tiles = "bf16" in amx and tvm_amx.fits("bf16", k)
             pairs = call("bf16_pairs", tvm_bf16.to_pairs, (rows, k), [flat], relax.TensorType(
-                (tile_rows(rows, tiles), k // 2), "int32"), tiles)
+                (tvm_amx.activation_rows(rows, tiles), k // 2), "int32"), tiles)
             out = call("bf16_matmul", tvm_bf16.pair_matmul, (rows, k, n), [pairs, panels],
                        relax.TensorType((rows, n), "float32"), tiles)
             return op.reshape(out, dims[:-1] + [n])
@@ -334,10 +331,10 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset(), amx: frozenset[
             panels, side = panels_of.setdefault(key, [
                 relax.Var(f"{weight.name}_quads", relax.TensorType((n // PANEL, k // 4, PANEL, 4), "int8")),
                 relax.Var(f"{weight.name}_scales", relax.TensorType((2, n), "float32"))])
-            tiles = "int8" in amx and k % tvm_amx.TILE_BYTES == 0
+            tiles = "int8" in amx and tvm_amx.fits("int8", k)
             absmax = call("int8_absmax", tvm_int8.row_absmax, (rows, k), [flat], relax.TensorType((rows,), "float32"))
             quantized = call("int8_quantize", tvm_int8.quantize_rows, (rows, k), [flat, absmax],
-                             relax.TensorType((tile_rows(rows, tiles), k), "uint8"), tiles)
+                             relax.TensorType((tvm_amx.activation_rows(rows, tiles), k), "uint8"), tiles)
             out = call("int8_matmul", tvm_int8.quad_matmul, (rows, k, n), [quantized, panels, side, absmax],
                        relax.TensorType((rows, n), "float32"), tiles)
             return op.reshape(out, dims[:-1] + [n])

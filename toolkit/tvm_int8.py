@@ -55,7 +55,7 @@ def row_absmax(rows, k: int):
 
 def quantize_rows(rows, k: int, amx: bool = False):
     """PrimFunc: (x [rows, K], absmax [rows]) → uint8 [rows, K] = round(x * 127 / absmax) + 128. With `amx`, rows
-    are padded to whole tiles (`tvm_amx.padded_rows`) holding 128, a zero."""
+    are padded to whole tiles (`tvm_amx.activation_rows`) holding 128, a zero."""
     act = te.placeholder(int64_shape(rows, k), "float32", name="act")
     absmax = te.placeholder(int64_shape(rows), "float32", name="absmax")
 
@@ -66,14 +66,14 @@ def quantize_rows(rows, k: int, amx: bool = False):
                    + tirx.const(float(SHIFT), "float32")).astype("uint8")
         return tirx.if_then_else(r < rows, shifted, tirx.const(SHIFT, "uint8")) if amx else shifted
 
-    out_shape = int64_shape(tvm_amx.padded_rows(rows) if amx else rows, k)
+    out_shape = int64_shape(tvm_amx.activation_rows(rows, amx), k)
     return kernel_func(act, absmax, te.compute(out_shape, quantize, name="int8_quantize"))
 
 
 def quad_matmul(rows, k: int, n: int, amx: bool = False):
     """PrimFunc: y[rows, N] = (sum_k q[r, k] W_q[n, k] - 128 sum_k W_q[n, k]) * scale_w[n] * absmax[r] / 127. With
-    `amx`, q has whole tiles of rows (`tvm_amx.padded_rows`) and the product is the AMX kernel's."""
-    q_rows = tvm_amx.padded_rows(rows) if amx else rows
+    `amx`, q has whole tiles of rows (`tvm_amx.activation_rows`) and the product is the AMX kernel's."""
+    q_rows = tvm_amx.activation_rows(rows, amx)
     q = te.placeholder(int64_shape(q_rows, k), "uint8", name="q")
     panels = te.placeholder(int64_shape(n // PANEL, k // 4, PANEL, 4), "int8", name="panels")
     side = te.placeholder(int64_shape(2, n), "float32", name="side")

@@ -46,6 +46,12 @@ DOT_KERNELS = {tvm_bf16.MATMUL_NAME: (tvm_bf16.DOT_16, tvm_bf16.DPBF16_LLVM, 1),
 AMX_KERNELS = {tvm_int8.AMX_MATMUL_NAME: ("int8", 1), tvm_bf16.AMX_MATMUL_NAME: ("bf16", 2)}
 
 
+def _by_block_name(kernels: dict, name: str):
+    """The entry of `kernels` (DOT_KERNELS, AMX_KERNELS) for a block, by the prefix of its name (FuseTIR may add a
+    suffix); None if it has none."""
+    return next((spec for prefix, spec in kernels.items() if name.startswith(prefix)), None)
+
+
 def _extent(sch: s_tir.Schedule, loop) -> int | None:
     """The loop's extent; None where it is symbolic (rows of `batch * SEQ` tokens)."""
     ext = sch.get(loop).extent
@@ -132,7 +138,7 @@ class Matmul(dl.ScheduleRule):
         if len(sch.get(block).reads) != 2:
             return None
         name = sch.get(block).name_hint
-        dot = next((spec for prefix, spec in DOT_KERNELS.items() if name.startswith(prefix)), None)
+        dot = _by_block_name(DOT_KERNELS, name)
         index = [b.block_rv for b in infos].index(block)
         epilogue = [b.block_rv for b in infos[index + 1:]]
         # Epilogues are computed per output tile, so each must consume the tile (directly or through an earlier
@@ -143,7 +149,7 @@ class Matmul(dl.ScheduleRule):
             if not {r.source.name for r in sch.get(e).reads} & produced:
                 return None
             produced |= {w.source.name for w in sch.get(e).writes}
-        amx = next((spec for prefix, spec in AMX_KERNELS.items() if name.startswith(prefix)), None)
+        amx = _by_block_name(AMX_KERNELS, name)
         if amx:  # its operands come straight from the function's inputs: no prologue
             return None if index else self._amx_tiles(func, name, [sch.get(e).name_hint for e in epilogue], *amx)
         # Prologue (casts, transposes of activations) is inlined into the matmul's loads. One that cannot be (a
@@ -228,7 +234,8 @@ class Matmul(dl.ScheduleRule):
         if len(spatial) != 2 or _largest_divisor(sch.get(spatial[0]).extent, (tvm_amx.TILE_ROWS,)) == 1 \
                 or (_extent(sch, spatial[1]) or 0) % PANEL:
             return None
-        panels = tvm_amx.panels_per_call(_extent(sch, spatial[1]) // PANEL, _extent(sch, k) * k_per_element, kind)
+        k_values = _extent(sch, k) * k_per_element
+        panels = tvm_amx.panels_per_call(_extent(sch, spatial[1]) // PANEL, k_values, kind)
         rows = sch.split(spatial[0], [None, tvm_amx.TILE_ROWS])
         columns = sch.split(spatial[1], [None, PANEL * panels])
         sch.reorder(columns[0], rows[0], rows[1], columns[1], k)
@@ -237,7 +244,7 @@ class Matmul(dl.ScheduleRule):
         for e in epilogue:
             sch.reverse_compute_at(sch.get_sblock(e), tile)
             Matmul._vectorize_innermost(sch, sch.get_sblock(e))
-        sch.tensorize(rows[1], tvm_amx.register(kind, _extent(sch, k) * k_per_element, panels))
+        sch.tensorize(rows[1], tvm_amx.register(kind, k_values, panels))
         sch.annotate(tile, "pragma_import_llvm", tvm_amx.micro_kernel_llvm(kind))
         return sch
 
