@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from toolkit.cli_base import ToolkitGroup
+from toolkit.cli_base import INSTANCES, ToolkitGroup
 from toolkit.errors import ToolkitError
 from toolkit.report import write_json
 
@@ -31,7 +31,7 @@ def perf():
 @perf.command("run")
 @click.option("--artifact", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--percentiles", default="50,90,99", show_default=True, help="latency percentiles, each in 0..100")
-@click.option("--instance", "instances", type=int, default=1, show_default=True)
+@click.option("--instances", "--instance", "instances", type=int, default=1, show_default=True)
 @click.option("--batch-size", type=int, help="must equal the artifact's static batch (default: that batch)")
 @click.option("--iterations", type=int, default=100, show_default=True)
 @click.option("--queue-size", type=int, default=0, show_default=True,
@@ -86,7 +86,7 @@ def profile_cmd(artifact, iterations, warmup, top, source, threads, trace, json_
 @click.option("--data", required=True,
               help="a dataset: JSONL PATH (e.g. sts12_test.jsonl) or a name such as sts12-sample")
 @click.option("--limit", type=int, help="first N texts")
-@click.option("--instance", "instances", type=int, default=1, show_default=True)
+@click.option("--instances", "--instance", "instances", type=int, default=1, show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
 def buckets_cmd(fixed, buckets, data, limit, instances, json_out):
     """Embed a dataset with a fixed-SEQ artifact and with a bucket set; print times and the ratio."""
@@ -126,7 +126,8 @@ def compare_cmd(checkpoint, artifacts, iterations, warmup, no_torch, interleave,
 @click.option("--checkpoint", help="torch reference (default: the one the first artifact was built from)")
 @click.option("--torch-batch", default="8,32", show_default=True, help="torch eager dynamic batch sizes")
 @click.option("--limit", type=int, default=256, show_default=True, help="first N requests")
-@click.option("--instance", "instances", type=int, default=1, show_default=True)
+@click.option("--instances", "--instance", "instances", type=INSTANCES, default=1, show_default=True,
+              help="engine instances per bucket (auto: as `toolkit serve`)")
 @click.option("--threads", type=int, help="compute threads for the whole process (default: all cores)")
 @click.option("--fp16-load", type=click.Choice(["low-peak", "fold"]), default="low-peak", show_default=True,
               help="ONNX fp16 artifacts: load at half the peak memory, or fold (about 5% faster)")
@@ -151,7 +152,8 @@ def traffic_cmd(data, artifacts, checkpoint, torch_batch, limit, instances, thre
 @click.option("--data", default="sts12", show_default=True, help="evaluation JSONL path or name: its sentences")
 @click.option("--limit", type=int, default=256, show_default=True, help="first N sentences")
 @click.option("--clients", type=int, default=64, show_default=True, help="concurrent clients at saturation")
-@click.option("--instance", "instances", type=int, default=1, show_default=True)
+@click.option("--instances", "--instance", "instances", type=INSTANCES, default="auto", show_default=True,
+              help="engine instances per bucket, the server's and the offline run's (auto: as `toolkit serve`)")
 @click.option("--threads", type=int, help="compute threads (per replica with Ray; default: the cores)")
 @click.option("--max-wait-ms", type=float, default=2.0, show_default=True, help="the server's batching wait")
 @click.option("--ray-replicas", type=int, help="also measure Ray Serve with this many replicas")

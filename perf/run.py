@@ -27,7 +27,7 @@ from toolkit.checkpoint import load_tokenizer
 from toolkit.errors import ToolkitError
 from toolkit.eval.datasets import load_dataset
 from toolkit.report import format_table
-from toolkit.runtime import Engine
+from toolkit.runtime import AUTO_INSTANCES, Engine
 from toolkit.tasks import get_task
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
@@ -47,6 +47,12 @@ def check_int(value, flag: str, minimum: int) -> None:
         raise ToolkitError(f"{flag} must be an integer >= {minimum}, got {value!r}")
 
 
+def check_instances(value) -> None:
+    """Raise ToolkitError naming `--instances` unless `value` is a count >= 1 or "auto"."""
+    if value != AUTO_INSTANCES:
+        check_int(value, "--instances", 1)
+
+
 @dataclass(frozen=True)
 class PerfRunOptions:
     """What `perf run` measures and how. `check()` validates every field before a model is loaded.
@@ -62,7 +68,7 @@ class PerfRunOptions:
       real token lengths are used.
     """
 
-    FLAGS: ClassVar[dict] = {"instances": "--instance", "batch_size": "--batch-size", "iterations": "--iterations",
+    FLAGS: ClassVar[dict] = {"instances": "--instances", "batch_size": "--batch-size", "iterations": "--iterations",
                              "queue_size": "--queue-size", "percentiles": "--percentiles",
                              "device_ids": "--device-ids", "source": "--input", "warmup": "--warmup"}
 

@@ -32,15 +32,16 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+import orjson
 
 from toolkit.api import Embedder
 from toolkit.buckets import token_lengths
 from toolkit.errors import ToolkitError
 from toolkit.eval.datasets import load_dataset
-from toolkit.perf.run import check_int, median
+from toolkit.perf.run import check_instances, check_int, median
 from toolkit.perf.traffic import warmup_subset
 from toolkit.report import format_table
-from toolkit.runtime import set_cpu_threads
+from toolkit.runtime import AUTO_INSTANCES, set_cpu_threads
 from toolkit.tasks import EMBEDDING
 
 REQUEST_TIMEOUT_S = 600  # per request: at saturation a request waits for `clients` others on a slow model
@@ -58,7 +59,7 @@ class ServeLoadOptions:
     data: str = "sts12"
     limit: int | None = 256
     clients: int = 64
-    instances: int = 1
+    instances: int | str = AUTO_INSTANCES
     threads: int | None = None
     max_wait_ms: float = 2.0
     ray_replicas: int | None = None
@@ -69,7 +70,7 @@ class ServeLoadOptions:
         if self.limit is not None:
             check_int(self.limit, "--limit", 1)
         check_int(self.clients, "--clients", 1)
-        check_int(self.instances, "--instance", 1)
+        check_instances(self.instances)
         check_int(self.repeat, "--repeat", 1)
         for flag, value in (("--threads", self.threads), ("--ray-replicas", self.ray_replicas)):
             if value is not None:
@@ -134,7 +135,8 @@ async def post(http: aiohttp.ClientSession, path: str, body) -> Answer:
     started = time.perf_counter()
     try:
         async with http.post(path, json=body) as r:
-            payload = await r.json(content_type=None)
+            # orjson: on one machine, the load generator's CPU is taken from the server
+            payload = await r.json(content_type=None, loads=orjson.loads)
             headers = {k.lower(): v for k, v in r.headers.items()}
             return Answer(time.perf_counter() - started, r.status, headers, payload)
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:

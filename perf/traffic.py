@@ -28,7 +28,7 @@ from toolkit.errors import ToolkitError
 from toolkit.eval.datasets import load_dataset
 from toolkit.memory import resident_mb, return_freed_memory
 from toolkit.perf.compare import forward_flops, matmul_peak_gflops
-from toolkit.perf.run import check_int, median
+from toolkit.perf.run import check_instances, check_int, median
 from toolkit.report import format_table
 from toolkit.runtime import set_cpu_threads
 from toolkit.tasks import get_task
@@ -50,7 +50,7 @@ class TrafficOptions:
     checkpoint: str | None = None
     torch_batches: tuple[int, ...] = (8, 32)
     limit: int | None = 256
-    instances: int = 1
+    instances: int | str = 1
     threads: int | None = None
     fp16_load: str = "low-peak"
     rounds: int = 1
@@ -63,7 +63,7 @@ class TrafficOptions:
             check_int(b, "--torch-batch", 1)
         if self.limit is not None:
             check_int(self.limit, "--limit", 1)
-        check_int(self.instances, "--instance", 1)
+        check_instances(self.instances)
         check_int(self.rounds, "--rounds", 1)
         if self.threads is not None:
             check_int(self.threads, "--threads", 1)

@@ -11,7 +11,7 @@ from toolkit.api import Embedder, Reranker
 from toolkit.artifact import find_artifacts
 from toolkit.backends import Backend
 from toolkit.errors import ToolkitError
-from toolkit.runtime import Engine, EngineClosedError, QueueFullError
+from toolkit.runtime import CPU_BUDGET, Engine, EngineClosedError, QueueFullError
 from toolkit.tasks import EMBEDDING, RERANK_PREFIX, RERANK_SUFFIX
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
@@ -53,6 +53,17 @@ class InstantBackend(Backend):
 
     def run(self, input_ids, attention_mask):
         return np.zeros((1, 2), np.float32)
+
+
+def test_auto_instances_are_one_single_thread_instance_per_core_for_tvm_on_cpu(onnx_artifacts, tvm_artifacts,
+                                                                              monkeypatch):
+    """"auto": each core its own single-thread TVM instance; ONNX Runtime keeps one instance of every thread."""
+    monkeypatch.setattr(CPU_BUDGET, "threads", 2)
+    for artifacts, want in ((tvm_artifacts, (2, 1)), (onnx_artifacts, (1, 2))):
+        with Engine.from_artifact(artifacts["embedding"][0], instances="auto") as engine:
+            assert (engine.instances, engine.threads) == want
+    with Engine.from_artifact(tvm_artifacts["embedding"][0], instances=1) as engine:  # a count is taken as given
+        assert (engine.instances, engine.threads) == (1, 2)
 
 
 def test_queue_full_closed_engine_and_wrong_shape_are_clear_errors():
@@ -208,7 +219,7 @@ def test_bad_inputs_are_one_line_errors(onnx_artifacts):
             rr.score([])
         with pytest.raises(ToolkitError, match="top_n"):
             rr.rerank("q", ["d"], top_n=0)
-    for kwargs in ({"instances": 0}, {"queue_size": -1}, {"device_ids": ()}):
+    for kwargs in ({"instances": 0}, {"instances": "many"}, {"queue_size": -1}, {"device_ids": ()}):
         with pytest.raises(ToolkitError, match="must be"):
             Embedder.from_artifacts(onnx_artifacts["embedding"][0], **kwargs)
         with pytest.raises(ToolkitError, match="must be"):

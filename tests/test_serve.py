@@ -273,6 +273,7 @@ def refuses_connections(base: str) -> bool:
     (["--embedding", "SET", "--max-concurrent-requests", "0"], "--max-concurrent-requests must be an integer >= 1"),
     (["--embedding", "SET", "--replicas", "2"], "--replicas and --ray-address need --ray"),
     (["--embedding", "SET", "--port", "70000"], "--port must be at most 65535"),
+    (["--embedding", "SET", "--instances", "two"], "'two' is neither an integer >= 1 nor 'auto'"),
     (["--embedding", "SET", "--max-input-length", "1000"], "--max-input-length 1000 is more than the largest SEQ (64)"),
     (["--embedding", "RERANKER_SET"], "holds reranker artifacts; pass it as --reranker"),
     (["--embedding", "SET", "--max-batch-tokens", "10"], "--max-batch-tokens 10 is below the embedding max input "

@@ -14,6 +14,7 @@ from serving import TIMEOUT, bucket_sets, serve_process, wait_for
 
 from toolkit.api import Embedder
 from toolkit.perf.serve_load import free_port
+from toolkit.serve.ray_app import RAY_SERVE_ENVIRONMENT
 
 TEXTS = ["What is the capital of China?", "北京是中国的首都。", "short", "a somewhat longer sentence " * 4]
 
@@ -26,6 +27,10 @@ def ray_head(tmp_path, monkeypatch):
     # a token that another cluster left in ~/.ray would switch this head, but not the server's driver, to token
     # authentication; the head and the server both inherit this
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    # what the README tells a cluster's nodes to run with, and what `toolkit serve --ray` sets for a local Ray:
+    # Serve's HAProxy ingress, replicas serving HTTP behind it
+    for name, value in RAY_SERVE_ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
     port = free_port()
     # its own temp dir (short: Ray puts unix sockets in it): the machine's /tmp/ray keeps no record of this cluster,
     # which a later plain `ray.init()` would try to join after it is gone

@@ -201,10 +201,12 @@ class _TextModel:
                                f"least {shortest} tokens; compile with --seq {shortest} or more")
 
     @classmethod
-    def from_artifacts(cls, path: str | Path, instances: int = 1, device_ids: tuple[int, ...] = (0,),
+    def from_artifacts(cls, path: str | Path, instances: int | str = 1, device_ids: tuple[int, ...] = (0,),
                        queue_size: int = 64, truncation: str = "error", max_length: int | None = None):
-        """Run on one artifact or a bucket set (a directory of artifacts at several SEQs). `max_length` caps the
-        input length (prompt included) below the largest SEQ, e.g. a service's limit."""
+        """Run on one artifact or a bucket set (a directory of artifacts at several SEQs). `instances` per bucket: a
+        count sharing the process's threads, or "auto" (one single-thread instance per core for TVM on CPU, else
+        1: `toolkit.runtime.resolve_instances`). `max_length` caps the input length (prompt included) below the
+        largest SEQ, e.g. a service's limit."""
         check_engine_options(instances, tuple(device_ids), queue_size)
         manifests = find_artifacts(path)
         if manifests[0].task != cls.task.name:

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from toolkit.buckets import DEFAULT_COUNT, DEFAULT_STEP
-from toolkit.cli_base import ToolkitGroup
+from toolkit.cli_base import INSTANCES, ToolkitGroup
 from toolkit.errors import ToolkitError
 from toolkit.tasks import TASKS
 
@@ -194,7 +194,8 @@ def data_download(out_dir):
 @click.option("--max-client-batch-size", type=int, default=32, show_default=True, help="inputs per request")
 @click.option("--max-input-length", type=int, help="tokens per input, prompt included (default: the largest SEQ)")
 @click.option("--payload-limit", type=int, default=2_000_000, show_default=True, help="request body bytes")
-@click.option("--instances", type=int, default=1, show_default=True, help="engine instances per bucket")
+@click.option("--instances", type=INSTANCES, default="auto", show_default=True,
+              help="engine instances per bucket; auto: one single-thread instance per core for TVM on CPU, else 1")
 @click.option("--threads", type=int, help="compute threads of the process (per replica with --ray); "
               "default: the cores (divided by --replicas)")
 @click.option("--ray", "use_ray", is_flag=True, help="deploy on Ray Serve instead of uvicorn")

@@ -6,6 +6,7 @@ import click
 from typing_extensions import override
 
 from toolkit.errors import ToolkitError
+from toolkit.runtime import AUTO_INSTANCES
 
 
 class ToolkitGroup(click.Group):
@@ -19,3 +20,20 @@ class ToolkitGroup(click.Group):
         except ToolkitError as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(2)
+
+
+class InstancesParam(click.ParamType):
+    """`--instances`: a count >= 1, or "auto" (toolkit.runtime.resolve_instances)."""
+
+    name = "N|auto"
+
+    @override
+    def convert(self, value, param, ctx):
+        if value == AUTO_INSTANCES or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        if str(value).isdigit() and int(value) >= 1:
+            return int(value)
+        self.fail(f"{value!r} is neither an integer >= 1 nor {AUTO_INSTANCES!r}", param, ctx)
+
+
+INSTANCES = InstancesParam()

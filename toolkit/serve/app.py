@@ -16,6 +16,7 @@ import time
 from contextlib import asynccontextmanager
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -31,7 +32,6 @@ from toolkit.serve.schemas import (
     DocumentsRerankRequest,
     EmbeddingsRequest,
     EmbeddingsResponse,
-    EmbeddingsUsage,
     EmbedRequest,
     RankedText,
     RerankRequest,
@@ -117,13 +117,13 @@ def tei_routes(services: Services) -> APIRouter:
     """TEI's `/embed` (and `/`, Hugging Face InferenceClient's feature extraction), `/rerank`, `/tokenize`."""
     router = APIRouter()
 
-    @router.post("/embed")
+    @router.post("/embed", response_model=list[list[float]])
     @router.post("/", include_in_schema=False)
-    async def embed(request: EmbedRequest) -> list[list[float]]:
+    async def embed(request: EmbedRequest) -> Response:
         """Vectors for `inputs`, in order."""
         vectors, _ = await services.embedding().embed(as_texts(request.inputs), request.query_instruction(),
                                                      request.truncate, request.dimensions, request.normalize)
-        return vectors.tolist()
+        return VectorsResponse(np.ascontiguousarray(vectors))
 
     @router.post("/rerank", response_model_exclude_none=True)
     async def rerank(request: RerankRequest) -> list[RankedText]:
@@ -149,18 +149,20 @@ def openai_routes(services: Services) -> APIRouter:
     """OpenAI's `/v1/embeddings` and Cohere / Jina's `/v1/rerank`."""
     router = APIRouter(prefix="/v1")
 
-    @router.post("/embeddings")
-    async def embeddings(request: EmbeddingsRequest) -> EmbeddingsResponse:
+    @router.post("/embeddings", response_model=EmbeddingsResponse)
+    async def embeddings(request: EmbeddingsRequest) -> Response:
         """Vectors for text or token-id inputs; `usage.prompt_tokens` counts every token run."""
         service, texts = services.embedding(), request.texts()
         if texts is None:
             vectors, tokens = await service.embed_ids(request.token_ids(), request.dimensions)
         else:
             vectors, tokens = await service.embed(texts, truncate=None, dimensions=request.dimensions)
-        encode = base64_floats if request.encoding_format == "base64" else np.ndarray.tolist
-        return EmbeddingsResponse(data=[{"index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
-                                  model=request.model or service.model_name,
-                                  usage=EmbeddingsUsage(prompt_tokens=tokens, total_tokens=tokens))
+        encode = base64_floats if request.encoding_format == "base64" else np.ascontiguousarray
+        return VectorsResponse({"object": "list",
+                                "data": [{"object": "embedding", "index": i, "embedding": encode(v)}
+                                         for i, v in enumerate(vectors)],
+                                "model": request.model or service.model_name,
+                                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     @router.post("/rerank", response_model_exclude_none=True)
     async def rerank(request: DocumentsRerankRequest) -> RerankResponse:
@@ -175,6 +177,19 @@ def openai_routes(services: Services) -> APIRouter:
                               usage=RerankUsage(total_tokens=tokens))
 
     return router
+
+
+class VectorsResponse(Response):
+    """JSON holding float32 vectors, written by orjson straight from the arrays: each float as the shortest text that
+    reads back as the same float32 (as TEI writes them). Half the bytes of Python's float64 text, and no per-float
+    validation: at 1,024 floats a vector this was the largest part of a request's CPU in the server and the client,
+    CPU that the compute threads lose on a small machine. The routes declare the body's schema (`response_model`)."""
+
+    media_type = "application/json"
+
+    @override
+    def render(self, content) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def base64_floats(vector: np.ndarray) -> str:

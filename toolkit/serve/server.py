@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from toolkit.errors import ToolkitError
+from toolkit.runtime import AUTO_INSTANCES
 from toolkit.serve.service import Limits
 
 GRACEFUL_SHUTDOWN_S = 30  # the longest uvicorn waits for requests in flight after SIGTERM
@@ -28,7 +29,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8080
     limits: Limits = field(default_factory=Limits)
-    instances: int = 1
+    instances: int | str = AUTO_INSTANCES
     threads: int | None = None
     ray: bool = False
     replicas: int = 1
@@ -43,7 +44,8 @@ class ServeOptions:
             if path is not None and not Path(path).is_dir():
                 raise ToolkitError(f"{flag} {path}: no such directory; pass a bucket set such as "
                                    "WORKSPACE/NAME/onnx (what `toolkit compile` printed, without /seqN)")
-        checks = (("--port", self.port, 0), ("--instances", self.instances, 1), ("--replicas", self.replicas, 1),
+        checks = (("--port", self.port, 0), ("--replicas", self.replicas, 1),
+                  ("--instances", 1 if self.instances == AUTO_INSTANCES else self.instances, 1),
                   ("--threads", 1 if self.threads is None else self.threads, 1))
         for flag, value, minimum in checks:
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -97,7 +97,7 @@ def model_sets(embedding_dir: str | Path | None, reranker_dir: str | Path | None
 
 
 def load_models(embedding_dir: str | Path | None, reranker_dir: str | Path | None, limits: Limits,
-                instances: int = 1) -> dict[str, Embedder | Reranker]:
+                instances: int | str = 1) -> dict[str, Embedder | Reranker]:
     """The models a server runs, by task name, loaded from bucket-set directories (either may be None)."""
     models = {}
     try:
