@@ -22,6 +22,7 @@ from toolkit.checkpoint import load_tokenizer
 from toolkit.cli import main
 from toolkit.runtime import Engine
 from toolkit.serve.app import create_app
+from toolkit.serve.server import engines_line
 from toolkit.serve.service import Limits
 from toolkit.tasks import WEB_SEARCH_INSTRUCTION
 from toolkit.tokenizer import ENDOFTEXT_ID
@@ -131,6 +132,10 @@ def test_tei_and_cohere_routes_tokenize_health_info_metrics(url, offline):
         info = http.get("/info").json()
         assert info["models"]["embedding"]["buckets"] == [{"seq": 32, "batch": 2}, {"seq": 64, "batch": 2}]
         assert info["models"]["embedding"]["max_input_length"] == 64 and info["models"]["reranker"]["dtype"] == "fp16"
+        # the API's default: one instance of the process's threads; `toolkit serve` prints this line per model
+        assert engines_line(info["models"]["embedding"]) == (f"embedding: fp16 onnx, 2 bucket(s) (SEQ 32..64), 1 "
+                                                             f"instance(s) x {info['compute_threads']} thread(s) per "
+                                                             "bucket")
         assert info["limits"]["max_client_batch_size"] == Limits().max_client_batch_size
         metrics = http.get("/metrics").text
     for line in ('toolkit_http_requests_total{route="/embed",status="200"}',

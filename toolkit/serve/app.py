@@ -103,6 +103,7 @@ def create_app(embedder: Embedder | None = None, reranker: Reranker | None = Non
 
     app = FastAPI(title="qwen3-deploy", summary="Qwen3-Embedding / Qwen3-Reranker artifacts over HTTP",
                   lifespan=lifespan)
+    app.state.services = services
     app.include_router(tei_routes(services))
     app.include_router(openai_routes(services))
     app.include_router(ops_routes(services, limits))

@@ -92,12 +92,22 @@ def serve(options: ServeOptions, echo: Callable[[str], None] = print) -> None:
     import uvicorn
 
     app = build_app(options)
+    for model in app.state.services.loaded():
+        echo(engines_line(model.describe()))
     echo(f"serving on http://{options.host}:{options.port} (SIGTERM: finish requests in flight, then exit)")
     server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, log_level="info",
                                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
     # uvicorn drains, then restores these handlers and raises the signal again: exit 0 after SIGTERM, 130 after ^C
     with exit_on_signals():
         server.run()
+
+
+def engines_line(model: dict) -> str:
+    """What runs a served model, from its `/info` entry: `embedding: int8 tvm, 10 buckets (SEQ 8..60), 2 instances
+    x 1 thread per bucket`."""
+    seqs = [b["seq"] for b in model["buckets"]]
+    return (f"{model['task']}: {model['dtype']} {model['backend']}, {len(seqs)} bucket(s) (SEQ {seqs[0]}..{seqs[-1]}), "
+            f"{model['instances']} instance(s) x {model['threads_per_instance']} thread(s) per bucket")
 
 
 @contextmanager

@@ -184,7 +184,8 @@ class ServedModel:
                   "dtype": first.dtype, "backend": first.backend, "device": first.target.device} if first else {}
         return {"task": self.name, "model": self.model_name, **source,
                 "buckets": [{"seq": m.seq_len, "batch": m.batch} for m in self.model.manifests],
-                "max_input_length": self.model.max_length, "instances": self.model.runner.engines[0].instances}
+                "max_input_length": self.model.max_length, "instances": self.model.runner.engines[0].instances,
+                "threads_per_instance": self.model.runner.engines[0].threads}
 
     def close(self) -> None:
         """Run what is queued, then stop the engines."""
