@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
+from toolkit.api import Embedder
 from toolkit.artifact import Manifest
 from toolkit.checkpoint import load_hf_model
 from toolkit.config import BuildConfig
@@ -85,6 +86,25 @@ def test_int8_gate_fails_naive_quantization_of_an_outlier_checkpoint_and_passes_
     assert weight_types == {stored, onnx.TensorProto.FLOAT16}
 
 
+def test_onnx_int8_row_scales_give_a_row_the_same_vector_whatever_it_is_batched_with(outlier_checkpoints, tmp_path):
+    """ONNX Runtime's per-tensor activation scale (the default) moves a row's vector with its batch neighbours;
+    `activation_scales: row` gives each row its own scale, as TVM's int8 does, and passes the same gate."""
+    first, quiet, loud = "What is the capital of China?", "a short one", "ALL CAPS 9999 !!!! ### %%%% ~~~~"
+    vectors = {}
+    for scales in ("tensor", "row"):
+        [artifact] = build(outlier_checkpoints, tmp_path / scales, "embedding", seq_lens=(32,), dtype="int8",
+                           activation_scales=scales)
+        manifest = Manifest.load(artifact)
+        assert manifest.validation["passed"] and manifest.validation["min_cosine"] >= 0.99
+        ops = {n.op_type for n in onnx.load(str(model_path(artifact)), load_external_data=False).graph.node}
+        assert ("DynamicQuantizeLinear" in ops) == (scales == "tensor") and "MatMulInteger" in ops
+        assert f"per-{'token' if scales == 'row' else 'tensor'} scale" in manifest.precision["quantization"]["scheme"]
+        with Embedder.from_artifacts(artifact) as model:  # batch 2: each pair runs as one batch
+            vectors[scales] = [model.encode_documents([first, other])[0] for other in (quiet, loud)]
+    assert np.abs(vectors["tensor"][0] - vectors["tensor"][1]).max() > 1e-4
+    assert np.array_equal(vectors["row"][0], vectors["row"][1])
+
+
 def test_int8_falls_back_to_fp32_layers_when_smoothing_is_off(outlier_checkpoints, tmp_path):
     [artifact] = build(outlier_checkpoints, tmp_path, "embedding", seq_lens=(64,), dtype="int8", smooth_alpha=0.0)
     manifest = Manifest.load(artifact)
@@ -109,6 +129,9 @@ def test_int8_config_errors_name_the_fix(checkpoints, tmp_path):
                       dtype="int8", backends=("tvm",), target="cuda", workspace=tmp_path)
     with pytest.raises(ToolkitError, match="use --target cpu, or --backend onnx for CUDA"):
         cfg.check()
+    with pytest.raises(ToolkitError, match=r"quantization.activation_scales must be one of \('tensor', 'row'\), got "
+                                           "'column'"):
+        cfg.with_overrides(target="cpu", activation_scales="column")
     bad = tmp_path / "calibration.jsonl"
     bad.write_text('{"query": "q", "document": "d", "split": "calibration"}\n{"text": "no query"}\n')
     with pytest.raises(ToolkitError, match=r"calibration.jsonl:2: expected a JSON object with `query`"):

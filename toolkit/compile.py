@@ -97,8 +97,9 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
         if cfg.dtype == "int8":
             with peaks.stage("calibrate"):
                 # layer errors are measured for the scheme that will run: per-tensor scales (ONNX Runtime) err more
-                plan = plan_int8(model, task, tokenizer, checks, max(cfg.seq_lens), int8_scheme(cfg.backends),
-                                 cfg.smooth_alpha, cfg.max_linear_error, cfg.preflight, log)
+                scheme = int8_scheme(cfg.backends, cfg.activation_scales)
+                plan = plan_int8(model, task, tokenizer, checks, max(cfg.seq_lens), scheme, cfg.smooth_alpha,
+                                 cfg.max_linear_error, cfg.preflight, log)
         with peaks.stage("export"):
             for backend in cfg.backends:
                 first = None
@@ -230,7 +231,7 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
     model_file, target, details = exported.model_file, Target(cfg.target), {}
     precision = dict(PRECISION[cfg.dtype])
     if plan:
-        scheme = int8_scheme([artifact.backend])
+        scheme = int8_scheme([artifact.backend], cfg.activation_scales)
         precision["quantization"] = plan.describe(scheme)
     if artifact.graph is None:  # the first's graph, installed by now: its folded / quantized files are this one's too
         model_file = Manifest.load(artifact.first.final, verify=False).model_file

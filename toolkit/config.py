@@ -15,6 +15,9 @@
         smooth_alpha: 0.5                # SmoothQuant migration strength (0 = none)
         max_linear_error: 0.1            # linear layers whose int8 output error exceeds this stay fp32
         preflight: true                  # the whole model in fake int8 first; worst layers fp32 until it has margin
+        activation_scales: tensor        # ONNX: tensor (ONNX Runtime's fused DynamicQuantizeMatMul) | row (a scale
+                                         # per token: a row's result does not depend on the rows batched with it,
+                                         # about 30% slower). TVM's are always per row.
       target: cpu                        # cpu | cuda
     workspace: ./workspace
 
@@ -41,7 +44,9 @@ SCHEMA = {"name": str, "task": str, "workspace": str,
           "frontend": {"checkpoint": str, "input_ids": list, "seq": (list, int), "batch": int, "batch_tokens": int},
           "backend": {"kind": (str, list), "dtype": str, "target": str,
                       "quantization": {"calibration": str, "smooth_alpha": (float, int),
-                                       "max_linear_error": (float, int), "preflight": bool}}}
+                                       "max_linear_error": (float, int), "preflight": bool,
+                                       "activation_scales": str}}}
+ACTIVATION_SCALES = ("tensor", "row")
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class BuildConfig:
     smooth_alpha: float = 0.5
     max_linear_error: float = 0.1
     preflight: bool = True  # int8: check the whole model in fake int8 before compiling (quantize.plan_int8)
+    activation_scales: str = "tensor"  # int8 on ONNX Runtime: per "tensor" (its fused op), or per "row"
     workspace: Path = field(default_factory=lambda: Path("workspace"))
     source: Path | None = None  # the YAML file it came from
 
@@ -103,6 +109,9 @@ class BuildConfig:
             raise ToolkitError(f"quantization.smooth_alpha must be in [0, 1], got {self.smooth_alpha!r}{where}")
         if not self.max_linear_error > 0:
             raise ToolkitError(f"quantization.max_linear_error must be > 0, got {self.max_linear_error!r}{where}")
+        if self.activation_scales not in ACTIVATION_SCALES:
+            raise ToolkitError(f"quantization.activation_scales must be one of {ACTIVATION_SCALES}, got "
+                               f"{self.activation_scales!r}{where}")
         if self.target not in DEVICES:
             raise ToolkitError(f"target must be one of {DEVICES}, got {self.target!r}{where}")
         if not self.checkpoint:
