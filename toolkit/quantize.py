@@ -407,12 +407,11 @@ def quantize_onnx(graph: Path, out: Path, plan: QuantizationPlan, scheme: Int8Sc
             model.graph.register_initializer(constants[-1])
         weight_q, weight_scale, weight_zero = constants
         if per_row:
-            activation = _row_quantize(node.inputs[0], name, per_row)
-            x_q, x_scale, x_zero = activation[-1].outputs[0], activation[3].outputs[0], per_row["zero_point"]
+            activation, x_q, x_scale = _row_quantize(node.inputs[0], name, per_row)
+            x_zero = per_row["zero_point"]
         else:
-            activation = [ir.node("DynamicQuantizeLinear", [node.inputs[0]], num_outputs=3,
-                                  name=f"{name}_input_quantize")]
-            x_q, x_scale, x_zero = activation[0].outputs
+            quantize = ir.node("DynamicQuantizeLinear", [node.inputs[0]], num_outputs=3, name=f"{name}_input_quantize")
+            activation, (x_q, x_scale, x_zero) = [quantize], quantize.outputs
         matmul = ir.node("MatMulInteger", [x_q, weight_q, x_zero, weight_zero], name=f"{name}_quant")
         cast = ir.node("Cast", matmul.outputs, {"to": ir.DataType.FLOAT}, name=f"{name}_quant_cast")
         scales = ir.node("Mul", [x_scale, weight_scale], name=f"{name}_quant_scales_mul")
@@ -438,11 +437,11 @@ def _per_row_constants(graph) -> dict:
     return constants
 
 
-def _row_quantize(x, name: str, constants: dict) -> list:
+def _row_quantize(x, name: str, constants: dict) -> tuple:
     """`x` as uint8 around zero point 128 with a symmetric scale per row (token): `max|x_row| / 127`, as TVM's
     `quantize_rows` and `_fake_quant_activation_per_token` round it. uint8 (not int8) because ONNX Runtime's int8 x
-    int8 `MatMulInteger` ran 20x slower than its uint8 x int8 one here. The nodes in order; the last gives the
-    quantized rows, the fourth their scales (`[..., 1]`)."""
+    int8 `MatMulInteger` ran 20x slower than its uint8 x int8 one here. Returns the nodes in order, the quantized
+    rows, and their scales (`[..., 1]`)."""
     import onnx_ir as ir
 
     def step(op, inputs, suffix, **attributes):
@@ -456,7 +455,8 @@ def _row_quantize(x, name: str, constants: dict) -> list:
     rounded = step("Round", scaled.outputs, "round")
     shifted = step("Add", [rounded.outputs[0], constants["offset"]], "shift")
     quantized = step("Cast", shifted.outputs, "quantize", to=ir.DataType.UINT8)
-    return [magnitude, peak, ratio, scale, scaled, rounded, shifted, quantized]
+    nodes = [magnitude, peak, ratio, scale, scaled, rounded, shifted, quantized]
+    return nodes, quantized.outputs[0], scale.outputs[0]
 
 
 def _read_weight(tensor, transposed: bool) -> np.ndarray:
