@@ -21,7 +21,7 @@ from toolkit.backends import Backend, open_backend
 from toolkit.checkpoint import load_tokenizer
 from toolkit.cli import main
 from toolkit.runtime import Engine
-from toolkit.serve.app import create_app
+from toolkit.serve.app import VectorsResponse, create_app
 from toolkit.serve.server import engines_line
 from toolkit.serve.service import Limits
 from toolkit.tasks import WEB_SEARCH_INSTRUCTION
@@ -64,6 +64,14 @@ def limited_url(sets):
 
 def max_abs_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def test_vectors_are_written_as_float32_text_whatever_their_memory_layout():
+    """Shortest float32 text, read back bit for bit; a view cut to fewer dimensions is written like a copy."""
+    vectors = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    for content in (vectors, vectors[:, :5], [vectors[0, ::2]]):
+        written = json.loads(VectorsResponse(content).body)
+        assert np.array_equal(np.asarray(written, np.float32), np.asarray(content, np.float32))
 
 
 def test_openai_client_gets_the_embedder_vectors(url, offline):

@@ -124,7 +124,7 @@ def tei_routes(services: Services) -> APIRouter:
         """Vectors for `inputs`, in order."""
         vectors, _ = await services.embedding().embed(as_texts(request.inputs), request.query_instruction(),
                                                      request.truncate, request.dimensions, request.normalize)
-        return VectorsResponse(np.ascontiguousarray(vectors))
+        return VectorsResponse(vectors)
 
     @router.post("/rerank", response_model_exclude_none=True)
     async def rerank(request: RerankRequest) -> list[RankedText]:
@@ -158,9 +158,10 @@ def openai_routes(services: Services) -> APIRouter:
             vectors, tokens = await service.embed_ids(request.token_ids(), request.dimensions)
         else:
             vectors, tokens = await service.embed(texts, truncate=None, dimensions=request.dimensions)
-        encode = base64_floats if request.encoding_format == "base64" else np.ascontiguousarray
+        as_base64 = request.encoding_format == "base64"
         return VectorsResponse({"object": "list",
-                                "data": [{"object": "embedding", "index": i, "embedding": encode(v)}
+                                "data": [{"object": "embedding", "index": i,
+                                          "embedding": base64_floats(v) if as_base64 else v}
                                          for i, v in enumerate(vectors)],
                                 "model": request.model or service.model_name,
                                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
@@ -190,7 +191,14 @@ class VectorsResponse(Response):
 
     @override
     def render(self, content) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+        return orjson.dumps(content, default=_contiguous, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _contiguous(value):
+    """orjson writes C-contiguous arrays itself and hands any other (vectors cut to `dimensions` may be views) here."""
+    if isinstance(value, np.ndarray):
+        return np.ascontiguousarray(value)
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
 def base64_floats(vector: np.ndarray) -> str:
