@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -292,8 +293,8 @@ class PatchedWeights:
     """The patched model's parameters, read from a Hugging Face checkpoint on demand, each in the model's dtype: q/k/v
     and gate/up concatenated into the fused projections, the reranker's head as the "no"/"yes" rows of the (tied)
     lm_head (separate in 8B). `adjust` registers a transform of a parameter (SmoothQuant's factors, folded into the
-    weights) applied on every later read: a layer read again, and the weights an export writes, are the adjusted
-    ones."""
+    weights) applied on every later read, `replace` new values for it (GPTQ's rounded weights): a layer read again,
+    and the weights an export writes, are the adjusted ones."""
 
     def __init__(self, checkpoint_dir: Path, hf_config: dict, model: "Qwen3ForDeployment", dtype: torch.dtype):
         from toolkit.checkpoint import CheckpointTensors
@@ -301,6 +302,7 @@ class PatchedWeights:
         self.dtype = dtype
         self.tensors = CheckpointTensors(checkpoint_dir, bool(hf_config.get("tie_word_embeddings")))
         self.adjustments: dict[str, list] = {}
+        self.replacements = None  # the directory `replace` keeps values in, made on first use
         self.sources = {name: self._sources(name) for name, _ in model.named_parameters()}
         used = {source for sources, _ in self.sources.values() for source in sources}
         unexpected = [name for name in self.tensors.where if name not in used and name != "lm_head.weight"]
@@ -344,6 +346,18 @@ class PatchedWeights:
     def adjust(self, name: str, transform) -> None:
         """Apply `transform` (a tensor → the same shape and dtype) to parameter `name` on every read from now on."""
         self.adjustments.setdefault(name, []).append(transform)
+
+    def replace(self, name: str, values: torch.Tensor, scratch: Path | None = None) -> None:
+        """Parameter `name` reads as `values` from now on (earlier adjustments are taken to be in them). They wait on
+        disk, in a temporary directory made in `scratch` (None: the system's) and removed with these weights: the
+        replaced parameters of a whole model are never held in memory."""
+        if self.replacements is None:
+            if scratch is not None:
+                Path(scratch).mkdir(parents=True, exist_ok=True)
+            self.replacements = tempfile.TemporaryDirectory(prefix="replaced-weights-", dir=scratch)
+        path = Path(self.replacements.name) / f"{name}.pt"
+        torch.save(values.detach().clone(), path)
+        self.adjustments[name] = [lambda _: torch.load(path, weights_only=True)]
 
 
 FUSED_PROJECTIONS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),

@@ -60,7 +60,7 @@ def test_int8_kernels_match_per_token_fake_quantization_and_run_on_vpdpbusd(tmp_
 
 
 def test_tvm_int8_gate_fails_naive_quantization_and_passes_the_default(outlier_checkpoints, tmp_path):
-    naive = {"smooth_alpha": 0.0, "max_linear_error": 1.0}  # no smoothing, every layer int8
+    naive = {"smooth_alpha": 0.0, "weight_rounding": "nearest", "max_linear_error": 1.0}  # every layer int8, plain
     with pytest.raises(ToolkitError, match=r"validation failed .* int8 tolerance \(min_cosine >= 0.99\); nothing "
                                            "was installed"):
         build(outlier_checkpoints, tmp_path, "embedding", backends=("tvm",), seq_lens=(64,), dtype="int8",

@@ -67,7 +67,7 @@ def test_int8_gate_fails_naive_quantization_of_an_outlier_checkpoint_and_passes_
                                            r"was installed \(.*\)\. Turn quantization.preflight on .* or build "
                                            "--dtype bf16"):
         build(outlier_checkpoints, tmp_path, "embedding", seq_lens=(64,), dtype="int8", smooth_alpha=0.0,
-              max_linear_error=1.0, preflight=False)  # per-tensor activations straight onto 60x channels
+              weight_rounding="nearest", max_linear_error=1.0, preflight=False)  # per-tensor onto 60x channels
     assert not list((tmp_path / "embedding-int8-b2" / "onnx").iterdir())
 
     [artifact] = build(outlier_checkpoints, tmp_path, "embedding", seq_lens=(64,), dtype="int8")
@@ -77,6 +77,8 @@ def test_int8_gate_fails_naive_quantization_of_an_outlier_checkpoint_and_passes_
     assert manifest.validation["real_texts"] == len(CalibrationSet.load().holdout) * 2  # query and document each
     quantization = manifest.precision["quantization"]
     assert quantization["smooth_alpha"] == 0.5 and quantization["calibration"]["holdout_records"] > 0
+    assert quantization["weight_rounding"] == "gptq"
+    assert not list(tmp_path.glob("replaced-weights-*"))  # GPTQ's weights waited there until the export had them
     graph = onnx.load(str(artifact / "model.onnx")).graph
     quantized = sum(n.op_type in ("DynamicQuantizeMatMul", "MatMulInteger") for n in graph.node)
     assert quantized + len(quantization["keep_fp32"]) >= linear_count(outlier_checkpoints["embedding"])
@@ -124,6 +126,26 @@ def test_int8_reranker_on_outliers_reports_kendall_tau(outlier_checkpoints, tmp_
     assert validation["kendall_tau"] is not None and validation["kendall_tau"] > 0.5
 
 
+def test_gptq_rounds_onto_the_grid_the_backends_recompute_and_moves_the_output_less_than_rounding_to_nearest():
+    from toolkit.quantize import TVM_INT8, gptq_round
+
+    generator = torch.Generator().manual_seed(0)
+    # correlated input channels, two of them 30x the rest (what smoothing leaves of outliers): where GPTQ gains
+    mixing = torch.randn(256, 256, generator=generator) / 16 + torch.eye(256)
+    inputs = torch.randn(2048, 256, generator=generator) @ mixing
+    inputs[:, [5, 37]] *= 30
+    weight = torch.randn(192, 256, generator=generator) * 0.02
+    rounded = gptq_round(weight, inputs.T @ inputs)
+    # every row keeps its largest weight at the grid's end, so rounding again (as every backend does, from the
+    # stored fp16 values) gives these values back
+    stored = rounded.half().float()
+    assert torch.allclose(TVM_INT8.weight(stored), stored, rtol=1e-3, atol=0)
+    exact = inputs @ weight.T
+    gptq_error = (inputs @ rounded.T - exact).norm()
+    nearest_error = (inputs @ TVM_INT8.weight(weight).T - exact).norm()
+    assert gptq_error < 0.7 * nearest_error
+
+
 def test_int8_config_errors_name_the_fix(checkpoints, tmp_path):
     cfg = BuildConfig(name="x", task="embedding", checkpoint=str(checkpoints["embedding"]), seq_lens=(64,),
                       dtype="int8", backends=("tvm",), target="cuda", workspace=tmp_path)
@@ -132,6 +154,9 @@ def test_int8_config_errors_name_the_fix(checkpoints, tmp_path):
     with pytest.raises(ToolkitError, match=r"quantization.activation_scales must be one of \('tensor', 'row'\), got "
                                            "'column'"):
         cfg.with_overrides(target="cpu", activation_scales="column")
+    with pytest.raises(ToolkitError, match=r"quantization.weight_rounding must be one of \('gptq', 'nearest'\), got "
+                                           "'stochastic'"):
+        cfg.with_overrides(target="cpu", weight_rounding="stochastic")
     bad = tmp_path / "calibration.jsonl"
     bad.write_text('{"query": "q", "document": "d", "split": "calibration"}\n{"text": "no query"}\n')
     with pytest.raises(ToolkitError, match=r"calibration.jsonl:2: expected a JSON object with `query`"):
@@ -280,8 +305,9 @@ def test_uint8_weights_compute_exactly_what_the_integer_arithmetic_gives_on_this
                               [numpy_helper.from_array(w, "w")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9),
               str(tmp_path / "linear.onnx"))
-    quantize_onnx(tmp_path / "linear.onnx", tmp_path / "uint8.onnx", QuantizationPlan(0.0, 1.0, {}, [], {}, None),
-                  Int8Scheme(per_token=False, unsigned_weights=True))
+    plan = QuantizationPlan(0.0, "nearest", 1.0, {}, [], {}, None)
+    quantize_onnx(tmp_path / "linear.onnx", tmp_path / "uint8.onnx", plan, Int8Scheme(per_token=False,
+                                                                                       unsigned_weights=True))
     y = ort.InferenceSession(str(tmp_path / "uint8.onnx")).run(None, {"x": x})[0]
 
     x_scale = np.float32((max(x.max(), 0) - min(x.min(), 0)) / np.float32(255))  # DynamicQuantizeLinear's arithmetic
@@ -310,7 +336,7 @@ def test_our_int8_graph_is_the_one_quantize_dynamic_writes_with_the_same_weights
     fp32 = artifact / "model.onnx"
     matmuls = [n.name for n in onnx.load(str(fp32), load_external_data=False).graph.node if n.op_type == "MatMul"]
     kept = "layers.1.mlp.down_proj"
-    plan = QuantizationPlan(0.0, 1.0, {}, [kept], {}, None)
+    plan = QuantizationPlan(0.0, "nearest", 1.0, {}, [kept], {}, None)
     ids = np.random.default_rng(0).integers(0, 150000, size=(2, 32)).astype(np.int64)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     fp16 = model_path(onnx_artifacts["embedding"][0])
@@ -366,12 +392,12 @@ def test_a_failed_low_precision_gate_names_what_to_do():
     from toolkit.quantize import QuantizationPlan
 
     errors = {f"layers.{i}.mlp.down_proj": 0.02 for i in range(112)}
-    plan = QuantizationPlan(0.5, 0.1, errors, list(errors)[:4], {}, {"budget_used": 0.99, "rounds": 2})
+    plan = QuantizationPlan(0.5, "gptq", 0.1, errors, list(errors)[:4], {}, {"budget_used": 0.99, "rounds": 2})
     # what the 0.6B reranker's int8 build at SEQ 204 said: the preflight could not bring it under the gate
     assert precision_fix("int8", plan) == (
         ". Its preflight kept 4 of 112 linear layers out of int8 and left 99% of the gate's error budget used on the "
         "calibration rows: int8 is at its limit on this model. Build --dtype bf16, or keep more layers out of int8 (a "
         "lower quantization.max_linear_error in the build config)")
-    assert "preflight on" in precision_fix("int8", QuantizationPlan(0.0, 1.0, errors, [], {}, None))
+    assert "preflight on" in precision_fix("int8", QuantizationPlan(0.0, "nearest", 1.0, errors, [], {}, None))
     assert precision_fix("bf16", None) == ". Build --dtype fp16 (fp32 compute) for this model"
     assert precision_fix("fp16", None) == ""

@@ -121,7 +121,9 @@ def format_quantization(q: dict) -> str:
     preflight = q.get("preflight")  # absent in artifacts built before the preflight existed
     checked = (f", whole model in fake int8 on them: {preflight['budget_used']:.0%} of the gate's error budget "
                f"({preflight['rounds']} round(s))" if preflight else "")
-    return (f"SmoothQuant alpha {q['smooth_alpha']}, {len(q['keep_fp32'])} linear layers kept out of int8, worst int8 "
+    rounding = q.get("weight_rounding", "nearest")  # artifacts built before GPTQ rounded to nearest
+    return (f"SmoothQuant alpha {q['smooth_alpha']}, {rounding} weight rounding, {len(q['keep_fp32'])} linear layers "
+            f"kept out of int8, worst int8 "
             f"layer error {worst:.4f}, calibration {q['calibration']['calibration_records']} records"
             f"{checked} + {q['calibration']['holdout_records']} held out")
 

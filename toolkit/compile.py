@@ -99,7 +99,7 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
                 # layer errors are measured for the scheme that will run: per-tensor scales (ONNX Runtime) err more
                 scheme = int8_scheme(cfg.backends, cfg.activation_scales)
                 plan = plan_int8(model, task, tokenizer, checks, max(cfg.seq_lens), scheme, cfg.smooth_alpha,
-                                 cfg.max_linear_error, cfg.preflight, log)
+                                 cfg.max_linear_error, cfg.weight_rounding, cfg.preflight, cfg.workspace, log)
         with peaks.stage("export"):
             for backend in cfg.backends:
                 first = None

@@ -13,6 +13,7 @@
       quantization:                      # int8 only; all optional
         calibration: FILE                # (query, document, split) JSONL; default: the bundled real-text set
         smooth_alpha: 0.5                # SmoothQuant migration strength (0 = none)
+        weight_rounding: gptq            # gptq (rounding errors compensated on the calibration inputs) | nearest
         max_linear_error: 0.1            # linear layers whose int8 output error exceeds this stay fp32
         preflight: true                  # the whole model in fake int8 first; worst layers fp32 until it has margin
         activation_scales: tensor        # ONNX: tensor (ONNX Runtime's fused DynamicQuantizeMatMul) | row (a scale
@@ -43,10 +44,11 @@ MAX_SEQ_LEN = 32768
 SCHEMA = {"name": str, "task": str, "workspace": str,
           "frontend": {"checkpoint": str, "input_ids": list, "seq": (list, int), "batch": int, "batch_tokens": int},
           "backend": {"kind": (str, list), "dtype": str, "target": str,
-                      "quantization": {"calibration": str, "smooth_alpha": (float, int),
+                      "quantization": {"calibration": str, "smooth_alpha": (float, int), "weight_rounding": str,
                                        "max_linear_error": (float, int), "preflight": bool,
                                        "activation_scales": str}}}
 ACTIVATION_SCALES = ("tensor", "row")
+WEIGHT_ROUNDINGS = ("gptq", "nearest")
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class BuildConfig:
     target: str = "cpu"
     calibration: str | None = None  # int8: calibration JSONL (None: the bundled set)
     smooth_alpha: float = 0.5
+    weight_rounding: str = "gptq"  # int8: GPTQ onto the int8 grid (quantize.gptq_round), or round to nearest
     max_linear_error: float = 0.1
     preflight: bool = True  # int8: check the whole model in fake int8 before compiling (quantize.plan_int8)
     activation_scales: str = "tensor"  # int8 on ONNX Runtime: per "tensor" (its fused op), or per "row"
@@ -107,6 +110,9 @@ class BuildConfig:
                                f"or {instead} for CUDA{where}")
         if not 0 <= self.smooth_alpha <= 1:
             raise ToolkitError(f"quantization.smooth_alpha must be in [0, 1], got {self.smooth_alpha!r}{where}")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise ToolkitError(f"quantization.weight_rounding must be one of {WEIGHT_ROUNDINGS}, got "
+                               f"{self.weight_rounding!r}{where}")
         if not self.max_linear_error > 0:
             raise ToolkitError(f"quantization.max_linear_error must be > 0, got {self.max_linear_error!r}{where}")
         if self.activation_scales not in ACTIVATION_SCALES:
