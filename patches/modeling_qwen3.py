@@ -293,8 +293,8 @@ class PatchedWeights:
     """The patched model's parameters, read from a Hugging Face checkpoint on demand, each in the model's dtype: q/k/v
     and gate/up concatenated into the fused projections, the reranker's head as the "no"/"yes" rows of the (tied)
     lm_head (separate in 8B). `adjust` registers a transform of a parameter (SmoothQuant's factors, folded into the
-    weights) applied on every later read, `replace` new values for it (GPTQ's rounded weights): a layer read again,
-    and the weights an export writes, are the adjusted ones."""
+    weights) applied on every later read, and `replace` gives it new values (GPTQ's rounded weights): a layer read
+    again, and the weights an export writes, are the adjusted ones."""
 
     def __init__(self, checkpoint_dir: Path, hf_config: dict, model: "Qwen3ForDeployment", dtype: torch.dtype):
         from toolkit.checkpoint import CheckpointTensors
