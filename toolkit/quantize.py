@@ -278,7 +278,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     peak = torch.sign(weight[torch.arange(rows), peak_column]) * WEIGHT_MAX * scale
     # damped: a channel calibration never saw (a zero row and column) is rounded to nearest, its error not spread
     hessian = hessian[order][:, order].double()
-    hessian += GPTQ_DAMP * hessian.diagonal().mean().clamp(min=1e-12) * torch.eye(columns, dtype=torch.float64)
+    hessian.diagonal().add_(GPTQ_DAMP * hessian.diagonal().mean().clamp(min=1e-12))
     # the upper Cholesky factor of H^-1: row i holds the weights that spread column i's error over columns i..K
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True).float()
     rounded = torch.empty_like(weight)
