@@ -302,7 +302,8 @@ class PatchedWeights:
         self.dtype = dtype
         self.tensors = CheckpointTensors(checkpoint_dir, bool(hf_config.get("tie_word_embeddings")))
         self.adjustments: dict[str, list] = {}
-        self.replacements = None  # the directory `replace` keeps values in, made on first use
+        self.replaced: dict[str, Path] = {}  # parameter -> the file `replace` left its values in
+        self.replacements = None  # the temporary directory of those files, made on first use
         self.sources = {name: self._sources(name) for name, _ in model.named_parameters()}
         used = {source for sources, _ in self.sources.values() for source in sources}
         unexpected = [name for name in self.tensors.where if name not in used and name != "lm_head.weight"]
@@ -335,9 +336,13 @@ class PatchedWeights:
         """The named parameters (or the given rows of each, for a lookup), adjusted."""
         out = {}
         for name in names:
-            sources, taken = self.sources[name]
-            parts = self.tensors.load(sources, rows if rows is not None else taken, self.dtype)
-            tensor = parts[sources[0]] if len(sources) == 1 else torch.cat([parts[s] for s in sources])
+            if name in self.replaced:
+                tensor = torch.load(self.replaced[name], weights_only=True)
+                tensor = tensor if rows is None else tensor[rows]
+            else:
+                sources, taken = self.sources[name]
+                parts = self.tensors.load(sources, rows if rows is not None else taken, self.dtype)
+                tensor = parts[sources[0]] if len(sources) == 1 else torch.cat([parts[s] for s in sources])
             for adjust in self.adjustments.get(name, ()):
                 tensor = adjust(tensor)
             out[name] = tensor
@@ -355,9 +360,9 @@ class PatchedWeights:
             if scratch is not None:
                 Path(scratch).mkdir(parents=True, exist_ok=True)
             self.replacements = tempfile.TemporaryDirectory(prefix="replaced-weights-", dir=scratch)
-        path = Path(self.replacements.name) / f"{name}.pt"
-        torch.save(values.detach().clone(), path)
-        self.adjustments[name] = [lambda _: torch.load(path, weights_only=True)]
+        self.replaced[name] = Path(self.replacements.name) / f"{name}.pt"
+        torch.save(values.detach().clone(), self.replaced[name])
+        self.adjustments.pop(name, None)  # in the values now; later ones apply on top
 
 
 FUSED_PROJECTIONS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),

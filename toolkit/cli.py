@@ -123,8 +123,8 @@ def format_quantization(q: dict) -> str:
                f"({preflight['rounds']} round(s))" if preflight else "")
     rounding = q.get("weight_rounding", "nearest")  # artifacts built before GPTQ rounded to nearest
     return (f"SmoothQuant alpha {q['smooth_alpha']}, {rounding} weight rounding, {len(q['keep_fp32'])} linear layers "
-            f"kept out of int8, worst int8 "
-            f"layer error {worst:.4f}, calibration {q['calibration']['calibration_records']} records"
+            f"kept out of int8, worst int8 layer error {worst:.4f}, calibration "
+            f"{q['calibration']['calibration_records']} records"
             f"{checked} + {q['calibration']['holdout_records']} held out")
 
 

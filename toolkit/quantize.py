@@ -109,6 +109,16 @@ class CalibrationSet:
                 "holdout_records": len(self.holdout)}
 
 
+def _weight_row_scales(w: torch.Tensor) -> torch.Tensor:
+    """The `[N]` int8 scales of a `[N, K]` weight (rows = output channels): `max|w| / WEIGHT_MAX` per row."""
+    return torch.clamp(w.abs().amax(dim=1) / WEIGHT_MAX, min=1e-12)
+
+
+def _on_weight_grid(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`w` rounded to the nearest of its int8 levels at `scale` (clamped to +-WEIGHT_MAX), as `scale * integer`."""
+    return torch.clamp(torch.round(w / scale), -WEIGHT_MAX, WEIGHT_MAX) * scale
+
+
 def _fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
     """What `DynamicQuantizeLinear` does to a tensor: uint8, one asymmetric scale for the whole tensor."""
     lo, hi = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
@@ -141,8 +151,7 @@ class Int8Scheme:
 
     def weight(self, w: torch.Tensor) -> torch.Tensor:
         """`w` (rows = output channels) as the backend rounds it."""
-        scale = torch.clamp(w.abs().amax(dim=1, keepdim=True) / WEIGHT_MAX, min=1e-12)
-        return torch.clamp(torch.round(w / scale), -WEIGHT_MAX, WEIGHT_MAX) * scale
+        return _on_weight_grid(w, _weight_row_scales(w)[:, None])
 
     @property
     def weight_type(self) -> str:
@@ -273,7 +282,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     order = torch.argsort(hessian.diagonal(), descending=True)
     weight = weight.float()[:, order]
     rows, columns = weight.shape
-    scale = torch.clamp(weight.abs().amax(dim=1) / WEIGHT_MAX, min=1e-12)
+    scale = _weight_row_scales(weight)
     peak_column = weight.abs().argmax(dim=1)
     peak = torch.sign(weight[torch.arange(rows), peak_column]) * WEIGHT_MAX * scale
     # damped: a channel calibration never saw (a zero row and column) is rounded to nearest, its error not spread
@@ -287,8 +296,7 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
         block, errors = weight[:, start:end], torch.empty(rows, end - start)
         for i in range(end - start):
             column = block[:, i]
-            value = torch.clamp(torch.round(column / scale), -WEIGHT_MAX, WEIGHT_MAX) * scale
-            value = torch.where(peak_column == start + i, peak, value)
+            value = torch.where(peak_column == start + i, peak, _on_weight_grid(column, scale))
             rounded[:, start + i] = value
             errors[:, i] = (column - value) / inverse[start + i, start + i]
             block[:, i:] -= errors[:, i:i + 1] * inverse[start + i, start + i:end][None, :]
@@ -296,7 +304,8 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     return rounded[:, torch.argsort(order)]
 
 
-def round_weights(prefix: str, layer, rows: "_Rows", states: list[torch.Tensor], weights, scratch: Path) -> None:
+def round_weights(prefix: str, layer, rows: "_Rows", states: list[torch.Tensor], weights,
+                  scratch: Path | None) -> None:
     """GPTQ (`gptq_round`) on the linear layers of one resident decoder layer (named `prefix`), from their inputs on
     the calibration rows (`states`: the layer's inputs): the rounded values replace the weights, in place and in
     `weights` (`PatchedWeights.replace`, kept in `scratch`), so the export writes them."""
