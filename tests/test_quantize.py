@@ -146,6 +146,33 @@ def test_gptq_rounds_onto_the_grid_the_backends_recompute_and_moves_the_output_l
     assert gptq_error < 0.7 * nearest_error
 
 
+def test_inputs_x_t_x_derived_through_smoothing_equals_the_one_measured_on_the_smoothed_layer(outlier_checkpoints):
+    """Calibration takes GPTQ's X^T X in the same pass as the smoothing statistics, before smoothing: what `smooth`
+    returns must turn it into the smoothed layer's own: exactly for q/k/v, whose input is the stored norm weight
+    times what it was; the later linears' inputs also move with the fp16 rounding of the weights before them."""
+    from toolkit.checkpoint import load_tokenizer
+    from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
+    from toolkit.quantize import TVM_INT8, _LinearProbe, _Rows, smooth
+
+    checkpoint, task = outlier_checkpoints["reranker"], TASKS["reranker"]
+    model = Qwen3ForDeployment.from_pretrained(checkpoint, task.output_name, torch.float16, stream=True)
+    rows = _Rows(model, CalibrationSet.load().rows(task, load_tokenizer(checkpoint), "calibration", 256)[:16])
+    states, layer, measured = [x for x, *_ in rows.inputs], model.layers[0], {}
+    with model.resident("layers.0."):
+        before, after = _LinearProbe(TVM_INT8), _LinearProbe(TVM_INT8)
+        with before.watching("layers.0.", layer, measure_error=False, hessians=True):
+            rows.through(layer, states)
+        divisors = smooth("layers.0.", layer, before.absmax, 0.5, model.weights)
+        with after.watching("layers.0.", layer, measure_error=False, hessians=True):
+            rows.through(layer, states)
+    for name, hessian in after.hessians.items():
+        divisor = divisors.get(name, torch.ones(len(hessian)))
+        derived = before.hessians[name] / divisor[:, None] / divisor[None, :]
+        measured[name.split(".")[-1]] = float((derived - hessian).norm() / hessian.norm())
+    assert measured["qkv_proj"] < 1e-5, measured  # the stored norm weights' ratio was returned, not s
+    assert max(measured.values()) < 1e-2, measured
+
+
 def test_int8_config_errors_name_the_fix(checkpoints, tmp_path):
     cfg = BuildConfig(name="x", task="embedding", checkpoint=str(checkpoints["embedding"]), seq_lens=(64,),
                       dtype="int8", backends=("tvm",), target="cuda", workspace=tmp_path)

@@ -216,17 +216,18 @@ class _Rows:
 
 
 class _LinearProbe:
-    """Forward hooks on one decoder layer's Linears at a time: per-input-channel max |x| and the int8 error of their
-    outputs, summed over the rows seen."""
+    """Forward hooks on one decoder layer's Linears at a time: per-input-channel max |x|, optionally the inputs'
+    `X^T X` (GPTQ's Hessian) and the int8 error of their outputs, summed over the rows seen."""
 
     def __init__(self, scheme: Int8Scheme = TVM_INT8):
         self.scheme = scheme
         self.absmax: dict[str, torch.Tensor] = {}
+        self.hessians: dict[str, torch.Tensor] = {}
         self.err: dict[str, float] = {}
         self.ref: dict[str, float] = {}
 
     @contextmanager
-    def watching(self, prefix: str, layer, measure_error: bool):
+    def watching(self, prefix: str, layer, measure_error: bool, hessians: bool = False):
         """Within the block, record the Linears of `layer` (named `prefix` + their name in it)."""
         linears = {f"{prefix}{name}": m for name, m in layer.named_modules() if isinstance(m, Linear)}
         rounded = {name: self.scheme.weight(m.weight.float()) for name, m in linears.items()} if measure_error else {}
@@ -235,6 +236,9 @@ class _LinearProbe:
             x = inputs[0].reshape(-1, inputs[0].shape[-1])
             amax = x.abs().amax(dim=0)
             self.absmax[name] = torch.maximum(self.absmax[name], amax) if name in self.absmax else amax
+            if hessians:
+                xf = x.float()
+                self.hessians[name] = self.hessians[name] + xf.T @ xf if name in self.hessians else xf.T @ xf
             if measure_error:
                 approx = self.scheme.activation(x) @ rounded[name].T
                 self.err[name] = self.err.get(name, 0.0) + float((approx - output.reshape(approx.shape)).pow(2).sum())
@@ -280,59 +284,62 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     0.0038 in order. Each row keeps its largest weight at +-WEIGHT_MAX, so a backend that computes the scale from the
     stored values gets this one and the same integers."""
     order = torch.argsort(hessian.diagonal(), descending=True)
-    weight = weight.float()[:, order]
-    rows, columns = weight.shape
-    scale = _weight_row_scales(weight)
-    peak_column = weight.abs().argmax(dim=1)
-    peak = torch.sign(weight[torch.arange(rows), peak_column]) * WEIGHT_MAX * scale
-    # damped: a channel calibration never saw (a zero row and column) is rounded to nearest, its error not spread
-    hessian = hessian[order][:, order].double()
-    hessian.diagonal().add_(GPTQ_DAMP * hessian.diagonal().mean().clamp(min=1e-12))
-    # the upper Cholesky factor of H^-1: row i holds the weights that spread column i's error over columns i..K
-    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True).float()
-    rounded = torch.empty_like(weight)
-    for start in range(0, columns, GPTQ_BLOCK):
-        end = min(start + GPTQ_BLOCK, columns)
-        block, errors = weight[:, start:end], torch.empty(rows, end - start)
-        for i in range(end - start):
-            column = block[:, i]
-            value = torch.where(peak_column == start + i, peak, _on_weight_grid(column, scale))
-            rounded[:, start + i] = value
-            errors[:, i] = (column - value) / inverse[start + i, start + i]
-            block[:, i:] -= errors[:, i:i + 1] * inverse[start + i, start + i:end][None, :]
-        weight[:, end:] -= errors @ inverse[start:end, end:]
-    return rounded[:, torch.argsort(order)]
+    scale = _weight_row_scales(weight.float())
+    columns = weight.float()[:, order].T.contiguous()  # [K, N]: a column's weights contiguous, as they are updated
+    rows = columns.shape[1]
+    peak_column = columns.abs().argmax(dim=0)
+    peak = torch.sign(columns[peak_column, torch.arange(rows)]) * WEIGHT_MAX * scale
+    inverse = _upper_cholesky_of_inverse(hessian, order).float()
+    rounded = torch.empty_like(columns)
+    for start in range(0, len(columns), GPTQ_BLOCK):
+        end = min(start + GPTQ_BLOCK, len(columns))
+        block, errors = columns[start:end], torch.empty(end - start, rows)
+        for i, j in enumerate(range(start, end)):
+            rounded[j] = torch.where(peak_column == j, peak, _on_weight_grid(block[i], scale))
+            errors[i] = (block[i] - rounded[j]) / inverse[j, j]
+            block[i:].addr_(inverse[j, j:end], errors[i], alpha=-1)
+        columns[end:].addmm_(inverse[start:end, end:].T, errors, alpha=-1)
+    return rounded.T[:, torch.argsort(order)]
 
 
-def round_weights(prefix: str, layer, rows: "_Rows", states: list[torch.Tensor], weights,
+def _upper_cholesky_of_inverse(hessian: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """U (upper triangular, float64) with (H + damping)^-1 = U^T U, H being `hessian` with its channels in `order`.
+
+    Damped: a channel calibration never saw (a zero row and column) is rounded to nearest, its error not spread. One
+    factorization and one triangular inverse: if J reverses the channels and J H J = L L^T, then U = J L^-1 J. In
+    float64: outlier channels carry thousands of times the others' energy."""
+    reversed_order = order.flip(0)
+    flipped = hessian[reversed_order][:, reversed_order].double()
+    flipped.diagonal().add_(GPTQ_DAMP * flipped.diagonal().mean().clamp(min=1e-12))
+    lower = torch.linalg.cholesky(flipped)
+    del flipped
+    return torch.linalg.solve_triangular(lower, torch.eye(len(lower), dtype=lower.dtype), upper=False).flip(0, 1)
+
+
+def round_weights(prefix: str, layer, hessians: dict[str, torch.Tensor], divisors: dict[str, torch.Tensor], weights,
                   scratch: Path | None) -> None:
-    """GPTQ (`gptq_round`) on the linear layers of one resident decoder layer (named `prefix`), from their inputs on
-    the calibration rows (`states`: the layer's inputs): the rounded values replace the weights, in place and in
-    `weights` (`PatchedWeights.replace`, kept in `scratch`), so the export writes them."""
-    linears = {name: m for name, m in layer.named_modules() if isinstance(m, Linear)}
-    hessians: dict[str, torch.Tensor] = {}
-
-    def hook(name, module, inputs, output):
-        x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-        hessians[name] = hessians[name] + x.T @ x if name in hessians else x.T @ x
-
-    handles = [m.register_forward_hook(partial(hook, name)) for name, m in linears.items()]
-    try:
-        rows.through(layer, states)
-    finally:
-        for handle in handles:
-            handle.remove()
-    for name, module in linears.items():
-        rounded = gptq_round(module.weight, hessians.pop(name)).to(module.weight.dtype)
-        weights.replace(f"{prefix}{name}.weight", rounded, scratch)
-        module.weight.data = rounded
+    """GPTQ (`gptq_round`) on the linear layers of one resident decoder layer (named `prefix`), from their inputs'
+    `X^T X` on the calibration rows (`hessians`, taken by name) before smoothing divided those inputs by `divisors`
+    (`smooth`'s factors): the rounded values replace the weights, in place and in `weights`
+    (`PatchedWeights.replace`, kept in `scratch`), so the export writes them."""
+    for name, module in layer.named_modules():
+        if isinstance(module, Linear):
+            hessian, divisor = hessians.pop(f"{prefix}{name}"), divisors.get(f"{prefix}{name}")
+            if divisor is not None:  # the smoothed inputs are x / s: their X^T X is H / (s s^T)
+                hessian = hessian / divisor[:, None] / divisor[None, :]
+            rounded = gptq_round(module.weight, hessian).to(module.weight.dtype)
+            weights.replace(f"{prefix}{name}.weight", rounded, scratch)
+            module.weight.data = rounded
 
 
-def smooth(prefix: str, layer, absmax: dict[str, torch.Tensor], alpha: float, weights) -> None:
+def smooth(prefix: str, layer, absmax: dict[str, torch.Tensor], alpha: float, weights) -> dict[str, torch.Tensor]:
     """SmoothQuant on one resident decoder layer (named `prefix`): its factors folded into its weights (computed in
     fp32, stored in the weights' dtype), in place and as adjustments of `weights` (`PatchedWeights`), so every later
     read of the layer, and the export, is smoothed. The layer's function is unchanged but for that storage's
-    rounding."""
+    rounding. Returns what each smoothed linear layer's inputs are now divided by: for q/k/v and gate/up, the ratio
+    of their norm's weight before and after, as stored (for q/k/v the exact ratio of its inputs); for down, s. The
+    later linears' inputs also move with the fp16 rounding of the weights before them (1e-4 to 1e-3 of their X^T X
+    on the 0.6B outlier reranker)."""
     def factor(x_max: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         w_max = weight.float().abs().amax(dim=0).clamp(min=1e-5)
         return (x_max.clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
@@ -353,11 +360,18 @@ def smooth(prefix: str, layer, absmax: dict[str, torch.Tensor], alpha: float, we
                    # the up half: down's input is silu(gate) * up
                    ("mlp.gate_up_proj.weight", divided(s_down[:, None], first_row=down.shape[1])),
                    ("mlp.down_proj.weight", multiplied(s_down))]
+    norms = {"self_attn.qkv_proj": "input_layernorm.weight", "mlp.gate_up_proj": "post_attention_layernorm.weight"}
+    before = {name: layer.get_parameter(norm).data.float().clone() for name, norm in norms.items()}
     with torch.no_grad():
         for name, adjust in adjustments:
             weights.adjust(f"{prefix}{name}", adjust)
             param = layer.get_parameter(name)
             param.data = adjust(param.data)
+    divisors = {f"{prefix}mlp.down_proj": s_down}
+    for name, norm in norms.items():  # a channel the norm zeroes gets inf: its X^T X row and column are zero
+        after = layer.get_parameter(norm).data.float()
+        divisors[f"{prefix}{name}"] = torch.where(after != 0, before[name] / after, torch.inf)
+    return divisors
 
 
 @dataclass(frozen=True)
@@ -400,13 +414,14 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
     probe = _LinearProbe(scheme)
 
     @contextmanager
-    def calibrate(prefix, layer, states):  # smoothed on its own inputs, then its int8 errors measured
-        if smooth_alpha > 0:
-            with probe.watching(prefix, layer, measure_error=False):
+    def calibrate(prefix, layer, states):  # smoothed and rounded from one pass over its inputs; then errors measured
+        gptq = weight_rounding == "gptq"
+        if smooth_alpha > 0 or gptq:
+            with probe.watching(prefix, layer, measure_error=False, hessians=gptq):
                 rows.through(layer, states)
-            smooth(prefix, layer, probe.absmax, smooth_alpha, model.weights)
-        if weight_rounding == "gptq":
-            round_weights(prefix, layer, rows, states, model.weights, scratch)
+        divisors = smooth(prefix, layer, probe.absmax, smooth_alpha, model.weights) if smooth_alpha > 0 else {}
+        if gptq:
+            round_weights(prefix, layer, probe.hessians, divisors, model.weights, scratch)
         with probe.watching(prefix, layer, measure_error=True):
             yield
     reference = rows.run("calibrating int8", calibrate)
