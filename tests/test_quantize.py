@@ -173,6 +173,25 @@ def test_inputs_x_t_x_derived_through_smoothing_equals_the_one_measured_on_the_s
     assert max(measured.values()) < 1e-2, measured
 
 
+def test_gptq_says_when_the_calibration_rows_are_too_few_for_it(outlier_checkpoints, tmp_path):
+    from toolkit.checkpoint import load_tokenizer
+    from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
+    from toolkit.quantize import TVM_INT8, plan_int8
+
+    checkpoint, task = outlier_checkpoints["embedding"], TASKS["embedding"]
+    records = [json.loads(line) for line in DEFAULT_CALIBRATION.read_text().splitlines()]
+    few = tmp_path / "few.jsonl"  # 2 short rows: fewer tokens than the tiny model's 128 MLP channels
+    few.write_text("".join(json.dumps(r) + "\n" for r in records if r["split"] == "holdout")
+                   + json.dumps(dict(records[0], query="a cat", document="a dog", split="calibration")) + "\n")
+    for calibration, warned in ((CalibrationSet.load(few), True), (CalibrationSet.load(), False)):
+        lines = []
+        model = Qwen3ForDeployment.from_pretrained(checkpoint, task.output_name, torch.float16, stream=True)
+        plan_int8(model, task, load_tokenizer(checkpoint), calibration, 64, TVM_INT8, 0.5, 0.1, preflight=False,
+                  scratch=tmp_path, log=lines.append)
+        assert any("input channels of the widest linear layer" in line and "--calibration" in line
+                   for line in lines) == warned, lines
+
+
 def test_int8_config_errors_name_the_fix(checkpoints, tmp_path):
     cfg = BuildConfig(name="x", task="embedding", checkpoint=str(checkpoints["embedding"]), seq_lens=(64,),
                       dtype="int8", backends=("tvm",), target="cuda", workspace=tmp_path)
