@@ -192,6 +192,28 @@ def test_gptq_says_when_the_calibration_rows_are_too_few_for_it(outlier_checkpoi
                    for line in lines) == warned, lines
 
 
+def test_gptq_calibration_counts_the_weights_rounding_in_layer_errors_and_preflight(outlier_checkpoints, tmp_path):
+    """GPTQ replaces the weights while calibrating: the per-layer errors and the preflight must still be measured
+    against the weights as they came, so the weights' rounding counts (here the only error: activations stay exact)."""
+    from dataclasses import dataclass
+
+    from toolkit.checkpoint import load_tokenizer
+    from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
+    from toolkit.quantize import Int8Scheme, plan_int8
+
+    @dataclass(frozen=True)
+    class WeightsOnly(Int8Scheme):
+        def activation(self, x):
+            return x
+
+    checkpoint, task = outlier_checkpoints["embedding"], TASKS["embedding"]
+    model = Qwen3ForDeployment.from_pretrained(checkpoint, task.output_name, torch.float16, stream=True)
+    plan = plan_int8(model, task, load_tokenizer(checkpoint), CalibrationSet.load(), 64, WeightsOnly(per_token=True),
+                     0.5, 1.0, scratch=tmp_path, log=lambda line: None)
+    assert min(plan.linear_errors.values()) > 1e-3, plan.linear_errors
+    assert plan.preflight["agreement"]["min_cosine"] < 0.99999, plan.preflight
+
+
 def test_int8_config_errors_name_the_fix(checkpoints, tmp_path):
     cfg = BuildConfig(name="x", task="embedding", checkpoint=str(checkpoints["embedding"]), seq_lens=(64,),
                       dtype="int8", backends=("tvm",), target="cuda", workspace=tmp_path)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -228,8 +228,10 @@ class _LinearProbe:
         self.ref: dict[str, float] = {}
 
     @contextmanager
-    def watching(self, prefix: str, layer, measure_error: bool, hessians: bool = False):
-        """Within the block, record the Linears of `layer` (named `prefix` + their name in it)."""
+    def watching(self, prefix: str, layer, measure_error: bool, hessians: bool = False,
+                 exact: dict[str, torch.Tensor] | None = None):
+        """Within the block, record the Linears of `layer` (named `prefix` + their name in it). A linear layer named
+        in `exact` has had its weight rounded already: its error is measured against that weight, as it was."""
         linears = {f"{prefix}{name}": m for name, m in layer.named_modules() if isinstance(m, Linear)}
         rounded = {name: self.scheme.weight(m.weight.float()) for name, m in linears.items()} if measure_error else {}
 
@@ -242,8 +244,9 @@ class _LinearProbe:
                 self.hessians[name] = self.hessians[name] + xf.T @ xf if name in self.hessians else xf.T @ xf
             if measure_error:
                 approx = self.scheme.activation(x) @ rounded[name].T
-                self.err[name] = self.err.get(name, 0.0) + float((approx - output.reshape(approx.shape)).pow(2).sum())
-                self.ref[name] = self.ref.get(name, 0.0) + float(output.pow(2).sum())
+                target = x @ exact[name].to(x.dtype).T if name in (exact or {}) else output.reshape(approx.shape)
+                self.err[name] = self.err.get(name, 0.0) + float((approx - target).pow(2).sum())
+                self.ref[name] = self.ref.get(name, 0.0) + float(target.pow(2).sum())
 
         handles = [m.register_forward_hook(partial(hook, name)) for name, m in linears.items()]
         try:
@@ -318,11 +321,12 @@ def _upper_cholesky_of_inverse(hessian: torch.Tensor, order: torch.Tensor) -> to
 
 
 def round_weights(prefix: str, layer, hessians: dict[str, torch.Tensor], divisors: dict[str, torch.Tensor], weights,
-                  scratch: Path | None) -> None:
+                  scratch: Path | None) -> dict[str, torch.Tensor]:
     """GPTQ (`gptq_round`) on the linear layers of one resident decoder layer (named `prefix`), from their inputs'
     `X^T X` on the calibration rows (`hessians`, taken by name) before smoothing divided those inputs by `divisors`
     (`smooth`'s factors): the rounded values replace the weights, in place and in `weights`
-    (`PatchedWeights.replace`, kept in `scratch`), so the export writes them."""
+    (`PatchedWeights.replace`, kept in `scratch`), so the export writes them. Returns the weights as they were."""
+    before = {}
     for name, module in layer.named_modules():
         if isinstance(module, Linear):
             hessian, divisor = hessians.pop(f"{prefix}{name}"), divisors.get(f"{prefix}{name}")
@@ -330,7 +334,8 @@ def round_weights(prefix: str, layer, hessians: dict[str, torch.Tensor], divisor
                 hessian = hessian / divisor[:, None] / divisor[None, :]
             rounded = gptq_round(module.weight, hessian).to(module.weight.dtype)
             weights.replace(f"{prefix}{name}.weight", rounded, scratch)
-            module.weight.data = rounded
+            before[f"{prefix}{name}"], module.weight.data = module.weight.data, rounded
+    return before
 
 
 def smooth(prefix: str, layer, absmax: dict[str, torch.Tensor], alpha: float, weights) -> dict[str, torch.Tensor]:
@@ -428,11 +433,14 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
             with probe.watching(prefix, layer, measure_error=False, hessians=gptq):
                 rows.through(layer, states)
         divisors = smooth(prefix, layer, probe.absmax, smooth_alpha, model.weights) if smooth_alpha > 0 else {}
-        if gptq:
-            round_weights(prefix, layer, probe.hessians, divisors, model.weights, scratch)
-        with probe.watching(prefix, layer, measure_error=True):
+        exact = round_weights(prefix, layer, probe.hessians, divisors, model.weights, scratch) if gptq else {}
+        with probe.watching(prefix, layer, measure_error=True, exact=exact):
             yield
-    reference = rows.run("calibrating int8", calibrate)
+    # GPTQ rounds the weights during calibration, so its outputs are no longer the model's: the preflight's reference
+    # is a pass of the model as it came
+    reference = rows.run("int8 reference", lambda *_: nullcontext()) if weight_rounding == "gptq" else None
+    calibrated = rows.run("calibrating int8", calibrate)
+    reference = calibrated if reference is None else reference
     errors = probe.errors()
     keep = sorted((n for n, e in errors.items() if e > max_linear_error), key=lambda n: -errors[n])
     if len(keep) == len(errors):
