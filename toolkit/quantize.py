@@ -438,7 +438,8 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
             yield
     # GPTQ rounds the weights during calibration, so its outputs are no longer the model's: the preflight's reference
     # is a pass of the model as it came
-    reference = rows.run("int8 reference", lambda *_: nullcontext()) if weight_rounding == "gptq" else None
+    gptq_reference = weight_rounding == "gptq" and preflight
+    reference = rows.run("int8 reference", lambda *_: nullcontext()) if gptq_reference else None
     calibrated = rows.run("calibrating int8", calibrate)
     reference = calibrated if reference is None else reference
     errors = probe.errors()
