@@ -287,9 +287,9 @@ def gptq_round(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     the quiet ones, not the reverse); on the 0.6B-shape outlier reranker it cut the weights' error to 0.0023 from
     0.0038 in order. Each row keeps its largest weight at +-WEIGHT_MAX, so a backend that computes the scale from the
     stored values gets this one and the same integers."""
-    order = torch.argsort(hessian.diagonal(), descending=True)
-    scale = _weight_row_scales(weight.float())
-    columns = weight.float()[:, order].T.contiguous()  # [K, N]: a column's weights contiguous, as they are updated
+    order, weight = torch.argsort(hessian.diagonal(), descending=True), weight.float()
+    scale = _weight_row_scales(weight)
+    columns = weight[:, order].T.contiguous()  # [K, N]: a column's weights contiguous, as they are updated
     rows = columns.shape[1]
     peak_column = columns.abs().argmax(dim=0)
     peak = torch.sign(columns[peak_column, torch.arange(rows)]) * WEIGHT_MAX * scale
@@ -416,10 +416,11 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
     temporary directory in `scratch` until the model goes; "nearest": left to the backends), then pick the linear
     layers kept out of int8, measuring each layer's error as `scheme` rounds; with `preflight`, more of them while the
     whole model in fake int8 uses over PREFLIGHT_BUDGET of the gate's error budget and that helps."""
+    gptq = weight_rounding == "gptq"
     calibration_rows = calibration.rows(task, tokenizer, "calibration", max_length)
     tokens, shape = sum(map(len, calibration_rows)), model.shape
     widest = max(shape.hidden_size, shape.num_attention_heads * shape.head_dim, shape.intermediate_size)
-    if weight_rounding == "gptq" and tokens < widest:
+    if gptq and tokens < widest:
         log(f"GPTQ: the calibration rows hold {tokens} tokens, fewer than the {widest} input channels of the widest "
             "linear layer, so its inputs' X^T X is rank-deficient and GPTQ fits the calibration rows more than other "
             "text (a 4B-shape build gained nothing on held-out text); a larger --calibration set fixes it")
@@ -428,7 +429,6 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
 
     @contextmanager
     def calibrate(prefix, layer, states):  # smoothed and rounded from one pass over its inputs; then errors measured
-        gptq = weight_rounding == "gptq"
         if smooth_alpha > 0 or gptq:
             with probe.watching(prefix, layer, measure_error=False, hessians=gptq):
                 rows.through(layer, states)
@@ -437,11 +437,11 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
         with probe.watching(prefix, layer, measure_error=True, exact=exact):
             yield
     # GPTQ rounds the weights during calibration, so its outputs are no longer the model's: the preflight's reference
-    # is a pass of the model as it came
-    gptq_reference = weight_rounding == "gptq" and preflight
-    reference = rows.run("int8 reference", lambda *_: nullcontext()) if gptq_reference else None
+    # is then a pass of the model as it came
+    reference = rows.run("int8 reference", lambda *_: nullcontext()) if gptq and preflight else None
     calibrated = rows.run("calibrating int8", calibrate)
-    reference = calibrated if reference is None else reference
+    if reference is None:
+        reference = calibrated
     errors = probe.errors()
     keep = sorted((n for n, e in errors.items() if e > max_linear_error), key=lambda n: -errors[n])
     if len(keep) == len(errors):
