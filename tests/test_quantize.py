@@ -297,25 +297,53 @@ def test_a_streamed_model_calibrates_and_exports_what_the_whole_model_does(outli
 def test_preflight_keeps_the_last_plan_that_cut_the_error_and_stops_at_the_first_that_did_not(
         outlier_checkpoints, monkeypatch, budget_used, rounds):
     # the end-to-end error each round reports is scripted, so the rounds' decisions are known; the model, the
-    # calibration rows and the layers ranked by their measured errors are real
+    # calibration rows and the decoder layers ranked by the error they add are real
     from toolkit.checkpoint import load_tokenizer
     from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
-    from toolkit.quantize import PREFLIGHT_STEP, TVM_INT8, plan_int8
+    from toolkit.quantize import TVM_INT8, plan_int8
+    from toolkit.validation import validation_rows
 
     task, checkpoint = TASKS["embedding"], outlier_checkpoints["embedding"]
     model = Qwen3ForDeployment.from_pretrained(checkpoint, task.output_name, torch.float32)
     reported = iter(budget_used)
     monkeypatch.setattr(task, "tolerance_used", lambda agreement, dtype: next(reported))
     log = []
-    plan = plan_int8(model, task, load_tokenizer(checkpoint), CalibrationSet.load(), 64, TVM_INT8,
-                     smooth_alpha=0.5, max_linear_error=1.0, log=log.append)
+    tokenizer = load_tokenizer(checkpoint)
+    plan = plan_int8(model, task, tokenizer, CalibrationSet.load(), 64, TVM_INT8, smooth_alpha=0.5,
+                     max_linear_error=1.0, log=log.append)
     assert plan.preflight["rounds"] == rounds and plan.preflight["budget_used"] == budget_used[rounds - 1]
-    # max_linear_error 1.0 keeps nothing on its own: each round kept kept PREFLIGHT_STEP more, the worst first
-    worst = sorted(plan.linear_errors, key=lambda n: -plan.linear_errors[n])
-    assert plan.keep_fp32 == worst[:PREFLIGHT_STEP * (rounds - 1)]
+    # max_linear_error 1.0 keeps nothing on its own: the second round kept every linear layer of the decoder layer
+    # adding the most error to the residual stream; a third would have left nothing in int8, so it never ran
+    worst_layer = next(iter(plan.preflight["worst_layer_errors"]))
+    assert len(plan.preflight["worst_layer_errors"]) == 2  # the tiny model's decoder layers, both measured
+    assert plan.keep_fp32 == ([] if rounds == 1 else
+                              sorted((n for n in plan.linear_errors if n.startswith(worst_layer + ".")),
+                                     key=lambda n: -plan.linear_errors[n]))
     assert next(reported, None) is None  # every scripted round was run: none after the stop
     stopped = any("did not help" in line for line in log)
     assert stopped == (budget_used[-1] > 0.9 * budget_used[-2])
+    # the rounds checked the calibration rows and the gate's edge cases (a row of the largest SEQ among them)
+    calibration_rows = CalibrationSet.load().rows(task, tokenizer, "calibration", 64)
+    assert plan.preflight["agreement"]["items"] == len(calibration_rows) + len(validation_rows(tokenizer, 64))
+
+
+def test_a_layers_token_error_is_relative_per_real_token_and_ignores_padding(outlier_checkpoints):
+    from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
+    from toolkit.quantize import _Rows
+
+    task, checkpoint = TASKS["embedding"], outlier_checkpoints["embedding"]
+    model = Qwen3ForDeployment.from_pretrained(checkpoint, task.output_name, torch.float32)
+    # one batch, shortest first, left-padded to 7 (11 and 13 are delimiters: a massive residual in the outlier model)
+    rows = _Rows(model, [[11] * 7, [11, 12, 13], [13, 11, 12, 13, 14]])
+    exact = rows.through(model.layers[0], [x for x, *_ in rows.inputs])
+    garbage = [e.clone() for e in exact]
+    garbage[0][0, :4] += 1e3  # the 3-token row's padding
+    garbage[0][1, :2] -= 1e3  # the 5-token row's padding
+    assert rows.token_error(garbage, exact) == 0.0
+    # one real token of 15 off by 10% of its own norm; the others exact: 0.1 / 15 whatever their norms
+    nudged = [e.clone() for e in exact]
+    nudged[0][2, 3] += 0.1 * exact[0][2, 3].norm() / exact[0][2, 3].numel() ** 0.5
+    assert rows.token_error(nudged, exact) == pytest.approx(0.1 / 15, rel=1e-5)
 
 
 def test_onnx_int8_stores_uint8_weights_where_onnx_runtime_would_saturate_and_warns_on_a_full_range_int8_one(
@@ -464,8 +492,8 @@ def test_a_failed_low_precision_gate_names_what_to_do():
     # what the 0.6B reranker's int8 build at SEQ 204 said: the preflight could not bring it under the gate
     assert precision_fix("int8", plan) == (
         ". Its preflight kept 4 of 112 linear layers out of int8 and left 99% of the gate's error budget used on the "
-        "calibration rows: int8 is at its limit on this model. Build --dtype bf16, or keep more layers out of int8 (a "
-        "lower quantization.max_linear_error in the build config)")
+        "calibration rows and the gate's edge cases: int8 is at its limit on this model. Build --dtype bf16, or keep "
+        "more layers out of int8 (a lower quantization.max_linear_error in the build config)")
     assert "preflight on" in precision_fix("int8", QuantizationPlan(0.0, "nearest", 1.0, errors, [], {}, None))
     assert precision_fix("bf16", None) == ". Build --dtype fp16 (fp32 compute) for this model"
     assert precision_fix("fp16", None) == ""

@@ -214,13 +214,13 @@ def precision_fix(dtype: str, plan: QuantizationPlan | None) -> str:
     if dtype != "int8" or plan is None:
         return ""
     if plan.preflight is None:
-        return (". Turn quantization.preflight on in the build config (it keeps the worst linear layers out of int8 "
+        return (". Turn quantization.preflight on in the build config (it keeps the most harmful layers out of int8 "
                 "until the model in fake int8 fits the gate), or build --dtype bf16")
     kept, total = len(plan.keep_fp32), len(plan.linear_errors)
     return (f". Its preflight kept {kept} of {total} linear layers out of int8 and left "
-            f"{plan.preflight['budget_used']:.0%} of the gate's error budget used on the calibration rows: int8 is at "
-            "its limit on this model. Build --dtype bf16, or keep more layers out of int8 (a lower "
-            "quantization.max_linear_error in the build config)")
+            f"{plan.preflight['budget_used']:.0%} of the gate's error budget used on the calibration rows and the "
+            "gate's edge cases: int8 is at its limit on this model. Build --dtype bf16, or keep more layers out of "
+            "int8 (a lower quantization.max_linear_error in the build config)")
 
 
 def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, tokenizer, source: ModelSource, log,

@@ -24,10 +24,11 @@ the graph ONNX Runtime's own tool writes, or (TVM) as `tvm_int8` packs them at c
   moves with 1e-3 changes of the inputs' X^T X, so int8 at the gate's edge passes or fails by the draw.
 - After smoothing and rounding, each linear layer's int8 error is measured on the calibration rows (fake quantization
   in torch, as the artifact rounds); layers above `max_linear_error` are kept (`keep_fp32`: fp32 compute, fp16
-  weights). Errors compound through the depth, so the whole model then runs in fake int8 on those rows: while it uses
-  more than half the int8 gate's error budget, the worst remaining layers are kept too, as long as that cuts the error
-  (the gate itself runs on the compiled artifact, on texts calibration never saw). What was kept and why goes into
-  the manifest.
+  weights). Errors compound through the depth, so the whole model then runs in fake int8 on those rows and on the
+  gate's edge cases: while it uses more than half the int8 gate's error budget, whole decoder layers are kept too,
+  the one whose int8 error moves the residual stream most first (per token, relative: the first layers, whose error
+  meets a small residual stream and passes through every later one), as long as that cuts the error (the gate itself
+  runs on the compiled artifact, also on texts calibration never saw). What was kept and why goes into the manifest.
 - The embedding table (a gather, no arithmetic), the norms and the reranker's yes/no head keep fp16 weights.
 """
 from __future__ import annotations
@@ -50,14 +51,18 @@ from toolkit.patches.modeling_qwen3 import Linear, Qwen3ForDeployment
 from toolkit.tasks import Task
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
+from toolkit.validation import validation_rows
 
 DEFAULT_CALIBRATION = Path(__file__).parent / "data" / "calibration.jsonl"
 CALIBRATION_BATCH = 16
 # Before compiling, the whole model in fake int8 may use this share of the int8 gate's error budget on the calibration
-# rows (the rest is margin for unseen text); over it, PREFLIGHT_STEP more layers (the worst) stay fp32, at most
-# PREFLIGHT_ROUNDS checks, for as long as each round cuts the share used to PREFLIGHT_GAIN of the best so far (on a
-# 0.6B reranker whose error is spread over all layers, 28 layers kept fp32 left it at 148% of the budget, from 164%)
-PREFLIGHT_BUDGET, PREFLIGHT_STEP, PREFLIGHT_ROUNDS, PREFLIGHT_GAIN = 0.5, 4, 4, 0.9
+# rows and the gate's edge cases (the rest is margin for unseen text); over it, one more decoder layer (the one adding
+# the most error to the residual stream) stays fp32, at most PREFLIGHT_ROUNDS checks, for as long as each round cuts
+# the share used to PREFLIGHT_GAIN of the best so far. Whole layers: keeping part of one leaves the rest's error
+# without its counterpart (0.6B outlier reranker, fake int8 on held-out texts: layer 0 kept, mean |dP| 0.0035 ->
+# 0.0030; its down_proj or o_proj alone, 0.0044 or 0.0051); and not the linear layers of largest own error (there the
+# down_proj of layers 0-3: 0.0054)
+PREFLIGHT_BUDGET, PREFLIGHT_ROUNDS, PREFLIGHT_GAIN = 0.5, 4, 0.9
 # GPTQ's damping (a share of the inputs' mean square added to the Hessian's diagonal) and its column block (the
 # paper's lazy batch updates), as in its reference implementation
 GPTQ_DAMP, GPTQ_BLOCK = 0.01, 128
@@ -207,13 +212,32 @@ class _Rows:
 
     def run(self, desc: str, around_layer) -> np.ndarray:
         """The model's raw outputs for the rows (shortest first). `around_layer(name, layer, states)` is a context
-        entered around each layer's run, `states` being that layer's inputs."""
+        entered around each layer's run, `states` being that layer's inputs; what it yields, if not None, is called
+        with the layer's outputs."""
         states = [x for x, *_ in self.inputs]
         for i, layer in enumerate(tqdm(self.model.layers, desc=desc, unit="layer", leave=False)):
-            with self.model.resident(f"layers.{i}."), around_layer(f"layers.{i}.", layer, states):
+            with self.model.resident(f"layers.{i}."), around_layer(f"layers.{i}.", layer, states) as outputs_seen:
                 states = self.through(layer, states)
+                if outputs_seen is not None:
+                    outputs_seen(states)
         with torch.no_grad(), self.model.resident("norm.", "yes_no_head"):
             return np.concatenate([self.model.finish(x).float().numpy() for x in states])
+
+    def token_error(self, approx: list[torch.Tensor], exact: list[torch.Tensor]) -> float:
+        """How far one layer's outputs `approx` are from `exact` (both as `through` returns them): per real token, the
+        distance over the hidden size relative to the exact vector, averaged. Per token, because the residual stream
+        of a few delimiter tokens is 100x the others' (massive activations) and would drown them in one norm."""
+        total, count = 0.0, 0
+        for a, e, (*_, mask) in zip(approx, exact, self.inputs):
+            real = mask[:, 0, -1, -e.shape[1]:] == 0  # the keys the last position sees: the row's tokens, not padding
+            distance = (a - e).norm(dim=-1) / e.norm(dim=-1).clamp(min=1e-30)
+            total, count = total + float(distance[real].sum()), count + int(real.sum())
+        return total / count
+
+
+def _linears(prefix: str, layer) -> dict[str, Linear]:
+    """The Linears of one decoder `layer` by their model-wide names (`prefix` + their name in it)."""
+    return {f"{prefix}{name}": m for name, m in layer.named_modules() if isinstance(m, Linear)}
 
 
 class _LinearProbe:
@@ -232,7 +256,7 @@ class _LinearProbe:
                  exact: dict[str, torch.Tensor] | None = None):
         """Within the block, record the Linears of `layer` (named `prefix` + their name in it). A linear layer named
         in `exact` has had its weight rounded already: its error is measured against that weight, as it was."""
-        linears = {f"{prefix}{name}": m for name, m in layer.named_modules() if isinstance(m, Linear)}
+        linears = _linears(prefix, layer)
         rounded = {name: self.scheme.weight(m.weight.float()) for name, m in linears.items()} if measure_error else {}
 
         def hook(name, module, inputs, output):
@@ -266,8 +290,8 @@ def _fake_quantized(prefix: str, layer, names: set[str], scheme: Int8Scheme):
     fake int8 (weights and activations rounded as the artifact rounds them), so the model's outputs are what the int8
     artifact would give. Each weight is rounded once for the block."""
     replaced = []
-    for name, module in layer.named_modules():
-        if isinstance(module, Linear) and f"{prefix}{name}" in names:
+    for name, module in _linears(prefix, layer).items():
+        if name in names:
             weight, bias = scheme.weight(module.weight.float()), module.bias
             module.forward = partial(lambda x, w, b: F.linear(scheme.activation(x), w, b), w=weight,
                                      b=None if bias is None else bias.float())
@@ -327,14 +351,13 @@ def round_weights(prefix: str, layer, hessians: dict[str, torch.Tensor], divisor
     (`smooth`'s factors): the rounded values replace the weights, in place and in `weights`
     (`PatchedWeights.replace`, kept in `scratch`), so the export writes them. Returns the weights as they were."""
     before = {}
-    for name, module in layer.named_modules():
-        if isinstance(module, Linear):
-            hessian, divisor = hessians.pop(f"{prefix}{name}"), divisors.get(f"{prefix}{name}")
-            if divisor is not None:  # the smoothed inputs are x / s: their X^T X is H / (s s^T)
-                hessian = hessian / divisor[:, None] / divisor[None, :]
-            rounded = gptq_round(module.weight, hessian).to(module.weight.dtype)
-            weights.replace(f"{prefix}{name}.weight", rounded, scratch)
-            before[f"{prefix}{name}"], module.weight.data = module.weight.data, rounded
+    for name, module in _linears(prefix, layer).items():
+        hessian, divisor = hessians.pop(name), divisors.get(name)
+        if divisor is not None:  # the smoothed inputs are x / s: their X^T X is H / (s s^T)
+            hessian = hessian / divisor[:, None] / divisor[None, :]
+        rounded = gptq_round(module.weight, hessian).to(module.weight.dtype)
+        weights.replace(f"{name}.weight", rounded, scratch)
+        before[name], module.weight.data = module.weight.data, rounded
     return before
 
 
@@ -414,8 +437,10 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
     """Calibrate `model` (fp32 compute, weights in any dtype; streamed or whole) in place: smooth it (adjusting its
     weights), round its linear weights (`weight_rounding` "gptq": `round_weights`, the rounded weights kept in a
     temporary directory in `scratch` until the model goes; "nearest": left to the backends), then pick the linear
-    layers kept out of int8, measuring each layer's error as `scheme` rounds; with `preflight`, more of them while the
-    whole model in fake int8 uses over PREFLIGHT_BUDGET of the gate's error budget and that helps."""
+    layers kept out of int8, measuring each layer's error as `scheme` rounds; with `preflight`, the linear layers of
+    whole decoder layers too, one per round, the one adding the most error to the residual stream first, while the
+    whole model in fake int8 uses over PREFLIGHT_BUDGET of the gate's error budget (on the calibration rows and the
+    gate's edge cases at `max_length`) and that helps."""
     gptq = weight_rounding == "gptq"
     calibration_rows = calibration.rows(task, tokenizer, "calibration", max_length)
     tokens, shape = sum(map(len, calibration_rows)), model.shape
@@ -426,6 +451,7 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
             "text (a 4B-shape build gained nothing on held-out text); a larger --calibration set fixes it")
     rows = _Rows(model, calibration_rows)
     probe = _LinearProbe(scheme)
+    layer_errors: dict[str, float] = {}  # per decoder layer alone in fake int8: the error it adds to the residual
 
     @contextmanager
     def calibrate(prefix, layer, states):  # smoothed and rounded from one pass over its inputs; then errors measured
@@ -434,14 +460,33 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
                 rows.through(layer, states)
         divisors = smooth(prefix, layer, probe.absmax, smooth_alpha, model.weights) if smooth_alpha > 0 else {}
         exact = round_weights(prefix, layer, probe.hessians, divisors, model.weights, scratch) if gptq else {}
+        if not preflight:
+            with probe.watching(prefix, layer, measure_error=True, exact=exact):
+                yield None
+            return
+        # the preflight keeps whole layers, the most harmful first: an early layer's error meets a small residual
+        # stream and is carried through every later layer (0.6B outlier reranker: layer 0 adds 2x layer 1's error
+        # and 12x layer 27's)
+        with _fake_quantized(prefix, layer, set(_linears(prefix, layer)), scheme):
+            quantized = rows.through(layer, states)
+
+        def residual_error(outputs):
+            layer_errors[prefix] = rows.token_error(quantized, outputs)
         with probe.watching(prefix, layer, measure_error=True, exact=exact):
-            yield
-    # GPTQ rounds the weights during calibration, so its outputs are no longer the model's: the preflight's reference
-    # is then a pass of the model as it came
-    reference = rows.run("int8 reference", lambda *_: nullcontext()) if gptq and preflight else None
+            yield residual_error
+
+    def fake_int8(names: set[str]):
+        return lambda prefix, layer, _: _fake_quantized(prefix, layer, names, scheme)
+    # The preflight compares against the model as it came, on the calibration rows and on the gate's edge cases (one
+    # token, a sentence, a row of max_length: the longest is the one int8 errs most on). GPTQ changes the weights
+    # while calibrating; smoothing alone keeps the model's function, so its calibrated outputs serve then
+    edge_cases = _Rows(model, validation_rows(tokenizer, max_length)) if preflight else None
+    as_it_came = {}
+    if preflight:
+        as_it_came["edge cases"] = edge_cases.run("int8 reference, edge cases", lambda *_: nullcontext())
+        if gptq:
+            as_it_came["calibration"] = rows.run("int8 reference", lambda *_: nullcontext())
     calibrated = rows.run("calibrating int8", calibrate)
-    if reference is None:
-        reference = calibrated
     errors = probe.errors()
     keep = sorted((n for n, e in errors.items() if e > max_linear_error), key=lambda n: -errors[n])
     if len(keep) == len(errors):
@@ -451,29 +496,36 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
     log(f"int8 calibration on {rows.count} rows: smoothing alpha {smooth_alpha}, {weight_rounding} rounding, worst "
         f"linear error {max(errors.values()):.4f}, {len(keep)} of {len(errors)} linear layers kept out of int8 "
         f"(error > {max_linear_error})")
-    # Per-layer errors compound through the depth: check the whole model in fake int8 before compiling, and keep
-    # the worst remaining layers fp32 until the calibration rows leave the gate a margin for unseen text
-    quantized = sorted((n for n in errors if n not in keep), key=lambda n: -errors[n])
     if not preflight:
         return QuantizationPlan(smooth_alpha, weight_rounding, max_linear_error, errors, keep, calibration.describe(),
                                 None)
+    # Per-layer errors compound through the depth: check the whole model in fake int8 before compiling, and keep
+    # decoder layers fp32, the most harmful first, until the checked rows leave the gate a margin for unseen text
+    reference = task.finish(np.concatenate([as_it_came.get("calibration", calibrated), as_it_came["edge cases"]]))
+    harmful = [prefix for prefix in sorted(layer_errors, key=lambda p: -layer_errors[p])
+               if any(name.startswith(prefix) and name not in keep for name in errors)]
+    worst_layers = {prefix.rstrip("."): round(layer_errors[prefix], 5) for prefix in harmful[:5]}
     best = None  # the plan kept: the first round, or a later one that cut the error enough to be worth its fp32 layers
     for attempt in range(1, PREFLIGHT_ROUNDS + 1):
-        names = set(quantized)
-        outputs = rows.run("checking int8 end to end",
-                           lambda prefix, layer, states: _fake_quantized(prefix, layer, names, scheme))
-        agreement = task.agreement(task.finish(reference), task.finish(outputs))
+        names = {name for name in errors if name not in keep}
+        outputs = np.concatenate([rows.run("checking int8 end to end", fake_int8(names)),
+                                  edge_cases.run("checking int8, edge cases", fake_int8(names))])
+        agreement = task.agreement(reference, task.finish(outputs))
         used = task.tolerance_used(agreement, "int8")
-        log(f"int8 end to end on the calibration rows, {len(keep)} linear layers kept out of int8: "
-            f"{task.format_agreement(agreement)}: {used:.0%} of the gate's error budget")
+        log(f"int8 end to end on the calibration rows and the gate's edge cases, {len(keep)} linear layers kept out "
+            f"of int8: {task.format_agreement(agreement)}: {used:.0%} of the gate's error budget")
         if best is not None and used > PREFLIGHT_GAIN * best["budget_used"]:
             log("keeping more layers out of int8 did not help (the error is spread over the layers, not in the worst "
                 f"ones): the plan of round {best['rounds']} is kept, and the gate decides")
             break
-        best = {"agreement": agreement, "budget_used": round(used, 4), "rounds": attempt, "keep_fp32": list(keep)}
-        if used <= PREFLIGHT_BUDGET or len(quantized) <= PREFLIGHT_STEP:
+        best = {"agreement": agreement, "budget_used": round(used, 4), "rounds": attempt, "keep_fp32": list(keep),
+                "worst_layer_errors": worst_layers}
+        if used <= PREFLIGHT_BUDGET or attempt > len(harmful):
             break
-        keep, quantized = keep + quantized[:PREFLIGHT_STEP], quantized[PREFLIGHT_STEP:]
+        kept_next = sorted((n for n in names if n.startswith(harmful[attempt - 1])), key=lambda n: -errors[n])
+        if len(kept_next) == len(names):  # int8 would be left nothing
+            break
+        keep = keep + kept_next
     keep = best.pop("keep_fp32")
     return QuantizationPlan(smooth_alpha, weight_rounding, max_linear_error, errors, keep, calibration.describe(), best)
 
