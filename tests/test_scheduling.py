@@ -211,3 +211,15 @@ def test_find_artifacts_accepts_a_batch_per_seq_but_not_two_artifacts_for_one_se
         find_artifacts(set_dir)
     shutil.rmtree(set_dir / "copy")
     assert [m.seq_len for m in find_artifacts(set_dir)] == [32]
+
+
+def test_a_compiles_workspace_serves_as_its_one_set_and_names_its_sets_when_it_holds_several(onnx_artifacts, tmp_path):
+    import shutil
+
+    workspace = tmp_path / "ws"  # as `toolkit compile --workspace ws` lays out a set: model / backend / SEQ
+    for artifact in onnx_artifacts["embedding"]:
+        shutil.copytree(artifact, workspace / "qwen3-embedding" / "onnx" / artifact.name)
+    assert [m.seq_len for m in find_artifacts(workspace)] == [32, 64]
+    shutil.copytree(onnx_artifacts["reranker"][0], workspace / "qwen3-reranker" / "onnx" / "seq64")
+    with pytest.raises(ToolkitError, match="point at one of the sets .*qwen3-embedding/onnx, .*qwen3-reranker/onnx$"):
+        find_artifacts(workspace)

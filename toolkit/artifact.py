@@ -225,20 +225,22 @@ class Manifest:
 
 def find_artifacts(path: str | Path) -> list[Manifest]:
     """One artifact directory, or a directory of them (a bucket set: same task, backend and dtype, several SEQs, each
-    with its own batch), as manifests sorted by SEQ. Staging directories of unfinished compiles (dot-prefixed) are not
-    artifacts."""
+    with its own batch), as manifests sorted by SEQ; also a compile's workspace holding one set (model/backend/SEQ).
+    Staging directories of unfinished compiles (dot-prefixed) are not artifacts."""
     path = Path(path)
     if (path / MANIFEST).is_file():
         return [Manifest.load(path, verify=False)]
-    found = sorted({p.parent for pattern in ("*/" + MANIFEST, "*/*/" + MANIFEST) for p in path.glob(pattern)
+    found = sorted({p.parent for pattern in ("*/", "*/*/", "*/*/*/") for p in path.glob(pattern + MANIFEST)
                     if not any(part.startswith(".") for part in p.relative_to(path).parts)})
     if not found:
         raise ToolkitError(f"no artifact under {path}; compile one with `toolkit compile` (or `make quickstart`)")
     manifests = [Manifest.load(p, verify=False) for p in found]
+    sets = sorted({str(p.parent) for p in found})
+    one_set = f"point at one of the sets {', '.join(sets)}" if len(sets) > 1 else "point at one set"
     kinds = {(m.task, m.backend, m.dtype) for m in manifests}
     if len(kinds) > 1:
-        raise ToolkitError(f"{path} mixes artifacts of different task/backend/dtype {sorted(kinds)}; point at one set")
+        raise ToolkitError(f"{path} mixes artifacts of different task/backend/dtype {sorted(kinds)}; {one_set}")
     seq_lens = [m.seq_len for m in manifests]
     if len(set(seq_lens)) < len(seq_lens):
-        raise ToolkitError(f"{path} holds several artifacts for one SEQ ({sorted(seq_lens)}); point at one set")
+        raise ToolkitError(f"{path} holds several artifacts for one SEQ ({sorted(seq_lens)}); {one_set}")
     return sorted(manifests, key=lambda m: m.seq_len)
