@@ -460,18 +460,15 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
                 rows.through(layer, states)
         divisors = smooth(prefix, layer, probe.absmax, smooth_alpha, model.weights) if smooth_alpha > 0 else {}
         exact = round_weights(prefix, layer, probe.hessians, divisors, model.weights, scratch) if gptq else {}
-        if not preflight:
-            with probe.watching(prefix, layer, measure_error=True, exact=exact):
-                yield None
-            return
-        # the preflight keeps whole layers, the most harmful first: an early layer's error meets a small residual
-        # stream and is carried through every later layer (0.6B outlier reranker: layer 0 adds 2x layer 1's error
-        # and 12x layer 27's)
-        with _fake_quantized(prefix, layer, set(_linears(prefix, layer)), scheme):
-            quantized = rows.through(layer, states)
+        residual_error = None
+        if preflight:  # it keeps whole layers, the most harmful first: an early layer's error meets a small residual
+            # stream and is carried through every later layer (0.6B outlier reranker: layer 0 adds 2x layer 1's error
+            # and 12x layer 27's)
+            with _fake_quantized(prefix, layer, set(_linears(prefix, layer)), scheme):
+                quantized = rows.through(layer, states)
 
-        def residual_error(outputs):
-            layer_errors[prefix] = rows.token_error(quantized, outputs)
+            def residual_error(outputs):
+                layer_errors[prefix] = rows.token_error(quantized, outputs)
         with probe.watching(prefix, layer, measure_error=True, exact=exact):
             yield residual_error
 
@@ -480,12 +477,10 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
     # The preflight compares against the model as it came, on the calibration rows and on the gate's edge cases (one
     # token, a sentence, a row of max_length: the longest is the one int8 errs most on). GPTQ changes the weights
     # while calibrating; smoothing alone keeps the model's function, so its calibrated outputs serve then
-    edge_cases = _Rows(model, validation_rows(tokenizer, max_length)) if preflight else None
-    as_it_came = {}
     if preflight:
-        as_it_came["edge cases"] = edge_cases.run("int8 reference, edge cases", lambda *_: nullcontext())
-        if gptq:
-            as_it_came["calibration"] = rows.run("int8 reference", lambda *_: nullcontext())
+        edge_cases = _Rows(model, validation_rows(tokenizer, max_length))
+        edge_reference = edge_cases.run("int8 reference, edge cases", lambda *_: nullcontext())
+        unchanged = rows.run("int8 reference", lambda *_: nullcontext()) if gptq else None
     calibrated = rows.run("calibrating int8", calibrate)
     errors = probe.errors()
     keep = sorted((n for n, e in errors.items() if e > max_linear_error), key=lambda n: -errors[n])
@@ -501,7 +496,7 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
                                 None)
     # Per-layer errors compound through the depth: check the whole model in fake int8 before compiling, and keep
     # decoder layers fp32, the most harmful first, until the checked rows leave the gate a margin for unseen text
-    reference = task.finish(np.concatenate([as_it_came.get("calibration", calibrated), as_it_came["edge cases"]]))
+    reference = task.finish(np.concatenate([calibrated if unchanged is None else unchanged, edge_reference]))
     harmful = [prefix for prefix in sorted(layer_errors, key=lambda p: -layer_errors[p])
                if any(name.startswith(prefix) and name not in keep for name in errors)]
     worst_layers = {prefix.rstrip("."): round(layer_errors[prefix], 5) for prefix in harmful[:5]}
