@@ -94,6 +94,11 @@ def test_every_scheduled_kernel_matches_its_unscheduled_twin(tmp_path, task, bat
     if seq % 16:
         assert any("_pad" in scheduled[gv].script() for gv in scheduled.get_global_vars()
                    if gv.name_hint.startswith("fused_matmul"))
+    # attention's softmax: its rows in whole 16-lane vectors (max, sum, exp, scaling), the tail of a row that is not
+    # whole vectors (SEQ 44: 12 elements, 20: 4) a vector of its own
+    softmax = [scheduled[gv].script() for gv in scheduled.get_global_vars() if gv.name_hint.startswith("softmax")]
+    assert softmax and all(s.count("T.vectorized(T.int64(16))") == 4 for s in softmax)
+    assert all(f"T.vectorized(T.int64({seq - seq % 16}), T.int64({seq}))" in s for s in softmax) == bool(seq % 16)
     # q's RoPE: a head's 8 vectors unrolled, so rotate-half's `64 <= d` is decided per vector and the loop vectorises
     assert any("T.unroll" in scheduled[gv].script() for gv in scheduled.get_global_vars()
                if "concatenate" in gv.name_hint)

@@ -33,9 +33,8 @@ from tvm.tirx.analysis import undefined_vars
 from typing_extensions import override
 
 from toolkit import tvm_amx, tvm_bf16, tvm_int8
-from toolkit.tvm_compile import PANEL
+from toolkit.tvm_compile import PANEL, VECTOR_LANES
 
-VECTOR_LANES = 16  # fp32 lanes of an AVX-512 register
 UNROLLED_CHUNKS = 8  # a row of at most this many vectors (a head of 128) is unrolled
 ROW_TILE_COLUMNS = 32  # attention rows up to this wide are one tile (in 8-lane vectors where 16 would be padding)
 # Matmul blocks whose 16-column inner loop is one x86 dot-product instruction, by block name:
@@ -363,6 +362,44 @@ class RowReduction(dl.ScheduleRule):
         return sch
 
 
+class Softmax(dl.ScheduleRule):
+    """`tvm_compile.softmax_rows`, recognised by its block names: all blocks per row under one parallel loop, the
+    partials' 16 lanes vectorised, and the row's elementwise passes (exp, scaling) in whole vectors with the tail of
+    a row that is not whole vectors (SEQ 260: 4 elements) as a shorter vector of its own."""
+
+    BLOCKS = ("softmax_max_lanes", "softmax_max", "softmax_shifted", "T_fast_exp", "softmax_sum_lanes", "softmax_sum",
+              "softmax")
+
+    @override
+    def apply(self, func, target: Target, _):
+        if not isinstance(func, tirx.PrimFunc):
+            return None
+        sch = s_tir.Schedule(func)
+        names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+        if tuple(names) != self.BLOCKS:
+            return None
+        sch.compute_inline(sch.get_sblock("softmax_shifted"))
+        out = sch.get_sblock("softmax")
+        *row_loops, _ = sch.get_loops(out)
+        rows = sch.fuse(*row_loops) if len(row_loops) > 1 else row_loops[0]
+        sch.parallel(rows)
+        for name in reversed(self.BLOCKS[:-1]):
+            if name != "softmax_shifted":
+                sch.compute_at(sch.get_sblock(name), rows, preserve_unit_loops=True)
+        for name in ("softmax_max_lanes", "softmax_sum_lanes"):
+            lane, vector = sch.get_loops(sch.get_sblock(name))[-2:]
+            sch.reorder(vector, lane)
+            sch.vectorize(lane)
+        for block in (sch.get_sblock("T_fast_exp"), out):
+            row = sch.get_loops(block)[-1]
+            tail = _extent(sch, row) % VECTOR_LANES
+            whole, *rest = sch.loop_partition(row, [_extent(sch, row) - tail, None]) if tail else [row]
+            sch.vectorize(sch.split(whole, [None, VECTOR_LANES])[1])
+            for loop in rest:
+                sch.vectorize(loop)
+        return sch
+
+
 class Elementwise(dl.ScheduleRule):
     """Fallback for injective functions: each block's loops fused, split, parallel outer, vectorised inner."""
 
@@ -443,7 +480,7 @@ class DlightReduction(dl.cpu.Reduction):
 
 def cpu_rules():
     """Our CPU rules, in the order they are tried."""
-    return [Matmul(), RowReduction(), DlightReduction(), Elementwise()]
+    return [Matmul(), Softmax(), RowReduction(), DlightReduction(), Elementwise()]
 
 
 def unscheduled(mod) -> list[str]:
