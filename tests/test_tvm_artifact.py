@@ -129,6 +129,38 @@ def test_every_scheduled_kernel_matches_its_unscheduled_twin(tmp_path, task, bat
     assert checked > 20
 
 
+@pytest.mark.parametrize("n", [16, 20, 44, 260])
+def test_attention_softmax_matches_numpy_on_masked_rows_whatever_their_length(n):
+    """`softmax_rows` as scheduled (whole vectors, the last one overlapping the one before it, a shorter vector for
+    the tail) against numpy on attention-like rows: left padding masked at -1e9 (as the export's mask), a row masked
+    whole (a padding position's: uniform, not NaN), large logits, and one row where the maximum sits in the tail."""
+    import tvm
+    from tvm import te
+    from tvm.s_tir import dlight as dl
+
+    from toolkit.tvm_compile import host_target, softmax_rows
+    from toolkit.tvm_schedules import Softmax
+
+    rng = np.random.default_rng(n)
+    x = rng.normal(0, 4, (3, 5, n)).astype("float32")
+    x[0, :, : n // 3] = -1e9
+    x[1, 0] = -1e9
+    x[1, 1] *= 20
+    x[2, 2, -1] = 60
+    data = te.placeholder(x.shape, "float32", name="x")
+    func = te.create_prim_func([data, softmax_rows(data)]).with_attr("global_symbol", "main")
+    target = tvm.target.Target(host_target())
+    with target:
+        mod = dl.ApplyDefaultSchedule(Softmax())(tvm.IRModule({"main": func}))
+    assert mod["main"].attrs["tirx.is_scheduled"]
+    out = tvm.runtime.tensor(np.zeros_like(x))
+    tvm.compile(mod, target)["main"](tvm.runtime.tensor(x), out)
+    shifted = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+    expected = shifted / shifted.sum(-1, keepdims=True)
+    assert np.isfinite(out.numpy()).all() and np.abs(out.numpy() - expected).max() < 1e-6
+    assert np.allclose(out.numpy()[1, 0], 1 / n)
+
+
 def test_a_tvm_artifact_runs_any_batch_up_to_its_own_and_each_row_as_it_would_alone(tvm_artifacts):
     """The batch is symbolic: a request of one row computes one row (a static batch computed all of them), and a
     row's result does not depend on the rows beside it. More rows than the artifact's batch are refused."""

@@ -12,9 +12,11 @@ PrimFunc gets one of these, tried in order:
   AMX tile micro-kernel per 16 rows x 64-256 columns over the whole K (`tvm_amx`). Batched matmuls (attention, per
   sequence and head) run in parallel over the batch, their tiles in turn; QK^T's columns (SEQ: 60, 44, 28...) are
   padded to whole vectors, else its tiles were 4 columns wide (40 GFLOP/s, a tenth of the time at SEQ 60).
-- `RowReduction`: softmax / RMSNorm shaped functions, and int8's per-token max |x|: row reductions split into 16
-  vector lanes (rfactor), all blocks per row under one parallel loop; dlight's `cpu.Reduction` takes rows whose
-  length is not a multiple of 16.
+- `Softmax`: attention's softmax (`tvm_compile.softmax_rows`): both row reductions as 16 vector lanes, all blocks
+  per row under one parallel loop, rows that are not whole vectors (SEQ 260) with a shorter vector for their tail.
+- `RowReduction`: RMSNorm-shaped functions and int8's per-token max |x|: row reductions split into 16 vector lanes
+  (rfactor), all blocks per row under one parallel loop; dlight's `cpu.Reduction` takes rows whose length is not a
+  multiple of 16 (and softmax rows shorter than a vector).
 - `Elementwise`: everything else (casts, RoPE, SiLU*up, masks, gathers): the function's ops inlined into one loop
   nest (one pass over memory), 16 vector lanes along the innermost axis, parallel over rows, a row of up to 8
   vectors unrolled (RoPE's rotate-half is then decided per vector and vectorises; it had stayed scalar: 0.15 → 0.08 ms
@@ -293,8 +295,8 @@ class Matmul(dl.ScheduleRule):
 
 
 class RowReduction(dl.ScheduleRule):
-    """Softmax / RMSNorm: reductions along the last axis of each row, then elementwise work on the row; or a row
-    reduction alone (int8's per-token max |x|).
+    """RMSNorm: reductions along the last axis of each row, then elementwise work on the row; or a row reduction
+    alone (int8's per-token max |x|).
 
     dlight's cpu.Reduction leaves each row reduction a serial scalar chain (one add's latency per element: the
     slowest part of attention at SEQ 512; int8's max |x| ran at 11 GB/s). Here every reduction is first split into
