@@ -11,7 +11,8 @@ PrimFunc gets one of these, tried in order:
   (`tvm_int8.quad_matmul`) one `vpdpbusd` per 16 columns and 4 K values; on CPUs with AMX, both instead call an
   AMX tile micro-kernel per 16 rows x 64-256 columns over the whole K (`tvm_amx`). Batched matmuls (attention, per
   sequence and head) run in parallel over the batch, their tiles in turn; QK^T's columns (SEQ: 60, 44, 28...) are
-  padded to whole vectors, else its tiles were 4 columns wide (40 GFLOP/s, a tenth of the time at SEQ 60).
+  padded to whole register tiles (32 or 64 columns), else its tiles were 4 columns wide at SEQ 60 (40 GFLOP/s, a
+  tenth of the time) and 16 at SEQ 260 (4 accumulators: 1.24x slower).
 - `Softmax`: attention's softmax (`tvm_compile.softmax_rows`): both row reductions as 16 vector lanes, all blocks
   per row under one parallel loop, rows that are not whole vectors (SEQ 260) with a shorter vector for their tail.
 - `RowReduction`: RMSNorm-shaped functions and int8's per-token max |x|: row reductions split into 16 vector lanes
@@ -261,13 +262,19 @@ class Matmul(dl.ScheduleRule):
 
     @staticmethod
     def _pad_columns(sch, block) -> tuple[list, list] | None:
-        """Pad a batched matmul's columns to whole vectors (8 lanes up to ROW_TILE_COLUMNS, where a 16-lane vector
-        would be mostly padding, else 16) with `pad_einsum`. Returns (the new blocks copying its operands into padded
-        buffers, every block after the matmul: its epilogue, starting with the crop of the padded output); None if
-        the columns already fit, or if TVM cannot pad this block."""
+        """Pad a batched matmul's columns with `pad_einsum`: to 8-lane vectors up to ROW_TILE_COLUMNS (where a 16-lane
+        vector would be mostly padding), else to whole register tiles: 64 columns where that adds at most a quarter,
+        else 32. A tile of 16 columns holds 4 accumulators, too few to hide the FMA latency: QK^T at `[48 heads, 260,
+        128] x [128, N]` ran 9.8 ms at N 272 (16-column tiles), 9.4 at 288 (32), 7.9 at 320 (64); at 144 rows, 2.50
+        ms at 144, 2.08 at 160, 2.33 at 192. Returns (the new blocks copying its operands into padded buffers, every
+        block after the matmul: its epilogue, starting with the crop of the padded output); None if the columns
+        already fit, or if TVM cannot pad this block."""
         *spatial, _ = sch.get_loops(block)
         columns = _extent(sch, spatial[-1]) or 0
-        lanes = 8 if columns <= ROW_TILE_COLUMNS else VECTOR_LANES
+        if columns <= ROW_TILE_COLUMNS:
+            lanes = 8
+        else:
+            lanes = 64 if -(-columns // 64) * 64 <= columns * 5 // 4 else 32
         if not columns or columns % lanes == 0:
             return None
         name = sch.get(block).name_hint
