@@ -453,8 +453,7 @@ def softmax_rows(x):
     whole vectors whatever the row's length: the last vector of a row starts at `n - 16` and overlaps the one before
     it (the max does not mind; the sum leaves out the lanes already counted). TOPI's softmax, at rows that are not
     whole vectors (SEQ 260, 204, 60), was scheduled as a scalar chain per row: 9.7 ms at [3, 16, 260, 260], 2.2 ms
-    with these.
-    `tvm_schedules.Softmax` schedules it by its block names."""
+    with these. `tvm_schedules.Softmax` schedules it by its block names."""
     from tvm import te, tirx, topi
 
     *rows, n = x.shape

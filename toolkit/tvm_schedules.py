@@ -272,15 +272,15 @@ class Matmul(dl.ScheduleRule):
         *spatial, _ = sch.get_loops(block)
         columns = _extent(sch, spatial[-1]) or 0
         if columns <= ROW_TILE_COLUMNS:
-            lanes = 8
+            multiple = 8
         else:
-            lanes = 64 if -(-columns // 64) * 64 <= columns * 5 // 4 else 32
-        if not columns or columns % lanes == 0:
+            multiple = 64 if -(-columns // 64) * 64 <= columns * 5 // 4 else 32
+        if not columns or columns % multiple == 0:
             return None
         name = sch.get(block).name_hint
         before = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
         try:
-            sch.pad_einsum(block, [1] * (len(spatial) - 1) + [lanes, 1])
+            sch.pad_einsum(block, [1] * (len(spatial) - 1) + [multiple, 1])
         except Exception:  # noqa: BLE001  (TVM's own checks: e.g. an operand read through an inlined prologue)
             return None
         blocks = list(sch.get_child_blocks(sch.get_sblock("root")))
