@@ -125,7 +125,7 @@ def run_compare(options: CompareOptions) -> dict:
 
     candidates = [(TORCH_RUN, "torch", "fp32", lambda: TorchReference(ckpt, task))] if options.torch_eager else []
     # named by their set too: two artifacts of one backend and dtype (before and after a change) stay apart
-    candidates += [(f"{m.backend} {m.dtype} ({m.name})", m.backend, m.dtype, lambda m=m: open_backend(m))
+    candidates += [(f"{m.backend} {m.kernels} ({m.name})", m.backend, m.dtype, lambda m=m: open_backend(m))
                    for m in manifests]
     result = {"task": task.name, "seq_len": seq_len, "batch": batch, "checkpoint": str(ckpt),
               "artifacts": [str(m.path) for m in manifests], "gflop_per_forward": flops / 1e9,

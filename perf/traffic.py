@@ -90,7 +90,7 @@ def run_traffic(options: TrafficOptions, progress: bool = True) -> dict:
     runs = [(f"torch eager fp32, batch {b}",
              lambda b=b: cls.from_checkpoint(checkpoint, max_length=max_length, batch_size=b, truncation="truncate"))
             for b in options.torch_batches]
-    runs += [(f"{s[0].backend} {s[0].dtype} SEQ {','.join(str(m.seq_len) for m in s)} ({s[0].name})",
+    runs += [(f"{s[0].backend} {s[0].kernels} SEQ {','.join(str(m.seq_len) for m in s)} ({s[0].name})",
               lambda path=path: cls.from_artifacts(path, instances=options.instances, truncation="truncate"))
              for path, s in zip(options.artifacts, sets)]
     result = {"task": task.name, "data": str(options.data), "requests": len(requests), "checkpoint": str(checkpoint),

@@ -33,6 +33,7 @@ def test_reference_style_config(tmp_path):
     int8.write_text("task: embedding\nfrontend: {checkpoint: x, seq: 8}\n"
                     "backend: {dtype: int8, quantization: {preflight: false, smooth_alpha: 0.8}}\n")
     assert load_build_config(int8).preflight is False and load_build_config(int8).smooth_alpha == 0.8
+    assert cfg.fp32_linears == "bf16x3" and cfg.with_overrides(fp32_linears="fma").fp32_linears == "fma"
 
 
 @pytest.mark.parametrize("text, message", [
@@ -49,6 +50,8 @@ def test_reference_style_config(tmp_path):
     ("task: embedding\nfrontend: {checkpoint: x, seq: 8, batch: 0}\n", "batch must be a positive integer"),
     ("task: embedding\nfrontend: {checkpoint: x, seq: 8}\nbackend: {quantization: {preflight: 1}}\n",
      "backend.quantization.preflight must be of type bool"),
+    ("task: embedding\nfrontend: {checkpoint: x, seq: 8}\nbackend: {fp32_linears: tf32}\n",
+     "backend.fp32_linears must be one of"),
     ("- a list\n", "the file must be a mapping"),
 ])
 def test_bad_config_is_refused_with_a_clear_message(tmp_path, text, message):

@@ -1,5 +1,5 @@
-"""The AMX tile kernels of TVM int8 and bf16 artifacts: built on any x86 host (the disassembly shows the tile
-instructions), run and checked against numpy at a symbolic batch on hosts with AMX."""
+"""The AMX tile kernels of TVM int8 and bf16 artifacts, and of fp16/fp32 ones (bf16x3): built on any x86 host (the
+disassembly shows the tile instructions), run and checked against numpy at a symbolic batch on hosts with AMX."""
 import subprocess
 
 import ml_dtypes
@@ -29,6 +29,8 @@ def compile_kernels(kind: str, tmp_path):
     if kind == "int8":
         funcs = {"absmax": tvm_int8.row_absmax(rows, K), "pack": tvm_int8.quantize_rows(rows, K, amx=True),
                  "matmul": tvm_int8.quad_matmul(rows, K, N, amx=True)}
+    elif kind == "bf16x3":
+        funcs = {"pack": tvm_bf16.to_split_pairs(rows, K), "matmul": tvm_bf16.split_matmul(rows, K, N)}
     else:
         funcs = {"pack": tvm_bf16.to_pairs(rows, K, amx=True), "matmul": tvm_bf16.pair_matmul(rows, K, N, amx=True)}
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
@@ -40,13 +42,13 @@ def compile_kernels(kind: str, tmp_path):
     lib = tvm.compile(mod, target=target)
     lib.export_library(str(tmp_path / "k.so"))
     disassembly = subprocess.run(["objdump", "-d", str(tmp_path / "k.so")], capture_output=True, text=True).stdout
-    instruction = {"int8": "tdpbusd", "bf16": "tdpbf16ps"}[kind]
-    count = disassembly.count(instruction)  # 4 accumulator tiles per K step (LLVM may unroll the steps)
+    instruction = {"int8": "tdpbusd", "bf16": "tdpbf16ps", "bf16x3": "tdpbf16ps"}[kind]
+    count = disassembly.count(instruction)  # 4 accumulator tiles per K step, 1 or 3 products each (maybe unrolled)
     assert count >= 4 and count % 4 == 0 and "ldtilecfg" in disassembly
     return lib if runs_here else None
 
 
-@pytest.mark.parametrize("kind", ["int8", "bf16"])
+@pytest.mark.parametrize("kind", ["int8", "bf16", "bf16x3"])
 def test_amx_kernels_match_numpy_at_any_batch(kind, tmp_path):
     import tvm
 
@@ -77,6 +79,20 @@ def test_amx_kernels_match_numpy_at_any_batch(kind, tmp_path):
             expected = (np.clip(np.rint(act / act_scale), -127, 127)
                         @ np.clip(np.rint(weight / weight_scale[:, None]), -127, 127).T) * act_scale * weight_scale
             assert np.all(q.numpy()[rows:] == tvm_int8.SHIFT)  # padding rows are zeros
+        elif kind == "bf16x3":  # fp16 weights as their two bf16 planes
+            fp16_weight = weight.astype(np.float16)
+            planes = tensor(np.zeros((padded, 2, K // 2), np.int32))
+            lib["pack"](tensor(act), batch, planes)
+            lib["matmul"](planes, tensor(tvm_bf16.pack_split_pairs(fp16_weight)), batch, out)
+            exact64 = fp16_weight.astype(np.float64)
+            expected = act.astype(np.float64) @ exact64.T
+            assert np.all(planes.numpy()[rows:] == 0)
+            # each product x·w within 2^-15 of its size: x's two planes hold it to 2^-16, lo·lo (dropped) is 2^-16
+            bound = 2.0 ** -15 * (np.abs(act).astype(np.float64) @ np.abs(exact64).T)
+            assert np.all(np.abs(out.numpy() - expected) <= bound), batch
+            rounded = act.astype(ml_dtypes.bfloat16).astype(np.float64) @ exact64.T  # what one bf16 product gives
+            assert np.abs(out.numpy() - expected).max() < np.abs(rounded - expected).max() / 50
+            continue
         else:
             bf16_weight = weight.astype(ml_dtypes.bfloat16)
             pairs = tensor(np.zeros((padded, K // 2), np.int32))

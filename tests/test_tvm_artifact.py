@@ -238,9 +238,45 @@ def test_fp32_tvm_artifact_packs_its_weights_and_matches_hf(checkpoints, tmp_pat
     [artifact] = compile_config(cfg, log=lambda m: None)
     manifest = Manifest.load(artifact)
     assert manifest.validation["passed"] and manifest.validation["min_cosine"] > 0.99999
+    planes = manifest.backend_details["amx_kernels"] == ["bf16x3"]  # AMX: as two bf16 planes, else fp32 panels
     with np.load(artifact / "params.npz") as params:
-        panels = [params[name] for name in params.files if params[name].ndim == 3]
-    assert len(panels) == 4 * 2 and all(p.dtype == np.float32 and p.shape[-1] == 64 for p in panels)
+        panels = [params[name] for name in params.files if params[name].ndim == (4 if planes else 3)]
+    assert len(panels) == 4 * 2 and all(p.dtype == (np.int32 if planes else np.float32) and p.shape[-1] == 64
+                                        for p in panels)
+
+
+def test_fp16_linears_on_amx_bf16x3_agree_with_fma_and_keep_their_own_weights(tvm_artifacts, checkpoints,
+                                                                               workspace):
+    """Where the CPU has AMX, fp16 linear layers run as three bf16 products (`fp32_linears: bf16x3`, the default):
+    their outputs agree with the AVX-512 fp32 build (`fma`) to far below the fp16 weights' own rounding. bf16x3
+    stores each linear weight as its two bf16 planes, which add up to the fp16 weight exactly."""
+    import ml_dtypes
+
+    from toolkit import tvm_amx
+
+    from conftest import SEQ_LENS, build
+
+    [x3_path] = tvm_artifacts["embedding"]
+    [fma_path] = build(checkpoints, workspace / "fma", "embedding",
+                       backends=("tvm",), seq_lens=SEQ_LENS["embedding"][1:], fp32_linears="fma")
+    x3, fma = Manifest.load(x3_path), Manifest.load(fma_path)
+    assert x3.backend_details["amx_kernels"] == (["bf16x3"] if "bf16x3" in tvm_amx.kinds_to_build() else [])
+    assert fma.backend_details["amx_kernels"] == []
+    with np.load(x3_path / "params.npz") as x3_params, np.load(fma_path / "params.npz") as fma_params:
+        for name in fma_params.files:
+            panels, stored = fma_params[name], x3_params[name]
+            if panels.ndim == 3 and x3.backend_details["amx_kernels"]:  # [N/64, K, 64] → [N/64, 2, K/2, 64] pairs
+                high, low = (stored[:, plane].view(ml_dtypes.bfloat16).reshape(stored.shape[0], -1, 64, 2)
+                             .transpose(0, 1, 3, 2).reshape(panels.shape).astype(np.float32) for plane in (0, 1))
+                assert np.array_equal(high + low, panels.astype(np.float32))
+            else:
+                assert np.array_equal(stored, panels)
+    a, b = open_artifact(x3_path), open_artifact(fma_path)
+    ids = np.random.default_rng(5).integers(0, 151643, (x3.batch, x3.seq_len))
+    mask = np.ones_like(ids)
+    mask[0, : x3.seq_len // 2] = 0  # left padding
+    out_x3, out_fma = a.run(ids, mask), b.run(ids, mask)
+    assert np.abs(out_x3 - out_fma).max() <= 2e-5 * np.abs(out_fma).max()
 
 
 def test_params_become_a_link_only_to_the_same_weights(tmp_path, monkeypatch):

@@ -212,6 +212,12 @@ class Manifest:
         return self
 
     @property
+    def kernels(self) -> str:
+        """Its weight dtype and, for a TVM build with AMX kernels, their kinds: `fp16 (AMX bf16x3)` (run labels)."""
+        amx = self.backend_details.get("amx_kernels")
+        return f"{self.dtype} (AMX {', '.join(amx)})" if amx else self.dtype
+
+    @property
     def weight_bytes(self) -> int:
         """Bytes of all files (weights dominate)."""
         return sum(f["bytes"] for f in self.files.values())

@@ -54,19 +54,23 @@ def synth(task, shape, seed, outliers, out_dir):
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False), help="int8: calibration JSONL "
               "(query, document, split per line) instead of the bundled set; bf16 and int8 gates also check its "
               "held-out texts")
+@click.option("--fp32-linears", type=click.Choice(["bf16x3", "fma"]), help="TVM CPU, fp16/fp32 weights: bf16x3 "
+              "(on CPUs with AMX, linear layers as three bf16 products on AMX tiles, each product to 2^-16; "
+              "weights 4 bytes each in memory) or fma (AVX-512 fp32; weights stay in their dtype); overrides the "
+              "config")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), help="overrides the config")
 @click.option("--batch", type=int, help="static batch size (overrides the config)")
 @click.option("--workspace", type=click.Path(file_okay=False), help="overrides the config")
 @click.option("--name", help="artifact set name under the workspace (overrides the config)")
 def compile(config, seq, lengths_data, bucket_count, bucket_step, batch_tokens, checkpoint, backend, dtype,
-            calibration, target, batch, workspace, name):
+            calibration, fp32_linears, target, batch, workspace, name):
     """Compile CONFIG into one artifact directory per (backend, seq); prints their paths."""
     from toolkit.compile import compile_config
     from toolkit.config import load_build_config, parse_seq_lens
 
     cfg = load_build_config(config).with_overrides(
         seq_lens=parse_seq_lens(seq) if seq and seq != "auto" else None, checkpoint=checkpoint, dtype=dtype,
-        calibration=calibration, target=target, batch=batch, batch_tokens=batch_tokens,
+        calibration=calibration, fp32_linears=fp32_linears, target=target, batch=batch, batch_tokens=batch_tokens,
         workspace=Path(workspace) if workspace else None, name=name,
         backends={"all": ("onnx", "tvm")}.get(backend, (backend,)) if backend else None)
     if (seq == "auto") != bool(lengths_data):

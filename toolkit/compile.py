@@ -45,9 +45,12 @@ from toolkit.validation import measure
 # model (fp32 compute, as an fp16 artifact) and quantizes its graph: an fp32 copy of the model would double the build's
 # peak, and fp16 storage costs int8 nothing (it rounds to 11 bits, int8 to 8)
 TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float16}
+FP32_COMPUTE = ("float32 (TVM on AMX, where backend_details.amx_kernels lists bf16x3: the linear layers' x·W as three "
+                "bf16 products, hi·hi + lo·hi + hi·lo of x's and W's high and low bf16 parts: each product to "
+                "2^-16 of its size, where fp16 weights are themselves rounded to 2^-11)")
 PRECISION = {
-    "fp16": {"weights": "float16", "compute": "float32", "accumulation": "float32"},
-    "fp32": {"weights": "float32", "compute": "float32", "accumulation": "float32"},
+    "fp16": {"weights": "float16", "compute": FP32_COMPUTE, "accumulation": "float32"},
+    "fp32": {"weights": "float32", "compute": FP32_COMPUTE, "accumulation": "float32"},
     "bf16": {"weights": "bfloat16", "compute": "bfloat16 x bfloat16 in the linear layers (AVX512-BF16 vdpbf16ps, or "
              "AMX tdpbf16ps where backend_details.amx_kernels lists bf16); float32 in attention, norms, softmax, RoPE "
              "and the residual stream", "accumulation": "float32"},
@@ -252,7 +255,8 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
             built, stage.child_mb = compile_tvm_process(
                 artifact.final, onnx_path=str(artifact.graph), out_dir=str(out), device=cfg.target,
                 batch=cfg.batch_for(artifact.seq_len), seq_len=artifact.seq_len,
-                int8_layers=plan.int8_layers() if plan else [], same_params=same_params)
+                int8_layers=plan.int8_layers() if plan else [], fp32_linears=cfg.fp32_linears,
+                same_params=same_params)
         if built["unscheduled"]:
             log(f"warning: {len(built['unscheduled'])} PrimFunc(s) left unscheduled: "
                 + ", ".join(built["unscheduled"]))

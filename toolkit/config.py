@@ -19,6 +19,10 @@
         activation_scales: tensor        # ONNX: tensor (ONNX Runtime's fused DynamicQuantizeMatMul) | row (a scale
                                          # per token: a row's result does not depend on the rows batched with it,
                                          # about 30% slower). TVM's are always per row.
+      fp32_linears: bf16x3               # TVM CPU, fp16/fp32 weights: bf16x3 (on CPUs with AMX, each linear layer's
+                                         # x·W as three bf16 products on AMX tiles, each to 2^-16 of its size; its
+                                         # weights held as two bf16 planes, 4 bytes each) | fma (fp32 FMAs on
+                                         # AVX-512; the weights stay in their dtype in memory). No AMX: fma.
       target: cpu                        # cpu | cuda
     workspace: ./workspace
 
@@ -43,11 +47,12 @@ TVM_CPU_KERNELS = {"bf16": ("avx512_bf16", "--dtype fp16"), "int8": ("avx512_vnn
 MAX_SEQ_LEN = 32768
 SCHEMA = {"name": str, "task": str, "workspace": str,
           "frontend": {"checkpoint": str, "input_ids": list, "seq": (list, int), "batch": int, "batch_tokens": int},
-          "backend": {"kind": (str, list), "dtype": str, "target": str,
+          "backend": {"kind": (str, list), "dtype": str, "target": str, "fp32_linears": str,
                       "quantization": {"calibration": str, "smooth_alpha": (float, int), "weight_rounding": str,
                                        "max_linear_error": (float, int), "preflight": bool,
                                        "activation_scales": str}}}
 ACTIVATION_SCALES = ("tensor", "row")
+FP32_LINEARS = ("bf16x3", "fma")
 WEIGHT_ROUNDINGS = ("gptq", "nearest")
 
 
@@ -70,6 +75,7 @@ class BuildConfig:
     max_linear_error: float = 0.1
     preflight: bool = True  # int8: check the whole model in fake int8 before compiling (quantize.plan_int8)
     activation_scales: str = "tensor"  # int8 on ONNX Runtime: per "tensor" (its fused op), or per "row"
+    fp32_linears: str = "bf16x3"  # TVM CPU fp16/fp32 linear layers: AMX bf16x3 where the CPU has AMX, or "fma"
     workspace: Path = field(default_factory=lambda: Path("workspace"))
     source: Path | None = None  # the YAML file it came from
 
@@ -118,6 +124,8 @@ class BuildConfig:
         if self.activation_scales not in ACTIVATION_SCALES:
             raise ToolkitError(f"quantization.activation_scales must be one of {ACTIVATION_SCALES}, got "
                                f"{self.activation_scales!r}{where}")
+        if self.fp32_linears not in FP32_LINEARS:
+            raise ToolkitError(f"backend.fp32_linears must be one of {FP32_LINEARS}, got {self.fp32_linears!r}{where}")
         if self.target not in DEVICES:
             raise ToolkitError(f"target must be one of {DEVICES}, got {self.target!r}{where}")
         if not self.checkpoint:
@@ -188,6 +196,7 @@ def load_build_config(path: str | Path) -> BuildConfig:
         backends=tuple(kinds) if isinstance(kinds, list) else (kinds,),
         dtype=back.get("dtype", "fp16"),
         target=back.get("target", "cpu"),
+        fp32_linears=back.get("fp32_linears", "bf16x3"),
         **{k: v for k, v in (back.get("quantization") or {}).items() if v is not None},
         workspace=Path(raw.get("workspace") or "workspace"),
         source=path,

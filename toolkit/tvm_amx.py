@@ -1,4 +1,5 @@
-"""AMX tile kernels for TVM's int8 and bf16 linear layers, on CPUs with Intel AMX (Sapphire Rapids and later).
+"""AMX tile kernels for TVM's int8 and bf16 linear layers, and for fp16/fp32 ones as three bf16 products (bf16x3), on
+CPUs with Intel AMX (Sapphire Rapids and later).
 
 One AMX instruction multiplies a 16 x 64-byte tile of activations by a 64-byte x 16-column tile of weights into a
 16 x 16 tile of int32 (`tdpbusd`, uint8 x int8) or fp32 (`tdpbf16ps`, bf16 pairs) accumulators: 16 AVX-512 dot
@@ -36,9 +37,11 @@ class Kind(NamedTuple):
     flag: str  # the cpuinfo flag of its instruction
     instruction: str  # the tile instruction (its LLVM intrinsic's name)
     value_bytes: int  # bytes of one K value in its activation rows and weight panels
+    planes: int = 1  # 2: each operand is a high and a low bf16 plane (`tvm_bf16.split_matmul`)
 
 
-KINDS = {"int8": Kind("amx_int8", "tdpbusd", 1), "bf16": Kind("amx_bf16", "tdpbf16ps", 2)}
+KINDS = {"int8": Kind("amx_int8", "tdpbusd", 1), "bf16": Kind("amx_bf16", "tdpbf16ps", 2),
+         "bf16x3": Kind("amx_bf16", "tdpbf16ps", 2, planes=2)}
 ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, SYS_ARCH_PRCTL = 0x1023, 18, 158
 SWITCH = "QWEN3_DEPLOY_TVM_AMX"  # "0": AVX-512 kernels even where the CPU has AMX
 
@@ -53,13 +56,13 @@ def kinds_to_build() -> frozenset[str]:
 
 
 def activation_row_bytes(kind: str, k: int) -> int:
-    """Bytes of an activation row of K values (the stride between a tile's rows)."""
-    return k * KINDS[kind].value_bytes
+    """Bytes of an activation row of K values, all its planes (the stride between a tile's rows)."""
+    return k * KINDS[kind].value_bytes * KINDS[kind].planes
 
 
 def fits(kind: str, k: int) -> bool:
     """Whether K values make whole 64-byte steps, as the micro-kernel takes them (every Qwen3 shape)."""
-    return activation_row_bytes(kind, k) % TILE_BYTES == 0
+    return k * KINDS[kind].value_bytes % TILE_BYTES == 0
 
 
 def activation_rows(rows, amx: bool):
@@ -115,6 +118,11 @@ def micro_kernel_llvm(kind: str) -> str:
     panel p [steps * 16 rows of 256 bytes]. Tiles 0-3 are the accumulators, 4 the activations and 5/6 the weights
     (alternating, so a weight load overlaps the previous product).
 
+    A two-plane kind (`bf16x3`) has each activation row as its high plane then its low plane (`act_row_bytes / 2`
+    apart) and each panel as its high then its low plane (`steps` * 16 rows apart): per step, tiles 4/5 hold the
+    activation planes, 6/7 a column group's high and low weight planes, and each accumulator takes hi·hi, lo·hi and
+    hi·lo (`tvm_bf16.split_matmul`).
+
     The tile configuration is loaded on every call: no cheaper way tells whether another library on this thread
     (ONNX Runtime's, oneDNN's AMX kernels) changed it, and `sttilecfg` costs as much as `ldtilecfg` here (about 300
     ns each, measured): a call covers several panels to spread it (`panels_per_call`)."""
@@ -122,13 +130,29 @@ def micro_kernel_llvm(kind: str) -> str:
     config[0] = 1
     for tile in range(8):
         config[16 + 2 * tile], config[48 + tile] = TILE_BYTES, TILE_ROWS
-    instruction = KINDS[kind].instruction
+    instruction, planes = KINDS[kind].instruction, KINDS[kind].planes
     step_bytes = TILE_ROWS * PANEL_ROW_BYTES
+
+    def product(g: int, act_tile: int, weight_tile: int, plane: str) -> str:
+        return (f"  %w{plane}{g} = getelementptr i8, ptr %panel_{plane}, i64 {TILE_BYTES * g}\n"
+                f"  call void @llvm.x86.tileloadd64(i8 {weight_tile}, ptr %w{plane}{g}, i64 {PANEL_ROW_BYTES})\n"
+                f"  call void @llvm.x86.{instruction}(i8 {g}, i8 {act_tile}, i8 {weight_tile})")
+
+    if planes == 1:
+        loads = ""
+        products = "\n".join(product(g, 4, 5 + g % 2, "hi") for g in range(4))
+    else:
+        loads = ("  %act_lo = getelementptr i8, ptr %act_step, i64 %half_row\n"
+                 "  call void @llvm.x86.tileloadd64(i8 5, ptr %act_lo, i64 %act_row_bytes)\n"
+                 "  %panel_lo = getelementptr i8, ptr %panel_hi, i64 %plane_bytes")
+        def pair_of_groups(g: int) -> str:  # products of two column groups alternate, hiding each one's latency
+            return "\n".join([product(g, 4, 6, "hi"), product(g + 1, 4, 7, "hi"),
+                              f"  call void @llvm.x86.{instruction}(i8 {g}, i8 5, i8 6)",
+                              f"  call void @llvm.x86.{instruction}(i8 {g + 1}, i8 5, i8 7)",
+                              product(g, 4, 6, "lo"), product(g + 1, 4, 7, "lo")])
+
+        products = pair_of_groups(0) + "\n" + pair_of_groups(2)
     zero = "\n".join(f"  call void @llvm.x86.tilezero(i8 {g})" for g in range(4))
-    products = "\n".join(
-        f"  %w{g} = getelementptr i8, ptr %panel_step, i64 {TILE_BYTES * g}\n"
-        f"  call void @llvm.x86.tileloadd64(i8 {5 + g % 2}, ptr %w{g}, i64 {PANEL_ROW_BYTES})\n"
-        f"  call void @llvm.x86.{instruction}(i8 {g}, i8 4, i8 {5 + g % 2})" for g in range(4))
     stores = "\n".join(f"  %acc{g} = getelementptr i8, ptr %acc_panel, i64 {TILE_BYTES * g}\n"
                        f"  call void @llvm.x86.tilestored64(i8 {g}, ptr %acc{g}, i64 %acc_row_bytes)"
                        for g in range(4))
@@ -140,7 +164,9 @@ entry:
   store <64 x i8> <{", ".join(f"i8 {byte}" for byte in config)}>, ptr %config, align 64
   call void @llvm.x86.ldtilecfg(ptr %config)
   %acc_row_bytes = mul i64 %panels, {PANEL_ROW_BYTES}
-  %panel_bytes = mul i64 %steps, {step_bytes}
+  %half_row = lshr i64 %act_row_bytes, 1
+  %plane_bytes = mul i64 %steps, {step_bytes}
+  %panel_bytes = mul i64 %plane_bytes, {planes}
   br label %panel_start
 panel_start:
   %p = phi i64 [0, %entry], [%p_next, %panel_end]
@@ -154,7 +180,8 @@ step:
   %act_step = getelementptr i8, ptr %act, i64 %act_offset
   call void @llvm.x86.tileloadd64(i8 4, ptr %act_step, i64 %act_row_bytes)
   %step_offset = mul i64 %i, {step_bytes}
-  %panel_step = getelementptr i8, ptr %panel_p, i64 %step_offset
+  %panel_hi = getelementptr i8, ptr %panel_p, i64 %step_offset
+{loads}
 {products}
   %next = add i64 %i, 1
   %done = icmp eq i64 %next, %steps
@@ -204,7 +231,7 @@ def register(kind: str, k: int, panels: int) -> str:
                             c[vi, vj] = 0
                         c[vi, vj] = c[vi, vj] + T.Cast("int32", a[vi, vr]) * T.Cast(
                             "int32", b[vj // 64, vr // 4, vj % 64, vr % 4])
-    else:
+    elif kind == "bf16":
         @T.prim_func(s_tir=True)
         def desc(a: T.Buffer((16, k // 2), "int32", offset_factor=1), b: T.Buffer((panels, k // 2, 64), "int32",
                  offset_factor=1), c: T.Buffer((16, cols), "float32", offset_factor=1)) -> None:
@@ -219,11 +246,28 @@ def register(kind: str, k: int, panels: int) -> str:
                         with T.init():
                             c[vi, vj] = T.float32(0)
                         c[vi, vj] = c[vi, vj] + tvm_bf16.pair_product(a[vi, vp], b[vj // 64, vp, vj % 64])
+    else:
+        @T.prim_func(s_tir=True)
+        def desc(a: T.Buffer((16, 2, k // 2), "int32", offset_factor=1), b: T.Buffer((panels, 2, k // 2, 64),
+                 "int32", offset_factor=1), c: T.Buffer((16, cols), "float32", offset_factor=1)) -> None:
+            with T.sblock("root"):
+                T.reads(a[0:16, 0:2, 0:k // 2], b[0:panels, 0:2, 0:k // 2, 0:64])
+                T.writes(c[0:16, 0:cols])
+                for i, j, p in T.grid(16, cols, k // 2):
+                    with T.sblock("update"):
+                        vi, vj, vp = T.axis.remap("SSR", [i, j, p])
+                        T.reads(c[vi, vj], a[vi, 0:2, vp], b[vj // 64, 0:2, vp, vj % 64])
+                        T.writes(c[vi, vj])
+                        with T.init():
+                            c[vi, vj] = T.float32(0)
+                        c[vi, vj] = c[vi, vj] + tvm_bf16.split_product(
+                            a[vi, 0, vp], a[vi, 1, vp], b[vj // 64, 0, vp, vj % 64], b[vj // 64, 1, vp, vj % 64])
     # the implementation: the description's buffers and regions, its body one call of the micro-kernel
     a, b, c = desc.params  # buffers
     act_row_bytes = activation_row_bytes(kind, k)
     call = tirx.call_extern("int32", kernel_name(kind), c.access_ptr("w"), a.access_ptr("r"), b.access_ptr("r"),
-                            tirx.IntImm("int64", act_row_bytes), tirx.IntImm("int64", act_row_bytes // TILE_BYTES),
+                            tirx.IntImm("int64", act_row_bytes),
+                            tirx.IntImm("int64", k * KINDS[kind].value_bytes // TILE_BYTES),
                             tirx.IntImm("int64", panels))
     root = desc.body.block
     impl = desc.with_body(s_tir.SBlockRealize([], True, s_tir.SBlock([], root.reads, root.writes, root.name_hint,

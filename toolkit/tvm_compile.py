@@ -268,6 +268,7 @@ declare {acc} @{intrinsic}({acc}, {operand}, {operand})
 
 # How `write_params` stores each weight input of `main` (see `pack_linear_weights`)
 PLAIN, PANELS, BF16_PAIRS, INT8_QUADS = "plain", "panels", "bf16_pairs", "int8_quads"
+SPLIT_PANELS = "split_panels"  # fp16/fp32 weights as the bf16 planes of the bf16x3 AMX kernel
 PLAIN_CHUNK = 16 << 20
 
 
@@ -287,7 +288,9 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset(), amx: frozenset[
     fp32 weights whose index is in `int8` become int8 quad panels plus a scale table (two inputs of `main`), and the
     matmul the VNNI kernel of `tvm_int8` on activations quantized per token. Kinds ("int8", "bf16") in `amx` take
     the AMX tile kernels of `tvm_amx` instead (wherever K fills whole tiles: every Qwen3 shape), their activations
-    padded to whole tiles of rows."""
+    padded to whole tiles of rows. With "bf16x3" in `amx`, the other (fp16 or fp32) weights become their two bf16
+    planes `[N/64, 2, K/2, 64]` (int32 pairs) and the matmul three bf16 products on AMX tiles
+    (`tvm_bf16.split_matmul`), to 2^-15 of each product instead of fp32's 2^-24, 2.2x the fp32 kernel's speed here."""
     from tvm import relax
     from tvm.relax.dpl import is_op, rewrite_call, wildcard
     from tvm.sym.analyzer import Analyzer
@@ -338,6 +341,15 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset(), amx: frozenset[
                              relax.TensorType((tvm_amx.activation_rows(rows, tiles), k), "uint8"), tiles)
             out = call("int8_matmul", tvm_int8.quad_matmul, (rows, k, n), [quantized, panels, side, absmax],
                        relax.TensorType((rows, n), "float32"), tiles)
+            return op.reshape(out, dims[:-1] + [n])
+        if "bf16x3" in amx and tvm_amx.fits("bf16x3", k):
+            layouts[key] = SPLIT_PANELS
+            [planes] = panels_of.setdefault(key, [relax.Var(f"{weight.name}_planes", relax.TensorType(
+                (n // PANEL, 2, k // 2, PANEL), "int32"))])
+            split = call("bf16x3_planes", tvm_bf16.to_split_pairs, (rows, k), [flat], relax.TensorType(
+                (tvm_amx.activation_rows(rows, True), 2, k // 2), "int32"))
+            out = call("bf16x3_matmul", tvm_bf16.split_matmul, (rows, k, n), [split, planes],
+                       relax.TensorType((rows, n), "float32"))
             return op.reshape(out, dims[:-1] + [n])
         layouts[key] = PANELS
         [panels] = panels_of.setdefault(key, [relax.Var(f"{weight.name}_panels", relax.TensorType(
@@ -567,14 +579,15 @@ class TvmBuild:
     tvm_target: dict
     primfuncs: int
     unscheduled: list[str]
-    amx_kernels: list[str]  # the kinds of linear layers ("int8", "bf16") that run on AMX tiles
+    amx_kernels: list[str]  # the kinds of linear layers ("int8", "bf16", "bf16x3") that run on AMX tiles
     compile_seconds: float
 
 
 def compile_tvm(onnx_path: Path, out_dir: Path, device: str, batch: int, seq_len: int, int8_layers=(),
-                same_params: tuple[Path, str] | None = None) -> TvmBuild:
+                fp32_linears: str = "bf16x3", same_params: tuple[Path, str] | None = None) -> TvmBuild:
     """Compile the exported ONNX graph at `[batch, seq_len]` into `out_dir` (`model.so` + `params.npz`); the linear
-    layers named in `int8_layers` (module names, `layers.3.mlp.down_proj`) run W8A8 on VNNI. `same_params`: another
+    layers named in `int8_layers` (module names, `layers.3.mlp.down_proj`) run W8A8 on VNNI, fp16/fp32 ones on AMX
+    bf16x3 tiles unless `fp32_linears` is "fma" (or the CPU has no AMX). `same_params`: another
     artifact's params file and its digest (a bucket set's first SEQ), which `params.npz` becomes a hard link to when
     this one's weights are the same (`write_params`)."""
     from tvm import relax
@@ -590,8 +603,11 @@ def compile_tvm(onnx_path: Path, out_dir: Path, device: str, batch: int, seq_len
     int8 = frozenset(i for i, w in enumerate(graph.weights)
                      if w.name.removesuffix(".weight") in int8_layers)
     amx = tvm_amx.kinds_to_build() if device == "cpu" else frozenset()
+    if fp32_linears != "bf16x3":
+        amx -= {"bf16x3"}
     mod, layouts = lower(graph.mod, target, int8=int8, amx=amx)
-    amx_used = amx & {kind for kind, layout in (("int8", INT8_QUADS), ("bf16", BF16_PAIRS)) if layout in layouts}
+    amx_used = amx & {kind for kind, layout in (("int8", INT8_QUADS), ("bf16", BF16_PAIRS), ("bf16x3", SPLIT_PANELS))
+                      if layout in layouts}
     missing = unscheduled(mod)
     primfuncs = sum(isinstance(f, tvm.tirx.PrimFunc) for f in mod.functions.values())
     executable = tvm.compile(mod, target=target, relax_pipeline=relax.get_pipeline("default_build"))
@@ -615,7 +631,7 @@ def build_process_main(request_file: str) -> None:
     request = json.loads(request_path.read_text())
     same_params = request["same_params"]
     built = compile_tvm(Path(request["onnx_path"]), Path(request["out_dir"]), request["device"], request["batch"],
-                        request["seq_len"], request["int8_layers"],
+                        request["seq_len"], request["int8_layers"], request["fp32_linears"],
                         (Path(same_params[0]), same_params[1]) if same_params else None)
     result = {"build": dataclasses.asdict(built), "peak_rss_mb": resident_mb("VmHWM")}
     request_path.with_name("result.json").write_text(json.dumps(result))
@@ -641,15 +657,15 @@ def write_params(path: Path, graph_dir: Path, weights: list, layouts: list[str],
     from onnx.helper import tensor_dtype_to_np_dtype
     from tqdm import tqdm
 
-    from toolkit.tvm_bf16 import pack_pairs
+    from toolkit.tvm_bf16 import pack_pairs, pack_split_pairs
     from toolkit.tvm_int8 import pack_quads
 
     def panels(array):
         n, k = array.shape
         return np.ascontiguousarray(array.reshape(n // PANEL, PANEL, k).transpose(0, 2, 1))
 
-    packers = {PANELS: lambda a: [panels(a)], BF16_PAIRS: lambda a: [pack_pairs(a)],
-               INT8_QUADS: lambda a: list(pack_quads(a.astype(np.float32)))}
+    packers = {PANELS: lambda a: [panels(a)], SPLIT_PANELS: lambda a: [pack_split_pairs(a)],
+               BF16_PAIRS: lambda a: [pack_pairs(a)], INT8_QUADS: lambda a: list(pack_quads(a.astype(np.float32)))}
 
     def file_chunks(file: Path, offset: int, size: int):
         with open(file, "rb") as stream:

@@ -45,7 +45,8 @@ ROW_TILE_COLUMNS = 32  # attention rows up to this wide are one tile (in 8-lane 
 DOT_KERNELS = {tvm_bf16.MATMUL_NAME: (tvm_bf16.DOT_16, tvm_bf16.DPBF16_LLVM, 1),  # K pairs are already packed
                tvm_int8.MATMUL_NAME: (tvm_int8.DOT_16x4, tvm_int8.VPDPBUSD_LLVM, 4)}
 # Matmul blocks that run on AMX tiles, by block name: (kernel kind, K values per element of the block's reduction)
-AMX_KERNELS = {tvm_int8.AMX_MATMUL_NAME: ("int8", 1), tvm_bf16.AMX_MATMUL_NAME: ("bf16", 2)}
+AMX_KERNELS = {tvm_int8.AMX_MATMUL_NAME: ("int8", 1), tvm_bf16.AMX_MATMUL_NAME: ("bf16", 2),
+               tvm_bf16.SPLIT_MATMUL_NAME: ("bf16x3", 2)}
 
 
 def _by_block_name(kernels: dict, name: str):
