@@ -129,13 +129,21 @@ def _broadcast(a, b) -> tuple | None:
     return tuple(reversed(out))
 
 
-def tvm_matmul_flops(inputs: list[tuple], output: tuple) -> int | None:
-    """2*M*N*K of a TVM matmul PrimFunc call (destination-passing: the output is its last argument). Some ordered
-    pair of its inputs must multiply as numpy's matmul does into the output's shape, A [..., M, K] @ B [..., K, N]
-    (packed weight panels [N/64, K, 64] included, with the output [..., N/64, M, 64]); epilogue inputs (residuals,
-    masks) do not. None where no pair fits, or pairs disagree on K."""
+# Our bf16 / int8 / bf16x3 linear kernels (`tvm_compile.pack_linear_weights`): their operands are packed (pairs,
+# quads, planes), and their names end in the GEMM's `rows_K_N`
+PACKED_LINEAR = re.compile(r"^(?:bf16|int8|bf16x3)_matmul_.*_(\d+)_(\d+)$")
+
+
+def tvm_matmul_flops(name: str, inputs: list[tuple], output: tuple) -> int | None:
+    """2*M*N*K of a TVM matmul PrimFunc call (destination-passing: the output is its last argument). A packed linear
+    kernel (PACKED_LINEAR) has K and N in its name and M rows out. Otherwise some ordered pair of its inputs must
+    multiply as numpy's matmul does into the output's shape, A [..., M, K] @ B [..., K, N] (packed weight panels
+    [N/64, K, 64] included, with the output [..., N/64, M, 64]); epilogue inputs (residuals, masks) do not. None
+    where no pair fits, or pairs disagree on K."""
     if len(output) < 2:
         return None
+    if (packed := PACKED_LINEAR.match(name)) and int(packed[2]) == output[-1]:
+        return 2 * _prod(output) * int(packed[1])
     ks = set()
     for i, a in enumerate(inputs):
         for j, b in enumerate(inputs):
@@ -229,7 +237,7 @@ def _profile_tvm(manifest: Manifest, options: ProfileOptions, inputs, bar) -> tu
             category = "vm.builtin"
         else:
             shapes = [tuple(int(d) for d in a.shape) for a in args if hasattr(a, "shape")]
-            flops = tvm_matmul_flops(shapes[:-1], shapes[-1]) if "matmul" in name and shapes else None
+            flops = tvm_matmul_flops(name, shapes[:-1], shapes[-1]) if "matmul" in name and shapes else None
             kernels.add(name, re.sub(r"\d+", "", name), end - start, flops)
             category = "kernel"
         if options.trace:

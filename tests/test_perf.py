@@ -240,10 +240,16 @@ def test_perf_profile_matmul_flops_from_shapes():
     assert ort_matmul_flops([[96, 10], [96, 192]], [10, 192]) == 2 * 10 * 192 * 96  # Gemm with transA
     assert ort_matmul_flops([[2, 10, 96]], [2, 7, 192]) is None
     # packed weight panels [N/64, K, 64] times activations [B, 1, M, K] into [B, N/64, M, 64], in either order
-    assert tvm_matmul_flops([(3, 96, 64), (2, 1, 10, 96)], (2, 3, 10, 64)) == 2 * 2 * 3 * 10 * 64 * 96
+    assert tvm_matmul_flops("matmul", [(3, 96, 64), (2, 1, 10, 96)], (2, 3, 10, 64)) == 2 * 2 * 3 * 10 * 64 * 96
     # attention scores with a fused mask epilogue: [B, H, M, d] @ [B, H, d, M]
-    assert tvm_matmul_flops([(2, 4, 10, 16), (2, 4, 16, 10), (2, 1, 10, 10)], (2, 4, 10, 10)) == 2 * 2 * 4 * 100 * 16
-    assert tvm_matmul_flops([(2, 10, 96), (2, 10, 96)], (2, 10, 96)) is None  # elementwise, not a matmul
+    assert tvm_matmul_flops("fused_matmul_add", [(2, 4, 10, 16), (2, 4, 16, 10), (2, 1, 10, 10)],
+                            (2, 4, 10, 10)) == 2 * 2 * 4 * 100 * 16
+    assert tvm_matmul_flops("matmul", [(2, 10, 96), (2, 10, 96)], (2, 10, 96)) is None  # elementwise, not a matmul
+    # packed linear kernels: planes / quads of 12 rows padded to a tile, K and N from the name
+    assert tvm_matmul_flops("bf16x3_matmul_batchx12_96_128", [(16, 2, 48), (2, 2, 48, 64)], (12, 128)) \
+        == 2 * 12 * 128 * 96
+    assert tvm_matmul_flops("int8_matmul_amx_batchx12_96_128", [(16, 96), (2, 24, 64, 4), (2, 128), (12,)],
+                            (12, 128)) == 2 * 12 * 128 * 96
 
 
 def test_perf_profile_refuses_bad_input_in_one_line(onnx_artifacts, tmp_path):
