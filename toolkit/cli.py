@@ -55,7 +55,7 @@ def synth(task, shape, seed, outliers, out_dir):
               "(query, document, split per line) instead of the bundled set; bf16 and int8 gates also check its "
               "held-out texts")
 @click.option("--fp32-linears", type=click.Choice(["bf16x3", "fma"]), help="TVM CPU, fp16/fp32 weights: bf16x3 "
-              "(on CPUs with AMX, linear layers as three bf16 products on AMX tiles, each product to 2^-16; "
+              "(on CPUs with AMX, linear layers as three bf16 products on AMX tiles, each within 2^-15 of its size; "
               "weights 4 bytes each in memory) or fma (AVX-512 fp32; weights stay in their dtype); overrides the "
               "config")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), help="overrides the config")

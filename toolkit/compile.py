@@ -46,8 +46,8 @@ from toolkit.validation import measure
 # peak, and fp16 storage costs int8 nothing (it rounds to 11 bits, int8 to 8)
 TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float16}
 FP32_COMPUTE = ("float32 (TVM on AMX, where backend_details.amx_kernels lists bf16x3: the linear layers' x·W as three "
-                "bf16 products, hi·hi + lo·hi + hi·lo of x's and W's high and low bf16 parts: each product to "
-                "2^-16 of its size, where fp16 weights are themselves rounded to 2^-11)")
+                "bf16 products, hi·hi + lo·hi + hi·lo of x's and W's high and low bf16 parts: each product within "
+                "2^-15 of its size, where fp16 weights are themselves rounded to 2^-11)")
 PRECISION = {
     "fp16": {"weights": "float16", "compute": FP32_COMPUTE, "accumulation": "float32"},
     "fp32": {"weights": "float32", "compute": FP32_COMPUTE, "accumulation": "float32"},
@@ -57,7 +57,7 @@ PRECISION = {
     "int8": {"weights": "int8 (linear layers, per output channel); float16 for the linear layers kept out of int8, "
                         "the embedding table and the norms", "compute":
              "int8 x int8 (linear layers; dynamic activation scale, per tensor on ONNX Runtime, per token on TVM); "
-             "float32 elsewhere",
+             "float32 elsewhere (the linear layers kept out of int8 as in an fp16 artifact: " + FP32_COMPUTE + ")",
              "accumulation": "int32"},
 }
 

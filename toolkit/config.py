@@ -20,7 +20,7 @@
                                          # per token: a row's result does not depend on the rows batched with it,
                                          # about 30% slower). TVM's are always per row.
       fp32_linears: bf16x3               # TVM CPU, fp16/fp32 weights: bf16x3 (on CPUs with AMX, each linear layer's
-                                         # x·W as three bf16 products on AMX tiles, each to 2^-16 of its size; its
+                                         # x·W as three bf16 products on AMX tiles, each within 2^-15 of its size; its
                                          # weights held as two bf16 planes, 4 bytes each) | fma (fp32 FMAs on
                                          # AVX-512; the weights stay in their dtype in memory). No AMX: fma.
       target: cpu                        # cpu | cuda
