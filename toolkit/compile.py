@@ -205,7 +205,8 @@ def finish_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, toke
                            f"outside the {cfg.dtype} tolerance ({task.tolerance_text(cfg.dtype)}); nothing was "
                            f"installed ({cost}){precision_fix(cfg.dtype, plan)}")
     if manifest.validation["passed"]:
-        log(f"{final}: vs HF fp32: {task.format_agreement(manifest.validation)} ({cost})")
+        log(f"{final} ({manifest.backend} {manifest.kernels}): vs HF fp32: {task.format_agreement(manifest.validation)}"
+            f" ({cost})")
     install(staging, final)
     return final
 
