@@ -145,7 +145,7 @@ def format_manifest(m) -> str:
         f"model       {m.model.checkpoint}" + (" (synthetic)" if m.model.synthetic else ""),
         f"backend     {m.backend}  target {target}",
         f"shape       batch {m.batch}{f' (any 1..{m.batch} rows)' if m.dynamic_batch and m.batch > 1 else ''} x seq "
-        f"{m.seq_len}   dtype {m.dtype}",
+        f"{m.seq_len}   dtype {m.kernels}",
         f"model file  {m.model_file}" + (" (the bucket set's shared graph)" if in_shared_graph(m.model_file) else ""),
         "precision   " + "; ".join(f"{k}: {m.precision[k]}" for k in ("weights", "compute", "accumulation")),
         *(["int8        " + format_quantization(m.precision["quantization"])] if "quantization" in m.precision else []),
