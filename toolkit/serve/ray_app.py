@@ -19,8 +19,8 @@ from typing import Callable
 # SIGTERM took 32 s. Serve's controller loop (every 0.1 s) and each replica's metrics export (every 0.1 s) kept
 # Ray's processes at 12% of a core while idle, taken from the replicas on a small machine; at 1 s each, 9%, and 2
 # replicas on 2 cores served 23.6 sentences/s against 22.7 (4 runs each, AMD EPYC); Serve notices changes later
-# (ready in 19 s, not 15; SIGTERM 8.5 s, not 6.3). Serve reads these when imported, here and in the processes a local Ray starts; a
-# cluster's nodes take them from their own environment (README). A user's own setting wins.
+# (ready in 19 s, not 15; SIGTERM 8.5 s, not 6.3). Serve reads these when imported, here and in the processes a
+# local Ray starts; a cluster's nodes take them from their own environment (README). A user's own setting wins.
 RAY_SERVE_ENVIRONMENT = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
                          "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
                          "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "1", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}
