@@ -218,8 +218,8 @@ def hub_rows(name: str) -> list[dict]:
         return list(datasets.load_dataset(spec.hub_id, split=spec.split))
     except Exception as e:
         raise ToolkitError(
-            f"cannot load {spec.hub_id} from the hub ({type(e).__name__}). Pass a local JSONL file instead "
-            f"(--dataset path/to/{spec.file_name}; copies live in the shared data folder), use the bundled "
+            f"cannot load {spec.hub_id} from the hub ({type(e).__name__}). Give the path of a local JSONL file "
+            f"instead of the name (path/to/{spec.file_name}; copies live in the shared data folder), use the bundled "
             f"'{name}-sample', or run `toolkit data download --out DIR` where the hub is reachable") from None
 
 
