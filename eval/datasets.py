@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from toolkit.errors import ToolkitError
-from toolkit.tasks import SIMILARITY_INSTRUCTION, WEB_SEARCH_INSTRUCTION
+from toolkit.tasks import SIMILARITY_INSTRUCTION, WEB_SEARCH_INSTRUCTION, Task
 
 SAMPLES = Path(__file__).parent / "samples"
 KINDS = ("pairs", "reranking")
@@ -202,11 +202,23 @@ def read_examples(name: str, spec: DatasetSpec, source: Path | None, limit: int 
             if not limit or i <= limit]
 
 
-def load_dataset(name_or_path: str, limit: int | None = None, data_dir: str | Path | None = None):
-    """Returns (name, spec, examples); see `resolve_dataset` for where it looks."""
+def load_dataset(name_or_path: str, limit: int | None = None, data_dir: str | Path | None = None,
+                 task: Task | None = None):
+    """Returns (name, spec, examples); see `resolve_dataset` for where it looks. With `task`, a dataset of a kind it
+    cannot use is refused before it is read."""
     check_limit(limit)
     name, spec, source = resolve_dataset(name_or_path, data_dir)
+    if task is not None:
+        check_kind(task, name, spec)
     return name, spec, read_examples(name, spec, source, limit)
+
+
+def check_kind(task: Task, name: str, spec: DatasetSpec) -> None:
+    """Raise ToolkitError, naming the datasets it can use, unless `task` runs on data of `spec`'s kind."""
+    if spec.kind not in task.dataset_kinds:
+        usable = [n for kind in task.dataset_kinds for n in names_of_kind(kind)]
+        raise ToolkitError(f"the {task.name} task cannot use {name} (a {spec.kind} dataset); use "
+                           f"{', '.join(usable)} or a JSONL file in one of those formats")
 
 
 def hub_rows(name: str) -> list[dict]:

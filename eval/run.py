@@ -19,7 +19,7 @@ import numpy as np
 from toolkit.api import REFERENCE_MAX_LENGTH, model_class
 from toolkit.artifact import find_artifacts
 from toolkit.errors import ToolkitError
-from toolkit.eval.datasets import DatasetSpec, check_limit, names_of_kind, read_examples, resolve_dataset
+from toolkit.eval.datasets import DatasetSpec, check_kind, check_limit, read_examples, resolve_dataset
 from toolkit.eval.metrics import ranking_agreement, reranking_metrics, sts_correlations
 from toolkit.report import format_table
 from toolkit.tasks import Task, get_task
@@ -145,13 +145,6 @@ def gate(artifact_metrics: dict, delta: dict | None, max_drop: float, nonfinite_
     return failures
 
 
-def _check_kind(task: Task, name: str, spec: DatasetSpec) -> None:
-    if spec.kind not in task.dataset_kinds:
-        usable = [n for kind in task.dataset_kinds for n in names_of_kind(kind)]
-        raise ToolkitError(f"the {task.name} task cannot be evaluated on {name} (a {spec.kind} dataset); use "
-                           f"{', '.join(usable)} or a JSONL file in one of those formats")
-
-
 def evaluate(options: EvalOptions) -> dict:
     """Run torch and/or the artifact on the dataset; returns the result record: metrics and wall time per run, the
     instruction used, and with both runs the deltas, the parity and the verdict (`passed`, `failures`)."""
@@ -160,7 +153,7 @@ def evaluate(options: EvalOptions) -> dict:
     options.check()
     task = get_task(options.task)
     name, spec, source = resolve_dataset(str(options.dataset), options.data_dir)
-    _check_kind(task, name, spec)
+    check_kind(task, name, spec)
     manifests = find_artifacts(options.artifact) if options.artifact is not None else None
     if manifests and manifests[0].task != task.name:
         raise ToolkitError(f"{options.artifact} holds {manifests[0].task} artifacts; pass --task {manifests[0].task} "

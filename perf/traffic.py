@@ -83,7 +83,7 @@ def run_traffic(options: TrafficOptions, progress: bool = True) -> dict:
     checkpoint = resolve_checkpoint(options.checkpoint or sets[0][0].reference_checkpoint())
     config = read_hf_config(checkpoint)
     task = get_task(tasks.pop())
-    _, _, examples = load_dataset(options.data)
+    _, _, examples = load_dataset(options.data, task=task)
     requests = task.traffic(examples)[: options.limit]
     max_length = max(s[-1].seq_len for s in sets)  # torch truncates where the artifacts do: the same inputs
     cls = model_class(task)

@@ -51,7 +51,7 @@ def test_eval_cli_prints_table_writes_json_and_rejects_bad_combinations(onnx_art
     assert written["examples"] == 10 and written["instruction"] == SIMILARITY_INSTRUCTION and written["passed"]
     bad = CliRunner().invoke(main, ["eval", "--task", "reranker", "--dataset", "sts12-sample",
                                     "--artifact", str(onnx_artifacts["reranker"][1])])
-    assert bad.exit_code == 2 and "reranker task cannot be evaluated on sts12" in bad.output
+    assert bad.exit_code == 2 and "reranker task cannot use sts12" in bad.output
     assert "msmarco" in bad.output and "Traceback" not in bad.output
     wrong = CliRunner().invoke(main, ["eval", "--task", "reranker", "--dataset", "msmarco-sample",
                                       "--artifact", str(onnx_artifacts["embedding"][1])])

@@ -150,6 +150,12 @@ def test_compile_seq_auto_picks_buckets_from_the_data(checkpoints, tokenizers, t
     assert all(m.batch == max(1, 256 // m.seq_len) for m in manifests)
     bad = CliRunner().invoke(main, ["compile", "build_configs/reranker_config_fp16.yaml", "--seq", "auto"])
     assert bad.exit_code == 2 and "--lengths" in bad.output
+    # sentence pairs hold no (query, passage) pairs: refused by name, before anything is built
+    pairs = CliRunner().invoke(main, ["compile", "build_configs/reranker_config_fp16.yaml", "--checkpoint",
+                                      str(checkpoints["reranker"]), "--seq", "auto", "--lengths", "sts12-sample",
+                                      "--workspace", str(tmp_path / "pairs")])
+    assert pairs.exit_code == 2 and "reranker task cannot use sts12 (a pairs dataset)" in pairs.output
+    assert not (tmp_path / "pairs").exists()
 
 
 def test_perf_traffic_prints_ratios_padding_and_agreement(onnx_artifacts, tmp_path):
@@ -169,6 +175,9 @@ def test_perf_traffic_prints_ratios_padding_and_agreement(onnx_artifacts, tmp_pa
     assert isinstance(artifact_run["resident_mb"], int)
     seq_rows = sum(artifact_run["batches_per_seq"].values())
     assert seq_rows >= 24 // 2  # batch-2 artifacts: at least 12 batches ran
+    pairs = CliRunner().invoke(main, ["perf", "traffic", "--data", "bq-sample", "--artifact",
+                                      str(onnx_artifacts["reranker"][0].parent)])
+    assert pairs.exit_code == 2 and "reranker task cannot use bq (a pairs dataset); use msmarco" in pairs.output
 
 
 def test_perf_traffic_rounds_alternate_the_order_and_take_each_ratio_within_its_round(onnx_artifacts, monkeypatch):

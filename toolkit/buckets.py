@@ -83,6 +83,6 @@ def suggest_for_dataset(task_name: str, checkpoint: str, data: str, count: int =
 
     task = get_task(task_name)
     tokenizer = load_tokenizer(resolve_checkpoint(checkpoint))
-    _, _, examples = load_dataset(data)
+    _, _, examples = load_dataset(data, task=task)
     return suggest_seq_lens(token_lengths(task, tokenizer, task.traffic(examples)), count, multiple,
                             minimum=task.min_seq_len(tokenizer))
