@@ -55,6 +55,11 @@ class Qwen3Shape:
     rope_theta: float
     attention_bias: bool = False
 
+    @property
+    def query_groups(self) -> int:
+        """Query heads per kv head (grouped-query attention): the row blocks of a kv head's attention and its mask."""
+        return self.num_attention_heads // self.num_key_value_heads
+
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "Qwen3Shape":
         """The shape in a Hugging Face config.json; refuses what the patched model does not implement."""
@@ -118,6 +123,7 @@ class Attention(nn.Module):
     def __init__(self, s: Qwen3Shape):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = s.num_attention_heads, s.num_key_value_heads, s.head_dim
+        self.groups = s.query_groups
         self.qkv_proj = Linear(s.hidden_size, (s.num_attention_heads + 2 * s.num_key_value_heads) * s.head_dim,
                                s.attention_bias)
         self.o_proj = Linear(s.num_attention_heads * s.head_dim, s.hidden_size, s.attention_bias)
@@ -146,7 +152,7 @@ class Attention(nn.Module):
         # matrix of groups * queries rows against it (the mask has a causal block per group: `prepare`). Copying k and
         # v out to every query head instead (repeat_interleave) cost TVM 1% more time ([9, 28] embedding and [2, 256]
         # reranker, bf16; the same outputs bit for bit); ONNX Runtime runs either form in the same time.
-        q = q.reshape(b, self.kv_heads, self.heads // self.kv_heads * queries, self.head_dim)
+        q = q.reshape(b, self.kv_heads, self.groups * queries, self.head_dim)
         scores = torch.matmul(q, k.transpose(2, 3)) * (1.0 / math.sqrt(self.head_dim)) + mask
         probs = torch.softmax(scores, dim=-1)
         out = torch.matmul(probs, v).reshape(b, self.heads, queries, self.head_dim)
@@ -230,7 +236,7 @@ class Qwen3ForDeployment(nn.Module):
         cos, sin = emb.cos()[None, None], emb.sin()[None, None]
         # one causal block per query head of a kv head, the rows `Attention.forward` puts them in; its last row (all
         # keys) is what the last position sees in every group
-        causal = torch.ones(t, t, dtype=torch.bool).tril().repeat(s.num_attention_heads // s.num_key_value_heads, 1)
+        causal = torch.ones(t, t, dtype=torch.bool).tril().repeat(s.query_groups, 1)
         allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
         mask = torch.where(allowed, 0.0, MASKED_SCORE).to(torch.float32)
         return x, cos, sin, mask
