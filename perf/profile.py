@@ -130,8 +130,9 @@ def _broadcast(a, b) -> tuple | None:
 
 
 # Our bf16 / int8 / bf16x3 linear kernels (`tvm_compile.pack_linear_weights`): their operands are packed (pairs,
-# quads, planes), and their names end in the GEMM's `rows_K_N`
-PACKED_LINEAR = re.compile(r"^(?:bf16|int8|bf16x3)_matmul_.*_(\d+)_(\d+)$")
+# quads, planes), and their names end in the GEMM's `rows_K_N`, then their epilogue if any (a GLU one's output is
+# [rows, N/64, 32]: SiLU(gate) * up, half the product's columns)
+PACKED_LINEAR = re.compile(r"^(?:bf16|int8|bf16x3)_matmul_.*_(\d+)_(\d+)(_residual|_glu)?$")
 
 
 def tvm_matmul_flops(name: str, inputs: list[tuple], output: tuple) -> int | None:
@@ -142,8 +143,9 @@ def tvm_matmul_flops(name: str, inputs: list[tuple], output: tuple) -> int | Non
     where no pair fits, or pairs disagree on K."""
     if len(output) < 2:
         return None
-    if (packed := PACKED_LINEAR.match(name)) and int(packed[2]) == output[-1]:
-        return 2 * _prod(output) * int(packed[1])
+    if (packed := PACKED_LINEAR.match(name)) and int(packed[2]) == _prod(output[1:]) * (2 if packed[3] == "_glu"
+                                                                                        else 1):
+        return 2 * output[0] * int(packed[2]) * int(packed[1])
     ks = set()
     for i, a in enumerate(inputs):
         for j, b in enumerate(inputs):

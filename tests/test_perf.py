@@ -250,6 +250,11 @@ def test_perf_profile_matmul_flops_from_shapes():
         == 2 * 12 * 128 * 96
     assert tvm_matmul_flops("int8_matmul_amx_batchx12_96_128", [(16, 96), (2, 24, 64, 4), (2, 128), (12,)],
                             (12, 128)) == 2 * 12 * 128 * 96
+    # with an epilogue: the residual's [rows, N] input; GLU's output, half the product's columns as [rows, N/64, 32]
+    assert tvm_matmul_flops("int8_matmul_batchx12_96_128_residual", [(12, 96), (2, 24, 64, 4), (2, 128), (12,),
+                                                                     (12, 128)], (12, 128)) == 2 * 12 * 128 * 96
+    assert tvm_matmul_flops("bf16_matmul_batchx12_96_256_glu", [(12, 48), (4, 48, 64)], (12, 4, 32)) \
+        == 2 * 12 * 256 * 96
 
 
 def test_perf_profile_refuses_bad_input_in_one_line(onnx_artifacts, tmp_path):

@@ -22,7 +22,7 @@ from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
 from toolkit import tvm_amx
-from toolkit.tvm_compile import PANEL, int64_shape, kernel_func, llvm_dot
+from toolkit.tvm_compile import PANEL, int64_shape, kernel_func, linear_output, llvm_dot, panel_product
 
 MATMUL_NAME = "bf16_pair_matmul"  # the compute blocks' names: how the schedule rule recognises them
 AMX_MATMUL_NAME = "bf16_amx_matmul"
@@ -132,19 +132,20 @@ def split_matmul(rows, k: int, n: int):
     return kernel_func(planes, panels, out)
 
 
-def pair_matmul(rows, k: int, n: int, amx: bool = False):
-    """PrimFunc: y[rows, N] = pairs[rows, K/2] · panels[N/64, K/2, 64], bf16 products summed in fp32. With `amx`, the
-    pairs have whole tiles of rows (`tvm_amx.activation_rows`) and the product is the AMX kernel's."""
+def pair_matmul(rows, k: int, n: int, amx: bool = False, epilogue: str | None = None):
+    """PrimFunc: y[rows, N] = pairs[rows, K/2] · panels[N/64, K/2, 64], bf16 products summed in fp32, then the
+    `epilogue` if any (`linear_output`). With `amx`, the pairs have whole tiles of rows (`tvm_amx.activation_rows`)
+    and the product is the AMX kernel's."""
     pair_rows = tvm_amx.activation_rows(rows, amx)
     pairs = te.placeholder(int64_shape(pair_rows, k // 2), "int32", name="pairs")
     panels = te.placeholder(int64_shape(n // PANEL, k // 2, PANEL), "int32", name="panels")
     p = te.reduce_axis(int64_shape(0, k // 2), name="p")
-    out = te.compute(int64_shape(pair_rows, n), lambda r, c: te.sum(
-        pair_product(pairs[r, p], panels[c // PANEL, p, c % PANEL]), axis=p),
-        name=AMX_MATMUL_NAME if amx else MATMUL_NAME)
-    if amx:  # the rows asked for, out of whole tiles (an epilogue of the tiles)
-        out = te.compute(int64_shape(rows, n), lambda r, c: out[r, c], name="bf16_amx_rows")
-    return kernel_func(pairs, panels, out)
+    out, at = panel_product(pair_rows, n, epilogue, lambda r, panel, column: te.sum(
+        pair_product(pairs[r, p], panels[panel, p, column]), axis=p), AMX_MATMUL_NAME if amx else MATMUL_NAME)
+    extra = []
+    if amx or epilogue:  # the rows asked for, out of whole tiles; or the epilogue (an epilogue of the tiles)
+        extra, out = linear_output(rows, n, at, epilogue, "bf16_amx_rows" if amx else "bf16_epilogue")
+    return kernel_func(pairs, panels, *extra, out)
 
 
 @T.prim_func(s_tir=True)

@@ -6,9 +6,10 @@ Relax frontend needs every aten op of the exporter's decompositions to be mapped
 
 Flow: the symbolic export made static at the artifact's SEQ and its shape arithmetic folded, its batch symbolic
 (`import_onnx`: an artifact runs any batch up to its own, computing only the rows it is given) → from_onnx without
-the weights' bytes (they stay function inputs) → on CPU, linear weights taken as packed fp16 panels
-(`pack_linear_weights`) and each RMSNorm made one kernel (`rms_norm_kernels`) → LegalizeOps → FuseOps/FuseTIR → each
-panel's cast fused into its matmul (`fuse_weight_casts`) → LiftTransformParams (what is left to do once at load,
+the weights' bytes (they stay function inputs) → on CPU, linear weights taken as packed fp16 panels, each residual
+add and SiLU * up in the int8/bf16 linear kernel before it (`pack_linear_weights`), and each RMSNorm made one kernel
+(`rms_norm_kernels`) → LegalizeOps → FuseOps/FuseTIR → each panel's cast fused into its matmul
+(`fuse_weight_casts`) → LiftTransformParams (what is left to do once at load,
 e.g. the fp32 copies dlight's GPU rules read) → schedules (our CPU rules, or dlight's GPU rules) → build. The
 artifact holds `model.so` and `params.npz`, fp16 as exported, written tensor by tensor from the export's external
 data; on CPU they are the weights in memory too (0.6B: 1.2 GB, no fp32 copy).
@@ -219,6 +220,65 @@ def kernel_func(*tensors):
     return te.create_prim_func([*inputs, *(loose[n] for n in sorted(loose)), output])
 
 
+RESIDUAL, GLU = "residual", "glu"  # epilogues a linear kernel can end with (`linear_output`)
+GLU_HALF = PANEL // 2  # a GLU layer's packed panels hold 32 gate columns, then the same 32 up columns
+
+
+def glu_interleaved(weight: np.ndarray) -> np.ndarray:
+    """[2N, K] weight, gate rows then up rows → rows in blocks of GLU_HALF gate, GLU_HALF up: every packed panel then
+    holds the gate and up columns of the same GLU_HALF outputs, and SiLU(gate) * up is computed inside its tile."""
+    n, k = weight.shape
+    return np.ascontiguousarray(weight.reshape(2, n // PANEL, GLU_HALF, k).transpose(1, 0, 2, 3).reshape(n, k))
+
+
+def panel_product(rows, n: int, epilogue: str | None, product, name: str):
+    """A linear kernel's product block from `product(r, panel, column)` (a reduction): `[rows, n]`, or for a GLU
+    epilogue `[rows, n/64, 2, 32]` (panel, gate or up half, column), so that the epilogue reads a point of each
+    half: TVM cannot place in a tile an epilogue whose reads it can only bound by a range of a flat axis (`64 * b
+    + l` and `64 * b + 32 + l`). Returns the block's tensor and `at(r, *column)`, its value at the column indices
+    `linear_output` passes."""
+    from tvm import te
+
+    if epilogue == GLU:
+        block = te.compute(int64_shape(rows, n // PANEL, 2, GLU_HALF),
+                           lambda r, panel, half, c: product(r, panel, half * GLU_HALF + c), name=name)
+        return block, lambda r, panel, half, c: block[r, panel, half, c]
+    block = te.compute(int64_shape(rows, n), lambda r, c: product(r, c // PANEL, c % PANEL), name=name)
+    return block, lambda r, c: block[r, c]
+
+
+def linear_output(rows, n: int, value, epilogue: str | None, name: str):
+    """The output stage of a linear kernel whose product is `value(r, c)` (fp32; `value(r, panel, half, column)` for GLU,
+    `panel_product`): `[rows, n]` as it is, plus a
+    `residual` input (`RESIDUAL`), or SiLU(gate) * up of GLU-interleaved columns (`GLU`, `glu_interleaved`) as
+    `[rows, n/64, 32]`, which is `[rows, n/2]` in memory. Fused into the matmul's tiles, the product never goes to
+    memory: the residual add and SiLU * up were kernels of their own that read it back (6 MB a layer for gate/up at
+    `[9, 28]`). Returns (extra inputs, output tensor)."""
+    from tvm import te, tirx, topi
+
+    if epilogue is None:
+        return [], te.compute(int64_shape(rows, n), value, name=name)
+    if epilogue == RESIDUAL:
+        residual = te.placeholder(int64_shape(rows, n), "float32", name="residual")
+        return [residual], te.compute(int64_shape(rows, n), lambda r, c: value(r, c) + residual[r, c], name=name)
+    assert epilogue == GLU, epilogue
+    # SiLU as the graph's own sigmoid computes it (`_fast_sigmoid`): x * 1 / (1 + fast_exp(-x)). SiLU(gate) * up is
+    # written as a product over the half axis (SiLU of half 0 times half 1): every read of the product is then a
+    # point in the block's own indices, which TVM needs to place the block in the tile (`panel_product`)
+    halves = int64_shape(rows, n // PANEL, 2, GLU_HALF)
+    exp = topi.fast_exp(te.compute(halves, lambda r, b, h, l: -value(r, b, h, l), name="glu_negative"))
+    one = tirx.const(1.0, "float32")
+
+    def silu_or_up(r, b, h, l):
+        x = value(r, b, h, l)
+        return tirx.Select(h == 0, x * (one / (one + exp[r, b, h, l])), x)
+
+    product = te.comm_reducer(lambda x, y: x * y, lambda dtype: tirx.const(1, dtype), name="product")
+    half = te.reduce_axis(int64_shape(0, 2), name="half")
+    return [], te.compute(int64_shape(rows, n // PANEL, GLU_HALF),
+                          lambda r, b, l: product(silu_or_up(r, b, half, l), axis=half), name=name)
+
+
 class KernelCalls:
     """Calls of our own TE kernels in a module being rewritten: each kernel added to `builder` once, the first time it
     is called, under its name."""
@@ -269,7 +329,13 @@ declare {acc} @{intrinsic}({acc}, {operand}, {operand})
 # How `write_params` stores each weight input of `main` (see `pack_linear_weights`)
 PLAIN, PANELS, BF16_PAIRS, INT8_QUADS = "plain", "panels", "bf16_pairs", "int8_quads"
 SPLIT_PANELS = "split_panels"  # fp16/fp32 weights as the bf16 planes of the bf16x3 AMX kernel
+GLU_SUFFIX = "+glu"  # a layout of a GLU kernel's weight: its rows `glu_interleaved` first
 PLAIN_CHUNK = 16 << 20
+
+
+def _or(rewritten, expr):
+    """The rewritten expression, or `expr` where there is none (Relax expressions have no truth value)."""
+    return expr if rewritten is None else rewritten
 
 
 def pack_linear_weights(mod, int8: frozenset[int] = frozenset(), amx: frozenset[str] = frozenset()
@@ -290,7 +356,12 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset(), amx: frozenset[
     the AMX tile kernels of `tvm_amx` instead (wherever K fills whole tiles: every Qwen3 shape), their activations
     padded to whole tiles of rows. With "bf16x3" in `amx`, the other (fp16 or fp32) weights become their two bf16
     planes `[N/64, 2, K/2, 64]` (int32 pairs) and the matmul three bf16 products on AMX tiles
-    (`tvm_bf16.split_matmul`), to 2^-15 of each product instead of fp32's 2^-24, at 2-2.5x torch's fp32 GEMM here."""
+    (`tvm_bf16.split_matmul`), to 2^-15 of each product instead of fp32's 2^-24, at 2-2.5x torch's fp32 GEMM here.
+
+    The VNNI and AVX512-BF16 kernels also take the work that follows them where it is elementwise on their output
+    (`linear_output`): `residual + x·Wᵀ` (o_proj, down_proj) adds the residual in the tile, and SiLU(gate) * up of
+    the fused gate_up_proj runs on the tile of a weight packed with its gate and up rows interleaved
+    (`glu_interleaved`). The product then never goes to memory: on the Zen4 host, int8 traffic ran 1.15x faster."""
     from tvm import relax
     from tvm.relax.dpl import is_op, rewrite_call, wildcard
     from tvm.sym.analyzer import Analyzer
@@ -302,63 +373,128 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset(), amx: frozenset[
     layouts = [PLAIN] * len(weights)
     kernels = KernelCalls(mod)  # the bf16 / int8 kernels added on the way
 
-    def call(name: str, make, shape: tuple, args: list, out_ty, tiles: bool = False):  # tiles: its AMX version
-        if tiles:
+    def call(name: str, make, shape: tuple, args: list, out_ty, tiles: bool = False, epilogue: str | None = None):
+        if tiles:  # its AMX version
             return kernels.call(f"{name}_amx_{dims_name(*shape)}", lambda: make(*shape, amx=True), args, out_ty)
+        if epilogue:
+            return kernels.call(f"{name}_{dims_name(*shape)}_{epilogue}", lambda: make(*shape, epilogue=epilogue),
+                                args, out_ty)
         return kernels.call(f"{name}_{dims_name(*shape)}", lambda: make(*shape), args, out_ty)
 
-    x, w = wildcard(), wildcard()
-    pattern = is_op("relax.matmul")(x, is_op("relax.permute_dims")(is_op("relax.astype")(w) | w))  # fp16 | fp32
-
-    def rewriter(expr, matches):
-        weight, act = matches[w], matches[x]
+    def linear(act, weight, epilogue: str | None = None, residual=None):
+        """`act · weightᵀ` (then the `epilogue`: + `residual`, or SiLU * up) as our kernel's call; None where the
+        weight has no packed layout, or where its kernel has no such epilogue (only the VNNI and AVX512-BF16
+        kernels have: AMX's would be untested on the CPUs this project is checked on)."""
         key = next((i for i, v in enumerate(weights) if weight.same_as(v)), None)
         if key is None or len(weight.ty.shape) != 2 or int(weight.ty.shape[0]) % PANEL:
-            return expr
+            return None
         n, k = (int(d) for d in weight.ty.shape)
         op, dims = relax.op, list(act.ty.shape.values)
         # every token of every sequence: one GEMM whatever the (batch, SEQ) split (batch * SEQ, the batch symbolic)
         rows = Analyzer().simplify(functools.reduce(operator.mul, dims[:-1]))
         flat = op.reshape(act, (rows, k))
+        extra = [] if residual is None else [op.reshape(residual, (rows, n))]
+        out_shape = (rows, n // PANEL, GLU_HALF) if epilogue == GLU else (rows, n)
+        shaped = dims[:-1] + [n // 2 if epilogue == GLU else n]
+
+        def packed(layout: str, params: list):
+            layouts[key] = layout + (GLU_SUFFIX if epilogue == GLU else "")
+            return panels_of.setdefault(key, params)
+
         if weight.ty.dtype == "bfloat16":
-            layouts[key] = BF16_PAIRS
-            [panels] = panels_of.setdefault(key, [relax.Var(f"{weight.name}_pairs", relax.TensorType(
-                (n // PANEL, k // 2, PANEL), "int32"))])
             tiles = "bf16" in amx and tvm_amx.fits("bf16", k)
+            if epilogue and tiles:
+                return None
+            [panels] = packed(BF16_PAIRS, [relax.Var(f"{weight.name}_pairs", relax.TensorType(
+                (n // PANEL, k // 2, PANEL), "int32"))])
             pairs = call("bf16_pairs", tvm_bf16.to_pairs, (rows, k), [flat], relax.TensorType(
                 (tvm_amx.activation_rows(rows, tiles), k // 2), "int32"), tiles)
-            out = call("bf16_matmul", tvm_bf16.pair_matmul, (rows, k, n), [pairs, panels],
-                       relax.TensorType((rows, n), "float32"), tiles)
-            return op.reshape(out, dims[:-1] + [n])
+            out = call("bf16_matmul", tvm_bf16.pair_matmul, (rows, k, n), [pairs, panels, *extra],
+                       relax.TensorType(out_shape, "float32"), tiles, epilogue)
+            return op.reshape(out, shaped)
         if key in int8 and k % 4 == 0:
-            layouts[key] = INT8_QUADS
-            panels, side = panels_of.setdefault(key, [
+            tiles = "int8" in amx and tvm_amx.fits("int8", k)
+            if epilogue and tiles:
+                return None
+            panels, side = packed(INT8_QUADS, [
                 relax.Var(f"{weight.name}_quads", relax.TensorType((n // PANEL, k // 4, PANEL, 4), "int8")),
                 relax.Var(f"{weight.name}_scales", relax.TensorType((2, n), "float32"))])
-            tiles = "int8" in amx and tvm_amx.fits("int8", k)
             absmax = call("int8_absmax", tvm_int8.row_absmax, (rows, k), [flat], relax.TensorType((rows,), "float32"))
             quantized = call("int8_quantize", tvm_int8.quantize_rows, (rows, k), [flat, absmax],
                              relax.TensorType((tvm_amx.activation_rows(rows, tiles), k), "uint8"), tiles)
-            out = call("int8_matmul", tvm_int8.quad_matmul, (rows, k, n), [quantized, panels, side, absmax],
-                       relax.TensorType((rows, n), "float32"), tiles)
-            return op.reshape(out, dims[:-1] + [n])
+            out = call("int8_matmul", tvm_int8.quad_matmul, (rows, k, n), [quantized, panels, side, absmax, *extra],
+                       relax.TensorType(out_shape, "float32"), tiles, epilogue)
+            return op.reshape(out, shaped)
+        if epilogue:
+            return None
         if "bf16x3" in amx and tvm_amx.fits("bf16x3", k):
-            layouts[key] = SPLIT_PANELS
-            [planes] = panels_of.setdefault(key, [relax.Var(f"{weight.name}_planes", relax.TensorType(
+            [planes] = packed(SPLIT_PANELS, [relax.Var(f"{weight.name}_planes", relax.TensorType(
                 (n // PANEL, 2, k // 2, PANEL), "int32"))])
             split = call("bf16x3_planes", tvm_bf16.to_split_pairs, (rows, k), [flat], relax.TensorType(
                 (tvm_amx.activation_rows(rows, True), 2, k // 2), "int32"))
             out = call("bf16x3_matmul", tvm_bf16.split_matmul, (rows, k, n), [split, planes],
                        relax.TensorType((rows, n), "float32"))
-            return op.reshape(out, dims[:-1] + [n])
-        layouts[key] = PANELS
-        [panels] = panels_of.setdefault(key, [relax.Var(f"{weight.name}_panels", relax.TensorType(
+            return op.reshape(out, shaped)
+        [panels] = packed(PANELS, [relax.Var(f"{weight.name}_panels", relax.TensorType(
             (n // PANEL, k, PANEL), weight.ty.dtype))])
         out = op.matmul(op.reshape(act, (1, rows, k)), op.astype(panels, "float32"))  # [N/64, rows, 64]
         out = op.permute_dims(out, [1, 0, 2])  # [rows, N/64, 64]
-        return op.reshape(out, dims[:-1] + [n])
+        return op.reshape(out, shaped)
 
-    rewritten = rewrite_call(pattern, rewriter, main)
+    def matmul_pattern():
+        act, weight = wildcard(), wildcard()
+        return act, weight, is_op("relax.matmul")(act, is_op("relax.permute_dims")(is_op("relax.astype")(weight)
+                                                                                     | weight))  # fp16 | fp32
+
+    users = {var: len(uses) for var, uses in relax.analysis.udchain(main.body.blocks[0]).items()}
+    bound = {b.var: b.value for block in main.body.blocks for b in block.bindings}
+
+    def used_once(expr) -> bool:  # a product the epilogue would take from every other reader
+        return isinstance(expr, relax.Var) and users.get(expr, 0) == 1
+
+    # First the epilogues: `residual + x·Wᵀ` and SiLU(gate) * up of one `x·[gate; up]ᵀ` (the export's fused
+    # gate_up_proj, sliced in halves) each become one kernel; then every other linear layer.
+    x, w, product = matmul_pattern()
+    residual = wildcard()
+    add = is_op("relax.add")(residual, product) | is_op("relax.add")(product, residual)
+    gx, gw, gate_product = matmul_pattern()
+    gate, gate_again, up = (is_op("relax.strided_slice")(p, wildcard(), wildcard(), wildcard(), wildcard())
+                            for p in (gate_product, gate_product, matmul_pattern()[2]))
+    glu = is_op("relax.multiply")(is_op("relax.multiply")(gate, is_op("relax.sigmoid")(gate_again)), up)
+
+    def resolved(expr):
+        return bound.get(expr, expr) if isinstance(expr, relax.Var) else expr
+
+    def is_first_and_second_half(first, second) -> bool:
+        """Whether two strided slices take the first and the second half of one product's last axis, and nothing
+        else reads the product."""
+        source = first.args[0]
+        if not (source.same_as(second.args[0]) and users.get(source, 0) == 2):
+            return False
+        n, last = int(source.ty.shape[-1]), len(source.ty.shape) - 1
+        (axes, begin, end, strides), (axes2, begin2, end2, strides2) = (
+            [[int(v.value) for v in field] for field in s.args[1:]] for s in (first, second))
+        return (axes == axes2 == [last] and strides == strides2 == [1] and begin == [0] and end == begin2 == [n // 2]
+                and end2[0] >= n)
+
+    def with_epilogue(expr, matches):
+        if glu in matches:
+            first, again, second = (resolved(matches[p]) for p in (gate, gate_again, up))
+            if first.same_as(again) and is_first_and_second_half(first, second):
+                return _or(linear(matches[gx], matches[gw], GLU), expr)
+            return expr
+        sum_of = [a for a in expr.args if resolved(a).same_as(matches[product])]
+        residual_dims, sum_dims = matches[residual].ty.shape.values, expr.ty.shape.values
+        if sum_of and used_once(sum_of[0]) and len(residual_dims) == len(sum_dims) and all(
+                Analyzer().can_prove_equal(a, b) for a, b in zip(residual_dims, sum_dims)):  # no broadcast
+            return _or(linear(matches[x], matches[w], RESIDUAL, matches[residual]), expr)
+        return expr
+
+    def plain(expr, matches):
+        return _or(linear(matches[x], matches[w]), expr)
+
+    with_epilogues = relax.analysis.remove_all_unused(rewrite_call(add | glu, with_epilogue, main))
+    rewritten = rewrite_call(product, plain, with_epilogues)
     first_weight = len(rewritten.params) - len(weights)
     params = list(rewritten.params[:first_weight])
     for key, weight in enumerate(rewritten.params[first_weight:]):
@@ -685,6 +821,8 @@ def write_params(path: Path, graph_dir: Path, weights: list, layouts: list[str],
                 yield dtype, shape, file_chunks(file, info.offset, count * dtype.itemsize)
                 continue
             array = np.fromfile(file, dtype=dtype, count=count, offset=info.offset).reshape(shape)
+            if layout.endswith(GLU_SUFFIX):
+                layout, array = layout.removesuffix(GLU_SUFFIX), glu_interleaved(array)
             for array in packers[layout](array):
                 yield array.dtype, array.shape, [np.ascontiguousarray(array).reshape(-1).view(np.uint8)]  # any dtype
 

@@ -25,7 +25,7 @@ from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
 from toolkit import tvm_amx
-from toolkit.tvm_compile import PANEL, int64_shape, kernel_func, llvm_dot
+from toolkit.tvm_compile import GLU_HALF, PANEL, int64_shape, kernel_func, linear_output, llvm_dot, panel_product
 
 MATMUL_NAME = "int8_quad_matmul"  # the reduction blocks' names: how the schedule rule recognises them
 AMX_MATMUL_NAME = "int8_amx_matmul"
@@ -70,21 +70,29 @@ def quantize_rows(rows, k: int, amx: bool = False):
     return kernel_func(act, absmax, te.compute(out_shape, quantize, name="int8_quantize"))
 
 
-def quad_matmul(rows, k: int, n: int, amx: bool = False):
-    """PrimFunc: y[rows, N] = (sum_k q[r, k] W_q[n, k] - 128 sum_k W_q[n, k]) * scale_w[n] * absmax[r] / 127. With
-    `amx`, q has whole tiles of rows (`tvm_amx.activation_rows`) and the product is the AMX kernel's."""
+def quad_matmul(rows, k: int, n: int, amx: bool = False, epilogue: str | None = None):
+    """PrimFunc: y[rows, N] = (sum_k q[r, k] W_q[n, k] - 128 sum_k W_q[n, k]) * scale_w[n] * absmax[r] / 127, then
+    the `epilogue` (`linear_output`: a residual add, or SiLU * up). With `amx`, q has whole tiles of rows
+    (`tvm_amx.activation_rows`) and the product is the AMX kernel's."""
     q_rows = tvm_amx.activation_rows(rows, amx)
     q = te.placeholder(int64_shape(q_rows, k), "uint8", name="q")
     panels = te.placeholder(int64_shape(n // PANEL, k // 4, PANEL, 4), "int8", name="panels")
     side = te.placeholder(int64_shape(2, n), "float32", name="side")
     absmax = te.placeholder(int64_shape(rows), "float32", name="absmax")
     j = te.reduce_axis(int64_shape(0, k), name="j")
-    acc = te.compute(int64_shape(q_rows, n), lambda r, c: te.sum(
-        q[r, j].astype("int32") * panels[c // PANEL, j // 4, c % PANEL, j % 4].astype("int32"), axis=j),
-        name=AMX_MATMUL_NAME if amx else MATMUL_NAME)
-    out = te.compute(int64_shape(rows, n), lambda r, c: (acc[r, c].astype("float32") - side[1, c]) * side[0, c]
-                     * (absmax[r] * tirx.const(1 / 127.0, "float32")), name="int8_dequantize")
-    return kernel_func(q, panels, side, absmax, out)
+
+    def product(r, panel, column):
+        return te.sum(q[r, j].astype("int32") * panels[panel, j // 4, column, j % 4].astype("int32"), axis=j)
+
+    acc, at = panel_product(q_rows, n, epilogue, product, AMX_MATMUL_NAME if amx else MATMUL_NAME)
+
+    def dequantized(r, *column):  # column: c, or (panel, half, c) for GLU (`panel_product`)
+        c = column[0] * PANEL + column[1] * GLU_HALF + column[2] if len(column) == 3 else column[0]
+        return (at(r, *column).astype("float32") - side[1, c]) * side[0, c] * (absmax[r] * tirx.const(1 / 127.0,
+                                                                                                       "float32"))
+
+    extra, out = linear_output(rows, n, dequantized, epilogue, "int8_dequantize")
+    return kernel_func(q, panels, side, absmax, *extra, out)
 
 
 @T.prim_func(s_tir=True)

@@ -6,7 +6,9 @@ PrimFunc gets one of these, tried in order:
 - `Matmul`: any block with one reduction axis reading two buffers (projections, MLP, attention QK^T and PV):
   register-blocked micro-kernel (MR rows x NR columns of accumulators in a local buffer that LLVM keeps in vector
   registers), the reduction axis outside the micro-tile, NR vectorised with AVX-512, parallel over output tiles;
-  elementwise epilogues (residual add, SiLU*up, scaling) are fused into the tile's write-back. The bf16 linear
+  elementwise epilogues (residual add, SiLU*up, scaling) are fused into the tile's write-back; a linear kernel's
+  (`tvm_compile.linear_output`) is one expression reading the accumulator registers, with no [rows, N] buffer
+  between (its int32 copy cost the int8 kernels 5-10% at N 6144). The bf16 linear
   layers' kernel (`tvm_bf16.pair_matmul`) gets the same tiles with one `vdpbf16ps` per 16 columns, the int8 one
   (`tvm_int8.quad_matmul`) one `vpdpbusd` per 16 columns and 4 K values; on CPUs with AMX, both instead call an
   AMX tile micro-kernel per 16 rows x 64-256 columns over the whole K (`tvm_amx`). Batched matmuls (attention, per
@@ -131,6 +133,9 @@ class Matmul(dl.ScheduleRule):
             return None
         sch, infos = analyzed
         reductions = [b for b in infos if not b.is_injective()]
+        linear = [b for b in reductions if _by_block_name(DOT_KERNELS, sch.get(b.block_rv).name_hint)]
+        if linear:  # a linear kernel's product (its GLU output stage is a reduction too: `linear_output`)
+            reductions = linear[:1]
         if len(reductions) != 1:
             return None
         main = reductions[0]
@@ -152,6 +157,10 @@ class Matmul(dl.ScheduleRule):
             if not {r.source.name for r in sch.get(e).reads} & produced:
                 return None
             produced |= {w.source.name for w in sch.get(e).writes}
+        if dot:  # a linear kernel's output stage (`linear_output`) as one expression: GLU's exp is not a pass of its own
+            for e in epilogue[:-1]:
+                sch.compute_inline(e)
+            epilogue = epilogue[-1:]
         amx = _by_block_name(AMX_KERNELS, name)
         if amx:  # its operands come straight from the function's inputs: no prologue
             return None if index else self._amx_tiles(func, name, [sch.get(e).name_hint for e in epilogue], *amx)
@@ -170,6 +179,11 @@ class Matmul(dl.ScheduleRule):
             block = sch.get_sblock(name)  # pad_einsum keeps the block's name
             padding, epilogue = padded
         *spatial, k = sch.get_loops(block)
+        halves = []
+        whole_panels = dot and len(spatial) == 4  # a GLU kernel's [rows, panels, 2, 32] product (`panel_product`)
+        if whole_panels:  # its tiles are whole panels: jo is the panel, ji a half's columns, each half in turn
+            i, jo, half, ji = spatial
+            spatial, halves = [i, ji], [half]
         i, j = spatial[-2], spatial[-1]
         columns = _extent(sch, j)
         mr = _largest_divisor(sch.get(i).extent, (self.mr, 2))
@@ -181,13 +195,16 @@ class Matmul(dl.ScheduleRule):
         if dot and nr % VECTOR_LANES:  # a dot instruction fills whole vectors (our panels are 64 columns wide)
             return None
         io, ii = sch.split(i, [None, mr])
-        jo, ji = sch.split(j, [None, nr])
+        if not whole_panels:
+            jo, ji = sch.split(j, [None, nr])
         ko, ki = sch.split(k, [None, kc])
         inner = []
         if dot and dot[2] > 1:  # the K values of one lane of the instruction, innermost
             ki, kk = sch.split(ki, [None, dot[2]])
             inner = [kk]
-        sch.reorder(*spatial[:-2], jo, io, ko, ki, ii, ji, *inner)
+        sch.reorder(*spatial[:-2], jo, io, ko, ki, ii, *halves, ji, *inner)
+        for half in halves:
+            sch.unroll(half)
         if batched:  # parallel over (sequence, head); a padded operand is copied once per head, not per tile
             outer = sch.fuse(*spatial[:-2])
             tile = io
@@ -214,12 +231,18 @@ class Matmul(dl.ScheduleRule):
             sch.vectorize(sch.get_loops(init)[-1])
             sch.tensorize(jl, intrinsic)
             sch.annotate(outer, "pragma_import_llvm", llvm)
-        # Write-back of the accumulator tile, then the epilogue on that tile while it is still in cache.
-        # (reverse_compute_inline would save a store, but breaks when an epilogue input has two readers, SiLU*gate.)
+        # Write-back of the accumulator tile, then the epilogue on that tile while it is still in cache; a linear
+        # kernel's epilogue reads the accumulators themselves (below).
         self._vectorize_innermost(sch, accumulator)
         for e in epilogue:
             sch.reverse_compute_at(e, tile)
+            if any(iv.iter_type != tirx.IterVar.DataPar for iv in sch.get(e).iter_vars):  # GLU's halves
+                *_, columns_loop, halves_loop = sch.get_loops(e)
+                sch.reorder(halves_loop, columns_loop)
+                sch.unroll(halves_loop)
             self._vectorize_innermost(sch, e)
+        if dot and epilogue:  # the epilogue reads the accumulators where they are: no [rows, N] int32/fp32 copy
+            sch.compute_inline(accumulator)
         return sch
 
     @staticmethod

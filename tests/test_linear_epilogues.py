@@ -1,0 +1,97 @@
+"""The residual add and SiLU(gate) * up run inside the int8 (VNNI) and bf16 (AVX512-BF16) linear kernels' tiles:
+each epilogue against the plain kernel plus numpy, and the graph rewrite that puts them there."""
+import ml_dtypes
+import numpy as np
+import pytest
+
+from toolkit.host import cpu_has
+
+KERNELS = [pytest.param("int8", marks=pytest.mark.skipif(not cpu_has("avx512_vnni"), reason="needs AVX512-VNNI")),
+           pytest.param("bf16", marks=pytest.mark.skipif(not cpu_has("avx512_bf16"), reason="needs AVX512-BF16"))]
+
+
+def _bf16_pairs(x):
+    bits = x.astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.uint32)
+    return (bits[:, 0::2] | (bits[:, 1::2] << 16)).view(np.int32)
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+def test_residual_and_glu_epilogues_match_the_plain_kernel_and_numpy(kind):
+    import tvm
+    from tvm.s_tir import dlight as dl
+
+    from toolkit import tvm_bf16, tvm_int8
+    from toolkit.tvm_compile import GLU, RESIDUAL, glu_interleaved, host_target
+    from toolkit.tvm_schedules import cpu_rules, unscheduled
+
+    rows, k, n = 12, 512, 256
+    make = tvm_int8.quad_matmul if kind == "int8" else tvm_bf16.pair_matmul
+    mod = tvm.IRModule({name: make(rows, k, n, epilogue=epilogue).with_attr("global_symbol", name)
+                        for name, epilogue in (("plain", None), ("residual", RESIDUAL), ("glu", GLU))})
+    target = tvm.target.Target(host_target())
+    with target:
+        mod = dl.ApplyDefaultSchedule(*cpu_rules())(mod)
+    assert unscheduled(mod) == []
+    # the epilogue reads the accumulator tile: the kernel allocates no buffer but the (register) accumulators
+    for name in ("plain", "residual", "glu"):
+        allocations = [line for line in mod[name].script().splitlines() if "alloc_buffer" in line]
+        assert allocations and all('scope="local"' in line for line in allocations), name
+    lib = tvm.compile(mod, target=target)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    x[5] *= 300.0  # a massive-activation token
+    w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
+    if kind == "int8":
+        absmax = np.abs(x).max(axis=1).astype(np.float32)
+        q = (np.clip(np.rint(x * 127 / absmax[:, None]), -127, 127) + 128).astype(np.uint8)
+        operands = lambda weight: [q, *tvm_int8.pack_quads(weight), absmax]  # noqa: E731
+    else:
+        operands = lambda weight: [_bf16_pairs(x), tvm_bf16.pack_pairs(weight.astype(ml_dtypes.bfloat16))]  # noqa: E731
+    tensor = tvm.runtime.tensor
+
+    def run(name, weight, extra, out_shape):
+        out = tensor(np.zeros(out_shape, np.float32))
+        lib[name](*[tensor(a) for a in operands(weight) + extra], out)
+        return out.numpy()
+
+    product = run("plain", w, [], (rows, n))
+    residual = rng.standard_normal((rows, n)).astype(np.float32)
+    assert np.abs(run("residual", w, [residual], (rows, n)) - (product + residual)).max() <= 1e-5 * np.abs(
+        product).max()
+    gate, up = product[:, :n // 2], product[:, n // 2:]
+    glu = run("glu", glu_interleaved(w), [], (rows, n // 64, 32)).reshape(rows, n // 2)
+    expected = gate / (1 + np.exp(-gate)) * up
+    assert np.abs(glu - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+def test_the_graph_fuses_each_residual_add_and_silu_into_its_linear_kernel(tmp_path, kind):
+    """One layer: o_proj and down_proj end with the residual add, gate_up_proj with SiLU * up (its weight packed
+    interleaved); no sigmoid or residual add is left as a kernel of its own, and qkv_proj stays plain."""
+    import torch
+    import tvm
+
+    from toolkit.export import export_onnx
+    from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment, Qwen3Shape
+    from toolkit.tasks import TASKS
+    from toolkit.tvm_compile import BF16_PAIRS, GLU_SUFFIX, INT8_QUADS, host_target, import_onnx, lower
+
+    task = TASKS["embedding"]
+    shape = Qwen3Shape(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=64, intermediate_size=512, vocab_size=1000, rms_norm_eps=1e-6, rope_theta=1e6)
+    model = Qwen3ForDeployment(shape, task.output_name)
+    export_onnx(model.half() if kind == "int8" else model.to(torch.bfloat16), task, tmp_path / "m.onnx", 64, 1)
+    graph = import_onnx(tmp_path / "m.onnx", 4, 16)
+    int8 = frozenset(i for i, w in enumerate(graph.weights) if w.name.endswith("proj.weight")) if kind == "int8" \
+        else frozenset()
+    lowered, layouts = lower(graph.mod, tvm.target.Target(host_target()), schedule=False, int8=int8)
+    names = [gv.name_hint for gv in lowered.get_global_vars()]
+    matmuls = [n for n in names if n.startswith(f"{kind}_matmul")]
+    # per layer: qkv plain, o_proj and down_proj with the residual, gate_up with GLU (the last layer's o_proj,
+    # down_proj and gate_up run on the last position alone: kernels of their own)
+    assert sum(n.endswith("_residual") for n in matmuls) == 4 and sum(n.endswith("_glu") for n in matmuls) == 2
+    assert not any("lambda" in n or n.startswith("fused_reshape") and n.endswith("add") for n in names)
+    packed = INT8_QUADS if kind == "int8" else BF16_PAIRS
+    by_weight = dict(zip((w.name for w in graph.weights), layouts))
+    assert [by_weight[f"layers.{i}.mlp.gate_up_proj.weight"] for i in (0, 1)] == [packed + GLU_SUFFIX] * 2
+    assert by_weight["layers.0.self_attn.qkv_proj.weight"] == packed
