@@ -56,7 +56,9 @@ def test_every_primfunc_gets_a_schedule(checkpoints, tmp_path):
     # each RMSNorm (hidden states; q and k per head) is one kernel: x^2 is no pass of its own, 1/sqrt one per row
     assert not [n for n in intermediates if "power" in n or "sqrt" in n]
     rms_norms = [n for n in intermediates if n.startswith("rms_norm")]  # hidden, q, k; all positions, then the last
-    shapes = {n: [int(d) for d in n.split("_")[2:] if d != "batch"] for n in rms_norms}  # batch 1 of 1
+    # batch 1 of 1; q's and k's read straight from qkv_proj's output (`_of_<its columns>_from_<offset>`)
+    shapes = {n: [int(d) for d in n.split("_of_")[0].split("_")[2:] if d != "batch"] for n in rms_norms}
+    assert sorted(n.split("_of_")[1] for n in rms_norms if "_of_" in n) == ["128_from_0", "128_from_64"]
     assert len(rms_norms) >= 3 and all("_rf" in lowered[n].script() for n, (*rows, width) in shapes.items()
                                         if np.prod(rows) > 1 and width >= 32)  # rows of 2+ vectors: sums in lanes
     silu = [n for n in intermediates if "<lambda>" in n]
