@@ -248,12 +248,11 @@ def panel_product(rows, n: int, epilogue: str | None, product, name: str):
 
 
 def linear_output(rows, n: int, value, epilogue: str | None, name: str):
-    """The output stage of a linear kernel whose product is `value(r, c)` (fp32; `value(r, panel, half, column)` for GLU,
-    `panel_product`): `[rows, n]` as it is, plus a
-    `residual` input (`RESIDUAL`), or SiLU(gate) * up of GLU-interleaved columns (`GLU`, `glu_interleaved`) as
-    `[rows, n/64, 32]`, which is `[rows, n/2]` in memory. Fused into the matmul's tiles, the product never goes to
-    memory: the residual add and SiLU * up were kernels of their own that read it back (6 MB a layer for gate/up at
-    `[9, 28]`). Returns (extra inputs, output tensor)."""
+    """The output stage of a linear kernel whose product is `value(r, c)` (fp32; `value(r, panel, half, column)`
+    for GLU, `panel_product`): `[rows, n]` as it is, plus a `residual` input (`RESIDUAL`), or SiLU(gate) * up of
+    GLU-interleaved columns (`GLU`, `glu_interleaved`) as `[rows, n/64, 32]`, which is `[rows, n/2]` in memory. Fused
+    into the matmul's tiles, the product never goes to memory: the residual add and SiLU * up were kernels of their
+    own that read it back (6 MB a layer for gate/up at `[9, 28]`). Returns (extra inputs, output tensor)."""
     from tvm import te, tirx, topi
 
     if epilogue is None:
@@ -266,17 +265,17 @@ def linear_output(rows, n: int, value, epilogue: str | None, name: str):
     # written as a product over the half axis (SiLU of half 0 times half 1): every read of the product is then a
     # point in the block's own indices, which TVM needs to place the block in the tile (`panel_product`)
     halves = int64_shape(rows, n // PANEL, 2, GLU_HALF)
-    exp = topi.fast_exp(te.compute(halves, lambda r, b, h, l: -value(r, b, h, l), name="glu_negative"))
+    exp = topi.fast_exp(te.compute(halves, lambda r, b, h, c: -value(r, b, h, c), name="glu_negative"))
     one = tirx.const(1.0, "float32")
 
-    def silu_or_up(r, b, h, l):
-        x = value(r, b, h, l)
-        return tirx.Select(h == 0, x * (one / (one + exp[r, b, h, l])), x)
+    def silu_or_up(r, b, h, c):
+        x = value(r, b, h, c)
+        return tirx.Select(h == 0, x * (one / (one + exp[r, b, h, c])), x)
 
     product = te.comm_reducer(lambda x, y: x * y, lambda dtype: tirx.const(1, dtype), name="product")
     half = te.reduce_axis(int64_shape(0, 2), name="half")
     return [], te.compute(int64_shape(rows, n // PANEL, GLU_HALF),
-                          lambda r, b, l: product(silu_or_up(r, b, half, l), axis=half), name=name)
+                          lambda r, b, c: product(silu_or_up(r, b, half, c), axis=half), name=name)
 
 
 class KernelCalls:

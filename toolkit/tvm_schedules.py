@@ -157,7 +157,7 @@ class Matmul(dl.ScheduleRule):
             if not {r.source.name for r in sch.get(e).reads} & produced:
                 return None
             produced |= {w.source.name for w in sch.get(e).writes}
-        if dot:  # a linear kernel's output stage (`linear_output`) as one expression: GLU's exp is not a pass of its own
+        if dot:  # a linear kernel's output stage (`linear_output`) as one expression: GLU's exp is no pass of its own
             for e in epilogue[:-1]:
                 sch.compute_inline(e)
             epilogue = epilogue[-1:]
