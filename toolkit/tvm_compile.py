@@ -337,6 +337,25 @@ def _or(rewritten, expr):
     return expr if rewritten is None else rewritten
 
 
+def _definitions(func):
+    """`resolve(expr)`: the expression a variable of `func` is bound to, else `expr` itself (a pattern match hands
+    over either, depending on how it reached the node)."""
+    bound = {b.var: b.value for block in func.body.blocks for b in block.bindings}
+    return lambda expr: bound.get(expr, expr)
+
+
+def _slice_fields(call) -> list[list[int]]:
+    """A `relax.strided_slice` call's axes, begin, end and strides, as lists of ints."""
+    return [[int(v.value) for v in field] for field in call.args[1:]]
+
+
+def _same_dims(a, b) -> bool:
+    """Whether two shapes (dimensions symbolic in the batch or not) are provably equal."""
+    from tvm.sym.analyzer import Analyzer
+
+    return len(a) == len(b) and all(Analyzer().can_prove_equal(x, y) for x, y in zip(a, b))
+
+
 def pack_linear_weights(mod, int8: frozenset[int] = frozenset(), amx: frozenset[str] = frozenset()
                         ) -> tuple[tvm.IRModule, list[str]]:
     """Rewrite `matmul(x, permute_dims([astype](W)))` (every nn.Linear of the export, W a weight input of `main`) so
@@ -446,7 +465,7 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset(), amx: frozenset[
                                                                                      | weight))  # fp16 | fp32
 
     users = {var: len(uses) for var, uses in relax.analysis.udchain(main.body.blocks[0]).items()}
-    bound = {b.var: b.value for block in main.body.blocks for b in block.bindings}
+    resolved = _definitions(main)
 
     def used_once(expr) -> bool:  # a product the epilogue would take from every other reader
         return isinstance(expr, relax.Var) and users.get(expr, 0) == 1
@@ -461,9 +480,6 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset(), amx: frozenset[
                             for p in (gate_product, gate_product, matmul_pattern()[2]))
     glu = is_op("relax.multiply")(is_op("relax.multiply")(gate, is_op("relax.sigmoid")(gate_again)), up)
 
-    def resolved(expr):
-        return bound.get(expr, expr) if isinstance(expr, relax.Var) else expr
-
     def is_first_and_second_half(first, second) -> bool:
         """Whether two strided slices take the first and the second half of one product's last axis, and nothing
         else reads the product."""
@@ -471,8 +487,7 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset(), amx: frozenset[
         if not (source.same_as(second.args[0]) and users.get(source, 0) == 2):
             return False
         n, last = int(source.ty.shape[-1]), len(source.ty.shape) - 1
-        (axes, begin, end, strides), (axes2, begin2, end2, strides2) = (
-            [[int(v.value) for v in field] for field in s.args[1:]] for s in (first, second))
+        (axes, begin, end, strides), (axes2, begin2, end2, strides2) = _slice_fields(first), _slice_fields(second)
         return (axes == axes2 == [last] and strides == strides2 == [1] and begin == [0] and end == begin2 == [n // 2]
                 and end2[0] >= n)
 
@@ -483,9 +498,8 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset(), amx: frozenset[
                 return _or(linear(matches[gx], matches[gw], GLU), expr)
             return expr
         sum_of = [a for a in expr.args if resolved(a).same_as(matches[product])]
-        residual_dims, sum_dims = matches[residual].ty.shape.values, expr.ty.shape.values
-        if sum_of and used_once(sum_of[0]) and len(residual_dims) == len(sum_dims) and all(
-                Analyzer().can_prove_equal(a, b) for a, b in zip(residual_dims, sum_dims)):  # no broadcast
+        if sum_of and used_once(sum_of[0]) and _same_dims(matches[residual].ty.shape.values,
+                                                          expr.ty.shape.values):  # no broadcast
             return _or(linear(matches[x], matches[w], RESIDUAL, matches[residual]), expr)
         return expr
 
@@ -516,31 +530,29 @@ def rms_norm_kernels(mod):
     slice was a copy of its own (q's 3.1 ms, k's 1.4 ms a forward in the int8 set's SEQ 28 on the Zen4 host)."""
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
-    from tvm.sym.analyzer import Analyzer
 
     x, two, eps, w = wildcard(), is_const(), is_const(), wildcard()
     mean = is_op("relax.mean")(is_op("relax.power")(x, two))
     norm = is_op("relax.multiply")(is_op("relax.divide")(x, is_op("relax.sqrt")(is_op("relax.add")(mean, eps))),
                                    is_op("relax.astype")(w) | w)
     kernels = KernelCalls(mod)
-    bound = {b.var: b.value for block in mod["main"].body.blocks for b in block.bindings}
+    resolved = _definitions(mod["main"])
 
     def heads_of(data):
         """(source, offset): where `data` is the last axis of `source` from `offset` on, split into heads; else None."""
-        reshape = bound.get(data, data)  # a variable, or the expression itself where the matcher resolved it
+        reshape = resolved(data)
         if not (isinstance(reshape, relax.Call) and reshape.op.name == "relax.reshape"):
             return None
-        sliced = bound.get(reshape.args[0], reshape.args[0])
+        sliced = resolved(reshape.args[0])
         if not (isinstance(sliced, relax.Call) and sliced.op.name == "relax.strided_slice"):
             return None
         source = sliced.args[0]
-        axes, begin, end, strides = ([int(v.value) for v in field] for field in sliced.args[1:])
+        axes, begin, end, strides = _slice_fields(sliced)
         shape, source_shape = data.ty.shape.values, source.ty.shape.values
         if len(shape) != len(source_shape) + 1 or axes != [len(source_shape) - 1] or strides != [1]:
             return None
         width = int(shape[-2]) * int(shape[-1])
-        if min(end[0], int(source_shape[-1])) - begin[0] != width or not all(
-                Analyzer().can_prove_equal(a, b) for a, b in zip(shape[:-2], source_shape[:-1])):
+        if min(end[0], int(source_shape[-1])) - begin[0] != width or not _same_dims(shape[:-2], source_shape[:-1]):
             return None
         return source, begin[0]
 
