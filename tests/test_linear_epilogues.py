@@ -1,5 +1,6 @@
-"""The residual add and SiLU(gate) * up run inside the int8 (VNNI) and bf16 (AVX512-BF16) linear kernels' tiles:
-each epilogue against the plain kernel plus numpy, and the graph rewrite that puts them there."""
+"""The int8 (VNNI) and bf16 (AVX512-BF16) linear kernels' tiles: the residual add and SiLU(gate) * up run inside
+them (each epilogue against the plain kernel plus numpy, and the graph rewrite that puts them there), and they go
+row tile by row tile over blocks of panels."""
 import ml_dtypes
 import numpy as np
 import pytest
@@ -95,3 +96,47 @@ def test_the_graph_fuses_each_residual_add_and_silu_into_its_linear_kernel(tmp_p
     by_weight = dict(zip((w.name for w in graph.weights), layouts))
     assert [by_weight[f"layers.{i}.mlp.gate_up_proj.weight"] for i in (0, 1)] == [packed + GLU_SUFFIX] * 2
     assert by_weight["layers.0.self_attn.qkv_proj.weight"] == packed
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+def test_linear_tiles_go_row_by_row_over_blocks_of_four_panels_with_the_same_outputs(kind):
+    """8 panels of 64 columns, 12 rows: the parallel loop runs over 2 blocks x 3 row tiles (each tile then takes the
+    block's 4 panels in turn), not 8 panels x 3 row tiles; every output is the same bit for bit (a tile's sums are
+    taken in the same order either way)."""
+    import re
+
+    import tvm
+    from tvm.s_tir import dlight as dl
+
+    from toolkit import tvm_bf16, tvm_int8
+    from toolkit.tvm_compile import host_target
+    from toolkit.tvm_schedules import Matmul, cpu_rules
+
+    rows, k, n = 12, 256, 512
+    make = tvm_int8.quad_matmul if kind == "int8" else tvm_bf16.pair_matmul
+    target = tvm.target.Target(host_target())
+    libs, parallel = [], []
+    for row_panels in (4, 1):
+        rules = cpu_rules()
+        rules[0] = Matmul(row_panels=row_panels)
+        with target:
+            mod = dl.ApplyDefaultSchedule(*rules)(tvm.IRModule({"main": make(rows, k, n).with_attr("global_symbol",
+                                                                                                     "main")}))
+        parallel.append([int(e) for e in re.findall(r"T\.parallel\(T\.int64\((\d+)\)", mod["main"].script())])
+        libs.append(tvm.compile(mod, target=target))
+    assert parallel == [[2 * 3], [8 * 3]]
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    if kind == "int8":
+        absmax = np.abs(x).max(axis=1).astype(np.float32)
+        operands = [(np.clip(np.rint(x * 127 / absmax[:, None]), -127, 127) + 128).astype(np.uint8),
+                    *tvm_int8.pack_quads(w), absmax]
+    else:
+        operands = [_bf16_pairs(x), tvm_bf16.pack_pairs(w.astype(ml_dtypes.bfloat16))]
+    outputs = []
+    for lib in libs:
+        out = tvm.runtime.tensor(np.zeros((rows, n), np.float32))
+        lib["main"](*[tvm.runtime.tensor(a) for a in operands], out)
+        outputs.append(out.numpy())
+    assert np.array_equal(outputs[0], outputs[1]) and np.abs(outputs[0]).max() > 0

@@ -527,14 +527,23 @@ def rms_norm_kernels(mod):
     row rule maps (dlight's took it: parallel over the batch alone, a scalar sum: 0.14 ms for `[252, 1024]`). The
     kernel scales by 1/sqrt once per row, as Hugging Face's `rsqrt` does, not by a division per element. Where x is
     q or k cut out of the fused qkv_proj's output (`reshape(strided_slice(qkv))`), the kernel reads them there: the
-    slice was a copy of its own (q's 3.1 ms, k's 1.4 ms a forward in the int8 set's SEQ 28 on the Zen4 host)."""
+    slice was a copy of its own (q's 3.1 ms, k's 1.4 ms a forward in the int8 set's SEQ 28 on the Zen4 host). Where
+    the norm of q's or k's heads is followed by RoPE (`x * cos + rotate_half(x) * sin` of `permute_dims(norm, [0, 2,
+    1, 3])`, cos and sin constant tables), the kernel applies it and writes the attention's `[b, heads, S, D]`: RoPE
+    and its transpose were a pass of their own over q and over k (8.4 ms a forward, same set)."""
     from tvm import relax
-    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+    from tvm.relax.dpl import TuplePattern, is_const, is_op, rewrite_call, wildcard
 
     x, two, eps, w = wildcard(), is_const(), is_const(), wildcard()
     mean = is_op("relax.mean")(is_op("relax.power")(x, two))
     norm = is_op("relax.multiply")(is_op("relax.divide")(x, is_op("relax.sqrt")(is_op("relax.add")(mean, eps))),
                                    is_op("relax.astype")(w) | w)
+    heads = is_op("relax.permute_dims")(norm)
+    upper, lower = (is_op("relax.strided_slice")(heads, wildcard(), wildcard(), wildcard(), wildcard())
+                    for _ in range(2))
+    cos, sin = is_const(), is_const()
+    rotated = is_op("relax.concat")(TuplePattern([is_op("relax.negative")(upper), lower]))
+    rope = is_op("relax.add")(is_op("relax.multiply")(heads, cos), is_op("relax.multiply")(rotated, sin))
     kernels = KernelCalls(mod)
     resolved = _definitions(mod["main"])
 
@@ -556,35 +565,63 @@ def rms_norm_kernels(mod):
             return None
         return source, begin[0]
 
-    def rewriter(expr, matches):
+    def rotary_tables(matches) -> list | None:
+        """[cos, sin] where the match is RoPE as Hugging Face's `rotate_half` writes it, over the last axis of the
+        norm's heads brought to `[b, heads, S, D]`, with `[1, 1, S, D]` fp32 tables; else None."""
+        transpose, first, second = (resolved(matches[p]) for p in (heads, upper, lower))
+        shape = transpose.ty.shape.values
+        if len(shape) != 4 or [int(a) for a in transpose.attrs.axes] != [0, 2, 1, 3]:
+            return None
+        d = int(shape[-1])
+        (axes, begin, end, strides), (axes2, begin2, end2, strides2) = _slice_fields(first), _slice_fields(second)
+        halves = (axes == axes2 == [3] and strides == strides2 == [1] and begin == [d // 2] and end[0] >= d
+                  and begin2 == [0] and end2 == [d // 2] and d % 2 == 0)
+        concat_axis = int(resolved(matches[rotated]).attrs.axis)
+        tables = [matches[cos], matches[sin]]
+        if not halves or concat_axis % 4 != 3 or any(
+                t.ty.dtype != "float32" or len(t.ty.shape) != 4 or [int(v) for v in t.ty.shape] != [1, 1, int(
+                    shape[2]), d] for t in tables):
+            return None
+        return tables
+
+    def normed(matches, rotary: list | None = None):
+        """The kernel call for a matched norm (with `rotary`, its RoPE too); None where the match is another op."""
         data, weight, reduce = matches[x], matches[w], matches[mean]
         shape = list(data.ty.shape.values)
         if (data.ty.dtype != "float32" or float(matches[two].value.numpy()) != 2.0 or not reduce.attrs.keepdims
                 or [int(a) % len(shape) for a in reduce.attrs.axis] != [len(shape) - 1]
                 or [int(d) for d in weight.ty.shape] != [int(shape[-1])]):
-            return expr
+            return None
         epsilon = float(matches[eps].value.numpy())
-        name = f"rms_norm_{dims_name(*shape)}"
+        out_shape = [shape[0], shape[2], shape[1], shape[3]] if rotary else shape
+        name = f"rms_norm{'_rope' if rotary else ''}_{dims_name(*out_shape)}"
+        key = (name, weight.ty.dtype, epsilon)
+        args, within = [data, weight, *(rotary or [])], None
         heads = heads_of(data)
         if heads:
             source, offset = heads
-            columns = int(source.ty.shape[-1])
-            return kernels.call(f"{name}_of_{columns}_from_{offset}", lambda: rms_norm(
-                shape, weight.ty.dtype, epsilon, (columns, offset)), [source, weight],
-                relax.TensorType(shape, "float32"), key=(dims_name(*shape), weight.ty.dtype, epsilon, columns, offset))
-        return kernels.call(name, lambda: rms_norm(shape, weight.ty.dtype, epsilon), [data, weight],
-                            relax.TensorType(shape, "float32"), key=(dims_name(*shape), weight.ty.dtype, epsilon))
+            within = (int(source.ty.shape[-1]), offset)
+            name, key, args = f"{name}_of_{within[0]}_from_{offset}", (*key, *within), [source, *args[1:]]
+        return kernels.call(name, lambda: rms_norm(shape, weight.ty.dtype, epsilon, within, bool(rotary)), args,
+                            relax.TensorType(out_shape, "float32"), key=key)
 
-    main = rewrite_call(norm, rewriter, mod["main"])
+    def with_rope(expr, matches):
+        tables = rotary_tables(matches)
+        return _or(tables and normed(matches, tables), expr)
+
+    main = relax.analysis.remove_all_unused(rewrite_call(rope, with_rope, mod["main"]))
+    main = rewrite_call(norm, lambda expr, matches: _or(normed(matches), expr), main)
     rewritten = kernels.builder.get()
     rewritten[rewritten.get_global_var("main")] = main
     return rewritten
 
 
-def rms_norm(shape: list, weight_dtype: str, eps: float, heads_of: tuple[int, int] | None = None):
+def rms_norm(shape: list, weight_dtype: str, eps: float, heads_of: tuple[int, int] | None = None,
+             rotary: bool = False):
     """PrimFunc: `x * (1 / sqrt(mean(x^2 over the last axis) + eps)) * float32(w)`, x fp32 of `shape`. With
     `heads_of` (columns, offset), x is read from a `[..., columns]` source, its heads `[..., heads, head_dim]` the
-    columns from `offset` on."""
+    columns from `offset` on. With `rotary`, x is `[b, S, heads, D]` and the output RoPE of the norm in `[b, heads,
+    S, D]`, `n * cos + rotate_half(n) * sin`, from two more inputs, the `[1, 1, S, D]` cos and sin tables."""
     from tvm import te, tirx
 
     *rows, n = shape
@@ -603,9 +640,21 @@ def rms_norm(shape: list, weight_dtype: str, eps: float, heads_of: tuple[int, in
                          name="rms_sum_squares")
     inverse = te.compute(int64_shape(*rows), lambda *r: f32(1.0) / tirx.sqrt(squares[r] / f32(n) + f32(eps)),
                          name="rms_inverse")
-    out = te.compute(int64_shape(*shape), lambda *i: x(*i) * inverse[i[:-1]] * w[i[-1]].astype("float32"),
-                     name="rms_norm")
-    return kernel_func(source, w, out)
+
+    def normed(*i):
+        return x(*i) * inverse[i[:-1]] * w[i[-1]].astype("float32")
+
+    if not rotary:
+        return kernel_func(source, w, te.compute(int64_shape(*shape), normed, name="rms_norm"))
+    batch, seq, heads, _ = shape
+    cos, sin = (te.placeholder(int64_shape(1, 1, seq, n), "float32", name=name) for name in ("cos", "sin"))
+    half = n // 2
+
+    def rope(b, h, t, e):  # rotate_half(n)[e] = -n[e + D/2] below D/2, n[e - D/2] from there: (e + D/2) mod D
+        rotated = tirx.Select(e < half, f32(-1.0), f32(1.0)) * normed(b, t, h, (e + half) % n)
+        return normed(b, t, h, e) * cos[0, 0, t, e] + rotated * sin[0, 0, t, e]
+
+    return kernel_func(source, w, cos, sin, te.compute(int64_shape(batch, heads, seq, n), rope, name="rms_norm_rope"))
 
 
 def fuse_weight_casts(mod):
