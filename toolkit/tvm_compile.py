@@ -577,10 +577,9 @@ def rms_norm_kernels(mod):
         halves = (axes == axes2 == [3] and strides == strides2 == [1] and begin == [d // 2] and end[0] >= d
                   and begin2 == [0] and end2 == [d // 2] and d % 2 == 0)
         concat_axis = int(resolved(matches[rotated]).attrs.axis)
-        tables = [matches[cos], matches[sin]]
+        tables, table_shape = [matches[cos], matches[sin]], [1, 1, int(shape[2]), d]
         if not halves or concat_axis % 4 != 3 or any(
-                t.ty.dtype != "float32" or len(t.ty.shape) != 4 or [int(v) for v in t.ty.shape] != [1, 1, int(
-                    shape[2]), d] for t in tables):
+                t.ty.dtype != "float32" or [int(v) for v in t.ty.shape] != table_shape for t in tables):
             return None
         return tables
 

@@ -77,6 +77,16 @@ def _reads_bf16(sch: s_tir.Schedule, block) -> bool:
     return any(r.source.dtype == "bfloat16" for r in sch.get(block).reads)
 
 
+def _unroll_short_row(sch: s_tir.Schedule, block, chunks) -> None:
+    """Unroll the loop over a row's vectors where there are at most UNROLLED_CHUNKS of them (a head of 128) and the
+    block loads no bf16 (`_reads_bf16`): a condition on the innermost index at a multiple of 16 (rotate-half's sign
+    and `(d + 64) mod 128`) is then one constant per vector; rolled, it varied by lane and TVM's vectorizer left the
+    whole loop scalar (RoPE's LLVM IR: 16 scalar float loads, against 32 `<16 x float>` unrolled)."""
+    extent = _extent(sch, chunks)
+    if extent is not None and extent <= UNROLLED_CHUNKS and not _reads_bf16(sch, block):
+        sch.unroll(chunks)
+
+
 def _largest_divisor(n, candidates) -> int:
     """The first candidate that divides `n`: an int, or a symbolic extent whose divisors are known (`batch * 28`
     rows: 4, 2); 1 if none does (None: unknown)."""
@@ -210,7 +220,7 @@ class Matmul(dl.ScheduleRule):
         # and its activations are read from L1 for the panels after the first. int8 at K 1024 (qkv_proj, gate_up),
         # `[252, K] x [K, N]`, 2 threads on the Zen4 host, alternating: 1.07-1.10x at N 4096 and 6144 (1.08x with
         # SiLU * up), 1.00-1.02x at K 2048 and 3072; bf16 1.03-1.04x at K 1024; the same at 28 to 1024 rows.
-        blocks = _largest_divisor(_extent(sch, jo), (self.row_panels, 2)) if dot and not batched else 1
+        blocks = _largest_divisor(_extent(sch, jo), (self.row_panels, 2)) if dot else 1
         jb, jo = sch.split(jo, [None, blocks]) if blocks > 1 else (None, jo)
         sch.reorder(*spatial[:-2], *([jb, io, jo] if jb else [jo, io]), ko, ki, ii, *halves, ji, *inner)
         for half in halves:
@@ -327,8 +337,8 @@ class Matmul(dl.ScheduleRule):
 
     @staticmethod
     def _vectorize_innermost(sch, block, unroll: bool = False):
-        """Vectorise the block's innermost loop in whole vectors; with `unroll`, unroll the vectors of a row of at
-        most UNROLLED_CHUNKS."""
+        """Vectorise the block's innermost loop in whole vectors; with `unroll`, unroll a short row's vectors
+        (`_unroll_short_row`)."""
         if not _vectorizable(sch, block):
             return
         inner = sch.get_loops(block)[-1]
@@ -337,8 +347,8 @@ class Matmul(dl.ScheduleRule):
         if lanes > 1:
             chunks, v = sch.split(inner, [None, lanes])
             sch.vectorize(v)
-            if unroll and (_extent(sch, chunks) or UNROLLED_CHUNKS + 1) <= UNROLLED_CHUNKS:
-                sch.unroll(chunks)
+            if unroll:
+                _unroll_short_row(sch, block, chunks)
 
 
 class RowReduction(dl.ScheduleRule):
@@ -391,9 +401,8 @@ class RowReduction(dl.ScheduleRule):
                 sch.vectorize(lane)
             elif all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars) \
                     and len(sch.get(block).iter_vars) == rank:
-                # a head's vectors unrolled: RoPE's rotate-half reads `(e + D/2) mod D` and its sign `e < D/2` are
-                # then plain vectors and one constant per vector (rolled, TVM gathered them lane by lane)
-                Matmul._vectorize_innermost(sch, block, unroll=not _reads_bf16(sch, block))
+                # a head's vectors unrolled: RoPE's rotate-half in q's and k's norm kernels vectorises
+                Matmul._vectorize_innermost(sch, block, unroll=True)
         return sch
 
     @staticmethod
@@ -498,11 +507,7 @@ class Elementwise(dl.ScheduleRule):
             # (symbolic rows, batch * SEQ tokens, are taken to be many)
             if None in rows or math.prod(rows) >= 64:
                 sch.parallel(sch.fuse(*loops[:-1]))
-                if (_extent(sch, chunks) or 0) <= UNROLLED_CHUNKS and not _reads_bf16(sch, block):
-                    # unrolled, a condition on the innermost index at a multiple of 16 (rotate-half's `64 <= d`)
-                    # is one constant per vector; rolled, it varied by lane and TVM's vectorizer left the whole
-                    # loop scalar (RoPE's LLVM IR: 16 scalar float loads, against 32 `<16 x float>` unrolled)
-                    sch.unroll(chunks)
+                _unroll_short_row(sch, block, chunks)
             else:
                 sch.parallel(sch.fuse(*loops[:-1], chunks))
             sch.vectorize(lanes)
