@@ -76,6 +76,73 @@ def test_bf16_matmul_kernel_matches_numpy_and_runs_on_vdpbf16ps(tmp_path):
     assert disassembly.count("vdpbf16ps") >= 16  # a 4 x 64 tile: 16 per reduction step
 
 
+@pytest.mark.parametrize("seq,rows,mask_rows", [(28, 56, 56), (44, 2, 1), (260, 10, 10)],
+                         ids=["seq28", "last-position-44", "seq260"])
+def test_bf16_attention_kernels_match_numpy_on_bf16_rounded_operands(seq, rows, mask_rows):
+    """bf16 attention as the compile pipeline schedules it (`tvm_compile.bf16_attention_kernels`): q·kᵀ * scale +
+    mask from q's and k's bf16 pairs (k transposed, its columns padded: 32, 64, 320), the softmax written as bf16
+    pairs, and P·V, against numpy in float64 on the same bf16-rounded q, k, v and probabilities. Left padding masked
+    at -1e9 as the export's mask; rows not a multiple of the 4-row tile; one mask row for all (the last position)."""
+    import tvm
+    from tvm.s_tir import dlight as dl
+
+    from toolkit import tvm_bf16
+    from toolkit.tvm_compile import attention_columns, host_target, softmax_pairs
+    from toolkit.tvm_schedules import cpu_rules, unscheduled
+
+    batch, groups, dim, scale = 2, 3, 128, 128 ** -0.5
+    columns = attention_columns(seq)
+    funcs = {"q_pairs": tvm_bf16.to_pairs(batch * groups * rows, dim),
+             "k_pairs": tvm_bf16.key_pairs(batch, groups, seq, dim, columns),
+             "scores": tvm_bf16.pair_scores(batch, groups, rows, seq, columns, dim, scale, mask_rows),
+             "softmax": softmax_pairs(batch, groups, rows, seq),
+             "v_pairs": tvm_bf16.value_pairs(batch, groups, seq, dim),
+             "values": tvm_bf16.pair_values(batch, groups, rows, seq, dim)}
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    target = tvm.target.Target(host_target())
+    with target:
+        mod = dl.ApplyDefaultSchedule(*cpu_rules())(mod)
+    assert unscheduled(mod) == [] and columns % 16 == 0 and columns >= seq
+    assert all("qwen3_deploy_dpbf16" in mod[n].script() for n in ("scores", "values"))  # tensorized: vdpbf16ps
+    lib = tvm.compile(mod, target=target)
+    rng = np.random.default_rng(seq)
+    q = rng.standard_normal((batch, groups, rows, dim)).astype(np.float32) * 2
+    k, v = (rng.standard_normal((batch, groups, seq, dim)).astype(np.float32) for _ in range(2))
+    mask = np.zeros((batch, 1, mask_rows, seq), np.float32)
+    mask[1, ..., : seq // 3] = -1e9  # the second sequence's left padding
+    tensor = tvm.runtime.tensor
+
+    def run(name, *inputs, shape, dtype="int32"):
+        out = tensor(np.zeros(shape, dtype))
+        lib[name](*inputs, out)
+        return out
+
+    q_pairs = run("q_pairs", tensor(q.reshape(-1, dim)), shape=(batch * groups * rows, dim // 2))
+    k_pairs = run("k_pairs", tensor(k), shape=(batch, groups, dim // 2, columns))
+    logits = run("scores", tensor(q_pairs.numpy().reshape(batch, groups, rows, dim // 2)), k_pairs, tensor(mask),
+                 shape=(batch, groups, rows, seq), dtype="float32")
+    p_pairs = run("softmax", logits, shape=(batch, groups, rows, seq // 2))
+    out = run("values", p_pairs, run("v_pairs", tensor(v), shape=(batch, groups, seq // 2, dim)),
+              shape=(batch, groups, rows, dim), dtype="float32").numpy()
+
+    def bf16(x):
+        return x.astype(ml_dtypes.bfloat16).astype(np.float64)
+
+    def unpaired(pairs):  # int32 bf16 pairs → the float64 values, low half first
+        return pairs.view(ml_dtypes.bfloat16).astype(np.float64)
+
+    expected_logits = bf16(q) @ bf16(k).transpose(0, 1, 3, 2) * scale + mask
+    unmasked = expected_logits > -1e8
+    error = np.abs(logits.numpy() - expected_logits)[unmasked].max()
+    assert error <= 1e-5 * np.abs(expected_logits[unmasked]).max() and (logits.numpy()[~unmasked] < -1e8).all()
+    shifted = np.exp(expected_logits - expected_logits.max(-1, keepdims=True))
+    probs = unpaired(p_pairs.numpy())
+    assert np.abs(probs - shifted / shifted.sum(-1, keepdims=True)).max() <= 2 ** -8  # rounded to bf16
+    assert (probs[1, ..., : seq // 3] == 0).all()  # masked keys weigh nothing
+    expected = probs @ bf16(v)
+    assert np.isfinite(out).all() and np.abs(out - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
 @pytest.mark.parametrize("task", ["embedding", "reranker"])
 def test_bf16_artifacts_pass_the_gate_on_outlier_checkpoints(outlier_checkpoints, tmp_path, task):
     seq = 64 if task == "embedding" else 128
@@ -89,6 +156,8 @@ def test_bf16_artifacts_pass_the_gate_on_outlier_checkpoints(outlier_checkpoints
     else:
         assert validation["max_abs_diff"] <= 5e-3 and validation["kendall_tau"] is not None
     assert manifest.precision["weights"] == "bfloat16" and "vdpbf16ps" in manifest.precision["compute"]
+    library = (artifact / manifest.model_file).read_bytes()
+    assert b"bf16_attention_scores" in library and b"bf16_attention_values" in library  # attention's matmuls too
     assert manifest.backend_details["amx_kernels"] == sorted(tvm_amx.kinds_to_build() & {"bf16"})
     with np.load(artifact / manifest.backend_details["params_file"]) as params:
         dtypes = {params[name].dtype.str for name in params.files}

@@ -6,11 +6,13 @@ import shutil
 import subprocess
 import sys
 
+import ml_dtypes
 import numpy as np
 import pytest
 
 from toolkit.artifact import Manifest
 from toolkit.backends import TorchReference
+from toolkit.host import cpu_has
 from toolkit.tasks import TASKS
 
 from test_onnx_artifact import agreement, open_artifact, run_pairs
@@ -68,15 +70,19 @@ def test_every_primfunc_gets_a_schedule(checkpoints, tmp_path):
     assert [intermediates[n] for n in silu] == [0, 0]
 
 
-@pytest.mark.parametrize("task,batch,seq", [(TASKS["embedding"], 1, 64), (TASKS["reranker"], 2, 44),
-                                            (TASKS["embedding"], 3, 20)], ids=["embedding-64", "reranker-44",
-                                                                               "embedding-20"])
-def test_every_scheduled_kernel_matches_its_unscheduled_twin(tmp_path, task, batch, seq):
+@pytest.mark.parametrize("task,batch,seq,dtype", [
+    (TASKS["embedding"], 1, 64, "fp16"), (TASKS["reranker"], 2, 44, "fp16"), (TASKS["embedding"], 3, 20, "fp16"),
+    pytest.param(TASKS["reranker"], 2, 68, "bf16", marks=pytest.mark.skipif(
+        not cpu_has("avx512_bf16"), reason="bf16 kernels need AVX512-BF16"))],
+    ids=["embedding-64", "reranker-44", "embedding-20", "reranker-68-bf16"])
+def test_every_scheduled_kernel_matches_its_unscheduled_twin(tmp_path, task, batch, seq, dtype):
     """Each PrimFunc, as scheduled by our rules, against the same PrimFunc left unscheduled, on the same inputs
-    (positive, since RMSNorm kernels take a mean of squares). One layer at the real Qwen3-0.6B widths (a bug in the
-    row-reduction rule only showed at hidden 1024), small vocabulary: weights do not matter for this check. SEQ 44
-    and 20 are not whole vectors: attention's QK^T pads its columns (to 48 and 24), K^T's rows are 4-lane vectors.
-    The batch is symbolic, as compile makes it, and run at `batch` rows."""
+    (positive, since RMSNorm kernels take a mean of squares; int32 inputs are bf16 pairs of such values). One layer
+    at the real Qwen3-0.6B widths (a bug in the row-reduction rule only showed at hidden 1024), small vocabulary:
+    weights do not matter for this check. SEQ 44 and 20 are not whole vectors: attention's QK^T pads its columns (to
+    48 and 24), K^T's rows are 4-lane vectors. bf16 weights make attention bf16 too (`bf16_attention_kernels`); at
+    SEQ 68 RoPE's tables exceed the exporter's folding limit (8192 elements) unless import raises it. The batch is
+    symbolic, as compile makes it, and run at `batch` rows."""
     import torch
     import tvm
     from tvm.sym.analyzer import Analyzer
@@ -91,18 +97,21 @@ def test_every_scheduled_kernel_matches_its_unscheduled_twin(tmp_path, task, bat
     torch.manual_seed(0)
     for p in model.parameters():
         p.data.normal_(0, 0.05)
-    export_onnx(model.half(), task, tmp_path / "m.onnx", 64, 1)
+    export_onnx(model.to(torch.bfloat16 if dtype == "bf16" else torch.float16), task, tmp_path / "m.onnx", 64, 1)
     mod = import_onnx(tmp_path / "m.onnx", 4, seq).mod
     target = tvm.target.Target(host_target())
     (scheduled, _), (plain, _) = lower(mod, target), lower(mod, target, schedule=False)
-    if seq % 16:
-        assert any("_pad" in scheduled[gv].script() for gv in scheduled.get_global_vars()
-                   if gv.name_hint.startswith("fused_matmul"))
-    # attention's softmax: its rows in whole 16-lane vectors (max, sum, exp, scaling), the tail of a row that is not
-    # whole vectors (SEQ 44: 12 elements, 20: 4) a vector of its own
-    softmax = [scheduled[gv].script() for gv in scheduled.get_global_vars() if gv.name_hint.startswith("softmax")]
-    assert softmax and all(s.count("T.vectorized(T.int64(16))") == 4 for s in softmax)
-    assert all(f"T.vectorized(T.int64({seq - seq % 16}), T.int64({seq}))" in s for s in softmax) == bool(seq % 16)
+    names = [gv.name_hint for gv in scheduled.get_global_vars()]
+    softmax = [scheduled[name].script() for name in names if name.startswith("softmax")]
+    if dtype == "bf16":  # attention's matmuls are bf16 kernels: no fp32 matmul left
+        assert [n for n in names if "attention_scores" in n] and not [n for n in names if "fused_matmul" in n]
+    else:
+        if seq % 16:
+            assert any("_pad" in scheduled[n].script() for n in names if n.startswith("fused_matmul"))
+        # attention's softmax: its rows in whole 16-lane vectors (max, sum, exp, scaling), the tail of a row that is
+        # not whole vectors (SEQ 44: 12 elements, 20: 4) a vector of its own
+        assert softmax and all(s.count("T.vectorized(T.int64(16))") == 4 for s in softmax)
+        assert all(f"T.vectorized(T.int64({seq - seq % 16}), T.int64({seq}))" in s for s in softmax) == bool(seq % 16)
     # RoPE in q's and k's norm kernels: a head's 8 vectors unrolled, so rotate-half's sign and its `(d + 64) mod 128`
     # are decided per vector and the loop vectorises
     rope = [scheduled[gv].script() for gv in scheduled.get_global_vars() if "_rope_" in gv.name_hint]
@@ -121,6 +130,8 @@ def test_every_scheduled_kernel_matches_its_unscheduled_twin(tmp_path, task, bat
         shape = lambda p: [int(at_batch.simplify(d)) for d in p.ty.shape]  # noqa: E731
         inputs = [batch if not isinstance(p.ty, tvm.tirx.BufferType)
                   else rng.uniform(0.5, 1.5, shape(p)).astype(str(p.ty.dtype)) if "float" in str(p.ty.dtype)
+                  else rng.uniform(0.5, 1.5, shape(p)).astype(ml_dtypes.bfloat16).view(np.int16).astype(np.int32)
+                  * 65537 if str(p.ty.dtype) == "int32"  # the pair (x, x)
                   else np.zeros(shape(p), str(p.ty.dtype)) for p in func.params]
         outputs = []
         for m in (scheduled, plain):

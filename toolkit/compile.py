@@ -52,8 +52,9 @@ PRECISION = {
     "fp16": {"weights": "float16", "compute": FP32_COMPUTE, "accumulation": "float32"},
     "fp32": {"weights": "float32", "compute": FP32_COMPUTE, "accumulation": "float32"},
     "bf16": {"weights": "bfloat16", "compute": "bfloat16 x bfloat16 in the linear layers (AVX512-BF16 vdpbf16ps, or "
-             "AMX tdpbf16ps where backend_details.amx_kernels lists bf16); float32 in attention, norms, softmax, RoPE "
-             "and the residual stream", "accumulation": "float32"},
+             "AMX tdpbf16ps where backend_details.amx_kernels lists bf16) and in attention's q·kᵀ and P·V (from SEQ "
+             "16, vdpbf16ps); float32 in the attention logits, norms, softmax, RoPE and the residual stream",
+             "accumulation": "float32"},
     "int8": {"weights": "int8 (linear layers, per output channel); float16 for the linear layers kept out of int8, "
                         "the embedding table and the norms", "compute":
              "int8 x int8 (linear layers; dynamic activation scale, per tensor on ONNX Runtime, per token on TVM); "

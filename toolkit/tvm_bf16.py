@@ -27,6 +27,7 @@ from toolkit.tvm_compile import PANEL, int64_shape, kernel_func, linear_output, 
 MATMUL_NAME = "bf16_pair_matmul"  # the compute blocks' names: how the schedule rule recognises them
 AMX_MATMUL_NAME = "bf16_amx_matmul"
 SPLIT_MATMUL_NAME = "bf16x3_amx_matmul"
+SCORES_NAME, VALUES_NAME = "bf16_pair_scores", "bf16_pair_values"  # attention's q·kᵀ and P·V
 DOT_16 = "qwen3_deploy_bf16_dot_16"
 
 DPBF16_LLVM = llvm_dot("qwen3_deploy_dpbf16", "llvm.x86.avx512bf16.dpbf16ps.512", "<16 x float>", "<32 x bfloat>")
@@ -67,18 +68,69 @@ def _round_to_bf16(x):
     return tirx.Select(is_nan, tirx.const(0x7FC0, "uint32"), rounded)
 
 
+def pair_bits(low, high):
+    """Two fp32 values → one int32 lane holding them as a bf16 pair, `low` in the low half."""
+    high_bits = tirx.shift_left(_round_to_bf16(high), tirx.const(16, "uint32"))
+    return tirx.reinterpret("int32", _round_to_bf16(low) | high_bits)
+
+
 def to_pairs(rows, k: int, amx: bool = False):
     """PrimFunc: fp32 activations [rows, K] → bf16 pairs [rows, K/2] (int32). With `amx`, rows are padded to whole
     tiles (`tvm_amx.activation_rows`) of zeros."""
     act = te.placeholder(int64_shape(rows, k), "float32", name="act")
 
     def pair(r, p):
-        high = tirx.shift_left(_round_to_bf16(act[r, 2 * p + 1]), tirx.const(16, "uint32"))
-        bits = tirx.reinterpret("int32", _round_to_bf16(act[r, 2 * p]) | high)
+        bits = pair_bits(act[r, 2 * p], act[r, 2 * p + 1])
         return tirx.if_then_else(r < rows, bits, tirx.const(0, "int32")) if amx else bits
 
     pairs = te.compute(int64_shape(tvm_amx.activation_rows(rows, amx), k // 2), pair, name="bf16_pairs")
     return kernel_func(act, pairs)
+
+
+def key_pairs(batch, groups: int, seq: int, head_dim: int, columns: int):
+    """PrimFunc: keys `[b, groups, S, D]` fp32 → `[b, groups, D/2, columns]` bf16 pairs along D, transposed (a
+    position's pairs down a column: the scores' vector operand), the columns from S on zeros."""
+    keys = te.placeholder(int64_shape(batch, groups, seq, head_dim), "float32", name="keys")
+
+    def pair(b, g, p, j):
+        return tirx.if_then_else(j < seq, pair_bits(keys[b, g, j, 2 * p], keys[b, g, j, 2 * p + 1]),
+                                 tirx.const(0, "int32"))
+
+    return kernel_func(keys, te.compute(int64_shape(batch, groups, head_dim // 2, columns), pair, name="key_pairs"))
+
+
+def value_pairs(batch, groups: int, seq: int, head_dim: int):
+    """PrimFunc: values `[b, groups, S, D]` fp32 → `[b, groups, S/2, D]` bf16 pairs of consecutive positions (the
+    reduction axis of P·V)."""
+    values = te.placeholder(int64_shape(batch, groups, seq, head_dim), "float32", name="values")
+    return kernel_func(values, te.compute(int64_shape(batch, groups, seq // 2, head_dim), lambda b, g, p, d: pair_bits(
+        values[b, g, 2 * p, d], values[b, g, 2 * p + 1, d]), name="value_pairs"))
+
+
+def pair_scores(batch, groups: int, rows: int, seq: int, columns: int, head_dim: int, scale: float, mask_rows: int):
+    """PrimFunc: attention logits `q·kᵀ * scale + mask`, `[b, groups, rows, S]`, from q's bf16 pairs `[b, groups,
+    rows, D/2]` (`to_pairs`), k's `[b, groups, D/2, columns]` (`key_pairs`) and the additive mask `[b, 1,
+    mask_rows, S]` (`mask_rows` 1: one row for all), bf16 products summed in fp32 (`vdpbf16ps`). The product has the
+    padded columns (whole register tiles); the output stage, run on each tile, drops them."""
+    q = te.placeholder(int64_shape(batch, groups, rows, head_dim // 2), "int32", name="q_pairs")
+    k = te.placeholder(int64_shape(batch, groups, head_dim // 2, columns), "int32", name="k_pairs")
+    mask = te.placeholder(int64_shape(batch, 1, mask_rows, seq), "float32", name="mask")
+    p = te.reduce_axis(int64_shape(0, head_dim // 2), name="p")
+    product = te.compute(int64_shape(batch, groups, rows, columns), lambda b, g, i, j: te.sum(
+        pair_product(q[b, g, i, p], k[b, g, p, j]), axis=p), name=SCORES_NAME)
+    row = (lambda i: i) if mask_rows == rows else (lambda i: tirx.const(0, "int64"))
+    return kernel_func(q, k, mask, te.compute(int64_shape(batch, groups, rows, seq), lambda b, g, i, j: product[
+        b, g, i, j] * tirx.const(scale, "float32") + mask[b, 0, row(i), j], name="attention_logits"))
+
+
+def pair_values(batch, groups: int, rows: int, seq: int, head_dim: int):
+    """PrimFunc: attention output `P·V`, `[b, groups, rows, D]`, from P's bf16 pairs `[b, groups, rows, S/2]` (the
+    softmax's, `tvm_compile.softmax_rows`) and V's `[b, groups, S/2, D]` (`value_pairs`), summed in fp32."""
+    probs = te.placeholder(int64_shape(batch, groups, rows, seq // 2), "int32", name="p_pairs")
+    values = te.placeholder(int64_shape(batch, groups, seq // 2, head_dim), "int32", name="v_pairs")
+    p = te.reduce_axis(int64_shape(0, seq // 2), name="p")
+    return kernel_func(probs, values, te.compute(int64_shape(batch, groups, rows, head_dim), lambda b, g, i, d: te.sum(
+        pair_product(probs[b, g, i, p], values[b, g, p, d]), axis=p), name=VALUES_NAME))
 
 
 def pack_split_pairs(weight: np.ndarray) -> np.ndarray:

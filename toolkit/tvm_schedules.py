@@ -48,6 +48,8 @@ ROW_TILE_COLUMNS = 32  # attention rows up to this wide are one tile (in 8-lane 
 # Matmul blocks whose 16-column inner loop is one x86 dot-product instruction, by block name:
 # (tensor intrinsic, the LLVM wrapper it calls, K values per lane that the block itself iterates over)
 DOT_KERNELS = {tvm_bf16.MATMUL_NAME: (tvm_bf16.DOT_16, tvm_bf16.DPBF16_LLVM, 1),  # K pairs are already packed
+               tvm_bf16.SCORES_NAME: (tvm_bf16.DOT_16, tvm_bf16.DPBF16_LLVM, 1),
+               tvm_bf16.VALUES_NAME: (tvm_bf16.DOT_16, tvm_bf16.DPBF16_LLVM, 1),
                tvm_int8.MATMUL_NAME: (tvm_int8.DOT_16x4, tvm_int8.VPDPBUSD_LLVM, 4)}
 # Matmul blocks that run on AMX tiles, by block name: (kernel kind, K values per element of the block's reduction)
 AMX_KERNELS = {tvm_int8.AMX_MATMUL_NAME: ("int8", 1), tvm_bf16.AMX_MATMUL_NAME: ("bf16", 2),
@@ -185,15 +187,16 @@ class Matmul(dl.ScheduleRule):
             except Exception:  # noqa: BLE001
                 return None
 
-        batched = not dot and len(sch.get_loops(block)) > 3 and self._batched(sch, block)
+        batched = len(sch.get_loops(block)) > 3 and self._batched(sch, block)
         padding = []  # blocks copying an operand into its padded buffer
-        padded = self._pad_columns(sch, block) if batched else None
+        padded = self._pad_columns(sch, block) if batched and not dot else None  # bf16 attention comes padded
         if padded:  # the epilogue now starts with the crop of the padded output
             block = sch.get_sblock(name)  # pad_einsum keeps the block's name
             padding, epilogue = padded
         *spatial, k = sch.get_loops(block)
         halves = []
-        whole_panels = dot and len(spatial) == 4  # a GLU kernel's [rows, panels, 2, 32] product (`panel_product`)
+        # a GLU kernel's [rows, panels, 2, 32] product (`panel_product`)
+        whole_panels = dot and not batched and len(spatial) == 4
         if whole_panels:  # its tiles are whole panels: jo is the panel, ji a half's columns, each half in turn
             i, jo, half, ji = spatial
             spatial, halves = [i, ji], [half]
@@ -220,7 +223,7 @@ class Matmul(dl.ScheduleRule):
         # and its activations are read from L1 for the panels after the first. int8 at K 1024 (qkv_proj, gate_up),
         # `[252, K] x [K, N]`, 2 threads on the Zen4 host, alternating: 1.07-1.10x at N 4096 and 6144 (1.08x with
         # SiLU * up), 1.00-1.02x at K 2048 and 3072; bf16 1.03-1.04x at K 1024; the same at 28 to 1024 rows.
-        blocks = _largest_divisor(_extent(sch, jo), (self.row_panels, 2)) if dot else 1
+        blocks = _largest_divisor(_extent(sch, jo), (self.row_panels, 2)) if dot and not batched else 1
         jb, jo = sch.split(jo, [None, blocks]) if blocks > 1 else (None, jo)
         sch.reorder(*spatial[:-2], *([jb, io, jo] if jb else [jo, io]), ko, ki, ii, *halves, ji, *inner)
         for half in halves:
@@ -452,6 +455,9 @@ class Softmax(dl.ScheduleRule):
             sch.vectorize(lane)
         for block in (sch.get_sblock("T_fast_exp"), out):
             row = sch.get_loops(block)[-1]
+            if _extent(sch, row) < VECTOR_LANES:  # bf16 pairs of a row under 32 (`softmax_rows(pairs=True)`)
+                sch.vectorize(row)
+                continue
             tail = _extent(sch, row) % VECTOR_LANES
             whole, *rest = sch.loop_partition(row, [_extent(sch, row) - tail, None]) if tail else [row]
             sch.vectorize(sch.split(whole, [None, VECTOR_LANES])[1])
