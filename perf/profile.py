@@ -133,16 +133,20 @@ def _broadcast(a, b) -> tuple | None:
 # quads, planes), and their names end in the GEMM's `rows_K_N`, then their epilogue if any (a GLU one's output is
 # [rows, N/64, 32]: SiLU(gate) * up, half the product's columns)
 PACKED_LINEAR = re.compile(r"^(?:bf16|int8|bf16x3)_matmul_.*_(\d+)_(\d+)(_residual|_glu)?$")
+BF16_ATTENTION = re.compile(r"^bf16_attention_(?:scores|values)_")  # `tvm_compile.bf16_attention_kernels`
 
 
 def tvm_matmul_flops(name: str, inputs: list[tuple], output: tuple) -> int | None:
     """2*M*N*K of a TVM matmul PrimFunc call (destination-passing: the output is its last argument). A packed linear
     kernel (PACKED_LINEAR) has K and N in its name and M rows out. Otherwise some ordered pair of its inputs must
     multiply as numpy's matmul does into the output's shape, A [..., M, K] @ B [..., K, N] (packed weight panels
-    [N/64, K, 64] included, with the output [..., N/64, M, 64]); epilogue inputs (residuals, masks) do not. None
-    where no pair fits, or pairs disagree on K."""
+    [N/64, K, 64] included, with the output [..., N/64, M, 64]); epilogue inputs (residuals, masks) do not. bf16
+    attention's kernels (BF16_ATTENTION) take bf16 pairs first, K/2 in their last axis. None where no pair fits, or
+    pairs disagree on K."""
     if len(output) < 2:
         return None
+    if BF16_ATTENTION.match(name):
+        return 2 * _prod(output) * 2 * int(inputs[0][-1])
     if (packed := PACKED_LINEAR.match(name)) and int(packed[2]) == _prod(output[1:]) * (2 if packed[3] == "_glu"
                                                                                         else 1):
         return 2 * output[0] * int(packed[2]) * int(packed[1])
@@ -239,7 +243,8 @@ def _profile_tvm(manifest: Manifest, options: ProfileOptions, inputs, bar) -> tu
             category = "vm.builtin"
         else:
             shapes = [tuple(int(d) for d in a.shape) for a in args if hasattr(a, "shape")]
-            flops = tvm_matmul_flops(name, shapes[:-1], shapes[-1]) if "matmul" in name and shapes else None
+            is_matmul = "matmul" in name or BF16_ATTENTION.match(name)
+            flops = tvm_matmul_flops(name, shapes[:-1], shapes[-1]) if is_matmul and shapes else None
             kernels.add(name, re.sub(r"\d+", "", name), end - start, flops)
             category = "kernel"
         if options.trace:

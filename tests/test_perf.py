@@ -255,6 +255,11 @@ def test_perf_profile_matmul_flops_from_shapes():
                                                                      (12, 128)], (12, 128)) == 2 * 12 * 128 * 96
     assert tvm_matmul_flops("bf16_matmul_batchx12_96_256_glu", [(12, 48), (4, 48, 64)], (12, 4, 32)) \
         == 2 * 12 * 256 * 96
+    # bf16 attention: q·kᵀ from pairs (K/2 = 64) against k's padded columns, the mask beside; P·V from SEQ/2 pairs
+    assert tvm_matmul_flops("bf16_attention_scores_batch_8_56_28", [(3, 8, 56, 64), (3, 8, 64, 32), (3, 1, 56, 28)],
+                            (3, 8, 56, 28)) == 2 * 3 * 8 * 56 * 28 * 128
+    assert tvm_matmul_flops("bf16_attention_values_batch_8_56_128", [(3, 8, 56, 14), (3, 8, 14, 128)],
+                            (3, 8, 56, 128)) == 2 * 3 * 8 * 56 * 128 * 28
 
 
 def test_perf_profile_refuses_bad_input_in_one_line(onnx_artifacts, tmp_path):

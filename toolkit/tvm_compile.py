@@ -692,41 +692,39 @@ def bf16_attention_kernels(mod):
 
     def rewrite(expr, matches):
         queries, keys, values, additive = (matches[p] for p in (q, k, v, mask))
-        softmax = resolved(matches[probs])
-        shapes = [list(t.ty.shape.values) for t in (queries, keys, values, additive)]
-        if any(len(s) != 4 for s in shapes) or any(t.ty.dtype != "float32" for t in (queries, keys, values, additive)):
+        if any(len(t.ty.shape.values) != 4 or t.ty.dtype != "float32" for t in (queries, keys, values, additive)):
             return expr
-        (batch, groups, rows, dim), (_, _, seq, _), (mask_batch, mask_heads, mask_rows, mask_seq) = shapes[0], shapes[
-            1], shapes[3]
-        permuted = resolved(resolved(matches[scores]).args[1])
-        axes = [int(a) for a in permuted.attrs.axes] if permuted.attrs.axes is not None else None
-        if (axes != [0, 1, 3, 2] or not _same_dims(shapes[1], [batch, groups, seq, dim])
-                or not _same_dims(shapes[2], [batch, groups, seq, dim]) or not _same_dims([mask_batch], [batch])
-                or int(mask_heads) != 1 or int(mask_seq) != int(seq) or int(mask_rows) not in (1, int(rows))
-                or int(dim) % 2 or int(seq) % 2 or int(seq) < VECTOR_LANES or int(softmax.attrs.axis) not in (-1, 3)
-                or matches[scale].ty.shape.values):
+        batch, groups, rows, dim = queries.ty.shape.values
+        seq = keys.ty.shape.values[2]
+        mask_batch, mask_heads, mask_rows, mask_seq = additive.ty.shape.values
+        transpose, softmax = resolved(resolved(matches[scores]).args[1]), resolved(matches[probs])
+        keys_shape = [batch, groups, seq, dim]
+        if (transpose.attrs.axes is None or [int(a) for a in transpose.attrs.axes] != [0, 1, 3, 2]
+                or not all(_same_dims(t.ty.shape.values, keys_shape) for t in (keys, values))
+                or not _same_dims([mask_batch], [batch]) or int(mask_heads) != 1 or int(mask_seq) != int(seq)
+                or int(mask_rows) not in (1, int(rows)) or int(softmax.attrs.axis) not in (-1, 3)
+                or matches[scale].ty.shape.values  # a scalar
+                or int(dim) % 2 or int(seq) % 2 or int(seq) < VECTOR_LANES):  # pairs; softmax rows of whole vectors
             return expr
         groups, rows, seq, dim, mask_rows = int(groups), int(rows), int(seq), int(dim), int(mask_rows)
-        columns = attention_columns(seq)
-        scale_value = float(matches[scale].value.numpy())
-        op, i32 = relax.op, "int32"
-        heads = dims_name(batch, groups, rows)
+        columns, scale_value = attention_columns(seq), float(matches[scale].value.numpy())
+        op, pairs, fp32 = relax.op, "int32", "float32"
+        heads, kv = dims_name(batch, groups, rows), dims_name(batch, groups, seq, dim)
         flat = Analyzer().simplify(batch * groups * rows)
         q_pairs = op.reshape(kernels.call(f"bf16_pairs_{dims_name(flat, dim)}", lambda: tvm_bf16.to_pairs(
-            flat, dim), [op.reshape(queries, (flat, dim))], relax.TensorType((flat, dim // 2), i32)),
+            flat, dim), [op.reshape(queries, (flat, dim))], relax.TensorType((flat, dim // 2), pairs)),
             (batch, groups, rows, dim // 2))
-        k_pairs = kernels.call(f"bf16_key_pairs_{dims_name(batch, groups, seq, dim)}", lambda: tvm_bf16.key_pairs(
-            batch, groups, seq, dim, columns), [keys], relax.TensorType((batch, groups, dim // 2, columns), i32))
+        k_pairs = kernels.call(f"bf16_key_pairs_{kv}", lambda: tvm_bf16.key_pairs(batch, groups, seq, dim, columns),
+                               [keys], relax.TensorType((batch, groups, dim // 2, columns), pairs))
         logits = kernels.call(f"bf16_attention_scores_{heads}_{seq}", lambda: tvm_bf16.pair_scores(
             batch, groups, rows, seq, columns, dim, scale_value, mask_rows), [q_pairs, k_pairs, additive],
-            relax.TensorType((batch, groups, rows, seq), "float32"), key=("scores", heads, seq, scale_value, mask_rows))
+            relax.TensorType((batch, groups, rows, seq), fp32))
         p_pairs = kernels.call(f"softmax_pairs_{heads}_{seq}", lambda: softmax_pairs(batch, groups, rows, seq),
-                               [logits], relax.TensorType((batch, groups, rows, seq // 2), i32))
-        v_pairs = kernels.call(f"bf16_value_pairs_{dims_name(batch, groups, seq, dim)}", lambda: tvm_bf16.value_pairs(
-            batch, groups, seq, dim), [values], relax.TensorType((batch, groups, seq // 2, dim), i32))
+                               [logits], relax.TensorType((batch, groups, rows, seq // 2), pairs))
+        v_pairs = kernels.call(f"bf16_value_pairs_{kv}", lambda: tvm_bf16.value_pairs(batch, groups, seq, dim),
+                               [values], relax.TensorType((batch, groups, seq // 2, dim), pairs))
         return kernels.call(f"bf16_attention_values_{heads}_{dim}", lambda: tvm_bf16.pair_values(
-            batch, groups, rows, seq, dim), [p_pairs, v_pairs], relax.TensorType((batch, groups, rows, dim),
-                                                                                  "float32"))
+            batch, groups, rows, seq, dim), [p_pairs, v_pairs], relax.TensorType((batch, groups, rows, dim), fp32))
 
     main = relax.analysis.remove_all_unused(rewrite_call(attention, rewrite, mod["main"]))
     rewritten = kernels.builder.get()
