@@ -1,4 +1,5 @@
-"""bf16 linear layers for TVM on AVX512-BF16 CPUs: the kernels `--dtype bf16` puts in place of each nn.Linear.
+"""bf16 kernels for TVM on AVX512-BF16 CPUs: what `--dtype bf16` puts in place of each nn.Linear and of attention's
+two matmuls.
 
 `vdpbf16ps` multiplies 16 pairs of bf16 values and adds each pair's two products into one fp32 lane: twice the
 multiply-adds of an fp32 FMA per instruction. It wants both operands as 32-bit lanes holding a bf16 pair, so:
@@ -11,6 +12,10 @@ multiply-adds of an fp32 FMA per instruction. It wants both operands as 32-bit l
 TIR's own bfloat16 type is not used: TVM legalizes bf16 arithmetic to fp32 before codegen, and its LLVM backend
 cannot pass the `<32 x bfloat>` operands the intrinsic takes. The pairs travel as int32; a four-line LLVM function,
 imported into each kernel with `pragma_import_llvm`, bitcasts them and calls the intrinsic (inlined by LLVM).
+
+Attention in bf16 artifacts takes the same instruction (`tvm_compile.bf16_attention_kernels`): q·kᵀ from q's pairs
+and k's, paired along the head dimension and transposed (`key_pairs`), and P·V from the softmax's pairs and v's,
+paired along positions (`value_pairs`).
 
 On CPUs with AMX, the same panels feed AMX's `tdpbf16ps` instead (`pair_matmul(amx=True)`, `tvm_amx`), and fp16/fp32
 linear layers run as three bf16 products of their high and low bf16 parts (`split_matmul`, "bf16x3").

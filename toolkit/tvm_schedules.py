@@ -15,7 +15,9 @@ PrimFunc gets one of these, tried in order:
   AMX tile micro-kernel per 16 rows x 64-256 columns over the whole K (`tvm_amx`). Batched matmuls (attention, per
   sequence and head) run in parallel over the batch, their tiles in turn; QK^T's columns (SEQ: 60, 44, 28...) are
   padded to whole register tiles (32 or 64 columns), else its tiles were 4 columns wide at SEQ 60 (40 GFLOP/s, a
-  tenth of the time) and 16 at SEQ 260 (4 accumulators: 1.24x slower).
+  tenth of the time) and 16 at SEQ 260 (4 accumulators: 1.24x slower). bf16 attention's two matmuls
+  (`tvm_bf16.pair_scores`, `pair_values`) are batched dot kernels: one `vdpbf16ps` per 16 columns, their columns
+  padded by the kernel that packs k (`tvm_bf16.key_pairs`).
 - `Softmax`: attention's softmax (`tvm_compile.softmax_rows`): both row reductions as 16 vector lanes, all blocks
   per row under one parallel loop, rows that are not whole vectors (SEQ 260) with a shorter vector for their tail.
 - `RowReduction`: RMSNorm-shaped functions and int8's per-token max |x|: row reductions split into 16 vector lanes
