@@ -197,6 +197,7 @@ def weight_inputs(mod) -> list:
 
 PANEL = 64  # columns per packed weight panel: the matmul rule's register tile width (4 AVX-512 vectors)
 VECTOR_LANES = 16  # fp32 lanes of an AVX-512 register
+ROW_TILE_COLUMNS = 32  # attention rows up to this wide are one tile (in 8-lane vectors where 16 would be padding)
 
 
 def int64_shape(*dims) -> tuple:
@@ -661,12 +662,19 @@ def rms_norm(shape: list, weight_dtype: str, eps: float, heads_of: tuple[int, in
     return kernel_func(source, w, cos, sin, te.compute(int64_shape(batch, heads, seq, n), rope, name="rms_norm_rope"))
 
 
+def column_multiple(columns: int, short: int) -> int:
+    """What attention's q·kᵀ columns (SEQ keys) are padded to a multiple of, for whole register tiles of the matmul
+    rule: `short` up to ROW_TILE_COLUMNS (one tile spans the row), else 64 where that adds at most a quarter, else 32
+    (`tvm_schedules.Matmul._pad_columns` for fp32, `attention_columns` for bf16)."""
+    if columns <= ROW_TILE_COLUMNS:
+        return short
+    return 64 if -(-columns // 64) * 64 <= columns * 5 // 4 else 32
+
+
 def attention_columns(seq: int) -> int:
-    """Columns of bf16 attention's q·kᵀ product for SEQ keys: whole register tiles of the matmul rule, 16 or 32
-    columns up to 32, else 64 where that adds at most a quarter, else 32 (as `tvm_schedules.Matmul` pads fp32's)."""
-    if seq <= 32:
-        return -(-seq // VECTOR_LANES) * VECTOR_LANES
-    multiple = 64 if -(-seq // 64) * 64 <= seq * 5 // 4 else 32
+    """Columns of bf16 attention's q·kᵀ product for SEQ keys: padded to whole 16-lane vectors (what one `vdpbf16ps`
+    fills) and register tiles (`column_multiple`)."""
+    multiple = column_multiple(seq, VECTOR_LANES)
     return -(-seq // multiple) * multiple
 
 

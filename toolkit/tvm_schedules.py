@@ -43,10 +43,9 @@ from tvm.tirx.analysis import undefined_vars
 from typing_extensions import override
 
 from toolkit import tvm_amx, tvm_bf16, tvm_int8
-from toolkit.tvm_compile import PANEL, VECTOR_LANES
+from toolkit.tvm_compile import PANEL, ROW_TILE_COLUMNS, VECTOR_LANES, column_multiple
 
 UNROLLED_CHUNKS = 8  # a row of at most this many vectors (a head of 128) is unrolled
-ROW_TILE_COLUMNS = 32  # attention rows up to this wide are one tile (in 8-lane vectors where 16 would be padding)
 # Matmul blocks whose 16-column inner loop is one x86 dot-product instruction, by block name:
 # (tensor intrinsic, the LLVM wrapper it calls, K values per lane that the block itself iterates over)
 DOT_KERNELS = {tvm_bf16.MATMUL_NAME: (tvm_bf16.DOT_16, tvm_bf16.DPBF16_LLVM, 1),  # K pairs are already packed
@@ -322,10 +321,7 @@ class Matmul(dl.ScheduleRule):
         already fit, or if TVM cannot pad this block."""
         *spatial, _ = sch.get_loops(block)
         columns = _extent(sch, spatial[-1]) or 0
-        if columns <= ROW_TILE_COLUMNS:
-            multiple = 8
-        else:
-            multiple = 64 if -(-columns // 64) * 64 <= columns * 5 // 4 else 32
+        multiple = column_multiple(columns, 8)
         if not columns or columns % multiple == 0:
             return None
         name = sch.get(block).name_hint
