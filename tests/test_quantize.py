@@ -327,6 +327,31 @@ def test_preflight_keeps_the_last_plan_that_cut_the_error_and_stops_at_the_first
     assert plan.preflight["agreement"]["items"] == len(calibration_rows) + len(validation_rows(tokenizer, 64))
 
 
+@pytest.mark.parametrize("budget_used, rounding", [([0.4], "gptq"), ([1.2, 1.25, 0.4], "nearest"),
+                                                  ([1.2, 1.25, 1.3, 1.35], "gptq")])
+def test_an_int8_plan_over_the_gates_budget_is_calibrated_again_with_the_other_rounding(
+        outlier_checkpoints, monkeypatch, budget_used, rounding):
+    # scripted end-to-end errors, as above: GPTQ's two rounds first (the second not helping), then round-to-nearest's;
+    # the better plan is kept with the model it was calibrated on (the other one's smoothing and rounding differ)
+    from toolkit.checkpoint import load_tokenizer
+    from toolkit.compile import calibrate_int8
+    from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
+
+    task, checkpoint = TASKS["reranker"], outlier_checkpoints["reranker"]
+    cfg = BuildConfig(name="t", task="reranker", checkpoint=str(checkpoint), seq_lens=(64,), backends=("tvm",),
+                      dtype="int8")
+    first = Qwen3ForDeployment.from_pretrained(checkpoint, task.output_name, torch.float16, stream=True)
+    reported = iter(budget_used)
+    monkeypatch.setattr(task, "tolerance_used", lambda agreement, dtype: next(reported))
+    log = []
+    model, plan = calibrate_int8(cfg, task, load_tokenizer(checkpoint), CalibrationSet.load(), checkpoint, first,
+                                 log.append)
+    assert next(reported, None) is None  # both calibrations ran their rounds, or only the first when it fit
+    assert plan.weight_rounding == rounding and (model is first) == (rounding == "gptq")
+    assert plan.preflight["budget_used"] == (min(budget_used[0], budget_used[2]) if len(budget_used) > 1 else 0.4)
+    assert any("calibrating again with nearest" in line for line in log) == (budget_used[0] > 1)
+
+
 def test_a_layers_token_error_is_relative_per_real_token_and_ignores_padding(outlier_checkpoints):
     from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
     from toolkit.quantize import _Rows
