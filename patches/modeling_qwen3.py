@@ -12,6 +12,11 @@ What differs from Hugging Face's Qwen3 (and why):
   lm_head, so it outputs `[batch, 2]` logits instead of `[batch, seq, 151669]`;
 - fused projections: q/k/v are one `qkv_proj` and gate/up one `gate_up_proj` (weights concatenated at load), so
   each group is one larger GEMM that reads its input once;
+- a cached prompt prefix (`cache_prefix`: the reranker's fixed 39-token chat prefix): its keys and values in every
+  layer are computed once at build and held as constants, so the graph's rows carry the prefix first, then their
+  padding, then the body (`split_cached_prefix`); only the body runs through the layers (a quarter of an MS MARCO
+  pair's tokens saved), and its queries attend to the prefix's keys as to their own. The prefix's keys are stored
+  before RoPE and rotated per row to where the reference puts them (after the row's left padding);
 - fp16 storage, fp32 compute: weights may be stored in fp16 but every linear layer upcasts them, so matmuls
   accumulate in fp32, and the residual stream, RMSNorm statistics and softmax stay fp32. Real Qwen3 checkpoints carry
   residual activations in the thousands; fp16 activations are how ollama/llama.cpp produced all-NaN embeddings.
@@ -117,6 +122,25 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+@dataclass
+class Rotary:
+    """RoPE's cos and sin tables for the rows' own positions (`[1, 1, T, D]`) and, with a cached prefix, for the
+    prefix's positions in each row (`[b, 1, P, D]`: they depend on the row's padding)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    prefix_cos: torch.Tensor | None = None
+    prefix_sin: torch.Tensor | None = None
+
+
+def rope_tables(positions: torch.Tensor, s: "Qwen3Shape") -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of RoPE's angles at `positions` (`[..., T]`, float32), as `[..., T, head_dim]`."""
+    inv_freq = 1.0 / (s.rope_theta ** (torch.arange(0, s.head_dim, 2, dtype=torch.float32) / s.head_dim))
+    freqs = positions.unsqueeze(-1) * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with q/k RMSNorm and RoPE, explicit additive mask."""
 
@@ -129,25 +153,40 @@ class Attention(nn.Module):
         self.o_proj = Linear(s.num_attention_heads * s.head_dim, s.hidden_size, s.attention_bias)
         self.q_norm = RMSNorm(s.head_dim, s.rms_norm_eps)
         self.k_norm = RMSNorm(s.head_dim, s.rms_norm_eps)
+        # a cached prefix's keys (normed, before RoPE) and the keys' `rotate_half`, and its values: `[1, kv, P, D]`
+        for name in ("prefix_keys", "prefix_keys_rotated", "prefix_values"):
+            self.register_buffer(name, None)
 
-    @override
-    def forward(self, x, cos, sin, mask, last_only: bool = False):
-        """`last_only`: attend from the last position alone (its output is `[b, 1, hidden]`)."""
+    def project(self, x):
+        """q (`[b, t, heads * D]`, as projected), k normed in `[b, kv, t, D]` (before RoPE), v in `[b, kv, t, D]`."""
         b, t, _ = x.shape
         # Slices, not split/chunk: the exporter turns those into SplitToSequence + SequenceAt, which ONNX Runtime runs
         # as copies through a tensor sequence (7% of a 0.6B forward at [8, 128], `perf profile`).
         qkv, q_end = self.qkv_proj(x), self.heads * self.head_dim
         kv_end = q_end + self.kv_heads * self.head_dim
-        q, k, v = qkv[..., :q_end], qkv[..., q_end:kv_end], qkv[..., kv_end:]
-        q_cos, q_sin = cos, sin
+        k = self.k_norm(qkv[..., q_end:kv_end].reshape(b, t, self.kv_heads, self.head_dim)).transpose(1, 2)
+        return qkv[..., :q_end], k, qkv[..., kv_end:].reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+
+    def hold_prefix(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Attend to a prefix's `keys` (normed, before RoPE) and `values` (`[1, kv, P, D]`) before every row's own."""
+        self.prefix_keys, self.prefix_keys_rotated, self.prefix_values = keys, rotate_half(keys), values
+
+    @override
+    def forward(self, x, rotary: Rotary, mask, last_only: bool = False):
+        """`last_only`: attend from the last position alone (its output is `[b, 1, hidden]`)."""
+        b = x.shape[0]
+        q, k, v = self.project(x)
+        q_cos, q_sin = rotary.cos, rotary.sin
         if last_only:
-            q, q_cos, q_sin, mask = q[:, -1:], cos[..., -1:, :], sin[..., -1:, :], mask[..., -1:, :]
+            q, q_cos, q_sin, mask = q[:, -1:], q_cos[..., -1:, :], q_sin[..., -1:, :], mask[..., -1:, :]
         queries = q.shape[1]
         q = self.q_norm(q.reshape(b, queries, self.heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(k.reshape(b, t, self.kv_heads, self.head_dim)).transpose(1, 2)
-        v = v.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q = q * q_cos + rotate_half(q) * q_sin
-        k = k * cos + rotate_half(k) * sin
+        k = k * rotary.cos + rotate_half(k) * rotary.sin
+        if self.prefix_keys is not None:  # RoPE at the prefix's positions in each row, then its keys before the row's
+            prefix_keys = self.prefix_keys * rotary.prefix_cos + self.prefix_keys_rotated * rotary.prefix_sin
+            k = torch.cat((prefix_keys, k), dim=2)
+            v = torch.cat((self.prefix_values.expand(b, -1, -1, -1), v), dim=2)
         # Grouped-query attention: query head h reads kv head h // groups, so a kv head's `groups` query heads are one
         # matrix of groups * queries rows against it (the mask has a causal block per group: `prepare`). Copying k and
         # v out to every query head instead (repeat_interleave) cost TVM 1% more time ([9, 28] embedding and [2, 256]
@@ -185,9 +224,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
 
     @override
-    def forward(self, x, cos, sin, mask, last_only: bool = False):
+    def forward(self, x, rotary: Rotary, mask, last_only: bool = False):
         """`last_only`: the layer's output at the last position alone, `[b, 1, hidden]`."""
-        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, last_only)
+        attended = self.self_attn(self.input_layernorm(x), rotary, mask, last_only)
         x = (x[:, -1:] if last_only else x) + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -195,7 +234,8 @@ class DecoderLayer(nn.Module):
 class Qwen3ForDeployment(nn.Module):
     """`forward(input_ids [B,T] int64, attention_mask [B,T] int64)` → with head `last_hidden`, `[B, hidden]` (the
     un-normalised last-token state: embeddings); with head `yes_no_logits`, `[B, 2]` ("no", "yes") logits at the last
-    token (reranker). Inputs must be left-padded, as the Qwen3-Embedding/Reranker tokenizers do."""
+    token (reranker). Inputs must be left-padded, as the Qwen3-Embedding/Reranker tokenizers do; with a cached prefix
+    (`cache_prefix`), every row starts with the prefix and its padding comes after it (`split_cached_prefix`)."""
 
     def __init__(self, shape: Qwen3Shape, head: str, insert_slice: bool = True):
         super().__init__()
@@ -204,6 +244,7 @@ class Qwen3ForDeployment(nn.Module):
         self.shape, self.head, self.insert_slice = shape, head, insert_slice
         self.weights: PatchedWeights | None = None  # where `from_pretrained` reads the parameters from
         self.fakes: dict[str, torch.Tensor] = {}  # a streamed model's parameters when not resident
+        self.cached_prefix: list[int] = []  # the prompt prefix whose keys and values the layers hold (`cache_prefix`)
         self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(shape) for _ in range(shape.num_hidden_layers))
@@ -213,33 +254,41 @@ class Qwen3ForDeployment(nn.Module):
 
     @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        x, cos, sin, mask = self.prepare(input_ids, attention_mask)
+        x, rotary, mask = self.prepare(input_ids, attention_mask)
         for layer in self.layers:
-            x = self.run_layer(layer, x, cos, sin, mask)
+            x = self.run_layer(layer, x, rotary, mask)
         return self.finish(x)
 
-    def run_layer(self, layer: "DecoderLayer", x, cos, sin, mask) -> torch.Tensor:
+    def run_layer(self, layer: "DecoderLayer", x, rotary: Rotary, mask) -> torch.Tensor:
         """One decoder layer as the model runs it (calibration runs them one at a time too): with `insert_slice`, the
         last layer at the last position alone."""
-        return layer(x, cos, sin, mask, last_only=self.insert_slice and layer is self.layers[-1])
+        return layer(x, rotary, mask, last_only=self.insert_slice and layer is self.layers[-1])
 
-    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """What the decoder layers take: the embedded tokens, RoPE's cos and sin, the additive attention mask (`[b, 1,
-        groups * T, T]`: a causal block per query head of a kv head)."""
-        t = input_ids.shape[1]
+    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Rotary,
+                                                                                         torch.Tensor]:
+        """What the decoder layers take: the embedded tokens, RoPE's tables, the additive attention mask (`[b, 1,
+        groups * T, P + T]`: the cached prefix's P keys, open to every row, then a causal block per query head of a
+        kv head). With a cached prefix, the rows' first P columns (the prefix) are dropped here."""
+        prefix = len(self.cached_prefix)
+        if prefix:
+            input_ids, attention_mask = input_ids[:, prefix:], attention_mask[:, prefix:]
+        b, t = input_ids.shape
         x = self.embed_tokens(input_ids).float()
-        # Positions 0..T-1 as Hugging Face uses without position_ids; RoPE is relative, so the left-pad offset cancels.
-        s = self.shape
-        inv_freq = 1.0 / (s.rope_theta ** (torch.arange(0, s.head_dim, 2, dtype=torch.float32) / s.head_dim))
-        freqs = torch.arange(t, dtype=torch.float32).unsqueeze(1) * inv_freq.unsqueeze(0)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+        # Positions P..P+T-1 (0..T-1 as Hugging Face uses without position_ids, after the prefix); RoPE is relative,
+        # so the left-pad offset cancels
+        cos, sin = rope_tables(torch.arange(prefix, prefix + t, dtype=torch.float32), self.shape)
+        rotary = Rotary(cos[None, None], sin[None, None])
         # one causal block per query head of a kv head, the rows `Attention.forward` puts them in; its last row (all
         # keys) is what the last position sees in every group
-        causal = torch.ones(t, t, dtype=torch.bool).tril().repeat(s.query_groups, 1)
+        causal = torch.ones(t, t, dtype=torch.bool).tril().repeat(self.shape.query_groups, 1)
         allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
         mask = torch.where(allowed, 0.0, MASKED_SCORE).to(torch.float32)
-        return x, cos, sin, mask
+        if prefix:  # the reference puts the prefix after the row's padding: its keys' RoPE at those positions
+            padding = (t - attention_mask.sum(dim=1)).to(torch.float32)
+            cos, sin = rope_tables(padding[:, None] + torch.arange(prefix, dtype=torch.float32), self.shape)
+            rotary.prefix_cos, rotary.prefix_sin = cos[:, None], sin[:, None]
+            mask = torch.cat((mask.new_zeros(b, 1, mask.shape[2], prefix), mask), dim=-1)
+        return x, rotary, mask
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """The head on the last decoder layer's output (`run_layer`'s): the final norm of the last position, then
@@ -248,6 +297,24 @@ class Qwen3ForDeployment(nn.Module):
         if self.head == "last_hidden":
             return x
         return F.linear(x, self.yes_no_head.to(x.dtype))
+
+    @torch.no_grad()
+    def cache_prefix(self, prefix: list[int]) -> None:
+        """Compute the keys and values of `prefix` (token ids every input starts with) in every layer, once, and hold
+        them: from now on rows start with `prefix` and are padded after it, and only the rest runs through the layers.
+        A streamed model reads one layer at a time for it."""
+        if self.cached_prefix:
+            raise ValueError("this model already holds a cached prefix")
+        ids = torch.tensor([prefix], dtype=torch.int64)
+        with self.resident("embed_tokens."):
+            x, rotary, mask = self.prepare(ids, torch.ones_like(ids))
+        for i, layer in enumerate(self.layers):
+            with self.resident(f"layers.{i}."):
+                _, keys, values = layer.self_attn.project(layer.input_layernorm(x))
+                if layer is not self.layers[-1]:
+                    x = layer(x, rotary, mask)
+            layer.self_attn.hold_prefix(keys.clone(), values.clone())
+        self.cached_prefix = list(prefix)
 
     # ---- loading ---------------------------------------------------------------------------------------------------
     @classmethod

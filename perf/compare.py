@@ -22,7 +22,7 @@ from toolkit.artifact import Manifest
 from toolkit.backends import TorchReference, open_backend
 from toolkit.checkpoint import read_hf_config, resolve_checkpoint
 from toolkit.errors import ToolkitError
-from toolkit.perf.run import RANDOM_ID_LIMIT, check_int
+from toolkit.perf.run import check_int, random_rows
 from toolkit.report import format_table
 from toolkit.tasks import get_task
 from toolkit.text import left_pad
@@ -119,9 +119,7 @@ def run_compare(options: CompareOptions) -> dict:
     seq_len, batch = first.seq_len, first.batch
     ckpt = resolve_checkpoint(options.checkpoint or first.reference_checkpoint())
     flops = forward_flops(read_hf_config(ckpt), seq_len, batch)
-    rng = np.random.default_rng(0)
-    rows = [list(rng.integers(0, RANDOM_ID_LIMIT, seq_len - 1)) + [ENDOFTEXT_ID] for _ in range(batch)]
-    ids, mask = left_pad(rows, seq_len, ENDOFTEXT_ID, batch)
+    ids, mask = left_pad(random_rows(first, batch, np.random.default_rng(0)), seq_len, ENDOFTEXT_ID, batch)
 
     candidates = [(TORCH_RUN, "torch", "fp32", lambda: TorchReference(ckpt, task))] if options.torch_eager else []
     # named by their set too: two artifacts of one backend and dtype (before and after a change) stay apart

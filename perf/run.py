@@ -140,13 +140,20 @@ def dataset_texts(name_or_path: str | Path, limit: int | None = None) -> list[st
     return texts[:limit] if limit else texts
 
 
+def random_rows(manifest: Manifest, count: int, rng: np.random.Generator) -> list[list[int]]:
+    """`count` rows of the artifact's full SEQ in its task's prompt layout: the prefix (which a reranker artifact
+    caches), random ordinary tokens, the suffix."""
+    layout = get_task(manifest.task).prompt(load_tokenizer(manifest.path / "tokenizer"))
+    body = manifest.seq_len - layout.fixed
+    return [layout.prefix + rng.integers(0, RANDOM_ID_LIMIT, body).tolist() + layout.suffix for _ in range(count)]
+
+
 def make_inputs(manifest: Manifest, source: str, count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """`count` left-padded `(input_ids, attention_mask)` batches of the artifact's shape: random full-length ids, or
     the real token lengths of a dataset's texts (in the task's prompt layout, cut to fit)."""
     batch, seq = manifest.batch, manifest.seq_len
     if source == "random":
-        rng = np.random.default_rng(seed)
-        rows = [list(rng.integers(0, RANDOM_ID_LIMIT, seq - 1)) + [ENDOFTEXT_ID] for _ in range(batch * count)]
+        rows = random_rows(manifest, batch * count, np.random.default_rng(seed))
     else:
         texts = dataset_texts(source, limit=batch * count)
         tokenizer = load_tokenizer(manifest.path / "tokenizer")

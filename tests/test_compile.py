@@ -9,6 +9,7 @@ from toolkit.artifact import Manifest
 from toolkit.cli import main
 from toolkit.errors import ToolkitError
 from toolkit.runtime import Engine
+from toolkit.tasks import TASKS
 
 from conftest import build, copy_artifact
 
@@ -108,3 +109,17 @@ def test_validate_command_rechecks_and_records(onnx_artifacts, tmp_path):
     assert "max |Δ P(yes)|" in result.output and result.output.rstrip().endswith("OK")
     recorded = Manifest.load(copy).validation
     assert recorded["passed"] is True and recorded["max_abs_diff"] <= 1e-2 and recorded["items"] == 3
+
+
+def test_the_reranker_caches_the_longest_prompt_prefix_that_keeps_bodies_in_whole_row_tiles(tokenizers):
+    """Its 39-token chat prefix: SEQs that are multiples of 4 keep 36 tokens' keys and values (bodies of whole
+    4-row register tiles); SEQs 4k+3 all 39; mixed, what most SEQs are aligned for. The embedding has no prefix."""
+    from toolkit.compile import cached_prefix
+
+    tokenizer = tokenizers["reranker"]
+    prefix = TASKS["reranker"].prompt(tokenizer).prefix
+    assert len(prefix) == 39
+    assert cached_prefix(TASKS["reranker"], tokenizer, [144, 168, 416]) == prefix[:36]
+    assert cached_prefix(TASKS["reranker"], tokenizer, [143, 259]) == prefix
+    assert cached_prefix(TASKS["reranker"], tokenizer, [144, 170, 174]) == prefix[:38]
+    assert cached_prefix(TASKS["embedding"], tokenizers["embedding"], [32, 64]) == []

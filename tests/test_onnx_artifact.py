@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from toolkit.api import token_rows
 from toolkit.artifact import Manifest
 from toolkit.backends import TorchReference, open_backend
 from toolkit.cli import main
@@ -28,7 +29,7 @@ def agreement(task, reference_raw, candidate_raw):
 
 
 def run_pairs(backend, reference, tokenizer):
-    rows = [tokenizer.encode_one(t)[: backend.seq_len - 1] + [ENDOFTEXT_ID] for t in TEXTS]
+    rows = token_rows(backend.task.prompt(tokenizer), tokenizer, TEXTS, backend.seq_len, truncation="truncate")
     outs, refs = [], []
     for i in range(0, len(rows), backend.batch):
         ids, mask = left_pad(rows[i:i + backend.batch], backend.seq_len, ENDOFTEXT_ID, backend.batch)
@@ -47,6 +48,15 @@ def test_fp16_onnx_matches_hf_fp32(onnx_artifacts, checkpoints, tokenizers, name
         assert manifest.dtype == "fp16" and manifest.validation["passed"]
         stats = agreement(task, *run_pairs(open_artifact(artifact), reference, tokenizers[name]))
         assert stats["nonfinite"] == 0 and task.within_tolerance(stats, "fp16")
+
+
+def test_the_reranker_holds_its_prompt_prefix_and_refuses_rows_without_it(onnx_artifacts, tokenizers):
+    task = TASKS["reranker"]
+    backend = open_artifact(onnx_artifacts["reranker"][0])
+    prefix = task.prompt(tokenizers["reranker"]).prefix
+    assert backend.cached_prefix == prefix[:len(backend.cached_prefix)] and len(backend.cached_prefix) >= 36
+    with pytest.raises(ToolkitError, match="prompt prefix"):
+        backend.run(*left_pad([[9707, ENDOFTEXT_ID]], backend.seq_len, ENDOFTEXT_ID))
 
 
 def test_artifact_weights_are_stored_fp16(onnx_artifacts):

@@ -70,19 +70,24 @@ def test_every_primfunc_gets_a_schedule(checkpoints, tmp_path):
     assert [intermediates[n] for n in silu] == [0, 0]
 
 
-@pytest.mark.parametrize("task,batch,seq,dtype", [
-    (TASKS["embedding"], 1, 64, "fp16"), (TASKS["reranker"], 2, 44, "fp16"), (TASKS["embedding"], 3, 20, "fp16"),
-    pytest.param(TASKS["reranker"], 2, 68, "bf16", marks=pytest.mark.skipif(
-        not cpu_has("avx512_bf16"), reason="bf16 kernels need AVX512-BF16"))],
-    ids=["embedding-64", "reranker-44", "embedding-20", "reranker-68-bf16"])
-def test_every_scheduled_kernel_matches_its_unscheduled_twin(tmp_path, task, batch, seq, dtype):
+NEEDS_BF16 = pytest.mark.skipif(not cpu_has("avx512_bf16"), reason="bf16 kernels need AVX512-BF16")
+
+
+@pytest.mark.parametrize("task,batch,seq,dtype,prefix", [
+    (TASKS["embedding"], 1, 64, "fp16", 0), (TASKS["reranker"], 2, 44, "fp16", 0),
+    (TASKS["embedding"], 3, 20, "fp16", 0), pytest.param(TASKS["reranker"], 2, 68, "bf16", 0, marks=NEEDS_BF16),
+    (TASKS["reranker"], 2, 84, "fp16", 36), pytest.param(TASKS["reranker"], 3, 84, "bf16", 36, marks=NEEDS_BF16)],
+    ids=["embedding-64", "reranker-44", "embedding-20", "reranker-68-bf16", "reranker-84-prefix",
+         "reranker-84-prefix-bf16"])
+def test_every_scheduled_kernel_matches_its_unscheduled_twin(tmp_path, task, batch, seq, dtype, prefix):
     """Each PrimFunc, as scheduled by our rules, against the same PrimFunc left unscheduled, on the same inputs
     (positive, since RMSNorm kernels take a mean of squares; int32 inputs are bf16 pairs of such values). One layer
     at the real Qwen3-0.6B widths (a bug in the row-reduction rule only showed at hidden 1024), small vocabulary:
     weights do not matter for this check. SEQ 44 and 20 are not whole vectors: attention's QK^T pads its columns (to
     48 and 24), K^T's rows are 4-lane vectors. bf16 weights make attention bf16 too (`bf16_attention_kernels`); at
     SEQ 68 RoPE's tables exceed the exporter's folding limit (8192 elements) unless import raises it. The batch is
-    symbolic, as compile makes it, and run at `batch` rows."""
+    symbolic, as compile makes it, and run at `batch` rows. With a cached prompt prefix (36 tokens), the layers run
+    48 rows per sequence and attention reads 84 keys: the prefix's, rotated per row, before the rows' own."""
     import torch
     import tvm
     from tvm.sym.analyzer import Analyzer
@@ -97,7 +102,10 @@ def test_every_scheduled_kernel_matches_its_unscheduled_twin(tmp_path, task, bat
     torch.manual_seed(0)
     for p in model.parameters():
         p.data.normal_(0, 0.05)
-    export_onnx(model.to(torch.bfloat16 if dtype == "bf16" else torch.float16), task, tmp_path / "m.onnx", 64, 1)
+    model = model.to(torch.bfloat16 if dtype == "bf16" else torch.float16)
+    if prefix:  # its keys and values in fp32, as compile computes them
+        model.cache_prefix(list(range(100, 100 + prefix)))
+    export_onnx(model, task, tmp_path / "m.onnx", 64, 1)
     mod = import_onnx(tmp_path / "m.onnx", 4, seq).mod
     target = tvm.target.Target(host_target())
     (scheduled, _), (plain, _) = lower(mod, target), lower(mod, target, schedule=False)

@@ -1,7 +1,7 @@
 """The artifact directory and its typed manifest: the contract between compile and everything that runs artifacts.
 
     ARTIFACT/manifest.json      `Manifest`: task, model, seq_len, batch, dtype, backend, target, inputs, outputs,
-                                files (sha256), tools (versions), validation, build
+                                cached prompt prefix, files (sha256), tools (versions), validation, build
     ARTIFACT/model.onnx[.data]  (onnx backend) or model.so + params.npz (tvm backend). The ONNX SEQs of one build are
                                 one graph with symbolic axes, stored once beside them: `model_file` is then
                                 `../graph-DIGEST/model.onnx` (see compile.share_graph)
@@ -111,6 +111,9 @@ class Manifest:
     model_file: str
     precision: dict
     dynamic_batch: bool = False  # True: any 1..batch rows per run (no padding rows); False: exactly batch rows
+    # the prompt prefix whose keys and values the graph holds: every row starts with it, padded after it
+    # (`text.split_cached_prefix`, which the backends apply to left-padded rows)
+    cached_prefix: list[int] = field(default_factory=list)
     backend_details: dict = field(default_factory=dict)  # tvm: params_file, primfuncs, ...
     validation: dict | None = None  # None: not validated (never loadable); {"skipped": ...}: CUDA without a GPU
     build: dict = field(default_factory=dict)

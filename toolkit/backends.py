@@ -21,6 +21,7 @@ from toolkit.checkpoint import CheckpointTensors, embedding_lookup
 from toolkit.errors import ToolkitError
 from toolkit.memory import return_freed_memory
 from toolkit.tasks import Task
+from toolkit.text import split_cached_prefix
 
 
 class Backend:
@@ -244,12 +245,13 @@ class OnnxRuntimeBackend(Backend):
             raise ToolkitError("this artifact targets CUDA but ONNX Runtime has no usable CUDA provider here "
                                f"(available: {ort.get_available_providers()}); install onnxruntime-gpu on a GPU host")
         self.task, self.seq_len, self.batch = get_task(manifest.task), manifest.seq_len, manifest.batch
-        self.dynamic_batch = manifest.dynamic_batch
+        self.dynamic_batch, self.cached_prefix = manifest.dynamic_batch, manifest.cached_prefix
         warn_if_int8_saturates(manifest)
         self.output_name = self.session.get_outputs()[0].name
 
     @override
     def run(self, input_ids, attention_mask):
+        input_ids, attention_mask = split_cached_prefix(input_ids, attention_mask, self.cached_prefix)
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                  "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
         return self.session.run([self.output_name], feeds)[0]

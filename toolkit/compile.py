@@ -101,6 +101,10 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
         if cfg.dtype == "int8":
             with peaks.stage("calibrate"):
                 model, plan = calibrate_int8(cfg, task, tokenizer, checks, checkpoint, model, log)
+        if prefix := cached_prefix(task, tokenizer, cfg.seq_lens):
+            with peaks.stage("prefix"):
+                model.cache_prefix(prefix)
+            log(f"cached {len(prefix)} tokens of the prompt prefix: their keys and values are constants of the graph")
         with peaks.stage("export"):
             for backend in cfg.backends:
                 first = None
@@ -150,6 +154,20 @@ def calibrate_int8(cfg: BuildConfig, task: Task, tokenizer, calibration: Calibra
         return fresh, retry
     log(f"kept the {cfg.weight_rounding} plan: the {other} one used {retry.preflight['budget_used']:.0%}")
     return model, plan
+
+
+BODY_ROW_MULTIPLE = 4  # the rows of TVM's matmul register tile (tvm_schedules.Matmul's `mr`)
+
+
+def cached_prefix(task: Task, tokenizer, seq_lens) -> list[int]:
+    """The tokens of the task's prompt prefix whose keys and values the graph computes once and holds (the reranker's
+    39-token chat prefix; nothing for the embedding): the longest start of it that leaves the most SEQs a body of whole
+    register tiles (SEQ - cached tokens a multiple of BODY_ROW_MULTIPLE). Measured on the 0.6B reranker: with the
+    whole prefix, SEQ 260 left 221 rows per sequence and the linear layers ran at 107 GFLOP/s instead of 203 (a
+    row tile of 1); 36 of the 39 tokens keep SEQs that are multiples of 4 at full speed."""
+    prefix = task.prompt(tokenizer).prefix
+    length = max(range(len(prefix) + 1), key=lambda n: (sum((s - n) % BODY_ROW_MULTIPLE == 0 for s in seq_lens), n))
+    return prefix[:length]
 
 
 def check_seq_lens(task: Task, tokenizer, seq_lens) -> None:
@@ -301,7 +319,8 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
     tokenizer.save(out / "tokenizer")
     return Manifest(
         name=cfg.name, task=task.name, seq_len=artifact.seq_len, batch=cfg.batch_for(artifact.seq_len),
-        dynamic_batch=True, dtype=cfg.dtype, backend=artifact.backend, target=target,
+        dynamic_batch=True, cached_prefix=cached_prefix(task, tokenizer, cfg.seq_lens), dtype=cfg.dtype,
+        backend=artifact.backend, target=target,
         model=source, inputs=exported.inputs, outputs=exported.outputs, model_file=model_file, precision=precision,
         backend_details=details,
     ).save(out)

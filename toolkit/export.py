@@ -61,7 +61,7 @@ def export_onnx(model, task, path: Path, seq_len: int, batch: int) -> OnnxExport
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         axes = {0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC),
-                1: torch.export.Dim("seq", min=2, max=MAX_DYNAMIC)}
+                1: torch.export.Dim("seq", min=len(model.cached_prefix) + 2, max=MAX_DYNAMIC)}
         program = torch.onnx.export(model, (ids, mask), dynamo=True, optimize=False, verbose=False,
                                     opset_version=ONNX_OPSET, input_names=list(INPUT_NAMES),
                                     output_names=[o.name for o in outputs], external_data=True,
@@ -84,16 +84,17 @@ def release_trace() -> None:
 
 
 def stream_weights(graph_model, weights) -> None:
-    """Make each initializer of an exported streamed model (fake tensors, named after the parameters) read its
-    parameter from `weights` (`PatchedWeights`) when it is written, and drop it after: one weight in memory at a
-    time."""
+    """Make each initializer of an exported streamed model that is a parameter (a fake tensor, named after it) read
+    its parameter from `weights` (`PatchedWeights`) when it is written, and drop it after: one weight in memory at a
+    time. The others (a cached prefix's keys and values) hold their values already."""
     import onnx_ir as ir
 
     def read(name):
         return ir.tensor(weights.load([name])[name], name=name)
 
     for name, value in graph_model.graph.initializers.items():
-        value.const_value = ir.LazyTensor(partial(read, name), value.dtype, value.shape, name=name)
+        if name in weights.sources:
+            value.const_value = ir.LazyTensor(partial(read, name), value.dtype, value.shape, name=name)
 
 
 def linear_module(node) -> str | None:

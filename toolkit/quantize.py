@@ -196,7 +196,7 @@ class _Rows:
     def __init__(self, model: Qwen3ForDeployment, rows: list[list[int]]):
         self.model, self.count = model, len(rows)
         ordered = sorted(rows, key=len)
-        self.inputs = []  # per batch: (embedded tokens, cos, sin, mask)
+        self.inputs = []  # per batch: (embedded tokens, RoPE's tables, mask)
         with torch.no_grad(), model.resident("embed_tokens."):
             for start in range(0, len(ordered), CALIBRATION_BATCH):
                 chunk = ordered[start:start + CALIBRATION_BATCH]
@@ -207,8 +207,8 @@ class _Rows:
         """Every batch's hidden `states` through one decoder `layer`, as the model runs it (`run_layer`: the last one at
         the last position alone, so its linear layers are calibrated on the rows the artifact computes)."""
         with torch.no_grad():
-            return [self.model.run_layer(layer, x, cos, sin, mask)
-                    for x, (_, cos, sin, mask) in zip(states, self.inputs)]
+            return [self.model.run_layer(layer, x, rotary, mask)
+                    for x, (_, rotary, mask) in zip(states, self.inputs)]
 
     def run(self, desc: str, around_layer) -> np.ndarray:
         """The model's raw outputs for the rows (shortest first). `around_layer(name, layer, states)` is a context
@@ -478,7 +478,7 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
     # token, a sentence, a row of max_length: the longest is the one int8 errs most on). GPTQ changes the weights
     # while calibrating; smoothing alone keeps the model's function, so its calibrated outputs serve then
     if preflight:
-        edge_cases = _Rows(model, validation_rows(tokenizer, max_length))
+        edge_cases = _Rows(model, validation_rows(tokenizer, max_length, task.prompt(tokenizer).prefix))
         edge_reference = edge_cases.run("int8 reference, edge cases", lambda *_: nullcontext())
         unchanged = rows.run("int8 reference", lambda *_: nullcontext()) if gptq else None
     calibrated = rows.run("calibrating int8", calibrate)

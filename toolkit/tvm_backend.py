@@ -15,6 +15,7 @@ from toolkit.errors import ToolkitError
 from toolkit.host import isa_flags, missing_tvm_extension
 from toolkit.memory import return_freed_memory
 from toolkit.tasks import get_task
+from toolkit.text import split_cached_prefix
 from toolkit.tvm_amx import request_tiles
 
 _importing = threading.Lock()
@@ -132,6 +133,7 @@ class TvmBackend(Backend):
             request_tiles()
         self.task, self.seq_len, self.batch = get_task(manifest.task), manifest.seq_len, manifest.batch
         self.dynamic_batch = manifest.dynamic_batch  # built before the symbolic batch: exactly `batch` rows
+        self.cached_prefix = manifest.cached_prefix
         self.device = tvm.cpu() if manifest.target.device == "cpu" else tvm.cuda(device_id)
         executable = tvm.runtime.load_module(str(manifest.path / manifest.model_file))
         self.vm = VirtualMachine(executable, self.device)
@@ -140,6 +142,7 @@ class TvmBackend(Backend):
 
     @override
     def run(self, input_ids, attention_mask):
+        input_ids, attention_mask = split_cached_prefix(input_ids, attention_mask, self.cached_prefix)
         ids = self._tensor(np.ascontiguousarray(input_ids, dtype=np.int64), self.device)
         mask = self._tensor(np.ascontiguousarray(attention_mask, dtype=np.int64), self.device)
         return self.vm["main"](ids, mask, *self.weights.value).numpy()
