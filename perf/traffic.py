@@ -90,9 +90,12 @@ def run_traffic(options: TrafficOptions, progress: bool = True) -> dict:
     runs = [(f"torch eager fp32, batch {b}",
              lambda b=b: cls.from_checkpoint(checkpoint, max_length=max_length, batch_size=b, truncation="truncate"))
             for b in options.torch_batches]
-    runs += [(f"{s[0].backend} {s[0].kernels} SEQ {','.join(str(m.seq_len) for m in s)} ({s[0].name})",
+    labels = [f"{s[0].backend} {s[0].kernels} SEQ {','.join(str(m.seq_len) for m in s)}" for s in sets]
+    names = [s[0].name for s in sets]
+    # named by their config; two sets of one config (before and after a change) by their directories
+    runs += [(f"{label} ({name if names.count(name) == 1 else path})",
               lambda path=path: cls.from_artifacts(path, instances=options.instances, truncation="truncate"))
-             for path, s in zip(options.artifacts, sets)]
+             for path, label, name in zip(options.artifacts, labels, names)]
     result = {"task": task.name, "data": str(options.data), "requests": len(requests), "checkpoint": str(checkpoint),
               "matmul_peak_gflops": matmul_peak_gflops(), "rounds": options.rounds}
     rounds = []

@@ -209,6 +209,20 @@ def test_perf_traffic_rounds_alternate_the_order_and_take_each_ratio_within_its_
         traffic.TrafficOptions(data="sts12-sample", artifacts=("x",), rounds=0).check()
 
 
+def test_perf_traffic_names_two_sets_of_one_config_by_their_directories(onnx_artifacts, tmp_path):
+    import shutil
+
+    from toolkit.perf import traffic
+
+    before, after = onnx_artifacts["embedding"][0].parent, tmp_path / "after"
+    shutil.copytree(before, after)
+    result = traffic.run_traffic(traffic.TrafficOptions(
+        data="sts12-sample", artifacts=(str(before), str(after)), torch_batches=(8,), limit=4, rounds=1),
+        progress=False)
+    first, second = (r["name"] for r in result["runs"][1:])
+    assert first.endswith(f"({before})") and second.endswith(f"({after})")
+
+
 def test_find_artifacts_accepts_a_batch_per_seq_but_not_two_artifacts_for_one_seq(onnx_artifacts, tmp_path):
     import shutil
 
