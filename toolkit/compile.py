@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -200,7 +200,8 @@ def stage_export(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model
     staging.chmod(0o755)  # mkdtemp makes it private; an installed artifact is readable like any compile output
     batch = cfg.batch_for(seq_len)
     if first:
-        exported = OnnxExport(first.exported.model_file, *io_specs(task, seq_len, batch, model.shape.hidden_size))
+        inputs, outputs = io_specs(task, seq_len, batch, model.shape.hidden_size)
+        exported = replace(first.exported, inputs=inputs, outputs=outputs)
         return StagedArtifact(backend, seq_len, final, staging, first.graph if backend == "tvm" else None, exported,
                               0.0, first)
     started = time.perf_counter()
@@ -319,8 +320,8 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
     tokenizer.save(out / "tokenizer")
     return Manifest(
         name=cfg.name, task=task.name, seq_len=artifact.seq_len, batch=cfg.batch_for(artifact.seq_len),
-        dynamic_batch=True, cached_prefix=cached_prefix(task, tokenizer, cfg.seq_lens), dtype=cfg.dtype,
-        backend=artifact.backend, target=target,
+        dynamic_batch=True, cached_prefix=exported.cached_prefix, dtype=cfg.dtype, backend=artifact.backend,
+        target=target,
         model=source, inputs=exported.inputs, outputs=exported.outputs, model_file=model_file, precision=precision,
         backend_details=details,
     ).save(out)
