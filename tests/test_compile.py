@@ -114,7 +114,7 @@ def test_validate_command_rechecks_and_records(onnx_artifacts, tmp_path):
 def test_the_reranker_caches_the_longest_prompt_prefix_that_keeps_bodies_in_whole_row_tiles(tokenizers):
     """Its 39-token chat prefix: SEQs that are multiples of 4 keep 36 tokens' keys and values (bodies of whole
     4-row register tiles); SEQs 4k+3 all 39; mixed, what most SEQs are aligned for. The embedding has no prefix."""
-    from toolkit.compile import cached_prefix
+    from toolkit.compile import cached_prefix, ragged_bodies
 
     tokenizer = tokenizers["reranker"]
     prefix = TASKS["reranker"].prompt(tokenizer).prefix
@@ -122,4 +122,5 @@ def test_the_reranker_caches_the_longest_prompt_prefix_that_keeps_bodies_in_whol
     assert cached_prefix(TASKS["reranker"], tokenizer, [144, 168, 416]) == prefix[:36]
     assert cached_prefix(TASKS["reranker"], tokenizer, [143, 259]) == prefix
     assert cached_prefix(TASKS["reranker"], tokenizer, [144, 170, 174]) == prefix[:38]
+    assert ragged_bodies([144, 170, 174], 38) == [144]  # what compile warns about
     assert cached_prefix(TASKS["embedding"], tokenizers["embedding"], [32, 64]) == []

@@ -105,6 +105,10 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
             with peaks.stage("prefix"):
                 model.cache_prefix(prefix)
             log(f"cached {len(prefix)} tokens of the prompt prefix: their keys and values are constants of the graph")
+            if "tvm" in cfg.backends and (ragged := ragged_bodies(cfg.seq_lens, len(prefix))):
+                log(f"warning: at SEQ {','.join(map(str, ragged))} the rows after the cached prefix are not whole "
+                    f"{BODY_ROW_MULTIPLE}-row tiles: TVM's AVX-512 linear layers run them at about half speed; "
+                    f"use SEQs that are all the same modulo {BODY_ROW_MULTIPLE} (--seq auto picks multiples of 4)")
         with peaks.stage("export"):
             for backend in cfg.backends:
                 first = None
@@ -166,8 +170,13 @@ def cached_prefix(task: Task, tokenizer, seq_lens) -> list[int]:
     whole prefix, SEQ 260 left 221 rows per sequence and the linear layers ran at 107 GFLOP/s instead of 203 (a
     row tile of 1); 36 of the 39 tokens keep SEQs that are multiples of 4 at full speed."""
     prefix = task.prompt(tokenizer).prefix
-    length = max(range(len(prefix) + 1), key=lambda n: (sum((s - n) % BODY_ROW_MULTIPLE == 0 for s in seq_lens), n))
+    length = max(range(len(prefix) + 1), key=lambda n: (-len(ragged_bodies(seq_lens, n)), n))
     return prefix[:length]
+
+
+def ragged_bodies(seq_lens, cached: int) -> list[int]:
+    """The SEQs whose bodies (SEQ - `cached` prefix tokens) are not whole register tiles of rows."""
+    return [s for s in seq_lens if (s - cached) % BODY_ROW_MULTIPLE]
 
 
 def check_seq_lens(task: Task, tokenizer, seq_lens) -> None:
