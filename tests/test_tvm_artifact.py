@@ -273,10 +273,12 @@ def test_fp16_linears_on_amx_bf16x3_agree_with_fma_and_keep_their_own_weights(tv
                                                                                workspace):
     """Where the CPU has AMX, fp16 linear layers run as three bf16 products (`fp32_linears: bf16x3`, the default):
     their outputs agree with the AVX-512 fp32 build (`fma`) to far below the fp16 weights' own rounding. bf16x3
-    stores each linear weight as its two bf16 planes, which add up to the fp16 weight exactly."""
+    stores each linear weight as its two bf16 planes, which add up to the fp16 weight exactly (gate_up_proj's rows
+    interleaved: its kernel computes SiLU(gate) * up)."""
     import ml_dtypes
 
     from toolkit import tvm_amx
+    from toolkit.tvm_compile import PANEL, glu_interleaved
 
     from conftest import SEQ_LENS, build
 
@@ -286,15 +288,22 @@ def test_fp16_linears_on_amx_bf16x3_agree_with_fma_and_keep_their_own_weights(tv
     x3, fma = Manifest.load(x3_path), Manifest.load(fma_path)
     assert x3.backend_details["amx_kernels"] == (["bf16x3"] if "bf16x3" in tvm_amx.kinds_to_build() else [])
     assert fma.backend_details["amx_kernels"] == []
+    glu_weights = 0
     with np.load(x3_path / "params.npz") as x3_params, np.load(fma_path / "params.npz") as fma_params:
         for name in fma_params.files:
             panels, stored = fma_params[name], x3_params[name]
             if panels.ndim == 3 and x3.backend_details["amx_kernels"]:  # [N/64, K, 64] → [N/64, 2, K/2, 64] pairs
                 high, low = (stored[:, plane].view(ml_dtypes.bfloat16).reshape(stored.shape[0], -1, 64, 2)
                              .transpose(0, 1, 3, 2).reshape(panels.shape).astype(np.float32) for plane in (0, 1))
-                assert np.array_equal(high + low, panels.astype(np.float32))
+                weight = panels.transpose(0, 2, 1).reshape(-1, panels.shape[1])  # [N, K]
+                interleaved = glu_interleaved(weight).reshape(-1, PANEL, panels.shape[1]).transpose(0, 2, 1)
+                glu_weights += not np.array_equal(high + low, panels.astype(np.float32))
+                assert np.array_equal(high + low, panels.astype(np.float32)) or np.array_equal(
+                    high + low, interleaved.astype(np.float32))
             else:
                 assert np.array_equal(stored, panels)
+    layers = json.loads((checkpoints["embedding"] / "config.json").read_text())["num_hidden_layers"]
+    assert glu_weights == (layers if x3.backend_details["amx_kernels"] else 0)  # each layer's gate_up_proj
     a, b = open_artifact(x3_path), open_artifact(fma_path)
     ids = np.random.default_rng(5).integers(0, 151643, (x3.batch, x3.seq_len))
     mask = np.ones_like(ids)

@@ -204,64 +204,81 @@ declare void @llvm.x86.{instruction}(i8, i8, i8)
 """
 
 
-@functools.cache
-def register(kind: str, k: int, panels: int) -> str:
-    """Register (once) the tensor intrinsic that replaces a `[16 rows, 64 * panels columns, K]` block of the `kind`
-    matmul (`tvm_int8.quad_matmul` / `tvm_bf16.pair_matmul` with AMX rows) by one micro-kernel call; returns its
-    name."""
-    from tvm import s_tir, tirx
-    from tvm.script import tirx as T
+def _operands(kind: str, k: int, panels: int):
+    """The micro-kernel's operands as the matmul blocks spell them (`tvm_int8.quad_matmul`, `tvm_bf16.pair_matmul`,
+    `tvm_bf16.split_matmul`): the activation tile's shape and dtype, the weight panels' shape and dtype, the
+    accumulators' dtype, the extent of the reduction axis, `term(a, b, row, panel, column, r)`, one reduction step
+    of an output, and `reads(...)` (same arguments), the operand regions it reads (as TVM infers them for the
+    blocks: tensorize compares them)."""
+    from tvm import ir, tirx
 
     from toolkit import tvm_bf16
 
-    cols = 64 * panels
+    def region(buffer, *indices):  # an index, or (start, extent) for a range
+        return tirx.BufferRegion(buffer, [ir.Range.from_min_extent(*i) if isinstance(i, tuple) else
+                                          ir.Range.from_min_extent(i, 1) for i in indices])
+
     if kind == "int8":
+        return ((16, k), "uint8", (panels, k // 4, 64, 4), "int8", "int32", k,
+                lambda a, b, i, p, c, r: tirx.Cast("int32", a[i, r]) * tirx.Cast("int32", b[p, r // 4, c, r % 4]),
+                lambda a, b, i, p, c, r: [region(a, i, r), region(b, p, r // 4, c, r % 4)])
+    if kind == "bf16":
+        return ((16, k // 2), "int32", (panels, k // 2, 64), "int32", "float32", k // 2,
+                lambda a, b, i, p, c, r: tvm_bf16.pair_product(a[i, r], b[p, r, c]),
+                lambda a, b, i, p, c, r: [region(a, i, r), region(b, p, r, c)])
+    return ((16, 2, k // 2), "int32", (panels, 2, k // 2, 64), "int32", "float32", k // 2,
+            lambda a, b, i, p, c, r: tvm_bf16.split_product(a[i, 0, r], a[i, 1, r], b[p, 0, r, c], b[p, 1, r, c]),
+            lambda a, b, i, p, c, r: [region(a, i, (0, 2), r), region(b, p, (0, 2), r, c)])
+
+
+@functools.cache
+def register(kind: str, k: int, panels: int, glu: bool = False) -> str:
+    """Register (once) the tensor intrinsic that replaces a `[16 rows, 64 * panels columns, K]` block of the `kind`
+    matmul (with AMX rows) by one micro-kernel call; returns its name. With `glu`, the block is a GLU kernel's
+    `[16, panels, 2, 32]` (`tvm_compile.panel_product`): the same memory, so the same call."""
+    from tvm import ir, s_tir, tirx
+    from tvm.script import tirx as T
+
+    a_shape, a_dtype, b_shape, b_dtype, acc_dtype, reduction, term, reads = _operands(kind, k, panels)
+    cols = 64 * panels
+    zero = tirx.const(0, acc_dtype)
+
+    def whole(buffer):
+        return tirx.BufferRegion(buffer, [ir.Range.from_min_extent(0, d) for d in buffer.shape])
+
+    def update_reads(c_region, a, b, *indices):
+        return [c_region, *reads(a, b, *indices)]
+
+    if glu:
         @T.prim_func(s_tir=True)
-        def desc(a: T.Buffer((16, k), "uint8", offset_factor=1), b: T.Buffer((panels, k // 4, 64, 4), "int8",
-                 offset_factor=1), c: T.Buffer((16, cols), "int32", offset_factor=1)) -> None:
+        def desc(a: T.Buffer(a_shape, a_dtype, offset_factor=1), b: T.Buffer(b_shape, b_dtype, offset_factor=1),
+                 c: T.Buffer((16, panels, 2, 32), acc_dtype, offset_factor=1)) -> None:
             with T.sblock("root"):
-                T.reads(a[0:16, 0:k], b[0:panels, 0:k // 4, 0:64, 0:4])
-                T.writes(c[0:16, 0:cols])
-                for i, j, r in T.grid(16, cols, k):
+                T.reads(whole(a), whole(b))
+                T.writes(whole(c))
+                for i, p, h, j, r in T.grid(16, panels, 2, 32, reduction):
                     with T.sblock("update"):
-                        vi, vj, vr = T.axis.remap("SSR", [i, j, r])
-                        T.reads(c[vi, vj], a[vi, vr], b[vj // 64, vr // 4, vj % 64, vr % 4])
-                        T.writes(c[vi, vj])
+                        vi, vp, vh, vj, vr = T.axis.remap("SSSSR", [i, p, h, j, r])
+                        T.reads(update_reads(c[vi, vp, vh, vj], a, b, vi, vp, vh * 32 + vj, vr))
+                        T.writes(c[vi, vp, vh, vj])
                         with T.init():
-                            c[vi, vj] = 0
-                        c[vi, vj] = c[vi, vj] + T.Cast("int32", a[vi, vr]) * T.Cast(
-                            "int32", b[vj // 64, vr // 4, vj % 64, vr % 4])
-    elif kind == "bf16":
-        @T.prim_func(s_tir=True)
-        def desc(a: T.Buffer((16, k // 2), "int32", offset_factor=1), b: T.Buffer((panels, k // 2, 64), "int32",
-                 offset_factor=1), c: T.Buffer((16, cols), "float32", offset_factor=1)) -> None:
-            with T.sblock("root"):
-                T.reads(a[0:16, 0:k // 2], b[0:panels, 0:k // 2, 0:64])
-                T.writes(c[0:16, 0:cols])
-                for i, j, p in T.grid(16, cols, k // 2):
-                    with T.sblock("update"):
-                        vi, vj, vp = T.axis.remap("SSR", [i, j, p])
-                        T.reads(c[vi, vj], a[vi, vp], b[vj // 64, vp, vj % 64])
-                        T.writes(c[vi, vj])
-                        with T.init():
-                            c[vi, vj] = T.float32(0)
-                        c[vi, vj] = c[vi, vj] + tvm_bf16.pair_product(a[vi, vp], b[vj // 64, vp, vj % 64])
+                            c[vi, vp, vh, vj] = zero
+                        c[vi, vp, vh, vj] = c[vi, vp, vh, vj] + term(a, b, vi, vp, vh * 32 + vj, vr)
     else:
         @T.prim_func(s_tir=True)
-        def desc(a: T.Buffer((16, 2, k // 2), "int32", offset_factor=1), b: T.Buffer((panels, 2, k // 2, 64),
-                 "int32", offset_factor=1), c: T.Buffer((16, cols), "float32", offset_factor=1)) -> None:
+        def desc(a: T.Buffer(a_shape, a_dtype, offset_factor=1), b: T.Buffer(b_shape, b_dtype, offset_factor=1),
+                 c: T.Buffer((16, cols), acc_dtype, offset_factor=1)) -> None:
             with T.sblock("root"):
-                T.reads(a[0:16, 0:2, 0:k // 2], b[0:panels, 0:2, 0:k // 2, 0:64])
-                T.writes(c[0:16, 0:cols])
-                for i, j, p in T.grid(16, cols, k // 2):
+                T.reads(whole(a), whole(b))
+                T.writes(whole(c))
+                for i, j, r in T.grid(16, cols, reduction):
                     with T.sblock("update"):
-                        vi, vj, vp = T.axis.remap("SSR", [i, j, p])
-                        T.reads(c[vi, vj], a[vi, 0:2, vp], b[vj // 64, 0:2, vp, vj % 64])
+                        vi, vj, vr = T.axis.remap("SSR", [i, j, r])
+                        T.reads(update_reads(c[vi, vj], a, b, vi, vj // 64, vj % 64, vr))
                         T.writes(c[vi, vj])
                         with T.init():
-                            c[vi, vj] = T.float32(0)
-                        c[vi, vj] = c[vi, vj] + tvm_bf16.split_product(
-                            a[vi, 0, vp], a[vi, 1, vp], b[vj // 64, 0, vp, vj % 64], b[vj // 64, 1, vp, vj % 64])
+                            c[vi, vj] = zero
+                        c[vi, vj] = c[vi, vj] + term(a, b, vi, vj // 64, vj % 64, vr)
     # the implementation: the description's buffers and regions, its body one call of the micro-kernel
     a, b, c = desc.params  # buffers
     act_row_bytes = activation_row_bytes(kind, k)
@@ -272,6 +289,6 @@ def register(kind: str, k: int, panels: int) -> str:
     root = desc.body.block
     impl = desc.with_body(s_tir.SBlockRealize([], True, s_tir.SBlock([], root.reads, root.writes, root.name_hint,
                                                                      tirx.Evaluate(call))))
-    name = f"qwen3_deploy_amx_{kind}_16x{cols}x{k}"
+    name = f"qwen3_deploy_amx_{kind}_16x{cols}x{k}{'_glu' if glu else ''}"
     s_tir.TensorIntrin.register(name, desc, impl, override=True)
     return name

@@ -172,21 +172,21 @@ def to_split_pairs(rows, k: int):
     return kernel_func(act, te.compute(shape, pair, name="bf16x3_planes"))
 
 
-def split_matmul(rows, k: int, n: int):
+def split_matmul(rows, k: int, n: int, epilogue: str | None = None):
     """PrimFunc: y[rows, N] = x · W on AMX bf16 tiles from x's planes (`to_split_pairs`) and W's
     (`pack_split_pairs`): three bf16 products a K step (`split_product`), summed in fp32, each within
-    2^-15 of its size (fp16 weights are themselves rounded to 2^-11). Where the CPU has AMX, this runs an fp16 or
-    fp32 linear layer 2-2.5x faster than torch's fp32 GEMM here (in the model, 252 rows: 700-810 GFLOP/s against
-    321-343), its weights 4 bytes each in memory."""
+    2^-15 of its size (fp16 weights are themselves rounded to 2^-11), then the `epilogue` if any (`linear_output`).
+    Where the CPU has AMX, this runs an fp16 or fp32 linear layer 2-2.5x faster than torch's fp32 GEMM here (in the
+    model, 252 rows: 700-810 GFLOP/s against 321-343), its weights 4 bytes each in memory."""
     pair_rows = tvm_amx.activation_rows(rows, True)
     planes = te.placeholder(int64_shape(pair_rows, 2, k // 2), "int32", name="planes")
     panels = te.placeholder(int64_shape(n // PANEL, 2, k // 2, PANEL), "int32", name="panels")
     p = te.reduce_axis(int64_shape(0, k // 2), name="p")
-    out = te.compute(int64_shape(pair_rows, n), lambda r, c: te.sum(split_product(
-        planes[r, 0, p], planes[r, 1, p], panels[c // PANEL, 0, p, c % PANEL], panels[c // PANEL, 1, p, c % PANEL]),
-        axis=p), name=SPLIT_MATMUL_NAME)
-    out = te.compute(int64_shape(rows, n), lambda r, c: out[r, c], name="bf16x3_rows")
-    return kernel_func(planes, panels, out)
+    _, at = panel_product(pair_rows, n, epilogue, lambda r, panel, column: te.sum(split_product(
+        planes[r, 0, p], planes[r, 1, p], panels[panel, 0, p, column], panels[panel, 1, p, column]), axis=p),
+        SPLIT_MATMUL_NAME)
+    extra, out = linear_output(rows, n, at, epilogue, "bf16x3_rows")
+    return kernel_func(planes, panels, *extra, out)
 
 
 def pair_matmul(rows, k: int, n: int, amx: bool = False, epilogue: str | None = None):

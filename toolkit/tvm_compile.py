@@ -382,10 +382,12 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset(), amx: frozenset[
     planes `[N/64, 2, K/2, 64]` (int32 pairs) and the matmul three bf16 products on AMX tiles
     (`tvm_bf16.split_matmul`), to 2^-15 of each product instead of fp32's 2^-24, at 2-2.5x torch's fp32 GEMM here.
 
-    The VNNI and AVX512-BF16 kernels also take the work that follows them where it is elementwise on their output
-    (`linear_output`): `residual + x·Wᵀ` (o_proj, down_proj) adds the residual in the tile, and SiLU(gate) * up of
-    the fused gate_up_proj runs on the tile of a weight packed with its gate and up rows interleaved
-    (`glu_interleaved`). The product then never goes to memory: on the Zen4 host, int8 traffic ran 1.15x faster."""
+    These kernels (all but the plain fp16/fp32 matmul) also take the work that follows them where it is
+    elementwise on their output (`linear_output`): `residual + x·Wᵀ` (o_proj, down_proj) adds the residual in the
+    tile, and SiLU(gate) * up of the fused gate_up_proj runs on the tile of a weight packed with its gate and up rows
+    interleaved (`glu_interleaved`). The VNNI and AVX512-BF16 kernels read the product from their registers, so it
+    never goes to memory (on the Zen4 host, int8 traffic ran 1.15x faster); the AMX ones read it back from the tile
+    they just stored, still in cache, instead of from a `[rows, N]` product in a kernel of their own."""
     from tvm import relax
     from tvm.relax.dpl import is_op, rewrite_call, wildcard
     from tvm.sym.analyzer import Analyzer
@@ -398,17 +400,13 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset(), amx: frozenset[
     kernels = KernelCalls(mod)  # the bf16 / int8 kernels added on the way
 
     def call(name: str, make, shape: tuple, args: list, out_ty, tiles: bool = False, epilogue: str | None = None):
-        if tiles:  # its AMX version
-            return kernels.call(f"{name}_amx_{dims_name(*shape)}", lambda: make(*shape, amx=True), args, out_ty)
-        if epilogue:
-            return kernels.call(f"{name}_{dims_name(*shape)}_{epilogue}", lambda: make(*shape, epilogue=epilogue),
-                                args, out_ty)
-        return kernels.call(f"{name}_{dims_name(*shape)}", lambda: make(*shape), args, out_ty)
+        options = ({"amx": True} if tiles else {}) | ({"epilogue": epilogue} if epilogue else {})  # tiles: AMX's
+        return kernels.call(f"{name}{'_amx' if tiles else ''}_{dims_name(*shape)}{f'_{epilogue}' if epilogue else ''}",
+                            lambda: make(*shape, **options), args, out_ty)
 
     def linear(act, weight, epilogue: str | None = None, residual=None):
         """`act · weightᵀ` (then the `epilogue`: + `residual`, or SiLU * up) as our kernel's call; None where the
-        weight has no packed layout, or where its kernel has no such epilogue (only the VNNI and AVX512-BF16
-        kernels have: AMX's would be untested on the CPUs this project is checked on)."""
+        weight has no packed layout, or where its kernel has no such epilogue (the plain fp16/fp32 matmul)."""
         key = next((i for i, v in enumerate(weights) if weight.same_as(v)), None)
         if key is None or len(weight.ty.shape) != 2 or int(weight.ty.shape[0]) % PANEL:
             return None
@@ -427,8 +425,6 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset(), amx: frozenset[
 
         if weight.ty.dtype == "bfloat16":
             tiles = "bf16" in amx and tvm_amx.fits("bf16", k)
-            if epilogue and tiles:
-                return None
             [panels] = packed(BF16_PAIRS, [relax.Var(f"{weight.name}_pairs", relax.TensorType(
                 (n // PANEL, k // 2, PANEL), "int32"))])
             pairs = call("bf16_pairs", tvm_bf16.to_pairs, (rows, k), [flat], relax.TensorType(
@@ -438,8 +434,6 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset(), amx: frozenset[
             return op.reshape(out, shaped)
         if key in int8 and k % 4 == 0:
             tiles = "int8" in amx and tvm_amx.fits("int8", k)
-            if epilogue and tiles:
-                return None
             panels, side = packed(INT8_QUADS, [
                 relax.Var(f"{weight.name}_quads", relax.TensorType((n // PANEL, k // 4, PANEL, 4), "int8")),
                 relax.Var(f"{weight.name}_scales", relax.TensorType((2, n), "float32"))])
@@ -449,16 +443,16 @@ def pack_linear_weights(mod, int8: frozenset[int] = frozenset(), amx: frozenset[
             out = call("int8_matmul", tvm_int8.quad_matmul, (rows, k, n), [quantized, panels, side, absmax, *extra],
                        relax.TensorType(out_shape, "float32"), tiles, epilogue)
             return op.reshape(out, shaped)
-        if epilogue:
-            return None
         if "bf16x3" in amx and tvm_amx.fits("bf16x3", k):
             [planes] = packed(SPLIT_PANELS, [relax.Var(f"{weight.name}_planes", relax.TensorType(
                 (n // PANEL, 2, k // 2, PANEL), "int32"))])
             split = call("bf16x3_planes", tvm_bf16.to_split_pairs, (rows, k), [flat], relax.TensorType(
                 (tvm_amx.activation_rows(rows, True), 2, k // 2), "int32"))
-            out = call("bf16x3_matmul", tvm_bf16.split_matmul, (rows, k, n), [split, planes],
-                       relax.TensorType((rows, n), "float32"))
+            out = call("bf16x3_matmul", tvm_bf16.split_matmul, (rows, k, n), [split, planes, *extra],
+                       relax.TensorType(out_shape, "float32"), epilogue=epilogue)
             return op.reshape(out, shaped)
+        if epilogue:
+            return None
         [panels] = packed(PANELS, [relax.Var(f"{weight.name}_panels", relax.TensorType(
             (n // PANEL, k, PANEL), weight.ty.dtype))])
         out = op.matmul(op.reshape(act, (1, rows, k)), op.astype(panels, "float32"))  # [N/64, rows, 64]
