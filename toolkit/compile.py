@@ -93,8 +93,7 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
     peaks, staged = StagePeaks(), []
     try:
         with peaks.stage("load"):
-            model = Qwen3ForDeployment.from_pretrained(checkpoint, task.output_name, TORCH_DTYPES[cfg.dtype],
-                                                       stream=True)
+            model = load_streamed(cfg, task, checkpoint)
         plan, checks = None, None
         if cfg.dtype in ("bf16", "int8"):  # low precision is also validated on real texts (int8: never calibrated on)
             checks = CalibrationSet.load(cfg.calibration)
@@ -131,6 +130,11 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
             prune_graphs(set_dir)
 
 
+def load_streamed(cfg: BuildConfig, task: Task, checkpoint: Path) -> Qwen3ForDeployment:
+    """The patched model of `checkpoint` in the build's dtype, streamed (never held whole: see the module docstring)."""
+    return Qwen3ForDeployment.from_pretrained(checkpoint, task.output_name, TORCH_DTYPES[cfg.dtype], stream=True)
+
+
 def calibrate_int8(cfg: BuildConfig, task: Task, tokenizer, calibration: CalibrationSet, checkpoint: Path,
                    model: Qwen3ForDeployment, log) -> tuple[Qwen3ForDeployment, QuantizationPlan]:
     """`plan_int8` with the build config's weight rounding; if its preflight finds the plan over the gate's whole error
@@ -151,7 +155,7 @@ def calibrate_int8(cfg: BuildConfig, task: Task, tokenizer, calibration: Calibra
     other = next(rounding for rounding in WEIGHT_ROUNDINGS if rounding != cfg.weight_rounding)
     log(f"the {cfg.weight_rounding} plan uses {plan.preflight['budget_used']:.0%} of the gate's error budget: "
         f"calibrating again with {other} rounding")
-    fresh = Qwen3ForDeployment.from_pretrained(checkpoint, task.output_name, TORCH_DTYPES[cfg.dtype], stream=True)
+    fresh = load_streamed(cfg, task, checkpoint)
     retry = plan_with(fresh, other)
     if retry.preflight["budget_used"] < plan.preflight["budget_used"]:
         log(f"kept the {other} plan ({retry.preflight['budget_used']:.0%} of the budget)")
