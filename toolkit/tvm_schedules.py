@@ -311,8 +311,8 @@ class Matmul(dl.ScheduleRule):
         sch.reorder(groups[0], rows[0], rows[1], groups[1], *spatial[2:], k)
         tile = sch.fuse(groups[0], rows[0])
         sch.parallel(tile)
-        for e in epilogue[-1:]:
-            Matmul._epilogue_at(sch, sch.get_sblock(e), tile, stored=True)
+        if epilogue:
+            Matmul._epilogue_at(sch, sch.get_sblock(epilogue[-1]), tile, stored=True)
         sch.tensorize(rows[1], tvm_amx.register(kind, k_values, panels, glu))
         sch.annotate(tile, "pragma_import_llvm", tvm_amx.micro_kernel_llvm(kind))
         return sch
