@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.api import REFERENCE_MAX_LENGTH, model_class
+from toolkit.api import REFERENCE_MAX_LENGTH, check_instruction, model_class
 from toolkit.artifact import find_artifacts
 from toolkit.errors import ToolkitError
 from toolkit.eval.datasets import DatasetSpec, check_kind, check_limit, read_examples, resolve_dataset
@@ -160,6 +160,8 @@ def evaluate(options: EvalOptions) -> dict:
                            f"or a {task.name} artifact")
     examples = read_examples(name, spec, source, options.limit)
     instruction = spec.instruction if options.instruction is None else options.instruction
+    if manifests:  # before any model runs
+        check_instruction(manifests[0].instruction, instruction)
     cls = model_class(task)
     result = {"task": task.name, "dataset": name, "source": str(options.dataset), "examples": len(examples),
               "instruction": instruction, "runs": {}}

@@ -28,7 +28,7 @@ from toolkit.errors import ToolkitError
 from toolkit.eval.datasets import load_dataset
 from toolkit.report import format_table
 from toolkit.runtime import AUTO_INSTANCES, Engine
-from toolkit.tasks import get_task
+from toolkit.tasks import PromptLayout, get_task
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
 
@@ -140,10 +140,17 @@ def dataset_texts(name_or_path: str | Path, limit: int | None = None) -> list[st
     return texts[:limit] if limit else texts
 
 
+def artifact_layout(manifest: Manifest, tokenizer) -> PromptLayout:
+    """The prompt layout of the artifact's inputs, what every input starts with as its prefix (the reranker's chat
+    prefix and the instruction it was compiled for, which its graph caches)."""
+    task = get_task(manifest.task)
+    return PromptLayout(task.prompt_start(tokenizer, manifest.instruction), task.prompt(tokenizer).suffix)
+
+
 def random_rows(manifest: Manifest, count: int, rng: np.random.Generator) -> list[list[int]]:
-    """`count` rows of the artifact's full SEQ in its task's prompt layout: the prefix (which a reranker artifact
-    caches), random ordinary tokens, the suffix."""
-    layout = get_task(manifest.task).prompt(load_tokenizer(manifest.path / "tokenizer"))
+    """`count` rows of the artifact's full SEQ in its inputs' layout (`artifact_layout`): the prefix, random ordinary
+    tokens, the suffix."""
+    layout = artifact_layout(manifest, load_tokenizer(manifest.path / "tokenizer"))
     body = manifest.seq_len - layout.fixed
     return [layout.prefix + rng.integers(0, RANDOM_ID_LIMIT, body).tolist() + layout.suffix for _ in range(count)]
 
@@ -159,7 +166,7 @@ def make_inputs(manifest: Manifest, source: str, count: int, seed: int = 0) -> l
         tokenizer = load_tokenizer(manifest.path / "tokenizer")
         with warnings.catch_warnings():  # cutting long texts to the artifact's SEQ is the point here
             warnings.simplefilter("ignore")
-            rows = token_rows(get_task(manifest.task).prompt(tokenizer), tokenizer, texts, seq, "truncate")
+            rows = token_rows(artifact_layout(manifest, tokenizer), tokenizer, texts, seq, "truncate")
         rows = [rows[i % len(rows)] for i in range(batch * count)]
     return [left_pad(rows[i:i + batch], seq, ENDOFTEXT_ID, batch) for i in range(0, len(rows), batch)]
 

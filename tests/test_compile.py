@@ -1,15 +1,17 @@
 """Compile failure paths: atomic artifacts, refused checkpoints and sequence lengths, `toolkit validate`."""
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
 
 from toolkit.artifact import Manifest
 from toolkit.cli import main
+from toolkit.config import BuildConfig
 from toolkit.errors import ToolkitError
 from toolkit.runtime import Engine
-from toolkit.tasks import TASKS
+from toolkit.tasks import TASKS, WEB_SEARCH_INSTRUCTION
 
 from conftest import build, copy_artifact
 
@@ -113,14 +115,39 @@ def test_validate_command_rechecks_and_records(onnx_artifacts, tmp_path):
 
 def test_the_reranker_caches_the_longest_prompt_prefix_that_keeps_bodies_in_whole_row_tiles(tokenizers):
     """Its 39-token chat prefix: SEQs that are multiples of 4 keep 36 tokens' keys and values (bodies of whole
-    4-row register tiles); SEQs 4k+3 all 39; mixed, what most SEQs are aligned for. The embedding has no prefix."""
+    4-row register tiles); SEQs 4k+3 all 39; mixed, what most SEQs are aligned for. With the web-search instruction
+    the prompt start is 60 tokens (its 21 up to the query); a cache that stops before them leaves any instruction
+    open. The embedding has no prefix."""
     from toolkit.compile import cached_prefix, ragged_bodies
 
-    tokenizer = tokenizers["reranker"]
-    prefix = TASKS["reranker"].prompt(tokenizer).prefix
-    assert len(prefix) == 39
-    assert cached_prefix(TASKS["reranker"], tokenizer, [144, 168, 416]) == prefix[:36]
-    assert cached_prefix(TASKS["reranker"], tokenizer, [143, 259]) == prefix
-    assert cached_prefix(TASKS["reranker"], tokenizer, [144, 170, 174]) == prefix[:38]
+    tokenizer, task = tokenizers["reranker"], TASKS["reranker"]
+    prefix, start = task.prompt(tokenizer).prefix, task.prompt_start(tokenizer, WEB_SEARCH_INSTRUCTION)
+    assert len(prefix) == 39 and len(start) == 60 and start[:39] == prefix
+    assert cached_prefix(task, tokenizer, [144, 168, 416]) == (prefix[:36], None)
+    assert cached_prefix(task, tokenizer, [143, 259]) == (prefix, None)
+    assert cached_prefix(task, tokenizer, [144, 170, 174]) == (prefix[:38], None)
     assert ragged_bodies([144, 170, 174], 38) == [144]  # what compile warns about
-    assert cached_prefix(TASKS["embedding"], tokenizers["embedding"], [32, 64]) == []
+    assert cached_prefix(task, tokenizer, [144, 168, 416], WEB_SEARCH_INSTRUCTION) == (start, WEB_SEARCH_INSTRUCTION)
+    assert cached_prefix(task, tokenizer, [143, 259], WEB_SEARCH_INSTRUCTION) == (start[:59], WEB_SEARCH_INSTRUCTION)
+    assert cached_prefix(TASKS["embedding"], tokenizers["embedding"], [32, 64], "x") == ([], None)
+
+
+def test_the_instruction_is_cached_where_every_seq_holds_it_with_a_body(tokenizers):
+    """The reranker's default (web-search) instruction is cached unless a SEQ is too short for it with a query and a
+    document (then only the chat prefix, said in the log); an instruction the config names must fit (or the build is
+    refused with the fix); --no-cache-instruction caches none; the embedding's inputs carry none."""
+    from toolkit.compile import instruction_to_cache
+
+    tokenizer, logged = tokenizers["reranker"], []
+    cfg = BuildConfig(name="r", task="reranker", checkpoint="x", seq_lens=(128, 256))
+    assert instruction_to_cache(cfg, TASKS["reranker"], tokenizer, logged.append) == WEB_SEARCH_INSTRUCTION
+    assert instruction_to_cache(replace(cfg, instruction="Judge"), TASKS["reranker"], tokenizer, print) == "Judge"
+    assert instruction_to_cache(replace(cfg, cache_instruction=False), TASKS["reranker"], tokenizer, print) is None
+    short = replace(cfg, seq_lens=(64, 128))
+    assert instruction_to_cache(short, TASKS["reranker"], tokenizer, logged.append) is None
+    assert logged == ["SEQ 64 cannot hold the default instruction with a body (75 tokens): only the chat prefix is "
+                      "cached, and inputs may carry any instruction"]
+    with pytest.raises(ToolkitError, match="use --seq 75 or more, or --no-cache-instruction"):
+        instruction_to_cache(replace(short, instruction=WEB_SEARCH_INSTRUCTION), TASKS["reranker"], tokenizer, print)
+    embedding = BuildConfig(name="e", task="embedding", checkpoint="x", seq_lens=(32,))
+    assert instruction_to_cache(embedding, TASKS["embedding"], tokenizers["embedding"], print) is None

@@ -29,7 +29,11 @@ def agreement(task, reference_raw, candidate_raw):
 
 
 def run_pairs(backend, reference, tokenizer):
-    rows = token_rows(backend.task.prompt(tokenizer), tokenizer, TEXTS, backend.seq_len, truncation="truncate")
+    """TEXTS through the artifact and the reference as the task's bodies: the reranker's with a query and the
+    web-search instruction (an artifact caches the prompt up to the query)."""
+    task = backend.task
+    bodies = [task.body(("Which text is this?", t)) for t in TEXTS] if task.name == "reranker" else TEXTS
+    rows = token_rows(task.prompt(tokenizer), tokenizer, bodies, backend.seq_len, truncation="truncate")
     outs, refs = [], []
     for i in range(0, len(rows), backend.batch):
         ids, mask = left_pad(rows[i:i + backend.batch], backend.seq_len, ENDOFTEXT_ID, backend.batch)

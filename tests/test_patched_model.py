@@ -7,7 +7,7 @@ from toolkit.api import token_rows
 from toolkit.backends import TorchReference
 from toolkit.errors import ToolkitError
 from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
-from toolkit.tasks import TASKS, l2_normalize, yes_probability
+from toolkit.tasks import TASKS, WEB_SEARCH_INSTRUCTION, l2_normalize, yes_probability
 from toolkit.text import left_pad, split_cached_prefix
 from toolkit.tokenizer import ENDOFTEXT_ID
 
@@ -48,24 +48,26 @@ def test_padding_amount_does_not_change_the_result(checkpoints, tokenizers):
     assert np.abs(l2_normalize(a) - l2_normalize(b)).max() < 1e-5
 
 
-def test_a_cached_prompt_prefix_gives_the_reference_result(checkpoints, tokenizers):
-    """The reranker's prompt prefix run once (its keys and values held by the layers, read from a streamed model one
+@pytest.mark.parametrize("instruction", [None, WEB_SEARCH_INSTRUCTION], ids=["prefix", "prefix-and-instruction"])
+def test_a_cached_prompt_prefix_gives_the_reference_result(checkpoints, tokenizers, instruction):
+    """The reranker's prompt start run once (its keys and values held by the layers, read from a streamed model one
     layer at a time) and every row padded after it: the unpatched model's P(yes) on the left-padded rows, for bodies
     of very different lengths in one batch (one of exactly SEQ tokens), with only the rows' own tokens through the
-    layers."""
+    layers. The start: the 39-token chat prefix, or with it the web-search instruction up to the query (60 tokens);
+    the bodies carry the instruction either way."""
     task, tokenizer, seq = TASKS["reranker"], tokenizers["reranker"], 96
     bodies = [task.body(("q", "word " * k)) for k in (0, 8, 40)]  # the last one cut to fill SEQ
     rows = token_rows(task.prompt(tokenizer), tokenizer, bodies, seq, truncation="truncate")
     ids, mask = left_pad(rows, seq, ENDOFTEXT_ID)
     reference = yes_probability(TorchReference(checkpoints["reranker"], task).run(ids, mask))
     model = Qwen3ForDeployment.from_pretrained(checkpoints["reranker"], task.output_name, stream=True)
-    prefix = task.prompt(tokenizer).prefix
-    model.cache_prefix(prefix)
+    prefix = task.prompt_start(tokenizer, instruction)
+    model.cache_prefix(prefix, instruction)
     positions = []
     model.layers[0].register_forward_pre_hook(lambda module, args: positions.append(args[0].shape[1]))
     with torch.no_grad(), model.resident("", "embed_tokens."):
         ours = yes_probability(model(*map(torch.from_numpy, split_cached_prefix(ids, mask, prefix))).numpy())
-    assert len(prefix) == 39 and positions == [seq - len(prefix)]
+    assert len(prefix) == (39 if instruction is None else 60) and positions == [seq - len(prefix)]
     assert np.abs(ours - reference).max() <= 1e-5
     assert np.ptp(reference) > 0.01  # the rows do score differently
 

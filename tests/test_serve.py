@@ -253,6 +253,23 @@ def test_a_backend_failure_is_a_503_for_its_request_and_the_server_goes_on(sets,
         assert 'route="/v1/embeddings",status="503"} 2.0' in http.get("/metrics").text
 
 
+def test_a_reranker_compiled_for_its_instruction_says_so_and_answers_another_with_a_422(tvm_artifacts):
+    """At SEQ 128 the build cached the web-search instruction: `/info` names it, requests without an instruction (or
+    with it) are scored, one with another instruction is a 422 naming the fix."""
+    with Reranker.from_artifacts(tvm_artifacts["reranker"][0]) as offline:
+        expected = offline.score([(QUERY, d) for d in DOCS])
+    app = create_app(reranker=Reranker.from_artifacts(tvm_artifacts["reranker"][0]))
+    with served(app) as base, httpx.Client(base_url=base, timeout=TIMEOUT) as http:
+        assert http.get("/info").json()["models"]["reranker"]["instruction"] == WEB_SEARCH_INSTRUCTION
+        for body in ({}, {"instruction": WEB_SEARCH_INSTRUCTION}):
+            ok = http.post("/rerank", json={"query": QUERY, "texts": DOCS, **body})
+            assert ok.status_code == 200
+            assert max(abs(r["score"] - expected[r["index"]]) for r in ok.json()) <= 1e-6
+        r = http.post("/rerank", json={"query": QUERY, "texts": DOCS, "instruction": "Judge"})
+        assert r.status_code == 422 and "compiled for the instruction" in error_message(r)
+        assert "--instruction" in error_message(r)
+
+
 def test_sigterm_finishes_requests_in_flight_then_exits_0(sets, offline):
     """A request of one row (a batch takes 2) waits in the batch scheduler (max wait 5 s) when SIGTERM comes: the
     server stops accepting connections, answers that request, and exits 0."""

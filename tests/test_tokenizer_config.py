@@ -34,6 +34,11 @@ def test_reference_style_config(tmp_path):
                     "backend: {dtype: int8, quantization: {preflight: false, smooth_alpha: 0.8}}\n")
     assert load_build_config(int8).preflight is False and load_build_config(int8).smooth_alpha == 0.8
     assert cfg.fp32_linears == "bf16x3" and cfg.with_overrides(fp32_linears="fma").fp32_linears == "fma"
+    reranker = tmp_path / "reranker.yaml"
+    reranker.write_text("task: reranker\nfrontend: {checkpoint: x, seq: 128, instruction: Find it, "
+                        "cache_instruction: false}\n")
+    loaded = load_build_config(reranker)
+    assert (loaded.instruction, loaded.cache_instruction) == ("Find it", False)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -53,6 +58,9 @@ def test_reference_style_config(tmp_path):
     ("task: embedding\nfrontend: {checkpoint: x, seq: 8}\nbackend: {fp32_linears: tf32}\n",
      "backend.fp32_linears must be one of"),
     ("- a list\n", "the file must be a mapping"),
+    ("task: embedding\nfrontend: {checkpoint: x, seq: 8, instruction: Find it}\n", "instruction is the reranker's"),
+    ("task: reranker\nfrontend: {checkpoint: x, seq: 8, cache_instruction: 1}\n",
+     "frontend.cache_instruction must be of type bool"),
 ])
 def test_bad_config_is_refused_with_a_clear_message(tmp_path, text, message):
     path = tmp_path / "c.yaml"

@@ -13,7 +13,7 @@ import pytest
 from toolkit.artifact import Manifest
 from toolkit.backends import TorchReference
 from toolkit.host import cpu_has
-from toolkit.tasks import TASKS
+from toolkit.tasks import TASKS, WEB_SEARCH_INSTRUCTION
 
 from test_onnx_artifact import agreement, open_artifact, run_pairs
 
@@ -29,6 +29,37 @@ def test_tvm_fp16_matches_hf_fp32(tvm_artifacts, checkpoints, tokenizers, name):
     stats = agreement(task, *run_pairs(open_artifact(artifact), TorchReference(checkpoints[name], task),
                                        tokenizers[name]))
     assert stats["nonfinite"] == 0 and task.within_tolerance(stats, "fp16")
+
+
+def test_a_reranker_compiled_for_its_instruction_scores_with_it_and_refuses_another(tvm_artifacts, checkpoints):
+    """At SEQ 128 the build caches the chat prefix and the web-search instruction up to the query (60 tokens): the
+    Reranker formats every input with it (or with it named), matches the unpatched model, and refuses another
+    instruction with the fix, as `toolkit eval` does; `toolkit inspect` says what is cached."""
+    from click.testing import CliRunner
+
+    from toolkit.api import Reranker
+    from toolkit.cli import format_manifest, main
+    from toolkit.errors import ToolkitError
+
+    [artifact] = tvm_artifacts["reranker"]
+    manifest = Manifest.load(artifact)
+    assert manifest.instruction == WEB_SEARCH_INSTRUCTION and len(manifest.cached_prefix) == 60
+    assert f"ending with the instruction {WEB_SEARCH_INSTRUCTION!r}" in format_manifest(manifest)
+    pairs = [("capital of China", "Beijing is the capital of China."), ("capital of China", "Pandas eat bamboo."),
+             ("what is gravity", "Gravity pulls masses together " * 12)]
+    with Reranker.from_artifacts(artifact, truncation="truncate") as rr, \
+            Reranker.from_checkpoint(checkpoints["reranker"], max_length=128, truncation="truncate") as ref:
+        assert rr.fixed_instruction == WEB_SEARCH_INSTRUCTION and ref.fixed_instruction is None
+        expected = ref.score(pairs)
+        assert np.abs(rr.score(pairs) - expected).max() <= 1e-4
+        assert np.abs(rr.score(pairs, instruction=WEB_SEARCH_INSTRUCTION) - expected).max() <= 1e-4
+        with pytest.raises(ToolkitError, match="compiled for the instruction .* --instruction"):
+            rr.score(pairs, instruction="Judge")
+    # `toolkit eval` with another instruction says so before any model runs: no traceback
+    result = CliRunner().invoke(main, ["eval", "--task", "reranker", "--dataset", "msmarco-sample", "--artifact",
+                                       str(artifact), "--instruction", "Judge", "--limit", "1"])
+    assert result.exit_code != 0 and "compiled for the instruction" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_every_primfunc_gets_a_schedule(checkpoints, tmp_path):

@@ -187,6 +187,15 @@ def frame_rows(layout: PromptLayout, bodies: list[list[int]], max_length: int,
     return rows
 
 
+def check_instruction(fixed: str | None, instruction: str) -> None:
+    """Refuse inputs with another `instruction` than the one a reranker set was compiled for (`fixed`, its tokens
+    cached in the graph; None: any)."""
+    if fixed is not None and instruction != fixed:
+        raise ToolkitError(f"these artifacts were compiled for the instruction {fixed!r} (its tokens are cached in the "
+                           f"graph), not {instruction!r}: use theirs, or compile with --instruction for yours "
+                           "(--no-cache-instruction: any instruction, a little slower)")
+
+
 class _TextModel:
     """What Embedder and Reranker share: construction, tokenisation with the truncation policy, lifetime."""
 
@@ -328,10 +337,21 @@ class Reranker(_TextModel):
 
     task = RERANKER
 
+    @property
+    def fixed_instruction(self) -> str | None:
+        """The instruction compiled into the artifacts (its tokens are cached with the prompt prefix): every input
+        carries it. None: any instruction (the torch reference; artifacts built with --no-cache-instruction)."""
+        return self.manifests[0].instruction if self.manifests else None
+
     def tokenize(self, pairs: list[tuple[str, str]], instruction: str | None = None,
                  truncation: str | None = None) -> list[list[int]]:
-        """prefix + body + suffix; only the body (instruction, query, document) is ever truncated. `truncation`
-        overrides the model's policy for this call."""
+        """prefix + body + suffix; only the body (instruction, query, document) is ever truncated. `instruction`: None
+        for the artifacts' fixed one, else the web-search one. `truncation` overrides the model's policy for this
+        call."""
+        fixed = self.fixed_instruction
+        if instruction is not None:
+            check_instruction(fixed, instruction)
+        instruction = fixed if instruction is None else instruction
         return self._rows([self.task.format_body(q, d, instruction) for q, d in _check_pairs(pairs)], truncation)
 
     def score(self, pairs: list[tuple[str, str]], instruction: str | None = None, progress: bool = False) -> np.ndarray:

@@ -114,6 +114,8 @@ class Manifest:
     # the prompt prefix whose keys and values the graph holds: every row starts with it, padded after it
     # (`text.split_cached_prefix`, which the backends apply to left-padded rows)
     cached_prefix: list[int] = field(default_factory=list)
+    # the reranker instruction whose tokens end `cached_prefix`: every input carries it (None: any instruction)
+    instruction: str | None = None
     backend_details: dict = field(default_factory=dict)  # tvm: params_file, primfuncs, ...
     validation: dict | None = None  # None: not validated (never loadable); {"skipped": ...}: CUDA without a GPU
     build: dict = field(default_factory=dict)
@@ -246,9 +248,10 @@ def find_artifacts(path: str | Path) -> list[Manifest]:
     manifests = [Manifest.load(p, verify=False) for p in found]
     sets = sorted({str(p.parent) for p in found})
     one_set = f"point at one of the sets {', '.join(sets)}" if len(sets) > 1 else "point at one set"
-    kinds = {(m.task, m.backend, m.dtype) for m in manifests}
+    kinds = {(m.task, m.backend, m.dtype, m.instruction) for m in manifests}
     if len(kinds) > 1:
-        raise ToolkitError(f"{path} mixes artifacts of different task/backend/dtype {sorted(kinds)}; {one_set}")
+        raise ToolkitError(f"{path} mixes artifacts of different task/backend/dtype/cached instruction "
+                           f"{sorted(kinds, key=str)}; {one_set}")
     seq_lens = [m.seq_len for m in manifests]
     if len(set(seq_lens)) < len(seq_lens):
         raise ToolkitError(f"{path} holds several artifacts for one SEQ ({sorted(seq_lens)}); {one_set}")

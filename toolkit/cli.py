@@ -58,19 +58,25 @@ def synth(task, shape, seed, outliers, out_dir):
               "(on CPUs with AMX, linear layers as three bf16 products on AMX tiles, each within 2^-15 of its size; "
               "weights 4 bytes each in memory) or fma (AVX-512 fp32; weights stay in their dtype); overrides the "
               "config")
+@click.option("--instruction", help="reranker: the instruction its inputs carry (default: Qwen's web-search one); "
+              "overrides the config")
+@click.option("--cache-instruction/--no-cache-instruction", default=None, help="reranker: cache the instruction's "
+              "tokens with the prompt prefix (the default; inputs must then carry it), or only the chat prefix (any "
+              "instruction at run time); overrides the config")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), help="overrides the config")
 @click.option("--batch", type=int, help="static batch size (overrides the config)")
 @click.option("--workspace", type=click.Path(file_okay=False), help="overrides the config")
 @click.option("--name", help="artifact set name under the workspace (overrides the config)")
 def compile(config, seq, lengths_data, bucket_count, bucket_step, batch_tokens, checkpoint, backend, dtype,
-            calibration, fp32_linears, target, batch, workspace, name):
+            calibration, fp32_linears, instruction, cache_instruction, target, batch, workspace, name):
     """Compile CONFIG into one artifact directory per (backend, seq); prints their paths."""
     from toolkit.compile import compile_config
     from toolkit.config import load_build_config, parse_seq_lens
 
     cfg = load_build_config(config).with_overrides(
         seq_lens=parse_seq_lens(seq) if seq and seq != "auto" else None, checkpoint=checkpoint, dtype=dtype,
-        calibration=calibration, fp32_linears=fp32_linears, target=target, batch=batch, batch_tokens=batch_tokens,
+        calibration=calibration, fp32_linears=fp32_linears, instruction=instruction,
+        cache_instruction=cache_instruction, target=target, batch=batch, batch_tokens=batch_tokens,
         workspace=Path(workspace) if workspace else None, name=name,
         backends={"all": ("onnx", "tvm")}.get(backend, (backend,)) if backend else None)
     if (seq == "auto") != bool(lengths_data):
@@ -149,6 +155,9 @@ def format_manifest(m) -> str:
         f"model file  {m.model_file}" + (" (the bucket set's shared graph)" if in_shared_graph(m.model_file) else ""),
         "precision   " + "; ".join(f"{k}: {m.precision[k]}" for k in ("weights", "compute", "accumulation")),
         *(["int8        " + format_quantization(m.precision["quantization"])] if "quantization" in m.precision else []),
+        *([f"cached      the first {len(m.cached_prefix)} prompt tokens (keys and values in the graph)"
+           + (f", ending with the instruction {m.instruction!r}: every input carries it" if m.instruction is not None
+              else "")] if m.cached_prefix else []),
         f"inputs      {io(m.inputs)}",
         f"outputs     {io(m.outputs)}",
         f"size        {m.weight_bytes / 1e6:.1f} MB in {len(m.files)} files",

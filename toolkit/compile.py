@@ -84,6 +84,7 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
     source = model_source(cfg.checkpoint, checkpoint)
     tokenizer = load_tokenizer(checkpoint)
     check_seq_lens(task, tokenizer, cfg.seq_lens)
+    instruction = instruction_to_cache(cfg, task, tokenizer, log)  # before any model work: it may refuse the SEQs
     if "tvm" in cfg.backends and (missing := missing_tvm_extension(cfg.dtype)):
         feature, instead = missing
         raise ToolkitError(f"this CPU has no {feature} (see /proc/cpuinfo): TVM {cfg.dtype} artifacts are built on "
@@ -100,10 +101,13 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
         if cfg.dtype == "int8":
             with peaks.stage("calibrate"):
                 model, plan = calibrate_int8(cfg, task, tokenizer, checks, checkpoint, model, log)
-        if prefix := cached_prefix(task, tokenizer, cfg.seq_lens):
+        prefix, instruction = cached_prefix(task, tokenizer, cfg.seq_lens, instruction)
+        if prefix:
             with peaks.stage("prefix"):
-                model.cache_prefix(prefix)
-            log(f"cached {len(prefix)} tokens of the prompt prefix: their keys and values are constants of the graph")
+                model.cache_prefix(prefix, instruction)
+            log(f"cached {len(prefix)} tokens of the prompt prefix" + (f" and the instruction {instruction!r}"
+                                                                       if instruction is not None else "")
+                + ": their keys and values are constants of the graph")
             if "tvm" in cfg.backends and (ragged := ragged_bodies(cfg.seq_lens, len(prefix))):
                 log(f"warning: at SEQ {','.join(map(str, ragged))} the rows after the cached prefix are not whole "
                     f"{BODY_ROW_MULTIPLE}-row tiles: TVM's AVX-512 linear layers run them at about half speed; "
@@ -147,7 +151,8 @@ def calibrate_int8(cfg: BuildConfig, task: Task, tokenizer, calibration: Calibra
 
     def plan_with(model, rounding):
         return plan_int8(model, task, tokenizer, calibration, max(cfg.seq_lens), scheme, cfg.smooth_alpha,
-                         cfg.max_linear_error, rounding, cfg.preflight, cfg.workspace, log)
+                         cfg.max_linear_error, rounding, cfg.preflight, cfg.workspace, log,
+                         task.fixed_instruction(cfg.instruction))
 
     plan = plan_with(model, cfg.weight_rounding)
     if plan.preflight is None or plan.preflight["budget_used"] <= 1:
@@ -167,15 +172,32 @@ def calibrate_int8(cfg: BuildConfig, task: Task, tokenizer, calibration: Calibra
 BODY_ROW_MULTIPLE = 4  # the rows of TVM's matmul register tile (tvm_schedules.Matmul's `mr`)
 
 
-def cached_prefix(task: Task, tokenizer, seq_lens) -> list[int]:
-    """The tokens of the task's prompt prefix whose keys and values the graph computes once and holds (the reranker's
-    39-token chat prefix; nothing for the embedding): the longest start of it that leaves the most SEQs a body of whole
-    register tiles (SEQ - cached tokens a multiple of BODY_ROW_MULTIPLE). Measured on the 0.6B reranker: with the
-    whole prefix, SEQ 260 left 221 rows per sequence and the linear layers ran at 107 GFLOP/s instead of 203 (a
-    row tile of 1); 36 of the 39 tokens keep SEQs that are multiples of 4 at full speed."""
-    prefix = task.prompt(tokenizer).prefix
-    length = max(range(len(prefix) + 1), key=lambda n: (-len(ragged_bodies(seq_lens, n)), n))
-    return prefix[:length]
+def instruction_to_cache(cfg: BuildConfig, task: Task, tokenizer, log) -> str | None:
+    """The instruction whose tokens the graph caches after the prompt prefix (`Task.fixed_instruction`: the reranker's,
+    web search by default; its inputs must then carry it), or None: `cache_instruction` is off, or the shortest SEQ
+    cannot hold it with a query and a document (an error when the config names the instruction; else only the chat
+    prefix is cached)."""
+    instruction = task.fixed_instruction(cfg.instruction) if cfg.cache_instruction else None
+    if instruction is None or min(cfg.seq_lens) >= (shortest := task.min_seq_len(tokenizer, instruction)):
+        return instruction
+    if cfg.instruction is not None:
+        raise ToolkitError(f"SEQ {min(cfg.seq_lens)} cannot hold a {task.name} input with the instruction "
+                           f"{instruction!r}: use --seq {shortest} or more, or --no-cache-instruction")
+    log(f"SEQ {min(cfg.seq_lens)} cannot hold the default instruction with a body ({shortest} tokens): only the chat "
+        "prefix is cached, and inputs may carry any instruction")
+    return None
+
+
+def cached_prefix(task: Task, tokenizer, seq_lens, instruction: str | None = None) -> tuple[list[int], str | None]:
+    """The tokens every input starts with whose keys and values the graph computes once and holds, and the instruction
+    they end with (None if they stop before it): the longest start of the task's prompt start (the reranker's 39-token
+    chat prefix, then with `instruction` its 21 tokens for the web-search one; nothing for the embedding) that leaves
+    the most SEQs a body of whole register tiles (SEQ - cached tokens a multiple of BODY_ROW_MULTIPLE). Measured on the
+    0.6B reranker: with the 39-token prefix, SEQ 260 left 221 rows per sequence and the linear layers ran at 107
+    GFLOP/s instead of 203 (a row tile of 1); 36 of them kept SEQs that are multiples of 4 at full speed."""
+    start = task.prompt_start(tokenizer, instruction)
+    length = max(range(len(start) + 1), key=lambda n: (-len(ragged_bodies(seq_lens, n)), n))
+    return start[:length], instruction if length > len(task.prompt_start(tokenizer)) else None
 
 
 def ragged_bodies(seq_lens, cached: int) -> list[int]:
@@ -246,7 +268,8 @@ def finish_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, toke
     final, staging = artifact.final, artifact.staging
     manifest = write_artifact(cfg, task, artifact, tokenizer, source, log, plan, peaks)
     if device_available(artifact.backend, cfg.target):
-        texts = holdout.rows(task, tokenizer, "holdout", artifact.seq_len) if holdout else []
+        instruction = task.fixed_instruction(cfg.instruction)
+        texts = holdout.rows(task, tokenizer, "holdout", artifact.seq_len, instruction) if holdout else []
         with peaks.stage("validate"):
             manifest.validation = measure(manifest, reference, tokenizer, texts)
     else:
@@ -333,7 +356,8 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
     tokenizer.save(out / "tokenizer")
     return Manifest(
         name=cfg.name, task=task.name, seq_len=artifact.seq_len, batch=cfg.batch_for(artifact.seq_len),
-        dynamic_batch=True, cached_prefix=exported.cached_prefix, dtype=cfg.dtype, backend=artifact.backend,
+        dynamic_batch=True, cached_prefix=exported.cached_prefix,
+        instruction=exported.cached_instruction, dtype=cfg.dtype, backend=artifact.backend,
         target=target,
         model=source, inputs=exported.inputs, outputs=exported.outputs, model_file=model_file, precision=precision,
         backend_details=details,

@@ -6,6 +6,9 @@
       checkpoint: Qwen/Qwen3-Embedding-0.6B   # hub id or local path
       input_ids: [[512], []]             # reference style: [[SEQ, ...], []]; or `seq: [128, 512]`
       batch: 1
+      instruction: TEXT                  # reranker only: the instruction its inputs carry (default: Qwen's web search)
+      cache_instruction: true            # reranker only: its tokens are cached with the prompt prefix (inputs must
+                                         # then carry it; false: any instruction, the chat prefix alone cached)
     backend:
       kind: onnx                         # onnx | tvm (or a list of both)
       dtype: fp16                        # fp16 | fp32 (weights; compute and accumulation stay fp32) | int8 (W8A8)
@@ -46,7 +49,8 @@ DTYPE_BACKENDS = {"int8": ("onnx", "tvm"), "bf16": ("tvm",)}
 TVM_CPU_KERNELS = {"bf16": ("avx512_bf16", "--dtype fp16"), "int8": ("avx512_vnni", "--backend onnx")}
 MAX_SEQ_LEN = 32768
 SCHEMA = {"name": str, "task": str, "workspace": str,
-          "frontend": {"checkpoint": str, "input_ids": list, "seq": (list, int), "batch": int, "batch_tokens": int},
+          "frontend": {"checkpoint": str, "input_ids": list, "seq": (list, int), "batch": int, "batch_tokens": int,
+                       "instruction": str, "cache_instruction": bool},
           "backend": {"kind": (str, list), "dtype": str, "target": str, "fp32_linears": str,
                       "quantization": {"calibration": str, "smooth_alpha": (float, int), "weight_rounding": str,
                                        "max_linear_error": (float, int), "preflight": bool,
@@ -66,6 +70,8 @@ class BuildConfig:
     seq_lens: tuple[int, ...]
     batch: int = 1
     batch_tokens: int | None = None  # if set, each SEQ's batch is batch_tokens // SEQ (a token budget, as TEI's)
+    instruction: str | None = None  # reranker: the instruction its inputs carry (None: the task's default)
+    cache_instruction: bool = True  # reranker: cache the instruction's tokens with the prompt prefix
     backends: tuple[str, ...] = ("onnx",)
     dtype: str = "fp16"
     target: str = "cpu"
@@ -128,6 +134,9 @@ class BuildConfig:
             raise ToolkitError(f"backend.fp32_linears must be one of {FP32_LINEARS}, got {self.fp32_linears!r}{where}")
         if self.target not in DEVICES:
             raise ToolkitError(f"target must be one of {DEVICES}, got {self.target!r}{where}")
+        if self.instruction is not None and TASKS[self.task].fixed_instruction(self.instruction) is None:
+            raise ToolkitError(f"frontend.instruction is the reranker's; {self.task} inputs get theirs at run time "
+                               f"(encode_queries(instruction=...)){where}")
         if not self.checkpoint:
             raise ToolkitError(f"frontend.checkpoint is empty{where}: give a hub id or a local path")
 
@@ -193,6 +202,8 @@ def load_build_config(path: str | Path) -> BuildConfig:
         seq_lens=parse_seq_lens(seq),
         batch=front.get("batch", 1),
         batch_tokens=front.get("batch_tokens"),
+        instruction=front.get("instruction"),
+        cache_instruction=front.get("cache_instruction", True),
         backends=tuple(kinds) if isinstance(kinds, list) else (kinds,),
         dtype=back.get("dtype", "fp16"),
         target=back.get("target", "cpu"),

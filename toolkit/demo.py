@@ -66,7 +66,9 @@ def _embedding_tables(compiled: Embedder, torch_ref: Embedder, echo):
 
 def _reranker_table(compiled: Reranker, torch_ref: Reranker, echo):
     pairs = [(q, d) for q in QUERIES for d in DOCUMENTS]
-    ref, art = torch_ref.score(pairs, WEB_SEARCH_INSTRUCTION), compiled.score(pairs, WEB_SEARCH_INSTRUCTION)
+    fixed = compiled.fixed_instruction  # the one it was compiled for, if any
+    instruction = WEB_SEARCH_INSTRUCTION if fixed is None else fixed
+    ref, art = torch_ref.score(pairs, instruction), compiled.score(pairs, instruction)
     echo(format_table(["query", "document", "torch P(yes)", "artifact P(yes)", "|diff|"],
                       [[q[:30], d[:36], float(x), float(y), float(abs(x - y))]
                        for (q, d), x, y in zip(pairs, ref, art)], title="reranker scores"))

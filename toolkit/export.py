@@ -29,6 +29,7 @@ class OnnxExport:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     cached_prefix: list[int]  # the prompt tokens whose keys and values the graph holds (`Manifest.cached_prefix`)
+    cached_instruction: str | None  # the reranker instruction whose tokens end them (`Manifest.instruction`)
 
 
 def io_specs(task, seq_len: int, batch: int, hidden_size: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -72,7 +73,8 @@ def export_onnx(model, task, path: Path, seq_len: int, batch: int) -> OnnxExport
         stream_weights(program.model, model.weights)
     program.save(str(path), external_data=True)
     onnx.checker.check_model(str(path), full_check=True)  # path-based: works above 2 GiB; full_check infers shapes
-    return OnnxExport(model_file=path.name, inputs=inputs, outputs=outputs, cached_prefix=list(model.cached_prefix))
+    return OnnxExport(model_file=path.name, inputs=inputs, outputs=outputs, cached_prefix=list(model.cached_prefix),
+                      cached_instruction=model.cached_instruction)
 
 
 def release_trace() -> None:

@@ -100,11 +100,13 @@ class CalibrationSet:
                                "calibration never saw)")
         return cls(path, splits["calibration"], splits["holdout"], hashlib.sha256(path.read_bytes()).hexdigest())
 
-    def rows(self, task: Task, tokenizer, split: str, max_length: int) -> list[list[int]]:
-        """The split's records as this task's token rows (the API's formats), cut to `max_length`."""
+    def rows(self, task: Task, tokenizer, split: str, max_length: int, instruction: str | None = None
+             ) -> list[list[int]]:
+        """The split's records as this task's token rows (the API's formats; a reranker build's `instruction`), cut
+        to `max_length`."""
         from toolkit.api import token_rows
 
-        bodies = task.calibration_bodies(getattr(self, split))
+        bodies = task.calibration_bodies(getattr(self, split), instruction)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # long passages are cut to the largest SEQ, as the runtime would
             return token_rows(task.prompt(tokenizer), tokenizer, bodies, max_length, truncation="truncate")
@@ -433,16 +435,17 @@ class QuantizationPlan:
 
 def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: CalibrationSet, max_length: int,
               scheme: Int8Scheme, smooth_alpha: float, max_linear_error: float, weight_rounding: str = "gptq",
-              preflight: bool = True, scratch: Path | None = None, log=print) -> QuantizationPlan:
+              preflight: bool = True, scratch: Path | None = None, log=print,
+              instruction: str | None = None) -> QuantizationPlan:
     """Calibrate `model` (fp32 compute, weights in any dtype; streamed or whole) in place: smooth it (adjusting its
     weights), round its linear weights (`weight_rounding` "gptq": `round_weights`, the rounded weights kept in a
     temporary directory in `scratch` until the model goes; "nearest": left to the backends), then pick the linear
     layers kept out of int8, measuring each layer's error as `scheme` rounds; with `preflight`, the linear layers of
     whole decoder layers too, one per round, the one adding the most error to the residual stream first, while the
     whole model in fake int8 uses over PREFLIGHT_BUDGET of the gate's error budget (on the calibration rows and the
-    gate's edge cases at `max_length`) and that helps."""
+    gate's edge cases at `max_length`) and that helps. `instruction`: the reranker build's (its rows carry it)."""
     gptq = weight_rounding == "gptq"
-    calibration_rows = calibration.rows(task, tokenizer, "calibration", max_length)
+    calibration_rows = calibration.rows(task, tokenizer, "calibration", max_length, instruction)
     tokens, shape = sum(map(len, calibration_rows)), model.shape
     widest = max(shape.hidden_size, shape.num_attention_heads * shape.head_dim, shape.intermediate_size)
     if gptq and tokens < widest:
@@ -478,7 +481,7 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
     # token, a sentence, a row of max_length: the longest is the one int8 errs most on). GPTQ changes the weights
     # while calibrating; smoothing alone keeps the model's function, so its calibrated outputs serve then
     if preflight:
-        edge_cases = _Rows(model, validation_rows(tokenizer, max_length, task.prompt(tokenizer).prefix))
+        edge_cases = _Rows(model, validation_rows(tokenizer, max_length, task.prompt_start(tokenizer, instruction)))
         edge_reference = edge_cases.run("int8 reference, edge cases", lambda *_: nullcontext())
         unchanged = rows.run("int8 reference", lambda *_: nullcontext()) if gptq else None
     calibrated = rows.run("calibrating int8", calibrate)

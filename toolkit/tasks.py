@@ -21,7 +21,10 @@ SIMILARITY_INSTRUCTION = "Retrieve semantically similar text"
 QUERY_TEMPLATE = "Instruct: {instruction}\nQuery:{query}"
 RERANK_PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
                  "Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n")
-RERANK_BODY = "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
+# The body up to its query: a token ends there whatever the query is (the query follows a space, and the tokenizer's
+# pre-split never joins ">:" to what follows it), so with a fixed instruction its tokens start every input
+RERANK_INSTRUCTION_HEAD = "<Instruct>: {instruction}\n<Query>:"
+RERANK_BODY = RERANK_INSTRUCTION_HEAD + " {query}\n<Document>: {document}"
 RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
@@ -90,9 +93,20 @@ class Task:
         """The fixed tokens around every body."""
         raise NotImplementedError
 
-    def min_seq_len(self, tokenizer) -> int:
-        """The shortest SEQ an artifact of this task can be useful at."""
+    def min_seq_len(self, tokenizer, instruction: str | None = None) -> int:
+        """The shortest SEQ an artifact of this task can be useful at (for inputs carrying `instruction`)."""
         return self.prompt(tokenizer).fixed + 1
+
+    def fixed_instruction(self, instruction: str | None) -> str | None:
+        """The instruction every input of a build carries, given the build's (`None`: the default): the reranker's,
+        whose tokens an artifact can cache with the prompt prefix; none for the embedding (queries and documents share
+        its artifacts, and only queries carry one)."""
+        return None
+
+    def prompt_start(self, tokenizer, instruction: str | None = None) -> list[int]:
+        """The tokens every input starts with, which an artifact can cache: the prompt prefix, then (reranker, with a
+        fixed `instruction`) the body up to its query."""
+        return self.prompt(tokenizer).prefix
 
     # ---- agreement: one measure, one set of keys -------------------------------------------------------------------
     def agreement(self, reference: np.ndarray, candidate: np.ndarray) -> dict:
@@ -135,8 +149,9 @@ class Task:
         """The truncatable text of one request (what goes between the prompt's prefix and suffix)."""
         raise NotImplementedError
 
-    def calibration_bodies(self, records: list[tuple[str, str]]) -> list[str]:
-        """The bodies this task's model sees for (query, document) records of real text, in the API's formats."""
+    def calibration_bodies(self, records: list[tuple[str, str]], instruction: str | None = None) -> list[str]:
+        """The bodies this task's model sees for (query, document) records of real text, in the API's formats (the
+        reranker's with a build's `instruction`, None: the default)."""
         raise NotImplementedError
 
     def serve(self, model, requests: list, progress: bool = False) -> np.ndarray:
@@ -220,7 +235,7 @@ class EmbeddingTask(Task):
         return request
 
     @override
-    def calibration_bodies(self, records):
+    def calibration_bodies(self, records, instruction=None):
         return [text for q, d in records for text in (self.format_query(q, WEB_SEARCH_INSTRUCTION), d)]
 
     @override
@@ -262,10 +277,21 @@ class RerankerTask(Task):
         return PromptLayout(prefix=tokenizer.encode_one(RERANK_PREFIX), suffix=tokenizer.encode_one(RERANK_SUFFIX))
 
     @override
-    def min_seq_len(self, tokenizer):
-        # the prompt, the body's own template (with a one-token instruction), one token each of query and document
-        empty_body = RERANK_BODY.format(instruction="", query="", document="")
-        return self.prompt(tokenizer).fixed + len(tokenizer.encode_one(empty_body)) + 3
+    def min_seq_len(self, tokenizer, instruction=None):
+        # the prompt, the body's own template (with the instruction, or one token of it), a token of query and document
+        empty_body = RERANK_BODY.format(instruction=instruction or "", query="", document="")
+        return self.prompt(tokenizer).fixed + len(tokenizer.encode_one(empty_body)) + (2 if instruction else 3)
+
+    @override
+    def fixed_instruction(self, instruction):
+        return WEB_SEARCH_INSTRUCTION if instruction is None else instruction
+
+    @override
+    def prompt_start(self, tokenizer, instruction=None):
+        prefix = self.prompt(tokenizer).prefix
+        if instruction is None:
+            return prefix
+        return prefix + tokenizer.encode_one(RERANK_INSTRUCTION_HEAD.format(instruction=instruction))
 
     def format_body(self, query: str, document: str, instruction: str | None) -> str:
         """The user turn of Qwen3-Reranker's prompt (the web-search instruction when none is given)."""
@@ -303,8 +329,8 @@ class RerankerTask(Task):
         return self.format_body(*request, None)
 
     @override
-    def calibration_bodies(self, records):
-        return [self.format_body(q, d, None) for q, d in records]
+    def calibration_bodies(self, records, instruction=None):
+        return [self.format_body(q, d, instruction) for q, d in records]
 
     @override
     def serve(self, model, requests, progress=False):

@@ -26,7 +26,7 @@ VALIDATION_TEXT = ("The quick brown fox jumps over the lazy dog near the riverba
 
 def validation_rows(tokenizer, seq_len: int, prefix: list[int] = ()) -> list[list[int]]:
     """Left-padding edge cases: a single token, a typical sentence, and exactly SEQ tokens; each after `prefix` (the
-    task's prompt prefix, which a reranker artifact caches: `Manifest.cached_prefix`)."""
+    task's prompt start, which a reranker artifact caches: `Manifest.cached_prefix`)."""
     room = seq_len - len(prefix)
     typical = tokenizer.encode_one(VALIDATION_TEXT)
     long = (typical * math.ceil(room / len(typical)))[: room - 1]
@@ -38,7 +38,8 @@ def measure(manifest: Manifest, reference: Backend, tokenizer, texts: list[list[
     text); the task's agreement, tolerance and verdict. The reference runs first, and the artifact is loaded after it:
     the two are never resident together (0.6B int8, from a 498 MB process: a 954 MB peak, 1,111 MB with both)."""
     task = get_task(manifest.task)
-    rows = validation_rows(tokenizer, manifest.seq_len, task.prompt(tokenizer).prefix) + list(texts)
+    start = task.prompt_start(tokenizer, manifest.instruction)
+    rows = validation_rows(tokenizer, manifest.seq_len, start) + list(texts)
     refs = reference_outputs(reference, rows)
     return_freed_memory()  # the reference's freed layers and activations, before the artifact's weights arrive
     # (0.6B int8: the process held 828 MB at the load, 902 MB untrimmed)

@@ -178,10 +178,11 @@ class ServedModel:
         return self.scheduler.alive
 
     def describe(self) -> dict:
-        """What `/info` says about this model."""
+        """What `/info` says about this model (`instruction`: the one a reranker set was compiled for; None: any)."""
         first = self.model.manifests[0] if self.model.manifests else None
         source = {"checkpoint": first.model.checkpoint, "synthetic": first.model.synthetic,
-                  "dtype": first.dtype, "backend": first.backend, "device": first.target.device} if first else {}
+                  "dtype": first.dtype, "backend": first.backend, "device": first.target.device,
+                  "instruction": first.instruction} if first else {}
         return {"task": self.name, "model": self.model_name, **source,
                 "buckets": [{"seq": m.seq_len, "batch": m.batch} for m in self.model.manifests],
                 "max_input_length": self.model.max_length, "instances": self.model.runner.engines[0].instances,
