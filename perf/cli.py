@@ -133,14 +133,18 @@ def compare_cmd(checkpoint, artifacts, iterations, warmup, no_torch, interleave,
               help="ONNX fp16 artifacts: load at half the peak memory, or fold (about 5% faster)")
 @click.option("--rounds", type=int, default=1, show_default=True,
               help="run everything N times, the order reversed each round; medians, ratios within each round")
+@click.option("--instruction", help="every request's: embedding texts as queries with it, reranker pairs with it "
+              "(default: the one a set was compiled for; else texts bare, pairs with web search)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
-def traffic_cmd(data, artifacts, checkpoint, torch_batch, limit, instances, threads, fp16_load, rounds, json_out):
+def traffic_cmd(data, artifacts, checkpoint, torch_batch, limit, instances, threads, fp16_load, rounds, instruction,
+                json_out):
     """Real requests through torch eager and artifact sets: throughput, padding, GFLOP/s vs peak, agreement."""
     from toolkit.perf.traffic import TrafficOptions, run_traffic, traffic_report
 
     options = TrafficOptions(data=data, artifacts=tuple(artifacts), checkpoint=checkpoint,
                              torch_batches=number_list(torch_batch, "--torch-batch", int), limit=limit,
-                             instances=instances, threads=threads, fp16_load=fp16_load, rounds=rounds).check()
+                             instances=instances, threads=threads, fp16_load=fp16_load, rounds=rounds,
+                             instruction=instruction).check()
     result = run_traffic(options)
     click.echo(traffic_report(result))
     write_json(json_out, result)

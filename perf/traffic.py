@@ -43,7 +43,8 @@ class TrafficOptions:
     `torch_batches`: torch eager's dynamic batch sizes; `limit`: the first N requests; `instances`: engine instances
     per artifact; `threads`: the process's compute-thread budget (default: all cores); `fp16_load`: how ONNX
     Runtime loads fp16 artifacts (`backends.set_fp16_load`); `rounds`: times every run goes (the figures are
-    medians)."""
+    medians); `instruction`: every request's (embedding: the texts as queries with it; reranker: instead of web
+    search), by default the one a set was compiled for, if any."""
 
     data: str
     artifacts: tuple[str | Path, ...] = ()
@@ -54,6 +55,7 @@ class TrafficOptions:
     threads: int | None = None
     fp16_load: str = "low-peak"
     rounds: int = 1
+    instruction: str | None = None
 
     def check(self) -> "TrafficOptions":
         """Raise ToolkitError (naming the option) for the first invalid field; return self."""
@@ -85,6 +87,8 @@ def run_traffic(options: TrafficOptions, progress: bool = True) -> dict:
     task = get_task(tasks.pop())
     _, _, examples = load_dataset(options.data, task=task)
     requests = task.traffic(examples)[: options.limit]
+    fixed = [s[0].instruction for s in sets if s[0].instruction is not None]
+    instruction = options.instruction if options.instruction is not None or not fixed else fixed[0]
     max_length = max(s[-1].seq_len for s in sets)  # torch truncates where the artifacts do: the same inputs
     cls = model_class(task)
     runs = [(f"torch eager fp32, batch {b}",
@@ -96,29 +100,32 @@ def run_traffic(options: TrafficOptions, progress: bool = True) -> dict:
     runs += [(f"{label} ({name if names.count(name) == 1 else path})",
               lambda path=path: cls.from_artifacts(path, instances=options.instances, truncation="truncate"))
              for path, label, name in zip(options.artifacts, labels, names)]
-    result = {"task": task.name, "data": str(options.data), "requests": len(requests), "checkpoint": str(checkpoint),
+    result = {"task": task.name, "data": str(options.data), "requests": len(requests), "instruction": instruction,
+              "checkpoint": str(checkpoint),
               "matmul_peak_gflops": matmul_peak_gflops(), "rounds": options.rounds}
     rounds = []
     for k in range(options.rounds):
         # reversed every other round: on a machine that drifts during the run, no run is always first
         order = list(range(len(runs)))[:: 1 if k % 2 == 0 else -1]
-        timed = {i: time_run(task, *runs[i], requests, config, progress) for i in order}
+        timed = {i: time_run(task, *runs[i], requests, instruction, config, progress) for i in order}
         rounds.append(round_figures([timed[i] for i in range(len(runs))], task, result["matmul_peak_gflops"]))
     result["runs"] = [median_over_rounds([r[i] for r in rounds]) for i in range(len(runs))]
     result["gate_key"] = task.gate_key
     return result
 
 
-def time_run(task, name: str, make, requests: list, config: dict, progress: bool) -> tuple[dict, list]:
-    """Load one run's model, warm it up, replay the requests, unload it; its figures and its outputs."""
+def time_run(task, name: str, make, requests: list, instruction: str | None, config: dict,
+             progress: bool) -> tuple[dict, list]:
+    """Load one run's model, warm it up, replay the requests (with `instruction`), unload it; its figures and its
+    outputs."""
     before = resident_mb()
     with make() as model:
-        lengths = token_lengths(task, model.tokenizer, requests).clip(max=model.max_length)
-        task.serve(model, warmup_subset(requests, lengths))
+        lengths = token_lengths(task, model.tokenizer, requests, instruction).clip(max=model.max_length)
+        task.serve(model, warmup_subset(requests, lengths), instruction)
         held = resident_mb() - before
         model.runner.stats = RunnerStats()
         started = time.perf_counter()
-        outputs = task.serve(model, requests, progress=progress)
+        outputs = task.serve(model, requests, instruction, progress=progress)
         seconds = time.perf_counter() - started
         stats = model.runner.stats
     del model  # one run's weights in memory at a time
@@ -176,7 +183,9 @@ def traffic_report(result: dict) -> str:
              f"{r['agreement_vs_first'][key]:.6f}" if "agreement_vs_first" in r else "(reference)",
              r["resident_mb"]]
             for r in result["runs"]]
-    title = (f"{result['task']}: {result['requests']} requests from {result['data']}; fp32 matmul peak "
+    instruction = result.get("instruction")
+    title = (f"{result['task']}: {result['requests']} requests from {result['data']}"
+             + (f" with the instruction {instruction!r}" if instruction is not None else "") + "; fp32 matmul peak "
              f"{result['matmul_peak_gflops']:.0f} GFLOP/s (numpy, same machine)"
              + (f"; medians of {result['rounds']} rounds, ratio range in brackets" if result["rounds"] > 1 else ""))
     return format_table(["run", "requests/s", "real tokens/s", "padding", "GFLOP/s", "of peak", "vs torch",

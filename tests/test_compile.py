@@ -129,13 +129,16 @@ def test_the_reranker_caches_the_longest_prompt_prefix_that_keeps_bodies_in_whol
     assert ragged_bodies([144, 170, 174], 38) == [144]  # what compile warns about
     assert cached_prefix(task, tokenizer, [144, 168, 416], WEB_SEARCH_INSTRUCTION) == (start, WEB_SEARCH_INSTRUCTION)
     assert cached_prefix(task, tokenizer, [143, 259], WEB_SEARCH_INSTRUCTION) == (start[:59], WEB_SEARCH_INSTRUCTION)
-    assert cached_prefix(TASKS["embedding"], tokenizers["embedding"], [32, 64], "x") == ([], None)
+    assert cached_prefix(TASKS["embedding"], tokenizers["embedding"], [32, 64]) == ([], None)
+    query_start = TASKS["embedding"].prompt_start(tokenizers["embedding"], "x")  # "Instruct: x\nQuery": 6 tokens
+    assert cached_prefix(TASKS["embedding"], tokenizers["embedding"], [32, 64], "x") == (query_start[:4], "x")
 
 
 def test_the_instruction_is_cached_where_every_seq_holds_it_with_a_body(tokenizers):
     """The reranker's default (web-search) instruction is cached unless a SEQ is too short for it with a query and a
     document (then only the chat prefix, said in the log); an instruction the config names must fit (or the build is
-    refused with the fix); --no-cache-instruction caches none; the embedding's inputs carry none."""
+    refused with the fix); --no-cache-instruction caches none. An embedding set has one only when it is named (a set
+    for queries)."""
     from toolkit.compile import instruction_to_cache
 
     tokenizer, logged = tokenizers["reranker"], []
@@ -151,3 +154,5 @@ def test_the_instruction_is_cached_where_every_seq_holds_it_with_a_body(tokenize
         instruction_to_cache(replace(short, instruction=WEB_SEARCH_INSTRUCTION), TASKS["reranker"], tokenizer, print)
     embedding = BuildConfig(name="e", task="embedding", checkpoint="x", seq_lens=(32,))
     assert instruction_to_cache(embedding, TASKS["embedding"], tokenizers["embedding"], print) is None
+    assert instruction_to_cache(replace(embedding, instruction="Find"), TASKS["embedding"], tokenizers["embedding"],
+                                print) == "Find"

@@ -8,13 +8,16 @@ import numpy as np
 import pytest
 
 from toolkit.api import Embedder, Reranker
-from toolkit.artifact import find_artifacts
+from toolkit.artifact import Manifest, find_artifacts
 from toolkit.backends import Backend
+from toolkit.checkpoint import load_tokenizer
 from toolkit.errors import ToolkitError
 from toolkit.runtime import CPU_BUDGET, Engine, EngineClosedError, QueueFullError
-from toolkit.tasks import EMBEDDING, RERANK_PREFIX, RERANK_SUFFIX
+from toolkit.tasks import EMBEDDING, RERANK_PREFIX, RERANK_SUFFIX, SIMILARITY_INSTRUCTION
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
+
+from conftest import build
 
 TIMEOUT = 60  # seconds: every wait in these tests is bounded
 
@@ -129,6 +132,34 @@ def test_query_instruction_and_mrl_dim(onnx_artifacts):
         assert cut.shape == (1, 16) and np.isclose(np.linalg.norm(cut), 1.0)
         full = emb.encode(["capital of China"], normalize=False)
         assert np.allclose(cut, full[:, :16] / np.linalg.norm(full[:, :16]), atol=1e-6)
+
+
+def test_an_embedding_set_built_for_one_instruction_embeds_queries_with_it_and_says_what_it_refuses(
+        checkpoints, onnx_artifacts, tmp_path):
+    """`--instruction` on an embedding build: every input is a query with it, the instruction's tokens (up to "Query",
+    a whole multiple of 4 of them) cached. The set agrees with the unpatched model on those queries, encode_queries
+    takes its instruction by default, documents and other instructions are refused naming the fix; `perf traffic`
+    runs every set on such queries (the set's instruction by default), the bare set too."""
+    from toolkit.perf.traffic import TrafficOptions, run_traffic
+
+    [artifact, _] = build(checkpoints, tmp_path, "embedding", seq_lens=(32, 64), instruction=SIMILARITY_INSTRUCTION)
+    manifest = Manifest.load(artifact)
+    start = EMBEDDING.prompt_start(load_tokenizer(checkpoints["embedding"]), SIMILARITY_INSTRUCTION)
+    assert manifest.instruction == SIMILARITY_INSTRUCTION and manifest.cached_prefix == start[:8]
+    texts = ["capital of China", "A man is playing a guitar.", "123 and more", "北京"]
+    with Embedder.from_artifacts(artifact.parent) as emb, Embedder.from_checkpoint(checkpoints["embedding"]) as ref:
+        ours = emb.encode(texts, instruction=SIMILARITY_INSTRUCTION)
+        assert np.sum(ours * ref.encode(texts, instruction=SIMILARITY_INSTRUCTION), axis=1).min() >= 0.9999
+        assert np.array_equal(emb.encode_queries(texts), ours)
+        with pytest.raises(ToolkitError, match="documents.* need a set compiled without --instruction"):
+            emb.encode_documents(texts)
+        with pytest.raises(ToolkitError, match="compiled for the instruction"):
+            emb.encode_queries(texts, instruction="Find the city")
+    result = run_traffic(TrafficOptions(data="sts12-sample", artifacts=(str(artifact.parent),
+                                        str(onnx_artifacts["embedding"][0].parent)), torch_batches=(8,), limit=8),
+                         progress=False)
+    assert result["instruction"] == SIMILARITY_INSTRUCTION
+    assert all(r["agreement_vs_first"]["min_cosine"] >= 0.999 for r in result["runs"][1:])
 
 
 def test_truncation_policy(onnx_artifacts):

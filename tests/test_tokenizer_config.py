@@ -58,7 +58,6 @@ def test_reference_style_config(tmp_path):
     ("task: embedding\nfrontend: {checkpoint: x, seq: 8}\nbackend: {fp32_linears: tf32}\n",
      "backend.fp32_linears must be one of"),
     ("- a list\n", "the file must be a mapping"),
-    ("task: embedding\nfrontend: {checkpoint: x, seq: 8, instruction: Find it}\n", "instruction is the reranker's"),
     ("task: reranker\nfrontend: {checkpoint: x, seq: 8, cache_instruction: 1}\n",
      "frontend.cache_instruction must be of type bool"),
 ])

@@ -253,6 +253,12 @@ class _TextModel:
         """The longest input (in tokens, prompt included) this model takes."""
         return self.runner.max_length
 
+    @property
+    def fixed_instruction(self) -> str | None:
+        """The instruction compiled into the artifacts (its tokens are cached after the prompt prefix): every input
+        carries it. None: any (the torch reference; sets built without one, or with --no-cache-instruction)."""
+        return self.manifests[0].instruction if self.manifests else None
+
     @cached_property
     def _layout(self):
         return self.task.prompt(self.tokenizer)
@@ -300,7 +306,15 @@ class Embedder(_TextModel):
     task = EMBEDDING
 
     def format(self, texts: list[str], instruction: str | None = None) -> list[str]:
-        """The texts as the model reads them: with an `instruction`, in Qwen3-Embedding's query format."""
+        """The texts as the model reads them: with an `instruction`, in Qwen3-Embedding's query format. A set built
+        for one instruction (`fixed_instruction`) takes only queries with it."""
+        fixed = self.fixed_instruction
+        if instruction:
+            check_instruction(fixed, instruction)
+        elif fixed is not None:
+            raise ToolkitError(f"these artifacts embed queries with the instruction {fixed!r} (its tokens are cached "
+                               "in the graph): pass it (encode_queries does); texts without it (documents) need a set "
+                               "compiled without --instruction")
         return [self.task.format_query(t, instruction) for t in _check_texts(texts, "encode")]
 
     def tokenize(self, texts: list[str], truncation: str | None = None) -> list[list[int]]:
@@ -323,8 +337,10 @@ class Embedder(_TextModel):
         rows = self.tokenize(self.format(texts, instruction))
         return self.task.finish(self.runner.run(rows, progress), dim=dim, normalize=normalize)
 
-    def encode_queries(self, queries: list[str], instruction: str = WEB_SEARCH_INSTRUCTION, **kw) -> np.ndarray:
-        """Embed search queries with the instruction (web search by default)."""
+    def encode_queries(self, queries: list[str], instruction: str | None = None, **kw) -> np.ndarray:
+        """Embed search queries with the instruction (None: the set's fixed one, else web search)."""
+        if instruction is None:
+            instruction = WEB_SEARCH_INSTRUCTION if self.fixed_instruction is None else self.fixed_instruction
         return self.encode(queries, instruction=instruction, **kw)
 
     def encode_documents(self, documents: list[str], **kw) -> np.ndarray:
@@ -336,12 +352,6 @@ class Reranker(_TextModel):
     """Qwen3-Reranker: (query, document) pairs → P(yes)."""
 
     task = RERANKER
-
-    @property
-    def fixed_instruction(self) -> str | None:
-        """The instruction compiled into the artifacts (its tokens are cached with the prompt prefix): every input
-        carries it. None: any instruction (the torch reference; artifacts built with --no-cache-instruction)."""
-        return self.manifests[0].instruction if self.manifests else None
 
     def tokenize(self, pairs: list[tuple[str, str]], instruction: str | None = None,
                  truncation: str | None = None) -> list[list[int]]:

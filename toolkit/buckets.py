@@ -18,10 +18,11 @@ DEFAULT_COUNT = 10
 DEFAULT_STEP = 4
 
 
-def token_lengths(task: Task, tokenizer, requests: list) -> np.ndarray:
-    """Full input length of each request in the task's prompt layout (prefix + body + suffix)."""
+def token_lengths(task: Task, tokenizer, requests: list, instruction: str | None = None) -> np.ndarray:
+    """Full input length of each request in the task's prompt layout (prefix + body + suffix), with `instruction` as
+    `Task.body` reads it."""
     layout = task.prompt(tokenizer)
-    bodies = tokenizer.encode([task.body(r) for r in requests])
+    bodies = tokenizer.encode([task.body(r, instruction) for r in requests])
     return np.array([layout.fixed + len(b) for b in bodies], dtype=np.int64)
 
 
@@ -75,8 +76,9 @@ def suggest_seq_lens(lengths, count: int = DEFAULT_COUNT, multiple: int = DEFAUL
 
 
 def suggest_for_dataset(task_name: str, checkpoint: str, data: str, count: int = DEFAULT_COUNT,
-                        multiple: int = DEFAULT_STEP) -> tuple[int, ...]:
-    """The bucket set for a task's traffic in an evaluation dataset, tokenised with the checkpoint's tokenizer."""
+                        multiple: int = DEFAULT_STEP, instruction: str | None = None) -> tuple[int, ...]:
+    """The bucket set for a task's traffic in an evaluation dataset (with a build's `instruction`), tokenised with the
+    checkpoint's tokenizer."""
     from toolkit.checkpoint import load_tokenizer, resolve_checkpoint
     from toolkit.eval.datasets import load_dataset
     from toolkit.tasks import get_task
@@ -84,5 +86,5 @@ def suggest_for_dataset(task_name: str, checkpoint: str, data: str, count: int =
     task = get_task(task_name)
     tokenizer = load_tokenizer(resolve_checkpoint(checkpoint))
     _, _, examples = load_dataset(data, task=task)
-    return suggest_seq_lens(token_lengths(task, tokenizer, task.traffic(examples)), count, multiple,
-                            minimum=task.min_seq_len(tokenizer))
+    return suggest_seq_lens(token_lengths(task, tokenizer, task.traffic(examples), instruction), count, multiple,
+                            minimum=task.min_seq_len(tokenizer, task.fixed_instruction(instruction)))

@@ -58,11 +58,12 @@ def synth(task, shape, seed, outliers, out_dir):
               "(on CPUs with AMX, linear layers as three bf16 products on AMX tiles, each within 2^-15 of its size; "
               "weights 4 bytes each in memory) or fma (AVX-512 fp32; weights stay in their dtype); overrides the "
               "config")
-@click.option("--instruction", help="reranker: the instruction its inputs carry (default: Qwen's web-search one); "
-              "overrides the config")
-@click.option("--cache-instruction/--no-cache-instruction", default=None, help="reranker: cache the instruction's "
-              "tokens with the prompt prefix (the default; inputs must then carry it), or only the chat prefix (any "
-              "instruction at run time); overrides the config")
+@click.option("--instruction", help="the instruction every input carries, its tokens cached in the graph: the "
+              "reranker's (default: Qwen's web-search one), or an embedding set's queries (a set for queries only; "
+              "default: none); overrides the config")
+@click.option("--cache-instruction/--no-cache-instruction", default=None, help="cache the instruction's tokens "
+              "after the prompt prefix (the default; inputs must then carry it), or not (any instruction at run "
+              "time); overrides the config")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), help="overrides the config")
 @click.option("--batch", type=int, help="static batch size (overrides the config)")
 @click.option("--workspace", type=click.Path(file_okay=False), help="overrides the config")
@@ -85,7 +86,7 @@ def compile(config, seq, lengths_data, bucket_count, bucket_step, batch_tokens, 
         from toolkit.buckets import suggest_for_dataset
 
         cfg = cfg.with_overrides(seq_lens=suggest_for_dataset(cfg.task, cfg.checkpoint, lengths_data, bucket_count,
-                                                                 bucket_step))
+                                                                 bucket_step, cfg.instruction))
         click.echo(f"buckets chosen from {lengths_data}: --seq {','.join(map(str, cfg.seq_lens))}", err=True)
     for path in compile_config(cfg, log=lambda msg: click.echo(msg, err=True)):
         click.echo(path)

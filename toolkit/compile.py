@@ -105,8 +105,8 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
         if prefix:
             with peaks.stage("prefix"):
                 model.cache_prefix(prefix, instruction)
-            log(f"cached {len(prefix)} tokens of the prompt prefix" + (f" and the instruction {instruction!r}"
-                                                                       if instruction is not None else "")
+            log(f"cached the first {len(prefix)} prompt tokens" + (f" (the instruction {instruction!r} in them)"
+                                                                   if instruction is not None else "")
                 + ": their keys and values are constants of the graph")
             if "tvm" in cfg.backends and (ragged := ragged_bodies(cfg.seq_lens, len(prefix))):
                 log(f"warning: at SEQ {','.join(map(str, ragged))} the rows after the cached prefix are not whole "

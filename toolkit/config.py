@@ -6,9 +6,10 @@
       checkpoint: Qwen/Qwen3-Embedding-0.6B   # hub id or local path
       input_ids: [[512], []]             # reference style: [[SEQ, ...], []]; or `seq: [128, 512]`
       batch: 1
-      instruction: TEXT                  # reranker only: the instruction its inputs carry (default: Qwen's web search)
-      cache_instruction: true            # reranker only: its tokens are cached with the prompt prefix (inputs must
-                                         # then carry it; false: any instruction, the chat prefix alone cached)
+      instruction: TEXT                  # the instruction every input carries, its tokens cached in the graph: the
+                                         # reranker's (default: Qwen's web search); an embedding set's queries (a
+                                         # set for queries only; default none: documents bare, queries any)
+      cache_instruction: true            # false: not cached, inputs may carry any instruction
     backend:
       kind: onnx                         # onnx | tvm (or a list of both)
       dtype: fp16                        # fp16 | fp32 (weights; compute and accumulation stay fp32) | int8 (W8A8)
@@ -70,8 +71,8 @@ class BuildConfig:
     seq_lens: tuple[int, ...]
     batch: int = 1
     batch_tokens: int | None = None  # if set, each SEQ's batch is batch_tokens // SEQ (a token budget, as TEI's)
-    instruction: str | None = None  # reranker: the instruction its inputs carry (None: the task's default)
-    cache_instruction: bool = True  # reranker: cache the instruction's tokens with the prompt prefix
+    instruction: str | None = None  # the instruction every input carries (None: `Task.fixed_instruction`)
+    cache_instruction: bool = True  # cache its tokens after the prompt prefix (inputs must then carry it)
     backends: tuple[str, ...] = ("onnx",)
     dtype: str = "fp16"
     target: str = "cpu"
@@ -134,9 +135,6 @@ class BuildConfig:
             raise ToolkitError(f"backend.fp32_linears must be one of {FP32_LINEARS}, got {self.fp32_linears!r}{where}")
         if self.target not in DEVICES:
             raise ToolkitError(f"target must be one of {DEVICES}, got {self.target!r}{where}")
-        if self.instruction is not None and TASKS[self.task].fixed_instruction(self.instruction) is None:
-            raise ToolkitError(f"frontend.instruction is the reranker's; {self.task} inputs get theirs at run time "
-                               f"(encode_queries(instruction=...)){where}")
         if not self.checkpoint:
             raise ToolkitError(f"frontend.checkpoint is empty{where}: give a hub id or a local path")
 

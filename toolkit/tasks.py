@@ -18,7 +18,10 @@ from toolkit.tokenizer import ENDOFTEXT_ID, NO_TOKEN_ID, YES_TOKEN_ID
 WEB_SEARCH_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 # Qwen's own harness (Qwen3-Embedding evaluation/task_prompts.json) for STS and pair tasks: no trailing period.
 SIMILARITY_INSTRUCTION = "Retrieve semantically similar text"
-QUERY_TEMPLATE = "Instruct: {instruction}\nQuery:{query}"
+# A query up to its text: a token ends there whatever the text is (the colon may join the text's first word, so it is
+# left out), so with a fixed instruction its tokens start every query
+QUERY_INSTRUCTION_HEAD = "Instruct: {instruction}\nQuery"
+QUERY_TEMPLATE = QUERY_INSTRUCTION_HEAD + ":{query}"
 RERANK_PREFIX = ("<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
                  "Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n")
 # The body up to its query: a token ends there whatever the query is (the query follows a space, and the tokenizer's
@@ -98,15 +101,15 @@ class Task:
         return self.prompt(tokenizer).fixed + 1
 
     def fixed_instruction(self, instruction: str | None) -> str | None:
-        """The instruction every input of a build carries, given the build's (`None`: the default): the reranker's,
-        whose tokens an artifact can cache with the prompt prefix; none for the embedding (queries and documents share
-        its artifacts, and only queries carry one)."""
-        return None
+        """The instruction every input of a build carries, given the build's (`None`: none named), whose tokens an
+        artifact can cache after the prompt prefix: the reranker's (web search unless named); the embedding's only when
+        named (its sets embed documents bare, and queries with any instruction, unless built for one)."""
+        raise NotImplementedError
 
     def prompt_start(self, tokenizer, instruction: str | None = None) -> list[int]:
-        """The tokens every input starts with, which an artifact can cache: the prompt prefix, then (reranker, with a
-        fixed `instruction`) the body up to its query."""
-        return self.prompt(tokenizer).prefix
+        """The tokens every input starts with, which an artifact can cache: the prompt prefix, then with a fixed
+        `instruction` the input's text up to the query (`RERANK_INSTRUCTION_HEAD`, `QUERY_INSTRUCTION_HEAD`)."""
+        raise NotImplementedError
 
     # ---- agreement: one measure, one set of keys -------------------------------------------------------------------
     def agreement(self, reference: np.ndarray, candidate: np.ndarray) -> dict:
@@ -145,17 +148,19 @@ class Task:
         """The requests an evaluation set holds for this task: texts to embed, or (query, passage) pairs to score."""
         raise NotImplementedError
 
-    def body(self, request) -> str:
-        """The truncatable text of one request (what goes between the prompt's prefix and suffix)."""
+    def body(self, request, instruction: str | None = None) -> str:
+        """The truncatable text of one request (what goes between the prompt's prefix and suffix), with `instruction`
+        (None: the reranker's web-search one; the embedding's text bare)."""
         raise NotImplementedError
 
     def calibration_bodies(self, records: list[tuple[str, str]], instruction: str | None = None) -> list[str]:
-        """The bodies this task's model sees for (query, document) records of real text, in the API's formats (the
-        reranker's with a build's `instruction`, None: the default)."""
+        """The bodies this task's model sees for (query, document) records of real text, in the API's formats; with a
+        build's fixed `instruction` (`fixed_instruction`), every body carries it."""
         raise NotImplementedError
 
-    def serve(self, model, requests: list, progress: bool = False) -> np.ndarray:
-        """Run requests through this task's high-level model (Embedder / Reranker): the finished outputs."""
+    def serve(self, model, requests: list, instruction: str | None = None, progress: bool = False) -> np.ndarray:
+        """Run requests through this task's high-level model (Embedder / Reranker), with `instruction` as `body` reads
+        it: the finished outputs."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -199,6 +204,19 @@ class EmbeddingTask(Task):
     def prompt(self, tokenizer):
         return PromptLayout(prefix=[], suffix=[ENDOFTEXT_ID])
 
+    @override
+    def min_seq_len(self, tokenizer, instruction=None):
+        # a query's instruction head, its colon and a token of text, <|endoftext|>
+        return self.prompt(tokenizer).fixed + (len(self.prompt_start(tokenizer, instruction)) + 2 if instruction else 1)
+
+    @override
+    def fixed_instruction(self, instruction):
+        return instruction or None  # none named (or ""): documents bare, queries with any
+
+    @override
+    def prompt_start(self, tokenizer, instruction=None):
+        return tokenizer.encode_one(QUERY_INSTRUCTION_HEAD.format(instruction=instruction)) if instruction else []
+
     def format_query(self, text: str, instruction: str | None) -> str:
         """Qwen3-Embedding's query format; an empty or missing instruction means no prefix at all (as in Qwen's
         harness and MTEB)."""
@@ -231,16 +249,18 @@ class EmbeddingTask(Task):
         return texts
 
     @override
-    def body(self, request):
-        return request
+    def body(self, request, instruction=None):
+        return self.format_query(request, instruction)
 
     @override
     def calibration_bodies(self, records, instruction=None):
+        if instruction:  # a set built for one instruction embeds every text as a query with it
+            return [self.format_query(text, instruction) for record in records for text in record]
         return [text for q, d in records for text in (self.format_query(q, WEB_SEARCH_INSTRUCTION), d)]
 
     @override
-    def serve(self, model, requests, progress=False):
-        return model.encode_documents(requests, progress=progress)
+    def serve(self, model, requests, instruction=None, progress=False):
+        return model.encode(requests, instruction=instruction, progress=progress)
 
 
 class RerankerTask(Task):
@@ -325,16 +345,16 @@ class RerankerTask(Task):
         return [(e.query, p) for e in examples for p in e.passages]
 
     @override
-    def body(self, request):
-        return self.format_body(*request, None)
+    def body(self, request, instruction=None):
+        return self.format_body(*request, instruction)
 
     @override
     def calibration_bodies(self, records, instruction=None):
         return [self.format_body(q, d, instruction) for q, d in records]
 
     @override
-    def serve(self, model, requests, progress=False):
-        return model.score(requests, progress=progress)
+    def serve(self, model, requests, instruction=None, progress=False):
+        return model.score(requests, instruction, progress=progress)
 
 
 EMBEDDING, RERANKER = EmbeddingTask(), RerankerTask()
