@@ -138,9 +138,13 @@ def test_an_embedding_set_built_for_one_instruction_embeds_queries_with_it_and_s
         checkpoints, onnx_artifacts, tmp_path):
     """`--instruction` on an embedding build: every input is a query with it, the instruction's tokens (up to "Query",
     a whole multiple of 4 of them) cached. The set agrees with the unpatched model on those queries, encode_queries
-    takes its instruction by default, documents and other instructions are refused naming the fix; `perf traffic`
-    runs every set on such queries (the set's instruction by default), the bare set too."""
+    takes its instruction by default, documents and other instructions are refused naming the fix (by the service
+    too); `perf traffic` runs every set on such queries (the set's instruction by default), the bare set too."""
+    import httpx
+    from serving import served
+
     from toolkit.perf.traffic import TrafficOptions, run_traffic
+    from toolkit.serve.app import create_app
 
     [artifact, _] = build(checkpoints, tmp_path, "embedding", seq_lens=(32, 64), instruction=SIMILARITY_INSTRUCTION)
     manifest = Manifest.load(artifact)
@@ -155,6 +159,11 @@ def test_an_embedding_set_built_for_one_instruction_embeds_queries_with_it_and_s
             emb.encode_documents(texts)
         with pytest.raises(ToolkitError, match="compiled for the instruction"):
             emb.encode_queries(texts, instruction="Find the city")
+    with served(create_app(Embedder.from_artifacts(artifact.parent))) as base, \
+            httpx.Client(base_url=base, timeout=TIMEOUT) as http:  # the service: a 422 naming the fix, not a 500
+        refused = http.post("/embed", json={"inputs": texts})
+        assert refused.status_code == 422 and "need a set compiled without --instruction" in refused.json()["error"]
+        assert http.post("/embed", json={"inputs": texts, "instruction": SIMILARITY_INSTRUCTION}).status_code == 200
     result = run_traffic(TrafficOptions(data="sts12-sample", artifacts=(str(artifact.parent),
                                         str(onnx_artifacts["embedding"][0].parent)), torch_batches=(8,), limit=8),
                          progress=False)
