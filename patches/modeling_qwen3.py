@@ -245,7 +245,7 @@ class Qwen3ForDeployment(nn.Module):
         self.weights: PatchedWeights | None = None  # where `from_pretrained` reads the parameters from
         self.fakes: dict[str, torch.Tensor] = {}  # a streamed model's parameters when not resident
         self.cached_prefix: list[int] = []  # the prompt prefix whose keys and values the layers hold (`cache_prefix`)
-        self.cached_instruction: str | None = None  # the reranker instruction whose tokens end it, if they do
+        self.cached_instruction: str | None = None  # the instruction whose tokens end it, if they do
         self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(shape) for _ in range(shape.num_hidden_layers))
@@ -303,7 +303,7 @@ class Qwen3ForDeployment(nn.Module):
     def cache_prefix(self, prefix: list[int], instruction: str | None = None) -> None:
         """Compute the keys and values of `prefix` (token ids every input starts with) in every layer, once, and hold
         them: from now on rows start with `prefix` and are padded after it, and only the rest runs through the layers.
-        `instruction`: the reranker instruction whose tokens `prefix` ends with (None: the prompt prefix alone). A
+        `instruction`: the instruction whose tokens `prefix` ends with (None: the prompt prefix alone). A
         streamed model reads one layer at a time for it."""
         if self.cached_prefix:
             raise ValueError("this model already holds a cached prefix")

@@ -141,8 +141,8 @@ def dataset_texts(name_or_path: str | Path, limit: int | None = None) -> list[st
 
 
 def artifact_layout(manifest: Manifest, tokenizer) -> PromptLayout:
-    """The prompt layout of the artifact's inputs, what every input starts with as its prefix (the reranker's chat
-    prefix and the instruction it was compiled for, which its graph caches)."""
+    """The prompt layout of the artifact's inputs, what every input starts with as its prefix (a reranker's chat
+    prefix, then the instruction the set was compiled for, if any: what its graph caches)."""
     task = get_task(manifest.task)
     return PromptLayout(task.prompt_start(tokenizer, manifest.instruction), task.prompt(tokenizer).suffix)
 

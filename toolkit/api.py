@@ -188,7 +188,7 @@ def frame_rows(layout: PromptLayout, bodies: list[list[int]], max_length: int,
 
 
 def check_instruction(fixed: str | None, instruction: str) -> None:
-    """Refuse inputs with another `instruction` than the one a reranker set was compiled for (`fixed`, its tokens
+    """Refuse inputs with another `instruction` than the one a set was compiled for (`fixed`, its tokens
     cached in the graph; None: any)."""
     if fixed is not None and instruction != fixed:
         raise ToolkitError(f"these artifacts were compiled for the instruction {fixed!r} (its tokens are cached in the "

@@ -114,7 +114,8 @@ class Manifest:
     # the prompt prefix whose keys and values the graph holds: every row starts with it, padded after it
     # (`text.split_cached_prefix`, which the backends apply to left-padded rows)
     cached_prefix: list[int] = field(default_factory=list)
-    # the reranker instruction whose tokens end `cached_prefix`: every input carries it (None: any instruction)
+    # the instruction whose tokens end `cached_prefix` (a reranker's, or an embedding set's for queries): every input
+    # carries it (None: any instruction)
     instruction: str | None = None
     backend_details: dict = field(default_factory=dict)  # tvm: params_file, primfuncs, ...
     validation: dict | None = None  # None: not validated (never loadable); {"skipped": ...}: CUDA without a GPU

@@ -29,7 +29,7 @@ class OnnxExport:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     cached_prefix: list[int]  # the prompt tokens whose keys and values the graph holds (`Manifest.cached_prefix`)
-    cached_instruction: str | None  # the reranker instruction whose tokens end them (`Manifest.instruction`)
+    cached_instruction: str | None  # the instruction whose tokens end them (`Manifest.instruction`)
 
 
 def io_specs(task, seq_len: int, batch: int, hidden_size: int) -> tuple[list[TensorSpec], list[TensorSpec]]:

@@ -102,7 +102,7 @@ class CalibrationSet:
 
     def rows(self, task: Task, tokenizer, split: str, max_length: int, instruction: str | None = None
              ) -> list[list[int]]:
-        """The split's records as this task's token rows (the API's formats; a reranker build's `instruction`), cut
+        """The split's records as this task's token rows (the API's formats, with a build's fixed `instruction`), cut
         to `max_length`."""
         from toolkit.api import token_rows
 
@@ -443,7 +443,7 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
     layers kept out of int8, measuring each layer's error as `scheme` rounds; with `preflight`, the linear layers of
     whole decoder layers too, one per round, the one adding the most error to the residual stream first, while the
     whole model in fake int8 uses over PREFLIGHT_BUDGET of the gate's error budget (on the calibration rows and the
-    gate's edge cases at `max_length`) and that helps. `instruction`: the reranker build's (its rows carry it)."""
+    gate's edge cases at `max_length`) and that helps. `instruction`: the build's fixed one (its rows carry it)."""
     gptq = weight_rounding == "gptq"
     calibration_rows = calibration.rows(task, tokenizer, "calibration", max_length, instruction)
     tokens, shape = sum(map(len, calibration_rows)), model.shape

@@ -26,7 +26,7 @@ VALIDATION_TEXT = ("The quick brown fox jumps over the lazy dog near the riverba
 
 def validation_rows(tokenizer, seq_len: int, prefix: list[int] = ()) -> list[list[int]]:
     """Left-padding edge cases: a single token, a typical sentence, and exactly SEQ tokens; each after `prefix` (the
-    task's prompt start, which a reranker artifact caches: `Manifest.cached_prefix`)."""
+    prompt start every input of the artifact has, which it caches: `Manifest.cached_prefix`)."""
     room = seq_len - len(prefix)
     typical = tokenizer.encode_one(VALIDATION_TEXT)
     long = (typical * math.ceil(room / len(typical)))[: room - 1]

@@ -178,7 +178,7 @@ class ServedModel:
         return self.scheduler.alive
 
     def describe(self) -> dict:
-        """What `/info` says about this model (`instruction`: the one a reranker set was compiled for; None: any)."""
+        """What `/info` says about this model (`instruction`: the one the set was compiled for; None: any)."""
         first = self.model.manifests[0] if self.model.manifests else None
         source = {"checkpoint": first.model.checkpoint, "synthetic": first.model.synthetic,
                   "dtype": first.dtype, "backend": first.backend, "device": first.target.device,
