@@ -162,6 +162,10 @@ def evaluate(options: EvalOptions) -> dict:
     instruction = spec.instruction if options.instruction is None else options.instruction
     if manifests:  # before any model runs
         check_instruction(manifests[0].instruction, instruction)
+        if manifests[0].instruction is not None and task.bare_inputs(spec.kind):
+            raise ToolkitError(f"{options.artifact} takes only inputs with the instruction "
+                               f"{manifests[0].instruction!r} (compiled for it), and {name} also has texts without it "
+                               "(passages): evaluate a set compiled without --instruction")
     cls = model_class(task)
     result = {"task": task.name, "dataset": name, "source": str(options.dataset), "examples": len(examples),
               "instruction": instruction, "runs": {}}

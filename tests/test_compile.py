@@ -141,18 +141,21 @@ def test_the_instruction_is_cached_where_every_seq_holds_it_with_a_body(tokenize
     for queries)."""
     from toolkit.compile import instruction_to_cache
 
-    tokenizer, logged = tokenizers["reranker"], []
+    def to_cache(cfg, log=print):
+        task = TASKS[cfg.task]
+        return instruction_to_cache(cfg, task, tokenizers[cfg.task], task.fixed_instruction(cfg.instruction), log)
+
+    logged = []
     cfg = BuildConfig(name="r", task="reranker", checkpoint="x", seq_lens=(128, 256))
-    assert instruction_to_cache(cfg, TASKS["reranker"], tokenizer, logged.append) == WEB_SEARCH_INSTRUCTION
-    assert instruction_to_cache(replace(cfg, instruction="Judge"), TASKS["reranker"], tokenizer, print) == "Judge"
-    assert instruction_to_cache(replace(cfg, cache_instruction=False), TASKS["reranker"], tokenizer, print) is None
+    assert to_cache(cfg, logged.append) == WEB_SEARCH_INSTRUCTION
+    assert to_cache(replace(cfg, instruction="Judge")) == "Judge"
+    assert to_cache(replace(cfg, cache_instruction=False)) is None
     short = replace(cfg, seq_lens=(64, 128))
-    assert instruction_to_cache(short, TASKS["reranker"], tokenizer, logged.append) is None
+    assert to_cache(short, logged.append) is None
     assert logged == ["SEQ 64 cannot hold the default instruction with a body (75 tokens): only the chat prefix is "
                       "cached, and inputs may carry any instruction"]
     with pytest.raises(ToolkitError, match="use --seq 75 or more, or --no-cache-instruction"):
-        instruction_to_cache(replace(short, instruction=WEB_SEARCH_INSTRUCTION), TASKS["reranker"], tokenizer, print)
+        to_cache(replace(short, instruction=WEB_SEARCH_INSTRUCTION))
     embedding = BuildConfig(name="e", task="embedding", checkpoint="x", seq_lens=(32,))
-    assert instruction_to_cache(embedding, TASKS["embedding"], tokenizers["embedding"], print) is None
-    assert instruction_to_cache(replace(embedding, instruction="Find"), TASKS["embedding"], tokenizers["embedding"],
-                                print) == "Find"
+    assert to_cache(embedding) is None
+    assert to_cache(replace(embedding, instruction="Find")) == "Find"

@@ -16,7 +16,7 @@ from toolkit.config import BuildConfig
 from toolkit.errors import ToolkitError
 from toolkit.quantize import DEFAULT_CALIBRATION, CalibrationSet, int8_scheme
 from toolkit.synth import MASSIVE_CHANNELS, MASSIVE_TOKENS, MASSIVE_VALUE, OUTLIER_CHANNELS
-from toolkit.tasks import TASKS
+from toolkit.tasks import TASKS, WEB_SEARCH_INSTRUCTION
 
 from conftest import build, model_path
 
@@ -344,8 +344,8 @@ def test_an_int8_plan_over_the_gates_budget_is_calibrated_again_with_the_other_r
     reported = iter(budget_used)
     monkeypatch.setattr(task, "tolerance_used", lambda agreement, dtype: next(reported))
     log = []
-    model, plan = calibrate_int8(cfg, task, load_tokenizer(checkpoint), CalibrationSet.load(), checkpoint, first,
-                                 log.append)
+    model, plan = calibrate_int8(cfg, task, load_tokenizer(checkpoint), CalibrationSet.load(), WEB_SEARCH_INSTRUCTION,
+                                 checkpoint, first, log.append)
     assert next(reported, None) is None  # both calibrations ran their rounds, or only the first when it fit
     assert plan.weight_rounding == rounding and (model is first) == (rounding == "gptq")
     assert plan.preflight["budget_used"] == (min(budget_used[0], budget_used[2]) if len(budget_used) > 1 else 0.4)

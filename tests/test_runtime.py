@@ -139,10 +139,12 @@ def test_an_embedding_set_built_for_one_instruction_embeds_queries_with_it_and_s
     """`--instruction` on an embedding build: every input is a query with it, the instruction's tokens (up to "Query",
     a whole multiple of 4 of them) cached. The set agrees with the unpatched model on those queries, encode_queries
     takes its instruction by default, documents and other instructions are refused naming the fix (by the service
-    too); `perf traffic` runs every set on such queries (the set's instruction by default), the bare set too."""
+    too, and by `toolkit eval` on passages before anything runs); `perf traffic` runs every set on such queries (the
+    set's instruction by default), the bare set too."""
     import httpx
     from serving import served
 
+    from toolkit.eval.run import EvalOptions, evaluate
     from toolkit.perf.traffic import TrafficOptions, run_traffic
     from toolkit.serve.app import create_app
 
@@ -164,6 +166,9 @@ def test_an_embedding_set_built_for_one_instruction_embeds_queries_with_it_and_s
         refused = http.post("/embed", json={"inputs": texts})
         assert refused.status_code == 422 and "need a set compiled without --instruction" in refused.json()["error"]
         assert http.post("/embed", json={"inputs": texts, "instruction": SIMILARITY_INSTRUCTION}).status_code == 200
+    with pytest.raises(ToolkitError, match="also has texts without it .passages.: evaluate a set compiled without"):
+        evaluate(EvalOptions(task="embedding", dataset="msmarco-sample", artifact=artifact.parent, limit=1,
+                             instruction=SIMILARITY_INSTRUCTION))  # before the torch run, not after it
     result = run_traffic(TrafficOptions(data="sts12-sample", artifacts=(str(artifact.parent),
                                         str(onnx_artifacts["embedding"][0].parent)), torch_batches=(8,), limit=8),
                          progress=False)

@@ -84,7 +84,8 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
     source = model_source(cfg.checkpoint, checkpoint)
     tokenizer = load_tokenizer(checkpoint)
     check_seq_lens(task, tokenizer, cfg.seq_lens)
-    instruction = instruction_to_cache(cfg, task, tokenizer, log)  # before any model work: it may refuse the SEQs
+    carried = task.fixed_instruction(cfg.instruction)  # the instruction every input of the build carries, if any
+    instruction = instruction_to_cache(cfg, task, tokenizer, carried, log)  # before any model work: may refuse SEQs
     if "tvm" in cfg.backends and (missing := missing_tvm_extension(cfg.dtype)):
         feature, instead = missing
         raise ToolkitError(f"this CPU has no {feature} (see /proc/cpuinfo): TVM {cfg.dtype} artifacts are built on "
@@ -100,7 +101,7 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
             checks = CalibrationSet.load(cfg.calibration)
         if cfg.dtype == "int8":
             with peaks.stage("calibrate"):
-                model, plan = calibrate_int8(cfg, task, tokenizer, checks, checkpoint, model, log)
+                model, plan = calibrate_int8(cfg, task, tokenizer, checks, carried, checkpoint, model, log)
         prefix, instruction = cached_prefix(task, tokenizer, cfg.seq_lens, instruction)
         if prefix:
             with peaks.stage("prefix"):
@@ -123,7 +124,8 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
         return_freed_memory()
         with peaks.stage("reference"):
             reference = LayerwiseReference(checkpoint, task, progress=True)
-        return [finish_artifact(cfg, task, artifact, tokenizer, source, reference, log, plan, checks, peaks.copy())
+        return [finish_artifact(cfg, task, artifact, tokenizer, source, reference, log, plan, checks, carried,
+                                peaks.copy())
                 for artifact in staged]
     finally:
         for artifact in staged:  # installed ones were moved away; what is left is a failed or interrupted build
@@ -139,11 +141,12 @@ def load_streamed(cfg: BuildConfig, task: Task, checkpoint: Path) -> Qwen3ForDep
     return Qwen3ForDeployment.from_pretrained(checkpoint, task.output_name, TORCH_DTYPES[cfg.dtype], stream=True)
 
 
-def calibrate_int8(cfg: BuildConfig, task: Task, tokenizer, calibration: CalibrationSet, checkpoint: Path,
-                   model: Qwen3ForDeployment, log) -> tuple[Qwen3ForDeployment, QuantizationPlan]:
-    """`plan_int8` with the build config's weight rounding; if its preflight finds the plan over the gate's whole error
-    budget (the build would fail), calibration runs once more with the other rounding, on the model as it came (the
-    first run smoothed and rounded its weights), and the plan using less of the budget is kept with its model. Which
+def calibrate_int8(cfg: BuildConfig, task: Task, tokenizer, calibration: CalibrationSet, instruction: str | None,
+                   checkpoint: Path, model: Qwen3ForDeployment, log) -> tuple[Qwen3ForDeployment, QuantizationPlan]:
+    """`plan_int8` on rows carrying the build's `instruction`, with the build config's weight rounding; if its
+    preflight finds the plan over the gate's whole error budget (the build would fail), calibration runs once more
+    with the other rounding, on the model as it came (the first run smoothed and rounded its weights), and the plan
+    using less of the budget is kept with its model. Which
     rounding passes is a draw: the 0.6B outlier reranker's GPTQ plan used 120% on an AMD EPYC (its gate failed at
     0.026), round-to-nearest's 58%, which passed at 0.0087-0.0130; on an AMX Xeon GPTQ's passed."""
     # layer errors are measured for the scheme that will run: per-tensor scales (ONNX Runtime) err more
@@ -151,8 +154,7 @@ def calibrate_int8(cfg: BuildConfig, task: Task, tokenizer, calibration: Calibra
 
     def plan_with(model, rounding):
         return plan_int8(model, task, tokenizer, calibration, max(cfg.seq_lens), scheme, cfg.smooth_alpha,
-                         cfg.max_linear_error, rounding, cfg.preflight, cfg.workspace, log,
-                         task.fixed_instruction(cfg.instruction))
+                         cfg.max_linear_error, rounding, cfg.preflight, cfg.workspace, log, instruction)
 
     plan = plan_with(model, cfg.weight_rounding)
     if plan.preflight is None or plan.preflight["budget_used"] <= 1:
@@ -172,12 +174,12 @@ def calibrate_int8(cfg: BuildConfig, task: Task, tokenizer, calibration: Calibra
 BODY_ROW_MULTIPLE = 4  # the rows of TVM's matmul register tile (tvm_schedules.Matmul's `mr`)
 
 
-def instruction_to_cache(cfg: BuildConfig, task: Task, tokenizer, log) -> str | None:
-    """The instruction whose tokens the graph caches after the prompt prefix (`Task.fixed_instruction`: the reranker's,
-    web search by default; its inputs must then carry it), or None: `cache_instruction` is off, or the shortest SEQ
-    cannot hold it with a query and a document (an error when the config names the instruction; else only the chat
-    prefix is cached)."""
-    instruction = task.fixed_instruction(cfg.instruction) if cfg.cache_instruction else None
+def instruction_to_cache(cfg: BuildConfig, task: Task, tokenizer, carried: str | None, log) -> str | None:
+    """The instruction whose tokens the graph caches after the prompt prefix: the one every input `carried`
+    (`Task.fixed_instruction`: the reranker's, web search by default), or None: `cache_instruction` is off, or the
+    shortest SEQ cannot hold it with a query and a document (an error when the config names the instruction; else only
+    the chat prefix is cached)."""
+    instruction = carried if cfg.cache_instruction else None
     if instruction is None or min(cfg.seq_lens) >= (shortest := task.min_seq_len(tokenizer, instruction)):
         return instruction
     if cfg.instruction is not None:
@@ -259,16 +261,16 @@ def stage_export(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model
 
 def finish_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, tokenizer, source: ModelSource,
                     reference: LayerwiseReference, log, plan: QuantizationPlan | None, holdout: CalibrationSet | None,
-                    peaks: StagePeaks) -> Path:
+                    instruction: str | None, peaks: StagePeaks) -> Path:
     """Make a staged export an artifact, validate it and install it (atomically: see the module docstring). An int8
-    build takes its quantization `plan`, and its validation also covers the `holdout` texts calibration never saw.
+    build takes its quantization `plan`, and its validation also covers the `holdout` texts calibration never saw
+    (carrying the build's `instruction`).
     `peaks` holds the stages already run for it (loading, calibration, export); the manifest records each stage's
     peak RSS."""
     started = time.perf_counter()
     final, staging = artifact.final, artifact.staging
     manifest = write_artifact(cfg, task, artifact, tokenizer, source, log, plan, peaks)
     if device_available(artifact.backend, cfg.target):
-        instruction = task.fixed_instruction(cfg.instruction)
         texts = holdout.rows(task, tokenizer, "holdout", artifact.seq_len, instruction) if holdout else []
         with peaks.stage("validate"):
             manifest.validation = measure(manifest, reference, tokenizer, texts)

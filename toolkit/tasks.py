@@ -143,6 +143,11 @@ class Task:
         finished outputs compared between engines."""
         raise NotImplementedError
 
+    def bare_inputs(self, kind: str) -> bool:
+        """Whether evaluating on data of `kind` feeds the model texts without the instruction (which a set compiled
+        for one instruction refuses)."""
+        return False
+
     # ---- traffic: what a service of this task receives, replayed from evaluation data ------------------------------
     def traffic(self, examples: list) -> list:
         """The requests an evaluation set holds for this task: texts to embed, or (query, passage) pairs to score."""
@@ -240,6 +245,10 @@ class EmbeddingTask(Task):
         q = model.encode_queries(queries, instruction=instruction, progress=True)
         flat = model.encode_documents([p for ps in passages for p in ps], progress=True)
         return np.concatenate([q, flat]), [group @ vector for vector, group in zip(q, split_groups(flat, passages))]
+
+    @override
+    def bare_inputs(self, kind):
+        return kind == "reranking"  # `rank_passages` embeds the passages as documents
 
     @override
     def traffic(self, examples):

@@ -38,8 +38,8 @@ def measure(manifest: Manifest, reference: Backend, tokenizer, texts: list[list[
     text); the task's agreement, tolerance and verdict. The reference runs first, and the artifact is loaded after it:
     the two are never resident together (0.6B int8, from a 498 MB process: a 954 MB peak, 1,111 MB with both)."""
     task = get_task(manifest.task)
-    start = task.prompt_start(tokenizer, manifest.instruction)
-    rows = validation_rows(tokenizer, manifest.seq_len, start) + list(texts)
+    prompt_start = task.prompt_start(tokenizer, manifest.instruction)  # what every input starts with
+    rows = validation_rows(tokenizer, manifest.seq_len, prompt_start) + list(texts)
     refs = reference_outputs(reference, rows)
     return_freed_memory()  # the reference's freed layers and activations, before the artifact's weights arrive
     # (0.6B int8: the process held 828 MB at the load, 902 MB untrimmed)
