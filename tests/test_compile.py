@@ -18,22 +18,32 @@ from conftest import build, copy_artifact
 
 def test_crash_after_the_manifest_leaves_nothing_loadable_and_keeps_the_old_artifact(checkpoints, outlier_checkpoints,
                                                                                      tmp_path, monkeypatch):
-    """A set of two SEQs (one shared ONNX graph). A rebuild from other weights that crashes in validation leaves the
-    old set as it was, without the new graph; one that succeeds replaces the old graph, which is then removed."""
+    """A set of two SEQs (one shared ONNX graph). A rebuild from other weights that crashes in the second SEQ's
+    validation (the first passed) leaves the old set as it was, without the new graph: no SEQ of it is installed
+    before all are validated. One that succeeds replaces the old graph, which is then removed; a later build of one
+    SEQ from other weights removes the set's other SEQ (it would run other weights), and a set mixed by hand is
+    refused."""
     import toolkit.compile
+    from toolkit.artifact import find_artifacts
 
     good = build(checkpoints, tmp_path, "embedding", seq_lens=(32, 48), batch=1)
     set_dir = good[0].parent
     before = [Manifest.load(a) for a in good]
     [old_graph] = set_dir.glob("graph-*")
+    measured = []
 
-    def crash(*args, **kwargs):
-        raise RuntimeError("simulated crash during validation")
+    def crash_on_the_second(*args, **kwargs):
+        measured.append(args[0].seq_len)
+        if len(measured) == 2:
+            raise RuntimeError("simulated crash during validation")
+        return measure(*args, **kwargs)
 
+    measure = toolkit.compile.measure
     with monkeypatch.context() as patch:
-        patch.setattr(toolkit.compile, "measure", crash)
+        patch.setattr(toolkit.compile, "measure", crash_on_the_second)
         with pytest.raises(RuntimeError, match="simulated crash"):
             build(outlier_checkpoints, tmp_path, "embedding", seq_lens=(32, 48), batch=1)
+    assert measured == [32, 48]
     # no staging directory and no new graph left behind
     assert sorted(p.name for p in set_dir.iterdir()) == sorted([old_graph.name, "seq32", "seq48"])
     after = [Manifest.load(a) for a in good]  # the previous artifacts, untouched (hashes verified)
@@ -42,6 +52,17 @@ def test_crash_after_the_manifest_leaves_nothing_loadable_and_keeps_the_old_arti
     build(outlier_checkpoints, tmp_path, "embedding", seq_lens=(32, 48), batch=1)
     [new_graph] = set_dir.glob("graph-*")
     assert new_graph != old_graph and {Manifest.load(a).model_file for a in good} == {f"../{new_graph.name}/model.onnx"}
+
+    build(checkpoints, tmp_path, "embedding", seq_lens=(48,), batch=1)
+    assert [m.seq_len for m in find_artifacts(set_dir)] == [48]  # seq32 held the outlier checkpoint's weights
+    build(checkpoints, tmp_path, "embedding", seq_lens=(32,), batch=1)  # the same weights: the set grows
+    assert [m.seq_len for m in find_artifacts(set_dir)] == [32, 48]
+    manifest_file = set_dir / "seq32" / "manifest.json"
+    raw = json.loads(manifest_file.read_text())
+    raw["model"]["resolved"] = str(outlier_checkpoints["embedding"])
+    manifest_file.write_text(json.dumps(raw))
+    with pytest.raises(ToolkitError, match="mixes artifacts of different .*checkpoint"):
+        find_artifacts(set_dir)
 
 
 def test_a_tvm_build_killed_for_memory_is_reported_and_leaves_nothing(checkpoints, tmp_path, monkeypatch):

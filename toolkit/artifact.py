@@ -224,6 +224,13 @@ class Manifest:
         return f"{self.dtype} (AMX {', '.join(amx)})" if amx else self.dtype
 
     @property
+    def set_key(self) -> tuple:
+        """What the artifacts of one bucket set share: the task, backend, dtype and cached instruction (the inputs
+        they take) and the checkpoint (the weights)."""
+        return (self.task, self.backend, self.dtype, self.instruction, self.model.resolved, self.model.hidden_size,
+                self.model.num_hidden_layers)
+
+    @property
     def weight_bytes(self) -> int:
         """Bytes of all files (weights dominate)."""
         return sum(f["bytes"] for f in self.files.values())
@@ -249,10 +256,10 @@ def find_artifacts(path: str | Path) -> list[Manifest]:
     manifests = [Manifest.load(p, verify=False) for p in found]
     sets = sorted({str(p.parent) for p in found})
     one_set = f"point at one of the sets {', '.join(sets)}" if len(sets) > 1 else "point at one set"
-    kinds = {(m.task, m.backend, m.dtype, m.instruction) for m in manifests}
+    kinds = {m.set_key for m in manifests}
     if len(kinds) > 1:
-        raise ToolkitError(f"{path} mixes artifacts of different task/backend/dtype/cached instruction "
-                           f"{sorted(kinds, key=str)}; {one_set}")
+        raise ToolkitError(f"{path} mixes artifacts of different task/backend/dtype/cached instruction/checkpoint "
+                           f"{sorted(kinds, key=str)}; {one_set}, or compile the set again")
     seq_lens = [m.seq_len for m in manifests]
     if len(set(seq_lens)) < len(seq_lens):
         raise ToolkitError(f"{path} holds several artifacts for one SEQ ({sorted(seq_lens)}); {one_set}")

@@ -4,9 +4,10 @@ Each (backend, seq) pair becomes one artifact directory, `WORKSPACE/NAME/BACKEND
 `WORKSPACE/NAME/BACKEND/` directory is then a bucket set for the runtime. The ONNX SEQs of one build are one graph
 (symbolic axes): it is stored once, in the set's `graph-DIGEST/` directory, which their manifests point at; a build of
 one SEQ keeps its graph in its own directory. An artifact is built in a dot-prefixed
-staging directory beside its final place and moved there only once validation passed (or was explicitly skipped for a
-CUDA build made without a GPU): a failed or interrupted compile leaves nothing loadable, and the previous artifact at
-that place stays as it was.
+staging directory beside its final place, and the build's artifacts are moved there only once all of them passed
+validation (or it was explicitly skipped for a CUDA build made without a GPU): a failed or interrupted compile leaves
+nothing loadable, and the previous set stays as it was. A set's SEQs left by an earlier build of other weights, dtype
+or cached instruction are then removed (`remove_other_builds`).
 
 Memory: the patched model is never held whole. It is streamed (`from_pretrained(stream=True)`): int8 calibration reads
 one decoder layer at a time from the checkpoint, and the export traces the model without its weights and writes each
@@ -124,9 +125,13 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
         return_freed_memory()
         with peaks.stage("reference"):
             reference = LayerwiseReference(checkpoint, task, progress=True)
-        return [finish_artifact(cfg, task, artifact, tokenizer, source, reference, log, plan, checks, carried,
-                                peaks.copy())
-                for artifact in staged]
+        for artifact in staged:  # all validated before any is installed: a set is never half old, half new
+            finish_artifact(cfg, task, artifact, tokenizer, source, reference, log, plan, checks, carried, peaks.copy())
+        for artifact in staged:
+            install(artifact.staging, artifact.final)
+        for set_dir in {artifact.final.parent for artifact in staged}:
+            remove_other_builds(set_dir, [artifact.final for artifact in staged], log)
+        return [artifact.final for artifact in staged]
     finally:
         for artifact in staged:  # installed ones were moved away; what is left is a failed or interrupted build
             shutil.rmtree(artifact.staging, ignore_errors=True)
@@ -261,8 +266,8 @@ def stage_export(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model
 
 def finish_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, tokenizer, source: ModelSource,
                     reference: LayerwiseReference, log, plan: QuantizationPlan | None, holdout: CalibrationSet | None,
-                    instruction: str | None, peaks: StagePeaks) -> Path:
-    """Make a staged export an artifact, validate it and install it (atomically: see the module docstring). An int8
+                    instruction: str | None, peaks: StagePeaks) -> None:
+    """Make a staged export an artifact and validate it, in its staging directory (raises if validation fails). An int8
     build takes its quantization `plan`, and its validation also covers the `holdout` texts calibration never saw
     (carrying the build's `instruction`).
     `peaks` holds the stages already run for it (loading, calibration, export); the manifest records each stage's
@@ -291,8 +296,6 @@ def finish_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, toke
     if manifest.validation["passed"]:
         log(f"{final} ({manifest.backend} {manifest.kernels}): vs HF fp32: {task.format_agreement(manifest.validation)}"
             f" ({cost})")
-    install(staging, final)
-    return final
 
 
 def precision_fix(dtype: str, plan: QuantizationPlan | None) -> str:
@@ -321,8 +324,8 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
     if plan:
         scheme = int8_scheme([artifact.backend], cfg.activation_scales)
         precision["quantization"] = plan.describe(scheme)
-    if artifact.graph is None:  # the first's graph, installed by now: its folded / quantized files are this one's too
-        model_file = Manifest.load(artifact.first.final, verify=False).model_file
+    if artifact.graph is None:  # the first's graph: its folded / quantized files are this one's too
+        model_file = Manifest.load(artifact.first.staging, verify=False).model_file
     elif cfg.dtype == "fp32" and artifact.backend == "onnx":  # for stock ONNX tools; TVM packs the weights itself
         with peaks.stage("fold"):
             fold_weights(artifact.graph)
@@ -333,9 +336,9 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
         model_file = share_graph(out, model_file)
     if artifact.backend == "tvm":
         same_params = None
-        if artifact.first:  # installed by now: its weights file, which this one's will be a hard link to if the same
-            first = Manifest.load(artifact.first.final, verify=False).backend_details
-            same_params = (str(artifact.first.final / first["params_file"]), first["params_sha256"])
+        if artifact.first:  # its weights file, which this one's will be a hard link to if the same
+            first = Manifest.load(artifact.first.staging, verify=False).backend_details
+            same_params = (str(artifact.first.staging / first["params_file"]), first["params_sha256"])
         with peaks.stage("tvm") as stage:
             built, stage.child_mb = compile_tvm_process(
                 artifact.final, onnx_path=str(artifact.graph), out_dir=str(out), device=cfg.target,
@@ -438,6 +441,23 @@ def prune_graphs(set_dir: Path) -> None:
     for graph_dir in set_dir.glob("graph-*"):
         if graph_dir.name not in used:
             shutil.rmtree(graph_dir, ignore_errors=True)
+
+
+def remove_other_builds(set_dir: Path, built: list[Path], log) -> None:
+    """Remove the SEQ artifacts of `set_dir` left by earlier builds whose inputs or weights differ from this build's
+    (`Manifest.set_key`: another checkpoint, dtype or cached instruction): the runtime would send the inputs of their
+    lengths to other weights. Those of the same kind stay (a set can grow a SEQ at a time)."""
+    key = Manifest.load(built[0], verify=False).set_key
+    for manifest_file in set_dir.glob(f"seq*/{MANIFEST}"):
+        if manifest_file.parent in built:
+            continue
+        try:
+            other = Manifest.load(manifest_file.parent, verify=False).set_key
+        except ToolkitError:  # not readable: not an artifact any runner would load
+            other = None
+        if other != key:
+            shutil.rmtree(manifest_file.parent, ignore_errors=True)
+            log(f"removed {manifest_file.parent}: an earlier build's, of other weights, dtype or cached instruction")
 
 
 def install(staging: Path, final: Path) -> None:
