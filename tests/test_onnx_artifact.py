@@ -1,4 +1,5 @@
 """fp16 ONNX artifacts against the unpatched Hugging Face model in fp32, and artifact integrity."""
+import json
 import shutil
 
 import numpy as np
@@ -135,6 +136,13 @@ def test_corrupted_artifact_is_refused(onnx_artifacts, tmp_path):
     ok = CliRunner().invoke(main, ["inspect", str(onnx_artifacts["reranker"][0])])
     assert ok.exit_code == 0 and "0 mismatched" in ok.output and "reranker" in ok.output
     assert "the bucket set's shared graph" in ok.output and "(any 1..2 rows)" in ok.output
+    raw = json.loads((broken / "manifest.json").read_text())
+    for field, value in (("files", {"model.onnx": {"bytes": 1}}), ("task", "translation")):
+        (broken / "manifest.json").write_text(json.dumps({**raw, field: value}))
+        with pytest.raises(ToolkitError, match=f"not a valid .* manifest .*{value if field == 'task' else 'sha256'}"):
+            open_artifact(broken)
+        result = CliRunner().invoke(main, ["inspect", str(broken)])  # the diagnostic tool says it in one line too
+        assert result.exit_code == 2 and "not a valid" in result.output and "Traceback" not in result.output
     (broken / "manifest.json").write_text("{not json")
     with pytest.raises(ToolkitError, match="not a valid .* manifest"):
         open_artifact(broken)

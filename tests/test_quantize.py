@@ -75,6 +75,12 @@ def test_int8_gate_fails_naive_quantization_of_an_outlier_checkpoint_and_passes_
     assert manifest.dtype == "int8" and manifest.validation["passed"]
     assert manifest.validation["min_cosine"] >= 0.99
     assert manifest.validation["real_texts"] == len(CalibrationSet.load().holdout) * 2  # query and document each
+    from toolkit.compile import revalidate  # `toolkit validate` checks what the build checked, held-out texts too
+
+    again = revalidate(artifact)
+    assert again["real_texts"] == manifest.validation["real_texts"] and again["passed"]
+    assert again["min_cosine"] == pytest.approx(manifest.validation["min_cosine"], abs=1e-6)
+    assert Manifest.load(artifact).validation == again
     quantization = manifest.precision["quantization"]
     assert quantization["smooth_alpha"] == 0.5 and quantization["calibration"]["holdout_records"] > 0
     assert quantization["weight_rounding"] == "gptq"

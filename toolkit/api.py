@@ -23,7 +23,7 @@ from toolkit.artifact import find_artifacts
 from toolkit.checkpoint import load_tokenizer, resolve_checkpoint
 from toolkit.errors import ToolkitError
 from toolkit.runtime import Engine, check_engine_options
-from toolkit.tasks import EMBEDDING, RERANKER, TASKS, WEB_SEARCH_INSTRUCTION, PromptLayout, Task
+from toolkit.tasks import EMBEDDING, RERANKER, WEB_SEARCH_INSTRUCTION, PromptLayout, Task, get_task
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
 
@@ -220,7 +220,7 @@ class _TextModel:
         manifests = find_artifacts(path)
         if manifests[0].task != cls.task.name:
             raise ToolkitError(f"{path} holds {manifests[0].task} artifacts; use "
-                               f"{TASKS[manifests[0].task].api_class}")
+                               f"{get_task(manifests[0].task).api_class}")
         largest = manifests[-1].seq_len
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
                                        or not 1 <= max_length <= largest):

@@ -7,7 +7,8 @@
                                 `../graph-DIGEST/model.onnx` (see compile.share_graph)
     ARTIFACT/tokenizer/         the checkpoint's tokenizer files: an artifact runs without the checkpoint
 
-`Manifest.save` is the only writer of manifest.json. This module depends on nothing above it in the pipeline.
+`Manifest.save` is the only writer of manifest.json. This module depends on nothing above it in the pipeline (only
+on the task names of `toolkit.tasks`).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 
 from toolkit.errors import ToolkitError
+from toolkit.tasks import TASKS
 
 MANIFEST = "manifest.json"
 FORMAT = "qwen3-deploy-artifact/2"
@@ -135,7 +137,9 @@ class Manifest:
                           for p in self.file_paths(directory)}
             self.tools = tool_versions()
         payload = {k: v for k, v in dataclasses.asdict(self).items() if k != "path"}
-        (directory / MANIFEST).write_text(json.dumps(payload, indent=2))
+        partial = directory / f".{MANIFEST}.partial"  # replaced in one step: an interrupted save keeps the old one
+        partial.write_text(json.dumps(payload, indent=2))
+        os.replace(partial, directory / MANIFEST)
         self.path = directory
         return self
 
@@ -174,12 +178,18 @@ class Manifest:
 
     def check_fields(self) -> None:
         """Raise ValueError when a field has a value no writer produces."""
+        if self.task not in TASKS:
+            raise ValueError(f"task {self.task!r}")
         if self.backend not in BACKENDS or self.target.device not in DEVICES:
             raise ValueError(f"backend {self.backend!r} / device {self.target.device!r}")
         if not (isinstance(self.seq_len, int) and self.seq_len > 0 and isinstance(self.batch, int) and self.batch > 0):
             raise ValueError(f"seq_len {self.seq_len!r} / batch {self.batch!r}")
         if not isinstance(self.files, dict) or not self.files:
             raise ValueError("no files recorded")
+        for name, info in self.files.items():
+            if not isinstance(info, dict) or not isinstance(info.get("sha256"), str) \
+                    or not isinstance(info.get("bytes"), int):
+                raise ValueError(f"file {name!r} recorded as {info!r:.80}, not its sha256 and bytes")
 
     def verify_files(self) -> list[str]:
         """Problems (missing / size / hash mismatches); empty when the artifact is intact."""

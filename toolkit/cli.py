@@ -10,7 +10,7 @@ import click
 from toolkit.buckets import DEFAULT_COUNT, DEFAULT_STEP
 from toolkit.cli_base import INSTANCES, ToolkitGroup
 from toolkit.errors import ToolkitError
-from toolkit.tasks import TASKS
+from toolkit.tasks import TASKS, get_task
 
 
 @click.group(cls=ToolkitGroup)
@@ -98,10 +98,10 @@ def compile(config, seq, lengths_data, bucket_count, bucket_step, batch_tokens, 
 def validate(artifact_dir, checkpoint):
     """Re-run an artifact's validation against the fp32 Hugging Face model (e.g. a CUDA build on its GPU host)."""
     from toolkit.artifact import Manifest
-    from toolkit.validation import revalidate
+    from toolkit.compile import revalidate
 
     stats = revalidate(artifact_dir, checkpoint)
-    task = TASKS[Manifest.load(artifact_dir, verify=False).task]
+    task = get_task(Manifest.load(artifact_dir, verify=False).task)
     click.echo(f"{artifact_dir}: vs HF fp32: {task.format_agreement(stats)} ({stats['tolerance']}): "
                f"{'OK' if stats['passed'] else 'FAIL'}")
     sys.exit(0 if stats["passed"] else 1)

@@ -64,6 +64,9 @@ PRECISION = {
 }
 
 
+LOW_PRECISION = ("bf16", "int8")  # also validated on real texts (int8: texts calibration never saw)
+
+
 @dataclass
 class StagedArtifact:
     """An artifact in the making: its exported graph in a staging directory beside its final place."""
@@ -98,7 +101,7 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
         with peaks.stage("load"):
             model = load_streamed(cfg, task, checkpoint)
         plan, checks = None, None
-        if cfg.dtype in ("bf16", "int8"):  # low precision is also validated on real texts (int8: never calibrated on)
+        if cfg.dtype in LOW_PRECISION:
             checks = CalibrationSet.load(cfg.calibration)
         if cfg.dtype == "int8":
             with peaks.stage("calibrate"):
@@ -296,6 +299,25 @@ def finish_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, toke
     if manifest.validation["passed"]:
         log(f"{final} ({manifest.backend} {manifest.kernels}): vs HF fp32: {task.format_agreement(manifest.validation)}"
             f" ({cost})")
+
+
+def revalidate(artifact: str | Path, checkpoint: str | None = None) -> dict:
+    """Re-run an artifact's validation as its build did (e.g. on the GPU host for a CUDA build) and record it in its
+    manifest. bf16 and int8 artifacts are also checked on held-out real texts: those of the calibration file their
+    build recorded where it is here, else the bundled set's."""
+    manifest = Manifest.load(artifact)
+    task = get_task(manifest.task)
+    tokenizer = load_tokenizer(manifest.path / "tokenizer")
+    texts = []
+    if manifest.dtype in LOW_PRECISION:
+        recorded = manifest.precision.get("quantization", {}).get("calibration", {}).get("file")
+        holdout = CalibrationSet.load(recorded if recorded and Path(recorded).is_file() else None)
+        texts = holdout.rows(task, tokenizer, "holdout", manifest.seq_len, task.fixed_instruction(manifest.instruction))
+    reference = LayerwiseReference(resolve_checkpoint(checkpoint or manifest.reference_checkpoint()), task,
+                                   progress=True)
+    manifest.validation = measure(manifest, reference, tokenizer, texts)
+    manifest.save(manifest.path, hash_files=False)
+    return manifest.validation
 
 
 def precision_fix(dtype: str, plan: QuantizationPlan | None) -> str:

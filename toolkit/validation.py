@@ -1,18 +1,16 @@
 """Validation: an artifact against the unpatched Hugging Face model in fp32, on left-padded edge cases.
 
-Used by compile (before an artifact is moved into place), by `toolkit validate` (e.g. a CUDA build on its GPU host)
-and by the tests. The measure and its tolerances are the task's (`Task.agreement`, `Task.tolerances`).
+Used by compile (before an artifact is moved into place, and by `toolkit validate`: `compile.revalidate`) and by the
+tests. The measure and its tolerances are the task's (`Task.agreement`, `Task.tolerances`).
 """
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
 from toolkit.artifact import Manifest
-from toolkit.backends import Backend, LayerwiseReference, load_backend
-from toolkit.checkpoint import load_tokenizer, resolve_checkpoint
+from toolkit.backends import Backend, load_backend
 from toolkit.memory import return_freed_memory
 from toolkit.tasks import get_task
 from toolkit.text import left_pad
@@ -77,15 +75,3 @@ def reference_outputs(reference: Backend, rows: list[list[int]]) -> np.ndarray:
             outputs[i] = output
         start = end
     return np.stack(outputs)
-
-
-def revalidate(artifact: str | Path, checkpoint: str | None = None) -> dict:
-    """Re-run an artifact's validation (e.g. on the GPU host for a CUDA build) and record it in its manifest."""
-    manifest = Manifest.load(artifact)
-    task = get_task(manifest.task)
-    reference = LayerwiseReference(resolve_checkpoint(checkpoint or manifest.reference_checkpoint()), task,
-                                   progress=True)
-    stats = measure(manifest, reference, load_tokenizer(manifest.path / "tokenizer"))
-    manifest.validation = stats
-    manifest.save(manifest.path, hash_files=False)
-    return stats
