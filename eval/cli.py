@@ -21,7 +21,8 @@ from toolkit.tasks import TASKS
 @click.option("--data-dir", type=click.Path(file_okay=False), help="where `toolkit data download` wrote the JSONL")
 @click.option("--max-drop", type=float, default=DEFAULT_MAX_DROP, show_default=True,
               help="fail if the artifact trails torch by more than this on any metric")
-@click.option("--instance", "instances", type=int, default=1, show_default=True, help="engine instances per artifact")
+@click.option("--instances", "--instance", "instances", type=int, default=1, show_default=True,
+              help="engine instances per artifact")
 @click.option("--instruction", help="instead of the dataset's instruction; \"\" for none (no query prefix)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the result here")
 def eval_cmd(task, dataset, artifact, checkpoint, run, limit, data_dir, max_drop, instances, instruction, json_out):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,16 +237,39 @@ def hub_rows(name: str) -> list[dict]:
 
 
 def download(out_dir: str | Path) -> list[Path]:
-    """Write the three datasets as JSONL in the formats above (needs the hub)."""
+    """Write the three datasets as JSONL in the formats above (needs the hub). Each file appears only once all its
+    rows are fetched and written, so a failure never leaves a partial file that `resolve_dataset` would pick up."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, spec in DATASETS.items():
         keep = ("sentence1", "sentence2", "score") if spec.kind == "pairs" else (
             "query_id", "query", "positive_passages", "negative_passages")
+        lines = [json.dumps(_hub_fields(row, keep, spec, i), ensure_ascii=False) + "\n"
+                 for i, row in enumerate(hub_rows(name), 1)]
         path = out_dir / spec.file_name
-        with open(path, "w", encoding="utf-8") as f:
-            for row in hub_rows(name):
-                f.write(json.dumps({k: row[k] for k in keep}, ensure_ascii=False) + "\n")
+        _write_atomically(path, lines)
         written.append(path)
     return written
+
+
+def _hub_fields(row: dict, keep: tuple[str, ...], spec: DatasetSpec, row_no: int) -> dict:
+    """`row`'s `keep` fields; a missing one means the hub's schema changed, an error naming the dataset and row."""
+    missing = [k for k in keep if k not in row]
+    if missing:
+        raise ToolkitError(f"{spec.hub_id} row {row_no} has no field {missing[0]!r} (fields: {sorted(row)}); the "
+                           f"hub's format changed: give a local JSONL path or a bundled sample instead")
+    return {k: row[k] for k in keep}
+
+
+def _write_atomically(path: Path, lines: list[str]) -> None:
+    """Write `lines` to a `.part` file beside `path`, then rename it into place."""
+    part = path.with_name(path.name + ".part")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(part, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        os.replace(part, path)
+    except OSError as e:
+        raise ToolkitError(f"cannot write {path}: {e.strerror or e}; pass a writable --out DIR") from None
+    finally:
+        part.unlink(missing_ok=True)  # gone already after the rename

@@ -4,9 +4,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from toolkit import demo
 from toolkit.api import Embedder
 from toolkit.cli import main
 from toolkit.errors import ToolkitError
+from toolkit.eval.cli import eval_cmd
 from toolkit.eval.datasets import load_dataset
 from toolkit.eval.run import EvalOptions, evaluate
 from toolkit.tasks import SIMILARITY_INSTRUCTION, TASKS, WEB_SEARCH_INSTRUCTION
@@ -72,6 +74,12 @@ def test_eval_cli_rejects_bad_options_with_one_line(args, message):
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
 
 
+@pytest.mark.parametrize("flag", ["--instances", "--instance"])  # --instances as every command; the old spelling too
+def test_eval_cli_takes_instances(flag):
+    args = ["--task", "embedding", "--dataset", "sts12-sample", "--run", "torch", flag, "2"]
+    assert eval_cmd.make_context("eval", args).params["instances"] == 2
+
+
 def test_nan_metric_fails_the_gate(onnx_artifacts):
     # one pair: Spearman and Pearson are undefined (NaN) for both engines, so nothing can vouch for the artifact
     r = CliRunner().invoke(main, ["eval", "--task", "embedding", "--dataset", "sts12-sample", "--limit", "1",
@@ -132,3 +140,13 @@ def test_demo_cli(onnx_artifacts):
     assert "torch P(yes)" in r.output and "OK" in r.output
     r = CliRunner().invoke(main, ["demo", "--task", "embedding", "--artifact", str(onnx_artifacts["embedding"][1])])
     assert r.exit_code == 0 and "cos(torch, artifact)" in r.output
+
+
+def test_demo_finds_the_quickstart_of_either_backend(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo, "QUICKSTART_ARTIFACTS", tmp_path)
+    with pytest.raises(ToolkitError, match=r"quickstart-embedding/\{onnx,tvm\}: run `make quickstart`"):
+        demo.default_artifact(TASKS["embedding"])
+    (tmp_path / "quickstart-embedding" / "tvm").mkdir(parents=True)  # `make quickstart BACKEND=tvm`
+    assert demo.default_artifact(TASKS["embedding"]) == tmp_path / "quickstart-embedding" / "tvm"
+    (tmp_path / "quickstart-embedding" / "onnx").mkdir()
+    assert demo.default_artifact(TASKS["embedding"]) == tmp_path / "quickstart-embedding" / "onnx"

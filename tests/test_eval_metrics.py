@@ -3,11 +3,13 @@ malformed rows."""
 import json
 import math
 
+import datasets
 import numpy as np
 import pytest
 
 from toolkit.errors import ToolkitError
-from toolkit.eval.datasets import DATASETS, load_dataset
+from toolkit.eval import datasets as eval_datasets
+from toolkit.eval.datasets import DATASETS, download, load_dataset, resolve_dataset
 from toolkit.eval.metrics import (
     average_precision,
     ndcg,
@@ -215,3 +217,46 @@ def test_unknown_and_offline_datasets_say_what_to_do():
         load_dataset("nope")
     with pytest.raises(ToolkitError, match="sts12_test.jsonl"):
         load_dataset("sts12")  # HF_HUB_OFFLINE=1 in conftest
+
+
+HUB_ROWS = {  # one row per dataset, as the hub has them (with a field `download` leaves out)
+    "sts12": [{"sentence1": "a", "sentence2": "b", "score": 4.0, "lang": "en"}],
+    "bq": [{"sentence1": "c", "sentence2": "d", "score": 1}],
+    "msmarco": [{"query_id": "7", "query": "q", "positive_passages": [{"docid": "1", "title": "", "text": "t"}],
+                 "negative_passages": [{"docid": "2", "title": "T", "text": "u"}]}],
+}
+
+
+def test_download_writes_files_the_loader_reads(tmp_path, monkeypatch):
+    monkeypatch.setattr(eval_datasets, "hub_rows", lambda name: HUB_ROWS[name])
+    written = download(tmp_path / "data")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(p.name for p in written)  # no .part left
+    assert json.loads((tmp_path / "data" / "sts12_test.jsonl").read_text()) == {"sentence1": "a", "sentence2": "b",
+                                                                                 "score": 4.0}
+    (example,) = load_dataset("msmarco", data_dir=tmp_path / "data")[2]
+    assert example.passages == ["t", "T u"] and example.labels == [1, 0]
+
+
+def test_failed_download_leaves_no_file(tmp_path, monkeypatch):
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(ToolkitError, match="cannot load mteb/sts12-sts from the hub.*toolkit data download"):
+        download(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    assert resolve_dataset("sts12", tmp_path)[2] is None  # so `toolkit eval` gives the hub advice, not "no rows"
+
+    old = tmp_path / "sts12_test.jsonl"  # an earlier download survives a failed one
+    old.write_text(json.dumps(HUB_ROWS["bq"][0]) + "\n")
+    with pytest.raises(ToolkitError, match="cannot load"):
+        download(tmp_path)
+    assert list(tmp_path.iterdir()) == [old] and json.loads(old.read_text())["sentence1"] == "c"
+
+
+def test_hub_row_missing_a_field_names_it_and_leaves_no_file(tmp_path, monkeypatch):
+    rows = {**HUB_ROWS, "sts12": [HUB_ROWS["sts12"][0], {"sentence1": "a", "sentence2": "b", "gold": 3}]}
+    monkeypatch.setattr(eval_datasets, "hub_rows", lambda name: rows[name])
+    with pytest.raises(ToolkitError, match="mteb/sts12-sts row 2 has no field 'score'"):
+        download(tmp_path)
+    assert list(tmp_path.iterdir()) == []

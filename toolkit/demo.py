@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.api import Embedder, Reranker, model_class
-from toolkit.artifact import find_artifacts
+from toolkit.artifact import BACKENDS, find_artifacts
 from toolkit.errors import ToolkitError
 from toolkit.report import format_table
 from toolkit.tasks import WEB_SEARCH_INSTRUCTION, Task
@@ -23,11 +23,13 @@ QUICKSTART_ARTIFACTS = Path("quickstart/artifacts")  # where `make quickstart` p
 
 
 def default_artifact(task: Task) -> Path:
-    """The quickstart's bucket set for `task`."""
-    path = QUICKSTART_ARTIFACTS / f"quickstart-{task.name}" / "onnx"
-    if not path.exists():
-        raise ToolkitError(f"no quickstart artifact at {path}: run `make quickstart` or pass --artifact DIR")
-    return path
+    """The quickstart's bucket set for `task`, of whichever backend `make quickstart BACKEND=...` built (onnx first)."""
+    task_dir = QUICKSTART_ARTIFACTS / f"quickstart-{task.name}"
+    for backend in BACKENDS:
+        if (task_dir / backend).is_dir():
+            return task_dir / backend
+    raise ToolkitError(f"no quickstart artifact in {task_dir}/{{{','.join(BACKENDS)}}}: run `make quickstart` or "
+                       f"pass --artifact DIR")
 
 
 def run_demo(task: Task, artifact: str | Path | None, checkpoint: str | None, echo=print) -> bool:
@@ -40,7 +42,7 @@ def run_demo(task: Task, artifact: str | Path | None, checkpoint: str | None, ec
                                 truncation="truncate") as torch_ref:
         echo(f"{task.name} demo: torch (unpatched Hugging Face, fp32) vs {manifests[0].backend} artifact "
              f"({manifests[0].dtype}, SEQ {[m.seq_len for m in manifests]})\n")
-        _, ref_out, art_out = TABLES[task.name](compiled, torch_ref, echo)
+        ref_out, art_out = TABLES[task.name](compiled, torch_ref, echo)
     stats = task.agreement(ref_out, art_out)
     ok = task.within_tolerance(stats, manifests[0].dtype)
     echo(f"\n{task.format_agreement(stats)} (tolerance {task.tolerance_text(manifests[0].dtype)}): "
@@ -61,7 +63,7 @@ def _embedding_tables(compiled: Embedder, torch_ref: Embedder, echo):
                                   for j in range(len(DOCUMENTS))] for i in range(len(QUERIES))]
     echo("\n" + format_table(["query \\ document"] + [f"doc{j}" for j in range(len(DOCUMENTS))], rows,
                              title="query-document similarity, torch / artifact"))
-    return texts, ref, art
+    return ref, art
 
 
 def _reranker_table(compiled: Reranker, torch_ref: Reranker, echo):
@@ -72,7 +74,7 @@ def _reranker_table(compiled: Reranker, torch_ref: Reranker, echo):
     echo(format_table(["query", "document", "torch P(yes)", "artifact P(yes)", "|diff|"],
                       [[q[:30], d[:36], float(x), float(y), float(abs(x - y))]
                        for (q, d), x, y in zip(pairs, ref, art)], title="reranker scores"))
-    return pairs, ref, art
+    return ref, art
 
 
 TABLES = {"embedding": _embedding_tables, "reranker": _reranker_table}  # each task's demo display
