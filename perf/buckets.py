@@ -15,8 +15,9 @@ import numpy as np
 from toolkit.api import Embedder
 from toolkit.artifact import find_artifacts
 from toolkit.errors import ToolkitError
-from toolkit.perf.run import check_int, dataset_texts
+from toolkit.perf.run import check_int, dataset_requests
 from toolkit.report import format_table
+from toolkit.tasks import EMBEDDING
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
 
@@ -73,7 +74,7 @@ def run_bucket_benchmark(options: BucketOptions, progress: bool = False) -> dict
     (fixed seconds / bucket seconds), `min_cosine_fixed_vs_buckets` and the texts' token lengths."""
     options.check()
     check_artifacts(options)
-    texts = dataset_texts(options.data, options.limit)
+    texts = dataset_requests(EMBEDDING, options.data, options.limit)  # embedding artifacts (`check_artifacts`)
     result = {"data": str(options.data), "texts": len(texts)}
     outputs, lengths = {}, []
     for name, path in (("fixed", options.fixed), ("buckets", options.buckets)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from toolkit.backends import FP16_LOADS
 from toolkit.cli_base import INSTANCES, ToolkitGroup
 from toolkit.errors import ToolkitError
 from toolkit.report import write_json
@@ -38,7 +39,8 @@ def perf():
               help="0 = latency mode (one request in flight per instance); Q > 0 = throughput mode")
 @click.option("--device-ids", default="0", show_default=True, help="comma-separated, e.g. 0,1")
 @click.option("--input", "source", default="random", show_default=True,
-              help="random | a dataset: JSONL PATH or a name such as sts12-sample (real token lengths)")
+              help="random | a dataset: JSONL PATH or a name such as sts12-sample, msmarco-sample for a reranker "
+              "(its requests at their real token lengths)")
 @click.option("--warmup", type=int, default=3, show_default=True, help="untimed batches per instance first")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False))
 def run_cmd(artifact, percentiles, instances, batch_size, iterations, queue_size, device_ids, source, warmup,
@@ -62,7 +64,8 @@ def run_cmd(artifact, percentiles, instances, batch_size, iterations, queue_size
 @click.option("--warmup", type=int, default=2, show_default=True, help="runs first, not counted")
 @click.option("--top", type=int, default=15, show_default=True, help="kernels and op types listed")
 @click.option("--input", "source", default="random", show_default=True,
-              help="random | a dataset: JSONL PATH or a name such as sts12-sample (real token lengths)")
+              help="random | a dataset: JSONL PATH or a name such as sts12-sample, msmarco-sample for a reranker "
+              "(its requests at their real token lengths)")
 @click.option("--threads", type=int, help="compute threads (default: all cores)")
 @click.option("--trace", type=click.Path(dir_okay=False),
               help="write a Chrome trace here (chrome://tracing, ui.perfetto.dev)")
@@ -129,7 +132,7 @@ def compare_cmd(checkpoint, artifacts, iterations, warmup, no_torch, interleave,
 @click.option("--instances", "--instance", "instances", type=INSTANCES, default=1, show_default=True,
               help="engine instances per bucket (auto: as `toolkit serve`)")
 @click.option("--threads", type=int, help="compute threads for the whole process (default: all cores)")
-@click.option("--fp16-load", type=click.Choice(["low-peak", "fold"]), default="low-peak", show_default=True,
+@click.option("--fp16-load", type=click.Choice(FP16_LOADS), default="low-peak", show_default=True,
               help="ONNX fp16 artifacts: load at half the peak memory, or fold (about 5% faster)")
 @click.option("--rounds", type=int, default=1, show_default=True,
               help="run everything N times, the order reversed each round; medians, ratios within each round")

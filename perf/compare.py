@@ -65,17 +65,15 @@ class CompareOptions:
         return self
 
 
-def forward_flops(config: dict, seq_len: int, batch: int, last_position_only: bool = False) -> float:
+def forward_flops(config: dict, seq_len: int, batch: int) -> float:
     """Multiply-adds x2 of one forward pass over [batch, seq_len] (projections, MLP, attention scores and values), as
-    Hugging Face computes it: the work every engine's effective GFLOP/s is counted against. `last_position_only`: as
-    our artifacts compute it, the last layer's attention, o_proj and MLP for the last position alone."""
+    Hugging Face computes it: the work every engine's effective GFLOP/s is counted against."""
     h, f = config["hidden_size"], config["intermediate_size"]
     d = config.get("head_dim") or h // config["num_attention_heads"]
     q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
     qkv, rest = 2 * h * (q + 2 * kv), 2 * (q * h + 3 * h * f)  # per position: the fused q/k/v projection; the rest
     layer = seq_len * (qkv + rest) + 2 * 2 * seq_len * seq_len * q
-    last = seq_len * qkv + rest + 2 * 2 * seq_len * q if last_position_only else layer
-    return batch * ((config["num_hidden_layers"] - 1) * layer + last)
+    return batch * config["num_hidden_layers"] * layer
 
 
 def matmul_peak_gflops(size=(512, 1024, 3072), repeats: int = 5) -> float:

@@ -42,6 +42,7 @@ from toolkit.report import format_table
 ORT_MATMUL_OPS = frozenset({"MatMul", "Gemm", "FusedMatMul", "FusedGemm", "MatMulInteger", "MatMulIntegerToFloat",
                             "DynamicQuantizeMatMul", "MatMulNBits", "QLinearMatMul"})
 TVM_BUILTIN_PREFIX = "vm.builtin."
+ORT_PROFILER_MAX_EVENTS = 1_000_000  # onnxruntime's Profiler::global_max_num_events_: later events are dropped
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,8 @@ class ProfileOptions:
     - `artifact`: one artifact directory (one SEQ).
     - `iterations`: profiled runs; `warmup`: runs first, not counted.
     - `top`: how many kernels (and op types) the report lists; the JSON has them all.
-    - `input`: "random" (full-length random ids), or a dataset (JSONL path or name such as `sts12-sample`).
+    - `input`: "random" (full-length random ids), or a dataset (JSONL path or name such as `sts12-sample`): its
+      requests for the artifact's task (`run.make_inputs`).
     - `threads`: compute threads (default: all cores).
     - `trace`: where to write the Chrome trace (chrome://tracing, Perfetto); None: no trace.
     """
@@ -87,13 +89,14 @@ class ProfileOptions:
 
 
 def load_artifact(path: str | Path) -> Manifest:
-    """The deployable artifact at `path`; a bucket set (a directory of artifacts) is refused with one to pick."""
+    """The deployable artifact at `path`, its files hash-checked (a corrupt one is refused before any runtime reads
+    it); a bucket set (a directory of artifacts) is refused with one to pick."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
         inside = sorted(p.parent for p in path.glob(f"*/{MANIFEST}"))
         if inside:
             raise ToolkitError(f"{path} is an artifact set; profile one SEQ at a time, e.g. --artifact {inside[0]}")
-    return Manifest.load(path, verify=False).require_deployable()
+    return Manifest.load(path, verify=True).require_deployable()
 
 
 # ---- FLOPs from shapes -----------------------------------------------------------------------------------------------
@@ -193,9 +196,11 @@ def _profile_onnx(manifest: Manifest, options: ProfileOptions, inputs, bar) -> t
             shutil.copyfile(trace_file, options.trace)
     runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
                   key=lambda e: e["ts"])
-    if len(runs) != options.warmup + options.iterations:
-        raise RuntimeError(f"ONNX Runtime's profile holds {len(runs)} runs, {options.warmup + options.iterations} "
-                           "were made")
+    made = options.warmup + options.iterations
+    if len(runs) != made:  # its profiler drops the events past ORT_PROFILER_MAX_EVENTS, runs included
+        raise ToolkitError(f"ONNX Runtime's profiler recorded {len(runs)} of the {made} runs (it keeps "
+                           f"{ORT_PROFILER_MAX_EVENTS:,} events, about {len(events) // max(len(runs), 1):,} a run "
+                           f"here); profile fewer runs: --iterations plus --warmup at most {max(len(runs), 1)}")
     windows = [(r["ts"], r["ts"] + r["dur"]) for r in runs[options.warmup:]]
     kernels = _Kernels()
     for e in events:

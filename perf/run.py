@@ -28,14 +28,12 @@ from toolkit.errors import ToolkitError
 from toolkit.eval.datasets import load_dataset
 from toolkit.report import format_table
 from toolkit.runtime import AUTO_INSTANCES, Engine
-from toolkit.tasks import PromptLayout, get_task
+from toolkit.tasks import PromptLayout, Task, get_task
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
 
-RANDOM_ID_LIMIT = 151643  # random inputs draw ids below <|endoftext|> (ordinary vocabulary tokens)
 
-
-# ---- option checks shared by perf run / compare / buckets ------------------------------------------------------------
+# ---- option checks shared by the perf commands (run, compare, profile, buckets, traffic, serve) ----------------------
 def is_int(value) -> bool:
     """An integer that is not a bool (True would otherwise pass as 1)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
@@ -65,7 +63,7 @@ class PerfRunOptions:
     - `percentiles`: latency percentiles to report, each in [0, 100].
     - `device_ids`: devices the instances go round-robin over (non-negative integers).
     - `source`: "random" (full-length random ids), or a dataset (JSONL path or name such as `sts12-sample`) whose
-      real token lengths are used.
+      requests for the artifact's task are used, at their real token lengths (`make_inputs`).
     """
 
     FLAGS: ClassVar[dict] = {"instances": "--instances", "batch_size": "--batch-size", "iterations": "--iterations",
@@ -129,15 +127,13 @@ def check_device_ids(device_ids, flag: str = "--device-ids") -> None:
 
 
 # ---- inputs ----------------------------------------------------------------------------------------------------------
-def dataset_texts(name_or_path: str | Path, limit: int | None = None) -> list[str]:
-    """Texts of an evaluation dataset (a JSONL path, or a name the eval loaders know such as `sts12-sample`): both
-    sentences of STS/BQ pairs, MS MARCO queries and their passages. Read with the evaluation loaders, so malformed rows
-    get the same line-numbered errors. `limit` caps the number of texts."""
-    _, spec, examples = load_dataset(str(name_or_path), limit)  # each example gives at least one text
-    texts = []
-    for e in examples:
-        texts += [e.sentence1, e.sentence2] if spec.kind == "pairs" else [e.query, *e.passages]
-    return texts[:limit] if limit else texts
+def dataset_requests(task: Task, name_or_path: str | Path, limit: int | None = None) -> list:
+    """The first `limit` requests `task` serves from an evaluation dataset (a JSONL path, or a name the eval loaders
+    know such as `sts12-sample`): `Task.traffic`, texts to embed or (query, passage) pairs. Read with the evaluation
+    loaders, so malformed rows get the same line-numbered errors and data of a kind the task cannot use is refused
+    as the eval refuses it."""
+    _, _, examples = load_dataset(str(name_or_path), limit, task=task)  # each example holds at least one request
+    return task.traffic(examples)[:limit]
 
 
 def artifact_layout(manifest: Manifest, tokenizer) -> PromptLayout:
@@ -152,21 +148,27 @@ def random_rows(manifest: Manifest, count: int, rng: np.random.Generator) -> lis
     tokens, the suffix."""
     layout = artifact_layout(manifest, load_tokenizer(manifest.path / "tokenizer"))
     body = manifest.seq_len - layout.fixed
-    return [layout.prefix + rng.integers(0, RANDOM_ID_LIMIT, body).tolist() + layout.suffix for _ in range(count)]
+    # ids below <|endoftext|> are ordinary vocabulary tokens (the special ones start there)
+    return [layout.prefix + rng.integers(0, ENDOFTEXT_ID, body).tolist() + layout.suffix for _ in range(count)]
 
 
 def make_inputs(manifest: Manifest, source: str, count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """`count` left-padded `(input_ids, attention_mask)` batches of the artifact's shape: random full-length ids, or
-    the real token lengths of a dataset's texts (in the task's prompt layout, cut to fit)."""
+    the requests a dataset holds for the artifact's task, framed as the API frames them (`Task.body` with the
+    artifact's instruction in the task's prompt, cut to fit)."""
     batch, seq = manifest.batch, manifest.seq_len
     if source == "random":
         rows = random_rows(manifest, batch * count, np.random.default_rng(seed))
     else:
-        texts = dataset_texts(source, limit=batch * count)
+        task = get_task(manifest.task)
+        requests = dataset_requests(task, source, limit=batch * count)
         tokenizer = load_tokenizer(manifest.path / "tokenizer")
-        with warnings.catch_warnings():  # cutting long texts to the artifact's SEQ is the point here
+        # with the artifact's instruction, a body starts with its head (`Task.body`): every row then starts with
+        # the prefix the artifact caches (`artifact_layout`)
+        bodies = [task.body(r, manifest.instruction) for r in requests]
+        with warnings.catch_warnings():  # cutting long inputs to the artifact's SEQ is the point here
             warnings.simplefilter("ignore")
-            rows = token_rows(artifact_layout(manifest, tokenizer), tokenizer, texts, seq, "truncate")
+            rows = token_rows(task.prompt(tokenizer), tokenizer, bodies, seq, "truncate")
         rows = [rows[i % len(rows)] for i in range(batch * count)]
     return [left_pad(rows[i:i + batch], seq, ENDOFTEXT_ID, batch) for i in range(0, len(rows), batch)]
 

@@ -2,12 +2,15 @@
 tables printed, JSON written, per-instance work, agreement between backends, per-kernel times and matmul FLOPs,
 and every bad option refused (exit 2) before anything runs."""
 import json
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 
 from toolkit.cli import main
 from toolkit.errors import ToolkitError
+
+from conftest import copy_artifact, model_path
 
 
 def invoke(*args):
@@ -53,6 +56,38 @@ def test_perf_run_on_dataset_lengths(onnx_artifacts, tmp_path):
     assert result["input"] == "sts12-sample" and result["seq_len"] == 64
     tokens_per_sequence = result["throughput"]["tokens_per_s"] / result["throughput"]["sequences_per_s"]
     assert 1 < tokens_per_sequence < 64  # real sentence lengths, not full-length random rows
+
+
+def test_perf_inputs_from_a_dataset_are_the_tasks_requests(onnx_artifacts):
+    """A reranker artifact gets the dataset's (query, passage) pairs in its prompt, as the Reranker frames them."""
+    from toolkit.artifact import Manifest
+    from toolkit.checkpoint import load_tokenizer
+    from toolkit.eval.datasets import load_dataset
+    from toolkit.perf.run import make_inputs
+
+    manifest = Manifest.load(onnx_artifacts["reranker"][1])
+    tokenizer = load_tokenizer(manifest.path / "tokenizer")
+    _, _, [example] = load_dataset("msmarco-sample", 1)
+    batches = make_inputs(manifest, "msmarco-sample", 2)
+    rows = [tokenizer.decode(ids[mask == 1].tolist()) for batch in batches for ids, mask in zip(*batch)]
+    assert len(rows) == 2 * manifest.batch
+    for row, passage in zip(rows, example.passages):  # the first query's passages, in order
+        assert row.startswith("<|im_start|>system\n") and row.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+        assert f"<Query>: {example.query}\n<Document>: {passage[:20]}" in row, row
+
+
+def test_perf_run_refuses_a_dataset_the_task_cannot_use(onnx_artifacts, monkeypatch):
+    import toolkit.perf.run
+
+    def no_engine(*a, **kw):
+        raise AssertionError("an engine was started for data the task cannot use")
+
+    monkeypatch.setattr(toolkit.perf.run.Engine, "from_artifact", no_engine)
+    r = invoke("run", "--artifact", onnx_artifacts["reranker"][1], "--input", "sts12-sample")
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "the reranker task cannot use sts12 (a pairs dataset)" in lines[0], r.output
+    assert "use msmarco, msmarco-sample" in lines[0]
 
 
 BAD_RUN_OPTIONS = [
@@ -217,10 +252,13 @@ def test_perf_profile_times_kernels_and_counts_matmul_flops(onnx_artifacts, tvm_
     per_call = {round(k["gflop_per_iteration"] * 1e9 / k["calls_per_iteration"]) for k in matmuls}
     assert 2 * batch * seq * ffn * hidden in per_call  # MLP down projection: [B*S, F] @ [F, H]
     assert 2 * batch * heads * seq * seq * head_dim in per_call  # attention scores: Q [S, d] @ K^T [d, S] per head
-    # the artifact's last layer computes its query, o_proj and MLP for the last position alone
+    # the artifact's last layer computes its query, o_proj and MLP for the last position alone: of Hugging Face's
+    # forward, the other seq - 1 positions' o_proj, MLP and attention rows are left out
+    q = heads * head_dim
+    per_position = 2 * (q * hidden + 3 * hidden * ffn)  # o_proj; gate, up and down projections
+    left_out = batch * (seq - 1) * (per_position + 2 * 2 * seq * q)
     assert result["matmul_gflop_per_iteration"] * 1e9 == pytest.approx(
-        forward_flops(config, seq, batch, last_position_only=True), rel=1e-9)
-    assert forward_flops(config, seq, batch, last_position_only=True) < forward_flops(config, seq, batch)
+        forward_flops(config, seq, batch) - left_out, rel=1e-9)
     assert result["model_gflop"] * 1e9 == pytest.approx(forward_flops(config, seq, batch), rel=1e-9)
     assert result["model_gflops"] > 0
 
@@ -278,6 +316,36 @@ def test_perf_profile_refuses_bad_input_in_one_line(onnx_artifacts, tmp_path):
         assert r.exit_code == 2, r.output
         lines = r.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.output
+
+
+def test_perf_profile_refuses_a_corrupt_artifact_in_one_line(onnx_artifacts, tmp_path):
+    broken = copy_artifact(onnx_artifacts["embedding"][0], tmp_path)
+    model = model_path(broken)
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    r = invoke("profile", "--artifact", broken, "--iterations", 1, "--warmup", 0)
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "does not match its manifest" in lines[0] and "sha256 mismatch" in lines[0], r.output
+    assert "toolkit compile" in lines[0]
+
+
+def test_perf_profile_refuses_a_profile_missing_runs(onnx_artifacts, monkeypatch):
+    """ONNX Runtime's profiler drops events past its cap: a trace short of runs is an error naming the fix."""
+    import toolkit.perf.profile as profile
+
+    def without_last_run(text):  # what a trace cut at the cap holds: fewer model_run events than runs made
+        events = json.loads(text)
+        last = max((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])
+        return [e for e in events if e is not last]
+
+    monkeypatch.setattr(profile, "json", SimpleNamespace(loads=without_last_run, dumps=json.dumps))
+    r = invoke("profile", "--artifact", onnx_artifacts["embedding"][0], "--iterations", 2, "--warmup", 1)
+    assert r.exit_code == 2, r.output
+    error = r.output.strip().splitlines()[-1]  # after the progress bar
+    assert error.lstrip().startswith("error: ONNX Runtime's profiler recorded 2 of the 3 runs"), r.output
+    assert "--iterations plus --warmup at most 2" in error and "Traceback" not in r.output
 
 
 def test_perf_profile_options_check_without_the_cli(onnx_artifacts):
