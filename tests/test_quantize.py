@@ -419,7 +419,7 @@ def test_uint8_weights_compute_exactly_what_the_integer_arithmetic_gives_on_this
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from toolkit.quantize import Int8Scheme, QuantizationPlan, _quantize_weight, quantize_onnx
+    from toolkit.quantize import Int8Scheme, QuantizationPlan, _quantize_weight, _weight_scale, quantize_onnx
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64, 256)).astype(np.float32)
@@ -440,7 +440,8 @@ def test_uint8_weights_compute_exactly_what_the_integer_arithmetic_gives_on_this
     x_scale = np.float32((max(x.max(), 0) - min(x.min(), 0)) / np.float32(255))  # DynamicQuantizeLinear's arithmetic
     x_zero = np.clip(np.round(-min(x.min(), 0) / x_scale), 0, 255)
     x_q = np.clip(np.round(x / x_scale) + x_zero, 0, 255)
-    w_q, w_scale = _quantize_weight(w)
+    w_scale = _weight_scale(w)
+    w_q = _quantize_weight(w, w_scale)
     exact = ((x_q - x_zero) @ w_q.astype(np.float64)) * (x_scale * w_scale)
     assert np.abs(x_q - x_zero).max() > 127 and np.abs(w_q).max() == 127  # products that overflow int16 in pairs
     np.testing.assert_allclose(y, exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())

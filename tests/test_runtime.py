@@ -179,7 +179,7 @@ def test_an_embedding_set_built_for_one_instruction_embeds_queries_with_it_and_s
 def test_truncation_policy(onnx_artifacts):
     long_text = "word " * 200
     with Embedder.from_artifacts(onnx_artifacts["embedding"][0].parent) as emb:
-        with pytest.raises(ToolkitError, match="largest artifact takes 64"):
+        with pytest.raises(ToolkitError, match="more than 64 tokens, the model's max input length"):
             emb.encode([long_text])
     with Embedder.from_artifacts(onnx_artifacts["embedding"][0].parent, truncation="truncate") as emb:
         with warnings.catch_warnings(record=True) as caught:

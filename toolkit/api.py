@@ -154,8 +154,9 @@ class InputTooLongError(ToolkitError):
     """An input has more tokens than the model takes, and the truncation policy is "error"."""
 
     def __init__(self, index: int, max_length: int):
-        super().__init__(f"input #{index} has more than {max_length} tokens but the largest artifact takes "
-                         f"{max_length}; pass truncation='truncate' or compile a larger SEQ")
+        super().__init__(f"input #{index} has more than {max_length} tokens, the model's max input length (prompt "
+                         "included: the largest SEQ, or the max_length it was opened with); pass "
+                         "truncation='truncate', or open it with a larger max_length or compile a larger SEQ")
         self.index, self.max_length = index, max_length
 
 

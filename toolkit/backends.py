@@ -48,7 +48,7 @@ class TorchReference(Backend):
     name = "torch"
     seq_len = batch = None
 
-    def __init__(self, checkpoint_dir: Path, task: Task, threads: int | None = None, device_id: int = 0):
+    def __init__(self, checkpoint_dir: Path, task: Task, threads: int | None = None):
         import torch
 
         from toolkit.checkpoint import load_hf_model
@@ -81,15 +81,12 @@ class LayerwiseReference(Backend):
     name = "torch-layerwise"
     seq_len = batch = None
 
-    def __init__(self, checkpoint_dir: Path, task: Task, threads: int | None = None, device_id: int = 0,
-                 progress: bool = False):
+    def __init__(self, checkpoint_dir: Path, task: Task, progress: bool = False):
         import torch
         from transformers import AutoConfig
 
         from toolkit.checkpoint import read_hf_config
 
-        if threads:
-            torch.set_num_threads(threads)
         checkpoint_dir = Path(checkpoint_dir)
         read_hf_config(checkpoint_dir)  # a Qwen3 checkpoint, or a one-line refusal
         self.task, self.progress, self.bar = task, progress, None

@@ -638,7 +638,7 @@ def _quantized_weight(tensor, transposed: bool, scale: np.ndarray, unsigned: boo
     zero point 128."""
     import onnx_ir as ir
 
-    quantized, _ = _quantize_weight(_read_weight(tensor, transposed), scale)
+    quantized = _quantize_weight(_read_weight(tensor, transposed), scale)
     return ir.Tensor((quantized.astype(np.int16) + 128).astype(np.uint8) if unsigned else quantized)
 
 
@@ -669,13 +669,11 @@ def _remove_unused(graph, node) -> None:
             _remove_unused(graph, producer)
 
 
-def _quantize_weight(weight: np.ndarray, scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A MatMul's `[K, N]` fp32 weight as ONNX Runtime quantizes it per output channel (symmetric int8 in
-    [-WEIGHT_MAX, WEIGHT_MAX]): the int8 weight and the `[N]` scales (`_weight_scale`, unless given). Same arithmetic
-    as its `compute_data_quant_params` and `quantize_nparray`, column by column."""
-    scale = _weight_scale(weight) if scale is None else scale
-    quantized = np.clip(np.round(weight / scale), -128, 127).astype(np.int8)
-    return quantized, scale
+def _quantize_weight(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """A MatMul's `[K, N]` fp32 weight as ONNX Runtime quantizes it per output channel at its `[N]` scales
+    (`_weight_scale`): symmetric int8, in [-WEIGHT_MAX, WEIGHT_MAX] since the scale maps max |w| to WEIGHT_MAX. Same
+    arithmetic as its `compute_data_quant_params` and `quantize_nparray`, column by column."""
+    return np.clip(np.round(weight / scale), -WEIGHT_MAX, WEIGHT_MAX).astype(np.int8)
 
 
 def _weight_scale(weight: np.ndarray) -> np.ndarray:
