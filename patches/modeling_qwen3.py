@@ -12,7 +12,8 @@ What differs from Hugging Face's Qwen3 (and why):
   lm_head, so it outputs `[batch, 2]` logits instead of `[batch, seq, 151669]`;
 - fused projections: q/k/v are one `qkv_proj` and gate/up one `gate_up_proj` (weights concatenated at load), so
   each group is one larger GEMM that reads its input once;
-- a cached prompt prefix (`cache_prefix`: the reranker's fixed 39-token chat prefix): its keys and values in every
+- a cached prompt prefix (`cache_prefix`: the tokens every input starts with, the reranker's 39-token chat prefix
+  and the build's instruction up to the query, or an embedding query set's instruction): its keys and values in every
   layer are computed once at build and held as constants, so the graph's rows carry the prefix first, then their
   padding, then the body (`split_cached_prefix`); only the body runs through the layers (a quarter of an MS MARCO
   pair's tokens saved), and its queries attend to the prefix's keys as to their own. The prefix's keys are stored

@@ -150,6 +150,11 @@ def test_compile_seq_auto_picks_buckets_from_the_data(checkpoints, tokenizers, t
     assert all(m.batch == max(1, 256 // m.seq_len) for m in manifests)
     bad = CliRunner().invoke(main, ["compile", "build_configs/reranker_config_fp16.yaml", "--seq", "auto"])
     assert bad.exit_code == 2 and "--lengths" in bad.output
+    # flags that would be ignored are refused: bucket shapes without --seq auto, calibration texts for fp16
+    for flags, fix in ((["--seq", "128", "--buckets", "3"], "add --seq auto --lengths DATA"),
+                       (["--calibration", "build_configs/reranker_config_fp16.yaml"], "--calibration is for --dtype")):
+        ignored = CliRunner().invoke(main, ["compile", "build_configs/reranker_config_fp16.yaml", *flags])
+        assert ignored.exit_code == 2 and fix in ignored.output, ignored.output
     # sentence pairs hold no (query, passage) pairs: refused by name, before anything is built
     pairs = CliRunner().invoke(main, ["compile", "build_configs/reranker_config_fp16.yaml", "--checkpoint",
                                       str(checkpoints["reranker"]), "--seq", "auto", "--lengths", "sts12-sample",

@@ -241,8 +241,8 @@ class Manifest:
                 self.model.num_hidden_layers)
 
     @property
-    def weight_bytes(self) -> int:
-        """Bytes of all files (weights dominate)."""
+    def size_bytes(self) -> int:
+        """Bytes of all its files (weights dominate; a shared graph counted whole)."""
         return sum(f["bytes"] for f in self.files.values())
 
     def reference_checkpoint(self) -> str:

@@ -10,6 +10,7 @@ import numpy as np
 
 from toolkit.errors import ToolkitError
 from toolkit.tasks import Task
+from toolkit.tokenizer import MAX_CONTEXT
 
 # 10 SEQs in steps of 4: STS12 sentences pad 9.6% (6 in steps of 8: 18.9%; 8 in steps of 4: 11.6%), MS MARCO pairs
 # 4.7%. More buckets cost compile time (one validation each; TVM: one compile each), not memory: a bucket set holds
@@ -33,7 +34,7 @@ def padded_tokens(lengths: np.ndarray, seq_lens) -> int:
     return int((seq_lens[np.searchsorted(seq_lens, lengths)] - lengths).sum())
 
 
-def suggest_seq_lens(lengths, count: int = DEFAULT_COUNT, multiple: int = DEFAULT_STEP, max_seq: int = 32768,
+def suggest_seq_lens(lengths, count: int = DEFAULT_COUNT, multiple: int = DEFAULT_STEP, max_seq: int = MAX_CONTEXT,
                      minimum: int = 1) -> tuple[int, ...]:
     """The `count` SEQs (multiples of `multiple`, from `minimum` to `max_seq`) with the fewest padded tokens on
     `lengths`."""

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import click
 
+from toolkit.artifact import BACKENDS, DEVICES
+from toolkit.backends import FP16_LOADS
 from toolkit.buckets import DEFAULT_COUNT, DEFAULT_STEP
 from toolkit.cli_base import INSTANCES, ToolkitGroup
+from toolkit.config import DTYPES, FP32_LINEARS
 from toolkit.errors import ToolkitError
 from toolkit.tasks import TASKS, get_task
 
@@ -39,22 +42,20 @@ def synth(task, shape, seed, outliers, out_dir):
               "the config)")
 @click.option("--lengths", "lengths_data", help="with --seq auto: a dataset (JSONL path or name) whose token lengths "
               "choose the bucket set")
-@click.option("--buckets", "bucket_count", type=int, default=DEFAULT_COUNT, show_default=True,
-              help="with --seq auto: how many SEQs")
-@click.option("--bucket-step", type=int, default=DEFAULT_STEP, show_default=True,
-              help="with --seq auto: SEQs are multiples of this")
+@click.option("--buckets", "bucket_count", type=int, help=f"with --seq auto: how many SEQs [default: {DEFAULT_COUNT}]")
+@click.option("--bucket-step", type=int, help=f"with --seq auto: SEQs are multiples of this [default: {DEFAULT_STEP}]")
 @click.option("--batch-tokens", type=int, help="token budget per batch: each SEQ's batch is this // SEQ "
               "(overrides --batch and the config)")
 @click.option("--checkpoint", help="hub id or local checkpoint directory (overrides the config)")
-@click.option("--backend", type=click.Choice(["onnx", "tvm", "all"]), help="overrides the config")
-@click.option("--dtype", type=click.Choice(["fp16", "fp32", "bf16", "int8"]), help="weights: fp16/fp32 (fp32 "
+@click.option("--backend", type=click.Choice([*BACKENDS, "all"]), help="overrides the config")
+@click.option("--dtype", type=click.Choice(DTYPES), help="weights: fp16/fp32 (fp32 "
               "compute), bf16 (bf16 x bf16 linear layers, fp32 accumulation; TVM backend, AVX512-BF16 CPUs) or "
               "int8 (W8A8, calibrated on the bundled real texts; ONNX Runtime, or TVM on AVX512-VNNI CPUs); "
               "overrides the config")
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False), help="int8: calibration JSONL "
               "(query, document, split per line) instead of the bundled set; bf16 and int8 gates also check its "
               "held-out texts")
-@click.option("--fp32-linears", type=click.Choice(["bf16x3", "fma"]), help="TVM CPU, fp16/fp32 weights: bf16x3 "
+@click.option("--fp32-linears", type=click.Choice(FP32_LINEARS), help="TVM CPU, fp16/fp32 weights: bf16x3 "
               "(on CPUs with AMX, linear layers as three bf16 products on AMX tiles, each within 2^-15 of its size; "
               "weights 4 bytes each in memory) or fma (AVX-512 fp32; weights stay in their dtype); overrides the "
               "config")
@@ -64,14 +65,14 @@ def synth(task, shape, seed, outliers, out_dir):
 @click.option("--cache-instruction/--no-cache-instruction", default=None, help="cache the instruction's tokens "
               "after the prompt prefix (the default; inputs must then carry it), or not (any instruction at run "
               "time); overrides the config")
-@click.option("--target", type=click.Choice(["cpu", "cuda"]), help="overrides the config")
+@click.option("--target", type=click.Choice(DEVICES), help="overrides the config")
 @click.option("--batch", type=int, help="static batch size (overrides the config)")
 @click.option("--workspace", type=click.Path(file_okay=False), help="overrides the config")
 @click.option("--name", help="artifact set name under the workspace (overrides the config)")
 def compile(config, seq, lengths_data, bucket_count, bucket_step, batch_tokens, checkpoint, backend, dtype,
             calibration, fp32_linears, instruction, cache_instruction, target, batch, workspace, name):
     """Compile CONFIG into one artifact directory per (backend, seq); prints their paths."""
-    from toolkit.compile import compile_config
+    from toolkit.compile import LOW_PRECISION, compile_config
     from toolkit.config import load_build_config, parse_seq_lens
 
     cfg = load_build_config(config).with_overrides(
@@ -79,14 +80,21 @@ def compile(config, seq, lengths_data, bucket_count, bucket_step, batch_tokens, 
         calibration=calibration, fp32_linears=fp32_linears, instruction=instruction,
         cache_instruction=cache_instruction, target=target, batch=batch, batch_tokens=batch_tokens,
         workspace=Path(workspace) if workspace else None, name=name,
-        backends={"all": ("onnx", "tvm")}.get(backend, (backend,)) if backend else None)
+        backends={"all": BACKENDS}.get(backend, (backend,)) if backend else None)
     if (seq == "auto") != bool(lengths_data):
         raise ToolkitError("--seq auto and --lengths DATA go together: the dataset's token lengths choose the SEQs")
+    if seq != "auto" and (bucket_count is not None or bucket_step is not None):
+        raise ToolkitError("--buckets and --bucket-step shape the SEQs --seq auto chooses: add --seq auto --lengths "
+                           "DATA, or leave them out")
+    if calibration and cfg.dtype not in LOW_PRECISION:
+        raise ToolkitError(f"--calibration is for --dtype {' or '.join(LOW_PRECISION)} builds (a {cfg.dtype} build "
+                           "is validated on the edge cases alone): leave it out, or add --dtype int8")
     if lengths_data:
         from toolkit.buckets import suggest_for_dataset
 
-        cfg = cfg.with_overrides(seq_lens=suggest_for_dataset(cfg.task, cfg.checkpoint, lengths_data, bucket_count,
-                                                                 bucket_step, cfg.instruction))
+        cfg = cfg.with_overrides(seq_lens=suggest_for_dataset(
+            cfg.task, cfg.checkpoint, lengths_data, DEFAULT_COUNT if bucket_count is None else bucket_count,
+            DEFAULT_STEP if bucket_step is None else bucket_step, cfg.instruction))
         click.echo(f"buckets chosen from {lengths_data}: --seq {','.join(map(str, cfg.seq_lens))}", err=True)
     for path in compile_config(cfg, log=lambda msg: click.echo(msg, err=True)):
         click.echo(path)
@@ -161,7 +169,7 @@ def format_manifest(m) -> str:
               else "")] if m.cached_prefix else []),
         f"inputs      {io(m.inputs)}",
         f"outputs     {io(m.outputs)}",
-        f"size        {m.weight_bytes / 1e6:.1f} MB in {len(m.files)} files",
+        f"size        {m.size_bytes / 1e6:.1f} MB in {len(m.files)} files",
         "validation  " + (", ".join(f"{k}={v[k]}" for k in v if k != "lengths") or "none"),
         f"build       {json.dumps(m.build)}",
         "tools       " + ", ".join(f"{k} {ver}" for k, ver in m.tools.items()),
@@ -217,7 +225,7 @@ def data_download(out_dir):
 @click.option("--ray", "use_ray", is_flag=True, help="deploy on Ray Serve instead of uvicorn")
 @click.option("--replicas", type=int, default=1, show_default=True, help="with --ray: replicas, each its own engines")
 @click.option("--ray-address", help="with --ray: a running cluster (`ray start --head`); default: a local one")
-@click.option("--fp16-load", type=click.Choice(["low-peak", "fold"]), default="low-peak", show_default=True,
+@click.option("--fp16-load", type=click.Choice(FP16_LOADS), default="low-peak", show_default=True,
               help="ONNX fp16 artifacts: load at half the peak memory, or fold (about 5% faster)")
 def serve(embedding_dir, reranker_dir, host, port, max_batch_tokens, max_wait_ms, max_concurrent_requests,
           max_client_batch_size, max_input_length, payload_limit, instances, threads, use_ray, replicas, ray_address,

@@ -201,10 +201,11 @@ def instruction_to_cache(cfg: BuildConfig, task: Task, tokenizer, carried: str |
 def cached_prefix(task: Task, tokenizer, seq_lens, instruction: str | None = None) -> tuple[list[int], str | None]:
     """The tokens every input starts with whose keys and values the graph computes once and holds, and the instruction
     they end with (None if they stop before it): the longest start of the task's prompt start (the reranker's 39-token
-    chat prefix, then with `instruction` its 21 tokens for the web-search one; nothing for the embedding) that leaves
-    the most SEQs a body of whole register tiles (SEQ - cached tokens a multiple of BODY_ROW_MULTIPLE). Measured on the
-    0.6B reranker: with the 39-token prefix, SEQ 260 left 221 rows per sequence and the linear layers ran at 107
-    GFLOP/s instead of 203 (a row tile of 1); 36 of them kept SEQs that are multiples of 4 at full speed."""
+    chat prefix, then with `instruction` its 21 tokens for the web-search one; for an embedding set only with one, the
+    query head up to the text) that leaves the most SEQs a body of whole register tiles (SEQ - cached tokens a
+    multiple of BODY_ROW_MULTIPLE). Measured on the 0.6B reranker: with the 39-token prefix, SEQ 260 left 221 rows
+    per sequence and the linear layers ran at 107 GFLOP/s instead of 203 (a row tile of 1); 36 of them kept SEQs that
+    are multiples of 4 at full speed."""
     start = task.prompt_start(tokenizer, instruction)
     length = max(range(len(start) + 1), key=lambda n: (-len(ragged_bodies(seq_lens, n)), n))
     return start[:length], instruction if length > len(task.prompt_start(tokenizer)) else None

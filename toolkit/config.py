@@ -42,13 +42,13 @@ import yaml
 from toolkit.artifact import BACKENDS, DEVICES
 from toolkit.errors import ToolkitError
 from toolkit.tasks import TASKS
+from toolkit.tokenizer import MAX_CONTEXT
 
 DTYPES = ("fp16", "fp32", "bf16", "int8")
 # where each low-precision dtype has kernels (ONNX Runtime has no bf16 MatMul on CPU)
 DTYPE_BACKENDS = {"int8": ("onnx", "tvm"), "bf16": ("tvm",)}
 # TVM's bf16 / int8 kernels are x86 CPU instructions: the cpuinfo flag each needs, and what to build without it
 TVM_CPU_KERNELS = {"bf16": ("avx512_bf16", "--dtype fp16"), "int8": ("avx512_vnni", "--backend onnx")}
-MAX_SEQ_LEN = 32768
 SCHEMA = {"name": str, "task": str, "workspace": str,
           "frontend": {"checkpoint": str, "input_ids": list, "seq": (list, int), "batch": int, "batch_tokens": int,
                        "instruction": str, "cache_instruction": bool},
@@ -101,8 +101,8 @@ class BuildConfig:
         where = f" in {self.source}" if self.source else ""
         if self.task not in TASKS:
             raise ToolkitError(f"task must be one of {sorted(TASKS)}, got {self.task!r}{where}")
-        if not self.seq_lens or any(not _is_int(s) or not 1 <= s <= MAX_SEQ_LEN for s in self.seq_lens):
-            raise ToolkitError(f"sequence lengths must be integers in 1..{MAX_SEQ_LEN}, got {list(self.seq_lens)}"
+        if not self.seq_lens or any(not _is_int(s) or not 1 <= s <= MAX_CONTEXT for s in self.seq_lens):
+            raise ToolkitError(f"sequence lengths must be integers in 1..{MAX_CONTEXT}, got {list(self.seq_lens)}"
                                f"{where}")
         if not _is_int(self.batch) or self.batch < 1:
             raise ToolkitError(f"batch must be a positive integer, got {self.batch!r}{where}")
@@ -154,8 +154,8 @@ def parse_seq_lens(value) -> tuple[int, ...]:
         value = [value]
     if isinstance(value, list) and value and isinstance(value[0], list):
         value = value[0]  # [[SEQ, ...], []]: the second list names dynamic dims, and we have none
-    if not isinstance(value, list) or not value or not all(_is_int(v) and 1 <= v <= MAX_SEQ_LEN for v in value):
-        raise ToolkitError(f"sequence lengths must be integers in 1..{MAX_SEQ_LEN} (e.g. 512, 128,512 or "
+    if not isinstance(value, list) or not value or not all(_is_int(v) and 1 <= v <= MAX_CONTEXT for v in value):
+        raise ToolkitError(f"sequence lengths must be integers in 1..{MAX_CONTEXT} (e.g. 512, 128,512 or "
                            f"[[512], []]), got {value!r}")
     return tuple(sorted(set(value)))
 

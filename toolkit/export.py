@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from toolkit.artifact import TensorSpec
+from toolkit.tokenizer import MAX_CONTEXT
 
 ONNX_OPSET = 18
 INPUT_NAMES = ("input_ids", "attention_mask")
-MAX_DYNAMIC = 32768  # the most rows, and tokens per row, a symbolic axis is exported for (Qwen3's context)
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,9 @@ def export_onnx(model, task, path: Path, seq_len: int, batch: int) -> OnnxExport
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # torchvision-missing notices are noise here
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        axes = {0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC),
-                1: torch.export.Dim("seq", min=len(model.cached_prefix) + 2, max=MAX_DYNAMIC)}
+        # the most rows, and tokens per row, a symbolic axis is exported for
+        axes = {0: torch.export.Dim("batch", min=1, max=MAX_CONTEXT),
+                1: torch.export.Dim("seq", min=len(model.cached_prefix) + 2, max=MAX_CONTEXT)}
         program = torch.onnx.export(model, (ids, mask), dynamo=True, optimize=False, verbose=False,
                                     opset_version=ONNX_OPSET, input_names=list(INPUT_NAMES),
                                     output_names=[o.name for o in outputs], external_data=True,

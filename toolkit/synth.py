@@ -27,7 +27,7 @@ import torch
 
 from toolkit.errors import ToolkitError
 from toolkit.tasks import get_task
-from toolkit.tokenizer import ENDOFTEXT_ID, VOCAB_SIZE, build_qwen3_tokenizer
+from toolkit.tokenizer import ENDOFTEXT_ID, MAX_CONTEXT, VOCAB_SIZE, build_qwen3_tokenizer
 
 SHAPES = {
     # The Hugging Face configs of Qwen3-Embedding / Qwen3-Reranker at each size (the vocabulary is VOCAB_SIZE for all).
@@ -132,7 +132,7 @@ def write_synthetic_checkpoint(out_dir: str | Path, task_name: str, shape: str =
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_qwen3_tokenizer(task.eos_token, task.tokenizer_appends_eos)
     config = Qwen3Config(
-        **SHAPES[shape], vocab_size=VOCAB_SIZE, max_position_embeddings=32768, rms_norm_eps=1e-6,
+        **SHAPES[shape], vocab_size=VOCAB_SIZE, max_position_embeddings=MAX_CONTEXT, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         # Plain: a wider init than Qwen's 0.02 so random outputs spread (reranker probabilities far from 0.5). With
         # outliers: see outlier_init_range.

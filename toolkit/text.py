@@ -36,7 +36,7 @@ def split_cached_prefix(ids: np.ndarray, mask: np.ndarray, prefix: list[int]) ->
         if real <= width or ids[i, start:start + width].tolist() != list(prefix):
             raise ToolkitError(f"row {i} does not start with the {width}-token prompt prefix this artifact holds the "
                                "keys and values of, or has nothing after it: frame rows with the task's prompt "
-                               "(Reranker does)")
+                               "(Embedder and Reranker do)")
         padding = ids[i, :start].copy()
         ids[i, :width], ids[i, width:width + start] = prefix, padding
         mask[i, :width], mask[i, width:width + start] = 1, 0

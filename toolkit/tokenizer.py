@@ -18,6 +18,7 @@ ENDOFTEXT_ID = 151643
 NO_TOKEN_ID = 2152
 YES_TOKEN_ID = 9693
 VOCAB_SIZE = 151669
+MAX_CONTEXT = 32768  # Qwen3's context length in tokens (max_position_embeddings)
 
 # Qwen2/Qwen3 pre-tokenizer (single digits, unlike tiktoken's cl100k default of \p{N}{1,3}).
 QWEN_PATTERN = (
@@ -122,5 +123,5 @@ def build_qwen3_tokenizer(eos_token: str = "<|endoftext|>", append_eos: bool = T
         eos_token=eos_token,
         pad_token="<|endoftext|>",
         padding_side="left",
-        model_max_length=32768,
+        model_max_length=MAX_CONTEXT,
     )

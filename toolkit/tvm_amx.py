@@ -47,9 +47,9 @@ SWITCH = "QWEN3_DEPLOY_TVM_AMX"  # "0": AVX-512 kernels even where the CPU has A
 
 
 def kinds_to_build() -> frozenset[str]:
-    """The linear-layer kernels ("int8", "bf16") that CPU builds give AMX tiles: those this CPU has, if Linux lets
-    this process use them; none where the environment sets QWEN3_DEPLOY_TVM_AMX=0 (the AVX-512 kernels, to compare
-    the two)."""
+    """The linear-layer kernels (`KINDS`: "int8", "bf16", "bf16x3") that CPU builds give AMX tiles: those this CPU
+    has, if Linux lets this process use them; none where the environment sets QWEN3_DEPLOY_TVM_AMX=0 (the AVX-512
+    kernels, to compare the two)."""
     if os.environ.get(SWITCH) == "0" or not cpu_has("amx_tile") or tiles_refused():
         return frozenset()
     return frozenset(name for name, kind in KINDS.items() if cpu_has(kind.flag))

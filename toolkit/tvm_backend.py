@@ -105,8 +105,8 @@ def load_weights(manifest: Manifest, vm, device) -> Shared:
     def load():
         with np.load(manifest.path / manifest.backend_details["params_file"]) as npz:
             weights = [tvm.runtime.tensor(as_stored(npz[f"arr_{i}"]), device) for i in range(len(npz.files))]
-        # What compile lifted out of `main` runs here once: nothing on CPU (weights stay fp16 panels, cast inside
-        # the matmuls: resident 1.0x the weight bytes), fp32 copies for dlight's GPU kernels on CUDA.
+        # What compile lifted out of `main` runs here once: nothing on CPU (weights stay the stored panels, read by
+        # the matmuls as they are: resident 1.0x params.npz), fp32 copies for dlight's GPU kernels on CUDA.
         tensors = vm["main_transform_params"](weights)
         del weights
         return_freed_memory()  # numpy's read buffers

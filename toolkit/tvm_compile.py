@@ -11,8 +11,9 @@ add and SiLU * up in the int8/bf16 linear kernel before it (`pack_linear_weights
 (`rms_norm_kernels`) → LegalizeOps → FuseOps/FuseTIR → each panel's cast fused into its matmul
 (`fuse_weight_casts`) → LiftTransformParams (what is left to do once at load,
 e.g. the fp32 copies dlight's GPU rules read) → schedules (our CPU rules, or dlight's GPU rules) → build. The
-artifact holds `model.so` and `params.npz`, fp16 as exported, written tensor by tensor from the export's external
-data; on CPU they are the weights in memory too (0.6B: 1.2 GB, no fp32 copy).
+artifact holds `model.so` and `params.npz`, written tensor by tensor from the export's external data, in the layout
+the kernels read (fp16 panels as exported; with AMX bf16x3 two bf16 planes, 4 bytes a weight; bf16 pairs; int8
+quads); on CPU they are the weights in memory too (no fp32 copy is made at load).
 """
 from __future__ import annotations
 
