@@ -484,9 +484,25 @@ def remove_other_builds(set_dir: Path, built: list[Path], log) -> None:
 
 
 def install(staging: Path, final: Path) -> None:
-    """Move a validated staging directory to its final place, replacing any previous artifact there."""
+    """Move a validated staging directory to its final place, replacing any previous artifact there in one step
+    (`exchange`: no moment without an artifact at `final`)."""
+    if final.exists() and exchange(staging, final):
+        shutil.rmtree(staging, ignore_errors=True)  # now the previous artifact
+        return
     old = final.with_name(f".{final.name}.replaced-{os.getpid()}")
     if final.exists():
         final.rename(old)
     staging.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the C library or the file system
+    cannot."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        return False
+    at_cwd, rename_exchange = -100, 2
+    return libc.renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0
