@@ -529,3 +529,24 @@ def test_a_failed_low_precision_gate_names_what_to_do():
     assert "preflight on" in precision_fix("int8", QuantizationPlan(0.0, "nearest", 1.0, errors, [], {}, None))
     assert precision_fix("bf16", None) == ". Build --dtype fp16 (fp32 compute) for this model"
     assert precision_fix("fp16", None) == ""
+
+
+def test_every_backend_quantizes_a_weight_on_the_int8_grid_to_the_integers_gptq_chose():
+    """GPTQ moves each weight onto its int8 grid (`_on_weight_grid`, in torch) and compensates the rounding errors;
+    the backends then quantize those weights again, each with its own arithmetic: ONNX Runtime's (`_weight_scale`,
+    `_quantize_weight`) and TVM's (`tvm_int8.pack_quads`). Both must give back GPTQ's integers, or its compensation
+    is lost (also with an outlier input channel, and a row that is all zeros)."""
+    from toolkit import tvm_int8
+    from toolkit.quantize import _on_weight_grid, _quantize_weight, _weight_row_scales, _weight_scale
+
+    rng = np.random.default_rng(0)
+    w = torch.from_numpy((rng.standard_normal((128, 256)) * 0.02).astype(np.float32))
+    w[:, 5] *= 60.0
+    w[7] = 0.0
+    scale = _weight_row_scales(w)
+    grid = _on_weight_grid(w, scale[:, None])
+    gptq_integers = torch.round(grid / scale[:, None]).numpy()
+    onnx_integers = _quantize_weight(grid.numpy().T, _weight_scale(grid.numpy().T)).T  # ONNX's weights are [K, N]
+    panels, _ = tvm_int8.pack_quads(grid.numpy())
+    tvm_integers = panels.transpose(0, 2, 1, 3).reshape(128, 256)  # [N/64, K/4, 64, 4] → [N, K]
+    assert np.array_equal(onnx_integers, gptq_integers) and np.array_equal(tvm_integers, gptq_integers)
