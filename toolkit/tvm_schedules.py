@@ -90,6 +90,14 @@ def _unroll_short_row(sch: s_tir.Schedule, block, chunks) -> None:
         sch.unroll(chunks)
 
 
+def _one_output_stage(sch, epilogue: list) -> list:
+    """A linear kernel's output stage (`linear_output`) as one expression: its helper blocks (GLU's exp) inlined into
+    the last, no pass of their own; returns `[the last]`."""
+    for e in epilogue[:-1]:
+        sch.compute_inline(e)
+    return epilogue[-1:]
+
+
 def _largest_divisor(n, candidates) -> int:
     """The first candidate that divides `n`: an int, or a symbolic extent whose divisors are known (`batch * 28`
     rows: 4, 2); 1 if none does (None: unknown)."""
@@ -175,10 +183,8 @@ class Matmul(dl.ScheduleRule):
             produced |= {w.source.name for w in sch.get(e).writes}
         if amx:  # its operands come straight from the function's inputs: no prologue
             return None if index else self._amx_tiles(func, name, [sch.get(e).name_hint for e in epilogue], *amx)
-        if dot:  # a linear kernel's output stage (`linear_output`) as one expression: GLU's exp is no pass of its own
-            for e in epilogue[:-1]:
-                sch.compute_inline(e)
-            epilogue = epilogue[-1:]
+        if dot:
+            epilogue = _one_output_stage(sch, epilogue)
         # Prologue (casts, transposes of activations) is inlined into the matmul's loads. One that cannot be (a
         # fused mask construction in a 1-layer graph) made the tiled kernel wrong: leave such functions to others.
         for b in reversed(infos[:index]):
@@ -294,8 +300,7 @@ class Matmul(dl.ScheduleRule):
         the rows its epilogue reads, which they do, but which TVM cannot prove for a symbolic batch (its region
         analysis gives up on `(batch * SEQ + 15) // 16 * 16`)."""
         sch = s_tir.Schedule(func, enable_check=False)
-        for e in epilogue[:-1]:  # the output stage as one expression (`linear_output`): GLU's exp no pass of its own
-            sch.compute_inline(sch.get_sblock(e))
+        _one_output_stage(sch, [sch.get_sblock(e) for e in epilogue])
         block = sch.get_sblock(name)
         *spatial, k = sch.get_loops(block)
         glu = len(spatial) == 4
