@@ -132,3 +132,20 @@ def test_every_bundled_build_config_loads():
         assert path.name == f"{cfg.task}_config{'' if size == '0.6b' else '_' + size}_{cfg.dtype}.yaml"
         assert cfg.checkpoint == f"Qwen/Qwen3-{cfg.task.capitalize()}-{size.upper()}"
         assert cfg.seq_lens == (512,)
+
+
+def test_a_path_that_cannot_be_written_is_one_line_naming_it(tmp_path):
+    """File system errors on a user's path (here a directory under a regular file) are one line with the path, not a
+    traceback; `toolkit compile` checks its workspace before any model work."""
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    for args in (["synth", "--task", "embedding", str(blocked / "ckpt")],
+                 ["compile", "build_configs/embedding_config_fp16.yaml", "--checkpoint", str(blocked / "none"),
+                  "--workspace", str(blocked / "ws")]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and f"error: cannot use {blocked}" in result.output, result.output
+        assert "Traceback" not in result.output

@@ -1,4 +1,5 @@
 """Shared click plumbing for the `toolkit` and `perf` commands."""
+import errno
 import sys
 import warnings
 
@@ -10,7 +11,8 @@ from toolkit.runtime import AUTO_INSTANCES
 
 
 class ToolkitGroup(click.Group):
-    """Turns ToolkitError (a mistake the user can fix) into one clear line and exit code 2, not a traceback."""
+    """Turns ToolkitError (a mistake the user can fix) into one clear line and exit code 2, not a traceback; so too a
+    file system error on a path (a directory that cannot be made or written, a full disk)."""
 
     @override
     def invoke(self, ctx):
@@ -19,6 +21,13 @@ class ToolkitGroup(click.Group):
             return super().invoke(ctx)
         except ToolkitError as e:
             click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
+        except OSError as e:
+            if e.filename is None and e.errno != errno.ENOSPC:
+                raise
+            where = f" {e.filename}" if e.filename is not None else ""
+            click.secho(f"error: cannot use{where}: {e.strerror or e}; check the path, its permissions and the free "
+                        "disk space", fg="red", err=True)
             sys.exit(2)
 
 

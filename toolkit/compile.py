@@ -84,6 +84,7 @@ class StagedArtifact:
 def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
     """Compile every (backend, seq) of `cfg`; returns the artifact directories. Raises if validation fails."""
     task = get_task(cfg.task)
+    (cfg.workspace / cfg.name).mkdir(parents=True, exist_ok=True)  # an unusable --workspace fails now, not after work
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     source = model_source(cfg.checkpoint, checkpoint)
     tokenizer = load_tokenizer(checkpoint)
