@@ -83,8 +83,8 @@ class ServeLoadOptions:
 
 @dataclass
 class Answer:
-    """One HTTP request's outcome: status, headers (lower-case names) and JSON body, or the client error; seconds from
-    send to answer."""
+    """One HTTP request's outcome: status, headers (lower-case names) and JSON body (its text if not JSON), or the
+    client error; seconds from send to answer."""
 
     seconds: float
     status: int | None = None
@@ -135,10 +135,13 @@ async def post(http: aiohttp.ClientSession, path: str, body) -> Answer:
     started = time.perf_counter()
     try:
         async with http.post(path, json=body) as r:
-            # orjson: on one machine, the load generator's CPU is taken from the server
-            payload = await r.json(content_type=None, loads=orjson.loads)
+            content = await r.read()
             headers = {k.lower(): v for k, v in r.headers.items()}
-            return Answer(time.perf_counter() - started, r.status, headers, payload)
+        try:
+            payload = orjson.loads(content)  # orjson: on one machine, the load generator's CPU is taken from the server
+        except orjson.JSONDecodeError:
+            payload = content.decode(errors="replace")
+        return Answer(time.perf_counter() - started, r.status, headers, payload)
     except (aiohttp.ClientError, asyncio.TimeoutError) as e:
         return Answer(time.perf_counter() - started, error=f"{type(e).__name__}: {e}")
 
@@ -290,6 +293,8 @@ def measure_server(name: str, server: ServerProcess, texts: list[str], warmup: l
     answers, seconds = asyncio.run(closed_loop(server.base, "/embed", bodies, clients))
     slots = None if slots_before is None else computed_slots(server.base) - slots_before
     ok = [a.status == 200 for a in answers]
+    if not any(ok):
+        raise ToolkitError(f"the server ({name}) answered no request with 200; the first answer: {failure(answers[0])}")
     served = sum(ok) / seconds
     vectors = np.array([a.body[0] for a in answers if a.status == 200])
     half = bodies[: max(clients, len(bodies) // 2)]
@@ -303,6 +308,13 @@ def measure_server(name: str, server: ServerProcess, texts: list[str], warmup: l
     if len(vectors) == len(reference):
         run["agreement"] = EMBEDDING.agreement(reference, vectors)
     return run
+
+
+def failure(answer: Answer) -> str:
+    """A failed answer in one line: its status and the start of its body, or the client error."""
+    if answer.status is None:
+        return answer.error
+    return f"{answer.status} {orjson.dumps(answer.body).decode()[:200]}"
 
 
 def computed_slots(base: str) -> int | None:

@@ -24,8 +24,10 @@ from toolkit.runtime import Engine
 from toolkit.serve.app import VectorsResponse, create_app
 from toolkit.serve.server import engines_line
 from toolkit.serve.service import Limits
-from toolkit.tasks import WEB_SEARCH_INSTRUCTION
+from toolkit.tasks import SIMILARITY_INSTRUCTION, WEB_SEARCH_INSTRUCTION
 from toolkit.tokenizer import ENDOFTEXT_ID
+
+from conftest import build
 
 TEXTS = ["What is the capital of China?", "The capital of China is Beijing.", "北京是中国的首都。", "short",
          "a somewhat longer sentence " * 4]
@@ -170,9 +172,10 @@ BAD_REQUESTS = [
     ("/embed", {"inputs": ["a", 5]}, 422, "inputs.1: Input should be a valid string"),
     ("/embed", {"inputs": "a", "normalize": "maybe"}, 422, "normalize: Input should be a valid boolean"),
     ("/embed", {"inputs": "a", "dimensions": 0}, 422, "dimensions: Input should be greater than or equal to 1"),
-    ("/embed", {"inputs": "a", "dimensions": 10_000}, 422, "dimensions must be at most 64"),
-    ("/embed", {"inputs": "a", "prompt_name": "nope"}, 422, "prompt_name must be one of ['document', 'query']"),
-    ("/embed", {"inputs": "a", "prompt_name": "query", "instruction": "x"}, 422, "prompt_name or instruction"),
+    ("/embed", {"inputs": "a", "dimensions": 10_000}, 422, "dimensions must be in 1..64 (the model's embedding size)"),
+    ("/embed", {"inputs": "a", "prompt_name": "nope"}, 422, "prompt_name: Input should be 'query' or 'document'"),
+    ("/embed", {"inputs": "a", "prompt_name": "query", "instruction": "x"}, 422,
+     "body: send prompt_name or instruction, not both"),
     ("/embed", {"inputs": ["a", "b", "c"]}, 413, "3 inputs in one request is over the max client batch size 2"),
     ("/embed", {"inputs": "word " * 60}, 413, 'max input length of 40 tokens (prompt included); shorten it or send '
                                               '"truncate": true'),
@@ -217,6 +220,33 @@ def test_limits_that_need_more_than_a_body(limited_url, sets):
             want = capped.encode([long_text])
     assert r.status_code == 200 and max_abs_diff(r.json(), want) <= 1e-6
     assert httpx.get(f"{limited_url}/health", timeout=TIMEOUT).json() == {"status": "ok"}
+
+
+def test_dimensions_wider_than_the_vectors_are_refused_before_the_model_runs(sets):
+    embedder = Embedder.from_artifacts(sets["embedding"])
+    with served(create_app(embedder)) as base, httpx.Client(base_url=base, timeout=TIMEOUT) as http:
+        for path, body in (("/embed", {"inputs": TEXTS, "dimensions": 65}),
+                           ("/v1/embeddings", {"input": TEXTS, "dimensions": 65}),
+                           ("/v1/embeddings", {"input": [[1, 2, 3]], "dimensions": 65})):
+            r = http.post(path, json=body)
+            assert r.status_code == 422 and "dimensions must be in 1..64 (the model's embedding size), got 65" in \
+                error_message(r)
+        assert embedder.runner.stats.computed_tokens == 0
+        assert len(http.post("/embed", json={"inputs": TEXTS, "dimensions": 64}).json()[0]) == 64
+        assert embedder.runner.stats.computed_tokens > 0  # what counted nothing above counts a request that ran
+
+
+def test_prompt_name_query_is_the_instruction_of_a_set_compiled_for_one(checkpoints, tmp_path):
+    """As `encode_queries`: the set's fixed instruction (web search only for a set built without one)."""
+    [artifact] = build(checkpoints, tmp_path, "embedding", seq_lens=(64,), instruction=SIMILARITY_INSTRUCTION)
+    with Embedder.from_artifacts(artifact.parent) as offline:
+        want = offline.encode_queries(TEXTS[:2])
+    with served(create_app(Embedder.from_artifacts(artifact.parent))) as base, \
+            httpx.Client(base_url=base, timeout=TIMEOUT) as http:
+        r = http.post("/embed", json={"inputs": TEXTS[:2], "prompt_name": "query"})
+        assert r.status_code == 200 and max_abs_diff(r.json(), want) <= 1e-6
+        tokens = http.post("/tokenize", json={"inputs": "Hello", "prompt_name": "query"}).json()
+        assert "".join(t["text"] for t in tokens[0]).startswith(f"Instruct: {SIMILARITY_INSTRUCTION}\nQuery:")
 
 
 POISON_ID = 4242  # a row holding this token id makes the backend below fail

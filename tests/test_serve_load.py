@@ -6,6 +6,7 @@ The clients are aiohttp's (the `perf serve` load generator): httpx spends about 
 cores would make the client, not the server, what the test measures."""
 import asyncio
 import re
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -13,7 +14,8 @@ import pytest
 from serving import TIMEOUT, bucket_sets, serve_process, served
 
 from toolkit.api import Embedder
-from toolkit.perf.serve_load import ServeLoadOptions, closed_loop, run_serve_load, serve_load_report
+from toolkit.errors import ToolkitError
+from toolkit.perf.serve_load import ServeLoadOptions, closed_loop, measure_server, run_serve_load, serve_load_report
 from toolkit.serve.app import create_app
 from toolkit.serve.service import Limits
 
@@ -90,3 +92,12 @@ def test_perf_serve_rates_each_served_run_against_the_offline_runs_around_it(emb
     assert "served, 4 clients (uvicorn)" in serve_load_report(result)
     # a dynamic (ONNX) batch pads each row to its own bucket's SEQ, served or offline: the same token slots
     assert served["token_slots"] == result["offline"]["token_slots"] > 0 and served["token_slots_vs_offline"] == 1
+
+
+def test_perf_serve_quotes_the_first_failure_when_no_request_succeeds(embedding_set):
+    """Not a rate of 0 (and a division by it for the half load): the error says what the server answered."""
+    app = create_app(Embedder.from_artifacts(embedding_set), limits=Limits(payload_limit=10))
+    with served(app) as base, pytest.raises(ToolkitError) as error:
+        measure_server("uvicorn", SimpleNamespace(base=base), sentences(4), [], np.zeros((4, 64)), clients=2)
+    assert str(error.value).startswith("the server (uvicorn) answered no request with 200; the first answer: 413 "
+                                       '{"error":"request body is larger than the payload limit (10 bytes)')

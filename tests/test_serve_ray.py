@@ -1,5 +1,6 @@
 """`toolkit serve --ray --replicas 2` on a local Ray head that the test starts on loopback (and stops after): both
-replicas serve, each with its own engines and core budget, the answers are the offline API's, SIGTERM exits 0."""
+replicas serve, each with its own engines and core budget, the answers are the offline API's, SIGTERM exits 0; a bad
+`--ray-address` is a one-line error naming the fix."""
 import shutil
 import socket
 import subprocess
@@ -13,8 +14,9 @@ import pytest
 from serving import TIMEOUT, bucket_sets, serve_process, wait_for
 
 from toolkit.api import Embedder
+from toolkit.errors import ToolkitError
 from toolkit.perf.serve_load import free_port
-from toolkit.serve.ray_app import RAY_SERVE_ENVIRONMENT
+from toolkit.serve.ray_app import RAY_SERVE_ENVIRONMENT, ray_driver
 
 TEXTS = ["What is the capital of China?", "北京是中国的首都。", "short", "a somewhat longer sentence " * 4]
 
@@ -97,3 +99,15 @@ def test_sigterm_exits_0_when_the_ray_shutdown_outlasts_rays_abort_alarm(ray_hea
                 time.sleep(4)
     """).replace("TIMEOUT", str(TIMEOUT))
     assert subprocess.run([sys.executable, "-c", driver], timeout=2 * TIMEOUT).returncode == 0
+
+
+@pytest.mark.parametrize("address, reason", [("127.0.0.1:1", "nothing answers there"),
+                                             ("nonsense", "Invalid address format")])
+def test_a_bad_ray_address_is_a_one_line_error_naming_the_fix(address, reason):
+    """Refused at once, not after ray.init's minutes of retries."""
+    with pytest.raises(ToolkitError) as error:
+        with ray_driver(address):
+            pass
+    message = str(error.value)
+    assert message.startswith(f"--ray-address {address}: ") and reason in message and "ray start --head" in message
+    assert "\n" not in message

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from toolkit.artifact import find_artifacts
-from toolkit.checkpoint import load_tokenizer, resolve_checkpoint
+from toolkit.checkpoint import load_tokenizer, read_hf_config, resolve_checkpoint
 from toolkit.errors import ToolkitError
 from toolkit.runtime import Engine, check_engine_options
 from toolkit.tasks import EMBEDDING, RERANKER, WEB_SEARCH_INSTRUCTION, PromptLayout, Task, get_task
@@ -202,6 +202,7 @@ class _TextModel:
 
     task: Task
     manifests: tuple = ()  # the artifacts it runs, by SEQ (none for the torch reference)
+    hidden_size: int  # the model's width: an embedding's size before any MRL cut
 
     def __init__(self, runner: BucketedRunner, tokenizer, truncation: str = "error"):
         self.runner, self.tokenizer, self.truncation = runner, tokenizer, check_truncation(truncation)
@@ -233,7 +234,7 @@ class _TextModel:
             for m in manifests:
                 engines.append(Engine.from_artifact(m, instances, device_ids, queue_size))
             model = cls(BucketedRunner(engines, max_length=max_length), tokenizer, truncation)
-            model.manifests = tuple(manifests)
+            model.manifests, model.hidden_size = tuple(manifests), manifests[0].model.hidden_size
             return model
         except BaseException:
             for e in engines:
@@ -247,7 +248,9 @@ class _TextModel:
         path = resolve_checkpoint(checkpoint)
         tokenizer = load_tokenizer(path)
         engine = Engine.from_checkpoint(path, cls.task)
-        return cls(BucketedRunner([engine], batch_size, max_length), tokenizer, truncation)
+        model = cls(BucketedRunner([engine], batch_size, max_length), tokenizer, truncation)
+        model.hidden_size = read_hf_config(path)["hidden_size"]
+        return model
 
     @property
     def max_length(self) -> int:
@@ -338,11 +341,14 @@ class Embedder(_TextModel):
         rows = self.tokenize(self.format(texts, instruction))
         return self.task.finish(self.runner.run(rows, progress), dim=dim, normalize=normalize)
 
+    @property
+    def query_instruction(self) -> str:
+        """The instruction queries get unless one is named: the set's fixed one, else web search."""
+        return WEB_SEARCH_INSTRUCTION if self.fixed_instruction is None else self.fixed_instruction
+
     def encode_queries(self, queries: list[str], instruction: str | None = None, **kw) -> np.ndarray:
-        """Embed search queries with the instruction (None: the set's fixed one, else web search)."""
-        if instruction is None:
-            instruction = WEB_SEARCH_INSTRUCTION if self.fixed_instruction is None else self.fixed_instruction
-        return self.encode(queries, instruction=instruction, **kw)
+        """Embed search queries with the instruction (None: `query_instruction`)."""
+        return self.encode(queries, instruction=self.query_instruction if instruction is None else instruction, **kw)
 
     def encode_documents(self, documents: list[str], **kw) -> np.ndarray:
         """Embed documents (no instruction, as Qwen3-Embedding expects)."""
@@ -381,13 +387,6 @@ class Reranker(_TextModel):
         scores = self.score([(query, d) for d in documents], instruction)
         return [{"corpus_id": i, "score": float(scores[i]), **({"text": documents[i]} if return_documents else {})}
                 for i in rank_order(scores, top_n)]
-
-    @staticmethod
-    def log_odds(raw: np.ndarray) -> np.ndarray:
-        """log(P(yes) / P(no)) from the graph's ("no", "yes") logits: the score before the softmax squashes it
-        (TEI's `raw_scores`), exact where P(yes) rounds to 0 or 1."""
-        raw = np.asarray(raw, dtype=np.float64).reshape(-1, 2)
-        return (raw[:, 1] - raw[:, 0]).astype(np.float32)
 
 
 def rank_order(scores, top_n: int | None = None) -> list[int]:

@@ -37,10 +37,16 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def yes_log_odds(logits: np.ndarray) -> np.ndarray:
+    """log(P(yes) / P(no)) from ("no", "yes") logits, one per row (float64): the score before the softmax squashes it
+    (TEI's `raw_scores`), exact where P(yes) rounds to 0 or 1."""
+    logits = np.asarray(logits, dtype=np.float64).reshape(-1, 2)
+    return logits[:, 1] - logits[:, 0]
+
+
 def yes_probability(logits: np.ndarray) -> np.ndarray:
     """softmax over ("no", "yes") logits → P(yes), one per row."""
-    logits = np.asarray(logits, dtype=np.float64).reshape(-1, 2)
-    return (1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))).astype(np.float32)
+    return (1.0 / (1.0 + np.exp(-yes_log_odds(logits)))).astype(np.float32)
 
 
 def split_groups(flat: np.ndarray, groups: list[list]) -> list[np.ndarray]:

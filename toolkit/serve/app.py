@@ -122,8 +122,10 @@ def tei_routes(services: Services) -> APIRouter:
     @router.post("/", include_in_schema=False)
     async def embed(request: EmbedRequest) -> Response:
         """Vectors for `inputs`, in order."""
-        vectors, _ = await services.embedding().embed(as_texts(request.inputs), request.query_instruction(),
-                                                     request.truncate, request.dimensions, request.normalize)
+        service = services.embedding()
+        vectors, _ = await service.embed(as_texts(request.inputs),
+                                         service.instruction_for(request.prompt_name, request.instruction),
+                                         request.truncate, request.dimensions, request.normalize)
         return VectorsResponse(vectors)
 
     @router.post("/rerank", response_model_exclude_none=True)
@@ -138,7 +140,8 @@ def tei_routes(services: Services) -> APIRouter:
     async def tokenize(request: TokenizeRequest) -> list[list[Token]]:
         """The tokens `/embed` runs for each input (instruction and closing <|endoftext|> included)."""
         service = services.embedding()
-        rows = await service.tokens(as_texts(request.inputs), request.query_instruction())
+        rows = await service.tokens(as_texts(request.inputs),
+                                    service.instruction_for(request.prompt_name, request.instruction))
         tokenizer = service.model.tokenizer
         return [[Token(id=t, text=tokenizer.decode([t]), special=t in tokenizer.special_ids) for t in row]
                 for row in rows]

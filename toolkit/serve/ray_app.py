@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from contextlib import contextmanager
 from typing import Callable
 
@@ -32,9 +33,12 @@ from ray import serve  # noqa: E402
 
 from toolkit.errors import ToolkitError  # noqa: E402
 from toolkit.serve.server import ServeOptions, build_app, exit_on_signals  # noqa: E402
-from toolkit.serve.service import model_sets  # noqa: E402
+from toolkit.serve.service import first_line, model_sets  # noqa: E402
 
 APP_NAME = "toolkit"
+# ray.init retries an address that does not answer for minutes (20 tries of ~40 s in Ray 2.60) before it fails
+REACHABLE_TIMEOUT_S = 10
+START_A_CLUSTER = "start one with `ray start --head` on the head node and pass its HOST:PORT (port 6379 by default)"
 
 
 @serve.deployment
@@ -75,9 +79,17 @@ def serve_on_ray(options: ServeOptions, echo: Callable[[str], None] = print) -> 
 def ray_driver(address: str | None):
     """This process as the driver of the Ray cluster at `address` (None: a fresh local instance) until the block ends,
     by SIGTERM (exit 0), Ctrl-C (exit 130) or an error; then Serve's apps and the driver are shut down."""
-    # without an address, a fresh local instance: plain ray.init() would attach to whatever cluster `ray start` last
-    # recorded on this machine, even one that has died since
-    ray.init(address=address or "local", include_dashboard=False, logging_level="warning")
+    if address is not None:
+        check_reachable(address)
+    try:
+        # without an address, a fresh local instance: plain ray.init() would attach to whatever cluster `ray start`
+        # last recorded on this machine, even one that has died since
+        ray.init(address=address or "local", include_dashboard=False, logging_level="warning")
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        if address is None:
+            raise
+        raise ToolkitError(f"--ray-address {address}: no Ray cluster to join there ({first_line(e)}); "
+                           f"{START_A_CLUSTER}") from None
     # ray.init leaves SIGTERM to Ray's C++ failure handler, which arms a 3 s alarm that aborts the process (SIGABRT,
     # exit 134) before forwarding the signal: removing the replicas takes longer. Our handlers replace it.
     with exit_on_signals():
@@ -86,3 +98,16 @@ def ray_driver(address: str | None):
         finally:
             serve.shutdown()
             ray.shutdown()
+
+
+def check_reachable(address: str) -> None:
+    """Raise ToolkitError naming `--ray-address` unless something accepts connections at a HOST:PORT `address`
+    (`ray://HOST:PORT` too); other forms (`auto`) are left to ray.init."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=REACHABLE_TIMEOUT_S).close()
+    except OSError as e:
+        raise ToolkitError(f"--ray-address {address}: nothing answers there ({e.strerror or e}); "
+                           f"{START_A_CLUSTER}") from None

@@ -5,35 +5,29 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
-
-from toolkit.errors import ToolkitError
-from toolkit.tasks import WEB_SEARCH_INSTRUCTION
+from pydantic import BaseModel, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 NonEmpty = Field(min_length=1)
 Texts = Annotated[list[str], NonEmpty]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], NonEmpty]
 Count = Annotated[int, Field(ge=1)]
 
-# sentence-transformers prompt names, as Qwen3-Embedding's config_sentence_transformers.json defines them
-PROMPT_NAMES = {"query": WEB_SEARCH_INSTRUCTION, "document": None}
-
 
 class QueryFormat(BaseModel):
-    """How texts are read: bare (documents), or as queries with an instruction given by text or by prompt name."""
+    """How texts are read: bare (documents), or as queries with an instruction given by text or by prompt name
+    (sentence-transformers', as Qwen3-Embedding's config_sentence_transformers.json defines them; the service says
+    which instruction "query" is)."""
 
-    prompt_name: str | None = None
+    prompt_name: Literal["query", "document"] | None = None
     instruction: str | None = None
 
-    def query_instruction(self) -> str | None:
-        """The instruction the texts are formatted with (None: bare text)."""
-        if self.prompt_name is None:
-            return self.instruction
-        if self.instruction is not None:
-            raise ToolkitError("send prompt_name or instruction, not both")
-        if self.prompt_name not in PROMPT_NAMES:
-            raise ToolkitError(f"prompt_name must be one of {sorted(PROMPT_NAMES)}, got {self.prompt_name!r}")
-        return PROMPT_NAMES[self.prompt_name]
+    @model_validator(mode="after")
+    def prompt_name_or_instruction(self) -> "QueryFormat":
+        """Refuse a prompt name together with an instruction."""
+        if self.prompt_name is not None and self.instruction is not None:
+            raise PydanticCustomError("prompt_name_and_instruction", "send prompt_name or instruction, not both")
+        return self
 
 
 def as_texts(inputs: str | list[str]) -> list[str]:

@@ -20,6 +20,7 @@ from toolkit.artifact import find_artifacts
 from toolkit.errors import ToolkitError
 from toolkit.scheduler import BatchScheduler
 from toolkit.serve.metrics import ServiceMetrics
+from toolkit.tasks import yes_log_odds
 
 # inputs up to this many characters (or token ids) are tokenised on the event loop: that takes ~50 us for a sentence,
 # less than a hand-off to a worker thread, whose wake-up also preempts a compute thread (and the others wait for it)
@@ -110,6 +111,11 @@ def load_models(embedding_dir: str | Path | None, reranker_dir: str | Path | Non
     return models
 
 
+def first_line(error: Exception) -> str:
+    """The first line of an error's message (at most 200 characters), for a one-line answer."""
+    return (str(error).strip().splitlines() or [""])[0][:200]
+
+
 def truncation(truncate: bool) -> str:
     """The API's truncation policy for a request's `truncate` flag."""
     return "truncate" if truncate else "error"
@@ -169,9 +175,8 @@ class ServedModel:
             future = self.scheduler.submit(rows)
             return await asyncio.wrap_future(future)
         except Exception as e:
-            first_line = (str(e).strip().splitlines() or [""])[0][:200]
-            raise Unavailable(f"the {self.name} backend failed on this request ({type(e).__name__}: {first_line}); "
-                              "retry it") from e
+            raise Unavailable(f"the {self.name} backend failed on this request ({type(e).__name__}: "
+                              f"{first_line(e)}); retry it") from e
 
     def healthy(self) -> bool:
         """Whether requests are being taken and run."""
@@ -203,30 +208,41 @@ class EmbeddingService(ServedModel):
                     dimensions: int | None = None, normalize: bool = True) -> tuple[np.ndarray, int]:
         """Vectors for texts and the tokens they took; `truncate=None`: the route has no truncate option (too long
         is an error)."""
+        self._check_dimensions(dimensions)
         with self.admitted(len(texts)):
             rows = await self.rows(self._text_rows, texts, instruction, bool(truncate),
                                    can_truncate=truncate is not None)
-            return self._finish(await self.run(rows), dimensions, normalize), sum(map(len, rows))
+            vectors = self.model.task.finish(await self.run(rows), dim=dimensions, normalize=normalize)
+            return vectors, sum(map(len, rows))
 
     async def embed_ids(self, bodies: list[list[int]], dimensions: int | None = None) -> tuple[np.ndarray, int]:
         """Vectors for inputs sent as token ids (the text's tokens, without the closing <|endoftext|>)."""
+        self._check_dimensions(dimensions)
         with self.admitted(len(bodies)):
             rows = await self.rows(self.model.tokenize_ids, bodies, can_truncate=False)
-            return self._finish(await self.run(rows), dimensions, True), sum(map(len, rows))
+            return self.model.task.finish(await self.run(rows), dim=dimensions), sum(map(len, rows))
 
     async def tokens(self, texts: list[str], instruction: str | None = None) -> list[list[int]]:
         """The rows `/embed` would run for these texts."""
         with self.admitted(len(texts)):
             return await self.rows(self._text_rows, texts, instruction, False, can_truncate=False)
 
+    def instruction_for(self, prompt_name: str | None, instruction: str | None) -> str | None:
+        """The instruction a request's texts are formatted with: its `instruction`, or its sentence-transformers
+        `prompt_name`: "query" is the one `Embedder.encode_queries` takes (the set's fixed one, else web search),
+        "document" none (bare text)."""
+        if prompt_name is None:
+            return instruction
+        return self.model.query_instruction if prompt_name == "query" else None
+
+    def _check_dimensions(self, dimensions: int | None) -> None:
+        """Refuse an MRL cut wider than the vectors before anything runs."""
+        if dimensions is not None and not 1 <= dimensions <= self.model.hidden_size:
+            raise ToolkitError(f"dimensions must be in 1..{self.model.hidden_size} (the model's embedding size), "
+                               f"got {dimensions}")
+
     def _text_rows(self, texts: list[str], instruction: str | None, truncate: bool) -> list[list[int]]:
         return self.model.tokenize(self.model.format(texts, instruction), truncation(truncate))
-
-    def _finish(self, raw: np.ndarray, dimensions: int | None, normalize: bool) -> np.ndarray:
-        if dimensions is not None and dimensions > raw.shape[-1]:
-            raise ToolkitError(f"dimensions must be at most {raw.shape[-1]} (the model's embedding size), "
-                               f"got {dimensions}")
-        return self.model.task.finish(raw, dim=dimensions, normalize=normalize)
 
 
 class RerankService(ServedModel):
@@ -242,5 +258,5 @@ class RerankService(ServedModel):
             pairs = [(query, t) for t in texts]
             rows = await self.rows(self.model.tokenize, pairs, instruction, truncation(truncate))
             raw = await self.run(rows)
-        scores = self.model.log_odds(raw) if raw_scores else self.model.task.finish(raw)
+        scores = yes_log_odds(raw).astype(np.float32) if raw_scores else self.model.task.finish(raw)
         return rank_order(scores, top_n), scores, sum(map(len, rows))
