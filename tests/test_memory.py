@@ -65,7 +65,7 @@ def test_compile_s_large_temporaries_go_back_to_the_os_when_freed():
 def test_compile_writes_the_peak_of_every_stage_and_keeps_weights_beside_the_graph(onnx_artifacts):
     manifest = Manifest.load(onnx_artifacts["embedding"][0])
     stages = manifest.build["stage_peak_rss_mb"]
-    assert list(stages) == ["load", "export", "reference", "validate"]
+    assert list(stages) == ["load", "export", "reference", "fold", "validate"]
     assert all(isinstance(mb, int) and mb > 0 for mb in stages.values())
     assert manifest.build["peak_rss_mb"] == max(stages.values())
     model = manifest.model_file

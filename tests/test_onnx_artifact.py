@@ -73,6 +73,21 @@ def test_artifact_weights_are_stored_fp16(onnx_artifacts):
     assert float_inits and all(i.data_type == onnx.TensorProto.FLOAT16 for i in float_inits)
 
 
+def test_onnx_runtime_fuses_the_norms_of_an_fp16_artifact_with_its_constant_folding_off(onnx_artifacts, tmp_path):
+    """Compile folds the fp16 graph's small constants (not its weights' casts), so ONNX Runtime finds its fusions as it
+    loads fp16 artifacts (constant folding off: `backends.set_fp16_load`): each RMSNorm one kernel."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+    ort.InferenceSession(str(model_path(onnx_artifacts["reranker"][0])), options, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=["ConstantFolding"])
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node}
+    assert "SimplifiedLayerNormalization" in ops and "ReduceMean" not in ops
+
+
 @pytest.mark.parametrize("name", ["embedding", "reranker"])
 def test_export_has_no_tensor_sequences(onnx_artifacts, name):
     """The fused q/k/v and gate/up outputs are cut with slices: `split`/`chunk` export as SplitToSequence +

@@ -34,7 +34,7 @@ from toolkit.backends import LayerwiseReference, device_available
 from toolkit.checkpoint import load_tokenizer, model_source, resolve_checkpoint
 from toolkit.config import WEIGHT_ROUNDINGS, BuildConfig
 from toolkit.errors import ToolkitError
-from toolkit.export import OnnxExport, export_onnx, fold_weights, io_specs
+from toolkit.export import OnnxExport, export_onnx, fold_small_constants, fold_weights, io_specs
 from toolkit.host import isa_flags, missing_tvm_extension
 from toolkit.memory import StagePeaks, map_large_blocks, return_freed_memory
 from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
@@ -340,8 +340,8 @@ def precision_fix(dtype: str, plan: QuantizationPlan | None) -> str:
 
 def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, tokenizer, source: ModelSource, log,
                    plan: QuantizationPlan | None, peaks: StagePeaks) -> Manifest:
-    """Turn the staged export into the artifact's files (fp32 ONNX: folded; int8 ONNX: quantized; TVM: compiled) with
-    the tokenizer; write its manifest, not yet validated."""
+    """Turn the staged export into the artifact's files (fp32 ONNX: folded; fp16 ONNX: all but its weights' casts
+    folded; int8 ONNX: quantized; TVM: compiled) with the tokenizer; write its manifest, not yet validated."""
     out, exported = artifact.staging, artifact.exported
     model_file, target, details = exported.model_file, Target(cfg.target), {}
     precision = dict(PRECISION[cfg.dtype])
@@ -353,6 +353,9 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
     elif cfg.dtype == "fp32" and artifact.backend == "onnx":  # for stock ONNX tools; TVM packs the weights itself
         with peaks.stage("fold"):
             fold_weights(artifact.graph)
+    elif cfg.dtype == "fp16" and artifact.backend == "onnx":  # for ONNX Runtime's fusions
+        with peaks.stage("fold"):
+            fold_small_constants(artifact.graph)
     elif plan and artifact.backend == "onnx":
         with peaks.stage("quantize"):
             quantize_onnx(artifact.graph, out / "model.onnx", plan, scheme)
