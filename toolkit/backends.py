@@ -160,8 +160,11 @@ def set_fp16_load(mode: str) -> None:
     """How ONNX Runtime loads fp16 artifacts from now on. Its CPU kernels have no fp16 matmul, so either way the
     linear weights end up in memory as fp32 (its cast insertion upcasts an fp16 weight that only feeds a Cast); the
     modes differ in the load's peak. "low-peak" (the default) turns constant folding off: 0.6B shape, load peak 2.2 GB
-    (1.9x the fp16 weight bytes; 4B: 15 GB). "fold" is ONNX Runtime's full optimisation: load peak 3.9 GB (3.4x), runs
-    about 5% faster (0-11% measured on a 2-core AVX-512 CPU). Resident once loaded: the same, about 1.5x."""
+    (1.9x the fp16 weight bytes; 4B: 15 GB). "fold" is ONNX Runtime's full optimisation: load peak 3.9 GB (3.4x). On
+    sets built before compile folded the graphs' small constants (`export.fold_small_constants`) it ran about 5%
+    faster (0-11% on a 2-core AVX-512 CPU), its folding being what let ONNX Runtime fuse the norms; on newer sets both
+    modes fuse them and run alike (0.6B reranker, `[5, 172]`: within 0-3%). Resident once loaded: the same, about
+    1.5x."""
     if mode not in FP16_LOADS:
         raise ToolkitError(f"the fp16 load must be one of {FP16_LOADS}, got {mode!r}")
     _fp16_load[0] = mode
