@@ -265,11 +265,12 @@ def find_artifacts(path: str | Path) -> list[Manifest]:
         raise ToolkitError(f"no artifact under {path}; compile one with `toolkit compile` (or `make quickstart`)")
     manifests = [Manifest.load(p, verify=False) for p in found]
     sets = sorted({str(p.parent) for p in found})
-    one_set = f"point at one of the sets {', '.join(sets)}" if len(sets) > 1 else "point at one set"
+    one_set = (f"point at one of the sets {', '.join(sets)}" if len(sets) > 1 else
+               "compile the set again (a build removes the SEQs other builds left in it)")
     kinds = {m.set_key for m in manifests}
     if len(kinds) > 1:
         raise ToolkitError(f"{path} mixes artifacts of different task/backend/dtype/cached instruction/checkpoint "
-                           f"{sorted(kinds, key=str)}; {one_set}, or compile the set again")
+                           f"{sorted(kinds, key=str)}; {one_set}")
     seq_lens = [m.seq_len for m in manifests]
     if len(set(seq_lens)) < len(seq_lens):
         raise ToolkitError(f"{path} holds several artifacts for one SEQ ({sorted(seq_lens)}); {one_set}")
