@@ -202,7 +202,9 @@ class _TextModel:
 
     task: Task
     manifests: tuple = ()  # the artifacts it runs, by SEQ (none for the torch reference)
-    hidden_size: int  # the model's width: an embedding's size before any MRL cut
+    # the model's width, an embedding's size before any MRL cut (None: a model made straight from a runner, whose
+    # outputs alone say it: `Task.finish` checks a cut against them)
+    hidden_size: int | None = None
 
     def __init__(self, runner: BucketedRunner, tokenizer, truncation: str = "error"):
         self.runner, self.tokenizer, self.truncation = runner, tokenizer, check_truncation(truncation)

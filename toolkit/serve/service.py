@@ -236,8 +236,8 @@ class EmbeddingService(ServedModel):
         return self.model.query_instruction if prompt_name == "query" else None
 
     def _check_dimensions(self, dimensions: int | None) -> None:
-        """Refuse an MRL cut wider than the vectors before anything runs."""
-        if dimensions is not None and not 1 <= dimensions <= self.model.hidden_size:
+        """Refuse an MRL cut wider than the vectors before anything runs (where the model's width is known)."""
+        if dimensions is not None and self.model.hidden_size and not 1 <= dimensions <= self.model.hidden_size:
             raise ToolkitError(f"dimensions must be in 1..{self.model.hidden_size} (the model's embedding size), "
                                f"got {dimensions}")
 
