@@ -155,9 +155,9 @@ def calibrate_int8(cfg: BuildConfig, task: Task, tokenizer, calibration: Calibra
     """`plan_int8` on rows carrying the build's `instruction`, with the build config's weight rounding; if its
     preflight finds the plan over the gate's whole error budget (the build would fail), calibration runs once more
     with the other rounding, on the model as it came (the first run smoothed and rounded its weights), and the plan
-    using less of the budget is kept with its model. Which
-    rounding passes is a draw: the 0.6B outlier reranker's GPTQ plan used 120% on an AMD EPYC (its gate failed at
-    0.026), round-to-nearest's 58%, which passed at 0.0087-0.0130; on an AMX Xeon GPTQ's passed."""
+    using less of the budget is kept with its model. Which rounding passes is a draw: the 0.6B outlier reranker's GPTQ
+    plan used 120% on an AMD EPYC (its gate failed at 0.026), round-to-nearest's 58%, which passed at 0.0087-0.0130;
+    on an AMX Xeon GPTQ's passed."""
     # layer errors are measured for the scheme that will run: per-tensor scales (ONNX Runtime) err more
     scheme = int8_scheme(cfg.backends, cfg.activation_scales)
 
