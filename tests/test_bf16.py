@@ -146,7 +146,10 @@ def test_bf16_attention_kernels_match_numpy_on_bf16_rounded_operands(seq, rows, 
 @pytest.mark.parametrize("task", ["embedding", "reranker"])
 def test_bf16_artifacts_pass_the_gate_on_outlier_checkpoints(outlier_checkpoints, tmp_path, task):
     seq = 64 if task == "embedding" else 128
-    [artifact] = build(outlier_checkpoints, tmp_path, task, backends=("tvm",), seq_lens=(seq,), dtype="bf16")
+    # the reranker's with an instruction its graph does not cache: `toolkit validate` must check the texts with it too
+    uncached = {} if task == "embedding" else {"instruction": "Judge the passage", "cache_instruction": False}
+    [artifact] = build(outlier_checkpoints, tmp_path, task, backends=("tvm",), seq_lens=(seq,), dtype="bf16",
+                       **uncached)
     manifest = Manifest.load(artifact)
     validation = manifest.validation
     assert manifest.dtype == "bf16" and validation["passed"] and validation["nonfinite"] == 0
@@ -155,6 +158,12 @@ def test_bf16_artifacts_pass_the_gate_on_outlier_checkpoints(outlier_checkpoints
         assert 0.999 <= validation["min_cosine"] < 1.0  # bf16 rounding shows, within the gate
     else:
         assert validation["max_abs_diff"] <= 5e-3 and validation["kendall_tau"] is not None
+        assert manifest.instruction is None and validation["real_texts_instruction"] == "Judge the passage"
+        from toolkit.compile import revalidate
+
+        again = revalidate(artifact)
+        assert again["real_texts_instruction"] == "Judge the passage"
+        assert again["max_abs_diff"] == pytest.approx(validation["max_abs_diff"], abs=1e-7)
     assert manifest.precision["weights"] == "bfloat16" and "vdpbf16ps" in manifest.precision["compute"]
     library = (artifact / manifest.model_file).read_bytes()
     assert b"bf16_attention_scores" in library and b"bf16_attention_values" in library  # attention's matmuls too

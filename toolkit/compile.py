@@ -284,6 +284,8 @@ def finish_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, toke
         texts = holdout.rows(task, tokenizer, "holdout", artifact.seq_len, instruction) if holdout else []
         with peaks.stage("validate"):
             manifest.validation = measure(manifest, reference, tokenizer, texts)
+        if texts:  # `revalidate` checks the same texts: an uncached instruction is recorded nowhere else
+            manifest.validation["real_texts_instruction"] = instruction
     else:
         manifest.validation = {"skipped": "no CUDA device on the build machine; run `toolkit validate "
                                           f"{final} --checkpoint CKPT` on the GPU host", "passed": None}
@@ -311,13 +313,18 @@ def revalidate(artifact: str | Path, checkpoint: str | None = None) -> dict:
     task = get_task(manifest.task)
     tokenizer = load_tokenizer(manifest.path / "tokenizer")
     texts = []
+    # the build's instruction: the cached one, or an uncached one its validation recorded
+    recorded_instruction = (manifest.validation or {}).get("real_texts_instruction", manifest.instruction)
+    instruction = task.fixed_instruction(recorded_instruction)
     if manifest.dtype in LOW_PRECISION:
         recorded = manifest.precision.get("quantization", {}).get("calibration", {}).get("file")
         holdout = CalibrationSet.load(recorded if recorded and Path(recorded).is_file() else None)
-        texts = holdout.rows(task, tokenizer, "holdout", manifest.seq_len, task.fixed_instruction(manifest.instruction))
+        texts = holdout.rows(task, tokenizer, "holdout", manifest.seq_len, instruction)
     reference = LayerwiseReference(resolve_checkpoint(checkpoint or manifest.reference_checkpoint()), task,
                                    progress=True)
     manifest.validation = measure(manifest, reference, tokenizer, texts)
+    if texts:
+        manifest.validation["real_texts_instruction"] = instruction
     manifest.save(manifest.path, hash_files=False)
     return manifest.validation
 
