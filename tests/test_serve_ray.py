@@ -1,12 +1,15 @@
 """`toolkit serve --ray --replicas 2` on a local Ray head that the test starts on loopback (and stops after): both
 replicas serve, each with its own engines and core budget, the answers are the offline API's, SIGTERM exits 0; a bad
 `--ray-address` is a one-line error naming the fix."""
+import http.server
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
+import time
 
 import httpx
 import numpy as np
@@ -111,3 +114,19 @@ def test_a_bad_ray_address_is_a_one_line_error_naming_the_fix(address, reason):
     message = str(error.value)
     assert message.startswith(f"--ray-address {address}: ") and reason in message and "ray start --head" in message
     assert "\n" not in message
+
+
+def test_a_ray_address_where_another_server_listens_is_refused_at_once():
+    """A port that accepts connections but is not Ray's (here an HTTP/1 server) would keep ray.init retrying."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        started = time.monotonic()
+        with pytest.raises(ToolkitError, match=f"^--ray-address {address}: the server there does not speak gRPC, so "
+                                               "it is not a Ray head; start one with `ray start --head`"):
+            with ray_driver(address):
+                pass
+        assert time.monotonic() - started < 5
+    finally:
+        server.shutdown()

@@ -101,13 +101,30 @@ def ray_driver(address: str | None):
 
 
 def check_reachable(address: str) -> None:
-    """Raise ToolkitError naming `--ray-address` unless something accepts connections at a HOST:PORT `address`
-    (`ray://HOST:PORT` too); other forms (`auto`) are left to ray.init."""
+    """Raise ToolkitError naming `--ray-address` unless a gRPC server (what a Ray head's GCS and client ports are)
+    answers at a HOST:PORT `address` (`ray://HOST:PORT` too); other forms (`auto`) are left to ray.init, which would
+    otherwise retry for minutes against a port that accepts connections but is not Ray's."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         return
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=REACHABLE_TIMEOUT_S).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=REACHABLE_TIMEOUT_S) as connection:
+            answer = http2_answer(connection)
     except OSError as e:
         raise ToolkitError(f"--ray-address {address}: nothing answers there ({e.strerror or e}); "
                            f"{START_A_CLUSTER}") from None
+    if not answer:
+        raise ToolkitError(f"--ray-address {address}: the server there does not speak gRPC, so it is not a Ray head; "
+                           f"{START_A_CLUSTER}")
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # then empty SETTINGS
+
+
+def http2_answer(connection: socket.socket) -> bool:
+    """Whether the server on `connection` answers HTTP/2's client preface with its SETTINGS frame (as gRPC does)."""
+    connection.sendall(HTTP2_PREFACE)
+    header = b""
+    while len(header) < 9 and (chunk := connection.recv(9 - len(header))):
+        header += chunk
+    return len(header) == 9 and header[3] == 4  # a frame header: length (3 bytes), type 4 = SETTINGS
