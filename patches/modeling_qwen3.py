@@ -18,6 +18,9 @@ What differs from Hugging Face's Qwen3 (and why):
   padding, then the body (`split_cached_prefix`); only the body runs through the layers (a quarter of an MS MARCO
   pair's tokens saved), and its queries attend to the prefix's keys as to their own. The prefix's keys are stored
   before RoPE and rotated per row to where the reference puts them (after the row's left padding);
+- RoPE, for graphs ONNX Runtime runs (`rotary_as_op`), as ONNX's RotaryEmbedding op (opset 23): one kernel where
+  ONNX Runtime ran seven per rotation (0.6B reranker, `[5, 172]`: RoPE ~5% of a forward → 0.5%); TVM's graphs keep
+  the plain form, which its compile fuses with the q/k norms;
 - fp16 storage, fp32 compute: weights may be stored in fp16 but every linear layer upcasts them, so matmuls
   accumulate in fp32, and the residual stream, RMSNorm statistics and softmax stay fp32. Real Qwen3 checkpoints carry
   residual activations in the thousands; fp16 activations are how ollama/llama.cpp produced all-NaN embeddings.
@@ -133,12 +136,48 @@ class Rotary:
     prefix_cos: torch.Tensor | None = None
     prefix_sin: torch.Tensor | None = None
 
+    def rotate(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """RoPE of `x` (`[b, heads, T, D]`, or the last position's `[b, heads, 1, D]` with `last_only`)."""
+        cos, sin = (self.cos[..., -1:, :], self.sin[..., -1:, :]) if last_only else (self.cos, self.sin)
+        return x * cos + rotate_half(x) * sin
+
+    def rotate_prefix(self, keys: torch.Tensor, keys_rotated: torch.Tensor) -> torch.Tensor:
+        """RoPE of a cached prefix's `keys` (`[1, kv, P, D]`, and their `rotate_half`) at each row's positions."""
+        return keys * self.prefix_cos + keys_rotated * self.prefix_sin
+
+
+@dataclass
+class RotaryOp:
+    """RoPE as ONNX's RotaryEmbedding op (opset 23): one kernel where ONNX Runtime ran seven (two Slices, Neg, Concat,
+    two Muls, Add). `Rotary`'s interface; the tables by position (`[positions, D / 2]`) and each row's positions
+    (`[b, T]`, the prefix's `[b, P]`)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor
+    prefix_positions: torch.Tensor | None = None
+
+    def rotate(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """`Rotary.rotate`."""
+        positions = self.positions[:, -1:] if last_only else self.positions
+        return torch.onnx.ops.rotary_embedding(x, self.cos, self.sin, positions)
+
+    def rotate_prefix(self, keys: torch.Tensor, keys_rotated: torch.Tensor) -> torch.Tensor:
+        """`Rotary.rotate_prefix` (the op rotates `keys` itself)."""
+        keys = keys.expand(self.prefix_positions.shape[0], -1, -1, -1)
+        return torch.onnx.ops.rotary_embedding(keys, self.cos, self.sin, self.prefix_positions)
+
+
+def rope_angles(positions: torch.Tensor, s: "Qwen3Shape") -> torch.Tensor:
+    """RoPE's angles at `positions` (`[..., T]`, float32), as `[..., T, head_dim / 2]`."""
+    inv_freq = 1.0 / (s.rope_theta ** (torch.arange(0, s.head_dim, 2, dtype=torch.float32) / s.head_dim))
+    return positions.unsqueeze(-1) * inv_freq
+
 
 def rope_tables(positions: torch.Tensor, s: "Qwen3Shape") -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of RoPE's angles at `positions` (`[..., T]`, float32), as `[..., T, head_dim]`."""
-    inv_freq = 1.0 / (s.rope_theta ** (torch.arange(0, s.head_dim, 2, dtype=torch.float32) / s.head_dim))
-    freqs = positions.unsqueeze(-1) * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
+    angles = rope_angles(positions, s)
+    emb = torch.cat((angles, angles), dim=-1)
     return emb.cos(), emb.sin()
 
 
@@ -177,16 +216,13 @@ class Attention(nn.Module):
         """`last_only`: attend from the last position alone (its output is `[b, 1, hidden]`)."""
         b = x.shape[0]
         q, k, v = self.project(x)
-        q_cos, q_sin = rotary.cos, rotary.sin
         if last_only:
-            q, q_cos, q_sin, mask = q[:, -1:], q_cos[..., -1:, :], q_sin[..., -1:, :], mask[..., -1:, :]
+            q, mask = q[:, -1:], mask[..., -1:, :]
         queries = q.shape[1]
-        q = self.q_norm(q.reshape(b, queries, self.heads, self.head_dim)).transpose(1, 2)
-        q = q * q_cos + rotate_half(q) * q_sin
-        k = k * rotary.cos + rotate_half(k) * rotary.sin
+        q = rotary.rotate(self.q_norm(q.reshape(b, queries, self.heads, self.head_dim)).transpose(1, 2), last_only)
+        k = rotary.rotate(k)
         if self.prefix_keys is not None:  # RoPE at the prefix's positions in each row, then its keys before the row's
-            prefix_keys = self.prefix_keys * rotary.prefix_cos + self.prefix_keys_rotated * rotary.prefix_sin
-            k = torch.cat((prefix_keys, k), dim=2)
+            k = torch.cat((rotary.rotate_prefix(self.prefix_keys, self.prefix_keys_rotated), k), dim=2)
             v = torch.cat((self.prefix_values.expand(b, -1, -1, -1), v), dim=2)
         # Grouped-query attention: query head h reads kv head h // groups, so a kv head's `groups` query heads are one
         # matrix of groups * queries rows against it (the mask has a causal block per group: `prepare`). Copying k and
@@ -247,6 +283,9 @@ class Qwen3ForDeployment(nn.Module):
         self.fakes: dict[str, torch.Tensor] = {}  # a streamed model's parameters when not resident
         self.cached_prefix: list[int] = []  # the prompt prefix whose keys and values the layers hold (`cache_prefix`)
         self.cached_instruction: str | None = None  # the instruction whose tokens end it, if they do
+        # RoPE as ONNX's RotaryEmbedding op (`RotaryOp`): for graphs ONNX Runtime runs; TVM's compile matches the
+        # plain form (`Rotary`) to fuse it with the q/k norms
+        self.rotary_op = False
         self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(shape) for _ in range(shape.num_hidden_layers))
@@ -266,7 +305,8 @@ class Qwen3ForDeployment(nn.Module):
         last layer at the last position alone."""
         return layer(x, rotary, mask, last_only=self.insert_slice and layer is self.layers[-1])
 
-    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Rotary,
+    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                         Rotary | RotaryOp,
                                                                                          torch.Tensor]:
         """What the decoder layers take: the embedded tokens, RoPE's tables, the additive attention mask (`[b, 1,
         groups * T, P + T]`: the cached prefix's P keys, open to every row, then a causal block per query head of a
@@ -278,17 +318,25 @@ class Qwen3ForDeployment(nn.Module):
         x = self.embed_tokens(input_ids).float()
         # Positions P..P+T-1 (0..T-1 as Hugging Face uses without position_ids, after the prefix); RoPE is relative,
         # so the left-pad offset cancels
-        cos, sin = rope_tables(torch.arange(prefix, prefix + t, dtype=torch.float32), self.shape)
-        rotary = Rotary(cos[None, None], sin[None, None])
+        if self.rotary_op:  # tables for every position a row's tokens or its prefix (after padding) can take
+            angles = rope_angles(torch.arange(prefix + t, dtype=torch.float32), self.shape)
+            rotary = RotaryOp(angles.cos(), angles.sin(), torch.arange(prefix, prefix + t).expand(b, t))
+        else:
+            cos, sin = rope_tables(torch.arange(prefix, prefix + t, dtype=torch.float32), self.shape)
+            rotary = Rotary(cos[None, None], sin[None, None])
         # one causal block per query head of a kv head, the rows `Attention.forward` puts them in; its last row (all
         # keys) is what the last position sees in every group
         causal = torch.ones(t, t, dtype=torch.bool).tril().repeat(self.shape.query_groups, 1)
         allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
         mask = torch.where(allowed, 0.0, MASKED_SCORE).to(torch.float32)
         if prefix:  # the reference puts the prefix after the row's padding: its keys' RoPE at those positions
-            padding = (t - attention_mask.sum(dim=1)).to(torch.float32)
-            cos, sin = rope_tables(padding[:, None] + torch.arange(prefix, dtype=torch.float32), self.shape)
-            rotary.prefix_cos, rotary.prefix_sin = cos[:, None], sin[:, None]
+            padding = t - attention_mask.sum(dim=1)
+            if self.rotary_op:
+                rotary.prefix_positions = padding[:, None] + torch.arange(prefix)
+            else:
+                cos, sin = rope_tables(padding.to(torch.float32)[:, None] + torch.arange(prefix, dtype=torch.float32),
+                                       self.shape)
+                rotary.prefix_cos, rotary.prefix_sin = cos[:, None], sin[:, None]
             mask = torch.cat((mask.new_zeros(b, 1, mask.shape[2], prefix), mask), dim=-1)
         return x, rotary, mask
 
@@ -299,6 +347,15 @@ class Qwen3ForDeployment(nn.Module):
         if self.head == "last_hidden":
             return x
         return F.linear(x, self.yes_no_head.to(x.dtype))
+
+    @contextmanager
+    def rotary_as_op(self, enabled: bool = True):
+        """RoPE as ONNX's RotaryEmbedding op (`RotaryOp`) within the block."""
+        self.rotary_op = enabled
+        try:
+            yield
+        finally:
+            self.rotary_op = False
 
     @torch.no_grad()
     def cache_prefix(self, prefix: list[int], instruction: str | None = None) -> None:

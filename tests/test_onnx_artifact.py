@@ -1,6 +1,7 @@
 """fp16 ONNX artifacts against the unpatched Hugging Face model in fp32, and artifact integrity."""
 import json
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -73,9 +74,11 @@ def test_artifact_weights_are_stored_fp16(onnx_artifacts):
     assert float_inits and all(i.data_type == onnx.TensorProto.FLOAT16 for i in float_inits)
 
 
-def test_onnx_runtime_fuses_the_norms_of_an_fp16_artifact_with_its_constant_folding_off(onnx_artifacts, tmp_path):
+def test_onnx_runtime_fuses_the_norms_of_an_fp16_artifact_with_its_constant_folding_off(onnx_artifacts, checkpoints,
+                                                                                         tmp_path):
     """Compile folds the fp16 graph's small constants (not its weights' casts), so ONNX Runtime finds its fusions as it
-    loads fp16 artifacts (constant folding off: `backends.set_fp16_load`): each RMSNorm one kernel."""
+    loads fp16 artifacts (constant folding off: `backends.set_fp16_load`): each RMSNorm one kernel, and RoPE is
+    exported as one RotaryEmbedding (on q, k and the cached prefix's keys in every layer) where it took seven ops."""
     import onnx
     import onnxruntime as ort
 
@@ -84,8 +87,11 @@ def test_onnx_runtime_fuses_the_norms_of_an_fp16_artifact_with_its_constant_fold
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
     ort.InferenceSession(str(model_path(onnx_artifacts["reranker"][0])), options, providers=["CPUExecutionProvider"],
                          disabled_optimizers=["ConstantFolding"])
-    ops = {node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node}
-    assert "SimplifiedLayerNormalization" in ops and "ReduceMean" not in ops
+    ops = Counter(node.op_type
+                  for node in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node)
+    assert ops["SimplifiedLayerNormalization"] and not ops["ReduceMean"]
+    layers = json.loads((checkpoints["reranker"] / "config.json").read_text())["num_hidden_layers"]
+    assert ops["RotaryEmbedding"] == 3 * layers and not ops["Neg"]
 
 
 @pytest.mark.parametrize("name", ["embedding", "reranker"])

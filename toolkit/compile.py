@@ -258,7 +258,7 @@ def stage_export(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model
         graph_dir = staging if cfg.dtype != "int8" else staging / "graph"
     try:
         graph_dir.mkdir(exist_ok=True)
-        exported = export_onnx(model, task, graph_dir / "model.onnx", seq_len, batch)
+        exported = export_onnx(model, task, graph_dir / "model.onnx", seq_len, batch, rotary_op=backend == "onnx")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if backend == "tvm":

@@ -18,6 +18,7 @@ from toolkit.artifact import TensorSpec
 from toolkit.tokenizer import MAX_CONTEXT
 
 ONNX_OPSET = 18
+ROTARY_OPSET = 23  # RotaryEmbedding's first opset (`Qwen3ForDeployment.rotary_op`)
 INPUT_NAMES = ("input_ids", "attention_mask")
 
 
@@ -38,7 +39,7 @@ def io_specs(task, seq_len: int, batch: int, hidden_size: int) -> tuple[list[Ten
             [TensorSpec(**task.output_spec(batch, hidden_size))])
 
 
-def export_onnx(model, task, path: Path, seq_len: int, batch: int) -> OnnxExport:
+def export_onnx(model, task, path: Path, seq_len: int, batch: int, rotary_op: bool = False) -> OnnxExport:
     """Export `model` (a Qwen3ForDeployment for `task`) to `path` and check it. The batch and sequence axes are
     symbolic: the graph runs any `[rows, seq]`, so a partial batch computes no padding rows on ONNX Runtime, and every
     SEQ of a bucket set comes from one export (`batch` and `seq_len` are the shape this artifact is served at; TVM
@@ -50,6 +51,8 @@ def export_onnx(model, task, path: Path, seq_len: int, batch: int) -> OnnxExport
     A streamed model (`from_pretrained(stream=True)`: fake parameters) is traced without its weights, and each weight
     is read from the checkpoint as the file is written (`stream_weights`): the export never holds the model.
 
+    `rotary_op` (graphs for ONNX Runtime): RoPE as ONNX's RotaryEmbedding op, so the graph's opset is 23.
+
     The dynamo exporter runs with `optimize=False`: its optimizer constant-folds `Cast(fp16 weight)` into fp32
     initializers, which would silently double the artifact and drop the fp16 storage we asked for."""
     import onnx
@@ -60,13 +63,14 @@ def export_onnx(model, task, path: Path, seq_len: int, batch: int) -> OnnxExport
     ids = torch.zeros(example_rows, seq_len, dtype=torch.int64)
     mask = torch.ones_like(ids)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # torchvision-missing notices are noise here
-    with warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad(), model.rotary_as_op(rotary_op):
         warnings.simplefilter("ignore")
         # the most rows, and tokens per row, a symbolic axis is exported for
         axes = {0: torch.export.Dim("batch", min=1, max=MAX_CONTEXT),
                 1: torch.export.Dim("seq", min=len(model.cached_prefix) + 2, max=MAX_CONTEXT)}
         program = torch.onnx.export(model, (ids, mask), dynamo=True, optimize=False, verbose=False,
-                                    opset_version=ONNX_OPSET, input_names=list(INPUT_NAMES),
+                                    opset_version=ROTARY_OPSET if rotary_op else ONNX_OPSET,
+                                    input_names=list(INPUT_NAMES),
                                     output_names=[o.name for o in outputs], external_data=True,
                                     dynamic_shapes={name: axes for name in INPUT_NAMES})
     release_trace()
