@@ -186,11 +186,26 @@ def test_truncation_policy(onnx_artifacts):
             warnings.simplefilter("always")
             [row] = emb.tokenize([long_text])
         assert len(row) == 64 and row[-1] == ENDOFTEXT_ID and "truncated" in str(caught[0].message)
-    with Reranker.from_artifacts(onnx_artifacts["reranker"][0], truncation="truncate") as rr:
+    with Reranker.from_artifacts(onnx_artifacts["reranker"][0].parent, truncation="truncate") as rr:
         [row] = rr.tokenize([("q", long_text)])
         prefix = rr.tokenizer.encode_one(RERANK_PREFIX)
         suffix = rr.tokenizer.encode_one(RERANK_SUFFIX)
-        assert len(row) == 64 and row[:len(prefix)] == prefix and row[-len(suffix):] == suffix
+        assert len(row) == 128 and row[:len(prefix)] == prefix and row[-len(suffix):] == suffix
+        # truncation keeps the query and instruction whole: where they fill the row, no document would be left
+        with pytest.raises(ToolkitError, match=r"^\d+ tokens of the query and instruction leave no room for the "
+                                               "document: this model has"):
+            rr.tokenize([("short query", "document"), (long_text, "document")])
+        assert rr.tokenize([(long_text[:60], "document")])  # room left: a document's tokens stay
+    with Embedder.from_artifacts(onnx_artifacts["embedding"][0].parent, truncation="truncate") as emb:
+        with pytest.raises(ToolkitError, match="tokens of the instruction leave no room for the text"):
+            emb.encode(["a text", "another"], instruction=long_text)
+
+
+def test_text_that_is_not_valid_unicode_is_refused_by_name(onnx_artifacts):
+    with Embedder.from_artifacts(onnx_artifacts["embedding"][0]) as emb:
+        with pytest.raises(ToolkitError, match=r"^text #1 is not valid Unicode \(surrogates not allowed at character "
+                                               r"2\); send UTF-8 text$"):
+            emb.encode(["fine", "ab\ud800"])
 
 
 def test_reranker_template_and_batch_rerank(onnx_artifacts, checkpoints):

@@ -210,8 +210,9 @@ class _TextModel:
         self.runner, self.tokenizer, self.truncation = runner, tokenizer, check_truncation(truncation)
         shortest = self.task.min_seq_len(tokenizer)
         if self.max_length < shortest:
-            raise ToolkitError(f"the largest SEQ here is {self.max_length}, but a {self.task.name} input needs at "
-                               f"least {shortest} tokens; compile with --seq {shortest} or more")
+            raise ToolkitError(f"the max input length here is {self.max_length} tokens, but every {self.task.name} "
+                               f"input needs at least {shortest}: raise max_length (a service's --max-input-length) "
+                               f"or compile with --seq {shortest} or more")
 
     @classmethod
     def from_artifacts(cls, path: str | Path, instances: int | str = 1, device_ids: tuple[int, ...] = (0,),
@@ -273,6 +274,15 @@ class _TextModel:
     def _max_chars_per_token(self) -> int:
         return max_token_chars(self.tokenizer)
 
+    def _check_room(self, head: str, what: str, text: str) -> None:
+        """Refuse a body whose `head` (all before its `text`) fills the room the model has for bodies: truncation
+        would cut all of the text, and every text would get the same answer."""
+        used, room = len(self.tokenizer.encode_one(head.rstrip())), self.max_length - self._layout.fixed
+        if used >= room:
+            raise ToolkitError(f"{used} tokens of {what} leave no room for the {text}: this model has {room} for "
+                               f"both (max input length {self.max_length}, prompt included); shorten {what}, or use "
+                               "a set compiled with a larger SEQ")
+
     def _rows(self, bodies: list[str], truncation: str | None = None) -> list[list[int]]:
         return token_rows(self._layout, self.tokenizer, bodies, self.max_length,
                           check_truncation(truncation or self.truncation), self._max_chars_per_token)
@@ -321,7 +331,10 @@ class Embedder(_TextModel):
             raise ToolkitError(f"these artifacts embed queries with the instruction {fixed!r} (its tokens are cached "
                                "in the graph): pass it (encode_queries does); texts without it (documents) need a set "
                                "compiled without --instruction")
-        return [self.task.format_query(t, instruction) for t in _check_texts(texts, "encode")]
+        texts = _check_texts(texts, "encode")
+        if instruction:
+            self._check_room(self.task.format_query("", instruction), "the instruction", "text")
+        return [self.task.format_query(t, instruction) for t in texts]
 
     def tokenize(self, texts: list[str], truncation: str | None = None) -> list[list[int]]:
         """Token ids ending in exactly one <|endoftext|>, whatever the tokenizer's own post-processing does.
@@ -371,7 +384,11 @@ class Reranker(_TextModel):
         if instruction is not None:
             check_instruction(fixed, instruction)
         instruction = fixed if instruction is None else instruction
-        return self._rows([self.task.format_body(q, d, instruction) for q, d in _check_pairs(pairs)], truncation)
+        pairs = _check_pairs(pairs)
+        rows = self._rows([self.task.format_body(q, d, instruction) for q, d in pairs], truncation)
+        for query in {q for (q, _), row in zip(pairs, rows) if len(row) == self.max_length}:  # cut ones: anything left?
+            self._check_room(self.task.format_body(query, "", instruction), "the query and instruction", "document")
+        return rows
 
     def score(self, pairs: list[tuple[str, str]], instruction: str | None = None, progress: bool = False) -> np.ndarray:
         """P(yes) for each (query, document) pair, in input order."""

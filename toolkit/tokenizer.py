@@ -14,6 +14,8 @@ import json
 import os
 from pathlib import Path
 
+from toolkit.errors import ToolkitError
+
 ENDOFTEXT_ID = 151643
 NO_TOKEN_ID = 2152
 YES_TOKEN_ID = 9693
@@ -64,11 +66,15 @@ class Tokenizer:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Each text's token ids, with nothing added: the tasks frame their rows themselves."""
-        return [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=False)]
+        try:
+            return [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=False)]
+        except TypeError:  # what the Rust tokenizer raises for a str it cannot take as UTF-8
+            check_unicode(texts)
+            raise
 
     def encode_one(self, text: str) -> list[int]:
         """One text's token ids, with nothing added."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+        return self.encode([text])[0]
 
     def decode(self, ids: list[int]) -> str:
         """The text of `ids`, special tokens included."""
@@ -125,3 +131,14 @@ def build_qwen3_tokenizer(eos_token: str = "<|endoftext|>", append_eos: bool = T
         padding_side="left",
         model_max_length=MAX_CONTEXT,
     )
+
+
+def check_unicode(texts: list[str]) -> None:
+    """Raise ToolkitError naming the first text that is not valid Unicode (a lone surrogate, as `"\\ud800"` in JSON
+    decodes to): it cannot be encoded as UTF-8, so nothing can tokenise it."""
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ToolkitError(f"text #{i} is not valid Unicode ({e.reason} at character {e.start}); send UTF-8 "
+                               "text") from None
