@@ -112,6 +112,29 @@ def test_bucketed_results_match_a_single_bucket_and_torch(onnx_artifacts, checkp
     assert np.allclose(np.linalg.norm(a, axis=-1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("task", ["embedding", "reranker"])
+def test_onnx_runtime_runs_each_batch_at_its_longest_row_with_the_outputs_of_the_buckets_seq(onnx_artifacts,
+                                                                                             tvm_artifacts, task):
+    """An ONNX Runtime graph's sequence axis is symbolic: a batch is padded to its longest row, not to the bucket's
+    SEQ (the padding is computed like real tokens); the outputs are those of the bucket's shape."""
+    texts = ["short", "a somewhat longer sentence here", "medium length text", "x " * 12]
+    model_class = Embedder if task == "embedding" else Reranker
+    with model_class.from_artifacts(onnx_artifacts[task][0].parent) as model:
+        rows = model.tokenize(texts if task == "embedding" else [("q", t) for t in texts])
+        engine = model.runner.bucket_for(max(map(len, rows)))
+        assert engine.dynamic_seq and max(map(len, rows)) < engine.seq_len
+        trimmed = model.runner.run(rows)
+        batches = [[len(rows[i]) for i in indices] for _, indices in model.runner.plan(rows)]
+        assert model.runner.stats.computed_tokens == sum(len(b) * max(b) for b in batches)
+        engine.dynamic_seq = False  # as a static-shape backend runs it
+        padded = model.runner.run(rows)
+        with pytest.raises(ToolkitError, match="does not match the artifact's"):
+            engine.run_sync(*left_pad(rows, engine.seq_len + 1, ENDOFTEXT_ID))
+    np.testing.assert_allclose(trimmed, padded, atol=1e-5 * np.abs(padded).max())
+    with Engine.from_artifact(tvm_artifacts[task][0]) as tvm_engine:
+        assert not tvm_engine.dynamic_seq
+
+
 def test_endoftext_is_appended_exactly_once(onnx_artifacts, tokenizers, tmp_path):
     from toolkit.tokenizer import Tokenizer, build_qwen3_tokenizer
 

@@ -67,7 +67,8 @@ class BucketedRunner:
     """Routes each token row to the smallest engine whose SEQ fits (or, to fill a static batch's padding rows, a
     larger one), pads to that engine's [batch, SEQ], submits every batch asynchronously and returns the outputs in
     input order. An engine with no fixed SEQ (torch reference) gets length-sorted batches of `dynamic_batch` padded to
-    their longest row."""
+    their longest row; one whose SEQ is the longest it takes (`dynamic_seq`: ONNX Runtime) gets its batches padded to
+    their longest row too."""
 
     def __init__(self, engines: list[Engine], dynamic_batch: int = 8, max_length: int | None = None):
         self.engines = sorted(engines, key=lambda e: e.seq_len or 0)
@@ -102,10 +103,10 @@ class BucketedRunner:
     def run_batch(self, engine: Engine, rows: list[list[int]], indices: list[int]) -> Batch:
         """Queue one batch of `engine` holding `rows[i]` for i in `indices` (as `plan` made it)."""
         chunk = [rows[i] for i in indices]
-        seq = engine.seq_len or max(map(len, chunk))
+        seq = max(map(len, chunk)) if engine.seq_len is None or engine.dynamic_seq else engine.seq_len
         ids, mask = left_pad(chunk, seq, ENDOFTEXT_ID, None if engine.dynamic_batch else engine.batch)
         real = sum(map(len, chunk))
-        self.stats.add(real, ids.size, seq)
+        self.stats.add(real, ids.size, engine.seq_len or seq)
         return Batch(indices, seq, real, ids.size, engine.run_async(ids, mask))
 
     def submit(self, rows: list[list[int]]) -> list[Batch]:

@@ -26,13 +26,15 @@ from toolkit.text import split_cached_prefix
 
 class Backend:
     """One loaded model. `seq_len`/`batch` are the fixed input shape, or None where any size runs; with
-    `dynamic_batch`, `batch` is the most rows per run and fewer are fine."""
+    `dynamic_batch`, `batch` is the most rows per run and fewer are fine; with `dynamic_seq`, `seq_len` is the
+    longest row and shorter runs are fine."""
 
     name: str
     task: Task
     seq_len: int | None
     batch: int | None
     dynamic_batch: bool = False
+    dynamic_seq: bool = False
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Raw outputs for one left-padded batch."""
@@ -246,6 +248,8 @@ class OnnxRuntimeBackend(Backend):
                                f"(available: {ort.get_available_providers()}); install onnxruntime-gpu on a GPU host")
         self.task, self.seq_len, self.batch = get_task(manifest.task), manifest.seq_len, manifest.batch
         self.dynamic_batch, self.cached_prefix = manifest.dynamic_batch, manifest.cached_prefix
+        # the graph's symbolic sequence axis (`export_onnx`): a batch runs at its longest row, not at the bucket's SEQ
+        self.dynamic_seq = isinstance(self.session.get_inputs()[0].shape[1], str)
         warn_if_int8_saturates(manifest)
         self.output_name = self.session.get_outputs()[0].name
 

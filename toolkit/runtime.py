@@ -119,7 +119,7 @@ class Engine:
         self.backends = [make_backend(i, device_ids[i % len(device_ids)]) for i in range(instances)]
         first = self.backends[0]
         self.task, self.seq_len, self.batch = first.task, first.seq_len, first.batch
-        self.dynamic_batch = first.dynamic_batch
+        self.dynamic_batch, self.dynamic_seq = first.dynamic_batch, first.dynamic_seq
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._closed = False
         self._submitting = 0  # submissions past the closed check, not yet queued
@@ -158,7 +158,9 @@ class Engine:
         if not np.issubdtype(ids.dtype, np.integer) or not np.issubdtype(mask.dtype, np.integer):
             raise ToolkitError(f"inputs must be integer arrays, got {ids.dtype} / {mask.dtype}")
         rows_ok = self.dynamic_batch and 1 <= ids.shape[0] <= self.batch
-        expected = (ids.shape[0] if rows_ok else self.batch or ids.shape[0], self.seq_len or ids.shape[1])
+        seq_ok = self.dynamic_seq and 1 <= ids.shape[1] <= self.seq_len
+        expected = (ids.shape[0] if rows_ok else self.batch or ids.shape[0],
+                    ids.shape[1] if seq_ok else self.seq_len or ids.shape[1])
         if ids.shape != expected:
             raise ToolkitError(f"input shape {ids.shape} does not match the artifact's [batch, seq] = {list(expected)};"
                                " pad the batch and left-pad to the sequence length (Embedder/Reranker do this)")
