@@ -1,6 +1,8 @@
 """BatchScheduler: rows of concurrent callers merged into shared engine batches, each caller's outputs in its order,
 the fullest batch first and no row passed over more than MAX_PASSED_OVER times, failures confined to the requests they
-hit, a batch dispatched when full, on a full budget or at close, bad arguments refused."""
+hit, a batch dispatched when full, on a full budget or at close, bad arguments refused; a scheduler that fails on an
+error of its own fails what waits and refuses what comes, rather than leave its callers waiting."""
+import math
 import threading
 import time
 
@@ -11,7 +13,7 @@ from toolkit.api import BucketedRunner
 from toolkit.backends import Backend
 from toolkit.errors import ToolkitError
 from toolkit.runtime import Engine, EngineClosedError
-from toolkit.scheduler import MAX_PASSED_OVER, BatchScheduler, SchedulerObserver
+from toolkit.scheduler import MAX_PASSED_OVER, MAX_WAIT_MS, BatchScheduler, SchedulerObserver, SchedulerStopped
 from toolkit.tasks import EMBEDDING
 
 TIMEOUT = 60
@@ -126,7 +128,7 @@ def test_a_batch_takes_the_longest_rows_it_can(dynamic_batch):
 
 def test_a_full_batch_goes_at_once_while_a_lone_row_waits(echo):
     runner, _ = echo
-    scheduler = BatchScheduler(runner, max_batch_tokens=64, max_wait_ms=600_000)  # waits "forever" for company
+    scheduler = BatchScheduler(runner, max_batch_tokens=64, max_wait_ms=MAX_WAIT_MS)  # waits "forever" for company
     lonely = scheduler.submit([[5] * 12])  # SEQ 16
     full = scheduler.submit([[7] * 3] * 4)  # 4 rows: a full SEQ 8 batch (12 of 32 slots real; with the lone row, at
     # SEQ 16, 21 of 64)
@@ -156,7 +158,7 @@ def test_a_failing_batch_fails_only_its_requests(echo):
 
 def test_a_full_budget_goes_at_once_and_close_flushes_what_waits(echo):
     runner, _ = echo
-    scheduler = BatchScheduler(runner, max_batch_tokens=16, max_wait_ms=600_000)  # waits "forever" for company
+    scheduler = BatchScheduler(runner, max_batch_tokens=16, max_wait_ms=MAX_WAIT_MS)  # waits "forever" for company
     full = scheduler.submit([[7] * 8, [9] * 8])  # 16 tokens: the budget is full, no need to wait
     assert np.array_equal(full.result(TIMEOUT), expected([[7] * 8, [9] * 8]))
     lonely = scheduler.submit([[5]])
@@ -173,7 +175,9 @@ def test_bad_arguments_are_one_line_errors(echo):
     runner, _ = echo
     for kwargs, message in (({"max_batch_tokens": 8}, "max_batch_tokens must be an integer >= the max input length"),
                             ({"max_batch_tokens": True}, "max_batch_tokens"),
-                            ({"max_wait_ms": -1}, "max_wait_ms must be a number >= 0")):
+                            ({"max_wait_ms": -1}, "max_wait_ms must be a number in 0..60000, got -1"),
+                            ({"max_wait_ms": math.inf}, "max_wait_ms must be a number in 0..60000, got inf"),
+                            ({"max_wait_ms": math.nan}, "got nan"), ({"max_wait_ms": MAX_WAIT_MS + 1}, "got 60001")):
         with pytest.raises(ToolkitError, match=message):
             BatchScheduler(runner, **kwargs)
     scheduler = BatchScheduler(runner)
@@ -181,4 +185,49 @@ def test_bad_arguments_are_one_line_errors(echo):
         scheduler.submit([])
     with pytest.raises(ToolkitError, match="row 1 has 17 tokens; it must have 1..16"):
         scheduler.submit([[1], [1] * 17])
+    scheduler.close()
+
+
+class FailsOnSecondBatch(SchedulerObserver):
+    """A hook with a bug that shows at the second batch."""
+
+    def __init__(self):
+        self.batches = 0
+
+    def batch_submitted(self, batch):
+        self.batches += 1
+        if self.batches == 2:
+            raise RuntimeError("hook bug")
+
+
+def test_a_scheduling_thread_that_dies_fails_the_waiting_rows_and_refuses_new_ones(echo):
+    runner, _ = echo
+    scheduler = BatchScheduler(runner, max_batch_tokens=64, max_wait_ms=MAX_WAIT_MS)
+    scheduler.max_wait = math.inf  # what an unchecked --max-wait-ms inf did: the thread's wait overflows
+    lonely = scheduler.submit([[5]])
+    with pytest.raises(SchedulerStopped, match="the batch scheduler stopped on OverflowError"):
+        lonely.result(TIMEOUT)
+    assert not scheduler.alive
+    with pytest.raises(SchedulerStopped, match="OverflowError"):
+        scheduler.submit([[1]])
+    scheduler.close()
+
+
+def test_a_scheduler_failing_on_an_engine_thread_fails_its_requests_and_stops(echo):
+    """The batch after a finished one is chosen and dispatched on the engine's thread: a failure there fails the rows
+    it took and those still waiting, and stops the scheduler."""
+    runner, gate = echo
+    scheduler = BatchScheduler(runner, max_batch_tokens=1024, max_wait_ms=0, observer=FailsOnSecondBatch())
+    gate.clear()
+    first = scheduler.submit([[1]])  # holds the only instance: what comes next waits in the pool
+    wait_until(lambda: scheduler.pending_rows == 0)
+    waiting = [scheduler.submit([[2] * 6]) for _ in range(6)]  # two SEQ 8 batches' worth
+    gate.set()
+    assert np.array_equal(first.result(TIMEOUT), expected([[1]]))
+    for future in waiting:
+        with pytest.raises(SchedulerStopped, match="RuntimeError: hook bug"):
+            future.result(TIMEOUT)
+    assert not scheduler.alive
+    with pytest.raises(SchedulerStopped, match="hook bug"):
+        scheduler.submit([[1]])
     scheduler.close()

@@ -1,10 +1,17 @@
 """`toolkit serve` with real clients on loopback: the official OpenAI client and Hugging Face's InferenceClient get
 what the offline API computes; TEI's and Cohere's routes, tokenisation, health, info and metrics over httpx; every
-bad request answered with its status and a message (never a 500); a backend failure is a 503 for the request it hit
-while the server goes on; SIGTERM finishes the requests in flight and exits 0; bad flags are one-line errors."""
+bad request answered with its status and a message (never a 500), and never failing another client's request; a
+backend failure is a 503 for the request it hit while the server goes on, a dead scheduler a 503 at once; SIGTERM
+finishes the requests in flight and exits 0; bad flags are one-line errors, the port is bound before models load."""
 import base64
 import json
+import os
+import re
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 
 import httpx
@@ -21,7 +28,8 @@ from toolkit.backends import Backend, open_backend
 from toolkit.checkpoint import load_tokenizer
 from toolkit.cli import main
 from toolkit.runtime import Engine
-from toolkit.serve.app import VectorsResponse, create_app
+from toolkit.scheduler import MAX_WAIT_MS, SchedulerObserver
+from toolkit.serve.app import ERROR_TYPES, VectorsResponse, create_app
 from toolkit.serve.server import engines_line
 from toolkit.serve.service import Limits
 from toolkit.tasks import SIMILARITY_INSTRUCTION, WEB_SEARCH_INSTRUCTION
@@ -82,10 +90,11 @@ def test_openai_client_gets_the_embedder_vectors(url, offline):
     want = emb.encode_documents(TEXTS)
     for encoding in ({}, {"encoding_format": "float"}):  # the client asks for base64 and decodes it by default
         got = client.embeddings.create(model="qwen3-embedding", input=TEXTS, **encoding)
-        assert [d.index for d in got.data] == list(range(len(TEXTS))) and got.model == "qwen3-embedding"
+        # the served set's name, whatever the client called it (as TEI answers)
+        assert [d.index for d in got.data] == list(range(len(TEXTS))) and got.model == emb.manifests[0].name
         assert max_abs_diff([d.embedding for d in got.data], want) <= 1e-6
     encoded = client.embeddings.create(model="m", input=TEXTS, encoding_format="base64")  # left to the caller
-    assert max_abs_diff([np.frombuffer(base64.b64decode(d.embedding), "<f4") for d in encoded.data], want) == 0
+    assert max_abs_diff([np.frombuffer(base64.b64decode(d.embedding), "<f4") for d in encoded.data], want) <= 1e-6
     assert got.usage.prompt_tokens == sum(map(len, emb.tokenize(TEXTS)))
     cut = client.embeddings.create(model="m", input=TEXTS[0], dimensions=16)
     assert max_abs_diff([cut.data[0].embedding], emb.encode_documents(TEXTS[:1], dim=16)) <= 1e-6
@@ -131,6 +140,7 @@ def test_tei_and_cohere_routes_tokenize_health_info_metrics(url, offline):
         cohere = http.post("/v1/rerank", json={"query": QUERY, "documents": DOCS, "top_n": 1,
                                                "return_documents": True}).json()
         [best] = cohere["results"]
+        assert cohere["model"] == rr.manifests[0].name
         assert best["index"] == ranked[0]["corpus_id"] and best["document"] == {"text": ranked[0]["text"]}
         assert abs(best["relevance_score"] - ranked[0]["score"]) <= 1e-6
         assert cohere["usage"]["total_tokens"] == sum(map(len, rr.tokenize([(QUERY, d) for d in DOCS])))
@@ -138,7 +148,7 @@ def test_tei_and_cohere_routes_tokenize_health_info_metrics(url, offline):
         assert [t["id"] for t in tokens[0]] == emb.tokenize(emb.format(["Hello world"], WEB_SEARCH_INSTRUCTION))[0]
         assert tokens[0][-1] == {"id": ENDOFTEXT_ID, "text": "<|endoftext|>", "special": True}
         assert "".join(t["text"] for t in tokens[0][:-1]).endswith("Query:Hello world")
-        assert http.get("/health").json() == {"status": "ok"}
+        assert http.get("/health").json() == {"status": "ok"} and http.head("/health").status_code == 200
         info = http.get("/info").json()
         assert info["models"]["embedding"]["buckets"] == [{"seq": 32, "batch": 2}, {"seq": 64, "batch": 2}]
         assert info["models"]["embedding"]["max_input_length"] == 64 and info["models"]["reranker"]["dtype"] == "fp16"
@@ -164,13 +174,44 @@ def error_message(response) -> str:
     return error["message"] if isinstance(error, dict) else error  # OpenAI's shape under /v1, TEI's elsewhere
 
 
+def error_type(response) -> str:
+    body = response.json()
+    return body["error"]["type"] if isinstance(body["error"], dict) else body["error_type"]
+
+
+LONE_SURROGATE = "\ud800"  # JSON's "\ud800": no valid UTF-8 text holds it
+
+
 BAD_REQUESTS = [
     ("/embed", b'{"inputs": ', 422, "body: JSON decode error"),
     ("/embed", {}, 422, "inputs: Field required"),
     ("/embed", {"inputs": []}, 422, "inputs: List should have at least 1 item"),
-    ("/embed", {"inputs": 5}, 422, "inputs: Input should be a valid"),
+    ("/embed", {"inputs": 5}, 422, "inputs: send a text or a list of texts"),
     ("/embed", {"inputs": ["a", 5]}, 422, "inputs.1: Input should be a valid string"),
     ("/embed", {"inputs": "a", "normalize": "maybe"}, 422, "normalize: Input should be a valid boolean"),
+    # strict types: no coercion between JSON types
+    ("/embed", {"inputs": "a", "normalize": "false"}, 422, "normalize: Input should be a valid boolean"),
+    ("/embed", {"inputs": "a", "truncate": "true"}, 422, "truncate: Input should be a valid boolean"),
+    ("/embed", {"inputs": "a", "dimensions": True}, 422, "dimensions: Input should be a valid integer"),
+    ("/embed", {"inputs": "a", "dimensions": "8"}, 422, "dimensions: Input should be a valid integer"),
+    ("/rerank", {"query": "q", "texts": ["d"], "top_n": True}, 422, "top_n: Input should be a valid integer"),
+    ("/v1/rerank", {"query": "q", "documents": ["d"], "top_n": "2"}, 422, "top_n: Input should be a valid integer"),
+    ("/v1/embeddings", {"input": [True]}, 422, "input.0: Input should be a valid integer"),
+    ("/v1/embeddings", {"input": [1.0]}, 422, "input.0: Input should be a valid integer"),
+    # invalid Unicode, in every text field
+    ("/embed", {"inputs": LONE_SURROGATE}, 422, "inputs: invalid Unicode (a lone surrogate); send valid UTF-8 text"),
+    ("/", {"inputs": ["a", LONE_SURROGATE]}, 422, "inputs.1: invalid Unicode (a lone surrogate)"),
+    ("/embed", {"inputs": "a", "instruction": LONE_SURROGATE}, 422, "instruction: invalid Unicode"),
+    ("/tokenize", {"inputs": [LONE_SURROGATE]}, 422, "inputs.0: invalid Unicode"),
+    ("/rerank", {"query": LONE_SURROGATE, "texts": ["d"]}, 422, "query: invalid Unicode"),
+    ("/rerank", {"query": "q", "texts": [LONE_SURROGATE]}, 422, "texts.0: invalid Unicode"),
+    ("/v1/rerank", {"query": "q", "documents": ["d", LONE_SURROGATE]}, 422, "documents.1: invalid Unicode"),
+    ("/v1/embeddings", {"input": [LONE_SURROGATE]}, 422, "input.0: invalid Unicode"),
+    ("/v1/embeddings", {"input": "a", "model": LONE_SURROGATE}, 422, "model: invalid Unicode"),
+    # bodies that are not JSON a server can read
+    ("/embed", b'{"inputs": "\xff"}', 400, "body: not readable as JSON (invalid UTF-8, or nested too deeply); send a "
+                                           "UTF-8 JSON object"),
+    ("/embed", b"[" * 1000 + b"]" * 1000, 400, "send a UTF-8 JSON object"),
     ("/embed", {"inputs": "a", "dimensions": 0}, 422, "dimensions: Input should be greater than or equal to 1"),
     ("/embed", {"inputs": "a", "dimensions": 10_000}, 422, "dimensions must be in 1..64 (the model's embedding size)"),
     ("/embed", {"inputs": "a", "prompt_name": "nope"}, 422, "prompt_name: Input should be 'query' or 'document'"),
@@ -183,7 +224,13 @@ BAD_REQUESTS = [
     ("/tokenize", {"inputs": []}, 422, "at least 1 item"),
     ("/v1/embeddings", {"input": [[1, 2], []]}, 422, "input"),
     ("/v1/embeddings", {"input": [[151669]]}, 422, "token ids must be integers in 0..151668"),
-    ("/v1/embeddings", {"input": [-1]}, 422, "input"),
+    ("/v1/embeddings", {"input": [-1]}, 422, "input.0: Input should be greater than or equal to 0"),
+    ("/v1/embeddings", {"input": [1.5]}, 422, "input.0: Input should be a valid integer"),
+    ("/v1/embeddings", {"input": [None]}, 422, "input.0: Input should be a valid integer"),
+    ("/v1/embeddings", {"input": ["a", [1]]}, 422, "input.1: Input should be a valid string"),
+    ("/v1/embeddings", {"input": 5}, 422, "input: send a text, a list of texts, a list of token ids"),
+    ("/v1/embeddings", {"input": [1, 2], "prompt_name": "query"}, 422, "body: prompt_name and instruction apply to "
+                                                                      "texts"),
     ("/v1/embeddings", {"input": "a", "encoding_format": "hex"}, 422, "encoding_format: Input should be 'float'"),
     ("/v1/embeddings", {"input": "word " * 60}, 413, "max input length of 40 tokens (prompt included); shorten it"),
     ("/rerank", {"query": "q", "texts": ["d"]}, 404, "no reranker model; start it with --reranker SET_DIR"),
@@ -199,7 +246,7 @@ def test_bad_requests_get_their_status_and_a_message(limited_url, path, body, st
     r = httpx.post(f"{limited_url}{path}", content=content, headers={"content-type": "application/json"},
                    timeout=TIMEOUT)
     assert r.status_code == status, r.text
-    assert message in error_message(r)
+    assert message in error_message(r) and error_type(r) == ERROR_TYPES[status]
 
 
 def test_limits_that_need_more_than_a_body(limited_url, sets):
@@ -212,7 +259,10 @@ def test_limits_that_need_more_than_a_body(limited_url, sets):
     r = httpx.post(f"{limited_url}/embed", content=chunks(), headers={"content-type": "application/json"},
                    timeout=TIMEOUT)
     assert r.status_code == 413 and "payload limit" in error_message(r)
-    assert httpx.get(f"{limited_url}/embed", timeout=TIMEOUT).status_code == 405
+    metrics = httpx.get(f"{limited_url}/metrics", timeout=TIMEOUT).text
+    assert 'route="/embed",status="413"' in metrics and 'route="unmatched",status="413"' not in metrics
+    r = httpx.get(f"{limited_url}/embed", timeout=TIMEOUT)
+    assert r.status_code == 405 and error_message(r) == "GET /embed is not served; use POST"
     long_text = "word " * 60
     r = httpx.post(f"{limited_url}/embed", json={"inputs": long_text, "truncate": True}, timeout=TIMEOUT)
     with Embedder.from_artifacts(sets["embedding"], truncation="truncate", max_length=40) as capped:
@@ -236,17 +286,57 @@ def test_dimensions_wider_than_the_vectors_are_refused_before_the_model_runs(set
         assert embedder.runner.stats.computed_tokens > 0  # what counted nothing above counts a request that ran
 
 
-def test_prompt_name_query_is_the_instruction_of_a_set_compiled_for_one(checkpoints, tmp_path):
-    """As `encode_queries`: the set's fixed instruction (web search only for a set built without one)."""
-    [artifact] = build(checkpoints, tmp_path, "embedding", seq_lens=(64,), instruction=SIMILARITY_INSTRUCTION)
-    with Embedder.from_artifacts(artifact.parent) as offline:
+@pytest.fixture(scope="module")
+def instruction_set(checkpoints, tmp_path_factory):
+    """An embedding set compiled for one instruction: its graph caches the query prompt's first tokens."""
+    [artifact] = build(checkpoints, tmp_path_factory.mktemp("instruction"), "embedding", seq_lens=(64,),
+                       instruction=SIMILARITY_INSTRUCTION)
+    assert find_artifacts(artifact.parent)[0].cached_prefix
+    return artifact.parent
+
+
+def test_prompt_name_query_is_the_instruction_of_a_set_compiled_for_one(instruction_set):
+    """As `encode_queries`: the set's fixed instruction (web search only for a set built without one), on TEI's
+    routes and, as an extension field, on OpenAI's; a text without it is refused naming the field to send."""
+    with Embedder.from_artifacts(instruction_set) as offline:
         want = offline.encode_queries(TEXTS[:2])
-    with served(create_app(Embedder.from_artifacts(artifact.parent))) as base, \
+    with served(create_app(Embedder.from_artifacts(instruction_set))) as base, \
             httpx.Client(base_url=base, timeout=TIMEOUT) as http:
         r = http.post("/embed", json={"inputs": TEXTS[:2], "prompt_name": "query"})
         assert r.status_code == 200 and max_abs_diff(r.json(), want) <= 1e-6
+        for body in ({"prompt_name": "query"}, {"instruction": SIMILARITY_INSTRUCTION}):
+            r = http.post("/v1/embeddings", json={"input": TEXTS[:2], **body})
+            assert r.status_code == 200 and max_abs_diff([d["embedding"] for d in r.json()["data"]], want) <= 1e-6
         tokens = http.post("/tokenize", json={"inputs": "Hello", "prompt_name": "query"}).json()
         assert "".join(t["text"] for t in tokens[0]).startswith(f"Instruct: {SIMILARITY_INSTRUCTION}\nQuery:")
+        for path, body in (("/embed", {"inputs": "a"}), ("/tokenize", {"inputs": "a"}),
+                           ("/v1/embeddings", {"input": "a"}), ("/embed", {"inputs": "a", "instruction": "Judge"})):
+            r = http.post(path, json=body)
+            assert r.status_code == 422 and 'send "prompt_name": "query"' in error_message(r), r.text
+
+
+def test_token_ids_without_the_cached_prompt_are_refused_and_never_fail_another_request(instruction_set):
+    """A set that caches the query prompt's first tokens fails on a row without them, and with it every row of the
+    batch: such token ids are refused before they are queued. A batch here takes 2 rows and waits for the second: a
+    bad request sent while a good one waits would share its batch."""
+    with Embedder.from_artifacts(instruction_set) as offline:
+        want = offline.encode_queries(TEXTS[:2])
+        query_ids = [offline.tokenize(offline.format([t], SIMILARITY_INSTRUCTION))[0][:-1] for t in TEXTS[:2]]
+    app = create_app(Embedder.from_artifacts(instruction_set), limits=Limits(max_wait_ms=MAX_WAIT_MS))
+    with served(app) as base, httpx.Client(base_url=base, timeout=TIMEOUT) as http:
+        waiting = {}
+        first = threading.Thread(target=lambda: waiting.update(r=http.post("/v1/embeddings",
+                                                                           json={"input": query_ids[0]})))
+        first.start()
+        wait_for(lambda: 'toolkit_queue_rows{model="embedding"} 1.0' in http.get("/metrics").text)
+        bad = http.post("/v1/embeddings", json={"input": [1, 2, 3]})
+        assert bad.status_code == 422, bad.text
+        assert "token ids of input #0 do not start with the" in error_message(bad)
+        assert '"prompt_name": "query"' in error_message(bad)
+        second = http.post("/v1/embeddings", json={"input": [query_ids[1]]})  # fills the first one's batch
+        first.join(TIMEOUT)
+        for r, vector in ((waiting["r"], want[0]), (second, want[1])):
+            assert r.status_code == 200 and max_abs_diff([r.json()["data"][0]["embedding"]], [vector]) <= 1e-6
 
 
 POISON_ID = 4242  # a row holding this token id makes the backend below fail
@@ -281,6 +371,57 @@ def test_a_backend_failure_is_a_503_for_its_request_and_the_server_goes_on(sets,
             assert ok.status_code == 200 and max_abs_diff(ok.json(), offline["embedding"].encode(TEXTS)) <= 1e-6
         assert http.get("/health").json() == {"status": "ok"}
         assert 'route="/v1/embeddings",status="503"} 2.0' in http.get("/metrics").text
+
+
+class FailsAtOnce(SchedulerObserver):
+    """A hook with a bug: the scheduler stops at its first batch."""
+
+    def batch_submitted(self, batch):
+        raise RuntimeError("hook bug")
+
+
+def test_a_stopped_scheduler_is_a_503_at_once_and_an_unhealthy_server(sets):
+    app = create_app(Embedder.from_artifacts(sets["embedding"]))
+    app.state.services.embedding().scheduler.observer = FailsAtOnce()
+    with served(app) as base, httpx.Client(base_url=base, timeout=TIMEOUT) as http:
+        for _ in range(2):  # the request it stopped on, then one it refuses at once
+            r = http.post("/embed", json={"inputs": TEXTS[:1]})
+            assert r.status_code == 503 and "the embedding model takes no more requests (the batch scheduler stopped " \
+                                             "on RuntimeError: hook bug)" in error_message(r)
+        assert http.get("/health").status_code == 503
+
+
+def test_an_answer_to_a_client_that_left_is_counted_as_499(sets):
+    """The request of a client that closed its connection still runs (its batch may hold other requests' rows); its
+    answer, written to nobody, is counted as nginx counts it: 499, not 200."""
+    app = create_app(Embedder.from_artifacts(sets["embedding"]), limits=Limits(max_wait_ms=MAX_WAIT_MS))
+    with served(app) as base, httpx.Client(base_url=base, timeout=TIMEOUT) as http:
+        body = json.dumps({"inputs": TEXTS[:1]}).encode()
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as leaving:
+            leaving.sendall(b"POST /embed HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
+                            b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            wait_for(lambda: 'toolkit_queue_rows{model="embedding"} 1.0' in http.get("/metrics").text)
+        # its row waits for a second one (a batch takes 2): this request's
+        assert http.post("/embed", json={"inputs": TEXTS[1:2]}).status_code == 200
+        wait_for(lambda: 'toolkit_http_requests_total{route="/embed",status="499"} 1.0' in http.get("/metrics").text)
+        assert 'toolkit_http_requests_total{route="/embed",status="200"} 1.0' in http.get("/metrics").text
+
+
+def test_the_tokenizers_are_set_up_before_the_first_request(sets, monkeypatch):
+    """Their lazy setup (a scan of the vocabulary, ~0.1 s for Qwen3's) would block the event loop under the first
+    request; a SIGTERM then resets requests already sent."""
+    import toolkit.api
+
+    app = create_app(Embedder.from_artifacts(sets["embedding"]), Reranker.from_artifacts(sets["reranker"]))
+
+    def scan_on_a_request(tokenizer):
+        raise AssertionError("the vocabulary was scanned on a request")
+
+    monkeypatch.setattr(toolkit.api, "max_token_chars", scan_on_a_request)
+    with served(app) as base, httpx.Client(base_url=base, timeout=TIMEOUT) as http:
+        assert http.post("/embed", json={"inputs": TEXTS}).status_code == 200
+        assert http.post("/rerank", json={"query": QUERY, "texts": DOCS}).status_code == 200
 
 
 def test_a_reranker_compiled_for_its_instruction_says_so_and_answers_another_with_a_422(tvm_artifacts):
@@ -329,7 +470,12 @@ def refuses_connections(base: str) -> bool:
 @pytest.mark.parametrize("args, message", [
     ([], "give at least one model"),
     (["--embedding", "/no/such/set"], "--embedding /no/such/set: no such directory"),
-    (["--embedding", "SET", "--max-wait-ms", "-1"], "--max-wait-ms must be a number >= 0"),
+    (["--embedding", "SET", "--max-wait-ms", "-1"], "--max-wait-ms must be a number of milliseconds in 0..60000"),
+    (["--embedding", "SET", "--max-wait-ms", "inf"], "--max-wait-ms must be a number of milliseconds in 0..60000, got "
+                                                     "inf"),
+    (["--embedding", "SET", "--max-wait-ms", "nan"], "--max-wait-ms must be a number of milliseconds in 0..60000, got "
+                                                     "nan"),
+    (["--embedding", "SET", "--host", "999.1.1.1"], "--host 999.1.1.1: "),
     (["--embedding", "SET", "--max-concurrent-requests", "0"], "--max-concurrent-requests must be an integer >= 1"),
     (["--embedding", "SET", "--replicas", "2"], "--replicas and --ray-address need --ray"),
     (["--embedding", "SET", "--port", "70000"], "--port must be at most 65535"),
@@ -343,3 +489,35 @@ def test_bad_serve_flags_are_one_line_errors(sets, args, message):
     args = [{"SET": str(sets["embedding"]), "RERANKER_SET": str(sets["reranker"])}.get(a, a) for a in args]
     result = CliRunner().invoke(main, ["serve", *args])
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+
+
+def test_a_port_in_use_is_refused_before_any_model_loads(sets, monkeypatch):
+    def load(options):
+        raise AssertionError("models loaded before the port was bound")
+
+    monkeypatch.setattr("toolkit.serve.server.build_app", load)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve", "--embedding", str(sets["embedding"]), "--port", str(port)])
+    assert result.exit_code == 2, result.output
+    assert f"cannot listen on 127.0.0.1:{port} (Address already in use); pass a free --port" in result.output
+
+
+def test_port_0_serves_on_a_free_port_and_prints_it(sets):
+    with tempfile.TemporaryFile("w+") as log:
+        def output() -> str:
+            log.seek(0)
+            return log.read()
+
+        server = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", "--embedding", str(sets["embedding"]),
+                                   "--port", "0"], stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            wait_for(lambda: "serving on" in output())
+            url = re.search(r"serving on (http://127\.0\.0\.1:\d+) ", output()).group(1)
+            wait_for(lambda: httpx.get(f"{url}/health").status_code == 200)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(TIMEOUT) == 0, output()

@@ -90,8 +90,9 @@ def test_perf_serve_rates_each_served_run_against_the_offline_runs_around_it(emb
     assert served["agreement"]["max_abs_diff"] <= TOLERANCE
     assert result["runs"][0]["vs_offline"] == served["vs_offline"]  # one repeat: its figures are the medians
     assert "served, 4 clients (uvicorn)" in serve_load_report(result)
-    # a dynamic (ONNX) batch pads each row to its own bucket's SEQ, served or offline: the same token slots
-    assert served["token_slots"] == result["offline"]["token_slots"] > 0 and served["token_slots_vs_offline"] == 1
+    # ONNX Runtime pads a batch to its longest row: the slots depend on which rows share a batch, served or offline
+    assert served["token_slots"] > 0 and result["offline"]["token_slots"] > 0
+    assert served["token_slots_vs_offline"] == pytest.approx(served["token_slots"] / result["offline"]["token_slots"])
 
 
 def test_perf_serve_quotes_the_first_failure_when_no_request_succeeds(embedding_set):

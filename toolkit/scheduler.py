@@ -47,6 +47,11 @@ class SchedulerObserver:
 
 
 MAX_PASSED_OVER = 4  # batches a waiting row may watch go without it; then its own batch goes next
+MAX_WAIT_MS = 60_000  # a longer wait for company is no batching policy (and past ~1e13 ms, a wait the OS refuses)
+
+
+class SchedulerStopped(ToolkitError):
+    """The scheduler stopped on an error of its own: rows submitted to it would never run."""
 
 
 @dataclass(eq=False)
@@ -85,8 +90,9 @@ class BatchScheduler:
                 or max_batch_tokens < runner.max_length:
             raise ToolkitError(f"max_batch_tokens must be an integer >= the max input length {runner.max_length}, "
                                f"got {max_batch_tokens!r}")
-        if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) or not max_wait_ms >= 0:
-            raise ToolkitError(f"max_wait_ms must be a number >= 0, got {max_wait_ms!r}")
+        if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) \
+                or not 0 <= max_wait_ms <= MAX_WAIT_MS:
+            raise ToolkitError(f"max_wait_ms must be a number in 0..{MAX_WAIT_MS}, got {max_wait_ms!r}")
         self.runner, self.max_batch_tokens, self.max_wait = runner, max_batch_tokens, max_wait_ms / 1000
         self.observer = observer or SchedulerObserver()
         # batches that can run at once: every instance holds its share of the CPU budget while it runs
@@ -95,6 +101,7 @@ class BatchScheduler:
         self._pool_tokens = 0
         self._in_flight = 0  # batches queued on the engines, not finished
         self._closed = False
+        self._stopped_by: str | None = None  # the error the scheduler stopped on, if it did
         self._state = threading.Condition()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="batch-scheduler")
         self._thread.start()
@@ -111,7 +118,8 @@ class BatchScheduler:
 
     def submit(self, rows: list[list[int]]) -> Future:
         """Queue token rows for the next batches; the future resolves to their raw outputs `[len(rows), ...]` in
-        order, or to the exception their batch raised."""
+        order, or to the exception their batch raised (SchedulerStopped if the scheduler fails on an error of its own:
+        then it takes no more rows)."""
         if not rows:
             raise ToolkitError("no rows to run; pass at least one")
         for i, row in enumerate(rows):
@@ -119,6 +127,8 @@ class BatchScheduler:
                 raise ToolkitError(f"row {i} has {len(row)} tokens; it must have 1..{self.runner.max_length}")
         request = _Request(rows, Future(), time.monotonic(), [None] * len(rows), len(rows))
         with self._state:
+            if self._stopped_by:
+                raise SchedulerStopped(self._stopped_by)
             if self._closed:
                 raise EngineClosedError("the scheduler is closed; the service is shutting down")
             self._pool += [_Row(request, k) for k in range(len(rows))]
@@ -137,11 +147,11 @@ class BatchScheduler:
 
     # ---- the scheduling thread ---------------------------------------------------------------------------------
     def _loop(self) -> None:
-        while True:
-            chosen = self._next_batches()
-            if chosen is None:
-                return
-            self._dispatch(*chosen)
+        try:
+            while (chosen := self._next_batches()) is not None:
+                self._dispatch_or_stop(*chosen)
+        except BaseException as e:  # a bug: stop, rather than leave every caller waiting for a thread that is gone
+            self._stop(e, [])
 
     def _next_batches(self) -> tuple[list[_Row], list[tuple]] | None:
         """Wait until a batch is due and take it: (the rows it was chosen from, [(engine, their positions)]); once
@@ -244,6 +254,26 @@ class BatchScheduler:
             self._pool = [r for r in self._pool if not (r.request.failed or r.request.future.cancelled())]
             self._pool_tokens = sum(len(r.tokens) for r in self._pool)
 
+    def _dispatch_or_stop(self, rows: list[_Row], batches: list[tuple]) -> None:
+        try:
+            self._dispatch(rows, batches)
+        except BaseException as e:  # a bug (in an observer, say): these rows' batches may never report back
+            self._stop(e, rows)
+
+    def _stop(self, error: BaseException, rows: list[_Row]) -> None:
+        """Stop for good on `error`: fail the requests of `rows` and of the pool that are not done, refuse new ones."""
+        with self._state:
+            self._stopped_by = self._stopped_by or f"the batch scheduler stopped on {type(error).__name__}: {error}"
+            self._closed = True
+            self._state.notify_all()
+            failed = {r.request for r in self._pool + rows if not r.request.failed and r.request.remaining}
+            for request in failed:
+                request.failed = True
+            self._pool, self._pool_tokens = [], 0
+        for request in failed:
+            if request.dispatched is not None or request.future.set_running_or_notify_cancel():
+                request.future.set_exception(SchedulerStopped(self._stopped_by))
+
     def _dispatch(self, rows: list[_Row], batches: list[tuple]) -> None:
         tokens = [r.tokens for r in rows]
         for engine, indices in batches:
@@ -301,4 +331,4 @@ class BatchScheduler:
                 request.future.set_result(np.stack(request.outputs))
                 self.observer.request_finished(request.dispatched - request.submitted, finished - request.dispatched)
         if isinstance(due, tuple):
-            self._dispatch(*due)
+            self._dispatch_or_stop(*due)

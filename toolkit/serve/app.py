@@ -3,9 +3,9 @@
     app = create_app(Embedder.from_artifacts("ws/emb/onnx"), Reranker.from_artifacts("ws/rr/onnx"), Limits())
     uvicorn.run(app)   # what `toolkit serve` does (or Ray Serve, one app per replica)
 
-Nothing a client sends is a 500: a body that does not match its schema is 422, a request over a limit 413, a full
-model 429 (with Retry-After), a route whose model is not loaded 404, a backend failure 503 for the requests it hit.
-The app owns the models it is given: its shutdown runs what is queued, then closes them.
+Nothing a client sends is a 500: a body that is not UTF-8 JSON is 400, one that does not match its schema 422, a
+request over a limit 413, a full model 429 (with Retry-After), a route whose model is not loaded 404, a backend failure
+503 for the requests it hit. The app owns the models it is given: its shutdown runs what is queued, then closes them.
 """
 from __future__ import annotations
 
@@ -52,7 +52,9 @@ from toolkit.serve.service import (
 )
 
 RETRY_AFTER_S = 1
-ERROR_TYPES = {404: "not_found", 413: "payload_too_large", 422: "validation", 429: "overloaded", 503: "unavailable"}
+ERROR_TYPES = {400: "validation", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+               422: "validation", 429: "overloaded", 503: "unavailable"}
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client left before the answer: what metrics count
 
 
 class Services:
@@ -109,7 +111,7 @@ def create_app(embedder: Embedder | None = None, reranker: Reranker | None = Non
     app.include_router(ops_routes(services, limits))
     add_error_handlers(app)
     app.add_middleware(BodyLimit, limit=limits.payload_limit)
-    app.add_middleware(CountAnswers, metrics=services.metrics)  # outermost: counts what BodyLimit refuses too
+    app.add_middleware(CountAnswers, metrics=services.metrics)  # outermost: it sees every answer
     return app
 
 
@@ -160,13 +162,14 @@ def openai_routes(services: Services) -> APIRouter:
         if texts is None:
             vectors, tokens = await service.embed_ids(request.token_ids(), request.dimensions)
         else:
-            vectors, tokens = await service.embed(texts, truncate=None, dimensions=request.dimensions)
+            instruction = service.instruction_for(request.prompt_name, request.instruction)
+            vectors, tokens = await service.embed(texts, instruction, truncate=None, dimensions=request.dimensions)
         as_base64 = request.encoding_format == "base64"
         return VectorsResponse({"object": "list",
                                 "data": [{"object": "embedding", "index": i,
                                           "embedding": base64_floats(v) if as_base64 else v}
                                          for i, v in enumerate(vectors)],
-                                "model": request.model or service.model_name,
+                                "model": service.model_name,
                                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     @router.post("/rerank", response_model_exclude_none=True)
@@ -178,7 +181,7 @@ def openai_routes(services: Services) -> APIRouter:
         results = [RerankResult(index=i, relevance_score=float(scores[i]),
                                 document=Document(text=request.documents[i]) if request.return_documents else None)
                    for i in order]
-        return RerankResponse(model=request.model or service.model_name, results=results,
+        return RerankResponse(model=service.model_name, results=results,
                               usage=RerankUsage(total_tokens=tokens))
 
     return router
@@ -214,6 +217,7 @@ def ops_routes(services: Services, limits: Limits) -> APIRouter:
     router = APIRouter()
 
     @router.get("/health")
+    @router.head("/health", include_in_schema=False)  # what many load balancers' health checks send
     async def health() -> JSONResponse:
         """200 while every model takes and runs requests, else 503."""
         ok = all(s.healthy() for s in services.loaded())
@@ -244,25 +248,17 @@ def error_response(path: str, status: int, message: str, headers: dict | None = 
 
 
 def validation_message(error: RequestValidationError) -> str:
-    """The schema errors as one line, one problem per field: `inputs.0: Input should be a valid string; ...`. Of a
-    union's alternatives, the one that got furthest into the value is reported."""
-    deepest: dict = {}
+    """The schema errors as one line, the first problem of each field: `inputs.0: Input should be a valid string;
+    ...`. Request bodies are flat: an error's location is a field and list positions (its other parts name the union
+    alternative the value was read as)."""
+    problems: dict = {}
     for e in error.errors():
-        loc = e["loc"][1:] if e["type"] != "json_invalid" else ()
-        field = str(loc[0]) if loc else "body"
-        if field not in deepest or len(loc) >= len(deepest[field]["loc"]) - 1:
-            deepest[field] = e
-    parts = []
-    for field, e in deepest.items():
-        path = ".".join(str(p) for p in e["loc"][1:] if not _is_union_tag(p)) or field
-        detail = f" ({e['ctx']['error']})" if e["type"] == "json_invalid" else ""
-        parts.append(f"{'body' if e['type'] == 'json_invalid' else path}: {e['msg']}{detail}")
-    return "; ".join(parts)
-
-
-def _is_union_tag(part) -> bool:
-    """pydantic names a union's alternative in an error's location by its type (`str`, `list[int]`)."""
-    return isinstance(part, str) and (part in ("str", "int", "bool", "float") or "[" in part)
+        if e["type"] == "json_invalid":
+            return f"body: {e['msg']} ({e['ctx']['error']})"
+        field, *inner = e["loc"][1:] or ("body",)
+        path = ".".join([str(field), *(str(p) for p in inner if isinstance(p, int))])
+        problems.setdefault(field, f"{path}: {e['msg']}")
+    return "; ".join(problems.values())
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -281,9 +277,12 @@ def add_error_handlers(app: FastAPI) -> None:
     async def invalid_value(request: Request, error: ToolkitError):
         return error_response(request.url.path, 422, str(error))
 
-    @app.exception_handler(HTTPException)  # unknown route, wrong method
+    @app.exception_handler(HTTPException)  # unknown route, wrong method, a body too large or FastAPI cannot parse
     async def http_error(request: Request, error: HTTPException):
-        return error_response(request.url.path, error.status_code, str(error.detail), error.headers)
+        fixes = {400: "body: not readable as JSON (invalid UTF-8, or nested too deeply); send a UTF-8 JSON object",
+                 405: f"{request.method} {request.url.path} is not served; use {(error.headers or {}).get('Allow')}"}
+        return error_response(request.url.path, error.status_code, fixes.get(error.status_code, str(error.detail)),
+                              error.headers)
 
 
 # ---- middleware -----------------------------------------------------------------------------------------------------
@@ -305,7 +304,9 @@ class HttpMiddleware:
 
 
 class BodyLimit(HttpMiddleware):
-    """Refuse a request body over `limit` bytes with 413, whether it declares its length or streams it."""
+    """Refuse a request body over `limit` bytes with 413, whether it declares its length or streams it. The 413 is
+    raised where the route reads the body (FastAPI passes an HTTPException from `receive` to the app's handlers), so
+    it is answered, and counted, as the route's."""
 
     def __init__(self, app, limit: int):
         super().__init__(app)
@@ -313,40 +314,29 @@ class BodyLimit(HttpMiddleware):
 
     @override
     async def handle(self, scope, receive, send):
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, receive, send)
-        chunks, size = [], 0
-        while True:
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        received = 0
+
+        async def receive_within_limit():
+            nonlocal received
+            if declared.isdigit() and int(declared) > self.limit:
+                raise self.too_large()
             message = await receive()
-            if message["type"] != "http.request":
-                return  # the client left
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                return await self._refuse(scope, receive, send)
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
-        delivered = False
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise self.too_large()
+            return message
 
-        async def replay():
-            nonlocal delivered
-            if delivered:
-                return await receive()
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
+        await self.app(scope, receive_within_limit, send)
 
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope, receive, send):
-        message = (f"request body is larger than the payload limit ({self.limit} bytes); send fewer or shorter "
-                   "inputs, or raise --payload-limit")
-        await error_response(scope["path"], 413, message)(scope, receive, send)
+    def too_large(self) -> HTTPException:
+        """The 413, naming the limit and the fix."""
+        return HTTPException(413, f"request body is larger than the payload limit ({self.limit} bytes); send fewer or "
+                                  "shorter inputs, or raise --payload-limit")
 
 
 class CountAnswers(HttpMiddleware):
-    """Count every answer by route template and status, and time it."""
+    """Count every answer by route template and status (499: the client left before it), and time it."""
 
     def __init__(self, app, metrics: ServiceMetrics):
         super().__init__(app)
@@ -358,7 +348,8 @@ class CountAnswers(HttpMiddleware):
 
         async def noting_status(message):
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                left = await Request(scope, receive).is_disconnected()
+                status[0] = CLIENT_CLOSED_REQUEST if left else message["status"]
             await send(message)
 
         try:

@@ -1,26 +1,68 @@
 """Request and response bodies of the service, as pydantic models: TEI's shapes (`/embed`, `/rerank`, `/tokenize`) and
 OpenAI's / Cohere's (`/v1/embeddings`, `/v1/rerank`). A body that does not match is refused with 422 before any work;
-unknown fields are ignored, as the services these clients were written for do."""
+types are strict (`true` is not 1, `"8"` not 8, `"false"` not a boolean), texts must be valid Unicode, and unknown
+fields are ignored, as the services these clients were written for do."""
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from pydantic_core import PydanticCustomError
 
+
+def valid_unicode(text: str) -> str:
+    """Refuse a text holding a lone UTF-16 surrogate (JSON's "\\ud800"): no tokenizer, and no UTF-8 answer, takes it."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise PydanticCustomError("invalid_unicode", "invalid Unicode (a lone surrogate); send valid UTF-8 text") \
+            from None
+    return text
+
+
 NonEmpty = Field(min_length=1)
-Texts = Annotated[list[str], NonEmpty]
+Text = Annotated[str, AfterValidator(valid_unicode)]
+Texts = Annotated[list[Text], NonEmpty]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], NonEmpty]
 Count = Annotated[int, Field(ge=1)]
 
 
-class QueryFormat(BaseModel):
+def text_or_texts_shape(value) -> str | None:
+    """Which alternative of a text-or-texts union a value is meant as (None: neither), so that a bad value gets the
+    errors of that one alternative, not of every one."""
+    return "text" if isinstance(value, str) else "texts" if isinstance(value, list) else None
+
+
+def input_shape(value) -> str | None:
+    """Which alternative of OpenAI's `input` a value is meant as: a list by its first item."""
+    if not isinstance(value, list) or not value:
+        return text_or_texts_shape(value)
+    return "texts" if isinstance(value[0], str) else "id_lists" if isinstance(value[0], list) else "ids"
+
+
+TextOrTexts = Annotated[Union[Annotated[Text, Tag("text")], Annotated[Texts, Tag("texts")]],
+                        Discriminator(text_or_texts_shape, custom_error_type="input_shape",
+                                      custom_error_message="send a text or a list of texts")]
+Input = Annotated[Union[Annotated[Text, Tag("text")], Annotated[Texts, Tag("texts")], Annotated[TokenIds, Tag("ids")],
+                        Annotated[Annotated[list[TokenIds], NonEmpty], Tag("id_lists")]],
+                  Discriminator(input_shape, custom_error_type="input_shape",
+                                custom_error_message="send a text, a list of texts, a list of token ids (integers >= "
+                                                     "0) or a list of such lists")]
+
+
+class StrictBody(BaseModel):
+    """A request body: no coercion between JSON types."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class QueryFormat(StrictBody):
     """How texts are read: bare (documents), or as queries with an instruction given by text or by prompt name
     (sentence-transformers', as Qwen3-Embedding's config_sentence_transformers.json defines them; the service says
     which instruction "query" is)."""
 
     prompt_name: Literal["query", "document"] | None = None
-    instruction: str | None = None
+    instruction: Text | None = None
 
     @model_validator(mode="after")
     def prompt_name_or_instruction(self) -> "QueryFormat":
@@ -39,7 +81,7 @@ def as_texts(inputs: str | list[str]) -> list[str]:
 class EmbedRequest(QueryFormat):
     """TEI `POST /embed` (also `POST /`, where Hugging Face's InferenceClient sends feature extraction)."""
 
-    inputs: str | Texts
+    inputs: TextOrTexts
     normalize: bool = True
     truncate: bool = False
     dimensions: Count | None = None
@@ -48,7 +90,7 @@ class EmbedRequest(QueryFormat):
 class TokenizeRequest(QueryFormat):
     """TEI `POST /tokenize`: the tokens `/embed` would run for the same fields."""
 
-    inputs: str | Texts
+    inputs: TextOrTexts
 
 
 class Token(BaseModel):
@@ -59,16 +101,16 @@ class Token(BaseModel):
     special: bool
 
 
-class RerankRequest(BaseModel):
+class RerankRequest(StrictBody):
     """TEI `POST /rerank` (plus `top_n` and the reranker's `instruction`)."""
 
-    query: str
+    query: Text
     texts: Texts
     raw_scores: bool = False
     return_text: bool = False
     truncate: bool = False
     top_n: Count | None = None
-    instruction: str | None = None
+    instruction: Text | None = None
 
 
 class RankedText(BaseModel):
@@ -80,14 +122,24 @@ class RankedText(BaseModel):
 
 
 # ---- OpenAI / Cohere ------------------------------------------------------------------------------------------------
-class EmbeddingsRequest(BaseModel):
-    """OpenAI `POST /v1/embeddings`: `input` is a text, texts, one input's token ids, or several inputs' token ids."""
+class EmbeddingsRequest(QueryFormat):
+    """OpenAI `POST /v1/embeddings`: `input` is a text, texts, one input's token ids, or several inputs' token ids;
+    texts take TEI's `prompt_name` / `instruction` as extension fields (a set compiled for one instruction needs it),
+    token ids hold the prompt already. `model` is not checked: the answer names the served set."""
 
-    input: str | Texts | TokenIds | Annotated[list[Annotated[list[Annotated[int, Field(ge=0)]], NonEmpty]], NonEmpty]
-    model: str | None = None
+    input: Input
+    model: Text | None = None
     dimensions: Count | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    user: str | None = None
+    user: Text | None = None
+
+    @model_validator(mode="after")
+    def query_format_for_texts_only(self) -> "EmbeddingsRequest":
+        """Refuse a prompt name or instruction for token ids (they would be ignored)."""
+        if self.texts() is None and (self.prompt_name is not None or self.instruction is not None):
+            raise PydanticCustomError("query_format_with_token_ids", "prompt_name and instruction apply to texts; "
+                                      "send the token ids of the whole query, instruction included, without them")
+        return self
 
     def texts(self) -> list[str] | None:
         """The input texts, or None when the input is token ids."""
@@ -124,16 +176,17 @@ class EmbeddingsResponse(BaseModel):
     usage: EmbeddingsUsage
 
 
-class DocumentsRerankRequest(BaseModel):
-    """Cohere / Jina `POST /v1/rerank` (plus the reranker's `instruction` and TEI's `truncate`)."""
+class DocumentsRerankRequest(StrictBody):
+    """Cohere / Jina `POST /v1/rerank` (plus the reranker's `instruction` and TEI's `truncate`). `model` is not checked:
+    the answer names the served set."""
 
-    query: str
+    query: Text
     documents: Texts
-    model: str | None = None
+    model: Text | None = None
     top_n: Count | None = None
     return_documents: bool = False
     truncate: bool = False
-    instruction: str | None = None
+    instruction: Text | None = None
 
 
 class Document(BaseModel):

@@ -5,8 +5,10 @@ runs what is queued and closes the engines, and the process exits 0.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,15 +93,34 @@ def serve(options: ServeOptions, echo: Callable[[str], None] = print) -> None:
         return serve_on_ray(options, echo)
     import uvicorn
 
-    app = build_app(options)
-    for model in app.state.services.loaded():
-        echo(engines_line(model.describe()))
-    echo(f"serving on http://{options.host}:{options.port} (SIGTERM: finish requests in flight, then exit)")
-    server = uvicorn.Server(uvicorn.Config(app, host=options.host, port=options.port, log_level="info",
-                                           timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
-    # uvicorn drains, then restores these handlers and raises the signal again: exit 0 after SIGTERM, 130 after ^C
-    with exit_on_signals():
-        server.run()
+    with bound_socket(options.host, options.port) as sock:
+        app = build_app(options)
+        for model in app.state.services.loaded():
+            echo(engines_line(model.describe()))
+        host, port = sock.getsockname()[:2]
+        echo(f"serving on http://{f'[{host}]' if ':' in host else host}:{port} (SIGTERM: finish requests in flight, "
+             "then exit)")
+        server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+        # uvicorn drains, then restores these handlers and raises the signal again: exit 0 after SIGTERM, 130 after ^C
+        with exit_on_signals():
+            server.run(sockets=[sock])
+
+
+def bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port), before any model loads: a host that is not this machine's or a port in use
+    is a one-line error naming its flag, and --port 0 gets a free port, whose number the socket knows."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # as uvicorn binds
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait for TIME_WAIT
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
+            raise ToolkitError(f"--host {host}: {e.strerror}; pass an address of this machine (127.0.0.1, 0.0.0.0, "
+                               "::) or a name that resolves to one") from None
+        raise ToolkitError(f"cannot listen on {host}:{port} ({e.strerror}); pass a free --port (0: any free one)") \
+            from None
+    return sock
 
 
 def engines_line(model: dict) -> str:

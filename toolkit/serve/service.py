@@ -18,7 +18,7 @@ import numpy as np
 from toolkit.api import Embedder, InputTooLongError, Reranker, rank_order
 from toolkit.artifact import find_artifacts
 from toolkit.errors import ToolkitError
-from toolkit.scheduler import BatchScheduler
+from toolkit.scheduler import MAX_WAIT_MS, BatchScheduler, SchedulerStopped
 from toolkit.serve.metrics import ServiceMetrics
 from toolkit.tasks import yes_log_odds
 
@@ -72,13 +72,14 @@ class Limits:
     def check(self) -> "Limits":
         """Raise ToolkitError naming the flag of the first invalid limit; return self."""
         for name, value in vars(self).items():
-            if name == "max_input_length" and value is None:
-                continue
-            integral = name != "max_wait_ms"
-            minimum = 0 if name == "max_wait_ms" else 1
-            if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)) or value < minimum:
-                kind = "an integer" if integral else "a number"
-                raise ToolkitError(f"--{name.replace('_', '-')} must be {kind} >= {minimum}, got {value!r}")
+            if name == "max_wait_ms":  # a finite wait: the scheduler's thread waits this long
+                valid = isinstance(value, (int, float)) and 0 <= value <= MAX_WAIT_MS
+                kind = f"a number of milliseconds in 0..{MAX_WAIT_MS}"
+            else:
+                valid = (isinstance(value, int) and value >= 1) or (name == "max_input_length" and value is None)
+                kind = "an integer >= 1"
+            if isinstance(value, bool) or not valid:
+                raise ToolkitError(f"--{name.replace('_', '-')} must be {kind}, got {value!r}")
         return self
 
 
@@ -124,10 +125,17 @@ def truncation(truncate: bool) -> str:
 class ServedModel:
     """One model behind the service: admission, tokenisation off the event loop, the cross-request scheduler."""
 
+    warm_up_input: list  # inputs of the model's `tokenize`, run once at startup
+
     def __init__(self, model: Embedder | Reranker, limits: Limits, metrics: ServiceMetrics):
         if limits.max_batch_tokens < model.max_length:
             raise ToolkitError(f"--max-batch-tokens {limits.max_batch_tokens} is below the {model.task.name} max "
                                f"input length {model.max_length}; raise it to at least {model.max_length}")
+        # the tokenizer's lazy setup (a ~0.1 s scan of the vocabulary) now, not on the event loop of the first request
+        try:
+            model.tokenize(self.warm_up_input)
+        except ToolkitError:  # set up all the same; a request this set cannot hold is refused with the reason
+            pass
         self.model, self.limits, self.metrics, self.name = model, limits, metrics, model.task.name
         self.scheduler = BatchScheduler(model.runner, limits.max_batch_tokens, limits.max_wait_ms,
                                         metrics.observer(self.name))
@@ -174,6 +182,9 @@ class ServedModel:
         try:
             future = self.scheduler.submit(rows)
             return await asyncio.wrap_future(future)
+        except SchedulerStopped as e:
+            raise Unavailable(f"the {self.name} model takes no more requests ({first_line(e)}); the server needs a "
+                              "restart (its /health is 503)") from e
         except Exception as e:
             raise Unavailable(f"the {self.name} backend failed on this request ({type(e).__name__}: "
                               f"{first_line(e)}); retry it") from e
@@ -203,6 +214,7 @@ class EmbeddingService(ServedModel):
     """The embedding model: texts or token ids → vectors, as `Embedder.encode`."""
 
     model: Embedder
+    warm_up_input = ["warm up"]
 
     async def embed(self, texts: list[str], instruction: str | None = None, truncate: bool | None = False,
                     dimensions: int | None = None, normalize: bool = True) -> tuple[np.ndarray, int]:
@@ -220,6 +232,7 @@ class EmbeddingService(ServedModel):
         self._check_dimensions(dimensions)
         with self.admitted(len(bodies)):
             rows = await self.rows(self.model.tokenize_ids, bodies, can_truncate=False)
+            self._check_cached_prefix(rows)
             return self.model.task.finish(await self.run(rows), dim=dimensions), sum(map(len, rows))
 
     async def tokens(self, texts: list[str], instruction: str | None = None) -> list[list[int]]:
@@ -230,10 +243,26 @@ class EmbeddingService(ServedModel):
     def instruction_for(self, prompt_name: str | None, instruction: str | None) -> str | None:
         """The instruction a request's texts are formatted with: its `instruction`, or its sentence-transformers
         `prompt_name`: "query" is the one `Embedder.encode_queries` takes (the set's fixed one, else web search),
-        "document" none (bare text)."""
-        if prompt_name is None:
-            return instruction
-        return self.model.query_instruction if prompt_name == "query" else None
+        "document" none (bare text). A set compiled for one instruction takes only that one."""
+        if prompt_name is not None:
+            instruction = self.model.query_instruction if prompt_name == "query" else None
+        fixed = self.model.fixed_instruction
+        if fixed is not None and instruction != fixed:
+            raise ToolkitError(f"this set was compiled for queries with the instruction {fixed!r} (its tokens are "
+                               'cached in the graph): send "prompt_name": "query" (or that "instruction"); other texts '
+                               "need a set compiled without --instruction")
+        return instruction
+
+    def _check_cached_prefix(self, rows: list[list[int]]) -> None:
+        """Refuse token rows that do not start with the prompt tokens the set's graph holds the keys and values of:
+        the backend fails on such a row, and with it every request batched with it."""
+        prefix = self.model.manifests[0].cached_prefix if self.model.manifests else []
+        for i, row in enumerate(rows):
+            if len(row) <= len(prefix) or row[:len(prefix)] != prefix:
+                raise ToolkitError(f"the token ids of input #{i} do not start with the {len(prefix)} query-prompt "
+                                   f"tokens this set caches, {prefix}: send the ids /tokenize gives for the text with "
+                                   '"prompt_name": "query" (without the closing <|endoftext|>), or send the text with '
+                                   '"prompt_name": "query"')
 
     def _check_dimensions(self, dimensions: int | None) -> None:
         """Refuse an MRL cut wider than the vectors before anything runs (where the model's width is known)."""
@@ -249,6 +278,7 @@ class RerankService(ServedModel):
     """The reranker: a query and texts → the texts ranked by P(yes), as `Reranker.rerank`."""
 
     model: Reranker
+    warm_up_input = [("warm", "up")]
 
     async def rerank(self, query: str, texts: list[str], instruction: str | None = None, truncate: bool = False,
                      raw_scores: bool = False, top_n: int | None = None) -> tuple[list[int], np.ndarray, int]:
