@@ -198,7 +198,8 @@ class BatchScheduler:
         """The batch with the most real tokens per token slot of the engine's full batch: for each engine, the longest
         rows it can take, as many as its batch takes (the oldest row passed over too often among them, if there is
         one). A static batch takes any row that fits its SEQ (its padding rows are computed anyway), a dynamic one only
-        the rows of its own bucket (a row it adds costs SEQ slots). Ties: the smaller SEQ, then the older rows."""
+        the rows of its own bucket (a row it adds costs SEQ slots, or with `dynamic_seq` the longest row's: its batch
+        holds the rows its token budget was sized for). Ties: the smaller SEQ, then the older rows."""
         overdue = next((i for i, r in enumerate(rows) if r.passed_over >= MAX_PASSED_OVER), None)
         lengths = [len(r.tokens) for r in rows]
         longest_first = sorted(range(len(rows)), key=lambda i: (-lengths[i], i))
