@@ -30,7 +30,7 @@ from typing import ClassVar
 
 from tqdm.auto import tqdm
 
-from toolkit.artifact import MANIFEST, Manifest
+from toolkit.artifact import Manifest
 from toolkit.checkpoint import read_hf_config
 from toolkit.errors import ToolkitError
 from toolkit.perf.compare import forward_flops
@@ -90,12 +90,7 @@ class ProfileOptions:
 
 def load_artifact(path: str | Path) -> Manifest:
     """The deployable artifact at `path`, its files hash-checked (a corrupt one is refused before any runtime reads
-    it); a bucket set (a directory of artifacts) is refused with one to pick."""
-    path = Path(path)
-    if not (path / MANIFEST).is_file():
-        inside = sorted(p.parent for p in path.glob(f"*/{MANIFEST}"))
-        if inside:
-            raise ToolkitError(f"{path} is an artifact set; profile one SEQ at a time, e.g. --artifact {inside[0]}")
+    it); a bucket set (a directory of artifacts) is refused with one to pick (`Manifest.load`)."""
     return Manifest.load(path, verify=True).require_deployable()
 
 

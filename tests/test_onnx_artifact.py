@@ -158,9 +158,10 @@ def test_corrupted_artifact_is_refused(onnx_artifacts, tmp_path):
     assert ok.exit_code == 0 and "0 mismatched" in ok.output and "reranker" in ok.output
     assert "the bucket set's shared graph" in ok.output and "(any 1..2 rows)" in ok.output
     raw = json.loads((broken / "manifest.json").read_text())
-    for field, value in (("files", {"model.onnx": {"bytes": 1}}), ("task", "translation")):
+    for field, value, reason in (("files", {"model.onnx": {"bytes": 1}}, "sha256"),
+                                 ("task", "translation", "translation"), ("backend", "tvm", "is not a tvm model")):
         (broken / "manifest.json").write_text(json.dumps({**raw, field: value}))
-        with pytest.raises(ToolkitError, match=f"not a valid .* manifest .*{value if field == 'task' else 'sha256'}"):
+        with pytest.raises(ToolkitError, match=f"not a valid .* manifest .*{reason}"):
             open_artifact(broken)
         result = CliRunner().invoke(main, ["inspect", str(broken)])  # the diagnostic tool says it in one line too
         assert result.exit_code == 2 and "not a valid" in result.output and "Traceback" not in result.output
@@ -197,3 +198,37 @@ def test_fp16_artifact_survives_residuals_beyond_fp16_range(checkpoints, tmp_pat
     [artifact] = build({"embedding": ckpt}, tmp_path / "ws", "embedding", seq_lens=(32,), batch=1)
     validation = Manifest.load(artifact).validation
     assert validation["nonfinite"] == 0 and validation["min_cosine"] >= 0.999
+
+
+def test_checkpoint_and_tokenizer_problems_are_named(onnx_artifacts, checkpoints, tmp_path):
+    """A set whose local checkpoint moved, an artifact without its tokenizer, a truncated weights file for the torch
+    reference, a checkpoint whose weights hold NaN: each a one-line error naming the cause, not a hub lookup, a
+    traceback or a failed artifact."""
+    import safetensors.torch
+    import torch
+
+    from toolkit.checkpoint import load_hf_model, load_tokenizer
+    from toolkit.compile import revalidate
+
+    moved = copy_artifact(onnx_artifacts["embedding"][0], tmp_path / "moved")
+    manifest = Manifest.load(moved)
+    manifest.model = type(manifest.model)(**{**vars(manifest.model), "resolved": str(tmp_path / "gone")})
+    manifest.save(moved, hash_files=False)
+    with pytest.raises(ToolkitError, match=f"built from the checkpoint {tmp_path / 'gone'}, which is gone; pass the "
+                                           "directory it moved to"):
+        Manifest.load(moved).reference_checkpoint()
+    with pytest.raises(ToolkitError, match=r"no tokenizer at .* \(the directory is missing\)"):
+        load_tokenizer(tmp_path / "no-such-tokenizer")
+    truncated = shutil.copytree(checkpoints["embedding"], tmp_path / "truncated")
+    weights = next(truncated.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ToolkitError, match="cannot load the Hugging Face model .* re-download or rebuild"):
+        load_hf_model(truncated, TASKS["embedding"])
+    nan = shutil.copytree(checkpoints["embedding"], tmp_path / "nan")
+    tensors = safetensors.torch.load_file(next(nan.glob("*.safetensors")))
+    name = next(n for n in tensors if "layers.0" in n and n.endswith("weight") and tensors[n].ndim == 2)
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    safetensors.torch.save_file(tensors, next(nan.glob("*.safetensors")))
+    with pytest.raises(ToolkitError, match="the Hugging Face model itself gives non-finite outputs .* its "
+                                           "checkpoint's weights hold NaN or Inf"):
+        revalidate(moved, str(nan))

@@ -304,7 +304,7 @@ def test_perf_profile_refuses_bad_input_in_one_line(onnx_artifacts, tmp_path):
     seq32 = onnx_artifacts["embedding"][0]
     cases = [
         ([tmp_path], "is not an artifact"),
-        ([seq32.parent], "is an artifact set; profile one SEQ at a time"),
+        ([seq32.parent], "is an artifact set, not one artifact; pass one of its SEQ directories, e.g."),
         ([seq32, "--iterations", 0], "--iterations must be an integer >= 1, got 0"),
         ([seq32, "--warmup", -1], "--warmup must be an integer >= 0"),
         ([seq32, "--top", 0], "--top must be an integer >= 1"),

@@ -225,8 +225,9 @@ class _TextModel:
         check_engine_options(instances, tuple(device_ids), queue_size)
         manifests = find_artifacts(path)
         if manifests[0].task != cls.task.name:
-            raise ToolkitError(f"{path} holds {manifests[0].task} artifacts; use "
-                               f"{get_task(manifests[0].task).api_class}")
+            raise ToolkitError(f"{path} holds {manifests[0].task} artifacts, not {cls.task.name} ones: pass a "
+                               f"{cls.task.name} set (or, in Python, load it with "
+                               f"{get_task(manifests[0].task).api_class})")
         largest = manifests[-1].seq_len
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
                                        or not 1 <= max_length <= largest):

@@ -27,6 +27,7 @@ from toolkit.tasks import TASKS
 MANIFEST = "manifest.json"
 FORMAT = "qwen3-deploy-artifact/2"
 BACKENDS = ("onnx", "tvm")  # one name per backend, everywhere: configs, CLI, manifests, directories
+MODEL_FILE_SUFFIX = {"onnx": ".onnx", "tvm": ".so"}  # what each backend loads (an ONNX graph, a TVM library)
 DEVICES = ("cpu", "cuda")
 
 
@@ -150,6 +151,10 @@ class Manifest:
         directory = Path(directory)
         path = directory / MANIFEST
         if not path.is_file():
+            inside = sorted(p.parent for p in directory.glob(f"*/{MANIFEST}") if not p.parent.name.startswith("."))
+            if inside:
+                raise ToolkitError(f"{directory} is an artifact set, not one artifact; pass one of its SEQ "
+                                   f"directories, e.g. {inside[0]}")
             raise ToolkitError(f"{directory} is not an artifact (no {MANIFEST}); build one with `toolkit compile`")
         try:
             raw = json.loads(path.read_text())
@@ -182,6 +187,8 @@ class Manifest:
             raise ValueError(f"task {self.task!r}")
         if self.backend not in BACKENDS or self.target.device not in DEVICES:
             raise ValueError(f"backend {self.backend!r} / device {self.target.device!r}")
+        if not isinstance(self.model_file, str) or not self.model_file.endswith(MODEL_FILE_SUFFIX[self.backend]):
+            raise ValueError(f"model file {self.model_file!r} is not a {self.backend} model")
         if not (isinstance(self.seq_len, int) and self.seq_len > 0 and isinstance(self.batch, int) and self.batch > 0):
             raise ValueError(f"seq_len {self.seq_len!r} / batch {self.batch!r}")
         if not isinstance(self.files, dict) or not self.files:
@@ -214,8 +221,10 @@ class Manifest:
             return (f"artifact {self.path} has no validation result: its compile did not finish; recompile it with "
                     "`toolkit compile`")
         if v.get("passed") is False:
-            return (f"artifact {self.path} failed validation against the Hugging Face model ({v}); do not deploy "
-                    "it: fix the cause and recompile")
+            against = f" {v['reference']}" if v.get("reference") else ""
+            return (f"artifact {self.path} failed validation against the Hugging Face model{against} "
+                    f"({TASKS[self.task].format_agreement(v)}; tolerance {v.get('tolerance')}); do not deploy it: "
+                    "validate it against its own checkpoint (`toolkit validate`), or fix the cause and recompile")
         if v.get("passed") is None and not v.get("skipped"):
             return f"artifact {self.path} has an incomplete validation record; recompile it"
         return None
@@ -247,9 +256,15 @@ class Manifest:
 
     def reference_checkpoint(self) -> str:
         """The checkpoint to compare against (demo/eval): the resolved local directory if it still exists, else what
-        the build config named (e.g. a hub id)."""
+        the build config named if that was a hub id (a build from a local directory that is gone is an error: its name
+        would be taken for a hub id)."""
         resolved = self.model.resolved
-        return resolved if resolved and Path(resolved).exists() else self.model.checkpoint
+        if resolved and Path(resolved).exists():
+            return resolved
+        if resolved and "snapshots" not in Path(resolved).parts:  # not the hub cache's copy: a local directory
+            raise ToolkitError(f"{self.path} was built from the checkpoint {resolved}, which is gone; pass the "
+                               "directory it moved to (the same weights) with --checkpoint")
+        return self.model.checkpoint
 
 
 def find_artifacts(path: str | Path) -> list[Manifest]:

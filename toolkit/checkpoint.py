@@ -151,6 +151,10 @@ def model_source(named: str, checkpoint_dir: Path) -> ModelSource:
 
 def load_tokenizer(tokenizer_dir: str | Path) -> Tokenizer:
     """The tokenizer in `tokenizer_dir`, checked to be a real (non-empty) Qwen3 tokenizer."""
+    if not Path(tokenizer_dir).is_dir():  # else transformers takes the path for a hub id
+        raise ToolkitError(f"no tokenizer at {tokenizer_dir} (the directory is missing): an artifact's comes with "
+                           "it from `toolkit compile` (copy the whole set, or recompile it); a checkpoint's from its "
+                           "source")
     try:
         tokenizer = Tokenizer.load(tokenizer_dir)
     except Exception as e:
@@ -166,12 +170,13 @@ def load_tokenizer(tokenizer_dir: str | Path) -> Tokenizer:
 def load_hf_model(checkpoint_dir: Path, task):
     """The unpatched Hugging Face model in fp32, as users run it today (the task's auto class)."""
     import torch
+    from safetensors import SafetensorError
     from transformers.utils import logging as hf_logging
 
     read_hf_config(checkpoint_dir)
     hf_logging.disable_progress_bar()
     try:
         return task.hf_model_class().from_pretrained(str(checkpoint_dir), dtype=torch.float32).eval()
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # SafetensorError: a truncated weights file
         raise ToolkitError(f"cannot load the Hugging Face model from {checkpoint_dir} ({type(e).__name__}: "
                            f"{str(e)[:200]}); re-download or rebuild the checkpoint") from None

@@ -21,6 +21,7 @@ import gc
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -31,7 +32,7 @@ import torch
 
 from toolkit.artifact import MANIFEST, Manifest, ModelSource, Target, sha256
 from toolkit.backends import LayerwiseReference, device_available
-from toolkit.checkpoint import load_tokenizer, model_source, resolve_checkpoint
+from toolkit.checkpoint import load_tokenizer, model_source, read_hf_config, resolve_checkpoint
 from toolkit.config import WEIGHT_ROUNDINGS, BuildConfig
 from toolkit.errors import ToolkitError
 from toolkit.export import OnnxExport, export_onnx, fold_small_constants, fold_weights, io_specs
@@ -40,6 +41,7 @@ from toolkit.memory import StagePeaks, map_large_blocks, return_freed_memory
 from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
 from toolkit.quantize import CalibrationSet, QuantizationPlan, int8_scheme, plan_int8, quantize_onnx
 from toolkit.tasks import Task, get_task
+from toolkit.tokenizer import MAX_CONTEXT
 from toolkit.validation import measure
 
 # bf16 exports bf16 weights (exact for Qwen3's own bf16 checkpoints). int8 calibrates and exports the fp16-weight
@@ -87,8 +89,11 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
     (cfg.workspace / cfg.name).mkdir(parents=True, exist_ok=True)  # an unusable --workspace fails now, not after work
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     source = model_source(cfg.checkpoint, checkpoint)
+    hf_config = read_hf_config(checkpoint)
+    check_task(cfg, task, checkpoint, hf_config, log)
     tokenizer = load_tokenizer(checkpoint)
-    check_seq_lens(task, tokenizer, cfg.seq_lens)
+    check_seq_lens(task, tokenizer, cfg.seq_lens, hf_config.get("max_position_embeddings", MAX_CONTEXT))
+    check_shapes_fit(cfg, hf_config)
     carried = task.fixed_instruction(cfg.instruction)  # the instruction every input of the build carries, if any
     instruction = instruction_to_cache(cfg, task, tokenizer, carried, log)  # before any model work: may refuse SEQs
     if "tvm" in cfg.backends and (missing := missing_tvm_extension(cfg.dtype)):
@@ -96,6 +101,8 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
         raise ToolkitError(f"this CPU has no {feature} (see /proc/cpuinfo): TVM {cfg.dtype} artifacts are built on "
                            f"and for CPUs that have it; use {instead} here")
     log(f"checkpoint {checkpoint} ({task.name}, {cfg.dtype})")
+    for backend in cfg.backends:
+        remove_stale_staging(cfg.workspace / cfg.name / backend, log)
     map_large_blocks()  # per-layer temporaries freed back to the OS, not kept by the heap (compile's peak)
     peaks, staged = StagePeaks(), []
     try:
@@ -217,13 +224,82 @@ def ragged_bodies(seq_lens, cached: int) -> list[int]:
     return [s for s in seq_lens if (s - cached) % BODY_ROW_MULTIPLE]
 
 
-def check_seq_lens(task: Task, tokenizer, seq_lens) -> None:
-    """Refuse sequence lengths that cannot hold the task's fixed prompt (the reranker's template alone is ~58)."""
+def check_seq_lens(task: Task, tokenizer, seq_lens, context: int = MAX_CONTEXT) -> None:
+    """Refuse sequence lengths that cannot hold the task's fixed prompt (the reranker's template alone is ~58), or
+    are longer than the checkpoint's `context` (its max_position_embeddings)."""
+    if max(seq_lens) > context:
+        raise ToolkitError(f"SEQ {max(seq_lens)} is longer than the checkpoint's context ({context} tokens, "
+                           f"max_position_embeddings in its config.json): use --seq {context} or less")
     shortest = task.min_seq_len(tokenizer)
     too_short = [s for s in seq_lens if s < shortest]
     if too_short:
         raise ToolkitError(f"SEQ {too_short} cannot hold a {task.name} input: its prompt alone takes "
                            f"{shortest - 1} tokens; use --seq {shortest} or more")
+
+
+# Where a checkpoint states its task: a synthetic one in config.json's `synthetic.task`; a real one by the class it was
+# saved from (Qwen3-Embedding has no LM head; Qwen3-Reranker is a causal LM scoring "yes"/"no")
+EMBEDDING_ARCHITECTURE, RERANKER_ARCHITECTURE = "Qwen3Model", "Qwen3ForCausalLM"
+
+
+def check_task(cfg: BuildConfig, task: Task, checkpoint: Path, hf_config: dict, log) -> None:
+    """Refuse a checkpoint that states another task than the build config's, naming the config to use. A real
+    Qwen3ForCausalLM under an embedding config is only warned about: that class says "a causal LM", not "a reranker"."""
+    def fix(other: str) -> str:
+        return (f"compile it with build_configs/{other}_config_fp16.yaml (or a config with `task: {other}`), or pass "
+                f"a {task.name} checkpoint")
+
+    stated = (hf_config.get("synthetic") or {}).get("task")
+    architectures = hf_config.get("architectures") or []
+    if stated and stated != task.name:
+        raise ToolkitError(f"{checkpoint} is a synthetic {stated} checkpoint and {cfg.source or 'the config'} builds "
+                           f"{task.name} artifacts: {fix(stated)}")
+    if task.name == "reranker" and EMBEDDING_ARCHITECTURE in architectures:
+        raise ToolkitError(f"{checkpoint} is a {EMBEDDING_ARCHITECTURE} checkpoint (an embedding model, no LM head) "
+                           f"and {cfg.source or 'the config'} builds reranker artifacts: {fix('embedding')}")
+    if task.name == "embedding" and not stated and RERANKER_ARCHITECTURE in architectures:
+        log(f"warning: {checkpoint} was saved as a {RERANKER_ARCHITECTURE}, as Qwen3-Reranker is; if it is a "
+            f"reranker, {fix('reranker')}")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can give a process now (MemAvailable); None where that cannot be read."""
+    try:
+        return int(re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return None
+
+
+def check_shapes_fit(cfg: BuildConfig, hf_config: dict) -> None:
+    """Refuse a (batch, SEQ) whose attention scores alone (batch x heads x SEQ^2 fp32, one layer's) exceed the memory
+    available now, or a token budget below a SEQ: validation would otherwise crash in the runtime's allocator after
+    the export, or the budget silently become batch 1."""
+    if cfg.batch_tokens and cfg.batch_tokens < max(cfg.seq_lens):
+        raise ToolkitError(f"--batch-tokens {cfg.batch_tokens} is below SEQ {max(cfg.seq_lens)} (each SEQ's batch is "
+                           f"the budget // SEQ): use --batch-tokens {max(cfg.seq_lens)} or more, or --batch")
+    available = available_memory()
+    if available is None:
+        return
+    heads = hf_config.get("num_attention_heads", 1)
+    for seq_len in cfg.seq_lens:
+        batch = cfg.batch_for(seq_len)
+        needed = batch * heads * seq_len**2 * 4
+        if needed > available:
+            raise ToolkitError(f"SEQ {seq_len} at batch {batch} needs {needed / 1e9:.1f} GB for its attention scores "
+                               f"alone ({batch} x {heads} heads x {seq_len}^2 x 4 bytes), over the "
+                               f"{available / 1e9:.1f} GB available: use a smaller --seq or --batch/--batch-tokens")
+
+
+def remove_stale_staging(set_dir: Path, log) -> None:
+    """Remove the staging directories (`stage_export`'s) that builds left in `set_dir` when killed before their cleanup
+    ran (SIGKILL, a power cut): those whose build process is gone; a name without a process id is an older toolkit's."""
+    for stale in set_dir.glob(".seq*.staging-*"):
+        pid = stale.name.split(".staging-")[1].split("-")[0]
+        if pid.isdigit() and Path(f"/proc/{pid}").exists():
+            continue  # a build running now
+        shutil.rmtree(stale, ignore_errors=True)
+        log(f"removed {stale}: a staging directory left by an interrupted build")
+    prune_graphs(set_dir)  # the graphs only those staging directories pointed at
 
 
 def artifact_dir(cfg: BuildConfig, backend: str, seq_len: int) -> Path:
@@ -243,7 +319,8 @@ def stage_export(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model
     A graph that is not the artifact's model file (int8's fp16 graph) goes into `graph/`, removed once it is used."""
     final = artifact_dir(cfg, backend, seq_len)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
+    # the process id names its owner: a later build removes it once that process is gone (remove_stale_staging)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-{os.getpid()}-", dir=final.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; an installed artifact is readable like any compile output
     batch = cfg.batch_for(seq_len)
     if first:
@@ -320,9 +397,10 @@ def revalidate(artifact: str | Path, checkpoint: str | None = None) -> dict:
         recorded = manifest.precision.get("quantization", {}).get("calibration", {}).get("file")
         holdout = CalibrationSet.load(recorded if recorded and Path(recorded).is_file() else None)
         texts = holdout.rows(task, tokenizer, "holdout", manifest.seq_len, instruction)
-    reference = LayerwiseReference(resolve_checkpoint(checkpoint or manifest.reference_checkpoint()), task,
-                                   progress=True)
+    reference_dir = resolve_checkpoint(checkpoint or manifest.reference_checkpoint())
+    reference = LayerwiseReference(reference_dir, task, progress=True)
     manifest.validation = measure(manifest, reference, tokenizer, texts)
+    manifest.validation["reference"] = str(reference_dir.resolve())  # a failure against other weights says so
     if texts:
         manifest.validation["real_texts_instruction"] = instruction
     manifest.save(manifest.path, hash_files=False)

@@ -11,6 +11,7 @@ import numpy as np
 
 from toolkit.artifact import Manifest
 from toolkit.backends import Backend, load_backend
+from toolkit.errors import ToolkitError
 from toolkit.memory import return_freed_memory
 from toolkit.tasks import get_task
 from toolkit.text import left_pad
@@ -39,6 +40,11 @@ def measure(manifest: Manifest, reference: Backend, tokenizer, texts: list[list[
     prompt_start = task.prompt_start(tokenizer, manifest.instruction)  # what every input starts with
     rows = validation_rows(tokenizer, manifest.seq_len, prompt_start) + list(texts)
     refs = reference_outputs(reference, rows)
+    broken = int((~np.isfinite(refs.reshape(len(rows), -1))).any(axis=1).sum())
+    if broken:  # the checkpoint, not the artifact: nothing to compare against
+        raise ToolkitError(f"the Hugging Face model itself gives non-finite outputs on {broken} of {len(rows)} "
+                           "validation rows: its checkpoint's weights hold NaN or Inf; re-download or rebuild the "
+                           "checkpoint")
     return_freed_memory()  # the reference's freed layers and activations, before the artifact's weights arrive
     # (0.6B int8: the process held 828 MB at the load, 902 MB untrimmed)
     backend = load_backend(manifest)
