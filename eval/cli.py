@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from toolkit.cli_base import OutputFile
 from toolkit.eval.run import DEFAULT_MAX_DROP, RUNS, EvalOptions
 from toolkit.tasks import TASKS
 
@@ -24,10 +25,11 @@ from toolkit.tasks import TASKS
 @click.option("--instances", "--instance", "instances", type=int, default=1, show_default=True,
               help="engine instances per artifact")
 @click.option("--instruction", help="instead of the dataset's instruction; \"\" for none (no query prefix)")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="also write the result here")
+@click.option("--json", "json_out", type=OutputFile(), help="also write the result here")
 def eval_cmd(task, dataset, artifact, checkpoint, run, limit, data_dir, max_drop, instances, instruction, json_out):
-    """Evaluate torch and the artifact on the same data: metrics, deltas, parity; exit 1 when the artifact fails
-    (a metric more than --max-drop below torch, or a metric or output that is not finite)."""
+    """Evaluate torch and the artifact on the same data: metrics, deltas, parity; exit 1 on a failed verdict (either
+    engine's outputs not finite, the artifact's outputs outside the dtype's tolerance of torch's, a metric more than
+    --max-drop below torch, or a metric that is not finite)."""
     from toolkit.eval.run import eval_tables, evaluate
     from toolkit.report import write_json
 

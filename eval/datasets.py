@@ -222,6 +222,23 @@ def check_kind(task: Task, name: str, spec: DatasetSpec) -> None:
                            f"{', '.join(usable)} or a JSONL file in one of those formats")
 
 
+def check_scorable(name: str, spec: DatasetSpec, examples: list) -> None:
+    """Raise ToolkitError, naming the data's problem and the fix, when `examples` cannot define `spec`'s metrics:
+    correlations need 2 pairs and gold scores that vary, ranking metrics a query with a positive passage. Checked
+    before any model runs, so an undefined (NaN) metric is never blamed on a model."""
+    more = "use a larger --limit (or all rows) or a file with more rows"
+    if spec.kind == "pairs":
+        if len(examples) < 2:
+            raise ToolkitError(f"{name}: Spearman and Pearson need at least 2 pairs, got {len(examples)}; {more}")
+        scores = {e.score for e in examples}
+        if len(scores) == 1:
+            raise ToolkitError(f"{name}: all {len(examples)} pairs have the gold score {scores.pop():g}, so Spearman "
+                               f"and Pearson are undefined; {more} (with varied scores)")
+    elif not any(any(e.labels) for e in examples):
+        raise ToolkitError(f"{name}: none of the {len(examples)} queries has a positive passage, so MAP, MRR, NDCG and "
+                           f"recall are undefined; {more} (with positive_passages)")
+
+
 def hub_rows(name: str) -> list[dict]:
     """All rows of a reference dataset's split from the Hugging Face hub (an error naming the offline options)."""
     spec = DATASETS[name]

@@ -17,9 +17,16 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.api import REFERENCE_MAX_LENGTH, check_instruction, model_class
-from toolkit.artifact import find_artifacts
+from toolkit.artifact import Manifest, find_artifacts
 from toolkit.errors import ToolkitError
-from toolkit.eval.datasets import DatasetSpec, check_kind, check_limit, read_examples, resolve_dataset
+from toolkit.eval.datasets import (
+    DatasetSpec,
+    check_kind,
+    check_limit,
+    check_scorable,
+    read_examples,
+    resolve_dataset,
+)
 from toolkit.eval.metrics import ranking_agreement, reranking_metrics, sts_correlations
 from toolkit.report import format_table
 from toolkit.tasks import Task, get_task
@@ -104,10 +111,10 @@ def run_model(model, task: Task, spec: DatasetSpec, examples: list, instruction:
             "seconds": time.perf_counter() - started, "nonfinite": int((~np.isfinite(items)).sum())}
 
 
-def parity(task: Task, torch_run: dict, artifact_run: dict) -> dict:
-    """Item-by-item agreement of the two engines (the task's measure), their non-finite counts and, on ranking data,
-    Kendall tau between their per-query rankings."""
-    out = {**task.agreement(torch_run["items"], artifact_run["items"]),
+def parity(task: Task, torch_run: dict, artifact_run: dict, dtype: str) -> dict:
+    """Item-by-item agreement of the two engines (the task's measure), the tolerance it must meet for the artifact's
+    `dtype`, their non-finite counts and, on ranking data, Kendall tau between their per-query rankings."""
+    out = {**task.agreement(torch_run["items"], artifact_run["items"]), "tolerance": task.tolerance_text(dtype),
            "nonfinite_torch": torch_run["nonfinite"], "nonfinite_artifact": artifact_run["nonfinite"]}
     if torch_run["per_query"] is not None:
         out.update(ranking_agreement(torch_run["per_query"], artifact_run["per_query"]))
@@ -124,18 +131,22 @@ def metric_deltas(torch_metrics: dict, artifact_metrics: dict) -> dict:
     return {k: artifact_metrics[k] - torch_metrics[k] for k in metric_keys(torch_metrics) if k in artifact_metrics}
 
 
-def gate(artifact_metrics: dict, delta: dict | None, max_drop: float, nonfinite_artifact: int = 0) -> dict:
-    """Why the artifact fails, `{what: reason}` (empty: it passes). It fails on non-finite outputs, on any metric that
-    is not finite, on any delta that is missing or not finite (with `delta=None`, i.e. no torch run, deltas are not
-    checked), and on any metric more than `max_drop` below torch."""
+def output_failures(runs: dict) -> dict:
+    """`{"<run> outputs": reason}` for each run whose outputs hold NaN or inf: no metric computed from them means
+    anything, whichever engine it is (a checkpoint with a NaN weight fails the torch run too)."""
+    return {f"{side} outputs": f"{r['nonfinite']} non-finite values" for side, r in runs.items() if r["nonfinite"]}
+
+
+def gate(metrics: dict, delta: dict | None, max_drop: float, side: str = "artifact") -> dict:
+    """Why the metrics of the `side` run fail, `{what: reason}` (empty: they pass). They fail on any metric that is not
+    finite, on any delta that is missing or not finite (with `delta=None`, i.e. one run only, deltas are not checked),
+    and on any metric more than `max_drop` below torch."""
     failures = {}
-    if nonfinite_artifact:
-        failures["outputs"] = f"{nonfinite_artifact} non-finite values in the artifact's outputs"
-    keys = metric_keys(artifact_metrics) + [k for k in (delta or {}) if k not in artifact_metrics]
+    keys = metric_keys(metrics) + [k for k in (delta or {}) if k not in metrics]
     for k in keys:
-        value = artifact_metrics.get(k)
+        value = metrics.get(k)
         if not isinstance(value, float) or not math.isfinite(value):
-            failures[k] = f"artifact value is {value}"
+            failures[k] = f"{side} value is {value}"
         elif delta is None:
             continue
         elif not isinstance(delta.get(k), float) or not math.isfinite(delta[k]):
@@ -145,9 +156,20 @@ def gate(artifact_metrics: dict, delta: dict | None, max_drop: float, nonfinite_
     return failures
 
 
+def checkpoint_hint(manifest: Manifest, checkpoint: str, named: bool) -> str:
+    """The likely cause of a parity failure: torch ran another checkpoint than the set was built from (`named`: the
+    user passed it), or that checkpoint's weights changed after the build (the manifest records its path, not a hash
+    of its weights)."""
+    built = manifest.model.resolved
+    if named and Path(checkpoint).resolve() != Path(built).resolve():
+        return f"torch ran {checkpoint}, but the set was built from {built}: pass --checkpoint {built}"
+    return f"if {checkpoint} changed since the set was built, recompile the set from it"
+
+
 def evaluate(options: EvalOptions) -> dict:
     """Run torch and/or the artifact on the dataset; returns the result record: metrics and wall time per run, the
-    instruction used, and with both runs the deltas, the parity and the verdict (`passed`, `failures`)."""
+    instruction used, with both runs the deltas and the parity, and the verdict (`passed`, `failures`): non-finite
+    outputs of either run, parity outside the task's tolerance for the artifact's dtype, and the metrics' `gate`."""
     if not isinstance(options, EvalOptions):
         raise ToolkitError(f"evaluate takes an EvalOptions, got {type(options).__name__}")
     options.check()
@@ -159,6 +181,7 @@ def evaluate(options: EvalOptions) -> dict:
         raise ToolkitError(f"{options.artifact} holds {manifests[0].task} artifacts; pass --task {manifests[0].task} "
                            f"or a {task.name} artifact")
     examples = read_examples(name, spec, source, options.limit)
+    check_scorable(name, spec, examples)  # before any model runs: an undefined metric is the data's fault
     instruction = spec.instruction if options.instruction is None else options.instruction
     if manifests:  # before any model runs
         check_instruction(manifests[0].instruction, instruction)
@@ -175,7 +198,7 @@ def evaluate(options: EvalOptions) -> dict:
         compiled = cls.from_artifacts(options.artifact, instances=options.instances, truncation="truncate")
     try:
         if "torch" in options.sides:
-            checkpoint = options.checkpoint or manifests[0].reference_checkpoint()
+            checkpoint = result["checkpoint"] = str(options.checkpoint or manifests[0].reference_checkpoint())
             # the artifact's truncation: the same token rows for both engines
             max_length = max(m.seq_len for m in manifests) if manifests else REFERENCE_MAX_LENGTH
             with cls.from_checkpoint(checkpoint, max_length=max_length, truncation="truncate") as reference:
@@ -189,12 +212,18 @@ def evaluate(options: EvalOptions) -> dict:
     for k, r in runs.items():
         result["runs"][k] = {"metrics": r["metrics"], "seconds": r["seconds"], "nonfinite": r["nonfinite"]}
     delta = None
+    failures = output_failures(runs)
     if len(runs) == 2:
         delta = result["delta"] = metric_deltas(runs["torch"]["metrics"], runs["artifact"]["metrics"])
-        result["parity"] = parity(task, runs["torch"], runs["artifact"])
-    if "artifact" in runs:
-        failures = gate(runs["artifact"]["metrics"], delta, options.max_drop, runs["artifact"]["nonfinite"])
-        result.update(max_drop=options.max_drop, passed=not failures, failures=failures)
+        dtype = manifests[0].dtype
+        agreement = result["parity"] = parity(task, runs["torch"], runs["artifact"], dtype)
+        # metrics can match while the outputs do not (other weights score alike): the engines must agree item by item
+        if not task.within_tolerance(agreement, dtype):
+            failures["parity"] = (f"{task.format_agreement(agreement)}; {dtype} needs {agreement['tolerance']}; "
+                                  + checkpoint_hint(manifests[0], checkpoint, options.checkpoint is not None))
+    judged = "artifact" if "artifact" in runs else "torch"
+    failures.update(gate(runs[judged]["metrics"], delta, options.max_drop, judged))
+    result.update(max_drop=options.max_drop, passed=not failures, failures=failures)
     return result
 
 
@@ -226,9 +255,7 @@ def eval_tables(result: dict) -> str:
     if "parity" in result:
         out += "\n\n" + format_table(["parity (torch vs artifact)", "value"],
                                      [[k, _parity_value(v)] for k, v in result["parity"].items()])
-    if "passed" in result:
-        what = "artifact vs torch" if "delta" in result else "artifact"
-        verdict = "OK" if result["passed"] else "FAIL (" + "; ".join(
-            f"{k}: {why}" for k, why in result["failures"].items()) + ")"
-        out += f"\n\n{what}: {verdict}"
-    return out
+    what = "artifact vs torch" if "delta" in result else names[0]
+    verdict = "OK" if result["passed"] else "FAIL (" + "; ".join(
+        f"{k}: {why}" for k, why in result["failures"].items()) + ")"
+    return out + f"\n\n{what}: {verdict}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from toolkit.backends import FP16_LOADS
-from toolkit.cli_base import INSTANCES, ToolkitGroup
+from toolkit.cli_base import INSTANCES, OutputFile, ToolkitGroup
 from toolkit.errors import ToolkitError
 from toolkit.report import write_json
 
@@ -42,7 +42,7 @@ def perf():
               help="random | a dataset: JSONL PATH or a name such as sts12-sample, msmarco-sample for a reranker "
               "(its requests at their real token lengths)")
 @click.option("--warmup", type=int, default=3, show_default=True, help="untimed batches per instance first")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+@click.option("--json", "json_out", type=OutputFile())
 def run_cmd(artifact, percentiles, instances, batch_size, iterations, queue_size, device_ids, source, warmup,
             json_out):
     """Throughput (sequences/s, tokens/s) and latency avg/min/max/percentiles of one artifact."""
@@ -67,9 +67,9 @@ def run_cmd(artifact, percentiles, instances, batch_size, iterations, queue_size
               help="random | a dataset: JSONL PATH or a name such as sts12-sample, msmarco-sample for a reranker "
               "(its requests at their real token lengths)")
 @click.option("--threads", type=int, help="compute threads (default: all cores)")
-@click.option("--trace", type=click.Path(dir_okay=False),
+@click.option("--trace", type=OutputFile(),
               help="write a Chrome trace here (chrome://tracing, ui.perfetto.dev)")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+@click.option("--json", "json_out", type=OutputFile())
 def profile_cmd(artifact, iterations, warmup, top, source, threads, trace, json_out):
     """Time per kernel (ONNX Runtime's profiler, TVM's VM instrument): top kernels and op types, GFLOP/s, trace."""
     from toolkit.perf.profile import ProfileOptions, profile_report, run_profile
@@ -90,7 +90,7 @@ def profile_cmd(artifact, iterations, warmup, top, source, threads, trace, json_
               help="a dataset: JSONL PATH (e.g. sts12_test.jsonl) or a name such as sts12-sample")
 @click.option("--limit", type=int, help="first N texts")
 @click.option("--instances", "--instance", "instances", type=int, default=1, show_default=True)
-@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+@click.option("--json", "json_out", type=OutputFile())
 def buckets_cmd(fixed, buckets, data, limit, instances, json_out):
     """Embed a dataset with a fixed-SEQ artifact and with a bucket set; print times and the ratio."""
     from toolkit.perf.buckets import BucketOptions, bucket_report, run_bucket_benchmark
@@ -110,7 +110,7 @@ def buckets_cmd(fixed, buckets, data, limit, instances, json_out):
 @click.option("--no-torch", is_flag=True, help="skip torch eager (e.g. to compare artifacts only)")
 @click.option("--interleave", is_flag=True,
               help="load every run at once and time them in alternating rounds (robust to a drifting machine)")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+@click.option("--json", "json_out", type=OutputFile())
 def compare_cmd(checkpoint, artifacts, iterations, warmup, no_torch, interleave, json_out):
     """torch eager vs ONNX Runtime vs TVM on the same inputs: latency, throughput, ratios, GFLOP/s, agreement."""
     from toolkit.perf.compare import CompareOptions, compare_report, run_compare
@@ -139,7 +139,7 @@ def compare_cmd(checkpoint, artifacts, iterations, warmup, no_torch, interleave,
               help="run everything N times, the order reversed each round; medians, ratios within each round")
 @click.option("--instruction", help="every request's: embedding texts as queries with it, reranker pairs with it "
               "(default: the one a set was compiled for; else texts bare, pairs with web search)")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+@click.option("--json", "json_out", type=OutputFile())
 def traffic_cmd(data, artifacts, checkpoint, torch_batch, limit, instances, threads, fp16_load, rounds, instruction,
                 json_out):
     """Real requests through torch eager and artifact sets: throughput, padding, GFLOP/s vs peak, agreement."""
@@ -167,7 +167,7 @@ def traffic_cmd(data, artifacts, checkpoint, torch_batch, limit, instances, thre
 @click.option("--ray-replicas", type=int, help="also measure Ray Serve with this many replicas")
 @click.option("--repeat", type=int, default=1, show_default=True,
               help="run it all N times and report medians (each served run against the offline runs around it)")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False))
+@click.option("--json", "json_out", type=OutputFile())
 def serve_cmd(artifact, data, limit, clients, instances, threads, max_wait_ms, ray_replicas, repeat, json_out):
     """Served throughput (single-sentence requests) vs the offline Embedder, and latency at half that load."""
     from toolkit.perf.serve_load import ServeLoadOptions, run_serve_load, serve_load_report

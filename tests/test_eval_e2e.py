@@ -1,17 +1,24 @@
 """`toolkit eval` end to end on the tiny synthetic artifacts, all three datasets (bundled samples)."""
 import json
+import shutil
 
 import pytest
+import safetensors.torch
+import torch
 from click.testing import CliRunner
 
 from toolkit import demo
 from toolkit.api import Embedder
+from toolkit.artifact import Manifest
 from toolkit.cli import main
 from toolkit.errors import ToolkitError
 from toolkit.eval.cli import eval_cmd
 from toolkit.eval.datasets import load_dataset
 from toolkit.eval.run import EvalOptions, evaluate
+from toolkit.synth import write_synthetic_checkpoint
 from toolkit.tasks import SIMILARITY_INSTRUCTION, TASKS, WEB_SEARCH_INSTRUCTION
+
+from conftest import copy_artifact
 
 RANKING_METRICS = {"map", "mrr@10", "ndcg@10", "recall@1", "recall@5", "recall@10"}
 
@@ -80,12 +87,46 @@ def test_eval_cli_takes_instances(flag):
     assert eval_cmd.make_context("eval", args).params["instances"] == 2
 
 
-def test_nan_metric_fails_the_gate(onnx_artifacts):
-    # one pair: Spearman and Pearson are undefined (NaN) for both engines, so nothing can vouch for the artifact
+def test_data_that_cannot_define_a_metric_is_an_error_not_a_failed_artifact(onnx_artifacts):
+    # one pair: Spearman and Pearson are undefined for any model; the data is at fault, not the artifact
     r = CliRunner().invoke(main, ["eval", "--task", "embedding", "--dataset", "sts12-sample", "--limit", "1",
                                   "--artifact", str(onnx_artifacts["embedding"][1])])
+    assert r.exit_code == 2 and "need at least 2 pairs, got 1" in r.output and "--limit" in r.output, r.output
+    assert "artifact" not in r.output and "Traceback" not in r.output
+
+
+def test_artifact_that_does_not_match_torch_fails_on_parity(onnx_artifacts, checkpoints, tmp_path):
+    # other weights can score about as well on 20 pairs: only item-by-item agreement shows the mismatch
+    other = write_synthetic_checkpoint(tmp_path / "other", "embedding", "tiny", seed=5)
+    r = CliRunner().invoke(main, ["eval", "--task", "embedding", "--dataset", "sts12-sample", "--limit", "20",
+                                  "--artifact", str(onnx_artifacts["embedding"][1]), "--checkpoint", str(other)])
     assert r.exit_code == 1, r.output
-    assert "artifact vs torch: FAIL (" in r.output and "spearman: artifact value is nan" in r.output
+    assert "artifact vs torch: FAIL (parity: min cosine" in r.output and "fp16 needs min_cosine >= 0.999" in r.output
+    assert f"torch ran {other}, but the set was built from {checkpoints['embedding'].resolve()}" in r.output
+    assert "min_cosine >= 0.999" in r.output  # the parity table's tolerance row
+
+    # the checkpoint the set was built from, overwritten with other weights (the manifest still names its path)
+    moved = copy_artifact(onnx_artifacts["embedding"][0], tmp_path / "moved")
+    manifest = Manifest.load(moved)
+    manifest.model = type(manifest.model)(**{**vars(manifest.model), "resolved": str(other)})
+    manifest.save(moved, hash_files=False)
+    result = evaluate(EvalOptions(task="embedding", dataset="sts12-sample", artifact=moved, limit=20))
+    assert not result["passed"] and f"if {other} changed since the set was built" in result["failures"]["parity"]
+
+
+def test_non_finite_torch_outputs_fail_and_json_holds_null(checkpoints, tmp_path):
+    nan = shutil.copytree(checkpoints["embedding"], tmp_path / "nan")
+    weights = next(nan.glob("*.safetensors"))
+    tensors = safetensors.torch.load_file(weights)
+    name = next(n for n in tensors if "layers.0" in n and n.endswith("weight") and tensors[n].ndim == 2)
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    safetensors.torch.save_file(tensors, weights)
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["eval", "--task", "embedding", "--dataset", "sts12-sample", "--limit", "5",
+                                  "--run", "torch", "--checkpoint", str(nan), "--json", str(out)])
+    assert r.exit_code == 1 and "torch: FAIL (torch outputs: " in r.output and "non-finite values" in r.output
+    written = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert written["runs"]["torch"]["metrics"]["spearman"] is None and not written["passed"]
 
 
 @pytest.fixture
@@ -100,7 +141,7 @@ def embedded_texts(monkeypatch):
 def test_sts_instruction_and_override(checkpoints, embedded_texts, tmp_path):
     ckpt = str(checkpoints["embedding"])
     result = evaluate(EvalOptions(task="embedding", dataset="sts12-sample", run="torch", checkpoint=ckpt, limit=3))
-    assert result["instruction"] == SIMILARITY_INSTRUCTION and "passed" not in result
+    assert result["instruction"] == SIMILARITY_INSTRUCTION and result["passed"]
     prefix = "Instruct: Retrieve semantically similar text\nQuery:"  # no period before the newline
     assert embedded_texts and all(t.startswith(prefix) for t in embedded_texts)
 

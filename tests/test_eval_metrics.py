@@ -9,6 +9,7 @@ import pytest
 
 from toolkit.errors import ToolkitError
 from toolkit.eval import datasets as eval_datasets
+from toolkit.eval import run as eval_run
 from toolkit.eval.datasets import DATASETS, download, load_dataset, resolve_dataset
 from toolkit.eval.metrics import (
     average_precision,
@@ -19,7 +20,8 @@ from toolkit.eval.metrics import (
     reranking_metrics,
     sts_correlations,
 )
-from toolkit.eval.run import DEFAULT_MAX_DROP, EvalOptions, gate
+from toolkit.eval.run import DEFAULT_MAX_DROP, EvalOptions, gate, output_failures
+from toolkit.report import write_json
 from toolkit.tasks import SIMILARITY_INSTRUCTION, WEB_SEARCH_INSTRUCTION
 
 
@@ -115,9 +117,46 @@ def test_gate_fails_on_non_finite_metrics_and_deltas(artifact, delta, failed):
     assert list(failures) == [failed]
 
 
-def test_gate_fails_on_non_finite_outputs():
-    failures = gate({"map": 1.0}, {"map": 0.0}, 0.01, nonfinite_artifact=4)
-    assert "4 non-finite" in failures["outputs"]
+def test_non_finite_outputs_fail_either_run():
+    runs = {"torch": {"nonfinite": 3}, "artifact": {"nonfinite": 0}}
+    assert output_failures(runs) == {"torch outputs": "3 non-finite values"}
+    assert output_failures({"artifact": {"nonfinite": 4}}) == {"artifact outputs": "4 non-finite values"}
+
+
+def test_gate_names_the_run_it_judges():
+    assert gate({"spearman": float("nan")}, None, 0.01, "torch") == {"spearman": "torch value is nan"}
+
+
+def test_json_holds_null_for_non_finite_numbers(tmp_path):
+    out = tmp_path / "r.json"
+    write_json(out, {"a": float("nan"), "b": [1.5, float("-inf")], "c": {"d": (float("inf"), 2)}, "e": "nan"})
+    text = out.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"a": None, "b": [1.5, None], "c": {"d": [None, 2]}, "e": "nan"}
+
+
+def _rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("rows, limit, message", [
+    ([{"sentence1": "a", "sentence2": "b", "score": 1.0}], None, "need at least 2 pairs, got 1"),
+    ([{"sentence1": "a", "sentence2": "b", "score": 1.0}, {"sentence1": "c", "sentence2": "d", "score": 4.0}], 1,
+     "need at least 2 pairs, got 1"),
+    ([{"sentence1": "a", "sentence2": "b", "score": 3.0}, {"sentence1": "c", "sentence2": "d", "score": 3.0}], None,
+     "all 2 pairs have the gold score 3"),
+    ([{"query_id": "1", "query": "q", "negative_passages": [{"text": "n"}]}], None,
+     "none of the 1 queries has a positive passage"),
+])
+def test_data_that_cannot_define_the_metrics_is_refused_before_any_model_runs(tmp_path, monkeypatch, rows, limit,
+                                                                              message):
+    monkeypatch.setattr(eval_run, "model_class", lambda task: pytest.fail("a model was loaded"))
+    options = EvalOptions(task="embedding", dataset=_rows(tmp_path / "data.jsonl", rows), run="torch",
+                          checkpoint="unused", limit=limit)
+    with pytest.raises(ToolkitError, match=message) as e:
+        eval_run.evaluate(options)
+    assert "--limit" in str(e.value)
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -388,3 +388,11 @@ def test_perf_buckets_refuses_bad_options(onnx_artifacts):
     for args, message in cases:
         r = invoke("buckets", *args)
         assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_an_unwritable_json_path_is_refused_before_any_work(onnx_artifacts, tmp_path):
+    (tmp_path / "afile").write_text("")
+    for path, message in ((tmp_path / "afile" / "x.json", "afile is a file, not a directory"),
+                          (tmp_path, "is a directory; name a file in it")):
+        r = invoke("run", "--artifact", onnx_artifacts["embedding"][0], "--iterations", 1, "--json", path)
+        assert r.exit_code == 2 and message in r.output and "p50" not in r.output, r.output

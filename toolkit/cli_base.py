@@ -1,7 +1,9 @@
 """Shared click plumbing for the `toolkit` and `perf` commands."""
 import errno
+import os
 import sys
 import warnings
+from pathlib import Path
 
 import click
 from typing_extensions import override
@@ -46,3 +48,23 @@ class InstancesParam(click.ParamType):
 
 
 INSTANCES = InstancesParam()
+
+
+class OutputFile(click.ParamType):
+    """A file a command writes its results to (`--json`, `--trace`): checked before the work starts, so a path that
+    cannot be written is a one-line error now, not after a long run."""
+
+    name = "FILE"
+
+    @override
+    def convert(self, value, param, ctx):
+        path = Path(value).expanduser()
+        if path.is_dir():
+            self.fail(f"{value} is a directory; name a file in it", param, ctx)
+        existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())  # where mkdir would start
+        if not existing.is_dir():
+            self.fail(f"cannot write {value}: {existing} is a file, not a directory", param, ctx)
+        if not os.access(existing, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            self.fail(f"cannot write {value}: permission denied; name a writable path", param, ctx)
+        return str(path)
+

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
@@ -31,8 +32,20 @@ def fmt(value) -> str:
     return str(value)
 
 
+def finite_or_none(value):
+    """`value` with every NaN or infinite float (nested in dicts, lists and tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
 def write_json(path: str | Path | None, payload: dict) -> None:
-    """Write `payload` as indented UTF-8 JSON when a path is given."""
+    """Write `payload` as indented UTF-8 JSON when a path is given; non-finite numbers as null (JSON has no NaN, and
+    Python's bare `NaN` breaks strict readers such as `jq` and browsers)."""
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(payload, indent=2, ensure_ascii=False))
+        Path(path).write_text(json.dumps(finite_or_none(payload), indent=2, ensure_ascii=False, allow_nan=False))
