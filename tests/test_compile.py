@@ -1,6 +1,7 @@
 """Compile failure paths: atomic artifacts, refused checkpoints and sequence lengths, `toolkit validate`."""
 import json
 import shutil
+import time
 from dataclasses import replace
 
 import pytest
@@ -180,3 +181,115 @@ def test_the_instruction_is_cached_where_every_seq_holds_it_with_a_body(tokenize
     embedding = BuildConfig(name="e", task="embedding", checkpoint="x", seq_lens=(32,))
     assert to_cache(embedding) is None
     assert to_cache(replace(embedding, instruction="Find")) == "Find"
+
+
+def compile_cli(checkpoint, workspace, *args):
+    return CliRunner().invoke(main, ["compile", "build_configs/embedding_config_fp16.yaml", "--checkpoint",
+                                     str(checkpoint), "--workspace", str(workspace), *args])
+
+
+def test_a_dtype_override_names_the_set_after_its_dtype(checkpoints, tmp_path, monkeypatch):
+    """`--dtype int8` used to build into the fp16 set's name, removing its SEQs as another build's."""
+    import toolkit.compile
+
+    built = []
+    monkeypatch.setattr(toolkit.compile, "compile_config", lambda cfg, log: built.append(cfg.name) or [])
+    for args in (["--dtype", "int8"], ["--dtype", "fp16"], ["--dtype", "int8", "--name", "mine"], []):
+        assert compile_cli(checkpoints["embedding"], tmp_path, "--seq", "32", *args).exit_code == 0
+    assert built == ["qwen3-embedding-0.6b-int8", "qwen3-embedding-0.6b-fp16", "mine", "qwen3-embedding-0.6b-fp16"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--name", ".."], "one plain directory name"), (["--name", ""], "one plain directory name"),
+    (["--name", "a/b"], "one plain directory name"), (["--seq", ""], "comma-separated integers"),
+    (["--seq", "32,,64"], "comma-separated integers"),
+])
+def test_names_outside_the_workspace_and_malformed_sizes_are_refused(checkpoints, tmp_path, args, message):
+    """`--name ..` wrote beside the workspace, `--name ""` into its root; `--seq ""` built the config's 512, `32,,64`
+    passed."""
+    result = compile_cli(checkpoints["embedding"], tmp_path / "ws", *(["--seq", "32"] if "--seq" not in args else []),
+                         *args)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+    assert not list(tmp_path.rglob("manifest.json"))
+
+
+def test_seqs_over_the_context_or_the_memory_are_refused_before_building(checkpoints, tmp_path, monkeypatch):
+    """SEQ 32768 at batch 2 passed, then crashed in validation allocating 34 GB; SEQs above the checkpoint's
+    max_position_embeddings were checked against a fixed 32768 only."""
+    import toolkit.compile
+
+    short = shutil.copytree(checkpoints["embedding"], tmp_path / "short")
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 48}))
+    result = compile_cli(short, tmp_path / "ws", "--seq", "32,64")
+    assert result.exit_code == 2 and "longer than the checkpoint's context (48 tokens" in result.output
+    monkeypatch.setattr(toolkit.compile, "available_memory", lambda: 10**6)  # attention scores at SEQ 256: 4 MB
+    result = compile_cli(checkpoints["embedding"], tmp_path / "ws", "--seq", "32,256", "--batch", "4",
+                         "--batch-tokens", "128")  # a budget below a SEQ builds it at batch 1: said, not silent
+    assert "--batch-tokens 128 is below SEQ 256: built at batch 1" in result.output
+    assert result.exit_code == 2 and "SEQ 256 at batch 1 needs" in result.output, result.output
+    assert not list(tmp_path.rglob("manifest.json"))
+
+
+def test_seq_auto_leaves_out_a_rare_very_long_row(checkpoints, tmp_path):
+    """One very long text made --seq auto pick SEQ 32768."""
+    from toolkit.buckets import AUTO_MAX_SEQ, suggest_for_dataset
+
+    rows = [{"sentence1": "a short one", "sentence2": "another short one", "score": 1.0}] * 5
+    rows.append({"sentence1": "word " * 20000, "sentence2": "short", "score": 2.0})
+    data = tmp_path / "lengths.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    logged = []
+    seq_lens = suggest_for_dataset("embedding", str(checkpoints["embedding"]), str(data), log=logged.append)
+    assert max(seq_lens) == AUTO_MAX_SEQ and "1 of 12 rows" in logged[0] and "truncation policy" in logged[0]
+
+
+@pytest.mark.parametrize("task, other", [("reranker", "embedding"), ("embedding", "reranker")])
+def test_a_checkpoint_of_the_other_task_is_refused_naming_the_config(checkpoints, tmp_path, task, other):
+    """The embedding config compiled a reranker checkpoint without a word."""
+    ckpt = checkpoints[task]
+    if task == "embedding":  # a real embedding checkpoint (Qwen3Model), no synthetic mark, under the reranker config
+        ckpt = shutil.copytree(ckpt, tmp_path / "real")
+        config = json.loads((ckpt / "config.json").read_text())
+        del config["synthetic"]
+        (ckpt / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(main, ["compile", f"build_configs/{other}_config_fp16.yaml", "--checkpoint",
+                                       str(ckpt), "--seq", "128", "--workspace", str(tmp_path / "ws")])
+    assert result.exit_code == 2 and f"build_configs/{task}_config_fp16.yaml" in result.output, result.output
+
+
+def test_inspect_json_prints_only_the_manifest_on_stdout(onnx_artifacts):
+    result = CliRunner().invoke(main, ["inspect", str(onnx_artifacts["embedding"][0]), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["task"] == "embedding"
+    assert "files: " in result.stderr
+
+
+def test_a_later_build_removes_staging_left_by_a_killed_one(tmp_path):
+    import os
+
+    from toolkit.compile import remove_stale_staging
+
+    dead, running = tmp_path / ".seq32.staging-999999999-ab", tmp_path / f".seq64.staging-{os.getpid()}-cd"
+    for staging in (dead, running):
+        staging.mkdir()
+    logged = []
+    remove_stale_staging(tmp_path, logged.append)
+    assert not dead.exists() and running.exists() and str(dead) in logged[0]
+
+
+def test_sigterm_during_compile_cleans_up_as_ctrl_c_does(checkpoints, tmp_path):
+    """`timeout 20 toolkit compile` left full-size staging directories and an orphan graph directory."""
+    import signal
+    import subprocess
+    import sys
+
+    ws = tmp_path / "ws"
+    process = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "compile",
+                                "build_configs/embedding_config_fp16.yaml", "--checkpoint",
+                                str(checkpoints["embedding"]), "--seq", "32,64", "--workspace", str(ws)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while process.poll() is None and not list(ws.glob("*/onnx/.seq*.staging-*/*")):
+        time.sleep(0.1)  # until the build has written into its staging directory
+    process.send_signal(signal.SIGTERM)
+    assert process.wait() == 128 + signal.SIGTERM
+    assert [p.name for p in (ws / "qwen3-embedding-0.6b-fp16" / "onnx").iterdir()] == []

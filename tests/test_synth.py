@@ -1,6 +1,7 @@
 """`toolkit synth`'s streaming writer: ordinary Hugging Face checkpoints (the files and keys save_pretrained writes,
 sharded with an index when asked), outliers where the module docstring puts them, and the bundled build configs."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,30 @@ def test_a_path_that_cannot_be_written_is_one_line_naming_it(tmp_path):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 2 and f"error: cannot use {blocked}" in result.output, result.output
         assert "Traceback" not in result.output
+
+
+def test_synth_refuses_to_overwrite_what_it_did_not_write(checkpoints, tmp_path, monkeypatch):
+    """It used to replace a real checkpoint's weights, write into any non-empty directory, and take "" as the current
+    directory; an earlier synthetic checkpoint is still rewritten in place."""
+    from click.testing import CliRunner
+
+    from toolkit.cli import main
+
+    real = tmp_path / "real"
+    shutil.copytree(checkpoints["embedding"], real)
+    config = json.loads((real / "config.json").read_text())
+    del config["synthetic"]
+    (real / "config.json").write_text(json.dumps(config))
+    weights = (real / "model.safetensors").read_bytes()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    monkeypatch.chdir(tmp_path / "other")
+    for out, message in ((real, "holds no synthetic checkpoint"), (other, "holds no synthetic checkpoint"),
+                         ("", "the output directory is empty")):
+        result = CliRunner().invoke(main, ["synth", "--task", "embedding", str(out)])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+    assert (real / "model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    again = shutil.copytree(checkpoints["embedding"], tmp_path / "again")
+    assert write_synthetic_checkpoint(again, "embedding", "tiny", seed=1) == again

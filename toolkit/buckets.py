@@ -17,6 +17,10 @@ from toolkit.tokenizer import MAX_CONTEXT
 # one copy of its weights (one ONNX Runtime session, one set of TVM weights)
 DEFAULT_COUNT = 10
 DEFAULT_STEP = 4
+# --seq auto covers this share of the rows, and no SEQ above AUTO_MAX_SEQ: one very long text would otherwise make a
+# bucket whose attention scores (batch x heads x SEQ^2 floats) need tens of GB, for a row in a thousand
+AUTO_COVERAGE = 0.999
+AUTO_MAX_SEQ = 8192
 
 
 def token_lengths(task: Task, tokenizer, requests: list, instruction: str | None = None) -> np.ndarray:
@@ -77,15 +81,25 @@ def suggest_seq_lens(lengths, count: int = DEFAULT_COUNT, multiple: int = DEFAUL
 
 
 def suggest_for_dataset(task_name: str, checkpoint: str, data: str, count: int = DEFAULT_COUNT,
-                        multiple: int = DEFAULT_STEP, instruction: str | None = None) -> tuple[int, ...]:
+                        multiple: int = DEFAULT_STEP, instruction: str | None = None, log=print) -> tuple[int, ...]:
     """The bucket set for a task's traffic in an evaluation dataset (with a build's `instruction`), tokenised with the
-    checkpoint's tokenizer."""
-    from toolkit.checkpoint import load_tokenizer, resolve_checkpoint
+    checkpoint's tokenizer; its largest SEQ covers AUTO_COVERAGE of the rows, at most AUTO_MAX_SEQ and the
+    checkpoint's context (the rows above it are logged)."""
+    from toolkit.checkpoint import load_tokenizer, read_hf_config, resolve_checkpoint
     from toolkit.eval.datasets import load_dataset
     from toolkit.tasks import get_task
 
     task = get_task(task_name)
-    tokenizer = load_tokenizer(resolve_checkpoint(checkpoint))
+    resolved = resolve_checkpoint(checkpoint)
+    tokenizer = load_tokenizer(resolved)
     _, _, examples = load_dataset(data, task=task)
-    return suggest_seq_lens(token_lengths(task, tokenizer, task.traffic(examples), instruction), count, multiple,
+    lengths = token_lengths(task, tokenizer, task.traffic(examples), instruction)
+    covered = int(np.quantile(lengths, AUTO_COVERAGE, method="higher")) if lengths.size else 1
+    context = read_hf_config(resolved).get("max_position_embeddings", MAX_CONTEXT)
+    cap = min(-(-covered // multiple) * multiple if multiple >= 1 else covered, AUTO_MAX_SEQ, context)
+    if (above := int((lengths > cap).sum())):
+        log(f"{above} of {lengths.size} rows of {data} are longer than {cap} tokens, the largest SEQ --seq auto picks "
+            f"(it covers {AUTO_COVERAGE:.1%} of the rows, at most {min(AUTO_MAX_SEQ, context)}): at run time they are "
+            "truncated or refused, as the runtime's truncation policy says; for them, add a larger SEQ with --seq")
+    return suggest_seq_lens(lengths, count, multiple, max_seq=cap,
                             minimum=task.min_seq_len(tokenizer, task.fixed_instruction(instruction)))

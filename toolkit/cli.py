@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -75,11 +76,13 @@ def compile(config, seq, lengths_data, bucket_count, bucket_step, batch_tokens, 
     from toolkit.compile import LOW_PRECISION, compile_config
     from toolkit.config import load_build_config, parse_seq_lens
 
-    cfg = load_build_config(config).with_overrides(
-        seq_lens=parse_seq_lens(seq) if seq and seq != "auto" else None, checkpoint=checkpoint, dtype=dtype,
+    base = load_build_config(config)
+    cfg = base.with_overrides(
+        seq_lens=parse_seq_lens(seq) if seq is not None and seq != "auto" else None, checkpoint=checkpoint, dtype=dtype,
         calibration=calibration, fp32_linears=fp32_linears, instruction=instruction,
         cache_instruction=cache_instruction, target=target, batch=batch, batch_tokens=batch_tokens,
-        workspace=Path(workspace) if workspace else None, name=name,
+        workspace=Path(workspace) if workspace else None,
+        name=name if name is not None or dtype is None else base.name_for(dtype),
         backends={"all": BACKENDS}.get(backend, (backend,)) if backend else None)
     if (seq == "auto") != bool(lengths_data):
         raise ToolkitError("--seq auto and --lengths DATA go together: the dataset's token lengths choose the SEQs")
@@ -94,10 +97,29 @@ def compile(config, seq, lengths_data, bucket_count, bucket_step, batch_tokens, 
 
         cfg = cfg.with_overrides(seq_lens=suggest_for_dataset(
             cfg.task, cfg.checkpoint, lengths_data, DEFAULT_COUNT if bucket_count is None else bucket_count,
-            DEFAULT_STEP if bucket_step is None else bucket_step, cfg.instruction))
+            DEFAULT_STEP if bucket_step is None else bucket_step, cfg.instruction,
+            log=lambda msg: click.echo(msg, err=True)))
         click.echo(f"buckets chosen from {lengths_data}: --seq {','.join(map(str, cfg.seq_lens))}", err=True)
-    for path in compile_config(cfg, log=lambda msg: click.echo(msg, err=True)):
-        click.echo(path)
+    # SIGTERM (timeout, kill, a service manager) ends the build as Ctrl-C does: through compile's cleanup, not past it.
+    # An exit raised inside a weakref callback or __del__ is swallowed: the next log line (one precedes every install)
+    # raises it again
+    terminated = []
+
+    def on_sigterm(signum, frame):
+        terminated.append(signum)
+        sys.exit(128 + signum)
+
+    def log(msg):
+        click.echo(msg, err=True)
+        if terminated:
+            sys.exit(128 + terminated[0])
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        for path in compile_config(cfg, log=log):
+            click.echo(path)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @main.command()
@@ -125,12 +147,13 @@ def inspect(artifact_dir, as_json):
     m = Manifest.load(artifact_dir, verify=False)
     click.echo((Path(artifact_dir) / MANIFEST).read_text() if as_json else format_manifest(m))
     problems = m.verify_files()
+    # with --json, stdout is the manifest alone (parseable); the checks go to stderr
     for p in problems:
-        click.secho(f"MISMATCH {p}", fg="red")
-    click.echo(f"files: {len(m.files)} checked, {len(problems)} mismatched")
+        click.secho(f"MISMATCH {p}", fg="red", err=as_json)
+    click.echo(f"files: {len(m.files)} checked, {len(problems)} mismatched", err=as_json)
     unusable = m.deployment_problem()
     if unusable:
-        click.secho(f"NOT DEPLOYABLE: {unusable}", fg="red")
+        click.secho(f"NOT DEPLOYABLE: {unusable}", fg="red", err=as_json)
     sys.exit(1 if problems or unusable else 0)
 
 

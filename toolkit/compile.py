@@ -93,7 +93,7 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
     check_task(cfg, task, checkpoint, hf_config, log)
     tokenizer = load_tokenizer(checkpoint)
     check_seq_lens(task, tokenizer, cfg.seq_lens, hf_config.get("max_position_embeddings", MAX_CONTEXT))
-    check_shapes_fit(cfg, hf_config)
+    check_shapes_fit(cfg, hf_config, log)
     carried = task.fixed_instruction(cfg.instruction)  # the instruction every input of the build carries, if any
     instruction = instruction_to_cache(cfg, task, tokenizer, carried, log)  # before any model work: may refuse SEQs
     if "tvm" in cfg.backends and (missing := missing_tvm_extension(cfg.dtype)):
@@ -247,7 +247,7 @@ def check_task(cfg: BuildConfig, task: Task, checkpoint: Path, hf_config: dict, 
     Qwen3ForCausalLM under an embedding config is only warned about: that class says "a causal LM", not "a reranker"."""
     def fix(other: str) -> str:
         return (f"compile it with build_configs/{other}_config_fp16.yaml (or a config with `task: {other}`), or pass "
-                f"a {task.name} checkpoint")
+                f"a checkpoint of the {task.name} task")
 
     stated = (hf_config.get("synthetic") or {}).get("task")
     architectures = hf_config.get("architectures") or []
@@ -270,13 +270,13 @@ def available_memory() -> int | None:
         return None
 
 
-def check_shapes_fit(cfg: BuildConfig, hf_config: dict) -> None:
+def check_shapes_fit(cfg: BuildConfig, hf_config: dict, log) -> None:
     """Refuse a (batch, SEQ) whose attention scores alone (batch x heads x SEQ^2 fp32, one layer's) exceed the memory
-    available now, or a token budget below a SEQ: validation would otherwise crash in the runtime's allocator after
-    the export, or the budget silently become batch 1."""
-    if cfg.batch_tokens and cfg.batch_tokens < max(cfg.seq_lens):
-        raise ToolkitError(f"--batch-tokens {cfg.batch_tokens} is below SEQ {max(cfg.seq_lens)} (each SEQ's batch is "
-                           f"the budget // SEQ): use --batch-tokens {max(cfg.seq_lens)} or more, or --batch")
+    available now: validation would otherwise crash in the runtime's allocator after the export. A token budget
+    below a SEQ gives that SEQ batch 1 (`BuildConfig.batch_for`), said in the log."""
+    if over := [s for s in cfg.seq_lens if cfg.batch_tokens and cfg.batch_tokens < s]:
+        log(f"warning: --batch-tokens {cfg.batch_tokens} is below SEQ {','.join(map(str, over))}: built at batch 1 "
+            f"(for a budget there, use --batch-tokens {max(over)} or more)")
     available = available_memory()
     if available is None:
         return

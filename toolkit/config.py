@@ -92,6 +92,15 @@ class BuildConfig:
         cfg.check()
         return cfg
 
+    def name_for(self, dtype: str) -> str:
+        """The set name of this config built with weights in `dtype`: its name with the dtype suffix swapped
+        (`qwen3-embedding-0.6b-fp16` → `…-int8`), or suffixed; so a build of another dtype gets a set of its own
+        instead of replacing this one's SEQs."""
+        if dtype == self.dtype:
+            return self.name
+        stem = self.name.removesuffix(f"-{self.dtype}")
+        return f"{stem}-{dtype}"
+
     def batch_for(self, seq_len: int) -> int:
         """The static batch of the SEQ artifact: from the token budget when one is set, else `batch`."""
         return max(1, self.batch_tokens // seq_len) if self.batch_tokens else self.batch
@@ -101,6 +110,10 @@ class BuildConfig:
         where = f" in {self.source}" if self.source else ""
         if self.task not in TASKS:
             raise ToolkitError(f"task must be one of {sorted(TASKS)}, got {self.task!r}{where}")
+        # the set's directory under the workspace: a path of its own would write outside it, or into its root
+        if self.name in ("", ".", "..") or "/" in self.name:
+            raise ToolkitError(f"the set name must be one plain directory name (no '/', not '.' or '..'), got "
+                               f"{self.name!r}{where}: e.g. --name my-set")
         if not self.seq_lens or any(not _is_int(s) or not 1 <= s <= MAX_CONTEXT for s in self.seq_lens):
             raise ToolkitError(f"sequence lengths must be integers in 1..{MAX_CONTEXT}, got {list(self.seq_lens)}"
                                f"{where}")
@@ -147,7 +160,7 @@ def parse_seq_lens(value) -> tuple[int, ...]:
     """Accept 512, "128,512", [128, 512] or the reference's [[512], []]; anything else is an error."""
     if isinstance(value, str):
         try:
-            value = [int(v) for v in value.split(",") if v.strip()]
+            value = [int(v) for v in value.split(",")]  # an empty item ("", "32,,64") is a typo: refused
         except ValueError:
             raise ToolkitError(f"sequence lengths must be comma-separated integers, got {value!r}") from None
     if _is_int(value):

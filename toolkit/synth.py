@@ -114,6 +114,26 @@ def _layer_groups(names: list[str]) -> list[list[str]]:
     return groups
 
 
+def is_synthetic(checkpoint: Path) -> bool:
+    """Whether `checkpoint` holds a checkpoint `toolkit synth` wrote (its config.json carries the `synthetic` mark)."""
+    try:
+        return "synthetic" in json.loads((checkpoint / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """`out_dir` as a Path, refused where writing would destroy something: an empty path (the current directory) or a
+    non-empty directory that holds anything but an earlier synthetic checkpoint (its weights are replaced)."""
+    if not str(out_dir).strip():
+        raise ToolkitError("the output directory is empty: name a new directory for the checkpoint")
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_synthetic(out_dir):
+        raise ToolkitError(f"{out_dir} is not empty and holds no synthetic checkpoint: name a new or empty directory "
+                           "(synth overwrites only the checkpoints it wrote)")
+    return out_dir
+
+
 def write_synthetic_checkpoint(out_dir: str | Path, task_name: str, shape: str = "tiny", seed: int = 0,
                                outliers: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
                                progress: bool = False) -> Path:
@@ -128,7 +148,7 @@ def write_synthetic_checkpoint(out_dir: str | Path, task_name: str, shape: str =
     task = get_task(task_name)
     if shape not in SHAPES:
         raise ToolkitError(f"unknown shape {shape!r}; choose one of {list(SHAPES)}")
-    out_dir = Path(out_dir)
+    out_dir = check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_qwen3_tokenizer(task.eos_token, task.tokenizer_appends_eos)
     config = Qwen3Config(
