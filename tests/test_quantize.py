@@ -110,7 +110,8 @@ def test_onnx_int8_row_scales_give_a_row_the_same_vector_whatever_it_is_batched_
         with Embedder.from_artifacts(artifact) as model:  # batch 2: each pair runs as one batch
             vectors[scales] = [model.encode_documents([first, other])[0] for other in (quiet, loud)]
     assert np.abs(vectors["tensor"][0] - vectors["tensor"][1]).max() > 1e-4
-    assert np.array_equal(vectors["row"][0], vectors["row"][1])
+    # within float rounding: each batch is padded to its own longest row (`dynamic_seq`), so the GEMMs' shapes differ
+    assert np.abs(vectors["row"][0] - vectors["row"][1]).max() <= 1e-6
 
 
 def test_int8_falls_back_to_fp32_layers_when_smoothing_is_off(outlier_checkpoints, tmp_path):

@@ -247,7 +247,8 @@ def test_reranker_template_and_batch_rerank(onnx_artifacts, checkpoints):
         assert all(r["text"] == docs[r["corpus_id"]] for r in ranked)
         top = rr.rerank("capital", docs, top_n=2, instruction="Judge")
         assert top == [{k: r[k] for k in ("corpus_id", "score")} for r in ranked[:2]]
-    with pytest.raises(ToolkitError, match="use Embedder"):
+    with pytest.raises(ToolkitError, match="holds embedding artifacts, not reranker ones: pass a reranker set \\(or, "
+                                           "in Python, load it with Embedder\\)"):
         Reranker.from_artifacts(onnx_artifacts["embedding"][0])
 
 
