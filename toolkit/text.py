@@ -23,6 +23,12 @@ def left_pad(rows: list[list[int]], seq_len: int, pad_id: int, batch: int | None
     return ids, mask
 
 
+def holds_prefix(row, prefix: list[int]) -> bool:
+    """Whether a row's tokens (a list or 1-D array, without padding) start with `prefix` and hold one after it: what a
+    graph that caches `prefix`'s keys and values can run."""
+    return len(row) > len(prefix) and list(row[:len(prefix)]) == list(prefix)
+
+
 def split_cached_prefix(ids: np.ndarray, mask: np.ndarray, prefix: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded rows laid out for a graph that holds the keys and values of `prefix` (`Manifest.cached_prefix`):
     the prefix first, then the row's padding, then the rest of the row; unchanged without a prefix. Every row must
@@ -33,7 +39,7 @@ def split_cached_prefix(ids: np.ndarray, mask: np.ndarray, prefix: list[int]) ->
     ids, mask = np.array(ids, dtype=np.int64), np.array(mask, dtype=np.int64)
     for i, real in enumerate(mask.sum(axis=1)):
         start = ids.shape[1] - int(real)
-        if real <= width or ids[i, start:start + width].tolist() != list(prefix):
+        if not holds_prefix(ids[i, start:], prefix):
             raise ToolkitError(f"row {i} does not start with the {width}-token prompt prefix this artifact holds the "
                                "keys and values of, or has nothing after it: frame rows with the task's prompt "
                                "(Embedder and Reranker do)")

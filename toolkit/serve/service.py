@@ -21,6 +21,7 @@ from toolkit.errors import ToolkitError
 from toolkit.scheduler import MAX_WAIT_MS, BatchScheduler, SchedulerStopped
 from toolkit.serve.metrics import ServiceMetrics
 from toolkit.tasks import yes_log_odds
+from toolkit.text import holds_prefix
 
 # inputs up to this many characters (or token ids) are tokenised on the event loop: that takes ~50 us for a sentence,
 # less than a hand-off to a worker thread, whose wake-up also preempts a compute thread (and the others wait for it)
@@ -258,7 +259,7 @@ class EmbeddingService(ServedModel):
         the backend fails on such a row, and with it every request batched with it."""
         prefix = self.model.manifests[0].cached_prefix if self.model.manifests else []
         for i, row in enumerate(rows):
-            if len(row) <= len(prefix) or row[:len(prefix)] != prefix:
+            if not holds_prefix(row, prefix):
                 raise ToolkitError(f"the token ids of input #{i} do not start with the {len(prefix)} query-prompt "
                                    f"tokens this set caches, {prefix}: send the ids /tokenize gives for the text with "
                                    '"prompt_name": "query" (without the closing <|endoftext|>), or send the text with '
