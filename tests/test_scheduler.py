@@ -207,10 +207,7 @@ def test_a_scheduling_thread_that_dies_fails_the_waiting_rows_and_refuses_new_on
     lonely = scheduler.submit([[5]])
     with pytest.raises(SchedulerStopped, match="the batch scheduler stopped on OverflowError"):
         lonely.result(TIMEOUT)
-    assert not scheduler.alive
-    with pytest.raises(SchedulerStopped, match="OverflowError"):
-        scheduler.submit([[1]])
-    scheduler.close()
+    assert_stopped_for_good(scheduler, "OverflowError")
 
 
 def test_a_scheduler_failing_on_an_engine_thread_fails_its_requests_and_stops(echo):
@@ -227,7 +224,12 @@ def test_a_scheduler_failing_on_an_engine_thread_fails_its_requests_and_stops(ec
     for future in waiting:
         with pytest.raises(SchedulerStopped, match="RuntimeError: hook bug"):
             future.result(TIMEOUT)
+    assert_stopped_for_good(scheduler, "hook bug")
+
+
+def assert_stopped_for_good(scheduler, cause: str) -> None:
+    """A stopped scheduler is unhealthy and refuses new rows at once, naming what stopped it."""
     assert not scheduler.alive
-    with pytest.raises(SchedulerStopped, match="hook bug"):
+    with pytest.raises(SchedulerStopped, match=cause):
         scheduler.submit([[1]])
     scheduler.close()
