@@ -244,18 +244,80 @@ def test_seq_auto_leaves_out_a_rare_very_long_row(checkpoints, tmp_path):
     assert max(seq_lens) == AUTO_MAX_SEQ and "1 of 12 rows" in logged[0] and "truncation policy" in logged[0]
 
 
+def as_released(checkpoint, directory):
+    """A copy of a synthetic checkpoint as Qwen releases it: no synthetic mark, and config.json's `architectures`
+    Qwen3ForCausalLM whatever the task (Qwen3-Embedding's too); the weights are laid out as the real ones are (the
+    embedding's a bare Qwen3Model's, the reranker's a causal LM's)."""
+    copy = shutil.copytree(checkpoint, directory)
+    config = json.loads((copy / "config.json").read_text())
+    del config["synthetic"]
+    (copy / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen3ForCausalLM"]}))
+    return copy
+
+
 @pytest.mark.parametrize("task, other", [("reranker", "embedding"), ("embedding", "reranker")])
 def test_a_checkpoint_of_the_other_task_is_refused_naming_the_config(checkpoints, tmp_path, task, other):
-    """The embedding config compiled a reranker checkpoint without a word."""
-    ckpt = checkpoints[task]
-    if task == "embedding":  # a real embedding checkpoint (Qwen3Model), no synthetic mark, under the reranker config
-        ckpt = shutil.copytree(ckpt, tmp_path / "real")
-        config = json.loads((ckpt / "config.json").read_text())
-        del config["synthetic"]
-        (ckpt / "config.json").write_text(json.dumps(config))
+    """The embedding config compiled a reranker checkpoint without a word; the reranker config a released
+    Qwen3-Embedding checkpoint (its config.json names Qwen3ForCausalLM, as the reranker's does)."""
+    ckpt = checkpoints[task] if task == "reranker" else as_released(checkpoints[task], tmp_path / "real")
     result = CliRunner().invoke(main, ["compile", f"build_configs/{other}_config_fp16.yaml", "--checkpoint",
                                        str(ckpt), "--seq", "128", "--workspace", str(tmp_path / "ws")])
     assert result.exit_code == 2 and f"build_configs/{task}_config_fp16.yaml" in result.output, result.output
+
+
+def test_a_released_checkpoint_is_told_from_the_other_task_by_its_weights_not_its_architectures(checkpoints,
+                                                                                                  tmp_path):
+    """Every Qwen3-Embedding build warned that the checkpoint "was saved as a Qwen3ForCausalLM, as Qwen3-Reranker is":
+    Qwen3-Embedding's config.json names that class too. A reranker's weights (a causal LM's) under the embedding
+    config still get the warning."""
+    from toolkit.compile import check_task
+
+    embedding, reranker = (as_released(checkpoints[task], tmp_path / task) for task in ("embedding", "reranker"))
+    cfg = BuildConfig(name="e", task="embedding", checkpoint="x", seq_lens=(32,))
+    logged = []
+    for checkpoint in (embedding, reranker):
+        check_task(cfg, TASKS["embedding"], checkpoint, json.loads((checkpoint / "config.json").read_text()),
+                   logged.append)
+    assert len(logged) == 1 and logged[0].startswith(f"warning: {reranker} holds a causal LM's weights"), logged
+    assert "compile it with build_configs/reranker_config_fp16.yaml" in logged[0]
+
+
+def test_inspect_describes_what_the_artifacts_backend_computes(onnx_artifacts):
+    """An ONNX Runtime artifact's precision line described TVM's compute (AMX bf16x3 linear layers)."""
+    from toolkit.compile import precision
+    from toolkit.quantize import TVM_INT8, Int8Scheme
+
+    result = CliRunner().invoke(main, ["inspect", str(onnx_artifacts["embedding"][0])])
+    [line] = [line for line in result.output.splitlines() if line.startswith("precision")]
+    assert "ONNX Runtime" in line and "float16 weights to float32" in line and "TVM" not in line, line
+    assert "bf16x3" in precision("tvm", "fp16")["compute"] and "TVM" not in precision("onnx", "fp32")["compute"]
+    onnx_int8 = precision("onnx", "int8", Int8Scheme(per_token=False, unsigned_weights=True))
+    assert onnx_int8["weights"].startswith("uint8 (linear layers, per output channel, zero point 128)")
+    assert "uint8 x uint8 (linear layers: ONNX Runtime's MatMulInteger, fused into DynamicQuantizeMatMul; dynamic " \
+           "activation scale per tensor)" in onnx_int8["compute"] and "TVM" not in onnx_int8["compute"]
+    assert "per token" in precision("tvm", "int8", TVM_INT8)["compute"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "onnx"], "ONNX Runtime computes them in float32 alone: leave it out, or add --backend tvm"),
+    (["--backend", "tvm", "--dtype", "bf16"], "a bf16 build's linear layers are all bf16 x bf16"),
+    (["--backend", "tvm", "--target", "cuda"], "TVM's CUDA kernels compute them in float32 alone"),
+])
+def test_fp32_linears_is_refused_where_it_changes_nothing(checkpoints, tmp_path, monkeypatch, args, message):
+    """`--backend onnx --fp32-linears fma` built as if it were not there. A TVM CPU build of fp16 (or int8: its layers
+    kept out of int8) weights takes it."""
+    import toolkit.compile
+
+    built = []
+    monkeypatch.setattr(toolkit.compile, "compile_config", lambda cfg, log: built.append(cfg.fp32_linears) or [])
+    result = compile_cli(checkpoints["embedding"], tmp_path, "--seq", "32", "--fp32-linears", "fma", *args)
+    assert result.exit_code == 2 and f"--fp32-linears chooses how TVM computes fp16/fp32-weight linear layers on " \
+        f"CPU, and {message}" in result.output and "Traceback" not in result.output, result.output
+    for dtype in ("fp16", "int8"):
+        result = compile_cli(checkpoints["embedding"], tmp_path, "--seq", "32", "--fp32-linears", "fma", "--backend",
+                             "all", "--dtype", dtype)
+        assert result.exit_code == 0, result.output
+    assert built == ["fma", "fma"]
 
 
 def test_inspect_json_prints_only_the_manifest_on_stdout(onnx_artifacts):
@@ -265,16 +327,50 @@ def test_inspect_json_prints_only_the_manifest_on_stdout(onnx_artifacts):
 
 
 def test_a_later_build_removes_staging_left_by_a_killed_one(tmp_path):
+    """Staging directories, TVM exports and graphs on their way whose build process is gone (or an older toolkit's,
+    named without one); those of a build running now stay, and so does anything else."""
     import os
+
+    from toolkit.compile import build_dir, remove_stale_staging
+
+    dead = [tmp_path / name for name in (".seq32.staging-999999999-ab", ".export-999999999-cd",
+                                         ".graph-staging-999999999-ef", ".export-k2j4_x9a")]
+    kept = [tmp_path / name for name in (f".seq64.staging-{os.getpid()}-cd", ".cache", "seq32")]
+    for directory in dead + kept:
+        directory.mkdir()
+    kept.append(build_dir(tmp_path, "export"))
+    logged = []
+    remove_stale_staging(tmp_path, logged.append)
+    assert not any(d.exists() for d in dead) and all(d.exists() for d in kept)
+    assert sorted(logged) == sorted(f"removed {d}: left by an interrupted build" for d in dead)
+
+
+def test_a_killed_tvm_builds_export_stays_while_it_runs_and_goes_with_the_next_build(checkpoints, tmp_path):
+    """A SIGKILLed TVM build left its `.export-*` graph directory (the whole exported model) for good."""
+    import subprocess
+    import sys
 
     from toolkit.compile import remove_stale_staging
 
-    dead, running = tmp_path / ".seq32.staging-999999999-ab", tmp_path / f".seq64.staging-{os.getpid()}-cd"
-    for staging in (dead, running):
-        staging.mkdir()
-    logged = []
-    remove_stale_staging(tmp_path, logged.append)
-    assert not dead.exists() and running.exists() and str(dead) in logged[0]
+    ws = tmp_path / "ws"
+    set_dir = ws / "qwen3-embedding-0.6b-fp16" / "tvm"
+    process = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "compile",
+                                "build_configs/embedding_config_fp16.yaml", "--checkpoint",
+                                str(checkpoints["embedding"]), "--seq", "32", "--backend", "tvm", "--workspace",
+                                str(ws)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while process.poll() is None and not list(set_dir.glob(".export-*/*")):
+            time.sleep(0.1)  # until the build has written into its export directory
+        assert process.poll() is None
+        remove_stale_staging(set_dir, print)  # another build starting now
+        left = sorted(p.name for p in set_dir.iterdir())
+        assert [name.split("-")[0] for name in left] == [".export", ".seq32.staging"], left
+    finally:
+        process.kill()
+        process.wait()
+    assert sorted(p.name for p in set_dir.iterdir()) == left  # SIGKILL: no cleanup ran
+    remove_stale_staging(set_dir, print)
+    assert list(set_dir.iterdir()) == []
 
 
 def test_sigterm_during_compile_cleans_up_as_ctrl_c_does(checkpoints, tmp_path):

@@ -82,6 +82,13 @@ class CheckpointTensors:
         self.tied = {"lm_head.weight": "embed_tokens.weight", "embed_tokens.weight": "lm_head.weight"} \
             if tie_word_embeddings else {}
 
+    @property
+    def causal_lm(self) -> bool:
+        """Whether the weights were saved from a causal LM class (names prefixed `model.`, or an `lm_head` of their
+        own), as Qwen3-Reranker's are; Qwen3-Embedding's are a bare Qwen3Model's (`embed_tokens`, `layers.N`,
+        `norm`)."""
+        return "lm_head.weight" in self.where or any(key.startswith("model.") for _, key in self.where.values())
+
     def open(self, path: Path):
         """`safe_open` on one file (lazy, memory-mapped), with a one-line error for a missing or damaged file."""
         from safetensors import SafetensorError, safe_open

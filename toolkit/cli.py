@@ -12,7 +12,7 @@ from toolkit.artifact import BACKENDS, DEVICES
 from toolkit.backends import FP16_LOADS
 from toolkit.buckets import DEFAULT_COUNT, DEFAULT_STEP
 from toolkit.cli_base import INSTANCES, ToolkitGroup
-from toolkit.config import DTYPES, FP32_LINEARS
+from toolkit.config import DTYPES, FP32_LINEARS, BuildConfig
 from toolkit.errors import ToolkitError
 from toolkit.tasks import TASKS, get_task
 
@@ -56,7 +56,8 @@ def synth(task, shape, seed, outliers, out_dir):
 @click.option("--calibration", type=click.Path(exists=True, dir_okay=False), help="int8: calibration JSONL "
               "(query, document, split per line) instead of the bundled set; bf16 and int8 gates also check its "
               "held-out texts")
-@click.option("--fp32-linears", type=click.Choice(FP32_LINEARS), help="TVM CPU, fp16/fp32 weights: bf16x3 "
+@click.option("--fp32-linears", type=click.Choice(FP32_LINEARS), help="TVM CPU, fp16/fp32 weights (int8: its "
+              "layers kept out of int8): bf16x3 "
               "(on CPUs with AMX, linear layers as three bf16 products on AMX tiles, each within 2^-15 of its size; "
               "weights 4 bytes each in memory) or fma (AVX-512 fp32; weights stay in their dtype); overrides the "
               "config")
@@ -92,6 +93,9 @@ def compile(config, seq, lengths_data, bucket_count, bucket_step, batch_tokens, 
     if calibration and cfg.dtype not in LOW_PRECISION:
         raise ToolkitError(f"--calibration is for --dtype {' or '.join(LOW_PRECISION)} builds (a {cfg.dtype} build "
                            "is validated on the edge cases alone): leave it out, or add --dtype int8")
+    if fp32_linears and (unused := fp32_linears_unused(cfg)):
+        raise ToolkitError(f"--fp32-linears chooses how TVM computes fp16/fp32-weight linear layers on CPU, and "
+                           f"{unused}")
     if lengths_data:
         from toolkit.buckets import suggest_for_dataset
 
@@ -120,6 +124,17 @@ def compile(config, seq, lengths_data, bucket_count, bucket_step, batch_tokens, 
             click.echo(path)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def fp32_linears_unused(cfg: BuildConfig) -> str | None:
+    """Why `--fp32-linears` would change nothing in the build `cfg` (the rest of its refusal), or None."""
+    if "tvm" not in cfg.backends:
+        return "ONNX Runtime computes them in float32 alone: leave it out, or add --backend tvm"
+    if cfg.dtype == "bf16":
+        return "a bf16 build's linear layers are all bf16 x bf16: leave it out, or build --dtype fp16"
+    if cfg.target != "cpu":
+        return "TVM's CUDA kernels compute them in float32 alone: leave it out, or build --target cpu"
+    return None
 
 
 @main.command()

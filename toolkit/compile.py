@@ -32,14 +32,14 @@ import torch
 
 from toolkit.artifact import MANIFEST, Manifest, ModelSource, Target, sha256
 from toolkit.backends import LayerwiseReference, device_available
-from toolkit.checkpoint import load_tokenizer, model_source, read_hf_config, resolve_checkpoint
+from toolkit.checkpoint import CheckpointTensors, load_tokenizer, model_source, read_hf_config, resolve_checkpoint
 from toolkit.config import WEIGHT_ROUNDINGS, BuildConfig
 from toolkit.errors import ToolkitError
 from toolkit.export import OnnxExport, export_onnx, fold_small_constants, fold_weights, io_specs
 from toolkit.host import isa_flags, missing_tvm_extension
 from toolkit.memory import StagePeaks, map_large_blocks, return_freed_memory
 from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
-from toolkit.quantize import CalibrationSet, QuantizationPlan, int8_scheme, plan_int8, quantize_onnx
+from toolkit.quantize import CalibrationSet, Int8Scheme, QuantizationPlan, int8_scheme, plan_int8, quantize_onnx
 from toolkit.tasks import Task, get_task
 from toolkit.tokenizer import MAX_CONTEXT
 from toolkit.validation import measure
@@ -48,22 +48,39 @@ from toolkit.validation import measure
 # model (fp32 compute, as an fp16 artifact) and quantizes its graph: an fp32 copy of the model would double the build's
 # peak, and fp16 storage costs int8 nothing (it rounds to 11 bits, int8 to 8)
 TORCH_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float16}
-FP32_COMPUTE = ("float32 (TVM on AMX, where backend_details.amx_kernels lists bf16x3: the linear layers' x·W as three "
-                "bf16 products, hi·hi + lo·hi + hi·lo of x's and W's high and low bf16 parts: each product within "
-                "2^-15 of its size, where fp16 weights are themselves rounded to 2^-11)")
-PRECISION = {
-    "fp16": {"weights": "float16", "compute": FP32_COMPUTE, "accumulation": "float32"},
-    "fp32": {"weights": "float32", "compute": FP32_COMPUTE, "accumulation": "float32"},
-    "bf16": {"weights": "bfloat16", "compute": "bfloat16 x bfloat16 in the linear layers (AVX512-BF16 vdpbf16ps, or "
-             "AMX tdpbf16ps where backend_details.amx_kernels lists bf16) and in attention's q·kᵀ and P·V (from SEQ "
-             "16, vdpbf16ps); float32 in the attention logits, norms, softmax, RoPE and the residual stream",
-             "accumulation": "float32"},
-    "int8": {"weights": "int8 (linear layers, per output channel); float16 for the linear layers kept out of int8, "
-                        "the embedding table and the norms", "compute":
-             "int8 x int8 (linear layers; dynamic activation scale, per tensor on ONNX Runtime, per token on TVM); "
-             "float32 elsewhere (the linear layers kept out of int8 as in an fp16 artifact: " + FP32_COMPUTE + ")",
-             "accumulation": "int32"},
+TVM_FP32_COMPUTE = ("float32 (TVM on AMX, where backend_details.amx_kernels lists bf16x3: the linear layers' x·W as "
+                    "three bf16 products, hi·hi + lo·hi + hi·lo of x's and W's high and low bf16 parts: each product "
+                    "within 2^-15 of its size, where fp16 weights are themselves rounded to 2^-11)")
+ONNX_FP32_COMPUTE = {
+    "fp32": "float32 (ONNX Runtime)",
+    # the export casts each fp16 matrix to fp32: ONNX Runtime's CPU kernels have no fp16 matmul (set_fp16_load)
+    "fp16": "float32 (ONNX Runtime: the graph casts the float16 weights to float32, on CPU once as the artifact loads)",
 }
+
+
+def precision(backend: str, dtype: str, scheme: Int8Scheme | None = None) -> dict:
+    """The manifest's `precision`: how an artifact of `backend` and `dtype` stores its weights and computes (`scheme`:
+    an int8 artifact's). ONNX Runtime and TVM compute fp16/fp32 weights differently, so the backend decides."""
+    # int8's linear layers kept out of int8 compute as an fp16 artifact's
+    fp32_compute = TVM_FP32_COMPUTE if backend == "tvm" else ONNX_FP32_COMPUTE["fp32" if dtype == "fp32" else "fp16"]
+    if dtype == "bf16":  # TVM only (config.DTYPE_BACKENDS)
+        return {"weights": "bfloat16", "compute": "bfloat16 x bfloat16 in the linear layers (AVX512-BF16 vdpbf16ps, "
+                "or AMX tdpbf16ps where backend_details.amx_kernels lists bf16) and in attention's q·kᵀ and P·V "
+                "(from SEQ 16, vdpbf16ps); float32 in the attention logits, norms, softmax, RoPE and the residual "
+                "stream", "accumulation": "float32"}
+    if dtype != "int8":
+        return {"weights": {"fp16": "float16", "fp32": "float32"}[dtype], "compute": fp32_compute,
+                "accumulation": "float32"}
+    scale = f"dynamic activation scale per {'token' if scheme.per_token else 'tensor'}"
+    linears = (f"uint8 x {scheme.weight_type} (linear layers: ONNX Runtime's MatMulInteger"
+               f"{'' if scheme.per_token else ', fused into DynamicQuantizeMatMul'}; {scale})" if backend == "onnx"
+               else f"int8 x int8 (linear layers; {scale})")
+    return {"weights": f"{scheme.weight_type} (linear layers, per output channel"
+                       f"{', zero point 128' if scheme.unsigned_weights else ''}); float16 for the linear layers kept "
+                       "out of int8, the embedding table and the norms",
+            "compute": f"{linears}; float32 elsewhere (the linear layers kept out of int8 as in an fp16 artifact: "
+                       f"{fp32_compute})",
+            "accumulation": "int32"}
 
 
 LOW_PRECISION = ("bf16", "int8")  # also validated on real texts (int8: texts calibration never saw)
@@ -237,29 +254,33 @@ def check_seq_lens(task: Task, tokenizer, seq_lens, context: int = MAX_CONTEXT) 
                            f"{shortest - 1} tokens; use --seq {shortest} or more")
 
 
-# Where a checkpoint states its task: a synthetic one in config.json's `synthetic.task`; a real one by the class it was
-# saved from (Qwen3-Embedding has no LM head; Qwen3-Reranker is a causal LM scoring "yes"/"no")
-EMBEDDING_ARCHITECTURE, RERANKER_ARCHITECTURE = "Qwen3Model", "Qwen3ForCausalLM"
-
-
 def check_task(cfg: BuildConfig, task: Task, checkpoint: Path, hf_config: dict, log) -> None:
-    """Refuse a checkpoint that states another task than the build config's, naming the config to use. A real
-    Qwen3ForCausalLM under an embedding config is only warned about: that class says "a causal LM", not "a reranker"."""
+    """Refuse a checkpoint that states another task than the build config's, naming the config to use: a synthetic
+    one in config.json's `synthetic.task`; a real one by the class its weights were saved from. config.json's
+    `architectures` cannot tell: Qwen3-Embedding's and Qwen3-Reranker's both list Qwen3ForCausalLM. Their weights can:
+    Qwen3-Embedding's are a bare Qwen3Model's (`embed_tokens`, `layers.N`, `norm`: no LM head), Qwen3-Reranker's a
+    causal LM's (`model.`-prefixed; its own `lm_head` where untied). A bare model under a reranker config is refused;
+    a causal LM under an embedding config is only warned about (an embedding model fine-tuned and saved as one builds
+    as it is)."""
     def fix(other: str) -> str:
         return (f"compile it with build_configs/{other}_config_fp16.yaml (or a config with `task: {other}`), or pass "
                 f"a checkpoint of the {task.name} task")
 
     stated = (hf_config.get("synthetic") or {}).get("task")
-    architectures = hf_config.get("architectures") or []
     if stated and stated != task.name:
         raise ToolkitError(f"{checkpoint} is a synthetic {stated} checkpoint and {cfg.source or 'the config'} builds "
                            f"{task.name} artifacts: {fix(stated)}")
-    if task.name == "reranker" and EMBEDDING_ARCHITECTURE in architectures:
-        raise ToolkitError(f"{checkpoint} is a {EMBEDDING_ARCHITECTURE} checkpoint (an embedding model, no LM head) "
-                           f"and {cfg.source or 'the config'} builds reranker artifacts: {fix('embedding')}")
-    if task.name == "embedding" and not stated and RERANKER_ARCHITECTURE in architectures:
-        log(f"warning: {checkpoint} was saved as a {RERANKER_ARCHITECTURE}, as Qwen3-Reranker is; if it is a "
-            f"reranker, {fix('reranker')}")
+    if stated:
+        return
+    causal_lm = CheckpointTensors(checkpoint, bool(hf_config.get("tie_word_embeddings"))).causal_lm
+    if task.name == "reranker" and not causal_lm:
+        raise ToolkitError(f"{checkpoint} holds a bare Qwen3Model's weights (saved without an LM head), as "
+                           f"Qwen3-Embedding does, and {cfg.source or 'the config'} builds reranker artifacts: "
+                           f"{fix('embedding')}")
+    if task.name == "embedding" and causal_lm:
+        log(f"warning: {checkpoint} holds a causal LM's weights (named model.*, or with an lm_head), as Qwen3-Reranker "
+            f"does, not a bare Qwen3Model's as Qwen3-Embedding does: if it is a reranker, {fix('reranker')}; an "
+            "embedding model saved as a causal LM builds as it is")
 
 
 def available_memory() -> int | None:
@@ -290,15 +311,30 @@ def check_shapes_fit(cfg: BuildConfig, hf_config: dict, log) -> None:
                                f"{available / 1e9:.1f} GB available: use a smaller --seq or --batch/--batch-tokens")
 
 
+# the directories a build makes beside its set's artifacts (`build_dir`), named after the process that owns them:
+# `stage_export`'s staging directories and TVM exports, `share_graph`'s graph on its way. An older toolkit's names
+# have no process id.
+BUILD_DIR = re.compile(r"\.(?:seq\d+\.staging|export|graph-staging)-(?:(\d+)-)?\w+")
+
+
+def build_dir(set_dir: Path, kind: str) -> Path:
+    """A new directory `.KIND-PID-RANDOM` in `set_dir` for this build: a later build removes it once this process is
+    gone (`remove_stale_staging`). Readable like any compile output (mkdtemp makes it private)."""
+    path = Path(tempfile.mkdtemp(prefix=f".{kind}-{os.getpid()}-", dir=set_dir))
+    path.chmod(0o755)
+    return path
+
+
 def remove_stale_staging(set_dir: Path, log) -> None:
-    """Remove the staging directories (`stage_export`'s) that builds left in `set_dir` when killed before their cleanup
-    ran (SIGKILL, a power cut): those whose build process is gone; a name without a process id is an older toolkit's."""
-    for stale in set_dir.glob(".seq*.staging-*"):
-        pid = stale.name.split(".staging-")[1].split("-")[0]
-        if pid.isdigit() and Path(f"/proc/{pid}").exists():
+    """Remove the directories (`build_dir`'s) that builds left in `set_dir` when killed before their cleanup ran
+    (SIGKILL, a power cut): those whose build process is gone, or whose name has no process id."""
+    for stale in sorted(set_dir.glob(".*")):
+        if not (name := BUILD_DIR.fullmatch(stale.name)):
+            continue
+        if name[1] and Path(f"/proc/{name[1]}").exists():
             continue  # a build running now
         shutil.rmtree(stale, ignore_errors=True)
-        log(f"removed {stale}: a staging directory left by an interrupted build")
+        log(f"removed {stale}: left by an interrupted build")
     prune_graphs(set_dir)  # the graphs only those staging directories pointed at
 
 
@@ -319,9 +355,7 @@ def stage_export(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model
     A graph that is not the artifact's model file (int8's fp16 graph) goes into `graph/`, removed once it is used."""
     final = artifact_dir(cfg, backend, seq_len)
     final.parent.mkdir(parents=True, exist_ok=True)
-    # the process id names its owner: a later build removes it once that process is gone (remove_stale_staging)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-{os.getpid()}-", dir=final.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; an installed artifact is readable like any compile output
+    staging = build_dir(final.parent, f"{final.name}.staging")
     batch = cfg.batch_for(seq_len)
     if first:
         inputs, outputs = io_specs(task, seq_len, batch, model.shape.hidden_size)
@@ -330,7 +364,7 @@ def stage_export(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model
                               0.0, first)
     started = time.perf_counter()
     if backend == "tvm":
-        graph_dir = Path(tempfile.mkdtemp(prefix=".export-", dir=final.parent))
+        graph_dir = build_dir(final.parent, "export")
     else:
         graph_dir = staging if cfg.dtype != "int8" else staging / "graph"
     try:
@@ -429,10 +463,10 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
     folded; int8 ONNX: quantized; TVM: compiled) with the tokenizer; write its manifest, not yet validated."""
     out, exported = artifact.staging, artifact.exported
     model_file, target, details = exported.model_file, Target(cfg.target), {}
-    precision = dict(PRECISION[cfg.dtype])
+    scheme = int8_scheme([artifact.backend], cfg.activation_scales) if plan else None
+    record = precision(artifact.backend, cfg.dtype, scheme)
     if plan:
-        scheme = int8_scheme([artifact.backend], cfg.activation_scales)
-        precision["quantization"] = plan.describe(scheme)
+        record["quantization"] = plan.describe(scheme)
     if artifact.graph is None:  # the first's graph: its folded / quantized files are this one's too
         model_file = Manifest.load(artifact.first.staging, verify=False).model_file
     elif cfg.dtype == "fp32" and artifact.backend == "onnx":  # for stock ONNX tools; TVM packs the weights itself
@@ -476,7 +510,7 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
         dynamic_batch=True, cached_prefix=exported.cached_prefix,
         instruction=exported.cached_instruction, dtype=cfg.dtype, backend=artifact.backend,
         target=target,
-        model=source, inputs=exported.inputs, outputs=exported.outputs, model_file=model_file, precision=precision,
+        model=source, inputs=exported.inputs, outputs=exported.outputs, model_file=model_file, precision=record,
         backend_details=details,
     ).save(out)
 
@@ -524,8 +558,7 @@ def share_graph(out: Path, model_file: str) -> str:
     refuses external data that is a hard or symbolic link or lies outside the model file's directory, and ONNX Runtime
     the last two: the graph and its data move together)."""
     set_dir, names = out.parent, (model_file, f"{model_file}.data")
-    moving = Path(tempfile.mkdtemp(prefix=".graph-staging-", dir=set_dir))
-    moving.chmod(0o755)
+    moving = build_dir(set_dir, "graph-staging")
     try:
         for name in names:
             (out / name).rename(moving / name)
