@@ -1,10 +1,12 @@
 """BatchScheduler: rows of concurrent callers merged into shared engine batches, each caller's outputs in its order,
 the fullest batch first and no row passed over more than MAX_PASSED_OVER times, failures confined to the requests they
-hit, a batch dispatched when full, on a full budget or at close, bad arguments refused; a scheduler that fails on an
-error of its own fails what waits and refuses what comes, rather than leave its callers waiting."""
+hit, a cancelled request's waiting rows dropped, a batch dispatched when full, on a full budget or at close, bad
+arguments refused; a scheduler that fails on an error of its own fails what waits and refuses what comes, rather than
+leave its callers waiting."""
 import math
 import threading
 import time
+from concurrent.futures import CancelledError
 
 import numpy as np
 import pytest
@@ -169,6 +171,28 @@ def test_a_full_budget_goes_at_once_and_close_flushes_what_waits(echo):
     assert scheduler.pending_rows == 0 and not scheduler.alive
     with pytest.raises(EngineClosedError, match="shutting down"):
         scheduler.submit([[1]])
+
+
+def test_a_cancelled_request_drops_its_waiting_rows_and_the_outputs_of_its_running_ones(echo):
+    runner, gate = echo
+    recorder = Recorder()
+    scheduler = BatchScheduler(runner, max_batch_tokens=1024, max_wait_ms=0, observer=recorder)
+    gate.clear()
+    partly_running = scheduler.submit([[2] * 3] * 5)  # a SEQ 8 batch takes 4 rows and holds the only instance
+    wait_until(lambda: len(recorder.batches) == 1)
+    waiting = scheduler.submit([[3] * 3])
+    assert scheduler.pending_rows == 2
+    scheduler.cancel(partly_running)
+    scheduler.cancel(waiting)
+    assert scheduler.pending_rows == 0 and waiting.cancelled()
+    with pytest.raises(CancelledError):  # a running future cannot be cancelled: it fails with CancelledError
+        partly_running.result(TIMEOUT)
+    gate.set()
+    after = scheduler.submit([[4]])
+    assert np.array_equal(after.result(TIMEOUT), expected([[4]]))
+    scheduler.cancel(after)  # done: nothing to drop
+    scheduler.close()
+    assert [len(b.indices) for b in recorder.batches] == [4, 1] and recorder.finished == 1
 
 
 def test_bad_arguments_are_one_line_errors(echo):

@@ -1,8 +1,9 @@
 """`toolkit serve` with real clients on loopback: the official OpenAI client and Hugging Face's InferenceClient get
 what the offline API computes; TEI's and Cohere's routes, tokenisation, health, info and metrics over httpx; every
 bad request answered with its status and a message (never a 500), and never failing another client's request; a
-backend failure is a 503 for the request it hit while the server goes on, a dead scheduler a 503 at once; SIGTERM
-finishes the requests in flight and exits 0; bad flags are one-line errors, the port is bound before models load."""
+backend failure is a 503 for the request it hit while the server goes on, a dead scheduler a 503 at once; a client
+that leaves costs no compute for its rows still waiting for a batch; SIGTERM finishes the requests in flight and exits
+0; bad flags are one-line errors, the port is bound before models load."""
 import base64
 import json
 import os
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from contextlib import contextmanager
 
 import httpx
 import numpy as np
@@ -146,7 +148,8 @@ def test_tei_and_cohere_routes_tokenize_health_info_metrics(url, offline):
         assert cohere["usage"]["total_tokens"] == sum(map(len, rr.tokenize([(QUERY, d) for d in DOCS])))
         tokens = http.post("/tokenize", json={"inputs": "Hello world", "prompt_name": "query"}).json()
         assert [t["id"] for t in tokens[0]] == emb.tokenize(emb.format(["Hello world"], WEB_SEARCH_INSTRUCTION))[0]
-        assert tokens[0][-1] == {"id": ENDOFTEXT_ID, "text": "<|endoftext|>", "special": True}
+        assert tokens[0][-1] == {"id": ENDOFTEXT_ID, "text": "<|endoftext|>", "special": True, "start": None,
+                                 "stop": None}
         assert "".join(t["text"] for t in tokens[0][:-1]).endswith("Query:Hello world")
         assert http.get("/health").json() == {"status": "ok"} and http.head("/health").status_code == 200
         info = http.get("/info").json()
@@ -167,6 +170,53 @@ def test_tei_and_cohere_routes_tokenize_health_info_metrics(url, offline):
                  'toolkit_padded_tokens_total{model="embedding"}', 'toolkit_queue_rows{model="embedding"} 0.0',
                  'toolkit_requests_in_flight{model="reranker"} 0.0'):
         assert line in metrics, line
+
+
+def test_cohere_rerank_takes_documents_as_texts_or_objects(url, offline):
+    """Cohere's and Jina's clients may send each document as {"text": ...} (other fields ignored); it is ranked as its
+    text, and `return_documents` echoes it as Cohere does."""
+    ranked = offline["reranker"].rerank(QUERY, DOCS, return_documents=True)
+    with httpx.Client(base_url=url, timeout=TIMEOUT) as http:
+        for documents in ([{"text": d} for d in DOCS], [DOCS[0], {"text": DOCS[1], "title": "ignored"}, DOCS[2]]):
+            r = http.post("/v1/rerank", json={"query": QUERY, "documents": documents, "return_documents": True})
+            assert r.status_code == 200, r.text
+            results = r.json()["results"]
+            assert [x["index"] for x in results] == [d["corpus_id"] for d in ranked]
+            assert [x["document"] for x in results] == [{"text": d["text"]} for d in ranked]
+            assert max_abs_diff([x["relevance_score"] for x in results], [d["score"] for d in ranked]) <= 1e-6
+
+
+def test_tokenize_gives_each_token_its_characters_and_truncates_as_embed_does(limited_url, sets):
+    """TEI's token fields: `start`/`stop` bound the characters of the input a token comes from (null for the prompt's
+    tokens); `truncate` cuts as `/embed` does, and without `add_special_tokens` the ids are what `/v1/embeddings`
+    takes for the same vector."""
+    text = "北京是中国的首都。 e\u0301t\u00e9 <|endoftext|>, Hello world"  # a decomposed é; a special token in the text
+    long_text = "word " * 60  # over the 40 tokens of limited_url
+    with httpx.Client(base_url=limited_url, timeout=TIMEOUT) as http, \
+            Embedder.from_artifacts(sets["embedding"], max_length=LIMITS.max_input_length) as capped:
+        [tokens] = http.post("/tokenize", json={"inputs": text, "prompt_name": "query"}).json()
+        assert [t["id"] for t in tokens] == capped.tokenize(capped.format([text], WEB_SEARCH_INSTRUCTION))[0]
+        prompt = [t for t in tokens if t["start"] is None]
+        assert "".join(t["text"] for t in prompt[:-1]).startswith("Instruct: ") and prompt[-1]["special"]
+        spans = [(t["start"], t["stop"]) for t in tokens if t["start"] is not None]
+        # in order and without overlap; the tokens of one character's bytes each cover that character
+        assert all(a == b or a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+        assert "".join(text[start:stop] for (start, stop), previous in zip(spans, [None, *spans])
+                       if (start, stop) != previous) == text
+        special = next(t for t in tokens if t["id"] == ENDOFTEXT_ID and t["start"] is not None)
+        assert special["special"] and text[special["start"]:special["stop"]] == "<|endoftext|>"
+
+        r = http.post("/tokenize", json={"inputs": [long_text], "truncate": True})
+        with pytest.warns(UserWarning, match="truncated to 40 tokens"):
+            want = capped.tokenize([long_text], "truncate")
+        assert r.status_code == 200 and [t["id"] for t in r.json()[0]] == want[0]
+        assert r.json()[0][-2]["stop"] <= len(long_text)
+        r = http.post("/tokenize", json={"inputs": long_text, "truncate": True, "add_special_tokens": False})
+        ids = [t["id"] for t in r.json()[0]]
+        assert ids == want[0][:-1]
+        vectors = http.post("/v1/embeddings", json={"input": ids}).json()["data"]
+        embedded = http.post("/embed", json={"inputs": long_text, "truncate": True}).json()
+        assert max_abs_diff([vectors[0]["embedding"]], embedded) <= 1e-6
 
 
 def error_message(response) -> str:
@@ -222,6 +272,19 @@ BAD_REQUESTS = [
                                               '"truncate": true'),
     ("/embed", {"inputs": "x" * 3000}, 413, "larger than the payload limit (2000 bytes)"),
     ("/tokenize", {"inputs": []}, 422, "at least 1 item"),
+    ("/tokenize", {"inputs": "word " * 60}, 413, 'max input length of 40 tokens (prompt included); shorten it or send '
+                                                 '"truncate": true'),
+    ("/tokenize", {"inputs": "a", "truncate": 1}, 422, "truncate: Input should be a valid boolean"),
+    ("/tokenize", {"inputs": "a", "add_special_tokens": "no"}, 422, "add_special_tokens: Input should be a valid "
+                                                                    "boolean"),
+    # documents are texts or {"text": ...} objects
+    ("/v1/rerank", {"query": "q", "documents": []}, 422, "documents: List should have at least 1 item"),
+    ("/v1/rerank", {"query": "q", "documents": ["d", {"text": "e"}, {"title": "t"}]}, 422,
+     'documents.2.text: missing or not a string; send each document as a text or as {"text": "..."}'),
+    ("/v1/rerank", {"query": "q", "documents": [{"text": 5}]}, 422, "documents.0.text: missing or not a string"),
+    ("/v1/rerank", {"query": "q", "documents": [["d"]]}, 422, 'documents.0: send each document as a text or as '
+                                                             '{"text": "..."}'),
+    ("/v1/rerank", {"query": "q", "documents": [{"text": LONE_SURROGATE}]}, 422, "documents.0.text: invalid Unicode"),
     ("/v1/embeddings", {"input": [[1, 2], []]}, 422, "input"),
     ("/v1/embeddings", {"input": [[151669]]}, 422, "token ids must be integers in 0..151668"),
     ("/v1/embeddings", {"input": [-1]}, 422, "input.0: Input should be greater than or equal to 0"),
@@ -391,21 +454,62 @@ def test_a_stopped_scheduler_is_a_503_at_once_and_an_unhealthy_server(sets):
         assert http.get("/health").status_code == 503
 
 
-def test_an_answer_to_a_client_that_left_is_counted_as_499(sets):
-    """The request of a client that closed its connection still runs (its batch may hold other requests' rows); its
-    answer, written to nobody, is counted as nginx counts it: 499, not 200."""
-    app = create_app(Embedder.from_artifacts(sets["embedding"]), limits=Limits(max_wait_ms=MAX_WAIT_MS))
-    with served(app) as base, httpx.Client(base_url=base, timeout=TIMEOUT) as http:
-        body = json.dumps({"inputs": TEXTS[:1]}).encode()
-        host, port = base.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=TIMEOUT) as leaving:
-            leaving.sendall(b"POST /embed HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
-                            b"content-length: %d\r\n\r\n%s" % (len(body), body))
-            wait_for(lambda: 'toolkit_queue_rows{model="embedding"} 1.0' in http.get("/metrics").text)
-        # its row waits for a second one (a batch takes 2): this request's
-        assert http.post("/embed", json={"inputs": TEXTS[1:2]}).status_code == 200
-        wait_for(lambda: 'toolkit_http_requests_total{route="/embed",status="499"} 1.0' in http.get("/metrics").text)
-        assert 'toolkit_http_requests_total{route="/embed",status="200"} 1.0' in http.get("/metrics").text
+class Gated(Backend):
+    """A real artifact backend that records the token ids of each batch, then waits for `gate` to run it."""
+
+    def __init__(self, inner: Backend, gate: threading.Event, seen: set):
+        self.inner, self.name, self.task = inner, inner.name, inner.task
+        self.seq_len, self.batch, self.dynamic_batch = inner.seq_len, inner.batch, inner.dynamic_batch
+        self.gate, self.seen = gate, seen
+
+    def run(self, input_ids, attention_mask):
+        self.seen.update(input_ids[attention_mask.astype(bool)].tolist())
+        self.gate.wait(TIMEOUT)
+        return self.inner.run(input_ids, attention_mask)
+
+    def close(self):
+        self.inner.close()
+
+
+@contextmanager
+def leaving_client(base: str, path: str, body: dict):
+    """A client that sends a request and leaves (closes its connection) at the end of the block, unanswered."""
+    content = json.dumps(body).encode()
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=TIMEOUT) as connection:
+        connection.sendall(b"POST %s HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: "
+                           b"%d\r\n\r\n%s" % (path.encode(), len(content), content))
+        yield
+
+
+def test_a_client_that_leaves_costs_no_compute_for_its_waiting_rows_and_is_counted_as_499(sets, offline):
+    """Neither Starlette nor uvicorn stops a request whose client left; the app does. Its rows waiting for a batch
+    (behind a slow one here: one instance) are dropped and never reach the backend; rows in a running batch finish,
+    for nobody. Both requests end as nginx counts them, 499, while the slow batch still runs; the server goes on."""
+    manifests = find_artifacts(sets["embedding"])
+    gate, seen = threading.Event(), set()
+    engines = [Engine(lambda i, dev, m=m: Gated(open_backend(m, 1), gate, seen)) for m in manifests]
+    gated = Embedder(BucketedRunner(engines), load_tokenizer(manifests[0].path / "tokenizer"))
+    running, waiting = 4001, 4002  # token ids that mark each leaving client's row
+    try:
+        with served(create_app(gated, limits=Limits(max_wait_ms=0))) as base, \
+                httpx.Client(base_url=base, timeout=TIMEOUT) as http:
+            def metrics() -> str:
+                return http.get("/metrics").text
+
+            with leaving_client(base, "/v1/embeddings", {"input": [1, running, 2]}):
+                wait_for(lambda: running in seen)  # its batch holds the only instance
+                with leaving_client(base, "/v1/embeddings", {"input": [1, waiting, 2]}):
+                    wait_for(lambda: 'toolkit_queue_rows{model="embedding"} 1.0' in metrics())
+            wait_for(lambda: 'route="/v1/embeddings",status="499"} 2.0' in metrics())
+            assert 'toolkit_queue_rows{model="embedding"} 0.0' in metrics() and not gate.is_set()
+            gate.set()
+            ok = http.post("/embed", json={"inputs": TEXTS[:1]})
+            assert ok.status_code == 200 and max_abs_diff(ok.json(), offline["embedding"].encode(TEXTS[:1])) <= 1e-6
+            assert 'toolkit_requests_in_flight{model="embedding"} 0.0' in metrics()
+    finally:
+        gate.set()
+    assert running in seen and waiting not in seen
 
 
 def test_the_tokenizers_are_set_up_before_the_first_request(sets, monkeypatch):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,6 +136,21 @@ class BatchScheduler:
             if self._in_flight < self.slots:  # else a finished batch wakes the thread: a wake-up costs compute time
                 self._state.notify_all()
         return request.future
+
+    def cancel(self, future: Future) -> None:
+        """Drop the waiting rows of the request `future` came from (its caller left): they never run. Its rows already
+        in a batch finish, their outputs discarded. The future is cancelled (or, where a row of it had started, fails
+        with CancelledError: a running future cannot be cancelled). A request with no row waiting is left as it is."""
+        with self._state:
+            waiting = [r for r in self._pool if r.request.future is future]
+            if not waiting:
+                return
+            request = waiting[0].request
+            request.failed = True  # what its running batches return is dropped
+            self._pool = [r for r in self._pool if r.request is not request]
+            self._pool_tokens -= sum(len(r.tokens) for r in waiting)
+        if not future.cancel():
+            future.set_exception(CancelledError())
 
     def close(self) -> None:
         """Refuse new rows and dispatch every waiting one at once; their outputs arrive as the engines finish (close

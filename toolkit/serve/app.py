@@ -5,7 +5,9 @@
 
 Nothing a client sends is a 500: a body that is not UTF-8 JSON is 400, one that does not match its schema 422, a
 request over a limit 413, a full model 429 (with Retry-After), a route whose model is not loaded 404, a backend failure
-503 for the requests it hit. The app owns the models it is given: its shutdown runs what is queued, then closes them.
+503 for the requests it hit. A request whose client leaves before its answer is stopped (its rows still waiting for a
+batch never run) and counted as 499. The app owns the models it is given: its shutdown runs what is queued, then
+closes them.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from toolkit.errors import ToolkitError
 from toolkit.runtime import CPU_BUDGET
 from toolkit.serve.metrics import ServiceMetrics
 from toolkit.serve.schemas import (
+    UNION_TAGS,
     Document,
     DocumentsRerankRequest,
     EmbeddingsRequest,
@@ -111,6 +114,7 @@ def create_app(embedder: Embedder | None = None, reranker: Reranker | None = Non
     app.include_router(ops_routes(services, limits))
     add_error_handlers(app)
     app.add_middleware(BodyLimit, limit=limits.payload_limit)
+    app.add_middleware(StopWhenClientLeaves)
     app.add_middleware(CountAnswers, metrics=services.metrics)  # outermost: it sees every answer
     return app
 
@@ -140,12 +144,15 @@ def tei_routes(services: Services) -> APIRouter:
 
     @router.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> list[list[Token]]:
-        """The tokens `/embed` runs for each input (instruction and closing <|endoftext|> included)."""
+        """The tokens `/embed` runs for each input (instruction included, and with `add_special_tokens` the closing
+        <|endoftext|>), each with the characters of the input it covers."""
         service = services.embedding()
         rows = await service.tokens(as_texts(request.inputs),
-                                    service.instruction_for(request.prompt_name, request.instruction))
+                                    service.instruction_for(request.prompt_name, request.instruction),
+                                    request.truncate, request.add_special_tokens)
         tokenizer = service.model.tokenizer
-        return [[Token(id=t, text=tokenizer.decode([t]), special=t in tokenizer.special_ids) for t in row]
+        return [[Token(id=t, text=tokenizer.decode([t]), special=t in tokenizer.special_ids, start=start, stop=stop)
+                 for t, start, stop in row]
                 for row in rows]
 
     return router
@@ -174,12 +181,13 @@ def openai_routes(services: Services) -> APIRouter:
 
     @router.post("/rerank", response_model_exclude_none=True)
     async def rerank(request: DocumentsRerankRequest) -> RerankResponse:
-        """`documents` ranked for `query`, best first, with `relevance_score` = P(yes)."""
-        service = services.reranking()
-        order, scores, tokens = await service.rerank(request.query, request.documents, request.instruction,
-                                                     request.truncate, top_n=request.top_n)
+        """`documents` (texts or `{"text": ...}` objects) ranked for `query`, best first, with `relevance_score` =
+        P(yes); `return_documents` echoes each as `{"text": ...}`."""
+        service, texts = services.reranking(), request.texts()
+        order, scores, tokens = await service.rerank(request.query, texts, request.instruction, request.truncate,
+                                                     top_n=request.top_n)
         results = [RerankResult(index=i, relevance_score=float(scores[i]),
-                                document=Document(text=request.documents[i]) if request.return_documents else None)
+                                document=Document(text=texts[i]) if request.return_documents else None)
                    for i in order]
         return RerankResponse(model=service.model_name, results=results,
                               usage=RerankUsage(total_tokens=tokens))
@@ -249,14 +257,14 @@ def error_response(path: str, status: int, message: str, headers: dict | None = 
 
 def validation_message(error: RequestValidationError) -> str:
     """The schema errors as one line, the first problem of each field: `inputs.0: Input should be a valid string;
-    ...`. Request bodies are flat: an error's location is a field and list positions (its other parts name the union
-    alternative the value was read as)."""
+    ...`, `documents.2.text: ...`. An error's location is a field, list positions and the fields of an object in a
+    list, less the union alternatives the value was read as (`UNION_TAGS`)."""
     problems: dict = {}
     for e in error.errors():
         if e["type"] == "json_invalid":
             return f"body: {e['msg']} ({e['ctx']['error']})"
         field, *inner = e["loc"][1:] or ("body",)
-        path = ".".join([str(field), *(str(p) for p in inner if isinstance(p, int))])
+        path = ".".join([str(field), *(str(p) for p in inner if p not in UNION_TAGS)])
         problems.setdefault(field, f"{path}: {e['msg']}")
     return "; ".join(problems.values())
 
@@ -335,8 +343,52 @@ class BodyLimit(HttpMiddleware):
                                   "shorter inputs, or raise --payload-limit")
 
 
+class StopWhenClientLeaves(HttpMiddleware):
+    """Cancel a request whose client leaves before its answer starts (neither Starlette nor uvicorn stops the handler,
+    so its rows would still run): the cancellation reaches the await of its outputs, which withdraws its rows still
+    waiting for a batch (`ServedModel.run`); rows in a running batch finish, their outputs dropped. The request then
+    ends without an answer. The client is watched once the app has read the whole body: until then, `receive` is the
+    app's."""
+
+    @override
+    async def handle(self, scope, receive, send):
+        body_read, answering, left = asyncio.Event(), False, False
+
+        async def receive_noting_body():
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                body_read.set()
+            return message
+
+        async def send_noting_answer(message):
+            nonlocal answering
+            answering = True
+            await send(message)
+
+        async def cancel_when_client_leaves():
+            nonlocal left
+            await body_read.wait()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not answering:  # else the disconnect is the answer's end (ASGI says so once a response is sent)
+                left = True
+                app.cancel()
+
+        app = asyncio.ensure_future(self.app(scope, receive_noting_body, send_noting_answer))
+        watcher = asyncio.ensure_future(cancel_when_client_leaves())
+        try:
+            await app
+        except asyncio.CancelledError:
+            if not left:  # this request itself was cancelled (by the server), not only its app
+                raise
+        finally:
+            watcher.cancel()
+
+
 class CountAnswers(HttpMiddleware):
-    """Count every answer by route template and status (499: the client left before it), and time it."""
+    """Count every answer by route template and status, and time it. 499 (nginx's status for a client that left
+    before the answer): a request stopped without an answer (`StopWhenClientLeaves`), or an answer written to
+    nobody."""
 
     def __init__(self, app, metrics: ServiceMetrics):
         super().__init__(app)
@@ -344,7 +396,7 @@ class CountAnswers(HttpMiddleware):
 
     @override
     async def handle(self, scope, receive, send):
-        started, status = time.perf_counter(), [500]
+        started, status = time.perf_counter(), [None]
 
         async def noting_status(message):
             if message["type"] == "http.response.start":
@@ -354,6 +406,10 @@ class CountAnswers(HttpMiddleware):
 
         try:
             await self.app(scope, receive, noting_status)
+        except BaseException:
+            status[0] = status[0] or 500  # what the server answers for an error before any answer
+            raise
         finally:
             route = scope.get("route")
-            self.metrics.answered(getattr(route, "path", "unmatched"), status[0], time.perf_counter() - started)
+            self.metrics.answered(getattr(route, "path", "unmatched"), status[0] or CLIENT_CLOSED_REQUEST,
+                                  time.perf_counter() - started)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 
@@ -27,24 +27,30 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], NonEmpty]
 Count = Annotated[int, Field(ge=1)]
 
 
+# The tags of the unions below: pydantic names the alternative a value was read as in an error's location, which the
+# one-line message leaves out (so no field of a body may share a tag's name)
+UNION_TAGS = frozenset({"string", "strings", "ids", "id_lists", "object"})
+
+
 def text_or_texts_shape(value) -> str | None:
     """Which alternative of a text-or-texts union a value is meant as (None: neither), so that a bad value gets the
     errors of that one alternative, not of every one."""
-    return "text" if isinstance(value, str) else "texts" if isinstance(value, list) else None
+    return "string" if isinstance(value, str) else "strings" if isinstance(value, list) else None
 
 
 def input_shape(value) -> str | None:
     """Which alternative of OpenAI's `input` a value is meant as: a list by its first item."""
     if not isinstance(value, list) or not value:
         return text_or_texts_shape(value)
-    return "texts" if isinstance(value[0], str) else "id_lists" if isinstance(value[0], list) else "ids"
+    return "strings" if isinstance(value[0], str) else "id_lists" if isinstance(value[0], list) else "ids"
 
 
-TextOrTexts = Annotated[Union[Annotated[Text, Tag("text")], Annotated[Texts, Tag("texts")]],
+TextOrTexts = Annotated[Union[Annotated[Text, Tag("string")], Annotated[Texts, Tag("strings")]],
                         Discriminator(text_or_texts_shape, custom_error_type="input_shape",
                                       custom_error_message="send a text or a list of texts")]
-Input = Annotated[Union[Annotated[Text, Tag("text")], Annotated[Texts, Tag("texts")], Annotated[TokenIds, Tag("ids")],
-                        Annotated[Annotated[list[TokenIds], NonEmpty], Tag("id_lists")]],
+TokenIdLists = Annotated[list[TokenIds], NonEmpty]
+Input = Annotated[Union[Annotated[Text, Tag("string")], Annotated[Texts, Tag("strings")],
+                        Annotated[TokenIds, Tag("ids")], Annotated[TokenIdLists, Tag("id_lists")]],
                   Discriminator(input_shape, custom_error_type="input_shape",
                                 custom_error_message="send a text, a list of texts, a list of token ids (integers >= "
                                                      "0) or a list of such lists")]
@@ -88,17 +94,25 @@ class EmbedRequest(QueryFormat):
 
 
 class TokenizeRequest(QueryFormat):
-    """TEI `POST /tokenize`: the tokens `/embed` would run for the same fields."""
+    """TEI `POST /tokenize`: the tokens `/embed` would run for the same fields, `truncate` included (an input too long
+    without it is refused as `/embed` refuses it); without `add_special_tokens`, without the closing <|endoftext|>: the
+    token ids `/v1/embeddings` takes for the text."""
 
     inputs: TextOrTexts
+    add_special_tokens: bool = True
+    truncate: bool = False
 
 
 class Token(BaseModel):
-    """One token of a tokenised input."""
+    """One token of a tokenised input: `start` and `stop` bound the characters of the input text it comes from
+    (`text[start:stop]`; a token holding part of a character's UTF-8 bytes covers that character), null for a token
+    of the prompt around the text (the instruction's, the closing <|endoftext|>)."""
 
     id: int
     text: str
     special: bool
+    start: int | None
+    stop: int | None
 
 
 class RerankRequest(StrictBody):
@@ -176,17 +190,47 @@ class EmbeddingsResponse(BaseModel):
     usage: EmbeddingsUsage
 
 
+class DocumentObject(StrictBody):
+    """A document sent as an object, as Cohere's and Jina's clients may: its `text` (other fields are ignored)."""
+
+    # validated when missing too: then it gets this field's error, with the fix
+    text: Text = Field(default=None, validate_default=True)
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def a_string(cls, value):
+        """Refuse a missing or non-string text, naming both forms a document takes."""
+        if not isinstance(value, str):
+            raise PydanticCustomError("document_text", 'missing or not a string; send each document as a text or as '
+                                                       '{"text": "..."}')
+        return value
+
+
+def document_shape(value) -> str | None:
+    """Which alternative of a document a value is meant as (None: neither)."""
+    return "string" if isinstance(value, str) else "object" if isinstance(value, dict) else None
+
+
+DocumentInput = Annotated[Union[Annotated[Text, Tag("string")], Annotated[DocumentObject, Tag("object")]],
+                          Discriminator(document_shape, custom_error_type="document_shape",
+                                        custom_error_message='send each document as a text or as {"text": "..."}')]
+
+
 class DocumentsRerankRequest(StrictBody):
-    """Cohere / Jina `POST /v1/rerank` (plus the reranker's `instruction` and TEI's `truncate`). `model` is not checked:
-    the answer names the served set."""
+    """Cohere / Jina `POST /v1/rerank` (plus the reranker's `instruction` and TEI's `truncate`); documents are texts,
+    objects `{"text": ...}`, or both. `model` is not checked: the answer names the served set."""
 
     query: Text
-    documents: Texts
+    documents: Annotated[list[DocumentInput], NonEmpty]
     model: Text | None = None
     top_n: Count | None = None
     return_documents: bool = False
     truncate: bool = False
     instruction: Text | None = None
+
+    def texts(self) -> list[str]:
+        """The documents' texts, in order."""
+        return [d if isinstance(d, str) else d.text for d in self.documents]
 
 
 class Document(BaseModel):

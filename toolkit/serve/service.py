@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.api import Embedder, InputTooLongError, Reranker, rank_order
+from toolkit.api import Embedder, InputTooLongError, Reranker, frame_rows, max_token_chars, rank_order
 from toolkit.artifact import find_artifacts
 from toolkit.errors import ToolkitError
 from toolkit.scheduler import MAX_WAIT_MS, BatchScheduler, SchedulerStopped
@@ -179,10 +179,14 @@ class ServedModel:
                                 f"(prompt included); {fix}") from None
 
     async def run(self, rows: list[list[int]]) -> np.ndarray:
-        """Raw outputs of the rows, batched with other requests'; a backend failure is this request's 503."""
+        """Raw outputs of the rows, batched with other requests'; a backend failure is this request's 503. Cancelled,
+        it withdraws the rows still waiting for a batch."""
         try:
             future = self.scheduler.submit(rows)
             return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:  # the client left (the app cancels its request): its waiting rows never run
+            self.scheduler.cancel(future)
+            raise
         except SchedulerStopped as e:
             raise Unavailable(f"the {self.name} model takes no more requests ({first_line(e)}); the server needs a "
                               "restart (its /health is 503)") from e
@@ -217,6 +221,12 @@ class EmbeddingService(ServedModel):
     model: Embedder
     warm_up_input = ["warm up"]
 
+    def __init__(self, model: Embedder, limits: Limits, metrics: ServiceMetrics):
+        super().__init__(model, limits, metrics)
+        # the bound `token_rows` cuts a text at, for /tokenize's own encoding (a scan of the vocabulary: not on a
+        # request)
+        self.max_token_chars = max_token_chars(model.tokenizer)
+
     async def embed(self, texts: list[str], instruction: str | None = None, truncate: bool | None = False,
                     dimensions: int | None = None, normalize: bool = True) -> tuple[np.ndarray, int]:
         """Vectors for texts and the tokens they took; `truncate=None`: the route has no truncate option (too long
@@ -236,10 +246,13 @@ class EmbeddingService(ServedModel):
             self._check_cached_prefix(rows)
             return self.model.task.finish(await self.run(rows), dim=dimensions), sum(map(len, rows))
 
-    async def tokens(self, texts: list[str], instruction: str | None = None) -> list[list[int]]:
-        """The rows `/embed` would run for these texts."""
+    async def tokens(self, texts: list[str], instruction: str | None = None, truncate: bool = False,
+                     add_special_tokens: bool = True) -> list[list[tuple[int, int | None, int | None]]]:
+        """The rows `/embed` would run for these texts, each token as (id, start, stop): the characters of its text it
+        covers, None for a token of the prompt around the text. Without `add_special_tokens`, without the tokens the
+        task frames every row with (the closing <|endoftext|>)."""
         with self.admitted(len(texts)):
-            return await self.rows(self._text_rows, texts, instruction, False, can_truncate=False)
+            return await self.rows(self._text_tokens, texts, instruction, truncate, add_special_tokens)
 
     def instruction_for(self, prompt_name: str | None, instruction: str | None) -> str | None:
         """The instruction a request's texts are formatted with: its `instruction`, or its sentence-transformers
@@ -273,6 +286,26 @@ class EmbeddingService(ServedModel):
 
     def _text_rows(self, texts: list[str], instruction: str | None, truncate: bool) -> list[list[int]]:
         return self.model.tokenize(self.model.format(texts, instruction), truncation(truncate))
+
+    def _text_tokens(self, texts: list[str], instruction: str | None, truncate: bool,
+                     add_special_tokens: bool) -> list[list[tuple[int, int | None, int | None]]]:
+        """`_text_rows` made as `token_rows` makes them (each text cut to what a row can use, encoded, framed), from an
+        encoding that keeps each token's offsets in the formatted text (`Tokenizer.encode` gives the ids only). A token
+        that holds the end of the instruction and the start of the text starts at 0."""
+        formatted = self.model.format(texts, instruction)
+        layout = self.model.task.prompt(self.model.tokenizer)
+        cut = (self.model.max_length - layout.fixed + 1) * self.max_token_chars
+        encodings = self.model.tokenizer.backend.encode_batch([f[:cut] for f in formatted], add_special_tokens=False)
+        rows = frame_rows(layout, [e.ids for e in encodings], self.model.max_length, truncation(truncate))
+        framing = [(t, None, None) for t in layout.prefix], [(t, None, None) for t in layout.suffix]
+        tokens = []
+        for text, read, encoding, row in zip(texts, formatted, encodings, rows):
+            start_of_text = len(read) - len(text)  # the query format puts the text last
+            kept = len(row) - layout.fixed  # the encoded tokens the row holds (truncation may cut the rest)
+            own = [(t, max(start - start_of_text, 0), stop - start_of_text) if stop > start_of_text else (t, None, None)
+                   for t, (start, stop) in zip(encoding.ids[:kept], encoding.offsets)]
+            tokens.append([*framing[0], *own, *framing[1]] if add_special_tokens else own)
+        return tokens
 
 
 class RerankService(ServedModel):
