@@ -15,8 +15,7 @@ import numpy as np
 from toolkit.api import Embedder
 from toolkit.artifact import find_artifacts
 from toolkit.errors import ToolkitError
-from toolkit.perf.run import check_int, dataset_requests
-from toolkit.report import format_table
+from toolkit.perf.run import check_int, dataset_requests, format_columns
 from toolkit.tasks import EMBEDDING
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
@@ -102,8 +101,8 @@ def bucket_report(result: dict) -> str:
     rows = [[name, str(result[name]["seq_lens"]), str(result[name]["rows_per_bucket"]), result[name]["seconds"],
              result[name]["texts_per_s"]] for name in ("fixed", "buckets")]
     lengths = result["token_lengths"]
-    table = format_table(["run", "SEQs", "texts per bucket", "seconds", "texts/s"], rows,
-                         title=f"{result['texts']} texts from {result['data']} (tokens mean {lengths['mean']:.1f}, "
-                               f"max {lengths['max']})")
+    title = f"{result['texts']} texts from {result['data']} (tokens mean {lengths['mean']:.1f}, max {lengths['max']})"
+    table = format_columns(["run", "SEQs", "texts per bucket", "seconds", "texts/s"],
+                           [None, None, None, ",.3f", ",.1f"], rows, title=title)
     return (f"{table}\nbucket speed-up: {result['speedup']:.2f}x   (min cosine fixed vs buckets "
             f"{result['min_cosine_fixed_vs_buckets']:.6f})")

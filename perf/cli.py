@@ -66,7 +66,7 @@ def run_cmd(artifact, percentiles, instances, batch_size, iterations, queue_size
 @click.option("--input", "source", default="random", show_default=True,
               help="random | a dataset: JSONL PATH or a name such as sts12-sample, msmarco-sample for a reranker "
               "(its requests at their real token lengths)")
-@click.option("--threads", type=int, help="compute threads (default: all cores)")
+@click.option("--threads", type=int, help="compute threads, at most the cores (default: all cores)")
 @click.option("--trace", type=OutputFile(),
               help="write a Chrome trace here (chrome://tracing, ui.perfetto.dev)")
 @click.option("--json", "json_out", type=OutputFile())
@@ -131,7 +131,8 @@ def compare_cmd(checkpoint, artifacts, iterations, warmup, no_torch, interleave,
 @click.option("--limit", type=int, default=256, show_default=True, help="first N requests")
 @click.option("--instances", "--instance", "instances", type=INSTANCES, default=1, show_default=True,
               help="engine instances per bucket (auto: as `toolkit serve`)")
-@click.option("--threads", type=int, help="compute threads for the whole process (default: all cores)")
+@click.option("--threads", type=int,
+              help="compute threads for the whole process, at most the cores (default: all cores)")
 @click.option("--fp16-load", type=click.Choice(FP16_LOADS), default="low-peak", show_default=True,
               help="ONNX fp16 artifacts: load at half the peak memory, or fold the weights to fp32 (about 5% faster "
               "on sets built before compile folded their small constants, the same speed on newer ones)")
@@ -162,7 +163,8 @@ def traffic_cmd(data, artifacts, checkpoint, torch_batch, limit, instances, thre
 @click.option("--clients", type=int, default=64, show_default=True, help="concurrent clients at saturation")
 @click.option("--instances", "--instance", "instances", type=INSTANCES, default="auto", show_default=True,
               help="engine instances per bucket, the server's and the offline run's (auto: as `toolkit serve`)")
-@click.option("--threads", type=int, help="compute threads (per replica with Ray; default: the cores)")
+@click.option("--threads", type=int,
+              help="compute threads (per replica with Ray), at most the cores in all (default: the cores)")
 @click.option("--max-wait-ms", type=float, default=2.0, show_default=True, help="the server's batching wait")
 @click.option("--ray-replicas", type=int, help="also measure Ray Serve with this many replicas")
 @click.option("--repeat", type=int, default=1, show_default=True,

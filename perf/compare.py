@@ -22,8 +22,7 @@ from toolkit.artifact import Manifest
 from toolkit.backends import TorchReference, open_backend
 from toolkit.checkpoint import read_hf_config, resolve_checkpoint
 from toolkit.errors import ToolkitError
-from toolkit.perf.run import check_int, random_rows
-from toolkit.report import format_table
+from toolkit.perf.run import AGREEMENT_FORMATS, check_int, format_columns, random_rows
 from toolkit.tasks import get_task
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
@@ -187,13 +186,14 @@ def compare_report(result: dict) -> str:
     rows = [[r["name"], r["latency_ms_median"], r["latency_ms_min"], r["sequences_per_s"], r["gflops"],
              r["fraction_of_matmul_peak"], r["speedup_vs_first"],
              r["parity_vs_first"][key] if "parity_vs_first" in r else "-"] for r in result["runs"]]
-    lines = [format_table(["run", "median ms", "min ms", "seq/s", "GFLOP/s", "of peak", "speed-up",
-                           f"{key} vs first"], rows,
-                          title=f"{result['task']} batch {result['batch']} x seq {result['seq_len']}: "
-                                f"{result['gflop_per_forward']:.3g} GFLOP per forward, fp32 matmul peak "
-                                f"{result['matmul_peak_gflops']:.0f} GFLOP/s (numpy, same machine); "
-                                f"first run: {result['reference']}; "
-                                + ("timed in alternating rounds" if result["interleaved"] else "timed in turn"))]
+    lines = [format_columns(["run", "median ms", "min ms", "seq/s", "GFLOP/s", "of peak", "speed-up",
+                             f"{key} vs first"], [None, ",.3f", ",.3f", ",.1f", ",.1f", ".1%", ",.3f",
+                                                  AGREEMENT_FORMATS[key]], rows,
+                            title=f"{result['task']} batch {result['batch']} x seq {result['seq_len']}: "
+                                  f"{result['gflop_per_forward']:.3g} GFLOP per forward, fp32 matmul peak "
+                                  f"{result['matmul_peak_gflops']:,.0f} GFLOP/s (numpy, same machine); "
+                                  f"first run: {result['reference']}; "
+                                  + ("timed in alternating rounds" if result["interleaved"] else "timed in turn"))]
     if "tvm_vs_onnx" in result:
         tvm_run, onnx_run = result["tvm_vs_onnx_runs"]
         lines.append(f"TVM vs ONNX Runtime: {result['tvm_vs_onnx']:.2f}x ({tvm_run} against {onnx_run})")

@@ -34,8 +34,7 @@ from toolkit.artifact import Manifest
 from toolkit.checkpoint import read_hf_config
 from toolkit.errors import ToolkitError
 from toolkit.perf.compare import forward_flops
-from toolkit.perf.run import check_int, make_inputs
-from toolkit.report import format_table
+from toolkit.perf.run import check_int, check_threads, format_columns, make_inputs
 
 # ONNX Runtime ops whose first input is A of A @ B (as [..., M, K], or [..., K, M] transposed); weights stored as
 # initializers are not in the profiler's shapes, the activation always is
@@ -77,8 +76,7 @@ class ProfileOptions:
         check_int(self.iterations, flag["iterations"], 1)
         check_int(self.warmup, flag["warmup"], 0)
         check_int(self.top, flag["top"], 1)
-        if self.threads is not None:
-            check_int(self.threads, flag["threads"], 1)
+        check_threads(self.threads)
         if not isinstance(self.input, str) or not self.input.strip():
             raise ToolkitError(f"{flag['input']} must be 'random' or a dataset (JSONL path or name such as "
                                f"sts12-sample), got {self.input!r}")
@@ -369,33 +367,28 @@ def _short(name: str) -> str:
     return name if len(name) <= NAME_WIDTH else name[:NAME_WIDTH - 3] + "..."
 
 
-def _right(cells: list[str], header: str) -> list[str]:
-    """Text cells padded to one width, so the table shows them right-aligned like its numbers."""
-    width = max(len(header), *(len(c) for c in cells)) if cells else len(header)
-    return [c.rjust(width) for c in cells]
-
-
 def profile_report(result: dict) -> str:
     """The top op types and kernels as tables, then the wall-time / kernel-time / GFLOP/s summary."""
     top = result["top"]
 
-    def columns(rows, first):
-        """[first..., calls/iter, ms/iter, share, GFLOP/s] rows; share and GFLOP/s right-aligned."""
-        shares = _right([f"{100 * r['share']:.1f}%" for r in rows], "share")
-        rates = _right([f"{r['gflops']:.1f}" if r["gflops"] is not None else "-" for r in rows], "GFLOP/s")
-        return [[*first(r), r["calls_per_iteration"], r["ms_per_iteration"], s, g]
-                for r, s, g in zip(rows, shares, rates)]
+    def table(first_headers, first_formats, rows, first, title):
+        """`first` columns, then calls/iter, ms/iter, share and GFLOP/s, each number column in one format."""
+        # calls per iteration are whole unless a kernel ran a different number of times in different iterations
+        calls = ",.0f" if all(float(r["calls_per_iteration"]).is_integer() for r in rows) else ",.2f"
+        return format_columns([*first_headers, "calls/iter", "ms/iter", "share", "GFLOP/s"],
+                              [*first_formats, calls, ",.3f", ".1%", ",.1f"],
+                              [[*first(r), r["calls_per_iteration"], r["ms_per_iteration"], r["share"],
+                                "-" if r["gflops"] is None else r["gflops"]] for r in rows], title=title)
 
     title = (f"{result['backend']} {result['dtype']} {result['task']} batch {result['batch']} x seq "
              f"{result['seq_len']}, {result['iterations']} iterations (+{result['warmup']} warm-up), input "
              f"{result['input']}, profiler {result['profiler']}; share = of the wall time per iteration")
-    ops = format_table(["op type", "kernels", "calls/iter", "ms/iter", "share", "GFLOP/s"],
-                       columns(result["op_types"][:top], lambda r: (_short(r["op_type"]), r["kernels"])),
-                       title=f"{title}\n\ntop {min(top, len(result['op_types']))} of {len(result['op_types'])} "
-                             "op types")
-    kernels = format_table(["kernel", "op type", "calls/iter", "ms/iter", "share", "GFLOP/s"],
-                           columns(result["kernels"][:top], lambda r: (_short(r["name"]), _short(r["op_type"]))),
-                           title=f"top {min(top, len(result['kernels']))} of {len(result['kernels'])} kernels")
+    ops = table(["op type", "kernels"], [None, ",d"], result["op_types"][:top],
+                lambda r: (_short(r["op_type"]), r["kernels"]),
+                f"{title}\n\ntop {min(top, len(result['op_types']))} of {len(result['op_types'])} op types")
+    kernels = table(["kernel", "op type"], [None, None], result["kernels"][:top],
+                    lambda r: (_short(r["name"]), _short(r["op_type"])),
+                    f"top {min(top, len(result['kernels']))} of {len(result['kernels'])} kernels")
     wall, kern = result["wall_ms_per_iteration"], result["kernel_ms_per_iteration"]
     lines = [ops, "", kernels, "",
              f"wall {wall:.3f} ms per iteration (min {result['wall_ms_min']:.3f}); kernels {kern:.3f} ms "

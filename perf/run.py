@@ -11,6 +11,7 @@ Options are a frozen dataclass checked before anything is loaded or run:
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 import warnings
@@ -49,6 +50,25 @@ def check_instances(value) -> None:
     """Raise ToolkitError naming `--instances` unless `value` is a count >= 1 or "auto"."""
     if value != AUTO_INSTANCES:
         check_int(value, "--instances", 1)
+
+
+def check_threads(threads, replicas: int = 1) -> None:
+    """Raise ToolkitError naming the flag to change unless `threads` compute threads in each of `replicas` processes
+    (None: the cores shared between them, at least one each) fit in this machine's cores, as the runtime's budget
+    keeps them (`runtime.ComputeBudget`): TVM's thread pool spins, so threads beyond the cores crawl."""
+    if threads is not None:
+        check_int(threads, "--threads", 1)
+    cores = os.cpu_count() or 1
+    if replicas > cores:
+        raise ToolkitError(f"--ray-replicas {replicas} is more than this machine's {cores} cores (every replica "
+                           f"computes with at least one thread); pass --ray-replicas {cores} or fewer")
+    if threads is not None and threads * replicas > cores:
+        what, default = (f"--threads {threads}", "all cores") if replicas == 1 else \
+            (f"--threads {threads} per replica x {replicas} replicas is {threads * replicas} compute threads, which",
+             "the cores divided between the replicas")
+        raise ToolkitError(f"{what} is more than this machine's {cores} cores: compute threads beyond the cores crawl "
+                           f"(TVM's thread pool spins); pass --threads {cores // replicas} or fewer, or leave it out "
+                           f"({default})")
 
 
 @dataclass(frozen=True)
@@ -264,6 +284,27 @@ def _throughput_mode(engine: Engine, inputs, latencies: np.ndarray, bar) -> None
         f.result()
 
 
+# the agreement columns' formats, by `Task.gate_key`: cosines near 1 to the digit that matters, |ΔP| near 0 in
+# scientific notation (as the tasks' `format_agreement`)
+AGREEMENT_FORMATS = {"min_cosine": ".6f", "max_abs_diff": ".2e"}
+
+
+def format_columns(headers: list[str], formats: list[str | None], rows: list[list], title: str | None = None) -> str:
+    """`format_table` with every number of column i in the format spec `formats[i]` (e.g. ",.1f": the same decimals
+    down the column, thousands separated) and the column right-aligned, its text cells ("-", already formatted
+    ratios) too; a None format leaves a column as `format_table` shows it (text: left-aligned)."""
+    cells = [[c if spec is None or isinstance(c, str) else format(c, spec) for c, spec in zip(row, formats)]
+             for row in rows]
+    headers = list(headers)
+    for i, spec in enumerate(formats):
+        if spec is not None:
+            width = max(len(headers[i]), *(len(row[i]) for row in cells)) if cells else len(headers[i])
+            headers[i] = headers[i].rjust(width)
+            for row in cells:
+                row[i] = row[i].rjust(width)
+    return format_table(headers, cells, title=title)
+
+
 def perf_table(result: dict) -> str:
     """The `run_perf` result as an aligned table (throughput, latency statistics) with a one-line summary title."""
     lat, thr = result["latency_ms"], result["throughput"]
@@ -273,4 +314,5 @@ def perf_table(result: dict) -> str:
              f"{result['instances']} instance(s), {result['mode']} mode (queue {result['queue_size']}), "
              f"{result['iterations']} iterations, input {result['input']}")
     per_instance = ", ".join(str(n) for n in result["runs_per_instance"])
-    return format_table(["metric", "value"], rows, title=title) + f"\nbatches per instance: {per_instance}"
+    return format_columns(["metric", "value"], [None, ",.2f"], rows, title=title) + \
+        f"\nbatches per instance: {per_instance}"

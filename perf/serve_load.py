@@ -26,7 +26,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+import warnings
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,9 +40,8 @@ from toolkit.api import Embedder
 from toolkit.buckets import token_lengths
 from toolkit.errors import ToolkitError
 from toolkit.eval.datasets import load_dataset
-from toolkit.perf.run import check_instances, check_int, median
+from toolkit.perf.run import check_instances, check_int, check_threads, format_columns, median
 from toolkit.perf.traffic import warmup_subset
-from toolkit.report import format_table
 from toolkit.runtime import AUTO_INSTANCES, set_cpu_threads
 from toolkit.tasks import EMBEDDING
 
@@ -72,9 +73,9 @@ class ServeLoadOptions:
         check_int(self.clients, "--clients", 1)
         check_instances(self.instances)
         check_int(self.repeat, "--repeat", 1)
-        for flag, value in (("--threads", self.threads), ("--ray-replicas", self.ray_replicas)):
-            if value is not None:
-                check_int(value, flag, 1)
+        if self.ray_replicas is not None:
+            check_int(self.ray_replicas, "--ray-replicas", 1)
+        check_threads(self.threads, self.ray_replicas or 1)
         if isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float)) \
                 or not self.max_wait_ms >= 0:
             raise ToolkitError(f"--max-wait-ms must be a number >= 0, got {self.max_wait_ms!r}")
@@ -175,12 +176,14 @@ class ServerProcess:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 tail = "\n".join(self.output().splitlines()[-20:])
+                self.log.close()  # no __exit__ follows a failed __enter__
                 raise ToolkitError(f"`toolkit serve` did not come up (exit {self.process.returncode}):\n{tail}")
             time.sleep(0.2)
         return self
 
     def __exit__(self, *exc):
         self.stop()
+        self.log.close()
 
     def healthy(self) -> bool:
         """Whether `/health` answers 200 now."""
@@ -221,7 +224,7 @@ def run_serve_load(options: ServeLoadOptions, progress: bool = True) -> dict:
                       args + ["--ray", "--replicas", options.ray_replicas], options.ray_replicas))
     repeats = []
     for _ in range(options.repeat):
-        offline_s, reference, warmup, offline_slots = offline_in_child(options, texts, progress)
+        offline_s, reference, warmup, offline_slots = in_child(run_offline, options, texts, progress)
         offline = [len(texts) / offline_s]
         runs = []
         for name, server_args, replicas in modes:
@@ -229,7 +232,7 @@ def run_serve_load(options: ServeLoadOptions, progress: bool = True) -> dict:
                 runs.append(measure_server(name, server, texts, warmup * replicas, reference, options.clients,
                                            replicas))
                 runs[-1]["exit_code"] = server.stop()
-            offline.append(len(texts) / offline_in_child(options, texts, progress)[0])
+            offline.append(len(texts) / in_child(run_offline, options, texts, progress)[0])
             # against the offline runs just before and just after it: the machine drifts from run to run by more
             # than the gap being measured
             runs[-1]["offline_around"] = offline[-2:]
@@ -245,11 +248,28 @@ def run_serve_load(options: ServeLoadOptions, progress: bool = True) -> dict:
             "runs": [median_run([r["runs"][k] for r in repeats]) for k in range(len(modes))], "repeats": repeats}
 
 
-def offline_in_child(options: ServeLoadOptions, texts: list[str],
-                     progress: bool) -> tuple[float, np.ndarray, list[str], int]:
-    """`run_offline` in a child process: its copy of the weights is gone (all of it) before a server loads its own."""
+def in_child(fn, *args):
+    """`fn(*args)` in a child process (the offline run, `run_offline`: its copy of the weights is gone, all of it,
+    before a server loads its own). The child's warnings come back and are warned here, where the command line shows
+    each as one line (the child would print Python's raw form, file and source line included), once however many
+    children warned it; a child that dies (killed for memory, a crash) is a one-line error."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
-        return child.submit(run_offline, options, texts, progress).result()
+        try:
+            result, caught = child.submit(recording_warnings, fn, *args).result()
+        except BrokenProcessPool:
+            raise ToolkitError("a child process of perf serve (the offline run) died before it finished (killed "
+                               "for lack of memory, or crashed); free memory (the kernel log names an out-of-memory "
+                               "kill) and run perf serve again") from None
+    for category, message in caught:
+        warnings.warn(message, category)
+    return result
+
+
+def recording_warnings(fn, *args) -> tuple:
+    """`fn(*args)` and the warnings it raised, as (category, message) pairs, recorded instead of printed."""
+    with warnings.catch_warnings(record=True) as caught:
+        result = fn(*args)
+    return result, [(w.category, str(w.message)) for w in caught]
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -337,19 +357,19 @@ def embed_request(text: str) -> dict:
 
 def serve_load_report(result: dict) -> str:
     """The side-by-side table."""
-    offline = result["offline"]["sentences_per_s"]
-    rows = [["offline Embedder (all sentences in one call)", offline, 1.0, f"{result['offline']['token_slots']:,}",
-             "-", "-", "-", "(reference)"]]
+    offline = result["offline"]
+    rows = [["offline Embedder (all sentences in one call)", offline["sentences_per_s"], 1.0, offline["token_slots"],
+             1.0, "-", "-", "-", "(reference)"]]
     for r in result["runs"]:
-        latency = r["latency_ms"] or {"p50": float("nan"), "p99": float("nan")}
+        latency = r["latency_ms"] or {"p50": "-", "p99": "-"}
         agreement = r.get("agreement")
-        slots = f"{r['token_slots_vs_offline']:.3f}" if r.get("token_slots_vs_offline") else "-"
         rows.append([f"served, {result['clients']} clients ({r['name']})", r["sentences_per_s"], r["vs_offline"],
-                     slots, latency["p50"], latency["p99"], r["failed"] + r["half_load_failed"],
-                     f"{agreement['max_abs_diff']:.2e}" if agreement else "incomplete"])
+                     "-" if r["token_slots"] is None else r["token_slots"], r.get("token_slots_vs_offline", "-"),
+                     latency["p50"], latency["p99"], r["failed"] + r["half_load_failed"],
+                     agreement["max_abs_diff"] if agreement else "incomplete"])
     title = (f"{result['sentences']} single-sentence requests from {result['data']} on {result['artifact']}; "
              "latency at half the served throughput (open loop)"
              + (f"; medians of {result['repeat']} repeats" if result["repeat"] > 1 else ""))
-    return format_table(["run", "sentences/s", "vs offline", "token slots (vs offline)", "p50 ms", "p99 ms", "failed",
-                         "max |Δ| vs offline"],
-                        rows, title=title)
+    return format_columns(["run", "sentences/s", "vs offline", "token slots", "slots vs offline", "p50 ms", "p99 ms",
+                           "failed", "max |Δ| vs offline"],
+                          [None, ",.1f", ".3f", ",.0f", ".3f", ",.2f", ",.2f", ",d", ".2e"], rows, title=title)

@@ -26,10 +26,10 @@ from toolkit.buckets import token_lengths
 from toolkit.checkpoint import read_hf_config, resolve_checkpoint
 from toolkit.errors import ToolkitError
 from toolkit.eval.datasets import load_dataset
+from toolkit.eval.run import checkpoint_hint
 from toolkit.memory import resident_mb, return_freed_memory
 from toolkit.perf.compare import forward_flops, matmul_peak_gflops
-from toolkit.perf.run import check_instances, check_int, median
-from toolkit.report import format_table
+from toolkit.perf.run import AGREEMENT_FORMATS, check_instances, check_int, check_threads, format_columns, median
 from toolkit.runtime import set_cpu_threads
 from toolkit.tasks import get_task
 
@@ -67,8 +67,7 @@ class TrafficOptions:
             check_int(self.limit, "--limit", 1)
         check_instances(self.instances)
         check_int(self.rounds, "--rounds", 1)
-        if self.threads is not None:
-            check_int(self.threads, "--threads", 1)
+        check_threads(self.threads)
         return self
 
 
@@ -111,7 +110,21 @@ def run_traffic(options: TrafficOptions, progress: bool = True) -> dict:
         rounds.append(round_figures([timed[i] for i in range(len(runs))], task, result["matmul_peak_gflops"]))
     result["runs"] = [median_over_rounds([r[i] for r in rounds]) for i in range(len(runs))]
     result["gate_key"] = task.gate_key
+    if options.torch_batches:  # the first run is torch fp32, what the dtypes' tolerances are against
+        for run, manifests in zip(result["runs"][len(options.torch_batches):], sets):
+            judge_agreement(task, run["agreement_vs_first"], manifests[0], str(checkpoint),
+                            options.checkpoint is not None)
     return result
+
+
+def judge_agreement(task, agreement: dict, manifest, checkpoint: str, named: bool) -> None:
+    """Add to a set's agreement with torch the tolerance of its dtype, whether it meets it and, where it does not,
+    the likely cause as `toolkit eval` names it (torch ran another checkpoint than the set was built from; `named`:
+    the user chose it)."""
+    agreement["tolerance"] = task.tolerance_text(manifest.dtype)
+    agreement["passed"] = task.within_tolerance(agreement, manifest.dtype)
+    if not agreement["passed"]:
+        agreement["hint"] = checkpoint_hint(manifest, checkpoint, named)
 
 
 def time_run(task, name: str, make, requests: list, instruction: str | None, config: dict,
@@ -176,20 +189,29 @@ def warmup_subset(requests: list, lengths) -> list:
 
 
 def traffic_report(result: dict) -> str:
-    """The side-by-side table."""
+    """The side-by-side table, then a warning line for each set off its dtype's tolerance of torch, with the likely
+    cause."""
     key = result["gate_key"]
-    rows = [[r["name"], r["requests_per_s"], r["real_tokens_per_s"], f"{100 * r['padding']:.1f}%", r["gflops"],
-             f"{100 * r['fraction_of_peak']:.0f}%", ratio_cell(r),
-             f"{r['agreement_vs_first'][key]:.6f}" if "agreement_vs_first" in r else "(reference)",
+    rows = [[r["name"], r["requests_per_s"], r["real_tokens_per_s"], r["padding"], r["gflops"], r["fraction_of_peak"],
+             ratio_cell(r), r["agreement_vs_first"][key] if "agreement_vs_first" in r else "(reference)",
              r["resident_mb"]]
             for r in result["runs"]]
     instruction = result.get("instruction")
     title = (f"{result['task']}: {result['requests']} requests from {result['data']}"
              + (f" with the instruction {instruction!r}" if instruction is not None else "") + "; fp32 matmul peak "
-             f"{result['matmul_peak_gflops']:.0f} GFLOP/s (numpy, same machine)"
+             f"{result['matmul_peak_gflops']:,.0f} GFLOP/s (numpy, same machine)"
              + (f"; medians of {result['rounds']} rounds, ratio range in brackets" if result["rounds"] > 1 else ""))
-    return format_table(["run", "requests/s", "real tokens/s", "padding", "GFLOP/s", "of peak", "vs torch",
-                         f"{key} vs first", "memory MB"], rows, title=title)
+    lines = [format_columns(["run", "requests/s", "real tokens/s", "padding", "GFLOP/s", "of peak", "vs torch",
+                             f"{key} vs first", "memory MB"],
+                            [None, ",.1f", ",.0f", ".1%", ",.1f", ".1%", ",.3f", AGREEMENT_FORMATS[key], ",d"], rows,
+                            title=title)]
+    task = get_task(result["task"])
+    for r in result["runs"]:
+        agreement = r.get("agreement_vs_first", {})
+        if agreement.get("passed") is False:
+            lines.append(f"warning: {r['name']} is off tolerance vs {result['runs'][0]['name']} "
+                         f"({agreement['tolerance']}): {task.format_agreement(agreement)}; {agreement['hint']}")
+    return "\n".join(lines)
 
 
 def ratio_cell(run: dict) -> str:
@@ -199,4 +221,4 @@ def ratio_cell(run: dict) -> str:
     if "per_round" not in run:
         return f"{run['vs_best_torch']:.3f}"
     low, high = run["vs_best_torch_range"]
-    return f"{run['vs_best_torch']:.3f} ({low:.2f}-{high:.2f})"
+    return f"{run['vs_best_torch']:.3f} ({low:.3f}-{high:.3f})"

@@ -44,7 +44,9 @@ def serve_process(*args, startup_timeout: float = TIMEOUT):
     after. Fails if the server printed a traceback."""
     with ServerProcess(list(args), startup_timeout) as server:
         yield server.base, server.process
-    assert "Traceback" not in server.output(), server.output()
+        server.stop()
+        output = server.output()  # before the exit closes the log
+    assert "Traceback" not in output, output
 
 
 def wait_for(condition, timeout: float = TIMEOUT) -> None:

@@ -1,7 +1,10 @@
 """`perf run`, `perf compare`, `perf profile` and `perf buckets` through the CLI on the tiny synthetic artifacts:
 tables printed, JSON written, per-instance work, agreement between backends, per-kernel times and matmul FLOPs,
-and every bad option refused (exit 2) before anything runs."""
+and every bad option refused (exit 2) before anything runs; every perf table's number columns each in one format,
+no command running more compute threads than cores, and `perf traffic` naming the checkpoint a set was built from."""
 import json
+import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -354,7 +357,7 @@ def test_perf_profile_options_check_without_the_cli(onnx_artifacts):
     good = ProfileOptions(artifact=onnx_artifacts["embedding"][0])
     assert good.check() is good and (good.iterations, good.warmup, good.top, good.input) == (10, 2, 15, "random")
     for bad in (dict(iterations=1.5), dict(iterations=True), dict(warmup=-1), dict(top=0), dict(threads=0),
-                dict(input=""), dict(trace=str(onnx_artifacts["embedding"][0]))):
+                dict(threads=os.cpu_count() + 1), dict(input=""), dict(trace=str(onnx_artifacts["embedding"][0]))):
         with pytest.raises(ToolkitError):
             run_profile(ProfileOptions(artifact=onnx_artifacts["embedding"][0], **bad), progress=False)
 
@@ -396,3 +399,151 @@ def test_an_unwritable_json_path_is_refused_before_any_work(onnx_artifacts, tmp_
                           (tmp_path, "is a directory; name a file in it")):
         r = invoke("run", "--artifact", onnx_artifacts["embedding"][0], "--iterations", 1, "--json", path)
         assert r.exit_code == 2 and message in r.output and "p50" not in r.output, r.output
+
+
+# ---- rules every perf command keeps ----------------------------------------------------------------------------------
+def test_perf_commands_refuse_more_threads_than_cores_in_one_line(onnx_artifacts):
+    """TVM's thread pool spins: more compute threads than cores crawl, so no perf command starts them."""
+    seq32, cores = onnx_artifacts["embedding"][0], os.cpu_count()
+    more = f"--threads {cores + 1} is more than this machine's {cores} cores"
+    cases = [
+        (["profile", "--artifact", seq32, "--threads", cores + 1], more),
+        (["traffic", "--data", "sts12-sample", "--artifact", seq32.parent, "--threads", cores + 1], more),
+        (["serve", "--artifact", seq32.parent, "--threads", cores + 1], more),
+        (["serve", "--artifact", seq32.parent, "--threads", cores, "--ray-replicas", 2],
+         f"--threads {cores} per replica x 2 replicas is {2 * cores} compute threads, which is more than"),
+        (["serve", "--artifact", seq32.parent, "--ray-replicas", cores + 1],
+         f"--ray-replicas {cores + 1} is more than this machine's {cores} cores"),
+    ]
+    for args, message in cases:
+        r = invoke(*args)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.output
+        assert message in lines[0] and ("pass --threads" in lines[0] or "pass --ray-replicas" in lines[0]), r.output
+
+
+def test_perf_traffic_names_the_checkpoint_a_set_was_built_from_when_torch_ran_another(onnx_artifacts, tmp_path):
+    """As `toolkit eval` does: a set off its dtype's tolerance of torch gets a warning line with the likely cause."""
+    from toolkit.artifact import Manifest
+    from toolkit.synth import write_synthetic_checkpoint
+
+    wrong = write_synthetic_checkpoint(tmp_path / "wrong", "embedding", "tiny", seed=1)  # other random weights
+    built = Manifest.load(onnx_artifacts["embedding"][0]).model.resolved
+    out = tmp_path / "traffic.json"
+    args = ["traffic", "--data", "sts12-sample", "--artifact", onnx_artifacts["embedding"][0].parent, "--torch-batch",
+            8, "--limit", 4, "--json", out]
+    r = invoke(*args, "--checkpoint", wrong)
+    assert r.exit_code == 0, r.output
+    result = read(out)
+    [warning] = [line for line in r.output.splitlines() if "off tolerance" in line]
+    assert warning.startswith(f"warning: {result['runs'][1]['name']} is off tolerance vs torch eager fp32, batch 8 "
+                              "(min_cosine >= 0.999): min cosine "), warning
+    assert warning.endswith(f"; torch ran {result['checkpoint']}, but the set was built from {built}: pass "
+                            f"--checkpoint {built}"), warning
+    agreement = result["runs"][1]["agreement_vs_first"]
+    assert agreement["passed"] is False and agreement["tolerance"] == "min_cosine >= 0.999"
+    r = invoke(*args)  # the checkpoint it was built from: within tolerance, nothing to warn about
+    assert r.exit_code == 0 and "off tolerance" not in r.output, r.output
+    assert read(out)["runs"][1]["agreement_vs_first"]["passed"] is True
+
+
+def table_columns(text: str) -> dict[str, list[str]]:
+    """The first table in `text` as {header: its cells as printed, padding included}: the columns are where the
+    dashes under the headers are, the rows the lines after them of the table's width."""
+    lines = text.splitlines()
+    dashes = next(i for i, line in enumerate(lines) if line.startswith("-") and set(line) <= {"-", " "})
+    spans = [m.span() for m in re.finditer(r"-+", lines[dashes])]
+    rows = []
+    for line in lines[dashes + 1:]:
+        if len(line) != len(lines[dashes]):
+            break
+        rows.append(line)
+    return {lines[dashes - 1][a:b].strip(): [row[a:b] for row in rows] for a, b in spans}
+
+
+NUMBER = re.compile(r"(\d[\d,]*)(?:\.(\d+))?(e[+-]\d+|%)?")
+
+
+def assert_one_format(cells: list[str], column: str) -> None:
+    """Every number in the column's cells (a ratio's range too) with the same decimals and notation, thousands
+    separated, right-aligned."""
+    formats = set()
+    for cell in cells:
+        assert not cell.endswith(" "), f"{column}: {cells} not right-aligned"
+        for whole, decimals, suffix in NUMBER.findall(cell):
+            assert re.fullmatch(r"\d{1,3}(,\d{3})*", whole), f"{column}: {cell!r} without thousands separators"
+            formats.add((len(decimals), suffix[:1]))
+    assert len(formats) == 1, f"{column}: {cells} mix the formats {formats}"
+
+
+def table_results():
+    """Reports of made-up results whose numbers straddle 1 and 1,000 (where a per-cell format changes), and each
+    report's number columns."""
+    from toolkit.perf.buckets import bucket_report
+    from toolkit.perf.compare import compare_report
+    from toolkit.perf.profile import profile_report
+    from toolkit.perf.run import perf_table
+    from toolkit.perf.serve_load import serve_load_report
+    from toolkit.perf.traffic import traffic_report
+
+    agreement = {"items": 4, "nonfinite": 0, "min_cosine": 0.9999994, "max_abs_diff": 2.1e-4, "passed": True}
+    traffic = {"task": "embedding", "data": "sts12-sample", "requests": 4, "instruction": None, "rounds": 2,
+               "matmul_peak_gflops": 1234.5, "gate_key": "min_cosine", "runs": [
+                   {"name": "torch eager fp32, batch 8", "requests_per_s": 1234.5, "real_tokens_per_s": 45678.9,
+                    "padding": 0.155, "gflops": 1500.25, "fraction_of_peak": 0.5, "vs_best_torch": 1.0,
+                    "vs_best_torch_range": [1.0, 1.0], "per_round": [], "resident_mb": 1234},
+                   {"name": "onnx fp16 SEQ 32,64 (emb)", "requests_per_s": 12.25, "real_tokens_per_s": 450.5,
+                    "padding": 0.016, "gflops": 0.5, "fraction_of_peak": 0.0004, "vs_best_torch": 0.9,
+                    "vs_best_torch_range": [0.85, 1.05], "per_round": [], "resident_mb": 90,
+                    "agreement_vs_first": agreement}]}
+    served = {"name": "uvicorn", "sentences_per_s": 475.99, "vs_offline": 0.1965, "token_slots": 438.0,
+              "token_slots_vs_offline": 1.033, "latency_ms": {"p50": 3.876, "p99": 1234.5}, "failed": 0,
+              "half_load_failed": 0, "agreement": {"max_abs_diff": 2.08e-07}}
+    ray = {**served, "name": "Ray Serve, 2 replicas", "token_slots": None, "latency_ms": None, "agreement": None}
+    del ray["token_slots_vs_offline"]
+    serve = {"data": "sts12", "sentences": 16, "clients": 4, "artifact": "ws/emb/onnx", "repeat": 1,
+             "offline": {"sentences_per_s": 2422.4, "token_slots": 4240}, "runs": [served, ray]}
+    compare = {"task": "embedding", "batch": 2, "seq_len": 64, "gflop_per_forward": 0.0231,
+               "matmul_peak_gflops": 1292.0, "reference": "torch eager (HF, fp32)", "interleaved": False, "runs": [
+                   {"name": "torch eager (HF, fp32)", "latency_ms_median": 1234.5, "latency_ms_min": 1100.25,
+                    "sequences_per_s": 1.62, "gflops": 0.5, "fraction_of_matmul_peak": 0.0004,
+                    "speedup_vs_first": 1.0},
+                   {"name": "onnx fp16 (emb)", "latency_ms_median": 0.414, "latency_ms_min": 0.377,
+                    "sequences_per_s": 4827.5, "gflops": 1055.7, "fraction_of_matmul_peak": 0.191,
+                    "speedup_vs_first": 2981.9, "parity_vs_first": agreement}]}
+    run = {"backend": "onnx", "task": "embedding", "batch": 2, "seq_len": 32, "instances": 1, "mode": "latency",
+           "queue_size": 0, "iterations": 20, "input": "random", "runs_per_instance": [20],
+           "throughput": {"sequences_per_s": 3641.57, "tokens_per_s": 116530.1},
+           "latency_ms": {"avg": 0.38, "min": 0.28, "max": 1234.5}}
+    ops = [{"op_type": "MatMul", "name": "matmul_1", "kernels": 1200, "calls_per_iteration": 1200,
+            "ms_per_iteration": 1234.5, "share": 0.5, "gflops": 1500.5},
+           {"op_type": "Add", "name": "add_1", "kernels": 3, "calls_per_iteration": 1.5, "ms_per_iteration": 0.25,
+            "share": 0.0001, "gflops": None}]
+    profile = {"top": 15, "backend": "onnx", "dtype": "fp16", "task": "embedding", "batch": 2, "seq_len": 32,
+               "iterations": 2, "warmup": 1, "input": "random", "profiler": "onnxruntime", "op_types": ops,
+               "kernels": ops, "wall_ms_per_iteration": 1300.0, "wall_ms_min": 1250.0,
+               "kernel_ms_per_iteration": 1234.75, "model_gflop": None, "matmul_gflop_per_iteration": 0.01,
+               "trace": None}
+    buckets = {"texts": 10, "data": "sts12-sample", "token_lengths": {"mean": 14.5, "max": 41}, "speedup": 2.0,
+               "min_cosine_fixed_vs_buckets": 1.0,
+               "fixed": {"seq_lens": [64], "rows_per_bucket": {64: 10}, "seconds": 1234.5, "texts_per_s": 0.5},
+               "buckets": {"seq_lens": [32, 64], "rows_per_bucket": {32: 9, 64: 1}, "seconds": 0.25,
+                           "texts_per_s": 4000.0}}
+    return [
+        ("traffic", traffic_report(traffic), ["requests/s", "real tokens/s", "padding", "GFLOP/s", "of peak",
+                                              "vs torch", "min_cosine vs first", "memory MB"]),
+        ("serve", serve_load_report(serve), ["sentences/s", "vs offline", "token slots", "slots vs offline", "p50 ms",
+                                             "p99 ms", "failed", "max |Δ| vs offline"]),
+        ("compare", compare_report(compare), ["median ms", "min ms", "seq/s", "GFLOP/s", "of peak", "speed-up",
+                                              "min_cosine vs first"]),
+        ("run", perf_table(run), ["value"]),
+        ("profile", profile_report(profile), ["kernels", "calls/iter", "ms/iter", "share", "GFLOP/s"]),
+        ("buckets", bucket_report(buckets), ["seconds", "texts/s"]),
+    ]
+
+
+def test_perf_tables_print_each_number_column_in_one_format():
+    for command, report, numbers in table_results():
+        columns = table_columns(report)
+        for column in numbers:
+            assert_one_format(columns[column], f"perf {command}, {column}")

@@ -15,7 +15,16 @@ from serving import TIMEOUT, bucket_sets, serve_process, served
 
 from toolkit.api import Embedder
 from toolkit.errors import ToolkitError
-from toolkit.perf.serve_load import ServeLoadOptions, closed_loop, measure_server, run_serve_load, serve_load_report
+from toolkit.perf.serve_load import (
+    ServeLoadOptions,
+    ServerProcess,
+    closed_loop,
+    in_child,
+    measure_server,
+    run_offline,
+    run_serve_load,
+    serve_load_report,
+)
 from toolkit.serve.app import create_app
 from toolkit.serve.service import Limits
 
@@ -102,3 +111,35 @@ def test_perf_serve_quotes_the_first_failure_when_no_request_succeeds(embedding_
         measure_server("uvicorn", SimpleNamespace(base=base), sentences(4), [], np.zeros((4, 64)), clients=2)
     assert str(error.value).startswith("the server (uvicorn) answered no request with 200; the first answer: 413 "
                                        '{"error":"request body is larger than the payload limit (10 bytes)')
+
+
+def test_perf_serve_brings_the_offline_childs_warnings_back_as_one_line_each(embedding_set, capfd):
+    """The offline run's child would print Python's raw warnings (file, line, source) into the user's terminal; they
+    come back and are warned in the parent, where the command line prints `warning: MESSAGE`."""
+    texts = sentences(4) + ["alpha " * 100]  # one input longer than the set's largest SEQ (64): truncated
+    with pytest.warns(UserWarning, match=r"^1 input\(s\) truncated to 64 tokens$"):
+        _, vectors, _, _ = in_child(run_offline, ServeLoadOptions(artifact=embedding_set), texts, False)
+    assert len(vectors) == len(texts)
+    printed = capfd.readouterr().err
+    assert "truncated" not in printed and "Warning" not in printed, printed
+
+
+def test_perf_serve_says_in_one_line_when_its_child_dies():
+    """Killed (for memory, say) or crashed: a one-line error, not BrokenProcessPool's traceback."""
+    import os
+
+    with pytest.raises(ToolkitError, match=r"^a child process of perf serve \(the offline run\) died before it "
+                                           "finished .*; free memory"):
+        in_child(os._exit, 3)
+
+
+def test_perf_serve_closes_the_servers_log_whether_or_not_it_came_up(tmp_path, monkeypatch):
+    failed = ServerProcess(["--embedding", tmp_path / "missing"])
+    with pytest.raises(ToolkitError, match=r"(?s)`toolkit serve` did not come up \(exit 2\):.*missing: no such "
+                                           "directory"), failed:
+        pass
+    assert failed.log.closed  # the child's output, its last lines in the error above
+    monkeypatch.setattr(ServerProcess, "healthy", lambda self: True)
+    with ServerProcess(["--embedding", tmp_path / "missing"]) as up:
+        pass
+    assert up.log.closed
