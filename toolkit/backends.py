@@ -141,12 +141,13 @@ class LayerwiseReference(Backend):
     @override
     def run(self, input_ids, attention_mask):
         import torch
-        from tqdm.auto import tqdm
+
+        from toolkit.progress import progress_bar
 
         ids, mask = torch.from_numpy(np.asarray(input_ids)), torch.from_numpy(np.asarray(attention_mask))
         try:
-            with torch.inference_mode(), tqdm(total=len(self.heavy), desc="reference layers", leave=False,
-                                              disable=not self.progress) as self.bar:
+            with torch.inference_mode(), progress_bar(total=len(self.heavy), desc="reference layers",
+                                                      show=self.progress) as self.bar:
                 return self.task.reference_forward(self.model, ids, mask)
         finally:
             self.bar = None

@@ -177,9 +177,10 @@ def rewrite_graph(path: Path, rewrite, desc: str) -> None:
 def save_graph(model, path: Path, desc: str) -> None:
     """Save an onnx_ir model with its weights beside it (`PATH.data`), one tensor at a time, with a progress bar."""
     import onnx_ir as ir
-    from tqdm.auto import tqdm
 
-    with tqdm(desc=desc, unit="tensor", leave=False) as bar:
+    from toolkit.progress import progress_bar
+
+    with progress_bar(desc=desc, unit="tensor") as bar:
         def progress(tensor, info):
             bar.total = info.total
             bar.update()

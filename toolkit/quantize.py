@@ -44,10 +44,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from toolkit.errors import ToolkitError
 from toolkit.patches.modeling_qwen3 import Linear, Qwen3ForDeployment
+from toolkit.progress import progress_bar
 from toolkit.tasks import Task
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
@@ -217,7 +217,7 @@ class _Rows:
         entered around each layer's run, `states` being that layer's inputs; what it yields, if not None, is called
         with the layer's outputs."""
         states = [x for x, *_ in self.inputs]
-        for i, layer in enumerate(tqdm(self.model.layers, desc=desc, unit="layer", leave=False)):
+        for i, layer in enumerate(progress_bar(self.model.layers, desc=desc, unit="layer")):
             with self.model.resident(f"layers.{i}."), around_layer(f"layers.{i}.", layer, states) as outputs_seen:
                 states = self.through(layer, states)
                 if outputs_seen is not None:
@@ -557,7 +557,7 @@ def quantize_onnx(graph: Path, out: Path, plan: QuantizationPlan, scheme: Int8Sc
         raise ToolkitError(f"{graph} has no MatMul of a decoder linear layer with a constant weight; is it an export "
                            "of this toolkit's patched model?")
     per_row = _per_row_constants(model.graph) if scheme.per_token else None
-    for node, name, (weight, transposed) in tqdm(linears, desc="scaling linear layers", leave=False):
+    for node, name, (weight, transposed) in progress_bar(linears, desc="scaling linear layers"):
         scale = _weight_scale(_read_weight(weight.const_value, transposed))
         unsigned = scheme.unsigned_weights  # the same values around zero point 128: uint8 x uint8 never saturates
         zero = np.full(scale.shape, 128 if unsigned else 0, np.uint8 if unsigned else np.int8)

@@ -139,11 +139,12 @@ def write_synthetic_checkpoint(out_dir: str | Path, task_name: str, shape: str =
                                progress: bool = False) -> Path:
     """Write a random-weight checkpoint of `shape` for the task called `task_name` into `out_dir`; with `outliers`,
     with realistic activation outliers injected. Shards hold at most `max_shard_bytes` each; `progress` shows a bar
-    over the layers on stderr (once a write takes more than a second)."""
+    over the layers on stderr where it is a terminal (once a write takes more than a second)."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
-    from tqdm import tqdm
     from transformers import Qwen3Config
+
+    from toolkit.progress import progress_bar
 
     task = get_task(task_name)
     if shape not in SHAPES:
@@ -175,8 +176,8 @@ def write_synthetic_checkpoint(out_dir: str | Path, task_name: str, shape: str =
         stale.unlink()  # a previous checkpoint's weights (as save_pretrained does): its index would outlive it
     generator = torch.Generator().manual_seed(seed)
     pending: dict[str, dict[str, torch.Tensor]] = {}  # shard file -> its tensors so far
-    for group in tqdm(_layer_groups(list(specs)), desc=f"synth {task.name} {shape}", unit="layer",
-                      disable=not progress, delay=1.0):
+    for group in progress_bar(_layer_groups(list(specs)), desc=f"synth {task.name} {shape}", unit="layer",
+                              show=progress, leave=True, delay=1.0):
         weights = {name: _random_weight(name, specs[name].shape, config.initializer_range, generator)
                    for name in group}
         if outliers:

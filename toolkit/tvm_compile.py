@@ -988,8 +988,8 @@ def write_params(path: Path, graph_dir: Path, weights: list, layouts: list[str],
 
     from onnx.external_data_helper import ExternalDataInfo
     from onnx.helper import tensor_dtype_to_np_dtype
-    from tqdm import tqdm
 
+    from toolkit.progress import progress_bar
     from toolkit.tvm_bf16 import pack_pairs, pack_split_pairs
     from toolkit.tvm_int8 import pack_quads
 
@@ -1010,7 +1010,7 @@ def write_params(path: Path, graph_dir: Path, weights: list, layouts: list[str],
 
     def stored(desc: str):
         """Each array to store, in order: its dtype, shape and bytes (in chunks)."""
-        for weight, layout in tqdm(list(zip(weights, layouts)), desc=desc, unit="tensor", leave=False):
+        for weight, layout in progress_bar(list(zip(weights, layouts)), desc=desc, unit="tensor"):
             info = ExternalDataInfo(weight)
             dtype, shape = np.dtype(tensor_dtype_to_np_dtype(weight.data_type)), tuple(int(d) for d in weight.dims)
             count, file = int(np.prod(shape)), graph_dir / info.location
