@@ -170,8 +170,8 @@ def read_jsonl(path: Path, limit: int | None = None, spec: DatasetSpec | None = 
 
 def resolve_dataset(name_or_path: str, data_dir: str | Path | None = None) -> tuple[str, DatasetSpec, Path | None]:
     """`(name, spec, local file or None for the hub)` without reading the examples. Looks for, in order: a JSONL
-    path; a bundled sample (`sts12-sample`, ...); `DATA_DIR/<file>` (as written by `toolkit data download`); the
-    hub."""
+    path; a bundled sample (`sts12-sample`, ...); with `data_dir`, `DATA_DIR/<file>` (as written by `toolkit data
+    download`; an error when it is missing); the hub."""
     path = Path(name_or_path)
     if path.is_file():
         for line_no, line in _lines(path):
@@ -188,9 +188,27 @@ def resolve_dataset(name_or_path: str, data_dir: str | Path | None = None) -> tu
         raise ToolkitError(f"unknown dataset {name_or_path!r}: use {sorted(DATASETS)}, "
                            f"{sorted(SAMPLE_FILES)} or a JSONL path")
     spec = DATASETS[name_or_path]
-    if data_dir and (Path(data_dir) / spec.file_name).is_file():
-        return name_or_path, spec, Path(data_dir) / spec.file_name
-    return name_or_path, spec, None
+    if not data_dir:
+        return name_or_path, spec, None
+    return name_or_path, spec, _data_dir_file(Path(data_dir), name_or_path, spec)
+
+
+def _data_dir_file(data_dir: Path, name: str, spec: DatasetSpec) -> Path:
+    """`DATA_DIR/<spec's file>`. A missing one is an error saying what DATA_DIR holds: a user who names a directory
+    means its data, so it never falls back to the hub."""
+    path = data_dir / spec.file_name
+    if path.is_file():
+        return path
+    try:
+        names = sorted(p.name + "/" * p.is_dir() for p in data_dir.iterdir())
+    except OSError as e:
+        holds = "it does not exist" if not data_dir.exists() else f"it cannot be listed: {e.strerror or e}"
+    else:
+        more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+        holds = f"it holds {', '.join(names[:10])}{more}" if names else "it is empty"
+    raise ToolkitError(f"the data directory {data_dir} has no {spec.file_name}, the file {name} is read from "
+                       f"({holds}); run `toolkit data download --out {data_dir}`, give the file's path instead of "
+                       f"{name!r}, or leave out the data directory to load from the hub")
 
 
 def read_examples(name: str, spec: DatasetSpec, source: Path | None, limit: int | None = None) -> list:
@@ -239,18 +257,40 @@ def check_scorable(name: str, spec: DatasetSpec, examples: list) -> None:
                            f"recall are undefined; {more} (with positive_passages)")
 
 
-def hub_rows(name: str) -> list[dict]:
-    """All rows of a reference dataset's split from the Hugging Face hub (an error naming the offline options)."""
-    spec = DATASETS[name]
-    try:
-        import datasets
+HUB_PROBE_TIMEOUT_S = 5  # long enough for a slow link; datasets' own retries take ~24 s to give up
 
-        return list(datasets.load_dataset(spec.hub_id, split=spec.split))
-    except Exception as e:
-        raise ToolkitError(
-            f"cannot load {spec.hub_id} from the hub ({type(e).__name__}). Give the path of a local JSONL file "
-            f"instead of the name (path/to/{spec.file_name}; copies live in the shared data folder), use the bundled "
-            f"'{name}-sample', or run `toolkit data download --out DIR` where the hub is reachable") from None
+
+def hub_rows(name: str) -> list[dict]:
+    """All rows of a reference dataset's split from the Hugging Face hub (offline: from its cache). An unreachable hub
+    is an error naming the local options at once, after one short request, instead of after datasets' retries."""
+    spec = DATASETS[name]
+    import datasets
+
+    offline = datasets.config.HF_HUB_OFFLINE  # HF_DATASETS_OFFLINE, else HF_HUB_OFFLINE
+    cause = None if offline else _hub_unreachable(datasets.config.HF_ENDPOINT)
+    if cause is None:
+        try:
+            return list(datasets.load_dataset(spec.hub_id, split=spec.split))
+        except Exception as e:
+            cause = ("HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set and no copy is cached; unset it where the hub is "
+                     "reachable" if offline else type(e).__name__)
+    raise ToolkitError(
+        f"cannot load {spec.hub_id} from the hub ({cause}). Give the path of a local JSONL file instead of the name "
+        f"(path/to/{spec.file_name}; copies live in the shared data folder), use the bundled '{name}-sample', or run "
+        "`toolkit data download --out DIR` where the hub is reachable")
+
+
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why `endpoint` gives no HTTP answer within HUB_PROBE_TIMEOUT_S (None: it answers, whatever the status). Sent
+    with huggingface_hub's client, so its proxy and certificate settings apply."""
+    from huggingface_hub import get_session
+
+    try:
+        get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as e:  # the client's transport errors differ between huggingface_hub versions
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return f"{endpoint} is unreachable: {reason}; with HF_HUB_OFFLINE=1 an earlier load's cached copy is read"
+    return None
 
 
 def download(out_dir: str | Path) -> list[Path]:

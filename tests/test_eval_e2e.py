@@ -1,6 +1,11 @@
 """`toolkit eval` end to end on the tiny synthetic artifacts, all three datasets (bundled samples)."""
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 import safetensors.torch
@@ -168,6 +173,30 @@ def test_embedding_on_msmarco_queries_get_the_instruction_passages_stay_bare(che
     _, _, rows = load_dataset("msmarco-sample", 2)
     queries = [f"Instruct: {WEB_SEARCH_INSTRUCTION}\nQuery:{e.query}" for e in rows]
     assert embedded_texts == queries + [p for e in rows for p in e.passages]
+
+
+def test_unreachable_hub_fails_fast_naming_the_local_options(tmp_path):
+    # a port bound but never listening refuses connections: the hub unreachable, without touching the network
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+        env.update(HF_ENDPOINT=f"http://127.0.0.1:{closed.getsockname()[1]}", HF_HOME=str(tmp_path / "hf"))
+        started = time.monotonic()
+        r = subprocess.run([sys.executable, "-c", "from toolkit.cli import main; main()", "eval", "--task", "embedding",
+                            "--dataset", "sts12", "--run", "torch", "--checkpoint", "unused"],
+                           env=env, capture_output=True, text=True, timeout=20)  # datasets' own retries took ~24 s
+    assert time.monotonic() - started < 10, r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{env['HF_ENDPOINT']} is unreachable" in r.stderr and "sts12_test.jsonl" in r.stderr
+    assert "HF_HUB_OFFLINE=1" in r.stderr and "toolkit data download" in r.stderr
+
+
+def test_eval_cli_data_dir_without_the_file_is_one_line_naming_it(tmp_path):
+    (tmp_path / "sts12.jsonl").write_text("{}\n")
+    r = CliRunner().invoke(main, ["eval", "--task", "embedding", "--dataset", "sts12", "--run", "torch",
+                                  "--checkpoint", "unused", "--data-dir", str(tmp_path)])
+    assert r.exit_code == 2 and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert f"{tmp_path} has no sts12_test.jsonl" in r.output and "it holds sts12.jsonl" in r.output
 
 
 def test_evaluate_takes_options_only():

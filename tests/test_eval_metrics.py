@@ -254,8 +254,30 @@ def test_malformed_msmarco_and_json_rows_name_the_line(tmp_path):
 def test_unknown_and_offline_datasets_say_what_to_do():
     with pytest.raises(ToolkitError, match="unknown dataset"):
         load_dataset("nope")
-    with pytest.raises(ToolkitError, match="sts12_test.jsonl"):
+    with pytest.raises(ToolkitError, match="HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set.*sts12_test.jsonl"):
         load_dataset("sts12")  # HF_HUB_OFFLINE=1 in conftest
+
+
+@pytest.mark.parametrize("holds, expected", [
+    (["sts12.jsonl", "notes.txt", "sub/"], "it holds notes.txt, sts12.jsonl, sub/"),
+    ([], "it is empty"),
+    (None, "it does not exist"),
+    ([f"f{i:02}.jsonl" for i in range(12)], "f09.jsonl and 2 more"),
+])
+def test_data_dir_without_the_file_says_what_it_holds_and_never_goes_to_the_hub(tmp_path, monkeypatch, holds,
+                                                                                  expected):
+    monkeypatch.setattr(eval_datasets, "hub_rows", lambda name: pytest.fail("went to the hub"))
+    data_dir = tmp_path / "data"
+    if holds is not None:
+        data_dir.mkdir()
+        for name in holds:
+            if name.endswith("/"):
+                (data_dir / name).mkdir()
+            else:
+                (data_dir / name).write_text("{}\n")
+    with pytest.raises(ToolkitError, match=f"data directory {data_dir} has no sts12_test.jsonl.*{expected}.*"
+                                           r"toolkit data download --out"):
+        load_dataset("sts12", data_dir=data_dir)
 
 
 HUB_ROWS = {  # one row per dataset, as the hub has them (with a field `download` leaves out)
@@ -284,7 +306,8 @@ def test_failed_download_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(ToolkitError, match="cannot load mteb/sts12-sts from the hub.*toolkit data download"):
         download(tmp_path)
     assert list(tmp_path.iterdir()) == []
-    assert resolve_dataset("sts12", tmp_path)[2] is None  # so `toolkit eval` gives the hub advice, not "no rows"
+    with pytest.raises(ToolkitError, match="has no sts12_test.jsonl"):  # not "no rows": no partial file is left
+        resolve_dataset("sts12", tmp_path)
 
     old = tmp_path / "sts12_test.jsonl"  # an earlier download survives a failed one
     old.write_text(json.dumps(HUB_ROWS["bq"][0]) + "\n")
