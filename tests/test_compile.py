@@ -270,16 +270,15 @@ def test_a_released_checkpoint_is_told_from_the_other_task_by_its_weights_not_it
     """Every Qwen3-Embedding build warned that the checkpoint "was saved as a Qwen3ForCausalLM, as Qwen3-Reranker is":
     Qwen3-Embedding's config.json names that class too. A reranker's weights (a causal LM's) under the embedding
     config still get the warning."""
-    from toolkit.compile import check_task
+    from toolkit.checkpoint import check_task
 
     embedding, reranker = (as_released(checkpoints[task], tmp_path / task) for task in ("embedding", "reranker"))
-    cfg = BuildConfig(name="e", task="embedding", checkpoint="x", seq_lens=(32,))
-    logged = []
+    warned = []
     for checkpoint in (embedding, reranker):
-        check_task(cfg, TASKS["embedding"], checkpoint, json.loads((checkpoint / "config.json").read_text()),
-                   logged.append)
-    assert len(logged) == 1 and logged[0].startswith(f"warning: {reranker} holds a causal LM's weights"), logged
-    assert "compile it with build_configs/reranker_config_fp16.yaml" in logged[0]
+        check_task(TASKS["embedding"], checkpoint, json.loads((checkpoint / "config.json").read_text()),
+                   "the config builds embedding artifacts", lambda other: f"compile it as {other}", warned.append)
+    assert len(warned) == 1 and warned[0].startswith(f"{reranker} holds a causal LM's weights"), warned
+    assert "compile it as reranker, or pass a checkpoint of the embedding task" in warned[0]
 
 
 def test_inspect_describes_what_the_artifacts_backend_computes(onnx_artifacts):

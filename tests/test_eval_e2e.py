@@ -136,10 +136,15 @@ def test_non_finite_torch_outputs_fail_and_json_holds_null(checkpoints, tmp_path
 
 @pytest.fixture
 def embedded_texts(monkeypatch):
-    """Every text the Embedder tokenises (after query formatting), in order."""
+    """Every text the Embedder embeds (after query formatting), in order."""
     seen = []
-    tokenize = Embedder.tokenize
-    monkeypatch.setattr(Embedder, "tokenize", lambda self, texts: seen.extend(texts) or tokenize(self, texts))
+    format_texts = Embedder.format
+
+    def formatted(self, texts, instruction=None):
+        seen.extend(result := format_texts(self, texts, instruction))
+        return result
+
+    monkeypatch.setattr(Embedder, "format", formatted)
     return seen
 
 

@@ -10,7 +10,10 @@ a bucket set of artifacts (several SEQs), or the torch reference.
 """
 from __future__ import annotations
 
+import os
+import sys
 import warnings
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -20,15 +23,25 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from toolkit.artifact import find_artifacts
-from toolkit.checkpoint import load_tokenizer, read_hf_config, resolve_checkpoint
+from toolkit.checkpoint import check_task, load_tokenizer, read_hf_config, resolve_checkpoint
 from toolkit.errors import ToolkitError
-from toolkit.runtime import Engine, check_engine_options
+from toolkit.runtime import Engine, check_engine_options, is_integer
 from toolkit.tasks import EMBEDDING, RERANKER, WEB_SEARCH_INSTRUCTION, PromptLayout, Task, get_task
 from toolkit.text import left_pad
-from toolkit.tokenizer import ENDOFTEXT_ID
+from toolkit.tokenizer import ENDOFTEXT_ID, MAX_CONTEXT, InvalidUnicodeError, check_unicode
 
 REFERENCE_MAX_LENGTH = 8192  # what the torch reference accepts by default (Qwen3-Embedding/Reranker's usual cap)
 TRUNCATION = ("error", "truncate")
+PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _warn(message: str) -> None:
+    """Warn pointing at the first caller outside the toolkit (the user's call), however deep in the public methods
+    (encode_documents → encode → ... → frame_rows) the warning is raised: `skip_file_prefixes` before Python 3.12."""
+    frame, level = sys._getframe(), 1  # level 1: this function
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(PACKAGE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
 
 
 @dataclass
@@ -73,7 +86,7 @@ class BucketedRunner:
     def __init__(self, engines: list[Engine], dynamic_batch: int = 8, max_length: int | None = None):
         self.engines = sorted(engines, key=lambda e: e.seq_len or 0)
         self.dynamic_batch = dynamic_batch
-        self.max_length = max_length or self.engines[-1].seq_len
+        self.max_length = self.engines[-1].seq_len if max_length is None else max_length
         self.stats = RunnerStats()
 
     def bucket_for(self, length: int) -> Engine:
@@ -185,7 +198,7 @@ def frame_rows(layout: PromptLayout, bodies: list[list[int]], max_length: int,
             ids = ids[:room]
         rows.append(layout.prefix + list(ids) + layout.suffix)
     if truncated:
-        warnings.warn(f"{truncated} input(s) truncated to {max_length} tokens", stacklevel=5)
+        _warn(f"{truncated} input(s) truncated to {max_length} tokens")
     return rows
 
 
@@ -208,6 +221,9 @@ class _TextModel:
     hidden_size: int | None = None
 
     def __init__(self, runner: BucketedRunner, tokenizer, truncation: str = "error"):
+        # its engines' workers hold them, not it: one never closed releases them when dropped (the finalizer must not
+        # hold it either)
+        self._release = weakref.finalize(self, runner.close)
         self.runner, self.tokenizer, self.truncation = runner, tokenizer, check_truncation(truncation)
         shortest = self.task.min_seq_len(tokenizer)
         if self.max_length < shortest:
@@ -222,18 +238,17 @@ class _TextModel:
         count sharing the process's threads, or "auto" (one single-thread instance per core for TVM on CPU, else
         1: `toolkit.runtime.resolve_instances`). `max_length` caps the input length (prompt included) below the
         largest SEQ, e.g. a service's limit."""
-        check_engine_options(instances, tuple(device_ids), queue_size)
+        _check_path(path, "path", "an artifact directory or a bucket set's")
+        instances, device_ids, queue_size = check_engine_options(instances, device_ids, queue_size)
         manifests = find_artifacts(path)
         if manifests[0].task != cls.task.name:
             raise ToolkitError(f"{path} holds {manifests[0].task} artifacts, not {cls.task.name} ones: pass a "
                                f"{cls.task.name} set (or, in Python, load it with "
                                f"{get_task(manifests[0].task).api_class})")
-        largest = manifests[-1].seq_len
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
-                                       or not 1 <= max_length <= largest):
-            raise ToolkitError(f"max_length must be an integer in 1..{largest} (the largest SEQ in {path}), "
-                               f"got {max_length!r}")
-        tokenizer = load_tokenizer(manifests[0].path / "tokenizer")
+        if max_length is not None:
+            max_length = _check_max_length(max_length, manifests[-1].seq_len, f"the largest SEQ in {path}")
+        # checked first: a damaged tokenizer file would otherwise fail to load with the tokenizer's own error
+        tokenizer = load_tokenizer(manifests[0].verify("tokenizer/").path / "tokenizer")
         engines = []
         try:
             for m in manifests:
@@ -249,12 +264,21 @@ class _TextModel:
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, max_length: int = REFERENCE_MAX_LENGTH, batch_size: int = 8,
                         truncation: str = "error"):
-        """The torch reference: the unpatched Hugging Face model, same formats and truncation as the artifacts."""
+        """The torch reference: the unpatched Hugging Face model, same formats and truncation as the artifacts.
+        `batch_size` rows run at a time."""
+        _check_path(checkpoint, "checkpoint", "a checkpoint directory or a hub id")
+        if not is_integer(batch_size) or batch_size < 1:
+            raise ToolkitError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         path = resolve_checkpoint(checkpoint)
+        hf_config = read_hf_config(path)
+        max_length = _check_max_length(max_length, hf_config.get("max_position_embeddings", MAX_CONTEXT),
+                                       "the checkpoint's context, max_position_embeddings")
+        check_task(cls.task, path, hf_config, f"{cls.__name__}.from_checkpoint runs {cls.task.name} models",
+                   lambda other: f"load it with {get_task(other).api_class}.from_checkpoint", _warn)
         tokenizer = load_tokenizer(path)
         engine = Engine.from_checkpoint(path, cls.task)
-        model = cls(BucketedRunner([engine], batch_size, max_length), tokenizer, truncation)
-        model.hidden_size = read_hf_config(path)["hidden_size"]
+        model = cls(BucketedRunner([engine], int(batch_size), max_length), tokenizer, truncation)
+        model.hidden_size = hf_config["hidden_size"]
         return model
 
     @property
@@ -285,13 +309,20 @@ class _TextModel:
                                f"both (max input length {self.max_length}, prompt included); shorten {what}, or use "
                                "a set compiled with a larger SEQ")
 
-    def _rows(self, bodies: list[str], truncation: str | None = None) -> list[list[int]]:
-        return token_rows(self._layout, self.tokenizer, bodies, self.max_length,
-                          check_truncation(truncation or self.truncation), self._max_chars_per_token)
+    def _rows(self, bodies: list[str], truncation: str | None = None, origin=None) -> list[list[int]]:
+        """`token_rows` of the bodies. `origin(i)`: the user's own texts body i was made of and their names, so that
+        a text that is not valid Unicode is named with its position in the user's text, not in the prompt."""
+        try:
+            return token_rows(self._layout, self.tokenizer, bodies, self.max_length,
+                              check_truncation(truncation or self.truncation), self._max_chars_per_token)
+        except InvalidUnicodeError as e:
+            if origin:
+                check_unicode(*origin(e.index))
+            raise
 
     def close(self):
-        """Stop the engines."""
-        self.runner.close()
+        """Stop the engines now (dropping the model stops them too, once it is garbage)."""
+        self._release()
 
     def __enter__(self):
         return self
@@ -305,6 +336,32 @@ def check_truncation(truncation: str) -> str:
     if truncation not in TRUNCATION:
         raise ToolkitError(f"truncation must be one of {TRUNCATION}, got {truncation!r}")
     return truncation
+
+
+def _check_path(path, name: str, what: str) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise ToolkitError(f"{name} must be {what} (a str or Path), got {type(path).__name__}")
+
+
+def _check_max_length(max_length, largest: int, why: str) -> int:
+    if not is_integer(max_length) or not 1 <= max_length <= largest:
+        raise ToolkitError(f"max_length must be an integer in 1..{largest} ({why}), got {max_length!r}")
+    return int(max_length)
+
+
+def _check_flag(value, name: str) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ToolkitError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_instruction_text(instruction) -> None:
+    """Refuse an instruction that is not a text (None: the default), or not valid Unicode."""
+    if instruction is None:
+        return
+    if not isinstance(instruction, str):
+        raise ToolkitError(f"instruction must be a text (or None for the default), got "
+                           f"{type(instruction).__name__}")
+    check_unicode([instruction], ["the instruction"])
 
 
 def _check_texts(texts, what: str) -> list[str]:
@@ -326,6 +383,7 @@ class Embedder(_TextModel):
     def format(self, texts: list[str], instruction: str | None = None) -> list[str]:
         """The texts as the model reads them: with an `instruction`, in Qwen3-Embedding's query format. A set built
         for one instruction (`fixed_instruction`) takes only queries with it."""
+        _check_instruction_text(instruction)
         fixed = self.fixed_instruction
         if instruction:
             check_instruction(fixed, instruction)
@@ -347,7 +405,7 @@ class Embedder(_TextModel):
         """Rows for texts already tokenised (e.g. token ids a client sent): what `tokenize` makes of the texts."""
         vocabulary = len(self.tokenizer)
         for i, ids in enumerate(bodies):
-            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocabulary for t in ids):
+            if not all(is_integer(t) and 0 <= t < vocabulary for t in ids):
                 raise ToolkitError(f"input #{i}: token ids must be integers in 0..{vocabulary - 1}")
         return frame_rows(self._layout, bodies, self.max_length, check_truncation(truncation or self.truncation))
 
@@ -355,7 +413,9 @@ class Embedder(_TextModel):
                normalize: bool = True, progress: bool = False) -> np.ndarray:
         """Embed texts `[n, dim]`; with an `instruction` they are formatted as queries. `dim` cuts (MRL) before
         normalising."""
-        rows = self.tokenize(self.format(texts, instruction))
+        _check_flag(normalize, "normalize")
+        _check_flag(progress, "progress")
+        rows = self._rows(self.format(texts, instruction), origin=lambda i: ([texts[i]], [f"text #{i}"]))
         return self.task.finish(self.runner.run(rows, progress), dim=dim, normalize=normalize)
 
     @property
@@ -382,29 +442,40 @@ class Reranker(_TextModel):
         """prefix + body + suffix; only the body (instruction, query, document) is ever truncated. `instruction`: None
         for the artifacts' fixed one, else the web-search one. `truncation` overrides the model's policy for this
         call."""
+        _check_instruction_text(instruction)
         fixed = self.fixed_instruction
         if instruction is not None:
             check_instruction(fixed, instruction)
         instruction = fixed if instruction is None else instruction
         pairs = _check_pairs(pairs)
-        rows = self._rows([self.task.format_body(q, d, instruction) for q, d in pairs], truncation)
+        rows = self._rows([self.task.format_body(q, d, instruction) for q, d in pairs], truncation,
+                          lambda i: (pairs[i], [f"the query of pair #{i}", f"the document of pair #{i}"]))
         for query in {q for (q, _), row in zip(pairs, rows) if len(row) == self.max_length}:  # cut ones: anything left?
             self._check_room(self.task.format_body(query, "", instruction), "the query and instruction", "document")
         return rows
 
     def score(self, pairs: list[tuple[str, str]], instruction: str | None = None, progress: bool = False) -> np.ndarray:
         """P(yes) for each (query, document) pair, in input order."""
+        _check_flag(progress, "progress")
         return self.task.finish(self.runner.run(self.tokenize(pairs, instruction), progress))
 
     def rerank(self, query: str, documents: list[str], top_n: int | None = None, instruction: str | None = None,
-               return_documents: bool = False) -> list[dict]:
+               return_documents: bool = False, *, top_k: int | None = None) -> list[dict]:
         """Documents sorted by P(yes) for one query, as sentence-transformers' `CrossEncoder.rank`:
-        `[{"corpus_id": index in documents, "score": P(yes)[, "text": document]}, ...]`, best first, `top_n` kept."""
+        `[{"corpus_id": index in documents, "score": P(yes)[, "text": document]}, ...]`, best first, `top_n` kept
+        (or `top_k`, sentence-transformers' name for it)."""
         if not isinstance(query, str):
             raise ToolkitError(f"rerank takes one query text, got {type(query).__name__}")
         documents = _check_texts(documents, "rerank")
-        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
-            raise ToolkitError(f"top_n must be a positive integer, got {top_n!r}")
+        name = "top_n"
+        if top_k is not None:
+            if top_n is not None:
+                raise ToolkitError("pass top_k or top_n, not both: they are the same (top_k is sentence-transformers' "
+                                   "name)")
+            name, top_n = "top_k", top_k
+        if top_n is not None and (not is_integer(top_n) or top_n < 1):
+            raise ToolkitError(f"{name} must be a positive integer, got {top_n!r}")
+        _check_flag(return_documents, "return_documents")
         scores = self.score([(query, d) for d in documents], instruction)
         return [{"corpus_id": i, "score": float(scores[i]), **({"text": documents[i]} if return_documents else {})}
                 for i in rank_order(scores, top_n)]

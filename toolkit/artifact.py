@@ -168,12 +168,16 @@ class Manifest:
             raise ToolkitError(f"{path} is not a valid {FORMAT} manifest ({type(e).__name__}: {e}); "
                                "recompile the artifact with `toolkit compile`") from None
         manifest.path = directory
-        if verify:
-            problems = manifest.verify_files()
-            if problems:
-                raise ToolkitError(f"artifact {directory} does not match its manifest ({'; '.join(problems[:3])}); "
-                                   "it was modified or corrupted: recompile it with `toolkit compile`")
-        return manifest
+        return manifest.verify() if verify else manifest
+
+    def verify(self, under: str = "") -> "Manifest":
+        """Raise ToolkitError unless the recorded files (those whose path starts with `under` only, e.g.
+        "tokenizer/") are intact."""
+        problems = self.verify_files(under)
+        if problems:
+            raise ToolkitError(f"artifact {self.path} does not match its manifest ({'; '.join(problems[:3])}); "
+                               "it was modified or corrupted: recompile it with `toolkit compile`")
+        return self
 
     def file_paths(self, directory: Path) -> list[Path]:
         """The artifact's files: those in its directory and, where the model file lies in a bucket set's shared graph
@@ -198,10 +202,13 @@ class Manifest:
                     or not isinstance(info.get("bytes"), int):
                 raise ValueError(f"file {name!r} recorded as {info!r:.80}, not its sha256 and bytes")
 
-    def verify_files(self) -> list[str]:
-        """Problems (missing / size / hash mismatches); empty when the artifact is intact."""
+    def verify_files(self, under: str = "") -> list[str]:
+        """Problems (missing / size / hash mismatches) of the files whose path starts with `under`; empty when they
+        are intact."""
         problems = []
         for rel, info in self.files.items():
+            if not rel.startswith(under):
+                continue
             p = self.path / rel
             if not p.is_file():
                 problems.append(f"{rel}: missing" + (" (a file of the bucket set's shared graph: copy or move the "

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 from toolkit.artifact import ModelSource
 from toolkit.errors import ToolkitError
+from toolkit.tasks import Task
 from toolkit.tokenizer import ENDOFTEXT_ID, Tokenizer
 
 MIN_VOCABULARY = 1000  # a real Qwen3 tokenizer has 151,669 entries; an empty or stub one has a handful
@@ -48,6 +50,34 @@ def read_hf_config(checkpoint_dir: Path) -> dict:
         raise ToolkitError(f"{checkpoint_dir} is a {found!r} checkpoint; this toolkit deploys Qwen3 "
                            "(model_type 'qwen3': Qwen3-Embedding / Qwen3-Reranker)")
     return cfg
+
+
+def check_task(task: Task, checkpoint: Path, hf_config: dict, used_by: str, fix: Callable[[str], str],
+               warn: Callable[[str], None]) -> None:
+    """Refuse a checkpoint that states another task than `task`, the one `used_by` (what takes it, as a clause:
+    "CONFIG builds reranker artifacts") runs; `fix(other)` says how to take a checkpoint of task `other` instead. A
+    synthetic checkpoint states its task in config.json's `synthetic.task`; a real one by the class its weights were
+    saved from. config.json's `architectures` cannot tell: Qwen3-Embedding's and Qwen3-Reranker's both list
+    Qwen3ForCausalLM. Their weights can: Qwen3-Embedding's are a bare Qwen3Model's (`embed_tokens`, `layers.N`, `norm`:
+    no LM head), Qwen3-Reranker's a causal LM's (`model.`-prefixed; its own `lm_head` where untied). A bare model for
+    the reranker is refused; a causal LM for embedding only gets a `warn` (an embedding model fine-tuned and saved as
+    one is taken as it is)."""
+    def instead(other: str) -> str:
+        return f"{fix(other)}, or pass a checkpoint of the {task.name} task"
+
+    stated = (hf_config.get("synthetic") or {}).get("task")
+    if stated and stated != task.name:
+        raise ToolkitError(f"{checkpoint} is a synthetic {stated} checkpoint and {used_by}: {instead(stated)}")
+    if stated:
+        return
+    causal_lm = CheckpointTensors(checkpoint, bool(hf_config.get("tie_word_embeddings"))).causal_lm
+    if task.name == "reranker" and not causal_lm:
+        raise ToolkitError(f"{checkpoint} holds a bare Qwen3Model's weights (saved without an LM head), as "
+                           f"Qwen3-Embedding does, and {used_by}: {instead('embedding')}")
+    if task.name == "embedding" and causal_lm:
+        warn(f"{checkpoint} holds a causal LM's weights (named model.*, or with an lm_head), as Qwen3-Reranker does, "
+             f"not a bare Qwen3Model's as Qwen3-Embedding does: if it is a reranker, {instead('reranker')}; an "
+             "embedding model saved as a causal LM is taken as it is")
 
 
 LOAD_BLOCK = 1 << 22  # elements read (and converted) at a time when loading a tensor

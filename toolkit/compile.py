@@ -32,7 +32,7 @@ import torch
 
 from toolkit.artifact import MANIFEST, Manifest, ModelSource, Target, sha256
 from toolkit.backends import LayerwiseReference, device_available
-from toolkit.checkpoint import CheckpointTensors, load_tokenizer, model_source, read_hf_config, resolve_checkpoint
+from toolkit.checkpoint import check_task, load_tokenizer, model_source, read_hf_config, resolve_checkpoint
 from toolkit.config import WEIGHT_ROUNDINGS, BuildConfig
 from toolkit.errors import ToolkitError
 from toolkit.export import OnnxExport, export_onnx, fold_small_constants, fold_weights, io_specs
@@ -107,7 +107,9 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     source = model_source(cfg.checkpoint, checkpoint)
     hf_config = read_hf_config(checkpoint)
-    check_task(cfg, task, checkpoint, hf_config, log)
+    check_task(task, checkpoint, hf_config, f"{cfg.source or 'the config'} builds {task.name} artifacts",
+               lambda other: f"compile it with build_configs/{other}_config_fp16.yaml (or a config with `task: "
+                             f"{other}`)", lambda message: log(f"warning: {message}"))
     tokenizer = load_tokenizer(checkpoint)
     check_seq_lens(task, tokenizer, cfg.seq_lens, hf_config.get("max_position_embeddings", MAX_CONTEXT))
     check_shapes_fit(cfg, hf_config, log)
@@ -252,35 +254,6 @@ def check_seq_lens(task: Task, tokenizer, seq_lens, context: int = MAX_CONTEXT) 
     if too_short:
         raise ToolkitError(f"SEQ {too_short} cannot hold a {task.name} input: its prompt alone takes "
                            f"{shortest - 1} tokens; use --seq {shortest} or more")
-
-
-def check_task(cfg: BuildConfig, task: Task, checkpoint: Path, hf_config: dict, log) -> None:
-    """Refuse a checkpoint that states another task than the build config's, naming the config to use: a synthetic
-    one in config.json's `synthetic.task`; a real one by the class its weights were saved from. config.json's
-    `architectures` cannot tell: Qwen3-Embedding's and Qwen3-Reranker's both list Qwen3ForCausalLM. Their weights can:
-    Qwen3-Embedding's are a bare Qwen3Model's (`embed_tokens`, `layers.N`, `norm`: no LM head), Qwen3-Reranker's a
-    causal LM's (`model.`-prefixed; its own `lm_head` where untied). A bare model under a reranker config is refused;
-    a causal LM under an embedding config is only warned about (an embedding model fine-tuned and saved as one builds
-    as it is)."""
-    def fix(other: str) -> str:
-        return (f"compile it with build_configs/{other}_config_fp16.yaml (or a config with `task: {other}`), or pass "
-                f"a checkpoint of the {task.name} task")
-
-    stated = (hf_config.get("synthetic") or {}).get("task")
-    if stated and stated != task.name:
-        raise ToolkitError(f"{checkpoint} is a synthetic {stated} checkpoint and {cfg.source or 'the config'} builds "
-                           f"{task.name} artifacts: {fix(stated)}")
-    if stated:
-        return
-    causal_lm = CheckpointTensors(checkpoint, bool(hf_config.get("tie_word_embeddings"))).causal_lm
-    if task.name == "reranker" and not causal_lm:
-        raise ToolkitError(f"{checkpoint} holds a bare Qwen3Model's weights (saved without an LM head), as "
-                           f"Qwen3-Embedding does, and {cfg.source or 'the config'} builds reranker artifacts: "
-                           f"{fix('embedding')}")
-    if task.name == "embedding" and causal_lm:
-        log(f"warning: {checkpoint} holds a causal LM's weights (named model.*, or with an lm_head), as Qwen3-Reranker "
-            f"does, not a bare Qwen3Model's as Qwen3-Embedding does: if it is a reranker, {fix('reranker')}; an "
-            "embedding model saved as a causal LM builds as it is")
 
 
 def available_memory() -> int | None:

@@ -9,6 +9,7 @@ Closing is race-free: a request is either accepted (and then run before the work
 """
 from __future__ import annotations
 
+import numbers
 import os
 import queue
 import threading
@@ -21,6 +22,7 @@ import numpy as np
 
 from toolkit.artifact import Manifest
 from toolkit.backends import Backend, TorchReference, open_backend
+from toolkit.checkpoint import read_hf_config
 from toolkit.errors import ToolkitError
 from toolkit.tasks import Task
 
@@ -66,11 +68,17 @@ class ComputeBudget:
 CPU_BUDGET = ComputeBudget(os.cpu_count() or 1)
 
 
+def is_integer(value) -> bool:
+    """Whether `value` is an integral number (int, numpy's integers), never a bool: what every count, size and length
+    option takes."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def set_cpu_threads(threads: int) -> None:
     """Pin the process's compute budget (e.g. `--threads`); engines created afterwards split it between instances."""
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+    if not is_integer(threads) or threads < 1:
         raise ToolkitError(f"threads must be an integer >= 1, got {threads!r}")
-    CPU_BUDGET.threads = threads
+    CPU_BUDGET.threads = int(threads)
 
 
 def threads_per_instance(instances: int) -> int:
@@ -94,15 +102,18 @@ def resolve_instances(instances: int | str, manifest: Manifest) -> int:
     return CPU_BUDGET.threads if single_thread else 1
 
 
-def check_engine_options(instances, device_ids, queue_size) -> None:
-    """One-line errors for engine options a user can get wrong."""
-    if instances != AUTO_INSTANCES and (isinstance(instances, bool) or not isinstance(instances, int)
-                                        or instances < 1):
+def check_engine_options(instances, device_ids, queue_size) -> tuple[int | str, tuple[int, ...], int]:
+    """One-line errors for engine options a user can get wrong; the options as ints, `device_ids` as a tuple (one
+    number is one device, as `--device-ids 0` is)."""
+    if instances != AUTO_INSTANCES and (not is_integer(instances) or instances < 1):
         raise ToolkitError(f"instances must be an integer >= 1 or {AUTO_INSTANCES!r}, got {instances!r}")
-    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+    if not is_integer(queue_size) or queue_size < 1:
         raise ToolkitError(f"queue_size must be an integer >= 1, got {queue_size!r}")
-    if not device_ids or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in device_ids):
-        raise ToolkitError(f"device_ids must be a non-empty list of device numbers like 0 or 0,1, got {device_ids!r}")
+    devices = (device_ids,) if is_integer(device_ids) else device_ids
+    if not isinstance(devices, (list, tuple)) or not devices or any(not is_integer(d) or d < 0 for d in devices):
+        raise ToolkitError(f"device_ids must be a device number or a non-empty list of them, like 0 or [0, 1], got "
+                           f"{device_ids!r}")
+    return (instances if instances == AUTO_INSTANCES else int(instances)), tuple(map(int, devices)), int(queue_size)
 
 
 class Engine:
@@ -110,12 +121,13 @@ class Engine:
 
     def __init__(self, make_backend: Callable[[int, int], Backend], instances: int = 1,
                  device_ids: tuple[int, ...] = (0,), queue_size: int = 64, threads: int = 1,
-                 budget: ComputeBudget = CPU_BUDGET):
+                 budget: ComputeBudget = CPU_BUDGET, vocab_size: int | None = None):
         """`make_backend(instance_index, device_id)` builds one backend copy; instances go round-robin over
         `device_ids`. `queue_size` bounds the requests waiting (not counting those being run). Each run holds
-        `threads` (the backend's compute threads) from `budget`."""
-        check_engine_options(instances, tuple(device_ids), queue_size)
-        self.threads, self.budget, self.instances = threads, budget, instances
+        `threads` (the backend's compute threads) from `budget`. `vocab_size`: the model's embedding rows, which token
+        ids must index (None: not checked)."""
+        instances, device_ids, queue_size = check_engine_options(instances, device_ids, queue_size)
+        self.threads, self.budget, self.instances, self.vocab_size = threads, budget, instances, vocab_size
         self.backends = [make_backend(i, device_ids[i % len(device_ids)]) for i in range(instances)]
         first = self.backends[0]
         self.task, self.seq_len, self.batch = first.task, first.seq_len, first.batch
@@ -135,19 +147,21 @@ class Engine:
                       device_ids: tuple[int, ...] = (0,), queue_size: int = 64, threads: int | None = None) -> "Engine":
         """An engine over one artifact (a directory, or its manifest); files are hash-checked once here. `instances`:
         a count, or "auto" (`resolve_instances`)."""
-        check_engine_options(instances, tuple(device_ids), queue_size)
+        instances, device_ids, queue_size = check_engine_options(instances, device_ids, queue_size)
         directory = artifact.path if isinstance(artifact, Manifest) else artifact
         manifest = Manifest.load(directory, verify=True).require_deployable()
         instances = resolve_instances(instances, manifest)
         threads = threads or threads_per_instance(instances)
-        return cls(lambda i, dev: open_backend(manifest, threads, dev), instances, device_ids, queue_size, threads)
+        return cls(lambda i, dev: open_backend(manifest, threads, dev), instances, device_ids, queue_size, threads,
+                   vocab_size=manifest.model.vocab_size)
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, task: Task, queue_size: int = 64) -> "Engine":
         """The torch reference (unpatched Hugging Face model) behind the same interface; one instance using the
         whole budget."""
         threads = CPU_BUDGET.threads
-        return cls(lambda i, dev: TorchReference(Path(checkpoint_dir), task, threads), 1, (0,), queue_size, threads)
+        return cls(lambda i, dev: TorchReference(Path(checkpoint_dir), task, threads), 1, (0,), queue_size, threads,
+                   vocab_size=read_hf_config(Path(checkpoint_dir)).get("vocab_size"))
 
     # ---- requests ---------------------------------------------------------------------------------------------------
     def check_inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
@@ -164,6 +178,11 @@ class Engine:
         if ids.shape != expected:
             raise ToolkitError(f"input shape {ids.shape} does not match the artifact's [batch, seq] = {list(expected)};"
                                " pad the batch and left-pad to the sequence length (Embedder/Reranker do this)")
+        # an id past the embedding table reads zeros on TVM (or memory it does not own) and fails deep in ONNX
+        # Runtime; a negative one wraps around
+        if self.vocab_size and ids.size and not (0 <= ids.min() and ids.max() < self.vocab_size):
+            raise ToolkitError(f"token ids must be in 0..{self.vocab_size - 1} (the model's vocabulary), got "
+                               f"{ids.min()}..{ids.max()}; tokenize with the model's tokenizer (Embedder/Reranker do)")
 
     def run_async(self, input_ids, attention_mask, block: bool = True, timeout: float | None = None) -> Future:
         """Queue one batch. With `block=False` (or after `timeout`) a full queue raises QueueFullError."""
@@ -207,11 +226,20 @@ class Engine:
                 future.set_exception(e)
 
     def close(self) -> None:
-        """Refuse new requests, finish every accepted one, stop the workers and release the backends. Idempotent."""
+        """Refuse new requests, finish every accepted one, stop the workers and release the backends. Idempotent.
+        Called on one of its own workers (a finalizer the garbage collector ran there), it returns at once and a
+        helper thread does the rest: the worker cannot wait for itself, nor for the queue it drains."""
         with self._state:
             if self._closed:
                 return
             self._closed = True
+        if threading.current_thread() in self._workers:
+            threading.Thread(target=self._shut_down, daemon=True, name="engine-close").start()
+        else:
+            self._shut_down()
+
+    def _shut_down(self) -> None:
+        with self._state:
             # workers keep draining meanwhile, so a submission blocked on a full queue gets in and is run
             self._state.wait_for(lambda: self._submitting == 0)
         for _ in self._workers:

@@ -133,12 +133,20 @@ def build_qwen3_tokenizer(eos_token: str = "<|endoftext|>", append_eos: bool = T
     )
 
 
-def check_unicode(texts: list[str]) -> None:
-    """Raise ToolkitError naming the first text that is not valid Unicode (a lone surrogate, as `"\\ud800"` in JSON
-    decodes to): it cannot be encoded as UTF-8, so nothing can tokenise it."""
+class InvalidUnicodeError(ToolkitError):
+    """A text that is not valid Unicode; `index`: its position in the texts checked."""
+
+    def __init__(self, message: str, index: int):
+        super().__init__(message)
+        self.index = index
+
+
+def check_unicode(texts: list[str], names: list[str] | None = None) -> None:
+    """Raise InvalidUnicodeError naming the first text (`names[i]`, else "text #i") that is not valid Unicode (a lone
+    surrogate, as `"\\ud800"` in JSON decodes to): it cannot be encoded as UTF-8, so nothing can tokenise it."""
     for i, text in enumerate(texts):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise ToolkitError(f"text #{i} is not valid Unicode ({e.reason} at character {e.start}); send UTF-8 "
-                               "text") from None
+            raise InvalidUnicodeError(f"{names[i] if names else f'text #{i}'} is not valid Unicode ({e.reason} at "
+                                      f"character {e.start}); send UTF-8 text", i) from None

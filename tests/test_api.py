@@ -1,0 +1,231 @@
+"""Embedder/Reranker: option checks, lifetime, the other task's checkpoints, damaged artifacts, token ids, and where
+errors and warnings point."""
+import gc
+import json
+import shutil
+import threading
+import time
+import warnings
+import weakref
+
+import numpy as np
+import pytest
+
+from toolkit.api import Embedder, Reranker
+from toolkit.backends import Backend
+from toolkit.errors import ToolkitError
+from toolkit.runtime import Engine
+from toolkit.tasks import EMBEDDING
+from toolkit.text import left_pad
+from toolkit.tokenizer import ENDOFTEXT_ID, MAX_CONTEXT
+
+from conftest import copy_artifact
+
+TIMEOUT = 60  # seconds: every wait in these tests is bounded
+LONG = "word " * 300  # more tokens than any test set's largest SEQ
+
+
+def engine_threads() -> set:
+    return {t for t in threading.enumerate() if t.name.startswith("engine-")}
+
+
+def wait_until(condition) -> bool:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def as_released(checkpoint, directory):
+    """A copy of a synthetic checkpoint without its synthetic mark: its task shows only in its weights' layout."""
+    copy = shutil.copytree(checkpoint, directory)
+    config = json.loads((copy / "config.json").read_text())
+    del config["synthetic"]
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize("batch_size", [-1, 0, "8", 2.5, True, None])
+def test_from_checkpoint_refuses_a_batch_size_that_is_not_a_count(checkpoints, batch_size):
+    """-1 embedded three texts as one NaN row, 0 failed in range(), "8" and 2.5 with a TypeError."""
+    with pytest.raises(ToolkitError, match=rf"^batch_size must be an integer >= 1, got {batch_size!r}$"):
+        Embedder.from_checkpoint(checkpoints["embedding"], batch_size=batch_size)
+
+
+@pytest.mark.parametrize("max_length", [0, None, "64", 2.5, MAX_CONTEXT + 1, 10 ** 6])
+def test_from_checkpoint_refuses_a_max_length_outside_the_context(checkpoints, max_length):
+    """0 and None ended in a raw TypeError at the first input, 10**6 was taken beyond Qwen3's context."""
+    with pytest.raises(ToolkitError, match=rf"^max_length must be an integer in 1..{MAX_CONTEXT} \(the checkpoint's "
+                                           "context"):
+        Reranker.from_checkpoint(checkpoints["reranker"], max_length=max_length)
+
+
+def test_a_model_never_closed_releases_its_engines_when_dropped(onnx_artifacts):
+    """The engines' worker threads held them: 20 models opened and dropped kept 40 threads and their sessions."""
+    before = engine_threads()
+    for _ in range(3):
+        emb = Embedder.from_artifacts(onnx_artifacts["embedding"][0].parent)
+        emb.encode_documents(["x"])
+        engines, dropped = emb.runner.engines, weakref.ref(emb)
+        del emb
+        gc.collect()
+        assert dropped() is None
+        assert wait_until(lambda: engine_threads() <= before), engine_threads() - before
+        assert all(e.backends == [] for e in engines)
+    with Reranker.from_artifacts(onnx_artifacts["reranker"][0].parent) as rr:  # closing it detaches the finalizer
+        rr.score([("q", "d")])
+    assert engine_threads() <= before
+
+
+class ClosedOnWorker(Backend):
+    name, task, seq_len, batch = "closed-on-worker", EMBEDDING, 4, 1
+    closed = threading.Event()
+
+    def run(self, input_ids, attention_mask):
+        return np.zeros((1, 2), np.float32)
+
+    def close(self):
+        self.closed.set()
+
+
+def test_an_engine_closed_on_its_own_worker_thread_stops_and_releases_its_backend():
+    """A finalizer the garbage collector runs on a worker (here: a future's callback, run there) used to join the
+    current thread: RuntimeError, the backend never released."""
+    engine = Engine(lambda i, dev: ClosedOnWorker(), instances=2)
+    ids = np.ones((1, 4), np.int64)
+    future = engine.run_async(ids, ids)
+    future.add_done_callback(lambda _: engine.close())
+    assert future.result(timeout=TIMEOUT).shape == (1, 2)
+    assert ClosedOnWorker.closed.wait(TIMEOUT) and wait_until(lambda: not any(w.is_alive() for w in engine._workers))
+
+
+def test_from_checkpoint_refuses_the_other_tasks_checkpoint_naming_the_class(checkpoints, tmp_path):
+    """Embedder.from_checkpoint ran a reranker checkpoint without a word (toolkit compile refuses it)."""
+    with pytest.raises(ToolkitError, match="is a synthetic reranker checkpoint and Embedder.from_checkpoint runs "
+                                           "embedding models: load it with Reranker.from_checkpoint, or pass a "
+                                           "checkpoint of the embedding task"):
+        Embedder.from_checkpoint(checkpoints["reranker"])
+    released = as_released(checkpoints["embedding"], tmp_path / "embedding")
+    with pytest.raises(ToolkitError, match="holds a bare Qwen3Model's weights .* Reranker.from_checkpoint runs "
+                                           "reranker models: load it with Embedder.from_checkpoint"):
+        Reranker.from_checkpoint(released)
+    released = as_released(checkpoints["reranker"], tmp_path / "reranker")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Embedder.from_checkpoint(released).close()  # a causal LM may be an embedding model: warned, not refused
+    [warning] = [w for w in caught if "causal LM's weights" in str(w.message)]
+    assert "load it with Reranker.from_checkpoint" in str(warning.message) and warning.filename == __file__
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_damaged_tokenizer_file_is_reported_as_a_damaged_artifact(onnx_artifacts, tmp_path, damage):
+    """It failed in the tokenizer ("You need to have sentencepiece or tiktoken installed..."): the tokenizer was
+    loaded before the manifest's hashes were checked."""
+    artifact = copy_artifact(onnx_artifacts["embedding"][0], tmp_path)
+    tokenizer_file = artifact / "tokenizer" / "tokenizer.json"
+    if damage == "missing":
+        tokenizer_file.unlink()
+    else:
+        tokenizer_file.write_text("{not json")
+    with pytest.raises(ToolkitError, match=r"does not match its manifest \(tokenizer/tokenizer.json: .*recompile it "
+                                           "with `toolkit compile`"):
+        Embedder.from_artifacts(artifact.parent)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(onnx_artifacts):
+    """ids >= vocab read zeros on TVM and failed inside ONNX Runtime; negative ones wrapped around."""
+    with Engine.from_artifact(onnx_artifacts["embedding"][0]) as engine:
+        for bad in (151669, -1):
+            ids, mask = left_pad([[5, bad, ENDOFTEXT_ID]] * engine.batch, engine.seq_len, ENDOFTEXT_ID)
+            with pytest.raises(ToolkitError, match=r"^token ids must be in 0..151668 \(the model's vocabulary\), "
+                                                   rf"got {min(bad, 5)}\.\.{max(bad, ENDOFTEXT_ID)}"):
+                engine.run_sync(ids, mask)
+
+
+def test_instructions_and_flags_of_the_wrong_type_are_refused(onnx_artifacts):
+    """A list instruction was formatted as "Instruct: ['x']", 5 failed deep inside, "no" normalised (truthy)."""
+    with Embedder.from_artifacts(onnx_artifacts["embedding"][0]) as emb:
+        for call in (lambda: emb.format(["a"], instruction=["x"]), lambda: emb.encode_queries(["a"], instruction=5),
+                     lambda: emb.encode(["a"], instruction=[])):
+            with pytest.raises(ToolkitError, match=r"^instruction must be a text \(or None for the default\), got"):
+                call()
+        for flag in ("normalize", "progress"):
+            with pytest.raises(ToolkitError, match=f"^{flag} must be True or False, got 'no'$"):
+                emb.encode_documents(["a"], **{flag: "no"})
+    with Reranker.from_artifacts(onnx_artifacts["reranker"][1]) as rr:
+        with pytest.raises(ToolkitError, match="^instruction must be a text"):
+            rr.score([("q", "d")], instruction=5)
+        with pytest.raises(ToolkitError, match="^return_documents must be True or False, got 'yes'$"):
+            rr.rerank("q", ["d"], return_documents="yes")
+
+
+def test_rerank_takes_sentence_transformers_top_k(onnx_artifacts):
+    docs = ["Beijing.", "Gravity pulls.", "Paris is in France."]
+    with Reranker.from_artifacts(onnx_artifacts["reranker"][1]) as rr:
+        assert rr.rerank("capital", docs, top_k=2) == rr.rerank("capital", docs, top_n=2) \
+            == rr.rerank("capital", docs)[:2]
+        with pytest.raises(ToolkitError, match="^pass top_k or top_n, not both"):
+            rr.rerank("capital", docs, top_n=1, top_k=1)
+        with pytest.raises(ToolkitError, match="^top_k must be a positive integer, got 0$"):
+            rr.rerank("capital", docs, top_k=0)
+
+
+def test_paths_and_device_ids_are_checked(onnx_artifacts):
+    """None and device_ids=0 failed with raw TypeErrors; one device number is one device, as --device-ids 0 is."""
+    with pytest.raises(ToolkitError, match="^path must be an artifact directory .*got NoneType$"):
+        Embedder.from_artifacts(None)
+    with pytest.raises(ToolkitError, match="^checkpoint must be a checkpoint directory or a hub id .*got NoneType$"):
+        Embedder.from_checkpoint(None)
+    for bad in ("0", [0, "1"], None):
+        with pytest.raises(ToolkitError, match="^device_ids must be a device number or a non-empty list of them"):
+            Embedder.from_artifacts(onnx_artifacts["embedding"][0], device_ids=bad)
+    with Embedder.from_artifacts(onnx_artifacts["embedding"][0], device_ids=0) as emb:
+        assert emb.encode_documents(["a"]).shape[0] == 1
+
+
+def test_numpy_integers_are_integers_everywhere_and_bools_are_not(onnx_artifacts):
+    """dim took np.int64 but top_n, max_length, instances and queue_size refused it."""
+    one = np.int64(1)
+    with Embedder.from_artifacts(onnx_artifacts["embedding"][0].parent, instances=one, queue_size=np.int64(4),
+                                 device_ids=[np.int64(0)], max_length=np.int64(40)) as emb:
+        assert emb.max_length == 40 and emb.encode_documents(["a"], dim=np.int64(8)).shape == (1, 8)
+    with Reranker.from_artifacts(onnx_artifacts["reranker"][1]) as rr:
+        assert len(rr.rerank("q", ["a", "b"], top_n=one)) == 1
+        with pytest.raises(ToolkitError, match="top_n must be a positive integer"):
+            rr.rerank("q", ["a", "b"], top_n=True)
+    for kwargs in ({"instances": True}, {"queue_size": True}, {"max_length": True}):
+        with pytest.raises(ToolkitError, match="must be"):
+            Embedder.from_artifacts(onnx_artifacts["embedding"][0], **kwargs)
+
+
+def test_invalid_unicode_is_placed_in_the_users_own_text(onnx_artifacts):
+    """The position was the one in the formatted prompt ("at character 93" for a query's third character), and a
+    reranker did not say whether the query or the document was at fault."""
+    with Embedder.from_artifacts(onnx_artifacts["embedding"][0]) as emb:
+        with pytest.raises(ToolkitError, match=r"^text #1 is not valid Unicode \(surrogates not allowed at character "
+                                               r"2\); send UTF-8 text$"):
+            emb.encode_queries(["fine", "ab\ud800"])
+        with pytest.raises(ToolkitError, match=r"^the instruction is not valid Unicode \(surrogates not allowed at "
+                                               r"character 1\)"):
+            emb.encode_queries(["fine"], instruction="a\ud800")
+    with Reranker.from_artifacts(onnx_artifacts["reranker"][1]) as rr:
+        with pytest.raises(ToolkitError, match=r"^the document of pair #1 is not valid Unicode \(surrogates not "
+                                               r"allowed at character 3\)"):
+            rr.score([("q", "d"), ("q", "doc\ud800")])
+        with pytest.raises(ToolkitError, match=r"^the query of pair #0 is not valid Unicode \(surrogates not allowed "
+                                               r"at character 0\)"):
+            rr.rerank("\ud800q", ["d"])
+
+
+def test_the_truncation_warning_points_at_the_users_call(onnx_artifacts):
+    """stacklevel=5 pointed into api.py for every entry point but one."""
+    with Embedder.from_artifacts(onnx_artifacts["embedding"][0].parent, truncation="truncate") as emb, \
+            Reranker.from_artifacts(onnx_artifacts["reranker"][0].parent, truncation="truncate") as rr:
+        for call in (lambda: emb.encode_documents([LONG]), lambda: emb.encode_queries([LONG]),
+                     lambda: emb.encode([LONG]), lambda: emb.tokenize([LONG]), lambda: rr.score([("q", LONG)]),
+                     lambda: rr.rerank("q", [LONG])):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                call()
+            [warning] = caught
+            assert "truncated" in str(warning.message) and warning.filename == __file__, warning
