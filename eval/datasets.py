@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, is_integer
 from toolkit.tasks import SIMILARITY_INSTRUCTION, WEB_SEARCH_INSTRUCTION, Task
 
 SAMPLES = Path(__file__).parent / "samples"
@@ -145,7 +145,7 @@ def _json_row(path: Path, line_no: int, line: str):
 
 def check_limit(limit) -> int | None:
     """`limit` as given when it is None or a positive integer; anything else is an error."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+    if limit is not None and (not is_integer(limit) or limit < 1):
         raise ToolkitError(f"limit must be a positive number of examples, got {limit!r}; leave it out to use all")
     return limit
 

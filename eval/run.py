@@ -18,7 +18,7 @@ import numpy as np
 
 from toolkit.api import REFERENCE_MAX_LENGTH, check_instruction, model_class
 from toolkit.artifact import Manifest, find_artifacts
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, is_integer
 from toolkit.eval.datasets import (
     DatasetSpec,
     check_kind,
@@ -72,7 +72,7 @@ class EvalOptions:
                 or not math.isfinite(self.max_drop) or self.max_drop < 0:
             raise ToolkitError(f"max_drop must be a finite number >= 0 (e.g. {DEFAULT_MAX_DROP}), "
                                f"got {self.max_drop!r}")
-        if isinstance(self.instances, bool) or not isinstance(self.instances, int) or self.instances < 1:
+        if not is_integer(self.instances) or self.instances < 1:
             raise ToolkitError(f"instances must be an integer >= 1, got {self.instances!r}")
         if self.instruction is not None and not isinstance(self.instruction, str):
             raise ToolkitError(f"instruction must be a text (\"\" for none), got {type(self.instruction).__name__}")

@@ -11,7 +11,6 @@ Options are a frozen dataclass checked before anything is loaded or run:
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 import warnings
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from toolkit.api import token_rows
 from toolkit.artifact import Manifest
 from toolkit.checkpoint import load_tokenizer
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, is_integer
 from toolkit.eval.datasets import load_dataset
 from toolkit.report import format_table
 from toolkit.runtime import AUTO_INSTANCES, Engine
@@ -35,14 +34,9 @@ from toolkit.tokenizer import ENDOFTEXT_ID
 
 
 # ---- option checks shared by the perf commands (run, compare, profile, buckets, traffic, serve) ----------------------
-def is_int(value) -> bool:
-    """An integer that is not a bool (True would otherwise pass as 1)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def check_int(value, flag: str, minimum: int) -> None:
     """Raise ToolkitError naming the command-line `flag` unless `value` is an integer >= `minimum`."""
-    if not is_int(value) or value < minimum:
+    if not is_integer(value) or value < minimum:
         raise ToolkitError(f"{flag} must be an integer >= {minimum}, got {value!r}")
 
 
@@ -50,25 +44,6 @@ def check_instances(value) -> None:
     """Raise ToolkitError naming `--instances` unless `value` is a count >= 1 or "auto"."""
     if value != AUTO_INSTANCES:
         check_int(value, "--instances", 1)
-
-
-def check_threads(threads, replicas: int = 1) -> None:
-    """Raise ToolkitError naming the flag to change unless `threads` compute threads in each of `replicas` processes
-    (None: the cores shared between them, at least one each) fit in this machine's cores, as the runtime's budget
-    keeps them (`runtime.ComputeBudget`): TVM's thread pool spins, so threads beyond the cores crawl."""
-    if threads is not None:
-        check_int(threads, "--threads", 1)
-    cores = os.cpu_count() or 1
-    if replicas > cores:
-        raise ToolkitError(f"--ray-replicas {replicas} is more than this machine's {cores} cores (every replica "
-                           f"computes with at least one thread); pass --ray-replicas {cores} or fewer")
-    if threads is not None and threads * replicas > cores:
-        what, default = (f"--threads {threads}", "all cores") if replicas == 1 else \
-            (f"--threads {threads} per replica x {replicas} replicas is {threads * replicas} compute threads, which",
-             "the cores divided between the replicas")
-        raise ToolkitError(f"{what} is more than this machine's {cores} cores: compute threads beyond the cores crawl "
-                           f"(TVM's thread pool spins); pass --threads {cores // replicas} or fewer, or leave it out "
-                           f"({default})")
 
 
 @dataclass(frozen=True)
@@ -142,7 +117,7 @@ def check_percentiles(percentiles, flag: str = "--percentiles") -> None:
 def check_device_ids(device_ids, flag: str = "--device-ids") -> None:
     """Raise ToolkitError unless `device_ids` is a non-empty sequence of non-negative integers."""
     if isinstance(device_ids, (str, bytes)) or not isinstance(device_ids, (tuple, list)) or not device_ids \
-            or not all(is_int(d) and d >= 0 for d in device_ids):
+            or not all(is_integer(d) and d >= 0 for d in device_ids):
         raise ToolkitError(f"{flag} must be a non-empty list of device numbers such as 0 or 0,1, got {device_ids!r}")
 
 

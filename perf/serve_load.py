@@ -38,9 +38,9 @@ import orjson
 
 from toolkit.api import Embedder
 from toolkit.buckets import token_lengths
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, check_threads
 from toolkit.eval.datasets import load_dataset
-from toolkit.perf.run import check_instances, check_int, check_threads, format_columns, median
+from toolkit.perf.run import check_instances, check_int, format_columns, median
 from toolkit.perf.traffic import warmup_subset
 from toolkit.runtime import AUTO_INSTANCES, set_cpu_threads
 from toolkit.tasks import EMBEDDING
@@ -75,7 +75,7 @@ class ServeLoadOptions:
         check_int(self.repeat, "--repeat", 1)
         if self.ray_replicas is not None:
             check_int(self.ray_replicas, "--ray-replicas", 1)
-        check_threads(self.threads, self.ray_replicas or 1)
+        check_threads(self.threads, self.ray_replicas or 1, "--ray-replicas")
         if isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float)) \
                 or not self.max_wait_ms >= 0:
             raise ToolkitError(f"--max-wait-ms must be a number >= 0, got {self.max_wait_ms!r}")

@@ -24,12 +24,12 @@ from toolkit.artifact import find_artifacts
 from toolkit.backends import set_fp16_load
 from toolkit.buckets import token_lengths
 from toolkit.checkpoint import read_hf_config, resolve_checkpoint
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, check_threads
 from toolkit.eval.datasets import load_dataset
 from toolkit.eval.run import checkpoint_hint
 from toolkit.memory import resident_mb, return_freed_memory
 from toolkit.perf.compare import forward_flops, matmul_peak_gflops
-from toolkit.perf.run import AGREEMENT_FORMATS, check_instances, check_int, check_threads, format_columns, median
+from toolkit.perf.run import AGREEMENT_FORMATS, check_instances, check_int, format_columns, median
 from toolkit.runtime import set_cpu_threads
 from toolkit.tasks import get_task
 

@@ -571,6 +571,9 @@ def refuses_connections(base: str) -> bool:
     return False
 
 
+CORES = os.cpu_count() or 1
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "give at least one model"),
     (["--embedding", "/no/such/set"], "--embedding /no/such/set: no such directory"),
@@ -583,6 +586,10 @@ def refuses_connections(base: str) -> bool:
     (["--embedding", "SET", "--max-concurrent-requests", "0"], "--max-concurrent-requests must be an integer >= 1"),
     (["--embedding", "SET", "--replicas", "2"], "--replicas and --ray-address need --ray"),
     (["--embedding", "SET", "--port", "70000"], "--port must be at most 65535"),
+    (["--embedding", "SET", "--threads", str(CORES + 1)], f"--threads {CORES + 1} is more than this machine's {CORES} "
+                                                          f"cores"),
+    (["--embedding", "SET", "--ray", "--replicas", str(CORES + 1)], f"--replicas {CORES + 1} is more than this "
+                                                                    f"machine's {CORES} cores"),
     (["--embedding", "SET", "--instances", "two"], "'two' is neither an integer >= 1 nor 'auto'"),
     (["--embedding", "SET", "--max-input-length", "1000"], "--max-input-length 1000 is more than the largest SEQ (64)"),
     (["--embedding", "RERANKER_SET"], "holds reranker artifacts; pass it as --reranker"),

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from toolkit.artifact import find_artifacts
 from toolkit.checkpoint import check_task, load_tokenizer, read_hf_config, resolve_checkpoint
-from toolkit.errors import ToolkitError
-from toolkit.runtime import Engine, check_engine_options, is_integer
+from toolkit.errors import ToolkitError, is_integer
+from toolkit.runtime import Engine, check_engine_options
 from toolkit.tasks import EMBEDDING, RERANKER, WEB_SEARCH_INSTRUCTION, PromptLayout, Task, get_task
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID, MAX_CONTEXT, InvalidUnicodeError, check_unicode

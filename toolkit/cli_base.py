@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from typing_extensions import override
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, is_integer
 from toolkit.runtime import AUTO_INSTANCES
 
 
@@ -40,7 +40,7 @@ class InstancesParam(click.ParamType):
 
     @override
     def convert(self, value, param, ctx):
-        if value == AUTO_INSTANCES or (isinstance(value, int) and not isinstance(value, bool)):
+        if value == AUTO_INSTANCES or is_integer(value):
             return value
         if str(value).isdigit() and int(value) >= 1:
             return int(value)

@@ -40,7 +40,7 @@ from pathlib import Path
 import yaml
 
 from toolkit.artifact import BACKENDS, DEVICES
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, is_integer
 from toolkit.tasks import TASKS
 from toolkit.tokenizer import MAX_CONTEXT
 
@@ -114,12 +114,12 @@ class BuildConfig:
         if self.name in ("", ".", "..") or "/" in self.name:
             raise ToolkitError(f"the set name must be one plain directory name (no '/', not '.' or '..'), got "
                                f"{self.name!r}{where}: e.g. --name my-set")
-        if not self.seq_lens or any(not _is_int(s) or not 1 <= s <= MAX_CONTEXT for s in self.seq_lens):
+        if not self.seq_lens or any(not is_integer(s) or not 1 <= s <= MAX_CONTEXT for s in self.seq_lens):
             raise ToolkitError(f"sequence lengths must be integers in 1..{MAX_CONTEXT}, got {list(self.seq_lens)}"
                                f"{where}")
-        if not _is_int(self.batch) or self.batch < 1:
+        if not is_integer(self.batch) or self.batch < 1:
             raise ToolkitError(f"batch must be a positive integer, got {self.batch!r}{where}")
-        if self.batch_tokens is not None and (not _is_int(self.batch_tokens) or self.batch_tokens < 1):
+        if self.batch_tokens is not None and (not is_integer(self.batch_tokens) or self.batch_tokens < 1):
             raise ToolkitError(f"batch_tokens must be a positive integer, got {self.batch_tokens!r}{where}")
         for b in self.backends:
             if b not in BACKENDS:
@@ -152,10 +152,6 @@ class BuildConfig:
             raise ToolkitError(f"frontend.checkpoint is empty{where}: give a hub id or a local path")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def parse_seq_lens(value) -> tuple[int, ...]:
     """Accept 512, "128,512", [128, 512] or the reference's [[512], []]; anything else is an error."""
     if isinstance(value, str):
@@ -163,11 +159,11 @@ def parse_seq_lens(value) -> tuple[int, ...]:
             value = [int(v) for v in value.split(",")]  # an empty item ("", "32,,64") is a typo: refused
         except ValueError:
             raise ToolkitError(f"sequence lengths must be comma-separated integers, got {value!r}") from None
-    if _is_int(value):
+    if is_integer(value):
         value = [value]
     if isinstance(value, list) and value and isinstance(value[0], list):
         value = value[0]  # [[SEQ, ...], []]: the second list names dynamic dims, and we have none
-    if not isinstance(value, list) or not value or not all(_is_int(v) and 1 <= v <= MAX_CONTEXT for v in value):
+    if not isinstance(value, list) or not value or not all(is_integer(v) and 1 <= v <= MAX_CONTEXT for v in value):
         raise ToolkitError(f"sequence lengths must be integers in 1..{MAX_CONTEXT} (e.g. 512, 128,512 or "
                            f"[[512], []]), got {value!r}")
     return tuple(sorted(set(value)))

@@ -9,7 +9,6 @@ Closing is race-free: a request is either accepted (and then run before the work
 """
 from __future__ import annotations
 
-import numbers
 import os
 import queue
 import threading
@@ -23,7 +22,7 @@ import numpy as np
 from toolkit.artifact import Manifest
 from toolkit.backends import Backend, TorchReference, open_backend
 from toolkit.checkpoint import read_hf_config
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, is_integer
 from toolkit.tasks import Task
 
 
@@ -66,12 +65,6 @@ class ComputeBudget:
 
 
 CPU_BUDGET = ComputeBudget(os.cpu_count() or 1)
-
-
-def is_integer(value) -> bool:
-    """Whether `value` is an integral number (int, numpy's integers), never a bool: what every count, size and length
-    option takes."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def set_cpu_threads(threads: int) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from toolkit.api import Batch, BucketedRunner
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, is_integer
 from toolkit.runtime import EngineClosedError
 
 
@@ -86,8 +86,7 @@ class BatchScheduler:
 
     def __init__(self, runner: BucketedRunner, max_batch_tokens: int = 16384, max_wait_ms: float = 2.0,
                  observer: SchedulerObserver | None = None):
-        if isinstance(max_batch_tokens, bool) or not isinstance(max_batch_tokens, int) \
-                or max_batch_tokens < runner.max_length:
+        if not is_integer(max_batch_tokens) or max_batch_tokens < runner.max_length:
             raise ToolkitError(f"max_batch_tokens must be an integer >= the max input length {runner.max_length}, "
                                f"got {max_batch_tokens!r}")
         if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) \

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from typing_extensions import override
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, is_integer
 from toolkit.tokenizer import ENDOFTEXT_ID, NO_TOKEN_ID, YES_TOKEN_ID
 
 WEB_SEARCH_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -206,7 +206,7 @@ class EmbeddingTask(Task):
     def finish(self, raw, dim: int | None = None, normalize: bool = True):
         raw = np.asarray(raw, dtype=np.float32)
         if dim is not None:
-            if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 0 < dim <= raw.shape[-1]:
+            if not is_integer(dim) or not 0 < dim <= raw.shape[-1]:
                 raise ToolkitError(f"dim must be an integer in 1..{raw.shape[-1]}, got {dim!r}")
             raw = raw[:, :dim]  # Matryoshka (MRL): cut first, then normalise
         return l2_normalize(raw) if normalize else raw

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, check_threads, is_integer
 from toolkit.runtime import AUTO_INSTANCES
 from toolkit.serve.service import Limits
 
@@ -50,12 +50,14 @@ class ServeOptions:
                   ("--instances", 1 if self.instances == AUTO_INSTANCES else self.instances, 1),
                   ("--threads", 1 if self.threads is None else self.threads, 1))
         for flag, value, minimum in checks:
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            if not is_integer(value) or value < minimum:
                 raise ToolkitError(f"{flag} must be an integer >= {minimum}, got {value!r}")
         if self.port > 65535:
             raise ToolkitError(f"--port must be at most 65535, got {self.port}")
         if not self.ray and (self.replicas != 1 or self.ray_address):
             raise ToolkitError("--replicas and --ray-address need --ray")
+        if not self.ray_address:  # a Ray cluster's replicas run on its nodes' cores, not this machine's
+            check_threads(self.threads, self.replicas if self.ray else 1)
         self.limits.check()
         return self
 
