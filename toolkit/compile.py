@@ -433,7 +433,8 @@ def precision_fix(dtype: str, plan: QuantizationPlan | None) -> str:
 def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, tokenizer, source: ModelSource, log,
                    plan: QuantizationPlan | None, peaks: StagePeaks) -> Manifest:
     """Turn the staged export into the artifact's files (fp32 ONNX: folded; fp16 ONNX: all but its weights' casts
-    folded; int8 ONNX: quantized; TVM: compiled) with the tokenizer; write its manifest, not yet validated."""
+    folded; int8 ONNX: folded so, then quantized; TVM: compiled) with the tokenizer; write its manifest, not yet
+    validated."""
     out, exported = artifact.staging, artifact.exported
     model_file, target, details = exported.model_file, Target(cfg.target), {}
     scheme = int8_scheme([artifact.backend], cfg.activation_scales) if plan else None
@@ -450,6 +451,9 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
             fold_small_constants(artifact.graph)
     elif plan and artifact.backend == "onnx":
         with peaks.stage("quantize"):
+            # the exporter's shape arithmetic folded first: ONNX Runtime cannot fold all of it (CastLike: a warning on
+            # every load)
+            fold_small_constants(artifact.graph)
             quantize_onnx(artifact.graph, out / "model.onnx", plan, scheme)
     if artifact.backend == "onnx" and artifact.graph and len(cfg.seq_lens) > 1:
         model_file = share_graph(out, model_file)
