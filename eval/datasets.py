@@ -14,6 +14,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,23 +262,43 @@ HUB_PROBE_TIMEOUT_S = 5  # long enough for a slow link; datasets' own retries ta
 
 
 def hub_rows(name: str) -> list[dict]:
-    """All rows of a reference dataset's split from the Hugging Face hub (offline: from its cache). An unreachable hub
-    is an error naming the local options at once, after one short request, instead of after datasets' retries."""
+    """All rows of a reference dataset's split from the Hugging Face hub, or from datasets' cache where the hub is not
+    reachable (HF_HUB_OFFLINE, or no answer to one short request): datasets' own retries took ~24 s to get there. An
+    error names the local options."""
     spec = DATASETS[name]
     import datasets
 
-    offline = datasets.config.HF_HUB_OFFLINE  # HF_DATASETS_OFFLINE, else HF_HUB_OFFLINE
-    cause = None if offline else _hub_unreachable(datasets.config.HF_ENDPOINT)
-    if cause is None:
-        try:
+    offline = datasets.config.HF_HUB_OFFLINE  # HF_HUB_OFFLINE, or datasets' own HF_DATASETS_OFFLINE
+    unreachable = None if offline else _hub_unreachable(datasets.config.HF_ENDPOINT)
+    try:
+        with _offline_mode(unreachable is not None):
             return list(datasets.load_dataset(spec.hub_id, split=spec.split))
-        except Exception as e:
-            cause = ("HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set and no copy is cached; unset it where the hub is "
-                     "reachable" if offline else type(e).__name__)
+    except Exception as e:
+        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+        cause = (f"{unreachable}, and no copy of it is cached" if unreachable else
+                 f"HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set and no cached copy loads ({error})" if offline else
+                 error)
     raise ToolkitError(
         f"cannot load {spec.hub_id} from the hub ({cause}). Give the path of a local JSONL file instead of the name "
         f"(path/to/{spec.file_name}; copies live in the shared data folder), use the bundled '{name}-sample', or run "
         "`toolkit data download --out DIR` where the hub is reachable")
+
+
+@contextmanager
+def _offline_mode(on: bool):
+    """datasets and huggingface_hub in offline mode within the block (`on`): datasets then reads its cache at once."""
+    import datasets
+    import huggingface_hub.constants
+
+    if not on:
+        yield
+        return
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
 def _hub_unreachable(endpoint: str) -> str | None:
@@ -289,7 +310,7 @@ def _hub_unreachable(endpoint: str) -> str | None:
         get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT_S)
     except Exception as e:  # the client's transport errors differ between huggingface_hub versions
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return f"{endpoint} is unreachable: {reason}; with HF_HUB_OFFLINE=1 an earlier load's cached copy is read"
+        return f"{endpoint} is unreachable: {reason}"
     return None
 
 

@@ -298,6 +298,22 @@ def test_download_writes_files_the_loader_reads(tmp_path, monkeypatch):
     assert example.passages == ["t", "T u"] and example.labels == [1, 0]
 
 
+def test_an_unreachable_hub_reads_the_cached_copy_at_once(monkeypatch):
+    """datasets falls back to its cache only after its retries (~24 s); offline mode goes there directly."""
+    from huggingface_hub import constants
+
+    def cached_only(hub_id, split):  # what datasets does: the cache in offline mode, else a network error
+        if not (datasets.config.HF_HUB_OFFLINE and constants.HF_HUB_OFFLINE):
+            raise ConnectionError("no network")
+        return HUB_ROWS["sts12"]
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # conftest's HF_HUB_OFFLINE=1 aside
+    monkeypatch.setattr(eval_datasets, "_hub_unreachable", lambda endpoint: f"{endpoint} is unreachable: refused")
+    monkeypatch.setattr(datasets, "load_dataset", cached_only)
+    assert eval_datasets.hub_rows("sts12") == HUB_ROWS["sts12"]
+    assert not datasets.config.HF_HUB_OFFLINE  # the offline mode was for that load alone
+
+
 def test_failed_download_leaves_no_file(tmp_path, monkeypatch):
     def unreachable(*args, **kwargs):
         raise ConnectionError("no network")
