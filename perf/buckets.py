@@ -15,7 +15,8 @@ import numpy as np
 from toolkit.api import Embedder
 from toolkit.artifact import find_artifacts
 from toolkit.errors import ToolkitError
-from toolkit.perf.run import check_int, dataset_requests, format_columns
+from toolkit.perf.run import check_int, dataset_requests
+from toolkit.report import format_columns
 from toolkit.tasks import EMBEDDING
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID

@@ -22,7 +22,8 @@ from toolkit.artifact import Manifest
 from toolkit.backends import TorchReference, open_backend
 from toolkit.checkpoint import read_hf_config, resolve_checkpoint
 from toolkit.errors import ToolkitError
-from toolkit.perf.run import AGREEMENT_FORMATS, check_int, format_columns, random_rows
+from toolkit.perf.run import check_int, random_rows
+from toolkit.report import format_columns
 from toolkit.tasks import get_task
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
@@ -140,10 +141,7 @@ def run_compare(options: CompareOptions) -> dict:
         if reference is None:
             reference = finished
         else:
-            stats = task.agreement(reference, finished)
-            stats["tolerance"] = task.tolerance_text(dtype)
-            stats["passed"] = task.within_tolerance(stats, dtype)
-            run["parity_vs_first"] = stats
+            run["parity_vs_first"] = task.judge(task.agreement(reference, finished), dtype)
         result["runs"].append(run)
     base = result["runs"][0]["latency_ms_median"]
     for run in result["runs"]:
@@ -188,7 +186,7 @@ def compare_report(result: dict) -> str:
              r["parity_vs_first"][key] if "parity_vs_first" in r else "-"] for r in result["runs"]]
     lines = [format_columns(["run", "median ms", "min ms", "seq/s", "GFLOP/s", "of peak", "speed-up",
                              f"{key} vs first"], [None, ",.3f", ",.3f", ",.1f", ",.1f", ".1%", ",.3f",
-                                                  AGREEMENT_FORMATS[key]], rows,
+                                                  task.agreement_format], rows,
                             title=f"{result['task']} batch {result['batch']} x seq {result['seq_len']}: "
                                   f"{result['gflop_per_forward']:.3g} GFLOP per forward, fp32 matmul peak "
                                   f"{result['matmul_peak_gflops']:,.0f} GFLOP/s (numpy, same machine); "

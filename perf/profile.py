@@ -32,9 +32,11 @@ from tqdm.auto import tqdm
 
 from toolkit.artifact import Manifest
 from toolkit.checkpoint import read_hf_config
-from toolkit.errors import ToolkitError, check_threads
+from toolkit.errors import ToolkitError
 from toolkit.perf.compare import forward_flops
-from toolkit.perf.run import check_int, format_columns, make_inputs
+from toolkit.perf.run import check_int, make_inputs
+from toolkit.report import format_columns
+from toolkit.runtime import check_threads
 
 # ONNX Runtime ops whose first input is A of A @ B (as [..., M, K], or [..., K, M] transposed); weights stored as
 # initializers are not in the profiler's shapes, the activation always is

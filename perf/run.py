@@ -26,7 +26,7 @@ from toolkit.artifact import Manifest
 from toolkit.checkpoint import load_tokenizer
 from toolkit.errors import ToolkitError, is_integer
 from toolkit.eval.datasets import load_dataset
-from toolkit.report import format_table
+from toolkit.report import format_columns
 from toolkit.runtime import AUTO_INSTANCES, Engine
 from toolkit.tasks import PromptLayout, Task, get_task
 from toolkit.text import left_pad
@@ -257,27 +257,6 @@ def _throughput_mode(engine: Engine, inputs, latencies: np.ndarray, bar) -> None
         futures.append(future)
     for f in futures:
         f.result()
-
-
-# the agreement columns' formats, by `Task.gate_key`: cosines near 1 to the digit that matters, |ΔP| near 0 in
-# scientific notation (as the tasks' `format_agreement`)
-AGREEMENT_FORMATS = {"min_cosine": ".6f", "max_abs_diff": ".2e"}
-
-
-def format_columns(headers: list[str], formats: list[str | None], rows: list[list], title: str | None = None) -> str:
-    """`format_table` with every number of column i in the format spec `formats[i]` (e.g. ",.1f": the same decimals
-    down the column, thousands separated) and the column right-aligned, its text cells ("-", already formatted
-    ratios) too; a None format leaves a column as `format_table` shows it (text: left-aligned)."""
-    cells = [[c if spec is None or isinstance(c, str) else format(c, spec) for c, spec in zip(row, formats)]
-             for row in rows]
-    headers = list(headers)
-    for i, spec in enumerate(formats):
-        if spec is not None:
-            width = max(len(headers[i]), *(len(row[i]) for row in cells)) if cells else len(headers[i])
-            headers[i] = headers[i].rjust(width)
-            for row in cells:
-                row[i] = row[i].rjust(width)
-    return format_table(headers, cells, title=title)
 
 
 def perf_table(result: dict) -> str:

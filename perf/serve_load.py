@@ -30,6 +30,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import aiohttp
@@ -38,11 +39,12 @@ import orjson
 
 from toolkit.api import Embedder
 from toolkit.buckets import token_lengths
-from toolkit.errors import ToolkitError, check_threads
+from toolkit.errors import ToolkitError
 from toolkit.eval.datasets import load_dataset
-from toolkit.perf.run import check_instances, check_int, format_columns, median
+from toolkit.perf.run import check_instances, check_int, median
 from toolkit.perf.traffic import warmup_subset
-from toolkit.runtime import AUTO_INSTANCES, set_cpu_threads
+from toolkit.report import format_columns
+from toolkit.runtime import AUTO_INSTANCES, check_threads, set_cpu_threads
 from toolkit.tasks import EMBEDDING
 
 REQUEST_TIMEOUT_S = 600  # per request: at saturation a request waits for `clients` others on a slow model
@@ -222,9 +224,10 @@ def run_serve_load(options: ServeLoadOptions, progress: bool = True) -> dict:
     if options.ray_replicas:
         modes.append((f"Ray Serve, {options.ray_replicas} replicas",
                       args + ["--ray", "--replicas", options.ray_replicas], options.ray_replicas))
+    offline_run = partial(in_child, "the offline run", run_offline, options, texts, progress)
     repeats = []
     for _ in range(options.repeat):
-        offline_s, reference, warmup, offline_slots = in_child(run_offline, options, texts, progress)
+        offline_s, reference, warmup, offline_slots = offline_run()
         offline = [len(texts) / offline_s]
         runs = []
         for name, server_args, replicas in modes:
@@ -232,7 +235,7 @@ def run_serve_load(options: ServeLoadOptions, progress: bool = True) -> dict:
                 runs.append(measure_server(name, server, texts, warmup * replicas, reference, options.clients,
                                            replicas))
                 runs[-1]["exit_code"] = server.stop()
-            offline.append(len(texts) / in_child(run_offline, options, texts, progress)[0])
+            offline.append(len(texts) / offline_run()[0])
             # against the offline runs just before and just after it: the machine drifts from run to run by more
             # than the gap being measured
             runs[-1]["offline_around"] = offline[-2:]
@@ -248,16 +251,17 @@ def run_serve_load(options: ServeLoadOptions, progress: bool = True) -> dict:
             "runs": [median_run([r["runs"][k] for r in repeats]) for k in range(len(modes))], "repeats": repeats}
 
 
-def in_child(fn, *args):
-    """`fn(*args)` in a child process (the offline run, `run_offline`: its copy of the weights is gone, all of it,
-    before a server loads its own). The child's warnings come back and are warned here, where the command line shows
-    each as one line (the child would print Python's raw form, file and source line included), once however many
-    children warned it; a child that dies (killed for memory, a crash) is a one-line error."""
+def in_child(what: str, fn, *args):
+    """`fn(*args)` in a child process, which `what` names if it dies (the offline run, `run_offline`: its copy of the
+    weights is gone, all of it, before a server loads its own). The child's warnings come back and are warned here,
+    where the command line shows each as one line (the child would print Python's raw form, file and source line
+    included), once however many children warned it; a child that dies (killed for memory, a crash) is a one-line
+    error."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
         try:
             result, caught = child.submit(recording_warnings, fn, *args).result()
         except BrokenProcessPool:
-            raise ToolkitError("a child process of perf serve (the offline run) died before it finished (killed "
+            raise ToolkitError(f"a child process of perf serve ({what}) died before it finished (killed "
                                "for lack of memory, or crashed); free memory (the kernel log names an out-of-memory "
                                "kill) and run perf serve again") from None
     for category, message in caught:

@@ -24,13 +24,14 @@ from toolkit.artifact import find_artifacts
 from toolkit.backends import set_fp16_load
 from toolkit.buckets import token_lengths
 from toolkit.checkpoint import read_hf_config, resolve_checkpoint
-from toolkit.errors import ToolkitError, check_threads
+from toolkit.errors import ToolkitError
 from toolkit.eval.datasets import load_dataset
 from toolkit.eval.run import checkpoint_hint
 from toolkit.memory import resident_mb, return_freed_memory
 from toolkit.perf.compare import forward_flops, matmul_peak_gflops
-from toolkit.perf.run import AGREEMENT_FORMATS, check_instances, check_int, format_columns, median
-from toolkit.runtime import set_cpu_threads
+from toolkit.perf.run import check_instances, check_int, median
+from toolkit.report import format_columns
+from toolkit.runtime import check_threads, set_cpu_threads
 from toolkit.tasks import get_task
 
 WARMUP_REQUESTS = 48  # spread over the length range, so every bucket has run before the clock starts
@@ -121,9 +122,7 @@ def judge_agreement(task, agreement: dict, manifest, checkpoint: str, named: boo
     """Add to a set's agreement with torch the tolerance of its dtype, whether it meets it and, where it does not,
     the likely cause as `toolkit eval` names it (torch ran another checkpoint than the set was built from; `named`:
     the user chose it)."""
-    agreement["tolerance"] = task.tolerance_text(manifest.dtype)
-    agreement["passed"] = task.within_tolerance(agreement, manifest.dtype)
-    if not agreement["passed"]:
+    if not task.judge(agreement, manifest.dtype)["passed"]:
         agreement["hint"] = checkpoint_hint(manifest, checkpoint, named)
 
 
@@ -191,7 +190,8 @@ def warmup_subset(requests: list, lengths) -> list:
 def traffic_report(result: dict) -> str:
     """The side-by-side table, then a warning line for each set off its dtype's tolerance of torch, with the likely
     cause."""
-    key = result["gate_key"]
+    task = get_task(result["task"])
+    key = task.gate_key
     rows = [[r["name"], r["requests_per_s"], r["real_tokens_per_s"], r["padding"], r["gflops"], r["fraction_of_peak"],
              ratio_cell(r), r["agreement_vs_first"][key] if "agreement_vs_first" in r else "(reference)",
              r["resident_mb"]]
@@ -203,9 +203,8 @@ def traffic_report(result: dict) -> str:
              + (f"; medians of {result['rounds']} rounds, ratio range in brackets" if result["rounds"] > 1 else ""))
     lines = [format_columns(["run", "requests/s", "real tokens/s", "padding", "GFLOP/s", "of peak", "vs torch",
                              f"{key} vs first", "memory MB"],
-                            [None, ",.1f", ",.0f", ".1%", ",.1f", ".1%", ",.3f", AGREEMENT_FORMATS[key], ",d"], rows,
+                            [None, ",.1f", ",.0f", ".1%", ",.1f", ".1%", ",.3f", task.agreement_format, ",d"], rows,
                             title=title)]
-    task = get_task(result["task"])
     for r in result["runs"]:
         agreement = r.get("agreement_vs_first", {})
         if agreement.get("passed") is False:

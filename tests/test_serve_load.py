@@ -118,7 +118,8 @@ def test_perf_serve_brings_the_offline_childs_warnings_back_as_one_line_each(emb
     come back and are warned in the parent, where the command line prints `warning: MESSAGE`."""
     texts = sentences(4) + ["alpha " * 100]  # one input longer than the set's largest SEQ (64): truncated
     with pytest.warns(UserWarning, match=r"^1 input\(s\) truncated to 64 tokens$"):
-        _, vectors, _, _ = in_child(run_offline, ServeLoadOptions(artifact=embedding_set), texts, False)
+        _, vectors, _, _ = in_child("the offline run", run_offline, ServeLoadOptions(artifact=embedding_set), texts,
+                                  False)
     assert len(vectors) == len(texts)
     printed = capfd.readouterr().err
     assert "truncated" not in printed and "Warning" not in printed, printed
@@ -130,7 +131,7 @@ def test_perf_serve_says_in_one_line_when_its_child_dies():
 
     with pytest.raises(ToolkitError, match=r"^a child process of perf serve \(the offline run\) died before it "
                                            "finished .*; free memory"):
-        in_child(os._exit, 3)
+        in_child("the offline run", os._exit, 3)
 
 
 def test_perf_serve_closes_the_servers_log_whether_or_not_it_came_up(tmp_path, monkeypatch):

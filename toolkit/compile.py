@@ -71,13 +71,11 @@ def precision(backend: str, dtype: str, scheme: Int8Scheme | None = None) -> dic
     if dtype != "int8":
         return {"weights": {"fp16": "float16", "fp32": "float32"}[dtype], "compute": fp32_compute,
                 "accumulation": "float32"}
-    scale = f"dynamic activation scale per {'token' if scheme.per_token else 'tensor'}"
-    linears = (f"uint8 x {scheme.weight_type} (linear layers: ONNX Runtime's MatMulInteger"
-               f"{'' if scheme.per_token else ', fused into DynamicQuantizeMatMul'}; {scale})" if backend == "onnx"
-               else f"int8 x int8 (linear layers; {scale})")
-    return {"weights": f"{scheme.weight_type} (linear layers, per output channel"
-                       f"{', zero point 128' if scheme.unsigned_weights else ''}); float16 for the linear layers kept "
-                       "out of int8, the embedding table and the norms",
+    scale = f"dynamic activation scale per {scheme.scale_granularity}"
+    linears = (f"uint8 x {scheme.weight_type} (linear layers: ONNX Runtime's {scheme.onnx_kernel}; {scale})"
+               if backend == "onnx" else f"int8 x int8 (linear layers; {scale})")
+    return {"weights": f"{scheme.weight_type} (linear layers, {scheme.weight_grid}); float16 for the linear layers "
+                       "kept out of int8, the embedding table and the norms",
             "compute": f"{linears}; float32 elsewhere (the linear layers kept out of int8 as in an fp16 artifact: "
                        f"{fp32_compute})",
             "accumulation": "int32"}

@@ -166,11 +166,26 @@ class Int8Scheme:
         """How the weights are stored (the manifest's `weight_type`)."""
         return "uint8" if self.unsigned_weights else "int8"
 
+    @property
+    def weight_grid(self) -> str:
+        """How the stored weights are scaled (and, as uint8, offset)."""
+        return "per output channel" + (", zero point 128" if self.unsigned_weights else "")
+
+    @property
+    def scale_granularity(self) -> str:
+        """What one dynamic activation scale covers: a "token" (row) or the whole "tensor"."""
+        return "token" if self.per_token else "tensor"
+
+    @property
+    def onnx_kernel(self) -> str:
+        """ONNX Runtime's kernel for its linear layers (`quantize_onnx`'s nodes as ONNX Runtime loads them)."""
+        return "MatMulInteger" + ("" if self.per_token else ", fused into DynamicQuantizeMatMul")
+
     def describe(self) -> str:
         """For the manifest."""
-        storage = ", stored as uint8 with zero point 128 (exact on CPUs without VNNI)" if self.unsigned_weights else ""
-        return (f"W8A8: int8 weights per output channel{storage}, int8 activations with a dynamic per-"
-                f"{'token' if self.per_token else 'tensor'} scale, int32 accumulation")
+        shifted = " (int8 values shifted into uint8: exact on CPUs without VNNI)" if self.unsigned_weights else ""
+        return (f"W8A8: {self.weight_type} weights {self.weight_grid}{shifted}, int8 activations with a dynamic "
+                f"per-{self.scale_granularity} scale, int32 accumulation")
 
 
 TVM_INT8 = Int8Scheme(per_token=True)

@@ -17,6 +17,22 @@ def format_table(headers: list[str], rows: list[list], title: str | None = None)
     return "\n".join(out)
 
 
+def format_columns(headers: list[str], formats: list[str | None], rows: list[list], title: str | None = None) -> str:
+    """`format_table` with every number of column i in the format spec `formats[i]` (e.g. ",.1f": the same decimals
+    down the column, thousands separated) and the column right-aligned, its text cells ("-", already formatted
+    ratios) too; a None format leaves a column as `format_table` shows it (text: left-aligned)."""
+    cells = [[c if spec is None or isinstance(c, str) else format(c, spec) for c, spec in zip(row, formats)]
+             for row in rows]
+    headers = list(headers)
+    for i, spec in enumerate(formats):
+        if spec is not None:
+            width = max(len(headers[i]), *(len(row[i]) for row in cells)) if cells else len(headers[i])
+            headers[i] = headers[i].rjust(width)
+            for row in cells:
+                row[i] = row[i].rjust(width)
+    return format_table(headers, cells, title=title)
+
+
 def fmt(value) -> str:
     """A cell: floats with the digits that matter at their magnitude."""
     if isinstance(value, float):

@@ -64,7 +64,8 @@ class ComputeBudget:
                 self._state.notify_all()
 
 
-CPU_BUDGET = ComputeBudget(os.cpu_count() or 1)
+CORES = os.cpu_count() or 1
+CPU_BUDGET = ComputeBudget(CORES)
 
 
 def set_cpu_threads(threads: int) -> None:
@@ -72,6 +73,24 @@ def set_cpu_threads(threads: int) -> None:
     if not is_integer(threads) or threads < 1:
         raise ToolkitError(f"threads must be an integer >= 1, got {threads!r}")
     CPU_BUDGET.threads = int(threads)
+
+
+def check_threads(threads, replicas: int = 1, replicas_flag: str = "--replicas") -> None:
+    """Raise ToolkitError naming the flag to change unless `threads` compute threads in each of `replicas` processes
+    (None: the cores shared between them, at least one each) fit in this machine's cores, as `CPU_BUDGET` keeps them
+    within one process."""
+    if threads is not None and (not is_integer(threads) or threads < 1):
+        raise ToolkitError(f"--threads must be an integer >= 1, got {threads!r}")
+    if replicas > CORES:
+        raise ToolkitError(f"{replicas_flag} {replicas} is more than this machine's {CORES} cores (every replica "
+                           f"computes with at least one thread); pass {replicas_flag} {CORES} or fewer")
+    if threads is not None and threads * replicas > CORES:
+        what, default = (f"--threads {threads}", "all cores") if replicas == 1 else \
+            (f"--threads {threads} per replica x {replicas} replicas is {threads * replicas} compute threads, which",
+             "the cores divided between the replicas")
+        raise ToolkitError(f"{what} is more than this machine's {CORES} cores: compute threads beyond the cores crawl "
+                           f"(TVM's thread pool spins); pass --threads {CORES // replicas} or fewer, or leave it out "
+                           f"({default})")
 
 
 def threads_per_instance(instances: int) -> int:

@@ -78,6 +78,9 @@ class Task:
     eos_token: str  # the checkpoint tokenizer's eos (what Qwen ships for this model)
     tokenizer_appends_eos: bool  # whether that tokenizer's post-processor appends <|endoftext|>
     gate_key: str  # the agreement key the tolerance applies to
+    # its column's format spec in tables, as `format_agreement` writes it: cosines near 1 to the digit that matters,
+    # |ΔP| near 0 in scientific notation
+    agreement_format: str
     tolerances: dict[str, float]  # per weight dtype, against the fp32 Hugging Face model
 
     def output_spec(self, batch: int, hidden_size: int) -> dict:
@@ -140,6 +143,13 @@ class Task:
         op = ">=" if self.gate_key == "min_cosine" else "<="
         return f"{self.gate_key} {op} {self.tolerances[dtype]}"
 
+    def judge(self, stats: dict, dtype: str) -> dict:
+        """`stats` (an agreement against the fp32 reference) with the dtype's tolerance text and whether it meets it
+        added (`tolerance`, `passed`)."""
+        stats["tolerance"] = self.tolerance_text(dtype)
+        stats["passed"] = self.within_tolerance(stats, dtype)
+        return stats
+
     def format_agreement(self, stats: dict) -> str:
         """One line for logs and reports."""
         raise NotImplementedError
@@ -185,6 +195,7 @@ class EmbeddingTask(Task):
     dataset_kinds = ("pairs", "reranking")
     eos_token, tokenizer_appends_eos = "<|endoftext|>", True
     gate_key = "min_cosine"
+    agreement_format = ".6f"
     tolerances = {"fp16": 0.999, "fp32": 0.99999, "bf16": 0.999, "int8": 0.99}
 
     @override
@@ -285,6 +296,7 @@ class RerankerTask(Task):
     dataset_kinds = ("reranking",)
     eos_token, tokenizer_appends_eos = "<|im_end|>", False
     gate_key = "max_abs_diff"
+    agreement_format = ".2e"
     tolerances = {"fp16": 1e-2, "fp32": 1e-4, "bf16": 5e-3, "int8": 2e-2}
 
     @override

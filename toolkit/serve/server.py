@@ -6,7 +6,6 @@ runs what is queued and closes the engines, and the process exits 0.
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import socket
 from contextlib import contextmanager
@@ -14,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from toolkit.errors import ToolkitError, check_threads, is_integer
-from toolkit.runtime import AUTO_INSTANCES
+from toolkit.errors import ToolkitError, is_integer
+from toolkit.runtime import AUTO_INSTANCES, CORES, check_threads
 from toolkit.serve.service import Limits
 
 GRACEFUL_SHUTDOWN_S = 30  # the longest uvicorn waits for requests in flight after SIGTERM
@@ -65,7 +64,7 @@ class ServeOptions:
     def threads_per_engine_set(self) -> int:
         """Compute threads of one process's engines (one replica's with Ray): --threads, or its share of the
         cores."""
-        return self.threads or max(1, (os.cpu_count() or 1) // (self.replicas if self.ray else 1))
+        return self.threads or max(1, CORES // (self.replicas if self.ray else 1))
 
 
 def build_app(options: ServeOptions):
