@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.api import REFERENCE_MAX_LENGTH, check_instruction, model_class
+from toolkit.api import check_instruction, model_class
 from toolkit.artifact import Manifest, find_artifacts
 from toolkit.errors import ToolkitError, is_integer
 from toolkit.eval.datasets import (
@@ -199,8 +199,8 @@ def evaluate(options: EvalOptions) -> dict:
     try:
         if "torch" in options.sides:
             checkpoint = result["checkpoint"] = str(options.checkpoint or manifests[0].reference_checkpoint())
-            # the artifact's truncation: the same token rows for both engines
-            max_length = max(m.seq_len for m in manifests) if manifests else REFERENCE_MAX_LENGTH
+            # the artifact's truncation: the same token rows for both engines (alone: the reference's default)
+            max_length = max(m.seq_len for m in manifests) if manifests else None
             with cls.from_checkpoint(checkpoint, max_length=max_length, truncation="truncate") as reference:
                 runs["torch"] = run_model(reference, task, spec, examples, instruction)
         if compiled is not None:

@@ -3,6 +3,8 @@ errors and warnings point."""
 import gc
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -11,8 +13,9 @@ import weakref
 import numpy as np
 import pytest
 
-from toolkit.api import Embedder, Reranker
+from toolkit.api import REFERENCE_MAX_LENGTH, Embedder, Reranker
 from toolkit.backends import Backend
+from toolkit.checkpoint import CheckpointTensors
 from toolkit.errors import ToolkitError
 from toolkit.runtime import Engine
 from toolkit.tasks import EMBEDDING
@@ -52,12 +55,87 @@ def test_from_checkpoint_refuses_a_batch_size_that_is_not_a_count(checkpoints, b
         Embedder.from_checkpoint(checkpoints["embedding"], batch_size=batch_size)
 
 
-@pytest.mark.parametrize("max_length", [0, None, "64", 2.5, MAX_CONTEXT + 1, 10 ** 6])
+@pytest.mark.parametrize("max_length", [0, "64", 2.5, MAX_CONTEXT + 1, 10 ** 6])
 def test_from_checkpoint_refuses_a_max_length_outside_the_context(checkpoints, max_length):
-    """0 and None ended in a raw TypeError at the first input, 10**6 was taken beyond Qwen3's context."""
+    """0 ended in a raw TypeError at the first input, 10**6 was taken beyond Qwen3's context."""
     with pytest.raises(ToolkitError, match=rf"^max_length must be an integer in 1..{MAX_CONTEXT} \(the checkpoint's "
                                            "context"):
         Reranker.from_checkpoint(checkpoints["reranker"], max_length=max_length)
+
+
+def test_from_checkpoint_caps_its_default_max_length_at_the_checkpoints_context(checkpoints, tmp_path):
+    """The default (8192) was checked against max_position_embeddings: a checkpoint with a shorter context was
+    refused over an argument nobody passed."""
+    short = shutil.copytree(checkpoints["embedding"], tmp_path / "short")
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    with Embedder.from_checkpoint(short) as model:
+        assert model.max_length == 64
+    with Embedder.from_checkpoint(checkpoints["embedding"]) as model:
+        assert model.max_length == REFERENCE_MAX_LENGTH
+
+
+def test_from_checkpoint_runs_a_checkpoint_saved_as_pytorch_model_bin(checkpoints, tmp_path):
+    """The weights-layout check read safetensors only, so it refused a checkpoint from_pretrained loads; compile,
+    which reads safetensors, still refuses it, naming what it holds."""
+    import torch
+    from safetensors.torch import load_file
+
+    saved_as_bin = as_released(checkpoints["embedding"], tmp_path / "bin")
+    weights = {}
+    for file in saved_as_bin.glob("model*.safetensors*"):
+        if file.suffix == ".safetensors":
+            weights.update(load_file(file))
+        file.unlink()
+    torch.save(weights, saved_as_bin / "pytorch_model.bin")
+    with Embedder.from_checkpoint(saved_as_bin) as model, Embedder.from_checkpoint(checkpoints["embedding"]) as same:
+        assert np.array_equal(model.encode_documents(["Hello world"]), same.encode_documents(["Hello world"]))
+    with pytest.raises(ToolkitError, match=r"has no safetensors weights .*; it holds pytorch_model.bin: the toolkit "
+                                           "reads safetensors"):
+        CheckpointTensors(saved_as_bin, False)
+
+
+def test_truncation_is_checked_before_any_model_is_loaded(checkpoints, onnx_artifacts, monkeypatch):
+    """It was checked once the torch model (or every engine) was loaded."""
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before truncation was checked")
+
+    monkeypatch.setattr(Engine, "from_checkpoint", load)
+    monkeypatch.setattr(Engine, "from_artifact", load)
+    for open_model, source in ((Embedder.from_checkpoint, checkpoints["embedding"]),
+                               (Embedder.from_artifacts, onnx_artifacts["embedding"][0].parent)):
+        with pytest.raises(ToolkitError, match=r"^truncation must be one of \('error', 'truncate'\), got 'cut'$"):
+            open_model(source, truncation="cut")
+
+
+SLOW_QUEUE = """
+import sys, time
+import numpy as np
+from toolkit.api import BucketedRunner, Embedder
+from toolkit.backends import Backend
+from toolkit.checkpoint import load_tokenizer
+from toolkit.runtime import Engine
+from toolkit.tasks import EMBEDDING
+
+class Slow(Backend):
+    name, task, seq_len, batch = "slow", EMBEDDING, 8, 1
+
+    def run(self, input_ids, attention_mask):
+        time.sleep(1)
+        return np.zeros((1, 4), np.float32)
+
+model = Embedder(BucketedRunner([Engine(lambda i, dev: Slow())]), load_tokenizer(sys.argv[1]))
+model.runner.submit([[1]] * 20)  # 20 s of batches, never waited for
+print(time.time(), flush=True)
+"""
+
+
+def test_a_model_never_closed_does_not_hold_the_interpreter_exit_for_its_queue(checkpoints):
+    """Its finalizer ran at exit, closing the engines, which first run every batch queued: 20 s here, minutes at 8B
+    (and a Ctrl-C in `encode` waited for them)."""
+    done = subprocess.run([sys.executable, "-c", SLOW_QUEUE, str(checkpoints["embedding"])], capture_output=True,
+                          text=True, timeout=TIMEOUT, check=True)
+    assert time.time() - float(done.stdout) < 10
 
 
 def test_a_model_never_closed_releases_its_engines_when_dropped(onnx_artifacts):

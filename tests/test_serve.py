@@ -4,6 +4,7 @@ bad request answered with its status and a message (never a 500), and never fail
 backend failure is a 503 for the request it hit while the server goes on, a dead scheduler a 503 at once; a client
 that leaves costs no compute for its rows still waiting for a batch; SIGTERM finishes the requests in flight and exits
 0; bad flags are one-line errors, the port is bound before models load."""
+import asyncio
 import base64
 import json
 import os
@@ -29,9 +30,10 @@ from toolkit.artifact import find_artifacts
 from toolkit.backends import Backend, open_backend
 from toolkit.checkpoint import load_tokenizer
 from toolkit.cli import main
+from toolkit.errors import ToolkitError
 from toolkit.runtime import Engine
 from toolkit.scheduler import MAX_WAIT_MS, SchedulerObserver
-from toolkit.serve.app import ERROR_TYPES, VectorsResponse, create_app
+from toolkit.serve.app import ERROR_TYPES, StopWhenClientLeaves, VectorsResponse, create_app
 from toolkit.serve.server import engines_line
 from toolkit.serve.service import Limits
 from toolkit.tasks import SIMILARITY_INSTRUCTION, WEB_SEARCH_INSTRUCTION
@@ -205,6 +207,9 @@ def test_tokenize_gives_each_token_its_characters_and_truncates_as_embed_does(li
                        if (start, stop) != previous) == text
         special = next(t for t in tokens if t["id"] == ENDOFTEXT_ID and t["start"] is not None)
         assert special["special"] and text[special["start"]:special["stop"]] == "<|endoftext|>"
+        # the tokenizers library maps the NFC-composed é of "ae\u0301" back to the e alone: no token covers the accent
+        [tokens] = http.post("/tokenize", json={"inputs": "ae\u0301", "add_special_tokens": False}).json()
+        assert [(t["start"], t["stop"]) for t in tokens] == [(0, 1), (1, 2)]
 
         r = http.post("/tokenize", json={"inputs": [long_text], "truncate": True})
         with pytest.warns(UserWarning, match="truncated to 40 tokens"):
@@ -510,6 +515,42 @@ def test_a_client_that_leaves_costs_no_compute_for_its_waiting_rows_and_is_count
     finally:
         gate.set()
     assert running in seen and waiting not in seen
+
+
+def test_a_request_the_server_cancels_after_its_client_left_stays_cancelled():
+    """The cancellation of a request whose client had left (its app already being cancelled) was swallowed: the
+    server's own cancellation (a shutdown) then never reached it."""
+    async def main():
+        cleaning_up = asyncio.Event()
+
+        async def app(scope, receive, send):
+            await receive()
+            try:
+                await asyncio.Event().wait()
+            finally:  # the client left: the app is cancelled, and the server cancels the request during its cleanup
+                cleaning_up.set()
+                await asyncio.sleep(TIMEOUT)
+
+        messages = [{"type": "http.request", "body": b""}, {"type": "http.disconnect"}]
+
+        async def receive():
+            return messages.pop(0) if messages else await asyncio.Event().wait()
+
+        request = asyncio.ensure_future(StopWhenClientLeaves(app)({"type": "http"}, receive, None))
+        await asyncio.wait_for(cleaning_up.wait(), TIMEOUT)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(request, TIMEOUT)
+
+    asyncio.run(main())
+
+
+def test_limits_take_numpy_integers_as_every_other_option_does():
+    """`Limits.check` refused np.int64 (isinstance int); they are kept as ints, which /info answers as JSON."""
+    limits = Limits(max_batch_tokens=np.int64(4096), max_input_length=np.int32(40)).check()
+    assert json.loads(json.dumps(vars(limits)))["max_batch_tokens"] == 4096 and limits.max_input_length == 40
+    with pytest.raises(ToolkitError, match=r"^--max-input-length must be an integer >= 1, got 0$"):
+        Limits(max_input_length=np.int64(0)).check()
 
 
 def test_the_tokenizers_are_set_up_before_the_first_request(sets, monkeypatch):

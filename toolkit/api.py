@@ -174,14 +174,19 @@ class InputTooLongError(ToolkitError):
         self.index, self.max_length = index, max_length
 
 
+def encode_bodies(layout: PromptLayout, tokenizer, bodies: list[str], max_length: int, max_chars: int | None = None,
+                  offsets: bool = False) -> list:
+    """`tokenizer.encode` of the bodies of rows of at most `max_length` tokens. A body longer than a row can use is
+    cut (in characters, with the longest token's length as the bound) before it is tokenised, so a huge text costs
+    what the row can hold, not its size."""
+    cut = (max_length - layout.fixed + 1) * (max_chars or max_token_chars(tokenizer))
+    return tokenizer.encode([b[:cut] for b in bodies], offsets)
+
+
 def token_rows(layout: PromptLayout, tokenizer, bodies: list[str], max_length: int, truncation: str = "error",
                max_chars: int | None = None) -> list[list[int]]:
-    """prefix + body + suffix token rows of at most `max_length` tokens under the truncation policy. A body longer
-    than a row can use is cut (in characters, with the longest token's length as the bound) before it is tokenised,
-    so a huge text costs what the row can hold, not its size."""
-    cut = (max_length - layout.fixed + 1) * (max_chars or max_token_chars(tokenizer))
-    encoded = tokenizer.encode([b[:cut] for b in bodies])
-    return frame_rows(layout, encoded, max_length, truncation)
+    """prefix + body + suffix token rows of at most `max_length` tokens under the truncation policy."""
+    return frame_rows(layout, encode_bodies(layout, tokenizer, bodies, max_length, max_chars), max_length, truncation)
 
 
 def frame_rows(layout: PromptLayout, bodies: list[list[int]], max_length: int,
@@ -222,8 +227,10 @@ class _TextModel:
 
     def __init__(self, runner: BucketedRunner, tokenizer, truncation: str = "error"):
         # its engines' workers hold them, not it: one never closed releases them when dropped (the finalizer must not
-        # hold it either)
+        # hold it either); not at exit, where closing would first run every batch still queued (minutes at 8B, and a
+        # Ctrl-C in `encode` would wait for them)
         self._release = weakref.finalize(self, runner.close)
+        self._release.atexit = False
         self.runner, self.tokenizer, self.truncation = runner, tokenizer, check_truncation(truncation)
         shortest = self.task.min_seq_len(tokenizer)
         if self.max_length < shortest:
@@ -239,6 +246,7 @@ class _TextModel:
         1: `toolkit.runtime.resolve_instances`). `max_length` caps the input length (prompt included) below the
         largest SEQ, e.g. a service's limit."""
         _check_path(path, "path", "an artifact directory or a bucket set's")
+        check_truncation(truncation)  # before any engine opens
         instances, device_ids, queue_size = check_engine_options(instances, device_ids, queue_size)
         manifests = find_artifacts(path)
         if manifests[0].task != cls.task.name:
@@ -262,17 +270,20 @@ class _TextModel:
             raise
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path, max_length: int = REFERENCE_MAX_LENGTH, batch_size: int = 8,
+    def from_checkpoint(cls, checkpoint: str | Path, max_length: int | None = None, batch_size: int = 8,
                         truncation: str = "error"):
         """The torch reference: the unpatched Hugging Face model, same formats and truncation as the artifacts.
-        `batch_size` rows run at a time."""
+        `max_length` (None: REFERENCE_MAX_LENGTH, or the checkpoint's context where that is shorter) caps the input
+        length; `batch_size` rows run at a time."""
         _check_path(checkpoint, "checkpoint", "a checkpoint directory or a hub id")
         if not is_integer(batch_size) or batch_size < 1:
             raise ToolkitError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_truncation(truncation)  # before the model loads
         path = resolve_checkpoint(checkpoint)
         hf_config = read_hf_config(path)
-        max_length = _check_max_length(max_length, hf_config.get("max_position_embeddings", MAX_CONTEXT),
-                                       "the checkpoint's context, max_position_embeddings")
+        context = hf_config.get("max_position_embeddings", MAX_CONTEXT)
+        max_length = min(REFERENCE_MAX_LENGTH, context) if max_length is None else \
+            _check_max_length(max_length, context, "the checkpoint's context, max_position_embeddings")
         check_task(cls.task, path, hf_config, f"{cls.__name__}.from_checkpoint runs {cls.task.name} models",
                    lambda other: f"load it with {get_task(other).api_class}.from_checkpoint", _warn)
         tokenizer = load_tokenizer(path)
@@ -309,16 +320,32 @@ class _TextModel:
                                f"both (max input length {self.max_length}, prompt included); shorten {what}, or use "
                                "a set compiled with a larger SEQ")
 
-    def _rows(self, bodies: list[str], truncation: str | None = None, origin=None) -> list[list[int]]:
-        """`token_rows` of the bodies. `origin(i)`: the user's own texts body i was made of and their names, so that
+    def _encode(self, bodies: list[str], origin=None, offsets: bool = False) -> list:
+        """`encode_bodies` of the bodies. `origin(i)`: the user's own texts body i was made of and their names, so that
         a text that is not valid Unicode is named with its position in the user's text, not in the prompt."""
         try:
-            return token_rows(self._layout, self.tokenizer, bodies, self.max_length,
-                              check_truncation(truncation or self.truncation), self._max_chars_per_token)
+            return encode_bodies(self._layout, self.tokenizer, bodies, self.max_length, self._max_chars_per_token,
+                                 offsets)
         except InvalidUnicodeError as e:
             if origin:
                 check_unicode(*origin(e.index))
             raise
+
+    def _rows(self, bodies: list[str], truncation: str | None = None, origin=None) -> list[list[int]]:
+        """`token_rows` of the bodies (`origin`: as `_encode` takes it)."""
+        truncation = check_truncation(truncation or self.truncation)
+        return frame_rows(self._layout, self._encode(bodies, origin), self.max_length, truncation)
+
+    def token_spans(self, bodies: list[str], truncation: str | None = None) -> tuple[list[list[int]], list[list]]:
+        """The rows `_rows` makes of the bodies (formatted inputs, as the model reads them), and beside each row its
+        tokens' (start, stop) characters in the body, as `Tokenizer.encode` gives them; None for the prompt's tokens
+        around the body."""
+        truncation = check_truncation(truncation or self.truncation)
+        encoded = self._encode(bodies, offsets=True)
+        rows = frame_rows(self._layout, [ids for ids, _ in encoded], self.max_length, truncation)
+        prefix, suffix = [None] * len(self._layout.prefix), [None] * len(self._layout.suffix)
+        return rows, [[*prefix, *offsets[:len(row) - self._layout.fixed], *suffix]
+                      for (_, offsets), row in zip(encoded, rows)]
 
     def close(self):
         """Stop the engines now (dropping the model stops them too, once it is garbage)."""

@@ -68,7 +68,9 @@ def check_task(task: Task, checkpoint: Path, hf_config: dict, used_by: str, fix:
     stated = (hf_config.get("synthetic") or {}).get("task")
     if stated and stated != task.name:
         raise ToolkitError(f"{checkpoint} is a synthetic {stated} checkpoint and {used_by}: {instead(stated)}")
-    if stated:
+    # the layout is read from safetensors: a pytorch_model.bin (from_pretrained, so the torch reference, loads one)
+    # goes unchecked, and compile refuses it where it reads the weights (CheckpointTensors)
+    if stated or not holds_safetensors(checkpoint):
         return
     causal_lm = CheckpointTensors(checkpoint, bool(hf_config.get("tie_word_embeddings"))).causal_lm
     if task.name == "reranker" and not causal_lm:
@@ -80,6 +82,11 @@ def check_task(task: Task, checkpoint: Path, hf_config: dict, used_by: str, fix:
              "embedding model saved as a causal LM is taken as it is")
 
 
+def holds_safetensors(checkpoint_dir: Path) -> bool:
+    """Whether the checkpoint's weights are in safetensors files (one, or shards and their index)."""
+    return any((checkpoint_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
+
+
 LOAD_BLOCK = 1 << 22  # elements read (and converted) at a time when loading a tensor
 
 
@@ -89,6 +96,11 @@ class CheckpointTensors:
     alike."""
 
     def __init__(self, checkpoint_dir: Path, tie_word_embeddings: bool):
+        if not holds_safetensors(checkpoint_dir):
+            held = ", ".join(sorted(p.name for p in checkpoint_dir.glob("*.bin")))
+            raise ToolkitError(f"{checkpoint_dir} has no safetensors weights (model.safetensors, or shards and "
+                               f"model.safetensors.index.json){f'; it holds {held}' if held else ''}: the toolkit "
+                               "reads safetensors: convert it (from_pretrained, then save_pretrained) or re-download")
         index = checkpoint_dir / "model.safetensors.index.json"
         if index.is_file():  # sharded: the files the index names, as from_pretrained reads them
             try:

@@ -64,13 +64,16 @@ class Tokenizer:
 
         return cls(AutoTokenizer.from_pretrained(str(directory)).backend_tokenizer, config)
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Each text's token ids, with nothing added: the tasks frame their rows themselves."""
+    def encode(self, texts: list[str], offsets: bool = False) -> list:
+        """Each text's token ids, with nothing added: the tasks frame their rows themselves. With `offsets`, each
+        text's (ids, offsets): the (start, stop) characters of the text each token covers, as the `tokenizers` library
+        maps them back through the NFC normalisation (which can leave a character covered by no token)."""
         try:
-            return [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=False)]
+            encodings = self.backend.encode_batch(texts, add_special_tokens=False)
         except TypeError:  # what the Rust tokenizer raises for a str it cannot take as UTF-8
             check_unicode(texts)
             raise
+        return [(e.ids, e.offsets) if offsets else e.ids for e in encodings]
 
     def encode_one(self, text: str) -> list[int]:
         """One text's token ids, with nothing added."""

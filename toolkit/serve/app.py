@@ -379,7 +379,8 @@ class StopWhenClientLeaves(HttpMiddleware):
         try:
             await app
         except asyncio.CancelledError:
-            if not left:  # this request itself was cancelled (by the server), not only its app
+            # this request itself was cancelled (by the server), not only its app: also where the client left too
+            if not left or asyncio.current_task().cancelling():
                 raise
         finally:
             watcher.cancel()

@@ -106,7 +106,9 @@ class TokenizeRequest(QueryFormat):
 class Token(BaseModel):
     """One token of a tokenised input: `start` and `stop` bound the characters of the input text it comes from
     (`text[start:stop]`; a token holding part of a character's UTF-8 bytes covers that character), null for a token
-    of the prompt around the text (the instruction's, the closing <|endoftext|>)."""
+    of the prompt around the text (the instruction's, the closing <|endoftext|>). The tokenizer's NFC normalisation
+    can leave a character covered by no token: in "ae\\u0301" the token of the composed é covers the e alone (1, 2),
+    not the combining accent after it."""
 
     id: int
     text: str

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.api import Embedder, InputTooLongError, Reranker, frame_rows, max_token_chars, rank_order
+from toolkit.api import Embedder, InputTooLongError, Reranker, rank_order
 from toolkit.artifact import find_artifacts
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, is_integer
 from toolkit.scheduler import MAX_WAIT_MS, BatchScheduler, SchedulerStopped
 from toolkit.serve.metrics import ServiceMetrics
 from toolkit.tasks import yes_log_odds
@@ -70,6 +70,12 @@ class Limits:
     max_input_length: int | None = None
     payload_limit: int = 2_000_000
 
+    def __post_init__(self):
+        # numpy integers kept as plain ints: /info answers these fields as JSON
+        for name, value in vars(self).items():
+            if is_integer(value):
+                object.__setattr__(self, name, int(value))
+
     def check(self) -> "Limits":
         """Raise ToolkitError naming the flag of the first invalid limit; return self."""
         for name, value in vars(self).items():
@@ -77,7 +83,7 @@ class Limits:
                 valid = isinstance(value, (int, float)) and 0 <= value <= MAX_WAIT_MS
                 kind = f"a number of milliseconds in 0..{MAX_WAIT_MS}"
             else:
-                valid = (isinstance(value, int) and value >= 1) or (name == "max_input_length" and value is None)
+                valid = (is_integer(value) and value >= 1) or (name == "max_input_length" and value is None)
                 kind = "an integer >= 1"
             if isinstance(value, bool) or not valid:
                 raise ToolkitError(f"--{name.replace('_', '-')} must be {kind}, got {value!r}")
@@ -221,12 +227,6 @@ class EmbeddingService(ServedModel):
     model: Embedder
     warm_up_input = ["warm up"]
 
-    def __init__(self, model: Embedder, limits: Limits, metrics: ServiceMetrics):
-        super().__init__(model, limits, metrics)
-        # the bound `token_rows` cuts a text at, for /tokenize's own encoding (a scan of the vocabulary: not on a
-        # request)
-        self.max_token_chars = max_token_chars(model.tokenizer)
-
     async def embed(self, texts: list[str], instruction: str | None = None, truncate: bool | None = False,
                     dimensions: int | None = None, normalize: bool = True) -> tuple[np.ndarray, int]:
         """Vectors for texts and the tokens they took; `truncate=None`: the route has no truncate option (too long
@@ -289,22 +289,16 @@ class EmbeddingService(ServedModel):
 
     def _text_tokens(self, texts: list[str], instruction: str | None, truncate: bool,
                      add_special_tokens: bool) -> list[list[tuple[int, int | None, int | None]]]:
-        """`_text_rows` made as `token_rows` makes them (each text cut to what a row can use, encoded, framed), from an
-        encoding that keeps each token's offsets in the formatted text (`Tokenizer.encode` gives the ids only). A token
-        that holds the end of the instruction and the start of the text starts at 0."""
+        """`_text_rows` with `Embedder.token_spans`' offsets, moved from the formatted text to the user's (the query
+        format puts it last); a token that holds the end of the instruction and the start of the text starts at 0."""
         formatted = self.model.format(texts, instruction)
-        layout = self.model.task.prompt(self.model.tokenizer)
-        cut = (self.model.max_length - layout.fixed + 1) * self.max_token_chars
-        encodings = self.model.tokenizer.backend.encode_batch([f[:cut] for f in formatted], add_special_tokens=False)
-        rows = frame_rows(layout, [e.ids for e in encodings], self.model.max_length, truncation(truncate))
-        framing = [(t, None, None) for t in layout.prefix], [(t, None, None) for t in layout.suffix]
+        rows, spans = self.model.token_spans(formatted, truncation(truncate))
         tokens = []
-        for text, read, encoding, row in zip(texts, formatted, encodings, rows):
-            start_of_text = len(read) - len(text)  # the query format puts the text last
-            kept = len(row) - layout.fixed  # the encoded tokens the row holds (truncation may cut the rest)
-            own = [(t, max(start - start_of_text, 0), stop - start_of_text) if stop > start_of_text else (t, None, None)
-                   for t, (start, stop) in zip(encoding.ids[:kept], encoding.offsets)]
-            tokens.append([*framing[0], *own, *framing[1]] if add_special_tokens else own)
+        for text, read, row, row_spans in zip(texts, formatted, rows, spans):
+            start_of_text = len(read) - len(text)
+            tokens.append([(t, max(span[0] - start_of_text, 0), span[1] - start_of_text)
+                           if span is not None and span[1] > start_of_text else (t, None, None)
+                           for t, span in zip(row, row_spans) if add_special_tokens or span is not None])
         return tokens
 
 
