@@ -97,10 +97,11 @@ class CheckpointTensors:
 
     def __init__(self, checkpoint_dir: Path, tie_word_embeddings: bool):
         if not holds_safetensors(checkpoint_dir):
-            held = ", ".join(sorted(p.name for p in checkpoint_dir.glob("*.bin")))
-            raise ToolkitError(f"{checkpoint_dir} has no safetensors weights (model.safetensors, or shards and "
-                               f"model.safetensors.index.json){f'; it holds {held}' if held else ''}: the toolkit "
-                               "reads safetensors: convert it (from_pretrained, then save_pretrained) or re-download")
+            expected = "model.safetensors, or shards and model.safetensors.index.json"
+            if held := ", ".join(sorted(p.name for p in checkpoint_dir.glob("*.bin"))):
+                raise ToolkitError(f"{checkpoint_dir} has no safetensors weights ({expected}); it holds {held}: the "
+                                   "toolkit reads safetensors: convert it (from_pretrained, then save_pretrained)")
+            raise ToolkitError(f"{checkpoint_dir} has no model weights ({expected}): re-download the checkpoint")
         index = checkpoint_dir / "model.safetensors.index.json"
         if index.is_file():  # sharded: the files the index names, as from_pretrained reads them
             try:
