@@ -112,9 +112,9 @@ def run_model(model, task: Task, spec: DatasetSpec, examples: list, instruction:
 
 
 def parity(task: Task, torch_run: dict, artifact_run: dict, dtype: str) -> dict:
-    """Item-by-item agreement of the two engines (the task's measure), the tolerance it must meet for the artifact's
-    `dtype`, their non-finite counts and, on ranking data, Kendall tau between their per-query rankings."""
-    out = {**task.agreement(torch_run["items"], artifact_run["items"]), "tolerance": task.tolerance_text(dtype),
+    """Item-by-item agreement of the two engines (the task's measure) judged against the artifact's `dtype`
+    (`Task.judge`), their non-finite counts and, on ranking data, Kendall tau between their per-query rankings."""
+    out = {**task.judge(task.agreement(torch_run["items"], artifact_run["items"]), dtype),
            "nonfinite_torch": torch_run["nonfinite"], "nonfinite_artifact": artifact_run["nonfinite"]}
     if torch_run["per_query"] is not None:
         out.update(ranking_agreement(torch_run["per_query"], artifact_run["per_query"]))
@@ -218,7 +218,7 @@ def evaluate(options: EvalOptions) -> dict:
         dtype = manifests[0].dtype
         agreement = result["parity"] = parity(task, runs["torch"], runs["artifact"], dtype)
         # metrics can match while the outputs do not (other weights score alike): the engines must agree item by item
-        if not task.within_tolerance(agreement, dtype):
+        if not agreement["passed"]:
             failures["parity"] = (f"{task.format_agreement(agreement)}; {dtype} needs {agreement['tolerance']}; "
                                   + checkpoint_hint(manifests[0], checkpoint, options.checkpoint is not None))
     judged = "artifact" if "artifact" in runs else "torch"

@@ -23,12 +23,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from toolkit.artifact import find_artifacts
-from toolkit.checkpoint import check_task, load_tokenizer, read_hf_config, resolve_checkpoint
+from toolkit.checkpoint import check_task, context_length, load_tokenizer, read_hf_config, resolve_checkpoint
 from toolkit.errors import ToolkitError, is_integer
 from toolkit.runtime import Engine, check_engine_options
 from toolkit.tasks import EMBEDDING, RERANKER, WEB_SEARCH_INSTRUCTION, PromptLayout, Task, get_task
 from toolkit.text import left_pad
-from toolkit.tokenizer import ENDOFTEXT_ID, MAX_CONTEXT, InvalidUnicodeError, check_unicode
+from toolkit.tokenizer import ENDOFTEXT_ID, InvalidUnicodeError, check_unicode
 
 REFERENCE_MAX_LENGTH = 8192  # what the torch reference accepts by default (Qwen3-Embedding/Reranker's usual cap)
 TRUNCATION = ("error", "truncate")
@@ -281,7 +281,7 @@ class _TextModel:
         check_truncation(truncation)  # before the model loads
         path = resolve_checkpoint(checkpoint)
         hf_config = read_hf_config(path)
-        context = hf_config.get("max_position_embeddings", MAX_CONTEXT)
+        context = context_length(hf_config)
         max_length = min(REFERENCE_MAX_LENGTH, context) if max_length is None else \
             _check_max_length(max_length, context, "the checkpoint's context, max_position_embeddings")
         check_task(cls.task, path, hf_config, f"{cls.__name__}.from_checkpoint runs {cls.task.name} models",

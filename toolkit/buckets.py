@@ -85,7 +85,7 @@ def suggest_for_dataset(task_name: str, checkpoint: str, data: str, count: int =
     """The bucket set for a task's traffic in an evaluation dataset (with a build's `instruction`), tokenised with the
     checkpoint's tokenizer; its largest SEQ covers AUTO_COVERAGE of the rows, at most AUTO_MAX_SEQ and the
     checkpoint's context (the rows above it are logged)."""
-    from toolkit.checkpoint import load_tokenizer, read_hf_config, resolve_checkpoint
+    from toolkit.checkpoint import context_length, load_tokenizer, read_hf_config, resolve_checkpoint
     from toolkit.eval.datasets import load_dataset
     from toolkit.tasks import get_task
 
@@ -95,7 +95,7 @@ def suggest_for_dataset(task_name: str, checkpoint: str, data: str, count: int =
     _, _, examples = load_dataset(data, task=task)
     lengths = token_lengths(task, tokenizer, task.traffic(examples), instruction)
     covered = int(np.quantile(lengths, AUTO_COVERAGE, method="higher")) if lengths.size else 1
-    context = read_hf_config(resolved).get("max_position_embeddings", MAX_CONTEXT)
+    context = context_length(read_hf_config(resolved))
     cap = min(-(-covered // multiple) * multiple if multiple >= 1 else covered, AUTO_MAX_SEQ, context)
     if (above := int((lengths > cap).sum())):
         log(f"{above} of {lengths.size} rows of {data} are longer than {cap} tokens, the largest SEQ --seq auto picks "

@@ -10,7 +10,7 @@ from typing import Callable
 from toolkit.artifact import ModelSource
 from toolkit.errors import ToolkitError
 from toolkit.tasks import Task
-from toolkit.tokenizer import ENDOFTEXT_ID, Tokenizer
+from toolkit.tokenizer import ENDOFTEXT_ID, MAX_CONTEXT, Tokenizer
 
 MIN_VOCABULARY = 1000  # a real Qwen3 tokenizer has 151,669 entries; an empty or stub one has a handful
 
@@ -50,6 +50,12 @@ def read_hf_config(checkpoint_dir: Path) -> dict:
         raise ToolkitError(f"{checkpoint_dir} is a {found!r} checkpoint; this toolkit deploys Qwen3 "
                            "(model_type 'qwen3': Qwen3-Embedding / Qwen3-Reranker)")
     return cfg
+
+
+def context_length(hf_config: dict) -> int:
+    """The tokens a checkpoint's positions reach (config.json's max_position_embeddings; Qwen3's context where it does
+    not say)."""
+    return hf_config.get("max_position_embeddings", MAX_CONTEXT)
 
 
 def check_task(task: Task, checkpoint: Path, hf_config: dict, used_by: str, fix: Callable[[str], str],

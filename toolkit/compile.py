@@ -32,7 +32,14 @@ import torch
 
 from toolkit.artifact import MANIFEST, Manifest, ModelSource, Target, sha256
 from toolkit.backends import LayerwiseReference, device_available
-from toolkit.checkpoint import check_task, load_tokenizer, model_source, read_hf_config, resolve_checkpoint
+from toolkit.checkpoint import (
+    check_task,
+    context_length,
+    load_tokenizer,
+    model_source,
+    read_hf_config,
+    resolve_checkpoint,
+)
 from toolkit.config import WEIGHT_ROUNDINGS, BuildConfig
 from toolkit.errors import ToolkitError
 from toolkit.export import OnnxExport, export_onnx, fold_small_constants, fold_weights, io_specs
@@ -109,7 +116,7 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
                lambda other: f"compile it with build_configs/{other}_config_fp16.yaml (or a config with `task: "
                              f"{other}`)", lambda message: log(f"warning: {message}"))
     tokenizer = load_tokenizer(checkpoint)
-    check_seq_lens(task, tokenizer, cfg.seq_lens, hf_config.get("max_position_embeddings", MAX_CONTEXT))
+    check_seq_lens(task, tokenizer, cfg.seq_lens, context_length(hf_config))
     check_shapes_fit(cfg, hf_config, log)
     carried = task.fixed_instruction(cfg.instruction)  # the instruction every input of the build carries, if any
     instruction = instruction_to_cache(cfg, task, tokenizer, carried, log)  # before any model work: may refuse SEQs

@@ -43,11 +43,9 @@ def run_demo(task: Task, artifact: str | Path | None, checkpoint: str | None, ec
         echo(f"{task.name} demo: torch (unpatched Hugging Face, fp32) vs {manifests[0].backend} artifact "
              f"({manifests[0].dtype}, SEQ {[m.seq_len for m in manifests]})\n")
         ref_out, art_out = TABLES[task.name](compiled, torch_ref, echo)
-    stats = task.agreement(ref_out, art_out)
-    ok = task.within_tolerance(stats, manifests[0].dtype)
-    echo(f"\n{task.format_agreement(stats)} (tolerance {task.tolerance_text(manifests[0].dtype)}): "
-         f"{'OK' if ok else 'FAIL'}")
-    return ok
+    stats = task.judge(task.agreement(ref_out, art_out), manifests[0].dtype)
+    echo(f"\n{task.format_agreement(stats)} (tolerance {stats['tolerance']}): {'OK' if stats['passed'] else 'FAIL'}")
+    return stats["passed"]
 
 
 def _embedding_tables(compiled: Embedder, torch_ref: Embedder, echo):
