@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolkit.api import RunnerStats, model_class
+from toolkit.api import model_class
 from toolkit.artifact import find_artifacts
 from toolkit.backends import set_fp16_load
 from toolkit.buckets import token_lengths
@@ -31,6 +31,7 @@ from toolkit.memory import resident_mb, return_freed_memory
 from toolkit.perf.compare import forward_flops, matmul_peak_gflops
 from toolkit.perf.run import check_instances, check_int, median
 from toolkit.report import format_columns
+from toolkit.runner import RunnerStats
 from toolkit.runtime import check_threads, set_cpu_threads
 from toolkit.tasks import get_task
 

@@ -111,9 +111,10 @@ def test_truncation_is_checked_before_any_model_is_loaded(checkpoints, onnx_arti
 SLOW_QUEUE = """
 import sys, time
 import numpy as np
-from toolkit.api import BucketedRunner, Embedder
+from toolkit.api import Embedder
 from toolkit.backends import Backend
 from toolkit.checkpoint import load_tokenizer
+from toolkit.runner import BucketedRunner
 from toolkit.runtime import Engine
 from toolkit.tasks import EMBEDDING
 

@@ -11,9 +11,9 @@ from concurrent.futures import CancelledError
 import numpy as np
 import pytest
 
-from toolkit.api import BucketedRunner
 from toolkit.backends import Backend
 from toolkit.errors import ToolkitError
+from toolkit.runner import BucketedRunner
 from toolkit.runtime import Engine, EngineClosedError
 from toolkit.scheduler import MAX_PASSED_OVER, MAX_WAIT_MS, BatchScheduler, SchedulerObserver, SchedulerStopped
 from toolkit.tasks import EMBEDDING

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from toolkit.api import BucketedRunner, Embedder
+from toolkit.api import Embedder
 from toolkit.artifact import find_artifacts
 from toolkit.backends import Backend
 from toolkit.buckets import padded_tokens, suggest_seq_lens, token_lengths
 from toolkit.cli import main
 from toolkit.errors import ToolkitError
+from toolkit.runner import BucketedRunner
 from toolkit.runtime import ComputeBudget, Engine
 from toolkit.tasks import EMBEDDING, RERANKER
 from toolkit.text import left_pad

@@ -25,12 +25,13 @@ from click.testing import CliRunner
 from huggingface_hub import InferenceClient
 from serving import TIMEOUT, bucket_sets, serve_process, served, wait_for
 
-from toolkit.api import BucketedRunner, Embedder, Reranker
+from toolkit.api import Embedder, Reranker
 from toolkit.artifact import find_artifacts
 from toolkit.backends import Backend, open_backend
 from toolkit.checkpoint import load_tokenizer
 from toolkit.cli import main
 from toolkit.errors import ToolkitError
+from toolkit.runner import BucketedRunner
 from toolkit.runtime import Engine
 from toolkit.scheduler import MAX_WAIT_MS, SchedulerObserver
 from toolkit.serve.app import ERROR_TYPES, StopWhenClientLeaves, VectorsResponse, create_app

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from toolkit.api import Batch, BucketedRunner
 from toolkit.errors import ToolkitError, is_integer
+from toolkit.runner import Batch, BucketedRunner
 from toolkit.runtime import EngineClosedError
 
 

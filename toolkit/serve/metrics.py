@@ -17,7 +17,7 @@ from typing import Callable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from typing_extensions import override
 
-from toolkit.api import Batch
+from toolkit.runner import Batch
 from toolkit.scheduler import SchedulerObserver
 
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
