@@ -165,6 +165,13 @@ def test_corrupted_artifact_is_refused(onnx_artifacts, tmp_path):
             open_artifact(broken)
         result = CliRunner().invoke(main, ["inspect", str(broken)])  # the diagnostic tool says it in one line too
         assert result.exit_code == 2 and "not a valid" in result.output and "Traceback" not in result.output
+    # a manifest of the format before every batch became dynamic (it said `dynamic_batch`): a one-line recompile
+    old = {**raw, "format": "qwen3-deploy-artifact/2", "dynamic_batch": True}
+    (broken / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(ToolkitError, match="is a 'qwen3-deploy-artifact/2' manifest and this toolkit reads "
+                                           "'qwen3-deploy-artifact/3' ones .*; recompile the artifact with `toolkit "
+                                           "compile`"):
+        open_artifact(broken)
     (broken / "manifest.json").write_text("{not json")
     with pytest.raises(ToolkitError, match="not a valid .* manifest"):
         open_artifact(broken)

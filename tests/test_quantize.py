@@ -406,11 +406,6 @@ def test_onnx_int8_stores_uint8_weights_where_onnx_runtime_would_saturate_and_wa
     built_with_vnni.precision["quantization"]["weight_type"] = "int8"
     with pytest.warns(UserWarning, match=r"full-range weights and this CPU has no VNNI.*rebuild it on this machine"):
         load_backend(built_with_vnni).close()
-    built_before = Manifest.load(artifact)  # 7-bit int8 weights (earlier builds on such hosts): exact, no warning
-    built_before.precision["quantization"].update(weight_type="int8", weight_max=64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        load_backend(built_before).close()
     monkeypatch.setattr("toolkit.host.int8_full_range_exact", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -27,8 +27,8 @@ class EchoBackend(Backend):
 
     name, task, batch = "echo", EMBEDDING, 4
 
-    def __init__(self, seq_len: int, gate: threading.Event, dynamic_batch: bool = True):
-        self.seq_len, self.gate, self.dynamic_batch = seq_len, gate, dynamic_batch
+    def __init__(self, seq_len: int, gate: threading.Event):
+        self.seq_len, self.gate = seq_len, gate
 
     def run(self, input_ids, attention_mask):
         self.gate.wait(TIMEOUT)
@@ -49,16 +49,12 @@ class Recorder(SchedulerObserver):
         self.finished += 1
 
 
-def echo_runner(dynamic_batch: bool = True) -> tuple[BucketedRunner, threading.Event]:
+@pytest.fixture
+def echo():
     """Engines at SEQ 8 and 16, batch 4, that run while the returned gate is set (it is)."""
     gate = threading.Event()
     gate.set()
-    return BucketedRunner([Engine(lambda i, dev, s=s: EchoBackend(s, gate, dynamic_batch)) for s in (8, 16)]), gate
-
-
-@pytest.fixture
-def echo():
-    runner, gate = echo_runner()
+    runner = BucketedRunner([Engine(lambda i, dev, s=s: EchoBackend(s, gate)) for s in (8, 16)])
     yield runner, gate
     runner.close()
 
@@ -106,9 +102,8 @@ def test_the_fullest_batch_goes_first_and_a_passed_over_row_goes_within_max_pass
     scheduler.close()
 
 
-@pytest.mark.parametrize("dynamic_batch", [False, True])
-def test_a_batch_takes_the_longest_rows_it_can(dynamic_batch):
-    runner, gate = echo_runner(dynamic_batch)
+def test_a_batch_takes_the_longest_rows_of_its_bucket(echo):
+    runner, gate = echo
     recorder = Recorder()
     scheduler = BatchScheduler(runner, max_batch_tokens=1024, max_wait_ms=0, observer=recorder)
     gate.clear()
@@ -121,11 +116,10 @@ def test_a_batch_takes_the_longest_rows_it_can(dynamic_batch):
     for n, future in zip(lengths, futures):
         assert np.array_equal(future.result(TIMEOUT), expected([[4] * n]))
     scheduler.close()
-    runner.close()
-    # SEQ 16, 4 rows: 16, 15, 14 and 10 (55 real tokens), not the 4 shortest of its bucket (48). Then a static batch
-    # takes the 3-token row among its padding rows; a dynamic one would compute it as a row of 16 slots: SEQ 8 alone
-    rest = [(16, 2, 12)] if not dynamic_batch else [(16, 1, 9), (8, 1, 3)]
-    assert [(b.seq, len(b.indices), b.real_tokens) for b in recorder.batches[1:]] == [(16, 4, 55), *rest]
+    # SEQ 16, 4 rows: 16, 15, 14 and 10 (55 real tokens), not the 4 shortest of its bucket (48). The 3-token row is
+    # not taken into SEQ 16's last batch (it would cost 16 slots there): SEQ 8 runs it alone
+    assert [(b.seq, len(b.indices), b.real_tokens) for b in recorder.batches[1:]] == [(16, 4, 55), (16, 1, 9),
+                                                                                       (8, 1, 3)]
 
 
 def test_a_full_batch_goes_at_once_while_a_lone_row_waits(echo):

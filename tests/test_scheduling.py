@@ -59,40 +59,6 @@ def test_busy_compute_threads_never_exceed_the_budget(budget_threads):
     assert meter["peak"] <= budget_threads and budget.peak <= budget_threads, (meter["peak"], budget.peak)
 
 
-class RowLengthBackend(Backend):
-    """A static batch of 4: each row's output is its real length (to check where results land)."""
-
-    name, task, batch, dynamic_batch, threads = "row-length", EMBEDDING, 4, False, 1
-
-    def __init__(self, seq_len):
-        self.seq_len = seq_len
-
-    def run(self, input_ids, attention_mask):
-        assert input_ids.shape == (self.batch, self.seq_len)
-        return attention_mask.sum(axis=1, keepdims=True).astype(np.float32)
-
-
-def test_static_batches_fill_their_padding_rows_with_shorter_rows():
-    """SEQ 32 gets 5 rows: its second batch of 4 has 3 padding rows, computed anyway; the 3 rows of SEQ 16 take
-    them, and no SEQ 16 batch runs. SEQ 8's 3 rows have no smaller bucket to take from: they run padded."""
-    def make_runner() -> BucketedRunner:
-        return BucketedRunner([Engine(lambda i, dev, s=s: RowLengthBackend(s)) for s in (8, 16, 32)])
-
-    lengths = [20, 30, 12, 25, 31, 5, 10, 17, 3, 9, 7]
-    runner = make_runner()
-    out = runner.run([[1] * n for n in lengths])
-    runner.close()
-    assert out[:, 0].tolist() == lengths  # every row's result in its place
-    assert runner.stats.batches_per_seq == {32: 2, 8: 1}
-    assert runner.stats.computed_tokens == 2 * 4 * 32 + 4 * 8  # without the filling: one more batch of 4 x 16
-
-    # fewer donors than free slots: SEQ 32's 3 free slots take both SEQ 16 rows and the SEQ 8 row
-    runner = make_runner()
-    out = runner.run([[1] * n for n in (30, 12, 10, 5)])
-    runner.close()
-    assert out[:, 0].tolist() == [30, 12, 10, 5] and runner.stats.batches_per_seq == {32: 1}
-
-
 def test_token_budget_batches_mixed_lengths_come_back_in_order(checkpoints, tmp_path):
     """SEQ 32 / 48 / 64 with a 128-token budget: batches 4 / 2 / 2, one set; outputs in input order, as torch."""
     from toolkit.compile import compile_config
@@ -103,7 +69,6 @@ def test_token_budget_batches_mixed_lengths_come_back_in_order(checkpoints, tmp_
     compile_config(cfg, log=lambda m: None)
     manifests = find_artifacts(tmp_path / "budget" / "onnx")
     assert [(m.seq_len, m.batch) for m in manifests] == [(32, 4), (48, 2), (64, 2)]
-    assert all(m.dynamic_batch for m in manifests)  # ONNX: a partial batch runs without padding rows
     with Engine.from_artifact(manifests[0]) as engine:
         one = engine.run_sync(*left_pad([[9707, ENDOFTEXT_ID]], 32, ENDOFTEXT_ID))
         assert one.shape == (1, 64)

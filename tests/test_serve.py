@@ -416,7 +416,7 @@ class FailsOnPoison(Backend):
 
     def __init__(self, inner: Backend):
         self.inner, self.name, self.task = inner, inner.name, inner.task
-        self.seq_len, self.batch, self.dynamic_batch = inner.seq_len, inner.batch, inner.dynamic_batch
+        self.seq_len, self.batch = inner.seq_len, inner.batch
 
     def run(self, input_ids, attention_mask):
         if (input_ids == POISON_ID).any():
@@ -465,7 +465,7 @@ class Gated(Backend):
 
     def __init__(self, inner: Backend, gate: threading.Event, seen: set):
         self.inner, self.name, self.task = inner, inner.name, inner.task
-        self.seq_len, self.batch, self.dynamic_batch = inner.seq_len, inner.batch, inner.dynamic_batch
+        self.seq_len, self.batch = inner.seq_len, inner.batch
         self.gate, self.seen = gate, seen
 
     def run(self, input_ids, attention_mask):

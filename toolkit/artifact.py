@@ -25,7 +25,7 @@ from toolkit.errors import ToolkitError
 from toolkit.tasks import TASKS
 
 MANIFEST = "manifest.json"
-FORMAT = "qwen3-deploy-artifact/2"
+FORMAT = "qwen3-deploy-artifact/3"
 BACKENDS = ("onnx", "tvm")  # one name per backend, everywhere: configs, CLI, manifests, directories
 MODEL_FILE_SUFFIX = {"onnx": ".onnx", "tvm": ".so"}  # what each backend loads (an ONNX graph, a TVM library)
 DEVICES = ("cpu", "cuda")
@@ -113,7 +113,6 @@ class Manifest:
     outputs: list[TensorSpec]
     model_file: str
     precision: dict
-    dynamic_batch: bool = False  # True: any 1..batch rows per run (no padding rows); False: exactly batch rows
     # the prompt prefix whose keys and values the graph holds: every row starts with it, padded after it
     # (`text.split_cached_prefix`, which the backends apply to left-padded rows)
     cached_prefix: list[int] = field(default_factory=list)
@@ -159,7 +158,9 @@ class Manifest:
         try:
             raw = json.loads(path.read_text())
             if raw.get("format") != FORMAT:
-                raise ValueError(f"format {raw.get('format')!r}, expected {FORMAT!r}")
+                raise ToolkitError(f"{path} is a {raw.get('format')!r} manifest and this toolkit reads {FORMAT!r} ones "
+                                   "(another version of the toolkit built it); recompile the artifact with "
+                                   "`toolkit compile`")
             manifest = cls(**{**raw, "target": Target(**raw["target"]), "model": ModelSource(**raw["model"]),
                               "inputs": [TensorSpec(**t) for t in raw["inputs"]],
                               "outputs": [TensorSpec(**t) for t in raw["outputs"]]})

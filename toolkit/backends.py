@@ -25,15 +25,13 @@ from toolkit.text import split_cached_prefix
 
 
 class Backend:
-    """One loaded model. `seq_len`/`batch` are the fixed input shape, or None where any size runs; with
-    `dynamic_batch`, `batch` is the most rows per run and fewer are fine; with `dynamic_seq`, `seq_len` is the
-    longest row and shorter runs are fine."""
+    """One loaded model. `batch` is the most rows per run (fewer are fine) and `seq_len` the row length, or None
+    where any runs; with `dynamic_seq`, `seq_len` is the longest row and shorter runs are fine."""
 
     name: str
     task: Task
     seq_len: int | None
     batch: int | None
-    dynamic_batch: bool = False
     dynamic_seq: bool = False
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -248,7 +246,7 @@ class OnnxRuntimeBackend(Backend):
             raise ToolkitError("this artifact targets CUDA but ONNX Runtime has no usable CUDA provider here "
                                f"(available: {ort.get_available_providers()}); install onnxruntime-gpu on a GPU host")
         self.task, self.seq_len, self.batch = get_task(manifest.task), manifest.seq_len, manifest.batch
-        self.dynamic_batch, self.cached_prefix = manifest.dynamic_batch, manifest.cached_prefix
+        self.cached_prefix = manifest.cached_prefix
         # the graph's symbolic sequence axis (`export_onnx`): a batch runs at its longest row, not at the bucket's SEQ
         self.dynamic_seq = isinstance(self.session.get_inputs()[0].shape[1], str)
         warn_if_int8_saturates(manifest)
@@ -265,14 +263,13 @@ class OnnxRuntimeBackend(Backend):
 def warn_if_int8_saturates(manifest: Manifest) -> None:
     """An int8 ONNX artifact with full-range int8 weights (built on a CPU with VNNI) loses accuracy on an x86 CPU
     without VNNI, where ONNX Runtime's uint8 x int8 matmul saturates (`host.int8_full_range_exact`): its gate figures
-    do not hold here. uint8 weights and 7-bit ones (`weight_max` 64, earlier builds) are exact everywhere."""
+    do not hold here. uint8 weights are exact everywhere."""
     import warnings
 
     from toolkit.host import int8_full_range_exact
 
-    quantization = manifest.precision.get("quantization") or {}
-    signed_full_range = quantization.get("weight_max", 127) == 127 and quantization.get("weight_type") != "uint8"
-    if manifest.dtype == "int8" and signed_full_range and not int8_full_range_exact():
+    if manifest.dtype == "int8" and manifest.precision["quantization"]["weight_type"] == "int8" \
+            and not int8_full_range_exact():
         warnings.warn(f"{manifest.path}: this int8 artifact has full-range weights and this CPU has no VNNI, so ONNX "
                       "Runtime's int8 matmul saturates here and its validation figures do not hold (measured: min "
                       "cosine 0.988 instead of 0.9996); rebuild it on this machine (`toolkit compile ... --dtype "

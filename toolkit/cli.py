@@ -175,10 +175,10 @@ def inspect(artifact_dir, as_json):
 def format_quantization(q: dict) -> str:
     """An int8 artifact's quantization record in one line."""
     worst = max(q["worst_linear_errors"].values(), default=0.0)
-    preflight = q.get("preflight")  # absent in artifacts built before the preflight existed
+    preflight = q["preflight"]  # None: turned off
     checked = (f", whole model in fake int8 on them: {preflight['budget_used']:.0%} of the gate's error budget "
                f"({preflight['rounds']} round(s))" if preflight else "")
-    rounding = q.get("weight_rounding", "nearest")  # artifacts built before GPTQ rounded to nearest
+    rounding = q["weight_rounding"]
     return (f"SmoothQuant alpha {q['smooth_alpha']}, {rounding} weight rounding, {len(q['keep_fp32'])} linear layers "
             f"kept out of int8, worst int8 layer error {worst:.4f}, calibration "
             f"{q['calibration']['calibration_records']} records"
@@ -197,7 +197,7 @@ def format_manifest(m) -> str:
         f"task        {m.task}",
         f"model       {m.model.checkpoint}" + (" (synthetic)" if m.model.synthetic else ""),
         f"backend     {m.backend}  target {target}",
-        f"shape       batch {m.batch}{f' (any 1..{m.batch} rows)' if m.dynamic_batch and m.batch > 1 else ''} x seq "
+        f"shape       batch {m.batch}{f' (any 1..{m.batch} rows)' if m.batch > 1 else ''} x seq "
         f"{m.seq_len}   dtype {m.kernels}",
         f"model file  {m.model_file}" + (" (the bucket set's shared graph)" if in_shared_graph(m.model_file) else ""),
         "precision   " + "; ".join(f"{k}: {m.precision[k]}" for k in ("weights", "compute", "accumulation")),

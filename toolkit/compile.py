@@ -489,7 +489,7 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
     tokenizer.save(out / "tokenizer")
     return Manifest(
         name=cfg.name, task=task.name, seq_len=artifact.seq_len, batch=cfg.batch_for(artifact.seq_len),
-        dynamic_batch=True, cached_prefix=exported.cached_prefix,
+        cached_prefix=exported.cached_prefix,
         instruction=exported.cached_instruction, dtype=cfg.dtype, backend=artifact.backend,
         target=target,
         model=source, inputs=exported.inputs, outputs=exported.outputs, model_file=model_file, precision=record,

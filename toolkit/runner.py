@@ -48,11 +48,11 @@ class Batch:
 
 
 class BucketedRunner:
-    """Routes each token row to the smallest engine whose SEQ fits (or, to fill a static batch's padding rows, a
-    larger one), pads to that engine's [batch, SEQ], submits every batch asynchronously and returns the outputs in
-    input order. An engine with no fixed SEQ (torch reference) gets length-sorted batches of `dynamic_batch` padded to
-    their longest row; one whose SEQ is the longest it takes (`dynamic_seq`: ONNX Runtime) gets its batches padded to
-    their longest row too."""
+    """Routes each token row to the smallest engine whose SEQ fits, batches each engine's rows (as many as its batch
+    takes, fewer in its last batch), left-pads them to the engine's SEQ, submits every batch asynchronously and returns
+    the outputs in input order. An engine with no fixed SEQ (torch reference) gets length-sorted batches of
+    `dynamic_batch` padded to their longest row; one whose SEQ is the longest it takes (`dynamic_seq`: ONNX Runtime)
+    gets its batches padded to their longest row too."""
 
     def __init__(self, engines: list[Engine], dynamic_batch: int = 8, max_length: int | None = None):
         self.engines = sorted(engines, key=lambda e: e.seq_len or 0)
@@ -72,7 +72,6 @@ class BucketedRunner:
         by_engine: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             by_engine.setdefault(id(self.bucket_for(len(row))), []).append(i)
-        self._fill_padding_rows(rows, by_engine)
         planned = []
         for engine in self.engines:
             order = sorted(by_engine.get(id(engine), []), key=lambda i: len(rows[i]))
@@ -81,14 +80,14 @@ class BucketedRunner:
         return planned
 
     def batch_rows(self, engine: Engine) -> int:
-        """The most rows one batch of `engine` takes (its static batch, or `dynamic_batch`)."""
+        """The most rows one batch of `engine` takes (its artifact's batch, or `dynamic_batch`)."""
         return engine.batch or self.dynamic_batch
 
     def run_batch(self, engine: Engine, rows: list[list[int]], indices: list[int]) -> Batch:
         """Queue one batch of `engine` holding `rows[i]` for i in `indices` (as `plan` made it)."""
         chunk = [rows[i] for i in indices]
         seq = max(map(len, chunk)) if engine.seq_len is None or engine.dynamic_seq else engine.seq_len
-        ids, mask = left_pad(chunk, seq, ENDOFTEXT_ID, None if engine.dynamic_batch else engine.batch)
+        ids, mask = left_pad(chunk, seq, ENDOFTEXT_ID)
         real = sum(map(len, chunk))
         self.stats.add(real, ids.size, engine.seq_len or seq)
         return Batch(indices, seq, real, ids.size, engine.run_async(ids, mask))
@@ -96,24 +95,6 @@ class BucketedRunner:
     def submit(self, rows: list[list[int]]) -> list[Batch]:
         """Queue every batch the rows make; does not wait for outputs."""
         return [self.run_batch(engine, rows, indices) for engine, indices in self.plan(rows)]
-
-    def _fill_padding_rows(self, rows: list[list[int]], by_engine: dict[int, list[int]]) -> None:
-        """A static batch computes its padding rows as if they were real: fill each bucket's last batch, largest SEQ
-        first, with the longest rows of the smaller buckets (they fit), which may then run a batch fewer."""
-        for k in range(len(self.engines) - 1, 0, -1):
-            engine = self.engines[k]
-            mine = by_engine.get(id(engine), [])
-            if engine.seq_len is None or engine.dynamic_batch or not engine.batch or not mine:
-                continue
-            free = -len(mine) % engine.batch
-            for smaller in reversed(self.engines[:k]):
-                if not free:
-                    break
-                donors = sorted(by_engine.get(id(smaller), []), key=lambda i: len(rows[i]))
-                kept = max(0, len(donors) - free)
-                mine += donors[kept:]
-                by_engine[id(smaller)] = donors[:kept]
-                free -= len(donors) - kept
 
     def run(self, rows: list[list[int]], progress: bool = False) -> np.ndarray:
         """Raw outputs for token rows, in input order."""

@@ -143,7 +143,7 @@ class Engine:
         self.backends = [make_backend(i, device_ids[i % len(device_ids)]) for i in range(instances)]
         first = self.backends[0]
         self.task, self.seq_len, self.batch = first.task, first.seq_len, first.batch
-        self.dynamic_batch, self.dynamic_seq = first.dynamic_batch, first.dynamic_seq
+        self.dynamic_seq = first.dynamic_seq
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._closed = False
         self._submitting = 0  # submissions past the closed check, not yet queued
@@ -177,19 +177,22 @@ class Engine:
 
     # ---- requests ---------------------------------------------------------------------------------------------------
     def check_inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
-        """Raise ToolkitError unless the arrays are integer `[batch, seq]` of this engine's shape."""
+        """Raise ToolkitError unless the arrays are integer `[rows, seq]` this engine takes: 1..batch rows (any with no
+        batch), of its SEQ (1..SEQ with `dynamic_seq`, any with no SEQ)."""
         ids, mask = np.asarray(input_ids), np.asarray(attention_mask)
         if ids.ndim != 2 or ids.shape != mask.shape:
             raise ToolkitError(f"input_ids {ids.shape} and attention_mask {mask.shape} must be the same 2-D shape")
         if not np.issubdtype(ids.dtype, np.integer) or not np.issubdtype(mask.dtype, np.integer):
             raise ToolkitError(f"inputs must be integer arrays, got {ids.dtype} / {mask.dtype}")
-        rows_ok = self.dynamic_batch and 1 <= ids.shape[0] <= self.batch
-        seq_ok = self.dynamic_seq and 1 <= ids.shape[1] <= self.seq_len
-        expected = (ids.shape[0] if rows_ok else self.batch or ids.shape[0],
-                    ids.shape[1] if seq_ok else self.seq_len or ids.shape[1])
-        if ids.shape != expected:
-            raise ToolkitError(f"input shape {ids.shape} does not match the artifact's [batch, seq] = {list(expected)};"
-                               " pad the batch and left-pad to the sequence length (Embedder/Reranker do this)")
+        rows, seq = ids.shape
+        rows_ok = self.batch is None or 1 <= rows <= self.batch
+        seq_ok = self.seq_len is None or seq == self.seq_len or (self.dynamic_seq and 1 <= seq <= self.seq_len)
+        if not (rows_ok and seq_ok):
+            takes = ["any" if self.batch is None else f"1..{self.batch}",
+                     "any" if self.seq_len is None else f"1..{self.seq_len}" if self.dynamic_seq else str(self.seq_len)]
+            raise ToolkitError(f"input shape {ids.shape} does not match the artifact's [batch, seq] = "
+                               f"[{', '.join(takes)}]; split the rows into batches and left-pad them to the sequence "
+                               "length (Embedder/Reranker do this)")
         # an id past the embedding table reads zeros on TVM (or memory it does not own) and fails deep in ONNX
         # Runtime; a negative one wraps around
         if self.vocab_size and ids.size and not (0 <= ids.min() and ids.max() < self.vocab_size):

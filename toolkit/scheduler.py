@@ -3,15 +3,16 @@
 A service receives many small requests at once (one sentence each, say); run one at a time, each would fill an engine's
 `[batch, SEQ]` with a single row. `BatchScheduler` keeps the rows of concurrent callers in one pool and, each time an
 engine instance is free, runs the one batch of the pool with the most real tokens per token slot: for each engine of
-the `BucketedRunner`, the longest waiting rows that fit its SEQ, as many as its batch takes. Each caller's future
+the `BucketedRunner`, the longest waiting rows of its bucket, as many as its batch takes. Each caller's future
 resolves with the outputs of its own rows, in its order, as soon as the batches holding them are done.
 
 One batch at a time, not a round of batches: rows that arrive while a batch runs join the pool and can fill the next
 one, so a closed loop of clients never splits into a full round and its stragglers. Token slots computed beyond an
 offline run's on the same STS12 sentences, 64 single-row clients: 14% in rounds, 9% taking the batches the runner's
-plan made of the pool (the shortest rows of a bucket first), 3% taking the longest rows that fit (1,024 sentences,
-static-batch TVM set: 29,704 slots against offline's 28,792, and 31,440). A row passed over `MAX_PASSED_OVER` times
-goes in the next batch, so a row of a rare length waits a few batches at most.
+plan made of the pool (the shortest rows of a bucket first), 3% taking the longest rows (1,024 sentences, a TVM set
+of the former static batch, whose batches also took the rows of smaller buckets: 29,704 slots against offline's
+28,792, and 31,440). A row passed over `MAX_PASSED_OVER` times goes in the next batch, so a row of a rare length waits
+a few batches at most.
 
 A batch goes when an instance is free and either it is full, the pool holds the token budget, or the oldest row has
 waited `max_wait_ms`. While every instance is busy, rows wait here, where they can still join a fuller batch, rather
@@ -210,22 +211,17 @@ class BatchScheduler:
 
     def _choose(self, rows: list[_Row]) -> tuple:
         """The batch with the most real tokens per token slot of the engine's full batch: for each engine, the longest
-        rows it can take, as many as its batch takes (the oldest row passed over too often among them, if there is
-        one). A static batch takes any row that fits its SEQ (its padding rows are computed anyway), a dynamic one only
-        the rows of its own bucket (a row it adds costs SEQ slots, or with `dynamic_seq` the longest row's: its batch
-        holds the rows its token budget was sized for). Ties: the smaller SEQ, then the older rows."""
+        rows of its own bucket, as many as its batch takes (the oldest row passed over too often among them, if there
+        is one). Not the rows of smaller buckets: one it adds costs SEQ slots (with `dynamic_seq`, the longest row's),
+        and its batch holds the rows its token budget was sized for. Ties: the smaller SEQ, then the older rows."""
         overdue = next((i for i, r in enumerate(rows) if r.passed_over >= MAX_PASSED_OVER), None)
         lengths = [len(r.tokens) for r in rows]
         longest_first = sorted(range(len(rows)), key=lambda i: (-lengths[i], i))
         # each row's own bucket, once per choice (not once per engine: a window holds hundreds of rows)
-        home = [self.runner.bucket_for(n) for n in lengths] if any(e.dynamic_batch for e in self.runner.engines) \
-            else None
+        home = [self.runner.bucket_for(n) for n in lengths]
         best, best_fill = None, -1.0
         for engine in self.runner.engines:
-            if engine.dynamic_batch:
-                fits = [i for i in longest_first if home[i] is engine]
-            else:
-                fits = [i for i in longest_first if engine.seq_len is None or lengths[i] <= engine.seq_len]
+            fits = [i for i in longest_first if home[i] is engine]
             if overdue is not None:
                 if overdue not in fits:
                     continue

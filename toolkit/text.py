@@ -9,8 +9,9 @@ from toolkit.errors import ToolkitError
 def left_pad(rows: list[list[int]], seq_len: int, pad_id: int, batch: int | None = None):
     """Left-pad token id lists to `[max(len(rows), batch), seq_len]` int64 arrays (ids, attention_mask).
 
-    Rows beyond len(rows) (filling a static batch) repeat the first row, so they compute finite values that the caller
-    drops (and start with any prompt prefix an artifact caches: `split_cached_prefix`)."""
+    Rows beyond len(rows) (filling a batch of a fixed size, as a benchmark times it) repeat the first row, so they
+    compute finite values that the caller drops (and start with any prompt prefix an artifact caches:
+    `split_cached_prefix`)."""
     n = max(len(rows), batch or 0)
     ids = np.full((n, seq_len), pad_id, dtype=np.int64)
     mask = np.zeros((n, seq_len), dtype=np.int64)

@@ -48,7 +48,7 @@ def import_tvm(compiler: bool = False):
     import tvm
     if compiler and tvm.base._RUNTIME_ONLY:
         raise ToolkitError("this process loaded TVM's runtime library alone, to run artifacts; compiling (or checking "
-                           "the CPU of an artifact built before manifests recorded its flags) takes the compiler "
+                           "the CPU of an artifact built where the CPU's flags could not be read) takes the compiler "
                            f"library: do it in a new process, or set {RUNTIME_LIB}=0 in the environment of a process "
                            "that both runs artifacts and compiles")
     return tvm
@@ -57,8 +57,8 @@ def import_tvm(compiler: bool = False):
 def check_host(manifest: Manifest) -> None:
     """An llvm artifact is built for one CPU, a bf16 or int8 one also for an instruction set extension; refuse to run
     it where its instructions may be missing (the process would die of SIGILL, with no message). The artifact records
-    its build CPU's extensions and this host must have them all; an artifact from before that record, or a host
-    whose flags cannot be read, is held to LLVM's name for the CPU instead (which takes TVM's compiler library)."""
+    its build CPU's extensions and this host must have them all; an artifact built where they could not be read, or a
+    host whose flags cannot be read, is held to LLVM's name for the CPU instead (which takes TVM's compiler library)."""
     target = manifest.target
     if (target.tvm_target or {}).get("kind") != "llvm":
         return
@@ -132,7 +132,6 @@ class TvmBackend(Backend):
         if manifest.backend_details.get("amx_kernels"):
             request_tiles()
         self.task, self.seq_len, self.batch = get_task(manifest.task), manifest.seq_len, manifest.batch
-        self.dynamic_batch = manifest.dynamic_batch  # built before the symbolic batch: exactly `batch` rows
         self.cached_prefix = manifest.cached_prefix
         self.device = tvm.cpu() if manifest.target.device == "cpu" else tvm.cuda(device_id)
         executable = tvm.runtime.load_module(str(manifest.path / manifest.model_file))

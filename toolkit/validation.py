@@ -52,7 +52,7 @@ def measure(manifest: Manifest, reference: Backend, tokenizer, texts: list[list[
     try:
         for start in range(0, len(rows), backend.batch):
             chunk = rows[start:start + backend.batch]
-            ids, mask = left_pad(chunk, backend.seq_len, ENDOFTEXT_ID, None if backend.dynamic_batch else backend.batch)
+            ids, mask = left_pad(chunk, backend.seq_len, ENDOFTEXT_ID)
             outs.append(backend.run(ids, mask)[: len(chunk)])
     finally:
         backend.close()  # a build validates SEQ after SEQ: nothing of one stays under the next (TVM's buffer pool)
