@@ -1,10 +1,11 @@
 """Backends behind one small interface: `run(input_ids, attention_mask) -> outputs` on left-padded int64 arrays.
 
 Outputs are raw graph outputs: `[B, hidden]` last-token hidden states (embedding, before L2 normalisation) or `[B, 2]`
-("no", "yes") logits (reranker). The artifact backends share one constructor, `(manifest, threads, device_id)`, and
-`open_backend(manifest)` picks the one the manifest names. The torch references run the *unpatched* Hugging Face model,
-so every parity check compares the compiled artifact with what users run today: `TorchReference` loads it whole,
-`LayerwiseReference` holds one decoder layer's weights at a time (same results, a fraction of the memory).
+("no", "yes") logits (reranker). The artifact backends (`ArtifactBackend`) share one constructor, `(manifest, threads,
+device_id)`, and `open_backend(manifest)` picks the one the manifest names. The torch references run the *unpatched*
+Hugging Face model, so every parity check compares the compiled artifact with what users run today: `TorchReference`
+loads it whole, `LayerwiseReference` holds one decoder layer's weights at a time (same results, a fraction of the
+memory).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from toolkit.artifact import Manifest
 from toolkit.checkpoint import CheckpointTensors, embedding_lookup
 from toolkit.errors import ToolkitError
 from toolkit.memory import return_freed_memory
-from toolkit.tasks import Task
+from toolkit.tasks import Task, get_task
 from toolkit.text import split_cached_prefix
 
 
@@ -194,6 +195,25 @@ def load_shared(cache: weakref.WeakValueDictionary, key, load) -> Shared:
     return shared
 
 
+class ArtifactBackend(Backend):
+    """What every artifact backend shares: its task, shape and cached prompt prefix from the manifest, and `run`, which
+    lays the rows out for the graph (`split_cached_prefix`) as contiguous int64 arrays for `forward`."""
+
+    def __init__(self, manifest: Manifest):
+        self.task, self.seq_len, self.batch = get_task(manifest.task), manifest.seq_len, manifest.batch
+        self.cached_prefix = manifest.cached_prefix
+
+    @override
+    def run(self, input_ids, attention_mask):
+        input_ids, attention_mask = split_cached_prefix(input_ids, attention_mask, self.cached_prefix)
+        return self.forward(np.ascontiguousarray(input_ids, dtype=np.int64),
+                            np.ascontiguousarray(attention_mask, dtype=np.int64))
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """The graph's outputs for rows as `run` laid them out."""
+        raise NotImplementedError
+
+
 _sessions: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # session_key → Shared(session)
 
 
@@ -205,7 +225,7 @@ def session_key(manifest: Manifest, *settings) -> tuple:
     return (*digests, *settings)
 
 
-class OnnxRuntimeBackend(Backend):
+class OnnxRuntimeBackend(ArtifactBackend):
     """An `onnx` artifact on ONNX Runtime (CPU, or CUDA with onnxruntime-gpu). Backends whose artifacts have the same
     model files and settings share one session (every SEQ of a bucket set, every instance of an engine): the weights
     are held once per process, not once per bucket (0.6B fp16: about 1.7 GB each). ONNX Runtime runs concurrent
@@ -219,8 +239,7 @@ class OnnxRuntimeBackend(Backend):
         to a file whose name starts with this prefix (`perf profile`)."""
         import onnxruntime as ort
 
-        from toolkit.tasks import get_task
-
+        super().__init__(manifest)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or 0
         opts.inter_op_num_threads = 1
@@ -245,19 +264,14 @@ class OnnxRuntimeBackend(Backend):
         if device != "cpu" and "CUDAExecutionProvider" not in self.session.get_providers():
             raise ToolkitError("this artifact targets CUDA but ONNX Runtime has no usable CUDA provider here "
                                f"(available: {ort.get_available_providers()}); install onnxruntime-gpu on a GPU host")
-        self.task, self.seq_len, self.batch = get_task(manifest.task), manifest.seq_len, manifest.batch
-        self.cached_prefix = manifest.cached_prefix
         # the graph's symbolic sequence axis (`export_onnx`): a batch runs at its longest row, not at the bucket's SEQ
         self.dynamic_seq = isinstance(self.session.get_inputs()[0].shape[1], str)
         warn_if_int8_saturates(manifest)
         self.output_name = self.session.get_outputs()[0].name
 
     @override
-    def run(self, input_ids, attention_mask):
-        input_ids, attention_mask = split_cached_prefix(input_ids, attention_mask, self.cached_prefix)
-        feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-                 "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
-        return self.session.run([self.output_name], feeds)[0]
+    def forward(self, input_ids, attention_mask):
+        return self.session.run([self.output_name], {"input_ids": input_ids, "attention_mask": attention_mask})[0]
 
 
 def warn_if_int8_saturates(manifest: Manifest) -> None:

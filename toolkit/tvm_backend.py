@@ -10,12 +10,10 @@ import numpy as np
 from typing_extensions import override
 
 from toolkit.artifact import Manifest
-from toolkit.backends import Backend, Shared, load_shared
+from toolkit.backends import ArtifactBackend, Shared, load_shared
 from toolkit.errors import ToolkitError
 from toolkit.host import isa_flags, missing_tvm_extension
 from toolkit.memory import return_freed_memory
-from toolkit.tasks import get_task
-from toolkit.text import split_cached_prefix
 from toolkit.tvm_amx import request_tiles
 
 _importing = threading.Lock()
@@ -116,7 +114,7 @@ def load_weights(manifest: Manifest, vm, device) -> Shared:
     return load_shared(_loaded, (digest, str(device)) if digest else None, load)
 
 
-class TvmBackend(Backend):
+class TvmBackend(ArtifactBackend):
     """A `tvm` artifact on the Relax VM (llvm CPU or CUDA)."""
 
     name = "tvm"
@@ -131,8 +129,7 @@ class TvmBackend(Backend):
         check_host(manifest)
         if manifest.backend_details.get("amx_kernels"):
             request_tiles()
-        self.task, self.seq_len, self.batch = get_task(manifest.task), manifest.seq_len, manifest.batch
-        self.cached_prefix = manifest.cached_prefix
+        super().__init__(manifest)
         self.device = tvm.cpu() if manifest.target.device == "cpu" else tvm.cuda(device_id)
         executable = tvm.runtime.load_module(str(manifest.path / manifest.model_file))
         self.vm = VirtualMachine(executable, self.device)
@@ -140,10 +137,8 @@ class TvmBackend(Backend):
         self._tensor = tvm.runtime.tensor
 
     @override
-    def run(self, input_ids, attention_mask):
-        input_ids, attention_mask = split_cached_prefix(input_ids, attention_mask, self.cached_prefix)
-        ids = self._tensor(np.ascontiguousarray(input_ids, dtype=np.int64), self.device)
-        mask = self._tensor(np.ascontiguousarray(attention_mask, dtype=np.int64), self.device)
+    def forward(self, input_ids, attention_mask):
+        ids, mask = self._tensor(input_ids, self.device), self._tensor(attention_mask, self.device)
         return self.vm["main"](ids, mask, *self.weights.value).numpy()
 
     @override
