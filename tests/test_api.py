@@ -119,7 +119,7 @@ from toolkit.runtime import Engine
 from toolkit.tasks import EMBEDDING
 
 class Slow(Backend):
-    name, task, seq_len, batch = "slow", EMBEDDING, 8, 1
+    task, seq_len, batch = EMBEDDING, 8, 1
 
     def run(self, input_ids, attention_mask):
         time.sleep(1)
@@ -157,7 +157,7 @@ def test_a_model_never_closed_releases_its_engines_when_dropped(onnx_artifacts):
 
 
 class ClosedOnWorker(Backend):
-    name, task, seq_len, batch = "closed-on-worker", EMBEDDING, 4, 1
+    task, seq_len, batch = EMBEDDING, 4, 1
     closed = threading.Event()
 
     def run(self, input_ids, attention_mask):

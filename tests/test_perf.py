@@ -188,7 +188,7 @@ def test_perf_compare_interleaved_times_every_run_in_alternating_rounds(onnx_art
         real_run = backend.run
 
         def run(ids, mask):
-            calls.append(backend.name)
+            calls.append(manifest.backend)
             return real_run(ids, mask)
         backend.run = run
         return backend

@@ -41,7 +41,7 @@ def test_2000_async_requests_over_3_instances_return_to_their_callers(onnx_artif
 
 
 class BlockingBackend(Backend):
-    name, task, seq_len, batch = "blocking", EMBEDDING, 4, 1
+    task, seq_len, batch = EMBEDDING, 4, 1
 
     def __init__(self, release: threading.Event):
         self.release = release
@@ -52,7 +52,7 @@ class BlockingBackend(Backend):
 
 
 class InstantBackend(Backend):
-    name, task, seq_len, batch = "instant", EMBEDDING, 4, 1
+    task, seq_len, batch = EMBEDDING, 4, 1
 
     def run(self, input_ids, attention_mask):
         return np.zeros((1, 2), np.float32)

@@ -25,7 +25,7 @@ POISON = 666  # a row holding this token makes EchoBackend fail
 class EchoBackend(Backend):
     """Outputs [last token, real length] per row; waits for `gate` before each run; fails on POISON."""
 
-    name, task, batch = "echo", EMBEDDING, 4
+    task, batch = EMBEDDING, 4
 
     def __init__(self, seq_len: int, gate: threading.Event):
         self.seq_len, self.gate = seq_len, gate
@@ -59,6 +59,11 @@ def echo():
     runner.close()
 
 
+def seq(batch) -> int:
+    """The SEQ a batch ran at: EchoBackend's rows are padded to their engine's SEQ."""
+    return batch.computed_tokens // len(batch.indices)
+
+
 def expected(rows):
     return np.array([[row[-1], len(row)] for row in rows], np.float32)
 
@@ -79,7 +84,7 @@ def test_concurrent_callers_share_batches_and_get_their_own_rows_in_order(echo):
     assert recorder.finished == 40
     assert sum(len(b.indices) for b in recorder.batches) == sum(map(len, requests))
     assert len(recorder.batches) < sum(map(len, requests)) / 2  # rows were packed together, across requests
-    assert {b.seq for b in recorder.batches} == {8, 16}
+    assert {seq(b) for b in recorder.batches} == {8, 16}
 
 
 def test_the_fullest_batch_goes_first_and_a_passed_over_row_goes_within_max_passed_over(echo):
@@ -96,7 +101,7 @@ def test_the_fullest_batch_goes_first_and_a_passed_over_row_goes_within_max_pass
     for future in [blocker, *shorts]:
         future.result(TIMEOUT)
     assert np.array_equal(long_row.result(TIMEOUT), expected([[2] * 12]))
-    order = [b.seq for b in recorder.batches[1:]]
+    order = [seq(b) for b in recorder.batches[1:]]
     # fuller SEQ 8 batches go first, until the long row has watched MAX_PASSED_OVER of them go; then its batch
     assert order == [8] * MAX_PASSED_OVER + [16, 8], order
     scheduler.close()
@@ -118,7 +123,7 @@ def test_a_batch_takes_the_longest_rows_of_its_bucket(echo):
     scheduler.close()
     # SEQ 16, 4 rows: 16, 15, 14 and 10 (55 real tokens), not the 4 shortest of its bucket (48). The 3-token row is
     # not taken into SEQ 16's last batch (it would cost 16 slots there): SEQ 8 runs it alone
-    assert [(b.seq, len(b.indices), b.real_tokens) for b in recorder.batches[1:]] == [(16, 4, 55), (16, 1, 9),
+    assert [(seq(b), len(b.indices), b.real_tokens) for b in recorder.batches[1:]] == [(16, 4, 55), (16, 1, 9),
                                                                                        (8, 1, 3)]
 
 

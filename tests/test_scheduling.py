@@ -25,7 +25,7 @@ from toolkit.tokenizer import ENDOFTEXT_ID
 class CountingBackend(Backend):
     """Records how many compute threads are busy at once across every engine sharing `meter`."""
 
-    name, task, batch = "counting", EMBEDDING, 2
+    task, batch = EMBEDDING, 2
 
     def __init__(self, seq_len, threads, meter):
         self.seq_len, self.threads, self.meter = seq_len, threads, meter

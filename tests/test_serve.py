@@ -415,7 +415,7 @@ class FailsOnPoison(Backend):
     """A real artifact backend that raises where a row holds POISON_ID (a device error, say)."""
 
     def __init__(self, inner: Backend):
-        self.inner, self.name, self.task = inner, inner.name, inner.task
+        self.inner, self.task = inner, inner.task
         self.seq_len, self.batch = inner.seq_len, inner.batch
 
     def run(self, input_ids, attention_mask):
@@ -464,7 +464,7 @@ class Gated(Backend):
     """A real artifact backend that records the token ids of each batch, then waits for `gate` to run it."""
 
     def __init__(self, inner: Backend, gate: threading.Event, seen: set):
-        self.inner, self.name, self.task = inner, inner.name, inner.task
+        self.inner, self.task = inner, inner.task
         self.seq_len, self.batch = inner.seq_len, inner.batch
         self.gate, self.seen = gate, seen
 

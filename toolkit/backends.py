@@ -29,7 +29,6 @@ class Backend:
     """One loaded model. `batch` is the most rows per run (fewer are fine) and `seq_len` the row length, or None
     where any runs; with `dynamic_seq`, `seq_len` is the longest row and shorter runs are fine."""
 
-    name: str
     task: Task
     seq_len: int | None
     batch: int | None
@@ -46,7 +45,6 @@ class Backend:
 class TorchReference(Backend):
     """The unpatched Hugging Face model in fp32 (any batch, any length)."""
 
-    name = "torch"
     seq_len = batch = None
 
     def __init__(self, checkpoint_dir: Path, task: Task, threads: int | None = None):
@@ -79,7 +77,6 @@ class LayerwiseReference(Backend):
     slicing it over the vocabulary changes BLAS's summation order (up to ~1e-5 on the logits). The final norm and the
     rotary tables are small and stay loaded."""
 
-    name = "torch-layerwise"
     seq_len = batch = None
 
     def __init__(self, checkpoint_dir: Path, task: Task, progress: bool = False):
@@ -230,8 +227,6 @@ class OnnxRuntimeBackend(ArtifactBackend):
     model files and settings share one session (every SEQ of a bucket set, every instance of an engine): the weights
     are held once per process, not once per bucket (0.6B fp16: about 1.7 GB each). ONNX Runtime runs concurrent
     calls of one session safely."""
-
-    name = "onnx"
 
     def __init__(self, manifest: Manifest, threads: int | None = None, device_id: int = 0,
                  profile_prefix: str | Path | None = None):

@@ -37,11 +37,10 @@ class RunnerStats:
 
 @dataclass
 class Batch:
-    """One engine run a runner submitted: the positions of its rows in the submitted list, its SEQ, its real and
-    computed token counts, and the future that carries its outputs (one row per position, in that order)."""
+    """One engine run a runner submitted: the positions of its rows in the submitted list, its real and computed token
+    counts, and the future that carries its outputs (one row per position, in that order)."""
 
     indices: list[int]
-    seq: int
     real_tokens: int
     computed_tokens: int
     future: Future
@@ -90,7 +89,7 @@ class BucketedRunner:
         ids, mask = left_pad(chunk, seq, ENDOFTEXT_ID)
         real = sum(map(len, chunk))
         self.stats.add(real, ids.size, engine.seq_len or seq)
-        return Batch(indices, seq, real, ids.size, engine.run_async(ids, mask))
+        return Batch(indices, real, ids.size, engine.run_async(ids, mask))
 
     def submit(self, rows: list[list[int]]) -> list[Batch]:
         """Queue every batch the rows make; does not wait for outputs."""

@@ -45,7 +45,7 @@ class ComputeBudget:
     def __init__(self, threads: int):
         self.threads = threads
         self.busy = 0
-        self.peak = 0  # the most threads ever busy at once (observability, tests)
+        self.peak = 0  # the most threads ever busy at once: read by the test that busy threads never exceed cores
         self._state = threading.Condition()
 
     @contextmanager
@@ -136,8 +136,9 @@ class Engine:
                  budget: ComputeBudget = CPU_BUDGET, vocab_size: int | None = None):
         """`make_backend(instance_index, device_id)` builds one backend copy; instances go round-robin over
         `device_ids`. `queue_size` bounds the requests waiting (not counting those being run). Each run holds
-        `threads` (the backend's compute threads) from `budget`. `vocab_size`: the model's embedding rows, which token
-        ids must index (None: not checked)."""
+        `threads` (the backend's compute threads) from `budget` (the process's `CPU_BUDGET`; another is a test seam, to
+        check the limit at a budget of the test's size, whatever the machine's cores). `vocab_size`: the model's
+        embedding rows, which token ids must index (None: not checked)."""
         instances, device_ids, queue_size = check_engine_options(instances, device_ids, queue_size)
         self.threads, self.budget, self.instances, self.vocab_size = threads, budget, instances, vocab_size
         self.backends = [make_backend(i, device_ids[i % len(device_ids)]) for i in range(instances)]

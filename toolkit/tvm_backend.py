@@ -117,8 +117,6 @@ def load_weights(manifest: Manifest, vm, device) -> Shared:
 class TvmBackend(ArtifactBackend):
     """A `tvm` artifact on the Relax VM (llvm CPU or CUDA)."""
 
-    name = "tvm"
-
     def __init__(self, manifest: Manifest, threads: int | None = None, device_id: int = 0):
         # TVM sizes its CPU thread pool from TVM_NUM_THREADS when a thread first runs a kernel, and otherwise used a
         # single core on these VMs (kernels ran 2x slower). Engine sizes `threads` so instances share the cores.
