@@ -134,11 +134,11 @@ def time_run(task, name: str, make, requests: list, instruction: str | None, con
     before = resident_mb()
     with make() as model:
         lengths = token_lengths(task, model.tokenizer, requests, instruction).clip(max=model.max_length)
-        task.serve(model, warmup_subset(requests, lengths), instruction)
+        task.run_requests(model, warmup_subset(requests, lengths), instruction)
         held = resident_mb() - before
         model.runner.stats = RunnerStats()
         started = time.perf_counter()
-        outputs = task.serve(model, requests, instruction, progress=progress)
+        outputs = task.run_requests(model, requests, instruction, progress=progress)
         seconds = time.perf_counter() - started
         stats = model.runner.stats
     del model  # one run's weights in memory at a time

@@ -49,13 +49,13 @@ class Batch:
 class BucketedRunner:
     """Routes each token row to the smallest engine whose SEQ fits, batches each engine's rows (as many as its batch
     takes, fewer in its last batch), left-pads them to the engine's SEQ, submits every batch asynchronously and returns
-    the outputs in input order. An engine with no fixed SEQ (torch reference) gets length-sorted batches of
-    `dynamic_batch` padded to their longest row; one whose SEQ is the longest it takes (`dynamic_seq`: ONNX Runtime)
-    gets its batches padded to their longest row too."""
+    the outputs in input order. An engine with no fixed batch and SEQ (torch reference) gets length-sorted batches of
+    `reference_batch_size` rows padded to their longest row; one whose SEQ is the longest it takes (`dynamic_seq`:
+    ONNX Runtime) gets its batches padded to their longest row too."""
 
-    def __init__(self, engines: list[Engine], dynamic_batch: int = 8, max_length: int | None = None):
+    def __init__(self, engines: list[Engine], reference_batch_size: int = 8, max_length: int | None = None):
         self.engines = sorted(engines, key=lambda e: e.seq_len or 0)
-        self.dynamic_batch = dynamic_batch
+        self.reference_batch_size = reference_batch_size
         self.max_length = self.engines[-1].seq_len if max_length is None else max_length
         self.stats = RunnerStats()
 
@@ -79,8 +79,8 @@ class BucketedRunner:
         return planned
 
     def batch_rows(self, engine: Engine) -> int:
-        """The most rows one batch of `engine` takes (its artifact's batch, or `dynamic_batch`)."""
-        return engine.batch or self.dynamic_batch
+        """The most rows one batch of `engine` takes (its artifact's batch, or `reference_batch_size`)."""
+        return engine.batch or self.reference_batch_size
 
     def run_batch(self, engine: Engine, rows: list[list[int]], indices: list[int]) -> Batch:
         """Queue one batch of `engine` holding `rows[i]` for i in `indices` (as `plan` made it)."""

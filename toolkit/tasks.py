@@ -179,7 +179,7 @@ class Task:
         build's fixed `instruction` (`fixed_instruction`), every body carries it."""
         raise NotImplementedError
 
-    def serve(self, model, requests: list, instruction: str | None = None, progress: bool = False) -> np.ndarray:
+    def run_requests(self, model, requests: list, instruction: str | None = None, progress: bool = False) -> np.ndarray:
         """Run requests through this task's high-level model (Embedder / Reranker), with `instruction` as `body` reads
         it: the finished outputs."""
         raise NotImplementedError
@@ -285,7 +285,7 @@ class EmbeddingTask(Task):
         return [text for q, d in records for text in (self.format_query(q, WEB_SEARCH_INSTRUCTION), d)]
 
     @override
-    def serve(self, model, requests, instruction=None, progress=False):
+    def run_requests(self, model, requests, instruction=None, progress=False):
         return model.encode(requests, instruction=instruction, progress=progress)
 
 
@@ -380,7 +380,7 @@ class RerankerTask(Task):
         return [self.format_body(q, d, instruction) for q, d in records]
 
     @override
-    def serve(self, model, requests, instruction=None, progress=False):
+    def run_requests(self, model, requests, instruction=None, progress=False):
         return model.score(requests, instruction, progress=progress)
 
 
