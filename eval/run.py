@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.api import check_instruction, model_class
-from toolkit.artifact import Manifest, find_artifacts
+from toolkit.api import check_instruction, check_set, model_class
+from toolkit.artifact import Manifest
 from toolkit.errors import ToolkitError, is_integer
 from toolkit.eval.datasets import (
     DatasetSpec,
@@ -176,10 +176,8 @@ def evaluate(options: EvalOptions) -> dict:
     task = get_task(options.task)
     name, spec, source = resolve_dataset(str(options.dataset), options.data_dir)
     check_kind(task, name, spec)
-    manifests = find_artifacts(options.artifact) if options.artifact is not None else None
-    if manifests and manifests[0].task != task.name:
-        raise ToolkitError(f"{options.artifact} holds {manifests[0].task} artifacts; pass --task {manifests[0].task} "
-                           f"or a {task.name} artifact")
+    manifests = None if options.artifact is None else \
+        check_set(options.artifact, task, lambda found: f"pass --task {found} or a {task.name} artifact")
     examples = read_examples(name, spec, source, options.limit)
     check_scorable(name, spec, examples)  # before any model runs: an undefined metric is the data's fault
     instruction = spec.instruction if options.instruction is None else options.instruction

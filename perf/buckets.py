@@ -12,8 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from toolkit.api import Embedder
-from toolkit.artifact import find_artifacts
+from toolkit.api import Embedder, check_set
 from toolkit.errors import ToolkitError
 from toolkit.perf.run import check_int, dataset_requests
 from toolkit.report import format_columns
@@ -55,14 +54,11 @@ class BucketOptions:
 
 def check_artifacts(options: BucketOptions) -> None:
     """Before any model loads: `fixed` is one artifact and both sides hold embedding artifacts of one backend."""
-    fixed, buckets = find_artifacts(options.fixed), find_artifacts(options.buckets)
+    fixed, buckets = (check_set(path, EMBEDDING, lambda found: "perf buckets embeds texts, pass embedding artifacts")
+                      for path in (options.fixed, options.buckets))
     if len(fixed) != 1:
         raise ToolkitError(f"--fixed must be one artifact directory (e.g. .../onnx/seq512), {options.fixed} holds "
                            f"{len(fixed)}; pass the set as --buckets")
-    for flag, manifests in (("--fixed", fixed), ("--buckets", buckets)):
-        if manifests[0].task != "embedding":
-            raise ToolkitError(f"{flag} holds {manifests[0].task} artifacts; perf buckets embeds texts, pass "
-                               "embedding artifacts")
     if fixed[0].backend != buckets[0].backend:
         raise ToolkitError(f"--fixed is a {fixed[0].backend} artifact but --buckets holds {buckets[0].backend} "
                            "artifacts; compare one backend at a time")

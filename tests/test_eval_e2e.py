@@ -69,7 +69,8 @@ def test_eval_cli_prints_table_writes_json_and_rejects_bad_combinations(onnx_art
     assert "msmarco" in bad.output and "Traceback" not in bad.output
     wrong = CliRunner().invoke(main, ["eval", "--task", "reranker", "--dataset", "msmarco-sample",
                                       "--artifact", str(onnx_artifacts["embedding"][1])])
-    assert wrong.exit_code == 2 and "holds embedding artifacts; pass --task embedding" in wrong.output
+    assert wrong.exit_code == 2 and "holds embedding artifacts, not reranker ones: pass --task embedding" in \
+        wrong.output
 
 
 @pytest.mark.parametrize("args, message", [

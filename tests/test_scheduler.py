@@ -198,8 +198,9 @@ def test_bad_arguments_are_one_line_errors(echo):
     runner, _ = echo
     for kwargs, message in (({"max_batch_tokens": 8}, "max_batch_tokens must be an integer >= the max input length"),
                             ({"max_batch_tokens": True}, "max_batch_tokens"),
-                            ({"max_wait_ms": -1}, "max_wait_ms must be a number in 0..60000, got -1"),
-                            ({"max_wait_ms": math.inf}, "max_wait_ms must be a number in 0..60000, got inf"),
+                            ({"max_wait_ms": -1}, "max_wait_ms must be a number of milliseconds in 0..60000, got -1"),
+                            ({"max_wait_ms": math.inf}, "max_wait_ms must be a number of milliseconds in 0..60000, got "
+                                                        "inf"),
                             ({"max_wait_ms": math.nan}, "got nan"), ({"max_wait_ms": MAX_WAIT_MS + 1}, "got 60001")):
         with pytest.raises(ToolkitError, match=message):
             BatchScheduler(runner, **kwargs)

@@ -36,7 +36,7 @@ from toolkit.runtime import Engine
 from toolkit.scheduler import MAX_WAIT_MS, SchedulerObserver
 from toolkit.serve.app import ERROR_TYPES, StopWhenClientLeaves, VectorsResponse, create_app
 from toolkit.serve.server import engines_line
-from toolkit.serve.service import Limits
+from toolkit.serve.service import Limits, model_sets
 from toolkit.tasks import SIMILARITY_INSTRUCTION, WEB_SEARCH_INSTRUCTION
 from toolkit.tokenizer import ENDOFTEXT_ID
 
@@ -554,6 +554,16 @@ def test_limits_take_numpy_integers_as_every_other_option_does():
         Limits(max_input_length=np.int64(0)).check()
 
 
+def test_the_batch_token_budget_is_checked_against_the_max_input_length_before_any_model_loads(sets):
+    """A batch's token budget must hold the longest row: the --max-input-length where one is given, else the largest
+    SEQ (64)."""
+    assert model_sets(sets["embedding"], None, Limits(max_batch_tokens=40, max_input_length=32)) == \
+        {Embedder: sets["embedding"]}
+    with pytest.raises(ToolkitError, match=r"^--max-batch-tokens must be an integer >= the max input length 64, got "
+                                           r"40"):
+        model_sets(sets["embedding"], None, Limits(max_batch_tokens=40))
+
+
 def test_the_tokenizers_are_set_up_before_the_first_request(sets, monkeypatch):
     """Their lazy setup (a scan of the vocabulary, ~0.1 s for Qwen3's) would block the event loop under the first
     request; a SIGTERM then resets requests already sent."""
@@ -633,10 +643,11 @@ CORES = os.cpu_count() or 1
     (["--embedding", "SET", "--ray", "--replicas", str(CORES + 1)], f"--replicas {CORES + 1} is more than this "
                                                                     f"machine's {CORES} cores"),
     (["--embedding", "SET", "--instances", "two"], "'two' is neither an integer >= 1 nor 'auto'"),
-    (["--embedding", "SET", "--max-input-length", "1000"], "--max-input-length 1000 is more than the largest SEQ (64)"),
-    (["--embedding", "RERANKER_SET"], "holds reranker artifacts; pass it as --reranker"),
-    (["--embedding", "SET", "--max-batch-tokens", "10"], "--max-batch-tokens 10 is below the embedding max input "
-                                                         "length 64"),
+    (["--embedding", "SET", "--max-input-length", "1000"], "--max-input-length must be an integer in 1..64 (the "
+                                                           "largest SEQ in "),
+    (["--embedding", "RERANKER_SET"], "holds reranker artifacts, not embedding ones: pass it as --reranker"),
+    (["--embedding", "SET", "--max-batch-tokens", "10"], "--max-batch-tokens must be an integer >= the max input "
+                                                         "length 64, got 10; raise it to at least 64"),
 ])
 def test_bad_serve_flags_are_one_line_errors(sets, args, message):
     args = [{"SET": str(sets["embedding"]), "RERANKER_SET": str(sets["reranker"])}.get(a, a) for a in args]

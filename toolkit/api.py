@@ -14,12 +14,13 @@ import os
 import sys
 import warnings
 import weakref
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
-from toolkit.artifact import find_artifacts
+from toolkit.artifact import Manifest, find_artifacts
 from toolkit.checkpoint import check_task, context_length, load_tokenizer, read_hf_config, resolve_checkpoint
 from toolkit.errors import ToolkitError, is_integer
 from toolkit.runner import BucketedRunner
@@ -130,20 +131,16 @@ class _TextModel:
         _check_path(path, "path", "an artifact directory or a bucket set's")
         check_truncation(truncation)  # before any engine opens
         instances, device_ids, queue_size = check_engine_options(instances, device_ids, queue_size)
-        manifests = find_artifacts(path)
-        if manifests[0].task != cls.task.name:
-            raise ToolkitError(f"{path} holds {manifests[0].task} artifacts, not {cls.task.name} ones: pass a "
-                               f"{cls.task.name} set (or, in Python, load it with "
-                               f"{get_task(manifests[0].task).api_class})")
-        if max_length is not None:
-            max_length = _check_max_length(max_length, manifests[-1].seq_len, f"the largest SEQ in {path}")
+        manifests = check_set(path, cls.task, lambda found: f"pass a {cls.task.name} set (or, in Python, load it with "
+                              f"{get_task(found).api_class})", max_length)
         # checked first: a damaged tokenizer file would otherwise fail to load with the tokenizer's own error
         tokenizer = load_tokenizer(manifests[0].verify("tokenizer/").path / "tokenizer")
         engines = []
         try:
             for m in manifests:
                 engines.append(Engine.from_artifact(m, instances, device_ids, queue_size))
-            model = cls(BucketedRunner(engines, max_length=max_length), tokenizer, truncation)
+            model = cls(BucketedRunner(engines, max_length=None if max_length is None else int(max_length)), tokenizer,
+                        truncation)
             model.manifests, model.hidden_size = tuple(manifests), manifests[0].model.hidden_size
             return model
         except BaseException:
@@ -252,10 +249,24 @@ def _check_path(path, name: str, what: str) -> None:
         raise ToolkitError(f"{name} must be {what} (a str or Path), got {type(path).__name__}")
 
 
-def _check_max_length(max_length, largest: int, why: str) -> int:
+def _check_max_length(max_length, largest: int, why: str, name: str = "max_length") -> int:
     if not is_integer(max_length) or not 1 <= max_length <= largest:
-        raise ToolkitError(f"max_length must be an integer in 1..{largest} ({why}), got {max_length!r}")
+        raise ToolkitError(f"{name} must be an integer in 1..{largest} ({why}), got {max_length!r}")
     return int(max_length)
+
+
+def check_set(path: str | Path, task: Task, fix: Callable[[str], str], max_length=None,
+              max_length_name: str = "max_length") -> list[Manifest]:
+    """The manifests of the artifact or bucket set at `path` (`find_artifacts`: nothing loads), refused unless they
+    are `task`'s (`fix(their task)`: how the caller's user passes a `task` set instead) and, with a `max_length`, their
+    largest SEQ takes it (`max_length_name`: the option the user set it with)."""
+    manifests = find_artifacts(path)
+    found = manifests[0].task
+    if found != task.name:
+        raise ToolkitError(f"{path} holds {found} artifacts, not {task.name} ones: {fix(found)}")
+    if max_length is not None:
+        _check_max_length(max_length, manifests[-1].seq_len, f"the largest SEQ in {path}", max_length_name)
+    return manifests
 
 
 def _check_flag(value, name: str) -> None:

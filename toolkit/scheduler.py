@@ -55,6 +55,21 @@ class SchedulerStopped(ToolkitError):
     """The scheduler stopped on an error of its own: rows submitted to it would never run."""
 
 
+def check_max_batch_tokens(value, max_length: int, name: str = "max_batch_tokens") -> None:
+    """Raise ToolkitError naming the option (`name`, as its user sets it) unless `value` is an integer of at least
+    `max_length`: a batch's token budget holds any row."""
+    if not is_integer(value) or value < max_length:
+        raise ToolkitError(f"{name} must be an integer >= the max input length {max_length}, got {value!r}; raise it "
+                           f"to at least {max_length}")
+
+
+def check_max_wait_ms(value, name: str = "max_wait_ms") -> None:
+    """Raise ToolkitError naming the option (`name`, as its user sets it) unless `value` is a finite wait: the
+    scheduling thread waits this long."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_WAIT_MS:
+        raise ToolkitError(f"{name} must be a number of milliseconds in 0..{MAX_WAIT_MS}, got {value!r}")
+
+
 @dataclass(eq=False)
 class _Request:
     rows: list[list[int]]
@@ -87,12 +102,8 @@ class BatchScheduler:
 
     def __init__(self, runner: BucketedRunner, max_batch_tokens: int = 16384, max_wait_ms: float = 2.0,
                  observer: SchedulerObserver | None = None):
-        if not is_integer(max_batch_tokens) or max_batch_tokens < runner.max_length:
-            raise ToolkitError(f"max_batch_tokens must be an integer >= the max input length {runner.max_length}, "
-                               f"got {max_batch_tokens!r}")
-        if isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float)) \
-                or not 0 <= max_wait_ms <= MAX_WAIT_MS:
-            raise ToolkitError(f"max_wait_ms must be a number in 0..{MAX_WAIT_MS}, got {max_wait_ms!r}")
+        check_max_batch_tokens(max_batch_tokens, runner.max_length)
+        check_max_wait_ms(max_wait_ms)
         self.runner, self.max_batch_tokens, self.max_wait = runner, max_batch_tokens, max_wait_ms / 1000
         self.observer = observer or SchedulerObserver()
         # batches that can run at once: every instance holds its share of the CPU budget while it runs

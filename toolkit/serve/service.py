@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.api import Embedder, InputTooLongError, Reranker, rank_order
-from toolkit.artifact import find_artifacts
+from toolkit.api import Embedder, InputTooLongError, Reranker, check_set, rank_order
 from toolkit.errors import ToolkitError, is_integer
-from toolkit.scheduler import MAX_WAIT_MS, BatchScheduler, SchedulerStopped
+from toolkit.scheduler import BatchScheduler, SchedulerStopped, check_max_batch_tokens, check_max_wait_ms
 from toolkit.serve.metrics import ServiceMetrics
 from toolkit.tasks import yes_log_odds
 from toolkit.text import holds_prefix
@@ -77,31 +76,27 @@ class Limits:
                 object.__setattr__(self, name, int(value))
 
     def check(self) -> "Limits":
-        """Raise ToolkitError naming the flag of the first invalid limit; return self."""
+        """Raise ToolkitError naming the flag of the first invalid limit; return self. (`max_batch_tokens` against
+        the max input length: `model_sets`, once the sets are known.)"""
         for name, value in vars(self).items():
-            if name == "max_wait_ms":  # a finite wait: the scheduler's thread waits this long
-                valid = isinstance(value, (int, float)) and 0 <= value <= MAX_WAIT_MS
-                kind = f"a number of milliseconds in 0..{MAX_WAIT_MS}"
-            else:
-                valid = (is_integer(value) and value >= 1) or (name == "max_input_length" and value is None)
-                kind = "an integer >= 1"
-            if isinstance(value, bool) or not valid:
-                raise ToolkitError(f"--{name.replace('_', '-')} must be {kind}, got {value!r}")
+            flag = f"--{name.replace('_', '-')}"
+            if name == "max_wait_ms":
+                check_max_wait_ms(value, flag)
+            elif not (is_integer(value) and value >= 1) and not (name == "max_input_length" and value is None):
+                raise ToolkitError(f"{flag} must be an integer >= 1, got {value!r}")
         return self
 
 
 def model_sets(embedding_dir: str | Path | None, reranker_dir: str | Path | None,
                limits: Limits) -> dict[type, str | Path]:
-    """The bucket sets a server runs, by model class, checked (artifacts of the right task, the max input length
-    within the largest SEQ) without loading them."""
+    """The bucket sets a server runs, by model class, checked without loading them: artifacts of the right task, the
+    max input length within the largest SEQ, the batch token budget at least the max input length."""
     sets = {cls: path for cls, path in ((Embedder, embedding_dir), (Reranker, reranker_dir)) if path is not None}
     for cls, path in sets.items():
-        manifests = find_artifacts(path)
-        if manifests[0].task != cls.task.name:
-            raise ToolkitError(f"{path} holds {manifests[0].task} artifacts; pass it as --{manifests[0].task}")
-        if limits.max_input_length is not None and limits.max_input_length > manifests[-1].seq_len:
-            raise ToolkitError(f"--max-input-length {limits.max_input_length} is more than the largest SEQ "
-                               f"({manifests[-1].seq_len}) in {path}; lower it or compile a larger SEQ")
+        manifests = check_set(path, cls.task, lambda found: f"pass it as --{found}", limits.max_input_length,
+                              "--max-input-length")
+        check_max_batch_tokens(limits.max_batch_tokens, limits.max_input_length or manifests[-1].seq_len,
+                               "--max-batch-tokens")
     return sets
 
 
@@ -135,9 +130,6 @@ class ServedModel:
     warm_up_input: list  # inputs of the model's `tokenize`, run once at startup
 
     def __init__(self, model: Embedder | Reranker, limits: Limits, metrics: ServiceMetrics):
-        if limits.max_batch_tokens < model.max_length:
-            raise ToolkitError(f"--max-batch-tokens {limits.max_batch_tokens} is below the {model.task.name} max "
-                               f"input length {model.max_length}; raise it to at least {model.max_length}")
         # the tokenizer's lazy setup (a ~0.1 s scan of the vocabulary) now, not on the event loop of the first request
         try:
             model.tokenize(self.warm_up_input)
