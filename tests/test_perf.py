@@ -175,6 +175,25 @@ def test_perf_compare_torch_onnx_tvm(onnx_artifacts, tvm_artifacts, checkpoints,
     assert result["runs"][1]["parity_vs_first"]["min_cosine"] >= 0.999
 
 
+def test_perf_compare_judges_tolerance_only_when_torch_ran_first(onnx_artifacts, checkpoints, tmp_path, monkeypatch):
+    """The dtypes' tolerances are against the fp32 Hugging Face model, yet with --no-torch every run was judged
+    against the first artifact by them: an artifact agreeing with itself could be reported off tolerance."""
+    from toolkit.tasks import EMBEDDING
+
+    onnx64 = onnx_artifacts["embedding"][1]
+    monkeypatch.setitem(EMBEDDING.tolerances, "fp16", 1.01)  # a bound no agreement meets: every judged run fails it
+    out = tmp_path / "compare.json"
+    r = invoke("compare", "--no-torch", "--artifact", onnx64, "--artifact", onnx64, "--iterations", 1, "--warmup", 0,
+               "--json", out)
+    assert r.exit_code == 0 and "off tolerance" not in r.output, r.output
+    parity = read(out)["runs"][1]["parity_vs_first"]
+    assert parity["min_cosine"] >= 0.999 and "passed" not in parity and "tolerance" not in parity
+    r = invoke("compare", "--checkpoint", checkpoints["embedding"], "--artifact", onnx64, "--iterations", 1,
+               "--warmup", 0, "--json", out)
+    assert r.exit_code == 0 and "off tolerance" in r.output, r.output
+    assert read(out)["runs"][1]["parity_vs_first"]["passed"] is False
+
+
 def test_perf_compare_interleaved_times_every_run_in_alternating_rounds(onnx_artifacts, tvm_artifacts, tmp_path,
                                                                         monkeypatch):
     import toolkit.perf.compare as compare
