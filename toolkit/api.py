@@ -26,7 +26,7 @@ from toolkit.artifact import find_artifacts
 from toolkit.checkpoint import check_task, context_length, load_tokenizer, read_hf_config, resolve_checkpoint
 from toolkit.errors import ToolkitError, is_integer
 from toolkit.runtime import Engine, check_engine_options
-from toolkit.tasks import EMBEDDING, RERANKER, WEB_SEARCH_INSTRUCTION, PromptLayout, Task, get_task
+from toolkit.tasks import EMBEDDING, RERANKER, PromptLayout, Task, get_task
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID, InvalidUnicodeError, check_unicode
 
@@ -252,7 +252,7 @@ class _TextModel:
         if manifests[0].task != cls.task.name:
             raise ToolkitError(f"{path} holds {manifests[0].task} artifacts, not {cls.task.name} ones: pass a "
                                f"{cls.task.name} set (or, in Python, load it with "
-                               f"{get_task(manifests[0].task).api_class})")
+                               f"{model_class(get_task(manifests[0].task)).__name__})")
         if max_length is not None:
             max_length = _check_max_length(max_length, manifests[-1].seq_len, f"the largest SEQ in {path}")
         # checked first: a damaged tokenizer file would otherwise fail to load with the tokenizer's own error
@@ -285,7 +285,7 @@ class _TextModel:
         max_length = min(REFERENCE_MAX_LENGTH, context) if max_length is None else \
             _check_max_length(max_length, context, "the checkpoint's context, max_position_embeddings")
         check_task(cls.task, path, hf_config, f"{cls.__name__}.from_checkpoint runs {cls.task.name} models",
-                   lambda other: f"load it with {get_task(other).api_class}.from_checkpoint", _warn)
+                   lambda other: f"load it with {model_class(get_task(other)).__name__}.from_checkpoint", _warn)
         tokenizer = load_tokenizer(path)
         engine = Engine.from_checkpoint(path, cls.task)
         model = cls(BucketedRunner([engine], int(batch_size), max_length), tokenizer, truncation)
@@ -448,7 +448,7 @@ class Embedder(_TextModel):
     @property
     def query_instruction(self) -> str:
         """The instruction queries get unless one is named: the set's fixed one, else web search."""
-        return WEB_SEARCH_INSTRUCTION if self.fixed_instruction is None else self.fixed_instruction
+        return self.task.query_instruction(self.fixed_instruction)
 
     def encode_queries(self, queries: list[str], instruction: str | None = None, **kw) -> np.ndarray:
         """Embed search queries with the instruction (None: `query_instruction`)."""
