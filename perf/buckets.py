@@ -33,7 +33,7 @@ class BucketOptions:
     """
 
     FLAGS: ClassVar[dict] = {"fixed": "--fixed", "buckets": "--buckets", "data": "--data", "limit": "--limit",
-                             "instances": "--instance"}
+                             "instances": "--instances"}
 
     fixed: str | Path
     buckets: str | Path
@@ -60,7 +60,7 @@ def check_artifacts(options: BucketOptions) -> None:
         raise ToolkitError(f"--fixed must be one artifact directory (e.g. .../onnx/seq512), {options.fixed} holds "
                            f"{len(fixed)}; pass the set as --buckets")
     for flag, manifests in (("--fixed", fixed), ("--buckets", buckets)):
-        if manifests[0].task != "embedding":
+        if manifests[0].task != EMBEDDING.name:
             raise ToolkitError(f"{flag} holds {manifests[0].task} artifacts; perf buckets embeds texts, pass "
                                "embedding artifacts")
     if fixed[0].backend != buckets[0].backend:
@@ -91,7 +91,7 @@ def run_bucket_benchmark(options: BucketOptions, progress: bool = False) -> dict
             result[name] = {"artifact": str(path), "seq_lens": sorted(used), "rows_per_bucket": used,
                             "seconds": seconds, "texts_per_s": len(texts) / seconds}
     result["speedup"] = result["fixed"]["seconds"] / result["buckets"]["seconds"]
-    result["min_cosine_fixed_vs_buckets"] = float(np.min(np.sum(outputs["fixed"] * outputs["buckets"], axis=-1)))
+    result["min_cosine_fixed_vs_buckets"] = EMBEDDING.agreement(outputs["fixed"], outputs["buckets"])["min_cosine"]
     result["token_lengths"] = {"mean": float(np.mean(lengths)), "p50": float(np.median(lengths)),
                                "max": int(np.max(lengths))}
     return result
