@@ -4,8 +4,9 @@ and how closely the two engines' outputs agree item by item (the task's own agre
     result = evaluate(EvalOptions(task="embedding", dataset="sts12-sample", artifact="workspace/.../onnx"))
     print(eval_tables(result))
 
-Everything task-specific comes from the `Task` (`toolkit.tasks`): which datasets it takes, how it ranks passages,
-which class runs it and how two engines' outputs are compared. Nothing here branches on the task's name.
+Everything task-specific comes from the `Task` (`toolkit.tasks`): which datasets it takes, how it ranks passages or
+scores sentence pairs, which class runs it and how two engines' outputs are compared. Nothing here branches on the
+task's name.
 """
 from __future__ import annotations
 
@@ -83,23 +84,12 @@ class EvalOptions:
         return self
 
 
-def embed_pairs(model, examples: list, instruction: str) -> tuple[np.ndarray, np.ndarray]:
-    """Embed every distinct sentence once (a symmetric task: the instruction on both sides) and return
-    `(embeddings, cosine of each pair)`."""
-    texts = sorted({t for e in examples for t in (e.sentence1, e.sentence2)})
-    index = {t: i for i, t in enumerate(texts)}
-    vectors = model.encode(texts, instruction=instruction, progress=True)
-    a = vectors[[index[e.sentence1] for e in examples]]
-    b = vectors[[index[e.sentence2] for e in examples]]
-    return vectors, np.sum(a * b, axis=-1)
-
-
 def run_model(model, task: Task, spec: DatasetSpec, examples: list, instruction: str) -> dict:
     """One engine on the dataset: `items` (the finished outputs compared between engines: embeddings or P(yes)),
     `per_query` scores (ranking data), `metrics`, `seconds` and the count of non-finite output values."""
     started = time.perf_counter()
     if spec.kind == "pairs":
-        items, similarity = embed_pairs(model, examples, instruction)
+        items, similarity = task.score_pairs(model, examples, instruction)
         metrics = sts_correlations(similarity, np.array([e.score for e in examples]), spec.score_range)
         per_query = None
     else:

@@ -43,9 +43,9 @@ from torch import nn
 from typing_extensions import override
 
 from toolkit.errors import ToolkitError
-from toolkit.tokenizer import NO_TOKEN_ID, YES_TOKEN_ID
+from toolkit.tasks import EMBEDDING, RERANKER, TASKS
 
-HEADS = ("last_hidden", "yes_no_logits")  # the graph outputs of the two tasks (Task.output_name)
+HEADS = tuple(task.output_name for task in TASKS.values())  # the graph outputs of the tasks
 MASKED_SCORE = -1e9  # finite, so an all-masked (padding) row softmaxes to uniform instead of NaN
 
 
@@ -290,7 +290,7 @@ class Qwen3ForDeployment(nn.Module):
         self.embed_tokens.weight.requires_grad_(False)
         self.layers = nn.ModuleList(DecoderLayer(shape) for _ in range(shape.num_hidden_layers))
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
-        if head == "yes_no_logits":
+        if head == RERANKER.output_name:
             self.yes_no_head = nn.Parameter(torch.empty(2, shape.hidden_size), requires_grad=False)
 
     @override
@@ -344,7 +344,7 @@ class Qwen3ForDeployment(nn.Module):
         """The head on the last decoder layer's output (`run_layer`'s): the final norm of the last position, then
         (reranker) the yes/no logits."""
         x = self.norm(x)[:, -1, :]
-        if self.head == "last_hidden":
+        if self.head == EMBEDDING.output_name:
             return x
         return F.linear(x, self.yes_no_head.to(x.dtype))
 
@@ -463,7 +463,7 @@ class PatchedWeights:
         """The checkpoint tensors parameter `name` is made of (concatenated), and the rows taken (None: all)."""
         if name == "yes_no_head":
             vocab = "lm_head.weight" if "lm_head.weight" in self.tensors.where else "embed_tokens.weight"
-            return [vocab], [NO_TOKEN_ID, YES_TOKEN_ID]
+            return [vocab], list(RERANKER.answer_token_ids)
         for fused, parts in FUSED_PROJECTIONS.items():
             prefix, dot, kind = name.rpartition(f"{fused}.")
             if dot:

@@ -288,7 +288,7 @@ def median_run(runs: list[dict]) -> dict:
            "latency_ms": {q: median(x[q] for x in latencies) for q in ("p50", "p99")} if latencies else None,
            "exit_code": max((r["exit_code"] for r in runs), key=abs)}
     if len(agreements) == len(runs):
-        run["agreement"] = max(agreements, key=lambda a: a["max_abs_diff"])
+        run["agreement"] = max(agreements, key=lambda a: EMBEDDING.shortfall(a[EMBEDDING.gate_key]))
     return run
 
 
@@ -350,7 +350,7 @@ def computed_slots(base: str) -> int | None:
         text = response.read().decode()
     wanted = {"toolkit_batch_tokens_sum", "toolkit_padded_tokens_total"}
     found = [sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-             if sample.name in wanted and sample.labels.get("model") == "embedding"]
+             if sample.name in wanted and sample.labels.get("model") == EMBEDDING.name]
     return int(sum(found)) if len(found) == len(wanted) else None
 
 
@@ -370,10 +370,11 @@ def serve_load_report(result: dict) -> str:
         rows.append([f"served, {result['clients']} clients ({r['name']})", r["sentences_per_s"], r["vs_offline"],
                      "-" if r["token_slots"] is None else r["token_slots"], r.get("token_slots_vs_offline", "-"),
                      latency["p50"], latency["p99"], r["failed"] + r["half_load_failed"],
-                     agreement["max_abs_diff"] if agreement else "incomplete"])
+                     agreement[EMBEDDING.gate_key] if agreement else "incomplete"])
     title = (f"{result['sentences']} single-sentence requests from {result['data']} on {result['artifact']}; "
              "latency at half the served throughput (open loop)"
              + (f"; medians of {result['repeat']} repeats" if result["repeat"] > 1 else ""))
     return format_columns(["run", "sentences/s", "vs offline", "token slots", "slots vs offline", "p50 ms", "p99 ms",
-                           "failed", "max |Δ| vs offline"],
-                          [None, ",.1f", ".3f", ",.0f", ".3f", ",.2f", ",.2f", ",d", ".2e"], rows, title=title)
+                           "failed", f"{EMBEDDING.gate_key} vs offline"],
+                          [None, ",.1f", ".3f", ",.0f", ".3f", ",.2f", ",.2f", ",d", EMBEDDING.agreement_format], rows,
+                          title=title)

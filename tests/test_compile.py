@@ -156,6 +156,20 @@ def test_the_reranker_caches_the_longest_prompt_prefix_that_keeps_bodies_in_whol
     assert cached_prefix(TASKS["embedding"], tokenizers["embedding"], [32, 64], "x") == (query_start[:4], "x")
 
 
+@pytest.mark.parametrize("task_name", ["embedding", "reranker"])
+def test_validation_rows_end_with_the_tasks_prompt_suffix(tokenizers, task_name):
+    """Every validation row ended with <|endoftext|>, the embedding's suffix: the reranker's gate checked its scores
+    at a last position it never scores (its inputs end with the assistant turn's empty think block)."""
+    from toolkit.validation import validation_rows
+
+    task, tokenizer = TASKS[task_name], tokenizers[task_name]
+    start, suffix = task.prompt_start(tokenizer, WEB_SEARCH_INSTRUCTION), task.prompt(tokenizer).suffix
+    rows = validation_rows(task, tokenizer, 128, start)
+    assert len(rows[0]) == len(start) + len(suffix) and len(rows[1]) < 128 and len(rows[2]) == 128
+    for row in rows:
+        assert row[:len(start)] == start and row[-len(suffix):] == suffix
+
+
 def test_the_instruction_is_cached_where_every_seq_holds_it_with_a_body(tokenizers):
     """The reranker's default (web-search) instruction is cached unless a SEQ is too short for it with a query and a
     document (then only the chat prefix, said in the log); an instruction the config names must fit (or the build is

@@ -175,6 +175,25 @@ def test_perf_compare_torch_onnx_tvm(onnx_artifacts, tvm_artifacts, checkpoints,
     assert result["runs"][1]["parity_vs_first"]["min_cosine"] >= 0.999
 
 
+def test_perf_compare_judges_tolerance_only_when_torch_ran_first(onnx_artifacts, checkpoints, tmp_path, monkeypatch):
+    """The dtypes' tolerances are against the fp32 Hugging Face model, yet with --no-torch every run was judged
+    against the first artifact by them: an artifact agreeing with itself could be reported off tolerance."""
+    from toolkit.tasks import EMBEDDING
+
+    onnx64 = onnx_artifacts["embedding"][1]
+    monkeypatch.setitem(EMBEDDING.tolerances, "fp16", 1.01)  # a bound no agreement meets: every judged run fails it
+    out = tmp_path / "compare.json"
+    r = invoke("compare", "--no-torch", "--artifact", onnx64, "--artifact", onnx64, "--iterations", 1, "--warmup", 0,
+               "--json", out)
+    assert r.exit_code == 0 and "off tolerance" not in r.output, r.output
+    parity = read(out)["runs"][1]["parity_vs_first"]
+    assert parity["min_cosine"] >= 0.999 and "passed" not in parity and "tolerance" not in parity
+    r = invoke("compare", "--checkpoint", checkpoints["embedding"], "--artifact", onnx64, "--iterations", 1,
+               "--warmup", 0, "--json", out)
+    assert r.exit_code == 0 and "off tolerance" in r.output, r.output
+    assert read(out)["runs"][1]["parity_vs_first"]["passed"] is False
+
+
 def test_perf_compare_interleaved_times_every_run_in_alternating_rounds(onnx_artifacts, tvm_artifacts, tmp_path,
                                                                         monkeypatch):
     import toolkit.perf.compare as compare
@@ -498,7 +517,7 @@ def table_results():
                     "agreement_vs_first": agreement}]}
     served = {"name": "uvicorn", "sentences_per_s": 475.99, "vs_offline": 0.1965, "token_slots": 438.0,
               "token_slots_vs_offline": 1.033, "latency_ms": {"p50": 3.876, "p99": 1234.5}, "failed": 0,
-              "half_load_failed": 0, "agreement": {"max_abs_diff": 2.08e-07}}
+              "half_load_failed": 0, "agreement": agreement}
     ray = {**served, "name": "Ray Serve, 2 replicas", "token_slots": None, "latency_ms": None, "agreement": None}
     del ray["token_slots_vs_offline"]
     serve = {"data": "sts12", "sentences": 16, "clients": 4, "artifact": "ws/emb/onnx", "repeat": 1,
@@ -533,7 +552,7 @@ def table_results():
         ("traffic", traffic_report(traffic), ["requests/s", "real tokens/s", "padding", "GFLOP/s", "of peak",
                                               "vs torch", "min_cosine vs first", "memory MB"]),
         ("serve", serve_load_report(serve), ["sentences/s", "vs offline", "token slots", "slots vs offline", "p50 ms",
-                                             "p99 ms", "failed", "max |Δ| vs offline"]),
+                                             "p99 ms", "failed", "min_cosine vs offline"]),
         ("compare", compare_report(compare), ["median ms", "min ms", "seq/s", "GFLOP/s", "of peak", "speed-up",
                                               "min_cosine vs first"]),
         ("run", perf_table(run), ["value"]),

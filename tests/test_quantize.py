@@ -335,7 +335,7 @@ def test_preflight_keeps_the_last_plan_that_cut_the_error_and_stops_at_the_first
     assert stopped == (budget_used[-1] > 0.9 * budget_used[-2])
     # the rounds checked the calibration rows and the gate's edge cases (a row of the largest SEQ among them)
     calibration_rows = CalibrationSet.load().rows(task, tokenizer, "calibration", 64)
-    assert plan.preflight["agreement"]["items"] == len(calibration_rows) + len(validation_rows(tokenizer, 64))
+    assert plan.preflight["agreement"]["items"] == len(calibration_rows) + len(validation_rows(task, tokenizer, 64))
 
 
 @pytest.mark.parametrize("budget_used, rounding", [([0.4], "gptq"), ([1.2, 1.25, 0.4], "nearest"),

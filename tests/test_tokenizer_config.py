@@ -3,13 +3,15 @@ import pytest
 from toolkit.checkpoint import resolve_checkpoint
 from toolkit.config import load_build_config, parse_seq_lens
 from toolkit.errors import ToolkitError
-from toolkit.tokenizer import ENDOFTEXT_ID, NO_TOKEN_ID, QWEN3_ADDED_TOKENS, YES_TOKEN_ID, build_qwen3_tokenizer
+from toolkit.tasks import RERANKER
+from toolkit.tokenizer import ENDOFTEXT_ID, QWEN3_ADDED_TOKENS, build_qwen3_tokenizer
 
 
 def test_tokenizer_matches_qwen3_ids():
     tok = build_qwen3_tokenizer("<|im_end|>", append_eos=False)
-    assert tok("yes", add_special_tokens=False).input_ids == [YES_TOKEN_ID] == [9693]
-    assert tok("no", add_special_tokens=False).input_ids == [NO_TOKEN_ID] == [2152]
+    no, yes = RERANKER.answer_token_ids
+    assert tok("yes", add_special_tokens=False).input_ids == [yes] == [9693]
+    assert tok("no", add_special_tokens=False).input_ids == [no] == [2152]
     assert tok("Hello world", add_special_tokens=False).input_ids == [9707, 1879]
     assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]) == [
         151643, 151644, 151645, 151667, 151668]

@@ -25,7 +25,7 @@ from toolkit.checkpoint import check_task, context_length, load_tokenizer, read_
 from toolkit.errors import ToolkitError, is_integer
 from toolkit.runner import BucketedRunner
 from toolkit.runtime import Engine, check_engine_options
-from toolkit.tasks import EMBEDDING, RERANKER, WEB_SEARCH_INSTRUCTION, PromptLayout, Task, get_task
+from toolkit.tasks import EMBEDDING, RERANKER, PromptLayout, Task, get_task
 from toolkit.tokenizer import InvalidUnicodeError, check_unicode
 
 REFERENCE_MAX_LENGTH = 8192  # what the torch reference accepts by default (Qwen3-Embedding/Reranker's usual cap)
@@ -132,7 +132,7 @@ class _TextModel:
         check_truncation(truncation)  # before any engine opens
         instances, device_ids, queue_size = check_engine_options(instances, device_ids, queue_size)
         manifests = check_set(path, cls.task, lambda found: f"pass a {cls.task.name} set (or, in Python, load it with "
-                              f"{get_task(found).api_class})", max_length)
+                              f"{model_class(get_task(found)).__name__})", max_length)
         # checked first: a damaged tokenizer file would otherwise fail to load with the tokenizer's own error
         tokenizer = load_tokenizer(manifests[0].verify("tokenizer/").path / "tokenizer")
         engines = []
@@ -164,7 +164,7 @@ class _TextModel:
         max_length = min(REFERENCE_MAX_LENGTH, context) if max_length is None else \
             _check_max_length(max_length, context, "the checkpoint's context, max_position_embeddings")
         check_task(cls.task, path, hf_config, f"{cls.__name__}.from_checkpoint runs {cls.task.name} models",
-                   lambda other: f"load it with {get_task(other).api_class}.from_checkpoint", _warn)
+                   lambda other: f"load it with {model_class(get_task(other)).__name__}.from_checkpoint", _warn)
         tokenizer = load_tokenizer(path)
         engine = Engine.from_checkpoint(path, cls.task)
         model = cls(BucketedRunner([engine], int(batch_size), max_length), tokenizer, truncation)
@@ -341,7 +341,7 @@ class Embedder(_TextModel):
     @property
     def query_instruction(self) -> str:
         """The instruction queries get unless one is named: the set's fixed one, else web search."""
-        return WEB_SEARCH_INSTRUCTION if self.fixed_instruction is None else self.fixed_instruction
+        return self.task.query_instruction(self.fixed_instruction)
 
     def encode_queries(self, queries: list[str], instruction: str | None = None, **kw) -> np.ndarray:
         """Embed search queries with the instruction (None: `query_instruction`)."""

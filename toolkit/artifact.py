@@ -8,7 +8,7 @@
     ARTIFACT/tokenizer/         the checkpoint's tokenizer files: an artifact runs without the checkpoint
 
 `Manifest.save` is the only writer of manifest.json. This module depends on nothing above it in the pipeline (only
-on the task names of `toolkit.tasks`).
+on `toolkit.tasks`: the task names, and each task's line for a failed validation record, `Task.format_agreement`).
 """
 from __future__ import annotations
 

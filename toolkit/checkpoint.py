@@ -9,7 +9,7 @@ from typing import Callable
 
 from toolkit.artifact import ModelSource
 from toolkit.errors import ToolkitError
-from toolkit.tasks import Task
+from toolkit.tasks import TASKS, Task
 from toolkit.tokenizer import ENDOFTEXT_ID, MAX_CONTEXT, Tokenizer
 
 MIN_VOCABULARY = 1000  # a real Qwen3 tokenizer has 151,669 entries; an empty or stub one has a handful
@@ -58,6 +58,11 @@ def context_length(hf_config: dict) -> int:
     return hf_config.get("max_position_embeddings", MAX_CONTEXT)
 
 
+# a checkpoint's weights, by whether they were saved as a causal LM's (`CheckpointTensors.causal_lm`)
+WEIGHT_LAYOUTS = {True: "a causal LM's weights (named model.*, or with an lm_head)",
+                  False: "a bare Qwen3Model's weights (saved without an LM head)"}
+
+
 def check_task(task: Task, checkpoint: Path, hf_config: dict, used_by: str, fix: Callable[[str], str],
                warn: Callable[[str], None]) -> None:
     """Refuse a checkpoint that states another task than `task`, the one `used_by` (what takes it, as a clause:
@@ -65,9 +70,9 @@ def check_task(task: Task, checkpoint: Path, hf_config: dict, used_by: str, fix:
     synthetic checkpoint states its task in config.json's `synthetic.task`; a real one by the class its weights were
     saved from. config.json's `architectures` cannot tell: Qwen3-Embedding's and Qwen3-Reranker's both list
     Qwen3ForCausalLM. Their weights can: Qwen3-Embedding's are a bare Qwen3Model's (`embed_tokens`, `layers.N`, `norm`:
-    no LM head), Qwen3-Reranker's a causal LM's (`model.`-prefixed; its own `lm_head` where untied). A bare model for
-    the reranker is refused; a causal LM for embedding only gets a `warn` (an embedding model fine-tuned and saved as
-    one is taken as it is)."""
+    no LM head), Qwen3-Reranker's a causal LM's (`model.`-prefixed; its own `lm_head` where untied). Weights saved the
+    other way than `task`'s are refused or only `warn`ed about, as the task says (`Task.refuses_other_layout`: an
+    embedding model fine-tuned and saved as a causal LM is taken as it is)."""
     def instead(other: str) -> str:
         return f"{fix(other)}, or pass a checkpoint of the {task.name} task"
 
@@ -79,13 +84,14 @@ def check_task(task: Task, checkpoint: Path, hf_config: dict, used_by: str, fix:
     if stated or not holds_safetensors(checkpoint):
         return
     causal_lm = CheckpointTensors(checkpoint, bool(hf_config.get("tie_word_embeddings"))).causal_lm
-    if task.name == "reranker" and not causal_lm:
-        raise ToolkitError(f"{checkpoint} holds a bare Qwen3Model's weights (saved without an LM head), as "
-                           f"Qwen3-Embedding does, and {used_by}: {instead('embedding')}")
-    if task.name == "embedding" and causal_lm:
-        warn(f"{checkpoint} holds a causal LM's weights (named model.*, or with an lm_head), as Qwen3-Reranker does, "
-             f"not a bare Qwen3Model's as Qwen3-Embedding does: if it is a reranker, {instead('reranker')}; an "
-             "embedding model saved as a causal LM is taken as it is")
+    if causal_lm == task.saved_as_causal_lm:
+        return
+    other = next(t for t in TASKS.values() if t.saved_as_causal_lm == causal_lm)
+    held = f"{checkpoint} holds {WEIGHT_LAYOUTS[causal_lm]}, as {other.family} does"
+    if task.refuses_other_layout:
+        raise ToolkitError(f"{held}, and {used_by}: {instead(other.name)}")
+    warn(f"{held}, not {WEIGHT_LAYOUTS[task.saved_as_causal_lm]} as {task.family} does: if it is a {other.family} "
+         f"model, {instead(other.name)}; a {task.family} model saved this way is taken as it is")
 
 
 def holds_safetensors(checkpoint_dir: Path) -> bool:

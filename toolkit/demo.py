@@ -3,13 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from toolkit.api import Embedder, Reranker, model_class
+from toolkit.api import model_class
 from toolkit.artifact import BACKENDS, find_artifacts
 from toolkit.errors import ToolkitError
-from toolkit.report import format_table
-from toolkit.tasks import WEB_SEARCH_INSTRUCTION, Task
+from toolkit.tasks import Task
 
 QUERIES = ["What is the capital of China?", "Explain gravity", "中国的首都是哪里？", "什么是万有引力？"]
 DOCUMENTS = [
@@ -42,37 +39,8 @@ def run_demo(task: Task, artifact: str | Path | None, checkpoint: str | None, ec
                                 truncation="truncate") as torch_ref:
         echo(f"{task.name} demo: torch (unpatched Hugging Face, fp32) vs {manifests[0].backend} artifact "
              f"({manifests[0].dtype}, SEQ {[m.seq_len for m in manifests]})\n")
-        ref_out, art_out = TABLES[task.name](compiled, torch_ref, echo)
+        ref_out, art_out = task.demo_tables(compiled, torch_ref, QUERIES, DOCUMENTS, echo)
     stats = task.judge(task.agreement(ref_out, art_out), manifests[0].dtype)
     echo(f"\n{task.format_agreement(stats)} (tolerance {stats['tolerance']}): {'OK' if stats['passed'] else 'FAIL'}")
     return stats["passed"]
 
-
-def _embedding_tables(compiled: Embedder, torch_ref: Embedder, echo):
-    texts = [("query", q) for q in QUERIES] + [("document", d) for d in DOCUMENTS]
-    outs = {name: (model.encode_queries(QUERIES), model.encode_documents(DOCUMENTS))
-            for name, model in (("torch", torch_ref), ("artifact", compiled))}
-    ref, art = (np.concatenate(outs[name]) for name in ("torch", "artifact"))
-    echo(format_table(["kind", "text", "cos(torch, artifact)"],
-                      [[kind, text[:48], float(c)] for (kind, text), c in zip(texts, np.sum(ref * art, axis=-1))],
-                      title="per-item cosine similarity"))
-    sims = {name: q @ d.T for name, (q, d) in outs.items()}
-    rows = [[QUERIES[i][:30]] + [f"{sims['torch'][i, j]:.4f} / {sims['artifact'][i, j]:.4f}"
-                                  for j in range(len(DOCUMENTS))] for i in range(len(QUERIES))]
-    echo("\n" + format_table(["query \\ document"] + [f"doc{j}" for j in range(len(DOCUMENTS))], rows,
-                             title="query-document similarity, torch / artifact"))
-    return ref, art
-
-
-def _reranker_table(compiled: Reranker, torch_ref: Reranker, echo):
-    pairs = [(q, d) for q in QUERIES for d in DOCUMENTS]
-    fixed = compiled.fixed_instruction  # the one it was compiled for, if any
-    instruction = WEB_SEARCH_INSTRUCTION if fixed is None else fixed
-    ref, art = torch_ref.score(pairs, instruction), compiled.score(pairs, instruction)
-    echo(format_table(["query", "document", "torch P(yes)", "artifact P(yes)", "|diff|"],
-                      [[q[:30], d[:36], float(x), float(y), float(abs(x - y))]
-                       for (q, d), x, y in zip(pairs, ref, art)], title="reranker scores"))
-    return ref, art
-
-
-TABLES = {"embedding": _embedding_tables, "reranker": _reranker_table}  # each task's demo display

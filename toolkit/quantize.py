@@ -492,11 +492,12 @@ def plan_int8(model: Qwen3ForDeployment, task: Task, tokenizer, calibration: Cal
 
     def fake_int8(names: set[str]):
         return lambda prefix, layer, _: _fake_quantized(prefix, layer, names, scheme)
-    # The preflight compares against the model as it came, on the calibration rows and on the gate's edge cases (one
-    # token, a sentence, a row of max_length: the longest is the one int8 errs most on). GPTQ changes the weights
+    # The preflight compares against the model as it came, on the calibration rows and on the gate's edge cases (no
+    # body, a sentence, a row of max_length: the longest is the one int8 errs most on). GPTQ changes the weights
     # while calibrating; smoothing alone keeps the model's function, so its calibrated outputs serve then
     if preflight:
-        edge_cases = _Rows(model, validation_rows(tokenizer, max_length, task.prompt_start(tokenizer, instruction)))
+        edge_cases = _Rows(model, validation_rows(task, tokenizer, max_length,
+                                                  task.prompt_start(tokenizer, instruction)))
         edge_reference = edge_cases.run("int8 reference, edge cases", lambda *_: nullcontext())
         unchanged = rows.run("int8 reference", lambda *_: nullcontext()) if gptq else None
     calibrated = rows.run("calibrating int8", calibrate)

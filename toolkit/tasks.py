@@ -1,9 +1,11 @@
 """Everything that differs between the two tasks, in one place.
 
 A `Task` knows, for Qwen3-Embedding or Qwen3-Reranker: the Hugging Face class of the reference model and how to read
-its output, what the compiled graph outputs, the output head (MRL cut + L2 normalisation, or P(yes)), the prompt
-layout and default instructions, the one agreement measure between a reference and a candidate (with its tolerances
-per dtype), and how the task ranks passages for a query. Callers ask `TASKS[name]`; nothing else branches on the task.
+its output, how Qwen saves its checkpoint, what the compiled graph outputs, the output head (MRL cut + L2
+normalisation, or P(yes) from the answer tokens' logits), the prompt layout and default instructions, the one agreement
+measure between a reference and a candidate (with its tolerances per dtype), how the task ranks passages for a query
+(and scores sentence pairs), and what `toolkit demo` shows of it. Callers ask `TASKS[name]` (or use `EMBEDDING`,
+`RERANKER`); nothing else branches on the task.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ import numpy as np
 from typing_extensions import override
 
 from toolkit.errors import ToolkitError, is_integer
-from toolkit.tokenizer import ENDOFTEXT_ID, NO_TOKEN_ID, YES_TOKEN_ID
+from toolkit.report import format_table
+from toolkit.tokenizer import ENDOFTEXT_ID
 
 WEB_SEARCH_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 # Qwen's own harness (Qwen3-Embedding evaluation/task_prompts.json) for STS and pair tasks: no trailing period.
@@ -72,7 +75,12 @@ class Task:
     """One task's knowledge. Instances: `EMBEDDING`, `RERANKER` (look them up with `TASKS[name]`)."""
 
     name: str
-    api_class: str  # the high-level class that runs it (Embedder / Reranker)
+    family: str  # the model family Qwen releases for it
+    # whether Qwen saves its checkpoints as a causal LM's (`model.`-prefixed, an lm_head where untied) rather than a
+    # bare Qwen3Model's: config.json's `architectures` cannot tell (both name Qwen3ForCausalLM), the weights can
+    saved_as_causal_lm: bool
+    # whether a checkpoint saved the other way is refused (else only warned about): see `checkpoint.check_task`
+    refuses_other_layout: bool
     output_name: str  # the compiled graph's output, also the patched model's head
     dataset_kinds: tuple[str, ...]  # evaluation data it can be scored on
     eos_token: str  # the checkpoint tokenizer's eos (what Qwen ships for this model)
@@ -115,6 +123,11 @@ class Task:
         named (its sets embed documents bare, and queries with any instruction, unless built for one)."""
         raise NotImplementedError
 
+    def query_instruction(self, fixed: str | None) -> str:
+        """The instruction a query (an embedding query, a reranker pair) gets unless a call names one: `fixed`, the one
+        a set or build fixes (`fixed_instruction`), else (None) web search."""
+        return WEB_SEARCH_INSTRUCTION if fixed is None else fixed
+
     def prompt_start(self, tokenizer, instruction: str | None = None) -> list[int]:
         """The tokens every input starts with, which an artifact can cache: the prompt prefix, then with a fixed
         `instruction` the input's text up to the query (`RERANK_INSTRUCTION_HEAD`, `QUERY_INSTRUCTION_HEAD`)."""
@@ -132,11 +145,15 @@ class Task:
             return False
         return value >= bound if self.gate_key == "min_cosine" else value <= bound
 
+    def shortfall(self, value: float) -> float:
+        """How far a value of the gate key is from exact agreement (1 - cosine, or |Δ P(yes)| itself): larger is
+        worse."""
+        return 1 - value if self.gate_key == "min_cosine" else value
+
     def tolerance_used(self, stats: dict, dtype: str) -> float:
         """The share of the dtype's error budget an agreement uses: 1.0 at the tolerance (for cosine, 1 - min cosine
         against 1 - the bound)."""
-        value, bound = stats[self.gate_key], self.tolerances[dtype]
-        return (1 - value) / (1 - bound) if self.gate_key == "min_cosine" else value / bound
+        return self.shortfall(stats[self.gate_key]) / self.shortfall(self.tolerances[dtype])
 
     def tolerance_text(self, dtype: str) -> str:
         """The tolerance as a readable bound, e.g. `min_cosine >= 0.999`."""
@@ -157,6 +174,17 @@ class Task:
     def rank_passages(self, model, queries: list[str], passages: list[list[str]], instruction: str):
         """Score each query's passages with this task's model: `(items, per-query score arrays)`; `items` are the
         finished outputs compared between engines."""
+        raise NotImplementedError
+
+    def score_pairs(self, model, examples: list, instruction: str) -> tuple[np.ndarray, np.ndarray]:
+        """Score sentence pairs (examples with `sentence1`, `sentence2`; data of kind "pairs") with this task's model:
+        `(items, one similarity per pair)`; `items` are the finished outputs compared between engines."""
+        raise NotImplementedError
+
+    def demo_tables(self, compiled, torch_ref, queries: list[str], documents: list[str],
+                    echo) -> tuple[np.ndarray, np.ndarray]:
+        """`toolkit demo`'s display: `queries` and `documents` through the torch reference and the compiled model,
+        printed as tables with `echo`; returns the finished outputs (torch's, the artifact's) for `agreement`."""
         raise NotImplementedError
 
     def bare_inputs(self, kind: str) -> bool:
@@ -191,7 +219,9 @@ class Task:
 class EmbeddingTask(Task):
     """Qwen3-Embedding: last token's final hidden state, L2-normalised (after an optional MRL cut)."""
 
-    name, api_class, output_name = "embedding", "Embedder", "last_hidden"
+    name, family, output_name = "embedding", "Qwen3-Embedding", "last_hidden"
+    # an embedding model fine-tuned and saved as a causal LM is taken as it is: its LM head is never read
+    saved_as_causal_lm, refuses_other_layout = False, False
     dataset_kinds = ("pairs", "reranking")
     eos_token, tokenizer_appends_eos = "<|endoftext|>", True
     gate_key = "min_cosine"
@@ -264,6 +294,32 @@ class EmbeddingTask(Task):
         return np.concatenate([q, flat]), [group @ vector for vector, group in zip(q, split_groups(flat, passages))]
 
     @override
+    def score_pairs(self, model, examples, instruction):
+        # every distinct sentence embedded once, with the instruction on both sides (a symmetric task)
+        texts = sorted({t for e in examples for t in (e.sentence1, e.sentence2)})
+        index = {t: i for i, t in enumerate(texts)}
+        vectors = model.encode(texts, instruction=instruction, progress=True)
+        a = vectors[[index[e.sentence1] for e in examples]]
+        b = vectors[[index[e.sentence2] for e in examples]]
+        return vectors, np.sum(a * b, axis=-1)
+
+    @override
+    def demo_tables(self, compiled, torch_ref, queries, documents, echo):
+        texts = [("query", q) for q in queries] + [("document", d) for d in documents]
+        outs = {name: (model.encode_queries(queries), model.encode_documents(documents))
+                for name, model in (("torch", torch_ref), ("artifact", compiled))}
+        ref, art = (np.concatenate(outs[name]) for name in ("torch", "artifact"))
+        echo(format_table(["kind", "text", "cos(torch, artifact)"],
+                          [[kind, text[:48], float(c)] for (kind, text), c in zip(texts, np.sum(ref * art, axis=-1))],
+                          title="per-item cosine similarity"))
+        sims = {name: q @ d.T for name, (q, d) in outs.items()}
+        rows = [[queries[i][:30]] + [f"{sims['torch'][i, j]:.4f} / {sims['artifact'][i, j]:.4f}"
+                                     for j in range(len(documents))] for i in range(len(queries))]
+        echo("\n" + format_table(["query \\ document"] + [f"doc{j}" for j in range(len(documents))], rows,
+                                 title="query-document similarity, torch / artifact"))
+        return ref, art
+
+    @override
     def bare_inputs(self, kind):
         return kind == "reranking"  # `rank_passages` embeds the passages as documents
 
@@ -292,7 +348,10 @@ class EmbeddingTask(Task):
 class RerankerTask(Task):
     """Qwen3-Reranker: P(yes) from the "no"/"yes" logits at the last position of the chat prompt."""
 
-    name, api_class, output_name = "reranker", "Reranker", "yes_no_logits"
+    name, family, output_name = "reranker", "Qwen3-Reranker", "yes_no_logits"
+    # a bare model is laid out as Qwen3-Embedding is: no LM head trained to answer yes or no
+    saved_as_causal_lm, refuses_other_layout = True, True
+    answer_token_ids = (2152, 9693)  # "no" and "yes" in Qwen3's vocabulary: the logits the head keeps, in that order
     dataset_kinds = ("reranking",)
     eos_token, tokenizer_appends_eos = "<|im_end|>", False
     gate_key = "max_abs_diff"
@@ -313,7 +372,7 @@ class RerankerTask(Task):
     def reference_forward(self, model, input_ids, attention_mask):
         # logits_to_keep=1: only the last position's [vocab] logits, not [batch, seq, 151669]
         out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
-        return out.logits[:, -1, [NO_TOKEN_ID, YES_TOKEN_ID]].float().numpy()
+        return out.logits[:, -1, list(self.answer_token_ids)].float().numpy()
 
     @override
     def finish(self, raw, **options):
@@ -331,7 +390,7 @@ class RerankerTask(Task):
 
     @override
     def fixed_instruction(self, instruction):
-        return WEB_SEARCH_INSTRUCTION if instruction is None else instruction
+        return self.query_instruction(instruction)
 
     @override
     def prompt_start(self, tokenizer, instruction=None):
@@ -342,8 +401,7 @@ class RerankerTask(Task):
 
     def format_body(self, query: str, document: str, instruction: str | None) -> str:
         """The user turn of Qwen3-Reranker's prompt (the web-search instruction when none is given)."""
-        instruction = WEB_SEARCH_INSTRUCTION if instruction is None else instruction
-        return RERANK_BODY.format(instruction=instruction, query=query, document=document)
+        return RERANK_BODY.format(instruction=self.query_instruction(instruction), query=query, document=document)
 
     @override
     def agreement(self, reference, candidate):
@@ -366,6 +424,16 @@ class RerankerTask(Task):
     def rank_passages(self, model, queries, passages, instruction):
         flat = model.score([(q, p) for q, ps in zip(queries, passages) for p in ps], instruction, progress=True)
         return flat, split_groups(flat, passages)
+
+    @override
+    def demo_tables(self, compiled, torch_ref, queries, documents, echo):
+        pairs = [(q, d) for q in queries for d in documents]
+        instruction = self.query_instruction(compiled.fixed_instruction)  # the one it was compiled for, if any
+        ref, art = torch_ref.score(pairs, instruction), compiled.score(pairs, instruction)
+        echo(format_table(["query", "document", "torch P(yes)", "artifact P(yes)", "|diff|"],
+                          [[q[:30], d[:36], float(x), float(y), float(abs(x - y))]
+                           for (q, d), x, y in zip(pairs, ref, art)], title="reranker scores"))
+        return ref, art
 
     @override
     def traffic(self, examples):

@@ -1,5 +1,5 @@
 """The tokenizer the toolkit runs (`Tokenizer`), a faithful Qwen3 tokenizer built offline for synthetic checkpoints
-(`build_qwen3_tokenizer`), and the token ids the tasks depend on.
+(`build_qwen3_tokenizer`), and Qwen3's sizes and the id of <|endoftext|>.
 
 `Tokenizer` runs a checkpoint's `tokenizer.json` with the `tokenizers` library: the pipeline transformers' fast
 tokenizer runs, without importing transformers (90 MB resident in a process that only runs artifacts).
@@ -17,8 +17,6 @@ from pathlib import Path
 from toolkit.errors import ToolkitError
 
 ENDOFTEXT_ID = 151643
-NO_TOKEN_ID = 2152
-YES_TOKEN_ID = 9693
 VOCAB_SIZE = 151669
 MAX_CONTEXT = 32768  # Qwen3's context length in tokens (max_position_embeddings)
 

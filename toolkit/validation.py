@@ -1,7 +1,8 @@
 """Validation: an artifact against the unpatched Hugging Face model in fp32, on left-padded edge cases.
 
-Used by compile (before an artifact is moved into place, and by `toolkit validate`: `compile.revalidate`) and by the
-tests. The measure and its tolerances are the task's (`Task.agreement`, `Task.tolerances`).
+Used by compile (before an artifact is moved into place, and by `toolkit validate`: `compile.revalidate`), by int8
+quantization (its preflight checks the edge cases, `validation_rows`) and by the tests. The measure and its
+tolerances are the task's (`Task.agreement`, `Task.tolerances`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from toolkit.artifact import Manifest
 from toolkit.backends import Backend, load_backend
 from toolkit.errors import ToolkitError
 from toolkit.memory import return_freed_memory
-from toolkit.tasks import get_task
+from toolkit.tasks import Task, get_task
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
 
@@ -23,13 +24,15 @@ VALIDATION_TEXT = ("The quick brown fox jumps over the lazy dog near the riverba
                    "敏捷的棕色狐狸跳过了河边的懒狗。 Qwen3 embeddings, ranked & compiled: 1,024 dims!")
 
 
-def validation_rows(tokenizer, seq_len: int, prefix: list[int] = ()) -> list[list[int]]:
-    """Left-padding edge cases: a single token, a typical sentence, and exactly SEQ tokens; each after `prefix` (the
-    prompt start every input of the artifact has, which it caches: `Manifest.cached_prefix`)."""
-    room = seq_len - len(prefix)
+def validation_rows(task: Task, tokenizer, seq_len: int, prefix: list[int] = ()) -> list[list[int]]:
+    """Left-padding edge cases of `task`'s inputs: no body, a typical sentence, and exactly SEQ tokens; each after
+    `prefix` (the prompt start every input of the artifact has, which it caches: `Manifest.cached_prefix`) and ending
+    with the task's prompt suffix, so the last position is the one the task reads."""
+    suffix = task.prompt(tokenizer).suffix
+    room = seq_len - len(prefix) - len(suffix)
     typical = tokenizer.encode_one(VALIDATION_TEXT)
-    long = (typical * math.ceil(room / len(typical)))[: room - 1]
-    return [[*prefix, *row] for row in ([ENDOFTEXT_ID], typical[: room - 1] + [ENDOFTEXT_ID], long + [ENDOFTEXT_ID])]
+    long = (typical * math.ceil(room / len(typical)))[:room]
+    return [[*prefix, *body, *suffix] for body in ([], typical[:room], long)]
 
 
 def measure(manifest: Manifest, reference: Backend, tokenizer, texts: list[list[int]] = ()) -> dict:
@@ -38,7 +41,7 @@ def measure(manifest: Manifest, reference: Backend, tokenizer, texts: list[list[
     the two are never resident together (0.6B int8, from a 498 MB process: a 954 MB peak, 1,111 MB with both)."""
     task = get_task(manifest.task)
     prompt_start = task.prompt_start(tokenizer, manifest.instruction)  # what every input starts with
-    rows = validation_rows(tokenizer, manifest.seq_len, prompt_start) + list(texts)
+    rows = validation_rows(task, tokenizer, manifest.seq_len, prompt_start) + list(texts)
     refs = reference_outputs(reference, rows)
     broken = int((~np.isfinite(refs.reshape(len(rows), -1))).any(axis=1).sum())
     if broken:  # the checkpoint, not the artifact: nothing to compare against

@@ -53,6 +53,7 @@ from toolkit.serve.service import (
     RerankService,
     ServiceError,
 )
+from toolkit.tasks import EMBEDDING, RERANKER, Task
 
 RETRY_AFTER_S = 1
 ERROR_TYPES = {400: "validation", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
@@ -66,23 +67,22 @@ class Services:
     def __init__(self, embedder: Embedder | None, reranker: Reranker | None, limits: Limits):
         self.metrics = ServiceMetrics()
         self.by_task = {}
-        if embedder is not None:
-            self.by_task["embedding"] = EmbeddingService(embedder, limits, self.metrics)
-        if reranker is not None:
-            self.by_task["reranker"] = RerankService(reranker, limits, self.metrics)
+        for model, service in ((embedder, EmbeddingService), (reranker, RerankService)):
+            if model is not None:
+                self.by_task[model.task.name] = service(model, limits, self.metrics)
 
     def embedding(self) -> EmbeddingService:
         """The embedding model's service, or ModelNotLoaded."""
-        return self._get("embedding", "--embedding")
+        return self._get(EMBEDDING, "--embedding")
 
     def reranking(self) -> RerankService:
         """The reranker's service, or ModelNotLoaded."""
-        return self._get("reranker", "--reranker")
+        return self._get(RERANKER, "--reranker")
 
-    def _get(self, task: str, flag: str):
-        if task not in self.by_task:
-            raise ModelNotLoaded(f"this server has no {task} model; start it with {flag} SET_DIR")
-        return self.by_task[task]
+    def _get(self, task: Task, flag: str):
+        if task.name not in self.by_task:
+            raise ModelNotLoaded(f"this server has no {task.name} model; start it with {flag} SET_DIR")
+        return self.by_task[task.name]
 
     def loaded(self) -> list:
         """The services present."""

@@ -16,6 +16,7 @@ from typing import Callable
 from toolkit.errors import ToolkitError, is_integer
 from toolkit.runtime import AUTO_INSTANCES, CORES, check_threads
 from toolkit.serve.service import Limits
+from toolkit.tasks import EMBEDDING, RERANKER
 
 GRACEFUL_SHUTDOWN_S = 30  # the longest uvicorn waits for requests in flight after SIGTERM
 
@@ -78,7 +79,7 @@ def build_app(options: ServeOptions):
     set_fp16_load(options.fp16_load)
     models = load_models(options.embedding, options.reranker, options.limits, options.instances)
     try:
-        return create_app(models.get("embedding"), models.get("reranker"), options.limits)
+        return create_app(models.get(EMBEDDING.name), models.get(RERANKER.name), options.limits)
     except BaseException:
         for model in models.values():
             model.close()
