@@ -3,6 +3,7 @@ import json
 import shutil
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -216,14 +217,13 @@ def test_names_outside_the_workspace_and_malformed_sizes_are_refused(checkpoints
 def test_seqs_over_the_context_or_the_memory_are_refused_before_building(checkpoints, tmp_path, monkeypatch):
     """SEQ 32768 at batch 2 passed, then crashed in validation allocating 34 GB; SEQs above the checkpoint's
     max_position_embeddings were checked against a fixed 32768 only."""
-    import toolkit.compile
-
     short = shutil.copytree(checkpoints["embedding"], tmp_path / "short")
     config = json.loads((short / "config.json").read_text())
     (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 48}))
     result = compile_cli(short, tmp_path / "ws", "--seq", "32,64")
     assert result.exit_code == 2 and "longer than the checkpoint's context (48 tokens" in result.output
-    monkeypatch.setattr(toolkit.compile, "available_memory", lambda: 10**6)  # attention scores at SEQ 256: 4 MB
+    # attention scores at SEQ 256: 4 MB
+    monkeypatch.setattr("psutil.virtual_memory", lambda: SimpleNamespace(available=10**6))
     result = compile_cli(checkpoints["embedding"], tmp_path / "ws", "--seq", "32,256", "--batch", "4",
                          "--batch-tokens", "128")  # a budget below a SEQ builds it at batch 1: said, not silent
     assert "--batch-tokens 128 is below SEQ 256: built at batch 1" in result.output

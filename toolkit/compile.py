@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import psutil
 import torch
 
 from toolkit.artifact import MANIFEST, Manifest, ModelSource, Target, sha256
@@ -261,14 +262,6 @@ def check_seq_lens(task: Task, tokenizer, seq_lens, context: int = MAX_CONTEXT) 
                            f"{shortest - 1} tokens; use --seq {shortest} or more")
 
 
-def available_memory() -> int | None:
-    """Bytes of memory this machine can give a process now (MemAvailable); None where that cannot be read."""
-    try:
-        return int(re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text()).group(1)) * 1024
-    except (OSError, AttributeError):
-        return None
-
-
 def check_shapes_fit(cfg: BuildConfig, hf_config: dict, log) -> None:
     """Refuse a (batch, SEQ) whose attention scores alone (batch x heads x SEQ^2 fp32, one layer's) exceed the memory
     available now: validation would otherwise crash in the runtime's allocator after the export. A token budget
@@ -276,9 +269,7 @@ def check_shapes_fit(cfg: BuildConfig, hf_config: dict, log) -> None:
     if over := [s for s in cfg.seq_lens if cfg.batch_tokens and cfg.batch_tokens < s]:
         log(f"warning: --batch-tokens {cfg.batch_tokens} is below SEQ {','.join(map(str, over))}: built at batch 1 "
             f"(for a budget there, use --batch-tokens {max(over)} or more)")
-    available = available_memory()
-    if available is None:
-        return
+    available = psutil.virtual_memory().available  # what the machine can give a process now
     heads = hf_config.get("num_attention_heads", 1)
     for seq_len in cfg.seq_lens:
         batch = cfg.batch_for(seq_len)
