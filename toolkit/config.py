@@ -201,23 +201,19 @@ def load_build_config(path: str | Path) -> BuildConfig:
     seq = front.get("seq", front.get("input_ids"))
     if seq is None:
         raise ToolkitError(f"{path}: frontend needs `input_ids: [[SEQ], []]` or `seq: [SEQ, ...]`")
-    kinds = back.get("kind", "onnx")
-    cfg = BuildConfig(
+    kinds = back.get("kind")
+    given = {**{key: front.get(key) for key in ("batch", "batch_tokens", "instruction", "cache_instruction")},
+             **{key: back.get(key) for key in ("dtype", "target", "fp32_linears")},
+             **(back.get("quantization") or {}),
+             "backends": tuple(kinds) if isinstance(kinds, list) else (kinds,) if kinds is not None else None,
+             "workspace": Path(raw["workspace"]) if raw.get("workspace") else None}
+    cfg = BuildConfig(  # a key left out (or null) takes BuildConfig's default
         name=str(raw.get("name") or path.stem),
         task=raw.get("task"),
         checkpoint=str(front.get("checkpoint") or ""),
         seq_lens=parse_seq_lens(seq),
-        batch=front.get("batch", 1),
-        batch_tokens=front.get("batch_tokens"),
-        instruction=front.get("instruction"),
-        cache_instruction=front.get("cache_instruction", True),
-        backends=tuple(kinds) if isinstance(kinds, list) else (kinds,),
-        dtype=back.get("dtype", "fp16"),
-        target=back.get("target", "cpu"),
-        fp32_linears=back.get("fp32_linears", "bf16x3"),
-        **{k: v for k, v in (back.get("quantization") or {}).items() if v is not None},
-        workspace=Path(raw.get("workspace") or "workspace"),
         source=path,
+        **{key: value for key, value in given.items() if value is not None},
     )
     cfg.check()
     return cfg
