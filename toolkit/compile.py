@@ -553,8 +553,9 @@ def prune_graphs(set_dir: Path) -> None:
     recompile, or left by a build that failed validation). Staging artifacts of a build in progress count; with a
     manifest it cannot read, it removes nothing."""
     try:
-        used = {Path(json.loads(m.read_text())["model_file"]).parent.name for m in set_dir.glob(f"*/{MANIFEST}")}
-    except (OSError, ValueError, KeyError, TypeError):
+        used = {Path(Manifest.load(m.parent, verify=False).model_file).parent.name
+                for m in set_dir.glob(f"*/{MANIFEST}")}
+    except (ToolkitError, OSError):
         return
     for graph_dir in set_dir.glob("graph-*"):
         if graph_dir.name not in used:
