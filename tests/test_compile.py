@@ -330,7 +330,7 @@ def test_a_later_build_removes_staging_left_by_a_killed_one(tmp_path):
     named without one); those of a build running now stay, and so does anything else."""
     import os
 
-    from toolkit.compile import build_dir, remove_stale_staging
+    from toolkit.artifact_set import build_dir, remove_stale_staging
 
     dead = [tmp_path / name for name in (".seq32.staging-999999999-ab", ".export-999999999-cd",
                                          ".graph-staging-999999999-ef", ".export-k2j4_x9a")]
@@ -349,7 +349,7 @@ def test_a_killed_tvm_builds_export_stays_while_it_runs_and_goes_with_the_next_b
     import subprocess
     import sys
 
-    from toolkit.compile import remove_stale_staging
+    from toolkit.artifact_set import remove_stale_staging
 
     ws = tmp_path / "ws"
     set_dir = ws / "qwen3-embedding-0.6b-fp16" / "tvm"

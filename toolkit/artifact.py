@@ -3,8 +3,8 @@
     ARTIFACT/manifest.json      `Manifest`: task, model, seq_len, batch, dtype, backend, target, inputs, outputs,
                                 cached prompt prefix, files (sha256), tools (versions), validation, build
     ARTIFACT/model.onnx[.data]  (onnx backend) or model.so + params.npz (tvm backend). The ONNX SEQs of one build are
-                                one graph with symbolic axes, stored once beside them: `model_file` is then
-                                `../graph-DIGEST/model.onnx` (see compile.share_graph)
+                                one graph with symbolic axes, stored once in their bucket set: `model_file` is then
+                                `../graph-DIGEST/model.onnx` (a set's layout: toolkit.artifact_set)
     ARTIFACT/tokenizer/         the checkpoint's tokenizer files: an artifact runs without the checkpoint
 
 `Manifest.save` is the only writer of manifest.json. This module depends on nothing above it in the pipeline (only
@@ -50,7 +50,7 @@ def sha256(path: Path) -> str:
 
 def in_shared_graph(relative: str) -> bool:
     """Whether a path of a manifest (`files` key, `model_file`) lies in its bucket set's shared graph directory
-    (`../graph-DIGEST/`, see compile.share_graph) rather than in the artifact's own directory."""
+    (`../graph-DIGEST/`, see artifact_set.share_graph) rather than in the artifact's own directory."""
     return relative.startswith("../")
 
 
