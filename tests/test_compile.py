@@ -25,7 +25,7 @@ def test_crash_after_the_manifest_leaves_nothing_loadable_and_keeps_the_old_arti
     before all are validated. One that succeeds replaces the old graph, which is then removed; a later build of one
     SEQ from other weights removes the set's other SEQ (it would run other weights), and a set mixed by hand is
     refused."""
-    import toolkit.compile
+    import toolkit.validation
     from toolkit.artifact import find_artifacts
 
     good = build(checkpoints, tmp_path, "embedding", seq_lens=(32, 48), batch=1)
@@ -40,9 +40,9 @@ def test_crash_after_the_manifest_leaves_nothing_loadable_and_keeps_the_old_arti
             raise RuntimeError("simulated crash during validation")
         return measure(*args, **kwargs)
 
-    measure = toolkit.compile.measure
+    measure = toolkit.validation.measure
     with monkeypatch.context() as patch:
-        patch.setattr(toolkit.compile, "measure", crash_on_the_second)
+        patch.setattr(toolkit.validation, "measure", crash_on_the_second)
         with pytest.raises(RuntimeError, match="simulated crash"):
             build(outlier_checkpoints, tmp_path, "embedding", seq_lens=(32, 48), batch=1)
     assert measured == [32, 48]

@@ -75,7 +75,7 @@ def test_int8_gate_fails_naive_quantization_of_an_outlier_checkpoint_and_passes_
     assert manifest.dtype == "int8" and manifest.validation["passed"]
     assert manifest.validation["min_cosine"] >= 0.99
     assert manifest.validation["real_texts"] == len(CalibrationSet.load().holdout) * 2  # query and document each
-    from toolkit.compile import revalidate  # `toolkit validate` checks what the build checked, held-out texts too
+    from toolkit.validation import revalidate  # `toolkit validate` checks what the build checked, held-out texts too
 
     again = revalidate(artifact)
     assert again["real_texts"] == manifest.validation["real_texts"] and again["passed"]

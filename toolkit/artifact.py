@@ -246,8 +246,50 @@ class Manifest:
     @property
     def kernels(self) -> str:
         """Its weight dtype and, for a TVM build with AMX kernels, their kinds: `fp16 (AMX bf16x3)` (run labels)."""
-        amx = self.backend_details.get("amx_kernels")
-        return f"{self.dtype} (AMX {', '.join(amx)})" if amx else self.dtype
+        return f"{self.dtype} (AMX {', '.join(self.amx_kernels)})" if self.amx_kernels else self.dtype
+
+    # ---- the records' fields other modules read (the records themselves are written by compile and quantize) ----
+    @property
+    def amx_kernels(self) -> list[str]:
+        """TVM on CPU: the kinds of its linear-layer kernels that run on AMX tiles (`tvm_amx.KINDS`); empty: none."""
+        return self.backend_details.get("amx_kernels") or []
+
+    @property
+    def params_file(self) -> str | None:
+        """TVM: its weights file, relative to the artifact directory; None for ONNX."""
+        return self.backend_details.get("params_file")
+
+    @property
+    def params_sha256(self) -> str | None:
+        """TVM: its weights file's digest (the SEQs of a set that share weights share it); None for ONNX."""
+        return self.backend_details.get("params_sha256")
+
+    @property
+    def quantization(self) -> dict:
+        """An int8 artifact's quantization record (`quantize.QuantizationPlan.describe`); empty for other dtypes."""
+        return self.precision.get("quantization") or {}
+
+    @property
+    def weight_type(self) -> str | None:
+        """int8: how its linear weights are stored, "int8" or "uint8" (around zero point 128)."""
+        return self.quantization.get("weight_type")
+
+    @property
+    def weight_max(self) -> int:
+        """int8: the largest magnitude of its integer weights, 127 (or 64: 7-bit weights; 127 where an early build did
+        not record it)."""
+        return self.quantization.get("weight_max", 127)
+
+    @property
+    def calibration_file(self) -> str | None:
+        """int8: the calibration file its build read (None for other dtypes)."""
+        return self.quantization.get("calibration", {}).get("file")
+
+    @property
+    def validated_instruction(self) -> str | None:
+        """The instruction the real texts of its validation carried: one its build fixed without caching it (recorded
+        in its validation), else its cached one."""
+        return (self.validation or {}).get("real_texts_instruction", self.instruction)
 
     @property
     def set_key(self) -> tuple:

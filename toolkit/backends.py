@@ -270,8 +270,7 @@ def warn_if_int8_saturates(manifest: Manifest) -> None:
 
     from toolkit.host import int8_full_range_exact
 
-    quantization = manifest.precision.get("quantization") or {}
-    signed_full_range = quantization.get("weight_max", 127) == 127 and quantization.get("weight_type") != "uint8"
+    signed_full_range = manifest.weight_max == 127 and manifest.weight_type != "uint8"
     if manifest.dtype == "int8" and signed_full_range and not int8_full_range_exact():
         warnings.warn(f"{manifest.path}: this int8 artifact has full-range weights and this CPU has no VNNI, so ONNX "
                       "Runtime's int8 matmul saturates here and its validation figures do not hold (measured: min "

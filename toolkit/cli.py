@@ -143,7 +143,7 @@ def fp32_linears_unused(cfg: BuildConfig) -> str | None:
 def validate(artifact_dir, checkpoint):
     """Re-run an artifact's validation against the fp32 Hugging Face model (e.g. a CUDA build on its GPU host)."""
     from toolkit.artifact import Manifest
-    from toolkit.compile import revalidate
+    from toolkit.validation import revalidate
 
     stats = revalidate(artifact_dir, checkpoint)
     task = get_task(Manifest.load(artifact_dir, verify=False).task)

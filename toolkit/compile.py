@@ -41,7 +41,7 @@ from toolkit.checkpoint import (
     read_hf_config,
     resolve_checkpoint,
 )
-from toolkit.config import WEIGHT_ROUNDINGS, BuildConfig
+from toolkit.config import LOW_PRECISION, WEIGHT_ROUNDINGS, BuildConfig
 from toolkit.errors import ToolkitError
 from toolkit.export import OnnxExport, export_onnx, fold_small_constants, fold_weights, io_specs
 from toolkit.host import isa_flags, missing_tvm_extension
@@ -50,7 +50,7 @@ from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
 from toolkit.quantize import CalibrationSet, Int8Scheme, QuantizationPlan, int8_scheme, plan_int8, quantize_onnx
 from toolkit.tasks import Task, get_task
 from toolkit.tokenizer import MAX_CONTEXT
-from toolkit.validation import measure
+from toolkit.validation import validate
 
 # bf16 exports bf16 weights (exact for Qwen3's own bf16 checkpoints). int8 calibrates and exports the fp16-weight
 # model (fp32 compute, as an fp16 artifact) and quantizes its graph: an fp32 copy of the model would double the build's
@@ -87,9 +87,6 @@ def precision(backend: str, dtype: str, scheme: Int8Scheme | None = None) -> dic
             "compute": f"{linears}; float32 elsewhere (the linear layers kept out of int8 as in an fp16 artifact: "
                        f"{fp32_compute})",
             "accumulation": "int32"}
-
-
-LOW_PRECISION = ("bf16", "int8")  # also validated on real texts (int8: texts calibration never saw)
 
 
 @dataclass
@@ -334,11 +331,8 @@ def finish_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, toke
     final, staging = artifact.final, artifact.staging
     manifest = write_artifact(cfg, task, artifact, tokenizer, source, log, plan, peaks)
     if device_available(artifact.backend, cfg.target):
-        texts = holdout.rows(task, tokenizer, "holdout", artifact.seq_len, instruction) if holdout else []
         with peaks.stage("validate"):
-            manifest.validation = measure(manifest, reference, tokenizer, texts)
-        if texts:  # `revalidate` checks the same texts: an uncached instruction is recorded nowhere else
-            manifest.validation["real_texts_instruction"] = instruction
+            manifest.validation = validate(manifest, reference, tokenizer, holdout, instruction)
     else:
         manifest.validation = {"skipped": "no CUDA device on the build machine; run `toolkit validate "
                                           f"{final} --checkpoint CKPT` on the GPU host", "passed": None}
@@ -356,31 +350,6 @@ def finish_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, toke
     if manifest.validation["passed"]:
         log(f"{final} ({manifest.backend} {manifest.kernels}): vs HF fp32: {task.format_agreement(manifest.validation)}"
             f" ({cost})")
-
-
-def revalidate(artifact: str | Path, checkpoint: str | None = None) -> dict:
-    """Re-run an artifact's validation as its build did (e.g. on the GPU host for a CUDA build) and record it in its
-    manifest. bf16 and int8 artifacts are also checked on held-out real texts: those of the calibration file their
-    build recorded where it is here, else the bundled set's."""
-    manifest = Manifest.load(artifact)
-    task = get_task(manifest.task)
-    tokenizer = load_tokenizer(manifest.path / "tokenizer")
-    texts = []
-    # the build's instruction: the cached one, or an uncached one its validation recorded
-    recorded_instruction = (manifest.validation or {}).get("real_texts_instruction", manifest.instruction)
-    instruction = task.fixed_instruction(recorded_instruction)
-    if manifest.dtype in LOW_PRECISION:
-        recorded = manifest.precision.get("quantization", {}).get("calibration", {}).get("file")
-        holdout = CalibrationSet.load(recorded if recorded and Path(recorded).is_file() else None)
-        texts = holdout.rows(task, tokenizer, "holdout", manifest.seq_len, instruction)
-    reference_dir = resolve_checkpoint(checkpoint or manifest.reference_checkpoint())
-    reference = LayerwiseReference(reference_dir, task, progress=True)
-    manifest.validation = measure(manifest, reference, tokenizer, texts)
-    manifest.validation["reference"] = str(reference_dir.resolve())  # a failure against other weights says so
-    if texts:
-        manifest.validation["real_texts_instruction"] = instruction
-    manifest.save(manifest.path, hash_files=False)
-    return manifest.validation
 
 
 def precision_fix(dtype: str, plan: QuantizationPlan | None) -> str:
@@ -429,8 +398,8 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
     if artifact.backend == "tvm":
         same_params = None
         if artifact.first:  # its weights file, which this one's will be a hard link to if the same
-            first = Manifest.load(artifact.first.staging, verify=False).backend_details
-            same_params = (str(artifact.first.staging / first["params_file"]), first["params_sha256"])
+            first = Manifest.load(artifact.first.staging, verify=False)
+            same_params = (str(artifact.first.staging / first.params_file), first.params_sha256)
         with peaks.stage("tvm") as stage:
             built, stage.child_mb = compile_tvm_process(
                 artifact.final, onnx_path=str(artifact.graph), out_dir=str(out), device=cfg.target,

@@ -47,6 +47,7 @@ from toolkit.tokenizer import MAX_CONTEXT
 DTYPES = ("fp16", "fp32", "bf16", "int8")
 # where each low-precision dtype has kernels (ONNX Runtime has no bf16 MatMul on CPU)
 DTYPE_BACKENDS = {"int8": ("onnx", "tvm"), "bf16": ("tvm",)}
+LOW_PRECISION = ("bf16", "int8")  # also validated on real texts (int8: texts calibration never saw)
 # TVM's bf16 / int8 kernels are x86 CPU instructions: the cpuinfo flag each needs, and what to build without it
 TVM_CPU_KERNELS = {"bf16": ("avx512_bf16", "--dtype fp16"), "int8": ("avx512_vnni", "--backend onnx")}
 SCHEMA = {"name": str, "task": str, "workspace": str,

@@ -103,7 +103,7 @@ def load_weights(manifest: Manifest, vm, device) -> Shared:
     import tvm
 
     def load():
-        with np.load(manifest.path / manifest.backend_details["params_file"]) as npz:
+        with np.load(manifest.path / manifest.params_file) as npz:
             weights = [tvm.runtime.tensor(as_stored(npz[f"arr_{i}"]), device) for i in range(len(npz.files))]
         # What compile lifted out of `main` runs here once: nothing on CPU (weights stay the stored panels, read by
         # the matmuls as they are: resident 1.0x params.npz), fp32 copies for dlight's GPU kernels on CUDA.
@@ -112,7 +112,7 @@ def load_weights(manifest: Manifest, vm, device) -> Shared:
         return_freed_memory()  # numpy's read buffers
         return tensors
 
-    digest = manifest.backend_details.get("params_sha256")
+    digest = manifest.params_sha256
     return load_shared(_loaded, (digest, str(device)) if digest else None, load)
 
 
@@ -129,7 +129,7 @@ class TvmBackend(Backend):
         from tvm.runtime.vm import VirtualMachine
 
         check_host(manifest)
-        if manifest.backend_details.get("amx_kernels"):
+        if manifest.amx_kernels:
             request_tiles()
         self.task, self.seq_len, self.batch = get_task(manifest.task), manifest.seq_len, manifest.batch
         self.dynamic_batch = manifest.dynamic_batch  # built before the symbolic batch: exactly `batch` rows
