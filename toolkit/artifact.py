@@ -316,6 +316,47 @@ class Manifest:
         return self.model.checkpoint
 
 
+def format_quantization(q: dict) -> str:
+    """An int8 artifact's quantization record in one line."""
+    worst = max(q["worst_linear_errors"].values(), default=0.0)
+    preflight = q.get("preflight")  # absent in artifacts built before the preflight existed
+    checked = (f", whole model in fake int8 on them: {preflight['budget_used']:.0%} of the gate's error budget "
+               f"({preflight['rounds']} round(s))" if preflight else "")
+    rounding = q.get("weight_rounding", "nearest")  # artifacts built before GPTQ rounded to nearest
+    return (f"SmoothQuant alpha {q['smooth_alpha']}, {rounding} weight rounding, {len(q['keep_fp32'])} linear layers "
+            f"kept out of int8, worst int8 layer error {worst:.4f}, calibration "
+            f"{q['calibration']['calibration_records']} records"
+            f"{checked} + {q['calibration']['holdout_records']} held out")
+
+
+def format_manifest(m: Manifest) -> str:
+    """The manifest as an aligned, readable summary (`toolkit inspect`)."""
+    io = lambda specs: ", ".join(f"{s.name} {s.dtype}{s.shape}" for s in specs)  # noqa: E731
+    v = m.validation or {}
+    target = m.target.device + (f" ({json.dumps(m.target.tvm_target)})" if m.target.tvm_target else "")
+    lines = [
+        f"name        {m.name}",
+        f"task        {m.task}",
+        f"model       {m.model.checkpoint}" + (" (synthetic)" if m.model.synthetic else ""),
+        f"backend     {m.backend}  target {target}",
+        f"shape       batch {m.batch}{f' (any 1..{m.batch} rows)' if m.dynamic_batch and m.batch > 1 else ''} x seq "
+        f"{m.seq_len}   dtype {m.kernels}",
+        f"model file  {m.model_file}" + (" (the bucket set's shared graph)" if in_shared_graph(m.model_file) else ""),
+        "precision   " + "; ".join(f"{k}: {m.precision[k]}" for k in ("weights", "compute", "accumulation")),
+        *(["int8        " + format_quantization(m.quantization)] if m.quantization else []),
+        *([f"cached      the first {len(m.cached_prefix)} prompt tokens (keys and values in the graph)"
+           + (f", ending with the instruction {m.instruction!r}: every input carries it" if m.instruction is not None
+              else "")] if m.cached_prefix else []),
+        f"inputs      {io(m.inputs)}",
+        f"outputs     {io(m.outputs)}",
+        f"size        {m.size_bytes / 1e6:.1f} MB in {len(m.files)} files",
+        "validation  " + (", ".join(f"{k}={v[k]}" for k in v if k != "lengths") or "none"),
+        f"build       {json.dumps(m.build)}",
+        "tools       " + ", ".join(f"{k} {ver}" for k, ver in m.tools.items()),
+    ]
+    return "\n".join(lines)
+
+
 def find_artifacts(path: str | Path) -> list[Manifest]:
     """One artifact directory, or a directory of them (a bucket set: same task, backend and dtype, several SEQs, each
     with its own batch), as manifests sorted by SEQ; also a compile's workspace holding one set (model/backend/SEQ).

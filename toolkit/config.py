@@ -93,6 +93,26 @@ class BuildConfig:
         cfg.check()
         return cfg
 
+    def refuse_unused(self, calibration: bool = False, fp32_linears: bool = False) -> None:
+        """Raise ToolkitError where an option the command line gave (`--calibration`, `--fp32-linears`) would change
+        nothing in this build."""
+        if calibration and self.dtype not in LOW_PRECISION:
+            raise ToolkitError(f"--calibration is for --dtype {' or '.join(LOW_PRECISION)} builds (a {self.dtype} "
+                               "build is validated on the edge cases alone): leave it out, or add --dtype int8")
+        if fp32_linears and (unused := self.fp32_linears_unused()):
+            raise ToolkitError(f"--fp32-linears chooses how TVM computes fp16/fp32-weight linear layers on CPU, and "
+                               f"{unused}")
+
+    def fp32_linears_unused(self) -> str | None:
+        """Why `fp32_linears` changes nothing in this build (the rest of `refuse_unused`'s refusal), or None."""
+        if "tvm" not in self.backends:
+            return "ONNX Runtime computes them in float32 alone: leave it out, or add --backend tvm"
+        if self.dtype == "bf16":
+            return "a bf16 build's linear layers are all bf16 x bf16: leave it out, or build --dtype fp16"
+        if self.target != "cpu":
+            return "TVM's CUDA kernels compute them in float32 alone: leave it out, or build --target cpu"
+        return None
+
     def name_for(self, dtype: str) -> str:
         """The set name of this config built with weights in `dtype`: its name with the dtype suffix swapped
         (`qwen3-embedding-0.6b-fp16` → `…-int8`), or suffixed; so a build of another dtype gets a set of its own
