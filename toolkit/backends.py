@@ -156,7 +156,8 @@ class LayerwiseReference(Backend):
 
 
 FP16_LOADS = ("low-peak", "fold")
-_fp16_load = ["low-peak"]
+DEFAULT_FP16_LOAD = "low-peak"
+_fp16_load = [DEFAULT_FP16_LOAD]
 
 
 def set_fp16_load(mode: str) -> None:

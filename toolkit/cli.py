@@ -8,11 +8,13 @@ from pathlib import Path
 import click
 
 from toolkit.artifact import BACKENDS, DEVICES
-from toolkit.backends import FP16_LOADS
 from toolkit.buckets import DEFAULT_COUNT, DEFAULT_STEP
-from toolkit.cli_base import INSTANCES, ToolkitGroup
+from toolkit.cli_base import INSTANCES, ToolkitGroup, fp16_load_option
 from toolkit.config import DTYPES, FP32_LINEARS
 from toolkit.errors import ToolkitError
+from toolkit.serve.server import ServeOptions
+from toolkit.serve.server import serve as run_server
+from toolkit.serve.service import Limits
 from toolkit.tasks import TASKS, get_task
 
 
@@ -185,17 +187,18 @@ def data_download(out_dir):
 @main.command()
 @click.option("--embedding", "embedding_dir", type=click.Path(), help="embedding bucket set, e.g. WORKSPACE/NAME/onnx")
 @click.option("--reranker", "reranker_dir", type=click.Path(), help="reranker bucket set")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8080, show_default=True)
-@click.option("--max-batch-tokens", type=int, default=16384, show_default=True,
+@click.option("--host", default=ServeOptions.host, show_default=True)
+@click.option("--port", type=int, default=ServeOptions.port, show_default=True)
+@click.option("--max-batch-tokens", type=int, default=Limits.max_batch_tokens, show_default=True,
               help="tokens of waiting rows (oldest first) the batcher packs from; a pool this full goes at once")
-@click.option("--max-wait-ms", type=float, default=2.0, show_default=True,
+@click.option("--max-wait-ms", type=float, default=Limits.max_wait_ms, show_default=True,
               help="how long a request may wait for a full batch, when an engine is free")
-@click.option("--max-concurrent-requests", type=int, default=512, show_default=True,
+@click.option("--max-concurrent-requests", type=int, default=Limits.max_concurrent_requests, show_default=True,
               help="requests in flight per model; more are answered 429")
-@click.option("--max-client-batch-size", type=int, default=32, show_default=True, help="inputs per request")
+@click.option("--max-client-batch-size", type=int, default=Limits.max_client_batch_size, show_default=True,
+              help="inputs per request")
 @click.option("--max-input-length", type=int, help="tokens per input, prompt included (default: the largest SEQ)")
-@click.option("--payload-limit", type=int, default=2_000_000, show_default=True, help="request body bytes")
+@click.option("--payload-limit", type=int, default=Limits.payload_limit, show_default=True, help="request body bytes")
 @click.option("--instances", type=INSTANCES, default="auto", show_default=True,
               help="engine instances per bucket; auto: one single-thread instance per core for TVM on CPU, else 1")
 @click.option("--threads", type=int, help="compute threads of the process (per replica with --ray); "
@@ -203,17 +206,11 @@ def data_download(out_dir):
 @click.option("--ray", "use_ray", is_flag=True, help="deploy on Ray Serve instead of uvicorn")
 @click.option("--replicas", type=int, default=1, show_default=True, help="with --ray: replicas, each its own engines")
 @click.option("--ray-address", help="with --ray: a running cluster (`ray start --head`); default: a local one")
-@click.option("--fp16-load", type=click.Choice(FP16_LOADS), default="low-peak", show_default=True,
-              help="ONNX fp16 artifacts: load at half the peak memory, or fold the weights to fp32 (about 5% faster "
-              "on sets built before compile folded their small constants, the same speed on newer ones)")
+@fp16_load_option
 def serve(embedding_dir, reranker_dir, host, port, max_batch_tokens, max_wait_ms, max_concurrent_requests,
           max_client_batch_size, max_input_length, payload_limit, instances, threads, use_ray, replicas, ray_address,
           fp16_load):
     """Serve artifacts over HTTP (TEI and OpenAI APIs, cross-request batching, Prometheus metrics)."""
-    from toolkit.serve.server import ServeOptions
-    from toolkit.serve.server import serve as run_server
-    from toolkit.serve.service import Limits
-
     limits = Limits(max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms,
                     max_concurrent_requests=max_concurrent_requests, max_client_batch_size=max_client_batch_size,
                     max_input_length=max_input_length, payload_limit=payload_limit)
