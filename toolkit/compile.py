@@ -46,8 +46,9 @@ from toolkit.errors import ToolkitError
 from toolkit.export import OnnxExport, export_onnx, fold_small_constants, fold_weights, io_specs
 from toolkit.host import isa_flags, missing_tvm_extension
 from toolkit.memory import StagePeaks, map_large_blocks, return_freed_memory
+from toolkit.onnx_quantize import quantize_onnx
 from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
-from toolkit.quantize import CalibrationSet, Int8Scheme, QuantizationPlan, int8_scheme, plan_int8, quantize_onnx
+from toolkit.quantize import CalibrationSet, Int8Scheme, QuantizationPlan, int8_scheme, plan_int8
 from toolkit.tasks import Task, get_task
 from toolkit.tokenizer import MAX_CONTEXT
 from toolkit.validation import validate
