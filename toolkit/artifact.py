@@ -248,7 +248,7 @@ class Manifest:
         """Its weight dtype and, for a TVM build with AMX kernels, their kinds: `fp16 (AMX bf16x3)` (run labels)."""
         return f"{self.dtype} (AMX {', '.join(self.amx_kernels)})" if self.amx_kernels else self.dtype
 
-    # ---- the records' fields other modules read (the records themselves are written by compile and quantize) ----
+    # ---- fields of the records (written by compile, quantize, validation) that other modules read ---------------
     @property
     def amx_kernels(self) -> list[str]:
         """TVM on CPU: the kinds of its linear-layer kernels that run on AMX tiles (`tvm_amx.KINDS`); empty: none."""
