@@ -22,7 +22,6 @@ from toolkit.errors import ToolkitError, is_integer
 from toolkit.tasks import SIMILARITY_INSTRUCTION, WEB_SEARCH_INSTRUCTION, Task
 
 SAMPLES = Path(__file__).parent / "samples"
-KINDS = ("pairs", "reranking")
 
 
 @dataclass(frozen=True)

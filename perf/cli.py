@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from toolkit.backends import FP16_LOADS
-from toolkit.cli_base import INSTANCES, OutputFile, ToolkitGroup
+from toolkit.cli_base import INSTANCES, OutputFile, ToolkitGroup, fp16_load_option
 from toolkit.errors import ToolkitError
 from toolkit.report import write_json
+from toolkit.serve.service import Limits
 
 
 def number_list(value: str, flag: str, kind=float) -> tuple:
@@ -133,9 +133,7 @@ def compare_cmd(checkpoint, artifacts, iterations, warmup, no_torch, interleave,
               help="engine instances per bucket (auto: as `toolkit serve`)")
 @click.option("--threads", type=int,
               help="compute threads for the whole process, at most the cores (default: all cores)")
-@click.option("--fp16-load", type=click.Choice(FP16_LOADS), default="low-peak", show_default=True,
-              help="ONNX fp16 artifacts: load at half the peak memory, or fold the weights to fp32 (about 5% faster "
-              "on sets built before compile folded their small constants, the same speed on newer ones)")
+@fp16_load_option
 @click.option("--rounds", type=int, default=1, show_default=True,
               help="run everything N times, the order reversed each round; medians, ratios within each round")
 @click.option("--instruction", help="every request's: embedding texts as queries with it, reranker pairs with it "
@@ -165,7 +163,8 @@ def traffic_cmd(data, artifacts, checkpoint, torch_batch, limit, instances, thre
               help="engine instances per bucket, the server's and the offline run's (auto: as `toolkit serve`)")
 @click.option("--threads", type=int,
               help="compute threads (per replica with Ray), at most the cores in all (default: the cores)")
-@click.option("--max-wait-ms", type=float, default=2.0, show_default=True, help="the server's batching wait")
+@click.option("--max-wait-ms", type=float, default=Limits.max_wait_ms, show_default=True,
+              help="the server's batching wait")
 @click.option("--ray-replicas", type=int, help="also measure Ray Serve with this many replicas")
 @click.option("--repeat", type=int, default=1, show_default=True,
               help="run it all N times and report medians (each served run against the offline runs around it)")

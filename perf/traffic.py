@@ -21,7 +21,7 @@ from pathlib import Path
 
 from toolkit.api import model_class
 from toolkit.artifact import find_artifacts
-from toolkit.backends import set_fp16_load
+from toolkit.backends import DEFAULT_FP16_LOAD, set_fp16_load
 from toolkit.buckets import token_lengths
 from toolkit.checkpoint import read_hf_config, resolve_checkpoint
 from toolkit.errors import ToolkitError
@@ -55,7 +55,7 @@ class TrafficOptions:
     limit: int | None = 256
     instances: int | str = 1
     threads: int | None = None
-    fp16_load: str = "low-peak"
+    fp16_load: str = DEFAULT_FP16_LOAD
     rounds: int = 1
     instruction: str | None = None
 

@@ -159,7 +159,7 @@ def test_bf16_artifacts_pass_the_gate_on_outlier_checkpoints(outlier_checkpoints
     else:
         assert validation["max_abs_diff"] <= 5e-3 and validation["kendall_tau"] is not None
         assert manifest.instruction is None and validation["real_texts_instruction"] == "Judge the passage"
-        from toolkit.compile import revalidate
+        from toolkit.validation import revalidate
 
         again = revalidate(artifact)
         assert again["real_texts_instruction"] == "Judge the passage"

@@ -3,6 +3,7 @@ import json
 import shutil
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -24,7 +25,7 @@ def test_crash_after_the_manifest_leaves_nothing_loadable_and_keeps_the_old_arti
     before all are validated. One that succeeds replaces the old graph, which is then removed; a later build of one
     SEQ from other weights removes the set's other SEQ (it would run other weights), and a set mixed by hand is
     refused."""
-    import toolkit.compile
+    import toolkit.validation
     from toolkit.artifact import find_artifacts
 
     good = build(checkpoints, tmp_path, "embedding", seq_lens=(32, 48), batch=1)
@@ -39,9 +40,9 @@ def test_crash_after_the_manifest_leaves_nothing_loadable_and_keeps_the_old_arti
             raise RuntimeError("simulated crash during validation")
         return measure(*args, **kwargs)
 
-    measure = toolkit.compile.measure
+    measure = toolkit.validation.measure
     with monkeypatch.context() as patch:
-        patch.setattr(toolkit.compile, "measure", crash_on_the_second)
+        patch.setattr(toolkit.validation, "measure", crash_on_the_second)
         with pytest.raises(RuntimeError, match="simulated crash"):
             build(outlier_checkpoints, tmp_path, "embedding", seq_lens=(32, 48), batch=1)
     assert measured == [32, 48]
@@ -230,14 +231,13 @@ def test_names_outside_the_workspace_and_malformed_sizes_are_refused(checkpoints
 def test_seqs_over_the_context_or_the_memory_are_refused_before_building(checkpoints, tmp_path, monkeypatch):
     """SEQ 32768 at batch 2 passed, then crashed in validation allocating 34 GB; SEQs above the checkpoint's
     max_position_embeddings were checked against a fixed 32768 only."""
-    import toolkit.compile
-
     short = shutil.copytree(checkpoints["embedding"], tmp_path / "short")
     config = json.loads((short / "config.json").read_text())
     (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 48}))
     result = compile_cli(short, tmp_path / "ws", "--seq", "32,64")
     assert result.exit_code == 2 and "longer than the checkpoint's context (48 tokens" in result.output
-    monkeypatch.setattr(toolkit.compile, "available_memory", lambda: 10**6)  # attention scores at SEQ 256: 4 MB
+    # attention scores at SEQ 256: 4 MB
+    monkeypatch.setattr("psutil.virtual_memory", lambda: SimpleNamespace(available=10**6))
     result = compile_cli(checkpoints["embedding"], tmp_path / "ws", "--seq", "32,256", "--batch", "4",
                          "--batch-tokens", "128")  # a budget below a SEQ builds it at batch 1: said, not silent
     assert "--batch-tokens 128 is below SEQ 256: built at batch 1" in result.output
@@ -344,7 +344,7 @@ def test_a_later_build_removes_staging_left_by_a_killed_one(tmp_path):
     named without one); those of a build running now stay, and so does anything else."""
     import os
 
-    from toolkit.compile import build_dir, remove_stale_staging
+    from toolkit.artifact_set import build_dir, remove_stale_staging
 
     dead = [tmp_path / name for name in (".seq32.staging-999999999-ab", ".export-999999999-cd",
                                          ".graph-staging-999999999-ef", ".export-k2j4_x9a")]
@@ -363,7 +363,7 @@ def test_a_killed_tvm_builds_export_stays_while_it_runs_and_goes_with_the_next_b
     import subprocess
     import sys
 
-    from toolkit.compile import remove_stale_staging
+    from toolkit.artifact_set import remove_stale_staging
 
     ws = tmp_path / "ws"
     set_dir = ws / "qwen3-embedding-0.6b-fp16" / "tvm"

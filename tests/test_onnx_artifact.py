@@ -215,7 +215,7 @@ def test_checkpoint_and_tokenizer_problems_are_named(onnx_artifacts, checkpoints
     import torch
 
     from toolkit.checkpoint import load_hf_model, load_tokenizer
-    from toolkit.compile import revalidate
+    from toolkit.validation import revalidate
 
     moved = copy_artifact(onnx_artifacts["embedding"][0], tmp_path / "moved")
     manifest = Manifest.load(moved)

@@ -75,7 +75,7 @@ def test_int8_gate_fails_naive_quantization_of_an_outlier_checkpoint_and_passes_
     assert manifest.dtype == "int8" and manifest.validation["passed"]
     assert manifest.validation["min_cosine"] >= 0.99
     assert manifest.validation["real_texts"] == len(CalibrationSet.load().holdout) * 2  # query and document each
-    from toolkit.compile import revalidate  # `toolkit validate` checks what the build checked, held-out texts too
+    from toolkit.validation import revalidate  # `toolkit validate` checks what the build checked, held-out texts too
 
     again = revalidate(artifact)
     assert again["real_texts"] == manifest.validation["real_texts"] and again["passed"]
@@ -419,7 +419,8 @@ def test_uint8_weights_compute_exactly_what_the_integer_arithmetic_gives_on_this
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from toolkit.quantize import Int8Scheme, QuantizationPlan, _quantize_weight, _weight_scale, quantize_onnx
+    from toolkit.onnx_quantize import _quantize_weight, _weight_scale, quantize_onnx
+    from toolkit.quantize import Int8Scheme, QuantizationPlan
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64, 256)).astype(np.float32)
@@ -458,7 +459,8 @@ def test_our_int8_graph_is_the_one_quantize_dynamic_writes_with_the_same_weights
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from toolkit.quantize import Int8Scheme, QuantizationPlan, quantize_onnx
+    from toolkit.onnx_quantize import quantize_onnx
+    from toolkit.quantize import Int8Scheme, QuantizationPlan
 
     [artifact] = build(checkpoints, tmp_path, "embedding", seq_lens=(32,), dtype="fp32")
     fp32 = artifact / "model.onnx"
@@ -537,7 +539,8 @@ def test_every_backend_quantizes_a_weight_on_the_int8_grid_to_the_integers_gptq_
     `_quantize_weight`) and TVM's (`tvm_int8.pack_quads`). Both must give back GPTQ's integers, or its compensation
     is lost (also with an outlier input channel, and a row that is all zeros)."""
     from toolkit import tvm_int8
-    from toolkit.quantize import _on_weight_grid, _quantize_weight, _weight_row_scales, _weight_scale
+    from toolkit.onnx_quantize import _quantize_weight, _weight_scale
+    from toolkit.quantize import _on_weight_grid, _weight_row_scales
 
     rng = np.random.default_rng(0)
     w = torch.from_numpy((rng.standard_normal((128, 256)) * 0.02).astype(np.float32))

@@ -38,7 +38,8 @@ def test_a_reranker_compiled_for_its_instruction_scores_with_it_and_refuses_anot
     from click.testing import CliRunner
 
     from toolkit.api import Reranker
-    from toolkit.cli import format_manifest, main
+    from toolkit.artifact import format_manifest
+    from toolkit.cli import main
     from toolkit.errors import ToolkitError
 
     [artifact] = tvm_artifacts["reranker"]

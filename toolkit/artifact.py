@@ -3,8 +3,8 @@
     ARTIFACT/manifest.json      `Manifest`: task, model, seq_len, batch, dtype, backend, target, inputs, outputs,
                                 cached prompt prefix, files (sha256), tools (versions), validation, build
     ARTIFACT/model.onnx[.data]  (onnx backend) or model.so + params.npz (tvm backend). The ONNX SEQs of one build are
-                                one graph with symbolic axes, stored once beside them: `model_file` is then
-                                `../graph-DIGEST/model.onnx` (see compile.share_graph)
+                                one graph with symbolic axes, stored once in their bucket set: `model_file` is then
+                                `../graph-DIGEST/model.onnx` (a set's layout: toolkit.artifact_set)
     ARTIFACT/tokenizer/         the checkpoint's tokenizer files: an artifact runs without the checkpoint
 
 `Manifest.save` is the only writer of manifest.json. This module depends on nothing above it in the pipeline (only
@@ -50,7 +50,7 @@ def sha256(path: Path) -> str:
 
 def in_shared_graph(relative: str) -> bool:
     """Whether a path of a manifest (`files` key, `model_file`) lies in its bucket set's shared graph directory
-    (`../graph-DIGEST/`, see compile.share_graph) rather than in the artifact's own directory."""
+    (`../graph-DIGEST/`, see artifact_set.share_graph) rather than in the artifact's own directory."""
     return relative.startswith("../")
 
 
@@ -247,8 +247,44 @@ class Manifest:
     @property
     def kernels(self) -> str:
         """Its weight dtype and, for a TVM build with AMX kernels, their kinds: `fp16 (AMX bf16x3)` (run labels)."""
-        amx = self.backend_details.get("amx_kernels")
-        return f"{self.dtype} (AMX {', '.join(amx)})" if amx else self.dtype
+        return f"{self.dtype} (AMX {', '.join(self.amx_kernels)})" if self.amx_kernels else self.dtype
+
+    # ---- fields of the records (written by compile, quantize, validation) that other modules read ---------------
+    @property
+    def amx_kernels(self) -> list[str]:
+        """TVM on CPU: the kinds of its linear-layer kernels that run on AMX tiles (`tvm_amx.KINDS`); empty: none."""
+        return self.backend_details.get("amx_kernels") or []
+
+    @property
+    def params_file(self) -> str | None:
+        """TVM: its weights file, relative to the artifact directory; None for ONNX."""
+        return self.backend_details.get("params_file")
+
+    @property
+    def params_sha256(self) -> str | None:
+        """TVM: its weights file's digest (the SEQs of a set that share weights share it); None for ONNX."""
+        return self.backend_details.get("params_sha256")
+
+    @property
+    def quantization(self) -> dict:
+        """An int8 artifact's quantization record (`quantize.QuantizationPlan.describe`); empty for other dtypes."""
+        return self.precision.get("quantization") or {}
+
+    @property
+    def weight_type(self) -> str | None:
+        """int8: how its linear weights are stored, "int8" or "uint8" (around zero point 128)."""
+        return self.quantization.get("weight_type")
+
+    @property
+    def calibration_file(self) -> str | None:
+        """int8: the calibration file its build read (None for other dtypes)."""
+        return self.quantization.get("calibration", {}).get("file")
+
+    @property
+    def validated_instruction(self) -> str | None:
+        """The instruction the real texts of its validation carried: one its build fixed without caching it (recorded
+        in its validation), else its cached one."""
+        return (self.validation or {}).get("real_texts_instruction", self.instruction)
 
     @property
     def set_key(self) -> tuple:
@@ -273,6 +309,47 @@ class Manifest:
             raise ToolkitError(f"{self.path} was built from the checkpoint {resolved}, which is gone; pass the "
                                "directory it moved to (the same weights) with --checkpoint")
         return self.model.checkpoint
+
+
+def format_quantization(q: dict) -> str:
+    """An int8 artifact's quantization record in one line."""
+    worst = max(q["worst_linear_errors"].values(), default=0.0)
+    preflight = q["preflight"]  # None: turned off
+    checked = (f", whole model in fake int8 on them: {preflight['budget_used']:.0%} of the gate's error budget "
+               f"({preflight['rounds']} round(s))" if preflight else "")
+    rounding = q["weight_rounding"]
+    return (f"SmoothQuant alpha {q['smooth_alpha']}, {rounding} weight rounding, {len(q['keep_fp32'])} linear layers "
+            f"kept out of int8, worst int8 layer error {worst:.4f}, calibration "
+            f"{q['calibration']['calibration_records']} records"
+            f"{checked} + {q['calibration']['holdout_records']} held out")
+
+
+def format_manifest(m: Manifest) -> str:
+    """The manifest as an aligned, readable summary (`toolkit inspect`)."""
+    io = lambda specs: ", ".join(f"{s.name} {s.dtype}{s.shape}" for s in specs)  # noqa: E731
+    v = m.validation or {}
+    target = m.target.device + (f" ({json.dumps(m.target.tvm_target)})" if m.target.tvm_target else "")
+    lines = [
+        f"name        {m.name}",
+        f"task        {m.task}",
+        f"model       {m.model.checkpoint}" + (" (synthetic)" if m.model.synthetic else ""),
+        f"backend     {m.backend}  target {target}",
+        f"shape       batch {m.batch}{f' (any 1..{m.batch} rows)' if m.batch > 1 else ''} x seq "
+        f"{m.seq_len}   dtype {m.kernels}",
+        f"model file  {m.model_file}" + (" (the bucket set's shared graph)" if in_shared_graph(m.model_file) else ""),
+        "precision   " + "; ".join(f"{k}: {m.precision[k]}" for k in ("weights", "compute", "accumulation")),
+        *(["int8        " + format_quantization(m.quantization)] if m.quantization else []),
+        *([f"cached      the first {len(m.cached_prefix)} prompt tokens (keys and values in the graph)"
+           + (f", ending with the instruction {m.instruction!r}: every input carries it" if m.instruction is not None
+              else "")] if m.cached_prefix else []),
+        f"inputs      {io(m.inputs)}",
+        f"outputs     {io(m.outputs)}",
+        f"size        {m.size_bytes / 1e6:.1f} MB in {len(m.files)} files",
+        "validation  " + (", ".join(f"{k}={v[k]}" for k in v if k != "lengths") or "none"),
+        f"build       {json.dumps(m.build)}",
+        "tools       " + ", ".join(f"{k} {ver}" for k, ver in m.tools.items()),
+    ]
+    return "\n".join(lines)
 
 
 def find_artifacts(path: str | Path) -> list[Manifest]:

@@ -152,7 +152,8 @@ class LayerwiseReference(Backend):
 
 
 FP16_LOADS = ("low-peak", "fold")
-_fp16_load = ["low-peak"]
+DEFAULT_FP16_LOAD = "low-peak"
+_fp16_load = [DEFAULT_FP16_LOAD]
 
 
 def set_fp16_load(mode: str) -> None:
@@ -277,8 +278,7 @@ def warn_if_int8_saturates(manifest: Manifest) -> None:
 
     from toolkit.host import int8_full_range_exact
 
-    if manifest.dtype == "int8" and manifest.precision["quantization"]["weight_type"] == "int8" \
-            and not int8_full_range_exact():
+    if manifest.dtype == "int8" and manifest.weight_type == "int8" and not int8_full_range_exact():
         warnings.warn(f"{manifest.path}: this int8 artifact has full-range weights and this CPU has no VNNI, so ONNX "
                       "Runtime's int8 matmul saturates here and its validation figures do not hold (measured: min "
                       "cosine 0.988 instead of 0.9996); rebuild it on this machine (`toolkit compile ... --dtype "

@@ -1,7 +1,6 @@
 """The `toolkit` command line. Each command is a thin shell over one pipeline module."""
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from pathlib import Path
@@ -9,11 +8,13 @@ from pathlib import Path
 import click
 
 from toolkit.artifact import BACKENDS, DEVICES
-from toolkit.backends import FP16_LOADS
 from toolkit.buckets import DEFAULT_COUNT, DEFAULT_STEP
-from toolkit.cli_base import INSTANCES, ToolkitGroup
-from toolkit.config import DTYPES, FP32_LINEARS, BuildConfig
+from toolkit.cli_base import INSTANCES, ToolkitGroup, fp16_load_option
+from toolkit.config import DTYPES, FP32_LINEARS
 from toolkit.errors import ToolkitError
+from toolkit.serve.server import ServeOptions
+from toolkit.serve.server import serve as run_server
+from toolkit.serve.service import Limits
 from toolkit.tasks import TASKS, get_task
 
 
@@ -74,7 +75,7 @@ def synth(task, shape, seed, outliers, out_dir):
 def compile(config, seq, lengths_data, bucket_count, bucket_step, batch_tokens, checkpoint, backend, dtype,
             calibration, fp32_linears, instruction, cache_instruction, target, batch, workspace, name):
     """Compile CONFIG into one artifact directory per (backend, seq); prints their paths."""
-    from toolkit.compile import LOW_PRECISION, compile_config
+    from toolkit.compile import compile_config
     from toolkit.config import load_build_config, parse_seq_lens
 
     base = load_build_config(config)
@@ -90,12 +91,7 @@ def compile(config, seq, lengths_data, bucket_count, bucket_step, batch_tokens, 
     if seq != "auto" and (bucket_count is not None or bucket_step is not None):
         raise ToolkitError("--buckets and --bucket-step shape the SEQs --seq auto chooses: add --seq auto --lengths "
                            "DATA, or leave them out")
-    if calibration and cfg.dtype not in LOW_PRECISION:
-        raise ToolkitError(f"--calibration is for --dtype {' or '.join(LOW_PRECISION)} builds (a {cfg.dtype} build "
-                           "is validated on the edge cases alone): leave it out, or add --dtype int8")
-    if fp32_linears and (unused := fp32_linears_unused(cfg)):
-        raise ToolkitError(f"--fp32-linears chooses how TVM computes fp16/fp32-weight linear layers on CPU, and "
-                           f"{unused}")
+    cfg.refuse_unused(calibration=bool(calibration), fp32_linears=bool(fp32_linears))
     if lengths_data:
         from toolkit.buckets import suggest_for_dataset
 
@@ -126,24 +122,13 @@ def compile(config, seq, lengths_data, bucket_count, bucket_step, batch_tokens, 
         signal.signal(signal.SIGTERM, previous)
 
 
-def fp32_linears_unused(cfg: BuildConfig) -> str | None:
-    """Why `--fp32-linears` would change nothing in the build `cfg` (the rest of its refusal), or None."""
-    if "tvm" not in cfg.backends:
-        return "ONNX Runtime computes them in float32 alone: leave it out, or add --backend tvm"
-    if cfg.dtype == "bf16":
-        return "a bf16 build's linear layers are all bf16 x bf16: leave it out, or build --dtype fp16"
-    if cfg.target != "cpu":
-        return "TVM's CUDA kernels compute them in float32 alone: leave it out, or build --target cpu"
-    return None
-
-
 @main.command()
 @click.argument("artifact_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--checkpoint", help="reference checkpoint (default: the one recorded in the manifest)")
 def validate(artifact_dir, checkpoint):
     """Re-run an artifact's validation against the fp32 Hugging Face model (e.g. a CUDA build on its GPU host)."""
     from toolkit.artifact import Manifest
-    from toolkit.compile import revalidate
+    from toolkit.validation import revalidate
 
     stats = revalidate(artifact_dir, checkpoint)
     task = get_task(Manifest.load(artifact_dir, verify=False).task)
@@ -157,7 +142,7 @@ def validate(artifact_dir, checkpoint):
 @click.option("--json", "as_json", is_flag=True, help="print the raw manifest")
 def inspect(artifact_dir, as_json):
     """Summarise an artifact's manifest, verify its file hashes and its validation (exit 1 if either fails)."""
-    from toolkit.artifact import MANIFEST, Manifest
+    from toolkit.artifact import MANIFEST, Manifest, format_manifest
 
     m = Manifest.load(artifact_dir, verify=False)
     click.echo((Path(artifact_dir) / MANIFEST).read_text() if as_json else format_manifest(m))
@@ -170,49 +155,6 @@ def inspect(artifact_dir, as_json):
     if unusable:
         click.secho(f"NOT DEPLOYABLE: {unusable}", fg="red", err=as_json)
     sys.exit(1 if problems or unusable else 0)
-
-
-def format_quantization(q: dict) -> str:
-    """An int8 artifact's quantization record in one line."""
-    worst = max(q["worst_linear_errors"].values(), default=0.0)
-    preflight = q["preflight"]  # None: turned off
-    checked = (f", whole model in fake int8 on them: {preflight['budget_used']:.0%} of the gate's error budget "
-               f"({preflight['rounds']} round(s))" if preflight else "")
-    rounding = q["weight_rounding"]
-    return (f"SmoothQuant alpha {q['smooth_alpha']}, {rounding} weight rounding, {len(q['keep_fp32'])} linear layers "
-            f"kept out of int8, worst int8 layer error {worst:.4f}, calibration "
-            f"{q['calibration']['calibration_records']} records"
-            f"{checked} + {q['calibration']['holdout_records']} held out")
-
-
-def format_manifest(m) -> str:
-    """The manifest as an aligned, readable summary."""
-    from toolkit.artifact import in_shared_graph
-
-    io = lambda specs: ", ".join(f"{s.name} {s.dtype}{s.shape}" for s in specs)  # noqa: E731
-    v = m.validation or {}
-    target = m.target.device + (f" ({json.dumps(m.target.tvm_target)})" if m.target.tvm_target else "")
-    lines = [
-        f"name        {m.name}",
-        f"task        {m.task}",
-        f"model       {m.model.checkpoint}" + (" (synthetic)" if m.model.synthetic else ""),
-        f"backend     {m.backend}  target {target}",
-        f"shape       batch {m.batch}{f' (any 1..{m.batch} rows)' if m.batch > 1 else ''} x seq "
-        f"{m.seq_len}   dtype {m.kernels}",
-        f"model file  {m.model_file}" + (" (the bucket set's shared graph)" if in_shared_graph(m.model_file) else ""),
-        "precision   " + "; ".join(f"{k}: {m.precision[k]}" for k in ("weights", "compute", "accumulation")),
-        *(["int8        " + format_quantization(m.precision["quantization"])] if "quantization" in m.precision else []),
-        *([f"cached      the first {len(m.cached_prefix)} prompt tokens (keys and values in the graph)"
-           + (f", ending with the instruction {m.instruction!r}: every input carries it" if m.instruction is not None
-              else "")] if m.cached_prefix else []),
-        f"inputs      {io(m.inputs)}",
-        f"outputs     {io(m.outputs)}",
-        f"size        {m.size_bytes / 1e6:.1f} MB in {len(m.files)} files",
-        "validation  " + (", ".join(f"{k}={v[k]}" for k in v if k != "lengths") or "none"),
-        f"build       {json.dumps(m.build)}",
-        "tools       " + ", ".join(f"{k} {ver}" for k, ver in m.tools.items()),
-    ]
-    return "\n".join(lines)
 
 
 @main.command()
@@ -245,17 +187,18 @@ def data_download(out_dir):
 @main.command()
 @click.option("--embedding", "embedding_dir", type=click.Path(), help="embedding bucket set, e.g. WORKSPACE/NAME/onnx")
 @click.option("--reranker", "reranker_dir", type=click.Path(), help="reranker bucket set")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8080, show_default=True)
-@click.option("--max-batch-tokens", type=int, default=16384, show_default=True,
+@click.option("--host", default=ServeOptions.host, show_default=True)
+@click.option("--port", type=int, default=ServeOptions.port, show_default=True)
+@click.option("--max-batch-tokens", type=int, default=Limits.max_batch_tokens, show_default=True,
               help="tokens of waiting rows (oldest first) the batcher packs from; a pool this full goes at once")
-@click.option("--max-wait-ms", type=float, default=2.0, show_default=True,
+@click.option("--max-wait-ms", type=float, default=Limits.max_wait_ms, show_default=True,
               help="how long a request may wait for a full batch, when an engine is free")
-@click.option("--max-concurrent-requests", type=int, default=512, show_default=True,
+@click.option("--max-concurrent-requests", type=int, default=Limits.max_concurrent_requests, show_default=True,
               help="requests in flight per model; more are answered 429")
-@click.option("--max-client-batch-size", type=int, default=32, show_default=True, help="inputs per request")
+@click.option("--max-client-batch-size", type=int, default=Limits.max_client_batch_size, show_default=True,
+              help="inputs per request")
 @click.option("--max-input-length", type=int, help="tokens per input, prompt included (default: the largest SEQ)")
-@click.option("--payload-limit", type=int, default=2_000_000, show_default=True, help="request body bytes")
+@click.option("--payload-limit", type=int, default=Limits.payload_limit, show_default=True, help="request body bytes")
 @click.option("--instances", type=INSTANCES, default="auto", show_default=True,
               help="engine instances per bucket; auto: one single-thread instance per core for TVM on CPU, else 1")
 @click.option("--threads", type=int, help="compute threads of the process (per replica with --ray); "
@@ -263,17 +206,11 @@ def data_download(out_dir):
 @click.option("--ray", "use_ray", is_flag=True, help="deploy on Ray Serve instead of uvicorn")
 @click.option("--replicas", type=int, default=1, show_default=True, help="with --ray: replicas, each its own engines")
 @click.option("--ray-address", help="with --ray: a running cluster (`ray start --head`); default: a local one")
-@click.option("--fp16-load", type=click.Choice(FP16_LOADS), default="low-peak", show_default=True,
-              help="ONNX fp16 artifacts: load at half the peak memory, or fold the weights to fp32 (about 5% faster "
-              "on sets built before compile folded their small constants, the same speed on newer ones)")
+@fp16_load_option
 def serve(embedding_dir, reranker_dir, host, port, max_batch_tokens, max_wait_ms, max_concurrent_requests,
           max_client_batch_size, max_input_length, payload_limit, instances, threads, use_ray, replicas, ray_address,
           fp16_load):
     """Serve artifacts over HTTP (TEI and OpenAI APIs, cross-request batching, Prometheus metrics)."""
-    from toolkit.serve.server import ServeOptions
-    from toolkit.serve.server import serve as run_server
-    from toolkit.serve.service import Limits
-
     limits = Limits(max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms,
                     max_concurrent_requests=max_concurrent_requests, max_client_batch_size=max_client_batch_size,
                     max_input_length=max_input_length, payload_limit=payload_limit)

@@ -1,13 +1,8 @@
 """The compile pipeline, top-down: build config → checkpoint → patched model → ONNX → (TVM) → artifact → validate.
 
 Each (backend, seq) pair becomes one artifact directory, `WORKSPACE/NAME/BACKEND/seqSEQ/`, and a
-`WORKSPACE/NAME/BACKEND/` directory is then a bucket set for the runtime. The ONNX SEQs of one build are one graph
-(symbolic axes): it is stored once, in the set's `graph-DIGEST/` directory, which their manifests point at; a build of
-one SEQ keeps its graph in its own directory. An artifact is built in a dot-prefixed
-staging directory beside its final place, and the build's artifacts are moved there only once all of them passed
-validation (or it was explicitly skipped for a CUDA build made without a GPU): a failed or interrupted compile leaves
-nothing loadable, and the previous set stays as it was. A set's SEQs left by an earlier build of other weights, dtype
-or cached instruction are then removed (`remove_other_builds`).
+`WORKSPACE/NAME/BACKEND/` directory is then a bucket set for the runtime. Every artifact of a build is staged beside
+its set and validated before any is installed (how a build changes a set on disk: toolkit.artifact_set).
 
 Memory: the patched model is never held whole. It is streamed (`from_pretrained(stream=True)`): int8 calibration reads
 one decoder layer at a time from the checkpoint, and the export traces the model without its weights and writes each
@@ -18,19 +13,25 @@ each stage goes into the manifest (`build.stage_peak_rss_mb`).
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
-import os
-import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import psutil
 import torch
 
-from toolkit.artifact import MANIFEST, Manifest, ModelSource, Target, sha256
+from toolkit.artifact import Manifest, ModelSource, Target
+from toolkit.artifact_set import (
+    build_dir,
+    install,
+    prune_graphs,
+    remove_other_builds,
+    remove_stale_staging,
+    share_graph,
+)
 from toolkit.backends import LayerwiseReference, device_available
 from toolkit.checkpoint import (
     check_task,
@@ -40,16 +41,17 @@ from toolkit.checkpoint import (
     read_hf_config,
     resolve_checkpoint,
 )
-from toolkit.config import WEIGHT_ROUNDINGS, BuildConfig
+from toolkit.config import LOW_PRECISION, WEIGHT_ROUNDINGS, BuildConfig
 from toolkit.errors import ToolkitError
 from toolkit.export import OnnxExport, export_onnx, fold_small_constants, fold_weights, io_specs
 from toolkit.host import isa_flags, missing_tvm_extension
 from toolkit.memory import StagePeaks, map_large_blocks, return_freed_memory
+from toolkit.onnx_quantize import quantize_onnx
 from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
-from toolkit.quantize import CalibrationSet, Int8Scheme, QuantizationPlan, int8_scheme, plan_int8, quantize_onnx
+from toolkit.quantize import CalibrationSet, Int8Scheme, QuantizationPlan, int8_scheme, plan_int8
 from toolkit.tasks import Task, get_task
 from toolkit.tokenizer import MAX_CONTEXT
-from toolkit.validation import measure
+from toolkit.validation import validate
 
 # bf16 exports bf16 weights (exact for Qwen3's own bf16 checkpoints). int8 calibrates and exports the fp16-weight
 # model (fp32 compute, as an fp16 artifact) and quantizes its graph: an fp32 copy of the model would double the build's
@@ -86,9 +88,6 @@ def precision(backend: str, dtype: str, scheme: Int8Scheme | None = None) -> dic
             "compute": f"{linears}; float32 elsewhere (the linear layers kept out of int8 as in an fp16 artifact: "
                        f"{fp32_compute})",
             "accumulation": "int32"}
-
-
-LOW_PRECISION = ("bf16", "int8")  # also validated on real texts (int8: texts calibration never saw)
 
 
 @dataclass
@@ -261,14 +260,6 @@ def check_seq_lens(task: Task, tokenizer, seq_lens, context: int = MAX_CONTEXT) 
                            f"{shortest - 1} tokens; use --seq {shortest} or more")
 
 
-def available_memory() -> int | None:
-    """Bytes of memory this machine can give a process now (MemAvailable); None where that cannot be read."""
-    try:
-        return int(re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text()).group(1)) * 1024
-    except (OSError, AttributeError):
-        return None
-
-
 def check_shapes_fit(cfg: BuildConfig, hf_config: dict, log) -> None:
     """Refuse a (batch, SEQ) whose attention scores alone (batch x heads x SEQ^2 fp32, one layer's) exceed the memory
     available now: validation would otherwise crash in the runtime's allocator after the export. A token budget
@@ -276,9 +267,7 @@ def check_shapes_fit(cfg: BuildConfig, hf_config: dict, log) -> None:
     if over := [s for s in cfg.seq_lens if cfg.batch_tokens and cfg.batch_tokens < s]:
         log(f"warning: --batch-tokens {cfg.batch_tokens} is below SEQ {','.join(map(str, over))}: built at batch 1 "
             f"(for a budget there, use --batch-tokens {max(over)} or more)")
-    available = available_memory()
-    if available is None:
-        return
+    available = psutil.virtual_memory().available  # what the machine can give a process now
     heads = hf_config.get("num_attention_heads", 1)
     for seq_len in cfg.seq_lens:
         batch = cfg.batch_for(seq_len)
@@ -287,33 +276,6 @@ def check_shapes_fit(cfg: BuildConfig, hf_config: dict, log) -> None:
             raise ToolkitError(f"SEQ {seq_len} at batch {batch} needs {needed / 1e9:.1f} GB for its attention scores "
                                f"alone ({batch} x {heads} heads x {seq_len}^2 x 4 bytes), over the "
                                f"{available / 1e9:.1f} GB available: use a smaller --seq or --batch/--batch-tokens")
-
-
-# the directories a build makes beside its set's artifacts (`build_dir`), named after the process that owns them:
-# `stage_export`'s staging directories and TVM exports, `share_graph`'s graph on its way. An older toolkit's names
-# have no process id.
-BUILD_DIR = re.compile(r"\.(?:seq\d+\.staging|export|graph-staging)-(?:(\d+)-)?\w+")
-
-
-def build_dir(set_dir: Path, kind: str) -> Path:
-    """A new directory `.KIND-PID-RANDOM` in `set_dir` for this build: a later build removes it once this process is
-    gone (`remove_stale_staging`). Readable like any compile output (mkdtemp makes it private)."""
-    path = Path(tempfile.mkdtemp(prefix=f".{kind}-{os.getpid()}-", dir=set_dir))
-    path.chmod(0o755)
-    return path
-
-
-def remove_stale_staging(set_dir: Path, log) -> None:
-    """Remove the directories (`build_dir`'s) that builds left in `set_dir` when killed before their cleanup ran
-    (SIGKILL, a power cut): those whose build process is gone, or whose name has no process id."""
-    for stale in sorted(set_dir.glob(".*")):
-        if not (name := BUILD_DIR.fullmatch(stale.name)):
-            continue
-        if name[1] and Path(f"/proc/{name[1]}").exists():
-            continue  # a build running now
-        shutil.rmtree(stale, ignore_errors=True)
-        log(f"removed {stale}: left by an interrupted build")
-    prune_graphs(set_dir)  # the graphs only those staging directories pointed at
 
 
 def artifact_dir(cfg: BuildConfig, backend: str, seq_len: int) -> Path:
@@ -370,11 +332,8 @@ def finish_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, toke
     final, staging = artifact.final, artifact.staging
     manifest = write_artifact(cfg, task, artifact, tokenizer, source, log, plan, peaks)
     if device_available(artifact.backend, cfg.target):
-        texts = holdout.rows(task, tokenizer, "holdout", artifact.seq_len, instruction) if holdout else []
         with peaks.stage("validate"):
-            manifest.validation = measure(manifest, reference, tokenizer, texts)
-        if texts:  # `revalidate` checks the same texts: an uncached instruction is recorded nowhere else
-            manifest.validation["real_texts_instruction"] = instruction
+            manifest.validation = validate(manifest, reference, tokenizer, holdout, instruction)
     else:
         manifest.validation = {"skipped": "no CUDA device on the build machine; run `toolkit validate "
                                           f"{final} --checkpoint CKPT` on the GPU host", "passed": None}
@@ -392,31 +351,6 @@ def finish_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, toke
     if manifest.validation["passed"]:
         log(f"{final} ({manifest.backend} {manifest.kernels}): vs HF fp32: {task.format_agreement(manifest.validation)}"
             f" ({cost})")
-
-
-def revalidate(artifact: str | Path, checkpoint: str | None = None) -> dict:
-    """Re-run an artifact's validation as its build did (e.g. on the GPU host for a CUDA build) and record it in its
-    manifest. bf16 and int8 artifacts are also checked on held-out real texts: those of the calibration file their
-    build recorded where it is here, else the bundled set's."""
-    manifest = Manifest.load(artifact)
-    task = get_task(manifest.task)
-    tokenizer = load_tokenizer(manifest.path / "tokenizer")
-    texts = []
-    # the build's instruction: the cached one, or an uncached one its validation recorded
-    recorded_instruction = (manifest.validation or {}).get("real_texts_instruction", manifest.instruction)
-    instruction = task.fixed_instruction(recorded_instruction)
-    if manifest.dtype in LOW_PRECISION:
-        recorded = manifest.precision.get("quantization", {}).get("calibration", {}).get("file")
-        holdout = CalibrationSet.load(recorded if recorded and Path(recorded).is_file() else None)
-        texts = holdout.rows(task, tokenizer, "holdout", manifest.seq_len, instruction)
-    reference_dir = resolve_checkpoint(checkpoint or manifest.reference_checkpoint())
-    reference = LayerwiseReference(reference_dir, task, progress=True)
-    manifest.validation = measure(manifest, reference, tokenizer, texts)
-    manifest.validation["reference"] = str(reference_dir.resolve())  # a failure against other weights says so
-    if texts:
-        manifest.validation["real_texts_instruction"] = instruction
-    manifest.save(manifest.path, hash_files=False)
-    return manifest.validation
 
 
 def precision_fix(dtype: str, plan: QuantizationPlan | None) -> str:
@@ -465,8 +399,8 @@ def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, token
     if artifact.backend == "tvm":
         same_params = None
         if artifact.first:  # its weights file, which this one's will be a hard link to if the same
-            first = Manifest.load(artifact.first.staging, verify=False).backend_details
-            same_params = (str(artifact.first.staging / first["params_file"]), first["params_sha256"])
+            first = Manifest.load(artifact.first.staging, verify=False)
+            same_params = (str(artifact.first.staging / first.params_file), first.params_sha256)
         with peaks.stage("tvm") as stage:
             built, stage.child_mb = compile_tvm_process(
                 artifact.final, onnx_path=str(artifact.graph), out_dir=str(out), device=cfg.target,
@@ -531,82 +465,3 @@ def compile_tvm_process(final: Path, **request) -> tuple[dict, int]:
                                "its error is printed above)")
         result = json.loads(result_file.read_text())
     return result["build"], result["peak_rss_mb"]
-
-
-def share_graph(out: Path, model_file: str) -> str:
-    """Move the ONNX model files out of `out` (a staging artifact) into its set's graph directory, named by their
-    digest, which every SEQ of the build points at; returns the model file's path relative to `out`. One copy on disk,
-    hashed once per process at load, where a copy per SEQ took 1.2 GB each at 0.6B, 16 GB at 8B (the onnx package
-    refuses external data that is a hard or symbolic link or lies outside the model file's directory, and ONNX Runtime
-    the last two: the graph and its data move together)."""
-    set_dir, names = out.parent, (model_file, f"{model_file}.data")
-    moving = build_dir(set_dir, "graph-staging")
-    try:
-        for name in names:
-            (out / name).rename(moving / name)
-        digests = [sha256(moving / name) for name in names]  # after the move: a file's rename changes its ctime
-        graph_dir = set_dir / f"graph-{hashlib.sha256(''.join(digests).encode()).hexdigest()[:16]}"
-        if all((graph_dir / n).is_file() and sha256(graph_dir / n) == d for n, d in zip(names, digests)):
-            shutil.rmtree(moving)  # the same graph from an earlier build: keep that one
-        else:
-            shutil.rmtree(graph_dir, ignore_errors=True)  # none, or damaged
-            moving.rename(graph_dir)
-    except BaseException:
-        shutil.rmtree(moving, ignore_errors=True)
-        raise
-    return f"../{graph_dir.name}/{model_file}"
-
-
-def prune_graphs(set_dir: Path) -> None:
-    """Remove the shared graph directories of `set_dir` that no artifact there points at any more (replaced by a
-    recompile, or left by a build that failed validation). Staging artifacts of a build in progress count; with a
-    manifest it cannot read, it removes nothing."""
-    try:
-        used = {Path(json.loads(m.read_text())["model_file"]).parent.name for m in set_dir.glob(f"*/{MANIFEST}")}
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    for graph_dir in set_dir.glob("graph-*"):
-        if graph_dir.name not in used:
-            shutil.rmtree(graph_dir, ignore_errors=True)
-
-
-def remove_other_builds(set_dir: Path, built: list[Path], log) -> None:
-    """Remove the SEQ artifacts of `set_dir` left by earlier builds whose inputs or weights differ from this build's
-    (`Manifest.set_key`: another checkpoint, dtype or cached instruction): the runtime would send the inputs of their
-    lengths to other weights. Those of the same kind stay (a set can grow a SEQ at a time)."""
-    key = Manifest.load(built[0], verify=False).set_key
-    for manifest_file in set_dir.glob(f"seq*/{MANIFEST}"):
-        if manifest_file.parent in built:
-            continue
-        try:
-            other = Manifest.load(manifest_file.parent, verify=False).set_key
-        except ToolkitError:  # not readable: not an artifact any runner would load
-            other = None
-        if other != key:
-            shutil.rmtree(manifest_file.parent, ignore_errors=True)
-            log(f"removed {manifest_file.parent}: an earlier build's, of other weights, dtype or cached instruction")
-
-
-def install(staging: Path, final: Path) -> None:
-    """Move a validated staging directory to its final place, replacing any previous artifact there in one step
-    (`exchange`: no moment without an artifact at `final`)."""
-    if final.exists() and exchange(staging, final):
-        shutil.rmtree(staging, ignore_errors=True)  # now the previous artifact
-        return
-    old = final.with_name(f".{final.name}.replaced-{os.getpid()}")
-    if final.exists():
-        final.rename(old)
-    staging.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the C library or the file system
-    cannot."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if not hasattr(libc, "renameat2"):
-        return False
-    at_cwd, rename_exchange = -100, 2
-    return libc.renameat2(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), rename_exchange) == 0

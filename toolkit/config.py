@@ -47,6 +47,7 @@ from toolkit.tokenizer import MAX_CONTEXT
 DTYPES = ("fp16", "fp32", "bf16", "int8")
 # where each low-precision dtype has kernels (ONNX Runtime has no bf16 MatMul on CPU)
 DTYPE_BACKENDS = {"int8": ("onnx", "tvm"), "bf16": ("tvm",)}
+LOW_PRECISION = ("bf16", "int8")  # also validated on real texts (int8: texts calibration never saw)
 # TVM's bf16 / int8 kernels are x86 CPU instructions: the cpuinfo flag each needs, and what to build without it
 TVM_CPU_KERNELS = {"bf16": ("avx512_bf16", "--dtype fp16"), "int8": ("avx512_vnni", "--backend onnx")}
 SCHEMA = {"name": str, "task": str, "workspace": str,
@@ -91,6 +92,26 @@ class BuildConfig:
         cfg = replace(self, **{k: v for k, v in overrides.items() if v is not None})
         cfg.check()
         return cfg
+
+    def refuse_unused(self, calibration: bool = False, fp32_linears: bool = False) -> None:
+        """Raise ToolkitError where an option the command line gave (`--calibration`, `--fp32-linears`) would change
+        nothing in this build."""
+        if calibration and self.dtype not in LOW_PRECISION:
+            raise ToolkitError(f"--calibration is for --dtype {' or '.join(LOW_PRECISION)} builds (a {self.dtype} "
+                               "build is validated on the edge cases alone): leave it out, or add --dtype int8")
+        if fp32_linears and (unused := self.fp32_linears_unused()):
+            raise ToolkitError(f"--fp32-linears chooses how TVM computes fp16/fp32-weight linear layers on CPU, and "
+                               f"{unused}")
+
+    def fp32_linears_unused(self) -> str | None:
+        """Why `fp32_linears` changes nothing in this build (the rest of `refuse_unused`'s refusal), or None."""
+        if "tvm" not in self.backends:
+            return "ONNX Runtime computes them in float32 alone: leave it out, or add --backend tvm"
+        if self.dtype == "bf16":
+            return "a bf16 build's linear layers are all bf16 x bf16: leave it out, or build --dtype fp16"
+        if self.target != "cpu":
+            return "TVM's CUDA kernels compute them in float32 alone: leave it out, or build --target cpu"
+        return None
 
     def name_for(self, dtype: str) -> str:
         """The set name of this config built with weights in `dtype`: its name with the dtype suffix swapped
@@ -201,23 +222,19 @@ def load_build_config(path: str | Path) -> BuildConfig:
     seq = front.get("seq", front.get("input_ids"))
     if seq is None:
         raise ToolkitError(f"{path}: frontend needs `input_ids: [[SEQ], []]` or `seq: [SEQ, ...]`")
-    kinds = back.get("kind", "onnx")
-    cfg = BuildConfig(
+    kinds = back.get("kind")
+    given = {**{key: front.get(key) for key in ("batch", "batch_tokens", "instruction", "cache_instruction")},
+             **{key: back.get(key) for key in ("dtype", "target", "fp32_linears")},
+             **(back.get("quantization") or {}),
+             "backends": tuple(kinds) if isinstance(kinds, list) else (kinds,) if kinds is not None else None,
+             "workspace": Path(raw["workspace"]) if raw.get("workspace") else None}
+    cfg = BuildConfig(  # a key left out (or null) takes BuildConfig's default
         name=str(raw.get("name") or path.stem),
         task=raw.get("task"),
         checkpoint=str(front.get("checkpoint") or ""),
         seq_lens=parse_seq_lens(seq),
-        batch=front.get("batch", 1),
-        batch_tokens=front.get("batch_tokens"),
-        instruction=front.get("instruction"),
-        cache_instruction=front.get("cache_instruction", True),
-        backends=tuple(kinds) if isinstance(kinds, list) else (kinds,),
-        dtype=back.get("dtype", "fp16"),
-        target=back.get("target", "cpu"),
-        fp32_linears=back.get("fp32_linears", "bf16x3"),
-        **{k: v for k, v in (back.get("quantization") or {}).items() if v is not None},
-        workspace=Path(raw.get("workspace") or "workspace"),
         source=path,
+        **{key: value for key, value in given.items() if value is not None},
     )
     cfg.check()
     return cfg

@@ -101,7 +101,7 @@ def load_weights(manifest: Manifest, vm, device) -> Shared:
     import tvm
 
     def load():
-        with np.load(manifest.path / manifest.backend_details["params_file"]) as npz:
+        with np.load(manifest.path / manifest.params_file) as npz:
             weights = [tvm.runtime.tensor(as_stored(npz[f"arr_{i}"]), device) for i in range(len(npz.files))]
         # What compile lifted out of `main` runs here once: nothing on CPU (weights stay the stored panels, read by
         # the matmuls as they are: resident 1.0x params.npz), fp32 copies for dlight's GPU kernels on CUDA.
@@ -110,7 +110,7 @@ def load_weights(manifest: Manifest, vm, device) -> Shared:
         return_freed_memory()  # numpy's read buffers
         return tensors
 
-    digest = manifest.backend_details.get("params_sha256")
+    digest = manifest.params_sha256
     return load_shared(_loaded, (digest, str(device)) if digest else None, load)
 
 
@@ -125,7 +125,7 @@ class TvmBackend(ArtifactBackend):
         from tvm.runtime.vm import VirtualMachine
 
         check_host(manifest)
-        if manifest.backend_details.get("amx_kernels"):
+        if manifest.amx_kernels:
             request_tiles()
         super().__init__(manifest)
         self.device = tvm.cpu() if manifest.target.device == "cpu" else tvm.cuda(device_id)

@@ -1,22 +1,29 @@
 """Validation: an artifact against the unpatched Hugging Face model in fp32, on left-padded edge cases.
 
-Used by compile (before an artifact is moved into place, and by `toolkit validate`: `compile.revalidate`), by int8
-quantization (its preflight checks the edge cases, `validation_rows`) and by the tests. The measure and its
-tolerances are the task's (`Task.agreement`, `Task.tolerances`).
+Used by compile (`validate`, before an artifact is moved into place), by `toolkit validate` (`revalidate`), by int8
+quantization (its preflight checks the edge cases, `validation_rows`) and by the tests. The measure and its tolerances
+are the task's (`Task.agreement`, `Task.tolerances`).
 """
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from toolkit.artifact import Manifest
-from toolkit.backends import Backend, load_backend
+from toolkit.backends import Backend, LayerwiseReference, load_backend
+from toolkit.checkpoint import load_tokenizer, resolve_checkpoint
+from toolkit.config import LOW_PRECISION
 from toolkit.errors import ToolkitError
 from toolkit.memory import return_freed_memory
 from toolkit.tasks import Task, get_task
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
+
+if TYPE_CHECKING:
+    from toolkit.quantize import CalibrationSet
 
 # Tokens (rows x padded length) per reference pass: the fp32 activations of one layer stay under ~0.5 GB at 8B
 REFERENCE_TOKENS = 2048
@@ -63,6 +70,41 @@ def measure(manifest: Manifest, reference: Backend, tokenizer, texts: list[list[
     stats["lengths"] = [len(r) for r in rows[:3]]
     stats["real_texts"] = len(texts)
     return task.judge(stats, manifest.dtype)
+
+
+def validate(manifest: Manifest, reference: Backend, tokenizer, holdout: CalibrationSet | None = None,
+             instruction: str | None = None) -> dict:
+    """The artifact's validation record, as its build and `toolkit validate` both make it: `measure` on the edge
+    cases and, given a `holdout` set (bf16 and int8 builds), on its held-out texts carrying the build's `instruction`,
+    which the record keeps (an uncached one is recorded nowhere else)."""
+    task = get_task(manifest.task)
+    texts = holdout.rows(task, tokenizer, "holdout", manifest.seq_len, instruction) if holdout else []
+    stats = measure(manifest, reference, tokenizer, texts)
+    if texts:
+        stats["real_texts_instruction"] = instruction
+    return stats
+
+
+def revalidate(artifact: str | Path, checkpoint: str | None = None) -> dict:
+    """Re-run an artifact's validation as its build did (e.g. on the GPU host for a CUDA build) and record it in its
+    manifest. bf16 and int8 artifacts are also checked on held-out real texts: those of the calibration file their
+    build recorded where it is here, else the bundled set's."""
+    from toolkit.quantize import CalibrationSet  # not at the top: quantize imports this module
+
+    manifest = Manifest.load(artifact)
+    task = get_task(manifest.task)
+    tokenizer = load_tokenizer(manifest.path / "tokenizer")
+    holdout = None
+    if manifest.dtype in LOW_PRECISION:
+        recorded = manifest.calibration_file
+        holdout = CalibrationSet.load(recorded if recorded and Path(recorded).is_file() else None)
+    reference_dir = resolve_checkpoint(checkpoint or manifest.reference_checkpoint())
+    reference = LayerwiseReference(reference_dir, task, progress=True)
+    manifest.validation = validate(manifest, reference, tokenizer, holdout,
+                                   task.fixed_instruction(manifest.validated_instruction))  # the build's
+    manifest.validation["reference"] = str(reference_dir.resolve())  # a failure against other weights says so
+    manifest.save(manifest.path, hash_files=False)
+    return manifest.validation
 
 
 def reference_outputs(reference: Backend, rows: list[list[int]]) -> np.ndarray:

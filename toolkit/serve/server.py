@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from toolkit.backends import DEFAULT_FP16_LOAD
 from toolkit.errors import ToolkitError, is_integer
 from toolkit.runtime import AUTO_INSTANCES, CORES, check_threads
 from toolkit.serve.service import Limits
@@ -36,7 +37,7 @@ class ServeOptions:
     ray: bool = False
     replicas: int = 1
     ray_address: str | None = None
-    fp16_load: str = "low-peak"
+    fp16_load: str = DEFAULT_FP16_LOAD
 
     def check(self) -> "ServeOptions":
         """Raise ToolkitError naming the flag of the first invalid option; return self."""
