@@ -256,7 +256,7 @@ def in_child(what: str, fn, *args):
     weights is gone, all of it, before a server loads its own). The child's warnings come back and are warned here,
     where the command line shows each as one line (the child would print Python's raw form, file and source line
     included), once however many children warned it; a child that dies (killed for memory, a crash) is a one-line
-    error."""
+    error; one still running when perf serve is interrupted is stopped."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
         try:
             result, caught = child.submit(recording_warnings, fn, *args).result()
@@ -264,6 +264,11 @@ def in_child(what: str, fn, *args):
             raise ToolkitError(f"a child process of perf serve ({what}) died before it finished (killed "
                                "for lack of memory, or crashed); free memory (the kernel log names an out-of-memory "
                                "kill) and run perf serve again") from None
+        except BaseException:  # Ctrl-C (SIGINT to perf serve alone) or SIGTERM: the child is stopped, not waited for
+            # (the executor's exit would wait for its run, and the interpreter's exit for the idle child after it)
+            for process in multiprocessing.active_children():
+                process.terminate()
+            raise
     for category, message in caught:
         warnings.warn(message, category)
     return result
