@@ -134,6 +134,23 @@ def test_perf_serve_says_in_one_line_when_its_child_dies():
         in_child("the offline run", os._exit, 3)
 
 
+def test_perf_serve_interrupted_stops_its_child_instead_of_waiting_for_it():
+    """SIGINT to perf serve alone (a supervisor's, `timeout -s INT`): the executor's exit waited for the child's run,
+    then the interpreter's exit for the idle child, so perf serve hung until killed."""
+    import multiprocessing
+    import os
+    import signal
+    import threading
+    import time
+
+    # a real SIGINT (interrupt_main would not wake a wait on a lock); the child has started its run by then
+    threading.Timer(3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        in_child("the offline run", time.sleep, 60)
+    assert time.monotonic() - started < 30 and not multiprocessing.active_children()
+
+
 def test_perf_serve_closes_the_servers_log_whether_or_not_it_came_up(tmp_path, monkeypatch):
     failed = ServerProcess(["--embedding", tmp_path / "missing"])
     with pytest.raises(ToolkitError, match=r"(?s)`toolkit serve` did not come up \(exit 2\):.*missing: no such "
