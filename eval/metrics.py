@@ -77,15 +77,17 @@ def recall_at_k(scores, labels, k: int = 10) -> float:
 
 def reranking_metrics(per_query_scores: list, per_query_labels: list) -> dict:
     """MAP, MRR@10, NDCG@10 and Recall@1/5/10 averaged over the queries that have a positive, plus the counts of
-    queries used and left out."""
+    queries used and left out. All NaN when any score is not finite (NaN sorts as a number would not: a ranking of
+    NaN scores is no ranking, and a real-looking MAP from it would hide that), as `sts_correlations` is."""
     pairs = list(zip(per_query_scores, per_query_labels))
+    finite = all(np.isfinite(np.asarray(s, dtype=np.float64)).all() for s, _ in pairs)
     columns = {"map": [average_precision(s, lab) for s, lab in pairs],
                "mrr@10": [reciprocal_rank(s, lab, 10) for s, lab in pairs],
                "ndcg@10": [ndcg(s, lab, 10) for s, lab in pairs]}
     for k in RECALL_CUTOFFS:
         columns[f"recall@{k}"] = [recall_at_k(s, lab, k) for s, lab in pairs]
     valid = ~np.isnan(np.asarray(columns["map"], dtype=np.float64))
-    out = {name: float(np.mean(np.asarray(values)[valid])) if valid.any() else float("nan")
+    out = {name: float(np.mean(np.asarray(values)[valid])) if valid.any() and finite else float("nan")
            for name, values in columns.items()}
     return {**out, "queries": int(valid.sum()), "queries_without_positive": int((~valid).sum())}
 

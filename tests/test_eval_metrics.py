@@ -83,6 +83,14 @@ def test_query_without_positive_is_left_out_and_counted():
     assert all(math.isnan(v) for k, v in reranking_metrics([[0.2, 0.8]], [[0, 0]]).items() if isinstance(v, float))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_ranking_metrics_of_non_finite_scores_are_nan(bad):
+    # one query's NaN scores rank as if real (MAP 0.05 from a model that output NaN): no metric is defined
+    m = reranking_metrics([[0.9, 0.1], [bad, 0.3, 0.2]], [[1, 0], [0, 1, 0]])
+    assert all(math.isnan(m[k]) for k in ("map", "mrr@10", "ndcg@10", "recall@1", "recall@5", "recall@10")), m
+    assert m["queries"] == 2 and m["queries_without_positive"] == 0
+
+
 def test_sts_correlations():
     # ranks: similarity 1,2,3,4 vs gold 1,3,2,4 -> sum d^2 = 2 -> rho = 1 - 6*2 / (4*15) = 0.8
     r = sts_correlations(np.array([0.1, 0.35, 0.4, 0.8]), np.array([0, 2, 1, 5]), (0, 5))
