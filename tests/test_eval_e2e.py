@@ -205,6 +205,44 @@ def test_eval_cli_data_dir_without_the_file_is_one_line_naming_it(tmp_path):
     assert f"{tmp_path} has no sts12_test.jsonl" in r.output and "it holds sts12.jsonl" in r.output
 
 
+@pytest.fixture
+def no_eval_run(monkeypatch):
+    """`evaluate` fails the test if called: the options must be refused before any model runs."""
+    monkeypatch.setattr("toolkit.eval.run.evaluate", lambda *a, **k: pytest.fail("the eval ran"))
+
+
+@pytest.mark.parametrize("path, message", [
+    ("/proc/x.json", "cannot write /proc/x.json: No such file or directory; name a file in a writable directory"),
+    ("", "the file name is empty; name a file to write the JSON to, or leave out --json"),
+])
+def test_eval_cli_json_path_that_cannot_be_written_is_refused_before_the_run(no_eval_run, path, message):
+    if path.startswith("/proc") and not os.path.isdir("/proc"):
+        pytest.skip("no /proc")
+    r = CliRunner().invoke(main, ["eval", "--task", "embedding", "--dataset", "sts12-sample", "--run", "torch",
+                                  "--json", path])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+
+
+def test_eval_cli_json_probe_leaves_no_file_and_keeps_an_existing_one(no_eval_run, tmp_path):
+    kept = tmp_path / "kept.json"
+    kept.write_text("old")
+    for path in (tmp_path / "new.json", kept):
+        params = eval_cmd.make_context("eval", ["--task", "embedding", "--dataset", "x", "--json", str(path)]).params
+        assert params["json_out"] == str(path)
+    assert not (tmp_path / "new.json").exists() and kept.read_text() == "old"
+
+
+def test_eval_cli_json_write_that_fails_late_names_the_path(monkeypatch):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    monkeypatch.setattr("toolkit.eval.run.evaluate", lambda options: {"passed": True})
+    monkeypatch.setattr("toolkit.eval.run.eval_tables", lambda result: "table")
+    r = CliRunner().invoke(main, ["eval", "--task", "embedding", "--dataset", "sts12-sample", "--run", "torch",
+                                  "--checkpoint", "unused", "--json", "/dev/full"])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "cannot write the result to /dev/full: No space left on device" in r.output, r.output
+
+
 def test_evaluate_takes_options_only():
     with pytest.raises(ToolkitError, match="evaluate takes an EvalOptions"):
         evaluate("embedding")
