@@ -185,12 +185,25 @@ def resolve_dataset(name_or_path: str, data_dir: str | Path | None = None) -> tu
         name, sample = SAMPLE_FILES[name_or_path]
         return name, DATASETS[name], sample
     if name_or_path not in DATASETS:
+        names = f"{sorted(DATASETS)} or {sorted(SAMPLE_FILES)}"
+        if os.path.lexists(path) or _looks_like_a_path(name_or_path):
+            if not path.exists():
+                target = f" (a symlink to {os.readlink(path)}, which does not exist)" if path.is_symlink() else ""
+                raise ToolkitError(f"no such file: {name_or_path}{target}; give the path of a JSONL file, or a "
+                                   f"dataset name: {names}")
+            raise ToolkitError(f"not a regular file: {name_or_path}; give the path of a JSONL file, or a dataset "
+                               f"name: {names}")
         raise ToolkitError(f"unknown dataset {name_or_path!r}: use {sorted(DATASETS)}, "
                            f"{sorted(SAMPLE_FILES)} or a JSONL path")
     spec = DATASETS[name_or_path]
     if not data_dir:
         return name_or_path, spec, None
     return name_or_path, spec, _data_dir_file(Path(data_dir), name_or_path, spec)
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A path separator or a `.jsonl` suffix: meant as a file, never as a dataset name."""
+    return any(sep and sep in name for sep in (os.sep, os.altsep, "/")) or name.lower().endswith(".jsonl")
 
 
 def _data_dir_file(data_dir: Path, name: str, spec: DatasetSpec) -> Path:

@@ -2,6 +2,7 @@
 malformed rows."""
 import json
 import math
+import os
 
 import datasets
 import numpy as np
@@ -264,6 +265,26 @@ def test_unknown_and_offline_datasets_say_what_to_do():
         load_dataset("nope")
     with pytest.raises(ToolkitError, match="HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set.*sts12_test.jsonl"):
         load_dataset("sts12")  # HF_HUB_OFFLINE=1 in conftest
+
+
+def test_dataset_meant_as_a_path_that_is_no_file_says_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dangling.jsonl").symlink_to(tmp_path / "gone.jsonl")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    (tmp_path / "folder").mkdir()
+    cases = {"bad/nonexist.jsonl": "no such file: bad/nonexist.jsonl;",
+             "nonexist.jsonl": "no such file: nonexist.jsonl;",
+             str(tmp_path / "missing"): f"no such file: {tmp_path / 'missing'};",
+             "dangling.jsonl": f"no such file: dangling.jsonl (a symlink to {tmp_path / 'gone.jsonl'}, which does not",
+             "dangling": f"no such file: dangling (a symlink to {tmp_path / 'gone'}, which does not",
+             "folder": "not a regular file: folder;", str(tmp_path): f"not a regular file: {tmp_path};"}
+    if os.path.exists(os.devnull):
+        cases[os.devnull] = f"not a regular file: {os.devnull};"
+    for name, message in cases.items():
+        with pytest.raises(ToolkitError) as e:
+            resolve_dataset(name)
+        assert message in str(e.value) and "give the path of a JSONL file" in str(e.value), str(e.value)
+        assert "unknown dataset" not in str(e.value) and "'msmarco-sample'" in str(e.value)
 
 
 @pytest.mark.parametrize("holds, expected", [
