@@ -136,6 +136,23 @@ def test_validate_command_rechecks_and_records(onnx_artifacts, tmp_path):
     assert recorded["passed"] is True and recorded["max_abs_diff"] <= 1e-2 and recorded["items"] == 3
 
 
+def test_validate_refuses_the_other_tasks_checkpoint_and_warns_of_another_than_the_builds(onnx_artifacts, checkpoints,
+                                                                                          tmp_path):
+    """The other task's checkpoint would fail the artifact and replace its record: refused before anything runs.
+    Another checkpoint of its task is warned about (a failure would be those weights')."""
+    import shutil
+
+    copy = copy_artifact(onnx_artifacts["reranker"][0], tmp_path)
+    before = Manifest.load(copy).validation
+    result = CliRunner().invoke(main, ["validate", str(copy), "--checkpoint", str(checkpoints["embedding"])])
+    assert result.exit_code == 2 and "is a synthetic embedding checkpoint and" in result.output, result.output
+    assert Manifest.load(copy).validation == before
+    elsewhere = shutil.copytree(checkpoints["reranker"], tmp_path / "same-weights-elsewhere")
+    with pytest.warns(UserWarning, match=f"^validating against {elsewhere}, but {copy} was built from"):
+        result = CliRunner().invoke(main, ["validate", str(copy), "--checkpoint", str(elsewhere)])
+    assert result.exit_code == 0, result.output
+
+
 def test_the_reranker_caches_the_longest_prompt_prefix_that_keeps_bodies_in_whole_row_tiles(tokenizers):
     """Its 39-token chat prefix: SEQs that are multiples of 4 keep 36 tokens' keys and values (bodies of whole
     4-row register tiles); SEQs 4k+3 all 39; mixed, what most SEQs are aligned for. With the web-search instruction

@@ -81,6 +81,15 @@ def test_int8_gate_fails_naive_quantization_of_an_outlier_checkpoint_and_passes_
     assert again["real_texts"] == manifest.validation["real_texts"] and again["passed"]
     assert again["min_cosine"] == pytest.approx(manifest.validation["min_cosine"], abs=1e-6)
     assert Manifest.load(artifact).validation == again
+    recorded = Manifest.load(artifact)  # the calibration file changed since the build, then gone: each is said
+    recorded.precision["quantization"]["calibration"]["sha256"] = "0" * 64
+    recorded.save(artifact, hash_files=False)
+    with pytest.warns(UserWarning, match="changed since the build"):
+        revalidate(artifact)
+    recorded.precision["quantization"]["calibration"]["file"] = str(tmp_path / "gone.jsonl")
+    recorded.save(artifact, hash_files=False)
+    with pytest.warns(UserWarning, match="gone.jsonl, is not here: the held-out texts checked are the bundled set's"):
+        assert revalidate(artifact)["real_texts_file"] == str(CalibrationSet.load().path)
     quantization = manifest.precision["quantization"]
     assert quantization["smooth_alpha"] == 0.5 and quantization["calibration"]["holdout_records"] > 0
     assert quantization["weight_rounding"] == "gptq"

@@ -281,6 +281,11 @@ class Manifest:
         return self.quantization.get("calibration", {}).get("file")
 
     @property
+    def calibration_sha256(self) -> str | None:
+        """int8: the SHA-256 of that file's bytes as the build read them (None for other dtypes)."""
+        return self.quantization.get("calibration", {}).get("sha256")
+
+    @property
     def validated_instruction(self) -> str | None:
         """The instruction the real texts of its validation carried: one its build fixed without caching it (recorded
         in its validation), else its cached one."""

@@ -82,7 +82,7 @@ class CalibrationSet:
     @classmethod
     def load(cls, path: str | Path | None = None) -> "CalibrationSet":
         """Read a calibration JSONL (`{"query", "document", "split": "calibration"|"holdout"}` per line)."""
-        path = Path(path) if path else DEFAULT_CALIBRATION
+        path = Path(path).resolve() if path else DEFAULT_CALIBRATION  # the manifest records it: from any directory
         if not path.is_file():
             raise ToolkitError(f"calibration file {path} not found; pass --calibration FILE (JSONL with query, "
                                "document and split per line) or leave it out for the bundled set")

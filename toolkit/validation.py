@@ -7,6 +7,7 @@ are the task's (`Task.agreement`, `Task.tolerances`).
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from toolkit.artifact import Manifest
 from toolkit.backends import Backend, LayerwiseReference, load_backend
-from toolkit.checkpoint import load_tokenizer, resolve_checkpoint
+from toolkit.checkpoint import check_task, load_tokenizer, read_hf_config, resolve_checkpoint
 from toolkit.config import LOW_PRECISION
 from toolkit.errors import ToolkitError
 from toolkit.memory import return_freed_memory
@@ -82,29 +83,50 @@ def validate(manifest: Manifest, reference: Backend, tokenizer, holdout: Calibra
     stats = measure(manifest, reference, tokenizer, texts)
     if texts:
         stats["real_texts_instruction"] = instruction
+        stats["real_texts_file"] = str(holdout.path)  # the build's, or the bundled set `toolkit validate` fell back on
     return stats
 
 
 def revalidate(artifact: str | Path, checkpoint: str | None = None) -> dict:
     """Re-run an artifact's validation as its build did (e.g. on the GPU host for a CUDA build) and record it in its
     manifest. bf16 and int8 artifacts are also checked on held-out real texts: those of the calibration file their
-    build recorded where it is here, else the bundled set's."""
+    build recorded where it is here, else the bundled set's (warned, as a file changed since the build is). A
+    checkpoint of the other task is refused before anything runs; another checkpoint than the build's is warned
+    about (a failure against it says little about the artifact)."""
     from toolkit.quantize import CalibrationSet  # not at the top: quantize imports this module
 
     manifest = Manifest.load(artifact)
     task = get_task(manifest.task)
+    reference_dir = resolve_checkpoint(checkpoint or manifest.reference_checkpoint())
+    check_task(task, reference_dir, read_hf_config(reference_dir),
+               f"{manifest.path} is an artifact of the {task.name} task",
+               lambda other: f"validate a {other} artifact with it", _warn)
+    built = manifest.model.resolved
+    if checkpoint and built and reference_dir.resolve() != Path(built).resolve():
+        _warn(f"validating against {reference_dir}, but {manifest.path} was built from {built}: a failure would be "
+              f"the other weights', and it replaces the record; pass --checkpoint {built}, or leave it out")
     tokenizer = load_tokenizer(manifest.path / "tokenizer")
     holdout = None
     if manifest.dtype in LOW_PRECISION:
         recorded = manifest.calibration_file
+        if recorded and not Path(recorded).is_file():
+            _warn(f"the calibration file the build recorded, {recorded}, is not here: the held-out texts checked are "
+                  "the bundled set's, not the build's")
         holdout = CalibrationSet.load(recorded if recorded and Path(recorded).is_file() else None)
-    reference_dir = resolve_checkpoint(checkpoint or manifest.reference_checkpoint())
+        same_file = recorded and holdout.path.resolve() == Path(recorded).resolve()
+        if same_file and holdout.sha256 != manifest.calibration_sha256:
+            _warn(f"{recorded} changed since the build (its SHA-256 differs from the manifest's): its held-out texts "
+                  "are not the ones the build checked")
     reference = LayerwiseReference(reference_dir, task, progress=True)
     manifest.validation = validate(manifest, reference, tokenizer, holdout,
                                    task.fixed_instruction(manifest.validated_instruction))  # the build's
     manifest.validation["reference"] = str(reference_dir.resolve())  # a failure against other weights says so
     manifest.save(manifest.path, hash_files=False)
     return manifest.validation
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 def reference_outputs(reference: Backend, rows: list[list[int]]) -> np.ndarray:
