@@ -1,48 +1,13 @@
 """The `toolkit eval` command: a thin shell over `toolkit.eval.run.evaluate`."""
 from __future__ import annotations
 
-import os
-import stat
 import sys
-from pathlib import Path
 
 import click
-from typing_extensions import override
 
 from toolkit.cli_base import OutputFile
-from toolkit.errors import ToolkitError
 from toolkit.eval.run import DEFAULT_MAX_DROP, RUNS, EvalOptions
 from toolkit.tasks import TASKS
-
-
-class WritableJson(OutputFile):
-    """`--json`: OutputFile's checks, then the file opened for appending (created, then removed, when new), so that a
-    path the checks let through but the system refuses (`/proc/x.json`, a read-only mount) is a one-line error before
-    any model runs, not after the whole eval. An existing file that is not a regular one (`/dev/stdout`) is not
-    opened: that could block or have effects."""
-
-    @override
-    def convert(self, value, param, ctx):
-        if not str(value).strip():
-            self.fail("the file name is empty; name a file to write the JSON to, or leave out --json", param, ctx)
-        path = Path(super().convert(value, param, ctx))
-        if not path.parent.is_dir():
-            return str(path)  # made when the result is written; OutputFile checked where that starts is writable
-        try:
-            mode = path.stat().st_mode
-        except FileNotFoundError:
-            mode = None
-        except OSError as e:
-            self.fail(f"cannot write {value}: {e.strerror or e}; name a writable file", param, ctx)
-        if mode is not None and not stat.S_ISREG(mode):
-            return str(path)
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666))
-            if mode is None:
-                path.unlink()
-        except OSError as e:
-            self.fail(f"cannot write {value}: {e.strerror or e}; name a file in a writable directory", param, ctx)
-        return str(path)
 
 
 @click.command("eval")
@@ -60,7 +25,7 @@ class WritableJson(OutputFile):
 @click.option("--instances", "--instance", "instances", type=int, default=1, show_default=True,
               help="engine instances per artifact")
 @click.option("--instruction", help="instead of the dataset's instruction; \"\" for none (no query prefix)")
-@click.option("--json", "json_out", type=WritableJson(), help="also write the result here")
+@click.option("--json", "json_out", type=OutputFile(), help="also write the result here")
 def eval_cmd(task, dataset, artifact, checkpoint, run, limit, data_dir, max_drop, instances, instruction, json_out):
     """Evaluate torch and the artifact on the same data: metrics, deltas, parity; exit 1 on a failed verdict (either
     engine's outputs not finite, the artifact's outputs outside the dtype's tolerance of torch's, a metric more than
@@ -72,9 +37,5 @@ def eval_cmd(task, dataset, artifact, checkpoint, run, limit, data_dir, max_drop
                           data_dir=data_dir, max_drop=max_drop, instances=instances, instruction=instruction)
     result = evaluate(options.check())
     click.echo(eval_tables(result))
-    try:
-        write_json(json_out, result)
-    except OSError as e:  # after the checks: a full disk (`/dev/full`), a file removed or made read-only meanwhile
-        raise ToolkitError(f"cannot write the result to {json_out}: {e.strerror or e}; check the free disk space and "
-                           "the path, or rerun with another --json") from e
+    write_json(json_out, result)
     sys.exit(0 if result.get("passed", True) else 1)

@@ -66,6 +66,8 @@ class OutputFile(click.ParamType):
 
     @override
     def convert(self, value, param, ctx):
+        if not str(value).strip():
+            self.fail("the file name is empty; name a file to write to, or leave the option out", param, ctx)
         path = Path(value).expanduser()
         if path.is_dir():
             self.fail(f"{value} is a directory; name a file in it", param, ctx)
@@ -74,5 +76,11 @@ class OutputFile(click.ParamType):
             self.fail(f"cannot write {value}: {existing} is a file, not a directory", param, ctx)
         if not os.access(existing, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
             self.fail(f"cannot write {value}: permission denied; name a writable path", param, ctx)
+        if existing == path.parent and not path.exists():  # what the system refuses beyond that (`/proc/x.json`, a
+            try:  # read-only mount): created and removed now; an existing file is left as it is (`/dev/stdout`)
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                path.unlink()
+            except OSError as e:
+                self.fail(f"cannot write {value}: {e.strerror or e}; name a file in a writable directory", param, ctx)
         return str(path)
 

@@ -5,6 +5,8 @@ import json
 import math
 from pathlib import Path
 
+from toolkit.errors import ToolkitError
+
 
 def format_table(headers: list[str], rows: list[list], title: str | None = None) -> str:
     """An aligned text table; numeric columns right-aligned."""
@@ -63,5 +65,10 @@ def write_json(path: str | Path | None, payload: dict) -> None:
     """Write `payload` as indented UTF-8 JSON when a path is given; non-finite numbers as null (JSON has no NaN, and
     Python's bare `NaN` breaks strict readers such as `jq` and browsers)."""
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(finite_or_none(payload), indent=2, ensure_ascii=False, allow_nan=False))
+        text = json.dumps(finite_or_none(payload), indent=2, ensure_ascii=False, allow_nan=False)
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+        except OSError as e:  # after the command's checks: a full disk (`/dev/full`), a path changed meanwhile
+            raise ToolkitError(f"cannot write the result to {path}: {e.strerror or e}; check the free disk space and "
+                               "the path, or name another file") from e
