@@ -12,6 +12,7 @@ is kept for `toolkit.runtime.Engine`. Every run after the first carries its agre
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -20,7 +21,7 @@ import numpy as np
 
 from toolkit.artifact import Manifest
 from toolkit.backends import TorchReference, open_backend
-from toolkit.checkpoint import read_hf_config, resolve_checkpoint
+from toolkit.checkpoint import check_task, read_hf_config, resolve_checkpoint
 from toolkit.errors import ToolkitError
 from toolkit.perf.run import check_int, random_rows
 from toolkit.report import format_columns
@@ -117,7 +118,10 @@ def run_compare(options: CompareOptions) -> dict:
     task = get_task(first.task)
     seq_len, batch = first.seq_len, first.batch
     ckpt = resolve_checkpoint(options.checkpoint or first.reference_checkpoint())
-    flops = forward_flops(read_hf_config(ckpt), seq_len, batch)
+    hf_config = read_hf_config(ckpt)
+    check_task(task, ckpt, hf_config, f"the artifacts are {task.name} ones",
+               lambda other: f"compare {other} artifacts with it", warnings.warn)
+    flops = forward_flops(hf_config, seq_len, batch)
     ids, mask = left_pad(random_rows(first, batch, np.random.default_rng(0)), seq_len, ENDOFTEXT_ID, batch)
 
     candidates = [(TORCH_RUN, "torch", "fp32", lambda: TorchReference(ckpt, task))] if options.torch_eager else []
