@@ -109,12 +109,12 @@ def revalidate(artifact: str | Path, checkpoint: str | None = None) -> dict:
     holdout = None
     if manifest.dtype in LOW_PRECISION:
         recorded = manifest.calibration_file
-        if recorded and not Path(recorded).is_file():
+        present = bool(recorded) and Path(recorded).is_file()
+        if recorded and not present:
             _warn(f"the calibration file the build recorded, {recorded}, is not here: the held-out texts checked are "
                   "the bundled set's, not the build's")
-        holdout = CalibrationSet.load(recorded if recorded and Path(recorded).is_file() else None)
-        same_file = recorded and holdout.path.resolve() == Path(recorded).resolve()
-        if same_file and holdout.sha256 != manifest.calibration_sha256:
+        holdout = CalibrationSet.load(recorded if present else None)
+        if present and holdout.sha256 != manifest.calibration_sha256:
             _warn(f"{recorded} changed since the build (its SHA-256 differs from the manifest's): its held-out texts "
                   "are not the ones the build checked")
     reference = LayerwiseReference(reference_dir, task, progress=True)
