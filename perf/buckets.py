@@ -13,8 +13,8 @@ from typing import ClassVar
 import numpy as np
 
 from toolkit.api import Embedder, check_set
-from toolkit.errors import ToolkitError
-from toolkit.perf.run import check_int, dataset_requests
+from toolkit.errors import ToolkitError, check_int
+from toolkit.perf.run import dataset_requests
 from toolkit.report import format_columns
 from toolkit.tasks import EMBEDDING
 from toolkit.text import left_pad

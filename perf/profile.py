@@ -32,9 +32,9 @@ from tqdm.auto import tqdm
 
 from toolkit.artifact import Manifest
 from toolkit.checkpoint import read_hf_config
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, check_int
 from toolkit.perf.compare import forward_flops
-from toolkit.perf.run import check_int, make_inputs
+from toolkit.perf.run import make_inputs
 from toolkit.report import format_columns
 from toolkit.runtime import check_threads
 

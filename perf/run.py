@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from toolkit.api import token_rows
 from toolkit.artifact import Manifest
 from toolkit.checkpoint import load_tokenizer
-from toolkit.errors import ToolkitError, is_integer
+from toolkit.errors import ToolkitError, check_int, is_integer
 from toolkit.eval.datasets import load_dataset
 from toolkit.report import format_columns
 from toolkit.runtime import AUTO_INSTANCES, Engine
@@ -34,12 +34,6 @@ from toolkit.tokenizer import ENDOFTEXT_ID
 
 
 # ---- option checks shared by the perf commands (run, compare, profile, buckets, traffic, serve) ----------------------
-def check_int(value, flag: str, minimum: int) -> None:
-    """Raise ToolkitError naming the command-line `flag` unless `value` is an integer >= `minimum`."""
-    if not is_integer(value) or value < minimum:
-        raise ToolkitError(f"{flag} must be an integer >= {minimum}, got {value!r}")
-
-
 def check_instances(value) -> None:
     """Raise ToolkitError naming `--instances` unless `value` is a count >= 1 or "auto"."""
     if value != AUTO_INSTANCES:

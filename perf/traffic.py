@@ -24,12 +24,12 @@ from toolkit.artifact import find_artifacts
 from toolkit.backends import DEFAULT_FP16_LOAD, set_fp16_load
 from toolkit.buckets import token_lengths
 from toolkit.checkpoint import read_hf_config, resolve_checkpoint
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, check_int
 from toolkit.eval.datasets import load_dataset
 from toolkit.eval.run import checkpoint_hint
 from toolkit.memory import resident_mb, return_freed_memory
 from toolkit.perf.compare import forward_flops, matmul_peak_gflops
-from toolkit.perf.run import check_instances, check_int, median
+from toolkit.perf.run import check_instances, median
 from toolkit.report import format_columns
 from toolkit.runner import RunnerStats
 from toolkit.runtime import check_threads, set_cpu_threads

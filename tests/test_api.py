@@ -245,7 +245,7 @@ def test_rerank_takes_sentence_transformers_top_k(onnx_artifacts):
             == rr.rerank("capital", docs)[:2]
         with pytest.raises(ToolkitError, match="^pass top_k or top_n, not both"):
             rr.rerank("capital", docs, top_n=1, top_k=1)
-        with pytest.raises(ToolkitError, match="^top_k must be a positive integer, got 0$"):
+        with pytest.raises(ToolkitError, match="^top_k must be an integer >= 1, got 0$"):
             rr.rerank("capital", docs, top_k=0)
 
 
@@ -270,7 +270,7 @@ def test_numpy_integers_are_integers_everywhere_and_bools_are_not(onnx_artifacts
         assert emb.max_length == 40 and emb.encode_documents(["a"], dim=np.int64(8)).shape == (1, 8)
     with Reranker.from_artifacts(onnx_artifacts["reranker"][1]) as rr:
         assert len(rr.rerank("q", ["a", "b"], top_n=one)) == 1
-        with pytest.raises(ToolkitError, match="top_n must be a positive integer"):
+        with pytest.raises(ToolkitError, match="top_n must be an integer >= 1"):
             rr.rerank("q", ["a", "b"], top_n=True)
     for kwargs in ({"instances": True}, {"queue_size": True}, {"max_length": True}):
         with pytest.raises(ToolkitError, match="must be"):

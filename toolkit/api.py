@@ -22,7 +22,7 @@ import numpy as np
 
 from toolkit.artifact import Manifest, find_artifacts
 from toolkit.checkpoint import check_task, context_length, load_tokenizer, read_hf_config, resolve_checkpoint
-from toolkit.errors import ToolkitError, is_integer
+from toolkit.errors import ToolkitError, check_int, is_integer
 from toolkit.runner import BucketedRunner
 from toolkit.runtime import Engine, check_engine_options
 from toolkit.tasks import EMBEDDING, RERANKER, PromptLayout, Task, get_task
@@ -155,8 +155,7 @@ class _TextModel:
         `max_length` (None: REFERENCE_MAX_LENGTH, or the checkpoint's context where that is shorter) caps the input
         length; `batch_size` rows run at a time."""
         _check_path(checkpoint, "checkpoint", "a checkpoint directory or a hub id")
-        if not is_integer(batch_size) or batch_size < 1:
-            raise ToolkitError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        check_int(batch_size, "batch_size", 1)
         check_truncation(truncation)  # before the model loads
         path = resolve_checkpoint(checkpoint)
         hf_config = read_hf_config(path)
@@ -393,8 +392,8 @@ class Reranker(_TextModel):
                 raise ToolkitError("pass top_k or top_n, not both: they are the same (top_k is sentence-transformers' "
                                    "name)")
             name, top_n = "top_k", top_k
-        if top_n is not None and (not is_integer(top_n) or top_n < 1):
-            raise ToolkitError(f"{name} must be a positive integer, got {top_n!r}")
+        if top_n is not None:
+            check_int(top_n, name, 1)
         _check_flag(return_documents, "return_documents")
         scores = self.score([(query, d) for d in documents], instruction)
         return [{"corpus_id": i, "score": float(scores[i]), **({"text": documents[i]} if return_documents else {})}

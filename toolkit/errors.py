@@ -12,3 +12,10 @@ def is_integer(value) -> bool:
     count, size and length option takes."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
+
+
+def check_int(value, name: str, minimum: int) -> None:
+    """Raise ToolkitError naming `name` (a flag such as `--threads`, or an argument) unless `value` is an integer
+    >= `minimum`."""
+    if not is_integer(value) or value < minimum:
+        raise ToolkitError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -22,7 +22,7 @@ import numpy as np
 from toolkit.artifact import Manifest
 from toolkit.backends import Backend, TorchReference, open_backend
 from toolkit.checkpoint import read_hf_config
-from toolkit.errors import ToolkitError, is_integer
+from toolkit.errors import ToolkitError, check_int, is_integer
 from toolkit.tasks import Task
 
 
@@ -70,8 +70,7 @@ CPU_BUDGET = ComputeBudget(CORES)
 
 def set_cpu_threads(threads: int) -> None:
     """Pin the process's compute budget (e.g. `--threads`); engines created afterwards split it between instances."""
-    if not is_integer(threads) or threads < 1:
-        raise ToolkitError(f"threads must be an integer >= 1, got {threads!r}")
+    check_int(threads, "threads", 1)
     CPU_BUDGET.threads = int(threads)
 
 
@@ -79,8 +78,8 @@ def check_threads(threads, replicas: int = 1, replicas_flag: str = "--replicas")
     """Raise ToolkitError naming the flag to change unless `threads` compute threads in each of `replicas` processes
     (None: the cores shared between them, at least one each) fit in this machine's cores, as `CPU_BUDGET` keeps them
     within one process."""
-    if threads is not None and (not is_integer(threads) or threads < 1):
-        raise ToolkitError(f"--threads must be an integer >= 1, got {threads!r}")
+    if threads is not None:
+        check_int(threads, "--threads", 1)
     if replicas > CORES:
         raise ToolkitError(f"{replicas_flag} {replicas} is more than this machine's {CORES} cores (every replica "
                            f"computes with at least one thread); pass {replicas_flag} {CORES} or fewer")
@@ -119,8 +118,7 @@ def check_engine_options(instances, device_ids, queue_size) -> tuple[int | str, 
     number is one device, as `--device-ids 0` is)."""
     if instances != AUTO_INSTANCES and (not is_integer(instances) or instances < 1):
         raise ToolkitError(f"instances must be an integer >= 1 or {AUTO_INSTANCES!r}, got {instances!r}")
-    if not is_integer(queue_size) or queue_size < 1:
-        raise ToolkitError(f"queue_size must be an integer >= 1, got {queue_size!r}")
+    check_int(queue_size, "queue_size", 1)
     devices = (device_ids,) if is_integer(device_ids) else device_ids
     if not isinstance(devices, (list, tuple)) or not devices or any(not is_integer(d) or d < 0 for d in devices):
         raise ToolkitError(f"device_ids must be a device number or a non-empty list of them, like 0 or [0, 1], got "

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from toolkit.backends import DEFAULT_FP16_LOAD
-from toolkit.errors import ToolkitError, is_integer
+from toolkit.errors import ToolkitError, check_int
 from toolkit.runtime import AUTO_INSTANCES, CORES, check_threads
 from toolkit.serve.service import Limits
 from toolkit.tasks import EMBEDDING, RERANKER
@@ -51,8 +51,7 @@ class ServeOptions:
                   ("--instances", 1 if self.instances == AUTO_INSTANCES else self.instances, 1),
                   ("--threads", 1 if self.threads is None else self.threads, 1))
         for flag, value, minimum in checks:
-            if not is_integer(value) or value < minimum:
-                raise ToolkitError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+            check_int(value, flag, minimum)
         if self.port > 65535:
             raise ToolkitError(f"--port must be at most 65535, got {self.port}")
         if not self.ray and (self.replicas != 1 or self.ray_address):

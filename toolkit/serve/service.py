@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.api import Embedder, InputTooLongError, Reranker, check_set, rank_order
-from toolkit.errors import ToolkitError, is_integer
+from toolkit.errors import ToolkitError, check_int, is_integer
 from toolkit.scheduler import BatchScheduler, SchedulerStopped, check_max_batch_tokens, check_max_wait_ms
 from toolkit.serve.metrics import ServiceMetrics
 from toolkit.tasks import yes_log_odds
@@ -82,8 +82,8 @@ class Limits:
             flag = f"--{name.replace('_', '-')}"
             if name == "max_wait_ms":
                 check_max_wait_ms(value, flag)
-            elif not (is_integer(value) and value >= 1) and not (name == "max_input_length" and value is None):
-                raise ToolkitError(f"{flag} must be an integer >= 1, got {value!r}")
+            elif not (name == "max_input_length" and value is None):
+                check_int(value, flag, 1)
         return self
 
 
