@@ -53,6 +53,14 @@ def copy_artifact(artifact, directory):
     return directory / artifact.parent.name / artifact.name
 
 
+def signed(raw_manifest: dict) -> dict:
+    """A manifest payload edited by a test, with the digest its writer would give it (so that the check under test,
+    not the digest's, sees the edit)."""
+    from toolkit.artifact import SELF_DIGEST, payload_sha256
+
+    return {**raw_manifest, SELF_DIGEST: payload_sha256(raw_manifest)}
+
+
 def build(checkpoints, workspace, task, backends=("onnx",), seq_lens=(32, 64), batch=2, dtype="fp16", **options):
     from toolkit.compile import compile_config
 

@@ -15,7 +15,7 @@ from toolkit.errors import ToolkitError
 from toolkit.runtime import Engine
 from toolkit.tasks import TASKS, WEB_SEARCH_INSTRUCTION
 
-from conftest import build, copy_artifact
+from conftest import build, copy_artifact, signed
 
 
 def test_crash_after_the_manifest_leaves_nothing_loadable_and_keeps_the_old_artifact(checkpoints, outlier_checkpoints,
@@ -62,7 +62,7 @@ def test_crash_after_the_manifest_leaves_nothing_loadable_and_keeps_the_old_arti
     manifest_file = set_dir / "seq32" / "manifest.json"
     raw = json.loads(manifest_file.read_text())
     raw["model"]["resolved"] = str(outlier_checkpoints["embedding"])
-    manifest_file.write_text(json.dumps(raw))
+    manifest_file.write_text(json.dumps(signed(raw)))
     with pytest.raises(ToolkitError, match="mixes artifacts of different .*checkpoint"):
         find_artifacts(set_dir)
 

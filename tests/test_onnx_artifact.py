@@ -16,7 +16,7 @@ from toolkit.tasks import TASKS
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
 
-from conftest import SEQ_LENS, copy_artifact, model_path
+from conftest import SEQ_LENS, copy_artifact, model_path, signed
 
 TEXTS = ["a", "What is the capital of China?", "Gravity is a force that attracts two bodies towards each other.",
          "北京是中国的首都。", "Qwen3 " * 40]
@@ -158,9 +158,18 @@ def test_corrupted_artifact_is_refused(onnx_artifacts, tmp_path):
     assert ok.exit_code == 0 and "0 mismatched" in ok.output and "reranker" in ok.output
     assert "the bucket set's shared graph" in ok.output and "(any 1..2 rows)" in ok.output
     raw = json.loads((broken / "manifest.json").read_text())
+    # a hand edit, even one that keeps the fields valid (a failed validation marked passed would load), is refused
+    for edit in ({"validation": {**raw["validation"], "passed": True, "min_cosine": 1.0}}, {"seq_len": 16}):
+        (broken / "manifest.json").write_text(json.dumps({**raw, **edit}, indent=4))
+        with pytest.raises(ToolkitError, match="manifest.json was edited after the build .*restore the file or "
+                                               "recompile"):
+            open_artifact(broken)
+    (broken / "manifest.json").write_text(json.dumps(dict(reversed(raw.items()))))  # key order and indent: no edit
+    assert Manifest.load(broken, verify=False).seq_len == raw["seq_len"]
+    # values no writer produces, in a manifest whose digest matches (another writer's): caught by the field checks
     for field, value, reason in (("files", {"model.onnx": {"bytes": 1}}, "sha256"),
                                  ("task", "translation", "translation"), ("backend", "tvm", "is not a tvm model")):
-        (broken / "manifest.json").write_text(json.dumps({**raw, field: value}))
+        (broken / "manifest.json").write_text(json.dumps(signed({**raw, field: value})))
         with pytest.raises(ToolkitError, match=f"not a valid .* manifest .*{reason}"):
             open_artifact(broken)
         result = CliRunner().invoke(main, ["inspect", str(broken)])  # the diagnostic tool says it in one line too
@@ -169,7 +178,7 @@ def test_corrupted_artifact_is_refused(onnx_artifacts, tmp_path):
     old = {**raw, "format": "qwen3-deploy-artifact/2", "dynamic_batch": True}
     (broken / "manifest.json").write_text(json.dumps(old))
     with pytest.raises(ToolkitError, match="is a 'qwen3-deploy-artifact/2' manifest and this toolkit reads "
-                                           "'qwen3-deploy-artifact/3' ones .*; recompile the artifact with `toolkit "
+                                           "'qwen3-deploy-artifact/4' ones .*; recompile the artifact with `toolkit "
                                            "compile`"):
         open_artifact(broken)
     (broken / "manifest.json").write_text("{not json")
@@ -226,6 +235,10 @@ def test_checkpoint_and_tokenizer_problems_are_named(onnx_artifacts, checkpoints
         Manifest.load(moved).reference_checkpoint()
     with pytest.raises(ToolkitError, match=r"no tokenizer at .* \(the directory is missing\)"):
         load_tokenizer(tmp_path / "no-such-tokenizer")
+    (tmp_path / "emptied").mkdir()  # e.g. an artifact's tokenizer.json deleted: not transformers' list of formats
+    with pytest.raises(ToolkitError, match=r"no tokenizer at .*emptied \(no tokenizer.json or vocab.json\): an "
+                                           "artifact's comes with it from `toolkit compile`"):
+        load_tokenizer(tmp_path / "emptied")
     truncated = shutil.copytree(checkpoints["embedding"], tmp_path / "truncated")
     weights = next(truncated.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:1000])

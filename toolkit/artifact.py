@@ -1,7 +1,8 @@
 """The artifact directory and its typed manifest: the contract between compile and everything that runs artifacts.
 
     ARTIFACT/manifest.json      `Manifest`: task, model, seq_len, batch, dtype, backend, target, inputs, outputs,
-                                cached prompt prefix, files (sha256), tools (versions), validation, build
+                                cached prompt prefix, files (sha256), tools (versions), validation, build; and the
+                                sha256 of all that (`manifest_sha256`): a hand edit is refused like a changed file
     ARTIFACT/model.onnx[.data]  (onnx backend) or model.so + params.npz (tvm backend). The ONNX SEQs of one build are
                                 one graph with symbolic axes, stored once in their bucket set: `model_file` is then
                                 `../graph-DIGEST/model.onnx` (a set's layout: toolkit.artifact_set)
@@ -25,10 +26,19 @@ from toolkit.errors import ToolkitError
 from toolkit.tasks import TASKS
 
 MANIFEST = "manifest.json"
-FORMAT = "qwen3-deploy-artifact/3"
+FORMAT = "qwen3-deploy-artifact/4"
 BACKENDS = ("onnx", "tvm")  # one name per backend, everywhere: configs, CLI, manifests, directories
 MODEL_FILE_SUFFIX = {"onnx": ".onnx", "tvm": ".so"}  # what each backend loads (an ONNX graph, a TVM library)
 DEVICES = ("cpu", "cuda")
+
+
+SELF_DIGEST = "manifest_sha256"  # the key of the manifest's digest of its other keys
+
+
+def payload_sha256(payload: dict) -> str:
+    """The digest of a manifest's JSON payload (all keys but its own digest), independent of key order and indent."""
+    body = {k: v for k, v in payload.items() if k != SELF_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 _digests: dict[tuple, str] = {}  # (device, inode, size, mtime, ctime) → digest
@@ -136,7 +146,8 @@ class Manifest:
             self.files = {os.path.relpath(p, directory): {"sha256": sha256(p), "bytes": p.stat().st_size}
                           for p in self.file_paths(directory)}
             self.tools = tool_versions()
-        payload = {k: v for k, v in dataclasses.asdict(self).items() if k != "path"}
+        payload = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(self).items() if k != "path"}))
+        payload[SELF_DIGEST] = payload_sha256(payload)  # of the JSON values, as `load` reads them back
         partial = directory / f".{MANIFEST}.partial"  # replaced in one step: an interrupted save keeps the old one
         partial.write_text(json.dumps(payload, indent=2))
         os.replace(partial, directory / MANIFEST)
@@ -161,6 +172,11 @@ class Manifest:
                 raise ToolkitError(f"{path} is a {raw.get('format')!r} manifest and this toolkit reads {FORMAT!r} ones "
                                    "(another version of the toolkit built it); recompile the artifact with "
                                    "`toolkit compile`")
+            # before the fields: an edited `validation` would otherwise make a failed artifact loadable
+            if raw.pop(SELF_DIGEST, None) != payload_sha256(raw):
+                raise ToolkitError(f"{path} was edited after the build (its {SELF_DIGEST} does not match its "
+                                   "contents); `toolkit compile` writes it and `toolkit validate` updates it: restore "
+                                   "the file or recompile the artifact")
             manifest = cls(**{**raw, "target": Target(**raw["target"]), "model": ModelSource(**raw["model"]),
                               "inputs": [TensorSpec(**t) for t in raw["inputs"]],
                               "outputs": [TensorSpec(**t) for t in raw["outputs"]]})

@@ -211,12 +211,16 @@ def model_source(named: str, checkpoint_dir: Path) -> ModelSource:
                        num_hidden_layers=cfg.get("num_hidden_layers"), vocab_size=cfg.get("vocab_size"))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # a fast tokenizer's, a slow one's (with merges.txt)
+
+
 def load_tokenizer(tokenizer_dir: str | Path) -> Tokenizer:
     """The tokenizer in `tokenizer_dir`, checked to be a real (non-empty) Qwen3 tokenizer."""
-    if not Path(tokenizer_dir).is_dir():  # else transformers takes the path for a hub id
-        raise ToolkitError(f"no tokenizer at {tokenizer_dir} (the directory is missing): an artifact's comes with "
-                           "it from `toolkit compile` (copy the whole set, or recompile it); a checkpoint's from its "
-                           "source")
+    # else transformers takes a missing directory for a hub id, and lists the hub's tokenizer formats for an empty one
+    if not any((Path(tokenizer_dir) / name).is_file() for name in TOKENIZER_FILES):
+        missing = f"no {' or '.join(TOKENIZER_FILES)}" if Path(tokenizer_dir).is_dir() else "the directory is missing"
+        raise ToolkitError(f"no tokenizer at {tokenizer_dir} ({missing}): an artifact's comes with it from `toolkit "
+                           "compile` (copy the whole set, or recompile it); a checkpoint's from its source")
     try:
         tokenizer = Tokenizer.load(tokenizer_dir)
     except Exception as e:
