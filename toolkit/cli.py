@@ -69,7 +69,8 @@ def synth(task, shape, seed, outliers, out_dir):
               "after the prompt prefix (the default; inputs must then carry it), or not (any instruction at run "
               "time); overrides the config")
 @click.option("--target", type=click.Choice(DEVICES), help="overrides the config")
-@click.option("--batch", type=int, help="static batch size (overrides the config)")
+@click.option("--batch", type=int, help="most rows per call, for every SEQ (the batch axis is dynamic up to it; "
+              "--batch-tokens sizes it per SEQ instead); overrides the config")
 @click.option("--workspace", type=click.Path(file_okay=False), help="overrides the config")
 @click.option("--name", help="artifact set name under the workspace (overrides the config)")
 def compile(config, seq, lengths_data, bucket_count, bucket_step, batch_tokens, checkpoint, backend, dtype,

@@ -123,7 +123,8 @@ class BuildConfig:
         return f"{stem}-{dtype}"
 
     def batch_for(self, seq_len: int) -> int:
-        """The static batch of the SEQ artifact: from the token budget when one is set, else `batch`."""
+        """The most rows the SEQ artifact takes in one call (its batch axis is dynamic, 1..this): from the token
+        budget when one is set, else `batch`."""
         return max(1, self.batch_tokens // seq_len) if self.batch_tokens else self.batch
 
     def check(self) -> None:
