@@ -163,6 +163,13 @@ class BatchScheduler:
         if not future.cancel():
             future.set_exception(CancelledError())
 
+    def drain(self) -> None:
+        """Stop waiting for fuller batches: waiting rows, and rows submitted from now on, go as soon as an engine is
+        free (a server that is stopping answers what it holds without waiting up to max wait for each)."""
+        with self._state:
+            self.max_wait = 0.0
+            self._state.notify_all()
+
     def close(self) -> None:
         """Refuse new rows and dispatch every waiting one at once; their outputs arrive as the engines finish (close
         the engines afterwards: that waits for them). Idempotent."""

@@ -88,6 +88,11 @@ class Services:
         """The services present."""
         return list(self.by_task.values())
 
+    def drain(self) -> None:
+        """Run what is queued now, and each request still to come as it arrives (the server is stopping)."""
+        for service in self.loaded():
+            service.scheduler.drain()
+
     def close(self) -> None:
         """Run what is queued, then stop every model."""
         for service in self.loaded():

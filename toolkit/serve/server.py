@@ -1,17 +1,20 @@
 """Running the service: options checked before any model loads, then uvicorn in this process, or Ray Serve replicas.
 
-SIGTERM is a graceful stop: uvicorn stops accepting connections, finishes the requests in flight, the app's shutdown
-runs what is queued and closes the engines, and the process exits 0.
+SIGTERM is a graceful stop: uvicorn stops accepting connections, the scheduler stops waiting for fuller batches,
+uvicorn finishes the requests in flight, the app's shutdown closes the engines, and the process exits 0.
 """
 from __future__ import annotations
 
 import errno
 import signal
 import socket
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import uvicorn
 
 from toolkit.backends import DEFAULT_FP16_LOAD
 from toolkit.errors import ToolkitError, check_int
@@ -93,8 +96,6 @@ def serve(options: ServeOptions, echo: Callable[[str], None] = print) -> None:
         from toolkit.serve.ray_app import serve_on_ray
 
         return serve_on_ray(options, echo)
-    import uvicorn
-
     with bound_socket(options.host, options.port) as sock:
         app = build_app(options)
         for model in app.state.services.loaded():
@@ -102,10 +103,27 @@ def serve(options: ServeOptions, echo: Callable[[str], None] = print) -> None:
         host, port = sock.getsockname()[:2]
         echo(f"serving on http://{f'[{host}]' if ':' in host else host}:{port} (SIGTERM: finish requests in flight, "
              "then exit)")
-        server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+        server = DrainingServer(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S),
+                                app.state.services.drain)
         # uvicorn drains, then restores these handlers and raises the signal again: exit 0 after SIGTERM, 130 after ^C
         with exit_on_signals():
             server.run(sockets=[sock])
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's Server, which on SIGTERM or Ctrl-C also calls `drain`: uvicorn waits for the requests in flight
+    before the app's shutdown runs the queue, so a request waiting for a fuller batch would otherwise wait its whole
+    max wait (past the graceful timeout at --max-wait-ms 40000: a 500)."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], None]):
+        super().__init__(config)
+        self.drain = drain
+
+    def handle_exit(self, sig, frame) -> None:
+        """uvicorn's signal handler: stop, and drain in another thread (this one may be inside the scheduler's
+        lock, where the signal interrupted it)."""
+        super().handle_exit(sig, frame)
+        threading.Thread(target=self.drain, name="drain", daemon=True).start()
 
 
 def bound_socket(host: str, port: int) -> socket.socket:
