@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from toolkit.artifact import Manifest
 from toolkit.checkpoint import read_hf_config
 from toolkit.errors import ToolkitError, check_int
+from toolkit.perf.common import make_inputs
 from toolkit.perf.compare import forward_flops
-from toolkit.perf.run import make_inputs
 from toolkit.report import format_columns
 from toolkit.runtime import check_threads
 
@@ -54,7 +54,7 @@ class ProfileOptions:
     - `iterations`: profiled runs; `warmup`: runs first, not counted.
     - `top`: how many kernels (and op types) the report lists; the JSON has them all.
     - `input`: "random" (full-length random ids), or a dataset (JSONL path or name such as `sts12-sample`): its
-      requests for the artifact's task (`run.make_inputs`).
+      requests for the artifact's task (`common.make_inputs`).
     - `threads`: compute threads (default: all cores).
     - `trace`: where to write the Chrome trace (chrome://tracing, Perfetto); None: no trace.
     """

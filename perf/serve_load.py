@@ -41,7 +41,7 @@ from toolkit.api import Embedder
 from toolkit.buckets import token_lengths
 from toolkit.errors import ToolkitError, check_int
 from toolkit.eval.datasets import load_dataset
-from toolkit.perf.run import check_instances, median
+from toolkit.perf.common import check_instances, median
 from toolkit.perf.traffic import warmup_subset
 from toolkit.report import format_columns
 from toolkit.runtime import AUTO_INSTANCES, check_threads, set_cpu_threads

@@ -66,7 +66,7 @@ def test_perf_inputs_from_a_dataset_are_the_tasks_requests(onnx_artifacts):
     from toolkit.artifact import Manifest
     from toolkit.checkpoint import load_tokenizer
     from toolkit.eval.datasets import load_dataset
-    from toolkit.perf.run import make_inputs
+    from toolkit.perf.common import make_inputs
 
     manifest = Manifest.load(onnx_artifacts["reranker"][1])
     tokenizer = load_tokenizer(manifest.path / "tokenizer")
