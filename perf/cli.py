@@ -11,11 +11,12 @@ from toolkit.serve.service import Limits
 
 
 def number_list(value: str, flag: str, kind=float) -> tuple:
-    """`"50,90,99"` → `(50.0, 90.0, 99.0)` (or ints with `kind=int`). Empty items are skipped; an unparsable item or
-    an empty list is a ToolkitError naming `flag`. The values' ranges are the options' `check()`'s business."""
-    items = [v.strip() for v in value.split(",") if v.strip()]
+    """`"50,90,99"` → `(50.0, 90.0, 99.0)` (or ints with `kind=int`). An empty item (`50,,99`, a trailing comma),
+    an unparsable one or an empty list is a ToolkitError naming `flag`. The values' ranges are the options' `check()`'s
+    business."""
+    items = [v.strip() for v in value.split(",")]
     try:
-        if items:
+        if all(items):
             return tuple(kind(v) for v in items)
     except ValueError:
         pass
@@ -31,7 +32,7 @@ def perf():
 
 @perf.command("run")
 @click.option("--artifact", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--percentiles", default="50,90,99", show_default=True, help="latency percentiles, each in 0..100")
+@click.option("--percentiles", default="50,90,99", show_default=True, help="latency percentiles, each > 0 and <= 100")
 @click.option("--instances", "--instance", "instances", type=int, default=1, show_default=True)
 @click.option("--batch-size", type=int, help="must equal the artifact's static batch (default: that batch)")
 @click.option("--iterations", type=int, default=100, show_default=True)

@@ -36,7 +36,7 @@ class PerfRunOptions:
     - `batch_size`: must equal the artifact's static batch (None: that batch).
     - `iterations`: measured batches; `warmup`: batches per instance run first, not measured.
     - `queue_size`: 0 = latency mode, Q > 0 = throughput mode with a queue of Q waiting batches.
-    - `percentiles`: latency percentiles to report, each in [0, 100].
+    - `percentiles`: latency percentiles to report, each in (0, 100] (the minimum is reported anyway).
     - `device_ids`: devices the instances go round-robin over (non-negative integers).
     - `source`: "random" (full-length random ids), or a dataset (JSONL path or name such as `sts12-sample`) whose
       requests for the artifact's task are used, at their real token lengths (`common.make_inputs`).
@@ -79,15 +79,17 @@ class PerfRunOptions:
 
 
 def check_percentiles(percentiles, flag: str = "--percentiles") -> None:
-    """Raise ToolkitError unless `percentiles` is a non-empty sequence of numbers in [0, 100]."""
+    """Raise ToolkitError unless `percentiles` is a non-empty sequence of numbers in (0, 100]: p0 would repeat the
+    minimum, which the report has already."""
     if isinstance(percentiles, (str, bytes)) or not isinstance(percentiles, (tuple, list)) or not percentiles:
-        raise ToolkitError(f"{flag} must be a non-empty list of numbers in 0..100 such as 50,90,99, "
+        raise ToolkitError(f"{flag} must be a non-empty list of numbers > 0 and <= 100 such as 50,90,99, "
                            f"got {percentiles!r}")
     for p in percentiles:
         if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or not math.isfinite(p) \
-                or not 0 <= p <= 100:
+                or not 0 < p <= 100:
             shown = f"{p:g}" if isinstance(p, (int, float, np.integer, np.floating)) else repr(p)
-            raise ToolkitError(f"{flag}: each percentile must be a number in 0..100, got {shown}")
+            raise ToolkitError(f"{flag}: each percentile must be a number > 0 and <= 100 (the minimum is reported "
+                               f"anyway), got {shown}")
 
 
 def check_device_ids(device_ids, flag: str = "--device-ids") -> None:

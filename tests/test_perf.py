@@ -102,9 +102,14 @@ BAD_RUN_OPTIONS = [
     (["--percentiles", "50,-1"], "--percentiles"),
     (["--percentiles", "a,b"], "--percentiles"),
     (["--percentiles", ""], "--percentiles"),
+    (["--percentiles", "50,,99"], "--percentiles must be a comma-separated list of numbers such as 50,90,99, got "
+                                  "'50,,99'"),
+    (["--percentiles", "50,99,"], "--percentiles must be a comma-separated list of numbers"),
+    (["--percentiles", "0,50"], "--percentiles: each percentile must be a number > 0 and <= 100"),
     (["--device-ids", ""], "--device-ids"),
     (["--device-ids", ","], "--device-ids"),
     (["--device-ids", "x"], "--device-ids"),
+    (["--device-ids", "0,,1"], "--device-ids must be a comma-separated list of integers"),
     (["--device-ids", "0,-1"], "--device-ids"),
     (["--batch-size", "0"], "--batch-size"),
     (["--batch-size", "4"], "compiled for batch 2"),
@@ -130,8 +135,9 @@ def test_perf_run_options_check_without_the_cli(onnx_artifacts):
 
     good = PerfRunOptions(artifact=onnx_artifacts["embedding"][0])
     assert good.check() is good and good.mode == "latency"
-    for bad in (dict(percentiles=(101,)), dict(percentiles=(float("nan"),)), dict(device_ids=()),
-                dict(device_ids=(True,)), dict(iterations=1.5), dict(queue_size=-1), dict(instances=True)):
+    for bad in (dict(percentiles=(101,)), dict(percentiles=(0,)), dict(percentiles=(float("nan"),)),
+                dict(device_ids=()), dict(device_ids=(True,)), dict(iterations=1.5), dict(queue_size=-1),
+                dict(instances=True)):
         with pytest.raises(ToolkitError):
             run_perf(PerfRunOptions(artifact=onnx_artifacts["embedding"][0], **bad))
 
