@@ -2,6 +2,8 @@
 the table and write the JSON. Heavy imports wait until a command runs."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from toolkit.cli_base import INSTANCES, OutputFile, ToolkitGroup, fp16_load_option
@@ -75,6 +77,8 @@ def profile_cmd(artifact, iterations, warmup, top, source, threads, trace, json_
     """Time per kernel (ONNX Runtime's profiler, TVM's VM instrument): top kernels and op types, GFLOP/s, trace."""
     from toolkit.perf.profile import ProfileOptions, profile_report, run_profile
 
+    if trace and json_out and Path(trace).resolve() == Path(json_out).resolve():  # the JSON, written last, would win
+        raise ToolkitError(f"--trace and --json both name {json_out}; give the trace and the JSON different files")
     options = ProfileOptions(artifact=artifact, iterations=iterations, warmup=warmup, top=top, input=source,
                              threads=threads, trace=trace).check()
     result = run_profile(options, progress=True)

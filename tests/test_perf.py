@@ -349,6 +349,20 @@ def test_perf_profile_refuses_bad_input_in_one_line(onnx_artifacts, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.output
 
 
+def test_perf_profile_refuses_one_file_for_both_the_trace_and_the_json(onnx_artifacts, tmp_path, monkeypatch):
+    """The JSON, written last, overwrote the trace: refused before anything is profiled."""
+    import toolkit.perf.profile
+
+    monkeypatch.setattr(toolkit.perf.profile, "run_profile", lambda *a, **kw: pytest.fail("profiled anyway"))
+    monkeypatch.chdir(tmp_path)
+    r = invoke("profile", "--artifact", onnx_artifacts["embedding"][0], "--trace", "out.json", "--json",
+               tmp_path / "out.json")
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert lines[0] == f"error: --trace and --json both name {tmp_path / 'out.json'}; give the trace and the JSON " \
+        "different files"
+
+
 def test_perf_profile_refuses_a_corrupt_artifact_in_one_line(onnx_artifacts, tmp_path):
     broken = copy_artifact(onnx_artifacts["embedding"][0], tmp_path)
     model = model_path(broken)
