@@ -170,17 +170,20 @@ def traffic_cmd(data, artifacts, checkpoint, torch_batch, limit, instances, thre
               help="compute threads (per replica with Ray), at most the cores in all (default: the cores)")
 @click.option("--max-wait-ms", type=float, default=Limits.max_wait_ms, show_default=True,
               help="the server's batching wait")
+@click.option("--max-batch-tokens", type=int, default=Limits.max_batch_tokens, show_default=True,
+              help="the server's token budget per batch, at least the set's largest SEQ")
 @click.option("--ray-replicas", type=int, help="also measure Ray Serve with this many replicas")
 @click.option("--repeat", type=int, default=1, show_default=True,
               help="run it all N times and report medians (each served run against the offline runs around it)")
 @click.option("--json", "json_out", type=OutputFile())
-def serve_cmd(artifact, data, limit, clients, instances, threads, max_wait_ms, ray_replicas, repeat, json_out):
+def serve_cmd(artifact, data, limit, clients, instances, threads, max_wait_ms, max_batch_tokens, ray_replicas, repeat,
+              json_out):
     """Served throughput (single-sentence requests) vs the offline Embedder, and latency at half that load."""
     from toolkit.perf.serve_load import ServeLoadOptions, run_serve_load, serve_load_report
 
     options = ServeLoadOptions(artifact=artifact, data=data, limit=limit, clients=clients, instances=instances,
-                               threads=threads, max_wait_ms=max_wait_ms, ray_replicas=ray_replicas,
-                               repeat=repeat).check()
+                               threads=threads, max_wait_ms=max_wait_ms, max_batch_tokens=max_batch_tokens,
+                               ray_replicas=ray_replicas, repeat=repeat).check()
     result = run_serve_load(options)
     click.echo(serve_load_report(result))
     write_json(json_out, result)

@@ -484,6 +484,23 @@ def test_perf_commands_refuse_more_threads_than_cores_in_one_line(onnx_artifacts
         assert message in lines[0] and ("pass --threads" in lines[0] or "pass --ray-replicas" in lines[0]), r.output
 
 
+def test_perf_serve_refuses_what_its_server_would_before_the_offline_run(onnx_artifacts, monkeypatch):
+    """The server's batching limits were checked only by the server, started after the offline run."""
+    import toolkit.perf.serve_load
+
+    monkeypatch.setattr(toolkit.perf.serve_load, "in_child", lambda *a, **kw: pytest.fail("the offline run ran"))
+    embedding_set = onnx_artifacts["embedding"][0].parent  # SEQ 32 and 64
+    cases = [
+        (["--max-wait-ms", 70000], "--max-wait-ms must be a number of milliseconds in 0..60000, got 70000.0"),
+        (["--max-batch-tokens", 32], "--max-batch-tokens must be an integer >= the max input length 64, got 32; "
+                                     "raise it to at least 64"),
+    ]
+    for args, message in cases:
+        r = invoke("serve", "--artifact", embedding_set, "--data", "sts12-sample", *args)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 2 and lines == [f"error: {message}"], r.output
+
+
 def test_perf_traffic_names_the_checkpoint_a_set_was_built_from_when_torch_ran_another(onnx_artifacts, tmp_path):
     """As `toolkit eval` does: a set off its dtype's tolerance of torch gets a warning line with the likely cause."""
     from toolkit.artifact import Manifest
