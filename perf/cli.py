@@ -40,7 +40,8 @@ def perf():
 @click.option("--iterations", type=int, default=100, show_default=True)
 @click.option("--queue-size", type=int, default=0, show_default=True,
               help="0 = latency mode (one request in flight per instance); Q > 0 = throughput mode")
-@click.option("--device-ids", default="0", show_default=True, help="comma-separated, e.g. 0,1")
+@click.option("--device-ids", default="0", show_default=True,
+              help="GPUs, comma-separated, e.g. 0,1 (a CPU artifact: 0 only)")
 @click.option("--input", "source", default="random", show_default=True,
               help="random | a dataset: JSONL PATH or a name such as sts12-sample, msmarco-sample for a reranker "
               "(its requests at their real token lengths)")

@@ -37,7 +37,7 @@ class PerfRunOptions:
     - `iterations`: measured batches; `warmup`: batches per instance run first, not measured.
     - `queue_size`: 0 = latency mode, Q > 0 = throughput mode with a queue of Q waiting batches.
     - `percentiles`: latency percentiles to report, each in (0, 100] (the minimum is reported anyway).
-    - `device_ids`: devices the instances go round-robin over (non-negative integers).
+    - `device_ids`: GPUs the instances go round-robin over (non-negative integers; a CPU artifact takes only (0,)).
     - `source`: "random" (full-length random ids), or a dataset (JSONL path or name such as `sts12-sample`) whose
       requests for the artifact's task are used, at their real token lengths (`common.make_inputs`).
     """

@@ -130,6 +130,18 @@ def test_perf_run_refuses_bad_options_before_running(onnx_artifacts, monkeypatch
     assert message in r.output and "error:" in r.output and "Traceback" not in r.output
 
 
+def test_perf_run_refuses_device_ids_on_a_cpu_artifact(onnx_artifacts, monkeypatch):
+    """They pick GPUs: on a CPU artifact they were accepted and ignored."""
+    import toolkit.runtime
+
+    monkeypatch.setattr(toolkit.runtime, "open_backend", lambda *a, **kw: pytest.fail("a backend was opened"))
+    r = invoke("run", "--artifact", onnx_artifacts["embedding"][0], "--iterations", 2, "--device-ids", "0,1")
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert lines[0] == "error: device ids [0, 1] pick GPUs, and this is a CPU artifact: CPU artifacts use " \
+        "--threads/--instances; leave --device-ids (device_ids) at its default, 0"
+
+
 def test_perf_run_options_check_without_the_cli(onnx_artifacts):
     from toolkit.perf.run import PerfRunOptions, run_perf
 
