@@ -9,9 +9,10 @@ timed apart from the kernels. On CUDA, TVM kernels are timed after a device sync
 times there are launch times.
 
 Only the measured iterations count (warm-up runs are left out). Per kernel (ONNX: graph node; TVM: PrimFunc) and per
-op type (ONNX: the node's op; TVM: the PrimFunc name without its numbers, e.g. `fused_cast_matmul`): calls, time and
-share of the wall time per iteration, and GFLOP/s for matmuls (2*M*N*K from the shapes each call saw). Wall time is
-`backend.run` as the caller sees it; wall minus the kernels' sum is framework overhead.
+op type (ONNX: the node's op; TVM: the PrimFunc name without its shapes and copy numbers, its dtypes kept,
+`tvm_op_type`): calls, time and share of the wall time per iteration, and GFLOP/s for matmuls (2*M*N*K from the
+shapes each call saw). Wall time is `backend.run` as the caller sees it; wall minus the kernels' sum is framework
+overhead.
 
     result = run_profile(ProfileOptions(artifact="ws/.../onnx/seq128", iterations=10, trace="trace.json"))
 """
@@ -159,6 +160,18 @@ def tvm_matmul_flops(name: str, inputs: list[tuple], output: tuple) -> int | Non
     return 2 * _prod(output) * ks.pop() if len(ks) == 1 else None
 
 
+# ---- op types --------------------------------------------------------------------------------------------------------
+DTYPE_WORD = re.compile(r"^(?:bf|fp|int|uint|float)\d+(?:x\d+)?$")  # bf16, bf16x3, int8, fp16, float32
+
+
+def tvm_op_type(name: str) -> str:
+    """A PrimFunc's op type: its name's `_`-separated words without their trailing numbers (TVM's copy numbers,
+    `matmul1`, `softmax_2`; our kernels' shapes, `batchx32_64_128`), dtype words kept whole, so that
+    `bf16x3_matmul_batchx32_64_128` and `bf16x3_matmul_batchx32_128_64` are both `bf16x3_matmul_batchx`."""
+    words = (word if DTYPE_WORD.match(word) else word.rstrip("0123456789") for word in name.split("_"))
+    return "_".join(word for word in words if word)
+
+
 # ---- profiling -------------------------------------------------------------------------------------------------------
 class _Kernels:
     """Calls, seconds and FLOPs per kernel over the measured iterations."""
@@ -245,7 +258,7 @@ def _profile_tvm(manifest: Manifest, options: ProfileOptions, inputs, bar) -> tu
             shapes = [tuple(int(d) for d in a.shape) for a in args if hasattr(a, "shape")]
             is_matmul = "matmul" in name or BF16_ATTENTION.match(name)
             flops = tvm_matmul_flops(name, shapes[:-1], shapes[-1]) if is_matmul and shapes else None
-            kernels.add(name, re.sub(r"\d+", "", name), end - start, flops)
+            kernels.add(name, tvm_op_type(name), end - start, flops)
             category = "kernel"
         if options.trace:
             trace_events.append({"name": name, "cat": category, "ph": "X", "pid": 0, "tid": 0,

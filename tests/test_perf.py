@@ -263,6 +263,7 @@ def test_perf_profile_times_kernels_and_counts_matmul_flops(onnx_artifacts, tvm_
                                                              backend):
     from toolkit.checkpoint import read_hf_config
     from toolkit.perf.compare import forward_flops
+    from toolkit.perf.profile import tvm_op_type
 
     artifact = onnx_artifacts["embedding"][1] if backend == "onnx" else tvm_artifacts["embedding"][0]
     out, trace = tmp_path / "profile.json", tmp_path / "trace.json"
@@ -304,6 +305,8 @@ def test_perf_profile_times_kernels_and_counts_matmul_flops(onnx_artifacts, tvm_
         forward_flops(config, seq, batch) - left_out, rel=1e-9)
     assert result["model_gflop"] * 1e9 == pytest.approx(forward_flops(config, seq, batch), rel=1e-9)
     assert result["model_gflops"] > 0
+    if backend == "tvm":
+        assert all(k["op_type"] == tvm_op_type(k["name"]) for k in kernels)
 
     events = json.loads(trace.read_text())
     events = events["traceEvents"] if isinstance(events, dict) else events  # TVM: an object; ONNX Runtime: a list
@@ -341,6 +344,26 @@ def test_perf_profile_matmul_flops_from_shapes():
                             (3, 8, 56, 28)) == 2 * 3 * 8 * 56 * 28 * 128
     assert tvm_matmul_flops("bf16_attention_values_batch_8_56_128", [(3, 8, 56, 14), (3, 8, 14, 128)],
                             (3, 8, 56, 128)) == 2 * 3 * 8 * 56 * 128 * 28
+
+
+def test_perf_profile_tvm_op_types_keep_dtypes_and_group_numbered_copies():
+    """All digits were stripped: bf16x3 kernels showed as `bfx_matmul_batchx__`."""
+    from toolkit.perf.profile import tvm_op_type
+
+    cases = {
+        "bf16x3_matmul_batchx32_64_128": "bf16x3_matmul_batchx",
+        "bf16x3_matmul_batchx32_128_64_residual": "bf16x3_matmul_batchx_residual",
+        "bf16x3_matmul_batchx32_64_64_residual": "bf16x3_matmul_batchx_residual",
+        "int8_matmul_amx_batchx12_96_128": "int8_matmul_amx_batchx",
+        "bf16_attention_scores_batch_8_56_28": "bf16_attention_scores_batch",
+        "fused_reshape4_transpose2_reshape5_reshape_bf16x3_planes_batchx32_64":
+            "fused_reshape_transpose_reshape_reshape_bf16x3_planes_batchx",
+        "rms_norm_rope_batch_2_32_16_of_128_from_64": "rms_norm_rope_batch_of_from",
+        "fused_matmul2_multiply1_add2": "fused_matmul_multiply_add",
+        "matmul1": "matmul", "matmul": "matmul", "softmax_1": "softmax", "softmax_2": "softmax",
+        "fused_cast_fp16_1": "fused_cast_fp16",
+    }
+    assert {name: tvm_op_type(name) for name in cases} == cases
 
 
 def test_perf_profile_refuses_bad_input_in_one_line(onnx_artifacts, tmp_path):
