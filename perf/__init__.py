@@ -10,4 +10,7 @@ returning a JSON-ready dict, and a report function; `perf/cli.py` wires them to 
   API, torch eager vs artifact sets: requests/s, padding, GFLOP/s against the matmul peak, agreement.
 - `perf serve` (`serve_load.ServeLoadOptions`, `serve_load.run_serve_load`): `toolkit serve` under 64 clients vs the
   offline API, latency at half load, and on Ray Serve.
+
+`common.py` holds what several of them share: inputs of an artifact's shape (random rows, a dataset's requests), the
+`--instances` check, medians.
 """

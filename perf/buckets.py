@@ -14,7 +14,7 @@ import numpy as np
 
 from toolkit.api import Embedder, check_set
 from toolkit.errors import ToolkitError, check_int
-from toolkit.perf.run import dataset_requests
+from toolkit.perf.common import dataset_requests
 from toolkit.report import format_columns
 from toolkit.tasks import EMBEDDING
 from toolkit.text import left_pad

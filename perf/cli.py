@@ -2,6 +2,8 @@
 the table and write the JSON. Heavy imports wait until a command runs."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from toolkit.cli_base import INSTANCES, OutputFile, ToolkitGroup, fp16_load_option
@@ -11,11 +13,12 @@ from toolkit.serve.service import Limits
 
 
 def number_list(value: str, flag: str, kind=float) -> tuple:
-    """`"50,90,99"` → `(50.0, 90.0, 99.0)` (or ints with `kind=int`). Empty items are skipped; an unparsable item or
-    an empty list is a ToolkitError naming `flag`. The values' ranges are the options' `check()`'s business."""
-    items = [v.strip() for v in value.split(",") if v.strip()]
+    """`"50,90,99"` → `(50.0, 90.0, 99.0)` (or ints with `kind=int`). An empty item (`50,,99`, a trailing comma),
+    an unparsable one or an empty list is a ToolkitError naming `flag`. The values' ranges are the options' `check()`'s
+    business."""
+    items = [v.strip() for v in value.split(",")]
     try:
-        if items:
+        if all(items):
             return tuple(kind(v) for v in items)
     except ValueError:
         pass
@@ -31,13 +34,14 @@ def perf():
 
 @perf.command("run")
 @click.option("--artifact", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--percentiles", default="50,90,99", show_default=True, help="latency percentiles, each in 0..100")
+@click.option("--percentiles", default="50,90,99", show_default=True, help="latency percentiles, each > 0 and <= 100")
 @click.option("--instances", "--instance", "instances", type=int, default=1, show_default=True)
 @click.option("--batch-size", type=int, help="must equal the artifact's static batch (default: that batch)")
 @click.option("--iterations", type=int, default=100, show_default=True)
 @click.option("--queue-size", type=int, default=0, show_default=True,
               help="0 = latency mode (one request in flight per instance); Q > 0 = throughput mode")
-@click.option("--device-ids", default="0", show_default=True, help="comma-separated, e.g. 0,1")
+@click.option("--device-ids", default="0", show_default=True,
+              help="GPUs, comma-separated, e.g. 0,1 (a CPU artifact: 0 only)")
 @click.option("--input", "source", default="random", show_default=True,
               help="random | a dataset: JSONL PATH or a name such as sts12-sample, msmarco-sample for a reranker "
               "(its requests at their real token lengths)")
@@ -74,6 +78,8 @@ def profile_cmd(artifact, iterations, warmup, top, source, threads, trace, json_
     """Time per kernel (ONNX Runtime's profiler, TVM's VM instrument): top kernels and op types, GFLOP/s, trace."""
     from toolkit.perf.profile import ProfileOptions, profile_report, run_profile
 
+    if trace and json_out and Path(trace).resolve() == Path(json_out).resolve():  # the JSON, written last, would win
+        raise ToolkitError(f"--trace and --json both name {json_out}; give the trace and the JSON different files")
     options = ProfileOptions(artifact=artifact, iterations=iterations, warmup=warmup, top=top, input=source,
                              threads=threads, trace=trace).check()
     result = run_profile(options, progress=True)
@@ -165,17 +171,20 @@ def traffic_cmd(data, artifacts, checkpoint, torch_batch, limit, instances, thre
               help="compute threads (per replica with Ray), at most the cores in all (default: the cores)")
 @click.option("--max-wait-ms", type=float, default=Limits.max_wait_ms, show_default=True,
               help="the server's batching wait")
+@click.option("--max-batch-tokens", type=int, default=Limits.max_batch_tokens, show_default=True,
+              help="the server's token budget per batch, at least the set's largest SEQ")
 @click.option("--ray-replicas", type=int, help="also measure Ray Serve with this many replicas")
 @click.option("--repeat", type=int, default=1, show_default=True,
               help="run it all N times and report medians (each served run against the offline runs around it)")
 @click.option("--json", "json_out", type=OutputFile())
-def serve_cmd(artifact, data, limit, clients, instances, threads, max_wait_ms, ray_replicas, repeat, json_out):
+def serve_cmd(artifact, data, limit, clients, instances, threads, max_wait_ms, max_batch_tokens, ray_replicas, repeat,
+              json_out):
     """Served throughput (single-sentence requests) vs the offline Embedder, and latency at half that load."""
     from toolkit.perf.serve_load import ServeLoadOptions, run_serve_load, serve_load_report
 
     options = ServeLoadOptions(artifact=artifact, data=data, limit=limit, clients=clients, instances=instances,
-                               threads=threads, max_wait_ms=max_wait_ms, ray_replicas=ray_replicas,
-                               repeat=repeat).check()
+                               threads=threads, max_wait_ms=max_wait_ms, max_batch_tokens=max_batch_tokens,
+                               ray_replicas=ray_replicas, repeat=repeat).check()
     result = run_serve_load(options)
     click.echo(serve_load_report(result))
     write_json(json_out, result)

@@ -23,7 +23,7 @@ from toolkit.artifact import Manifest
 from toolkit.backends import TorchReference, open_backend
 from toolkit.checkpoint import check_task, read_hf_config, resolve_checkpoint
 from toolkit.errors import ToolkitError, check_int
-from toolkit.perf.run import random_rows
+from toolkit.perf.common import random_rows
 from toolkit.report import format_columns
 from toolkit.tasks import get_task
 from toolkit.text import left_pad

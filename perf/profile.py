@@ -9,9 +9,11 @@ timed apart from the kernels. On CUDA, TVM kernels are timed after a device sync
 times there are launch times.
 
 Only the measured iterations count (warm-up runs are left out). Per kernel (ONNX: graph node; TVM: PrimFunc) and per
-op type (ONNX: the node's op; TVM: the PrimFunc name without its numbers, e.g. `fused_cast_matmul`): calls, time and
-share of the wall time per iteration, and GFLOP/s for matmuls (2*M*N*K from the shapes each call saw). Wall time is
-`backend.run` as the caller sees it; wall minus the kernels' sum is framework overhead.
+op type (ONNX: the node's op; TVM: the PrimFunc name without its shapes and copy numbers, its dtypes kept,
+`tvm_op_type`): calls, time and share of the wall time per iteration, and GFLOP/s for matmuls (2*M*N*K from the
+shapes each call saw). Wall time is `backend.run` as the caller sees it; wall minus the kernels' sum is framework
+overhead. The model's effective GFLOP/s is over the unprofiled wall time, on either backend: the measured runs again
+with the profiler off (ONNX Runtime's stopped, TVM's instrument removed), as the profilers themselves cost time.
 
     result = run_profile(ProfileOptions(artifact="ws/.../onnx/seq128", iterations=10, trace="trace.json"))
 """
@@ -33,8 +35,8 @@ from tqdm.auto import tqdm
 from toolkit.artifact import Manifest
 from toolkit.checkpoint import read_hf_config
 from toolkit.errors import ToolkitError, check_int
+from toolkit.perf.common import make_inputs
 from toolkit.perf.compare import forward_flops
-from toolkit.perf.run import make_inputs
 from toolkit.report import format_columns
 from toolkit.runtime import check_threads
 
@@ -54,7 +56,7 @@ class ProfileOptions:
     - `iterations`: profiled runs; `warmup`: runs first, not counted.
     - `top`: how many kernels (and op types) the report lists; the JSON has them all.
     - `input`: "random" (full-length random ids), or a dataset (JSONL path or name such as `sts12-sample`): its
-      requests for the artifact's task (`run.make_inputs`).
+      requests for the artifact's task (`common.make_inputs`).
     - `threads`: compute threads (default: all cores).
     - `trace`: where to write the Chrome trace (chrome://tracing, Perfetto); None: no trace.
     """
@@ -159,6 +161,18 @@ def tvm_matmul_flops(name: str, inputs: list[tuple], output: tuple) -> int | Non
     return 2 * _prod(output) * ks.pop() if len(ks) == 1 else None
 
 
+# ---- op types --------------------------------------------------------------------------------------------------------
+DTYPE_WORD = re.compile(r"^(?:bf|fp|int|uint|float)\d+(?:x\d+)?$")  # bf16, bf16x3, int8, fp16, float32
+
+
+def tvm_op_type(name: str) -> str:
+    """A PrimFunc's op type: its name's `_`-separated words without their trailing numbers (TVM's copy numbers,
+    `matmul1`, `softmax_2`; our kernels' shapes, `batchx32_64_128`), dtype words kept whole, so that
+    `bf16x3_matmul_batchx32_64_128` and `bf16x3_matmul_batchx32_128_64` are both `bf16x3_matmul_batchx`."""
+    words = (word if DTYPE_WORD.match(word) else word.rstrip("0123456789") for word in name.split("_"))
+    return "_".join(word for word in words if word)
+
+
 # ---- profiling -------------------------------------------------------------------------------------------------------
 class _Kernels:
     """Calls, seconds and FLOPs per kernel over the measured iterations."""
@@ -174,7 +188,8 @@ class _Kernels:
             self.flops[name] = self.flops.get(name, 0) + flops
 
 
-def _profile_onnx(manifest: Manifest, options: ProfileOptions, inputs, bar) -> tuple[_Kernels, list[float], dict]:
+def _profile_onnx(manifest: Manifest, options: ProfileOptions, inputs,
+                  bar) -> tuple[_Kernels, list[float], list[float], dict]:
     """ONNX Runtime with its profiler on: kernels from the trace's node events inside the measured runs."""
     from toolkit.backends import OnnxRuntimeBackend
 
@@ -182,7 +197,8 @@ def _profile_onnx(manifest: Manifest, options: ProfileOptions, inputs, bar) -> t
         backend = OnnxRuntimeBackend(manifest, options.threads, profile_prefix=Path(tmp) / "ort")
         try:
             walls = _run(backend, options, inputs, bar)
-            trace_file = backend.session.end_profiling()
+            trace_file = backend.session.end_profiling()  # which also stops the profiler
+            unprofiled = _unprofiled_walls(backend, options, inputs)
         finally:
             backend.close()
         events = json.loads(Path(trace_file).read_text())
@@ -213,10 +229,11 @@ def _profile_onnx(manifest: Manifest, options: ProfileOptions, inputs, bar) -> t
         kernels.add(e["name"].removesuffix("_kernel_time"), op, e["dur"] / 1e6, flops)
     info = {"profiler": "onnxruntime", "ort_model_run_ms_per_iteration": sum(r["dur"] for r in runs[options.warmup:])
             / 1e3 / options.iterations}
-    return kernels, walls, info
+    return kernels, walls, unprofiled, info
 
 
-def _profile_tvm(manifest: Manifest, options: ProfileOptions, inputs, bar) -> tuple[_Kernels, list[float], dict]:
+def _profile_tvm(manifest: Manifest, options: ProfileOptions, inputs,
+                 bar) -> tuple[_Kernels, list[float], list[float], dict]:
     """The Relax VM with an instrument timing every call it makes; PrimFuncs are the kernels."""
     from toolkit.tvm_backend import TvmBackend
 
@@ -245,7 +262,7 @@ def _profile_tvm(manifest: Manifest, options: ProfileOptions, inputs, bar) -> tu
             shapes = [tuple(int(d) for d in a.shape) for a in args if hasattr(a, "shape")]
             is_matmul = "matmul" in name or BF16_ATTENTION.match(name)
             flops = tvm_matmul_flops(name, shapes[:-1], shapes[-1]) if is_matmul and shapes else None
-            kernels.add(name, re.sub(r"\d+", "", name), end - start, flops)
+            kernels.add(name, tvm_op_type(name), end - start, flops)
             category = "kernel"
         if options.trace:
             trace_events.append({"name": name, "cat": category, "ph": "X", "pid": 0, "tid": 0,
@@ -260,8 +277,7 @@ def _profile_tvm(manifest: Manifest, options: ProfileOptions, inputs, bar) -> tu
         walls = _run(backend, options, inputs, bar, on_measured, trace_events if options.trace else None,
                      lambda: state["origin"])
         backend.vm.set_instrument(None)
-        # the same runs without the instrument: what the callbacks themselves cost
-        unprofiled = [_timed(backend, inputs[i % len(inputs)]) for i in range(options.iterations)]
+        unprofiled = _unprofiled_walls(backend, options, inputs)
     finally:
         backend.vm.set_instrument(None)
         backend.close()
@@ -269,15 +285,19 @@ def _profile_tvm(manifest: Manifest, options: ProfileOptions, inputs, bar) -> tu
         Path(options.trace).parent.mkdir(parents=True, exist_ok=True)
         Path(options.trace).write_text(json.dumps({"traceEvents": trace_events, "displayTimeUnit": "ms"}))
     info = {"profiler": "tvm-vm-instrument",
-            "vm_builtin_ms_per_iteration": builtin_seconds[0] * 1e3 / options.iterations,
-            "unprofiled_wall_ms_per_iteration": sum(unprofiled) * 1e3 / options.iterations}
-    return kernels, walls, info
+            "vm_builtin_ms_per_iteration": builtin_seconds[0] * 1e3 / options.iterations}
+    return kernels, walls, unprofiled, info
 
 
 def _timed(backend, batch) -> float:
     t0 = time.perf_counter()
     backend.run(*batch)
     return time.perf_counter() - t0
+
+
+def _unprofiled_walls(backend, options: ProfileOptions, inputs) -> list[float]:
+    """The measured runs again, the profiler off: each one's wall seconds."""
+    return [_timed(backend, inputs[i % len(inputs)]) for i in range(options.iterations)]
 
 
 def _run(backend, options: ProfileOptions, inputs, bar, on_measured=None, trace_events=None, origin=None) -> list:
@@ -314,15 +334,16 @@ def run_profile(options: ProfileOptions, progress: bool = True) -> dict:
     """Profile one artifact as `options` says; returns the result dict (`profile_report` prints it).
 
     `kernels` (every kernel, slowest first) and `op_types` each carry `calls_per_iteration`, `ms_per_iteration`,
-    `share` (of the wall time per iteration), `gflop_per_iteration` and `gflops` (None where not a matmul)."""
+    `share` (of the wall time per iteration), `gflop_per_iteration` and `gflops` (None where not a matmul).
+    `model_gflops` is over the time `model_gflops_time` names: the unprofiled wall time, on either backend."""
     options.check()
     manifest = load_artifact(options.artifact)
     inputs = make_inputs(manifest, options.input, min(options.warmup + options.iterations, 64))
     profile = _profile_tvm if manifest.backend == "tvm" else _profile_onnx
     with tqdm(total=options.warmup + options.iterations, desc="profile", disable=not progress, leave=False) as bar:
-        kernels, walls, info = profile(manifest, options, inputs, bar)
+        kernels, walls, unprofiled, info = profile(manifest, options, inputs, bar)
     n = options.iterations
-    wall_ms = sum(walls) * 1e3 / n
+    wall_ms, unprofiled_ms = sum(walls) * 1e3 / n, sum(unprofiled) * 1e3 / n
 
     def row(seconds: float, calls: int, flops: int | None) -> dict:
         ms = seconds * 1e3 / n
@@ -353,9 +374,10 @@ def run_profile(options: ProfileOptions, progress: bool = True) -> dict:
         "threads": options.threads, **info,
         "wall_ms_per_iteration": wall_ms, "wall_ms_min": min(walls) * 1e3,
         "kernel_ms_per_iteration": kernel_ms, "overhead_ms_per_iteration": wall_ms - kernel_ms,
-        # the model's rate at its real speed: TVM's runs without the instrument (its callbacks cost time)
-        "model_gflop": gflop, "model_gflops": None if gflop is None else
-        gflop / (info.get("unprofiled_wall_ms_per_iteration", wall_ms) / 1e3),
+        "unprofiled_wall_ms_per_iteration": unprofiled_ms,
+        # the model's rate at its real speed, on either backend: the profilers cost time
+        "model_gflop": gflop, "model_gflops": None if gflop is None else gflop / (unprofiled_ms / 1e3),
+        "model_gflops_time": "unprofiled_wall_ms_per_iteration",
         "matmul_gflop_per_iteration": matmul_gflop,
         "top": options.top, "trace": str(options.trace) if options.trace else None,
         "op_types": op_rows, "kernels": rows,
@@ -396,13 +418,15 @@ def profile_report(result: dict) -> str:
              f"wall {wall:.3f} ms per iteration (min {result['wall_ms_min']:.3f}); kernels {kern:.3f} ms "
              f"({100 * kern / wall:.1f}%), framework overhead {wall - kern:.3f} ms ({100 * (wall - kern) / wall:.1f}%)"]
     if "vm_builtin_ms_per_iteration" in result:
-        unprofiled = result["unprofiled_wall_ms_per_iteration"]
         lines.append(f"the overhead holds the VM's builtins (allocation, reshapes, checks: "
-                     f"{result['vm_builtin_ms_per_iteration']:.3f} ms) and the instrument's callbacks: the same runs "
-                     f"without it take {unprofiled:.3f} ms per iteration ({wall - unprofiled:.3f} ms less)")
+                     f"{result['vm_builtin_ms_per_iteration']:.3f} ms) and the instrument's callbacks")
+    unprofiled = result["unprofiled_wall_ms_per_iteration"]
+    lines.append(f"unprofiled wall {unprofiled:.3f} ms per iteration: the same runs with the profiler off "
+                 f"({wall - unprofiled:.3f} ms less)")
     if result["model_gflop"] is not None:
         lines.append(f"model {result['model_gflop']:.3g} GFLOP per forward (matmul kernels: "
-                     f"{result['matmul_gflop_per_iteration']:.3g}): {result['model_gflops']:.1f} GFLOP/s effective")
+                     f"{result['matmul_gflop_per_iteration']:.3g}): {result['model_gflops']:.1f} GFLOP/s effective, "
+                     "over the unprofiled wall time")
     else:
         lines.append(f"matmul kernels: {result['matmul_gflop_per_iteration']:.3g} GFLOP per iteration (the model's "
                      "FLOP count needs the checkpoint it was built from, which is not here)")

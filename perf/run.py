@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -21,23 +20,11 @@ from typing import ClassVar
 import numpy as np
 from tqdm.auto import tqdm
 
-from toolkit.api import token_rows
 from toolkit.artifact import Manifest
-from toolkit.checkpoint import load_tokenizer
 from toolkit.errors import ToolkitError, check_int, is_integer
-from toolkit.eval.datasets import load_dataset
+from toolkit.perf.common import make_inputs
 from toolkit.report import format_columns
-from toolkit.runtime import AUTO_INSTANCES, Engine
-from toolkit.tasks import PromptLayout, Task, get_task
-from toolkit.text import left_pad
-from toolkit.tokenizer import ENDOFTEXT_ID
-
-
-# ---- option checks shared by the perf commands (run, compare, profile, buckets, traffic, serve) ----------------------
-def check_instances(value) -> None:
-    """Raise ToolkitError naming `--instances` unless `value` is a count >= 1 or "auto"."""
-    if value != AUTO_INSTANCES:
-        check_int(value, "--instances", 1)
+from toolkit.runtime import Engine
 
 
 @dataclass(frozen=True)
@@ -49,10 +36,10 @@ class PerfRunOptions:
     - `batch_size`: must equal the artifact's static batch (None: that batch).
     - `iterations`: measured batches; `warmup`: batches per instance run first, not measured.
     - `queue_size`: 0 = latency mode, Q > 0 = throughput mode with a queue of Q waiting batches.
-    - `percentiles`: latency percentiles to report, each in [0, 100].
-    - `device_ids`: devices the instances go round-robin over (non-negative integers).
+    - `percentiles`: latency percentiles to report, each in (0, 100] (the minimum is reported anyway).
+    - `device_ids`: GPUs the instances go round-robin over (non-negative integers; a CPU artifact takes only (0,)).
     - `source`: "random" (full-length random ids), or a dataset (JSONL path or name such as `sts12-sample`) whose
-      requests for the artifact's task are used, at their real token lengths (`make_inputs`).
+      requests for the artifact's task are used, at their real token lengths (`common.make_inputs`).
     """
 
     FLAGS: ClassVar[dict] = {"instances": "--instances", "batch_size": "--batch-size", "iterations": "--iterations",
@@ -91,21 +78,18 @@ class PerfRunOptions:
         return "latency" if self.queue_size == 0 else "throughput"
 
 
-def median(values) -> float:
-    """The median of an iterable of numbers."""
-    return float(np.median(list(values)))
-
-
 def check_percentiles(percentiles, flag: str = "--percentiles") -> None:
-    """Raise ToolkitError unless `percentiles` is a non-empty sequence of numbers in [0, 100]."""
+    """Raise ToolkitError unless `percentiles` is a non-empty sequence of numbers in (0, 100]: p0 would repeat the
+    minimum, which the report has already."""
     if isinstance(percentiles, (str, bytes)) or not isinstance(percentiles, (tuple, list)) or not percentiles:
-        raise ToolkitError(f"{flag} must be a non-empty list of numbers in 0..100 such as 50,90,99, "
+        raise ToolkitError(f"{flag} must be a non-empty list of numbers > 0 and <= 100 such as 50,90,99, "
                            f"got {percentiles!r}")
     for p in percentiles:
         if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)) or not math.isfinite(p) \
-                or not 0 <= p <= 100:
+                or not 0 < p <= 100:
             shown = f"{p:g}" if isinstance(p, (int, float, np.integer, np.floating)) else repr(p)
-            raise ToolkitError(f"{flag}: each percentile must be a number in 0..100, got {shown}")
+            raise ToolkitError(f"{flag}: each percentile must be a number > 0 and <= 100 (the minimum is reported "
+                               f"anyway), got {shown}")
 
 
 def check_device_ids(device_ids, flag: str = "--device-ids") -> None:
@@ -113,53 +97,6 @@ def check_device_ids(device_ids, flag: str = "--device-ids") -> None:
     if isinstance(device_ids, (str, bytes)) or not isinstance(device_ids, (tuple, list)) or not device_ids \
             or not all(is_integer(d) and d >= 0 for d in device_ids):
         raise ToolkitError(f"{flag} must be a non-empty list of device numbers such as 0 or 0,1, got {device_ids!r}")
-
-
-# ---- inputs ----------------------------------------------------------------------------------------------------------
-def dataset_requests(task: Task, name_or_path: str | Path, limit: int | None = None) -> list:
-    """The first `limit` requests `task` serves from an evaluation dataset (a JSONL path, or a name the eval loaders
-    know such as `sts12-sample`): `Task.traffic`, texts to embed or (query, passage) pairs. Read with the evaluation
-    loaders, so malformed rows get the same line-numbered errors and data of a kind the task cannot use is refused
-    as the eval refuses it."""
-    _, _, examples = load_dataset(str(name_or_path), limit, task=task)  # each example holds at least one request
-    return task.traffic(examples)[:limit]
-
-
-def artifact_layout(manifest: Manifest, tokenizer) -> PromptLayout:
-    """The prompt layout of the artifact's inputs, what every input starts with as its prefix (a reranker's chat
-    prefix, then the instruction the set was compiled for, if any: what its graph caches)."""
-    task = get_task(manifest.task)
-    return PromptLayout(task.prompt_start(tokenizer, manifest.instruction), task.prompt(tokenizer).suffix)
-
-
-def random_rows(manifest: Manifest, count: int, rng: np.random.Generator) -> list[list[int]]:
-    """`count` rows of the artifact's full SEQ in its inputs' layout (`artifact_layout`): the prefix, random ordinary
-    tokens, the suffix."""
-    layout = artifact_layout(manifest, load_tokenizer(manifest.path / "tokenizer"))
-    body = manifest.seq_len - layout.fixed
-    # ids below <|endoftext|> are ordinary vocabulary tokens (the special ones start there)
-    return [layout.prefix + rng.integers(0, ENDOFTEXT_ID, body).tolist() + layout.suffix for _ in range(count)]
-
-
-def make_inputs(manifest: Manifest, source: str, count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`count` left-padded `(input_ids, attention_mask)` batches of the artifact's shape: random full-length ids, or
-    the requests a dataset holds for the artifact's task, framed as the API frames them (`Task.body` with the
-    artifact's instruction in the task's prompt, cut to fit)."""
-    batch, seq = manifest.batch, manifest.seq_len
-    if source == "random":
-        rows = random_rows(manifest, batch * count, np.random.default_rng(seed))
-    else:
-        task = get_task(manifest.task)
-        requests = dataset_requests(task, source, limit=batch * count)
-        tokenizer = load_tokenizer(manifest.path / "tokenizer")
-        # with the artifact's instruction, a body starts with its head (`Task.body`): every row then starts with
-        # the prefix the artifact caches (`artifact_layout`)
-        bodies = [task.body(r, manifest.instruction) for r in requests]
-        with warnings.catch_warnings():  # cutting long inputs to the artifact's SEQ is the point here
-            warnings.simplefilter("ignore")
-            rows = token_rows(task.prompt(tokenizer), tokenizer, bodies, seq, "truncate")
-        rows = [rows[i % len(rows)] for i in range(batch * count)]
-    return [left_pad(rows[i:i + batch], seq, ENDOFTEXT_ID, batch) for i in range(0, len(rows), batch)]
 
 
 # ---- the benchmark ---------------------------------------------------------------------------------------------------

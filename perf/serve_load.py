@@ -37,14 +37,16 @@ import aiohttp
 import numpy as np
 import orjson
 
-from toolkit.api import Embedder
+from toolkit.api import Embedder, check_set
 from toolkit.buckets import token_lengths
 from toolkit.errors import ToolkitError, check_int
 from toolkit.eval.datasets import load_dataset
-from toolkit.perf.run import check_instances, median
+from toolkit.perf.common import check_instances, median
 from toolkit.perf.traffic import warmup_subset
 from toolkit.report import format_columns
 from toolkit.runtime import AUTO_INSTANCES, check_threads, set_cpu_threads
+from toolkit.scheduler import check_max_batch_tokens, check_max_wait_ms
+from toolkit.serve.service import Limits
 from toolkit.tasks import EMBEDDING
 
 REQUEST_TIMEOUT_S = 600  # per request: at saturation a request waits for `clients` others on a slow model
@@ -55,8 +57,9 @@ STARTUP_TIMEOUT_S = 900  # loading a bucket set of a large model (and starting R
 class ServeLoadOptions:
     """What `perf serve` measures. `artifact`: an embedding bucket set; `data`: an evaluation JSONL path or name whose
     sentences are the requests; `limit`: the first N sentences; `clients`: concurrent connections at saturation;
-    `instances` / `threads` / `max_wait_ms`: the server's (and the offline run's) engine settings; `ray_replicas`:
-    also measure Ray Serve with that many replicas; `repeat`: times to run it all (the figures are medians)."""
+    `instances` / `threads`: the server's (and the offline run's) engine settings; `max_wait_ms` / `max_batch_tokens`:
+    the server's batching; `ray_replicas`: also measure Ray Serve with that many replicas; `repeat`: times to run it
+    all (the figures are medians)."""
 
     artifact: str | Path
     data: str = "sts12"
@@ -64,12 +67,14 @@ class ServeLoadOptions:
     clients: int = 64
     instances: int | str = AUTO_INSTANCES
     threads: int | None = None
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = Limits.max_wait_ms
+    max_batch_tokens: int = Limits.max_batch_tokens
     ray_replicas: int | None = None
     repeat: int = 1
 
     def check(self) -> "ServeLoadOptions":
-        """Raise ToolkitError (naming the option) for the first invalid field; return self."""
+        """Raise ToolkitError (naming the option) for the first invalid field; return self. (`max_batch_tokens`
+        against the set's largest SEQ: `run_serve_load`, which reads the set.)"""
         if self.limit is not None:
             check_int(self.limit, "--limit", 1)
         check_int(self.clients, "--clients", 1)
@@ -78,9 +83,7 @@ class ServeLoadOptions:
         if self.ray_replicas is not None:
             check_int(self.ray_replicas, "--ray-replicas", 1)
         check_threads(self.threads, self.ray_replicas or 1, "--ray-replicas")
-        if isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float)) \
-                or not self.max_wait_ms >= 0:
-            raise ToolkitError(f"--max-wait-ms must be a number >= 0, got {self.max_wait_ms!r}")
+        check_max_wait_ms(self.max_wait_ms, "--max-wait-ms")  # the server's own checks, before the offline run
         return self
 
 
@@ -217,8 +220,11 @@ def run_serve_load(options: ServeLoadOptions, progress: bool = True) -> dict:
     """Offline, then served (and on Ray Serve), `repeat` times; returns the result dict (`serve_load_report` prints
     it): medians, and every repeat under `repeats`."""
     options.check()
+    manifests = check_set(options.artifact, EMBEDDING, lambda found: "perf serve measures an embedding set")
+    check_max_batch_tokens(options.max_batch_tokens, manifests[-1].seq_len, "--max-batch-tokens")
     texts = EMBEDDING.traffic(load_dataset(options.data)[2])[: options.limit]
-    args = ["--embedding", options.artifact, "--max-wait-ms", options.max_wait_ms, "--instances", options.instances]
+    args = ["--embedding", options.artifact, "--max-wait-ms", options.max_wait_ms, "--max-batch-tokens",
+            options.max_batch_tokens, "--instances", options.instances]
     args += ["--threads", options.threads] if options.threads else []
     modes = [("uvicorn", args, 1)]
     if options.ray_replicas:

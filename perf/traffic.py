@@ -28,8 +28,8 @@ from toolkit.errors import ToolkitError, check_int
 from toolkit.eval.datasets import load_dataset
 from toolkit.eval.run import checkpoint_hint
 from toolkit.memory import resident_mb, return_freed_memory
+from toolkit.perf.common import check_instances, median
 from toolkit.perf.compare import forward_flops, matmul_peak_gflops
-from toolkit.perf.run import check_instances, median
 from toolkit.report import format_columns
 from toolkit.runner import RunnerStats
 from toolkit.runtime import check_threads, set_cpu_threads

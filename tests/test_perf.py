@@ -66,7 +66,7 @@ def test_perf_inputs_from_a_dataset_are_the_tasks_requests(onnx_artifacts):
     from toolkit.artifact import Manifest
     from toolkit.checkpoint import load_tokenizer
     from toolkit.eval.datasets import load_dataset
-    from toolkit.perf.run import make_inputs
+    from toolkit.perf.common import make_inputs
 
     manifest = Manifest.load(onnx_artifacts["reranker"][1])
     tokenizer = load_tokenizer(manifest.path / "tokenizer")
@@ -102,9 +102,14 @@ BAD_RUN_OPTIONS = [
     (["--percentiles", "50,-1"], "--percentiles"),
     (["--percentiles", "a,b"], "--percentiles"),
     (["--percentiles", ""], "--percentiles"),
+    (["--percentiles", "50,,99"], "--percentiles must be a comma-separated list of numbers such as 50,90,99, got "
+                                  "'50,,99'"),
+    (["--percentiles", "50,99,"], "--percentiles must be a comma-separated list of numbers"),
+    (["--percentiles", "0,50"], "--percentiles: each percentile must be a number > 0 and <= 100"),
     (["--device-ids", ""], "--device-ids"),
     (["--device-ids", ","], "--device-ids"),
     (["--device-ids", "x"], "--device-ids"),
+    (["--device-ids", "0,,1"], "--device-ids must be a comma-separated list of integers"),
     (["--device-ids", "0,-1"], "--device-ids"),
     (["--batch-size", "0"], "--batch-size"),
     (["--batch-size", "4"], "compiled for batch 2"),
@@ -125,13 +130,26 @@ def test_perf_run_refuses_bad_options_before_running(onnx_artifacts, monkeypatch
     assert message in r.output and "error:" in r.output and "Traceback" not in r.output
 
 
+def test_perf_run_refuses_device_ids_on_a_cpu_artifact(onnx_artifacts, monkeypatch):
+    """They pick GPUs: on a CPU artifact they were accepted and ignored."""
+    import toolkit.runtime
+
+    monkeypatch.setattr(toolkit.runtime, "open_backend", lambda *a, **kw: pytest.fail("a backend was opened"))
+    r = invoke("run", "--artifact", onnx_artifacts["embedding"][0], "--iterations", 2, "--device-ids", "0,1")
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert lines[0] == "error: device ids [0, 1] pick GPUs, and this is a CPU artifact: CPU artifacts use " \
+        "--threads/--instances; leave --device-ids (device_ids) at its default, 0"
+
+
 def test_perf_run_options_check_without_the_cli(onnx_artifacts):
     from toolkit.perf.run import PerfRunOptions, run_perf
 
     good = PerfRunOptions(artifact=onnx_artifacts["embedding"][0])
     assert good.check() is good and good.mode == "latency"
-    for bad in (dict(percentiles=(101,)), dict(percentiles=(float("nan"),)), dict(device_ids=()),
-                dict(device_ids=(True,)), dict(iterations=1.5), dict(queue_size=-1), dict(instances=True)):
+    for bad in (dict(percentiles=(101,)), dict(percentiles=(0,)), dict(percentiles=(float("nan"),)),
+                dict(device_ids=()), dict(device_ids=(True,)), dict(iterations=1.5), dict(queue_size=-1),
+                dict(instances=True)):
         with pytest.raises(ToolkitError):
             run_perf(PerfRunOptions(artifact=onnx_artifacts["embedding"][0], **bad))
 
@@ -245,6 +263,7 @@ def test_perf_profile_times_kernels_and_counts_matmul_flops(onnx_artifacts, tvm_
                                                              backend):
     from toolkit.checkpoint import read_hf_config
     from toolkit.perf.compare import forward_flops
+    from toolkit.perf.profile import tvm_op_type
 
     artifact = onnx_artifacts["embedding"][1] if backend == "onnx" else tvm_artifacts["embedding"][0]
     out, trace = tmp_path / "profile.json", tmp_path / "trace.json"
@@ -285,7 +304,13 @@ def test_perf_profile_times_kernels_and_counts_matmul_flops(onnx_artifacts, tvm_
     assert result["matmul_gflop_per_iteration"] * 1e9 == pytest.approx(
         forward_flops(config, seq, batch) - left_out, rel=1e-9)
     assert result["model_gflop"] * 1e9 == pytest.approx(forward_flops(config, seq, batch), rel=1e-9)
-    assert result["model_gflops"] > 0
+    # both backends' effective rate over the same time, the one named: ONNX Runtime's was over its profiled runs
+    assert result["model_gflops_time"] == "unprofiled_wall_ms_per_iteration"
+    assert result["model_gflops"] == pytest.approx(result["model_gflop"] / result["unprofiled_wall_ms_per_iteration"]
+                                                   * 1e3)
+    assert "GFLOP/s effective, over the unprofiled wall time" in r.output
+    if backend == "tvm":
+        assert all(k["op_type"] == tvm_op_type(k["name"]) for k in kernels)
 
     events = json.loads(trace.read_text())
     events = events["traceEvents"] if isinstance(events, dict) else events  # TVM: an object; ONNX Runtime: a list
@@ -325,6 +350,26 @@ def test_perf_profile_matmul_flops_from_shapes():
                             (3, 8, 56, 128)) == 2 * 3 * 8 * 56 * 128 * 28
 
 
+def test_perf_profile_tvm_op_types_keep_dtypes_and_group_numbered_copies():
+    """All digits were stripped: bf16x3 kernels showed as `bfx_matmul_batchx__`."""
+    from toolkit.perf.profile import tvm_op_type
+
+    cases = {
+        "bf16x3_matmul_batchx32_64_128": "bf16x3_matmul_batchx",
+        "bf16x3_matmul_batchx32_128_64_residual": "bf16x3_matmul_batchx_residual",
+        "bf16x3_matmul_batchx32_64_64_residual": "bf16x3_matmul_batchx_residual",
+        "int8_matmul_amx_batchx12_96_128": "int8_matmul_amx_batchx",
+        "bf16_attention_scores_batch_8_56_28": "bf16_attention_scores_batch",
+        "fused_reshape4_transpose2_reshape5_reshape_bf16x3_planes_batchx32_64":
+            "fused_reshape_transpose_reshape_reshape_bf16x3_planes_batchx",
+        "rms_norm_rope_batch_2_32_16_of_128_from_64": "rms_norm_rope_batch_of_from",
+        "fused_matmul2_multiply1_add2": "fused_matmul_multiply_add",
+        "matmul1": "matmul", "matmul": "matmul", "softmax_1": "softmax", "softmax_2": "softmax",
+        "fused_cast_fp16_1": "fused_cast_fp16",
+    }
+    assert {name: tvm_op_type(name) for name in cases} == cases
+
+
 def test_perf_profile_refuses_bad_input_in_one_line(onnx_artifacts, tmp_path):
     seq32 = onnx_artifacts["embedding"][0]
     cases = [
@@ -341,6 +386,20 @@ def test_perf_profile_refuses_bad_input_in_one_line(onnx_artifacts, tmp_path):
         assert r.exit_code == 2, r.output
         lines = r.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.output
+
+
+def test_perf_profile_refuses_one_file_for_both_the_trace_and_the_json(onnx_artifacts, tmp_path, monkeypatch):
+    """The JSON, written last, overwrote the trace: refused before anything is profiled."""
+    import toolkit.perf.profile
+
+    monkeypatch.setattr(toolkit.perf.profile, "run_profile", lambda *a, **kw: pytest.fail("profiled anyway"))
+    monkeypatch.chdir(tmp_path)
+    r = invoke("profile", "--artifact", onnx_artifacts["embedding"][0], "--trace", "out.json", "--json",
+               tmp_path / "out.json")
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1, r.output
+    assert lines[0] == f"error: --trace and --json both name {tmp_path / 'out.json'}; give the trace and the JSON " \
+        "different files"
 
 
 def test_perf_profile_refuses_a_corrupt_artifact_in_one_line(onnx_artifacts, tmp_path):
@@ -464,6 +523,23 @@ def test_perf_commands_refuse_more_threads_than_cores_in_one_line(onnx_artifacts
         assert message in lines[0] and ("pass --threads" in lines[0] or "pass --ray-replicas" in lines[0]), r.output
 
 
+def test_perf_serve_refuses_what_its_server_would_before_the_offline_run(onnx_artifacts, monkeypatch):
+    """The server's batching limits were checked only by the server, started after the offline run."""
+    import toolkit.perf.serve_load
+
+    monkeypatch.setattr(toolkit.perf.serve_load, "in_child", lambda *a, **kw: pytest.fail("the offline run ran"))
+    embedding_set = onnx_artifacts["embedding"][0].parent  # SEQ 32 and 64
+    cases = [
+        (["--max-wait-ms", 70000], "--max-wait-ms must be a number of milliseconds in 0..60000, got 70000.0"),
+        (["--max-batch-tokens", 32], "--max-batch-tokens must be an integer >= the max input length 64, got 32; "
+                                     "raise it to at least 64"),
+    ]
+    for args, message in cases:
+        r = invoke("serve", "--artifact", embedding_set, "--data", "sts12-sample", *args)
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 2 and lines == [f"error: {message}"], r.output
+
+
 def test_perf_traffic_names_the_checkpoint_a_set_was_built_from_when_torch_ran_another(onnx_artifacts, tmp_path):
     """As `toolkit eval` does: a set off its dtype's tolerance of torch gets a warning line with the likely cause."""
     from toolkit.artifact import Manifest
@@ -564,8 +640,8 @@ def table_results():
     profile = {"top": 15, "backend": "onnx", "dtype": "fp16", "task": "embedding", "batch": 2, "seq_len": 32,
                "iterations": 2, "warmup": 1, "input": "random", "profiler": "onnxruntime", "op_types": ops,
                "kernels": ops, "wall_ms_per_iteration": 1300.0, "wall_ms_min": 1250.0,
-               "kernel_ms_per_iteration": 1234.75, "model_gflop": None, "matmul_gflop_per_iteration": 0.01,
-               "trace": None}
+               "kernel_ms_per_iteration": 1234.75, "unprofiled_wall_ms_per_iteration": 1234.8, "model_gflop": None,
+               "matmul_gflop_per_iteration": 0.01, "trace": None}
     buckets = {"texts": 10, "data": "sts12-sample", "token_lengths": {"mean": 14.5, "max": 41}, "speedup": 2.0,
                "min_cosine_fixed_vs_buckets": 1.0,
                "fixed": {"seq_lens": [64], "rows_per_bucket": {64: 10}, "seconds": 1234.5, "texts_per_s": 0.5,

@@ -12,7 +12,7 @@ from toolkit.artifact import Manifest, find_artifacts
 from toolkit.backends import Backend
 from toolkit.checkpoint import load_tokenizer
 from toolkit.errors import ToolkitError
-from toolkit.runtime import CPU_BUDGET, Engine, EngineClosedError, QueueFullError
+from toolkit.runtime import CPU_BUDGET, Engine, EngineClosedError, QueueFullError, check_engine_options
 from toolkit.tasks import EMBEDDING, RERANK_PREFIX, RERANK_SUFFIX, SIMILARITY_INSTRUCTION
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
@@ -308,6 +308,18 @@ def test_bad_inputs_are_one_line_errors(onnx_artifacts):
             Embedder.from_artifacts(onnx_artifacts["embedding"][0], **kwargs)
         with pytest.raises(ToolkitError, match="must be"):
             Engine.from_artifact(onnx_artifacts["embedding"][0], **kwargs)
+
+
+def test_device_ids_other_than_the_default_are_refused_for_a_cpu_artifact(onnx_artifacts, monkeypatch):
+    """They pick GPUs: a CPU artifact accepted and ignored them. Refused before the artifact's files are hashed."""
+    message = r"^device ids \[1\] pick GPUs, and this is a CPU artifact: CPU artifacts use --threads/--instances"
+    with pytest.raises(ToolkitError, match=message):
+        Embedder.from_artifacts(onnx_artifacts["embedding"][0].parent, device_ids=1)
+    monkeypatch.setattr(Manifest, "verify", lambda *a, **kw: pytest.fail("the artifact's files were hashed"))
+    with pytest.raises(ToolkitError, match=message):
+        Engine.from_artifact(onnx_artifacts["embedding"][0], device_ids=[1])
+    assert check_engine_options(1, [np.int64(0)], 4, "cpu") == (1, (0,), 4)
+    assert check_engine_options(1, (0, 1), 4, "cuda") == (1, (0, 1), 4)
 
 
 def test_huge_text_is_cut_before_tokenizing(onnx_artifacts):

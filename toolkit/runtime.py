@@ -113,9 +113,11 @@ def resolve_instances(instances: int | str, manifest: Manifest) -> int:
     return CPU_BUDGET.threads if single_thread else 1
 
 
-def check_engine_options(instances, device_ids, queue_size) -> tuple[int | str, tuple[int, ...], int]:
+def check_engine_options(instances, device_ids, queue_size,
+                         device: str | None = None) -> tuple[int | str, tuple[int, ...], int]:
     """One-line errors for engine options a user can get wrong; the options as ints, `device_ids` as a tuple (one
-    number is one device, as `--device-ids 0` is)."""
+    number is one device, as `--device-ids 0` is). `device`: the artifact's target device where known; a CPU artifact
+    takes no device ids but the default, which pick GPUs."""
     if instances != AUTO_INSTANCES and (not is_integer(instances) or instances < 1):
         raise ToolkitError(f"instances must be an integer >= 1 or {AUTO_INSTANCES!r}, got {instances!r}")
     check_int(queue_size, "queue_size", 1)
@@ -123,7 +125,11 @@ def check_engine_options(instances, device_ids, queue_size) -> tuple[int | str, 
     if not isinstance(devices, (list, tuple)) or not devices or any(not is_integer(d) or d < 0 for d in devices):
         raise ToolkitError(f"device_ids must be a device number or a non-empty list of them, like 0 or [0, 1], got "
                            f"{device_ids!r}")
-    return (instances if instances == AUTO_INSTANCES else int(instances)), tuple(map(int, devices)), int(queue_size)
+    devices = tuple(map(int, devices))
+    if device == "cpu" and devices != (0,):
+        raise ToolkitError(f"device ids {list(devices)} pick GPUs, and this is a CPU artifact: CPU artifacts use "
+                           "--threads/--instances; leave --device-ids (device_ids) at its default, 0")
+    return (instances if instances == AUTO_INSTANCES else int(instances)), devices, int(queue_size)
 
 
 class Engine:
@@ -158,9 +164,11 @@ class Engine:
                       device_ids: tuple[int, ...] = (0,), queue_size: int = 64, threads: int | None = None) -> "Engine":
         """An engine over one artifact (a directory, or its manifest); files are hash-checked once here. `instances`:
         a count, or "auto" (`resolve_instances`)."""
-        instances, device_ids, queue_size = check_engine_options(instances, device_ids, queue_size)
         directory = artifact.path if isinstance(artifact, Manifest) else artifact
-        manifest = Manifest.load(directory, verify=True).require_deployable()
+        manifest = Manifest.load(directory, verify=False)  # its target device, before its files are hashed
+        instances, device_ids, queue_size = check_engine_options(instances, device_ids, queue_size,
+                                                                 manifest.target.device)
+        manifest = manifest.verify().require_deployable()
         instances = resolve_instances(instances, manifest)
         threads = threads or threads_per_instance(instances)
         return cls(lambda i, dev: open_backend(manifest, threads, dev), instances, device_ids, queue_size, threads,
