@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from toolkit.cli_base import INSTANCES, OutputFile, ToolkitGroup, fp16_load_option
+from toolkit.cli_base import INSTANCES, OutputFile, ToolkitGroup
 from toolkit.errors import ToolkitError
 from toolkit.report import write_json
 from toolkit.serve.service import Limits
@@ -139,21 +139,18 @@ def compare_cmd(checkpoint, artifacts, iterations, warmup, no_torch, interleave,
               help="engine instances per bucket (auto: as `toolkit serve`)")
 @click.option("--threads", type=int,
               help="compute threads for the whole process, at most the cores (default: all cores)")
-@fp16_load_option
 @click.option("--rounds", type=int, default=1, show_default=True,
               help="run everything N times, the order reversed each round; medians, ratios within each round")
 @click.option("--instruction", help="every request's: embedding texts as queries with it, reranker pairs with it "
               "(default: the one a set was compiled for; else texts bare, pairs with web search)")
 @click.option("--json", "json_out", type=OutputFile())
-def traffic_cmd(data, artifacts, checkpoint, torch_batch, limit, instances, threads, fp16_load, rounds, instruction,
-                json_out):
+def traffic_cmd(data, artifacts, checkpoint, torch_batch, limit, instances, threads, rounds, instruction, json_out):
     """Real requests through torch eager and artifact sets: throughput, padding, GFLOP/s vs peak, agreement."""
     from toolkit.perf.traffic import TrafficOptions, run_traffic, traffic_report
 
     options = TrafficOptions(data=data, artifacts=tuple(artifacts), checkpoint=checkpoint,
                              torch_batches=number_list(torch_batch, "--torch-batch", int), limit=limit,
-                             instances=instances, threads=threads, fp16_load=fp16_load, rounds=rounds,
-                             instruction=instruction).check()
+                             instances=instances, threads=threads, rounds=rounds, instruction=instruction).check()
     result = run_traffic(options)
     click.echo(traffic_report(result))
     write_json(json_out, result)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from toolkit.api import model_class
 from toolkit.artifact import find_artifacts
-from toolkit.backends import DEFAULT_FP16_LOAD, set_fp16_load
 from toolkit.buckets import token_lengths
 from toolkit.checkpoint import read_hf_config, resolve_checkpoint
 from toolkit.errors import ToolkitError, check_int
@@ -43,10 +42,9 @@ class TrafficOptions:
     """What `perf traffic` replays. `data`: an evaluation JSONL path or name; `artifacts`: artifact-set directories
     (same task); `checkpoint`: the torch reference (default: the one the first artifact was built from);
     `torch_batches`: torch eager's dynamic batch sizes; `limit`: the first N requests; `instances`: engine instances
-    per artifact; `threads`: the process's compute-thread budget (default: all cores); `fp16_load`: how ONNX
-    Runtime loads fp16 artifacts (`backends.set_fp16_load`); `rounds`: times every run goes (the figures are
-    medians); `instruction`: every request's (embedding: the texts as queries with it; reranker: instead of web
-    search), by default the one a set was compiled for, if any."""
+    per artifact; `threads`: the process's compute-thread budget (default: all cores); `rounds`: times every run
+    goes (the figures are medians); `instruction`: every request's (embedding: the texts as queries with it;
+    reranker: instead of web search), by default the one a set was compiled for, if any."""
 
     data: str
     artifacts: tuple[str | Path, ...] = ()
@@ -55,7 +53,6 @@ class TrafficOptions:
     limit: int | None = 256
     instances: int | str = 1
     threads: int | None = None
-    fp16_load: str = DEFAULT_FP16_LOAD
     rounds: int = 1
     instruction: str | None = None
 
@@ -78,7 +75,6 @@ def run_traffic(options: TrafficOptions, progress: bool = True) -> dict:
     options.check()
     if options.threads:
         set_cpu_threads(options.threads)
-    set_fp16_load(options.fp16_load)
     sets = [find_artifacts(a) for a in options.artifacts]
     tasks = {s[0].task for s in sets}
     if len(tasks) > 1:

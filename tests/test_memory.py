@@ -1,5 +1,5 @@
 """Lean compile and load (issue 12): per-stage peaks in the manifest, the patched model read tensor by tensor from
-sharded checkpoints, weights beside the graph, the fp16 load modes."""
+sharded checkpoints, weights beside the graph, the fp16 load without ONNX Runtime's constant folding."""
 import platform
 
 import numpy as np
@@ -7,13 +7,11 @@ import pytest
 import torch
 
 from toolkit.artifact import Manifest
-from toolkit.backends import open_backend, set_fp16_load
+from toolkit.backends import open_backend
 from toolkit.errors import ToolkitError
 from toolkit.memory import StagePeaks, resident_mb
 from toolkit.patches.modeling_qwen3 import Qwen3ForDeployment
 from toolkit.synth import write_synthetic_checkpoint
-from toolkit.text import left_pad
-from toolkit.tokenizer import ENDOFTEXT_ID
 
 
 def test_a_stage_records_its_own_peak_not_the_process_s():
@@ -120,23 +118,26 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_refused_by_name(tmp_path, 
         Qwen3ForDeployment.from_pretrained(checkpoint, "last_hidden", torch.float16, stream=stream)
 
 
-def test_both_fp16_loads_give_the_same_outputs(onnx_artifacts, tokenizers):
-    manifest = Manifest.load(onnx_artifacts["embedding"][0])
-    rows = [[ENDOFTEXT_ID], tokenizers["embedding"].encode_one("a short sentence") + [ENDOFTEXT_ID]]
-    ids, mask = left_pad(rows, manifest.seq_len, ENDOFTEXT_ID, None)
-    outputs = {}
-    try:
-        for mode in ("fold", "low-peak"):
-            set_fp16_load(mode)
-            backend = open_backend(manifest)
-            outputs[mode] = backend.run(ids, mask)
-            backend.close()
-    finally:
-        set_fp16_load("low-peak")
-    assert np.max(np.abs(outputs["fold"] - outputs["low-peak"])) <= 1e-5
-    with pytest.raises(ToolkitError, match="low-peak"):
-        set_fp16_load("fp8")
+def test_fp16_artifacts_load_on_cpu_without_onnx_runtime_s_constant_folding(onnx_artifacts, monkeypatch):
+    """Its folding would hold every fp16 weight and its fp32 copy at once (twice the load's peak); compile folds the
+    graph's other constants itself, so nothing else is lost. Only fp16 on CPU: on CUDA the casts would run per call."""
+    import onnxruntime
 
+    from toolkit import backends
+
+    opened = []
+    real_session = onnxruntime.InferenceSession
+
+    def session(*args, disabled_optimizers=None, **kwargs):
+        opened.append(disabled_optimizers)
+        return real_session(*args, disabled_optimizers=disabled_optimizers, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    monkeypatch.setattr(backends, "_sessions", {})  # a session another test opened would be shared, not opened
+    manifest = Manifest.load(onnx_artifacts["embedding"][0])
+    assert manifest.dtype == "fp16" and manifest.target.device == "cpu"
+    open_backend(manifest).close()
+    assert opened == [["ConstantFolding"]]
 
 
 RUNS_ARTIFACTS_ONLY = """

@@ -77,7 +77,7 @@ def test_artifact_weights_are_stored_fp16(onnx_artifacts):
 def test_onnx_runtime_fuses_the_norms_of_an_fp16_artifact_with_its_constant_folding_off(onnx_artifacts, checkpoints,
                                                                                          tmp_path):
     """Compile folds the fp16 graph's small constants (not its weights' casts), so ONNX Runtime finds its fusions as it
-    loads fp16 artifacts (constant folding off: `backends.set_fp16_load`): each RMSNorm one kernel, and RoPE is
+    loads fp16 artifacts (constant folding off on CPU: `OnnxRuntimeBackend`): each RMSNorm one kernel, and RoPE is
     exported as one RotaryEmbedding (on q, k and the cached prefix's keys in every layer) where it took seven ops."""
     import onnx
     import onnxruntime as ort

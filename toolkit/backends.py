@@ -151,25 +151,6 @@ class LayerwiseReference(Backend):
                 module.to_empty(device="meta")
 
 
-FP16_LOADS = ("low-peak", "fold")
-DEFAULT_FP16_LOAD = "low-peak"
-_fp16_load = [DEFAULT_FP16_LOAD]
-
-
-def set_fp16_load(mode: str) -> None:
-    """How ONNX Runtime loads fp16 artifacts from now on. Its CPU kernels have no fp16 matmul, so either way the
-    linear weights end up in memory as fp32 (its cast insertion upcasts an fp16 weight that only feeds a Cast); the
-    modes differ in the load's peak. "low-peak" (the default) turns constant folding off: 0.6B shape, load peak 2.2 GB
-    (1.9x the fp16 weight bytes; 4B: 15 GB). "fold" is ONNX Runtime's full optimisation: load peak 3.9 GB (3.4x). On
-    sets built before compile folded the graphs' small constants (`export.fold_small_constants`) it ran about 5%
-    faster (0-11% on a 2-core AVX-512 CPU), its folding being what let ONNX Runtime fuse the norms; on newer sets both
-    modes fuse them and run alike (0.6B reranker, `[5, 172]`: within 0-3%). Resident once loaded: the same, about
-    1.5x."""
-    if mode not in FP16_LOADS:
-        raise ToolkitError(f"the fp16 load must be one of {FP16_LOADS}, got {mode!r}")
-    _fp16_load[0] = mode
-
-
 class Shared:
     """What every backend loading the same thing holds (an ONNX Runtime session, a TVM artifact's weights): it lives
     while any of them does."""
@@ -246,15 +227,20 @@ class OnnxRuntimeBackend(ArtifactBackend):
         device = manifest.target.device
         providers = (["CPUExecutionProvider"] if device == "cpu" else
                      [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"])
-        # constant folding is what doubles the load's peak (see set_fp16_load)
-        low_peak = manifest.dtype == "fp16" and _fp16_load[0] == "low-peak"
+        # ONNX Runtime's CPU kernels have no fp16 matmul: either way an fp16 linear weight is held as fp32 once
+        # loaded (its cast insertion upcasts a weight that only feeds a Cast), and its constant folding would first
+        # hold both copies: 0.6B load peak 3.9 GB against 2.2 GB without it (1.9x the fp16 weight bytes; 4B: 15 GB).
+        # Compile folds every other constant (`export.fold_small_constants`), so ONNX Runtime fuses the norms and
+        # runs as fast without it (0.6B reranker, [5, 172]: 1.41-1.49 s against 1.37-1.48 s). On CUDA, where the
+        # Casts would run every call, it folds.
+        low_peak = manifest.dtype == "fp16" and device == "cpu"
         def open_session():
             session = ort.InferenceSession(str(manifest.path / manifest.model_file), opts, providers=providers,
                                            disabled_optimizers=["ConstantFolding"] if low_peak else None)
             return_freed_memory()
             return session
 
-        key = None if profile_prefix else session_key(manifest, device, device_id, threads, low_peak)
+        key = None if profile_prefix else session_key(manifest, device, device_id, threads)
         self.shared = load_shared(_sessions, key, open_session)  # held: shared while any backend uses it
         self.session = self.shared.value
         if device != "cpu" and "CUDAExecutionProvider" not in self.session.get_providers():

@@ -9,7 +9,7 @@ import click
 
 from toolkit.artifact import BACKENDS, DEVICES
 from toolkit.buckets import DEFAULT_COUNT, DEFAULT_STEP
-from toolkit.cli_base import INSTANCES, ToolkitGroup, fp16_load_option
+from toolkit.cli_base import INSTANCES, ToolkitGroup
 from toolkit.config import DTYPES, FP32_LINEARS
 from toolkit.errors import ToolkitError
 from toolkit.serve.server import ServeOptions
@@ -207,17 +207,15 @@ def data_download(out_dir):
 @click.option("--ray", "use_ray", is_flag=True, help="deploy on Ray Serve instead of uvicorn")
 @click.option("--replicas", type=int, default=1, show_default=True, help="with --ray: replicas, each its own engines")
 @click.option("--ray-address", help="with --ray: a running cluster (`ray start --head`); default: a local one")
-@fp16_load_option
 def serve(embedding_dir, reranker_dir, host, port, max_batch_tokens, max_wait_ms, max_concurrent_requests,
-          max_client_batch_size, max_input_length, payload_limit, instances, threads, use_ray, replicas, ray_address,
-          fp16_load):
+          max_client_batch_size, max_input_length, payload_limit, instances, threads, use_ray, replicas, ray_address):
     """Serve artifacts over HTTP (TEI and OpenAI APIs, cross-request batching, Prometheus metrics)."""
     limits = Limits(max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms,
                     max_concurrent_requests=max_concurrent_requests, max_client_batch_size=max_client_batch_size,
                     max_input_length=max_input_length, payload_limit=payload_limit)
     run_server(ServeOptions(embedding=embedding_dir, reranker=reranker_dir, host=host, port=port, limits=limits,
                             instances=instances, threads=threads, ray=use_ray, replicas=replicas,
-                            ray_address=ray_address, fp16_load=fp16_load),
+                            ray_address=ray_address),
                echo=lambda line: click.echo(line, err=True))
 
 

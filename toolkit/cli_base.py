@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 from typing_extensions import override
 
-from toolkit.backends import DEFAULT_FP16_LOAD, FP16_LOADS
 from toolkit.errors import ToolkitError, is_integer
 from toolkit.runtime import AUTO_INSTANCES
 
@@ -49,13 +48,6 @@ class InstancesParam(click.ParamType):
 
 
 INSTANCES = InstancesParam()
-
-
-# `--fp16-load`, of `toolkit serve` and `perf traffic`
-fp16_load_option = click.option(
-    "--fp16-load", type=click.Choice(FP16_LOADS), default=DEFAULT_FP16_LOAD, show_default=True,
-    help="ONNX fp16 artifacts: load at half the peak memory, or fold the weights to fp32 (about 5% faster on sets "
-    "built before compile folded their small constants, the same speed on newer ones)")
 
 
 class OutputFile(click.ParamType):

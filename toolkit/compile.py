@@ -62,7 +62,7 @@ TVM_FP32_COMPUTE = ("float32 (TVM on AMX, where backend_details.amx_kernels list
                     "within 2^-15 of its size, where fp16 weights are themselves rounded to 2^-11)")
 ONNX_FP32_COMPUTE = {
     "fp32": "float32 (ONNX Runtime)",
-    # the export casts each fp16 matrix to fp32: ONNX Runtime's CPU kernels have no fp16 matmul (set_fp16_load)
+    # the export casts each fp16 matrix to fp32: ONNX Runtime's CPU kernels have no fp16 matmul (OnnxRuntimeBackend)
     "fp16": "float32 (ONNX Runtime: the graph casts the float16 weights to float32, on CPU once as the artifact loads)",
 }
 

@@ -133,7 +133,7 @@ def fold_small_constants(path: Path) -> None:
     embedding table, a cached prefix's keys and values): the exporter's axes and shapes (`Reshape(Constant)`), the
     norms' weights (vectors) are folded. ONNX Runtime then finds its fusions (RMSNorm as one
     SimplifiedLayerNormalization, q/k/v and gate/up as Splits) with its own constant folding off, which is how it
-    loads fp16 artifacts (`backends.set_fp16_load`: folding there also casts every weight to fp32, at twice the
+    loads fp16 artifacts on CPU (`OnnxRuntimeBackend`: folding there also casts every weight to fp32, at twice the
     peak). Measured on the 0.6B reranker, `[5, 172]`: 1.44-1.53 s → 1.35-1.45 s a run, as fast as with folding on."""
     from onnxscript.optimizer import fold_constants, remove_unused_nodes
 

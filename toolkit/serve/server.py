@@ -16,7 +16,6 @@ from typing import Callable
 
 import uvicorn
 
-from toolkit.backends import DEFAULT_FP16_LOAD
 from toolkit.errors import ToolkitError, check_int
 from toolkit.runtime import AUTO_INSTANCES, CORES, check_threads
 from toolkit.serve.service import Limits
@@ -40,7 +39,6 @@ class ServeOptions:
     ray: bool = False
     replicas: int = 1
     ray_address: str | None = None
-    fp16_load: str = DEFAULT_FP16_LOAD
 
     def check(self) -> "ServeOptions":
         """Raise ToolkitError naming the flag of the first invalid option; return self."""
@@ -73,13 +71,11 @@ class ServeOptions:
 
 def build_app(options: ServeOptions):
     """Load the models (with this process's compute budget) and build the app around them."""
-    from toolkit.backends import set_fp16_load
     from toolkit.runtime import set_cpu_threads
     from toolkit.serve.app import create_app
     from toolkit.serve.service import load_models
 
     set_cpu_threads(options.threads_per_engine_set)
-    set_fp16_load(options.fp16_load)
     models = load_models(options.embedding, options.reranker, options.limits, options.instances)
     try:
         return create_app(models.get(EMBEDDING.name), models.get(RERANKER.name), options.limits)
