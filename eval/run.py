@@ -22,6 +22,7 @@ from toolkit.artifact import Manifest
 from toolkit.errors import ToolkitError, is_integer
 from toolkit.eval.datasets import (
     DatasetSpec,
+    check_format,
     check_kind,
     check_limit,
     check_scorable,
@@ -43,7 +44,8 @@ class EvalOptions:
     `run="torch"`); `checkpoint`: the torch reference (default: the one the artifact was built from); `run`: "both" |
     "torch" | "artifact"; `limit`: the first N examples; `data_dir`: where `toolkit data download` wrote the JSONL;
     `max_drop`: how far the artifact may trail torch on any metric; `instances`: engine instances per artifact;
-    `instruction`: overrides the dataset's instruction ("" means no instruction prefix at all)."""
+    `instruction`: overrides the dataset's instruction ("" means no instruction prefix at all); `data_format`: the
+    format of a JSONL path (`sts12`, `bq`, `msmarco`; None: told by its first row and its file name)."""
 
     task: str
     dataset: str
@@ -55,6 +57,7 @@ class EvalOptions:
     max_drop: float = DEFAULT_MAX_DROP
     instances: int = 1
     instruction: str | None = None
+    data_format: str | None = None
 
     @property
     def sides(self) -> tuple[str, ...]:
@@ -77,6 +80,7 @@ class EvalOptions:
             raise ToolkitError(f"instances must be an integer >= 1, got {self.instances!r}")
         if self.instruction is not None and not isinstance(self.instruction, str):
             raise ToolkitError(f"instruction must be a text (\"\" for none), got {type(self.instruction).__name__}")
+        check_format(self.data_format)
         if self.artifact is None and "artifact" in self.sides:
             raise ToolkitError("--artifact DIR is required unless --run torch (with --checkpoint)")
         if self.artifact is None and self.checkpoint is None:
@@ -164,7 +168,7 @@ def evaluate(options: EvalOptions) -> dict:
         raise ToolkitError(f"evaluate takes an EvalOptions, got {type(options).__name__}")
     options.check()
     task = get_task(options.task)
-    name, spec, source = resolve_dataset(str(options.dataset), options.data_dir)
+    name, spec, source = resolve_dataset(str(options.dataset), options.data_dir, options.data_format)
     check_kind(task, name, spec)
     manifests = None if options.artifact is None else \
         check_set(options.artifact, task, lambda found: f"pass --task {found} or a {task.name} artifact")

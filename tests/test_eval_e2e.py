@@ -18,7 +18,7 @@ from toolkit.artifact import Manifest
 from toolkit.cli import main
 from toolkit.errors import ToolkitError
 from toolkit.eval.cli import eval_cmd
-from toolkit.eval.datasets import load_dataset
+from toolkit.eval.datasets import SAMPLE_FILES, load_dataset
 from toolkit.eval.run import EvalOptions, evaluate
 from toolkit.synth import write_synthetic_checkpoint
 from toolkit.tasks import SIMILARITY_INSTRUCTION, TASKS, WEB_SEARCH_INSTRUCTION
@@ -133,6 +133,17 @@ def test_non_finite_torch_outputs_fail_and_json_holds_null(checkpoints, tmp_path
     assert r.exit_code == 1 and "torch: FAIL (torch outputs: " in r.output and "non-finite values" in r.output
     written = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     assert written["runs"]["torch"]["metrics"]["spearman"] is None and not written["passed"]
+
+
+def test_eval_cli_states_the_format_of_a_file(checkpoints, tmp_path):
+    path = tmp_path / "bq_paraphrases.jsonl"  # STS12 rows, in a file whose name says BQ
+    shutil.copy(SAMPLE_FILES["sts12-sample"][1], path)
+    args = ["eval", "--task", "embedding", "--dataset", str(path), "--limit", "5", "--run", "torch",
+            "--checkpoint", str(checkpoints["embedding"])]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and "outside bq's gold range 0..1; pass --format sts12" in r.output, r.output
+    r = CliRunner().invoke(main, args + ["--format", "sts12"])
+    assert r.exit_code == 0 and "embedding on sts12 (5 examples" in r.output, r.output
 
 
 @pytest.fixture
