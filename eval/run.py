@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.api import check_instruction, check_set, model_class
+from toolkit.api import _check_instruction_text, check_instruction, check_set, model_class
 from toolkit.artifact import Manifest
 from toolkit.errors import ToolkitError, is_integer
 from toolkit.eval.datasets import (
@@ -26,6 +26,7 @@ from toolkit.eval.datasets import (
     check_kind,
     check_limit,
     check_scorable,
+    names_of_kind,
     read_examples,
     resolve_dataset,
 )
@@ -78,8 +79,7 @@ class EvalOptions:
                                f"got {self.max_drop!r}")
         if not is_integer(self.instances) or self.instances < 1:
             raise ToolkitError(f"instances must be an integer >= 1, got {self.instances!r}")
-        if self.instruction is not None and not isinstance(self.instruction, str):
-            raise ToolkitError(f"instruction must be a text (\"\" for none), got {type(self.instruction).__name__}")
+        _check_instruction_text(self.instruction)
         check_format(self.data_format)
         if self.artifact is None and "artifact" in self.sides:
             raise ToolkitError("--artifact DIR is required unless --run torch (with --checkpoint)")
@@ -160,6 +160,20 @@ def checkpoint_hint(manifest: Manifest, checkpoint: str, named: bool) -> str:
     return f"if {checkpoint} changed since the set was built, recompile the set from it"
 
 
+def refuse_bare_inputs(task: Task, path: str | Path, manifests: list[Manifest], kind: str, what: str) -> None:
+    """Refuse the set at `path` where it was compiled for one instruction (its tokens cached: every input must carry
+    it) and `what` (e.g. "msmarco", "the demo") feeds it data of `kind`, which holds texts without it
+    (`Task.bare_inputs`). The message says what a CLI user runs instead; checked before any model loads."""
+    fixed = manifests[0].instruction
+    if fixed is None or not task.bare_inputs(kind):
+        return
+    usable = [n for k in task.dataset_kinds if not task.bare_inputs(k) for n in names_of_kind(k)]
+    raise ToolkitError(f"{path} was compiled with --instruction {fixed!r}: it takes only texts carrying it (its tokens "
+                       f"are cached), and {what} also has texts without it: for {what}, use a set compiled without "
+                       f"--instruction (`toolkit compile CONFIG` without it); this set runs `toolkit eval --dataset "
+                       f"{'|'.join(usable)} --instruction {fixed!r}`")
+
+
 def evaluate(options: EvalOptions) -> dict:
     """Run torch and/or the artifact on the dataset; returns the result record: metrics and wall time per run, the
     instruction used, with both runs the deltas and the parity, and the verdict (`passed`, `failures`): non-finite
@@ -175,12 +189,9 @@ def evaluate(options: EvalOptions) -> dict:
     examples = read_examples(name, spec, source, options.limit)
     check_scorable(name, spec, examples)  # before any model runs: an undefined metric is the data's fault
     instruction = spec.instruction if options.instruction is None else options.instruction
-    if manifests:  # before any model runs
+    if manifests:  # before any model runs; the data first: no instruction makes it fit
+        refuse_bare_inputs(task, options.artifact, manifests, spec.kind, name)
         check_instruction(manifests[0].instruction, instruction)
-        if manifests[0].instruction is not None and task.bare_inputs(spec.kind):
-            raise ToolkitError(f"{options.artifact} takes only inputs with the instruction "
-                               f"{manifests[0].instruction!r} (compiled for it), and {name} also has texts without it "
-                               "(passages): evaluate a set compiled without --instruction")
     cls = model_class(task)
     result = {"task": task.name, "dataset": name, "source": str(options.dataset), "examples": len(examples),
               "instruction": instruction, "runs": {}}

@@ -23,7 +23,7 @@ from toolkit.eval.run import EvalOptions, evaluate
 from toolkit.synth import write_synthetic_checkpoint
 from toolkit.tasks import SIMILARITY_INSTRUCTION, TASKS, WEB_SEARCH_INSTRUCTION
 
-from conftest import copy_artifact
+from conftest import build, copy_artifact
 
 RANKING_METRICS = {"map", "mrr@10", "ndcg@10", "recall@1", "recall@5", "recall@10"}
 
@@ -253,6 +253,39 @@ def test_eval_cli_json_write_that_fails_late_names_the_path(monkeypatch):
 def test_evaluate_takes_options_only():
     with pytest.raises(ToolkitError, match="evaluate takes an EvalOptions"):
         evaluate("embedding")
+
+
+def test_eval_cli_refuses_a_whitespace_instruction_before_the_run(no_eval_run):
+    r = CliRunner().invoke(main, ["eval", "--task", "embedding", "--dataset", "sts12-sample", "--run", "torch",
+                                  "--checkpoint", "unused", "--instruction", "  "])
+    assert r.exit_code == 2 and "the instruction '  ' is only whitespace: give one with words" in r.output, r.output
+
+
+def test_demo_off_tolerance_names_the_checkpoint_as_eval_does(onnx_artifacts, checkpoints, tmp_path):
+    other = write_synthetic_checkpoint(tmp_path / "other", "embedding", "tiny", seed=5)
+    hint = f"torch ran {other}, but the set was built from {checkpoints['embedding'].resolve()}: pass --checkpoint"
+    args = ["--task", "embedding", "--artifact", str(onnx_artifacts["embedding"][1]), "--checkpoint", str(other)]
+    r = CliRunner().invoke(main, ["demo", *args])
+    assert r.exit_code == 1 and "FAIL" in r.output and hint in r.output, r.output
+    r = CliRunner().invoke(main, ["eval", "--dataset", "sts12-sample", "--limit", "5", *args])
+    assert r.exit_code == 1 and hint in r.output, r.output
+
+
+def test_a_set_for_query_instructions_is_refused_by_the_demo_and_on_passages_naming_the_commands(
+        checkpoints, tmp_path, monkeypatch):
+    [artifact] = build(checkpoints, tmp_path, "embedding", seq_lens=(32,), instruction="Find paraphrases")
+    monkeypatch.setattr(demo, "model_class", lambda task: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("toolkit.eval.run.model_class", lambda task: pytest.fail("a model was loaded"))
+    fix = (", use a set compiled without --instruction (`toolkit compile CONFIG` without it); this set runs "
+           "`toolkit eval --dataset sts12|bq|sts12-sample|bq-sample --instruction 'Find paraphrases'`")
+    r = CliRunner().invoke(main, ["demo", "--task", "embedding", "--artifact", str(artifact.parent)])
+    assert r.exit_code == 2 and f"{artifact.parent} was compiled with --instruction 'Find paraphrases'" in r.output
+    assert f"the demo also has texts without it: for the demo{fix}" in r.output, r.output
+    assert "encode_queries" not in r.output
+    for instruction in ([], ["--instruction", "Find paraphrases"]):  # the data's fault, whatever the instruction
+        r = CliRunner().invoke(main, ["eval", "--task", "embedding", "--dataset", "msmarco-sample",
+                                      "--artifact", str(artifact.parent), *instruction])
+        assert r.exit_code == 2 and f"msmarco also has texts without it: for msmarco{fix}" in r.output, r.output
 
 
 def test_demo_cli(onnx_artifacts):

@@ -175,7 +175,7 @@ def test_data_that_cannot_define_the_metrics_is_refused_before_any_model_runs(tm
     ({"max_drop": float("inf")}, "max_drop"), ({"instances": 0}, "instances must be an integer >= 1"),
     ({"run": "engine"}, "run must be one of both, torch, artifact"), ({"task": "nope"}, "task must be one of"),
     ({"artifact": None}, "--artifact DIR is required"), ({"instruction": 3}, "instruction must be a text"),
-    ({"data_format": "sts"}, "format must be one of"),
+    ({"instruction": " \t"}, "is only whitespace: give one with words"), ({"data_format": "sts"}, "format must be"),
     ({"artifact": None, "run": "torch"}, "needs --checkpoint"),
 ])
 def test_options_are_checked_up_front(bad, message):
