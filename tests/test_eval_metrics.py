@@ -15,6 +15,8 @@ from toolkit.eval.datasets import DATASETS, download, load_dataset, resolve_data
 from toolkit.eval.metrics import (
     average_precision,
     ndcg,
+    per_query_metrics,
+    queries_lower,
     ranking_agreement,
     recall_at_k,
     reciprocal_rank,
@@ -105,6 +107,16 @@ def test_ranking_agreement():
     assert ranking_agreement([[0.1, 0.5, 0.9]], [[0.9, 0.5, 0.1]])["kendall_tau_min"] == -1.0
 
 
+def test_kendall_tau_leaves_out_queries_where_it_is_undefined_and_counts_them():
+    # all tied in both engines (was counted as 1.0 in the mean), all tied in one, one passage: no tau, as the task's
+    # own measure over all items has none for tied outputs
+    tied, disagree = [0.5, 0.5, 0.5], ([0.1, 0.2, 0.3], [0.3, 0.2, 0.1])
+    stats = ranking_agreement([tied, tied, [0.4], disagree[0]], [tied, [0.1, 0.2, 0.3], [0.4], disagree[1]])
+    assert stats == {"kendall_tau_mean": -1.0, "kendall_tau_min": -1.0, "queries_without_kendall_tau": 3}
+    stats = ranking_agreement([tied], [tied])
+    assert math.isnan(stats["kendall_tau_mean"]) and stats["queries_without_kendall_tau"] == 1
+
+
 def test_gate_passes_small_drops_and_names_each_failure():
     artifact = {"spearman": 0.80, "pearson": 0.70}
     assert gate(artifact, {"spearman": -0.005, "pearson": 0.01}, DEFAULT_MAX_DROP) == {}
@@ -130,6 +142,21 @@ def test_non_finite_outputs_fail_either_run():
     runs = {"torch": {"nonfinite": 3}, "artifact": {"nonfinite": 0}}
     assert output_failures(runs) == {"torch outputs": "3 non-finite values"}
     assert output_failures({"artifact": {"nonfinite": 4}}) == {"artifact outputs": "4 non-finite values"}
+
+
+def test_a_ranking_drop_says_on_how_many_queries():
+    torch_scores = [[0.9, 0.1, 0.2]] * 30  # the positive first on every query
+    artifact_scores = [[0.1, 0.9, 0.2]] + torch_scores[1:]  # one query's positive falls to third
+    labels = [[1, 0, 0]] * 30
+    lower = queries_lower(per_query_metrics(torch_scores, labels), per_query_metrics(artifact_scores, labels))
+    assert lower["mrr@10"] == (1, 30) and lower["recall@5"] == (0, 30)
+    delta = {"mrr@10": -1 / 45, "recall@5": 0.0}
+    failures = gate({"mrr@10": 1 - 1 / 45, "recall@5": 1.0}, delta, DEFAULT_MAX_DROP, lower=lower)
+    assert failures == {"mrr@10": "0.0222 below torch on 1 of 30 queries (max drop 0.01)"}
+    # a query without a positive is not one the mean covers
+    lower = queries_lower(per_query_metrics(torch_scores[:2], [[1, 0, 0], [0, 0, 0]]),
+                          per_query_metrics(artifact_scores[:2], [[1, 0, 0], [0, 0, 0]]))
+    assert lower["map"] == (1, 1)
 
 
 def test_gate_names_the_run_it_judges():
