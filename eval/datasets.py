@@ -35,6 +35,10 @@ class DatasetSpec:
     instruction: str
     file_name: str
 
+    def holds_score(self, score: float) -> bool:
+        """Whether a pair dataset's gold range holds `score`."""
+        return self.score_range[0] <= score <= self.score_range[1]
+
 
 DATASETS = {
     "sts12": DatasetSpec("pairs", "mteb/sts12-sts", "test", (0.0, 5.0), SIMILARITY_INSTRUCTION, "sts12_test.jsonl"),
@@ -64,18 +68,61 @@ class RerankingExample:
     labels: list[int]  # 1 = positive
 
 
+def formats_of_kind(kind: str) -> list[str]:
+    """The formats (`--format`, the full datasets' names) whose rows are of `kind`."""
+    return [n for n, s in DATASETS.items() if s.kind == kind]
+
+
 def names_of_kind(kind: str) -> list[str]:
     """The dataset names (full and bundled samples) of one kind, e.g. for error messages."""
-    return [n for n, s in DATASETS.items() if s.kind == kind] + [
-        sample for sample, (n, _) in SAMPLE_FILES.items() if DATASETS[n].kind == kind]
+    return formats_of_kind(kind) + [sample for sample, (n, _) in SAMPLE_FILES.items() if DATASETS[n].kind == kind]
+
+
+# the fields of each kind's rows, as `download` writes them
+ROW_FIELDS = {"pairs": ("sentence1", "sentence2", "score"),
+              "reranking": ("query_id", "query", "positive_passages", "negative_passages")}
+# what each field check takes, in a user's words (messages never show Python's type names)
+FIELD_TYPE_WORDS = {str: "a non-empty text", list: "a list", (int, float): "a number",
+                    (str, int): "a text or an integer"}
+
+
+def _json_words(value) -> str:
+    """A JSON value as a message names it: null, true, false, or its kind with short ones quoted."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the text {value!r:.40}" if value.strip() else "an empty text"
+    return "a list" if isinstance(value, list) else "an object"
 
 
 def _require(row: dict, key: str, kind, where: str):
-    value = row.get(key)
+    if key not in row:
+        raise ToolkitError(f"{where}: field {key!r} is missing")
+    value = row[key]
     if not isinstance(value, kind) or (isinstance(value, str) and not value.strip()) or isinstance(value, bool):
-        raise ToolkitError(f"{where}: field {key!r} must be a non-empty {getattr(kind, '__name__', kind)}, "
-                           f"got {value!r}")
+        raise ToolkitError(f"{where}: field {key!r} must be {FIELD_TYPE_WORDS[kind]}, got {_json_words(value)}")
     return value
+
+
+def _object_row(row, where: str) -> dict:
+    """`row` where it is a JSON object, else an error naming what it is."""
+    if not isinstance(row, dict):
+        raise ToolkitError(f"{where}: expected a JSON object (one row of the dataset), got {_json_words(row)}")
+    return row
+
+
+def _check_fields(row: dict, name: str, where: str) -> None:
+    """Refuse a row that holds the other kind's fields and none of `name`'s: the file is in another format than the
+    one it is read as (stated, or told by the file's name)."""
+    kind = DATASETS[name].kind
+    other = next(k for k in ROW_FIELDS if k != kind)
+    found = [f for f in ROW_FIELDS[other] if f in row]
+    if found and not any(f in row for f in ROW_FIELDS[kind]):
+        raise ToolkitError(f"{where}: the row has {' / '.join(formats_of_kind(other))} fields ({', '.join(found)}), "
+                           f"none of {name}'s ({', '.join(ROW_FIELDS[kind])}), and the file is read as {name}: pass "
+                           f"--format {' or '.join(formats_of_kind(other))} if it is in that format")
 
 
 def passage_text(title: str | None, text: str) -> str:
@@ -83,24 +130,29 @@ def passage_text(title: str | None, text: str) -> str:
     return f"{title or ''} {text}".strip()
 
 
-def parse_row(row, kind: str, where: str, score_range=None):
-    """Validate one row of a `kind` dataset into a PairExample or RerankingExample; errors name the file and line."""
-    if not isinstance(row, dict):
-        raise ToolkitError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if kind == "pairs":
+def parse_row(row, name: str, where: str):
+    """Validate one row of dataset `name`'s format into a PairExample or RerankingExample; errors name the file and
+    line."""
+    row = _object_row(row, where)
+    _check_fields(row, name, where)
+    spec = DATASETS[name]
+    if spec.kind == "pairs":
         score = float(_require(row, "score", (int, float), where))
-        if score_range and not score_range[0] <= score <= score_range[1]:
-            raise ToolkitError(f"{where}: score {score} is outside {score_range}")
+        if not spec.holds_score(score):
+            holds = [n for n in formats_of_kind("pairs") if DATASETS[n].holds_score(score)]
+            fix = f"; pass --format {' or '.join(holds)} for a file of such scores" if holds else ""
+            raise ToolkitError(f"{where}: score {score:g} is outside {name}'s gold range "
+                               f"{spec.score_range[0]:g}..{spec.score_range[1]:g}{fix}")
         return PairExample(_require(row, "sentence1", str, where), _require(row, "sentence2", str, where), score)
     passages, labels = [], []
     for key, label in (("positive_passages", 1), ("negative_passages", 0)):
         for j, p in enumerate(_require(row, key, list, where) if key in row else []):
             if not isinstance(p, dict):
-                raise ToolkitError(f"{where}: {key}[{j}] must be an object with a 'text' field")
+                raise ToolkitError(f"{where}: {key}[{j}] must be an object with a 'text' field, got {_json_words(p)}")
             text = _require(p, "text", str, f"{where} {key}[{j}]")
             title = p.get("title")
             if title is not None and not isinstance(title, str):
-                raise ToolkitError(f"{where} {key}[{j}]: field 'title' must be a string, got {title!r}")
+                raise ToolkitError(f"{where} {key}[{j}]: field 'title' must be a text, got {_json_words(title)}")
             passages.append(passage_text(title, text))
             labels.append(label)
     if not passages:
@@ -109,12 +161,12 @@ def parse_row(row, kind: str, where: str, score_range=None):
                             passages, labels)
 
 
-def detect(first_row: dict, path: Path) -> tuple[str, DatasetSpec]:
-    """Which reference format a local file is in (by its fields; BQ vs STS by the file name)."""
+def detect(first_row: dict, path: Path) -> str:
+    """Which reference format a local file is in, unless stated (`--format`): by its fields, BQ vs STS by the file
+    name."""
     if "query" in first_row:
-        return "msmarco", DATASETS["msmarco"]
-    name = "bq" if "bq" in path.name.lower() else "sts12"
-    return name, DATASETS[name]
+        return "msmarco"
+    return "bq" if "bq" in path.name.lower() else "sts12"
 
 
 def _lines(path: Path):
@@ -150,17 +202,22 @@ def check_limit(limit) -> int | None:
     return limit
 
 
-def read_jsonl(path: Path, limit: int | None = None, spec: DatasetSpec | None = None) -> list:
-    """The first `limit` examples (all when None) of a local JSONL file, in `spec`'s format (detected from the first
-    row when None)."""
+def check_format(data_format) -> None:
+    """Refuse a stated file format other than None (told by the file) or a full dataset's name."""
+    if data_format is not None and data_format not in DATASETS:
+        raise ToolkitError(f"format must be one of {', '.join(DATASETS)}, got {data_format!r}")
+
+
+def read_jsonl(path: Path, limit: int | None = None, name: str | None = None) -> list:
+    """The first `limit` examples (all when None) of a local JSONL file, in dataset `name`'s format (detected from the
+    first row when None)."""
     check_limit(limit)
     path = Path(path)
     examples = []
     for line_no, line in _lines(path):
         row = _json_row(path, line_no, line)
-        if spec is None:
-            _, spec = detect(row if isinstance(row, dict) else {}, path)
-        examples.append(parse_row(row, spec.kind, f"{path}:{line_no}", spec.score_range))
+        name = name or detect(row if isinstance(row, dict) else {}, path)
+        examples.append(parse_row(row, name, f"{path}:{line_no}"))
         if limit and len(examples) >= limit:
             break
     if not examples:
@@ -168,19 +225,25 @@ def read_jsonl(path: Path, limit: int | None = None, spec: DatasetSpec | None = 
     return examples
 
 
-def resolve_dataset(name_or_path: str, data_dir: str | Path | None = None) -> tuple[str, DatasetSpec, Path | None]:
+def resolve_dataset(name_or_path: str, data_dir: str | Path | None = None,
+                    data_format: str | None = None) -> tuple[str, DatasetSpec, Path | None]:
     """`(name, spec, local file or None for the hub)` without reading the examples. Looks for, in order: a JSONL
-    path; a bundled sample (`sts12-sample`, ...); with `data_dir`, `DATA_DIR/<file>` (as written by `toolkit data
-    download`; an error when it is missing); the hub."""
+    path (in `data_format`, a full dataset's name, where given; else told by its first row and its name); a bundled
+    sample (`sts12-sample`, ...); with `data_dir`, `DATA_DIR/<file>` (as written by `toolkit data download`; an error
+    when it is missing); the hub."""
+    check_format(data_format)
     path = Path(name_or_path)
     if path.is_file():
+        if data_format is not None:
+            return data_format, DATASETS[data_format], path
         for line_no, line in _lines(path):
-            row = _json_row(path, line_no, line)
-            if not isinstance(row, dict):
-                raise ToolkitError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            name, spec = detect(row, path)
-            return name, spec, path
+            name = detect(_object_row(_json_row(path, line_no, line), f"{path}:{line_no}"), path)
+            return name, DATASETS[name], path
         raise ToolkitError(f"{path} has no rows")
+    named = SAMPLE_FILES[name_or_path][0] if name_or_path in SAMPLE_FILES else name_or_path
+    if data_format is not None and named in DATASETS and data_format != named:
+        raise ToolkitError(f"{name_or_path} is {named} data, not {data_format}: --format states the format of a JSONL "
+                           "file; leave it out for a dataset name")
     if name_or_path in SAMPLE_FILES:
         name, sample = SAMPLE_FILES[name_or_path]
         return name, DATASETS[name], sample
@@ -228,18 +291,18 @@ def read_examples(name: str, spec: DatasetSpec, source: Path | None, limit: int 
     """The examples of a dataset resolved by `resolve_dataset` (from its file, or the hub when `source` is None)."""
     check_limit(limit)
     if source is not None:
-        return read_jsonl(source, limit, spec)
+        return read_jsonl(source, limit, name)
     rows = hub_rows(name)
-    return [parse_row(r, spec.kind, f"{spec.hub_id} row {i}", spec.score_range) for i, r in enumerate(rows, 1)
+    return [parse_row(r, name, f"{spec.hub_id} row {i}") for i, r in enumerate(rows, 1)
             if not limit or i <= limit]
 
 
 def load_dataset(name_or_path: str, limit: int | None = None, data_dir: str | Path | None = None,
-                 task: Task | None = None):
-    """Returns (name, spec, examples); see `resolve_dataset` for where it looks. With `task`, a dataset of a kind it
-    cannot use is refused before it is read."""
+                 task: Task | None = None, data_format: str | None = None):
+    """Returns (name, spec, examples); see `resolve_dataset` for where it looks and what `data_format` states. With
+    `task`, a dataset of a kind it cannot use is refused before it is read."""
     check_limit(limit)
-    name, spec, source = resolve_dataset(name_or_path, data_dir)
+    name, spec, source = resolve_dataset(name_or_path, data_dir, data_format)
     if task is not None:
         check_kind(task, name, spec)
     return name, spec, read_examples(name, spec, source, limit)
@@ -273,10 +336,10 @@ def check_scorable(name: str, spec: DatasetSpec, examples: list) -> None:
 HUB_PROBE_TIMEOUT_S = 5  # long enough for a slow link; datasets' own retries take ~24 s to give up
 
 
-def hub_rows(name: str) -> list[dict]:
+def hub_rows(name: str, fix: str | None = None) -> list[dict]:
     """All rows of a reference dataset's split from the Hugging Face hub, or from datasets' cache where the hub is not
     reachable (HF_HUB_OFFLINE, or no answer to one short request): datasets' own retries took ~24 s to get there. An
-    error names the local options."""
+    error says why and then `fix`, what the user does instead (default: the loader's local options)."""
     spec = DATASETS[name]
     import datasets
 
@@ -290,10 +353,10 @@ def hub_rows(name: str) -> list[dict]:
         cause = (f"{unreachable}, and no copy of it is cached" if unreachable else
                  f"HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set and no cached copy loads ({error})" if offline else
                  error)
-    raise ToolkitError(
-        f"cannot load {spec.hub_id} from the hub ({cause}). Give the path of a local JSONL file instead of the name "
-        f"(path/to/{spec.file_name}; copies live in the shared data folder), use the bundled '{name}-sample', or run "
-        "`toolkit data download --out DIR` where the hub is reachable")
+    raise ToolkitError(f"cannot load {spec.hub_id} from the hub ({cause}). " + (fix or (
+        f"Give the path of a local JSONL file instead of the name (path/to/{spec.file_name}; copies live in the shared "
+        f"data folder), use the bundled '{name}-sample', or run `toolkit data download --out DIR` where the hub is "
+        "reachable")))
 
 
 @contextmanager
@@ -332,10 +395,12 @@ def download(out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     written = []
     for name, spec in DATASETS.items():
-        keep = ("sentence1", "sentence2", "score") if spec.kind == "pairs" else (
-            "query_id", "query", "positive_passages", "negative_passages")
-        lines = [json.dumps(_hub_fields(row, keep, spec, i), ensure_ascii=False) + "\n"
-                 for i, row in enumerate(hub_rows(name), 1)]
+        # this command is the hub's way in: without it, the file comes from elsewhere
+        fix = (f"This command needs the hub: run it where the hub is reachable (HF_HUB_OFFLINE unset) and copy "
+               f"{spec.file_name} from its --out folder to {out_dir}, or pass `toolkit eval --dataset` the path of a "
+               f"JSONL copy (the shared data folder holds them) or the bundled '{name}-sample'")
+        lines = [json.dumps(_hub_fields(row, ROW_FIELDS[spec.kind], spec, i), ensure_ascii=False) + "\n"
+                 for i, row in enumerate(hub_rows(name, fix), 1)]
         path = out_dir / spec.file_name
         _write_atomically(path, lines)
         written.append(path)

@@ -75,32 +75,50 @@ def recall_at_k(scores, labels, k: int = 10) -> float:
     return float(rel[:k].sum() / rel.sum())
 
 
-def reranking_metrics(per_query_scores: list, per_query_labels: list) -> dict:
-    """MAP, MRR@10, NDCG@10 and Recall@1/5/10 averaged over the queries that have a positive, plus the counts of
-    queries used and left out. All NaN when any score is not finite (NaN sorts as a number would not: a ranking of
-    NaN scores is no ranking, and a real-looking MAP from it would hide that), as `sts_correlations` is."""
+def per_query_metrics(per_query_scores: list, per_query_labels: list) -> dict[str, np.ndarray]:
+    """MAP's, MRR@10's, NDCG@10's and Recall@1/5/10's value for each query (NaN for a query without a positive)."""
     pairs = list(zip(per_query_scores, per_query_labels))
-    finite = all(np.isfinite(np.asarray(s, dtype=np.float64)).all() for s, _ in pairs)
     columns = {"map": [average_precision(s, lab) for s, lab in pairs],
                "mrr@10": [reciprocal_rank(s, lab, 10) for s, lab in pairs],
                "ndcg@10": [ndcg(s, lab, 10) for s, lab in pairs]}
     for k in RECALL_CUTOFFS:
         columns[f"recall@{k}"] = [recall_at_k(s, lab, k) for s, lab in pairs]
-    valid = ~np.isnan(np.asarray(columns["map"], dtype=np.float64))
-    out = {name: float(np.mean(np.asarray(values)[valid])) if valid.any() and finite else float("nan")
+    return {name: np.asarray(values, dtype=np.float64) for name, values in columns.items()}
+
+
+def reranking_metrics(per_query_scores: list, per_query_labels: list) -> dict:
+    """MAP, MRR@10, NDCG@10 and Recall@1/5/10 averaged over the queries that have a positive, plus the counts of
+    queries used and left out. All NaN when any score is not finite (NaN sorts as a number would not: a ranking of
+    NaN scores is no ranking, and a real-looking MAP from it would hide that), as `sts_correlations` is."""
+    finite = all(np.isfinite(np.asarray(s, dtype=np.float64)).all() for s in per_query_scores)
+    columns = per_query_metrics(per_query_scores, per_query_labels)
+    valid = ~np.isnan(columns["map"])
+    out = {name: float(np.mean(values[valid])) if valid.any() and finite else float("nan")
            for name, values in columns.items()}
     return {**out, "queries": int(valid.sum()), "queries_without_positive": int((~valid).sum())}
 
 
+def queries_lower(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> dict[str, tuple[int, int]]:
+    """For each metric of two runs' `per_query_metrics`: on how many queries `candidate` scores below `reference`, and
+    of how many (those with a positive): what a drop of the mean stands for."""
+    return {name: (int(np.sum(candidate[name] < values)), int(np.sum(~np.isnan(values))))
+            for name, values in reference.items()}
+
+
 def ranking_agreement(scores_a: list, scores_b: list) -> dict:
-    """Kendall tau between two engines' rankings of each query's passages (mean and worst query)."""
+    """Kendall tau between two engines' rankings of each query's passages: mean and worst over the queries where it
+    is defined, and how many it is not (`queries_without_kendall_tau`: one passage, all of a query's passages tied in
+    either engine, or a non-finite score). Those are left out, never counted as agreeing: tau is undefined there, as
+    it is for the task's own measure over all items; NaN where no query has one."""
     from scipy import stats
 
-    taus = []
-    for a, b in zip(scores_a, scores_b):
-        tau = stats.kendalltau(a, b).statistic
-        taus.append(1.0 if np.isnan(tau) and np.array_equal(np.argsort(a), np.argsort(b)) else tau)
-    taus = np.asarray(taus, dtype=np.float64)
-    if not len(taus) or np.isnan(taus).all():
-        return {"kendall_tau_mean": float("nan"), "kendall_tau_min": float("nan")}
-    return {"kendall_tau_mean": float(np.nanmean(taus)), "kendall_tau_min": float(np.nanmin(taus))}
+    # one passage: no pair to order (scipy would warn of a small sample)
+    taus = np.asarray([stats.kendalltau(a, b).statistic if len(a) > 1 else np.nan for a, b in zip(scores_a, scores_b)],
+                      dtype=np.float64)
+    defined = taus[np.isfinite(taus)]
+    undefined = len(taus) - len(defined)
+    if not len(defined):
+        return {"kendall_tau_mean": float("nan"), "kendall_tau_min": float("nan"),
+                "queries_without_kendall_tau": undefined}
+    return {"kendall_tau_mean": float(np.mean(defined)), "kendall_tau_min": float(np.min(defined)),
+            "queries_without_kendall_tau": undefined}

@@ -17,18 +17,26 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.api import check_instruction, check_set, model_class
+from toolkit.api import _check_instruction_text, check_instruction, check_set, model_class
 from toolkit.artifact import Manifest
 from toolkit.errors import ToolkitError, is_integer
 from toolkit.eval.datasets import (
     DatasetSpec,
+    check_format,
     check_kind,
     check_limit,
     check_scorable,
+    names_of_kind,
     read_examples,
     resolve_dataset,
 )
-from toolkit.eval.metrics import ranking_agreement, reranking_metrics, sts_correlations
+from toolkit.eval.metrics import (
+    per_query_metrics,
+    queries_lower,
+    ranking_agreement,
+    reranking_metrics,
+    sts_correlations,
+)
 from toolkit.report import format_table
 from toolkit.tasks import Task, get_task
 
@@ -43,7 +51,8 @@ class EvalOptions:
     `run="torch"`); `checkpoint`: the torch reference (default: the one the artifact was built from); `run`: "both" |
     "torch" | "artifact"; `limit`: the first N examples; `data_dir`: where `toolkit data download` wrote the JSONL;
     `max_drop`: how far the artifact may trail torch on any metric; `instances`: engine instances per artifact;
-    `instruction`: overrides the dataset's instruction ("" means no instruction prefix at all)."""
+    `instruction`: overrides the dataset's instruction ("" means no instruction prefix at all); `data_format`: the
+    format of a JSONL path (`sts12`, `bq`, `msmarco`; None: told by its first row and its file name)."""
 
     task: str
     dataset: str
@@ -55,6 +64,7 @@ class EvalOptions:
     max_drop: float = DEFAULT_MAX_DROP
     instances: int = 1
     instruction: str | None = None
+    data_format: str | None = None
 
     @property
     def sides(self) -> tuple[str, ...]:
@@ -75,8 +85,8 @@ class EvalOptions:
                                f"got {self.max_drop!r}")
         if not is_integer(self.instances) or self.instances < 1:
             raise ToolkitError(f"instances must be an integer >= 1, got {self.instances!r}")
-        if self.instruction is not None and not isinstance(self.instruction, str):
-            raise ToolkitError(f"instruction must be a text (\"\" for none), got {type(self.instruction).__name__}")
+        _check_instruction_text(self.instruction)
+        check_format(self.data_format)
         if self.artifact is None and "artifact" in self.sides:
             raise ToolkitError("--artifact DIR is required unless --run torch (with --checkpoint)")
         if self.artifact is None and self.checkpoint is None:
@@ -86,18 +96,20 @@ class EvalOptions:
 
 def run_model(model, task: Task, spec: DatasetSpec, examples: list, instruction: str) -> dict:
     """One engine on the dataset: `items` (the finished outputs compared between engines: embeddings or P(yes)),
-    `per_query` scores (ranking data), `metrics`, `seconds` and the count of non-finite output values."""
+    `per_query` scores and `per_query_metrics` (ranking data), `metrics`, `seconds` and the count of non-finite output
+    values."""
     started = time.perf_counter()
     if spec.kind == "pairs":
         items, similarity = task.score_pairs(model, examples, instruction)
         metrics = sts_correlations(similarity, np.array([e.score for e in examples]), spec.score_range)
-        per_query = None
+        per_query = per_query_values = None
     else:
         items, per_query = task.rank_passages(model, [e.query for e in examples], [e.passages for e in examples],
                                               instruction)
         metrics = reranking_metrics(per_query, [e.labels for e in examples])
+        per_query_values = per_query_metrics(per_query, [e.labels for e in examples])
     items = np.asarray(items)
-    return {"items": items, "per_query": per_query, "metrics": metrics,
+    return {"items": items, "per_query": per_query, "per_query_metrics": per_query_values, "metrics": metrics,
             "seconds": time.perf_counter() - started, "nonfinite": int((~np.isfinite(items)).sum())}
 
 
@@ -127,10 +139,12 @@ def output_failures(runs: dict) -> dict:
     return {f"{side} outputs": f"{r['nonfinite']} non-finite values" for side, r in runs.items() if r["nonfinite"]}
 
 
-def gate(metrics: dict, delta: dict | None, max_drop: float, side: str = "artifact") -> dict:
+def gate(metrics: dict, delta: dict | None, max_drop: float, side: str = "artifact",
+         lower: dict[str, tuple[int, int]] | None = None) -> dict:
     """Why the metrics of the `side` run fail, `{what: reason}` (empty: they pass). They fail on any metric that is not
     finite, on any delta that is missing or not finite (with `delta=None`, i.e. one run only, deltas are not checked),
-    and on any metric more than `max_drop` below torch."""
+    and on any metric more than `max_drop` below torch: on ranking data `lower` (`queries_lower`) says on how many of
+    the queries, as a mean that drops on one query in 30 is another finding than one that drops on all."""
     failures = {}
     keys = metric_keys(metrics) + [k for k in (delta or {}) if k not in metrics]
     for k in keys:
@@ -142,7 +156,8 @@ def gate(metrics: dict, delta: dict | None, max_drop: float, side: str = "artifa
         elif not isinstance(delta.get(k), float) or not math.isfinite(delta[k]):
             failures[k] = f"delta is {delta.get(k)} (the torch value is not finite)"
         elif -delta[k] > max_drop:
-            failures[k] = f"{-delta[k]:.4f} below torch (max drop {max_drop})"
+            where = f" on {lower[k][0]} of {lower[k][1]} queries" if lower and k in lower else ""
+            failures[k] = f"{-delta[k]:.4f} below torch{where} (max drop {max_drop})"
     return failures
 
 
@@ -156,6 +171,20 @@ def checkpoint_hint(manifest: Manifest, checkpoint: str, named: bool) -> str:
     return f"if {checkpoint} changed since the set was built, recompile the set from it"
 
 
+def refuse_bare_inputs(task: Task, path: str | Path, manifests: list[Manifest], kind: str, what: str) -> None:
+    """Refuse the set at `path` where it was compiled for one instruction (its tokens cached: every input must carry
+    it) and `what` (e.g. "msmarco", "the demo") feeds it data of `kind`, which holds texts without it
+    (`Task.bare_inputs`). The message says what a CLI user runs instead; checked before any model loads."""
+    fixed = manifests[0].instruction
+    if fixed is None or not task.bare_inputs(kind):
+        return
+    usable = [n for k in task.dataset_kinds if not task.bare_inputs(k) for n in names_of_kind(k)]
+    raise ToolkitError(f"{path} was compiled with --instruction {fixed!r}: it takes only texts carrying it (its tokens "
+                       f"are cached), and {what} also has texts without it: for {what}, use a set compiled without "
+                       f"--instruction (`toolkit compile CONFIG` without it); this set runs `toolkit eval --dataset "
+                       f"{'|'.join(usable)} --instruction {fixed!r}`")
+
+
 def evaluate(options: EvalOptions) -> dict:
     """Run torch and/or the artifact on the dataset; returns the result record: metrics and wall time per run, the
     instruction used, with both runs the deltas and the parity, and the verdict (`passed`, `failures`): non-finite
@@ -164,22 +193,21 @@ def evaluate(options: EvalOptions) -> dict:
         raise ToolkitError(f"evaluate takes an EvalOptions, got {type(options).__name__}")
     options.check()
     task = get_task(options.task)
-    name, spec, source = resolve_dataset(str(options.dataset), options.data_dir)
+    name, spec, source = resolve_dataset(str(options.dataset), options.data_dir, options.data_format)
     check_kind(task, name, spec)
     manifests = None if options.artifact is None else \
         check_set(options.artifact, task, lambda found: f"pass --task {found} or a {task.name} artifact")
     examples = read_examples(name, spec, source, options.limit)
     check_scorable(name, spec, examples)  # before any model runs: an undefined metric is the data's fault
     instruction = spec.instruction if options.instruction is None else options.instruction
-    if manifests:  # before any model runs
+    if manifests:  # before any model runs; the data first: no instruction makes it fit
+        refuse_bare_inputs(task, options.artifact, manifests, spec.kind, name)
         check_instruction(manifests[0].instruction, instruction)
-        if manifests[0].instruction is not None and task.bare_inputs(spec.kind):
-            raise ToolkitError(f"{options.artifact} takes only inputs with the instruction "
-                               f"{manifests[0].instruction!r} (compiled for it), and {name} also has texts without it "
-                               "(passages): evaluate a set compiled without --instruction")
     cls = model_class(task)
+    # the same keys whatever ran: null for an engine that did not
     result = {"task": task.name, "dataset": name, "source": str(options.dataset), "examples": len(examples),
-              "instruction": instruction, "runs": {}}
+              "instruction": instruction, "checkpoint": None, "artifact": None, "runs": {}, "delta": None,
+              "parity": None}
     runs = {}
     compiled = None
     if "artifact" in options.sides:
@@ -199,7 +227,7 @@ def evaluate(options: EvalOptions) -> dict:
             compiled.close()
     for k, r in runs.items():
         result["runs"][k] = {"metrics": r["metrics"], "seconds": r["seconds"], "nonfinite": r["nonfinite"]}
-    delta = None
+    delta = lower = None
     failures = output_failures(runs)
     if len(runs) == 2:
         delta = result["delta"] = metric_deltas(runs["torch"]["metrics"], runs["artifact"]["metrics"])
@@ -209,8 +237,10 @@ def evaluate(options: EvalOptions) -> dict:
         if not agreement["passed"]:
             failures["parity"] = (f"{task.format_agreement(agreement)}; {dtype} needs {agreement['tolerance']}; "
                                   + checkpoint_hint(manifests[0], checkpoint, options.checkpoint is not None))
+        if runs["torch"]["per_query_metrics"] is not None:
+            lower = queries_lower(runs["torch"]["per_query_metrics"], runs["artifact"]["per_query_metrics"])
     judged = "artifact" if "artifact" in runs else "torch"
-    failures.update(gate(runs[judged]["metrics"], delta, options.max_drop, judged))
+    failures.update(gate(runs[judged]["metrics"], delta, options.max_drop, judged, lower))
     result.update(max_drop=options.max_drop, passed=not failures, failures=failures)
     return result
 
@@ -229,10 +259,10 @@ def eval_tables(result: dict) -> str:
     rows = []
     for k in metric_keys(runs[names[0]]["metrics"]):
         row = [k] + [runs[n]["metrics"][k] for n in names]
-        if "delta" in result:
+        if result["delta"] is not None:
             row.append(result["delta"].get(k, float("nan")))
         rows.append(row)
-    headers = ["metric"] + names + (["delta"] if "delta" in result else [])
+    headers = ["metric"] + names + (["delta"] if result["delta"] is not None else [])
     title = (f"{result['task']} on {result['dataset']} ({result['examples']} examples from {result['source']}), "
              f"instruction {result['instruction']!r}")
     out = format_table(headers, rows, title=title)
@@ -240,10 +270,13 @@ def eval_tables(result: dict) -> str:
     skipped = runs[names[0]]["metrics"].get("queries_without_positive")
     if skipped:
         out += f"\n{skipped} queries without a positive passage left out of the means"
-    if "parity" in result:
+    if result["parity"] is not None:
         out += "\n\n" + format_table(["parity (torch vs artifact)", "value"],
                                      [[k, _parity_value(v)] for k, v in result["parity"].items()])
-    what = "artifact vs torch" if "delta" in result else names[0]
+        if untied := result["parity"].get("queries_without_kendall_tau"):
+            out += (f"\n{untied} queries without a Kendall tau (one passage, or all of them tied in an engine) left "
+                    "out of its mean and min")
+    what = "artifact vs torch" if result["delta"] is not None else names[0]
     verdict = "OK" if result["passed"] else "FAIL (" + "; ".join(
         f"{k}: {why}" for k, why in result["failures"].items()) + ")"
     return out + f"\n\n{what}: {verdict}"

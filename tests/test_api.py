@@ -238,6 +238,17 @@ def test_instructions_and_flags_of_the_wrong_type_are_refused(onnx_artifacts):
             rr.rerank("q", ["d"], return_documents="yes")
 
 
+def test_a_whitespace_instruction_is_refused(onnx_artifacts):
+    """An embedding query was formatted with an instruction line holding no instruction; "" still means none."""
+    with Embedder.from_artifacts(onnx_artifacts["embedding"][0]) as emb:
+        with pytest.raises(ToolkitError, match=r"^the instruction ' \\n' is only whitespace: give one with words, "):
+            emb.encode_queries(["a"], instruction=" \n")
+        assert emb.format(["a"], instruction="") == ["a"]
+    with Reranker.from_artifacts(onnx_artifacts["reranker"][1]) as rr:
+        with pytest.raises(ToolkitError, match="^the instruction '  ' is only whitespace"):
+            rr.score([("q", "d")], instruction="  ")
+
+
 def test_rerank_takes_sentence_transformers_top_k(onnx_artifacts):
     docs = ["Beijing.", "Gravity pulls.", "Paris is in France."]
     with Reranker.from_artifacts(onnx_artifacts["reranker"][1]) as rr:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -18,12 +19,12 @@ from toolkit.artifact import Manifest
 from toolkit.cli import main
 from toolkit.errors import ToolkitError
 from toolkit.eval.cli import eval_cmd
-from toolkit.eval.datasets import load_dataset
-from toolkit.eval.run import EvalOptions, evaluate
+from toolkit.eval.datasets import SAMPLE_FILES, load_dataset
+from toolkit.eval.run import EvalOptions, eval_tables, evaluate
 from toolkit.synth import write_synthetic_checkpoint
-from toolkit.tasks import SIMILARITY_INSTRUCTION, TASKS, WEB_SEARCH_INSTRUCTION
+from toolkit.tasks import EMBEDDING, SIMILARITY_INSTRUCTION, TASKS, WEB_SEARCH_INSTRUCTION
 
-from conftest import copy_artifact
+from conftest import build, copy_artifact
 
 RANKING_METRICS = {"map", "mrr@10", "ndcg@10", "recall@1", "recall@5", "recall@10"}
 
@@ -135,6 +136,52 @@ def test_non_finite_torch_outputs_fail_and_json_holds_null(checkpoints, tmp_path
     assert written["runs"]["torch"]["metrics"]["spearman"] is None and not written["passed"]
 
 
+def test_eval_json_has_the_same_keys_whatever_runs(onnx_artifacts, checkpoints, tmp_path):
+    artifact = str(onnx_artifacts["embedding"][1].parent)
+    written = {}
+    for run in ("both", "torch", "artifact"):
+        out = tmp_path / f"{run}.json"
+        r = CliRunner().invoke(main, ["eval", "--task", "embedding", "--dataset", "sts12-sample", "--limit", "5",
+                                      "--run", run, "--artifact", artifact, "--json", str(out)])
+        assert r.exit_code == 0, r.output
+        written[run] = json.loads(out.read_text())
+    assert set(written["torch"]) == set(written["artifact"]) == set(written["both"]), written
+    assert written["torch"]["artifact"] is None and written["torch"]["checkpoint"] == str(checkpoints["embedding"])
+    assert written["artifact"]["checkpoint"] is None and written["artifact"]["artifact"] == artifact
+    assert written["torch"]["delta"] is written["torch"]["parity"] is None and written["both"]["parity"]
+
+
+def test_eval_cli_states_the_format_of_a_file(checkpoints, tmp_path):
+    path = tmp_path / "bq_paraphrases.jsonl"  # STS12 rows, in a file whose name says BQ
+    shutil.copy(SAMPLE_FILES["sts12-sample"][1], path)
+    args = ["eval", "--task", "embedding", "--dataset", str(path), "--limit", "5", "--run", "torch",
+            "--checkpoint", str(checkpoints["embedding"])]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and "outside bq's gold range 0..1; pass --format sts12" in r.output, r.output
+    r = CliRunner().invoke(main, args + ["--format", "sts12"])
+    assert r.exit_code == 0 and "embedding on sts12 (5 examples" in r.output, r.output
+
+
+def test_a_metric_drop_says_on_how_many_queries_and_tied_rankings_have_no_kendall_tau(onnx_artifacts, monkeypatch):
+    """A mean that drops on one query of eight says so; a query whose passages both engines tie is left out of the
+    Kendall tau (was counted as 1.0)."""
+    def rank_passages(self, model, queries, passages, instruction):
+        # the passages in file order (positives first), but the artifact puts query 0's last; query 1's are all tied
+        scores = [-np.arange(len(ps), dtype=np.float64) for ps in passages]
+        scores[1][:] = 0.0
+        if model.manifests:
+            scores[0] = scores[0][::-1].copy()
+        return np.eye(4)[[0] * len(queries)], scores
+
+    monkeypatch.setattr(type(EMBEDDING), "rank_passages", rank_passages)
+    result = evaluate(EvalOptions(task="embedding", dataset="msmarco-sample",
+                                  artifact=onnx_artifacts["embedding"][1].parent))
+    assert result["failures"]["mrr@10"].startswith(f"{-result['delta']['mrr@10']:.4f} below torch on 1 of 8 queries")
+    assert result["parity"]["queries_without_kendall_tau"] == 1 and result["parity"]["kendall_tau_mean"] < 1.0
+    assert "1 queries without a Kendall tau (one passage, or all of them tied in an engine) left out of its mean" \
+        in eval_tables(result)
+
+
 @pytest.fixture
 def embedded_texts(monkeypatch):
     """Every text the Embedder embeds (after query formatting), in order."""
@@ -242,6 +289,39 @@ def test_eval_cli_json_write_that_fails_late_names_the_path(monkeypatch):
 def test_evaluate_takes_options_only():
     with pytest.raises(ToolkitError, match="evaluate takes an EvalOptions"):
         evaluate("embedding")
+
+
+def test_eval_cli_refuses_a_whitespace_instruction_before_the_run(no_eval_run):
+    r = CliRunner().invoke(main, ["eval", "--task", "embedding", "--dataset", "sts12-sample", "--run", "torch",
+                                  "--checkpoint", "unused", "--instruction", "  "])
+    assert r.exit_code == 2 and "the instruction '  ' is only whitespace: give one with words" in r.output, r.output
+
+
+def test_demo_off_tolerance_names_the_checkpoint_as_eval_does(onnx_artifacts, checkpoints, tmp_path):
+    other = write_synthetic_checkpoint(tmp_path / "other", "embedding", "tiny", seed=5)
+    hint = f"torch ran {other}, but the set was built from {checkpoints['embedding'].resolve()}: pass --checkpoint"
+    args = ["--task", "embedding", "--artifact", str(onnx_artifacts["embedding"][1]), "--checkpoint", str(other)]
+    r = CliRunner().invoke(main, ["demo", *args])
+    assert r.exit_code == 1 and "FAIL" in r.output and hint in r.output, r.output
+    r = CliRunner().invoke(main, ["eval", "--dataset", "sts12-sample", "--limit", "5", *args])
+    assert r.exit_code == 1 and hint in r.output, r.output
+
+
+def test_a_set_for_query_instructions_is_refused_by_the_demo_and_on_passages_naming_the_commands(
+        checkpoints, tmp_path, monkeypatch):
+    [artifact] = build(checkpoints, tmp_path, "embedding", seq_lens=(32,), instruction="Find paraphrases")
+    monkeypatch.setattr(demo, "model_class", lambda task: pytest.fail("a model was loaded"))
+    monkeypatch.setattr("toolkit.eval.run.model_class", lambda task: pytest.fail("a model was loaded"))
+    fix = (", use a set compiled without --instruction (`toolkit compile CONFIG` without it); this set runs "
+           "`toolkit eval --dataset sts12|bq|sts12-sample|bq-sample --instruction 'Find paraphrases'`")
+    r = CliRunner().invoke(main, ["demo", "--task", "embedding", "--artifact", str(artifact.parent)])
+    assert r.exit_code == 2 and f"{artifact.parent} was compiled with --instruction 'Find paraphrases'" in r.output
+    assert f"the demo also has texts without it: for the demo{fix}" in r.output, r.output
+    assert "encode_queries" not in r.output
+    for instruction in ([], ["--instruction", "Find paraphrases"]):  # the data's fault, whatever the instruction
+        r = CliRunner().invoke(main, ["eval", "--task", "embedding", "--dataset", "msmarco-sample",
+                                      "--artifact", str(artifact.parent), *instruction])
+        assert r.exit_code == 2 and f"msmarco also has texts without it: for msmarco{fix}" in r.output, r.output
 
 
 def test_demo_cli(onnx_artifacts):

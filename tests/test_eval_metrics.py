@@ -15,6 +15,8 @@ from toolkit.eval.datasets import DATASETS, download, load_dataset, resolve_data
 from toolkit.eval.metrics import (
     average_precision,
     ndcg,
+    per_query_metrics,
+    queries_lower,
     ranking_agreement,
     recall_at_k,
     reciprocal_rank,
@@ -105,6 +107,16 @@ def test_ranking_agreement():
     assert ranking_agreement([[0.1, 0.5, 0.9]], [[0.9, 0.5, 0.1]])["kendall_tau_min"] == -1.0
 
 
+def test_kendall_tau_leaves_out_queries_where_it_is_undefined_and_counts_them():
+    # all tied in both engines (was counted as 1.0 in the mean), all tied in one, one passage: no tau, as the task's
+    # own measure over all items has none for tied outputs
+    tied, disagree = [0.5, 0.5, 0.5], ([0.1, 0.2, 0.3], [0.3, 0.2, 0.1])
+    stats = ranking_agreement([tied, tied, [0.4], disagree[0]], [tied, [0.1, 0.2, 0.3], [0.4], disagree[1]])
+    assert stats == {"kendall_tau_mean": -1.0, "kendall_tau_min": -1.0, "queries_without_kendall_tau": 3}
+    stats = ranking_agreement([tied], [tied])
+    assert math.isnan(stats["kendall_tau_mean"]) and stats["queries_without_kendall_tau"] == 1
+
+
 def test_gate_passes_small_drops_and_names_each_failure():
     artifact = {"spearman": 0.80, "pearson": 0.70}
     assert gate(artifact, {"spearman": -0.005, "pearson": 0.01}, DEFAULT_MAX_DROP) == {}
@@ -130,6 +142,21 @@ def test_non_finite_outputs_fail_either_run():
     runs = {"torch": {"nonfinite": 3}, "artifact": {"nonfinite": 0}}
     assert output_failures(runs) == {"torch outputs": "3 non-finite values"}
     assert output_failures({"artifact": {"nonfinite": 4}}) == {"artifact outputs": "4 non-finite values"}
+
+
+def test_a_ranking_drop_says_on_how_many_queries():
+    torch_scores = [[0.9, 0.1, 0.2]] * 30  # the positive first on every query
+    artifact_scores = [[0.1, 0.9, 0.2]] + torch_scores[1:]  # one query's positive falls to third
+    labels = [[1, 0, 0]] * 30
+    lower = queries_lower(per_query_metrics(torch_scores, labels), per_query_metrics(artifact_scores, labels))
+    assert lower["mrr@10"] == (1, 30) and lower["recall@5"] == (0, 30)
+    delta = {"mrr@10": -1 / 45, "recall@5": 0.0}
+    failures = gate({"mrr@10": 1 - 1 / 45, "recall@5": 1.0}, delta, DEFAULT_MAX_DROP, lower=lower)
+    assert failures == {"mrr@10": "0.0222 below torch on 1 of 30 queries (max drop 0.01)"}
+    # a query without a positive is not one the mean covers
+    lower = queries_lower(per_query_metrics(torch_scores[:2], [[1, 0, 0], [0, 0, 0]]),
+                          per_query_metrics(artifact_scores[:2], [[1, 0, 0], [0, 0, 0]]))
+    assert lower["map"] == (1, 1)
 
 
 def test_gate_names_the_run_it_judges():
@@ -175,6 +202,7 @@ def test_data_that_cannot_define_the_metrics_is_refused_before_any_model_runs(tm
     ({"max_drop": float("inf")}, "max_drop"), ({"instances": 0}, "instances must be an integer >= 1"),
     ({"run": "engine"}, "run must be one of both, torch, artifact"), ({"task": "nope"}, "task must be one of"),
     ({"artifact": None}, "--artifact DIR is required"), ({"instruction": 3}, "instruction must be a text"),
+    ({"instruction": " \t"}, "is only whitespace: give one with words"), ({"data_format": "sts"}, "format must be"),
     ({"artifact": None, "run": "torch"}, "needs --checkpoint"),
 ])
 def test_options_are_checked_up_front(bad, message):
@@ -183,6 +211,41 @@ def test_options_are_checked_up_front(bad, message):
         EvalOptions(**options).check()
     assert EvalOptions(task="embedding", dataset="x", run="torch", checkpoint="c", limit=1).check().sides == (
         "torch",)
+
+
+STS_ROWS = [{"sentence1": "a", "sentence2": "b", "score": 0.5}, {"sentence1": "c", "sentence2": "d", "score": 3.2}]
+
+
+def test_format_stated_instead_of_told_by_the_file_name(tmp_path):
+    path = _rows(tmp_path / "bq_paraphrases.jsonl", STS_ROWS)  # STS scores in a file whose name says BQ
+    with pytest.raises(ToolkitError, match=r"bq_paraphrases.jsonl:2: score 3.2 is outside bq's gold range 0..1; "
+                                           r"pass --format sts12 for a file of such scores$"):
+        load_dataset(path)
+    name, spec, rows = load_dataset(path, data_format="sts12")
+    assert name == "sts12" and spec.score_range == (0.0, 5.0) and [r.score for r in rows] == [0.5, 3.2]
+    assert resolve_dataset(path, data_format="bq")[0] == "bq"  # stated: nothing read to tell it
+
+
+@pytest.mark.parametrize("rows, data_format, message", [
+    (STS_ROWS, "msmarco", r"data.jsonl:1: the row has sts12 / bq fields \(sentence1, sentence2, score\), none of "
+                          r"msmarco's .*, and the file is read as msmarco: pass --format sts12 or bq if it is"),
+    ([{"query_id": "1", "query": "q", "positive_passages": [{"text": "t"}]}], "sts12",
+     r"data.jsonl:1: the row has msmarco fields \(query_id, query, positive_passages\), none of sts12's "
+     r"\(sentence1, sentence2, score\), and the file is read as sts12: pass --format msmarco"),
+    (STS_ROWS[:1] + [{"query_id": "1", "query": "q", "positive_passages": [{"text": "t"}]}], None,
+     r"data.jsonl:2: the row has msmarco fields"),  # told by the first row: a later one of another format
+])
+def test_rows_of_another_format_name_the_row_and_the_fix(tmp_path, rows, data_format, message):
+    with pytest.raises(ToolkitError, match=message):
+        load_dataset(_rows(tmp_path / "data.jsonl", rows), data_format=data_format)
+
+
+def test_format_of_a_dataset_name_must_be_its_own():
+    with pytest.raises(ToolkitError, match="sts12-sample is sts12 data, not bq: --format states the format of a JSONL"):
+        resolve_dataset("sts12-sample", data_format="bq")
+    assert resolve_dataset("sts12-sample", data_format="sts12")[0] == "sts12"
+    with pytest.raises(ToolkitError, match="format must be one of sts12, bq, msmarco, got 'sts'"):
+        resolve_dataset("sts12-sample", data_format="sts")
 
 
 def test_limit_is_checked_by_the_loader_too():
@@ -237,15 +300,21 @@ def test_bundled_samples_load():
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"sentence1": "a", "sentence2": "b"}, "line 2.*'score'|:2: field 'score'"),
-    ({"sentence1": "", "sentence2": "b", "score": 1}, ":2: field 'sentence1'"),
-    ({"sentence1": "a", "sentence2": "b", "score": 7}, ":2: score 7.0 is outside"),
+    ({"sentence1": "a", "sentence2": "b"}, ":2: field 'score' is missing"),
+    ({"sentence1": "", "sentence2": "b", "score": 1}, ":2: field 'sentence1' must be a non-empty text, got an empty"),
+    ({"sentence1": "a", "sentence2": "b", "score": 7}, ":2: score 7 is outside sts12's gold range 0..5$"),
+    ({"sentence1": "a", "sentence2": "b", "score": "3"}, ":2: field 'score' must be a number, got the text '3'"),
+    ({"sentence1": "a", "sentence2": "b", "score": None}, ":2: field 'score' must be a number, got null"),
+    ({"sentence1": 5, "sentence2": "b", "score": 1}, ":2: field 'sentence1' must be a non-empty text, got the number"),
+    (None, ":2: expected a JSON object .*, got null"),
+    ([1, 2], ":2: expected a JSON object .*, got a list"),
 ])
-def test_malformed_pair_rows_name_the_line(tmp_path, row, message):
+def test_malformed_pair_rows_name_the_line_in_words(tmp_path, row, message):
     path = tmp_path / "sts12_bad.jsonl"
     path.write_text(json.dumps({"sentence1": "a", "sentence2": "b", "score": 3.0}) + "\n" + json.dumps(row) + "\n")
-    with pytest.raises(ToolkitError, match=message):
+    with pytest.raises(ToolkitError, match=message) as e:
         load_dataset(str(path))
+    assert not any(word in str(e.value) for word in ("<class", "NoneType", "'int'", " str,", " list,")), str(e.value)
 
 
 def test_malformed_msmarco_and_json_rows_name_the_line(tmp_path):
@@ -253,8 +322,17 @@ def test_malformed_msmarco_and_json_rows_name_the_line(tmp_path):
     good = {"query_id": "1", "query": "q", "positive_passages": [{"docid": "1", "title": "", "text": "t"}],
             "negative_passages": []}
     path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "positive_passages": [{"docid": "2"}]}) + "\n")
-    with pytest.raises(ToolkitError, match=r"ms.jsonl:2 positive_passages\[0\]: field 'text'"):
+    with pytest.raises(ToolkitError, match=r"ms.jsonl:2 positive_passages\[0\]: field 'text' is missing"):
         load_dataset(str(path))
+    for bad, message in [({"query_id": 1.5}, "field 'query_id' must be a text or an integer, got the number 1.5"),
+                         ({"query_id": None}, "field 'query_id' must be a text or an integer, got null"),
+                         ({"positive_passages": {"text": "t"}}, "field 'positive_passages' must be a list, got an "
+                                                                "object"),
+                         ({"positive_passages": [{"text": "t", "title": 3}]}, "field 'title' must be a text, got the "
+                                                                             "number 3")]:
+        path.write_text(json.dumps(good) + "\n" + json.dumps({**good, **bad}) + "\n")
+        with pytest.raises(ToolkitError, match=message):
+            load_dataset(str(path))
     path.write_text(json.dumps(good) + "\n{broken\n")
     with pytest.raises(ToolkitError, match=r"ms.jsonl:2: not valid JSON"):
         load_dataset(str(path))
@@ -318,7 +396,7 @@ HUB_ROWS = {  # one row per dataset, as the hub has them (with a field `download
 
 
 def test_download_writes_files_the_loader_reads(tmp_path, monkeypatch):
-    monkeypatch.setattr(eval_datasets, "hub_rows", lambda name: HUB_ROWS[name])
+    monkeypatch.setattr(eval_datasets, "hub_rows", lambda name, fix=None: HUB_ROWS[name])
     written = download(tmp_path / "data")
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(p.name for p in written)  # no .part left
     assert json.loads((tmp_path / "data" / "sts12_test.jsonl").read_text()) == {"sentence1": "a", "sentence2": "b",
@@ -348,9 +426,13 @@ def test_failed_download_leaves_no_file(tmp_path, monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
-    with pytest.raises(ToolkitError, match="cannot load mteb/sts12-sts from the hub.*toolkit data download"):
+    with pytest.raises(ToolkitError, match="cannot load mteb/sts12-sts from the hub") as e:
         download(tmp_path)
     assert list(tmp_path.iterdir()) == []
+    # what to do from within `data download` (not the loader's advice to run it)
+    assert f"run it where the hub is reachable (HF_HUB_OFFLINE unset) and copy sts12_test.jsonl from its --out " \
+           f"folder to {tmp_path}" in str(e.value), str(e.value)
+    assert "run `toolkit data download" not in str(e.value) and "'sts12-sample'" in str(e.value)
     with pytest.raises(ToolkitError, match="has no sts12_test.jsonl"):  # not "no rows": no partial file is left
         resolve_dataset("sts12", tmp_path)
 
@@ -363,7 +445,7 @@ def test_failed_download_leaves_no_file(tmp_path, monkeypatch):
 
 def test_hub_row_missing_a_field_names_it_and_leaves_no_file(tmp_path, monkeypatch):
     rows = {**HUB_ROWS, "sts12": [HUB_ROWS["sts12"][0], {"sentence1": "a", "sentence2": "b", "gold": 3}]}
-    monkeypatch.setattr(eval_datasets, "hub_rows", lambda name: rows[name])
+    monkeypatch.setattr(eval_datasets, "hub_rows", lambda name, fix=None: rows[name])
     with pytest.raises(ToolkitError, match="mteb/sts12-sts row 2 has no field 'score'"):
         download(tmp_path)
     assert list(tmp_path.iterdir()) == []

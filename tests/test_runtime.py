@@ -189,7 +189,7 @@ def test_an_embedding_set_built_for_one_instruction_embeds_queries_with_it_and_s
         refused = http.post("/embed", json={"inputs": texts})
         assert refused.status_code == 422 and "need a set compiled without --instruction" in refused.json()["error"]
         assert http.post("/embed", json={"inputs": texts, "instruction": SIMILARITY_INSTRUCTION}).status_code == 200
-    with pytest.raises(ToolkitError, match="also has texts without it .passages.: evaluate a set compiled without"):
+    with pytest.raises(ToolkitError, match="msmarco also has texts without it: for msmarco, use a set compiled with"):
         evaluate(EvalOptions(task="embedding", dataset="msmarco-sample", artifact=artifact.parent, limit=1,
                              instruction=SIMILARITY_INSTRUCTION))  # before the torch run, not after it
     result = run_traffic(TrafficOptions(data="sts12-sample", artifacts=(str(artifact.parent),

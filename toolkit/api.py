@@ -274,12 +274,16 @@ def _check_flag(value, name: str) -> None:
 
 
 def _check_instruction_text(instruction) -> None:
-    """Refuse an instruction that is not a text (None: the default), or not valid Unicode."""
+    """Refuse an instruction that is not a text (None: the default), is only whitespace (an instruction line with no
+    instruction in it), or not valid Unicode."""
     if instruction is None:
         return
     if not isinstance(instruction, str):
         raise ToolkitError(f"instruction must be a text (or None for the default), got "
                            f"{type(instruction).__name__}")
+    if instruction and not instruction.strip():
+        raise ToolkitError(f"the instruction {instruction!r} is only whitespace: give one with words, \"\" for none, "
+                           "or leave it out for the default")
     check_unicode([instruction], ["the instruction"])
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from toolkit.api import model_class
 from toolkit.artifact import BACKENDS, find_artifacts
 from toolkit.errors import ToolkitError
+from toolkit.eval.run import checkpoint_hint, refuse_bare_inputs
 from toolkit.tasks import Task
 
 QUERIES = ["What is the capital of China?", "Explain gravity", "中国的首都是哪里？", "什么是万有引力？"]
@@ -30,17 +31,22 @@ def default_artifact(task: Task) -> Path:
 
 
 def run_demo(task: Task, artifact: str | Path | None, checkpoint: str | None, echo=print) -> bool:
-    """Print the side-by-side tables; return True when the artifact is within tolerance of torch."""
+    """Print the side-by-side tables; return True when the artifact is within tolerance of torch. Off tolerance, the
+    last line names the likely cause as `toolkit eval` does (another checkpoint than the set's build)."""
     source = artifact or default_artifact(task)
     manifests = find_artifacts(source)
+    # queries and their documents, as a ranking dataset has them: refused where `toolkit eval` refuses such data
+    refuse_bare_inputs(task, source, manifests, "reranking", "the demo")
+    reference = checkpoint or manifests[0].reference_checkpoint()
     cls = model_class(task)
     with cls.from_artifacts(source, truncation="truncate") as compiled, \
-            cls.from_checkpoint(checkpoint or manifests[0].reference_checkpoint(), max_length=compiled.max_length,
-                                truncation="truncate") as torch_ref:
+            cls.from_checkpoint(reference, max_length=compiled.max_length, truncation="truncate") as torch_ref:
         echo(f"{task.name} demo: torch (unpatched Hugging Face, fp32) vs {manifests[0].backend} artifact "
              f"({manifests[0].dtype}, SEQ {[m.seq_len for m in manifests]})\n")
         ref_out, art_out = task.demo_tables(compiled, torch_ref, QUERIES, DOCUMENTS, echo)
     stats = task.judge(task.agreement(ref_out, art_out), manifests[0].dtype)
     echo(f"\n{task.format_agreement(stats)} (tolerance {stats['tolerance']}): {'OK' if stats['passed'] else 'FAIL'}")
+    if not stats["passed"]:
+        echo(checkpoint_hint(manifests[0], reference, checkpoint is not None))
     return stats["passed"]
 
