@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.api import _check_instruction_text, check_instruction, check_set, model_class
+from toolkit.api import check_instruction, check_set, model_class
 from toolkit.artifact import Manifest
 from toolkit.errors import ToolkitError, is_integer
 from toolkit.eval.datasets import (
@@ -38,7 +38,7 @@ from toolkit.eval.metrics import (
     sts_correlations,
 )
 from toolkit.report import format_table
-from toolkit.tasks import Task, get_task
+from toolkit.tasks import Task, check_instruction_text, get_task
 
 RUNS = ("both", "torch", "artifact")
 DEFAULT_MAX_DROP = 0.01  # the artifact may trail torch by at most this much on any metric (0..1 scale)
@@ -85,7 +85,7 @@ class EvalOptions:
                                f"got {self.max_drop!r}")
         if not is_integer(self.instances) or self.instances < 1:
             raise ToolkitError(f"instances must be an integer >= 1, got {self.instances!r}")
-        _check_instruction_text(self.instruction)
+        check_instruction_text(self.instruction)
         check_format(self.data_format)
         if self.artifact is None and "artifact" in self.sides:
             raise ToolkitError("--artifact DIR is required unless --run torch (with --checkpoint)")

@@ -62,6 +62,8 @@ def test_reference_style_config(tmp_path):
     ("- a list\n", "the file must be a mapping"),
     ("task: reranker\nfrontend: {checkpoint: x, seq: 8, cache_instruction: 1}\n",
      "frontend.cache_instruction must be of type bool"),
+    ("task: reranker\nfrontend: {checkpoint: x, seq: 8, instruction: '  '}\n",
+     "the instruction '  ' is only whitespace"),  # a set caching it could not run: the runtime refuses it
 ])
 def test_bad_config_is_refused_with_a_clear_message(tmp_path, text, message):
     path = tmp_path / "c.yaml"

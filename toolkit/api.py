@@ -25,7 +25,7 @@ from toolkit.checkpoint import check_task, context_length, load_tokenizer, read_
 from toolkit.errors import ToolkitError, check_int, is_integer
 from toolkit.runner import BucketedRunner
 from toolkit.runtime import Engine, check_engine_options
-from toolkit.tasks import EMBEDDING, RERANKER, PromptLayout, Task, get_task
+from toolkit.tasks import EMBEDDING, RERANKER, PromptLayout, Task, check_instruction_text, get_task
 from toolkit.tokenizer import InvalidUnicodeError, check_unicode
 
 REFERENCE_MAX_LENGTH = 8192  # what the torch reference accepts by default (Qwen3-Embedding/Reranker's usual cap)
@@ -273,20 +273,6 @@ def _check_flag(value, name: str) -> None:
         raise ToolkitError(f"{name} must be True or False, got {value!r}")
 
 
-def _check_instruction_text(instruction) -> None:
-    """Refuse an instruction that is not a text (None: the default), is only whitespace (an instruction line with no
-    instruction in it), or not valid Unicode."""
-    if instruction is None:
-        return
-    if not isinstance(instruction, str):
-        raise ToolkitError(f"instruction must be a text (or None for the default), got "
-                           f"{type(instruction).__name__}")
-    if instruction and not instruction.strip():
-        raise ToolkitError(f"the instruction {instruction!r} is only whitespace: give one with words, \"\" for none, "
-                           "or leave it out for the default")
-    check_unicode([instruction], ["the instruction"])
-
-
 def _check_texts(texts, what: str) -> list[str]:
     if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
         raise ToolkitError(f"{what} takes a list of texts, got {type(texts).__name__}; wrap a single text in a list")
@@ -306,7 +292,7 @@ class Embedder(_TextModel):
     def format(self, texts: list[str], instruction: str | None = None) -> list[str]:
         """The texts as the model reads them: with an `instruction`, in Qwen3-Embedding's query format. A set built
         for one instruction (`fixed_instruction`) takes only queries with it."""
-        _check_instruction_text(instruction)
+        check_instruction_text(instruction)
         fixed = self.fixed_instruction
         if instruction:
             check_instruction(fixed, instruction)
@@ -365,7 +351,7 @@ class Reranker(_TextModel):
         """prefix + body + suffix; only the body (instruction, query, document) is ever truncated. `instruction`: None
         for the artifacts' fixed one, else the web-search one. `truncation` overrides the model's policy for this
         call."""
-        _check_instruction_text(instruction)
+        check_instruction_text(instruction)
         fixed = self.fixed_instruction
         if instruction is not None:
             check_instruction(fixed, instruction)

@@ -41,7 +41,7 @@ import yaml
 
 from toolkit.artifact import BACKENDS, DEVICES
 from toolkit.errors import ToolkitError, is_integer
-from toolkit.tasks import TASKS
+from toolkit.tasks import TASKS, check_instruction_text
 from toolkit.tokenizer import MAX_CONTEXT
 
 DTYPES = ("fp16", "fp32", "bf16", "int8")
@@ -172,6 +172,7 @@ class BuildConfig:
             raise ToolkitError(f"target must be one of {DEVICES}, got {self.target!r}{where}")
         if not self.checkpoint:
             raise ToolkitError(f"frontend.checkpoint is empty{where}: give a hub id or a local path")
+        check_instruction_text(self.instruction)  # a set caching one the runtime refuses would be unusable
 
 
 def parse_seq_lens(value) -> tuple[int, ...]:

@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from toolkit.errors import ToolkitError, is_integer
 from toolkit.report import format_table
-from toolkit.tokenizer import ENDOFTEXT_ID
+from toolkit.tokenizer import ENDOFTEXT_ID, check_unicode
 
 WEB_SEARCH_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 # Qwen's own harness (Qwen3-Embedding evaluation/task_prompts.json) for STS and pair tasks: no trailing period.
@@ -56,6 +56,20 @@ def split_groups(flat: np.ndarray, groups: list[list]) -> list[np.ndarray]:
     """Cut a flat array of per-item results back into the groups (e.g. each query's passages) it came from."""
     bounds = np.cumsum([len(g) for g in groups])[:-1]
     return np.split(flat, bounds)
+
+
+def check_instruction_text(instruction) -> None:
+    """Refuse an instruction that is not a text (None: the default), is only whitespace (an instruction line with no
+    instruction in it), or not valid Unicode."""
+    if instruction is None:
+        return
+    if not isinstance(instruction, str):
+        raise ToolkitError(f"instruction must be a text (or None for the default), got "
+                           f"{type(instruction).__name__}")
+    if instruction and not instruction.strip():
+        raise ToolkitError(f"the instruction {instruction!r} is only whitespace: give one with words, \"\" for none, "
+                           "or leave it out for the default")
+    check_unicode([instruction], ["the instruction"])
 
 
 @dataclass(frozen=True)
