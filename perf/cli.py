@@ -36,7 +36,7 @@ def perf():
 @click.option("--artifact", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--percentiles", default="50,90,99", show_default=True, help="latency percentiles, each > 0 and <= 100")
 @click.option("--instances", "--instance", "instances", type=int, default=1, show_default=True)
-@click.option("--batch-size", type=int, help="must equal the artifact's static batch (default: that batch)")
+@click.option("--batch-size", type=int, help="rows per call, 1..the artifact's batch (default: its batch)")
 @click.option("--iterations", type=int, default=100, show_default=True)
 @click.option("--queue-size", type=int, default=0, show_default=True,
               help="0 = latency mode (one request in flight per instance); Q > 0 = throughput mode")

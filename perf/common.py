@@ -56,11 +56,12 @@ def random_rows(manifest: Manifest, count: int, rng: np.random.Generator) -> lis
     return [layout.prefix + rng.integers(0, ENDOFTEXT_ID, body).tolist() + layout.suffix for _ in range(count)]
 
 
-def make_inputs(manifest: Manifest, source: str, count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`count` left-padded `(input_ids, attention_mask)` batches of the artifact's shape: random full-length ids, or
-    the requests a dataset holds for the artifact's task, framed as the API frames them (`Task.body` with the
-    artifact's instruction in the task's prompt, cut to fit)."""
-    batch, seq = manifest.batch, manifest.seq_len
+def make_inputs(manifest: Manifest, source: str, count: int, batch: int | None = None,
+                seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`count` left-padded `(input_ids, attention_mask)` batches of `batch` rows (None: the artifact's most) at its
+    SEQ: random full-length ids, or the requests a dataset holds for the artifact's task, framed as the API frames
+    them (`Task.body` with the artifact's instruction in the task's prompt, cut to fit)."""
+    batch, seq = batch or manifest.batch, manifest.seq_len
     if source == "random":
         rows = random_rows(manifest, batch * count, np.random.default_rng(seed))
     else:

@@ -33,7 +33,7 @@ class PerfRunOptions:
 
     - `artifact`: one artifact directory.
     - `instances`: engine instances (latency mode runs one client thread per instance).
-    - `batch_size`: must equal the artifact's static batch (None: that batch).
+    - `batch_size`: rows per call, 1..the artifact's batch (None: its batch).
     - `iterations`: measured batches; `warmup`: batches per instance run first, not measured.
     - `queue_size`: 0 = latency mode, Q > 0 = throughput mode with a queue of Q waiting batches.
     - `percentiles`: latency percentiles to report, each in (0, 100] (the minimum is reported anyway).
@@ -107,10 +107,11 @@ def run_perf(options: PerfRunOptions, progress: bool = False) -> dict:
     `iterations`."""
     options.check()
     manifest = Manifest.load(options.artifact, verify=False).require_deployable()
-    if options.batch_size is not None and options.batch_size != manifest.batch:
-        raise ToolkitError(f"{manifest.path} was compiled for batch {manifest.batch}, not {options.batch_size}; "
-                           f"drop --batch-size or recompile with `toolkit compile ... --batch {options.batch_size}`")
-    inputs = make_inputs(manifest, options.source, min(options.iterations, 64))
+    batch = options.batch_size or manifest.batch
+    if batch > manifest.batch:
+        raise ToolkitError(f"{manifest.path} takes 1..{manifest.batch} rows a call, not {batch}; pass --batch-size "
+                           f"{manifest.batch} or fewer, or recompile with `toolkit compile ... --batch {batch}`")
+    inputs = make_inputs(manifest, options.source, min(options.iterations, 64), batch)
     instances, iterations = options.instances, options.iterations
     latencies = np.zeros(iterations)
     with Engine.from_artifact(manifest, instances, tuple(options.device_ids),
@@ -128,11 +129,11 @@ def run_perf(options: PerfRunOptions, progress: bool = False) -> dict:
         bar.close()
         runs = [after - b for after, b in zip(engine.runs_per_instance, before)]
     tokens = sum(int(inputs[i % len(inputs)][1].sum()) for i in range(iterations))
-    sequences = iterations * manifest.batch
+    sequences = iterations * batch
     ms = latencies * 1e3
     return {
         "artifact": str(manifest.path), "backend": manifest.backend, "task": manifest.task,
-        "seq_len": manifest.seq_len, "batch": manifest.batch, "dtype": manifest.dtype, "instances": instances,
+        "seq_len": manifest.seq_len, "batch": batch, "dtype": manifest.dtype, "instances": instances,
         "device_ids": list(options.device_ids), "queue_size": options.queue_size, "mode": options.mode,
         "input": options.source, "iterations": iterations, "warmup": options.warmup, "wall_s": wall,
         "runs_per_instance": runs,

@@ -112,7 +112,7 @@ BAD_RUN_OPTIONS = [
     (["--device-ids", "0,,1"], "--device-ids must be a comma-separated list of integers"),
     (["--device-ids", "0,-1"], "--device-ids"),
     (["--batch-size", "0"], "--batch-size"),
-    (["--batch-size", "4"], "compiled for batch 2"),
+    (["--batch-size", "4"], "takes 1..2 rows a call, not 4; pass --batch-size 2 or fewer"),
     (["--input", "no-such-dataset"], "unknown dataset"),
 ]
 
@@ -128,6 +128,20 @@ def test_perf_run_refuses_bad_options_before_running(onnx_artifacts, monkeypatch
     r = invoke("run", "--artifact", onnx_artifacts["embedding"][0], "--iterations", 2, *args)
     assert r.exit_code == 2, r.output
     assert message in r.output and "error:" in r.output and "Traceback" not in r.output
+
+
+def test_perf_run_batch_size_runs_fewer_rows_than_the_artifact_s_batch(onnx_artifacts):
+    """The batch axis is dynamic: `--batch-size 1` on a batch-2 artifact runs (and counts) one row a call."""
+    from toolkit.artifact import Manifest
+    from toolkit.perf.run import PerfRunOptions, run_perf
+
+    artifact = onnx_artifacts["embedding"][0]
+    manifest = Manifest.load(artifact)
+    assert manifest.batch == 2
+    result = run_perf(PerfRunOptions(artifact=artifact, batch_size=1, iterations=4, warmup=0))
+    throughput = result["throughput"]
+    assert result["batch"] == 1  # and each call's rows were one full-length random row:
+    assert throughput["tokens_per_s"] / throughput["batches_per_s"] == pytest.approx(manifest.seq_len)
 
 
 def test_perf_run_refuses_device_ids_on_a_cpu_artifact(onnx_artifacts, monkeypatch):
