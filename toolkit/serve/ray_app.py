@@ -32,7 +32,7 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from toolkit.errors import ToolkitError  # noqa: E402
-from toolkit.serve.server import ServeOptions, build_app, exit_on_signals  # noqa: E402
+from toolkit.serve.server import GRACEFUL_SHUTDOWN_S, ServeOptions, build_app, exit_on_signals  # noqa: E402
 from toolkit.serve.service import first_line, model_sets  # noqa: E402
 
 APP_NAME = "toolkit"
@@ -61,9 +61,12 @@ def serve_on_ray(options: ServeOptions, echo: Callable[[str], None] = print) -> 
         serve.start(http_options={"host": options.host, "port": options.port})
         threads = options.threads_per_engine_set
         # Ray may send a replica more requests than the app admits, so overload gets the app's 429 (with
-        # Retry-After) instead of waiting in Ray's queue
+        # Retry-After) instead of waiting in Ray's queue. A stopping replica is killed after its graceful timeout
+        # (Ray's default: 20 s): uvicorn's, plus what a request may wait in the scheduler for a fuller batch
         deployment = ToolkitReplica.options(num_replicas=options.replicas,
                                             max_ongoing_requests=2 * options.limits.max_concurrent_requests,
+                                            graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN_S
+                                            + options.limits.max_wait_ms / 1000,
                                             ray_actor_options={"num_cpus": threads})
         try:
             serve.run(deployment.bind(options), name=APP_NAME, route_prefix="/")
