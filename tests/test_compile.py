@@ -17,6 +17,7 @@ from toolkit.tasks import TASKS, WEB_SEARCH_INSTRUCTION
 
 from conftest import build, copy_artifact, signed
 
+TIMEOUT = 300  # seconds: a bound on waits for a compile that only a hang reaches
 
 def test_crash_after_the_manifest_leaves_nothing_loadable_and_keeps_the_old_artifact(checkpoints, outlier_checkpoints,
                                                                                      tmp_path, monkeypatch):
@@ -414,8 +415,15 @@ def test_sigterm_during_compile_cleans_up_as_ctrl_c_does(checkpoints, tmp_path):
                                 "build_configs/embedding_config_fp16.yaml", "--checkpoint",
                                 str(checkpoints["embedding"]), "--seq", "32,64", "--workspace", str(ws)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while process.poll() is None and not list(ws.glob("*/onnx/.seq*.staging-*/*")):
-        time.sleep(0.1)  # until the build has written into its staging directory
-    process.send_signal(signal.SIGTERM)
-    assert process.wait() == 128 + signal.SIGTERM
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while process.poll() is None and not list(ws.glob("*/onnx/.seq*.staging-*/*")):
+            assert time.monotonic() < deadline, "the build wrote nothing into a staging directory"
+            time.sleep(0.1)  # until the build has written into its staging directory
+        assert process.poll() is None  # still building: the signal lands mid-compile
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(TIMEOUT) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+        process.wait()
     assert [p.name for p in (ws / "qwen3-embedding-0.6b-fp16" / "onnx").iterdir()] == []
