@@ -132,7 +132,8 @@ def test_perf_run_options_check_without_the_cli(onnx_artifacts):
     assert good.check() is good and good.mode == "latency"
     for bad in (dict(percentiles=(101,)), dict(percentiles=(float("nan"),)), dict(device_ids=()),
                 dict(device_ids=(True,)), dict(iterations=1.5), dict(queue_size=-1), dict(instances=True)):
-        with pytest.raises(ToolkitError):
+        [option] = bad
+        with pytest.raises(ToolkitError, match=f"^--{option.replace('_', '-')}[: ]"):  # names the bad option
             run_perf(PerfRunOptions(artifact=onnx_artifacts["embedding"][0], **bad))
 
 
@@ -380,7 +381,8 @@ def test_perf_profile_options_check_without_the_cli(onnx_artifacts):
     assert good.check() is good and (good.iterations, good.warmup, good.top, good.input) == (10, 2, 15, "random")
     for bad in (dict(iterations=1.5), dict(iterations=True), dict(warmup=-1), dict(top=0), dict(threads=0),
                 dict(threads=os.cpu_count() + 1), dict(input=""), dict(trace=str(onnx_artifacts["embedding"][0]))):
-        with pytest.raises(ToolkitError):
+        [option] = bad
+        with pytest.raises(ToolkitError, match=f"^--{option}[: ]"):  # names the bad option
             run_profile(ProfileOptions(artifact=onnx_artifacts["embedding"][0], **bad), progress=False)
 
 
