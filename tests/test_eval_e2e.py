@@ -1,5 +1,6 @@
 """`toolkit eval` end to end on the tiny synthetic artifacts, all three datasets (bundled samples)."""
 import json
+import re
 import shutil
 import socket
 
@@ -105,7 +106,9 @@ def test_artifact_that_does_not_match_torch_fails_on_parity(onnx_artifacts, chec
     assert r.exit_code == 1, r.output
     assert "artifact vs torch: FAIL (parity: min cosine" in r.output and "fp16 needs min_cosine >= 0.999" in r.output
     assert f"torch ran {other}, but the set was built from {checkpoints['embedding'].resolve()}" in r.output
-    assert "min_cosine >= 0.999" in r.output  # the parity table's tolerance row
+    # the parity table's tolerance and verdict rows
+    assert re.search(r"^tolerance +min_cosine >= 0\.999 *$", r.output, re.M), r.output
+    assert re.search(r"^passed +False *$", r.output, re.M), r.output
 
     # the checkpoint the set was built from, overwritten with other weights (the manifest still names its path)
     moved = copy_artifact(onnx_artifacts["embedding"][0], tmp_path / "moved")
