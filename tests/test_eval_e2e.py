@@ -265,6 +265,15 @@ def test_demo_cli(onnx_artifacts):
     assert r.exit_code == 0 and "cos(torch, artifact)" in r.output
 
 
+def test_demo_exits_1_when_parity_is_off_tolerance(onnx_artifacts, tmp_path):
+    """The artifact against torch on other weights (a checkpoint of another seed): FAIL, exit 1."""
+    other = write_synthetic_checkpoint(tmp_path / "other", "embedding", "tiny", seed=5)
+    r = CliRunner().invoke(main, ["demo", "--task", "embedding", "--artifact", str(onnx_artifacts["embedding"][1]),
+                                  "--checkpoint", str(other)])
+    assert r.exit_code == 1, r.output
+    assert re.search(r"^min cosine .*\(tolerance min_cosine >= 0\.999\): FAIL$", r.output, re.M), r.output
+
+
 def test_demo_finds_the_quickstart_of_either_backend(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "QUICKSTART_ARTIFACTS", tmp_path)
     with pytest.raises(ToolkitError, match=r"quickstart-embedding/\{onnx,tvm\}: run `make quickstart`"):
