@@ -108,8 +108,8 @@ def test_truncation_is_checked_before_any_model_is_loaded(checkpoints, onnx_arti
             open_model(source, truncation="cut")
 
 
-SLOW_QUEUE = """
-import sys, time
+BLOCKED_QUEUE = """
+import sys, threading
 import numpy as np
 from toolkit.api import Embedder
 from toolkit.backends import Backend
@@ -118,25 +118,29 @@ from toolkit.runner import BucketedRunner
 from toolkit.runtime import Engine
 from toolkit.tasks import EMBEDDING
 
-class Slow(Backend):
+running = threading.Event()
+
+class Blocked(Backend):
     task, seq_len, batch = EMBEDDING, 8, 1
 
     def run(self, input_ids, attention_mask):
-        time.sleep(1)
-        return np.zeros((1, 4), np.float32)
+        running.set()
+        threading.Event().wait()  # never returns: an exit that waits for this queue never comes
 
-model = Embedder(BucketedRunner([Engine(lambda i, dev: Slow())]), load_tokenizer(sys.argv[1]))
-model.runner.submit([[1]] * 20)  # 20 s of batches, never waited for
-print(time.time(), flush=True)
+model = Embedder(BucketedRunner([Engine(lambda i, dev: Blocked())]), load_tokenizer(sys.argv[1]))
+model.runner.submit([[1]] * 20)  # 20 batches, never waited for
+assert running.wait(60)
+print("exiting", flush=True)
 """
 
 
 def test_a_model_never_closed_does_not_hold_the_interpreter_exit_for_its_queue(checkpoints):
-    """Its finalizer ran at exit, closing the engines, which first run every batch queued: 20 s here, minutes at 8B
-    (and a Ctrl-C in `encode` waited for them)."""
-    done = subprocess.run([sys.executable, "-c", SLOW_QUEUE, str(checkpoints["embedding"])], capture_output=True,
+    """Its finalizer ran at exit, closing the engines, which first run every batch queued: minutes at 8B (and a Ctrl-C
+    in `encode` waited for them). Here a batch never finishes: an exit that waits for the queue hangs until the
+    timeout."""
+    done = subprocess.run([sys.executable, "-c", BLOCKED_QUEUE, str(checkpoints["embedding"])], capture_output=True,
                           text=True, timeout=TIMEOUT, check=True)
-    assert time.time() - float(done.stdout) < 10
+    assert done.stdout == "exiting\n"
 
 
 def test_a_model_never_closed_releases_its_engines_when_dropped(onnx_artifacts):
@@ -158,24 +162,32 @@ def test_a_model_never_closed_releases_its_engines_when_dropped(onnx_artifacts):
 
 class ClosedOnWorker(Backend):
     task, seq_len, batch = EMBEDDING, 4, 1
-    closed = threading.Event()
+
+    def __init__(self):
+        self.closes = 0
 
     def run(self, input_ids, attention_mask):
         return np.zeros((1, 2), np.float32)
 
     def close(self):
-        self.closed.set()
+        self.closes += 1
 
 
 def test_an_engine_closed_on_its_own_worker_thread_stops_and_releases_its_backend():
     """A finalizer the garbage collector runs on a worker (here: a future's callback, run there) used to join the
-    current thread: RuntimeError, the backend never released."""
-    engine = Engine(lambda i, dev: ClosedOnWorker(), instances=2)
+    current thread: RuntimeError, the backend never released. Each instance's backend is closed, once."""
+    backends = []
+
+    def make_backend(index, device):
+        backends.append(ClosedOnWorker())
+        return backends[-1]
+    engine = Engine(make_backend, instances=2)
     ids = np.ones((1, 4), np.int64)
     future = engine.run_async(ids, ids)
     future.add_done_callback(lambda _: engine.close())
     assert future.result(timeout=TIMEOUT).shape == (1, 2)
-    assert ClosedOnWorker.closed.wait(TIMEOUT) and wait_until(lambda: not any(w.is_alive() for w in engine._workers))
+    assert wait_until(lambda: not any(w.is_alive() for w in engine._workers))
+    assert wait_until(lambda: engine.backends == []) and [b.closes for b in backends] == [1, 1]
 
 
 def test_from_checkpoint_refuses_the_other_tasks_checkpoint_naming_the_class(checkpoints, tmp_path):
@@ -260,8 +272,11 @@ def test_rerank_takes_sentence_transformers_top_k(onnx_artifacts):
             rr.rerank("capital", docs, top_k=0)
 
 
-def test_paths_and_device_ids_are_checked(onnx_artifacts):
+def test_paths_and_device_ids_are_checked(onnx_artifacts, monkeypatch):
     """None and device_ids=0 failed with raw TypeErrors; one device number is one device, as --device-ids 0 is."""
+    import toolkit.runtime as runtime
+
+    real_open_backend = runtime.open_backend
     with pytest.raises(ToolkitError, match="^path must be an artifact directory .*got NoneType$"):
         Embedder.from_artifacts(None)
     with pytest.raises(ToolkitError, match="^checkpoint must be a checkpoint directory or a hub id .*got NoneType$"):
@@ -269,8 +284,20 @@ def test_paths_and_device_ids_are_checked(onnx_artifacts):
     for bad in ("0", [0, "1"], None):
         with pytest.raises(ToolkitError, match="^device_ids must be a device number or a non-empty list of them"):
             Embedder.from_artifacts(onnx_artifacts["embedding"][0], device_ids=bad)
-    with Embedder.from_artifacts(onnx_artifacts["embedding"][0], device_ids=0) as emb:
-        assert emb.encode_documents(["a"]).shape[0] == 1
+    opened = []
+
+    def open_backend(manifest, threads, device_id):
+        opened.append(device_id)
+        return real_open_backend(manifest, threads, device_id)
+    monkeypatch.setattr(runtime, "open_backend", open_backend)
+    for device in (0, 1):  # one number is that device for every instance, as a list of it is
+        by_devices = {}
+        for device_ids in (device, [device]):
+            opened.clear()
+            with Embedder.from_artifacts(onnx_artifacts["embedding"][0], instances=2, device_ids=device_ids) as emb:
+                assert emb.encode_documents(["a"]).shape[0] == 1
+            by_devices[repr(device_ids)] = list(opened)
+        assert by_devices == {repr(device): [device, device], repr([device]): [device, device]}
 
 
 def test_numpy_integers_are_integers_everywhere_and_bools_are_not(onnx_artifacts):

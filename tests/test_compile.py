@@ -17,6 +17,7 @@ from toolkit.tasks import TASKS, WEB_SEARCH_INSTRUCTION
 
 from conftest import build, copy_artifact, signed
 
+TIMEOUT = 300  # seconds: a bound on waits for a compile that only a hang reaches
 
 def test_crash_after_the_manifest_leaves_nothing_loadable_and_keeps_the_old_artifact(checkpoints, outlier_checkpoints,
                                                                                      tmp_path, monkeypatch):
@@ -350,6 +351,25 @@ def test_fp32_linears_is_refused_where_it_changes_nothing(checkpoints, tmp_path,
     assert built == ["fma", "fma"]
 
 
+@pytest.mark.parametrize("dtype, feature, instead", [("bf16", "avx512_bf16", "--dtype fp16"),
+                                                     ("int8", "avx512_vnni", "--backend onnx")])
+def test_tvm_bf16_or_int8_on_a_cpu_without_its_instructions_is_refused_up_front(checkpoints, tmp_path, monkeypatch,
+                                                                                dtype, feature, instead):
+    """TVM's bf16 / int8 kernels are AVX512-BF16 / VNNI instructions: on a CPU without them the build is refused
+    before any model work, naming what to build instead."""
+    import toolkit.compile
+    import toolkit.host
+
+    flags = toolkit.host.cpu_flags() or frozenset()
+    monkeypatch.setattr(toolkit.host, "cpu_flags", lambda: flags - {feature})
+    monkeypatch.setattr(toolkit.compile, "load_streamed", lambda *a: pytest.fail("the build loaded the model"))
+    result = compile_cli(checkpoints["embedding"], tmp_path, "--seq", "32", "--backend", "tvm", "--dtype", dtype)
+    assert result.exit_code == 2 and result.output == (
+        f"error: this CPU has no {feature} (see /proc/cpuinfo): TVM {dtype} artifacts are built on and for CPUs that "
+        f"have it; use {instead} here\n"), result.output
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
 def test_inspect_json_prints_only_the_manifest_on_stdout(onnx_artifacts):
     result = CliRunner().invoke(main, ["inspect", str(onnx_artifacts["embedding"][0]), "--json"])
     assert result.exit_code == 0 and json.loads(result.stdout)["task"] == "embedding"
@@ -414,8 +434,15 @@ def test_sigterm_during_compile_cleans_up_as_ctrl_c_does(checkpoints, tmp_path):
                                 "build_configs/embedding_config_fp16.yaml", "--checkpoint",
                                 str(checkpoints["embedding"]), "--seq", "32,64", "--workspace", str(ws)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while process.poll() is None and not list(ws.glob("*/onnx/.seq*.staging-*/*")):
-        time.sleep(0.1)  # until the build has written into its staging directory
-    process.send_signal(signal.SIGTERM)
-    assert process.wait() == 128 + signal.SIGTERM
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while process.poll() is None and not list(ws.glob("*/onnx/.seq*.staging-*/*")):
+            assert time.monotonic() < deadline, "the build wrote nothing into a staging directory"
+            time.sleep(0.1)  # until the build has written into its staging directory
+        assert process.poll() is None  # still building: the signal lands mid-compile
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(TIMEOUT) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+        process.wait()
     assert [p.name for p in (ws / "qwen3-embedding-0.6b-fp16" / "onnx").iterdir()] == []

@@ -26,8 +26,50 @@ def read(path):
 
 
 # ---- perf run --------------------------------------------------------------------------------------------------------
+TIMEOUT = 60  # seconds: a bound on waits that only a hang (or a broken mode) reaches
+
+
+def hold_measured_batches_until_the_queue_is_full(monkeypatch, instances: int, queue: int, warmup_batches: int):
+    """Measured batches wait in the backend until the producer has submitted `instances + queue` of them, none
+    finished: every instance holds one and the bounded queue behind them is full. Throughput mode's producer gets there
+    at once; one that waited for results (as latency mode's clients do) never would, and the wait fails the run."""
+    import threading
+
+    import toolkit.perf.run as perf_run
+    from toolkit.backends import ArtifactBackend
+
+    lock, counts, full = threading.Lock(), {"runs": 0, "submitted": 0}, threading.Event()
+    real_run = ArtifactBackend.run
+
+    def run(self, input_ids, attention_mask):
+        with lock:
+            counts["runs"] += 1
+            measured = counts["runs"] > warmup_batches
+        if measured and not full.wait(0 if counts.get("gave_up") else TIMEOUT):
+            counts["gave_up"] = True  # once is enough: the later batches fail at once
+            raise AssertionError("the producer never filled the queue behind the running batches")
+        return real_run(self, input_ids, attention_mask)
+
+    class CountingEngine(perf_run.Engine):
+        def run_async(self, *args, **kwargs):
+            future = super().run_async(*args, **kwargs)
+            with lock:
+                counts["submitted"] += 1
+                if counts["submitted"] == warmup_batches + instances + queue:
+                    full.set()
+            return future
+
+    monkeypatch.setattr(ArtifactBackend, "run", run)
+    monkeypatch.setattr(perf_run, "Engine", CountingEngine)
+    return full
+
+
 @pytest.mark.parametrize("queue, mode", [(0, "latency"), (8, "throughput")])
-def test_perf_run_modes_use_both_instances(onnx_artifacts, tmp_path, queue, mode):
+def test_perf_run_modes_use_both_instances(onnx_artifacts, tmp_path, monkeypatch, queue, mode):
+    """Latency mode: two client threads, one request each in flight. Throughput mode: one producer keeps both
+    instances busy and the queue full behind them (checked with the measured batches held until it is)."""
+    if mode == "throughput":
+        full = hold_measured_batches_until_the_queue_is_full(monkeypatch, instances=2, queue=queue, warmup_batches=2)
     out = tmp_path / "perf.json"
     r = invoke("run", "--artifact", onnx_artifacts["embedding"][0], "--percentiles", "50,90,99.9", "--iterations", 16,
                "--warmup", 1, "--instance", 2, "--queue-size", queue, "--json", out)
@@ -45,8 +87,9 @@ def test_perf_run_modes_use_both_instances(onnx_artifacts, tmp_path, queue, mode
     assert result["throughput"]["tokens_per_s"] == pytest.approx(32 * result["throughput"]["sequences_per_s"])
     runs = result["runs_per_instance"]  # measured batches only (warm-up excluded)
     assert len(runs) == 2 and sum(runs) == 16
-    if mode == "latency":  # two client threads, one request each in flight: both instances must have worked
-        assert min(runs) > 0, runs
+    assert min(runs) > 0, runs  # both instances worked
+    if mode == "throughput":
+        assert full.is_set()
     assert "batches per instance:" in r.output
 
 
@@ -164,7 +207,8 @@ def test_perf_run_options_check_without_the_cli(onnx_artifacts):
     for bad in (dict(percentiles=(101,)), dict(percentiles=(0,)), dict(percentiles=(float("nan"),)),
                 dict(device_ids=()), dict(device_ids=(True,)), dict(iterations=1.5), dict(queue_size=-1),
                 dict(instances=True)):
-        with pytest.raises(ToolkitError):
+        [option] = bad
+        with pytest.raises(ToolkitError, match=f"^--{option.replace('_', '-')}[: ]"):  # names the bad option
             run_perf(PerfRunOptions(artifact=onnx_artifacts["embedding"][0], **bad))
 
 
@@ -453,7 +497,8 @@ def test_perf_profile_options_check_without_the_cli(onnx_artifacts):
     assert good.check() is good and (good.iterations, good.warmup, good.top, good.input) == (10, 2, 15, "random")
     for bad in (dict(iterations=1.5), dict(iterations=True), dict(warmup=-1), dict(top=0), dict(threads=0),
                 dict(threads=os.cpu_count() + 1), dict(input=""), dict(trace=str(onnx_artifacts["embedding"][0]))):
-        with pytest.raises(ToolkitError):
+        [option] = bad
+        with pytest.raises(ToolkitError, match=f"^--{option}[: ]"):  # names the bad option
             run_profile(ProfileOptions(artifact=onnx_artifacts["embedding"][0], **bad), progress=False)
 
 

@@ -21,9 +21,12 @@ from toolkit.tasks import EMBEDDING, RERANKER
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
 
+TIMEOUT = 60  # seconds: a bound on waits that only a hang reaches
 
-class CountingBackend(Backend):
-    """Records how many compute threads are busy at once across every engine sharing `meter`."""
+
+class GatedBackend(Backend):
+    """Counts the compute threads busy at once across every engine sharing `meter`; each run holds its threads until
+    the test opens `meter["gate"]`, so the test sees every run the scheduler lets start together."""
 
     task, batch = EMBEDDING, 2
 
@@ -34,29 +37,49 @@ class CountingBackend(Backend):
         with self.meter["lock"]:
             self.meter["busy"] += self.threads
             self.meter["peak"] = max(self.meter["peak"], self.meter["busy"])
-        time.sleep(0.002)
-        with self.meter["lock"]:
-            self.meter["busy"] -= self.threads
+        try:
+            assert self.meter["gate"].wait(3 * TIMEOUT), "the test never opened the gate"
+        finally:
+            with self.meter["lock"]:
+                self.meter["busy"] -= self.threads
         return np.zeros((input_ids.shape[0], 4), np.float32)
 
 
-@pytest.mark.parametrize("budget_threads", [2, 3])
-def test_busy_compute_threads_never_exceed_the_budget(budget_threads):
+@pytest.mark.parametrize("budget_threads, threads", [(3, 2), (2, 1), (3, 1)])
+def test_busy_compute_threads_never_exceed_the_budget(budget_threads, threads):
     """3 buckets x 2 instances, every bucket submitted at once: without a shared budget up to 6 instances (each with
-    its share of the cores) ran together."""
-    meter = {"lock": threading.Lock(), "busy": 0, "peak": 0}
+    its share of the cores) ran together. With every instance holding a batch, exactly as many run as the budget
+    fits: never more (3, 2: one instance, as two would be 4 threads), and not fewer (1-thread instances of
+    different engines run side by side up to the budget)."""
+    meter = {"lock": threading.Lock(), "busy": 0, "peak": 0, "gate": threading.Event()}
     budget = ComputeBudget(budget_threads)
-    threads = max(1, budget_threads // 2)
-    engines = [Engine(lambda i, dev, s=s: CountingBackend(s, threads, meter), instances=2, threads=threads,
+    engines = [Engine(lambda i, dev, s=s: GatedBackend(s, threads, meter), instances=2, threads=threads,
                       budget=budget) for s in (8, 16, 32)]
     runner = BucketedRunner(engines)
     rng = np.random.default_rng(0)
-    rows = [[1] * int(n) for n in rng.integers(1, 33, 300)]
-    out = runner.run(rows)
+    rows = [[1] * int(n) for n in rng.integers(1, 33, 60)]
+    planned = {id(e): 0 for e in engines}
+    for engine, _ in runner.plan(rows):
+        planned[id(engine)] += 1
+    assert min(planned.values()) >= 3  # every instance of every engine has a batch to take
+    fits = budget_threads // threads * threads  # the most threads that instances of `threads` can hold together
+    batches = runner.submit(rows)
+
+    def every_worker_took_a_batch():
+        return all(e._queue.qsize() == planned[id(e)] - 2 for e in engines)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (every_worker_took_a_batch() and meter["busy"] >= fits) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # a worker past its queue but not yet counted would be counted by now
+        assert meter["busy"] == fits and meter["peak"] == fits, (meter, fits)
+    finally:
+        meter["gate"].set()
+    outputs = [b.future.result(TIMEOUT) for b in batches]
     runner.close()
-    assert out.shape == (300, 4)
-    assert sum(e.runs_per_instance[0] + e.runs_per_instance[1] for e in engines) >= 150  # work really ran
-    assert meter["peak"] <= budget_threads and budget.peak <= budget_threads, (meter["peak"], budget.peak)
+    assert sum(len(out) for out in outputs) == 60
+    assert sum(sum(e.runs_per_instance) for e in engines) == sum(planned.values())  # work really ran
+    assert meter["peak"] == fits <= budget_threads, (meter["peak"], fits)
 
 
 def test_token_budget_batches_mixed_lengths_come_back_in_order(checkpoints, tmp_path):

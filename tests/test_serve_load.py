@@ -134,26 +134,47 @@ def test_perf_serve_says_in_one_line_when_its_child_dies():
         in_child("the offline run", os._exit, 3)
 
 
-def test_perf_serve_interrupted_stops_its_child_instead_of_waiting_for_it():
+INTERRUPTED = """
+import multiprocessing, os, signal, sys, threading, time
+from pathlib import Path
+from toolkit.perf.serve_load import in_child
+
+def mark_started_then_block(path):  # the child: says it has started its run, which never ends
+    Path(path).write_text(str(os.getpid()))
+    threading.Event().wait()
+
+def interrupt_once_started(path):  # a real SIGINT (interrupt_main would not wake a wait on a lock)
+    while not Path(path).exists():
+        time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGINT)
+
+if __name__ == "__main__":
+    threading.Thread(target=interrupt_once_started, args=(sys.argv[1],), daemon=True).start()
+    try:
+        in_child("the offline run", mark_started_then_block, sys.argv[1])
+    except KeyboardInterrupt:
+        print("interrupted; children left:", len(multiprocessing.active_children()), flush=True)
+"""
+
+
+def test_perf_serve_interrupted_stops_its_child_instead_of_waiting_for_it(tmp_path):
     """SIGINT to perf serve alone (a supervisor's, `timeout -s INT`): the executor's exit waited for the child's run,
-    then the interpreter's exit for the idle child, so perf serve hung until killed."""
-    import multiprocessing
+    then the interpreter's exit for the idle child, so perf serve hung until killed. Here the child's run never ends:
+    waiting for it hangs until the timeout."""
     import os
     import signal
-    import threading
-    import time
+    import subprocess
+    import sys
 
-    # a real SIGINT (interrupt_main would not wake a wait on a lock); the child has started its run by then. Python's
-    # own handler: a server an earlier test ran in this process (uvicorn, Ray) may have left its own
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    threading.Timer(3, os.kill, (os.getpid(), signal.SIGINT)).start()
-    started = time.monotonic()
+    script, started = tmp_path / "interrupted.py", tmp_path / "child-started"
+    script.write_text(INTERRUPTED)
     try:
-        with pytest.raises(KeyboardInterrupt):
-            in_child("the offline run", time.sleep, 60)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    assert time.monotonic() - started < 30 and not multiprocessing.active_children()
+        done = subprocess.run([sys.executable, str(script), str(started)], capture_output=True, text=True,
+                              timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.kill(int(started.read_text()), signal.SIGKILL)  # the child left behind, blocked for good
+        raise
+    assert done.returncode == 0 and done.stdout == "interrupted; children left: 0\n", done.stdout + done.stderr
 
 
 def test_perf_serve_closes_the_servers_log_whether_or_not_it_came_up(tmp_path, monkeypatch):

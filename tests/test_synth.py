@@ -175,5 +175,9 @@ def test_synth_refuses_to_overwrite_what_it_did_not_write(checkpoints, tmp_path,
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
     assert (real / "model.safetensors").read_bytes() == weights
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
-    again = shutil.copytree(checkpoints["embedding"], tmp_path / "again")
+    again = shutil.copytree(checkpoints["embedding"], tmp_path / "again")  # seed 0's
     assert write_synthetic_checkpoint(again, "embedding", "tiny", seed=1) == again
+    fresh = write_synthetic_checkpoint(tmp_path / "fresh", "embedding", "tiny", seed=1)
+    rewritten = {p.name: p.read_bytes() for p in again.glob("*.safetensors")}
+    assert rewritten == {p.name: p.read_bytes() for p in fresh.glob("*.safetensors")}  # replaced by seed 1's
+    assert rewritten["model.safetensors"] != (checkpoints["embedding"] / "model.safetensors").read_bytes()

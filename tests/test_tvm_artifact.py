@@ -10,6 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from toolkit import tvm_amx
 from toolkit.artifact import Manifest
 from toolkit.backends import TorchReference
 from toolkit.host import cpu_has
@@ -293,22 +294,22 @@ def test_fp32_tvm_artifact_packs_its_weights_and_matches_hf(checkpoints, tmp_pat
     [artifact] = compile_config(cfg, log=lambda m: None)
     manifest = Manifest.load(artifact)
     assert manifest.validation["passed"] and manifest.validation["min_cosine"] > 0.99999
-    planes = manifest.backend_details["amx_kernels"] == ["bf16x3"]  # AMX: as two bf16 planes, else fp32 panels
+    planes = "bf16x3" in tvm_amx.kinds_to_build()  # AMX: as two bf16 planes, else fp32 panels
+    assert manifest.backend_details["amx_kernels"] == (["bf16x3"] if planes else [])
     with np.load(artifact / "params.npz") as params:
         panels = [params[name] for name in params.files if params[name].ndim == (4 if planes else 3)]
     assert len(panels) == 4 * 2 and all(p.dtype == (np.int32 if planes else np.float32) and p.shape[-1] == 64
                                         for p in panels)
 
 
+@pytest.mark.skipif("bf16x3" not in tvm_amx.kinds_to_build(),
+                    reason="bf16x3 linears need AMX tiles (amx_tile, amx_bf16) that this process may use")
 def test_fp16_linears_on_amx_bf16x3_agree_with_fma_and_keep_their_own_weights(tvm_artifacts, checkpoints,
                                                                                workspace):
     """Where the CPU has AMX, fp16 linear layers run as three bf16 products (`fp32_linears: bf16x3`, the default):
     their outputs agree with the AVX-512 fp32 build (`fma`) to far below the fp16 weights' own rounding. bf16x3
     stores each linear weight as its two bf16 planes, which add up to the fp16 weight exactly (gate_up_proj's rows
     interleaved: its kernel computes SiLU(gate) * up)."""
-    import ml_dtypes
-
-    from toolkit import tvm_amx
     from toolkit.tvm_compile import PANEL, glu_interleaved
 
     from conftest import SEQ_LENS, build
@@ -317,13 +318,13 @@ def test_fp16_linears_on_amx_bf16x3_agree_with_fma_and_keep_their_own_weights(tv
     [fma_path] = build(checkpoints, workspace / "fma", "embedding",
                        backends=("tvm",), seq_lens=SEQ_LENS["embedding"][1:], fp32_linears="fma")
     x3, fma = Manifest.load(x3_path), Manifest.load(fma_path)
-    assert x3.backend_details["amx_kernels"] == (["bf16x3"] if "bf16x3" in tvm_amx.kinds_to_build() else [])
+    assert x3.backend_details["amx_kernels"] == ["bf16x3"]
     assert fma.backend_details["amx_kernels"] == []
     glu_weights = 0
     with np.load(x3_path / "params.npz") as x3_params, np.load(fma_path / "params.npz") as fma_params:
         for name in fma_params.files:
             panels, stored = fma_params[name], x3_params[name]
-            if panels.ndim == 3 and x3.backend_details["amx_kernels"]:  # [N/64, K, 64] → [N/64, 2, K/2, 64] pairs
+            if panels.ndim == 3:  # [N/64, K, 64] → [N/64, 2, K/2, 64] pairs
                 high, low = (stored[:, plane].view(ml_dtypes.bfloat16).reshape(stored.shape[0], -1, 64, 2)
                              .transpose(0, 1, 3, 2).reshape(panels.shape).astype(np.float32) for plane in (0, 1))
                 weight = panels.transpose(0, 2, 1).reshape(-1, panels.shape[1])  # [N, K]
@@ -334,7 +335,7 @@ def test_fp16_linears_on_amx_bf16x3_agree_with_fma_and_keep_their_own_weights(tv
             else:
                 assert np.array_equal(stored, panels)
     layers = json.loads((checkpoints["embedding"] / "config.json").read_text())["num_hidden_layers"]
-    assert glu_weights == (layers if x3.backend_details["amx_kernels"] else 0)  # each layer's gate_up_proj
+    assert glu_weights == layers  # each layer's gate_up_proj
     a, b = open_artifact(x3_path), open_artifact(fma_path)
     ids = np.random.default_rng(5).integers(0, 151643, (x3.batch, x3.seq_len))
     mask = np.ones_like(ids)
@@ -423,3 +424,6 @@ def test_cuda_artifact_builds_and_says_it_is_unvalidated_without_a_gpu(checkpoin
     assert (artifact / "model.so").stat().st_size > 0
     if not tvm.cuda(0).exist:
         assert manifest.validation["passed"] is None and "no CUDA device" in manifest.validation["skipped"]
+    else:  # on a GPU host the build ran it against torch and it passed the fp16 gate
+        assert manifest.validation["passed"] is True and "skipped" not in manifest.validation, manifest.validation
+        assert TASKS["embedding"].within_tolerance(manifest.validation, "fp16"), manifest.validation
