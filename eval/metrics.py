@@ -108,7 +108,7 @@ def queries_lower(reference: dict[str, np.ndarray], candidate: dict[str, np.ndar
 def ranking_agreement(scores_a: list, scores_b: list) -> dict:
     """Kendall tau between two engines' rankings of each query's passages: mean and worst over the queries where it
     is defined, and how many it is not (`queries_without_kendall_tau`: one passage, all of a query's passages tied in
-    either engine, or a non-finite score). Those are left out, never counted as agreeing: tau is undefined there, as
+    either engine, or a NaN score). Those are left out, never counted as agreeing: tau is undefined there, as
     it is for the task's own measure over all items; NaN where no query has one."""
     from scipy import stats
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from toolkit.api import check_instruction, check_set, model_class
 from toolkit.artifact import Manifest
-from toolkit.errors import ToolkitError, is_integer
+from toolkit.errors import ToolkitError, check_int
 from toolkit.eval.datasets import (
     DatasetSpec,
     check_format,
@@ -83,8 +83,7 @@ class EvalOptions:
                 or not math.isfinite(self.max_drop) or self.max_drop < 0:
             raise ToolkitError(f"max_drop must be a finite number >= 0 (e.g. {DEFAULT_MAX_DROP}), "
                                f"got {self.max_drop!r}")
-        if not is_integer(self.instances) or self.instances < 1:
-            raise ToolkitError(f"instances must be an integer >= 1, got {self.instances!r}")
+        check_int(self.instances, "instances", 1)
         check_instruction_text(self.instruction)
         check_format(self.data_format)
         if self.artifact is None and "artifact" in self.sides:
@@ -161,16 +160,6 @@ def gate(metrics: dict, delta: dict | None, max_drop: float, side: str = "artifa
     return failures
 
 
-def checkpoint_hint(manifest: Manifest, checkpoint: str, named: bool) -> str:
-    """The likely cause of a parity failure: torch ran another checkpoint than the set was built from (`named`: the
-    user passed it), or that checkpoint's weights changed after the build (the manifest records its path, not a hash
-    of its weights)."""
-    built = manifest.model.resolved
-    if named and Path(checkpoint).resolve() != Path(built).resolve():
-        return f"torch ran {checkpoint}, but the set was built from {built}: pass --checkpoint {built}"
-    return f"if {checkpoint} changed since the set was built, recompile the set from it"
-
-
 def refuse_bare_inputs(task: Task, path: str | Path, manifests: list[Manifest], kind: str, what: str) -> None:
     """Refuse the set at `path` where it was compiled for one instruction (its tokens cached: every input must carry
     it) and `what` (e.g. "msmarco", "the demo") feeds it data of `kind`, which holds texts without it
@@ -200,7 +189,7 @@ def evaluate(options: EvalOptions) -> dict:
     examples = read_examples(name, spec, source, options.limit)
     check_scorable(name, spec, examples)  # before any model runs: an undefined metric is the data's fault
     instruction = spec.instruction if options.instruction is None else options.instruction
-    if manifests:  # before any model runs; the data first: no instruction makes it fit
+    if manifests and "artifact" in options.sides:  # before any model runs; the data first: no instruction fits it
         refuse_bare_inputs(task, options.artifact, manifests, spec.kind, name)
         check_instruction(manifests[0].instruction, instruction)
     cls = model_class(task)
@@ -236,7 +225,7 @@ def evaluate(options: EvalOptions) -> dict:
         # metrics can match while the outputs do not (other weights score alike): the engines must agree item by item
         if not agreement["passed"]:
             failures["parity"] = (f"{task.format_agreement(agreement)}; {dtype} needs {agreement['tolerance']}; "
-                                  + checkpoint_hint(manifests[0], checkpoint, options.checkpoint is not None))
+                                  + manifests[0].parity_failure_hint(checkpoint, options.checkpoint is not None))
         if runs["torch"]["per_query_metrics"] is not None:
             lower = queries_lower(runs["torch"]["per_query_metrics"], runs["artifact"]["per_query_metrics"])
     judged = "artifact" if "artifact" in runs else "torch"

@@ -24,7 +24,7 @@ from toolkit.artifact import Manifest
 from toolkit.errors import ToolkitError, check_int, is_integer
 from toolkit.perf.common import make_inputs
 from toolkit.report import format_columns
-from toolkit.runtime import Engine
+from toolkit.runtime import Engine, check_engine_options
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,7 @@ def run_perf(options: PerfRunOptions, progress: bool = False) -> dict:
     if batch > manifest.batch:
         raise ToolkitError(f"{manifest.path} takes 1..{manifest.batch} rows a call, not {batch}; pass --batch-size "
                            f"{manifest.batch} or fewer, or recompile with `toolkit compile ... --batch {batch}`")
+    check_engine_options(options.instances, options.device_ids, 1, manifest.target.device)  # before the inputs
     inputs = make_inputs(manifest, options.source, min(options.iterations, 64), batch)
     instances, iterations = options.instances, options.iterations
     latencies = np.zeros(iterations)

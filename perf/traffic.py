@@ -25,14 +25,13 @@ from toolkit.buckets import token_lengths
 from toolkit.checkpoint import read_hf_config, resolve_checkpoint
 from toolkit.errors import ToolkitError, check_int
 from toolkit.eval.datasets import load_dataset
-from toolkit.eval.run import checkpoint_hint
 from toolkit.memory import resident_mb, return_freed_memory
 from toolkit.perf.common import check_instances, median
 from toolkit.perf.compare import forward_flops, matmul_peak_gflops
 from toolkit.report import format_columns
 from toolkit.runner import RunnerStats
 from toolkit.runtime import check_threads, set_cpu_threads
-from toolkit.tasks import get_task
+from toolkit.tasks import check_instruction_text, get_task
 
 WARMUP_REQUESTS = 48  # spread over the length range, so every bucket has run before the clock starts
 
@@ -67,6 +66,7 @@ class TrafficOptions:
         check_instances(self.instances)
         check_int(self.rounds, "--rounds", 1)
         check_threads(self.threads)
+        check_instruction_text(self.instruction)  # not minutes later, when the first model has loaded
         return self
 
 
@@ -120,7 +120,7 @@ def judge_agreement(task, agreement: dict, manifest, checkpoint: str, named: boo
     the likely cause as `toolkit eval` names it (torch ran another checkpoint than the set was built from; `named`:
     the user chose it)."""
     if not task.judge(agreement, manifest.dtype)["passed"]:
-        agreement["hint"] = checkpoint_hint(manifest, checkpoint, named)
+        agreement["hint"] = manifest.parity_failure_hint(checkpoint, named)
 
 
 def time_run(task, name: str, make, requests: list, instruction: str | None, config: dict,

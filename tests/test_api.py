@@ -290,14 +290,20 @@ def test_paths_and_device_ids_are_checked(onnx_artifacts, monkeypatch):
         opened.append(device_id)
         return real_open_backend(manifest, threads, device_id)
     monkeypatch.setattr(runtime, "open_backend", open_backend)
-    for device in (0, 1):  # one number is that device for every instance, as a list of it is
-        by_devices = {}
-        for device_ids in (device, [device]):
-            opened.clear()
-            with Embedder.from_artifacts(onnx_artifacts["embedding"][0], instances=2, device_ids=device_ids) as emb:
-                assert emb.encode_documents(["a"]).shape[0] == 1
-            by_devices[repr(device_ids)] = list(opened)
-        assert by_devices == {repr(device): [device, device], repr([device]): [device, device]}
+    by_devices = {}
+    for device_ids in (0, [0]):  # one number is that device for every instance, as a list of it is
+        opened.clear()
+        with Embedder.from_artifacts(onnx_artifacts["embedding"][0], instances=2, device_ids=device_ids) as emb:
+            assert emb.encode_documents(["a"]).shape[0] == 1
+        by_devices[repr(device_ids)] = list(opened)
+    assert by_devices == {"0": [0, 0], "[0]": [0, 0]}
+    # any other device is a GPU's, which a CPU artifact refuses (before it opens); for a GPU's: 1 is [1]
+    for device_ids in (1, [1]):
+        with pytest.raises(ToolkitError, match=r"^device ids \[1\] pick GPUs, and this is a CPU artifact"):
+            Embedder.from_artifacts(onnx_artifacts["embedding"][0], device_ids=device_ids)
+    assert opened == [0, 0]  # the last [0] run's: the refused ones opened nothing
+    assert runtime.check_engine_options(2, 1, 8, "cuda") == runtime.check_engine_options(2, [1], 8, "cuda") \
+        == (2, (1,), 8)
 
 
 def test_numpy_integers_are_integers_everywhere_and_bools_are_not(onnx_artifacts):

@@ -335,6 +335,18 @@ def test_a_set_for_query_instructions_is_refused_by_the_demo_and_on_passages_nam
         r = CliRunner().invoke(main, ["eval", "--task", "embedding", "--dataset", "msmarco-sample",
                                       "--artifact", str(artifact.parent), *instruction])
         assert r.exit_code == 2 and f"msmarco also has texts without it: for msmarco{fix}" in r.output, r.output
+    # with --run torch the set only names its checkpoint: nothing to refuse
+    monkeypatch.setattr("toolkit.eval.run.model_class", lambda task: type(task.name, (), {"from_checkpoint": stop}))
+    with pytest.raises(TorchLoaded):
+        evaluate(EvalOptions(task="embedding", dataset="msmarco-sample", artifact=str(artifact.parent), run="torch"))
+
+
+class TorchLoaded(Exception):
+    """What a test's stand-in for the torch model raises once evaluation has gone past its checks."""
+
+
+def stop(*args, **kwargs):
+    raise TorchLoaded
 
 
 def test_demo_cli(onnx_artifacts):

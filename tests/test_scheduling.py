@@ -204,6 +204,8 @@ def test_perf_traffic_rounds_alternate_the_order_and_take_each_ratio_within_its_
     assert "medians of 3 rounds" in traffic.traffic_report(result)
     with pytest.raises(ToolkitError, match="--rounds"):
         traffic.TrafficOptions(data="sts12-sample", artifacts=("x",), rounds=0).check()
+    with pytest.raises(ToolkitError, match="the instruction '  ' is only whitespace"):  # checked before models load
+        traffic.TrafficOptions(data="sts12-sample", artifacts=("x",), instruction="  ").check()
 
 
 def test_perf_traffic_names_two_sets_of_one_config_by_their_directories(onnx_artifacts, tmp_path):

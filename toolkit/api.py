@@ -130,9 +130,10 @@ class _TextModel:
         largest SEQ, e.g. a service's limit."""
         _check_path(path, "path", "an artifact directory or a bucket set's")
         check_truncation(truncation)  # before any engine opens
-        instances, device_ids, queue_size = check_engine_options(instances, device_ids, queue_size)
         manifests = check_set(path, cls.task, lambda found: f"pass a {cls.task.name} set (or, in Python, load it with "
                               f"{model_class(get_task(found)).__name__})", max_length)
+        instances, device_ids, queue_size = check_engine_options(instances, device_ids, queue_size,
+                                                                 manifests[0].target.device)
         # checked first: a damaged tokenizer file would otherwise fail to load with the tokenizer's own error
         tokenizer = load_tokenizer(manifests[0].verify("tokenizer/").path / "tokenizer")
         engines = []

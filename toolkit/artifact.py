@@ -331,6 +331,15 @@ class Manifest:
                                "directory it moved to (the same weights) with --checkpoint")
         return self.model.checkpoint
 
+    def parity_failure_hint(self, checkpoint: str, named: bool) -> str:
+        """The likely cause of a parity failure against the torch `checkpoint`: another checkpoint than the set was
+        built from (`named`: the user passed it), or that checkpoint's weights changed after the build (the manifest
+        records its path, not a hash of its weights)."""
+        built = self.model.resolved
+        if named and Path(checkpoint).resolve() != Path(built).resolve():
+            return f"torch ran {checkpoint}, but the set was built from {built}: pass --checkpoint {built}"
+        return f"if {checkpoint} changed since the set was built, recompile the set from it"
+
 
 def format_quantization(q: dict) -> str:
     """An int8 artifact's quantization record in one line."""

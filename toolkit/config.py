@@ -172,7 +172,10 @@ class BuildConfig:
             raise ToolkitError(f"target must be one of {DEVICES}, got {self.target!r}{where}")
         if not self.checkpoint:
             raise ToolkitError(f"frontend.checkpoint is empty{where}: give a hub id or a local path")
-        check_instruction_text(self.instruction)  # a set caching one the runtime refuses would be unusable
+        try:  # a set caching an instruction the runtime refuses would be unusable
+            check_instruction_text(self.instruction)
+        except ToolkitError as e:
+            raise ToolkitError(f"{e}{where}") from None
 
 
 def parse_seq_lens(value) -> tuple[int, ...]:

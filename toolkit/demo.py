@@ -6,7 +6,7 @@ from pathlib import Path
 from toolkit.api import model_class
 from toolkit.artifact import BACKENDS, find_artifacts
 from toolkit.errors import ToolkitError
-from toolkit.eval.run import checkpoint_hint, refuse_bare_inputs
+from toolkit.eval.run import refuse_bare_inputs
 from toolkit.tasks import Task
 
 QUERIES = ["What is the capital of China?", "Explain gravity", "中国的首都是哪里？", "什么是万有引力？"]
@@ -47,6 +47,6 @@ def run_demo(task: Task, artifact: str | Path | None, checkpoint: str | None, ec
     stats = task.judge(task.agreement(ref_out, art_out), manifests[0].dtype)
     echo(f"\n{task.format_agreement(stats)} (tolerance {stats['tolerance']}): {'OK' if stats['passed'] else 'FAIL'}")
     if not stats["passed"]:
-        echo(checkpoint_hint(manifests[0], reference, checkpoint is not None))
+        echo(manifests[0].parity_failure_hint(reference, checkpoint is not None))
     return stats["passed"]
 
