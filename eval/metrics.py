@@ -86,12 +86,15 @@ def per_query_metrics(per_query_scores: list, per_query_labels: list) -> dict[st
     return {name: np.asarray(values, dtype=np.float64) for name, values in columns.items()}
 
 
-def reranking_metrics(per_query_scores: list, per_query_labels: list) -> dict:
+def reranking_metrics(per_query_scores: list, per_query_labels: list,
+                      columns: dict[str, np.ndarray] | None = None) -> dict:
     """MAP, MRR@10, NDCG@10 and Recall@1/5/10 averaged over the queries that have a positive, plus the counts of
     queries used and left out. All NaN when any score is not finite (NaN sorts as a number would not: a ranking of
-    NaN scores is no ranking, and a real-looking MAP from it would hide that), as `sts_correlations` is."""
+    NaN scores is no ranking, and a real-looking MAP from it would hide that), as `sts_correlations` is. `columns`:
+    their `per_query_metrics` where the caller has them already."""
     finite = all(np.isfinite(np.asarray(s, dtype=np.float64)).all() for s in per_query_scores)
-    columns = per_query_metrics(per_query_scores, per_query_labels)
+    if columns is None:
+        columns = per_query_metrics(per_query_scores, per_query_labels)
     valid = ~np.isnan(columns["map"])
     out = {name: float(np.mean(values[valid])) if valid.any() and finite else float("nan")
            for name, values in columns.items()}

@@ -105,8 +105,9 @@ def run_model(model, task: Task, spec: DatasetSpec, examples: list, instruction:
     else:
         items, per_query = task.rank_passages(model, [e.query for e in examples], [e.passages for e in examples],
                                               instruction)
-        metrics = reranking_metrics(per_query, [e.labels for e in examples])
-        per_query_values = per_query_metrics(per_query, [e.labels for e in examples])
+        labels = [e.labels for e in examples]
+        per_query_values = per_query_metrics(per_query, labels)
+        metrics = reranking_metrics(per_query, labels, per_query_values)
     items = np.asarray(items)
     return {"items": items, "per_query": per_query, "per_query_metrics": per_query_values, "metrics": metrics,
             "seconds": time.perf_counter() - started, "nonfinite": int((~np.isfinite(items)).sum())}
