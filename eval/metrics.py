@@ -119,9 +119,5 @@ def ranking_agreement(scores_a: list, scores_b: list) -> dict:
     taus = np.asarray([stats.kendalltau(a, b).statistic if len(a) > 1 else np.nan for a, b in zip(scores_a, scores_b)],
                       dtype=np.float64)
     defined = taus[np.isfinite(taus)]
-    undefined = len(taus) - len(defined)
-    if not len(defined):
-        return {"kendall_tau_mean": float("nan"), "kendall_tau_min": float("nan"),
-                "queries_without_kendall_tau": undefined}
-    return {"kendall_tau_mean": float(np.mean(defined)), "kendall_tau_min": float(np.min(defined)),
-            "queries_without_kendall_tau": undefined}
+    mean, worst = (float(np.mean(defined)), float(np.min(defined))) if len(defined) else (float("nan"),) * 2
+    return {"kendall_tau_mean": mean, "kendall_tau_min": worst, "queries_without_kendall_tau": len(taus) - len(defined)}

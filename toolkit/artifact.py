@@ -331,12 +331,17 @@ class Manifest:
                                "directory it moved to (the same weights) with --checkpoint")
         return self.model.checkpoint
 
+    def built_from_another(self, checkpoint: str | Path) -> bool:
+        """Whether `checkpoint` is another directory than the one this artifact was built from."""
+        built = self.model.resolved
+        return bool(built) and Path(checkpoint).resolve() != Path(built).resolve()
+
     def parity_failure_hint(self, checkpoint: str, named: bool) -> str:
         """The likely cause of a parity failure against the torch `checkpoint`: another checkpoint than the set was
         built from (`named`: the user passed it), or that checkpoint's weights changed after the build (the manifest
         records its path, not a hash of its weights)."""
-        built = self.model.resolved
-        if named and Path(checkpoint).resolve() != Path(built).resolve():
+        if named and self.built_from_another(checkpoint):
+            built = self.model.resolved
             return f"torch ran {checkpoint}, but the set was built from {built}: pass --checkpoint {built}"
         return f"if {checkpoint} changed since the set was built, recompile the set from it"
 

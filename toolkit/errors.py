@@ -13,7 +13,6 @@ def is_integer(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-
 def check_int(value, name: str, minimum: int) -> None:
     """Raise ToolkitError naming `name` (a flag such as `--threads`, or an argument) unless `value` is an integer
     >= `minimum`."""

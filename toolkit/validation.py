@@ -101,8 +101,8 @@ def revalidate(artifact: str | Path, checkpoint: str | None = None) -> dict:
     check_task(task, reference_dir, read_hf_config(reference_dir),
                f"{manifest.path} is an artifact of the {task.name} task",
                lambda other: f"validate a {other} artifact with it", _warn)
-    built = manifest.model.resolved
-    if checkpoint and built and reference_dir.resolve() != Path(built).resolve():
+    if checkpoint and manifest.built_from_another(reference_dir):
+        built = manifest.model.resolved
         _warn(f"validating against {reference_dir}, but {manifest.path} was built from {built}: a failure would be "
               f"the other weights', and it replaces the record; pass --checkpoint {built}, or leave it out")
     tokenizer = load_tokenizer(manifest.path / "tokenizer")
