@@ -21,10 +21,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from toolkit.artifact import Manifest
-from toolkit.errors import ToolkitError, check_int, is_integer
+from toolkit.errors import ToolkitError, check_int
 from toolkit.perf.common import make_inputs
 from toolkit.report import format_columns
-from toolkit.runtime import Engine, check_engine_options
+from toolkit.runtime import Engine, check_device_ids
 
 
 @dataclass(frozen=True)
@@ -92,13 +92,6 @@ def check_percentiles(percentiles, flag: str = "--percentiles") -> None:
                                f"anyway), got {shown}")
 
 
-def check_device_ids(device_ids, flag: str = "--device-ids") -> None:
-    """Raise ToolkitError unless `device_ids` is a non-empty sequence of non-negative integers."""
-    if isinstance(device_ids, (str, bytes)) or not isinstance(device_ids, (tuple, list)) or not device_ids \
-            or not all(is_integer(d) and d >= 0 for d in device_ids):
-        raise ToolkitError(f"{flag} must be a non-empty list of device numbers such as 0 or 0,1, got {device_ids!r}")
-
-
 # ---- the benchmark ---------------------------------------------------------------------------------------------------
 def run_perf(options: PerfRunOptions, progress: bool = False) -> dict:
     """Measure one artifact as `options` says; returns the result dict (`perf_table` prints it).
@@ -111,11 +104,11 @@ def run_perf(options: PerfRunOptions, progress: bool = False) -> dict:
     if batch > manifest.batch:
         raise ToolkitError(f"{manifest.path} takes 1..{manifest.batch} rows a call, not {batch}; pass --batch-size "
                            f"{manifest.batch} or fewer, or recompile with `toolkit compile ... --batch {batch}`")
-    check_engine_options(options.instances, options.device_ids, 1, manifest.target.device)  # before the inputs
+    device_ids = check_device_ids(options.device_ids, PerfRunOptions.FLAGS["device_ids"], manifest.target.device)
     inputs = make_inputs(manifest, options.source, min(options.iterations, 64), batch)
     instances, iterations = options.instances, options.iterations
     latencies = np.zeros(iterations)
-    with Engine.from_artifact(manifest, instances, tuple(options.device_ids),
+    with Engine.from_artifact(manifest, instances, device_ids,
                               queue_size=max(options.queue_size, 1)) as engine:
         # warm-up: one client per instance, so every instance (and its thread pool) runs before the clock starts
         _latency_mode(engine, inputs, np.zeros(options.warmup * instances), instances, None)
@@ -135,7 +128,7 @@ def run_perf(options: PerfRunOptions, progress: bool = False) -> dict:
     return {
         "artifact": str(manifest.path), "backend": manifest.backend, "task": manifest.task,
         "seq_len": manifest.seq_len, "batch": batch, "dtype": manifest.dtype, "instances": instances,
-        "device_ids": list(options.device_ids), "queue_size": options.queue_size, "mode": options.mode,
+        "device_ids": list(device_ids), "queue_size": options.queue_size, "mode": options.mode,
         "input": options.source, "iterations": iterations, "warmup": options.warmup, "wall_s": wall,
         "runs_per_instance": runs,
         "throughput": {"sequences_per_s": sequences / wall, "tokens_per_s": tokens / wall,

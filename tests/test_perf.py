@@ -196,7 +196,7 @@ def test_perf_run_refuses_device_ids_on_a_cpu_artifact(onnx_artifacts, monkeypat
     lines = r.output.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1, r.output
     assert lines[0] == "error: device ids [0, 1] pick GPUs, and this is a CPU artifact: CPU artifacts use " \
-        "--threads/--instances; leave --device-ids (device_ids) at its default, 0"
+        "--threads/--instances; leave --device-ids at its default, 0"
 
 
 def test_perf_run_options_check_without_the_cli(onnx_artifacts):

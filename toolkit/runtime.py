@@ -113,22 +113,29 @@ def resolve_instances(instances: int | str, manifest: Manifest) -> int:
     return CPU_BUDGET.threads if single_thread else 1
 
 
-def check_engine_options(instances, device_ids, queue_size,
-                         device: str | None = None) -> tuple[int | str, tuple[int, ...], int]:
-    """One-line errors for engine options a user can get wrong; the options as ints, `device_ids` as a tuple (one
-    number is one device, as `--device-ids 0` is). `device`: the artifact's target device where known; a CPU artifact
-    takes no device ids but the default, which pick GPUs."""
-    if instances != AUTO_INSTANCES and (not is_integer(instances) or instances < 1):
-        raise ToolkitError(f"instances must be an integer >= 1 or {AUTO_INSTANCES!r}, got {instances!r}")
-    check_int(queue_size, "queue_size", 1)
+def check_device_ids(device_ids, name: str = "device_ids", device: str | None = None) -> tuple[int, ...]:
+    """`device_ids` as a tuple (one number is one device, as `--device-ids 0` is), or a one-line error naming `name`
+    (the API's argument or the command-line option). `device`: the artifact's target device where known; a CPU
+    artifact takes no device ids but the default, which pick GPUs."""
     devices = (device_ids,) if is_integer(device_ids) else device_ids
     if not isinstance(devices, (list, tuple)) or not devices or any(not is_integer(d) or d < 0 for d in devices):
-        raise ToolkitError(f"device_ids must be a device number or a non-empty list of them, like 0 or [0, 1], got "
+        raise ToolkitError(f"{name} must be a device number or a non-empty list of them, like 0 or [0, 1], got "
                            f"{device_ids!r}")
     devices = tuple(map(int, devices))
     if device == "cpu" and devices != (0,):
         raise ToolkitError(f"device ids {list(devices)} pick GPUs, and this is a CPU artifact: CPU artifacts use "
-                           "--threads/--instances; leave --device-ids (device_ids) at its default, 0")
+                           f"--threads/--instances; leave {name} at its default, 0")
+    return devices
+
+
+def check_engine_options(instances, device_ids, queue_size,
+                         device: str | None = None) -> tuple[int | str, tuple[int, ...], int]:
+    """One-line errors for engine options a user can get wrong; the options as ints, `device_ids` as a tuple
+    (`check_device_ids`, with `device`)."""
+    if instances != AUTO_INSTANCES and (not is_integer(instances) or instances < 1):
+        raise ToolkitError(f"instances must be an integer >= 1 or {AUTO_INSTANCES!r}, got {instances!r}")
+    check_int(queue_size, "queue_size", 1)
+    devices = check_device_ids(device_ids, "device_ids", device)
     return (instances if instances == AUTO_INSTANCES else int(instances)), devices, int(queue_size)
 
 
