@@ -2,6 +2,7 @@
 import json
 import shutil
 import time
+import warnings
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ from toolkit.cli import main
 from toolkit.config import BuildConfig
 from toolkit.errors import ToolkitError
 from toolkit.runtime import Engine
+from toolkit.synth import write_synthetic_checkpoint
 from toolkit.tasks import TASKS, WEB_SEARCH_INSTRUCTION
 
 from conftest import build, copy_artifact, signed
@@ -62,10 +64,40 @@ def test_crash_after_the_manifest_leaves_nothing_loadable_and_keeps_the_old_arti
     assert [m.seq_len for m in find_artifacts(set_dir)] == [32, 48]
     manifest_file = set_dir / "seq32" / "manifest.json"
     raw = json.loads(manifest_file.read_text())
-    raw["model"]["resolved"] = str(outlier_checkpoints["embedding"])
+    raw["model"]["weights_sha256"] = Manifest.load(good[1]).model.weights_sha256[::-1]
     manifest_file.write_text(json.dumps(signed(raw)))
     with pytest.raises(ToolkitError, match="mixes artifacts of different .*checkpoint"):
         find_artifacts(set_dir)
+
+
+def test_a_checkpoint_re_saved_in_place_holds_other_weights_and_one_moved_the_same(checkpoints, tmp_path):
+    """The set's key was the checkpoint's path: a directory re-saved with other weights kept the SEQs built from the
+    old ones, and which weights answered depended on a text's length. Now the weights' digest is the key."""
+    from toolkit.artifact import find_artifacts
+
+    ckpt = shutil.copytree(checkpoints["embedding"], tmp_path / "ckpt")
+    [first] = build({"embedding": ckpt}, tmp_path / "ws", "embedding", seq_lens=(32,), batch=1)
+    write_synthetic_checkpoint(ckpt, "embedding", "tiny", seed=5)  # the same directory, other weights
+    build({"embedding": ckpt}, tmp_path / "ws", "embedding", seq_lens=(48,), batch=1)
+    assert [m.seq_len for m in find_artifacts(first.parent)] == [48]
+    moved = shutil.move(ckpt, tmp_path / "moved")  # the same weights elsewhere: the same set, which grows
+    build({"embedding": moved}, tmp_path / "ws", "embedding", seq_lens=(32,), batch=1)
+    assert [m.seq_len for m in find_artifacts(first.parent)] == [32, 48]
+
+
+def test_a_failed_build_leaves_no_directory_it_made(checkpoints, tmp_path):
+    """A mistyped checkpoint left WORKSPACE/NAME behind, empty; a workspace that was there stays."""
+    cfg = BuildConfig(name="x", task="embedding", checkpoint=str(tmp_path / "nope"), seq_lens=(32,),
+                      workspace=tmp_path / "new" / "ws")
+    from toolkit.compile import compile_config
+
+    with pytest.raises(ToolkitError, match="nope"):
+        compile_config(cfg, log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ToolkitError, match="nope"):
+        compile_config(replace(cfg, workspace=tmp_path / "kept"), log=lambda m: None)
+    assert list(tmp_path.iterdir()) == [tmp_path / "kept"] and not any((tmp_path / "kept").iterdir())
 
 
 def test_a_tvm_build_killed_for_memory_is_reported_and_leaves_nothing(checkpoints, tmp_path, monkeypatch):
@@ -74,7 +106,7 @@ def test_a_tvm_build_killed_for_memory_is_reported_and_leaves_nothing(checkpoint
     monkeypatch.setattr(toolkit.compile, "TVM_BUILD_PROCESS", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
     with pytest.raises(ToolkitError, match=r"seq32 was killed by SIGKILL \(the kernel's out-of-memory killer"):
         build(checkpoints, tmp_path, "embedding", backends=("tvm",), seq_lens=(32,), batch=1)
-    assert list((tmp_path / "embedding-fp16-b1" / "tvm").iterdir()) == []  # no staging, no export left
+    assert list(tmp_path.iterdir()) == []  # no staging, no export left, nor the set's directories the build made
 
 
 def test_checkpoint_without_tokenizer_files_is_refused_before_building(checkpoints, tmp_path):
@@ -149,9 +181,19 @@ def test_validate_refuses_the_other_tasks_checkpoint_and_warns_of_another_than_t
     assert result.exit_code == 2 and "is a synthetic embedding checkpoint and" in result.output, result.output
     assert Manifest.load(copy).validation == before
     elsewhere = shutil.copytree(checkpoints["reranker"], tmp_path / "same-weights-elsewhere")
-    with pytest.warns(UserWarning, match=f"^validating against {elsewhere}, but {copy} was built from"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the build's weights at another path: nothing to warn about
         result = CliRunner().invoke(main, ["validate", str(copy), "--checkpoint", str(elsewhere)])
     assert result.exit_code == 0, result.output
+    other = write_synthetic_checkpoint(tmp_path / "other", "reranker", "tiny", seed=5)
+    with pytest.warns(UserWarning, match=f"^validating against {other}, but {copy} was built from"):
+        CliRunner().invoke(main, ["validate", str(copy), "--checkpoint", str(other)])
+    # the build's own path, re-saved with other weights since: said so, though no --checkpoint was passed
+    manifest = Manifest.load(copy)
+    manifest.model = replace(manifest.model, resolved=str(other))
+    manifest.save(copy, hash_files=False)
+    with pytest.warns(UserWarning, match=f"^the weights at {other} changed since {copy} was built"):
+        CliRunner().invoke(main, ["validate", str(copy)])
 
 
 def test_the_reranker_caches_the_longest_prompt_prefix_that_keeps_bodies_in_whole_row_tiles(tokenizers):
@@ -211,6 +253,12 @@ def test_the_instruction_is_cached_where_every_seq_holds_it_with_a_body(tokenize
                       "cached, and inputs may carry any instruction"]
     with pytest.raises(ToolkitError, match="use --seq 75 or more, or --no-cache-instruction"):
         to_cache(replace(short, instruction=WEB_SEARCH_INSTRUCTION))
+    # no SEQ holds the default instruction: the set could run no input that carries it (it compiled, then every
+    # pair failed, first with advice to truncate)
+    with pytest.raises(ToolkitError, match=r"^no SEQ of 64 holds a reranker input with the instruction 'Given a web "
+                                           r".*\(75 tokens .*\): use --seq 75 or more, or --instruction with"):
+        to_cache(replace(cfg, seq_lens=(64,)))
+    assert to_cache(replace(cfg, seq_lens=(64,), cache_instruction=False)) is None  # any instruction: short ones fit
     embedding = BuildConfig(name="e", task="embedding", checkpoint="x", seq_lens=(32,))
     assert to_cache(embedding) is None
     assert to_cache(replace(embedding, instruction="Find")) == "Find"
@@ -445,4 +493,4 @@ def test_sigterm_during_compile_cleans_up_as_ctrl_c_does(checkpoints, tmp_path):
     finally:
         process.kill()
         process.wait()
-    assert [p.name for p in (ws / "qwen3-embedding-0.6b-fp16" / "onnx").iterdir()] == []
+    assert not ws.exists()  # no staging or graph directory left, nor the (then empty) directories the build made

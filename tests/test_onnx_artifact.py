@@ -174,13 +174,16 @@ def test_corrupted_artifact_is_refused(onnx_artifacts, tmp_path):
             open_artifact(broken)
         result = CliRunner().invoke(main, ["inspect", str(broken)])  # the diagnostic tool says it in one line too
         assert result.exit_code == 2 and "not a valid" in result.output and "Traceback" not in result.output
-    # a manifest of the format before every batch became dynamic (it said `dynamic_batch`): a one-line recompile
-    old = {**raw, "format": "qwen3-deploy-artifact/2", "dynamic_batch": True}
-    (broken / "manifest.json").write_text(json.dumps(old))
-    with pytest.raises(ToolkitError, match="is a 'qwen3-deploy-artifact/2' manifest and this toolkit reads "
-                                           "'qwen3-deploy-artifact/4' ones .*; recompile the artifact with `toolkit "
-                                           "compile`"):
-        open_artifact(broken)
+    # manifests of earlier formats: before every batch became dynamic (it said `dynamic_batch`), before the weights'
+    # digest (a set's SEQs told apart by the checkpoint's path): a one-line recompile
+    model = {k: v for k, v in raw["model"].items() if k != "weights_sha256"}
+    for old in ({**raw, "format": "qwen3-deploy-artifact/2", "dynamic_batch": True},
+                signed({**raw, "format": "qwen3-deploy-artifact/4", "model": model})):
+        (broken / "manifest.json").write_text(json.dumps(old))
+        with pytest.raises(ToolkitError, match=f"is a '{old['format']}' manifest and this toolkit reads "
+                                               "'qwen3-deploy-artifact/5' ones .*; recompile the artifact with "
+                                               "`toolkit compile`"):
+            open_artifact(broken)
     (broken / "manifest.json").write_text("{not json")
     with pytest.raises(ToolkitError, match="not a valid .* manifest"):
         open_artifact(broken)

@@ -219,6 +219,13 @@ def test_truncation_policy(onnx_artifacts):
                                                "document: this model has"):
             rr.tokenize([("short query", "document"), (long_text, "document")])
         assert rr.tokenize([(long_text[:60], "document")])  # room left: a document's tokens stay
+    with Reranker.from_artifacts(onnx_artifacts["reranker"][0].parent) as rr:  # truncation "error"
+        # the query fills the row: truncating would not help, so that is not the advice
+        with pytest.raises(ToolkitError, match=r"^\d+ tokens of the query and instruction leave no room for the "
+                                               "document: this model has"):
+            rr.tokenize([("short query", "document"), (long_text, "document")])
+        with pytest.raises(ToolkitError, match=r"^input #1 has more than 128 tokens.*pass truncation='truncate'"):
+            rr.tokenize([("short query", "document"), ("short query", long_text)])
     with Embedder.from_artifacts(onnx_artifacts["embedding"][0].parent, truncation="truncate") as emb:
         with pytest.raises(ToolkitError, match="tokens of the instruction leave no room for the text"):
             emb.encode(["a text", "another"], instruction=long_text)

@@ -358,8 +358,13 @@ class Reranker(_TextModel):
             check_instruction(fixed, instruction)
         instruction = fixed if instruction is None else instruction
         pairs = _check_pairs(pairs)
-        rows = self._rows([self.task.format_body(q, d, instruction) for q, d in pairs], truncation,
-                          lambda i: (pairs[i], [f"the query of pair #{i}", f"the document of pair #{i}"]))
+        try:
+            rows = self._rows([self.task.format_body(q, d, instruction) for q, d in pairs], truncation,
+                              lambda i: (pairs[i], [f"the query of pair #{i}", f"the document of pair #{i}"]))
+        except InputTooLongError as e:  # a query and instruction that fill the room alone: truncating would not help
+            self._check_room(self.task.format_body(pairs[e.index][0], "", instruction), "the query and instruction",
+                             "document")
+            raise
         for query in {q for (q, _), row in zip(pairs, rows) if len(row) == self.max_length}:  # cut ones: anything left?
             self._check_room(self.task.format_body(query, "", instruction), "the query and instruction", "document")
         return rows

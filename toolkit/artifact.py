@@ -26,7 +26,7 @@ from toolkit.errors import ToolkitError
 from toolkit.tasks import TASKS
 
 MANIFEST = "manifest.json"
-FORMAT = "qwen3-deploy-artifact/4"
+FORMAT = "qwen3-deploy-artifact/5"
 BACKENDS = ("onnx", "tvm")  # one name per backend, everywhere: configs, CLI, manifests, directories
 MODEL_FILE_SUFFIX = {"onnx": ".onnx", "tvm": ".so"}  # what each backend loads (an ONNX graph, a TVM library)
 DEVICES = ("cpu", "cuda")
@@ -56,6 +56,16 @@ def sha256(path: Path) -> str:
                 h.update(chunk)
         _digests[key] = h.hexdigest()
     return _digests[key]
+
+
+WEIGHT_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json")
+
+
+def weights_sha256(checkpoint_dir: Path) -> str:
+    """One digest of a checkpoint directory's configuration and weight files (their names and bytes): what tells
+    two checkpoints' weights apart, wherever they lie (a directory re-saved in place holds other weights)."""
+    files = sorted({p for pattern in WEIGHT_FILES for p in Path(checkpoint_dir).glob(pattern) if p.is_file()})
+    return hashlib.sha256("".join(f"{p.name} {sha256(p)}\n" for p in files).encode()).hexdigest()
 
 
 def in_shared_graph(relative: str) -> bool:
@@ -90,6 +100,7 @@ class ModelSource:
 
     checkpoint: str  # as the build config named it (hub id or path)
     resolved: str  # the local directory it resolved to
+    weights_sha256: str  # its configuration's and weights' digest (`weights_sha256`): a path can hold other weights
     model_type: str
     synthetic: bool
     hidden_size: int
@@ -310,9 +321,8 @@ class Manifest:
     @property
     def set_key(self) -> tuple:
         """What the artifacts of one bucket set share: the task, backend, dtype and cached instruction (the inputs
-        they take) and the checkpoint (the weights)."""
-        return (self.task, self.backend, self.dtype, self.instruction, self.model.resolved, self.model.hidden_size,
-                self.model.num_hidden_layers)
+        they take) and the weights (their digest: the same checkpoint moved is the same set; re-saved in place, not)."""
+        return self.task, self.backend, self.dtype, self.instruction, self.model.weights_sha256
 
     @property
     def size_bytes(self) -> int:
@@ -332,18 +342,24 @@ class Manifest:
         return self.model.checkpoint
 
     def built_from_another(self, checkpoint: str | Path) -> bool:
-        """Whether `checkpoint` is another directory than the one this artifact was built from."""
-        built = self.model.resolved
-        return bool(built) and Path(checkpoint).resolve() != Path(built).resolve()
+        """Whether the local checkpoint directory `checkpoint` holds other weights than this artifact was built from
+        (by their digest: another path with the same weights is the same checkpoint, a path re-saved since is not)."""
+        return weights_sha256(Path(checkpoint)) != self.model.weights_sha256
 
     def parity_failure_hint(self, checkpoint: str, named: bool) -> str:
         """The likely cause of a parity failure against the torch `checkpoint`: another checkpoint than the set was
-        built from (`named`: the user passed it), or that checkpoint's weights changed after the build (the manifest
-        records its path, not a hash of its weights)."""
-        if named and self.built_from_another(checkpoint):
-            built = self.model.resolved
+        built from (`named`: the user passed it), that checkpoint re-saved with other weights since the build, or,
+        where torch ran the build's weights, the artifact itself on these inputs."""
+        if not Path(checkpoint).is_dir():  # a hub id: its files are the hub cache's, not hashed here
+            return f"if {checkpoint} changed since the set was built, recompile the set from it"
+        if not self.built_from_another(checkpoint):
+            return (f"torch ran the weights the set was built from (the same SHA-256): the artifact itself is off on "
+                    f"these inputs; its validation: `toolkit inspect {self.path}`")
+        built = self.model.resolved
+        if named and Path(checkpoint).resolve() != Path(built).resolve():
             return f"torch ran {checkpoint}, but the set was built from {built}: pass --checkpoint {built}"
-        return f"if {checkpoint} changed since the set was built, recompile the set from it"
+        return (f"the weights at {checkpoint} changed since the set was built (their SHA-256 differs from the "
+                "build's): recompile the set from them")
 
 
 def format_quantization(q: dict) -> str:
@@ -367,7 +383,8 @@ def format_manifest(m: Manifest) -> str:
     lines = [
         f"name        {m.name}",
         f"task        {m.task}",
-        f"model       {m.model.checkpoint}" + (" (synthetic)" if m.model.synthetic else ""),
+        f"model       {m.model.checkpoint}" + (" (synthetic)" if m.model.synthetic else "")
+        + f", weights SHA-256 {m.model.weights_sha256[:16]}",
         f"backend     {m.backend}  target {target}",
         f"shape       batch {m.batch}{f' (any 1..{m.batch} rows)' if m.batch > 1 else ''} x seq "
         f"{m.seq_len}   dtype {m.kernels}",

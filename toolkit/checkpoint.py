@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from toolkit.artifact import ModelSource
+from toolkit.artifact import ModelSource, weights_sha256
 from toolkit.errors import ToolkitError
 from toolkit.tasks import TASKS, Task
 from toolkit.tokenizer import ENDOFTEXT_ID, MAX_CONTEXT, Tokenizer
@@ -207,6 +207,7 @@ def model_source(named: str, checkpoint_dir: Path) -> ModelSource:
     """What the manifest records about the checkpoint an artifact is built from."""
     cfg = read_hf_config(checkpoint_dir)
     return ModelSource(checkpoint=str(named), resolved=str(Path(checkpoint_dir).resolve()),
+                       weights_sha256=weights_sha256(checkpoint_dir),
                        model_type=cfg["model_type"], synthetic="synthetic" in cfg, hidden_size=cfg.get("hidden_size"),
                        num_hidden_layers=cfg.get("num_hidden_layers"), vocab_size=cfg.get("vocab_size"))
 

@@ -105,11 +105,32 @@ class StagedArtifact:
 
 
 def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
-    """Compile every (backend, seq) of `cfg`; returns the artifact directories. Raises if validation fails."""
+    """Compile every (backend, seq) of `cfg`; returns the artifact directories. Raises if validation fails, leaving
+    no empty directory it made (a mistyped --workspace is not left behind)."""
+    set_dir = cfg.workspace / cfg.name
+    made = [d for d in (set_dir, *set_dir.parents) if not d.exists()]  # innermost first
+    set_dir.mkdir(parents=True, exist_ok=True)  # an unusable --workspace fails now, not after work
+    try:
+        return build_set(cfg, log)
+    except BaseException:
+        for directory in made:
+            remove_empty_tree(directory)
+        raise
+
+
+def remove_empty_tree(directory: Path) -> None:
+    """Remove `directory` and the directories under it where nothing else is left (a failed build's backend dirs)."""
+    for d in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(d.iterdir()):
+            d.rmdir()
+    if directory.is_dir() and not any(directory.iterdir()):
+        directory.rmdir()
+
+
+def build_set(cfg: BuildConfig, log) -> list[Path]:
+    """`compile_config` in a workspace that exists."""
     task = get_task(cfg.task)
-    (cfg.workspace / cfg.name).mkdir(parents=True, exist_ok=True)  # an unusable --workspace fails now, not after work
     checkpoint = resolve_checkpoint(cfg.checkpoint)
-    source = model_source(cfg.checkpoint, checkpoint)
     hf_config = read_hf_config(checkpoint)
     check_task(task, checkpoint, hf_config, f"{cfg.source or 'the config'} builds {task.name} artifacts",
                lambda other: f"compile it with build_configs/{other}_config_fp16.yaml (or a config with `task: "
@@ -124,6 +145,7 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
         raise ToolkitError(f"this CPU has no {feature} (see /proc/cpuinfo): TVM {cfg.dtype} artifacts are built on "
                            f"and for CPUs that have it; use {instead} here")
     log(f"checkpoint {checkpoint} ({task.name}, {cfg.dtype})")
+    source = model_source(cfg.checkpoint, checkpoint)  # after the quick checks: it hashes the weights
     for backend in cfg.backends:
         remove_stale_staging(cfg.workspace / cfg.name / backend, log)
     map_large_blocks()  # per-layer temporaries freed back to the OS, not kept by the heap (compile's peak)
@@ -221,6 +243,10 @@ def instruction_to_cache(cfg: BuildConfig, task: Task, tokenizer, carried: str |
     instruction = carried if cfg.cache_instruction else None
     if instruction is None or min(cfg.seq_lens) >= (shortest := task.min_seq_len(tokenizer, instruction)):
         return instruction
+    if max(cfg.seq_lens) < shortest:  # every input carries it: no SEQ of the set could run one
+        raise ToolkitError(f"no SEQ of {','.join(map(str, cfg.seq_lens))} holds a {task.name} input with the "
+                           f"instruction {instruction!r} ({shortest} tokens with a one-token query and document): use "
+                           f"--seq {shortest} or more, or --instruction with a shorter one")
     if cfg.instruction is not None:
         raise ToolkitError(f"SEQ {min(cfg.seq_lens)} cannot hold a {task.name} input with the instruction "
                            f"{instruction!r}: use --seq {shortest} or more, or --no-cache-instruction")

@@ -101,10 +101,14 @@ def revalidate(artifact: str | Path, checkpoint: str | None = None) -> dict:
     check_task(task, reference_dir, read_hf_config(reference_dir),
                f"{manifest.path} is an artifact of the {task.name} task",
                lambda other: f"validate a {other} artifact with it", _warn)
-    if checkpoint and manifest.built_from_another(reference_dir):
+    if manifest.built_from_another(reference_dir):
         built = manifest.model.resolved
-        _warn(f"validating against {reference_dir}, but {manifest.path} was built from {built}: a failure would be "
-              f"the other weights', and it replaces the record; pass --checkpoint {built}, or leave it out")
+        if reference_dir.resolve() == Path(built).resolve():
+            _warn(f"the weights at {built} changed since {manifest.path} was built (their SHA-256 differs from the "
+                  "build's): a failure would be theirs, and it replaces the record; recompile the set from them")
+        else:
+            _warn(f"validating against {reference_dir}, but {manifest.path} was built from {built}: a failure would "
+                  f"be the other weights', and it replaces the record; pass --checkpoint {built}, or leave it out")
     tokenizer = load_tokenizer(manifest.path / "tokenizer")
     holdout = None
     if manifest.dtype in LOW_PRECISION:
