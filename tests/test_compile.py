@@ -475,3 +475,28 @@ def test_ctrl_c_in_any_command_exits_130_with_one_line():
     result = CliRunner().invoke(group, ["work"])
     assert result.exit_code == 130 and result.output == "\ninterrupted: exit 130\n", result.output
 
+
+def test_seq_auto_reads_plain_texts_and_says_which_rows_it_reads(checkpoints, tokenizers, tmp_path):
+    """`--lengths texts.jsonl` of `{"text": ...}` rows failed with `field 'score' is missing`: only token lengths are
+    needed. The reranker's plain rows are (query, document) pairs, as --calibration files hold them."""
+    from toolkit.buckets import suggest_for_dataset, suggest_seq_lens, token_lengths
+    from toolkit.tasks import EMBEDDING, RERANKER
+
+    texts = ["a short text", "a somewhat longer text than the first one " * 3, "mid length text here " * 2]
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    lengths = token_lengths(EMBEDDING, tokenizers["embedding"], texts)
+    shortest = EMBEDDING.min_seq_len(tokenizers["embedding"], EMBEDDING.fixed_instruction(None))
+    assert suggest_for_dataset("embedding", str(checkpoints["embedding"]), str(data), count=2, multiple=4) == \
+        suggest_seq_lens(lengths, 2, 4, minimum=shortest)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": "a query", "document": t}) + "\n" for t in texts))
+    lengths = token_lengths(RERANKER, tokenizers["reranker"], [("a query", t) for t in texts])
+    assert max(suggest_for_dataset("reranker", str(checkpoints["reranker"]), str(pairs), count=2)) >= lengths.max()
+    with pytest.raises(ToolkitError, match=r"texts.jsonl:2: field 'text' must be a non-empty text, got the number 3"):
+        data.write_text('{"text": "fine"}\n{"text": 3}\n')
+        suggest_for_dataset("embedding", str(checkpoints["embedding"]), str(data))
+    data.write_text('{"sentence": "not a known row"}\n')
+    with pytest.raises(ToolkitError, match=r"--lengths reads JSONL rows of \{\"text\"\}"):
+        suggest_for_dataset("embedding", str(checkpoints["embedding"]), str(data))
+
