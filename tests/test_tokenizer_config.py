@@ -64,6 +64,8 @@ def test_reference_style_config(tmp_path):
      "frontend.cache_instruction must be of type bool"),
     ("task: reranker\nfrontend: {checkpoint: x, seq: 8, instruction: '  '}\n",
      "the instruction '  ' is only whitespace"),  # a set caching it could not run: the runtime refuses it
+    ("task: embedding\nfrontend: {checkpoint: x, seq: 8}\nbackend: {kind: []}\n",
+     "backend.kind is empty"),  # built nothing and exited 0
 ])
 def test_bad_config_is_refused_with_a_clear_message(tmp_path, text, message):
     path = tmp_path / "c.yaml"
@@ -105,3 +107,11 @@ def test_a_checkpoint_s_tokenizer_json_gives_the_ids_autotokenizer_does(checkpoi
     assert lean.encode(texts) == auto(texts, add_special_tokens=False).input_ids
     # special: what tokenizer.json marks so (Qwen3's config lists the same 14 as eos and additional special tokens)
     assert lean.special_ids == {ENDOFTEXT_ID + i for i, (_, special) in enumerate(QWEN3_ADDED_TOKENS) if special}
+
+
+def test_backend_kinds_named_twice_are_built_once_in_order(tmp_path):
+    """`kind: [onnx, onnx]` built and validated the same artifact twice."""
+    path = tmp_path / "c.yaml"
+    path.write_text("task: embedding\nfrontend: {checkpoint: x, seq: 8}\nbackend: {kind: [tvm, onnx, tvm]}\n")
+    assert load_build_config(path).backends == ("tvm", "onnx")
+

@@ -11,7 +11,7 @@
                                          # set for queries only; default none: documents bare, queries any)
       cache_instruction: true            # false: not cached, inputs may carry any instruction
     backend:
-      kind: onnx                         # onnx | tvm (or a list of both)
+      kind: onnx                         # onnx | tvm (or a list of both; a kind named twice is built once)
       dtype: fp16                        # fp16 | fp32 (weights; compute and accumulation stay fp32) | int8 (W8A8)
                                          # | bf16 (bf16 linear layers, fp32 accumulation; TVM on AVX512-BF16 CPUs)
       quantization:                      # int8 only; all optional
@@ -143,6 +143,8 @@ class BuildConfig:
             raise ToolkitError(f"batch must be a positive integer, got {self.batch!r}{where}")
         if self.batch_tokens is not None and (not is_integer(self.batch_tokens) or self.batch_tokens < 1):
             raise ToolkitError(f"batch_tokens must be a positive integer, got {self.batch_tokens!r}{where}")
+        if not self.backends:
+            raise ToolkitError(f"backend.kind is empty{where}: name onnx, tvm or both ([onnx, tvm])")
         for b in self.backends:
             if b not in BACKENDS:
                 raise ToolkitError(f"backend must be one of {BACKENDS}, got {b!r}{where}")
@@ -231,7 +233,10 @@ def load_build_config(path: str | Path) -> BuildConfig:
     given = {**{key: front.get(key) for key in ("batch", "batch_tokens", "instruction", "cache_instruction")},
              **{key: back.get(key) for key in ("dtype", "target", "fp32_linears")},
              **(back.get("quantization") or {}),
-             "backends": tuple(kinds) if isinstance(kinds, list) else (kinds,) if kinds is not None else None,
+             # a kind named twice would be built and validated twice (as a SEQ named twice is not); not by set():
+             # the order stays the file's, and an unhashable item gets check()'s message
+             "backends": tuple(k for i, k in enumerate(kinds) if k not in kinds[:i]) if isinstance(kinds, list)
+             else (kinds,) if kinds is not None else None,
              "workspace": Path(raw["workspace"]) if raw.get("workspace") else None}
     cfg = BuildConfig(  # a key left out (or null) takes BuildConfig's default
         name=str(raw.get("name") or path.stem),
