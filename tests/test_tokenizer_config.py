@@ -115,3 +115,26 @@ def test_backend_kinds_named_twice_are_built_once_in_order(tmp_path):
     path.write_text("task: embedding\nfrontend: {checkpoint: x, seq: 8}\nbackend: {kind: [tvm, onnx, tvm]}\n")
     assert load_build_config(path).backends == ("tvm", "onnx")
 
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"batch_tokens": 0}, "--batch-tokens must be a positive integer, got 0"),
+    ({"batch": -1}, "--batch must be a positive integer, got -1"),
+    ({"checkpoint": ""}, "--checkpoint is empty: give a hub id or a local path"),
+    ({"name": "a/b"}, "--name must be one plain directory name"),
+    ({"instruction": "  "}, "the instruction '  ' is only whitespace"),
+    ({"dtype": "bf16"}, "use --backend tvm in .*embedding_config_fp16.yaml"),  # the backend is the file's
+])
+def test_a_bad_command_line_value_is_not_blamed_on_the_config_file(overrides, message):
+    """`--batch-tokens 0` said `batch_tokens must be a positive integer, got 0 in build_configs/...yaml`."""
+    cfg = load_build_config("build_configs/embedding_config_fp16.yaml")
+    with pytest.raises(ToolkitError, match=message) as refused:
+        cfg.with_overrides(**overrides)
+    blames_the_file = "embedding_config_fp16.yaml" in str(refused.value)
+    assert blames_the_file == ("backend" in message), refused.value
+
+
+def test_a_bad_config_value_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("task: embedding\nfrontend: {checkpoint: x, seq: 8, batch_tokens: 0}\n")
+    with pytest.raises(ToolkitError, match=f"^batch_tokens must be a positive integer, got 0 in {path}$"):
+        load_build_config(path)

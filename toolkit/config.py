@@ -57,6 +57,10 @@ SCHEMA = {"name": str, "task": str, "workspace": str,
                       "quantization": {"calibration": str, "smooth_alpha": (float, int), "weight_rounding": str,
                                        "max_linear_error": (float, int), "preflight": bool,
                                        "activation_scales": str}}}
+# the `toolkit compile` option that overrides each field: a bad value it gave is blamed on it, not on the config file
+OPTIONS = {"seq_lens": "--seq", "batch": "--batch", "batch_tokens": "--batch-tokens", "backends": "--backend",
+           "dtype": "--dtype", "target": "--target", "fp32_linears": "--fp32-linears", "calibration": "--calibration",
+           "instruction": "--instruction", "checkpoint": "--checkpoint", "name": "--name"}
 ACTIVATION_SCALES = ("tensor", "row")
 FP32_LINEARS = ("bf16x3", "fma")
 WEIGHT_ROUNDINGS = ("gptq", "nearest")
@@ -89,8 +93,9 @@ class BuildConfig:
 
     def with_overrides(self, **overrides) -> "BuildConfig":
         """Apply CLI overrides (None means "keep the config's value") and check the result."""
-        cfg = replace(self, **{k: v for k, v in overrides.items() if v is not None})
-        cfg.check()
+        given = {k: v for k, v in overrides.items() if v is not None}
+        cfg = replace(self, **given)
+        cfg.check(overridden=frozenset(given))
         return cfg
 
     def refuse_unused(self, calibration: bool = False, fp32_linears: bool = False) -> None:
@@ -127,57 +132,74 @@ class BuildConfig:
         budget when one is set, else `batch`."""
         return max(1, self.batch_tokens // seq_len) if self.batch_tokens else self.batch
 
-    def check(self) -> None:
-        """Raise ToolkitError naming the first field with a value outside its domain."""
-        where = f" in {self.source}" if self.source else ""
+    def check(self, overridden: frozenset[str] = frozenset()) -> None:
+        """Raise ToolkitError naming the first field with a value outside its domain: by its command-line option
+        where `overridden` (the fields `with_overrides` set) holds it, else by its key, in the config file."""
+        source = f" in {self.source}" if self.source else ""
+
+        def named(key: str, words: str) -> str:  # how the message names field `key` (`words`: as the file has it)
+            return OPTIONS.get(key, words) if key in overridden else words
+
+        def where(*keys: str) -> str:  # the file, unless every value the check read came from the command line
+            return "" if set(keys) <= overridden else source
+
         if self.task not in TASKS:
-            raise ToolkitError(f"task must be one of {sorted(TASKS)}, got {self.task!r}{where}")
+            raise ToolkitError(f"task must be one of {sorted(TASKS)}, got {self.task!r}{where('task')}")
         # the set's directory under the workspace: a path of its own would write outside it, or into its root
         if self.name in ("", ".", "..") or "/" in self.name:
-            raise ToolkitError(f"the set name must be one plain directory name (no '/', not '.' or '..'), got "
-                               f"{self.name!r}{where}: e.g. --name my-set")
+            raise ToolkitError(f"{named('name', 'the set name')} must be one plain directory name (no '/', not '.' or "
+                               f"'..'), got {self.name!r}{where('name')}: e.g. --name my-set")
         if not self.seq_lens or any(not is_integer(s) or not 1 <= s <= MAX_CONTEXT for s in self.seq_lens):
-            raise ToolkitError(f"sequence lengths must be integers in 1..{MAX_CONTEXT}, got {list(self.seq_lens)}"
-                               f"{where}")
+            raise ToolkitError(f"{named('seq_lens', 'sequence lengths')} must be integers in 1..{MAX_CONTEXT}, got "
+                               f"{list(self.seq_lens)}{where('seq_lens')}")
         if not is_integer(self.batch) or self.batch < 1:
-            raise ToolkitError(f"batch must be a positive integer, got {self.batch!r}{where}")
+            raise ToolkitError(f"{named('batch', 'batch')} must be a positive integer, got {self.batch!r}"
+                               f"{where('batch')}")
         if self.batch_tokens is not None and (not is_integer(self.batch_tokens) or self.batch_tokens < 1):
-            raise ToolkitError(f"batch_tokens must be a positive integer, got {self.batch_tokens!r}{where}")
+            raise ToolkitError(f"{named('batch_tokens', 'batch_tokens')} must be a positive integer, got "
+                               f"{self.batch_tokens!r}{where('batch_tokens')}")
         if not self.backends:
-            raise ToolkitError(f"backend.kind is empty{where}: name onnx, tvm or both ([onnx, tvm])")
+            raise ToolkitError(f"backend.kind is empty{where('backends')}: name onnx, tvm or both ([onnx, tvm])")
         for b in self.backends:
             if b not in BACKENDS:
-                raise ToolkitError(f"backend must be one of {BACKENDS}, got {b!r}{where}")
+                raise ToolkitError(f"{named('backends', 'backend')} must be one of {BACKENDS}, got {b!r}"
+                                   f"{where('backends')}")
         if self.dtype not in DTYPES:
-            raise ToolkitError(f"dtype must be one of {DTYPES}, got {self.dtype!r}{where}")
+            raise ToolkitError(f"{named('dtype', 'dtype')} must be one of {DTYPES}, got {self.dtype!r}"
+                               f"{where('dtype')}")
         supported = DTYPE_BACKENDS.get(self.dtype, BACKENDS)
         if set(self.backends) - set(supported):
             raise ToolkitError(f"{self.dtype} artifacts are built for the {' and '.join(supported)} backend only; use "
-                               f"--backend {supported[0]}{where}")
+                               f"--backend {supported[0]}{where('dtype', 'backends')}")
         if self.dtype in TVM_CPU_KERNELS and "tvm" in self.backends and self.target != "cpu":
             feature, instead = TVM_CPU_KERNELS[self.dtype]
             raise ToolkitError(f"TVM {self.dtype} artifacts are built for CPUs with {feature} only; use --target cpu, "
-                               f"or {instead} for CUDA{where}")
+                               f"or {instead} for CUDA{where('dtype', 'backends', 'target')}")
         if not 0 <= self.smooth_alpha <= 1:
-            raise ToolkitError(f"quantization.smooth_alpha must be in [0, 1], got {self.smooth_alpha!r}{where}")
+            raise ToolkitError(f"quantization.smooth_alpha must be in [0, 1], got {self.smooth_alpha!r}"
+                               f"{where('smooth_alpha')}")
         if self.weight_rounding not in WEIGHT_ROUNDINGS:
             raise ToolkitError(f"quantization.weight_rounding must be one of {WEIGHT_ROUNDINGS}, got "
-                               f"{self.weight_rounding!r}{where}")
+                               f"{self.weight_rounding!r}{where('weight_rounding')}")
         if not self.max_linear_error > 0:
-            raise ToolkitError(f"quantization.max_linear_error must be > 0, got {self.max_linear_error!r}{where}")
+            raise ToolkitError(f"quantization.max_linear_error must be > 0, got {self.max_linear_error!r}"
+                               f"{where('max_linear_error')}")
         if self.activation_scales not in ACTIVATION_SCALES:
             raise ToolkitError(f"quantization.activation_scales must be one of {ACTIVATION_SCALES}, got "
-                               f"{self.activation_scales!r}{where}")
+                               f"{self.activation_scales!r}{where('activation_scales')}")
         if self.fp32_linears not in FP32_LINEARS:
-            raise ToolkitError(f"backend.fp32_linears must be one of {FP32_LINEARS}, got {self.fp32_linears!r}{where}")
+            raise ToolkitError(f"{named('fp32_linears', 'backend.fp32_linears')} must be one of {FP32_LINEARS}, got "
+                               f"{self.fp32_linears!r}{where('fp32_linears')}")
         if self.target not in DEVICES:
-            raise ToolkitError(f"target must be one of {DEVICES}, got {self.target!r}{where}")
+            raise ToolkitError(f"{named('target', 'target')} must be one of {DEVICES}, got {self.target!r}"
+                               f"{where('target')}")
         if not self.checkpoint:
-            raise ToolkitError(f"frontend.checkpoint is empty{where}: give a hub id or a local path")
+            raise ToolkitError(f"{named('checkpoint', 'frontend.checkpoint')} is empty{where('checkpoint')}: give a "
+                               "hub id or a local path")
         try:  # a set caching an instruction the runtime refuses would be unusable
             check_instruction_text(self.instruction)
         except ToolkitError as e:
-            raise ToolkitError(f"{e}{where}") from None
+            raise ToolkitError(f"{e}{where('instruction')}") from None
 
 
 def parse_seq_lens(value) -> tuple[int, ...]:
