@@ -500,3 +500,31 @@ def test_seq_auto_reads_plain_texts_and_says_which_rows_it_reads(checkpoints, to
     with pytest.raises(ToolkitError, match=r"--lengths reads JSONL rows of \{\"text\"\}"):
         suggest_for_dataset("embedding", str(checkpoints["embedding"]), str(data))
 
+
+def test_quantization_settings_the_build_does_not_use_are_warned_about(checkpoints, tmp_path):
+    """A config's `quantization:` block was silently ignored by an fp16 build (`--calibration` is refused there): it
+    is warned about, not refused, as the same config builds int8 with `--dtype int8`."""
+    from toolkit.compile import compile_config
+
+    class Started(Exception):
+        """The build reached its model work: every check and warning came before."""
+
+    logged = []
+
+    def log(line):
+        logged.append(line)
+        if line.startswith("checkpoint "):
+            raise Started
+
+    cfg = BuildConfig(name="x", task="embedding", checkpoint=str(checkpoints["embedding"]), seq_lens=(32,),
+                      workspace=tmp_path, smooth_alpha=0.8, preflight=False, source=tmp_path / "c.yaml")
+    with pytest.raises(Started):
+        compile_config(cfg, log)
+    assert logged[:-1] == [f"warning: quantization.smooth_alpha, quantization.preflight in {tmp_path / 'c.yaml'}: "
+                           "unused by a fp16 build (the quantization block applies to --dtype int8 builds, its "
+                           "calibration also to bf16)"]
+    for quiet in (replace(cfg, smooth_alpha=0.5, preflight=True), replace(cfg, dtype="int8")):
+        logged.clear()
+        with pytest.raises(Started):
+            compile_config(quiet, log)
+        assert not [line for line in logged if line.startswith("warning:")], logged

@@ -123,6 +123,8 @@ def compile_config(cfg: BuildConfig, log=print) -> list[Path]:
         feature, instead = missing
         raise ToolkitError(f"this CPU has no {feature} (see /proc/cpuinfo): TVM {cfg.dtype} artifacts are built on "
                            f"and for CPUs that have it; use {instead} here")
+    if unused := cfg.unused_quantization():
+        log(f"warning: {unused}")
     log(f"checkpoint {checkpoint} ({task.name}, {cfg.dtype})")
     for backend in cfg.backends:
         remove_stale_staging(cfg.workspace / cfg.name / backend, log)

@@ -14,7 +14,7 @@
       kind: onnx                         # onnx | tvm (or a list of both; a kind named twice is built once)
       dtype: fp16                        # fp16 | fp32 (weights; compute and accumulation stay fp32) | int8 (W8A8)
                                          # | bf16 (bf16 linear layers, fp32 accumulation; TVM on AVX512-BF16 CPUs)
-      quantization:                      # int8 only; all optional
+      quantization:                      # int8 only (another dtype's build warns it is unused); all optional
         calibration: FILE                # (query, document, split) JSONL; default: the bundled real-text set
         smooth_alpha: 0.5                # SmoothQuant migration strength (0 = none)
         weight_rounding: gptq            # gptq (rounding errors compensated on the calibration inputs) | nearest
@@ -34,7 +34,7 @@ Unknown or mistyped keys at any level are refused with the key's path (a typo mu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -57,6 +57,10 @@ SCHEMA = {"name": str, "task": str, "workspace": str,
                       "quantization": {"calibration": str, "smooth_alpha": (float, int), "weight_rounding": str,
                                        "max_linear_error": (float, int), "preflight": bool,
                                        "activation_scales": str}}}
+# the dtypes each quantization setting changes (the rest ignore it); the calibration file's held-out texts also gate
+# bf16
+QUANTIZATION_DTYPES = {key: LOW_PRECISION if key == "calibration" else ("int8",)
+                       for key in SCHEMA["backend"]["quantization"]}
 # the `toolkit compile` option that overrides each field: a bad value it gave is blamed on it, not on the config file
 OPTIONS = {"seq_lens": "--seq", "batch": "--batch", "batch_tokens": "--batch-tokens", "backends": "--backend",
            "dtype": "--dtype", "target": "--target", "fp32_linears": "--fp32-linears", "calibration": "--calibration",
@@ -107,6 +111,19 @@ class BuildConfig:
         if fp32_linears and (unused := self.fp32_linears_unused()):
             raise ToolkitError(f"--fp32-linears chooses how TVM computes fp16/fp32-weight linear layers on CPU, and "
                                f"{unused}")
+
+    def unused_quantization(self) -> str | None:
+        """A warning naming the quantization settings (those changed from their defaults) that this build's dtype
+        ignores, or None. Not refused as `refuse_unused` refuses `--calibration`: a config's block for int8 builds
+        stays right when the same config builds another dtype (`--dtype` overrides its own)."""
+        defaults = {f.name: f.default for f in fields(self)}
+        unused = [f"quantization.{key}" for key, dtypes in QUANTIZATION_DTYPES.items()
+                  if self.dtype not in dtypes and getattr(self, key) != defaults[key]]
+        if not unused:
+            return None
+        where = f" in {self.source}" if self.source else ""
+        return (f"{', '.join(unused)}{where}: unused by a {self.dtype} build (the quantization block applies to "
+                "--dtype int8 builds, its calibration also to bf16)")
 
     def fp32_linears_unused(self) -> str | None:
         """Why `fp32_linears` changes nothing in this build (the rest of `refuse_unused`'s refusal), or None."""
