@@ -225,6 +225,26 @@ def read_jsonl(path: Path, limit: int | None = None, name: str | None = None) ->
     return examples
 
 
+# rows of plain requests, a task's own (what `--lengths` reads besides the evaluation sets): an embedding's texts, a
+# reranker's (query, document) pairs as calibration files hold them
+PLAIN_ROW_FIELDS = {"embedding": ("text",), "reranker": ("query", "document")}
+
+
+def read_plain_requests(path, task: Task) -> list | None:
+    """The requests of a JSONL file of `task`'s plain rows (PLAIN_ROW_FIELDS): texts, or (query, document) pairs;
+    None when `path` is no file or its first row is not such a row (an evaluation set's, say)."""
+    path, fields, requests = Path(path), PLAIN_ROW_FIELDS[task.name], []
+    if not path.is_file():
+        return None
+    for line_no, line in _lines(path):
+        row = _object_row(_json_row(path, line_no, line), f"{path}:{line_no}")
+        if not requests and not all(f in row for f in fields):
+            return None
+        values = tuple(_require(row, f, str, f"{path}:{line_no}") for f in fields)
+        requests.append(values if len(values) > 1 else values[0])
+    return requests or None
+
+
 def resolve_dataset(name_or_path: str, data_dir: str | Path | None = None,
                     data_format: str | None = None) -> tuple[str, DatasetSpec, Path | None]:
     """`(name, spec, local file or None for the hub)` without reading the examples. Looks for, in order: a JSONL

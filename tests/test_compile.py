@@ -471,8 +471,10 @@ def test_a_killed_tvm_builds_export_stays_while_it_runs_and_goes_with_the_next_b
     assert list(set_dir.iterdir()) == []
 
 
-def test_sigterm_during_compile_cleans_up_as_ctrl_c_does(checkpoints, tmp_path):
-    """`timeout 20 toolkit compile` left full-size staging directories and an orphan graph directory."""
+@pytest.mark.parametrize("signal_name, status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_during_compile_cleans_up_and_exits_128_plus_its_number(checkpoints, tmp_path, signal_name, status):
+    """`timeout 20 toolkit compile` left full-size staging directories and an orphan graph directory; Ctrl-C exited 1
+    with click's `Aborted!`, which a script cannot tell from a failed build."""
     import signal
     import subprocess
     import sys
@@ -481,16 +483,96 @@ def test_sigterm_during_compile_cleans_up_as_ctrl_c_does(checkpoints, tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "compile",
                                 "build_configs/embedding_config_fp16.yaml", "--checkpoint",
                                 str(checkpoints["embedding"]), "--seq", "32,64", "--workspace", str(ws)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               # a shell's background job inherits SIGINT ignored; Python then never raises on it
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + TIMEOUT
         while process.poll() is None and not list(ws.glob("*/onnx/.seq*.staging-*/*")):
             assert time.monotonic() < deadline, "the build wrote nothing into a staging directory"
             time.sleep(0.1)  # until the build has written into its staging directory
         assert process.poll() is None  # still building: the signal lands mid-compile
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(TIMEOUT) == 128 + signal.SIGTERM
+        process.send_signal(getattr(signal, signal_name))
+        assert process.wait(TIMEOUT) == status
+        stderr = process.stderr.read()
     finally:
         process.kill()
         process.wait()
+        process.stderr.close()
+    assert "Traceback" not in stderr and "Aborted!" not in stderr, stderr
+    if signal_name == "SIGINT":
+        assert stderr.splitlines()[-1] == "interrupted: exit 130", stderr
     assert not ws.exists()  # no staging or graph directory left, nor the (then empty) directories the build made
+
+
+def test_ctrl_c_in_any_command_exits_130_with_one_line():
+    """click's default on Ctrl-C: `Aborted!` and exit 1, the status of a failure. `toolkit` and `perf` share the
+    group class that turns it into exit 130, as `toolkit serve` exits."""
+    import click
+
+    from toolkit.cli_base import ToolkitGroup
+
+    @click.group(cls=ToolkitGroup)
+    def group():
+        pass
+
+    @group.command()
+    def work():
+        raise KeyboardInterrupt
+
+    result = CliRunner().invoke(group, ["work"])
+    assert result.exit_code == 130 and result.output == "\ninterrupted: exit 130\n", result.output
+
+
+def test_seq_auto_reads_plain_texts_and_says_which_rows_it_reads(checkpoints, tokenizers, tmp_path):
+    """`--lengths texts.jsonl` of `{"text": ...}` rows failed with `field 'score' is missing`: only token lengths are
+    needed. The reranker's plain rows are (query, document) pairs, as --calibration files hold them."""
+    from toolkit.buckets import suggest_for_dataset, suggest_seq_lens, token_lengths
+    from toolkit.tasks import EMBEDDING, RERANKER
+
+    texts = ["a short text", "a somewhat longer text than the first one " * 3, "mid length text here " * 2]
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    lengths = token_lengths(EMBEDDING, tokenizers["embedding"], texts)
+    shortest = EMBEDDING.min_seq_len(tokenizers["embedding"], EMBEDDING.fixed_instruction(None))
+    assert suggest_for_dataset("embedding", str(checkpoints["embedding"]), str(data), count=2, multiple=4) == \
+        suggest_seq_lens(lengths, 2, 4, minimum=shortest)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": "a query", "document": t}) + "\n" for t in texts))
+    lengths = token_lengths(RERANKER, tokenizers["reranker"], [("a query", t) for t in texts])
+    assert max(suggest_for_dataset("reranker", str(checkpoints["reranker"]), str(pairs), count=2)) >= lengths.max()
+    with pytest.raises(ToolkitError, match=r"texts.jsonl:2: field 'text' must be a non-empty text, got the number 3"):
+        data.write_text('{"text": "fine"}\n{"text": 3}\n')
+        suggest_for_dataset("embedding", str(checkpoints["embedding"]), str(data))
+    data.write_text('{"sentence": "not a known row"}\n')
+    with pytest.raises(ToolkitError, match=r"--lengths reads JSONL rows of \{\"text\"\}"):
+        suggest_for_dataset("embedding", str(checkpoints["embedding"]), str(data))
+
+
+def test_quantization_settings_the_build_does_not_use_are_warned_about(checkpoints, tmp_path):
+    """A config's `quantization:` block was silently ignored by an fp16 build (`--calibration` is refused there): it
+    is warned about, not refused, as the same config builds int8 with `--dtype int8`."""
+    from toolkit.compile import compile_config
+
+    class Started(Exception):
+        """The build reached its model work: every check and warning came before."""
+
+    logged = []
+
+    def log(line):
+        logged.append(line)
+        if line.startswith("checkpoint "):
+            raise Started
+
+    cfg = BuildConfig(name="x", task="embedding", checkpoint=str(checkpoints["embedding"]), seq_lens=(32,),
+                      workspace=tmp_path, smooth_alpha=0.8, preflight=False, source=tmp_path / "c.yaml")
+    with pytest.raises(Started):
+        compile_config(cfg, log)
+    assert logged[:-1] == [f"warning: quantization.smooth_alpha, quantization.preflight in {tmp_path / 'c.yaml'}: "
+                           "unused by a fp16 build (the quantization block applies to --dtype int8 builds, its "
+                           "calibration also to bf16)"]
+    for quiet in (replace(cfg, smooth_alpha=0.5, preflight=True), replace(cfg, dtype="int8")):
+        logged.clear()
+        with pytest.raises(Started):
+            compile_config(quiet, log)
+        assert not [line for line in logged if line.startswith("warning:")], logged

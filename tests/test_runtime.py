@@ -352,3 +352,16 @@ def test_huge_text_is_cut_before_tokenizing(onnx_artifacts):
         expected = encode([huge[:5000]])[0][:63] + [ENDOFTEXT_ID]
     assert max(seen) <= 65 * 128 < len(huge)
     assert row == expected
+
+
+def test_set_cpu_threads_refuses_more_threads_than_cores_as_the_cli_does():
+    """`set_cpu_threads(64)` on a 2-core machine was accepted: TVM engines then ran 64 spinning threads."""
+    from toolkit.runtime import CORES, set_cpu_threads
+
+    before = CPU_BUDGET.threads
+    with pytest.raises(ToolkitError, match=f"threads={CORES + 1} is more than this machine's {CORES} cores.*pass "
+                                           f"threads={CORES} or fewer"):
+        set_cpu_threads(CORES + 1)
+    with pytest.raises(ToolkitError, match="threads must be an integer >= 1, got 0"):
+        set_cpu_threads(0)
+    assert CPU_BUDGET.threads == before

@@ -64,6 +64,8 @@ def test_reference_style_config(tmp_path):
      "frontend.cache_instruction must be of type bool"),
     ("task: reranker\nfrontend: {checkpoint: x, seq: 8, instruction: '  '}\n",
      "the instruction '  ' is only whitespace"),  # a set caching it could not run: the runtime refuses it
+    ("task: embedding\nfrontend: {checkpoint: x, seq: 8}\nbackend: {kind: []}\n",
+     "backend.kind is empty"),  # built nothing and exited 0
 ])
 def test_bad_config_is_refused_with_a_clear_message(tmp_path, text, message):
     path = tmp_path / "c.yaml"
@@ -105,3 +107,34 @@ def test_a_checkpoint_s_tokenizer_json_gives_the_ids_autotokenizer_does(checkpoi
     assert lean.encode(texts) == auto(texts, add_special_tokens=False).input_ids
     # special: what tokenizer.json marks so (Qwen3's config lists the same 14 as eos and additional special tokens)
     assert lean.special_ids == {ENDOFTEXT_ID + i for i, (_, special) in enumerate(QWEN3_ADDED_TOKENS) if special}
+
+
+def test_backend_kinds_named_twice_are_built_once_in_order(tmp_path):
+    """`kind: [onnx, onnx]` built and validated the same artifact twice."""
+    path = tmp_path / "c.yaml"
+    path.write_text("task: embedding\nfrontend: {checkpoint: x, seq: 8}\nbackend: {kind: [tvm, onnx, tvm]}\n")
+    assert load_build_config(path).backends == ("tvm", "onnx")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"batch_tokens": 0}, "--batch-tokens must be a positive integer, got 0"),
+    ({"batch": -1}, "--batch must be a positive integer, got -1"),
+    ({"checkpoint": ""}, "--checkpoint is empty: give a hub id or a local path"),
+    ({"name": "a/b"}, "--name must be one plain directory name"),
+    ({"instruction": "  "}, "the instruction '  ' is only whitespace"),
+    ({"dtype": "bf16"}, "use --backend tvm in .*embedding_config_fp16.yaml"),  # the backend is the file's
+])
+def test_a_bad_command_line_value_is_not_blamed_on_the_config_file(overrides, message):
+    """`--batch-tokens 0` said `batch_tokens must be a positive integer, got 0 in build_configs/...yaml`."""
+    cfg = load_build_config("build_configs/embedding_config_fp16.yaml")
+    with pytest.raises(ToolkitError, match=message) as refused:
+        cfg.with_overrides(**overrides)
+    blames_the_file = "embedding_config_fp16.yaml" in str(refused.value)
+    assert blames_the_file == ("backend" in message), refused.value
+
+
+def test_a_bad_config_value_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("task: embedding\nfrontend: {checkpoint: x, seq: 8, batch_tokens: 0}\n")
+    with pytest.raises(ToolkitError, match=f"^batch_tokens must be a positive integer, got 0 in {path}$"):
+        load_build_config(path)

@@ -82,18 +82,26 @@ def suggest_seq_lens(lengths, count: int = DEFAULT_COUNT, multiple: int = DEFAUL
 
 def suggest_for_dataset(task_name: str, checkpoint: str, data: str, count: int = DEFAULT_COUNT,
                         multiple: int = DEFAULT_STEP, instruction: str | None = None, log=print) -> tuple[int, ...]:
-    """The bucket set for a task's traffic in an evaluation dataset (with a build's `instruction`), tokenised with the
+    """The bucket set for a task's traffic in `data`, a JSONL file of its plain requests (`{"text"}` rows; the
+    reranker's `{"query", "document"}`) or an evaluation dataset (with a build's `instruction`), tokenised with the
     checkpoint's tokenizer; its largest SEQ covers AUTO_COVERAGE of the rows, at most AUTO_MAX_SEQ and the
     checkpoint's context (the rows above it are logged)."""
     from toolkit.checkpoint import context_length, load_tokenizer, read_hf_config, resolve_checkpoint
-    from toolkit.eval.datasets import load_dataset
+    from toolkit.eval.datasets import PLAIN_ROW_FIELDS, load_dataset, read_plain_requests
     from toolkit.tasks import get_task
 
     task = get_task(task_name)
     resolved = resolve_checkpoint(checkpoint)
     tokenizer = load_tokenizer(resolved)
-    _, _, examples = load_dataset(data, task=task)
-    lengths = token_lengths(task, tokenizer, task.traffic(examples), instruction)
+    requests = read_plain_requests(data, task)
+    if requests is None:
+        try:
+            requests = task.traffic(load_dataset(data, task=task)[2])
+        except ToolkitError as e:
+            fields = ", ".join(f'"{f}"' for f in PLAIN_ROW_FIELDS[task.name])
+            raise ToolkitError(f"{e} (--lengths reads JSONL rows of {{{fields}}} for the {task.name}, or an "
+                               "evaluation set: its name, or a JSONL file in its format)") from None
+    lengths = token_lengths(task, tokenizer, requests, instruction)
     covered = int(np.quantile(lengths, AUTO_COVERAGE, method="higher")) if lengths.size else 1
     context = context_length(read_hf_config(resolved))
     cap = min(-(-covered // multiple) * multiple if multiple >= 1 else covered, AUTO_MAX_SEQ, context)

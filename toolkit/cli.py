@@ -102,25 +102,35 @@ def compile(config, seq, lengths_data, bucket_count, bucket_step, batch_tokens, 
             log=lambda msg: click.echo(msg, err=True)))
         click.echo(f"buckets chosen from {lengths_data}: --seq {','.join(map(str, cfg.seq_lens))}", err=True)
     # SIGTERM (timeout, kill, a service manager) ends the build as Ctrl-C does: through compile's cleanup, not past it.
-    # An exit raised inside a weakref callback or __del__ is swallowed: the next log line (one precedes every install)
-    # raises it again
-    terminated = []
+    # An exit raised inside a weakref callback or __del__ is swallowed (a Ctrl-C's too: the build went on to exit 0)
+    # with a traceback: the next log line (one precedes every install) raises it again, and the traceback is left out
+    stopped = []
 
-    def on_sigterm(signum, frame):
-        terminated.append(signum)
-        sys.exit(128 + signum)
+    def stop(signum):
+        raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+    def on_signal(signum, frame):
+        stopped.append(signum)
+        stop(signum)
 
     def log(msg):
         click.echo(msg, err=True)
-        if terminated:
-            sys.exit(128 + terminated[0])
+        if stopped:
+            stop(stopped[0])
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    def unraisable(report):
+        if not (stopped and isinstance(report.exc_value, (KeyboardInterrupt, SystemExit))):
+            previous_unraisable(report)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous_unraisable, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         for path in compile_config(cfg, log=log):
             click.echo(path)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        sys.unraisablehook = previous_unraisable
 
 
 @main.command()

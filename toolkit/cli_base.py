@@ -1,6 +1,7 @@
 """Shared click plumbing for the `toolkit` and `perf` commands."""
 import errno
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -11,16 +12,24 @@ from typing_extensions import override
 from toolkit.errors import ToolkitError, is_integer
 from toolkit.runtime import AUTO_INSTANCES
 
+# Ctrl-C's exit status, as shells give it (128 + SIGINT) and `toolkit serve` exits with
+INTERRUPTED = 128 + signal.SIGINT
+
 
 class ToolkitGroup(click.Group):
     """Turns ToolkitError (a mistake the user can fix) into one clear line and exit code 2, not a traceback; so too a
-    file system error on a path (a directory that cannot be made or written, a full disk)."""
+    file system error on a path (a directory that cannot be made or written, a full disk). Ctrl-C exits 130 (click's
+    `Aborted!` exits 1, a failure's status to a script), after the command's own cleanup has run."""
 
     @override
     def invoke(self, ctx):
         warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo(err=True)  # the terminal's `^C` echo stays on a line of its own
+            click.secho(f"interrupted: exit {INTERRUPTED}", fg="red", err=True)
+            sys.exit(INTERRUPTED)
         except ToolkitError as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(2)

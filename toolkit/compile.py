@@ -144,6 +144,8 @@ def build_set(cfg: BuildConfig, log) -> list[Path]:
         feature, instead = missing
         raise ToolkitError(f"this CPU has no {feature} (see /proc/cpuinfo): TVM {cfg.dtype} artifacts are built on "
                            f"and for CPUs that have it; use {instead} here")
+    if unused := cfg.unused_quantization():
+        log(f"warning: {unused}")
     log(f"checkpoint {checkpoint} ({task.name}, {cfg.dtype})")
     source = model_source(cfg.checkpoint, checkpoint)  # after the quick checks: it hashes the weights
     for backend in cfg.backends:

@@ -11,10 +11,10 @@
                                          # set for queries only; default none: documents bare, queries any)
       cache_instruction: true            # false: not cached, inputs may carry any instruction
     backend:
-      kind: onnx                         # onnx | tvm (or a list of both)
+      kind: onnx                         # onnx | tvm (or a list of both; a kind named twice is built once)
       dtype: fp16                        # fp16 | fp32 (weights; compute and accumulation stay fp32) | int8 (W8A8)
                                          # | bf16 (bf16 linear layers, fp32 accumulation; TVM on AVX512-BF16 CPUs)
-      quantization:                      # int8 only; all optional
+      quantization:                      # int8 only (another dtype's build warns it is unused); all optional
         calibration: FILE                # (query, document, split) JSONL; default: the bundled real-text set
         smooth_alpha: 0.5                # SmoothQuant migration strength (0 = none)
         weight_rounding: gptq            # gptq (rounding errors compensated on the calibration inputs) | nearest
@@ -34,7 +34,7 @@ Unknown or mistyped keys at any level are refused with the key's path (a typo mu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -57,6 +57,14 @@ SCHEMA = {"name": str, "task": str, "workspace": str,
                       "quantization": {"calibration": str, "smooth_alpha": (float, int), "weight_rounding": str,
                                        "max_linear_error": (float, int), "preflight": bool,
                                        "activation_scales": str}}}
+# the dtypes each quantization setting changes (the rest ignore it); the calibration file's held-out texts also gate
+# bf16
+QUANTIZATION_DTYPES = {key: LOW_PRECISION if key == "calibration" else ("int8",)
+                       for key in SCHEMA["backend"]["quantization"]}
+# the `toolkit compile` option that overrides each field: a bad value it gave is blamed on it, not on the config file
+OPTIONS = {"seq_lens": "--seq", "batch": "--batch", "batch_tokens": "--batch-tokens", "backends": "--backend",
+           "dtype": "--dtype", "target": "--target", "fp32_linears": "--fp32-linears", "calibration": "--calibration",
+           "instruction": "--instruction", "checkpoint": "--checkpoint", "name": "--name"}
 ACTIVATION_SCALES = ("tensor", "row")
 FP32_LINEARS = ("bf16x3", "fma")
 WEIGHT_ROUNDINGS = ("gptq", "nearest")
@@ -89,8 +97,9 @@ class BuildConfig:
 
     def with_overrides(self, **overrides) -> "BuildConfig":
         """Apply CLI overrides (None means "keep the config's value") and check the result."""
-        cfg = replace(self, **{k: v for k, v in overrides.items() if v is not None})
-        cfg.check()
+        given = {k: v for k, v in overrides.items() if v is not None}
+        cfg = replace(self, **given)
+        cfg.check(overridden=frozenset(given))
         return cfg
 
     def refuse_unused(self, calibration: bool = False, fp32_linears: bool = False) -> None:
@@ -102,6 +111,19 @@ class BuildConfig:
         if fp32_linears and (unused := self.fp32_linears_unused()):
             raise ToolkitError(f"--fp32-linears chooses how TVM computes fp16/fp32-weight linear layers on CPU, and "
                                f"{unused}")
+
+    def unused_quantization(self) -> str | None:
+        """A warning naming the quantization settings (those changed from their defaults) that this build's dtype
+        ignores, or None. Not refused as `refuse_unused` refuses `--calibration`: a config's block for int8 builds
+        stays right when the same config builds another dtype (`--dtype` overrides its own)."""
+        defaults = {f.name: f.default for f in fields(self)}
+        unused = [f"quantization.{key}" for key, dtypes in QUANTIZATION_DTYPES.items()
+                  if self.dtype not in dtypes and getattr(self, key) != defaults[key]]
+        if not unused:
+            return None
+        where = f" in {self.source}" if self.source else ""
+        return (f"{', '.join(unused)}{where}: unused by a {self.dtype} build (the quantization block applies to "
+                "--dtype int8 builds, its calibration also to bf16)")
 
     def fp32_linears_unused(self) -> str | None:
         """Why `fp32_linears` changes nothing in this build (the rest of `refuse_unused`'s refusal), or None."""
@@ -127,55 +149,74 @@ class BuildConfig:
         budget when one is set, else `batch`."""
         return max(1, self.batch_tokens // seq_len) if self.batch_tokens else self.batch
 
-    def check(self) -> None:
-        """Raise ToolkitError naming the first field with a value outside its domain."""
-        where = f" in {self.source}" if self.source else ""
+    def check(self, overridden: frozenset[str] = frozenset()) -> None:
+        """Raise ToolkitError naming the first field with a value outside its domain: by its command-line option
+        where `overridden` (the fields `with_overrides` set) holds it, else by its key, in the config file."""
+        source = f" in {self.source}" if self.source else ""
+
+        def named(key: str, words: str) -> str:  # how the message names field `key` (`words`: as the file has it)
+            return OPTIONS.get(key, words) if key in overridden else words
+
+        def where(*keys: str) -> str:  # the file, unless every value the check read came from the command line
+            return "" if set(keys) <= overridden else source
+
         if self.task not in TASKS:
-            raise ToolkitError(f"task must be one of {sorted(TASKS)}, got {self.task!r}{where}")
+            raise ToolkitError(f"task must be one of {sorted(TASKS)}, got {self.task!r}{where('task')}")
         # the set's directory under the workspace: a path of its own would write outside it, or into its root
         if self.name in ("", ".", "..") or "/" in self.name:
-            raise ToolkitError(f"the set name must be one plain directory name (no '/', not '.' or '..'), got "
-                               f"{self.name!r}{where}: e.g. --name my-set")
+            raise ToolkitError(f"{named('name', 'the set name')} must be one plain directory name (no '/', not '.' or "
+                               f"'..'), got {self.name!r}{where('name')}: e.g. --name my-set")
         if not self.seq_lens or any(not is_integer(s) or not 1 <= s <= MAX_CONTEXT for s in self.seq_lens):
-            raise ToolkitError(f"sequence lengths must be integers in 1..{MAX_CONTEXT}, got {list(self.seq_lens)}"
-                               f"{where}")
+            raise ToolkitError(f"{named('seq_lens', 'sequence lengths')} must be integers in 1..{MAX_CONTEXT}, got "
+                               f"{list(self.seq_lens)}{where('seq_lens')}")
         if not is_integer(self.batch) or self.batch < 1:
-            raise ToolkitError(f"batch must be a positive integer, got {self.batch!r}{where}")
+            raise ToolkitError(f"{named('batch', 'batch')} must be a positive integer, got {self.batch!r}"
+                               f"{where('batch')}")
         if self.batch_tokens is not None and (not is_integer(self.batch_tokens) or self.batch_tokens < 1):
-            raise ToolkitError(f"batch_tokens must be a positive integer, got {self.batch_tokens!r}{where}")
+            raise ToolkitError(f"{named('batch_tokens', 'batch_tokens')} must be a positive integer, got "
+                               f"{self.batch_tokens!r}{where('batch_tokens')}")
+        if not self.backends:
+            raise ToolkitError(f"backend.kind is empty{where('backends')}: name onnx, tvm or both ([onnx, tvm])")
         for b in self.backends:
             if b not in BACKENDS:
-                raise ToolkitError(f"backend must be one of {BACKENDS}, got {b!r}{where}")
+                raise ToolkitError(f"{named('backends', 'backend')} must be one of {BACKENDS}, got {b!r}"
+                                   f"{where('backends')}")
         if self.dtype not in DTYPES:
-            raise ToolkitError(f"dtype must be one of {DTYPES}, got {self.dtype!r}{where}")
+            raise ToolkitError(f"{named('dtype', 'dtype')} must be one of {DTYPES}, got {self.dtype!r}"
+                               f"{where('dtype')}")
         supported = DTYPE_BACKENDS.get(self.dtype, BACKENDS)
         if set(self.backends) - set(supported):
             raise ToolkitError(f"{self.dtype} artifacts are built for the {' and '.join(supported)} backend only; use "
-                               f"--backend {supported[0]}{where}")
+                               f"--backend {supported[0]}{where('dtype', 'backends')}")
         if self.dtype in TVM_CPU_KERNELS and "tvm" in self.backends and self.target != "cpu":
             feature, instead = TVM_CPU_KERNELS[self.dtype]
             raise ToolkitError(f"TVM {self.dtype} artifacts are built for CPUs with {feature} only; use --target cpu, "
-                               f"or {instead} for CUDA{where}")
+                               f"or {instead} for CUDA{where('dtype', 'backends', 'target')}")
         if not 0 <= self.smooth_alpha <= 1:
-            raise ToolkitError(f"quantization.smooth_alpha must be in [0, 1], got {self.smooth_alpha!r}{where}")
+            raise ToolkitError(f"quantization.smooth_alpha must be in [0, 1], got {self.smooth_alpha!r}"
+                               f"{where('smooth_alpha')}")
         if self.weight_rounding not in WEIGHT_ROUNDINGS:
             raise ToolkitError(f"quantization.weight_rounding must be one of {WEIGHT_ROUNDINGS}, got "
-                               f"{self.weight_rounding!r}{where}")
+                               f"{self.weight_rounding!r}{where('weight_rounding')}")
         if not self.max_linear_error > 0:
-            raise ToolkitError(f"quantization.max_linear_error must be > 0, got {self.max_linear_error!r}{where}")
+            raise ToolkitError(f"quantization.max_linear_error must be > 0, got {self.max_linear_error!r}"
+                               f"{where('max_linear_error')}")
         if self.activation_scales not in ACTIVATION_SCALES:
             raise ToolkitError(f"quantization.activation_scales must be one of {ACTIVATION_SCALES}, got "
-                               f"{self.activation_scales!r}{where}")
+                               f"{self.activation_scales!r}{where('activation_scales')}")
         if self.fp32_linears not in FP32_LINEARS:
-            raise ToolkitError(f"backend.fp32_linears must be one of {FP32_LINEARS}, got {self.fp32_linears!r}{where}")
+            raise ToolkitError(f"{named('fp32_linears', 'backend.fp32_linears')} must be one of {FP32_LINEARS}, got "
+                               f"{self.fp32_linears!r}{where('fp32_linears')}")
         if self.target not in DEVICES:
-            raise ToolkitError(f"target must be one of {DEVICES}, got {self.target!r}{where}")
+            raise ToolkitError(f"{named('target', 'target')} must be one of {DEVICES}, got {self.target!r}"
+                               f"{where('target')}")
         if not self.checkpoint:
-            raise ToolkitError(f"frontend.checkpoint is empty{where}: give a hub id or a local path")
+            raise ToolkitError(f"{named('checkpoint', 'frontend.checkpoint')} is empty{where('checkpoint')}: give a "
+                               "hub id or a local path")
         try:  # a set caching an instruction the runtime refuses would be unusable
             check_instruction_text(self.instruction)
         except ToolkitError as e:
-            raise ToolkitError(f"{e}{where}") from None
+            raise ToolkitError(f"{e}{where('instruction')}") from None
 
 
 def parse_seq_lens(value) -> tuple[int, ...]:
@@ -231,7 +272,10 @@ def load_build_config(path: str | Path) -> BuildConfig:
     given = {**{key: front.get(key) for key in ("batch", "batch_tokens", "instruction", "cache_instruction")},
              **{key: back.get(key) for key in ("dtype", "target", "fp32_linears")},
              **(back.get("quantization") or {}),
-             "backends": tuple(kinds) if isinstance(kinds, list) else (kinds,) if kinds is not None else None,
+             # a kind named twice would be built and validated twice (as a SEQ named twice is not); not by set():
+             # the order stays the file's, and an unhashable item gets check()'s message
+             "backends": tuple(k for i, k in enumerate(kinds) if k not in kinds[:i]) if isinstance(kinds, list)
+             else (kinds,) if kinds is not None else None,
              "workspace": Path(raw["workspace"]) if raw.get("workspace") else None}
     cfg = BuildConfig(  # a key left out (or null) takes BuildConfig's default
         name=str(raw.get("name") or path.stem),

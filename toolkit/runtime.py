@@ -69,26 +69,32 @@ CPU_BUDGET = ComputeBudget(CORES)
 
 
 def set_cpu_threads(threads: int) -> None:
-    """Pin the process's compute budget (e.g. `--threads`); engines created afterwards split it between instances."""
-    check_int(threads, "threads", 1)
+    """Pin the process's compute budget (e.g. `--threads`); engines created afterwards split it between instances.
+    More threads than cores are refused, as `--threads` is."""
+    check_threads(threads, threads_flag="threads")
     CPU_BUDGET.threads = int(threads)
 
 
-def check_threads(threads, replicas: int = 1, replicas_flag: str = "--replicas") -> None:
+def check_threads(threads, replicas: int = 1, replicas_flag: str = "--replicas",
+                  threads_flag: str = "--threads") -> None:
     """Raise ToolkitError naming the flag to change unless `threads` compute threads in each of `replicas` processes
     (None: the cores shared between them, at least one each) fit in this machine's cores, as `CPU_BUDGET` keeps them
-    within one process."""
+    within one process. `threads_flag` without dashes names a Python argument (`set_cpu_threads`'s)."""
+
+    def given(count: int) -> str:  # `--threads 4` on a command line, `threads=4` in Python
+        return f"{threads_flag} {count}" if threads_flag.startswith("-") else f"{threads_flag}={count}"
+
     if threads is not None:
-        check_int(threads, "--threads", 1)
+        check_int(threads, threads_flag, 1)
     if replicas > CORES:
         raise ToolkitError(f"{replicas_flag} {replicas} is more than this machine's {CORES} cores (every replica "
                            f"computes with at least one thread); pass {replicas_flag} {CORES} or fewer")
     if threads is not None and threads * replicas > CORES:
-        what, default = (f"--threads {threads}", "all cores") if replicas == 1 else \
-            (f"--threads {threads} per replica x {replicas} replicas is {threads * replicas} compute threads, which",
+        what, default = (given(threads), "all cores") if replicas == 1 else \
+            (f"{given(threads)} per replica x {replicas} replicas is {threads * replicas} compute threads, which",
              "the cores divided between the replicas")
         raise ToolkitError(f"{what} is more than this machine's {CORES} cores: compute threads beyond the cores crawl "
-                           f"(TVM's thread pool spins); pass --threads {CORES // replicas} or fewer, or leave it out "
+                           f"(TVM's thread pool spins); pass {given(CORES // replicas)} or fewer, or leave it out "
                            f"({default})")
 
 
