@@ -22,7 +22,7 @@ import numpy as np
 
 from toolkit.artifact import Manifest, find_artifacts
 from toolkit.checkpoint import check_task, context_length, load_tokenizer, read_hf_config, resolve_checkpoint
-from toolkit.errors import ToolkitError, check_int, is_integer
+from toolkit.errors import ToolkitError, check_int, clipped, is_integer
 from toolkit.runner import BucketedRunner
 from toolkit.runtime import Engine, check_engine_options
 from toolkit.tasks import EMBEDDING, RERANKER, PromptLayout, Task, check_instruction_text, get_task
@@ -95,8 +95,8 @@ def check_instruction(fixed: str | None, instruction: str) -> None:
     cached in the graph; None: any)."""
     if fixed is not None and instruction != fixed:
         raise ToolkitError(f"these artifacts were compiled for the instruction {fixed!r} (its tokens are cached in the "
-                           f"graph), not {instruction!r}: use theirs, or compile with --instruction for yours "
-                           "(--no-cache-instruction: any instruction, a little slower)")
+                           f"graph), not {clipped(repr(instruction))}: use theirs, or compile with --instruction for "
+                           "yours (--no-cache-instruction: any instruction, a little slower)")
 
 
 class _TextModel:

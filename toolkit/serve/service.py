@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from toolkit.api import Embedder, InputTooLongError, Reranker, check_set, rank_order
-from toolkit.errors import ToolkitError, check_int, is_integer
+from toolkit.errors import ToolkitError, check_int, clipped, is_integer
 from toolkit.scheduler import BatchScheduler, SchedulerStopped, check_max_batch_tokens, check_max_wait_ms
 from toolkit.serve.metrics import ServiceMetrics
 from toolkit.tasks import yes_log_odds
@@ -115,8 +115,8 @@ def load_models(embedding_dir: str | Path | None, reranker_dir: str | Path | Non
 
 
 def first_line(error: Exception) -> str:
-    """The first line of an error's message (at most 200 characters), for a one-line answer."""
-    return (str(error).strip().splitlines() or [""])[0][:200]
+    """The first line of an error's message (clipped), for a one-line answer."""
+    return clipped((str(error).strip().splitlines() or [""])[0])
 
 
 def truncation(truncate: bool) -> str:
