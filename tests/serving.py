@@ -19,11 +19,12 @@ def bucket_sets(onnx_artifacts) -> dict:
 
 
 @contextmanager
-def served(app):
-    """Serve `app` with uvicorn on a thread; yields its base URL; stops it gracefully (the app closes its models)."""
+def served(app, server: uvicorn.Server | None = None):
+    """Serve `app` with uvicorn (or `server`, made for it) on a thread; yields its base URL; stops it gracefully (the
+    app closes its models)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = server or uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + TIMEOUT

@@ -13,12 +13,12 @@ import weakref
 import numpy as np
 import pytest
 
-from toolkit.api import REFERENCE_MAX_LENGTH, Embedder, Reranker
+from toolkit.api import REFERENCE_MAX_LENGTH, Embedder, Reranker, check_instruction
 from toolkit.backends import Backend
 from toolkit.checkpoint import CheckpointTensors
 from toolkit.errors import ToolkitError
 from toolkit.runtime import Engine
-from toolkit.tasks import EMBEDDING
+from toolkit.tasks import EMBEDDING, check_instruction_text
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID, MAX_CONTEXT
 
@@ -116,7 +116,7 @@ from toolkit.backends import Backend
 from toolkit.checkpoint import load_tokenizer
 from toolkit.runner import BucketedRunner
 from toolkit.runtime import Engine
-from toolkit.tasks import EMBEDDING
+from toolkit.tasks import EMBEDDING, check_instruction_text
 
 running = threading.Event()
 
@@ -352,3 +352,12 @@ def test_the_truncation_warning_points_at_the_users_call(onnx_artifacts):
                 call()
             [warning] = caught
             assert "truncated" in str(warning.message) and warning.filename == __file__, warning
+
+
+def test_refused_instructions_are_named_in_a_message_that_does_not_grow_with_them():
+    """A service answers these messages to its clients: a 100,000-character instruction was echoed whole."""
+    for check, instruction in ((lambda text: check_instruction("Judge", text), "x" * 100_000),
+                               (check_instruction_text, " " * 100_000)):
+        with pytest.raises(ToolkitError) as refused:
+            check(instruction)
+        assert len(str(refused.value)) < 600 and "... (99" in str(refused.value)

@@ -7,6 +7,7 @@ that leaves costs no compute for its rows still waiting for a batch; SIGTERM fin
 import asyncio
 import base64
 import json
+import logging
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import uvicorn
 from click.testing import CliRunner
 from huggingface_hub import InferenceClient
 from serving import TIMEOUT, bucket_sets, serve_process, served, wait_for
@@ -35,7 +37,7 @@ from toolkit.runner import BucketedRunner
 from toolkit.runtime import Engine
 from toolkit.scheduler import MAX_WAIT_MS, SchedulerObserver
 from toolkit.serve.app import ERROR_TYPES, StopWhenClientLeaves, VectorsResponse, create_app
-from toolkit.serve.server import engines_line
+from toolkit.serve.server import DrainingServer, engines_line
 from toolkit.serve.service import Limits, model_sets
 from toolkit.tasks import SIMILARITY_INSTRUCTION, WEB_SEARCH_INSTRUCTION
 from toolkit.tokenizer import ENDOFTEXT_ID
@@ -268,6 +270,17 @@ BAD_REQUESTS = [
     ("/embed", b'{"inputs": "\xff"}', 400, "body: not readable as JSON (invalid UTF-8, or nested too deeply); send a "
                                            "UTF-8 JSON object"),
     ("/embed", b"[" * 1000 + b"]" * 1000, 400, "send a UTF-8 JSON object"),
+    # what Python's JSON reader would take from bytes: UTF-16 (by its BOM), a surrogate's UTF-8-like bytes
+    ("/embed", b"\xff\xfe", 400, "body: not readable as JSON (invalid UTF-8"),
+    ("/embed", '{"inputs": "a"}'.encode("utf-16"), 400, "body: not readable as JSON (invalid UTF-8"),
+    ("/embed", b'{"inputs": "a\xed\xa0\x80"}', 400, "body: not readable as JSON (invalid UTF-8"),
+    ("/embed", b'{"inputs": "a\x01"}', 422, "body: JSON decode error (Invalid control character at character 13)"),
+    ("/embed", b'{"inputs": }', 422, "body: JSON decode error (Expecting value at character 11)"),
+    ("/embed", b"", 422, "body: empty; send a JSON object"),
+    ("/v1/embeddings", b"", 422, "body: empty; send a JSON object"),
+    # no redirect to the route without the slash (its Location would be built from the Host header)
+    ("/embed/", {"inputs": "a"}, 404, "POST /embed/ is not served; use /embed"),
+    ("/v1/embeddings/", {"input": "a"}, 404, "POST /v1/embeddings/ is not served; use /v1/embeddings"),
     ("/embed", {"inputs": "a", "dimensions": 0}, 422, "dimensions: Input should be greater than or equal to 1"),
     ("/embed", {"inputs": "a", "dimensions": 10_000}, 422, "dimensions must be in 1..64 (the model's embedding size)"),
     ("/embed", {"inputs": "a", "prompt_name": "nope"}, 422, "prompt_name: Input should be 'query' or 'document'"),
@@ -318,6 +331,41 @@ def test_bad_requests_get_their_status_and_a_message(limited_url, path, body, st
     assert message in error_message(r) and error_type(r) == ERROR_TYPES[status]
 
 
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded", "text/plain"])
+def test_a_body_not_sent_as_json_is_a_415_naming_the_header(limited_url, content_type):
+    """What `curl -d` sends, a text type, or none: as TEI answers, 415 naming the header to send."""
+    for path in ("/embed", "/v1/embeddings"):
+        r = httpx.post(f"{limited_url}{path}", content=b'{"inputs": "a"}', timeout=TIMEOUT,
+                       headers={"content-type": content_type} if content_type else {})
+        assert r.status_code == 415 and error_type(r) == ERROR_TYPES[415], r.text
+        assert "send the body as JSON with the header Content-Type: application/json" in error_message(r)
+    r = httpx.post(f"{limited_url}/embed", content=b'{"inputs": "a"}', timeout=TIMEOUT,
+                   headers={"content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 200, r.text
+
+
+def test_optional_fields_take_null_for_their_default_as_tei_does(url):
+    """Generated clients send null for the optional fields they leave unset."""
+    with httpx.Client(base_url=url, timeout=TIMEOUT) as http:
+        for path, body in (("/embed", {"inputs": "a", "truncate": None, "dimensions": None, "prompt_name": None}),
+                           ("/tokenize", {"inputs": "a", "truncate": None}),
+                           ("/rerank", {"query": "q", "texts": ["d"], "truncate": None, "top_n": None}),
+                           ("/v1/rerank", {"query": "q", "documents": ["d"], "truncate": None}),
+                           ("/v1/embeddings", {"input": "a", "dimensions": None, "model": None, "user": None})):
+            r = http.post(path, json=body)
+            assert r.status_code == 200, (path, r.text)
+
+
+def test_v1_models_lists_the_served_models_as_openai_does(url, offline):
+    """OpenAI-compatible clients (LiteLLM, Open WebUI) discover models there: one entry per loaded model, named as the
+    /v1 answers name it."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+    models = client.models.list().data
+    assert [m.id for m in models] == [offline[task].manifests[0].name for task in ("embedding", "reranker")]
+    assert all(m.object == "model" and m.owned_by and m.created > 0 for m in models)
+    assert client.embeddings.create(model=models[0].id, input="a").model == models[0].id
+
+
 def test_limits_that_need_more_than_a_body(limited_url, sets):
     def chunks():  # no Content-Length: the limit is found while streaming
         yield b'{"inputs": "'
@@ -332,6 +380,13 @@ def test_limits_that_need_more_than_a_body(limited_url, sets):
     assert 'route="/embed",status="413"' in metrics and 'route="unmatched",status="413"' not in metrics
     r = httpx.get(f"{limited_url}/embed", timeout=TIMEOUT)
     assert r.status_code == 405 and error_message(r) == "GET /embed is not served; use POST"
+    r = httpx.post(f"{limited_url}/health", timeout=TIMEOUT)
+    assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"GET", "HEAD"}
+    for path in ("/openapi.json", "/docs"):  # FastAPI's own routes, counted as theirs
+        assert httpx.get(f"{limited_url}{path}", timeout=TIMEOUT).status_code == 200
+    metrics = httpx.get(f"{limited_url}/metrics", timeout=TIMEOUT).text
+    assert 'route="/openapi.json",status="200"' in metrics and 'route="/docs",status="200"' in metrics
+    assert 'route="unmatched",status="200"' not in metrics
     long_text = "word " * 60
     r = httpx.post(f"{limited_url}/embed", json={"inputs": long_text, "truncate": True}, timeout=TIMEOUT)
     with Embedder.from_artifacts(sets["embedding"], truncation="truncate", max_length=40) as capped:
@@ -558,10 +613,65 @@ def test_the_batch_token_budget_is_checked_against_the_max_input_length_before_a
     """A batch's token budget must hold the longest row: the --max-input-length where one is given, else the largest
     SEQ (64)."""
     assert model_sets(sets["embedding"], None, Limits(max_batch_tokens=40, max_input_length=32)) == \
-        {Embedder: sets["embedding"]}
+        {Embedder: (sets["embedding"], 32)}
     with pytest.raises(ToolkitError, match=r"^--max-batch-tokens must be an integer >= the max input length 64, got "
                                            r"40"):
         model_sets(sets["embedding"], None, Limits(max_batch_tokens=40))
+
+
+def test_one_max_input_length_caps_each_model_at_its_own_largest_seq(sets):
+    """The embedding set's largest SEQ is 64, the reranker's 128: 100 caps the reranker and leaves the embedding
+    model at 64; only a value that neither set takes is refused."""
+    assert model_sets(sets["embedding"], sets["reranker"], Limits(max_input_length=100)) == \
+        {Embedder: (sets["embedding"], 64), Reranker: (sets["reranker"], 100)}
+    assert model_sets(sets["embedding"], sets["reranker"], Limits()) == \
+        {Embedder: (sets["embedding"], None), Reranker: (sets["reranker"], None)}
+    with pytest.raises(ToolkitError, match=r"^--max-input-length must be an integer in 1\.\.128 \(the largest SEQ in "
+                                           r".*; each model is capped at its own\), got 129$"):
+        model_sets(sets["embedding"], sets["reranker"], Limits(max_input_length=129))
+
+
+def test_a_max_input_length_too_short_for_the_prompt_is_named_as_the_cause(sets):
+    """Below the set's largest SEQ, the fix is a larger max input length, not a larger SEQ."""
+    with pytest.raises(ToolkitError, match=r"raise max_length \(a service's --max-input-length\) to \d+ or more \(the "
+                                           r"set takes up to 128\)$"):
+        Reranker.from_artifacts(sets["reranker"], max_length=20)
+    with Embedder.from_artifacts(sets["embedding"], max_length=20) as capped:
+        with pytest.raises(ToolkitError, match=r"shorten the instruction, or raise max_length \(a service's "
+                                               r"--max-input-length\) to \d+ or more \(the set takes up to 64\)$"):
+            capped.format(["hi"], WEB_SEARCH_INSTRUCTION)
+    with Embedder.from_artifacts(sets["embedding"]) as uncapped:  # at the largest SEQ: a larger SEQ is the fix
+        with pytest.raises(ToolkitError, match=r"shorten the instruction, or compile with --seq \d+ or more$"):
+            uncapped.format(["hi"], "word " * 70)
+
+
+def test_a_request_cut_off_by_the_graceful_timeout_is_a_503_in_the_error_shape(sets):
+    """A client that stalls mid-body while the server stops: past the graceful timeout uvicorn cancels its request,
+    which it answered with a plain-text 500 and the cancellation's traceback in the log."""
+    app = create_app(Embedder.from_artifacts(sets["embedding"]))
+    server = DrainingServer(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=0.1),
+                            app.state.services.drain)
+    logged = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    try:
+        with served(app, server) as base, \
+                socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=TIMEOUT) as client:
+            client.sendall(b'POST /embed HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n'
+                           b'content-length: 100\r\n\r\n{"inputs": ')
+            wait_for(lambda: server.server_state.tasks)  # the request is running, waiting for the rest of its body
+            server.handle_exit(signal.SIGTERM, None)
+            answer = b""
+            while chunk := client.recv(65536):
+                answer += chunk
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 503 "), answer
+    assert json.loads(body) == {"error": "the server is shutting down and stopped this request before it finished; "
+                                         "retry it", "error_type": "unavailable"}
+    assert not [r for r in logged if r.exc_info], [r.getMessage() for r in logged]
 
 
 def test_the_tokenizers_are_set_up_before_the_first_request(sets, monkeypatch):
@@ -645,6 +755,8 @@ CORES = os.cpu_count() or 1
     (["--embedding", "SET", "--instances", "two"], "'two' is neither an integer >= 1 nor 'auto'"),
     (["--embedding", "SET", "--max-input-length", "1000"], "--max-input-length must be an integer in 1..64 (the "
                                                            "largest SEQ in "),
+    (["--embedding", "SET", "--reranker", "RERANKER_SET", "--max-input-length", "1000"],
+     "--max-input-length must be an integer in 1..128 (the largest SEQ in "),
     (["--embedding", "RERANKER_SET"], "holds reranker artifacts, not embedding ones: pass it as --reranker"),
     (["--embedding", "SET", "--max-batch-tokens", "10"], "--max-batch-tokens must be an integer >= the max input "
                                                          "length 64, got 10; raise it to at least 64"),

@@ -22,7 +22,7 @@ import numpy as np
 
 from toolkit.artifact import Manifest, find_artifacts
 from toolkit.checkpoint import check_task, context_length, load_tokenizer, read_hf_config, resolve_checkpoint
-from toolkit.errors import ToolkitError, check_int, is_integer
+from toolkit.errors import ToolkitError, check_int, clipped, is_integer
 from toolkit.runner import BucketedRunner
 from toolkit.runtime import Engine, check_engine_options
 from toolkit.tasks import EMBEDDING, RERANKER, PromptLayout, Task, check_instruction_text, get_task
@@ -95,8 +95,8 @@ def check_instruction(fixed: str | None, instruction: str) -> None:
     cached in the graph; None: any)."""
     if fixed is not None and instruction != fixed:
         raise ToolkitError(f"these artifacts were compiled for the instruction {fixed!r} (its tokens are cached in the "
-                           f"graph), not {instruction!r}: use theirs, or compile with --instruction for yours "
-                           "(--no-cache-instruction: any instruction, a little slower)")
+                           f"graph), not {clipped(repr(instruction))}: use theirs, or compile with --instruction for "
+                           "yours (--no-cache-instruction: any instruction, a little slower)")
 
 
 class _TextModel:
@@ -118,8 +118,7 @@ class _TextModel:
         shortest = self.task.min_seq_len(tokenizer)
         if self.max_length < shortest:
             raise ToolkitError(f"the max input length here is {self.max_length} tokens, but every {self.task.name} "
-                               f"input needs at least {shortest}: raise max_length (a service's --max-input-length) "
-                               f"or compile with --seq {shortest} or more")
+                               f"input needs at least {shortest}: {self._longer_inputs_fix(shortest)}")
 
     @classmethod
     def from_artifacts(cls, path: str | Path, instances: int | str = 1, device_ids: tuple[int, ...] = (0,),
@@ -162,7 +161,7 @@ class _TextModel:
         hf_config = read_hf_config(path)
         context = context_length(hf_config)
         max_length = min(REFERENCE_MAX_LENGTH, context) if max_length is None else \
-            _check_max_length(max_length, context, "the checkpoint's context, max_position_embeddings")
+            check_max_length(max_length, context, "the checkpoint's context, max_position_embeddings")
         check_task(cls.task, path, hf_config, f"{cls.__name__}.from_checkpoint runs {cls.task.name} models",
                    lambda other: f"load it with {model_class(get_task(other)).__name__}.from_checkpoint", _warn)
         tokenizer = load_tokenizer(path)
@@ -196,8 +195,17 @@ class _TextModel:
         used, room = len(self.tokenizer.encode_one(head.rstrip())), self.max_length - self._layout.fixed
         if used >= room:
             raise ToolkitError(f"{used} tokens of {what} leave no room for the {text}: this model has {room} for "
-                               f"both (max input length {self.max_length}, prompt included); shorten {what}, or use "
-                               "a set compiled with a larger SEQ")
+                               f"both (max input length {self.max_length}, prompt included); shorten {what}, or "
+                               f"{self._longer_inputs_fix(self._layout.fixed + used + 1)}")
+
+    def _longer_inputs_fix(self, needed: int) -> str:
+        """How this model would take inputs of `needed` tokens: a larger max_length where it was opened with one below
+        what its artifacts take (or is the torch reference), else a larger SEQ."""
+        largest = self.runner.engines[-1].seq_len  # None: the torch reference, which takes its context
+        if largest is None or needed <= largest:
+            within = "" if largest is None else f" (the set takes up to {largest})"
+            return f"raise max_length (a service's --max-input-length) to {needed} or more{within}"
+        return f"compile with --seq {needed} or more"
 
     def _encode(self, bodies: list[str], origin=None, offsets: bool = False) -> list:
         """`encode_bodies` of the bodies. `origin(i)`: the user's own texts body i was made of and their names, so that
@@ -249,7 +257,9 @@ def _check_path(path, name: str, what: str) -> None:
         raise ToolkitError(f"{name} must be {what} (a str or Path), got {type(path).__name__}")
 
 
-def _check_max_length(max_length, largest: int, why: str, name: str = "max_length") -> int:
+def check_max_length(max_length, largest: int, why: str, name: str = "max_length") -> int:
+    """`max_length` as an int, or a ToolkitError naming `name` unless it is an integer in 1..`largest` (`why`: what
+    sets that bound)."""
     if not is_integer(max_length) or not 1 <= max_length <= largest:
         raise ToolkitError(f"{name} must be an integer in 1..{largest} ({why}), got {max_length!r}")
     return int(max_length)
@@ -265,7 +275,7 @@ def check_set(path: str | Path, task: Task, fix: Callable[[str], str], max_lengt
     if found != task.name:
         raise ToolkitError(f"{path} holds {found} artifacts, not {task.name} ones: {fix(found)}")
     if max_length is not None:
-        _check_max_length(max_length, manifests[-1].seq_len, f"the largest SEQ in {path}", max_length_name)
+        check_max_length(max_length, manifests[-1].seq_len, f"the largest SEQ in {path}", max_length_name)
     return manifests
 
 

@@ -208,7 +208,8 @@ def data_download(out_dir):
               help="requests in flight per model; more are answered 429")
 @click.option("--max-client-batch-size", type=int, default=Limits.max_client_batch_size, show_default=True,
               help="inputs per request")
-@click.option("--max-input-length", type=int, help="tokens per input, prompt included (default: the largest SEQ)")
+@click.option("--max-input-length", type=int, help="tokens per input, prompt included; each model takes at most its "
+              "set's largest SEQ (default: the largest SEQ)")
 @click.option("--payload-limit", type=int, default=Limits.payload_limit, show_default=True, help="request body bytes")
 @click.option("--instances", type=INSTANCES, default="auto", show_default=True,
               help="engine instances per bucket; auto: one single-thread instance per core for TVM on CPU, else 1")

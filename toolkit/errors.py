@@ -2,9 +2,17 @@
 check every count, size and length option of the CLI and the API makes."""
 import numbers
 
+MAX_QUOTED_CHARS = 200  # the most of a value a message repeats: a service answers these messages to its clients
+
 
 class ToolkitError(Exception):
     """An error the user can fix; the message says how."""
+
+
+def clipped(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    """`text`, or its first `limit` characters and how many it leaves out: a message naming a value (a client's
+    instruction) does not grow with it."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 def is_integer(value) -> bool:

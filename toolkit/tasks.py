@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from typing_extensions import override
 
-from toolkit.errors import ToolkitError, is_integer
+from toolkit.errors import ToolkitError, clipped, is_integer
 from toolkit.report import format_table
 from toolkit.tokenizer import ENDOFTEXT_ID, check_unicode
 
@@ -67,8 +67,8 @@ def check_instruction_text(instruction) -> None:
         raise ToolkitError(f"instruction must be a text (or None for the default), got "
                            f"{type(instruction).__name__}")
     if instruction and not instruction.strip():
-        raise ToolkitError(f"the instruction {instruction!r} is only whitespace: give one with words, \"\" for none, "
-                           "or leave it out for the default")
+        raise ToolkitError(f"the instruction {clipped(repr(instruction))} is only whitespace: give one with words, "
+                           '"" for none, or leave it out for the default')
     check_unicode([instruction], ["the instruction"])
 
 

@@ -3,16 +3,17 @@
     app = create_app(Embedder.from_artifacts("ws/emb/onnx"), Reranker.from_artifacts("ws/rr/onnx"), Limits())
     uvicorn.run(app)   # what `toolkit serve` does (or Ray Serve, one app per replica)
 
-Nothing a client sends is a 500: a body that is not UTF-8 JSON is 400, one that does not match its schema 422, a
-request over a limit 413, a full model 429 (with Retry-After), a route whose model is not loaded 404, a backend failure
-503 for the requests it hit. A request whose client leaves before its answer is stopped (its rows still waiting for a
-batch never run) and counted as 499. The app owns the models it is given: its shutdown runs what is queued, then
-closes them.
+Nothing a client sends is a 500: a body not sent as JSON (its Content-Type) is 415, one that is not UTF-8 JSON 400,
+one that does not match its schema 422, a request over a limit 413, a full model 429 (with Retry-After), a route whose
+model is not loaded 404, a backend failure 503 for the requests it hit, a request the server's shutdown cuts off 503. A
+request whose client leaves before its answer is stopped (its rows still waiting for a batch never run) and counted as
+499. The app owns the models it is given: its shutdown runs what is queued, then closes them.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import time
 from contextlib import asynccontextmanager
@@ -22,7 +23,9 @@ import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from typing_extensions import override
 
 from toolkit.api import Embedder, Reranker
@@ -57,7 +60,7 @@ from toolkit.tasks import EMBEDDING, RERANKER, Task
 
 RETRY_AFTER_S = 1
 ERROR_TYPES = {400: "validation", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
-               422: "validation", 429: "overloaded", 503: "unavailable"}
+               415: "unsupported_media_type", 422: "validation", 429: "overloaded", 503: "unavailable"}
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client left before the answer: what metrics count
 
 
@@ -66,6 +69,8 @@ class Services:
 
     def __init__(self, embedder: Embedder | None, reranker: Reranker | None, limits: Limits):
         self.metrics = ServiceMetrics()
+        self.loaded_at = int(time.time())  # what /v1/models answers as each model's `created`
+        self.stopping = False  # the server is shutting down (`drain`)
         self.by_task = {}
         for model, service in ((embedder, EmbeddingService), (reranker, RerankService)):
             if model is not None:
@@ -90,6 +95,7 @@ class Services:
 
     def drain(self) -> None:
         """Run what is queued now, and each request still to come as it arrives (the server is stopping)."""
+        self.stopping = True
         for service in self.loaded():
             service.scheduler.drain()
 
@@ -111,8 +117,10 @@ def create_app(embedder: Embedder | None = None, reranker: Reranker | None = Non
         yield
         await asyncio.to_thread(services.close)
 
+    # no redirect from /embed/ to /embed: its Location would be built from the Host header (http:// behind a TLS
+    # proxy); a 404 names the route instead, as TEI answers
     app = FastAPI(title="qwen3-deploy", summary="Qwen3-Embedding / Qwen3-Reranker artifacts over HTTP",
-                  lifespan=lifespan)
+                  lifespan=lifespan, redirect_slashes=False)
     app.state.services = services
     app.include_router(tei_routes(services))
     app.include_router(openai_routes(services))
@@ -120,14 +128,49 @@ def create_app(embedder: Embedder | None = None, reranker: Reranker | None = Non
     add_error_handlers(app)
     app.add_middleware(BodyLimit, limit=limits.payload_limit)
     app.add_middleware(StopWhenClientLeaves)
+    app.add_middleware(AnswerRequestsCutOffByShutdown, services=services)
     app.add_middleware(CountAnswers, metrics=services.metrics)  # outermost: it sees every answer
     return app
 
 
 # ---- routes ---------------------------------------------------------------------------------------------------------
+class Utf8JsonRequest(Request):
+    """A request whose body is read as JSON from UTF-8 only (JSON's encoding, RFC 8259): Starlette hands the bytes to
+    Python's reader, which also takes UTF-16 and UTF-32 and the bytes of a lone surrogate. Not UTF-8: FastAPI's 400."""
+
+    @override
+    async def json(self):
+        return json.loads((await self.body()).decode("utf-8-sig"))  # a leading BOM is ignored, as RFC 8259 allows
+
+
+def is_json(content_type: str | None) -> bool:
+    """Whether a Content-Type is JSON's (`application/json`, `application/*+json`), as FastAPI reads one."""
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    return media_type == "application/json" or media_type.startswith("application/") and media_type.endswith("+json")
+
+
+class JsonBodyRoute(APIRoute):
+    """A route whose body is a UTF-8 JSON object sent as `Content-Type: application/json`: any other type (curl -d's
+    form encoding, text/plain, none) is refused with 415 naming the header, as TEI refuses it, before the body is
+    read; FastAPI would hand the bytes to the schema, whose 422 says "Input should be a valid dictionary"."""
+
+    @override
+    def get_route_handler(self):
+        handle = super().get_route_handler()
+        if self.body_field is None:
+            return handle
+
+        async def handle_json_body(request: Request) -> Response:
+            if not is_json(request.headers.get("content-type")):
+                raise HTTPException(415, "send the body as JSON with the header Content-Type: application/json")
+            return await handle(Utf8JsonRequest(request.scope, request.receive))
+
+        return handle_json_body
+
+
 def tei_routes(services: Services) -> APIRouter:
     """TEI's `/embed` (and `/`, Hugging Face InferenceClient's feature extraction), `/rerank`, `/tokenize`."""
-    router = APIRouter()
+    router = APIRouter(route_class=JsonBodyRoute)
 
     @router.post("/embed", response_model=list[list[float]])
     @router.post("/", include_in_schema=False)
@@ -164,8 +207,15 @@ def tei_routes(services: Services) -> APIRouter:
 
 
 def openai_routes(services: Services) -> APIRouter:
-    """OpenAI's `/v1/embeddings` and Cohere / Jina's `/v1/rerank`."""
-    router = APIRouter(prefix="/v1")
+    """OpenAI's `/v1/embeddings` and `/v1/models`, Cohere / Jina's `/v1/rerank`."""
+    router = APIRouter(prefix="/v1", route_class=JsonBodyRoute)
+
+    @router.get("/models")
+    async def models() -> dict:
+        """The served models in OpenAI's list (what OpenAI-compatible clients discover models by), named as the /v1
+        answers name them; `created`: when this server loaded them."""
+        return {"object": "list", "data": [{"id": s.model_name, "object": "model", "created": services.loaded_at,
+                                            "owned_by": "qwen3-deploy"} for s in services.loaded()]}
 
     @router.post("/embeddings", response_model=EmbeddingsResponse)
     async def embeddings(request: EmbeddingsRequest) -> Response:
@@ -229,8 +279,7 @@ def ops_routes(services: Services, limits: Limits) -> APIRouter:
     """`/health`, `/info`, `/metrics`."""
     router = APIRouter()
 
-    @router.get("/health")
-    @router.head("/health", include_in_schema=False)  # what many load balancers' health checks send
+    @router.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what many load balancers' health checks send
     async def health() -> JSONResponse:
         """200 while every model takes and runs requests, else 503."""
         ok = all(s.healthy() for s in services.loaded())
@@ -267,7 +316,10 @@ def validation_message(error: RequestValidationError) -> str:
     problems: dict = {}
     for e in error.errors():
         if e["type"] == "json_invalid":
-            return f"body: {e['msg']} ({e['ctx']['error']})"
+            # the position is in the location; Python's reader ends some reasons with "at" for it
+            return f"body: {e['msg']} ({e['ctx']['error'].removesuffix(' at')} at character {e['loc'][1]})"
+        if e["type"] == "missing" and e["loc"] == ("body",):
+            return "body: empty; send a JSON object"
         field, *inner = e["loc"][1:] or ("body",)
         path = ".".join([str(field), *(str(p) for p in inner if p not in UNION_TAGS)])
         problems.setdefault(field, f"{path}: {e['msg']}")
@@ -292,8 +344,11 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)  # unknown route, wrong method, a body too large or FastAPI cannot parse
     async def http_error(request: Request, error: HTTPException):
+        path = request.url.path
         fixes = {400: "body: not readable as JSON (invalid UTF-8, or nested too deeply); send a UTF-8 JSON object",
-                 405: f"{request.method} {request.url.path} is not served; use {(error.headers or {}).get('Allow')}"}
+                 405: f"{request.method} {path} is not served; use {(error.headers or {}).get('Allow')}"}
+        if path != "/" and matching_route({**request.scope, "path": path.rstrip("/")}):
+            fixes[404] = f"{request.method} {path} is not served; use {path.rstrip('/')}"
         return error_response(request.url.path, error.status_code, fixes.get(error.status_code, str(error.detail)),
                               error.headers)
 
@@ -391,6 +446,34 @@ class StopWhenClientLeaves(HttpMiddleware):
             watcher.cancel()
 
 
+class AnswerRequestsCutOffByShutdown(HttpMiddleware):
+    """While the server shuts down, answer a request it cancels before its answer started (uvicorn cancels those still
+    running when its graceful timeout ends: a client that stalls mid-body, say) with a 503 in the route's error shape:
+    uvicorn would log the cancellation's traceback and answer a plain-text 500."""
+
+    def __init__(self, app, services: Services):
+        super().__init__(app)
+        self.services = services
+
+    @override
+    async def handle(self, scope, receive, send):
+        answering = False
+
+        async def send_noting_answer(message):
+            nonlocal answering
+            answering = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_answer)
+        except asyncio.CancelledError:
+            if answering or not self.services.stopping:
+                raise
+            asyncio.current_task().uncancel()  # answered instead: the request ends here, as uvicorn wants it to
+            await error_response(scope["path"], 503, "the server is shutting down and stopped this request before "
+                                                     "it finished; retry it")(scope, receive, send)
+
+
 class CountAnswers(HttpMiddleware):
     """Count every answer by route template and status, and time it. 499 (nginx's status for a client that left
     before the answer): a request stopped without an answer (`StopWhenClientLeaves`), or an answer written to
@@ -416,6 +499,15 @@ class CountAnswers(HttpMiddleware):
             status[0] = status[0] or 500  # what the server answers for an error before any answer
             raise
         finally:
-            route = scope.get("route")
-            self.metrics.answered(getattr(route, "path", "unmatched"), status[0] or CLIENT_CLOSED_REQUEST,
-                                  time.perf_counter() - started)
+            self.metrics.answered(route_path(scope), status[0] or CLIENT_CLOSED_REQUEST, time.perf_counter() - started)
+
+
+def route_path(scope) -> str:
+    """The template of the route a request went to ("unmatched": none). FastAPI notes its API routes in the scope,
+    not its own (/docs, /openapi.json), which are matched here."""
+    return getattr(scope.get("route") or matching_route(scope), "path", "unmatched")
+
+
+def matching_route(scope):
+    """The app's route that takes a request of this scope (path and method), or None."""
+    return next((route for route in scope["app"].routes if route.matches(scope)[0] is Match.FULL), None)

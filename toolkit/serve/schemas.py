@@ -6,7 +6,17 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 
@@ -25,6 +35,8 @@ Text = Annotated[str, AfterValidator(valid_unicode)]
 Texts = Annotated[list[Text], NonEmpty]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], NonEmpty]
 Count = Annotated[int, Field(ge=1)]
+# TEI's `truncate` is optional (null: false), and generated clients send null for the optional fields they leave unset
+Truncate = Annotated[bool, BeforeValidator(lambda value: False if value is None else value)]
 
 
 # The tags of the unions below: pydantic names the alternative a value was read as in an error's location, which the
@@ -89,7 +101,7 @@ class EmbedRequest(QueryFormat):
 
     inputs: TextOrTexts
     normalize: bool = True
-    truncate: bool = False
+    truncate: Truncate = False
     dimensions: Count | None = None
 
 
@@ -100,7 +112,7 @@ class TokenizeRequest(QueryFormat):
 
     inputs: TextOrTexts
     add_special_tokens: bool = True
-    truncate: bool = False
+    truncate: Truncate = False
 
 
 class Token(BaseModel):
@@ -124,7 +136,7 @@ class RerankRequest(StrictBody):
     texts: Texts
     raw_scores: bool = False
     return_text: bool = False
-    truncate: bool = False
+    truncate: Truncate = False
     top_n: Count | None = None
     instruction: Text | None = None
 
@@ -227,7 +239,7 @@ class DocumentsRerankRequest(StrictBody):
     model: Text | None = None
     top_n: Count | None = None
     return_documents: bool = False
-    truncate: bool = False
+    truncate: Truncate = False
     instruction: Text | None = None
 
     def texts(self) -> list[str]:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from toolkit.api import Embedder, InputTooLongError, Reranker, check_set, rank_order
-from toolkit.errors import ToolkitError, check_int, is_integer
+from toolkit.api import Embedder, InputTooLongError, Reranker, check_max_length, check_set, rank_order
+from toolkit.errors import ToolkitError, check_int, clipped, is_integer
 from toolkit.scheduler import BatchScheduler, SchedulerStopped, check_max_batch_tokens, check_max_wait_ms
 from toolkit.serve.metrics import ServiceMetrics
 from toolkit.tasks import yes_log_odds
@@ -60,7 +60,8 @@ class Unavailable(ServiceError):
 @dataclass(frozen=True)
 class Limits:
     """What one server accepts and how it batches (TEI's flags of the same names). `max_input_length` is in tokens,
-    prompt included (None: the largest SEQ); `payload_limit` in bytes per request body."""
+    prompt included, for each model at most its set's largest SEQ (None: the largest SEQ); `payload_limit` in bytes
+    per request body."""
 
     max_batch_tokens: int = 16384
     max_wait_ms: float = 2.0
@@ -88,16 +89,24 @@ class Limits:
 
 
 def model_sets(embedding_dir: str | Path | None, reranker_dir: str | Path | None,
-               limits: Limits) -> dict[type, str | Path]:
-    """The bucket sets a server runs, by model class, checked without loading them: artifacts of the right task, the
-    max input length within the largest SEQ, the batch token budget at least the max input length."""
-    sets = {cls: path for cls, path in ((Embedder, embedding_dir), (Reranker, reranker_dir)) if path is not None}
-    for cls, path in sets.items():
-        manifests = check_set(path, cls.task, lambda found: f"pass it as --{found}", limits.max_input_length,
-                              "--max-input-length")
-        check_max_batch_tokens(limits.max_batch_tokens, limits.max_input_length or manifests[-1].seq_len,
-                               "--max-batch-tokens")
-    return sets
+               limits: Limits) -> dict[type, tuple[str | Path, int | None]]:
+    """The bucket sets a server runs, by model class, each with the max input length its model opens with (None: its
+    largest SEQ), checked without loading them: artifacts of the right task; `max_input_length` within the largest SEQ
+    of a set, each model taking it up to its own largest SEQ (one flag serves both models, whose sets may differ); the
+    batch token budget at least each model's max input length."""
+    sets = {cls: (path, check_set(path, cls.task, lambda found: f"pass it as --{found}"))
+            for cls, path in ((Embedder, embedding_dir), (Reranker, reranker_dir)) if path is not None}
+    requested = limits.max_input_length
+    if requested is not None:
+        path, manifests = max(sets.values(), key=lambda found: found[1][-1].seq_len)
+        each = "; each model is capped at its own" if len(sets) > 1 else ""
+        check_max_length(requested, manifests[-1].seq_len, f"the largest SEQ in {path}{each}", "--max-input-length")
+    capped = {}
+    for cls, (path, manifests) in sets.items():
+        max_length = None if requested is None else min(requested, manifests[-1].seq_len)
+        check_max_batch_tokens(limits.max_batch_tokens, max_length or manifests[-1].seq_len, "--max-batch-tokens")
+        capped[cls] = (path, max_length)
+    return capped
 
 
 def load_models(embedding_dir: str | Path | None, reranker_dir: str | Path | None, limits: Limits,
@@ -105,8 +114,8 @@ def load_models(embedding_dir: str | Path | None, reranker_dir: str | Path | Non
     """The models a server runs, by task name, loaded from bucket-set directories (either may be None)."""
     models = {}
     try:
-        for cls, path in model_sets(embedding_dir, reranker_dir, limits).items():
-            models[cls.task.name] = cls.from_artifacts(path, instances=instances, max_length=limits.max_input_length)
+        for cls, (path, max_length) in model_sets(embedding_dir, reranker_dir, limits).items():
+            models[cls.task.name] = cls.from_artifacts(path, instances=instances, max_length=max_length)
     except BaseException:
         for model in models.values():
             model.close()
@@ -115,8 +124,8 @@ def load_models(embedding_dir: str | Path | None, reranker_dir: str | Path | Non
 
 
 def first_line(error: Exception) -> str:
-    """The first line of an error's message (at most 200 characters), for a one-line answer."""
-    return (str(error).strip().splitlines() or [""])[0][:200]
+    """The first line of an error's message (clipped), for a one-line answer."""
+    return clipped((str(error).strip().splitlines() or [""])[0])
 
 
 def truncation(truncate: bool) -> str:
