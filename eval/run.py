@@ -186,7 +186,7 @@ def evaluate(options: EvalOptions) -> dict:
     name, spec, source = resolve_dataset(str(options.dataset), options.data_dir, options.data_format)
     check_kind(task, name, spec)
     manifests = None if options.artifact is None else \
-        check_set(options.artifact, task, lambda found: f"pass --task {found} or a {task.name} artifact")
+        check_set(options.artifact, task, lambda found: f"pass --task {found}, or a set of {task.name} artifacts")
     examples = read_examples(name, spec, source, options.limit)
     check_scorable(name, spec, examples)  # before any model runs: an undefined metric is the data's fault
     instruction = spec.instruction if options.instruction is None else options.instruction

@@ -356,6 +356,10 @@ def test_demo_cli(onnx_artifacts):
     assert "torch P(yes)" in r.output and "OK" in r.output
     r = CliRunner().invoke(main, ["demo", "--task", "embedding", "--artifact", str(onnx_artifacts["embedding"][1])])
     assert r.exit_code == 0 and "cos(torch, artifact)" in r.output
+    # the other task's set: named as such (its cached instruction was named instead, with eval commands for it)
+    r = CliRunner().invoke(main, ["demo", "--task", "embedding", "--artifact", str(onnx_artifacts["reranker"][1])])
+    assert r.exit_code == 2 and r.output.strip().endswith(
+        "holds reranker artifacts, not embedding ones: pass --task reranker, or a set of embedding artifacts"), r.output
 
 
 def test_demo_exits_1_when_parity_is_off_tolerance(onnx_artifacts, tmp_path):

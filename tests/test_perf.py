@@ -195,8 +195,8 @@ def test_perf_run_refuses_device_ids_on_a_cpu_artifact(onnx_artifacts, monkeypat
     r = invoke("run", "--artifact", onnx_artifacts["embedding"][0], "--iterations", 2, "--device-ids", "0,1")
     lines = r.output.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1, r.output
-    assert lines[0] == "error: device ids [0, 1] pick GPUs, and this is a CPU artifact: CPU artifacts use " \
-        "--threads/--instances; leave --device-ids at its default, 0"
+    assert lines[0] == "error: device ids [0, 1] pick GPUs, and this is a CPU artifact (its instances share the " \
+        "CPU's cores): leave --device-ids at its default, 0"
 
 
 def test_perf_run_options_check_without_the_cli(onnx_artifacts):

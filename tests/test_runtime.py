@@ -323,7 +323,8 @@ def test_bad_inputs_are_one_line_errors(onnx_artifacts):
 
 def test_device_ids_other_than_the_default_are_refused_for_a_cpu_artifact(onnx_artifacts, monkeypatch):
     """They pick GPUs: a CPU artifact accepted and ignored them. Refused before the artifact's files are hashed."""
-    message = r"^device ids \[1\] pick GPUs, and this is a CPU artifact: CPU artifacts use --threads/--instances"
+    message = (r"^device ids \[1\] pick GPUs, and this is a CPU artifact \(its instances share the CPU's cores\): "
+               "leave device_ids at its default, 0$")
     with pytest.raises(ToolkitError, match=message):
         Embedder.from_artifacts(onnx_artifacts["embedding"][0].parent, device_ids=1)
     monkeypatch.setattr(Manifest, "verify", lambda *a, **kw: pytest.fail("the artifact's files were hashed"))

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from toolkit.api import model_class
-from toolkit.artifact import BACKENDS, find_artifacts
+from toolkit.api import check_set, model_class
+from toolkit.artifact import BACKENDS
 from toolkit.errors import ToolkitError
 from toolkit.eval.run import refuse_bare_inputs
 from toolkit.tasks import Task
@@ -34,7 +34,7 @@ def run_demo(task: Task, artifact: str | Path | None, checkpoint: str | None, ec
     """Print the side-by-side tables; return True when the artifact is within tolerance of torch. Off tolerance, the
     last line names the likely cause as `toolkit eval` does (another checkpoint than the set's build)."""
     source = artifact or default_artifact(task)
-    manifests = find_artifacts(source)
+    manifests = check_set(source, task, lambda found: f"pass --task {found}, or a set of {task.name} artifacts")
     # queries and their documents, as a ranking dataset has them: refused where `toolkit eval` refuses such data
     refuse_bare_inputs(task, source, manifests, "reranking", "the demo")
     reference = checkpoint or manifests[0].reference_checkpoint()

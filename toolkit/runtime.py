@@ -129,8 +129,8 @@ def check_device_ids(device_ids, name: str = "device_ids", device: str | None = 
                            f"{device_ids!r}")
     devices = tuple(map(int, devices))
     if device == "cpu" and devices != (0,):
-        raise ToolkitError(f"device ids {list(devices)} pick GPUs, and this is a CPU artifact: CPU artifacts use "
-                           f"--threads/--instances; leave {name} at its default, 0")
+        raise ToolkitError(f"device ids {list(devices)} pick GPUs, and this is a CPU artifact (its instances share "
+                           f"the CPU's cores): leave {name} at its default, 0")
     return devices
 
 
