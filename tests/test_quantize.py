@@ -68,7 +68,7 @@ def test_int8_gate_fails_naive_quantization_of_an_outlier_checkpoint_and_passes_
                                            "--dtype bf16"):
         build(outlier_checkpoints, tmp_path, "embedding", seq_lens=(64,), dtype="int8", smooth_alpha=0.0,
               weight_rounding="nearest", max_linear_error=1.0, preflight=False)  # per-tensor onto 60x channels
-    assert not list((tmp_path / "embedding-int8-b2" / "onnx").iterdir())
+    assert list(tmp_path.iterdir()) == []  # nothing installed, nor the set's directories the failed build made
 
     [artifact] = build(outlier_checkpoints, tmp_path, "embedding", seq_lens=(64,), dtype="int8")
     manifest = Manifest.load(artifact)
