@@ -14,6 +14,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,6 +170,9 @@ def detect(first_row: dict, path: Path) -> str:
     return "bq" if "bq" in path.name.lower() else "sts12"
 
 
+GZIP_MAGIC = b"\x1f\x8b"  # the first two bytes of every gzip file (RFC 1952)
+
+
 def _lines(path: Path):
     """(line number, text) of each non-blank line; a line that is not UTF-8 is an error naming the file and line."""
     try:
@@ -179,6 +183,9 @@ def _lines(path: Path):
         for line_no, raw in enumerate(f, 1):
             if line_no == 1 and raw.startswith(codecs.BOM_UTF8):
                 raw = raw[len(codecs.BOM_UTF8):]
+            if line_no == 1 and raw.startswith(GZIP_MAGIC):
+                raise ToolkitError(f"{path} is gzip-compressed: gunzip it first (`gunzip -k {path}`) and pass the "
+                                   "JSONL file")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -213,11 +220,17 @@ def read_jsonl(path: Path, limit: int | None = None, name: str | None = None) ->
     first row when None)."""
     check_limit(limit)
     path = Path(path)
-    examples = []
+    examples, query_lines = [], {}
     for line_no, line in _lines(path):
         row = _json_row(path, line_no, line)
         name = name or detect(row if isinstance(row, dict) else {}, path)
-        examples.append(parse_row(row, name, f"{path}:{line_no}"))
+        example = parse_row(row, name, f"{path}:{line_no}")
+        if isinstance(example, RerankingExample):  # a query counted twice would weigh twice in every mean
+            first = query_lines.setdefault(example.query_id, line_no)
+            if first != line_no:
+                raise ToolkitError(f"{path}:{line_no}: query_id {example.query_id!r} repeats line {first}; give each "
+                                   "query one row, all its passages in it")
+        examples.append(example)
         if limit and len(examples) >= limit:
             break
     if not examples:
@@ -338,8 +351,9 @@ def check_kind(task: Task, name: str, spec: DatasetSpec) -> None:
 
 def check_scorable(name: str, spec: DatasetSpec, examples: list) -> None:
     """Raise ToolkitError, naming the data's problem and the fix, when `examples` cannot define `spec`'s metrics:
-    correlations need 2 pairs and gold scores that vary, ranking metrics a query with a positive passage. Checked
-    before any model runs, so an undefined (NaN) metric is never blamed on a model."""
+    correlations need 2 pairs, gold scores that vary and pairs of two different texts, ranking metrics a query with a
+    positive passage. Checked before any model runs, so an undefined (NaN) metric is never blamed on a model. Queries
+    without a negative passage (ranked trivially) are warned about."""
     more = "use a larger --limit (or all rows) or a file with more rows"
     if spec.kind == "pairs":
         if len(examples) < 2:
@@ -348,9 +362,15 @@ def check_scorable(name: str, spec: DatasetSpec, examples: list) -> None:
         if len(scores) == 1:
             raise ToolkitError(f"{name}: all {len(examples)} pairs have the gold score {scores.pop():g}, so Spearman "
                                f"and Pearson are undefined; {more} (with varied scores)")
+        if all(e.sentence1 == e.sentence2 for e in examples):  # any model gives each pair the same cosine, 1
+            raise ToolkitError(f"{name}: in all {len(examples)} pairs sentence2 is sentence1, so every similarity is 1 "
+                               "and Spearman and Pearson are undefined; put each pair's second text in sentence2")
     elif not any(any(e.labels) for e in examples):
         raise ToolkitError(f"{name}: none of the {len(examples)} queries has a positive passage, so MAP, MRR, NDCG and "
                            f"recall are undefined; {more} (with positive_passages)")
+    elif unranked := sum(all(e.labels) for e in examples):
+        warnings.warn(f"{name}: {unranked} of the {len(examples)} queries have no negative passage: every ranking "
+                      "metric is 1 on them whatever the model scores (add negative_passages to rank)")
 
 
 HUB_PROBE_TIMEOUT_S = 5  # long enough for a slow link; datasets' own retries take ~24 s to give up

@@ -12,17 +12,21 @@ from __future__ import annotations
 import numpy as np
 
 RECALL_CUTOFFS = (1, 5, 10)
+# cosines closer together than this are one value told apart by float rounding alone (float32: ~1e-7 near 1); ranked,
+# such noise gives a random "correlation"
+CONSTANT_SPREAD = 1e-6
 
 
 def sts_correlations(similarity: np.ndarray, gold: np.ndarray, score_range: tuple[float, float]) -> dict:
     """Spearman / Pearson of cosine similarity against gold normalised to 0..1 (correlations are scale-invariant;
-    normalising keeps the record in MTEB's convention). NaN when either side is constant."""
+    normalising keeps the record in MTEB's convention). NaN when either side is constant (the similarities: up to
+    float rounding, CONSTANT_SPREAD)."""
     from scipy import stats
 
     lo, hi = score_range
     gold = (np.asarray(gold, dtype=np.float64) - lo) / (hi - lo)
     similarity = np.asarray(similarity, dtype=np.float64)
-    if len(similarity) < 2 or np.ptp(similarity) == 0 or np.ptp(gold) == 0:
+    if len(similarity) < 2 or np.ptp(similarity) < CONSTANT_SPREAD or np.ptp(gold) == 0:
         return {"spearman": float("nan"), "pearson": float("nan")}
     return {"spearman": float(stats.spearmanr(similarity, gold).statistic),
             "pearson": float(stats.pearsonr(similarity, gold).statistic)}

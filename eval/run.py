@@ -40,7 +40,8 @@ from toolkit.eval.metrics import (
 from toolkit.report import format_table
 from toolkit.tasks import Task, check_instruction_text, get_task
 
-RUNS = ("both", "torch", "artifact")
+RUN_SIDES = ("torch", "artifact")  # the engines; `result["runs"]` holds both keys, null for one that did not run
+RUNS = ("both", *RUN_SIDES)
 DEFAULT_MAX_DROP = 0.01  # the artifact may trail torch by at most this much on any metric (0..1 scale)
 
 
@@ -69,7 +70,7 @@ class EvalOptions:
     @property
     def sides(self) -> tuple[str, ...]:
         """The runs to do, in order: ("torch", "artifact"), ("torch",) or ("artifact",)."""
-        return ("torch", "artifact") if self.run == "both" else (self.run,)
+        return RUN_SIDES if self.run == "both" else (self.run,)
 
     def check(self) -> "EvalOptions":
         """Validate every option before anything is loaded; a bad one is a ToolkitError naming the fix."""
@@ -196,8 +197,8 @@ def evaluate(options: EvalOptions) -> dict:
     cls = model_class(task)
     # the same keys whatever ran: null for an engine that did not
     result = {"task": task.name, "dataset": name, "source": str(options.dataset), "examples": len(examples),
-              "instruction": instruction, "checkpoint": None, "artifact": None, "runs": {}, "delta": None,
-              "parity": None}
+              "instruction": instruction, "checkpoint": None, "artifact": None, "runs": dict.fromkeys(RUN_SIDES),
+              "delta": None, "parity": None}
     runs = {}
     compiled = None
     if "artifact" in options.sides:
@@ -245,7 +246,7 @@ def _parity_value(v):
 def eval_tables(result: dict) -> str:
     """The printed report: the metric table (with deltas), wall times, the parity table and the verdict line."""
     runs = result["runs"]
-    names = list(runs)
+    names = [n for n, r in runs.items() if r is not None]
     rows = []
     for k in metric_keys(runs[names[0]]["metrics"]):
         row = [k] + [runs[n]["metrics"][k] for n in names]

@@ -13,6 +13,7 @@ from typing import ClassVar
 import numpy as np
 
 from toolkit.api import Embedder, check_set
+from toolkit.buckets import token_lengths
 from toolkit.errors import ToolkitError, check_int
 from toolkit.perf.common import dataset_requests
 from toolkit.report import format_columns
@@ -62,12 +63,18 @@ def check_artifacts(options: BucketOptions) -> None:
     if fixed[0].backend != buckets[0].backend:
         raise ToolkitError(f"--fixed is a {fixed[0].backend} artifact but --buckets holds {buckets[0].backend} "
                            "artifacts; compare one backend at a time")
+    largest = buckets[-1].seq_len
+    if fixed[0].seq_len < largest:  # it would cut texts the set runs whole: less work, other outputs
+        raise ToolkitError(f"--fixed is SEQ {fixed[0].seq_len}, below the bucket set's largest SEQ {largest}: the "
+                           f"two would not embed the same tokens; pass --fixed {buckets[-1].path} or an artifact "
+                           "of a larger SEQ")
 
 
 def run_bucket_benchmark(options: BucketOptions, progress: bool = False) -> dict:
     """Embed the dataset's texts with the fixed artifact, then with the bucket set (texts longer than the largest SEQ
-    are truncated on both sides). Returns per side the SEQs, texts per bucket, seconds and texts/s, plus `speedup`
-    (fixed seconds / bucket seconds), `min_cosine_fixed_vs_buckets` and the texts' token lengths."""
+    are truncated on both sides; a fixed SEQ below the set's largest is refused). Returns per side the SEQs, texts
+    per bucket, texts cut to its largest SEQ (`rows_truncated`), seconds and texts/s, plus `speedup` (fixed seconds /
+    bucket seconds), `min_cosine_fixed_vs_buckets` and the texts' token lengths before truncation."""
     options.check()
     check_artifacts(options)
     texts = dataset_requests(EMBEDDING, options.data, options.limit)  # embedding artifacts (`check_artifacts`)
@@ -81,18 +88,19 @@ def run_bucket_benchmark(options: BucketOptions, progress: bool = False) -> dict
             started = time.perf_counter()
             outputs[name] = model.encode(texts, progress=progress)
             seconds = time.perf_counter() - started
-            lengths = [len(r) for r in model.tokenize(texts)]
+            lengths = token_lengths(EMBEDDING, model.tokenizer, texts)  # before truncation: what the data holds
             used = {e.seq_len: 0 for e in model.runner.engines}
-            for n in lengths:
+            for n in lengths.clip(max=model.max_length):
                 used[model.runner.bucket_for(n).seq_len] += 1
             result[name] = {"artifact": str(path), "seq_lens": sorted(used), "rows_per_bucket": used,
+                            "rows_truncated": int((lengths > model.max_length).sum()),
                             "seconds": seconds, "texts_per_s": len(texts) / seconds,
                             # ONNX Runtime runs a batch at its longest row, whatever the artifact's SEQ
                             "padded_to_seq": not any(e.dynamic_seq for e in model.runner.engines)}
     result["speedup"] = result["fixed"]["seconds"] / result["buckets"]["seconds"]
     result["min_cosine_fixed_vs_buckets"] = EMBEDDING.agreement(outputs["fixed"], outputs["buckets"])["min_cosine"]
     result["token_lengths"] = {"mean": float(np.mean(lengths)), "p50": float(np.median(lengths)),
-                               "max": int(np.max(lengths))}
+                               "max": int(np.max(lengths))}  # the texts' own, before either side cuts them
     return result
 
 
@@ -101,7 +109,10 @@ def bucket_report(result: dict) -> str:
     rows = [[name, str(result[name]["seq_lens"]), str(result[name]["rows_per_bucket"]), result[name]["seconds"],
              result[name]["texts_per_s"]] for name in ("fixed", "buckets")]
     lengths = result["token_lengths"]
-    title = f"{result['texts']} texts from {result['data']} (tokens mean {lengths['mean']:.1f}, max {lengths['max']})"
+    cut = result["buckets"].get("rows_truncated")
+    title = (f"{result['texts']} texts from {result['data']} (tokens mean {lengths['mean']:.1f}, max {lengths['max']}"
+             + (f"; {cut} longer than the largest SEQ {max(result['buckets']['seq_lens'])}, cut to it" if cut else "")
+             + ")")
     table = format_columns(["run", "SEQs", "texts per bucket", "seconds", "texts/s"],
                            [None, None, None, ",.3f", ",.1f"], rows, title=title)
     unpadded = "" if result["fixed"]["padded_to_seq"] else (

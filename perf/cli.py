@@ -12,17 +12,16 @@ from toolkit.report import write_json
 from toolkit.serve.service import Limits
 
 
-def number_list(value: str, flag: str, kind=float) -> tuple:
+def number_list(value: str, flag: str, example: str, kind=float) -> tuple:
     """`"50,90,99"` → `(50.0, 90.0, 99.0)` (or ints with `kind=int`). An empty item (`50,,99`, a trailing comma),
-    an unparsable one or an empty list is a ToolkitError naming `flag`. The values' ranges are the options' `check()`'s
-    business."""
+    an unparsable one or an empty list is a ToolkitError naming `flag` and a valid value of it (`example`). The
+    values' ranges are the options' `check()`'s business."""
     items = [v.strip() for v in value.split(",")]
     try:
         if all(items):
             return tuple(kind(v) for v in items)
     except ValueError:
         pass
-    example = "0 or 0,1" if kind is int else "50,90,99"
     raise ToolkitError(f"{flag} must be a comma-separated list of {'integers' if kind is int else 'numbers'} "
                        f"such as {example}, got {value!r}")
 
@@ -53,8 +52,8 @@ def run_cmd(artifact, percentiles, instances, batch_size, iterations, queue_size
     from toolkit.perf.run import PerfRunOptions, perf_table, run_perf
 
     options = PerfRunOptions(artifact=artifact, instances=instances, batch_size=batch_size, iterations=iterations,
-                             queue_size=queue_size, percentiles=number_list(percentiles, "--percentiles"),
-                             device_ids=number_list(device_ids, "--device-ids", int), source=source,
+                             queue_size=queue_size, percentiles=number_list(percentiles, "--percentiles", "50,90,99"),
+                             device_ids=number_list(device_ids, "--device-ids", "0 or 0,1", int), source=source,
                              warmup=warmup).check()
     result = run_perf(options, progress=True)
     click.echo(perf_table(result))
@@ -149,7 +148,7 @@ def traffic_cmd(data, artifacts, checkpoint, torch_batch, limit, instances, thre
     from toolkit.perf.traffic import TrafficOptions, run_traffic, traffic_report
 
     options = TrafficOptions(data=data, artifacts=tuple(artifacts), checkpoint=checkpoint,
-                             torch_batches=number_list(torch_batch, "--torch-batch", int), limit=limit,
+                             torch_batches=number_list(torch_batch, "--torch-batch", "8,32", int), limit=limit,
                              instances=instances, threads=threads, rounds=rounds, instruction=instruction).check()
     result = run_traffic(options)
     click.echo(traffic_report(result))

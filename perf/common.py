@@ -10,7 +10,7 @@ import numpy as np
 from toolkit.api import token_rows
 from toolkit.artifact import Manifest
 from toolkit.checkpoint import load_tokenizer
-from toolkit.errors import check_int
+from toolkit.errors import ToolkitError, check_int
 from toolkit.eval.datasets import load_dataset
 from toolkit.runtime import AUTO_INSTANCES
 from toolkit.tasks import PromptLayout, Task, get_task
@@ -28,6 +28,15 @@ def check_instances(value) -> None:
 def median(values) -> float:
     """The median of an iterable of numbers."""
     return float(np.median(list(values)))
+
+
+def judge_agreement(task: Task, agreement: dict, manifest: Manifest, checkpoint: str, named: bool) -> dict:
+    """A set's agreement with torch fp32 with its dtype's tolerance and whether it meets it added and, where it does
+    not, the likely cause as `toolkit eval` names it (`hint`: e.g. torch ran another checkpoint than the set was built
+    from; `named`: the user chose it)."""
+    if not task.judge(agreement, manifest.dtype)["passed"]:
+        agreement["hint"] = manifest.parity_failure_hint(checkpoint, named)
+    return agreement
 
 
 # ---- inputs ----------------------------------------------------------------------------------------------------------
@@ -64,6 +73,8 @@ def make_inputs(manifest: Manifest, source: str, count: int, batch: int | None =
     batch, seq = batch or manifest.batch, manifest.seq_len
     if source == "random":
         rows = random_rows(manifest, batch * count, np.random.default_rng(seed))
+    elif source.lower() == "random" and not Path(source).exists():
+        raise ToolkitError(f"--input {source!r} is no dataset; for random ids, write it in lower case: --input random")
     else:
         task = get_task(manifest.task)
         requests = dataset_requests(task, source, limit=batch * count)

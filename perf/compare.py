@@ -23,7 +23,7 @@ from toolkit.artifact import Manifest
 from toolkit.backends import TorchReference, open_backend
 from toolkit.checkpoint import check_task, read_hf_config, resolve_checkpoint
 from toolkit.errors import ToolkitError, check_int
-from toolkit.perf.common import random_rows
+from toolkit.perf.common import judge_agreement, random_rows
 from toolkit.report import format_columns
 from toolkit.tasks import get_task
 from toolkit.text import left_pad
@@ -111,7 +111,7 @@ def run_compare(options: CompareOptions) -> dict:
     `tvm_vs_onnx_runs`) when both backends ran. Each run has `name` (backend, dtype, artifact set), `backend`,
     `dtype`, latency/throughput/GFLOP/s, `speedup_vs_first` and, after the first, `parity_vs_first` (the task's
     agreement; when torch eager ran first, what the dtypes' tolerances are against, with `tolerance` and `passed`
-    for the run's dtype)."""
+    for the run's dtype and, off it, the likely cause as `hint`)."""
     options.check()
     manifests = load_manifests(options.artifacts)
     first = manifests[0]
@@ -124,9 +124,9 @@ def run_compare(options: CompareOptions) -> dict:
     flops = forward_flops(hf_config, seq_len, batch)
     ids, mask = left_pad(random_rows(first, batch, np.random.default_rng(0)), seq_len, ENDOFTEXT_ID, batch)
 
-    candidates = [(TORCH_RUN, "torch", "fp32", lambda: TorchReference(ckpt, task))] if options.torch_eager else []
+    candidates = [(TORCH_RUN, "torch", None, lambda: TorchReference(ckpt, task))] if options.torch_eager else []
     # named by their set too: two artifacts of one backend and dtype (before and after a change) stay apart
-    candidates += [(f"{m.backend} {m.kernels} ({m.name})", m.backend, m.dtype, lambda m=m: open_backend(m))
+    candidates += [(f"{m.backend} {m.kernels} ({m.name})", m.backend, m, lambda m=m: open_backend(m))
                    for m in manifests]
     result = {"task": task.name, "seq_len": seq_len, "batch": batch, "checkpoint": str(ckpt),
               "artifacts": [str(m.path) for m in manifests], "gflop_per_forward": flops / 1e9,
@@ -136,11 +136,11 @@ def run_compare(options: CompareOptions) -> dict:
     measured = (_measure(makers, ids, mask, options) if options.interleave  # one at a time: each alone, in turn
                 else [m for make in makers for m in _measure([make], ids, mask, options)])
     reference = None
-    for (name, backend_name, dtype, _), (out, times) in zip(candidates, measured):
+    for (name, backend_name, manifest, _), (out, times) in zip(candidates, measured):
         median = float(np.median(times))
-        run = {"name": name, "backend": backend_name, "dtype": dtype, "latency_ms_median": median * 1e3,
-               "latency_ms_min": float(times.min() * 1e3), "sequences_per_s": batch / median,
-               "gflops": flops / median / 1e9}
+        run = {"name": name, "backend": backend_name, "dtype": manifest.dtype if manifest else "fp32",
+               "latency_ms_median": median * 1e3, "latency_ms_min": float(times.min() * 1e3),
+               "sequences_per_s": batch / median, "gflops": flops / median / 1e9}
         run["fraction_of_matmul_peak"] = run["gflops"] / result["matmul_peak_gflops"]
         finished = task.finish(out)
         if reference is None:
@@ -148,7 +148,9 @@ def run_compare(options: CompareOptions) -> dict:
         else:
             parity = task.agreement(reference, finished)
             # the tolerances are against the fp32 Hugging Face model: an artifact first is no yardstick for them
-            run["parity_vs_first"] = task.judge(parity, dtype) if options.torch_eager else parity
+            named = options.checkpoint is not None
+            run["parity_vs_first"] = judge_agreement(task, parity, manifest, str(ckpt), named) \
+                if options.torch_eager else parity
         result["runs"].append(run)
     base = result["runs"][0]["latency_ms_median"]
     for run in result["runs"]:
@@ -206,5 +208,5 @@ def compare_report(result: dict) -> str:
         stats = r.get("parity_vs_first")
         if stats and stats.get("passed") is False:
             lines.append(f"warning: {r['name']} is off tolerance vs {result['reference']} ({stats['tolerance']}): "
-                         f"{task.format_agreement(stats)}")
+                         f"{task.format_agreement(stats)}; {stats['hint']}")
     return "\n".join(lines)

@@ -4,7 +4,8 @@ eager against artifact sets, side by side in one process.
 For each run: requests/s, real tokens/s, the share of computed token slots that were padding, the effective GFLOP/s
 on real tokens (FLOPs of each row at its real length) against this machine's measured fp32 matmul peak, the ratio to
 the best torch run, the agreement with torch (the task's measure: min cosine / max |ΔP(yes)|), and the memory the
-run's model holds (resident MB added by loading it and running the warm-up).
+run's model holds (resident MB given back when it is unloaded after the run: its weights, buffers and caches, not the
+runtime libraries a first load brings in for good).
 
 With `rounds` > 1 every run goes that many times, the order reversed each round, and each figure is the median; a
 run's ratio to torch is taken within each round (runs minutes apart on a shared machine drift by 10-20%, more than the
@@ -26,7 +27,7 @@ from toolkit.checkpoint import read_hf_config, resolve_checkpoint
 from toolkit.errors import ToolkitError, check_int
 from toolkit.eval.datasets import load_dataset
 from toolkit.memory import resident_mb, return_freed_memory
-from toolkit.perf.common import check_instances, median
+from toolkit.perf.common import check_instances, judge_agreement, median
 from toolkit.perf.compare import forward_flops, matmul_peak_gflops
 from toolkit.report import format_columns
 from toolkit.runner import RunnerStats
@@ -115,35 +116,34 @@ def run_traffic(options: TrafficOptions, progress: bool = True) -> dict:
     return result
 
 
-def judge_agreement(task, agreement: dict, manifest, checkpoint: str, named: bool) -> None:
-    """Add to a set's agreement with torch the tolerance of its dtype, whether it meets it and, where it does not,
-    the likely cause as `toolkit eval` names it (torch ran another checkpoint than the set was built from; `named`:
-    the user chose it)."""
-    if not task.judge(agreement, manifest.dtype)["passed"]:
-        agreement["hint"] = manifest.parity_failure_hint(checkpoint, named)
-
-
 def time_run(task, name: str, make, requests: list, instruction: str | None, config: dict,
              progress: bool) -> tuple[dict, list]:
     """Load one run's model, warm it up, replay the requests (with `instruction`), unload it; its figures and its
     outputs."""
-    before = resident_mb()
     with make() as model:
         lengths = token_lengths(task, model.tokenizer, requests, instruction).clip(max=model.max_length)
         task.run_requests(model, warmup_subset(requests, lengths), instruction)
-        held = resident_mb() - before
         model.runner.stats = RunnerStats()
         started = time.perf_counter()
         outputs = task.run_requests(model, requests, instruction, progress=progress)
         seconds = time.perf_counter() - started
         stats = model.runner.stats
+        loaded = settled_resident_mb()  # the run's freed temporaries handed back: what the model itself keeps
     del model  # one run's weights in memory at a time
-    gc.collect()
-    return_freed_memory()
+    # what unloading gives back: the growth since before the load charged the first run of each runtime with the
+    # libraries it loads for good
+    held = loaded - settled_resident_mb()
     flops = sum(forward_flops(config, int(n), 1) for n in lengths)
     return {"name": name, "seconds": seconds, "requests_per_s": len(requests) / seconds,
             "real_tokens_per_s": stats.real_tokens / seconds, "padding": stats.padding_fraction,
             "batches_per_seq": stats.batches_per_seq, "gflops": flops / seconds / 1e9, "resident_mb": held}, outputs
+
+
+def settled_resident_mb() -> int:
+    """Resident MB once unreachable objects are collected and the heap's free pages handed back."""
+    gc.collect()
+    return_freed_memory()
+    return resident_mb()
 
 
 def round_figures(timed: list[tuple[dict, list]], task, peak_gflops: float) -> list[dict]:

@@ -149,6 +149,9 @@ def test_eval_json_has_the_same_keys_whatever_runs(onnx_artifacts, checkpoints, 
     assert written["torch"]["artifact"] is None and written["torch"]["checkpoint"] == str(checkpoints["embedding"])
     assert written["artifact"]["checkpoint"] is None and written["artifact"]["artifact"] == artifact
     assert written["torch"]["delta"] is written["torch"]["parity"] is None and written["both"]["parity"]
+    # each run's record too: both engines' keys, null for the one that did not run
+    assert written["torch"]["runs"]["artifact"] is None and written["torch"]["runs"]["torch"]["metrics"]
+    assert written["artifact"]["runs"]["torch"] is None and written["artifact"]["runs"]["artifact"]["metrics"]
 
 
 def test_eval_cli_states_the_format_of_a_file(checkpoints, tmp_path):

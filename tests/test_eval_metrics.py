@@ -100,6 +100,9 @@ def test_sts_correlations():
     assert r["spearman"] == pytest.approx(0.8) and r["pearson"] == pytest.approx(np.corrcoef(
         [0.1, 0.35, 0.4, 0.8], [0, 0.4, 0.2, 1.0])[0, 1])
     assert math.isnan(sts_correlations(np.ones(3), np.array([0, 1, 2]), (0, 5))["spearman"])
+    # constant up to float32 rounding (identical texts): no ranking to correlate, not a "correlation" of noise
+    rounded = np.array([1.0, 1.0 - 6e-8, 1.0 + 1.2e-7, 1.0 - 1.2e-7])
+    assert math.isnan(sts_correlations(rounded, np.array([0, 2, 1, 5]), (0, 5))["spearman"])
 
 
 def test_ranking_agreement():
@@ -176,23 +179,61 @@ def _rows(path, rows):
     return str(path)
 
 
-@pytest.mark.parametrize("rows, limit, message", [
-    ([{"sentence1": "a", "sentence2": "b", "score": 1.0}], None, "need at least 2 pairs, got 1"),
+@pytest.mark.parametrize("rows, limit, message, fix", [
+    ([{"sentence1": "a", "sentence2": "b", "score": 1.0}], None, "need at least 2 pairs, got 1", "--limit"),
     ([{"sentence1": "a", "sentence2": "b", "score": 1.0}, {"sentence1": "c", "sentence2": "d", "score": 4.0}], 1,
-     "need at least 2 pairs, got 1"),
+     "need at least 2 pairs, got 1", "--limit"),
     ([{"sentence1": "a", "sentence2": "b", "score": 3.0}, {"sentence1": "c", "sentence2": "d", "score": 3.0}], None,
-     "all 2 pairs have the gold score 3"),
+     "all 2 pairs have the gold score 3", "--limit"),
     ([{"query_id": "1", "query": "q", "negative_passages": [{"text": "n"}]}], None,
-     "none of the 1 queries has a positive passage"),
+     "none of the 1 queries has a positive passage", "--limit"),
+    # every cosine is 1 up to float rounding: ranked, the rounding gave "correlations" of 0.35 and 0.05
+    ([{"sentence1": "a", "sentence2": "a", "score": 1.0}, {"sentence1": "c", "sentence2": "c", "score": 4.0}], None,
+     "in all 2 pairs sentence2 is sentence1, so every similarity is 1", "put each pair's second text in sentence2"),
 ])
 def test_data_that_cannot_define_the_metrics_is_refused_before_any_model_runs(tmp_path, monkeypatch, rows, limit,
-                                                                              message):
+                                                                              message, fix):
     monkeypatch.setattr(eval_run, "model_class", lambda task: pytest.fail("a model was loaded"))
     options = EvalOptions(task="embedding", dataset=_rows(tmp_path / "data.jsonl", rows), run="torch",
                           checkpoint="unused", limit=limit)
     with pytest.raises(ToolkitError, match=message) as e:
         eval_run.evaluate(options)
-    assert "--limit" in str(e.value)
+    assert fix in str(e.value)
+
+
+def test_queries_without_a_negative_passage_are_warned_about(tmp_path, monkeypatch):
+    """Every ranking metric is 1 on a query with no negative passage, whatever the model scores."""
+    class Loading(Exception):
+        """Where the first model would load: the data's checks are done."""
+
+    def model_class(task):
+        raise Loading
+
+    monkeypatch.setattr(eval_run, "model_class", model_class)
+    positive = [{"text": "p"}]
+    rows = [{"query_id": "1", "query": "q", "positive_passages": positive},
+            {"query_id": "2", "query": "r", "positive_passages": positive, "negative_passages": [{"text": "n"}]},
+            {"query_id": "3", "query": "s", "positive_passages": positive, "negative_passages": []}]
+    options = EvalOptions(task="reranker", dataset=_rows(tmp_path / "ms.jsonl", rows), run="torch", checkpoint="c")
+    with pytest.warns(UserWarning, match=r"^msmarco: 2 of the 3 queries have no negative passage: every ranking "
+                                         "metric is 1 on them"), pytest.raises(Loading):
+        eval_run.evaluate(options)
+
+
+def test_a_query_in_two_rows_is_refused_naming_both_lines(tmp_path):
+    row = {"query_id": 7, "query": "q", "positive_passages": [{"text": "p"}], "negative_passages": [{"text": "n"}]}
+    path = _rows(tmp_path / "ms.jsonl", [row, {**row, "query_id": 8}, {**row, "query_id": "7"}])
+    with pytest.raises(ToolkitError, match=r"ms.jsonl:3: query_id '7' repeats line 1; give each query one row"):
+        load_dataset(path)
+
+
+def test_a_gzip_compressed_file_says_to_gunzip_it(tmp_path):
+    import gzip
+
+    path = tmp_path / "sts12_test.jsonl"
+    path.write_bytes(gzip.compress(json.dumps({"sentence1": "a", "sentence2": "b", "score": 3.0}).encode()))
+    with pytest.raises(ToolkitError, match=r"sts12_test.jsonl is gzip-compressed: gunzip it first"):
+        load_dataset(str(path))
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -157,6 +157,7 @@ BAD_RUN_OPTIONS = [
     (["--batch-size", "0"], "--batch-size"),
     (["--batch-size", "4"], "takes 1..2 rows a call, not 4; pass --batch-size 2 or fewer"),
     (["--input", "no-such-dataset"], "unknown dataset"),
+    (["--input", "RANDOM"], "--input 'RANDOM' is no dataset; for random ids, write it in lower case: --input random"),
 ]
 
 
@@ -268,6 +269,24 @@ def test_perf_compare_judges_tolerance_only_when_torch_ran_first(onnx_artifacts,
                "--warmup", 0, "--json", out)
     assert r.exit_code == 0 and "off tolerance" in r.output, r.output
     assert read(out)["runs"][1]["parity_vs_first"]["passed"] is False
+
+
+def test_perf_compare_names_the_checkpoint_a_set_was_built_from_when_torch_ran_another(onnx_artifacts, tmp_path):
+    """As `perf traffic` and `toolkit eval` do: a run off its dtype's tolerance of torch gets the likely cause."""
+    from toolkit.artifact import Manifest
+    from toolkit.synth import write_synthetic_checkpoint
+
+    wrong = write_synthetic_checkpoint(tmp_path / "wrong", "embedding", "tiny", seed=1)  # other random weights
+    onnx64 = onnx_artifacts["embedding"][1]
+    built = Manifest.load(onnx64).model.resolved
+    out = tmp_path / "compare.json"
+    r = invoke("compare", "--checkpoint", wrong, "--artifact", onnx64, "--iterations", 1, "--warmup", 0,
+               "--json", out)
+    assert r.exit_code == 0, r.output
+    [warning] = [line for line in r.output.splitlines() if "off tolerance" in line]
+    hint = f"torch ran {read(out)['checkpoint']}, but the set was built from {built}: pass --checkpoint {built}"
+    assert warning.endswith(f"; {hint}"), warning
+    assert read(out)["runs"][1]["parity_vs_first"]["hint"] == hint
 
 
 def test_perf_compare_interleaved_times_every_run_in_alternating_rounds(onnx_artifacts, tvm_artifacts, tmp_path,
@@ -547,18 +566,44 @@ def test_perf_buckets_refuses_bad_options(onnx_artifacts):
         (["--fixed", onnx_artifacts["reranker"][1], "--buckets", seq32.parent, "--data", "sts12-sample"],
          "embedding artifacts"),
         (["--fixed", seq64, "--buckets", seq32.parent, "--data", "no-such-dataset"], "unknown dataset"),
+        # the fixed artifact would cut texts that the set runs whole
+        (["--fixed", seq32, "--buckets", seq32.parent, "--data", "sts12-sample"],
+         f"--fixed is SEQ 32, below the bucket set's largest SEQ 64: the two would not embed the same tokens; pass "
+         f"--fixed {seq64} or"),
     ]
     for args, message in cases:
         r = invoke("buckets", *args)
         assert r.exit_code == 2 and message in r.output, r.output
 
 
-def test_an_unwritable_json_path_is_refused_before_any_work(onnx_artifacts, tmp_path):
+def test_perf_buckets_reports_the_texts_own_token_lengths_and_how_many_were_cut(onnx_artifacts, tmp_path):
+    seq32, seq64 = onnx_artifacts["embedding"]
+    data = tmp_path / "sts12_long.jsonl"
+    rows = [{"sentence1": "a short one", "sentence2": " ".join(["word"] * 200), "score": 1.0}]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "buckets.json"
+    r = invoke("buckets", "--fixed", seq64, "--buckets", seq32.parent, "--data", data, "--json", out)
+    assert r.exit_code == 0, r.output
+    result = read(out)
+    assert result["token_lengths"]["max"] > 200 and result["buckets"]["rows_truncated"] == 1
+    assert f"max {result['token_lengths']['max']}; 1 longer than the largest SEQ 64, cut to it)" in r.output
+
+
+def test_an_unwritable_json_path_is_refused_before_any_work(onnx_artifacts, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a file named '-' would go
     (tmp_path / "afile").write_text("")
     for path, message in ((tmp_path / "afile" / "x.json", "afile is a file, not a directory"),
-                          (tmp_path, "is a directory; name a file in it")):
+                          (tmp_path, "is a directory; name a file in it"),
+                          ("-", "'-' is not standard output here (the tables go there); name a file, /dev/stdout")):
         r = invoke("run", "--artifact", onnx_artifacts["embedding"][0], "--iterations", 1, "--json", path)
         assert r.exit_code == 2 and message in r.output and "p50" not in r.output, r.output
+
+
+def test_perf_traffic_list_errors_give_an_example_of_their_own_option(onnx_artifacts):
+    r = invoke("traffic", "--data", "sts12-sample", "--artifact", onnx_artifacts["embedding"][0].parent,
+               "--torch-batch", "")
+    assert r.exit_code == 2, r.output
+    assert "--torch-batch must be a comma-separated list of integers such as 8,32, got ''" in r.output, r.output
 
 
 # ---- rules every perf command keeps ----------------------------------------------------------------------------------

@@ -245,3 +245,37 @@ def test_a_compiles_workspace_serves_as_its_one_set_and_names_its_sets_when_it_h
     shutil.copytree(onnx_artifacts["reranker"][0], workspace / "qwen3-reranker" / "onnx" / "seq64")
     with pytest.raises(ToolkitError, match="point at one of the sets .*qwen3-embedding/onnx, .*qwen3-reranker/onnx$"):
         find_artifacts(workspace)
+
+
+def test_perf_traffic_memory_is_what_unloading_the_model_gives_back(monkeypatch):
+    """A runtime's first load brings in libraries that stay loaded: counted as growth since before the load, they were
+    charged to the first run of each runtime (one tiny torch model: 476 MB at batch 8, then 242 MB at batch 32)."""
+    from types import SimpleNamespace
+
+    from toolkit.perf import traffic
+    from toolkit.runner import RunnerStats
+
+    resident = {"libraries": 0, "model": 0}
+    monkeypatch.setattr(traffic, "resident_mb", lambda: 100 + sum(resident.values()))
+    monkeypatch.setattr(traffic, "token_lengths", lambda task, tokenizer, requests, instruction: np.full(
+        len(requests), 4))
+
+    class Model:
+        max_length, tokenizer = 64, None
+
+        def __init__(self):
+            self.runner = SimpleNamespace(stats=RunnerStats())
+
+        def __enter__(self):
+            resident.update(libraries=400, model=50)  # the libraries stay once loaded
+            return self
+
+        def __exit__(self, *exc):
+            resident["model"] = 0
+
+    task = SimpleNamespace(run_requests=lambda model, requests, instruction, progress=False: [0.0] * len(requests))
+    config = {"hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1,
+              "num_hidden_layers": 1}
+    for _ in range(2):  # the first run and a later one alike
+        figures, _ = traffic.time_run(task, "torch eager fp32, batch 8", Model, ["a", "b"], None, config, False)
+        assert figures["resident_mb"] == 50

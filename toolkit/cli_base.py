@@ -69,6 +69,9 @@ class OutputFile(click.ParamType):
     def convert(self, value, param, ctx):
         if not str(value).strip():
             self.fail("the file name is empty; name a file to write to, or leave the option out", param, ctx)
+        if str(value) == "-":  # not standard output here: the tables go there
+            self.fail("'-' is not standard output here (the tables go there); name a file, /dev/stdout to print the "
+                      "JSON after the tables, or ./- for a file named '-'", param, ctx)
         path = Path(value).expanduser()
         if path.is_dir():
             self.fail(f"{value} is a directory; name a file in it", param, ctx)
