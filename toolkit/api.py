@@ -265,17 +265,16 @@ def check_max_length(max_length, largest: int, why: str, name: str = "max_length
     return int(max_length)
 
 
-def check_set(path: str | Path, task: Task, fix: Callable[[str], str], max_length=None,
-              max_length_name: str = "max_length") -> list[Manifest]:
+def check_set(path: str | Path, task: Task, fix: Callable[[str], str], max_length=None) -> list[Manifest]:
     """The manifests of the artifact or bucket set at `path` (`find_artifacts`: nothing loads), refused unless they
     are `task`'s (`fix(their task)`: how the caller's user passes a `task` set instead) and, with a `max_length`, their
-    largest SEQ takes it (`max_length_name`: the option the user set it with)."""
+    largest SEQ takes it."""
     manifests = find_artifacts(path)
     found = manifests[0].task
     if found != task.name:
         raise ToolkitError(f"{path} holds {found} artifacts, not {task.name} ones: {fix(found)}")
     if max_length is not None:
-        check_max_length(max_length, manifests[-1].seq_len, f"the largest SEQ in {path}", max_length_name)
+        check_max_length(max_length, manifests[-1].seq_len, f"the largest SEQ in {path}")
     return manifests
 
 

@@ -341,6 +341,10 @@ class Manifest:
                                "directory it moved to (the same weights) with --checkpoint")
         return self.model.checkpoint
 
+    def built_at(self, checkpoint: str | Path) -> bool:
+        """Whether `checkpoint` is the directory this artifact was built from, whatever its weights are now."""
+        return Path(checkpoint).resolve() == Path(self.model.resolved).resolve()
+
     def built_from_another(self, checkpoint: str | Path) -> bool:
         """Whether the local checkpoint directory `checkpoint` holds other weights than this artifact was built from
         (by their digest: another path with the same weights is the same checkpoint, a path re-saved since is not)."""
@@ -355,8 +359,8 @@ class Manifest:
         if not self.built_from_another(checkpoint):
             return (f"torch ran the weights the set was built from (the same SHA-256): the artifact itself is off on "
                     f"these inputs; its validation: `toolkit inspect {self.path}`")
-        built = self.model.resolved
-        if named and Path(checkpoint).resolve() != Path(built).resolve():
+        if named and not self.built_at(checkpoint):
+            built = self.model.resolved
             return f"torch ran {checkpoint}, but the set was built from {built}: pass --checkpoint {built}"
         return (f"the weights at {checkpoint} changed since the set was built (their SHA-256 differs from the "
                 "build's): recompile the set from them")

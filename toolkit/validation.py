@@ -103,7 +103,7 @@ def revalidate(artifact: str | Path, checkpoint: str | None = None) -> dict:
                lambda other: f"validate a {other} artifact with it", _warn)
     if manifest.built_from_another(reference_dir):
         built = manifest.model.resolved
-        if reference_dir.resolve() == Path(built).resolve():
+        if manifest.built_at(reference_dir):
             _warn(f"the weights at {built} changed since {manifest.path} was built (their SHA-256 differs from the "
                   "build's): a failure would be theirs, and it replaces the record; recompile the set from them")
         else:
