@@ -12,8 +12,9 @@ Only the measured iterations count (warm-up runs are left out). Per kernel (ONNX
 op type (ONNX: the node's op; TVM: the PrimFunc name without its shapes and copy numbers, its dtypes kept,
 `tvm_op_type`): calls, time and share of the wall time per iteration, and GFLOP/s for matmuls (2*M*N*K from the
 shapes each call saw). Wall time is `backend.run` as the caller sees it; wall minus the kernels' sum is framework
-overhead. The model's effective GFLOP/s is over the unprofiled wall time, on either backend: the measured runs again
-with the profiler off (ONNX Runtime's stopped, TVM's instrument removed), as the profilers themselves cost time.
+overhead. The model's effective GFLOP/s is over the unprofiled wall time (the median run), on either backend: the
+measured runs again with the profiler off (ONNX Runtime's stopped, TVM's instrument removed), as the profilers
+themselves cost time; the profiler's cost is the profiled runs' median wall against theirs.
 
     result = run_profile(ProfileOptions(artifact="ws/.../onnx/seq128", iterations=10, trace="trace.json"))
 """
@@ -23,6 +24,7 @@ import json
 import math
 import re
 import shutil
+import statistics
 import tempfile
 import time
 from collections import defaultdict
@@ -343,7 +345,10 @@ def run_profile(options: ProfileOptions, progress: bool = True) -> dict:
     with tqdm(total=options.warmup + options.iterations, desc="profile", disable=not progress, leave=False) as bar:
         kernels, walls, unprofiled, info = profile(manifest, options, inputs, bar)
     n = options.iterations
-    wall_ms, unprofiled_ms = sum(walls) * 1e3 / n, sum(unprofiled) * 1e3 / n
+    wall_ms = sum(walls) * 1e3 / n  # the kernels' times are sums: their shares are of the mean wall
+    # profiled against unprofiled, and the model's rate: medians, which one run slowed by other load does not move
+    # (means gave the profiled runs as faster than the same runs unprofiled on a loaded host)
+    wall_median_ms, unprofiled_ms = statistics.median(walls) * 1e3, statistics.median(unprofiled) * 1e3
 
     def row(seconds: float, calls: int, flops: int | None) -> dict:
         ms = seconds * 1e3 / n
@@ -372,12 +377,12 @@ def run_profile(options: ProfileOptions, progress: bool = True) -> dict:
         "seq_len": manifest.seq_len, "batch": manifest.batch, "dtype": manifest.dtype,
         "device": manifest.target.device, "input": options.input, "iterations": n, "warmup": options.warmup,
         "threads": options.threads, **info,
-        "wall_ms_per_iteration": wall_ms, "wall_ms_min": min(walls) * 1e3,
+        "wall_ms_per_iteration": wall_ms, "wall_ms_min": min(walls) * 1e3, "wall_ms_median": wall_median_ms,
         "kernel_ms_per_iteration": kernel_ms, "overhead_ms_per_iteration": wall_ms - kernel_ms,
-        "unprofiled_wall_ms_per_iteration": unprofiled_ms,
+        "unprofiled_wall_ms_median": unprofiled_ms,
         # the model's rate at its real speed, on either backend: the profilers cost time
         "model_gflop": gflop, "model_gflops": None if gflop is None else gflop / (unprofiled_ms / 1e3),
-        "model_gflops_time": "unprofiled_wall_ms_per_iteration",
+        "model_gflops_time": "unprofiled_wall_ms_median",
         "matmul_gflop_per_iteration": matmul_gflop,
         "top": options.top, "trace": str(options.trace) if options.trace else None,
         "op_types": op_rows, "kernels": rows,
@@ -420,9 +425,11 @@ def profile_report(result: dict) -> str:
     if "vm_builtin_ms_per_iteration" in result:
         lines.append(f"the overhead holds the VM's builtins (allocation, reshapes, checks: "
                      f"{result['vm_builtin_ms_per_iteration']:.3f} ms) and the instrument's callbacks")
-    unprofiled = result["unprofiled_wall_ms_per_iteration"]
-    lines.append(f"unprofiled wall {unprofiled:.3f} ms per iteration: the same runs with the profiler off "
-                 f"({wall - unprofiled:.3f} ms less)")
+    unprofiled, profiled = result["unprofiled_wall_ms_median"], result["wall_ms_median"]
+    # the profiler's cost, whichever way the runs' noise leaves it
+    lines.append(f"unprofiled wall {unprofiled:.3f} ms per iteration (median; profiled {profiled:.3f}): the same runs "
+                 f"with the profiler off ({abs(profiled - unprofiled):.3f} ms "
+                 f"{'less' if unprofiled <= profiled else 'more'})")
     if result["model_gflop"] is not None:
         lines.append(f"model {result['model_gflop']:.3g} GFLOP per forward (matmul kernels: "
                      f"{result['matmul_gflop_per_iteration']:.3g}): {result['model_gflops']:.1f} GFLOP/s effective, "

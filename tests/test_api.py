@@ -361,3 +361,49 @@ def test_refused_instructions_are_named_in_a_message_that_does_not_grow_with_the
         with pytest.raises(ToolkitError) as refused:
             check(instruction)
         assert len(str(refused.value)) < 600 and "... (99" in str(refused.value)
+
+
+def test_input_type_errors_name_the_method_called_and_the_fix(onnx_artifacts):
+    """A generator or a numpy array got "wrap a single text in a list" (their fix is list(...)), and the messages of
+    encode_documents / encode_queries named `encode`, a method the user never called."""
+    with Embedder.from_artifacts(onnx_artifacts["embedding"][0]) as emb:
+        for method, texts, message in (
+                (emb.encode_documents, "one text", "encode_documents takes a list of texts, got str; wrap a single "
+                                                   "text in a list"),
+                (emb.encode_documents, (t for t in ["a"]), "encode_documents takes a list of texts, got generator; "
+                                                           "convert it with list(...)"),
+                (emb.encode_queries, np.array(["a", "b"]), "encode_queries takes a list of texts, got ndarray; "
+                                                           "convert it with list(...)"),
+                (emb.encode_documents, None, "encode_documents takes a list of texts, got NoneType"),
+                (emb.encode_documents, [], "encode_documents got an empty list; pass at least one text"),
+                (emb.encode_queries, ["a", None], "encode_queries: item #1 is a NoneType, not a text"),
+                (emb.encode, [], "encode got an empty list; pass at least one text"),
+                (emb.format, "one text", "format takes a list of texts, got str; wrap a single text in a list")):
+            with pytest.raises(ToolkitError) as refused:
+                method(texts)
+            assert str(refused.value) == message
+    with Reranker.from_artifacts(onnx_artifacts["reranker"][0]) as rr:
+        with pytest.raises(ToolkitError, match=r"^score takes a list of \(query, document\) pairs, got list_iterator; "
+                                               r"convert it with list\(\.\.\.\)$"):
+            rr.score(iter([("query", "document")]))
+        with pytest.raises(ToolkitError, match=r"^score takes a list of \(query, document\) pairs, got str$"):
+            rr.score("query and document")
+
+
+def test_paths_that_name_no_model_say_what_to_pass(onnx_artifacts):
+    """"" searched the current directory; an artifact set passed as a checkpoint was only "not a Hugging Face
+    checkpoint directory"; the wrong task's set asked for "a embedding set"."""
+    for load in (Embedder.from_artifacts, Reranker.from_artifacts):
+        with pytest.raises(ToolkitError, match="^the artifact path is empty; name an artifact directory or a bucket "
+                                               "set"):
+            load("")
+    with pytest.raises(ToolkitError, match="^the checkpoint path is empty; name a checkpoint directory or a hub id"):
+        Embedder.from_checkpoint("")
+    artifact = onnx_artifacts["embedding"][0]
+    for compiled in (artifact, artifact.parent):
+        with pytest.raises(ToolkitError, match=r"is not a Hugging Face checkpoint directory \(no config.json\): it "
+                                               r"holds compiled artifacts \(manifest.json\); run them with "
+                                               r"Embedder/Reranker.from_artifacts"):
+            Embedder.from_checkpoint(compiled)
+    with pytest.raises(ToolkitError, match="not embedding ones: pass an embedding set"):
+        Embedder.from_artifacts(onnx_artifacts["reranker"][0])

@@ -189,6 +189,27 @@ def test_corrupted_artifact_is_refused(onnx_artifacts, tmp_path):
         open_artifact(broken)
 
 
+def test_a_seq_directory_without_its_manifest_is_refused_as_damaged(onnx_artifacts, tmp_path):
+    """A set whose seq64 lost its manifest loaded with seq32 alone, and a longer text was then told to "compile a
+    larger SEQ". What a build leaves beside the SEQs is no damage: an empty SEQ directory, a staging directory."""
+    from toolkit.api import Embedder
+    from toolkit.artifact import find_artifacts
+
+    artifact = copy_artifact(onnx_artifacts["embedding"][1], tmp_path)
+    assert artifact.name == "seq64"
+    (artifact / "manifest.json").unlink()
+    for path in (artifact.parent, artifact):
+        with pytest.raises(ToolkitError, match=f"^{artifact} holds files but no manifest.json: its SEQ's artifact is "
+                                               r"damaged; compile it again \(compile --seq 64 rebuilds that SEQ alone"):
+            Embedder.from_artifacts(path)
+    shutil.rmtree(artifact)
+    artifact.mkdir()
+    staging = artifact.parent / ".seq64.staging-1-x"
+    staging.mkdir()
+    (staging / "model.onnx").write_bytes(b"")
+    assert [m.seq_len for m in find_artifacts(artifact.parent)] == [32]
+
+
 def test_fp16_artifact_survives_residuals_beyond_fp16_range(checkpoints, tmp_path):
     """Real Qwen3 checkpoints carry huge residual activations; here layer 0's MLP pushes them past 65504 (fp16 max).
     A plain `.half()` Hugging Face model turns all-NaN (the ollama / llama.cpp failure); our fp16 artifact must not."""

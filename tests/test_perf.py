@@ -382,9 +382,8 @@ def test_perf_profile_times_kernels_and_counts_matmul_flops(onnx_artifacts, tvm_
         forward_flops(config, seq, batch) - left_out, rel=1e-9)
     assert result["model_gflop"] * 1e9 == pytest.approx(forward_flops(config, seq, batch), rel=1e-9)
     # both backends' effective rate over the same time, the one named: ONNX Runtime's was over its profiled runs
-    assert result["model_gflops_time"] == "unprofiled_wall_ms_per_iteration"
-    assert result["model_gflops"] == pytest.approx(result["model_gflop"] / result["unprofiled_wall_ms_per_iteration"]
-                                                   * 1e3)
+    assert result["model_gflops_time"] == "unprofiled_wall_ms_median"
+    assert result["model_gflops"] == pytest.approx(result["model_gflop"] / result["unprofiled_wall_ms_median"] * 1e3)
     assert "GFLOP/s effective, over the unprofiled wall time" in r.output
     if backend == "tvm":
         assert all(k["op_type"] == tvm_op_type(k["name"]) for k in kernels)
@@ -519,6 +518,27 @@ def test_perf_profile_options_check_without_the_cli(onnx_artifacts):
         [option] = bad
         with pytest.raises(ToolkitError, match=f"^--{option}[: ]"):  # names the bad option
             run_profile(ProfileOptions(artifact=onnx_artifacts["embedding"][0], **bad), progress=False)
+
+
+def test_perf_profile_compares_median_walls_and_words_the_difference_by_its_sign(onnx_artifacts, monkeypatch):
+    """On a loaded host one slow run moved the mean: the summary printed "(-224.901 ms less)". Profiled runs of 10 ms
+    but one of 500 against unprofiled ones of 11 ms: medians 10 against 11, the profiled runs 1 ms faster."""
+    import toolkit.perf.profile as profile
+
+    def measured(manifest, options, inputs, bar):
+        kernels = profile._Kernels()
+        kernels.add("matmul", "MatMul", 0.009 * options.iterations, None)
+        return kernels, [0.010, 0.500, 0.010], [0.011, 0.011, 0.011], {"profiler": "onnxruntime"}
+    monkeypatch.setattr(profile, "_profile_onnx", measured)
+    result = profile.run_profile(profile.ProfileOptions(artifact=onnx_artifacts["embedding"][0], iterations=3),
+                                 progress=False)
+    assert result["wall_ms_median"] == pytest.approx(10) and result["unprofiled_wall_ms_median"] == pytest.approx(11)
+    assert result["model_gflops_time"] == "unprofiled_wall_ms_median"
+    assert result["model_gflops"] == pytest.approx(result["model_gflop"] / 11e-3)
+    report = profile.profile_report(result)
+    assert "unprofiled wall 11.000 ms per iteration (median; profiled 10.000): the same runs with the profiler off " \
+           "(1.000 ms more)" in report
+    assert "-" not in report.split("unprofiled wall")[1].split("\n")[0]
 
 
 # ---- perf buckets ----------------------------------------------------------------------------------------------------
@@ -744,7 +764,8 @@ def table_results():
     profile = {"top": 15, "backend": "onnx", "dtype": "fp16", "task": "embedding", "batch": 2, "seq_len": 32,
                "iterations": 2, "warmup": 1, "input": "random", "profiler": "onnxruntime", "op_types": ops,
                "kernels": ops, "wall_ms_per_iteration": 1300.0, "wall_ms_min": 1250.0,
-               "kernel_ms_per_iteration": 1234.75, "unprofiled_wall_ms_per_iteration": 1234.8, "model_gflop": None,
+               "kernel_ms_per_iteration": 1234.75, "wall_ms_median": 1290.0, "unprofiled_wall_ms_median": 1234.8,
+               "model_gflop": None,
                "matmul_gflop_per_iteration": 0.01, "trace": None}
     buckets = {"texts": 10, "data": "sts12-sample", "token_lengths": {"mean": 14.5, "max": 41}, "speedup": 2.0,
                "min_cosine_fixed_vs_buckets": 1.0,

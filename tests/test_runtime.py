@@ -1,4 +1,7 @@
 """Engine (instances, async queue, closing), buckets, text formats, truncation and input errors."""
+import json
+import os
+import signal
 import threading
 import time
 import warnings
@@ -12,6 +15,7 @@ from toolkit.artifact import Manifest, find_artifacts
 from toolkit.backends import Backend
 from toolkit.checkpoint import load_tokenizer
 from toolkit.errors import ToolkitError
+from toolkit.runner import BucketedRunner
 from toolkit.runtime import CPU_BUDGET, Engine, EngineClosedError, QueueFullError, check_engine_options
 from toolkit.tasks import EMBEDDING, RERANK_PREFIX, RERANK_SUFFIX, SIMILARITY_INSTRUCTION
 from toolkit.text import left_pad
@@ -366,3 +370,121 @@ def test_set_cpu_threads_refuses_more_threads_than_cores_as_the_cli_does():
     with pytest.raises(ToolkitError, match="threads must be an integer >= 1, got 0"):
         set_cpu_threads(0)
     assert CPU_BUDGET.threads == before
+
+
+def test_an_engine_used_in_a_forked_child_is_refused_at_once(onnx_artifacts):
+    """Its worker threads exist only in the process that loaded it: a forked child's request (os.fork, a
+    multiprocessing 'fork' pool, gunicorn's preloaded workers) waited forever. Now its first call says so, naming
+    what the user holds."""
+    ids = np.ones((1, 4), np.int64)
+    with Engine(lambda i, dev: InstantBackend()) as engine, \
+            Embedder.from_artifacts(onnx_artifacts["embedding"][0]) as emb:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: writes each call's error; the alarm ends one that hangs, and the test fails
+            try:
+                os.close(read)
+                signal.alarm(20)
+                messages = []
+                for call in (lambda: engine.run_sync(ids, ids), lambda: emb.encode_documents(["a text"])):
+                    try:
+                        call()
+                        messages.append("no error")
+                    except ToolkitError as e:
+                        messages.append(str(e))
+                os.write(write, json.dumps(messages).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as pipe:
+            reported = pipe.read()
+        os.waitpid(pid, 0)
+        assert engine.run_sync(ids, ids).shape == (1, 2)  # the parent's engines are as they were
+        assert emb.encode_documents(["a text"]).shape[0] == 1
+    assert reported, "the child hung on its first call"
+    fix = ("its engine threads exist only in the process that loaded it; load it in the child (or use "
+           "multiprocessing's 'spawn' start method)")
+    assert json.loads(reported) == [
+        f"this {what} was loaded in process {os.getpid()} and is used in process {pid} (a forked child): {fix}"
+        for what in ("engine", "Embedder")]
+
+
+def test_attention_masks_that_are_not_left_padded_are_refused():
+    """A right-padded row, or one with no token, ran and returned wrong outputs without an error (the models read the
+    last position and count positions from the first real token)."""
+    ids = np.ones((1, 4), np.int64)
+    with Engine(lambda i, dev: InstantBackend()) as engine:
+        for mask in ([[1, 1, 0, 0]], [[0, 0, 0, 0]], [[0, 1, 0, 1]], [[0, 0, 1, 2]], [[0, 0, -1, 1]]):
+            with pytest.raises(ToolkitError, match=r"^each attention_mask row must be 0\.\.\.0 1\.\.\.1 \(left-padded, "
+                                                   r"at least one token\); pad rows on the left"):
+                engine.run_sync(ids, np.array(mask))
+        for mask in ([[0, 0, 1, 1]], [[1, 1, 1, 1]], [[0, 0, 0, 1]]):
+            assert engine.run_sync(ids, np.array(mask)).shape == (1, 2)
+
+
+class GatedBackend(Backend):
+    """Counts its runs; with `fail_first` the first one fails, and every other waits for `release`."""
+
+    task, seq_len, batch = EMBEDDING, 4, 1
+
+    def __init__(self, release: threading.Event, fail_first: bool):
+        self.release, self.fail_first, self.runs = release, fail_first, 0
+
+    def run(self, input_ids, attention_mask):
+        self.runs += 1
+        if self.fail_first and self.runs == 1:
+            raise RuntimeError("batch failed")
+        self.release.wait(TIMEOUT)
+        return np.zeros((len(input_ids), 2), np.float32)
+
+
+def recorded_submissions(engine: Engine, monkeypatch, interrupt_at: int | None = None) -> list:
+    """The futures of the batches queued on `engine` from now on; with `interrupt_at`, that submission raises
+    KeyboardInterrupt instead (Ctrl-C while a full queue blocks it)."""
+    submitted, run_async = [], engine.run_async
+
+    def recording(*args, **kwargs):
+        if len(submitted) == interrupt_at:
+            raise KeyboardInterrupt
+        submitted.append(run_async(*args, **kwargs))
+        return submitted[-1]
+    monkeypatch.setattr(engine, "run_async", recording)
+    return submitted
+
+
+def test_a_failed_batch_cancels_the_callers_batches_not_started(monkeypatch):
+    """The caller's other batches ran on for nobody, and the next call waited behind them. One instance: the first
+    batch fails, the second may have started (it waits), none after it may run."""
+    release = threading.Event()
+    backend = GatedBackend(release, fail_first=True)
+    runner = BucketedRunner([Engine(lambda i, dev: backend, queue_size=16)])
+    submitted = recorded_submissions(runner.engines[0], monkeypatch)
+    with pytest.raises(RuntimeError, match="batch failed"):
+        runner.run([[1, 2]] * 6)
+    assert len(submitted) == 6 and all(f.cancelled() for f in submitted[2:])
+    release.set()
+    runner.close()  # runs every batch still queued and not cancelled
+    assert backend.runs <= 2
+
+
+def test_an_interrupt_while_submitting_cancels_the_batches_already_queued(monkeypatch):
+    """Ctrl-C during a long encode left up to a queue's worth of batches to run for nobody."""
+    release = threading.Event()
+    backend = GatedBackend(release, fail_first=False)
+    runner = BucketedRunner([Engine(lambda i, dev: backend, queue_size=16)])
+    submitted = recorded_submissions(runner.engines[0], monkeypatch, interrupt_at=4)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run([[1, 2]] * 6)
+    assert len(submitted) == 4 and all(f.cancelled() for f in submitted[1:])  # the first may be running
+    release.set()
+    runner.close()
+    assert backend.runs <= 1
+
+
+def test_a_closed_model_says_what_closed_it_and_to_load_it_again(onnx_artifacts):
+    """It said "the engine is closed; create a new one": the user holds an Embedder, not an engine."""
+    with Embedder.from_artifacts(onnx_artifacts["embedding"][0]) as emb:
+        pass
+    with pytest.raises(EngineClosedError, match=r"^this Embedder is closed \(close\(\), or the end of its with block, "
+                                                r"stopped its engine threads\); load it again$"):
+        emb.encode_documents(["a text"])

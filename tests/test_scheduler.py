@@ -257,3 +257,18 @@ def assert_stopped_for_good(scheduler, cause: str) -> None:
     with pytest.raises(SchedulerStopped, match=cause):
         scheduler.submit([[1]])
     scheduler.close()
+
+
+def test_rows_that_are_not_token_ids_are_refused_saying_what_submit_takes(echo):
+    """submit("abc") or submit([["a"]]) failed the future with a bare ValueError("invalid literal for int()...")."""
+    runner, _ = echo
+    scheduler = BatchScheduler(runner)
+    takes = r"^submit takes a list of token rows, each a list of token ids \(what Embedder/Reranker.tokenize make\)"
+    for rows, message in (("abc", f"{takes}, got str$"), ([["a"]], f"{takes}; row 0 is \\['a'\\]$"),
+                          ([[1, 2], [3, "a"]], f"{takes}; row 1 is \\[3, 'a'\\]$"), ([[[1, 2]]], f"{takes}; row 0 is"),
+                          ([[1, [2]]], f"{takes}; row 0 is"), ([[1.0]], f"{takes}; row 0 is"),
+                          ([None], f"{takes}; row 0 is a NoneType$")):
+        with pytest.raises(ToolkitError, match=message):
+            scheduler.submit(rows)
+    assert np.array_equal(scheduler.submit([[1, 2], np.array([3])]).result(TIMEOUT), expected([[1, 2], [3]]))
+    scheduler.close()

@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import cached_property
 from pathlib import Path
 
@@ -114,6 +114,8 @@ class _TextModel:
         # Ctrl-C in `encode` would wait for them)
         self._release = weakref.finalize(self, runner.close)
         self._release.atexit = False
+        for engine in runner.engines:  # their errors (closed, used in a forked child) name what the user holds
+            engine.holder = f"this {type(self).__name__}"
         self.runner, self.tokenizer, self.truncation = runner, tokenizer, check_truncation(truncation)
         shortest = self.task.min_seq_len(tokenizer)
         if self.max_length < shortest:
@@ -129,7 +131,7 @@ class _TextModel:
         largest SEQ, e.g. a service's limit."""
         _check_path(path, "path", "an artifact directory or a bucket set's")
         check_truncation(truncation)  # before any engine opens
-        manifests = check_set(path, cls.task, lambda found: f"pass a {cls.task.name} set (or, in Python, load it with "
+        manifests = check_set(path, cls.task, lambda found: f"pass {cls.task.a_name} set (or, in Python, load it with "
                               f"{model_class(get_task(found)).__name__})", max_length)
         instances, device_ids, queue_size = check_engine_options(instances, device_ids, queue_size,
                                                                  manifests[0].target.device)
@@ -283,14 +285,23 @@ def _check_flag(value, name: str) -> None:
         raise ToolkitError(f"{name} must be True or False, got {value!r}")
 
 
-def _check_texts(texts, what: str) -> list[str]:
+def _as_list_fix(value) -> str:
+    """How to pass `value` (not a list) as one: a single text goes in a list, any other iterable (a generator, a
+    numpy array) through list()."""
+    if isinstance(value, (str, bytes)):
+        return "; wrap a single text in a list"
+    return "; convert it with list(...)" if isinstance(value, Iterable) else ""
+
+
+def _check_texts(texts, method: str) -> list[str]:
+    """`texts` as a list, or a ToolkitError naming `method` (the one the user called)."""
     if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
-        raise ToolkitError(f"{what} takes a list of texts, got {type(texts).__name__}; wrap a single text in a list")
+        raise ToolkitError(f"{method} takes a list of texts, got {type(texts).__name__}{_as_list_fix(texts)}")
     if not texts:
-        raise ToolkitError(f"{what} got an empty list; pass at least one text")
+        raise ToolkitError(f"{method} got an empty list; pass at least one text")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            raise ToolkitError(f"{what}: item #{i} is a {type(t).__name__}, not a text")
+            raise ToolkitError(f"{method}: item #{i} is a {type(t).__name__}, not a text")
     return list(texts)
 
 
@@ -302,6 +313,10 @@ class Embedder(_TextModel):
     def format(self, texts: list[str], instruction: str | None = None) -> list[str]:
         """The texts as the model reads them: with an `instruction`, in Qwen3-Embedding's query format. A set built
         for one instruction (`fixed_instruction`) takes only queries with it."""
+        return self._format("format", texts, instruction)
+
+    def _format(self, method: str, texts: list[str], instruction: str | None) -> list[str]:
+        """`format`, its errors naming `method` (the one the user called)."""
         check_instruction_text(instruction)
         fixed = self.fixed_instruction
         if instruction:
@@ -310,7 +325,7 @@ class Embedder(_TextModel):
             raise ToolkitError(f"these artifacts embed queries with the instruction {fixed!r} (its tokens are cached "
                                "in the graph): pass it (encode_queries does); texts without it (documents) need a set "
                                "compiled without --instruction")
-        texts = _check_texts(texts, "encode")
+        texts = _check_texts(texts, method)
         if instruction:
             self._check_room(self.task.format_query("", instruction), "the instruction", "text")
         return [self.task.format_query(t, instruction) for t in texts]
@@ -332,9 +347,14 @@ class Embedder(_TextModel):
                normalize: bool = True, progress: bool = False) -> np.ndarray:
         """Embed texts `[n, dim]`; with an `instruction` they are formatted as queries. `dim` cuts (MRL) before
         normalising."""
+        return self._embed("encode", texts, instruction, dim, normalize, progress)
+
+    def _embed(self, method: str, texts: list[str], instruction: str | None, dim: int | None = None,
+               normalize: bool = True, progress: bool = False) -> np.ndarray:
+        """`encode`, its errors naming `method` (the one the user called)."""
         _check_flag(normalize, "normalize")
         _check_flag(progress, "progress")
-        rows = self._rows(self.format(texts, instruction), origin=lambda i: ([texts[i]], [f"text #{i}"]))
+        rows = self._rows(self._format(method, texts, instruction), origin=lambda i: ([texts[i]], [f"text #{i}"]))
         return self.task.finish(self.runner.run(rows, progress), dim=dim, normalize=normalize)
 
     @property
@@ -344,11 +364,12 @@ class Embedder(_TextModel):
 
     def encode_queries(self, queries: list[str], instruction: str | None = None, **kw) -> np.ndarray:
         """Embed search queries with the instruction (None: `query_instruction`)."""
-        return self.encode(queries, instruction=self.query_instruction if instruction is None else instruction, **kw)
+        return self._embed("encode_queries", queries, self.query_instruction if instruction is None else instruction,
+                           **kw)
 
     def encode_documents(self, documents: list[str], **kw) -> np.ndarray:
         """Embed documents (no instruction, as Qwen3-Embedding expects)."""
-        return self.encode(documents, instruction=None, **kw)
+        return self._embed("encode_documents", documents, None, **kw)
 
 
 class Reranker(_TextModel):
@@ -412,7 +433,8 @@ def rank_order(scores, top_n: int | None = None) -> list[int]:
 
 def _check_pairs(pairs) -> list[tuple[str, str]]:
     if isinstance(pairs, str) or not isinstance(pairs, (list, tuple)):
-        raise ToolkitError(f"score takes a list of (query, document) pairs, got {type(pairs).__name__}")
+        fix = "" if isinstance(pairs, str) else _as_list_fix(pairs)  # a text alone is no pair
+        raise ToolkitError(f"score takes a list of (query, document) pairs, got {type(pairs).__name__}{fix}")
     if not pairs:
         raise ToolkitError("score got an empty list; pass at least one (query, document) pair")
     for i, p in enumerate(pairs):

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -408,15 +409,52 @@ def format_manifest(m: Manifest) -> str:
     return "\n".join(lines)
 
 
+def seq_dir_name(seq_len: int) -> str:
+    """The directory of a set's artifact for one SEQ (compile's `WORKSPACE/NAME/BACKEND/seqSEQ`)."""
+    return f"seq{seq_len}"
+
+
+SEQ_DIR = re.compile(r"seq(\d+)")  # `seq_dir_name`'s names
+
+
+def artifact_dirs(path: Path) -> list[Path]:
+    """The artifact directories under `path` (a bucket set, or a workspace holding one), as `find_artifacts` looks
+    for them: staging directories of unfinished compiles (dot-prefixed) are not artifacts."""
+    return sorted({p.parent for pattern in ("*/", "*/*/", "*/*/*/") for p in path.glob(pattern + MANIFEST)
+                   if not any(part.startswith(".") for part in p.relative_to(path).parts)})
+
+
+def check_seq_dir(directory: Path) -> None:
+    """Raise ToolkitError if `directory`, a set's SEQ directory, holds files but no manifest: a damaged artifact,
+    which a set loaded without it would leave out (its inputs then refused or run at a larger SEQ). A build never
+    leaves one so (it installs an artifact by renaming its staging directory, manifest and all); an empty one is no
+    artifact."""
+    try:
+        damaged = not (directory / MANIFEST).is_file() and any(directory.iterdir())
+    except OSError:  # not readable: loading names that
+        return
+    if damaged:
+        raise ToolkitError(f"{directory} holds files but no {MANIFEST}: its SEQ's artifact is damaged; compile it "
+                           f"again (compile --seq {SEQ_DIR.fullmatch(directory.name)[1]} rebuilds that SEQ alone, the "
+                           "set keeps the others) or the whole set, or remove that directory")
+
+
 def find_artifacts(path: str | Path) -> list[Manifest]:
     """One artifact directory, or a directory of them (a bucket set: same task, backend and dtype, several SEQs, each
     with its own batch), as manifests sorted by SEQ; also a compile's workspace holding one set (model/backend/SEQ).
-    Staging directories of unfinished compiles (dot-prefixed) are not artifacts."""
+    Staging directories of unfinished compiles (dot-prefixed) are not artifacts; a SEQ directory without its manifest
+    is refused (`check_seq_dir`)."""
+    if str(path) == "":  # Path("") is the current directory
+        raise ToolkitError("the artifact path is empty; name an artifact directory or a bucket set (e.g. "
+                           "workspace/qwen3-embedding-0.6b-fp16/onnx)")
     path = Path(path)
     if (path / MANIFEST).is_file():
         return [Manifest.load(path, verify=False)]
-    found = sorted({p.parent for pattern in ("*/", "*/*/", "*/*/*/") for p in path.glob(pattern + MANIFEST)
-                    if not any(part.startswith(".") for part in p.relative_to(path).parts)})
+    found = artifact_dirs(path)
+    for set_dir in {path, *(p.parent for p in found)}:
+        for directory in [set_dir, *set_dir.glob("seq*/")]:
+            if SEQ_DIR.fullmatch(directory.name) and directory.is_dir():
+                check_seq_dir(directory)
     if not found:
         raise ToolkitError(f"no artifact under {path}; compile one with `toolkit compile` (or `make quickstart`)")
     manifests = [Manifest.load(p, verify=False) for p in found]

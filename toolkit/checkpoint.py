@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from toolkit.artifact import ModelSource, weights_sha256
+from toolkit.artifact import MANIFEST, ModelSource, artifact_dirs, weights_sha256
 from toolkit.errors import ToolkitError
 from toolkit.tasks import TASKS, Task
 from toolkit.tokenizer import ENDOFTEXT_ID, MAX_CONTEXT, Tokenizer
@@ -18,9 +18,15 @@ MIN_VOCABULARY = 1000  # a real Qwen3 tokenizer has 151,669 entries; an empty or
 def resolve_checkpoint(path_or_hub_id: str | Path) -> Path:
     """A local directory is used as is; anything else is treated as a hub id and downloaded (or found in the cache)."""
     local = Path(path_or_hub_id).expanduser()
+    if str(path_or_hub_id) == "":  # Path("") is the current directory
+        raise ToolkitError("the checkpoint path is empty; name a checkpoint directory or a hub id like "
+                           "'Qwen/Qwen3-Embedding-0.6B'")
     if local.exists():
         if not (local / "config.json").is_file():
-            raise ToolkitError(f"{local} is not a Hugging Face checkpoint directory (no config.json)")
+            compiled = (local / MANIFEST).is_file() or (local.is_dir() and artifact_dirs(local))
+            raise ToolkitError(f"{local} is not a Hugging Face checkpoint directory (no config.json)" + (
+                f": it holds compiled artifacts ({MANIFEST}); run them with Embedder/Reranker.from_artifacts (on the "
+                "command line, --artifact), or pass the checkpoint they were built from" if compiled else ""))
         return local
     hub_id = str(path_or_hub_id)
     if hub_id.startswith((".", "/", "~")) or hub_id.count("/") != 1:

@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from toolkit.artifact import Manifest, ModelSource, Target
+from toolkit.artifact import Manifest, ModelSource, Target, seq_dir_name
 from toolkit.artifact_set import (
     build_dir,
     install,
@@ -246,11 +246,11 @@ def instruction_to_cache(cfg: BuildConfig, task: Task, tokenizer, carried: str |
     if instruction is None or min(cfg.seq_lens) >= (shortest := task.min_seq_len(tokenizer, instruction)):
         return instruction
     if max(cfg.seq_lens) < shortest:  # every input carries it: no SEQ of the set could run one
-        raise ToolkitError(f"no SEQ of {','.join(map(str, cfg.seq_lens))} holds a {task.name} input with the "
+        raise ToolkitError(f"no SEQ of {','.join(map(str, cfg.seq_lens))} holds {task.a_name} input with the "
                            f"instruction {instruction!r} ({shortest} tokens with a one-token query and document): use "
                            f"--seq {shortest} or more, or --instruction with a shorter one")
     if cfg.instruction is not None:
-        raise ToolkitError(f"SEQ {min(cfg.seq_lens)} cannot hold a {task.name} input with the instruction "
+        raise ToolkitError(f"SEQ {min(cfg.seq_lens)} cannot hold {task.a_name} input with the instruction "
                            f"{instruction!r}: use --seq {shortest} or more, or --no-cache-instruction")
     log(f"SEQ {min(cfg.seq_lens)} cannot hold the default instruction with a body ({shortest} tokens): only the chat "
         "prefix is cached, and inputs may carry any instruction")
@@ -284,7 +284,7 @@ def check_seq_lens(task: Task, tokenizer, seq_lens, context: int = MAX_CONTEXT) 
     shortest = task.min_seq_len(tokenizer)
     too_short = [s for s in seq_lens if s < shortest]
     if too_short:
-        raise ToolkitError(f"SEQ {too_short} cannot hold a {task.name} input: its prompt alone takes "
+        raise ToolkitError(f"SEQ {too_short} cannot hold {task.a_name} input: its prompt alone takes "
                            f"{shortest - 1} tokens; use --seq {shortest} or more")
 
 
@@ -308,7 +308,7 @@ def check_shapes_fit(cfg: BuildConfig, hf_config: dict, log) -> None:
 
 def artifact_dir(cfg: BuildConfig, backend: str, seq_len: int) -> Path:
     """Where the (backend, seq) artifact of `cfg` lives."""
-    return cfg.workspace / cfg.name / backend / f"seq{seq_len}"
+    return cfg.workspace / cfg.name / backend / seq_dir_name(seq_len)
 
 
 def stage_export(cfg: BuildConfig, task: Task, backend: str, seq_len: int, model, log,

@@ -4,6 +4,7 @@ counts what it computed. Below the text API (`toolkit.api`), above the engines (
 from __future__ import annotations
 
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +45,18 @@ class Batch:
     real_tokens: int
     computed_tokens: int
     future: Future
+
+
+@contextmanager
+def cancelled_on_error(batches: list[Batch]):
+    """On any exception in the block (KeyboardInterrupt included), cancel the futures of `batches` that have not
+    started (those running finish, their outputs dropped), then re-raise."""
+    try:
+        yield
+    except BaseException:
+        for batch in batches:
+            batch.future.cancel()
+        raise
 
 
 class BucketedRunner:
@@ -92,16 +105,24 @@ class BucketedRunner:
         return Batch(indices, real, ids.size, engine.run_async(ids, mask))
 
     def submit(self, rows: list[list[int]]) -> list[Batch]:
-        """Queue every batch the rows make; does not wait for outputs."""
-        return [self.run_batch(engine, rows, indices) for engine, indices in self.plan(rows)]
+        """Queue every batch the rows make; does not wait for outputs. Interrupted (Ctrl-C while a full queue blocks
+        it, a batch refused), it cancels the batches it queued before it re-raises."""
+        batches: list[Batch] = []
+        with cancelled_on_error(batches):
+            for engine, indices in self.plan(rows):
+                batches.append(self.run_batch(engine, rows, indices))
+        return batches
 
     def run(self, rows: list[list[int]], progress: bool = False) -> np.ndarray:
-        """Raw outputs for token rows, in input order."""
+        """Raw outputs for token rows, in input order. On a failed batch or an interrupt, the batches not started yet
+        are cancelled: the engines do not run them for a caller that has gone (nor make the next call wait)."""
         results: list = [None] * len(rows)
-        for batch in tqdm(self.submit(rows), desc="batches", disable=not progress, leave=False):
-            out = batch.future.result()
-            for k, i in enumerate(batch.indices):
-                results[i] = out[k]
+        batches = self.submit(rows)
+        with cancelled_on_error(batches):
+            for batch in tqdm(batches, desc="batches", disable=not progress, leave=False):
+                out = batch.future.result()
+                for k, i in enumerate(batch.indices):
+                    results[i] = out[k]
         return np.stack(results)
 
     def close(self):

@@ -6,6 +6,8 @@ back to the caller that sent them; `run_sync` is `run_async(...).result()`.
 
 Closing is race-free: a request is either accepted (and then run before the workers stop) or refused with
 `EngineClosedError`; `close()` waits for submissions already past the closed check before it queues the stop markers.
+The workers exist only in the process that made the engine: a forked child's requests are refused with
+`ForkedProcessError` (queued, they would wait forever).
 """
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ class QueueFullError(ToolkitError):
 
 class EngineClosedError(ToolkitError):
     """The engine was closed before the request was accepted."""
+
+
+class ForkedProcessError(ToolkitError):
+    """The engine is used in a process forked from the one that made it, where its worker threads do not exist."""
 
 
 _STOP = object()
@@ -158,6 +164,9 @@ class Engine:
         embedding rows, which token ids must index (None: not checked)."""
         instances, device_ids, queue_size = check_engine_options(instances, device_ids, queue_size)
         self.threads, self.budget, self.instances, self.vocab_size = threads, budget, instances, vocab_size
+        # what the user holds, as its errors name it: Embedder/Reranker name themselves (`toolkit.api`)
+        self.holder = "this engine"
+        self.pid = os.getpid()  # the process its workers run in (`check_process`)
         self.backends = [make_backend(i, device_ids[i % len(device_ids)]) for i in range(instances)]
         first = self.backends[0]
         self.task, self.seq_len, self.batch = first.task, first.seq_len, first.batch
@@ -196,6 +205,15 @@ class Engine:
                    vocab_size=read_hf_config(Path(checkpoint_dir)).get("vocab_size"))
 
     # ---- requests ---------------------------------------------------------------------------------------------------
+    def check_process(self) -> None:
+        """Raise ForkedProcessError in a process other than the one that made the engine (a forked child: os.fork,
+        a multiprocessing 'fork' pool, a server's preloaded workers), where no worker would ever run the request."""
+        if os.getpid() != self.pid:
+            raise ForkedProcessError(f"{self.holder} was loaded in process {self.pid} and is used in process "
+                                     f"{os.getpid()} (a forked child): its engine threads exist only in the process "
+                                     "that loaded it; load it in the child (or use multiprocessing's 'spawn' start "
+                                     "method)")
+
     def check_inputs(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
         """Raise ToolkitError unless the arrays are integer `[rows, seq]` this engine takes: 1..batch rows (any with no
         batch), of its SEQ (1..SEQ with `dynamic_seq`, any with no SEQ)."""
@@ -213,19 +231,27 @@ class Engine:
             raise ToolkitError(f"input shape {ids.shape} does not match the artifact's [batch, seq] = "
                                f"[{', '.join(takes)}]; split the rows into batches and left-pad them to the sequence "
                                "length (Embedder/Reranker do this)")
-        # an id past the embedding table reads zeros on TVM (or memory it does not own) and fails deep in ONNX
-        # Runtime; a negative one wraps around
+        # an id past the embedding table fails deep in ONNX Runtime, where a negative one wraps around; TVM reads the
+        # table's last (first) row for it
         if self.vocab_size and ids.size and not (0 <= ids.min() and ids.max() < self.vocab_size):
             raise ToolkitError(f"token ids must be in 0..{self.vocab_size - 1} (the model's vocabulary), got "
                                f"{ids.min()}..{ids.max()}; tokenize with the model's tokenizer (Embedder/Reranker do)")
+        # the models read the last position and count positions from the first real token: a right-padded row, or one
+        # with no token, returns wrong outputs without an error
+        if mask.size and not (((mask == 0) | (mask == 1)).all() and (mask[:, -1] == 1).all()
+                              and (np.diff(mask, axis=1) >= 0).all()):
+            raise ToolkitError("each attention_mask row must be 0...0 1...1 (left-padded, at least one token); pad "
+                               "rows on the left (toolkit.text.left_pad does, as Embedder/Reranker do)")
 
     def run_async(self, input_ids, attention_mask, block: bool = True, timeout: float | None = None) -> Future:
         """Queue one batch. With `block=False` (or after `timeout`) a full queue raises QueueFullError."""
+        self.check_process()
         self.check_inputs(input_ids, attention_mask)
         future: Future = Future()
         with self._state:
             if self._closed:
-                raise EngineClosedError("the engine is closed; create a new one")
+                raise EngineClosedError(f"{self.holder} is closed (close(), or the end of its with block, stopped "
+                                        "its engine threads); load it again")
             self._submitting += 1
         try:
             self._queue.put((input_ids, attention_mask, future), block=block, timeout=timeout)

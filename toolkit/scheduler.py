@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from toolkit.errors import ToolkitError, is_integer
+from toolkit.errors import ToolkitError, clipped, is_integer
 from toolkit.runner import Batch, BucketedRunner
 from toolkit.runtime import EngineClosedError
 
@@ -68,6 +68,15 @@ def check_max_wait_ms(value, name: str = "max_wait_ms") -> None:
     scheduling thread waits this long."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_WAIT_MS:
         raise ToolkitError(f"{name} must be a number of milliseconds in 0..{MAX_WAIT_MS}, got {value!r}")
+
+
+def _holds_token_ids(row) -> bool:
+    """Whether `row` is a flat sequence of integers: one pass in C (rows arrive with every request)."""
+    try:
+        ids = np.asarray(row)
+    except ValueError:  # ragged nesting
+        return False
+    return ids.ndim == 1 and np.issubdtype(ids.dtype, np.integer)
 
 
 @dataclass(eq=False)
@@ -131,11 +140,19 @@ class BatchScheduler:
         """Queue token rows for the next batches; the future resolves to their raw outputs `[len(rows), ...]` in
         order, or to the exception their batch raised (SchedulerStopped if the scheduler fails on an error of its own:
         then it takes no more rows)."""
+        self.runner.engines[0].check_process()  # this scheduler's thread, as the engines' workers, is the loader's
+        takes = "submit takes a list of token rows, each a list of token ids (what Embedder/Reranker.tokenize make)"
+        if not isinstance(rows, (list, tuple)):
+            raise ToolkitError(f"{takes}, got {type(rows).__name__}")
         if not rows:
             raise ToolkitError("no rows to run; pass at least one")
         for i, row in enumerate(rows):
+            if not isinstance(row, (list, tuple, np.ndarray)):
+                raise ToolkitError(f"{takes}; row {i} is a {type(row).__name__}")
             if not 1 <= len(row) <= self.runner.max_length:
                 raise ToolkitError(f"row {i} has {len(row)} tokens; it must have 1..{self.runner.max_length}")
+            if not _holds_token_ids(row):
+                raise ToolkitError(f"{takes}; row {i} is {clipped(repr(row))}")
         request = _Request(rows, Future(), time.monotonic(), [None] * len(rows), len(rows))
         with self._state:
             if self._stopped_by:

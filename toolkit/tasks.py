@@ -105,6 +105,11 @@ class Task:
     agreement_format: str
     tolerances: dict[str, float]  # per weight dtype, against the fp32 Hugging Face model
 
+    @property
+    def a_name(self) -> str:
+        """The name with its article, for messages: "an embedding", "a reranker"."""
+        return f"{'an' if self.name[0] in 'aeiou' else 'a'} {self.name}"
+
     def output_spec(self, batch: int, hidden_size: int) -> dict:
         """The compiled graph's output tensor (name, shape, dtype)."""
         raise NotImplementedError

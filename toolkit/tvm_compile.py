@@ -857,9 +857,20 @@ def _reshape(bb, call):
     return bb.call_te(reshape, data, primfunc_name_hint="reshape")
 
 
+def _clipped_take(bb, call):
+    """Take (ONNX Gather: the embedding rows of the token ids, the rotary tables' rows of the positions) with its
+    indices clipped to the axis, where the ONNX frontend asks for TOPI's "fast" mode, which prints "Warning: Fast mode
+    segfaults when there are out-of-bounds indices" for every take of every build. The same values for indices in
+    bounds (the engine refuses token ids past the vocabulary; positions are within SEQ), and an index out of bounds
+    reads a row of the table, not memory it does not own; a min and a max per row index."""
+    from tvm import topi
+
+    return bb.call_te(topi.take, call.args[0], call.args[1], call.attrs.axis, mode="clip")
+
+
 # exp through libm is a scalar call per element; TOPI's fast_exp is a vectorisable polynomial (rel. error ~1e-7).
 FAST_LEGALIZATION = {"relax.nn.softmax": _fast_softmax, "relax.sigmoid": _fast_sigmoid}
-SHAPE_LEGALIZATION = {"relax.reshape": _reshape}
+SHAPE_LEGALIZATION = {"relax.reshape": _reshape, "relax.take": _clipped_take}
 
 
 def lower(mod, target, schedule: bool = True, int8: frozenset[int] = frozenset(), amx: frozenset[str] = frozenset()
