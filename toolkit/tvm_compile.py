@@ -870,7 +870,7 @@ def _clipped_take(bb, call):
 
 # exp through libm is a scalar call per element; TOPI's fast_exp is a vectorisable polynomial (rel. error ~1e-7).
 FAST_LEGALIZATION = {"relax.nn.softmax": _fast_softmax, "relax.sigmoid": _fast_sigmoid}
-SHAPE_LEGALIZATION = {"relax.reshape": _reshape, "relax.take": _clipped_take}
+EVERY_TARGET_LEGALIZATION = {"relax.reshape": _reshape, "relax.take": _clipped_take}
 
 
 def lower(mod, target, schedule: bool = True, int8: frozenset[int] = frozenset(), amx: frozenset[str] = frozenset()
@@ -893,7 +893,7 @@ def lower(mod, target, schedule: bool = True, int8: frozenset[int] = frozenset()
         layouts = [PLAIN] * len(weight_inputs(mod))
     mod = tvm.transform.Sequential([
         relax.transform.DecomposeOpsForInference(),
-        relax.transform.LegalizeOps({**SHAPE_LEGALIZATION, **(FAST_LEGALIZATION if cpu else {})}),
+        relax.transform.LegalizeOps({**EVERY_TARGET_LEGALIZATION, **(FAST_LEGALIZATION if cpu else {})}),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
