@@ -747,6 +747,8 @@ CORES = os.cpu_count() or 1
     (["--embedding", "SET", "--host", "999.1.1.1"], "--host 999.1.1.1: "),
     (["--embedding", "SET", "--max-concurrent-requests", "0"], "--max-concurrent-requests must be an integer >= 1"),
     (["--embedding", "SET", "--replicas", "2"], "--replicas and --ray-address need --ray"),
+    (["--embedding", "SET", "--ray", "--ray-address", ""], "--ray-address is empty; pass a head's HOST:PORT, or omit "
+                                                           "it for a local Ray instance"),
     (["--embedding", "SET", "--port", "70000"], "--port must be at most 65535"),
     (["--embedding", "SET", "--threads", str(CORES + 1)], f"--threads {CORES + 1} is more than this machine's {CORES} "
                                                           f"cores"),

@@ -1,8 +1,11 @@
 """`toolkit serve --ray --replicas 2` on a local Ray head that the test starts on loopback (and stops after): both
 replicas serve, each with its own engines and core budget, the answers are the offline API's, SIGTERM exits 0; a bad
-`--ray-address` is a one-line error naming the fix."""
+`--ray-address` is a one-line error naming the fix. On a Ray instance of its own, SIGTERM lets a request in flight
+finish, and leaves no process behind, while Ray starts too; its HAProxy listens on the serving port only."""
 import http.server
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -12,13 +15,16 @@ import threading
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from serving import TIMEOUT, bucket_sets, serve_process, wait_for
 
+import toolkit.serve.ray_app as ray_app
 from toolkit.api import Embedder
 from toolkit.errors import ToolkitError
 from toolkit.perf.serve_load import free_port
-from toolkit.serve.ray_app import RAY_SERVE_ENVIRONMENT, ray_driver
+from toolkit.serve.metrics import ServiceMetrics
+from toolkit.serve.ray_app import RAY_SERVE_ENVIRONMENT, local_haproxy, ray_driver
 
 TEXTS = ["What is the capital of China?", "北京是中国的首都。", "short", "a somewhat longer sentence " * 4]
 
@@ -104,6 +110,7 @@ def test_sigterm_exits_0_when_the_ray_shutdown_outlasts_rays_abort_alarm(ray_hea
 
 
 @pytest.mark.parametrize("address, reason", [("127.0.0.1:1", "nothing answers there"),
+                                             ("127.0.0.1:99999", "99999 is not a port (1-65535)"),
                                              ("nonsense", "Invalid address format")])
 def test_a_bad_ray_address_is_a_one_line_error_naming_the_fix(address, reason):
     """Refused at once, not after ray.init's minutes of retries."""
@@ -111,7 +118,7 @@ def test_a_bad_ray_address_is_a_one_line_error_naming_the_fix(address, reason):
         with ray_driver(address):
             pass
     message = str(error.value)
-    assert message.startswith(f"--ray-address {address}: ") and reason in message and "ray start --head" in message
+    assert message.startswith(f"--ray-address {address}: ") and reason in message and "HOST:PORT" in message
     assert "\n" not in message
 
 
@@ -131,3 +138,87 @@ def test_a_ray_address_where_another_server_listens_is_refused_at_once(monkeypat
                 pass
     finally:
         server.shutdown()
+
+
+def test_a_local_ray_server_answers_requests_in_flight_after_sigterm_and_leaves_no_haproxy(onnx_artifacts):
+    """A request of one row waits 5 s for a fuller batch when SIGTERM comes: it is answered (Serve's shutdown used to
+    stop the ingress at once) and the server exits 0. Serve's HAProxy listened on the serving port only (not on its
+    stats and metrics ports, on every interface, which kept a second server from starting), and is gone after."""
+    embedding_set = bucket_sets(onnx_artifacts)["embedding"]
+    with serve_process("--embedding", embedding_set, "--ray", "--max-wait-ms", 5000,
+                       startup_timeout=240) as (base, server):
+        haproxies = [p for p in psutil.Process(server.pid).children(recursive=True) if p.name() == "haproxy"]
+        assert haproxies
+        listening = {c.laddr for p in haproxies for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        assert listening == {("127.0.0.1", int(base.rsplit(":", 1)[1]))}
+        answer = {}
+        request = threading.Thread(target=lambda: answer.update(
+            r=httpx.post(f"{base}/embed", json={"inputs": TEXTS[:1]}, timeout=TIMEOUT)))
+        request.start()
+        wait_for(lambda: 'toolkit_queue_rows{model="embedding"' in queued_rows(base))
+        server.send_signal(signal.SIGTERM)
+        request.join(TIMEOUT)
+        assert server.wait(TIMEOUT) == 0
+    assert answer["r"].status_code == 200
+    assert not [p for p in haproxies if p.is_running()]
+
+
+def queued_rows(base: str) -> str:
+    """The /metrics lines of rows waiting for a batch, where there are some."""
+    return "\n".join(line for line in httpx.get(f"{base}/metrics").text.splitlines()
+                     if line.startswith("toolkit_queue_rows") and not line.endswith(" 0.0"))
+
+
+def test_sigterm_while_ray_starts_exits_0_and_leaves_no_process(onnx_artifacts, tmp_path):
+    """SIGTERM once Ray's processes are up but before Serve is: exit 0 without a traceback (Ray's handlers used to take
+    it: SystemExit 15, or a minute's wait for a GCS that had gone), and nothing the server started is left."""
+    embedding_set = bucket_sets(onnx_artifacts)["embedding"]
+    with open(tmp_path / "log", "w+") as log:
+        server = subprocess.Popen([sys.executable, "-m", "toolkit.cli", "serve", "--embedding", str(embedding_set),
+                                   "--ray", "--port", str(free_port())], stdout=log, stderr=subprocess.STDOUT)
+        wait_for(lambda: "raylet" in {p.name() for p in psutil.Process(server.pid).children(recursive=True)})
+        descendants = psutil.Process(server.pid).children(recursive=True)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(TIMEOUT) == 0
+        log.seek(0)
+        assert "Traceback" not in log.read()
+    wait_for(lambda: not [p for p in descendants if p.is_running()], 10)
+
+
+def test_the_local_haproxy_runs_without_its_stats_and_metrics_listeners(tmp_path, monkeypatch):
+    """Serve's own config for the node, through the script `toolkit serve --ray` points Serve at: the real binary gets
+    the same arguments, and the config has the serving frontend but not the stats page (port 8404) and Prometheus
+    exporter (port 9101), both bound on every interface whatever the host."""
+    from ray.serve._private.haproxy import HAProxyApi, HAProxyConfig
+    from ray.serve.config import HTTPOptions
+
+    config = tmp_path / "haproxy.cfg"
+    HAProxyApi(HAProxyConfig(http_options=HTTPOptions(host="127.0.0.1", port=8000),
+                             socket_path=str(tmp_path / "admin.sock"), server_state_base=str(tmp_path),
+                             server_state_file=str(tmp_path / "state"),
+                             metrics_socket_path=str(tmp_path / "metrics.sock")),
+               config_file_path=str(config))._generate_config_file_internal()
+    assert "listen stats" in config.read_text() and "frontend prometheus" in config.read_text()
+    binary = tmp_path / "haproxy"
+    binary.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'args'}\n")
+    binary.chmod(0o755)
+    monkeypatch.setattr(ray_app, "_resolve_haproxy_binary", lambda: str(binary))
+    with local_haproxy():
+        script = os.environ[ray_app.HAPROXY_BINARY_VARIABLE]
+        subprocess.run([script, "-db", "-f", str(config), "-dR"], check=True, timeout=TIMEOUT)
+    assert not os.path.exists(script)
+    assert (tmp_path / "args").read_text().split() == ["-db", "-f", str(config), "-dR"]
+    edited = config.read_text()
+    assert "frontend http_frontend" in edited and "bind 127.0.0.1:8000" in edited
+    assert "stats" not in edited.replace("stats socket", "").replace("stats timeout", "")
+    assert "prometheus" not in edited and ":8404" not in edited and ":9101" not in edited
+
+
+def test_metrics_carry_the_replica_label_under_ray():
+    """Each /metrics scrape under --ray reaches one replica: every series names it."""
+    metrics = ServiceMetrics()
+    metrics.constant_labels = {"replica": "r1"}
+    metrics.answered("/embed", 200, 0.1)
+    text = metrics.render().decode()
+    assert 'toolkit_http_requests_total{replica="r1",route="/embed",status="200"} 1.0' in text
+    assert 'toolkit_http_request_seconds_count{replica="r1",route="/embed"} 1.0' in text

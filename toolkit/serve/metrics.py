@@ -7,6 +7,8 @@
 - `toolkit_batch_rows{model}`, `toolkit_batch_tokens{model}` (real tokens) and `toolkit_padded_tokens_total{model}`
   per engine batch;
 - `toolkit_queue_rows{model}` (rows waiting for a batch) and `toolkit_requests_in_flight{model}`.
+
+`constant_labels` go on every series: a Ray Serve replica's `replica` (each scrape reaches one replica).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class ServiceMetrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self):
+        self.constant_labels: dict[str, str] = {}
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("toolkit_http_requests", "HTTP requests answered, by route and status",
                                 ["route", "status"], registry=registry)
@@ -70,8 +73,15 @@ class ServiceMetrics:
         self.request_seconds.labels(route).observe(seconds)
 
     def render(self) -> bytes:
-        """Every metric in the Prometheus text format."""
-        return generate_latest(self.registry)
+        """Every metric in the Prometheus text format, with the constant labels."""
+        return generate_latest(self)
+
+    def collect(self):
+        """The registry's metric families, each sample with the constant labels too (`generate_latest` reads this)."""
+        for family in self.registry.collect():
+            if self.constant_labels:
+                family.samples = [s._replace(labels={**self.constant_labels, **s.labels}) for s in family.samples]
+            yield family
 
 
 class _SchedulerMetrics(SchedulerObserver):

@@ -55,8 +55,10 @@ class ServeOptions:
             check_int(value, flag, minimum)
         if self.port > 65535:
             raise ToolkitError(f"--port must be at most 65535, got {self.port}")
-        if not self.ray and (self.replicas != 1 or self.ray_address):
+        if not self.ray and (self.replicas != 1 or self.ray_address is not None):
             raise ToolkitError("--replicas and --ray-address need --ray")
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise ToolkitError("--ray-address is empty; pass a head's HOST:PORT, or omit it for a local Ray instance")
         if not self.ray_address:  # a Ray cluster's replicas run on its nodes' cores, not this machine's
             check_threads(self.threads, self.replicas if self.ray else 1)
         self.limits.check()
@@ -89,7 +91,8 @@ def serve(options: ServeOptions, echo: Callable[[str], None] = print) -> None:
     """Serve until SIGTERM or Ctrl-C: on uvicorn here, or (`ray`) as Ray Serve replicas."""
     options.check()
     if options.ray:
-        from toolkit.serve.ray_app import serve_on_ray
+        with signals_deferred():  # importing Ray takes seconds; interrupted, an import fails with a traceback
+            from toolkit.serve.ray_app import serve_on_ray
 
         return serve_on_ray(options, echo)
     with bound_socket(options.host, options.port) as sock:
@@ -148,15 +151,41 @@ def engines_line(model: dict) -> str:
 
 
 @contextmanager
-def exit_on_signals():
-    """Within the block, SIGTERM exits 0 and SIGINT exits 130 (no traceback); the previous handlers come back after."""
+def exit_on_signals(received: list[int] | None = None):
+    """Within the block, SIGTERM exits 0 and SIGINT exits 130 (no traceback); the previous handlers come back after.
+    Yields the list of the signals received (`received`, if given, is appended to)."""
+    received = [] if received is None else received
 
     def exit_with_status(signum, frame):
-        raise SystemExit(0 if signum == signal.SIGTERM else 128 + signum)
+        received.append(signum)
+        raise SystemExit(exit_status(signum))
 
-    previous = {sig: signal.signal(sig, exit_with_status) for sig in (signal.SIGTERM, signal.SIGINT)}
+    with signal_handler(exit_with_status):
+        yield received
+
+
+@contextmanager
+def signals_deferred():
+    """Within the block, SIGTERM and SIGINT are held (for code that must not be interrupted, such as an import); after
+    it, the first one exits as under `exit_on_signals`."""
+    received = []
+    with signal_handler(lambda signum, frame: received.append(signum)):
+        yield
+    if received:
+        raise SystemExit(exit_status(received[0]))
+
+
+@contextmanager
+def signal_handler(handler):
+    """`handler` (or SIG_IGN) for SIGTERM and SIGINT within the block; the previous handlers come back after."""
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def exit_status(signum: int) -> int:
+    """The exit status after a stop by `signum`: 0 after SIGTERM (a stop asked for), else the shell's 128 + signum."""
+    return 0 if signum == signal.SIGTERM else 128 + signum
