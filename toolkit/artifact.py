@@ -26,6 +26,7 @@ from toolkit.errors import ToolkitError
 from toolkit.tasks import TASKS
 
 MANIFEST = "manifest.json"
+MAX_SETS_NAMED = 5  # a directory of many sets (/tmp) is refused naming this many
 FORMAT = "qwen3-deploy-artifact/5"
 BACKENDS = ("onnx", "tvm")  # one name per backend, everywhere: configs, CLI, manifests, directories
 MODEL_FILE_SUFFIX = {"onnx": ".onnx", "tvm": ".so"}  # what each backend loads (an ONNX graph, a TVM library)
@@ -411,7 +412,8 @@ def format_manifest(m: Manifest) -> str:
 def find_artifacts(path: str | Path) -> list[Manifest]:
     """One artifact directory, or a directory of them (a bucket set: same task, backend and dtype, several SEQs, each
     with its own batch), as manifests sorted by SEQ; also a compile's workspace holding one set (model/backend/SEQ).
-    Staging directories of unfinished compiles (dot-prefixed) are not artifacts."""
+    Staging directories of unfinished compiles (dot-prefixed) are not artifacts. A directory holding several sets is
+    refused naming them, before any of their manifests is read (one of another toolkit version's is no reason)."""
     path = Path(path)
     if (path / MANIFEST).is_file():
         return [Manifest.load(path, verify=False)]
@@ -419,10 +421,13 @@ def find_artifacts(path: str | Path) -> list[Manifest]:
                     if not any(part.startswith(".") for part in p.relative_to(path).parts)})
     if not found:
         raise ToolkitError(f"no artifact under {path}; compile one with `toolkit compile` (or `make quickstart`)")
-    manifests = [Manifest.load(p, verify=False) for p in found]
     sets = sorted({str(p.parent) for p in found})
-    one_set = (f"point at one of the sets {', '.join(sets)}" if len(sets) > 1 else
-               "compile the set again (a build removes the SEQs other builds left in it)")
+    if len(sets) > 1:  # not one set (a workspace of several, a directory such as /tmp): no manifest of theirs is read
+        listed = ", ".join(sets[:MAX_SETS_NAMED]) + (f" (and {len(sets) - MAX_SETS_NAMED} more)"
+                                                      if len(sets) > MAX_SETS_NAMED else "")
+        raise ToolkitError(f"{path} is not a bucket set but holds {len(sets)}; point at one of the sets {listed}")
+    manifests = [Manifest.load(p, verify=False) for p in found]
+    one_set = "compile the set again (a build removes the SEQs other builds left in it)"
     kinds = {m.set_key for m in manifests}
     if len(kinds) > 1:
         raise ToolkitError(f"{path} mixes artifacts of different task/backend/dtype/cached instruction/checkpoint "

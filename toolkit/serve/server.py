@@ -12,7 +12,8 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from types import MappingProxyType
+from typing import Callable, Mapping
 
 import uvicorn
 
@@ -147,14 +148,20 @@ def engines_line(model: dict) -> str:
             f"{model['instances']} instance(s) x {model['threads_per_instance']} thread(s) per bucket")
 
 
+# a server's: SIGTERM is the stop asked for, Ctrl-C exits as shells give it
+SERVER_EXIT_STATUSES = MappingProxyType({signal.SIGTERM: 0, signal.SIGINT: 128 + signal.SIGINT})
+
+
 @contextmanager
-def exit_on_signals():
-    """Within the block, SIGTERM exits 0 and SIGINT exits 130 (no traceback); the previous handlers come back after."""
+def exit_on_signals(statuses: Mapping[int, int] = SERVER_EXIT_STATUSES):
+    """Within the block, each signal of `statuses` exits with its status, as a SystemExit raised where the signal
+    interrupts: no traceback, and the `finally` blocks and context managers on the way out run (children stopped,
+    files closed). The previous handlers come back after."""
 
     def exit_with_status(signum, frame):
-        raise SystemExit(0 if signum == signal.SIGTERM else 128 + signum)
+        raise SystemExit(statuses[signum])
 
-    previous = {sig: signal.signal(sig, exit_with_status) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, exit_with_status) for sig in statuses}
     try:
         yield
     finally:
