@@ -2,6 +2,7 @@
 the table and write the JSON. Heavy imports wait until a command runs."""
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import click
@@ -10,6 +11,8 @@ from toolkit.cli_base import INSTANCES, OutputFile, ToolkitGroup
 from toolkit.errors import ToolkitError
 from toolkit.report import write_json
 from toolkit.serve.service import Limits
+
+TERMINATED = 128 + signal.SIGTERM  # the exit status after SIGTERM, as shells give it
 
 
 def number_list(value: str, flag: str, example: str, kind=float) -> tuple:
@@ -175,12 +178,16 @@ def traffic_cmd(data, artifacts, checkpoint, torch_batch, limit, instances, thre
 @click.option("--json", "json_out", type=OutputFile())
 def serve_cmd(artifact, data, limit, clients, instances, threads, max_wait_ms, max_batch_tokens, ray_replicas, repeat,
               json_out):
-    """Served throughput (single-sentence requests) vs the offline Embedder, and latency at half that load."""
+    """Served throughput (single-sentence requests) vs the offline Embedder, and latency at half that load. SIGTERM
+    stops it as Ctrl-C does (its children too), exit 143."""
     from toolkit.perf.serve_load import ServeLoadOptions, run_serve_load, serve_load_report
+    from toolkit.serve.server import exit_on_signals
 
     options = ServeLoadOptions(artifact=artifact, data=data, limit=limit, clients=clients, instances=instances,
                                threads=threads, max_wait_ms=max_wait_ms, max_batch_tokens=max_batch_tokens,
                                ray_replicas=ray_replicas, repeat=repeat).check()
-    result = run_serve_load(options)
+    # SIGTERM unhandled would end this process alone: the offline run's child and the server would go on
+    with exit_on_signals(statuses={signal.SIGTERM: TERMINATED}):
+        result = run_serve_load(options)
     click.echo(serve_load_report(result))
     write_json(json_out, result)

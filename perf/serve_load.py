@@ -4,7 +4,8 @@
 2. served: `toolkit serve` as a child process, `clients` concurrent connections each sending one sentence per request
    as soon as its last one is answered (closed loop): sentences/s, the ratio to offline, agreement with its vectors,
    and the token slots its batches computed (from `/metrics`) against offline's: how much the service loses to
-   packing, a figure the machine's drift does not move;
+   packing, a figure the machine's drift does not move. The server admits every request sent; should some fail all
+   the same, they are counted by status, and the run has no ratios to offline (it did less work);
 3. at half that load: requests arriving at a fixed rate of half the served throughput (open loop): latency p50 / p99;
 4. with `ray_replicas`: 2 and 3 again on `toolkit serve --ray --replicas N` (a local Ray instance).
 
@@ -27,6 +28,7 @@ import tempfile
 import time
 import urllib.request
 import warnings
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -176,15 +178,23 @@ class ServerProcess:
     def __enter__(self) -> "ServerProcess":
         self.process = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            self.wait_until_healthy()
+        except BaseException:  # no __exit__ follows a failed __enter__ (nor Ctrl-C or SIGTERM during it): stop it here
+            self.__exit__()
+            raise
+        return self
+
+    def wait_until_healthy(self) -> None:
+        """Return once `/health` answers 200; a ToolkitError quoting the server's last lines if it exits first or
+        takes longer than the startup timeout."""
         deadline = time.monotonic() + self.startup_timeout
         while not self.healthy():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 tail = "\n".join(self.output().splitlines()[-20:])
-                self.log.close()  # no __exit__ follows a failed __enter__
                 raise ToolkitError(f"`toolkit serve` did not come up (exit {self.process.returncode}):\n{tail}")
             time.sleep(0.2)
-        return self
 
     def __exit__(self, *exc):
         self.stop()
@@ -223,8 +233,11 @@ def run_serve_load(options: ServeLoadOptions, progress: bool = True) -> dict:
     manifests = check_set(options.artifact, EMBEDDING, lambda found: "perf serve measures an embedding set")
     check_max_batch_tokens(options.max_batch_tokens, manifests[-1].seq_len, "--max-batch-tokens")
     texts = EMBEDDING.traffic(load_dataset(options.data)[2])[: options.limit]
+    # it measures throughput, not admission: the server admits every request perf serve may have in flight (`clients`
+    # at saturation, up to every sentence in the open loop), where its default 512 refused the clients past it (429)
     args = ["--embedding", options.artifact, "--max-wait-ms", options.max_wait_ms, "--max-batch-tokens",
-            options.max_batch_tokens, "--instances", options.instances]
+            options.max_batch_tokens, "--instances", options.instances,
+            "--max-concurrent-requests", max(options.clients, len(texts))]
     args += ["--threads", options.threads] if options.threads else []
     modes = [("uvicorn", args, 1)]
     if options.ray_replicas:
@@ -243,11 +256,12 @@ def run_serve_load(options: ServeLoadOptions, progress: bool = True) -> dict:
                 runs[-1]["exit_code"] = server.stop()
             offline.append(len(texts) / offline_run()[0])
             # against the offline runs just before and just after it: the machine drifts from run to run by more
-            # than the gap being measured
-            runs[-1]["offline_around"] = offline[-2:]
-            runs[-1]["vs_offline"] = runs[-1]["sentences_per_s"] / float(np.mean(offline[-2:]))
-            if runs[-1]["token_slots"] is not None:
-                runs[-1]["token_slots_vs_offline"] = runs[-1]["token_slots"] / offline_slots
+            # than the gap being measured; no ratio where requests failed (the served run did less work)
+            run, complete = runs[-1], runs[-1]["failed"] == 0
+            run["offline_around"] = offline[-2:]
+            run["vs_offline"] = run["sentences_per_s"] / float(np.mean(offline[-2:])) if complete else None
+            run["token_slots_vs_offline"] = (run["token_slots"] / offline_slots
+                                             if complete and run["token_slots"] is not None else None)
         repeats.append({"offline": {"sentences_per_s": median(offline), "runs": offline, "token_slots": offline_slots},
                         "runs": runs})
     return {"data": str(options.data), "sentences": len(texts), "clients": options.clients,
@@ -288,14 +302,16 @@ def recording_warnings(fn, *args) -> tuple:
 
 
 def median_run(runs: list[dict]) -> dict:
-    """One mode's repeats as one run: the median of each figure, the worst agreement, every failure counted."""
+    """One mode's repeats as one run: the median of each figure (None if a repeat has none), the worst agreement,
+    every failure counted."""
     latencies = [r["latency_ms"] for r in runs if r["latency_ms"]]
     agreements = [r["agreement"] for r in runs if "agreement" in r]
-    slots = ("token_slots", "token_slots_vs_offline") if all(r["token_slots"] is not None for r in runs) else ()
-    run = {"name": runs[0]["name"], "token_slots": None,
-           **{key: median(r[key] for r in runs) for key in
-              ("sentences_per_s", "vs_offline", "seconds", "half_load_rate", *slots)},
+    figures = ("sentences_per_s", "vs_offline", "seconds", "half_load_rate", "token_slots", "token_slots_vs_offline")
+    run = {"name": runs[0]["name"],
+           **{key: None if any(r[key] is None for r in runs) else median(r[key] for r in runs) for key in figures},
            "failed": sum(r["failed"] for r in runs), "half_load_failed": sum(r["half_load_failed"] for r in runs),
+           **{key: dict(sum((Counter(r[key]) for r in runs), Counter())) for key in ("failures", "half_load_failures")},
+           "first_failure": next((r["first_failure"] for r in runs if r["first_failure"]), None),
            "latency_ms": {q: median(x[q] for x in latencies) for q in ("p50", "p99")} if latencies else None,
            "exit_code": max((r["exit_code"] for r in runs), key=abs)}
     if len(agreements) == len(runs):
@@ -327,17 +343,19 @@ def measure_server(name: str, server: ServerProcess, texts: list[str], warmup: l
     slots_before = computed_slots(server.base) if replicas == 1 else None
     answers, seconds = asyncio.run(closed_loop(server.base, "/embed", bodies, clients))
     slots = None if slots_before is None else computed_slots(server.base) - slots_before
-    ok = [a.status == 200 for a in answers]
-    if not any(ok):
+    failed = [a for a in answers if a.status != 200]
+    if len(failed) == len(answers):
         raise ToolkitError(f"the server ({name}) answered no request with 200; the first answer: {failure(answers[0])}")
-    served = sum(ok) / seconds
+    served = (len(answers) - len(failed)) / seconds  # the answered sentences: a failure's is not served
     vectors = np.array([a.body[0] for a in answers if a.status == 200])
     half = bodies[: max(clients, len(bodies) // 2)]
     timed = asyncio.run(open_loop(server.base, "/embed", half, served / 2))
     latency = [a.seconds * 1000 for a in timed if a.status == 200]
+    half_failed = [a for a in timed if a.status != 200]
     run = {"name": name, "sentences_per_s": served, "seconds": seconds, "token_slots": slots,
-           "failed": len(answers) - sum(ok), "half_load_rate": served / 2,
-           "half_load_failed": sum(a.status != 200 for a in timed),
+           "failed": len(failed), "failures": by_status(failed), "half_load_rate": served / 2,
+           "half_load_failed": len(half_failed), "half_load_failures": by_status(half_failed),
+           "first_failure": next(map(failure, failed + half_failed), None),
            "latency_ms": {"p50": float(np.percentile(latency, 50)), "p99": float(np.percentile(latency, 99))}
            if latency else None}
     if len(vectors) == len(reference):
@@ -350,6 +368,11 @@ def failure(answer: Answer) -> str:
     if answer.status is None:
         return answer.error
     return f"{answer.status} {orjson.dumps(answer.body).decode()[:200]}"
+
+
+def by_status(answers: list[Answer]) -> dict[str, int]:
+    """How many answers had each status, a client error counted by its kind (`TimeoutError`, ...)."""
+    return dict(Counter(str(a.status) if a.status is not None else a.error.split(":")[0] for a in answers))
 
 
 def computed_slots(base: str) -> int | None:
@@ -378,14 +401,35 @@ def serve_load_report(result: dict) -> str:
     for r in result["runs"]:
         latency = r["latency_ms"] or {"p50": "-", "p99": "-"}
         agreement = r.get("agreement")
-        rows.append([f"served, {result['clients']} clients ({r['name']})", r["sentences_per_s"], r["vs_offline"],
-                     "-" if r["token_slots"] is None else r["token_slots"], r.get("token_slots_vs_offline", "-"),
+        rows.append([f"served, {result['clients']} clients ({r['name']})",
+                     *(("-" if r[key] is None else r[key]) for key in ("sentences_per_s", "vs_offline", "token_slots",
+                                                                         "token_slots_vs_offline")),
                      latency["p50"], latency["p99"], r["failed"] + r["half_load_failed"],
                      agreement[EMBEDDING.gate_key] if agreement else "incomplete"])
     title = (f"{result['sentences']} single-sentence requests from {result['data']} on {result['artifact']}; "
              "latency at half the served throughput (open loop)"
              + (f"; medians of {result['repeat']} repeats" if result["repeat"] > 1 else ""))
-    return format_columns(["run", "sentences/s", "vs offline", "token slots", "slots vs offline", "p50 ms", "p99 ms",
-                           "failed", f"{EMBEDDING.gate_key} vs offline"],
-                          [None, ",.1f", ".3f", ",.0f", ".3f", ",.2f", ",.2f", ",d", EMBEDDING.agreement_format], rows,
-                          title=title)
+    table = format_columns(["run", "sentences/s", "vs offline", "token slots", "slots vs offline", "p50 ms", "p99 ms",
+                            "failed", f"{EMBEDDING.gate_key} vs offline"],
+                           [None, ",.1f", ".3f", ",.0f", ".3f", ",.2f", ",.2f", ",d", EMBEDDING.agreement_format],
+                           rows, title=title)
+    return "\n".join([table, *(failures_line(result, r) for r in result["runs"] if r["first_failure"])])
+
+
+def failures_line(result: dict, run: dict) -> str:
+    """What failed in a run, by status, the first answer that says why, and what its figures then mean."""
+    sent = result["sentences"] * result["repeat"]
+
+    def counts(failures: dict) -> str:
+        return ", ".join(f"{status}: {count:,}" for status, count in sorted(failures.items()))
+
+    parts = [f"{run['failed']:,} of {sent:,} requests at saturation ({counts(run['failures'])})"] if run["failed"] \
+        else []
+    if run["half_load_failed"]:
+        parts.append(f"{run['half_load_failed']:,} at half load ({counts(run['half_load_failures'])})")
+    meaning = ("; sentences/s counts the answered ones, and no ratio to offline is given (the served run did less "
+               "work)" if run["failed"] else "")
+    kinds = {*run["failures"], *run["half_load_failures"]}
+    overloaded = bool(kinds & {"429", "503"}) or not all(map(str.isdigit, kinds))  # refused, or no answer at all
+    return (f"{run['name']}: {' and '.join(parts)} failed; the first: {run['first_failure']}{meaning}"
+            + ("; the server was overloaded: run with fewer --clients" if overloaded else ""))

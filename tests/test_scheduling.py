@@ -247,6 +247,22 @@ def test_a_compiles_workspace_serves_as_its_one_set_and_names_its_sets_when_it_h
         find_artifacts(workspace)
 
 
+def test_a_directory_of_several_sets_is_refused_naming_them_before_any_manifest_is_read(tmp_path):
+    """`perf serve --artifact /tmp` quoted the manifest of an old build three levels down ("is a
+    'qwen3-deploy-artifact/2' manifest ...; recompile") where /tmp is no set at all. A directory holding several sets
+    now names them (the first few), reading none; a directory holding one is that set, its manifests read."""
+    for set_dir in ("a/onnx", "a/tvm", "b/old", "c/onnx", "d/onnx", "e/onnx", "f/onnx"):
+        (tmp_path / set_dir / "seq32").mkdir(parents=True)
+        (tmp_path / set_dir / "seq32" / "manifest.json").write_text('{"format": "qwen3-deploy-artifact/2"}')
+    with pytest.raises(ToolkitError) as refused:
+        find_artifacts(tmp_path)
+    assert str(refused.value) == (f"{tmp_path} is not a bucket set but holds 7; point at one of the sets "
+                                  f"{', '.join(str(tmp_path / d) for d in ('a/onnx', 'a/tvm', 'b/old', 'c/onnx'))}, "
+                                  f"{tmp_path / 'd/onnx'} (and 2 more)")
+    with pytest.raises(ToolkitError, match="'qwen3-deploy-artifact/2' manifest"):
+        find_artifacts(tmp_path / "b")
+
+
 def test_perf_traffic_memory_is_what_unloading_the_model_gives_back(monkeypatch):
     """A runtime's first load brings in libraries that stay loaded: counted as growth since before the load, they were
     charged to the first run of each runtime (one tiny torch model: 476 MB at batch 8, then 242 MB at batch 32)."""

@@ -19,6 +19,7 @@ from toolkit.perf.serve_load import (
     ServeLoadOptions,
     ServerProcess,
     closed_loop,
+    failures_line,
     in_child,
     measure_server,
     run_offline,
@@ -104,6 +105,57 @@ def test_perf_serve_rates_each_served_run_against_the_offline_runs_around_it(emb
     assert served["token_slots_vs_offline"] == pytest.approx(served["token_slots"] / result["offline"]["token_slots"])
 
 
+def test_perf_serve_admits_every_client_past_the_servers_default_limit(embedding_set, tmp_path):
+    """perf serve measures throughput, not admission: with more clients than `toolkit serve`'s default max concurrent
+    requests (512), those past it were answered 429, and the figures covered fewer sentences than the offline run's.
+    A max wait of 1 s holds the first requests for a fuller batch while the others arrive: all in flight at once."""
+    clients = Limits.max_concurrent_requests + 88
+    data = sts_jsonl(tmp_path, sentences(clients, seed=3))
+    result = run_serve_load(ServeLoadOptions(artifact=embedding_set, data=data, limit=clients, clients=clients,
+                                             max_wait_ms=1000), progress=False)
+    (served,) = result["runs"]
+    assert result["sentences"] == clients
+    assert (served["failed"], served["half_load_failed"]) == (0, 0), serve_load_report(result)
+    assert served["vs_offline"] > 0 and served["agreement"]["max_abs_diff"] <= TOLERANCE
+
+
+def test_perf_serve_reports_failures_by_status_and_no_ratio_over_other_work(embedding_set, tmp_path):
+    """A request that fails leaves the served run with less work than the offline run: its ratios to offline compared
+    917 sentences with 1,024. They are left out, and the failures are reported by status with the first answer."""
+    texts = sentences(15, seed=4) + ["alpha " * 400_000]  # last: over the server's payload limit (2 MB), a 413
+    with pytest.warns(UserWarning, match="1 input.* truncated"):  # offline, the long one is cut to the largest SEQ
+        result = run_serve_load(ServeLoadOptions(artifact=embedding_set, data=sts_jsonl(tmp_path, texts), limit=None,
+                                                 clients=4), progress=False)
+    (served,) = result["runs"]
+    assert (served["failed"], served["failures"], served["half_load_failed"]) == (1, {"413": 1}, 0)
+    assert served["vs_offline"] is served["token_slots_vs_offline"] is None
+    assert served["sentences_per_s"] > 0 and "agreement" not in served
+    report = serve_load_report(result)
+    row = next(line for line in report.splitlines() if line.startswith("served, 4 clients"))
+    assert row.split()[5] == row.split()[7] == "-", report  # the ratios, after sentences/s and after token slots
+    assert report.splitlines()[-1].startswith("uvicorn: 1 of 16 requests at saturation (413: 1) failed; the first: "
+                                              '413 {"error":"request body is larger than the payload limit'), report
+
+
+def test_perf_serve_says_an_overloaded_run_needs_fewer_clients():
+    run = {"name": "uvicorn", "failed": 3, "failures": {"429": 2, "ServerDisconnectedError": 1}, "half_load_failed": 1,
+           "half_load_failures": {"TimeoutError": 1}, "first_failure": '429 {"error":"..."}'}
+    assert failures_line({"sentences": 10, "repeat": 2}, run) == (
+        'uvicorn: 3 of 20 requests at saturation (429: 2, ServerDisconnectedError: 1) and 1 at half load '
+        '(TimeoutError: 1) failed; the first: 429 {"error":"..."}; sentences/s counts the answered ones, and no ratio '
+        "to offline is given (the served run did less work); the server was overloaded: run with fewer --clients")
+
+
+def sts_jsonl(tmp_path, texts: list[str]) -> str:
+    """An STS-format evaluation file whose sentences are `texts`, in order (an even count)."""
+    import json
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"sentence1": a, "sentence2": b, "score": 1.0}) + "\n"
+                            for a, b in zip(texts[::2], texts[1::2])))
+    return str(data)
+
+
 def test_perf_serve_quotes_the_first_failure_when_no_request_succeeds(embedding_set):
     """Not a rate of 0 (and a division by it for the half load): the error says what the server answered."""
     app = create_app(Embedder.from_artifacts(embedding_set), limits=Limits(payload_limit=10))
@@ -187,3 +239,77 @@ def test_perf_serve_closes_the_servers_log_whether_or_not_it_came_up(tmp_path, m
     with ServerProcess(["--embedding", tmp_path / "missing"]) as up:
         pass
     assert up.log.closed
+
+
+
+TERMINATED = """
+import os, sys, threading
+from pathlib import Path
+from toolkit.perf import serve_load
+from toolkit.perf.cli import perf
+
+def say_then_block(pid):  # the phase reached: names the child it runs in (whole: renamed into place), never ends
+    Path(sys.argv[1] + ".tmp").write_text(str(pid))
+    os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+    threading.Event().wait()
+
+def block_offline(options, texts, progress):  # the offline run, in its child
+    say_then_block(os.getpid())
+
+def block_served(name, server, *args):  # the served run, the server up
+    say_then_block(server.process.pid)
+
+if __name__ == "__main__":
+    if sys.argv[3] == "offline":
+        serve_load.run_offline = block_offline
+    else:
+        serve_load.measure_server = block_served
+    perf(["serve", "--artifact", sys.argv[2], "--data", "sts12-sample", "--limit", "4", "--clients", "2"])
+"""
+
+
+@pytest.mark.parametrize("phase", ["offline", "served"])
+def test_perf_serve_terminated_stops_its_children_and_exits_143(phase, embedding_set, tmp_path):
+    """SIGTERM (a supervisor's stop) ended perf serve alone: the offline run's child, or the `toolkit serve` child,
+    went on without a parent. Now it stops them as Ctrl-C does, and exits 143."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script, started, log = tmp_path / "terminated.py", tmp_path / "child-started", tmp_path / "perf.log"
+    script.write_text(TERMINATED)
+    with log.open("w") as output:  # a file, not a pipe: a child left behind would hold a pipe open
+        perf = subprocess.Popen([sys.executable, str(script), str(started), str(embedding_set), phase],
+                                stdout=output, stderr=subprocess.STDOUT)
+    child = None
+    try:
+        wait_until(lambda: started.exists() or perf.poll() is not None)
+        assert started.exists(), log.read_text()
+        child = int(started.read_text())
+        perf.send_signal(signal.SIGTERM)
+        perf.wait(TIMEOUT)
+        wait_until(lambda: not running(child))
+        assert (perf.returncode, running(child)) == (143, False), log.read_text()
+    finally:
+        perf.kill()
+        if child is not None and running(child):
+            os.kill(child, signal.SIGKILL)  # left behind
+
+
+def wait_until(condition) -> None:
+    """Poll `condition` until it holds or TIMEOUT seconds have passed."""
+    import time
+
+    deadline = time.monotonic() + TIMEOUT
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def running(pid: int) -> bool:
+    """Whether a process of this id runs (a zombie, exited and not yet collected, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

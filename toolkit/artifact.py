@@ -27,6 +27,7 @@ from toolkit.errors import ToolkitError
 from toolkit.tasks import TASKS
 
 MANIFEST = "manifest.json"
+MAX_SETS_NAMED = 5  # a directory of many sets (/tmp) is refused naming this many
 FORMAT = "qwen3-deploy-artifact/5"
 BACKENDS = ("onnx", "tvm")  # one name per backend, everywhere: configs, CLI, manifests, directories
 MODEL_FILE_SUFFIX = {"onnx": ".onnx", "tvm": ".so"}  # what each backend loads (an ONNX graph, a TVM library)
@@ -443,7 +444,8 @@ def find_artifacts(path: str | Path) -> list[Manifest]:
     """One artifact directory, or a directory of them (a bucket set: same task, backend and dtype, several SEQs, each
     with its own batch), as manifests sorted by SEQ; also a compile's workspace holding one set (model/backend/SEQ).
     Staging directories of unfinished compiles (dot-prefixed) are not artifacts; a SEQ directory without its manifest
-    is refused (`check_seq_dir`)."""
+    is refused (`check_seq_dir`). A directory holding several sets is refused naming them, before any of their
+    manifests is read (one of another toolkit version's is no reason)."""
     if str(path) == "":  # Path("") is the current directory
         raise ToolkitError("the artifact path is empty; name an artifact directory or a bucket set (e.g. "
                            "workspace/qwen3-embedding-0.6b-fp16/onnx)")
@@ -451,16 +453,19 @@ def find_artifacts(path: str | Path) -> list[Manifest]:
     if (path / MANIFEST).is_file():
         return [Manifest.load(path, verify=False)]
     found = artifact_dirs(path)
-    for set_dir in {path, *(p.parent for p in found)}:
+    sets = sorted({str(p.parent) for p in found})
+    if len(sets) > 1:  # not one set (a workspace of several, a directory such as /tmp): no manifest of theirs is read
+        listed = ", ".join(sets[:MAX_SETS_NAMED]) + (f" (and {len(sets) - MAX_SETS_NAMED} more)"
+                                                      if len(sets) > MAX_SETS_NAMED else "")
+        raise ToolkitError(f"{path} is not a bucket set but holds {len(sets)}; point at one of the sets {listed}")
+    for set_dir in {path, *map(Path, sets)}:
         for directory in [set_dir, *set_dir.glob("seq*/")]:
             if SEQ_DIR.fullmatch(directory.name) and directory.is_dir():
                 check_seq_dir(directory)
     if not found:
         raise ToolkitError(f"no artifact under {path}; compile one with `toolkit compile` (or `make quickstart`)")
     manifests = [Manifest.load(p, verify=False) for p in found]
-    sets = sorted({str(p.parent) for p in found})
-    one_set = (f"point at one of the sets {', '.join(sets)}" if len(sets) > 1 else
-               "compile the set again (a build removes the SEQs other builds left in it)")
+    one_set = "compile the set again (a build removes the SEQs other builds left in it)"
     kinds = {m.set_key for m in manifests}
     if len(kinds) > 1:
         raise ToolkitError(f"{path} mixes artifacts of different task/backend/dtype/cached instruction/checkpoint "

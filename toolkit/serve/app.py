@@ -16,7 +16,7 @@ import base64
 import json
 import os
 import time
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 
 import numpy as np
 import orjson
@@ -93,6 +93,12 @@ class Services:
         """The services present."""
         return list(self.by_task.values())
 
+    def admitted(self, route_tags: list) -> AbstractContextManager:
+        """A place among the concurrent requests of the model a route runs (the tag naming it), or Overloaded; none
+        for a route of no model, or of one not loaded (the route answers 404)."""
+        service = next((self.by_task[tag] for tag in route_tags if tag in self.by_task), None)
+        return service.admitted() if service else nullcontext()
+
     def drain(self) -> None:
         """Run what is queued now, and each request still to come as it arrives (the server is stopping)."""
         self.stopping = True
@@ -152,7 +158,11 @@ def is_json(content_type: str | None) -> bool:
 class JsonBodyRoute(APIRoute):
     """A route whose body is a UTF-8 JSON object sent as `Content-Type: application/json`: any other type (curl -d's
     form encoding, text/plain, none) is refused with 415 naming the header, as TEI refuses it, before the body is
-    read; FastAPI would hand the bytes to the schema, whose 422 says "Input should be a valid dictionary"."""
+    read; FastAPI would hand the bytes to the schema, whose 422 says "Input should be a valid dictionary". A route
+    tagged with a model's name holds a place among that model's concurrent requests from before its body is read
+    (`Services.admitted`): a request over the limit is refused (429) for the cost of its headers (each refused body
+    was read and parsed: 300 of 1.9 MB at a limit of 8 took the server to 1 GB). Not a dependency: FastAPI reads the
+    body before it runs those."""
 
     @override
     def get_route_handler(self):
@@ -163,17 +173,18 @@ class JsonBodyRoute(APIRoute):
         async def handle_json_body(request: Request) -> Response:
             if not is_json(request.headers.get("content-type")):
                 raise HTTPException(415, "send the body as JSON with the header Content-Type: application/json")
-            return await handle(Utf8JsonRequest(request.scope, request.receive))
+            with request.app.state.services.admitted(self.tags):
+                return await handle(Utf8JsonRequest(request.scope, request.receive))
 
         return handle_json_body
 
 
 def tei_routes(services: Services) -> APIRouter:
     """TEI's `/embed` (and `/`, Hugging Face InferenceClient's feature extraction), `/rerank`, `/tokenize`."""
-    router = APIRouter(route_class=JsonBodyRoute)
+    router = APIRouter(route_class=JsonBodyRoute)  # a model's routes tagged with its name: admission, /docs' groups
 
-    @router.post("/embed", response_model=list[list[float]])
-    @router.post("/", include_in_schema=False)
+    @router.post("/embed", response_model=list[list[float]], tags=[EMBEDDING.name])
+    @router.post("/", include_in_schema=False, tags=[EMBEDDING.name])
     async def embed(request: EmbedRequest) -> Response:
         """Vectors for `inputs`, in order."""
         service = services.embedding()
@@ -182,7 +193,7 @@ def tei_routes(services: Services) -> APIRouter:
                                          request.truncate, request.dimensions, request.normalize)
         return VectorsResponse(vectors)
 
-    @router.post("/rerank", response_model_exclude_none=True)
+    @router.post("/rerank", response_model_exclude_none=True, tags=[RERANKER.name])
     async def rerank(request: RerankRequest) -> list[RankedText]:
         """`texts` ranked for `query`, best first."""
         order, scores, _ = await services.reranking().rerank(request.query, request.texts, request.instruction,
@@ -190,7 +201,7 @@ def tei_routes(services: Services) -> APIRouter:
         return [RankedText(index=i, score=float(scores[i]), text=request.texts[i] if request.return_text else None)
                 for i in order]
 
-    @router.post("/tokenize")
+    @router.post("/tokenize", tags=[EMBEDDING.name])
     async def tokenize(request: TokenizeRequest) -> list[list[Token]]:
         """The tokens `/embed` runs for each input (instruction included, and with `add_special_tokens` the closing
         <|endoftext|>), each with the characters of the input it covers."""
@@ -217,7 +228,7 @@ def openai_routes(services: Services) -> APIRouter:
         return {"object": "list", "data": [{"id": s.model_name, "object": "model", "created": services.loaded_at,
                                             "owned_by": "qwen3-deploy"} for s in services.loaded()]}
 
-    @router.post("/embeddings", response_model=EmbeddingsResponse)
+    @router.post("/embeddings", response_model=EmbeddingsResponse, tags=[EMBEDDING.name])
     async def embeddings(request: EmbeddingsRequest) -> Response:
         """Vectors for text or token-id inputs; `usage.prompt_tokens` counts every token run."""
         service, texts = services.embedding(), request.texts()
@@ -234,7 +245,7 @@ def openai_routes(services: Services) -> APIRouter:
                                 "model": service.model_name,
                                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-    @router.post("/rerank", response_model_exclude_none=True)
+    @router.post("/rerank", response_model_exclude_none=True, tags=[RERANKER.name])
     async def rerank(request: DocumentsRerankRequest) -> RerankResponse:
         """`documents` (texts or `{"text": ...}` objects) ranked for `query`, best first, with `relevance_score` =
         P(yes); `return_documents` echoes each as `{"text": ...}`."""

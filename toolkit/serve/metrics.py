@@ -1,7 +1,8 @@
 """Prometheus metrics of one app, in a registry of its own (several apps in one process do not clash).
 
-- `toolkit_http_requests_total{route, status}` and `toolkit_http_request_seconds{route}`: every answer, by route
-  template (unknown paths count as `unmatched`);
+- `toolkit_http_requests_total{route, status}` and `toolkit_http_request_seconds{route, status_class}`: every answer,
+  by route template (unknown paths count as `unmatched`); the latencies by status class (`2xx`, `4xx`, `5xx`: a flood's
+  fast 429s and its clients' 499s apart from the answers, in few series);
 - `toolkit_stage_seconds{model, stage}`: per request, `tokenize`, `queue` (until its first row goes to an engine) and
   `inference` (from then until its last batch is done);
 - `toolkit_batch_rows{model}`, `toolkit_batch_tokens{model}` (real tokens) and `toolkit_padded_tokens_total{model}`
@@ -36,8 +37,9 @@ class ServiceMetrics:
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("toolkit_http_requests", "HTTP requests answered, by route and status",
                                 ["route", "status"], registry=registry)
-        self.request_seconds = Histogram("toolkit_http_request_seconds", "Seconds from request to answer, by route",
-                                         ["route"], buckets=SECONDS, registry=registry)
+        self.request_seconds = Histogram("toolkit_http_request_seconds", "Seconds from request to answer, by route "
+                                         "and status class (2xx, 4xx, 5xx)", ["route", "status_class"],
+                                         buckets=SECONDS, registry=registry)
         self.stage_seconds = Histogram("toolkit_stage_seconds", "Seconds a request spent in each stage: tokenize, "
                                        "queue (until its first row runs), inference", ["model", "stage"],
                                        buckets=SECONDS, registry=registry)
@@ -70,7 +72,7 @@ class ServiceMetrics:
     def answered(self, route: str, status: int, seconds: float) -> None:
         """Count one HTTP answer."""
         self.requests.labels(route, str(status)).inc()
-        self.request_seconds.labels(route).observe(seconds)
+        self.request_seconds.labels(route, f"{status // 100}xx").observe(seconds)
 
     def render(self) -> bytes:
         """Every metric in the Prometheus text format, with the constant labels."""

@@ -12,7 +12,8 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from types import MappingProxyType
+from typing import Callable, Mapping
 
 import uvicorn
 
@@ -150,17 +151,23 @@ def engines_line(model: dict) -> str:
             f"{model['instances']} instance(s) x {model['threads_per_instance']} thread(s) per bucket")
 
 
+# a server's: SIGTERM is the stop asked for, Ctrl-C exits as shells give it
+SERVER_EXIT_STATUSES = MappingProxyType({signal.SIGTERM: 0, signal.SIGINT: 128 + signal.SIGINT})
+
+
 @contextmanager
-def exit_on_signals(received: list[int] | None = None):
-    """Within the block, SIGTERM exits 0 and SIGINT exits 130 (no traceback); the previous handlers come back after.
-    Yields the list of the signals received (`received`, if given, is appended to)."""
+def exit_on_signals(received: list[int] | None = None, statuses: Mapping[int, int] = SERVER_EXIT_STATUSES):
+    """Within the block, each signal of `statuses` exits with its status, as a SystemExit raised where the signal
+    interrupts: no traceback, and the `finally` blocks and context managers on the way out run (children stopped,
+    files closed). The previous handlers come back after. Yields the list of the signals received (`received`, if
+    given, is appended to)."""
     received = [] if received is None else received
 
     def exit_with_status(signum, frame):
         received.append(signum)
-        raise SystemExit(exit_status(signum))
+        raise SystemExit(statuses[signum])
 
-    with signal_handler(exit_with_status):
+    with signal_handler(exit_with_status, tuple(statuses)):
         yield received
 
 
@@ -176,16 +183,17 @@ def signals_deferred():
 
 
 @contextmanager
-def signal_handler(handler):
-    """`handler` (or SIG_IGN) for SIGTERM and SIGINT within the block; the previous handlers come back after."""
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+def signal_handler(handler, signals: tuple[int, ...] = tuple(SERVER_EXIT_STATUSES)):
+    """`handler` (or SIG_IGN) for `signals` (SIGTERM and SIGINT) within the block; the previous handlers come back
+    after."""
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, previous_handler in previous.items():
+            signal.signal(sig, previous_handler)
 
 
 def exit_status(signum: int) -> int:
-    """The exit status after a stop by `signum`: 0 after SIGTERM (a stop asked for), else the shell's 128 + signum."""
-    return 0 if signum == signal.SIGTERM else 128 + signum
+    """A server's exit status after a stop by `signum` (`SERVER_EXIT_STATUSES`)."""
+    return SERVER_EXIT_STATUSES[signum]

@@ -1,8 +1,9 @@
 """The models behind the service: a thin async layer over `Embedder` / `Reranker`.
 
-Each served model keeps its own admission count (`max_concurrent_requests`), tokenises off the event loop with the
-model's own `tokenize`, runs the rows through a `BatchScheduler` (cross-request batching) and finishes them with the
-task's own head, so a served result is what the offline API returns for the same input.
+Each served model keeps its own admission count (`max_concurrent_requests`; the app takes a request's place before
+its body is read, `admitted`), tokenises off the event loop with the model's own `tokenize`, runs the rows through a
+`BatchScheduler` (cross-request batching) and finishes them with the task's own head, so a served result is what the
+offline API returns for the same input.
 
 Errors a client causes or meets carry their HTTP status (`ServiceError.status`); the app turns them into responses.
 """
@@ -155,13 +156,17 @@ class ServedModel:
         """The artifact set's name (what responses report as `model`)."""
         return self.model.manifests[0].name if self.model.manifests else self.name
 
-    @contextmanager
-    def admitted(self, inputs: int):
-        """Hold one of the model's concurrent-request places for the block, or refuse the request."""
+    def check_client_batch(self, inputs: int) -> None:
+        """Refuse a request of more inputs than the max client batch size."""
         if inputs > self.limits.max_client_batch_size:
             raise LimitExceeded(f"{inputs} inputs in one request is over the max client batch size "
                                 f"{self.limits.max_client_batch_size}; split the request or raise "
                                 "--max-client-batch-size")
+
+    @contextmanager
+    def admitted(self):
+        """Hold one of the model's concurrent-request places for the block, or refuse the request (Overloaded). The
+        app holds it from before the request's body is read to its answer: a refusal reads no body."""
         if self.active >= self.limits.max_concurrent_requests:
             raise Overloaded(f"the {self.name} model is at its max concurrent requests "
                              f"({self.limits.max_concurrent_requests}); retry shortly")
@@ -233,27 +238,26 @@ class EmbeddingService(ServedModel):
         """Vectors for texts and the tokens they took; `truncate=None`: the route has no truncate option (too long
         is an error)."""
         self._check_dimensions(dimensions)
-        with self.admitted(len(texts)):
-            rows = await self.rows(self._text_rows, texts, instruction, bool(truncate),
-                                   can_truncate=truncate is not None)
-            vectors = self.model.task.finish(await self.run(rows), dim=dimensions, normalize=normalize)
-            return vectors, sum(map(len, rows))
+        self.check_client_batch(len(texts))
+        rows = await self.rows(self._text_rows, texts, instruction, bool(truncate), can_truncate=truncate is not None)
+        vectors = self.model.task.finish(await self.run(rows), dim=dimensions, normalize=normalize)
+        return vectors, sum(map(len, rows))
 
     async def embed_ids(self, bodies: list[list[int]], dimensions: int | None = None) -> tuple[np.ndarray, int]:
         """Vectors for inputs sent as token ids (the text's tokens, without the closing <|endoftext|>)."""
         self._check_dimensions(dimensions)
-        with self.admitted(len(bodies)):
-            rows = await self.rows(self.model.tokenize_ids, bodies, can_truncate=False)
-            self._check_cached_prefix(rows)
-            return self.model.task.finish(await self.run(rows), dim=dimensions), sum(map(len, rows))
+        self.check_client_batch(len(bodies))
+        rows = await self.rows(self.model.tokenize_ids, bodies, can_truncate=False)
+        self._check_cached_prefix(rows)
+        return self.model.task.finish(await self.run(rows), dim=dimensions), sum(map(len, rows))
 
     async def tokens(self, texts: list[str], instruction: str | None = None, truncate: bool = False,
                      add_special_tokens: bool = True) -> list[list[tuple[int, int | None, int | None]]]:
         """The rows `/embed` would run for these texts, each token as (id, start, stop): the characters of its text it
         covers, None for a token of the prompt around the text. Without `add_special_tokens`, without the tokens the
         task frames every row with (the closing <|endoftext|>)."""
-        with self.admitted(len(texts)):
-            return await self.rows(self._text_tokens, texts, instruction, truncate, add_special_tokens)
+        self.check_client_batch(len(texts))
+        return await self.rows(self._text_tokens, texts, instruction, truncate, add_special_tokens)
 
     def instruction_for(self, prompt_name: str | None, instruction: str | None) -> str | None:
         """The instruction a request's texts are formatted with: its `instruction`, or its sentence-transformers
@@ -313,9 +317,8 @@ class RerankService(ServedModel):
                      raw_scores: bool = False, top_n: int | None = None) -> tuple[list[int], np.ndarray, int]:
         """(indices best first, scores in input order, tokens run); scores are P(yes), or log-odds with
         `raw_scores`."""
-        with self.admitted(len(texts)):
-            pairs = [(query, t) for t in texts]
-            rows = await self.rows(self.model.tokenize, pairs, instruction, truncation(truncate))
-            raw = await self.run(rows)
+        self.check_client_batch(len(texts))
+        rows = await self.rows(self.model.tokenize, [(query, t) for t in texts], instruction, truncation(truncate))
+        raw = await self.run(rows)
         scores = yes_log_odds(raw).astype(np.float32) if raw_scores else self.model.task.finish(raw)
         return rank_order(scores, top_n), scores, sum(map(len, rows))
