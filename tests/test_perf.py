@@ -297,8 +297,11 @@ def test_perf_compare_interleaved_times_every_run_in_alternating_rounds(onnx_art
     calls = []  # the backend of every forward, in order
     real_open = compare.open_backend
 
-    def open_recording(manifest):
-        backend = real_open(manifest)
+    def open_recording(manifest, **options):
+        backend = real_open(manifest, **options)
+        if manifest.backend == "onnx":  # its threads sleep after a run: spinning, they held up TVM's next one
+            config = backend.session.get_session_options().get_session_config_entry
+            assert config("session.intra_op.allow_spinning") == "0"
         real_run = backend.run
 
         def run(ids, mask):
