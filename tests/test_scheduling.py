@@ -15,11 +15,14 @@ from toolkit.backends import Backend
 from toolkit.buckets import padded_tokens, suggest_seq_lens, token_lengths
 from toolkit.cli import main
 from toolkit.errors import ToolkitError
+from toolkit.eval.datasets import load_dataset
 from toolkit.runner import BucketedRunner
 from toolkit.runtime import ComputeBudget, Engine
 from toolkit.tasks import EMBEDDING, RERANKER
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
+
+from conftest import build
 
 TIMEOUT = 60  # seconds: a bound on waits that only a hang reaches
 
@@ -135,8 +138,6 @@ def test_compile_seq_auto_picks_buckets_from_the_data(checkpoints, tokenizers, t
                                        "--buckets", "2", "--batch-tokens", "256", "--workspace", str(tmp_path)])
     assert result.exit_code == 0, result.output
     manifests = find_artifacts(tmp_path / "qwen3-reranker-0.6b-fp16" / "onnx")
-    from toolkit.eval.datasets import load_dataset
-
     lengths = token_lengths(RERANKER, tokenizers["reranker"], RERANKER.traffic(load_dataset("msmarco-sample")[2]))
     assert [m.seq_len for m in manifests] == list(suggest_seq_lens(lengths, 2, minimum=63))
     assert all(m.batch == max(1, 256 // m.seq_len) for m in manifests)
@@ -222,6 +223,29 @@ def test_perf_traffic_names_two_sets_of_one_config_by_their_directories(onnx_art
     assert first.endswith(f"({before})") and second.endswith(f"({after})")
 
 
+def test_perf_traffic_compares_a_set_with_a_smaller_largest_seq_only_on_the_requests_it_ran_whole(
+        checkpoints, onnx_artifacts, tokenizers, tmp_path):
+    """torch cuts requests at the largest SEQ of all the sets (64 here): a set of SEQ 16 ran other tokens for the
+    requests longer than 16, which measured its cut (min cosine 0.90 on STS12), and the warning blamed the artifact."""
+    from toolkit.perf import traffic
+
+    [short] = build(checkpoints, tmp_path, "embedding", seq_lens=(16,))
+    result = traffic.run_traffic(traffic.TrafficOptions(
+        data="sts12-sample", artifacts=(str(onnx_artifacts["embedding"][0].parent), str(short.parent)),
+        torch_batches=(8,), limit=24), progress=False)
+    requests = EMBEDDING.traffic(load_dataset("sts12-sample")[2])[:24]
+    longer = int((token_lengths(EMBEDDING, tokenizers["embedding"], requests) > 16).sum())
+    assert 0 < longer < 24
+    torch_run, whole, cut = result["runs"]
+    report = traffic.traffic_report(result)
+    assert "off tolerance" not in report and "itself is off" not in report
+    assert cut["agreement_vs_first"]["items"] == 24 - longer and cut["agreement_vs_first"]["passed"]
+    assert cut["truncated"] == cut["agreement_left_out"] == longer and cut["max_length"] == 16
+    assert whole["truncated"] == whole["agreement_left_out"] == 0 and whole["agreement_vs_first"]["items"] == 24
+    assert f"cut {longer} of 24 requests to 16 tokens: it computed fewer tokens" in report
+    assert f"agreement leaves out the {longer} requests it and torch eager fp32, batch 8 cut differently" in report
+
+
 def test_find_artifacts_accepts_a_batch_per_seq_but_not_two_artifacts_for_one_seq(onnx_artifacts, tmp_path):
     import shutil
 
@@ -277,5 +301,5 @@ def test_perf_traffic_memory_is_what_unloading_the_model_gives_back(monkeypatch)
     config = {"hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1,
               "num_hidden_layers": 1}
     for _ in range(2):  # the first run and a later one alike
-        figures, _ = traffic.time_run(task, "torch eager fp32, batch 8", Model, ["a", "b"], None, config, False)
+        figures, *_ = traffic.time_run(task, "torch eager fp32, batch 8", Model, ["a", "b"], None, config, False)
         assert figures["resident_mb"] == 50
