@@ -18,7 +18,7 @@ from toolkit.errors import ToolkitError
 from toolkit.eval.datasets import load_dataset
 from toolkit.runner import BucketedRunner
 from toolkit.runtime import ComputeBudget, Engine
-from toolkit.tasks import EMBEDDING, RERANKER
+from toolkit.tasks import EMBEDDING, RERANKER, SIMILARITY_INSTRUCTION
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
 
@@ -154,6 +154,28 @@ def test_compile_seq_auto_picks_buckets_from_the_data(checkpoints, tokenizers, t
                                       "--workspace", str(tmp_path / "pairs")])
     assert pairs.exit_code == 2 and "reranker task cannot use sts12 (a pairs dataset)" in pairs.output
     assert not (tmp_path / "pairs").exists()
+
+
+@pytest.mark.parametrize("instruction", [None, SIMILARITY_INSTRUCTION])
+def test_seq_auto_says_how_much_its_set_pads_on_the_rows_as_the_build_s_inputs_carry_them(checkpoints, tokenizers,
+                                                                                          instruction):
+    """A set for queries (`--instruction`) is chosen on the texts with it, a bare set on the texts alone (documents,
+    what `perf traffic` replays); the padding it leaves there is printed, so the choice can be checked."""
+    from toolkit.buckets import padding_share, suggest_for_dataset
+
+    logged = []
+    seqs = suggest_for_dataset("embedding", str(checkpoints["embedding"]), "sts12-sample", 4,
+                               instruction=instruction, log=logged.append)
+    texts = EMBEDDING.traffic(load_dataset("sts12-sample")[2])
+    lengths = token_lengths(EMBEDDING, tokenizers["embedding"], texts, instruction)
+    assert seqs == suggest_seq_lens(lengths, 4, minimum=EMBEDDING.min_seq_len(tokenizers["embedding"], instruction),
+                                    max_seq=seqs[-1])
+    share = padding_share(lengths, seqs)
+    assert 0 < share < 0.5 and share == padded_tokens(lengths, seqs) / (padded_tokens(lengths, seqs) + lengths.sum())
+    measured = f"with the instruction {instruction!r}" if instruction else "bare, as documents"
+    assert logged[-1].startswith(f"buckets chosen from sts12-sample: --seq {','.join(map(str, seqs))}, "
+                                 f"{share:.1%} of the token slots padding (each of its {len(texts)} rows in the "
+                                 f"smallest SEQ that holds it; measured {measured}"), logged
 
 
 def test_perf_traffic_prints_ratios_padding_and_agreement(onnx_artifacts, tmp_path):
