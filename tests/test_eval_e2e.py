@@ -78,11 +78,16 @@ def test_eval_cli_prints_table_writes_json_and_rejects_bad_combinations(onnx_art
     (["--max-drop", "nan"], "max_drop must be a finite number >= 0"),
     (["--instance", "0"], "instances must be an integer >= 1"),
     (["--run", "artifact"], "--artifact DIR is required"),
-    (["--engine", "torch"], "No such option"),  # --engine was renamed to --run
+    (["--engine", "torch"], "No such option '--engine'; see `toolkit eval --help`"),
+    (["--json", "-"], "Invalid value for '--json': '-' is not standard output here"),  # click's refusal: one line too
+    (["--limit", "x"], "Invalid value for '--limit': 'x' is not a valid integer; see `toolkit eval --help`"),
 ])
 def test_eval_cli_rejects_bad_options_with_one_line(args, message):
-    r = CliRunner().invoke(main, ["eval", "--task", "embedding", "--dataset", "sts12-sample", *args])
+    r = CliRunner().invoke(main, ["eval", "--task", "embedding", "--dataset", "sts12-sample", *args],
+                           prog_name="toolkit")
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+    [line] = r.output.splitlines()  # not click's block of usage, "Try ... --help" and "Error:"
+    assert line.startswith("error: "), r.output
 
 
 @pytest.mark.parametrize("flag", ["--instances", "--instance"])  # --instances as every command; the old spelling too
