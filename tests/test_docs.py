@@ -29,3 +29,26 @@ def test_make_clean_keeps_the_compiled_sets_of_the_workspace():
     removals = [line for line in commands.splitlines() if line.startswith("rm ")]
     assert removals and all("my-real-sets" not in line for line in removals), commands
     assert any("quickstart" in line for line in removals)
+
+
+SYNOPSES = ["toolkit synth", "toolkit compile", "toolkit inspect", "toolkit validate", "toolkit demo", "toolkit eval",
+            "toolkit data download", "perf run", "perf compare", "perf traffic", "perf profile", "perf buckets",
+            "perf serve"]
+
+
+@pytest.mark.parametrize("command", SYNOPSES)
+def test_readme_synopses_name_every_option_the_command_takes(command):
+    """The command's synopses in the README (`toolkit eval --task T ...` in backticks) hold every option its --help
+    lists, so a user reading the table sees all of them."""
+    from toolkit.cli import main
+
+    group, *names = command.split()
+    cmd = main.commands["perf"] if group == "perf" else main
+    for name in names:
+        cmd = cmd.commands[name]
+    readme = (ROOT / "README.md").read_text().replace("\n", " ")
+    synopses = " ".join(re.findall(rf"`{command} [^`]*`", readme))
+    assert synopses, f"no synopsis of {command}"
+    missing = [p.opts[0] for p in cmd.params if p.opts[0].startswith("--")
+               and not any(re.search(rf"{re.escape(o)}\b", synopses) for o in p.opts + p.secondary_opts)]
+    assert missing == [], f"{command}: {missing}"
