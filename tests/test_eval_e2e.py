@@ -1,4 +1,5 @@
 """`toolkit eval` end to end on the tiny synthetic artifacts, all three datasets (bundled samples)."""
+import itertools
 import json
 import re
 import shutil
@@ -358,12 +359,25 @@ def stop(*args, **kwargs):
     raise TorchLoaded
 
 
+def demo_table_cells(output: str, *columns: str) -> dict[str, list[str]]:
+    """The numbers in the last cells of the first table's rows, by column (the demo's number columns are its last)."""
+    lines = output.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.rstrip().endswith(columns[-1]))
+    rows = list(itertools.takewhile(lambda line: line.strip(), lines[header + 2:]))
+    return {c: [row.split()[-len(columns) + k] for row in rows] for k, c in enumerate(columns)}
+
+
 def test_demo_cli(onnx_artifacts):
     r = CliRunner().invoke(main, ["demo", "--task", "reranker", "--artifact", str(onnx_artifacts["reranker"][1])])
     assert r.exit_code == 0, r.output
     assert "torch P(yes)" in r.output and "OK" in r.output
+    scores = demo_table_cells(r.output, "torch P(yes)", "artifact P(yes)", "|diff|")
+    assert all(re.fullmatch(r"[01]\.\d{4}", c) for c in scores["artifact P(yes)"]), scores  # one format down a column
+    assert all(re.fullmatch(r"\d\.\d\de[+-]\d\d", c) for c in scores["|diff|"]), scores
     r = CliRunner().invoke(main, ["demo", "--task", "embedding", "--artifact", str(onnx_artifacts["embedding"][1])])
     assert r.exit_code == 0 and "cos(torch, artifact)" in r.output
+    [cosines] = demo_table_cells(r.output, "cos(torch, artifact)").values()
+    assert all(re.fullmatch(r"[01]\.\d{6}", c) for c in cosines), cosines  # was `1.000` beside `1.0000`
     # the other task's set: named as such (its cached instruction was named instead, with eval commands for it)
     r = CliRunner().invoke(main, ["demo", "--task", "embedding", "--artifact", str(onnx_artifacts["reranker"][1])])
     assert r.exit_code == 2 and r.output.strip().endswith(
