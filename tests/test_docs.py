@@ -52,3 +52,12 @@ def test_readme_synopses_name_every_option_the_command_takes(command):
     missing = [p.opts[0] for p in cmd.params if p.opts[0].startswith("--")
                and not any(re.search(rf"{re.escape(o)}\b", synopses) for o in p.opts + p.secondary_opts)]
     assert missing == [], f"{command}: {missing}"
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "build_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_build_config_says_how_to_get_an_offline_stand_in_of_its_checkpoint(config):
+    from toolkit.config import load_build_config
+
+    cfg = load_build_config(config)
+    shape = re.search(r"-(0\.6b|4b|8b)-", cfg.name).group(1)
+    assert f"`toolkit synth --task {cfg.task} --shape {shape} DIR`, then --checkpoint DIR" in config.read_text()
