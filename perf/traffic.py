@@ -13,7 +13,7 @@ With `rounds` > 1 every run goes that many times, the order reversed each round,
 run's ratio to torch is taken within each round (runs minutes apart on a shared machine drift by 10-20%, more than the
 gaps being measured) and the table shows the median with the range over the rounds.
 
-    result = run_traffic(TrafficOptions(data="../shared/data/sts12_test.jsonl", artifacts=("ws/emb/tvm",), rounds=3))
+    result = run_traffic(TrafficOptions(data="data/sts12_test.jsonl", artifacts=("ws/emb/tvm",), rounds=3))
 """
 from __future__ import annotations
 
