@@ -264,7 +264,7 @@ def test_unreachable_hub_fails_fast_naming_the_local_options(tmp_path, monkeypat
     assert offline_at_load == [True]
     assert r.exit_code == 2 and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert f"{endpoint} is unreachable" in r.output and "sts12_test.jsonl" in r.output
-    assert "no copy of it is cached" in r.output and "toolkit data download" in r.output
+    assert "holds no copy of it" in r.output and "toolkit data download" in r.output
 
 
 def test_eval_cli_data_dir_without_the_file_is_one_line_naming_it(tmp_path):
