@@ -1,4 +1,5 @@
 # qwen3-deploy. Two commands for a newcomer:  make quickstart   (end to end on a synthetic model)   make test
+# Needs Python >= 3.11 and pip that reaches PyPI (`make install`, which both run first; PY=python3.12 picks another).
 PY ?= python3
 SEQ ?= 512
 WORKSPACE ?= workspace
@@ -48,10 +49,16 @@ quickstart: $(STAMP)
 	perf run --artifact $(QS_ART)/quickstart-embedding/$(BACKEND)/seq128 --percentiles 50,90,99 --iterations 200 --json $(QS)/perf.json
 	@echo "quickstart done: artifacts in $(QS_ART), results (JSON) in $(QS)/"
 
+# The evaluations again on quickstart's sets (after `make quickstart`; BACKEND as it was built with).
 eval:
 	toolkit eval --task embedding --dataset sts12-sample --artifact $(QS_ART)/quickstart-embedding/$(BACKEND)
 	toolkit eval --task embedding --dataset bq-sample --artifact $(QS_ART)/quickstart-embedding/$(BACKEND)
 	toolkit eval --task reranker --dataset msmarco-sample --artifact $(QS_ART)/quickstart-reranker/$(BACKEND)
 
+# What quickstart and the install stamp made. Never WORKSPACE: it holds the sets `make compile` built from real
+# checkpoints (hours at 8B); delete a set's directory to remove it.
 clean:
-	rm -rf $(QS) $(WORKSPACE)
+	rm -rf $(QS)
+	rm -f build/.installed-*
+	@rmdir build 2>/dev/null || true
+	@echo "kept: sets compiled into $(WORKSPACE)/ (rm -r $(WORKSPACE)/SET_NAME removes one)"

@@ -390,13 +390,15 @@ def hub_rows(name: str, fix: str | None = None) -> list[dict]:
             return list(datasets.load_dataset(spec.hub_id, split=spec.split))
     except Exception as e:
         error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
-        cause = (f"{unreachable}, and no copy of it is cached" if unreachable else
-                 f"HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set and no cached copy loads ({error})" if offline else
-                 error)
+        cache = datasets.config.HF_DATASETS_CACHE  # the one place a name is looked for besides the hub
+        cause = (f"{unreachable}, and datasets' cache {cache} holds no copy of it" if unreachable else
+                 f"HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set and datasets' cache {cache} holds no copy that loads "
+                 f"({error})" if offline else error)
     raise ToolkitError(f"cannot load {spec.hub_id} from the hub ({cause}). " + (fix or (
-        f"Give the path of a local JSONL file instead of the name (path/to/{spec.file_name}; copies live in the shared "
-        f"data folder), use the bundled '{name}-sample', or run `toolkit data download --out DIR` where the hub is "
-        "reachable")))
+        f"The name {name!r} is read from the hub (or, with `toolkit eval --data-dir DIR`, from DIR/{spec.file_name}): "
+        f"pass the path of a local copy instead of the name (path/to/{spec.file_name}, which `toolkit data download "
+        f"--out DIR` writes where the hub is reachable; docs/data-sources.md says how the copies we measured on were "
+        f"built from public files), or use the bundled '{name}-sample'")))
 
 
 @contextmanager
@@ -438,7 +440,8 @@ def download(out_dir: str | Path) -> list[Path]:
         # this command is the hub's way in: without it, the file comes from elsewhere
         fix = (f"This command needs the hub: run it where the hub is reachable (HF_HUB_OFFLINE unset) and copy "
                f"{spec.file_name} from its --out folder to {out_dir}, or pass `toolkit eval --dataset` the path of a "
-               f"JSONL copy (the shared data folder holds them) or the bundled '{name}-sample'")
+               f"JSONL copy (docs/data-sources.md: how to build one from public files) or the bundled "
+               f"'{name}-sample'")
         lines = [json.dumps(_hub_fields(row, ROW_FIELDS[spec.kind], spec, i), ensure_ascii=False) + "\n"
                  for i, row in enumerate(hub_rows(name, fix), 1)]
         path = out_dir / spec.file_name

@@ -117,7 +117,8 @@ def buckets_cmd(fixed, buckets, data, limit, instances, json_out):
 @click.option("--warmup", type=int, default=2, show_default=True, help="untimed forwards per run first")
 @click.option("--no-torch", is_flag=True, help="skip torch eager (e.g. to compare artifacts only)")
 @click.option("--interleave", is_flag=True,
-              help="load every run at once and time them in alternating rounds (robust to a drifting machine)")
+              help="load every run at once and time them in alternating rounds (robust to a drifting machine); "
+              "ONNX Runtime's threads then sleep when a run ends, not spin and hold the cores the next run needs")
 @click.option("--json", "json_out", type=OutputFile())
 def compare_cmd(checkpoint, artifacts, iterations, warmup, no_torch, interleave, json_out):
     """torch eager vs ONNX Runtime vs TVM on the same inputs: latency, throughput, ratios, GFLOP/s, agreement."""

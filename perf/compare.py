@@ -42,7 +42,8 @@ class CompareOptions:
     - `torch_eager`: include the torch reference (first, so the artifacts' agreement is measured against it).
     - `interleave`: load every run at once and time them in alternating rounds (A B, B A, ...), so a machine whose
       speed drifts during the comparison (a shared VM: 10-20% within minutes) moves every run alike. Needs all the
-      models' memory at once; one after another (the default) needs one at a time.
+      models' memory at once; one after another (the default) needs one at a time. ONNX Runtime's threads then
+      sleep as soon as a run ends (`open_backend(idle_spin=False)`), as they would not alone.
     """
 
     FLAGS: ClassVar[dict] = {"artifacts": "--artifact", "checkpoint": "--checkpoint", "iterations": "--iterations",
@@ -126,8 +127,9 @@ def run_compare(options: CompareOptions) -> dict:
 
     candidates = [(TORCH_RUN, "torch", None, lambda: TorchReference(ckpt, task))] if options.torch_eager else []
     # named by their set too: two artifacts of one backend and dtype (before and after a change) stay apart
-    candidates += [(f"{m.backend} {m.kernels} ({m.name})", m.backend, m, lambda m=m: open_backend(m))
-                   for m in manifests]
+    # interleaved, ONNX Runtime's threads sleep when a run ends: spinning, they held the cores the next run needed
+    candidates += [(f"{m.backend} {m.kernels} ({m.name})", m.backend, m,
+                    lambda m=m: open_backend(m, idle_spin=not options.interleave)) for m in manifests]
     result = {"task": task.name, "seq_len": seq_len, "batch": batch, "checkpoint": str(ckpt),
               "artifacts": [str(m.path) for m in manifests], "gflop_per_forward": flops / 1e9,
               "matmul_peak_gflops": matmul_peak_gflops(), "iterations": options.iterations,

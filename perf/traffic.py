@@ -3,7 +3,9 @@ eager against artifact sets, side by side in one process.
 
 For each run: requests/s, real tokens/s, the share of computed token slots that were padding, the effective GFLOP/s
 on real tokens (FLOPs of each row at its real length) against this machine's measured fp32 matmul peak, the ratio to
-the best torch run, the agreement with torch (the task's measure: min cosine / max |ΔP(yes)|), and the memory the
+the best torch run, the agreement with torch (the task's measure: min cosine / max |ΔP(yes)|, over the requests both
+ran whole or cut alike: torch is cut at the largest SEQ of all the sets, so a request longer than a smaller set's
+largest SEQ ran other tokens there, and is left out of that set's agreement and counted), and the memory the
 run's model holds (resident MB given back when it is unloaded after the run: its weights, buffers and caches, not the
 runtime libraries a first load brings in for good).
 
@@ -11,7 +13,7 @@ With `rounds` > 1 every run goes that many times, the order reversed each round,
 run's ratio to torch is taken within each round (runs minutes apart on a shared machine drift by 10-20%, more than the
 gaps being measured) and the table shows the median with the range over the rounds.
 
-    result = run_traffic(TrafficOptions(data="../shared/data/sts12_test.jsonl", artifacts=("ws/emb/tvm",), rounds=3))
+    result = run_traffic(TrafficOptions(data="data/sts12_test.jsonl", artifacts=("ws/emb/tvm",), rounds=3))
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from toolkit.api import model_class
 from toolkit.artifact import find_artifacts
@@ -87,7 +91,9 @@ def run_traffic(options: TrafficOptions, progress: bool = True) -> dict:
     requests = task.traffic(examples)[: options.limit]
     fixed = [s[0].instruction for s in sets if s[0].instruction is not None]
     instruction = options.instruction if options.instruction is not None or not fixed else fixed[0]
-    max_length = max(s[-1].seq_len for s in sets)  # torch truncates where the artifacts do: the same inputs
+    # torch cuts where the set of the largest SEQ does; a set of a smaller one cuts more, which its agreement leaves
+    # out (`same_inputs`)
+    max_length = max(s[-1].seq_len for s in sets)
     cls = model_class(task)
     runs = [(f"torch eager fp32, batch {b}",
              lambda b=b: cls.from_checkpoint(checkpoint, max_length=max_length, batch_size=b, truncation="truncate"))
@@ -111,17 +117,20 @@ def run_traffic(options: TrafficOptions, progress: bool = True) -> dict:
     result["gate_key"] = task.gate_key
     if options.torch_batches:  # the first run is torch fp32, what the dtypes' tolerances are against
         for run, manifests in zip(result["runs"][len(options.torch_batches):], sets):
-            judge_agreement(task, run["agreement_vs_first"], manifests[0], str(checkpoint),
-                            options.checkpoint is not None)
+            if run["agreement_vs_first"] is not None:
+                judge_agreement(task, run["agreement_vs_first"], manifests[0], str(checkpoint),
+                                options.checkpoint is not None)
     return result
 
 
 def time_run(task, name: str, make, requests: list, instruction: str | None, config: dict,
-             progress: bool) -> tuple[dict, list]:
-    """Load one run's model, warm it up, replay the requests (with `instruction`), unload it; its figures and its
-    outputs."""
+             progress: bool) -> tuple[dict, list, np.ndarray]:
+    """Load one run's model, warm it up, replay the requests (with `instruction`), unload it; its figures, its
+    outputs and the requests' token lengths (before its model cut them to its largest SEQ, `max_length`)."""
     with make() as model:
-        lengths = token_lengths(task, model.tokenizer, requests, instruction).clip(max=model.max_length)
+        full_lengths = token_lengths(task, model.tokenizer, requests, instruction)
+        max_length = model.max_length
+        lengths = full_lengths.clip(max=max_length)
         task.run_requests(model, warmup_subset(requests, lengths), instruction)
         model.runner.stats = RunnerStats()
         started = time.perf_counter()
@@ -136,7 +145,8 @@ def time_run(task, name: str, make, requests: list, instruction: str | None, con
     flops = sum(forward_flops(config, int(n), 1) for n in lengths)
     return {"name": name, "seconds": seconds, "requests_per_s": len(requests) / seconds,
             "real_tokens_per_s": stats.real_tokens / seconds, "padding": stats.padding_fraction,
-            "batches_per_seq": stats.batches_per_seq, "gflops": flops / seconds / 1e9, "resident_mb": held}, outputs
+            "batches_per_seq": stats.batches_per_seq, "gflops": flops / seconds / 1e9, "resident_mb": held,
+            "max_length": max_length, "truncated": int((full_lengths > max_length).sum())}, outputs, full_lengths
 
 
 def settled_resident_mb() -> int:
@@ -146,18 +156,28 @@ def settled_resident_mb() -> int:
     return resident_mb()
 
 
-def round_figures(timed: list[tuple[dict, list]], task, peak_gflops: float) -> list[dict]:
+def round_figures(timed: list[tuple[dict, list, np.ndarray]], task, peak_gflops: float) -> list[dict]:
     """One round's runs (in run order) with their share of the peak, their ratio to the round's best torch run and
-    their agreement with the round's first run."""
-    runs = [run for run, _ in timed]
+    their agreement with the round's first run (`same_inputs`; None where no request ran the same in both)."""
+    runs = [run for run, *_ in timed]
     best_torch = max((r["requests_per_s"] for r in runs if r["name"].startswith("torch")), default=None)
-    reference = timed[0][1]
-    for k, (run, outputs) in enumerate(timed):
+    first, reference, _ = timed[0]
+    for k, (run, outputs, lengths) in enumerate(timed):
         run["fraction_of_peak"] = run["gflops"] / peak_gflops
         run["vs_best_torch"] = run["requests_per_s"] / best_torch if best_torch else None
         if k:
-            run["agreement_vs_first"] = task.agreement(reference, outputs)
+            same = same_inputs(lengths, first["max_length"], run["max_length"])
+            agreement = task.agreement(reference[same], outputs[same]) if same.any() else None
+            run["agreement_vs_first"] = agreement
+            run["agreement_left_out"] = int((~same).sum())
     return runs
+
+
+def same_inputs(lengths: np.ndarray, max_length: int, other_max_length: int) -> np.ndarray:
+    """Which requests (of these token lengths) two models cutting inputs at these lengths ran alike: whole in both,
+    or cut at the same length. Another request ran other tokens in each, so comparing their outputs measures the cut,
+    not the artifact."""
+    return (lengths <= min(max_length, other_max_length)) | (max_length == other_max_length)
 
 
 MEDIAN_FIGURES = ("seconds", "requests_per_s", "real_tokens_per_s", "gflops", "fraction_of_peak", "resident_mb")
@@ -190,8 +210,7 @@ def traffic_report(result: dict) -> str:
     task = get_task(result["task"])
     key = task.gate_key
     rows = [[r["name"], r["requests_per_s"], r["real_tokens_per_s"], r["padding"], r["gflops"], r["fraction_of_peak"],
-             ratio_cell(r), r["agreement_vs_first"][key] if "agreement_vs_first" in r else "(reference)",
-             r["resident_mb"]]
+             ratio_cell(r), agreement_cell(r, key), r["resident_mb"]]
             for r in result["runs"]]
     instruction = result.get("instruction")
     title = (f"{result['task']}: {result['requests']} requests from {result['data']}"
@@ -202,12 +221,28 @@ def traffic_report(result: dict) -> str:
                              f"{key} vs first", "memory MB"],
                             [None, ",.1f", ",.0f", ".1%", ",.1f", ".1%", ",.3f", task.agreement_format, ",d"], rows,
                             title=title)]
+    first = result["runs"][0]
     for r in result["runs"]:
-        agreement = r.get("agreement_vs_first", {})
+        if r.get("truncated"):  # fewer tokens computed than a run that took them whole: a smaller job, not a faster one
+            lines.append(f"note: {r['name']} cut {r['truncated']} of {result['requests']} requests to "
+                         f"{r['max_length']} tokens: it computed fewer tokens than a run taking them whole")
+        if r.get("agreement_left_out"):
+            lines.append(f"note: {r['name']}'s agreement leaves out the {r['agreement_left_out']} requests it and "
+                         f"{first['name']} cut differently (their largest SEQs: {r['max_length']}, "
+                         f"{first['max_length']}): the two ran other tokens there"
+                         + ("; no request is left to compare" if r["agreement_vs_first"] is None else ""))
+        agreement = r.get("agreement_vs_first") or {}
         if agreement.get("passed") is False:
             lines.append(f"warning: {r['name']} is off tolerance vs {result['runs'][0]['name']} "
                          f"({agreement['tolerance']}): {task.format_agreement(agreement)}; {agreement['hint']}")
     return "\n".join(lines)
+
+
+def agreement_cell(run: dict, key: str):
+    """The run's agreement with the first run, "(reference)" for the first, "-" where no request compared."""
+    if "agreement_vs_first" not in run:
+        return "(reference)"
+    return "-" if run["agreement_vs_first"] is None else run["agreement_vs_first"][key]
 
 
 def ratio_cell(run: dict) -> str:

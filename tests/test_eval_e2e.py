@@ -1,4 +1,5 @@
 """`toolkit eval` end to end on the tiny synthetic artifacts, all three datasets (bundled samples)."""
+import itertools
 import json
 import re
 import shutil
@@ -78,11 +79,16 @@ def test_eval_cli_prints_table_writes_json_and_rejects_bad_combinations(onnx_art
     (["--max-drop", "nan"], "max_drop must be a finite number >= 0"),
     (["--instance", "0"], "instances must be an integer >= 1"),
     (["--run", "artifact"], "--artifact DIR is required"),
-    (["--engine", "torch"], "No such option"),  # --engine was renamed to --run
+    (["--engine", "torch"], "No such option '--engine'; see `toolkit eval --help`"),
+    (["--json", "-"], "Invalid value for '--json': '-' is not standard output here"),  # click's refusal: one line too
+    (["--limit", "x"], "Invalid value for '--limit': 'x' is not a valid integer; see `toolkit eval --help`"),
 ])
 def test_eval_cli_rejects_bad_options_with_one_line(args, message):
-    r = CliRunner().invoke(main, ["eval", "--task", "embedding", "--dataset", "sts12-sample", *args])
+    r = CliRunner().invoke(main, ["eval", "--task", "embedding", "--dataset", "sts12-sample", *args],
+                           prog_name="toolkit")
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+    [line] = r.output.splitlines()  # not click's block of usage, "Try ... --help" and "Error:"
+    assert line.startswith("error: "), r.output
 
 
 @pytest.mark.parametrize("flag", ["--instances", "--instance"])  # --instances as every command; the old spelling too
@@ -258,7 +264,7 @@ def test_unreachable_hub_fails_fast_naming_the_local_options(tmp_path, monkeypat
     assert offline_at_load == [True]
     assert r.exit_code == 2 and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert f"{endpoint} is unreachable" in r.output and "sts12_test.jsonl" in r.output
-    assert "no copy of it is cached" in r.output and "toolkit data download" in r.output
+    assert "holds no copy of it" in r.output and "toolkit data download" in r.output
 
 
 def test_eval_cli_data_dir_without_the_file_is_one_line_naming_it(tmp_path):
@@ -353,12 +359,25 @@ def stop(*args, **kwargs):
     raise TorchLoaded
 
 
+def demo_table_cells(output: str, *columns: str) -> dict[str, list[str]]:
+    """The numbers in the last cells of the first table's rows, by column (the demo's number columns are its last)."""
+    lines = output.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.rstrip().endswith(columns[-1]))
+    rows = list(itertools.takewhile(lambda line: line.strip(), lines[header + 2:]))
+    return {c: [row.split()[-len(columns) + k] for row in rows] for k, c in enumerate(columns)}
+
+
 def test_demo_cli(onnx_artifacts):
     r = CliRunner().invoke(main, ["demo", "--task", "reranker", "--artifact", str(onnx_artifacts["reranker"][1])])
     assert r.exit_code == 0, r.output
     assert "torch P(yes)" in r.output and "OK" in r.output
+    scores = demo_table_cells(r.output, "torch P(yes)", "artifact P(yes)", "|diff|")
+    assert all(re.fullmatch(r"[01]\.\d{4}", c) for c in scores["artifact P(yes)"]), scores  # one format down a column
+    assert all(re.fullmatch(r"\d\.\d\de[+-]\d\d", c) for c in scores["|diff|"]), scores
     r = CliRunner().invoke(main, ["demo", "--task", "embedding", "--artifact", str(onnx_artifacts["embedding"][1])])
     assert r.exit_code == 0 and "cos(torch, artifact)" in r.output
+    [cosines] = demo_table_cells(r.output, "cos(torch, artifact)").values()
+    assert all(re.fullmatch(r"[01]\.\d{6}", c) for c in cosines), cosines  # was `1.000` beside `1.0000`
     # the other task's set: named as such (its cached instruction was named instead, with eval commands for it)
     r = CliRunner().invoke(main, ["demo", "--task", "embedding", "--artifact", str(onnx_artifacts["reranker"][1])])
     assert r.exit_code == 2 and r.output.strip().endswith(

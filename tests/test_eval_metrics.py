@@ -462,6 +462,21 @@ def test_an_unreachable_hub_reads_the_cached_copy_at_once(monkeypatch):
     assert not datasets.config.HF_HUB_OFFLINE  # the offline mode was for that load alone
 
 
+def test_an_unloadable_dataset_name_says_where_it_was_looked_for_and_what_to_pass(monkeypatch):
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(ToolkitError) as e:
+        load_dataset("sts12")
+    message = str(e.value)
+    assert f"datasets' cache {datasets.config.HF_DATASETS_CACHE} holds no copy" in message
+    assert "`toolkit eval --data-dir DIR`, from DIR/sts12_test.jsonl" in message
+    assert "path/to/sts12_test.jsonl, which `toolkit data download --out DIR` writes" in message
+    assert "docs/data-sources.md" in message and "'sts12-sample'" in message
+    assert "shared data folder" not in message  # a folder only the developers' machines have
+
+
 def test_failed_download_leaves_no_file(tmp_path, monkeypatch):
     def unreachable(*args, **kwargs):
         raise ConnectionError("no network")

@@ -218,6 +218,11 @@ def test_standalone_perf_command_reports_errors_cleanly(onnx_artifacts):
 
     r = CliRunner().invoke(perf, ["run", "--artifact", str(onnx_artifacts["embedding"][0]), "--iterations", "0"])
     assert r.exit_code == 2 and "--iterations must be an integer >= 1, got 0" in r.output
+    for args, line in ((["compare"], "error: Missing option '--artifact'; see `perf compare --help`"),
+                       (["--bogus"], "error: No such option '--bogus'; see `perf --help`"),
+                       (["bogus"], "error: No such command 'bogus'; see `perf --help`")):
+        r = CliRunner().invoke(perf, args, prog_name="perf")  # click's refusals: one line too, not its usage block
+        assert r.exit_code == 2 and r.output.splitlines() == [line], r.output
 
 
 # ---- perf compare ----------------------------------------------------------------------------------------------------
@@ -297,8 +302,11 @@ def test_perf_compare_interleaved_times_every_run_in_alternating_rounds(onnx_art
     calls = []  # the backend of every forward, in order
     real_open = compare.open_backend
 
-    def open_recording(manifest):
-        backend = real_open(manifest)
+    def open_recording(manifest, **options):
+        backend = real_open(manifest, **options)
+        if manifest.backend == "onnx":  # its threads sleep after a run: spinning, they held up TVM's next one
+            config = backend.session.get_session_options().get_session_config_entry
+            assert config("session.intra_op.allow_spinning") == "0"
         real_run = backend.run
 
         def run(ids, mask):

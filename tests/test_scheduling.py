@@ -15,11 +15,14 @@ from toolkit.backends import Backend
 from toolkit.buckets import padded_tokens, suggest_seq_lens, token_lengths
 from toolkit.cli import main
 from toolkit.errors import ToolkitError
+from toolkit.eval.datasets import load_dataset
 from toolkit.runner import BucketedRunner
 from toolkit.runtime import ComputeBudget, Engine
-from toolkit.tasks import EMBEDDING, RERANKER
+from toolkit.tasks import EMBEDDING, RERANKER, SIMILARITY_INSTRUCTION
 from toolkit.text import left_pad
 from toolkit.tokenizer import ENDOFTEXT_ID
+
+from conftest import build
 
 TIMEOUT = 60  # seconds: a bound on waits that only a hang reaches
 
@@ -135,8 +138,6 @@ def test_compile_seq_auto_picks_buckets_from_the_data(checkpoints, tokenizers, t
                                        "--buckets", "2", "--batch-tokens", "256", "--workspace", str(tmp_path)])
     assert result.exit_code == 0, result.output
     manifests = find_artifacts(tmp_path / "qwen3-reranker-0.6b-fp16" / "onnx")
-    from toolkit.eval.datasets import load_dataset
-
     lengths = token_lengths(RERANKER, tokenizers["reranker"], RERANKER.traffic(load_dataset("msmarco-sample")[2]))
     assert [m.seq_len for m in manifests] == list(suggest_seq_lens(lengths, 2, minimum=63))
     assert all(m.batch == max(1, 256 // m.seq_len) for m in manifests)
@@ -153,6 +154,28 @@ def test_compile_seq_auto_picks_buckets_from_the_data(checkpoints, tokenizers, t
                                       "--workspace", str(tmp_path / "pairs")])
     assert pairs.exit_code == 2 and "reranker task cannot use sts12 (a pairs dataset)" in pairs.output
     assert not (tmp_path / "pairs").exists()
+
+
+@pytest.mark.parametrize("instruction", [None, SIMILARITY_INSTRUCTION])
+def test_seq_auto_says_how_much_its_set_pads_on_the_rows_as_the_build_s_inputs_carry_them(checkpoints, tokenizers,
+                                                                                          instruction):
+    """A set for queries (`--instruction`) is chosen on the texts with it, a bare set on the texts alone (documents,
+    what `perf traffic` replays); the padding it leaves there is printed, so the choice can be checked."""
+    from toolkit.buckets import padding_share, suggest_for_dataset
+
+    logged = []
+    seqs = suggest_for_dataset("embedding", str(checkpoints["embedding"]), "sts12-sample", 4,
+                               instruction=instruction, log=logged.append)
+    texts = EMBEDDING.traffic(load_dataset("sts12-sample")[2])
+    lengths = token_lengths(EMBEDDING, tokenizers["embedding"], texts, instruction)
+    assert seqs == suggest_seq_lens(lengths, 4, minimum=EMBEDDING.min_seq_len(tokenizers["embedding"], instruction),
+                                    max_seq=seqs[-1])
+    share = padding_share(lengths, seqs)
+    assert 0 < share < 0.5 and share == padded_tokens(lengths, seqs) / (padded_tokens(lengths, seqs) + lengths.sum())
+    measured = f"with the instruction {instruction!r}" if instruction else "bare, as documents"
+    assert logged[-1].startswith(f"buckets chosen from sts12-sample: --seq {','.join(map(str, seqs))}, "
+                                 f"{share:.1%} of the token slots padding (each of its {len(texts)} rows in the "
+                                 f"smallest SEQ that holds it; measured {measured}"), logged
 
 
 def test_perf_traffic_prints_ratios_padding_and_agreement(onnx_artifacts, tmp_path):
@@ -220,6 +243,29 @@ def test_perf_traffic_names_two_sets_of_one_config_by_their_directories(onnx_art
         progress=False)
     first, second = (r["name"] for r in result["runs"][1:])
     assert first.endswith(f"({before})") and second.endswith(f"({after})")
+
+
+def test_perf_traffic_compares_a_set_with_a_smaller_largest_seq_only_on_the_requests_it_ran_whole(
+        checkpoints, onnx_artifacts, tokenizers, tmp_path):
+    """torch cuts requests at the largest SEQ of all the sets (64 here): a set of SEQ 16 ran other tokens for the
+    requests longer than 16, which measured its cut (min cosine 0.90 on STS12), and the warning blamed the artifact."""
+    from toolkit.perf import traffic
+
+    [short] = build(checkpoints, tmp_path, "embedding", seq_lens=(16,))
+    result = traffic.run_traffic(traffic.TrafficOptions(
+        data="sts12-sample", artifacts=(str(onnx_artifacts["embedding"][0].parent), str(short.parent)),
+        torch_batches=(8,), limit=24), progress=False)
+    requests = EMBEDDING.traffic(load_dataset("sts12-sample")[2])[:24]
+    longer = int((token_lengths(EMBEDDING, tokenizers["embedding"], requests) > 16).sum())
+    assert 0 < longer < 24
+    torch_run, whole, cut = result["runs"]
+    report = traffic.traffic_report(result)
+    assert "off tolerance" not in report and "itself is off" not in report
+    assert cut["agreement_vs_first"]["items"] == 24 - longer and cut["agreement_vs_first"]["passed"]
+    assert cut["truncated"] == cut["agreement_left_out"] == longer and cut["max_length"] == 16
+    assert whole["truncated"] == whole["agreement_left_out"] == 0 and whole["agreement_vs_first"]["items"] == 24
+    assert f"cut {longer} of 24 requests to 16 tokens: it computed fewer tokens" in report
+    assert f"agreement leaves out the {longer} requests it and torch eager fp32, batch 8 cut differently" in report
 
 
 def test_find_artifacts_accepts_a_batch_per_seq_but_not_two_artifacts_for_one_seq(onnx_artifacts, tmp_path):
@@ -293,5 +339,5 @@ def test_perf_traffic_memory_is_what_unloading_the_model_gives_back(monkeypatch)
     config = {"hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2, "num_key_value_heads": 1,
               "num_hidden_layers": 1}
     for _ in range(2):  # the first run and a later one alike
-        figures, _ = traffic.time_run(task, "torch eager fp32, batch 8", Model, ["a", "b"], None, config, False)
+        figures, *_ = traffic.time_run(task, "torch eager fp32, batch 8", Model, ["a", "b"], None, config, False)
         assert figures["resident_mb"] == 50

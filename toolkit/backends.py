@@ -211,9 +211,10 @@ class OnnxRuntimeBackend(ArtifactBackend):
     calls of one session safely."""
 
     def __init__(self, manifest: Manifest, threads: int | None = None, device_id: int = 0,
-                 profile_prefix: str | Path | None = None):
+                 profile_prefix: str | Path | None = None, idle_spin: bool = True):
         """`profile_prefix`: turn ONNX Runtime's profiler on; `session.end_profiling()` then writes its Chrome trace
-        to a file whose name starts with this prefix (`perf profile`)."""
+        to a file whose name starts with this prefix (`perf profile`). `idle_spin=False`: its threads sleep as soon
+        as a run ends (see `open_backend`)."""
         import onnxruntime as ort
 
         super().__init__(manifest)
@@ -221,6 +222,8 @@ class OnnxRuntimeBackend(ArtifactBackend):
         opts.intra_op_num_threads = threads or 0
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if not idle_spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if profile_prefix is not None:
             opts.enable_profiling = True
             opts.profile_file_prefix = str(profile_prefix)
@@ -240,7 +243,7 @@ class OnnxRuntimeBackend(ArtifactBackend):
             return_freed_memory()
             return session
 
-        key = None if profile_prefix else session_key(manifest, device, device_id, threads)
+        key = None if profile_prefix else session_key(manifest, device, device_id, threads, idle_spin)
         self.shared = load_shared(_sessions, key, open_session)  # held: shared while any backend uses it
         self.session = self.shared.value
         if device != "cpu" and "CUDAExecutionProvider" not in self.session.get_providers():
@@ -271,18 +274,22 @@ def warn_if_int8_saturates(manifest: Manifest) -> None:
                       "int8`), which stores its weights as uint8, exact on any CPU", stacklevel=3)
 
 
-def open_backend(manifest: Manifest, threads: int | None = None, device_id: int = 0) -> Backend:
-    """Load a deployable artifact (validated, or validation explicitly skipped) with the backend its manifest names."""
-    return load_backend(manifest.require_deployable(), threads, device_id)
+def open_backend(manifest: Manifest, threads: int | None = None, device_id: int = 0, idle_spin: bool = True) -> Backend:
+    """Load a deployable artifact (validated, or validation explicitly skipped) with the backend its manifest names.
+    `idle_spin=False` for runs timed in turn with another runtime's in one process: ONNX Runtime's threads then sleep
+    when a run ends, where by default they spin on the cores for a while, and a TVM pool run just after waited at its
+    barriers for them (2 cores, tiny model: TVM's median 0.4 -> 16.7 ms)."""
+    return load_backend(manifest.require_deployable(), threads, device_id, idle_spin)
 
 
-def load_backend(manifest: Manifest, threads: int | None = None, device_id: int = 0) -> Backend:
+def load_backend(manifest: Manifest, threads: int | None = None, device_id: int = 0,
+                 idle_spin: bool = True) -> Backend:
     """Load an artifact whatever its validation state: only for validating it."""
     if manifest.backend == "tvm":
         from toolkit.tvm_backend import TvmBackend
 
         return TvmBackend(manifest, threads, device_id)
-    return OnnxRuntimeBackend(manifest, threads, device_id)
+    return OnnxRuntimeBackend(manifest, threads, device_id, idle_spin=idle_spin)
 
 
 def device_available(backend: str, device: str) -> bool:

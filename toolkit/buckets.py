@@ -12,8 +12,8 @@ from toolkit.errors import ToolkitError
 from toolkit.tasks import Task
 from toolkit.tokenizer import MAX_CONTEXT
 
-# 10 SEQs in steps of 4: STS12 sentences pad 9.6% (6 in steps of 8: 18.9%; 8 in steps of 4: 11.6%), MS MARCO pairs
-# 4.7%. More buckets cost compile time (one validation each; TVM: one compile each), not memory: a bucket set holds
+# 10 SEQs in steps of 4: STS12 sentences pad 9.4% (6 in steps of 8: 18.5%; 8 in steps of 4: 11.0%), MS MARCO pairs
+# 4.4%. More buckets cost compile time (one validation each; TVM: one compile each), not memory: a bucket set holds
 # one copy of its weights (one ONNX Runtime session, one set of TVM weights)
 DEFAULT_COUNT = 10
 DEFAULT_STEP = 4
@@ -36,6 +36,14 @@ def padded_tokens(lengths: np.ndarray, seq_lens) -> int:
     seq_lens = np.sort(np.asarray(seq_lens))
     lengths = np.minimum(lengths, seq_lens[-1])
     return int((seq_lens[np.searchsorted(seq_lens, lengths)] - lengths).sum())
+
+
+def padding_share(lengths: np.ndarray, seq_lens) -> float:
+    """The share of the token slots that are padding when each row goes to the smallest SEQ that holds it (rows
+    above the largest are cut to it)."""
+    padded = padded_tokens(lengths, seq_lens)
+    slots = padded + int(np.minimum(lengths, max(seq_lens)).sum())
+    return padded / slots if slots else 0.0
 
 
 def suggest_seq_lens(lengths, count: int = DEFAULT_COUNT, multiple: int = DEFAULT_STEP, max_seq: int = MAX_CONTEXT,
@@ -85,7 +93,9 @@ def suggest_for_dataset(task_name: str, checkpoint: str, data: str, count: int =
     """The bucket set for a task's traffic in `data`, a JSONL file of its plain requests (`{"text"}` rows; the
     reranker's `{"query", "document"}`) or an evaluation dataset (with a build's `instruction`), tokenised with the
     checkpoint's tokenizer; its largest SEQ covers AUTO_COVERAGE of the rows, at most AUTO_MAX_SEQ and the
-    checkpoint's context (the rows above it are logged)."""
+    checkpoint's context (the rows above it are logged). Logs the set with the share of padding it leaves on these
+    rows, which are measured as they reach the model: with the instruction every input of the build carries
+    (`Task.fixed_instruction`: the reranker's; an embedding set's queries only when one is named), else bare."""
     from toolkit.checkpoint import context_length, load_tokenizer, read_hf_config, resolve_checkpoint
     from toolkit.eval.datasets import PLAIN_ROW_FIELDS, load_dataset, read_plain_requests
     from toolkit.tasks import get_task
@@ -109,5 +119,12 @@ def suggest_for_dataset(task_name: str, checkpoint: str, data: str, count: int =
         log(f"{above} of {lengths.size} rows of {data} are longer than {cap} tokens, the largest SEQ --seq auto picks "
             f"(it covers {AUTO_COVERAGE:.1%} of the rows, at most {min(AUTO_MAX_SEQ, context)}): at run time they are "
             "truncated or refused, as the runtime's truncation policy says; for them, add a larger SEQ with --seq")
-    return suggest_seq_lens(lengths, count, multiple, max_seq=cap,
-                            minimum=task.min_seq_len(tokenizer, task.fixed_instruction(instruction)))
+    carried = task.fixed_instruction(instruction)
+    seq_lens = suggest_seq_lens(lengths, count, multiple, max_seq=cap, minimum=task.min_seq_len(tokenizer, carried))
+    # what the users cannot check otherwise: the padding the set leaves on the very rows it was chosen for
+    measured = (f"with the instruction {carried!r}" if carried is not None else "bare, as documents: queries with "
+                "an instruction, as `toolkit eval` embeds STS and BQ, are longer; their set takes --instruction")
+    log(f"buckets chosen from {data}: --seq {','.join(map(str, seq_lens))}, {padding_share(lengths, seq_lens):.1%} "
+        f"of the token slots padding (each of its {lengths.size} rows in the smallest SEQ that holds it; measured "
+        f"{measured})")
+    return seq_lens

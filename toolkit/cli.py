@@ -100,7 +100,6 @@ def compile(config, seq, lengths_data, bucket_count, bucket_step, batch_tokens, 
             cfg.task, cfg.checkpoint, lengths_data, DEFAULT_COUNT if bucket_count is None else bucket_count,
             DEFAULT_STEP if bucket_step is None else bucket_step, cfg.instruction,
             log=lambda msg: click.echo(msg, err=True)))
-        click.echo(f"buckets chosen from {lengths_data}: --seq {','.join(map(str, cfg.seq_lens))}", err=True)
     # SIGTERM (timeout, kill, a service manager) ends the build as Ctrl-C does: through compile's cleanup, not past it.
     # An exit raised inside a weakref callback or __del__ is swallowed (a Ctrl-C's too: the build went on to exit 0)
     # with a traceback: the next log line (one precedes every install) raises it again, and the traceback is left out

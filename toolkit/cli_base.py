@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import click
+from click.exceptions import NoArgsIsHelpError
 from typing_extensions import override
 
 from toolkit.errors import ToolkitError, is_integer
@@ -18,14 +19,24 @@ INTERRUPTED = 128 + signal.SIGINT
 
 class ToolkitGroup(click.Group):
     """Turns ToolkitError (a mistake the user can fix) into one clear line and exit code 2, not a traceback; so too a
-    file system error on a path (a directory that cannot be made or written, a full disk). Ctrl-C exits 130 (click's
+    file system error on a path (a directory that cannot be made or written, a full disk), and click's own refusals
+    of the command line (an unknown option, a bad value: click prints its usage block). Ctrl-C exits 130 (click's
     `Aborted!` exits 1, a failure's status to a script), after the command's own cleanup has run."""
+
+    @override
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:  # the group's own options (`toolkit --bogus`): parsed here, before `invoke`
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as e:
+            exit_on_usage_error(e)
 
     @override
     def invoke(self, ctx):
         warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:  # a command's options, an unknown command
+            exit_on_usage_error(e)
         except KeyboardInterrupt:
             click.echo(err=True)  # the terminal's `^C` echo stays on a line of its own
             click.secho(f"interrupted: exit {INTERRUPTED}", fg="red", err=True)
@@ -40,6 +51,16 @@ class ToolkitGroup(click.Group):
             click.secho(f"error: cannot use{where}: {e.strerror or e}; check the path, its permissions and the free "
                         "disk space", fg="red", err=True)
             sys.exit(2)
+
+
+def exit_on_usage_error(e: click.UsageError) -> None:
+    """Print click's refusal of a command line as one `error:` line naming the command's help, and exit with click's
+    status for it (2). A group called with no command shows its help, as click does."""
+    if isinstance(e, NoArgsIsHelpError):
+        raise e
+    where = f"; see `{e.ctx.command_path} --help`" if e.ctx is not None else ""
+    click.secho(f"error: {e.format_message().rstrip('.')}{where}", fg="red", err=True)
+    sys.exit(e.exit_code)
 
 
 class InstancesParam(click.ParamType):

@@ -15,7 +15,7 @@ import numpy as np
 from typing_extensions import override
 
 from toolkit.errors import ToolkitError, clipped, is_integer
-from toolkit.report import format_table
+from toolkit.report import format_columns, format_table
 from toolkit.tokenizer import ENDOFTEXT_ID, check_unicode
 
 WEB_SEARCH_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -328,9 +328,10 @@ class EmbeddingTask(Task):
         outs = {name: (model.encode_queries(queries), model.encode_documents(documents))
                 for name, model in (("torch", torch_ref), ("artifact", compiled))}
         ref, art = (np.concatenate(outs[name]) for name in ("torch", "artifact"))
-        echo(format_table(["kind", "text", "cos(torch, artifact)"],
-                          [[kind, text[:48], float(c)] for (kind, text), c in zip(texts, np.sum(ref * art, axis=-1))],
-                          title="per-item cosine similarity"))
+        # one format down the column (per cell, 1.0 read `1.000` and 0.99996 `1.0000`), as the agreement line's
+        echo(format_columns(["kind", "text", "cos(torch, artifact)"], [None, None, self.agreement_format],
+                            [[kind, text[:48], float(c)] for (kind, text), c in zip(texts, np.sum(ref * art, axis=-1))],
+                            title="per-item cosine similarity"))
         sims = {name: q @ d.T for name, (q, d) in outs.items()}
         rows = [[queries[i][:30]] + [f"{sims['torch'][i, j]:.4f} / {sims['artifact'][i, j]:.4f}"
                                      for j in range(len(documents))] for i in range(len(queries))]
@@ -449,9 +450,10 @@ class RerankerTask(Task):
         pairs = [(q, d) for q in queries for d in documents]
         instruction = self.query_instruction(compiled.fixed_instruction)  # the one it was compiled for, if any
         ref, art = torch_ref.score(pairs, instruction), compiled.score(pairs, instruction)
-        echo(format_table(["query", "document", "torch P(yes)", "artifact P(yes)", "|diff|"],
-                          [[q[:30], d[:36], float(x), float(y), float(abs(x - y))]
-                           for (q, d), x, y in zip(pairs, ref, art)], title="reranker scores"))
+        echo(format_columns(["query", "document", "torch P(yes)", "artifact P(yes)", "|diff|"],
+                            [None, None, ".4f", ".4f", self.agreement_format],
+                            [[q[:30], d[:36], float(x), float(y), float(abs(x - y))]
+                             for (q, d), x, y in zip(pairs, ref, art)], title="reranker scores"))
         return ref, art
 
     @override
