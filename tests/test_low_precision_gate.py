@@ -56,7 +56,8 @@ def test_the_gate_on_real_texts_keeps_a_margin_for_its_sample():
     budget = sample_budget(75)
     assert budget == pytest.approx(1 - 75 ** -0.5)
     judged = RERANKER.judge(agreement(0.019, 0.95), "int8", budget)
-    assert not judged["passed"] and judged["tolerance"].startswith("max_abs_diff <= 0.0176")
+    assert not judged["passed"]
+    assert judged["tolerance"].startswith("max_abs_diff <= 0.01769: the int8 tolerance 0.02 less 12%")
     assert RERANKER.judge(agreement(0.015, 0.95), "int8", budget)["passed"]
     cosine = TASKS["embedding"].judge({"items": 100, "nonfinite": 0, "min_cosine": 0.9905}, "int8", sample_budget(100))
     assert not cosine["passed"] and cosine["tolerance"].startswith("min_cosine >= 0.991")

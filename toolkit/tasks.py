@@ -195,9 +195,12 @@ class Task:
         """The tolerance as a readable bound, e.g. `min_cosine >= 0.999`; with a `budget` below 1, the share of it
         used; with `stats` whose tau is gated, the rank floor too."""
         op = ">=" if self.gate_key == "min_cosine" else "<="
-        text = f"{self.gate_key} {op} {self.bound(dtype, budget):.6g}"
-        if budget != 1:
-            text += f" ({budget:.0%} of {self.tolerances[dtype]}: a margin for the {stats['items']}-item sample)"
+        if budget == 1:
+            text = f"{self.gate_key} {op} {self.tolerances[dtype]}"
+        else:
+            text = (f"{self.gate_key} {op} {self.bound(dtype, budget):.4g}: the {dtype} tolerance "
+                    f"{self.tolerances[dtype]} less {1 - budget:.0%} of its error budget, a margin for a sample of "
+                    f"{stats['items']} items")
         if stats is not None and (floor := self.rank_floor(stats, dtype)) is not None:
             text += f", kendall_tau >= {floor}"
         return text
