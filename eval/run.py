@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,7 +160,29 @@ def gate(metrics: dict, delta: dict | None, max_drop: float, side: str = "artifa
         elif -delta[k] > max_drop:
             where = f" on {lower[k][0]} of {lower[k][1]} queries" if lower and k in lower else ""
             failures[k] = f"{-delta[k]:.4f} below torch{where} (max drop {max_drop})"
+            if lower and k in lower and (coarse := coarse_resolution(lower[k][1], max_drop)):
+                failures[k] += f"; {coarse}"
     return failures
+
+
+def coarse_resolution(queries: int, max_drop: float) -> str | None:
+    """Why a mean over `queries` cannot resolve `max_drop`, or None where it can: one query ranking its positive
+    passage otherwise moves a metric such as recall@k by 1/queries."""
+    if not 1 / queries > max_drop:
+        return None
+    return (f"with {queries} queries the metrics move in steps of up to 1/{queries} = {1 / queries:.4f}, over max drop "
+            f"{max_drop}: one query ranked otherwise fails it; use more queries (a larger --limit) or a larger "
+            "--max-drop")
+
+
+def nearest_limit(task: Task, manifests: list[Manifest]) -> Manifest:
+    """The artifact of a set whose gate used most of its error budget: where a parity failure likely comes from (its
+    validation is the one to inspect); the first where none has a figure (validation skipped)."""
+    def used(m: Manifest) -> float:
+        v = m.validation or {}
+        return task.tolerance_used(v, m.dtype) if isinstance(v.get(task.gate_key), float) else -math.inf
+
+    return max(manifests, key=used)
 
 
 def refuse_bare_inputs(task: Task, path: str | Path, manifests: list[Manifest], kind: str, what: str) -> None:
@@ -190,6 +213,9 @@ def evaluate(options: EvalOptions) -> dict:
         check_set(options.artifact, task, lambda found: f"pass --task {found}, or a set of {task.name} artifacts")
     examples = read_examples(name, spec, source, options.limit)
     check_scorable(name, spec, examples)  # before any model runs: an undefined metric is the data's fault
+    if spec.kind != "pairs" and "artifact" in options.sides and "torch" in options.sides \
+            and (coarse := coarse_resolution(len(examples), options.max_drop)):
+        warnings.warn(coarse, stacklevel=2)  # up front: the verdict may turn on a single query
     instruction = spec.instruction if options.instruction is None else options.instruction
     if manifests and "artifact" in options.sides:  # before any model runs; the data first: no instruction fits it
         refuse_bare_inputs(task, options.artifact, manifests, spec.kind, name)
@@ -227,7 +253,8 @@ def evaluate(options: EvalOptions) -> dict:
         # metrics can match while the outputs do not (other weights score alike): the engines must agree item by item
         if not agreement["passed"]:
             failures["parity"] = (f"{task.format_agreement(agreement)}; {dtype} needs {agreement['tolerance']}; "
-                                  + manifests[0].parity_failure_hint(checkpoint, options.checkpoint is not None))
+                                  + nearest_limit(task, manifests).parity_failure_hint(
+                                      checkpoint, options.checkpoint is not None))
         if runs["torch"]["per_query_metrics"] is not None:
             lower = queries_lower(runs["torch"]["per_query_metrics"], runs["artifact"]["per_query_metrics"])
     judged = "artifact" if "artifact" in runs else "torch"

@@ -497,7 +497,9 @@ class PatchedWeights:
         if self.replacements is None:
             if scratch is not None:
                 Path(scratch).mkdir(parents=True, exist_ok=True)
-            self.replacements = tempfile.TemporaryDirectory(prefix="replaced-weights-", dir=scratch)
+            # the build may remove `scratch` before these weights go (a failed build's cleanup)
+            self.replacements = tempfile.TemporaryDirectory(prefix="replaced-weights-", dir=scratch,
+                                                            ignore_cleanup_errors=True)
         self.replaced[name] = Path(self.replacements.name) / f"{name}.pt"
         torch.save(values.detach().clone(), self.replaced[name])
         self.adjustments.pop(name, None)  # in the values now; later ones apply on top

@@ -88,3 +88,13 @@ def tvm_artifacts(checkpoints, workspace):
     """fp16 TVM (llvm, host CPU) artifacts, batch 2, one SEQ per task."""
     return {task: build(checkpoints, workspace, task, backends=("tvm",), seq_lens=SEQ_LENS[task][1:])
             for task in TASKS}
+
+
+def held_out_texts(task: str) -> int:
+    """How many real texts a bf16/int8 gate checks with the bundled calibration set (no fixed instruction): the
+    distinct bodies of its held-out records (the embedding's query and document each, a query with several passages
+    once)."""
+    from toolkit.quantize import CalibrationSet
+    from toolkit.tasks import TASKS
+
+    return len(set(TASKS[task].calibration_bodies(CalibrationSet.load().holdout)))

@@ -9,9 +9,8 @@ from toolkit.artifact import Manifest
 from toolkit.config import BuildConfig
 from toolkit.errors import ToolkitError
 from toolkit.host import cpu_has
-from toolkit.quantize import CalibrationSet
 
-from conftest import build
+from conftest import build, held_out_texts
 
 pytestmark = pytest.mark.skipif(not cpu_has("avx512_bf16"),
                                 reason="needs a CPU with AVX512-BF16 (TVM bf16 kernels run on it only)")
@@ -153,7 +152,7 @@ def test_bf16_artifacts_pass_the_gate_on_outlier_checkpoints(outlier_checkpoints
     manifest = Manifest.load(artifact)
     validation = manifest.validation
     assert manifest.dtype == "bf16" and validation["passed"] and validation["nonfinite"] == 0
-    assert validation["real_texts"] == len(CalibrationSet.load().holdout) * (2 if task == "embedding" else 1)
+    assert validation["real_texts"] == held_out_texts(task)
     if task == "embedding":
         assert 0.999 <= validation["min_cosine"] < 1.0  # bf16 rounding shows, within the gate
     else:

@@ -155,7 +155,9 @@ def test_a_ranking_drop_says_on_how_many_queries():
     assert lower["mrr@10"] == (1, 30) and lower["recall@5"] == (0, 30)
     delta = {"mrr@10": -1 / 45, "recall@5": 0.0}
     failures = gate({"mrr@10": 1 - 1 / 45, "recall@5": 1.0}, delta, DEFAULT_MAX_DROP, lower=lower)
-    assert failures == {"mrr@10": "0.0222 below torch on 1 of 30 queries (max drop 0.01)"}
+    assert failures == {"mrr@10": "0.0222 below torch on 1 of 30 queries (max drop 0.01); with 30 queries the "
+                                  "metrics move in steps of up to 1/30 = 0.0333, over max drop 0.01: one query ranked "
+                                  "otherwise fails it; use more queries (a larger --limit) or a larger --max-drop"}
     # a query without a positive is not one the mean covers
     lower = queries_lower(per_query_metrics(torch_scores[:2], [[1, 0, 0], [0, 0, 0]]),
                           per_query_metrics(artifact_scores[:2], [[1, 0, 0], [0, 0, 0]]))

@@ -181,22 +181,28 @@ class CheckpointTensors:
         A tensor is read in blocks of rows, each through its own short-lived mapping of the file: a mapping's pages
         count as resident while it is open, and a big tensor (a vocabulary-sized head) is then never held twice."""
         import torch
+        from safetensors import SafetensorError
 
         dtype = dtype or torch.float32
         out = {}
         for name in names:
             path, key = self.where[self.source(name)]
-            if rows is not None:
-                with self.open(path) as f:
-                    stored = f.get_slice(key)
-                    out[name] = torch.cat([stored[i:i + 1] for i in rows]).to(dtype)
-                continue
-            shape = self.shapes[self.source(name)]
-            out[name] = torch.empty(shape, dtype=dtype)
-            step = max(1, LOAD_BLOCK // max(1, math.prod(shape[1:])))
-            for start in range(0, shape[0], step):
-                with self.open(path) as f:
-                    out[name][start:start + step] = f.get_slice(key)[start:start + step]
+            try:
+                if rows is not None:
+                    with self.open(path) as f:
+                        stored = f.get_slice(key)
+                        out[name] = torch.cat([stored[i:i + 1] for i in rows]).to(dtype)
+                    continue
+                shape = self.shapes[self.source(name)]
+                out[name] = torch.empty(shape, dtype=dtype)
+                step = max(1, LOAD_BLOCK // max(1, math.prod(shape[1:])))
+                for start in range(0, shape[0], step):
+                    with self.open(path) as f:
+                        out[name][start:start + step] = f.get_slice(key)[start:start + step]
+            except (SafetensorError, RuntimeError) as e:  # the file read at the start is not the one there now
+                raise ToolkitError(f"{path} no longer holds tensor {key!r} as it did when the build started ({e}): "
+                                   "the checkpoint changed while it was read; rerun once a complete checkpoint of "
+                                   "this task is in place") from None
         return out
 
 

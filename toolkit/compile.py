@@ -147,20 +147,28 @@ def build_set(cfg: BuildConfig, log) -> list[Path]:
     if unused := cfg.unused_quantization():
         log(f"warning: {unused}")
     log(f"checkpoint {checkpoint} ({task.name}, {cfg.dtype})")
+    checks = None  # the real texts of a low-precision build: read before any model work, as a refusal costs nothing
+    if cfg.dtype in LOW_PRECISION:
+        # a missing file came from the config (the command line's is checked by click)
+        checks = CalibrationSet.load(cfg.calibration, f"quantization.calibration in {cfg.source} (a relative path is "
+                                     "from the current directory, as frontend.checkpoint and workspace are)"
+                                     if cfg.source else None)
     source = model_source(cfg.checkpoint, checkpoint)  # after the quick checks: it hashes the weights
     for backend in cfg.backends:
         remove_stale_staging(cfg.workspace / cfg.name / backend, log)
     map_large_blocks()  # per-layer temporaries freed back to the OS, not kept by the heap (compile's peak)
-    peaks, staged = StagePeaks(), []
+    peaks, staged, scratch = StagePeaks(), [], None
     try:
         with peaks.stage("load"):
             model = load_streamed(cfg, task, checkpoint)
-        plan, checks = None, None
-        if cfg.dtype in LOW_PRECISION:
-            checks = CalibrationSet.load(cfg.calibration)
+        plan = None
         if cfg.dtype == "int8":
+            # GPTQ's rounded weights wait there for the export: a build dir, so a SIGKILLed build's are removed by the
+            # next build (`remove_stale_staging` of the first backend's set), not left in the workspace for good
+            (cfg.workspace / cfg.name / cfg.backends[0]).mkdir(exist_ok=True)
+            scratch = build_dir(cfg.workspace / cfg.name / cfg.backends[0], "export")
             with peaks.stage("calibrate"):
-                model, plan = calibrate_int8(cfg, task, tokenizer, checks, carried, checkpoint, model, log)
+                model, plan = calibrate_int8(cfg, task, tokenizer, checks, carried, checkpoint, model, log, scratch)
         prefix, instruction = cached_prefix(task, tokenizer, cfg.seq_lens, instruction)
         if prefix:
             with peaks.stage("prefix"):
@@ -191,6 +199,8 @@ def build_set(cfg: BuildConfig, log) -> list[Path]:
             remove_other_builds(set_dir, [artifact.final for artifact in staged], log)
         return [artifact.final for artifact in staged]
     finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         for artifact in staged:  # installed ones were moved away; what is left is a failed or interrupted build
             shutil.rmtree(artifact.staging, ignore_errors=True)
             if artifact.backend == "tvm" and artifact.graph:  # the build's one TVM export
@@ -205,19 +215,21 @@ def load_streamed(cfg: BuildConfig, task: Task, checkpoint: Path) -> Qwen3ForDep
 
 
 def calibrate_int8(cfg: BuildConfig, task: Task, tokenizer, calibration: CalibrationSet, instruction: str | None,
-                   checkpoint: Path, model: Qwen3ForDeployment, log) -> tuple[Qwen3ForDeployment, QuantizationPlan]:
+                   checkpoint: Path, model: Qwen3ForDeployment, log,
+                   scratch: Path | None = None) -> tuple[Qwen3ForDeployment, QuantizationPlan]:
     """`plan_int8` on rows carrying the build's `instruction`, with the build config's weight rounding; if its
     preflight finds the plan over the gate's whole error budget (the build would fail), calibration runs once more
     with the other rounding, on the model as it came (the first run smoothed and rounded its weights), and the plan
     using less of the budget is kept with its model. Which rounding passes is a draw: the 0.6B outlier reranker's GPTQ
     plan used 120% on an AMD EPYC (its gate failed at 0.026), round-to-nearest's 58%, which passed at 0.0087-0.0130;
-    on an AMX Xeon GPTQ's passed."""
+    on an AMX Xeon GPTQ's passed. GPTQ's rounded weights wait in `scratch` (None: the system's temporary
+    directory)."""
     # layer errors are measured for the scheme that will run: per-tensor scales (ONNX Runtime) err more
     scheme = int8_scheme(cfg.backends, cfg.activation_scales)
 
     def plan_with(model, rounding):
         return plan_int8(model, task, tokenizer, calibration, max(cfg.seq_lens), scheme, cfg.smooth_alpha,
-                         cfg.max_linear_error, rounding, cfg.preflight, cfg.workspace, log, instruction)
+                         cfg.max_linear_error, rounding, cfg.preflight, scratch, log, instruction)
 
     plan = plan_with(model, cfg.weight_rounding)
     if plan.preflight is None or plan.preflight["budget_used"] <= 1:
@@ -248,7 +260,8 @@ def instruction_to_cache(cfg: BuildConfig, task: Task, tokenizer, carried: str |
     if max(cfg.seq_lens) < shortest:  # every input carries it: no SEQ of the set could run one
         raise ToolkitError(f"no SEQ of {','.join(map(str, cfg.seq_lens))} holds {task.a_name} input with the "
                            f"instruction {instruction!r} ({shortest} tokens with a one-token query and document): use "
-                           f"--seq {shortest} or more, or --instruction with a shorter one")
+                           f"--seq {shortest} or more, --instruction with a shorter one, or --no-cache-instruction "
+                           "(only the chat prefix cached: inputs carry their instruction at run time)")
     if cfg.instruction is not None:
         raise ToolkitError(f"SEQ {min(cfg.seq_lens)} cannot hold {task.a_name} input with the instruction "
                            f"{instruction!r}: use --seq {shortest} or more, or --no-cache-instruction")
@@ -374,7 +387,7 @@ def finish_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, toke
             + ", ".join(f"{stage} {mb}" for stage, mb in peaks.mb.items()))
     if manifest.validation["passed"] is False:  # the manifest goes with the staging directory: say what it held
         raise ToolkitError(f"validation failed for {final}: {task.format_agreement(manifest.validation)} is "
-                           f"outside the {cfg.dtype} tolerance ({task.tolerance_text(cfg.dtype)}); nothing was "
+                           f"outside the {cfg.dtype} tolerance ({manifest.validation['tolerance']}); nothing was "
                            f"installed ({cost}){precision_fix(cfg.dtype, plan)}")
     if manifest.validation["passed"]:
         log(f"{final} ({manifest.backend} {manifest.kernels}): vs HF fp32: {task.format_agreement(manifest.validation)}"
@@ -387,14 +400,17 @@ def precision_fix(dtype: str, plan: QuantizationPlan | None) -> str:
         return ". Build --dtype fp16 (fp32 compute) for this model"
     if dtype != "int8" or plan is None:
         return ""
+    # smoothing turned off is the likeliest cause where it was: named before the layers kept out of int8
+    unsmoothed = (". quantization.smooth_alpha is 0 in the build config: without smoothing the outlier channels spend "
+                  "the activations' int8 range; leave it out (default 0.5)" if plan.smooth_alpha == 0 else "")
     if plan.preflight is None:
         return (". Turn quantization.preflight on in the build config (it keeps the most harmful layers out of int8 "
-                "until the model in fake int8 fits the gate), or build --dtype bf16")
+                f"until the model in fake int8 fits the gate), or build --dtype bf16{unsmoothed}")
     kept, total = len(plan.keep_fp32), len(plan.linear_errors)
     return (f". Its preflight kept {kept} of {total} linear layers out of int8 and left "
             f"{plan.preflight['budget_used']:.0%} of the gate's error budget used on the calibration rows and the "
             "gate's edge cases: int8 is at its limit on this model. Build --dtype bf16, or keep more layers out of "
-            "int8 (a lower quantization.max_linear_error in the build config)")
+            f"int8 (a lower quantization.max_linear_error in the build config){unsmoothed}")
 
 
 def write_artifact(cfg: BuildConfig, task: Task, artifact: StagedArtifact, tokenizer, source: ModelSource, log,

@@ -61,6 +61,8 @@ SCHEMA = {"name": str, "task": str, "workspace": str,
 # bf16
 QUANTIZATION_DTYPES = {key: LOW_PRECISION if key == "calibration" else ("int8",)
                        for key in SCHEMA["backend"]["quantization"]}
+# the backends each quantization setting changes, where not all: per-token ONNX Runtime scales (TVM's always are)
+QUANTIZATION_BACKENDS = {"activation_scales": ("onnx",)}
 # the `toolkit compile` option that overrides each field: a bad value it gave is blamed on it, not on the config file
 OPTIONS = {"seq_lens": "--seq", "batch": "--batch", "batch_tokens": "--batch-tokens", "backends": "--backend",
            "dtype": "--dtype", "target": "--target", "fp32_linears": "--fp32-linears", "calibration": "--calibration",
@@ -117,13 +119,18 @@ class BuildConfig:
         ignores, or None. Not refused as `refuse_unused` refuses `--calibration`: a config's block for int8 builds
         stays right when the same config builds another dtype (`--dtype` overrides its own)."""
         defaults = {f.name: f.default for f in fields(self)}
-        unused = [f"quantization.{key}" for key, dtypes in QUANTIZATION_DTYPES.items()
-                  if self.dtype not in dtypes and getattr(self, key) != defaults[key]]
-        if not unused:
-            return None
+        changed = [key for key in QUANTIZATION_DTYPES if getattr(self, key) != defaults[key]]
         where = f" in {self.source}" if self.source else ""
-        return (f"{', '.join(unused)}{where}: unused by a {self.dtype} build (the quantization block applies to "
-                "--dtype int8 builds, its calibration also to bf16)")
+        unused = [f"quantization.{key}" for key in changed if self.dtype not in QUANTIZATION_DTYPES[key]]
+        if unused:
+            return (f"{', '.join(unused)}{where}: unused by a {self.dtype} build (the quantization block applies to "
+                    "--dtype int8 builds, its calibration also to bf16)")
+        unused = {f"quantization.{key}": QUANTIZATION_BACKENDS[key] for key in changed
+                  if key in QUANTIZATION_BACKENDS and not set(self.backends) & set(QUANTIZATION_BACKENDS[key])}
+        if unused:
+            return (f"{', '.join(unused)}{where}: unused by a {'+'.join(self.backends)} build (it applies to "
+                    f"{' and '.join(sorted({b for bs in unused.values() for b in bs}))} artifacts)")
+        return None
 
     def fp32_linears_unused(self) -> str | None:
         """Why `fp32_linears` changes nothing in this build (the rest of `refuse_unused`'s refusal), or None."""
@@ -246,7 +253,8 @@ def check_schema(raw, schema: dict, path: str, where: Path) -> None:
             raise ToolkitError(f"{where}: unknown key {key_path!r}; allowed here: {sorted(schema)}")
         expected = schema[key]
         if isinstance(expected, dict):
-            check_schema(value, expected, key_path, where)
+            if value is not None:  # an empty block (`quantization:`) is null in YAML: its keys take their defaults
+                check_schema(value, expected, key_path, where)
         # a bool is an int to isinstance: accepted only where a bool is expected
         elif value is not None and (not isinstance(value, expected)
                                     or isinstance(value, bool) and expected is not bool):

@@ -80,26 +80,51 @@ class CalibrationSet:
     sha256: str
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "CalibrationSet":
-        """Read a calibration JSONL (`{"query", "document", "split": "calibration"|"holdout"}` per line)."""
+    def load(cls, path: str | Path | None = None, named_by: str | None = None) -> "CalibrationSet":
+        """Read a calibration JSONL (`{"query", "document", "split": "calibration"|"holdout"}` per line); `named_by`:
+        where a missing `path` was given (a config key), for the error. Another file than the bundled one is gated on
+        its held-out records and the bundled ones, so a gate never rests on a handful of texts (a file with one
+        held-out record built): those that calibration saw are left out; a held-out record of the file that is also a
+        calibration record is refused."""
         path = Path(path).resolve() if path else DEFAULT_CALIBRATION  # the manifest records it: from any directory
         if not path.is_file():
-            raise ToolkitError(f"calibration file {path} not found; pass --calibration FILE (JSONL with query, "
-                               "document and split per line) or leave it out for the bundled set")
-        splits: dict[str, list] = {"calibration": [], "holdout": []}
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            raise ToolkitError(f"calibration file {path} not found; " + (
+                f"fix {named_by}" if named_by else "pass --calibration FILE (JSONL with query, document and split per "
+                "line) or leave it out for the bundled set"))
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ToolkitError(f"{path} is not UTF-8 (byte {e.start}: {data[e.start:e.start + 1]!r}); save it as "
+                               "UTF-8") from None
+        splits: dict[str, dict] = {"calibration": {}, "holdout": {}}  # dicts: in order, without repeats
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                splits[row.get("split", "calibration")].append((str(row["query"]), str(row["document"])))
+                records = splits[row.get("split", "calibration")]
+                record = (row["query"], row["document"])
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise ToolkitError(f"{path}:{number}: expected a JSON object with `query`, `document` and `split` "
                                    "(calibration or holdout)") from None
-        if not splits["calibration"] or not splits["holdout"]:
+            for key, value in zip(("query", "document"), record):
+                if not isinstance(value, str):  # str(None) would calibrate on "None"
+                    raise ToolkitError(f"{path}:{number}: `{key}` must be a string, got {json.dumps(value)}")
+            records.setdefault(record, number)
+        calibration, holdout = list(splits["calibration"]), list(splits["holdout"])
+        leaked = [(number, splits["calibration"][record]) for record, number in splits["holdout"].items()
+                  if record in splits["calibration"]]
+        if leaked:
+            raise ToolkitError(f"{path}:{leaked[0][0]}: this holdout record is also the calibration record of line "
+                               f"{leaked[0][1]} ({len(leaked)} such in all): the gate checks texts calibration never "
+                               "saw; drop one of each")
+        if not calibration or not holdout:
             raise ToolkitError(f"{path} needs both `calibration` and `holdout` records (the gate checks texts "
                                "calibration never saw)")
-        return cls(path, splits["calibration"], splits["holdout"], hashlib.sha256(path.read_bytes()).hexdigest())
+        if path != DEFAULT_CALIBRATION:
+            holdout += [r for r in cls.load().holdout if r not in splits["calibration"] and r not in splits["holdout"]]
+        return cls(path, calibration, holdout, hashlib.sha256(data).hexdigest())
 
     def rows(self, task: Task, tokenizer, split: str, max_length: int, instruction: str | None = None
              ) -> list[list[int]]:
@@ -107,7 +132,8 @@ class CalibrationSet:
         to `max_length`."""
         from toolkit.api import token_rows
 
-        bodies = task.calibration_bodies(getattr(self, split), instruction)
+        # without repeats: an embedding of a query with several passages, or a record the bundled set also holds
+        bodies = list(dict.fromkeys(task.calibration_bodies(getattr(self, split), instruction)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # long passages are cut to the largest SEQ, as the runtime would
             return token_rows(task.prompt(tokenizer), tokenizer, bodies, max_length, truncation="truncate")
@@ -115,7 +141,7 @@ class CalibrationSet:
     def describe(self) -> dict:
         """For the manifest."""
         return {"file": str(self.path), "sha256": self.sha256, "calibration_records": len(self.calibration),
-                "holdout_records": len(self.holdout)}
+                "holdout_records": len(self.holdout), "holdout_includes_bundled": self.path != DEFAULT_CALIBRATION}
 
 
 def _weight_row_scales(w: torch.Tensor) -> torch.Tensor:

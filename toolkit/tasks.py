@@ -34,6 +34,9 @@ RERANK_BODY = RERANK_INSTRUCTION_HEAD + " {query}\n<Document>: {document}"
 RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
+RANK_MIN_ITEMS = 20  # below it Kendall tau is too coarse to gate (`Task.rank_floor`)
+
+
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (a zero row stays zero)."""
     x = np.asarray(x, dtype=np.float32)
@@ -104,6 +107,9 @@ class Task:
     # |ΔP| near 0 in scientific notation
     agreement_format: str
     tolerances: dict[str, float]  # per weight dtype, against the fp32 Hugging Face model
+    # per weight dtype, the lowest Kendall tau between the reference's and the candidate's outputs (empty: not gated):
+    # a model can stay within its error tolerance and still reorder what it ranks
+    rank_floors: dict[str, float] = {}
 
     @property
     def a_name(self) -> str:
@@ -157,12 +163,28 @@ class Task:
         """Item-by-item agreement of two engines' finished outputs (normalised embeddings or P(yes))."""
         raise NotImplementedError
 
-    def within_tolerance(self, stats: dict, dtype: str) -> bool:
-        """Whether an agreement measured against the fp32 reference meets the dtype's tolerance (NaN never does)."""
-        value, bound = stats[self.gate_key], self.tolerances[dtype]
+    def bound(self, dtype: str, budget: float = 1.0) -> float:
+        """The gate key's limit for `dtype` when only the share `budget` of its error budget may be used."""
+        bound = self.tolerances[dtype]
+        return bound if budget == 1 else (1 - budget * (1 - bound) if self.gate_key == "min_cosine" else budget * bound)
+
+    def within_tolerance(self, stats: dict, dtype: str, budget: float = 1.0) -> bool:
+        """Whether an agreement measured against the fp32 reference meets the dtype's tolerance (NaN never does),
+        using at most the share `budget` of its error budget, and its rank floor (`rank_floor`)."""
+        value, bound = stats[self.gate_key], self.bound(dtype, budget)
         if stats["nonfinite"] or not np.isfinite(value):
             return False
+        if (floor := self.rank_floor(stats, dtype)) is not None and stats["kendall_tau"] < floor:
+            return False
         return value >= bound if self.gate_key == "min_cosine" else value <= bound
+
+    def rank_floor(self, stats: dict, dtype: str) -> float | None:
+        """The Kendall tau `stats` must reach, or None where not gated: no floor for the task, tau undefined, or
+        fewer than RANK_MIN_ITEMS items (one swap among 3 edge cases moves tau by 0.67)."""
+        floor = self.rank_floors.get(dtype)
+        if floor is None or stats.get("kendall_tau") is None or stats["items"] < RANK_MIN_ITEMS:
+            return None
+        return floor
 
     def shortfall(self, value: float) -> float:
         """How far a value of the gate key is from exact agreement (1 - cosine, or |Δ P(yes)| itself): larger is
@@ -174,16 +196,25 @@ class Task:
         against 1 - the bound)."""
         return self.shortfall(stats[self.gate_key]) / self.shortfall(self.tolerances[dtype])
 
-    def tolerance_text(self, dtype: str) -> str:
-        """The tolerance as a readable bound, e.g. `min_cosine >= 0.999`."""
+    def tolerance_text(self, dtype: str, budget: float = 1.0, stats: dict | None = None) -> str:
+        """The tolerance as a readable bound, e.g. `min_cosine >= 0.999`; with a `budget` below 1, the share of it
+        used; with `stats` whose tau is gated, the rank floor too."""
         op = ">=" if self.gate_key == "min_cosine" else "<="
-        return f"{self.gate_key} {op} {self.tolerances[dtype]}"
+        if budget == 1:
+            text = f"{self.gate_key} {op} {self.tolerances[dtype]}"
+        else:
+            text = (f"{self.gate_key} {op} {self.bound(dtype, budget):.4g}: the {dtype} tolerance "
+                    f"{self.tolerances[dtype]} less {1 - budget:.0%} of its error budget, a margin for a sample of "
+                    f"{stats['items']} items")
+        if stats is not None and (floor := self.rank_floor(stats, dtype)) is not None:
+            text += f", kendall_tau >= {floor}"
+        return text
 
-    def judge(self, stats: dict, dtype: str) -> dict:
+    def judge(self, stats: dict, dtype: str, budget: float = 1.0) -> dict:
         """`stats` (an agreement against the fp32 reference) with the dtype's tolerance text and whether it meets it
-        added (`tolerance`, `passed`)."""
-        stats["tolerance"] = self.tolerance_text(dtype)
-        stats["passed"] = self.within_tolerance(stats, dtype)
+        added (`tolerance`, `passed`), within the share `budget` of the error budget."""
+        stats["tolerance"] = self.tolerance_text(dtype, budget, stats)
+        stats["passed"] = self.within_tolerance(stats, dtype, budget)
         return stats
 
     def format_agreement(self, stats: dict) -> str:
@@ -377,6 +408,11 @@ class RerankerTask(Task):
     gate_key = "max_abs_diff"
     agreement_format = ".2e"
     tolerances = {"fp16": 1e-2, "fp32": 1e-4, "bf16": 5e-3, "int8": 2e-2}
+    # Measured on the tiny outlier reranker's gate (edge cases and the bundled held-out texts, 75 items) and on 200 MS
+    # MARCO pairs: good int8 builds (onnx, tvm; smoothing with GPTQ, or kept layers) tau 0.87-1.0, bf16 0.995-1.0;
+    # int8 without smoothing and rounded to nearest 0.68 (gate) / 0.72 (MS MARCO), inside its |dP| tolerance; its
+    # junk-calibrated twin -0.26. The 0.6B outlier reranker's int8 gates: 0.915-0.960, bf16 0.989-0.994
+    rank_floors = {"fp16": 0.9, "fp32": 0.9, "bf16": 0.9, "int8": 0.8}
 
     @override
     def output_spec(self, batch, hidden_size):
