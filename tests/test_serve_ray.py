@@ -221,4 +221,4 @@ def test_metrics_carry_the_replica_label_under_ray():
     metrics.answered("/embed", 200, 0.1)
     text = metrics.render().decode()
     assert 'toolkit_http_requests_total{replica="r1",route="/embed",status="200"} 1.0' in text
-    assert 'toolkit_http_request_seconds_count{replica="r1",route="/embed"} 1.0' in text
+    assert 'toolkit_http_request_seconds_count{replica="r1",route="/embed",status_class="2xx"} 1.0' in text
