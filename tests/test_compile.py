@@ -256,7 +256,8 @@ def test_the_instruction_is_cached_where_every_seq_holds_it_with_a_body(tokenize
     # no SEQ holds the default instruction: the set could run no input that carries it (it compiled, then every
     # pair failed, first with advice to truncate)
     with pytest.raises(ToolkitError, match=r"^no SEQ of 64 holds a reranker input with the instruction 'Given a web "
-                                           r".*\(75 tokens .*\): use --seq 75 or more, or --instruction with"):
+                                           r".*\(75 tokens .*\): use --seq 75 or more, --instruction with a shorter "
+                                           r"one, or --no-cache-instruction"):
         to_cache(replace(cfg, seq_lens=(64,)))
     assert to_cache(replace(cfg, seq_lens=(64,), cache_instruction=False)) is None  # any instruction: short ones fit
     embedding = BuildConfig(name="e", task="embedding", checkpoint="x", seq_lens=(32,))

@@ -195,13 +195,13 @@ def test_a_metric_drop_says_on_how_many_queries_and_tied_rankings_have_no_kendal
 def embedded_texts(monkeypatch):
     """Every text the Embedder embeds (after query formatting), in order."""
     seen = []
-    format_texts = Embedder.format
+    format_texts = Embedder._format  # what format and every encode method run
 
-    def formatted(self, texts, instruction=None):
-        seen.extend(result := format_texts(self, texts, instruction))
+    def formatted(self, method, texts, instruction):
+        seen.extend(result := format_texts(self, method, texts, instruction))
         return result
 
-    monkeypatch.setattr(Embedder, "format", formatted)
+    monkeypatch.setattr(Embedder, "_format", formatted)
     return seen
 
 

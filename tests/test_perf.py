@@ -748,9 +748,10 @@ def table_results():
                     "agreement_vs_first": agreement}]}
     served = {"name": "uvicorn", "sentences_per_s": 475.99, "vs_offline": 0.1965, "token_slots": 438.0,
               "token_slots_vs_offline": 1.033, "latency_ms": {"p50": 3.876, "p99": 1234.5}, "failed": 0,
-              "half_load_failed": 0, "agreement": agreement}
-    ray = {**served, "name": "Ray Serve, 2 replicas", "token_slots": None, "latency_ms": None, "agreement": None}
-    del ray["token_slots_vs_offline"]
+              "half_load_failed": 0, "failures": {}, "half_load_failures": {}, "first_failure": None,
+              "agreement": agreement}
+    ray = {**served, "name": "Ray Serve, 2 replicas", "token_slots": None, "token_slots_vs_offline": None,
+           "latency_ms": None, "agreement": None}
     serve = {"data": "sts12", "sentences": 16, "clients": 4, "artifact": "ws/emb/onnx", "repeat": 1,
              "offline": {"sentences_per_s": 2422.4, "token_slots": 4240}, "runs": [served, ray]}
     compare = {"task": "embedding", "batch": 2, "seq_len": 64, "gflop_per_forward": 0.0231,
