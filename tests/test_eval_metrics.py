@@ -24,7 +24,7 @@ from toolkit.eval.metrics import (
     sts_correlations,
 )
 from toolkit.eval.run import DEFAULT_MAX_DROP, EvalOptions, gate, output_failures
-from toolkit.report import write_json
+from toolkit.report import display_width, format_columns, format_table, write_json
 from toolkit.tasks import SIMILARITY_INSTRUCTION, WEB_SEARCH_INSTRUCTION
 
 
@@ -507,3 +507,13 @@ def test_hub_row_missing_a_field_names_it_and_leaves_no_file(tmp_path, monkeypat
     with pytest.raises(ToolkitError, match="mteb/sts12-sts row 2 has no field 'score'"):
         download(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tables_align_wide_characters_by_the_cells_they_take():
+    """The demo's Chinese sentences take two terminal cells a character: columns padded by len() went out of line."""
+    rows = [["今天天气很好", 0.5, 0.25], ["the weather is nice today", 1.0, 0.5]]
+    for table in (format_table(["text", "cosine", "p"], rows),
+                  format_columns(["text", "cosine", "p"], [None, ".6f", ".4f"], rows)):
+        widths = {display_width(line) for line in table.splitlines()}
+        assert len(widths) == 1, table
+    assert display_width("今天a") == 5 and display_width("é") == 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from pathlib import Path
 
 from toolkit.errors import ToolkitError
@@ -11,9 +12,10 @@ from toolkit.errors import ToolkitError
 def format_table(headers: list[str], rows: list[list], title: str | None = None) -> str:
     """An aligned text table; numeric columns right-aligned."""
     cells = [[fmt(c) for c in row] for row in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h)) for i, h in enumerate(headers)]
+    widths = [max(display_width(str(h)), *(display_width(r[i]) for r in cells)) if cells else display_width(str(h))
+              for i, h in enumerate(headers)]
     numeric = [all(isinstance(row[i], (int, float)) for row in rows) for i in range(len(headers))]
-    line = lambda vals: "  ".join(str(v).rjust(w) if num else str(v).ljust(w)  # noqa: E731
+    line = lambda vals: "  ".join(aligned(str(v), w, right=num)  # noqa: E731
                                   for v, w, num in zip(vals, widths, numeric))
     out = ([title] if title else []) + [line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells]
     return "\n".join(out)
@@ -28,11 +30,24 @@ def format_columns(headers: list[str], formats: list[str | None], rows: list[lis
     headers = list(headers)
     for i, spec in enumerate(formats):
         if spec is not None:
-            width = max(len(headers[i]), *(len(row[i]) for row in cells)) if cells else len(headers[i])
-            headers[i] = headers[i].rjust(width)
+            width = max(display_width(headers[i]), *(display_width(row[i]) for row in cells)) if cells else \
+                display_width(headers[i])
+            headers[i] = aligned(headers[i], width, right=True)
             for row in cells:
-                row[i] = row[i].rjust(width)
+                row[i] = aligned(row[i], width, right=True)
     return format_table(headers, cells, title=title)
+
+
+def display_width(text: str) -> int:
+    """The terminal cells `text` takes: a wide character (Chinese, full-width forms) takes two, a combining mark
+    none; len() counts one each, and the demo's Chinese rows pushed their columns out of line."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def aligned(text: str, width: int, right: bool = False) -> str:
+    """`text` padded with spaces to `width` terminal cells, on the left with `right`."""
+    padding = " " * max(0, width - display_width(text))
+    return padding + text if right else text + padding
 
 
 def fmt(value) -> str:
